@@ -1,0 +1,1481 @@
+"""mmi: MM-Interleaved (arXiv 2401.10208) in one readable file.
+
+An end-to-end generative model for interleaved image-text data:
+
+    images --CLIP ViT-L/14 + ViT-Adapter--> 4 multi-scale maps + tokens --Q-Former--> 64 embeddings per image
+    text + image embeddings --LLaMA (Vicuna) with MMFS cross-attention every 4th layer--> hidden states
+    hidden states --text head--> next token        hidden states --Q-Former--> SD-2 UNet (+ MMFS) --> next image
+
+MMFS (multi-image multi-scale feature synchronizer) is a deformable cross-attention that lets every token look at
+a few learned sampling points in the multi-scale feature maps of all images before it.
+
+Sections, in the order data flows:
+  config -> building blocks -> deformable attention -> vision -> LLM with MMFS -> image decoder ->
+  the MMInterleaved model -> loading -> generation
+Facts about the original (shapes, masks, key names) follow SPEC.md; module attribute names follow the released
+checkpoints so that `state_dict()` keys match them.
+"""
+
+import dataclasses
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT-L/14 vision tower plus the ViT-Adapter that turns it into a multi-scale feature pyramid."""
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    layer_norm_eps: float = 1e-5
+    trainable: bool = False                      # the paper freezes CLIP
+    # ViT-Adapter (all trainable in the paper)
+    adapter_trainable: bool = True
+    conv_inplane: int = 64                       # width of the spatial prior module's stem
+    interaction_indexes: tuple = ((0, 5), (6, 11), (12, 17), (18, 23))   # CLIP layers run inside each block
+    adapter_num_heads: int = 16
+    adapter_n_points: int = 4
+    deform_ratio: float = 0.5                    # deformable-attention value width = ratio * hidden_size
+    cffn_ratio: float = 0.25                     # ConvFFN hidden width = ratio * hidden_size
+    num_extra_extractors: int = 2                # extra extractors after the last interaction block
+    adapter_norm_eps: float = 1e-5
+    spm_norm_eps: float = 1e-6
+
+    @property
+    def grid_size(self):                         # patches per side (16 for 224/14)
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class ResamplerConfig:
+    """BLIP-2 Q-Former over learned queries (the paper's "perceiver resampler")."""
+    num_queries: int = 64
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    encoder_hidden_size: int = 1024
+    cross_attention_frequency: int = 2           # cross-attention in layers 0, f, 2f, ...
+    qk_normalization: bool = True
+    dropout: float = 0.1                         # hidden and attention-probability dropout
+    layer_norm_eps: float = 1e-12
+    trainable: bool = True
+
+
+@dataclass
+class LLMConfig:
+    """LLaMA body (Vicuna-13B v1.3 in the paper), its vocabulary resized to hold soi and image tokens."""
+    vocab_size: int = 32002
+    hidden_size: int = 5120
+    intermediate_size: int = 13824
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 40
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    trainable: bool = False                      # the paper freezes the body, embeddings and text head
+
+
+@dataclass
+class MMFSConfig:
+    """MMFS cross-attention inside the LLM (`llama_cross_attn`)."""
+    cross_attention_frequency: int = 4           # a block in layers 0, 4, 8, ...
+    n_heads: int = 16
+    n_points: int = 8
+    spatial_shapes: tuple = (32, 16, 8)          # which tokenizer maps the LLM reads (side lengths)
+    base_spatial_shape: int = 16                 # offsets are in units of this grid on every level
+    max_num_image_per_seq: int = 50
+    offset_init_magnitude: float = 3.0
+    trainable: bool = True
+
+
+@dataclass
+class MMIConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    mmfs: MMFSConfig = field(default_factory=MMFSConfig)
+    seq_len: int = 2048
+    num_img_token: int = 64                      # <|image|> tokens per image (= resampler queries)
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 31999
+    soi_token_id: int = 32000                    # <|beginofimage|>
+    image_token_id: int = 32001                  # <|image|>
+    loss_txt_weight: float = 1.0
+    loss_img_weight: float = 10.0
+    dataset_to_ignore_noimage_cond_loss: tuple = ()
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MMIConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        cfg = PRESETS[name]()
+        return apply_overrides(cfg, overrides) if overrides else cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MMIConfig":
+        return _dataclass_from_dict(cls, d)
+
+
+def _dataclass_from_dict(cls, d):
+    kwargs = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in d.items():
+        if k not in names:
+            raise ValueError(f"{cls.__name__}: unknown config key {k!r}")
+        sub = names[k].default_factory if names[k].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(v, dict):
+            v = _dataclass_from_dict(sub, v)
+        elif isinstance(v, list):
+            v = _to_tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _to_tuple(v):
+    return tuple(_to_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def apply_overrides(cfg, overrides):
+    """Return a copy of `cfg` with dotted keys replaced, e.g. {"llm.hidden_size": 64} or ["llm.hidden_size=64"].
+
+    Values given as strings are parsed to the type of the field they replace; unknown keys are an error.
+    """
+    if isinstance(overrides, (list, tuple)):
+        pairs = {}
+        for item in overrides:
+            item = item[2:] if item.startswith("--") else item
+            if "=" not in item:
+                raise ValueError(f"override {item!r}: expected key=value")
+            k, v = item.split("=", 1)
+            pairs[k] = v
+        overrides = pairs
+    for key, value in overrides.items():
+        cfg = _replace_path(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _replace_path(obj, path, value, full_key):
+    names = {f.name for f in dataclasses.fields(obj)}
+    if path[0] not in names:
+        raise ValueError(f"unknown config key {full_key!r}: {type(obj).__name__} has no field {path[0]!r}")
+    old = getattr(obj, path[0])
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(old):
+            raise ValueError(f"config key {full_key!r}: {path[0]!r} is not a section")
+        return dataclasses.replace(obj, **{path[0]: _replace_path(old, path[1:], value, full_key)})
+    return dataclasses.replace(obj, **{path[0]: _parse_like(old, value, full_key)})
+
+
+def _parse_like(old, value, key):
+    if not isinstance(value, str) or isinstance(old, str):
+        if isinstance(old, bool) != isinstance(value, bool) and old is not None and not isinstance(value, str):
+            raise ValueError(f"config key {key!r}: expected {type(old).__name__}, got {value!r}")
+        return value
+    try:
+        if isinstance(old, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        if isinstance(old, int):
+            return int(value)
+        if isinstance(old, float):
+            return float(value)
+        if isinstance(old, tuple):
+            import ast
+            return _to_tuple(ast.literal_eval(value))
+        if old is None:
+            import ast
+            return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"config key {key!r}: cannot read {value!r} as {type(old).__name__}") from None
+    raise ValueError(f"config key {key!r}: cannot override a {type(old).__name__}")
+
+
+def _preset_mmi_13b():
+    return MMIConfig(dataset_to_ignore_noimage_cond_loss=("laion_en", "laion_coco"))
+
+
+def _preset_tiny():
+    # Same architecture, every width and depth small: 64x64 images, patch 8 -> an 8x8 patch grid, so the
+    # tokenizer's four maps are 32/16/8/4 and the LLM reads 16/8/4. Vocabulary: 256 pieces + soi + image, with
+    # the LLaMA layout (pad = last ordinary piece). Dropout off so tiny runs are deterministic in train mode too.
+    return MMIConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=128, conv_inplane=8, interaction_indexes=((0, 0), (1, 1), (2, 2), (3, 3)),
+                            adapter_num_heads=4, adapter_n_points=2, trainable=True),
+        resampler=ResamplerConfig(num_queries=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=96, encoder_hidden_size=64, dropout=0.0),
+        llm=LLMConfig(vocab_size=258, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                      num_attention_heads=4, max_position_embeddings=1024, trainable=True),
+        mmfs=MMFSConfig(cross_attention_frequency=2, n_heads=4, n_points=2, spatial_shapes=(16, 8, 4),
+                        base_spatial_shape=8),
+        seq_len=1024, num_img_token=8, pad_token_id=255, soi_token_id=256, image_token_id=257,
+    )
+
+
+PRESETS = {"mmi-13b": _preset_mmi_13b, "tiny": _preset_tiny}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks: norms, RoPE, sin-cos tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # the variance is taken in float32 whatever the activation dtype, as LLaMA does
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a [B, C, H, W] map, computed in float32 (the adapter's spatial prior)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        mean = x32.mean(1, keepdim=True)
+        var = (x32 - mean).pow(2).mean(1, keepdim=True)
+        x32 = (x32 - mean) * torch.rsqrt(var + self.eps)
+        return (self.weight.float()[:, None, None] * x32 + self.bias.float()[:, None, None]).to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """cos/sin tables for rotate-half RoPE at integer `positions` [..., L] -> [..., L, head_dim], built in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq          # (..., L, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                  # (..., L, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, L, D); cos/sin (B, L, D)
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def get_1d_sincos_pos_embed(dim, n_positions):
+    """[n, dim] table: first half sin(p * w_d), second half cos(p * w_d), w_d = 10000^(-d / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * omega     # (n, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def get_2d_sincos_pos_embed(dim, grid_size):
+    """[grid_size**2, dim] table for a square grid, tokens row-major.
+
+    The first dim/2 channels encode the ROW index and the last dim/2 the COLUMN index (the original's order,
+    the opposite of MAE's), each half a 1-D sin-cos table.
+    """
+    one_d = get_1d_sincos_pos_embed(dim // 2, grid_size)                        # (G, dim/2)
+    rows = one_d[:, None, :].expand(grid_size, grid_size, dim // 2)
+    cols = one_d[None, :, :].expand(grid_size, grid_size, dim // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, dim)
+
+
+def resize_pos_embed(table, dst_hw):
+    """Bicubically resize a square [N, C] token table to [H*W, C] (identity when the size already matches)."""
+    src = int(math.isqrt(table.shape[0]))
+    h, w = dst_hw
+    if (src, src) == (h, w):
+        return table
+    grid = table.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)          # (1, C, src, src)
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(h * w, -1).to(table.dtype)
+
+
+def grid_centres(h, w, device=None):
+    """Normalised (x, y) pixel centres of an h x w grid, row-major -> [h*w, 2]."""
+    ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)
+
+
+def level_start_index(spatial_shapes):
+    """Exclusive prefix sums of H*W over levels: where each level starts in the flattened value tensor."""
+    areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    return torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-scale deformable attention (SPEC §6): the reference, and the one dispatch point for the CUDA kernel
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """out[b,q,m] = sum_l sum_p A[b,q,m,l,p] * bilinear(V_l[b,:,m], loc[b,q,m,l,p]), zero outside the map.
+
+    value [B, S, M, D]; spatial_shapes [L, 2] (H, W); level_start_index [L]; sampling_locations
+    [B, Q, M, L, P, 2] as (x, y) in [0, 1] with pixel centres at (j + 0.5) / W; attention_weights [B, Q, M, L, P].
+    Returns [B, Q, M*D]. This is grid_sample(bilinear, zeros, align_corners=False) per level; levels of equal size
+    (MMFS folds images into levels, so sizes repeat) are sampled in one call.
+    """
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    shapes = [tuple(s) for s in spatial_shapes.tolist()]
+    starts = level_start_index.tolist()
+    grids = 2 * sampling_locations - 1                                       # grid_sample wants [-1, 1]
+    sampled = [None] * L                                                     # per level (B*M, D, Q, P)
+    for hw in dict.fromkeys(shapes):
+        levels = [l for l in range(L) if shapes[l] == hw]
+        h, w = hw
+        v = torch.stack([value[:, starts[l]:starts[l] + h * w] for l in levels])      # (n, B, HW, M, D)
+        v = v.permute(0, 1, 3, 4, 2).reshape(len(levels) * B * M, D, h, w)
+        g = grids[:, :, :, levels].permute(3, 0, 2, 1, 4, 5)                           # (n, B, M, Q, P, 2)
+        g = g.reshape(len(levels) * B * M, Q, P, 2)
+        out = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = out.reshape(len(levels), B * M, D, Q, P)
+        for i, l in enumerate(levels):
+            sampled[l] = out[i]
+    sampled = torch.stack(sampled, dim=3).flatten(3)                         # (B*M, D, Q, L*P)
+    weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(B * M, 1, Q, L * P)
+    out = (sampled * weights).sum(-1)                                        # (B*M, D, Q)
+    return out.reshape(B, M * D, Q).transpose(1, 2).contiguous()
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The one entry point every deformable attention in the model goes through (kernel on CUDA, else reference)."""
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+class MSDeformAttn(nn.Module):
+    """Deformable-DETR attention as the ViT-Adapter uses it: one offset and weight per head, level and point."""
+
+    def __init__(self, d_model, n_levels, n_heads, n_points, ratio=1.0):
+        super().__init__()
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        d_value = int(d_model * ratio)
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_value)
+        self.output_proj = nn.Linear(d_value, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Deformable DETR starts the offsets on a ring, but in the original the HF CLIP init that runs afterwards
+        # zeroes every Linear bias in the adapter, ring included: all points start at the reference point.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        nn.init.zeros_(self.sampling_offsets.bias)
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query, reference_points, feat, spatial_shapes):
+        # query (B, Lq, C); reference_points (1 or B, Lq, 2); feat (B, S, C); spatial_shapes (L, 2)
+        B, Lq, _ = query.shape
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(feat).view(B, feat.shape[1], H, -1)                  # (B, S, H, D)
+        offsets = self.sampling_offsets(query).view(B, Lq, H, L, P, 2)
+        weights = self.attention_weights(query).view(B, Lq, H, L * P).softmax(-1).view(B, Lq, H, L, P)
+        normalizer = spatial_shapes.flip(-1).to(offsets.dtype)                      # (L, 2) as (W, H)
+        loc = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        out = ms_deform_attn(value, spatial_shapes, level_start_index(spatial_shapes), loc.to(value.dtype), weights)
+        return self.output_proj(out)
+
+
+class MMFS(nn.Module):
+    """Multi-image multi-scale feature synchronizer (SPEC §4), shared by the LLM and the UNet.
+
+    Each query samples `n_points` locations per head in every level of every image it may see; the images act as
+    extra levels. One offset per (head, point, image) is shared across levels, scaled by level size; one "ignore"
+    slot per (image, level) lets a query attend to nothing (an attention sink worth exactly one logit of 0).
+    """
+
+    def __init__(self, d_query, d_value, d_out, d_attn, n_heads, n_points, spatial_shapes, base_spatial_shape,
+                 max_num_image_per_seq, offset_init_magnitude, linear_init_std=None):
+        super().__init__()
+        if d_attn % n_heads:
+            raise ValueError(f"MMFS: d_attn {d_attn} is not divisible by n_heads {n_heads}")
+        self.n_heads, self.n_points = n_heads, n_points
+        self.n_levels = len(spatial_shapes)
+        self.spatial_shapes = tuple(int(s) for s in spatial_shapes)
+        self.max_num_image_per_seq = max_num_image_per_seq
+        self.offset_init_magnitude = offset_init_magnitude
+        self.linear_init_std = linear_init_std
+        self.sampling_offsets = nn.Linear(d_query, n_heads * n_points * 2)
+        self.attention_weights = nn.Linear(d_query, n_heads * self.n_levels * (n_points + 1))
+        self.dynamic_offset_mask = nn.Linear(d_query, d_query)
+        self.value_proj = nn.Linear(d_value, d_attn)
+        self.output_proj = nn.Linear(d_attn, d_out)
+        self.query_relpos = nn.Embedding(max_num_image_per_seq, d_query)
+        # frozen zeros in the original's constructor; the LLM's "llama_cross_attn" unfreeze makes it trainable there
+        self.ignore_token = nn.Parameter(torch.zeros(1, 1, 1, d_attn), requires_grad=False)
+        # offsets are predicted in units of the base grid: level l multiplies them by its size / base size
+        self.scale_ratios = tuple(s / base_spatial_shape for s in self.spatial_shapes)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.linear_init_std is not None:   # the LLM's copies keep HF's N(0, 0.02) Linear init here
+            nn.init.normal_(self.attention_weights.weight, std=self.linear_init_std)
+            nn.init.normal_(self.dynamic_offset_mask.weight, std=self.linear_init_std)
+        nn.init.zeros_(self.sampling_offsets.weight)
+        with torch.no_grad():
+            m = self.offset_init_magnitude
+            self.sampling_offsets.bias.copy_(torch.empty(self.n_heads, 1, self.n_points, 2).uniform_(-m, m).view(-1))
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+        nn.init.zeros_(self.dynamic_offset_mask.bias)
+        nn.init.trunc_normal_(self.query_relpos.weight, std=0.02)
+
+    def forward(self, query, reference_points, value, mask):
+        """query [B, Lq, d_query]; reference_points [1 or B, Lq, 2] as (x, y) in [0, 1]; value [B, n, S, d_value]
+        with S = sum of the levels' H*W (image-major, levels in `spatial_shapes` order, row-major tokens);
+        mask [B, n] (every query sees the same images) or [B, Lq', n] (per query; when Lq' != Lq only the last row
+        is used, which is how decoding steps see the images visible to the prompt's last token). -> [B, Lq, d_out]
+        """
+        B, Lq, _ = query.shape
+        n = value.shape[1]
+        H, P, Lv = self.n_heads, self.n_points, self.n_levels
+        m = mask.long()
+        if m.dim() == 3 and m.shape[1] != Lq:
+            m = m[:, -1:]
+        # relative image index: the latest visible image is 1, the one before 2, ..., invisible images 0
+        rel = (m.sum(-1, keepdim=True) + 1 - m.cumsum(-1)) * m
+        if int(rel.max()) >= self.max_num_image_per_seq:
+            raise ValueError(f"MMFS: {int(rel.max())} images visible to one query, "
+                             f"max_num_image_per_seq is {self.max_num_image_per_seq}")
+        rel = rel[:, :, None] if m.dim() == 2 else rel.transpose(1, 2)           # (B, n, Lq or 1)
+
+        v = self.value_proj(value)                                               # (B, n, S, d_attn)
+        v = v.reshape(B, n * value.shape[2], H, -1)                              # (B, n*S, H, D)
+
+        q = self.dynamic_offset_mask(query)[:, None] + self.query_relpos(rel)    # (B, n, Lq, d_query)
+        scale = torch.tensor(self.scale_ratios, dtype=q.dtype, device=q.device).view(1, 1, 1, 1, Lv, 1, 1)
+        offsets = self.sampling_offsets(q).view(B, n, Lq, H, 1, P, 2) * scale
+        offsets = offsets.permute(0, 2, 3, 1, 4, 5, 6).reshape(B, Lq, H, n * Lv, P, 2)
+        logits = self.attention_weights(q).view(B, n, Lq, H, Lv, P + 1).permute(0, 2, 3, 1, 4, 5)  # (B,Lq,H,n,Lv,P+1)
+        bias = (1.0 - m.to(logits.dtype)) * -10000.0                             # fp16-safe "minus infinity"
+        bias = bias[:, None, None, :, None, None] if m.dim() == 2 else bias[:, :, None, :, None, None]
+        logits = logits + bias
+        # the ignore slot's predicted logit is discarded: n*Lv slots of -ln(n*Lv) act as one logit of 0
+        ignore = logits.new_full(logits.shape[:-1] + (1,), -math.log(n * Lv))
+        logits = torch.cat([logits[..., :P], ignore], dim=-1).reshape(B, Lq, H, n * Lv * (P + 1))
+        weights = logits.softmax(-1).view(B, Lq, H, n * Lv, P + 1)
+        w_points, w_ignore = weights[..., :P].contiguous(), weights[..., P].sum(-1)      # (B,Lq,H,nLv,P), (B,Lq,H)
+
+        shapes = torch.tensor([(s, s) for s in self.spatial_shapes] * n, dtype=torch.long, device=query.device)
+        normalizer = shapes.flip(-1).to(offsets.dtype)                           # (n*Lv, 2) as (W, H)
+        loc = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        out = ms_deform_attn(v, shapes, level_start_index(shapes), loc.to(v.dtype), w_points.to(v.dtype))
+        out = out + (self.ignore_token.view(H, -1) * w_ignore[..., None]).reshape(B, Lq, -1).to(out.dtype)
+        return self.output_proj(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision: CLIP ViT-L/14, the ViT-Adapter, the Q-Former resampler, the visual tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = (p(x).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)                            # (B, heads, L, D)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))                            # quick-GELU
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        n_pos = cfg.grid_size ** 2 + 1
+        self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(n_pos, cfg.hidden_size)
+        # persistent only because the original's state dict carries it
+        self.register_buffer("position_ids", torch.arange(n_pos)[None], persistent=True)
+
+    def forward(self, pixels):
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))   # (B, C, G, G)
+        x = x.flatten(2).transpose(1, 2)                                         # (B, G*G, C)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)                                           # (B, 1+G*G, C)
+        return x + self.position_embedding.weight[None]
+
+
+class SpatialPriorModule(nn.Module):
+    """A small ResNet-like stem that gives the adapter its own 1/4 .. 1/32 feature maps of the image."""
+
+    def __init__(self, inplanes, dim, eps):
+        super().__init__()
+
+        def conv_ln_relu(cin, cout, stride):
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), LayerNorm2d(cout, eps), nn.ReLU()]
+
+        self.stem = nn.Sequential(*conv_ln_relu(3, inplanes, 2), *conv_ln_relu(inplanes, inplanes, 1),
+                                  *conv_ln_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 2, 1))
+        self.conv2 = nn.Sequential(*conv_ln_relu(inplanes, 2 * inplanes, 2))
+        self.conv3 = nn.Sequential(*conv_ln_relu(2 * inplanes, 4 * inplanes, 2))
+        self.conv4 = nn.Sequential(*conv_ln_relu(4 * inplanes, 4 * inplanes, 2))
+        self.fc1 = nn.Conv2d(inplanes, dim, 1)
+        self.fc2 = nn.Conv2d(2 * inplanes, dim, 1)
+        self.fc3 = nn.Conv2d(4 * inplanes, dim, 1)
+        self.fc4 = nn.Conv2d(4 * inplanes, dim, 1)
+
+    def forward(self, x):
+        c1 = self.stem(x)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(c2)
+        c4 = self.conv4(c3)
+        # c1 stays a map; c2..c4 become token sequences (B, H*W, dim)
+        return self.fc1(c1), *(fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc2, c2), (self.fc3, c3), (self.fc4, c4)))
+
+
+class ConvFFN(nn.Module):
+    """fc1 -> depth-wise 3x3 conv on each of the three token grids (2G, G, G/2 per side) -> GELU -> fc2."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.ModuleDict({"dwconv": nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)})  # checkpoint name
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, grid):
+        x = self.fc1(x)
+        B, _, C = x.shape
+        sides = (2 * grid, grid, grid // 2)
+        parts = x.split([s * s for s in sides], dim=1)
+        conv = self.dwconv["dwconv"]
+        parts = [conv(p.transpose(1, 2).reshape(B, C, s, s)).flatten(2).transpose(1, 2) for p, s in zip(parts, sides)]
+        return self.fc2(F.gelu(torch.cat(parts, dim=1)))
+
+
+class Injector(nn.Module):
+    """ViT tokens <- adapter pyramid: x + gamma * attn(x, c). gamma starts at zero."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.query_norm = nn.LayerNorm(d, eps=cfg.adapter_norm_eps)
+        self.feat_norm = nn.LayerNorm(d, eps=cfg.adapter_norm_eps)
+        self.attn = MSDeformAttn(d, 3, cfg.adapter_num_heads, cfg.adapter_n_points, cfg.deform_ratio)
+        self.gamma = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x, ref, c, shapes):
+        return x + self.gamma * self.attn(self.query_norm(x), ref, self.feat_norm(c), shapes)
+
+
+class Extractor(nn.Module):
+    """Adapter pyramid <- ViT tokens: c + attn(c, x), then c + ConvFFN(c)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.query_norm = nn.LayerNorm(d, eps=cfg.adapter_norm_eps)
+        self.feat_norm = nn.LayerNorm(d, eps=cfg.adapter_norm_eps)
+        self.attn = MSDeformAttn(d, 1, cfg.adapter_num_heads, cfg.adapter_n_points, cfg.deform_ratio)
+        self.ffn = ConvFFN(d, int(d * cfg.cffn_ratio))
+        self.ffn_norm = nn.LayerNorm(d, eps=cfg.adapter_norm_eps)
+
+    def forward(self, c, ref, x, shapes, grid):
+        c = c + self.attn(self.query_norm(c), ref, self.feat_norm(x), shapes)
+        return c + self.ffn(self.ffn_norm(c), grid)
+
+
+class InteractionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig, n_extra):
+        super().__init__()
+        self.injector = Injector(cfg)
+        self.extractor = Extractor(cfg)
+        if n_extra:
+            self.extra_extractors = nn.ModuleList(Extractor(cfg) for _ in range(n_extra))
+        else:
+            self.extra_extractors = None
+
+
+class CLIPVisionAdapter(nn.Module):
+    """CLIP's vision transformer run in groups of layers, with adapter interactions between the groups.
+
+    Outputs the class token + last patch tokens [B, 1+G*G, C] and four maps [B, C, s, s] with s = 4G, 2G, G, G/2
+    (64/32/16/8 for ViT-L/14 at 224). The post-LayerNorm of CLIP is not used.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.grid_size % 2:
+            raise ValueError(f"vision: image_size/patch_size = {cfg.grid_size} must be even for the adapter pyramid")
+        last = max(i1 for _, i1 in cfg.interaction_indexes)
+        if last >= cfg.num_hidden_layers:
+            raise ValueError(f"vision: interaction_indexes reach layer {last}, the ViT has {cfg.num_hidden_layers}")
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))})
+        self.adapter_level_embed = nn.Parameter(torch.zeros(3, d))
+        self.adapter_spm = SpatialPriorModule(cfg.conv_inplane, d, cfg.spm_norm_eps)
+        n = len(cfg.interaction_indexes)
+        self.adapter_interactions = nn.ModuleList(
+            InteractionBlock(cfg, cfg.num_extra_extractors if i == n - 1 else 0) for i in range(n))
+        self.adapter_up = nn.ConvTranspose2d(d, d, 2, 2)
+
+    def forward(self, pixels, checkpoint=False):
+        B = pixels.shape[0]
+        G, d = self.cfg.grid_size, self.cfg.hidden_size
+        x = self.pre_layrnorm(self.embeddings(pixels))                          # (B, 1+G*G, d)
+        # the adapter sees the image resized so that its 1/16 map matches the patch grid
+        resized = F.interpolate(pixels, size=(16 * G, 16 * G), mode="bilinear", align_corners=False)
+        c1, c2, c3, c4 = self.adapter_spm(resized.to(x.dtype))
+        c = torch.cat([c2 + self.adapter_level_embed[0], c3 + self.adapter_level_embed[1],
+                       c4 + self.adapter_level_embed[2]], dim=1)               # (B, (4+1+1/4)*G*G, d)
+        dev = pixels.device
+        pyramid = torch.tensor([(2 * G, 2 * G), (G, G), (G // 2, G // 2)], dtype=torch.long, device=dev)
+        patch_grid = torch.tensor([(G, G)], dtype=torch.long, device=dev)
+        ref_patches = grid_centres(G, G, dev)[None]                               # injector queries: patches
+        ref_pyramid = torch.cat([grid_centres(s, s, dev) for s in (2 * G, G, G // 2)])[None]   # extractor queries
+
+        cls, x = x[:, :1], x[:, 1:]
+        maps = []
+        for block, (i0, i1) in zip(self.adapter_interactions, self.cfg.interaction_indexes):
+            x = block.injector(x, ref_patches, c, pyramid)
+            x = torch.cat([cls, x], dim=1)
+            for layer in self.encoder["layers"][i0:i1 + 1]:
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if checkpoint else layer(x)
+            cls, x = x[:, :1], x[:, 1:]
+            c = block.extractor(c, ref_pyramid, x, patch_grid, G)
+            for extractor in block.extra_extractors or ():
+                c = extractor(c, ref_pyramid, x, patch_grid, G)
+            maps.append(x.transpose(1, 2).reshape(B, d, G, G))
+
+        c2, c3, c4 = c.split([4 * G * G, G * G, G * G // 4], dim=1)
+        c2 = c2.transpose(1, 2).reshape(B, d, 2 * G, 2 * G)
+        c3 = c3.transpose(1, 2).reshape(B, d, G, G)
+        c4 = c4.transpose(1, 2).reshape(B, d, G // 2, G // 2)
+        c1 = self.adapter_up(c2) + c1
+        x1, x2, x3, x4 = maps
+        c1 = c1 + F.interpolate(x1, scale_factor=4, mode="bilinear", align_corners=False)
+        c2 = c2 + F.interpolate(x2, scale_factor=2, mode="bilinear", align_corners=False)
+        c3 = c3 + x3
+        c4 = c4 + F.interpolate(x4, scale_factor=0.5, mode="bilinear", align_corners=False)
+        last_hidden_state = torch.cat([cls, x], dim=1)                           # (B, 1+G*G, d)
+        return last_hidden_state, [c1, c2, c3, c4]
+
+
+class QFormerMultiHeadAttention(nn.Module):
+    """BLIP-2 Q-Former attention; with qk-normalisation a LayerNorm over each head's query and key vectors."""
+
+    def __init__(self, dim, kv_dim, n_heads, qk_norm, dropout, eps):
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(kv_dim, dim)
+        self.value = nn.Linear(kv_dim, dim)
+        if qk_norm:
+            self.q_norm = nn.LayerNorm(dim // n_heads, eps=eps)
+            self.k_norm = nn.LayerNorm(dim // n_heads, eps=eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, kv, mask_bias=None):
+        B, Lq, C = x.shape
+        q = self.query(x).view(B, Lq, self.n_heads, -1).transpose(1, 2)
+        k = self.key(kv).view(B, kv.shape[1], self.n_heads, -1).transpose(1, 2)
+        v = self.value(kv).view(B, kv.shape[1], self.n_heads, -1).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, dropout_p=p)
+        return out.transpose(1, 2).reshape(B, Lq, C)
+
+
+class QFormerOutput(nn.Module):
+    """Post-LN residual: LayerNorm(dropout(dense(h)) + input)."""
+
+    def __init__(self, din, dout, dropout, eps):
+        super().__init__()
+        self.dense = nn.Linear(din, dout)
+        self.LayerNorm = nn.LayerNorm(dout, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class QFormerAttention(nn.Module):
+    def __init__(self, cfg: ResamplerConfig, kv_dim):
+        super().__init__()
+        d = cfg.hidden_size
+        self.attention = QFormerMultiHeadAttention(d, kv_dim, cfg.num_attention_heads, cfg.qk_normalization,
+                                                   cfg.dropout, cfg.layer_norm_eps)
+        self.output = QFormerOutput(d, d, cfg.dropout, cfg.layer_norm_eps)
+
+    def forward(self, x, kv, mask_bias=None):
+        return self.output(self.attention(x, kv, mask_bias), x)
+
+
+class QFormerIntermediate(nn.Module):
+    def __init__(self, din, dout):
+        super().__init__()
+        self.dense = nn.Linear(din, dout)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, cfg: ResamplerConfig, has_cross_attention):
+        super().__init__()
+        self.attention = QFormerAttention(cfg, cfg.hidden_size)
+        self.crossattention = QFormerAttention(cfg, cfg.encoder_hidden_size) if has_cross_attention else None
+        self.intermediate_query = QFormerIntermediate(cfg.hidden_size, cfg.intermediate_size)
+        self.output_query = QFormerOutput(cfg.intermediate_size, cfg.hidden_size, cfg.dropout, cfg.layer_norm_eps)
+
+    def forward(self, x, enc, enc_mask_bias):
+        x = self.attention(x, x)
+        if self.crossattention is not None:
+            x = self.crossattention(x, enc, enc_mask_bias)
+        return self.output_query(self.intermediate_query(x), x)
+
+
+class QFormer(nn.Module):
+    def __init__(self, cfg: ResamplerConfig):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        f = cfg.cross_attention_frequency
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(
+            QFormerLayer(cfg, i % f == 0) for i in range(cfg.num_hidden_layers))})
+
+    def forward(self, queries, enc, enc_mask_bias=None):
+        x = self.dropout(self.layernorm(queries))
+        for layer in self.encoder["layer"]:
+            x = layer(x, enc, enc_mask_bias)
+        return x
+
+
+class PerceiverResampler(nn.Module):
+    """num_queries learned queries read a variable-length input through a Q-Former -> [B, num_queries, hidden]."""
+
+    def __init__(self, cfg: ResamplerConfig):
+        super().__init__()
+        self.blip2qformer = QFormer(cfg)
+        self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.hidden_size) * 0.02)
+
+    def forward(self, encoder_hidden_states, encoder_attention_mask=None):
+        B = encoder_hidden_states.shape[0]
+        bias = None
+        if encoder_attention_mask is not None:                                   # (B, S) of 1 = keep
+            bias = (1.0 - encoder_attention_mask[:, None, None, :].to(encoder_hidden_states.dtype))
+            bias = bias * torch.finfo(encoder_hidden_states.dtype).min
+        queries = self.queries.expand(B, -1, -1).to(encoder_hidden_states.dtype)
+        return self.blip2qformer(queries, encoder_hidden_states, bias)
+
+
+class VisualTokenizer(nn.Module):
+    """images [B_I, 3, S, S] in [0, 1] -> vis_embed [B_I, num_queries, llm width] and four multi-scale maps."""
+
+    def __init__(self, cfg: MMIConfig):
+        super().__init__()
+        v = cfg.vision
+        d = v.hidden_size
+        self.image_size = v.image_size
+        self.encoder = nn.ModuleDict({"vision_model": CLIPVisionAdapter(v)})    # checkpoint name
+        self.pos_proj = nn.Linear(d, d)
+        self.pos_ln = nn.LayerNorm(d, eps=1e-6)
+        # a frozen Parameter, not a buffer, because the checkpoint stores it as one: zero row for the class token
+        table = torch.cat([torch.zeros(1, d), get_2d_sincos_pos_embed(d, v.grid_size)])
+        self.pos_embed = nn.Parameter(table, requires_grad=False)
+        self.perceiver_resampler = PerceiverResampler(cfg.resampler)
+        self.post_ln = nn.LayerNorm(d, eps=1e-6)
+        self.proj = nn.Linear(cfg.resampler.hidden_size, cfg.llm.hidden_size)
+        nn.init.normal_(self.proj.weight, std=1e-3)
+        nn.init.zeros_(self.proj.bias)
+        self.register_buffer("clip_mean", torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1))
+        self.register_buffer("clip_std", torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1))
+
+    def forward(self, images, checkpoint=False):
+        pixels = (images - self.clip_mean) / self.clip_std
+        last_hidden_state, maps = self.encoder["vision_model"](pixels, checkpoint)
+        pos = self.pos_embed.to(last_hidden_state.dtype)
+        # every map gets the patch-grid table, bicubically resized to its own size
+        maps = [m + resize_pos_embed(pos[1:], m.shape[-2:]).T.reshape(1, -1, *m.shape[-2:]) for m in maps]
+        q_in = self.post_ln(self.pos_ln(self.pos_proj(last_hidden_state)) + pos)
+        vis_embed = self.proj(self.perceiver_resampler(q_in))                  # (B_I, num_queries, llm width)
+        return vis_embed, maps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLM with MMFS: LLaMA (Vicuna) whose every `cross_attention_frequency`-th layer also reads the images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """Static key/value buffers [B, heads, max_len, head_dim] for one attention layer, filled as decoding goes."""
+
+    def __init__(self, batch, n_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start, k, v):
+        """Write k, v (B, heads, T, D) at positions start..start+T-1; return the filled prefix."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index):
+        """Beam search: row i of the cache becomes row index[i]."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        d, self.n_heads = cfg.hidden_size, cfg.num_attention_heads
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, cache_start=0):
+        B, L, C = x.shape
+        q, k, v = (p(x).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                  # (B, heads, L, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(cache_start, k, v)                            # (B, heads, start+L, D)
+        if attn_mask is None:   # training: plain causal over the packed row, as the original's flash-attn
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaMMFSAttention(nn.Module):
+    """`llama_cross_attn`: tanh(gate) * MMFS(norm1(h), norm2(vision)); gate starts at 0, so it adds nothing at init."""
+
+    def __init__(self, cfg: MMIConfig):
+        super().__init__()
+        d, dv, m = cfg.llm.hidden_size, cfg.vision.hidden_size, cfg.mmfs
+        self.gate = nn.Parameter(torch.zeros(1))
+        self.attn = MMFS(d_query=d, d_value=dv, d_out=d, d_attn=dv, n_heads=m.n_heads, n_points=m.n_points,
+                         spatial_shapes=m.spatial_shapes, base_spatial_shape=m.base_spatial_shape,
+                         max_num_image_per_seq=m.max_num_image_per_seq,
+                         offset_init_magnitude=m.offset_init_magnitude, linear_init_std=0.02)
+        self.norm1 = RMSNorm(d, cfg.llm.rms_norm_eps)
+        self.norm2 = RMSNorm(dv, cfg.llm.rms_norm_eps)
+
+    def forward(self, h, vision_hidden_states, cross_attention_mask):
+        # every query uses the single reference point (0.5, 0.5): where to look is all in the offsets
+        ref = h.new_full((1, h.shape[1], 2), 0.5)
+        out = self.attn(self.norm1(h), ref, self.norm2(vision_hidden_states), cross_attention_mask)
+        return out * self.gate.tanh()
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: MMIConfig, use_cross_attn):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg.llm)
+        self.llama_cross_attn = LlamaMMFSAttention(cfg) if use_cross_attn else None
+        self.mlp = LlamaMLP(cfg.llm)
+        self.input_layernorm = RMSNorm(cfg.llm.hidden_size, cfg.llm.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.llm.hidden_size, cfg.llm.rms_norm_eps)
+
+    def forward(self, h, cos, sin, vision_hidden_states=None, cross_attention_mask=None, attn_mask=None,
+                kv_cache=None, cache_start=0):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache, cache_start)
+        if self.llama_cross_attn is not None and vision_hidden_states is not None:
+            h = h + self.llama_cross_attn(h, vision_hidden_states, cross_attention_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """The LLM body (`mm_decoder`): embeddings, layers, final norm; no head (the text decoder is separate)."""
+
+    def __init__(self, cfg: MMIConfig):
+        super().__init__()
+        c = cfg.llm
+        self.cfg = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        f = cfg.mmfs.cross_attention_frequency
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i % f == 0) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, inputs_embeds, position_ids, vision_hidden_states=None, cross_attention_mask=None,
+                attn_mask=None, kv_caches=None, cache_start=0, checkpoint=False):
+        """inputs_embeds [B, L, d]; position_ids [B, L]; vision_hidden_states [B, N, S, d_v]; cross_attention_mask
+        [B, L', N]; attn_mask None (causal) or a bool [B, 1, L, start+L] (True = may attend). -> [B, L, d]"""
+        cos, sin = rope_cos_sin(position_ids, self.cfg.hidden_size // self.cfg.num_attention_heads,
+                                self.cfg.rope_theta, inputs_embeds.dtype)
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            if checkpoint and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, vision_hidden_states, cross_attention_mask,
+                                                      attn_mask, cache, cache_start, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, vision_hidden_states, cross_attention_mask, attn_mask, cache, cache_start)
+        return self.norm(h)
+
+
+class TextDecoder(nn.Module):
+    """logits = head(h), plus head_new(h) on the new tokens (soi, image): a trainable correction of a frozen head."""
+
+    def __init__(self, cfg: MMIConfig, n_new=2):
+        super().__init__()
+        d, V = cfg.llm.hidden_size, cfg.llm.vocab_size
+        self.n_new = n_new
+        self.head = nn.Linear(d, V)
+        self.head_new = nn.Linear(d, n_new)
+        self.reset_new_rows()
+
+    def reset_new_rows(self):
+        """The paper's init: the new rows of `head` silenced (weight 0, bias -100) and `head_new` = 0 weight,
+        bias 95, so at init both new tokens have logit -5 whatever the hidden state."""
+        with torch.no_grad():
+            self.head.weight[-self.n_new:] = 0.0
+            self.head.bias[-self.n_new:] = -100.0
+            self.head_new.weight.zero_()
+            self.head_new.bias.fill_(95.0)
+
+    def forward(self, h):
+        logits = self.head(h)
+        return torch.cat([logits[..., :-self.n_new], logits[..., -self.n_new:] + self.head_new(h)], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image decoder  (SD-2 UNet with MMFS, VAE, noise schedule and samplers: the generating half)
+# ----------------------------------------------------------------------------------------------------------------
+
+# (issue 3 lands here)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: embedding assembly, masks, losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def nearest_bos(text_ids, bos_id):
+    """[B, L]: position of the last bos at or before each position, -1 if none."""
+    pos = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
+    return torch.where(text_ids == bos_id, pos, -1).cummax(dim=1).values
+
+
+def image_token_starts(text_ids, num_image_per_seq, soi_id):
+    """[B, N]: 1 + position of each row's k-th soi (the image's first <|image|> token); -1 in padding slots."""
+    B = text_ids.shape[0]
+    N = int(num_image_per_seq.max()) if B else 0
+    rows, cols = (text_ids == soi_id).nonzero(as_tuple=True)                   # row-major order
+    slot = (text_ids == soi_id).long().cumsum(1)[rows, cols] - 1                 # k-th image of its row
+    starts = torch.full((B, N), -1, dtype=torch.long, device=text_ids.device)
+    starts[rows, slot] = cols + 1
+    return starts
+
+
+def cross_attention_mask(text_ids, num_image_per_seq, soi_id, bos_id):
+    """[B, L, N] float: token t sees image k iff the image's tokens start at or before t, after the last bos <= t.
+
+    So a token sees every earlier image of its own document; an image's own 64 tokens see it, its soi does not.
+    """
+    starts = image_token_starts(text_ids, num_image_per_seq, soi_id)[:, None, :]        # (B, 1, N)
+    bos = nearest_bos(text_ids, bos_id)[:, :, None]                                      # (B, L, 1)
+    t = torch.arange(text_ids.shape[1], device=text_ids.device)[None, :, None]           # (1, L, 1)
+    return ((starts != -1) & (bos < starts) & (starts <= t)).float()
+
+
+def text_labels(text_ids, attention_mask, cfg: MMIConfig, ignore_prompt_token_offset=0, ignore_noimage_cond=False):
+    """Targets [B, L-1] for logits[:, :-1] (SPEC §1.5): -100 where no loss is taken.
+
+    Ignored: the prompt (positions < ignore_prompt_token_offset, an int or one per row); with
+    `ignore_noimage_cond`, text with no image before it in its document; then, on the shifted targets, pad
+    and <|image|> tokens, padding positions, bos, and a soi right after a bos (an image opening a document is
+    not predictable from text). eos and every other soi are learned.
+    """
+    B, L = text_ids.shape
+    labels = text_ids.clone()
+    pos = torch.arange(L, device=text_ids.device)[None]
+    offset = torch.as_tensor(ignore_prompt_token_offset, device=text_ids.device).reshape(-1)
+    if offset.numel() not in (1, B):
+        raise ValueError(f"ignore_prompt_token_offset has {offset.numel()} entries, expected 1 or {B} (one per row)")
+    labels = labels.masked_fill(pos < offset[:, None], -100)
+    if ignore_noimage_cond:
+        bos = nearest_bos(text_ids, cfg.bos_token_id).clamp(min=0)
+        soi = nearest_bos(text_ids, cfg.soi_token_id)          # same scan, for the last soi
+        labels = labels.masked_fill((soi < bos) | (soi == -1), -100)
+    labels, nxt = labels[:, 1:], text_ids[:, 1:]
+    labels = labels.masked_fill(nxt == cfg.pad_token_id, -100)
+    labels = labels.masked_fill(nxt == cfg.image_token_id, -100)
+    labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
+    labels = labels.masked_fill((text_ids[:, :-1] == cfg.bos_token_id) & (nxt == cfg.soi_token_id), -100)
+    labels = labels.masked_fill(nxt == cfg.bos_token_id, -100)
+    return labels
+
+
+def pack_per_row(per_image, num_image_per_seq):
+    """[B_I, ...] images in row order -> [B, N, ...] with zeros in the padding slots."""
+    B, N = len(num_image_per_seq), int(num_image_per_seq.max())
+    counts = num_image_per_seq.to(per_image.device)
+    row = torch.repeat_interleave(torch.arange(B, device=per_image.device), counts)
+    slot = torch.arange(per_image.shape[0], device=per_image.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    out = per_image.new_zeros((B, N) + per_image.shape[1:])
+    out[row, slot] = per_image
+    return out
+
+
+class MMInterleaved(nn.Module):
+    def __init__(self, cfg: MMIConfig):
+        super().__init__()
+        grid = cfg.vision.grid_size
+        map_sides = (4 * grid, 2 * grid, grid, grid // 2)
+        if not set(cfg.mmfs.spatial_shapes) <= set(map_sides):
+            raise ValueError(f"mmfs.spatial_shapes {cfg.mmfs.spatial_shapes}: the visual tokenizer makes maps of "
+                             f"sides {map_sides} at image_size {cfg.vision.image_size}")
+        if cfg.resampler.num_queries != cfg.num_img_token:
+            raise ValueError(f"resampler.num_queries {cfg.resampler.num_queries} != num_img_token {cfg.num_img_token}")
+        if cfg.resampler.encoder_hidden_size != cfg.vision.hidden_size:
+            raise ValueError(f"resampler.encoder_hidden_size {cfg.resampler.encoder_hidden_size} != vision.hidden_size "
+                             f"{cfg.vision.hidden_size}")
+        if (cfg.soi_token_id, cfg.image_token_id) != (cfg.llm.vocab_size - 2, cfg.llm.vocab_size - 1):
+            raise ValueError(f"soi/image ids {cfg.soi_token_id}/{cfg.image_token_id} must be the last two of "
+                             f"vocab_size {cfg.llm.vocab_size}")
+        self.cfg = cfg
+        d = cfg.llm.hidden_size
+        self.visual_tokenizer = VisualTokenizer(cfg)
+        self.mm_decoder = LlamaModel(cfg)
+        self.text_decoder = TextDecoder(cfg)
+        self.image_decoder = None
+        self.context_feat_proj = nn.Linear(d, d)
+        self.soi_token = nn.Parameter(torch.zeros(1, d))
+        self._init_llm_weights()
+        self.set_trainable()
+
+    def _init_llm_weights(self):
+        # HF's LLaMA init (N(0, 0.02), zero biases) for a model trained from scratch; loading overwrites it
+        for m in list(self.mm_decoder.modules()) + [self.text_decoder.head]:
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.mm_decoder.modules():
+            if isinstance(m, MMFS):
+                m.reset_parameters()
+        self.text_decoder.reset_new_rows()
+
+    def set_trainable(self):
+        """requires_grad from the config's per-component flags (the paper: CLIP and the LLM body frozen)."""
+        c = self.cfg
+        for name, p in self.named_parameters():
+            if name.startswith("visual_tokenizer.encoder.vision_model."):
+                adapter = name.split(".")[3].startswith("adapter")
+                p.requires_grad_(c.vision.adapter_trainable if adapter else c.vision.trainable)
+            elif name.startswith("visual_tokenizer."):
+                p.requires_grad_(c.resampler.trainable and name != "visual_tokenizer.pos_embed")
+            elif name.startswith("mm_decoder."):
+                # every parameter under llama_cross_attn, the MMFS ignore token included, as in the original
+                p.requires_grad_(c.mmfs.trainable if "llama_cross_attn" in name else c.llm.trainable)
+            elif name.startswith("text_decoder.head."):
+                p.requires_grad_(c.llm.trainable)
+        return self
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+
+    def validate_batch(self, batch):
+        """Raise ValueError, with the numbers, for a batch the model cannot read correctly."""
+        c = self.cfg
+        text_ids = batch["text_ids"]
+        if text_ids.dim() != 2:
+            raise ValueError(f"text_ids: expected [B, L], got shape {tuple(text_ids.shape)}")
+        lo, hi = int(text_ids.min()), int(text_ids.max())
+        if lo < 0 or hi >= c.llm.vocab_size:
+            bad = lo if lo < 0 else hi
+            where = (text_ids == bad).nonzero()[0].tolist()
+            raise ValueError(f"text_ids: token id {bad} at [row, pos] {where} is outside [0, {c.llm.vocab_size})")
+        B = text_ids.shape[0]
+        n_soi = (text_ids == c.soi_token_id).sum(1)
+        n_img_tok = (text_ids == c.image_token_id).sum(1)
+        num = batch.get("num_image_per_seq")
+        num = n_soi if num is None else torch.as_tensor(num).to(n_soi.device)
+        if num.shape != (B,):
+            raise ValueError(f"num_image_per_seq: expected {B} entries (one per row), got shape {tuple(num.shape)}")
+        for b in range(B):
+            if int(n_soi[b]) != int(num[b]) or int(n_img_tok[b]) != int(num[b]) * c.num_img_token:
+                raise ValueError(f"row {b}: num_image_per_seq says {int(num[b])} images, text has {int(n_soi[b])} "
+                                 f"<|beginofimage|> and {int(n_img_tok[b])} <|image|> tokens "
+                                 f"(expected {int(num[b]) * c.num_img_token} = {int(num[b])} x {c.num_img_token})")
+        if B and int(num.max()) > c.mmfs.max_num_image_per_seq:
+            raise ValueError(f"a row has {int(num.max())} images, more than max_num_image_per_seq "
+                             f"{c.mmfs.max_num_image_per_seq}")
+        images = batch.get("image_tensors")
+        n_images = 0 if images is None else images.shape[0]
+        if n_images != int(num.sum()):
+            raise ValueError(f"image_tensors holds {n_images} images, num_image_per_seq sums to {int(num.sum())}")
+        S = c.vision.image_size
+        if images is not None and tuple(images.shape[1:]) != (3, S, S):
+            raise ValueError(f"image_tensors: expected [B_I, 3, {S}, {S}], got {tuple(images.shape)}")
+        return num
+
+    def prepare_mm_embeds(self, text_ids, image_tensors, num_image_per_seq):
+        """Token embeddings with image embeddings scattered into the <|image|> positions and soi_token added to
+        every soi, plus the MMFS inputs. -> embeds [B, L, d], vision_hidden_states [B, N, S, d_v] or None,
+        cross_attention_mask [B, L, N] or None, the tokenizer's four maps (list of [B_I, d_v, s, s]) or None."""
+        c = self.cfg
+        embeds = self.mm_decoder.embed_tokens(text_ids)                          # (B, L, d)
+        if image_tensors is None or image_tensors.shape[0] == 0:
+            return embeds, None, None, None
+        ckpt = c.gradient_checkpointing and self.training
+        vis_embed, maps = self.visual_tokenizer(image_tensors.to(embeds.dtype), checkpoint=ckpt)
+        is_image = text_ids == c.image_token_id
+        embeds = embeds.masked_scatter(is_image[..., None], vis_embed.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        embeds = embeds + (text_ids == c.soi_token_id)[..., None].to(embeds.dtype) * self.soi_token.to(embeds.dtype)
+        # the LLM reads the maps whose sides are in mmfs.spatial_shapes, each flattened row-major, concatenated
+        chosen = [m for m in maps if m.shape[-1] in c.mmfs.spatial_shapes]
+        tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in chosen], dim=1)           # (B_I, S, d_v)
+        vision = pack_per_row(tokens, num_image_per_seq)                                    # (B, N, S, d_v)
+        xmask = cross_attention_mask(text_ids, num_image_per_seq, c.soi_token_id, c.bos_token_id)
+        return embeds, vision, xmask.to(embeds.dtype), maps
+
+    # -- training -------------------------------------------------------------------------------------------------
+
+    def forward(self, batch):
+        """batch: the dict of the original forward's arguments (STYLE.md) -> {"loss", "loss_txt", "loss_img"}."""
+        c = self.cfg
+        num = self.validate_batch(batch)
+        text_ids = batch["text_ids"]
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(text_ids)
+        embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
+        # positions run 0..L-1 over the packed row and attention is causal over all of it (SPEC §1.5)
+        pos = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
+        h = self.mm_decoder(embeds, pos, vision, xmask, checkpoint=c.gradient_checkpointing)
+
+        logits = self.text_decoder(h).float()
+        if batch.get("gt_text_ids") is not None:
+            labels = batch["gt_text_ids"][:, 1:]
+        else:
+            meta = batch.get("meta") or {}
+            labels = text_labels(text_ids, attention_mask, c, batch.get("ignore_prompt_token_offset", 0),
+                                 meta.get("dataset_name") in c.dataset_to_ignore_noimage_cond_loss)
+        loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+        loss_txt = loss_sum / (labels != -100).sum().clamp(min=1)   # a batch with no text target gives 0, not NaN
+        w_txt = batch.get("loss_txt_weight")
+        loss = (c.loss_txt_weight if w_txt is None else w_txt) * loss_txt
+        out = {"loss_txt": loss_txt.detach()}
+        if self.image_decoder is not None and maps is not None:
+            loss_img = self.image_loss(batch, h, maps, num)
+            w_img = batch.get("loss_img_weight")
+            loss = loss + (c.loss_img_weight if w_img is None else w_img) * loss_img
+            out["loss_img"] = loss_img.detach()
+        out["loss"] = loss
+        return out
+
+    def text_logits(self, batch, attention_mask_aware=False):
+        """Full-sequence logits [B, L, V] in float32 (no cache): for scoring and for tests."""
+        num = self.validate_batch(batch)
+        text_ids = batch["text_ids"]
+        embeds, vision, xmask, _ = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
+        mask = batch.get("attention_mask")
+        if attention_mask_aware and mask is not None:
+            pos, attn = _positions_and_mask(mask)
+        else:
+            pos, attn = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids), None
+        return self.text_decoder(self.mm_decoder(embeds, pos, vision, xmask, attn_mask=attn)).float()
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_texts(self, batch, max_new_tokens=30, min_new_tokens=7, num_beams=5, do_sample=False, top_p=0.9,
+                       temperature=1.0, repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1,
+                       seed=None, use_cache=True):
+        """Continue each (left-padded) prompt of the batch; stop at eos or soi (the model asking for an image).
+
+        Defaults are the original's (its min_length 8 counted a dummy bos, hence min_new_tokens 7). Greedy with
+        num_beams=1, do_sample=False; nucleus sampling with do_sample=True; beam search with num_beams > 1.
+        Returns {"text_ids": [B * num_return_sequences, T] new tokens (the stop token included), padded with
+        pad_token_id, "lengths": [B * num_return_sequences]}.
+        """
+        num = self.validate_batch(batch)
+        text_ids = batch["text_ids"]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(text_ids) if mask is None else mask
+        embeds, vision, xmask, _ = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
+        decoder = _Decoder(self, embeds, mask, vision, xmask, max_new_tokens, use_cache)
+        opts = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                    repetition_penalty=repetition_penalty, stop_ids=(self.cfg.eos_token_id, self.cfg.soi_token_id),
+                    bos_id=self.cfg.bos_token_id, pad_id=self.cfg.pad_token_id)
+        if num_beams > 1 and not do_sample:
+            seqs = _beam_search(decoder, num_beams, num_return_sequences, length_penalty, **opts)
+        else:
+            gen = None if seed is None else torch.Generator(device=embeds.device).manual_seed(seed)
+            seqs = _sample(decoder, num_return_sequences, do_sample, top_p, temperature, gen, **opts)
+        T = max((len(s) for s in seqs), default=0)
+        out = torch.full((len(seqs), T), self.cfg.pad_token_id, dtype=torch.long, device=text_ids.device)
+        for i, s in enumerate(seqs):
+            out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        return {"text_ids": out, "lengths": torch.tensor([len(s) for s in seqs])}
+
+
+def _positions_and_mask(mask):
+    """Left-padded prompts: positions count real tokens only (pads get 1, as HF does) and the attention mask
+    is causal over real keys. A padding query may attend to itself so its (unused) softmax row is not empty."""
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    L = mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+    attn = causal[None] & mask.bool()[:, None, :]
+    attn = attn | torch.eye(L, dtype=torch.bool, device=mask.device)[None]
+    return pos, attn[:, None]                                                  # (B, 1, L, L)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: text decoding (greedy, nucleus sampling, beam search) over a static KV cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Decoder:
+    """Runs the LLM for generation: one prefill over the prompts, then one token per step through static KV caches,
+    or, with use_cache=False, the whole sequence again at every step (the slow path the cache must equal).
+    MMFS is not cached: each step the new token reads the vision states again, with the prompt's last mask row."""
+
+    def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, use_cache):
+        self.model, self.use_cache = model, use_cache
+        self.embeds, self.mask, self.vision, self.xmask = embeds, mask.long(), vision, xmask
+        self.new_tokens = mask.new_zeros((mask.shape[0], 0), dtype=torch.long)
+        self.max_len = embeds.shape[1] + max_new_tokens
+        self.caches = None
+
+    def select(self, index):
+        """Keep/repeat/reorder rows: expands prompts to beams or samples, follows beams to their sources."""
+        self.embeds, self.mask, self.new_tokens = self.embeds[index], self.mask[index], self.new_tokens[index]
+        if self.vision is not None:
+            self.vision, self.xmask = self.vision[index], self.xmask[index]
+        for cache in self.caches or ():
+            cache.reorder(index)
+
+    def prefill(self):
+        llm = self.model.mm_decoder
+        B, L, _ = self.embeds.shape
+        pos, attn = _positions_and_mask(self.mask)
+        if self.use_cache:
+            c = llm.cfg
+            hd = c.hidden_size // c.num_attention_heads
+            self.caches = [KVCache(B, c.num_attention_heads, self.max_len, hd, self.embeds.dtype, self.embeds.device)
+                           for _ in llm.layers]
+        h = llm(self.embeds, pos, self.vision, self.xmask, attn_mask=attn, kv_caches=self.caches, cache_start=0)
+        return self.model.text_decoder(h[:, -1]).float()                       # (B, V)
+
+    def step(self, tokens):
+        llm = self.model.mm_decoder
+        self.new_tokens = torch.cat([self.new_tokens, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        last_row = None if self.xmask is None else self.xmask[:, -1:]
+        if self.use_cache:
+            pos = self.mask.sum(-1, keepdim=True) - 1                            # (B, 1)
+            attn = self.mask.bool()[:, None, None, :]                            # (B, 1, 1, start+1)
+            start = self.mask.shape[1] - 1
+            h = llm(llm.embed_tokens(tokens)[:, None], pos, self.vision, last_row, attn_mask=attn,
+                    kv_caches=self.caches, cache_start=start)[:, -1]
+        else:
+            embeds = torch.cat([self.embeds, llm.embed_tokens(self.new_tokens)], dim=1)
+            pos, attn = _positions_and_mask(self.mask)
+            xmask = None
+            if self.xmask is not None:
+                xmask = torch.cat([self.xmask, last_row.expand(-1, self.new_tokens.shape[1], -1)], dim=1)
+            h = llm(embeds, pos, self.vision, xmask, attn_mask=attn)[:, -1]
+        return self.model.text_decoder(h).float()
+
+
+def _process_logits(logits, seqs, step, min_new_tokens, repetition_penalty, stop_ids, bos_id):
+    """The original's logits processors: repetition penalty over bos + the generated tokens (the prompt is not
+    seen, as in HF generate from embeddings), and no stop token before min_new_tokens."""
+    if repetition_penalty != 1.0:
+        seen = torch.tensor([[bos_id] + s for s in seqs], device=logits.device) if seqs[0] else \
+            torch.full((len(seqs), 1), bos_id, device=logits.device)
+        score = logits.gather(1, seen)
+        score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
+        logits = logits.scatter(1, seen, score)
+    if step < min_new_tokens:
+        logits = logits.clone()
+        logits[:, list(stop_ids)] = -float("inf")
+    return logits
+
+
+def _top_p_filter(logits, top_p):
+    """Keep the most likely tokens until their mass reaches top_p (at least one); the rest get -inf."""
+    probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+    mass_before = probs.cumsum(-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop_sorted[:, 0] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, -float("inf"))
+
+
+def _sample(decoder, n_return, do_sample, top_p, temperature, generator, max_new_tokens, min_new_tokens,
+            repetition_penalty, stop_ids, bos_id, pad_id):
+    """Greedy (do_sample False) or nucleus sampling; each row runs until a stop token or max_new_tokens."""
+    logits = decoder.prefill()
+    if n_return > 1:
+        index = torch.arange(logits.shape[0], device=logits.device).repeat_interleave(n_return)
+        decoder.select(index)
+        logits = logits[index]
+    n = logits.shape[0]
+    seqs = [[] for _ in range(n)]
+    done = [False] * n
+    for step in range(max_new_tokens):
+        padded = [s + [pad_id] * (step - len(s)) for s in seqs]
+        logits = _process_logits(logits, padded, step, min_new_tokens, repetition_penalty, stop_ids, bos_id)
+        if do_sample:
+            logits = _top_p_filter(logits / temperature, top_p)
+            tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            tokens = logits.argmax(-1)
+        for i, t in enumerate(tokens.tolist()):
+            if not done[i]:
+                seqs[i].append(t)
+                done[i] = t in stop_ids
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = decoder.step(tokens)          # finished rows run on; their tokens are not kept
+    return seqs
+
+
+def _beam_search(decoder, num_beams, n_return, length_penalty, max_new_tokens, min_new_tokens, repetition_penalty,
+                 stop_ids, bos_id, pad_id):
+    """Beam search as HF's, with the original's wider candidate list (max(2, 1 + #stop ids) * beams).
+
+    A hypothesis ending in a stop token is scored sum(logprob) / length ** length_penalty, where length counts
+    the original's dummy bos and the tokens before the stop; a prompt is done once it holds num_beams finished
+    hypotheses none of which the best open beam could still beat.
+    """
+    K = num_beams
+    logits = decoder.prefill()
+    B, V = logits.shape
+    decoder.select(torch.arange(B, device=logits.device).repeat_interleave(K))
+    logits = logits.repeat_interleave(K, dim=0)
+    beam_scores = torch.zeros(B, K, device=logits.device)
+    beam_scores[:, 1:] = -1e9                  # all beams start equal: keep only the first one's candidates
+    beams = [[] for _ in range(B * K)]
+    hyps = [[] for _ in range(B)]
+    done = [False] * B
+    width = max(2, 1 + len(stop_ids)) * K
+
+    def add(b, score, seq):
+        hyps[b].append((score, seq))
+        hyps[b].sort(key=lambda x: -x[0])
+        del hyps[b][K:]
+
+    for step in range(max_new_tokens):
+        logp = _process_logits(logits.log_softmax(-1), beams, step, min_new_tokens, repetition_penalty, stop_ids, bos_id)
+        scores = (logp + beam_scores.view(-1, 1)).view(B, K * V)
+        top_s, top_i = scores.topk(width, dim=1)
+        top_s, top_i = top_s.tolist(), top_i.tolist()
+        src, tok, new_scores = [], [], []
+        for b in range(B):
+            if done[b]:
+                src += [b * K] * K
+                tok += [pad_id] * K
+                new_scores += [0.0] * K
+                continue
+            chosen = 0
+            for rank, (s, i) in enumerate(zip(top_s[b], top_i[b])):
+                j, t = divmod(i, V)
+                if t in stop_ids:
+                    if rank < K:
+                        add(b, s / (step + 1) ** length_penalty, beams[b * K + j] + [t])
+                    continue
+                src.append(b * K + j)
+                tok.append(t)
+                new_scores.append(s)
+                chosen += 1
+                if chosen == K:
+                    break
+            if len(hyps[b]) == K and hyps[b][-1][0] >= top_s[b][0] / (step + 1) ** length_penalty:
+                done[b] = True
+        beams = [beams[j] + [t] for j, t in zip(src, tok)]
+        beam_scores = torch.tensor(new_scores, device=logits.device).view(B, K)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        decoder.select(torch.tensor(src, device=logits.device))
+        logits = decoder.step(torch.tensor(tok, device=logits.device))
+    for b in range(B):
+        if not done[b]:
+            for k in range(K):
+                add(b, beam_scores[b, k].item() / (len(beams[b * K + k]) + 1) ** length_penalty, beams[b * K + k])
+    return [seq for b in range(B) for _, seq in hyps[b][:n_return]]
