@@ -1479,3 +1479,33 @@ def _beam_search(decoder, num_beams, n_return, length_penalty, max_new_tokens, m
             for k in range(K):
                 add(b, beam_scores[b, k].item() / (len(beams[b * K + k]) + 1) ** length_penalty, beams[b * K + k])
     return [seq for b in range(B) for _, seq in hyps[b][:n_return]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `python mmi.py [preset] [--key=value ...]`: the architecture's parameter table, built on the meta device
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parameter_table(model):
+    rows = []
+    for name, module in model.named_children():
+        if module is None:
+            continue
+        params = list(module.parameters())
+        rows.append((name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
+    for name, p in model.named_parameters(recurse=False):
+        rows.append((name, p.numel(), p.numel() if p.requires_grad else 0))
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+    args = sys.argv[1:]
+    preset = args.pop(0) if args and not args[0].startswith("--") else "mmi-13b"
+    cfg = apply_overrides(MMIConfig.from_preset(preset), args)
+    with torch.device("meta"):
+        model = MMInterleaved(cfg)
+    print(f"{preset}: {'component':<20} {'parameters':>16} {'trainable':>16}")
+    for name, total, trainable in parameter_table(model):
+        print(f"{'':{len(preset) + 2}}{name:<20} {total:>16,} {trainable:>16,}")
