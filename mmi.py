@@ -217,19 +217,19 @@ def _preset_mmi_13b():
 
 def _preset_tiny():
     # Same architecture, every width and depth small: 64x64 images, patch 8 -> an 8x8 patch grid, so the
-    # tokenizer's four maps are 32/16/8/4 and the LLM reads 16/8/4. Vocabulary: 256 pieces + soi + image, with
-    # the LLaMA layout (pad = last ordinary piece). Dropout off so tiny runs are deterministic in train mode too.
+    # tokenizer's four maps are 32/16/8/4 and the LLM reads 16/8/4. Vocabulary: the demo tokenizer's 384 pieces
+    # + soi + image, in the LLaMA layout (pad = last ordinary piece). Dropout off so tiny runs are deterministic in train mode too.
     return MMIConfig(
         vision=VisionConfig(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                             intermediate_size=128, conv_inplane=8, interaction_indexes=((0, 0), (1, 1), (2, 2), (3, 3)),
                             adapter_num_heads=4, adapter_n_points=2, trainable=True),
         resampler=ResamplerConfig(num_queries=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=96, encoder_hidden_size=64, dropout=0.0),
-        llm=LLMConfig(vocab_size=258, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+        llm=LLMConfig(vocab_size=386, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
                       num_attention_heads=4, max_position_embeddings=1024, trainable=True),
         mmfs=MMFSConfig(cross_attention_frequency=2, n_heads=4, n_points=2, spatial_shapes=(16, 8, 4),
                         base_spatial_shape=8),
-        seq_len=1024, num_img_token=8, pad_token_id=255, soi_token_id=256, image_token_id=257,
+        seq_len=1024, num_img_token=8, pad_token_id=383, soi_token_id=384, image_token_id=385,
     )
 
 

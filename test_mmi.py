@@ -4,14 +4,23 @@ Oracles: hand-written expected tensors, float64 loops written here, and (test-on
 modules at tiny random configs. Tests that need CUDA skip without it.
 """
 
+import io
 import json
 import math
 import os
+import pickle
+import random
+import time
+import zipfile
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import data
 import mmi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,7 +121,7 @@ def test_tiny_preset_builds_on_meta_and_cpu():
 # Masks and labels on a hand-built batch: 2 rows, 3 images, 2 documents in row 0
 # ---------------------------------------------------------------------------------------------------------------
 
-BOS, EOS, PAD, SOI, IMG = 1, 2, 255, 256, 257
+BOS, EOS, PAD, SOI, IMG = 1, 2, 383, 384, 385
 #           0    1   2    3    4    5   6    7    8    9   10   11   12  13
 ROW0 = [BOS, 10, SOI, IMG, IMG, 11, SOI, IMG, IMG, 12, EOS, BOS, 13, 14]
 ROW1 = [BOS, SOI, IMG, IMG, 15, 16, EOS, PAD, PAD, PAD, PAD, PAD, PAD, PAD]
@@ -502,8 +511,8 @@ def test_bad_batches_are_clear_errors():
     with pytest.raises(ValueError, match=r"expected \[B_I, 3, 64, 64\], got \(3, 3, 32, 32\)"):
         model(dict(good, image_tensors=torch.rand(3, 3, 32, 32)))
     bad_ids = good["text_ids"].clone()
-    bad_ids[1, 5] = 300
-    with pytest.raises(ValueError, match=r"token id 300 at \[row, pos\] \[1, 5\] is outside \[0, 258\)"):
+    bad_ids[1, 5] = 400
+    with pytest.raises(ValueError, match=r"token id 400 at \[row, pos\] \[1, 5\] is outside \[0, 386\)"):
         model(dict(good, text_ids=bad_ids))
     cut = good["text_ids"].clone()
     cut[0, 4] = 10                                   # one <|image|> of the first image lost
@@ -614,3 +623,726 @@ def test_qformer_matches_transformers_blip2(frequency):
     queries = ours.queries.expand(3, -1, -1)
     theirs = hf(query_embeds=queries, encoder_hidden_states=enc, encoder_attention_mask=mask).last_hidden_state
     assert (ours(enc, mask) - theirs).abs().max() < 1e-5
+
+# ===============================================================================================================
+# data.py: tokenizer, readers, packing, mixing, bad data, the demo corpus
+# Fixtures write small real datasets to tmp_path: JPEGs with Pillow, jsonl / jsonl.zip MMC4 shards, LAION-style
+# annotation files. Oracles: transformers' slow LlamaTokenizer on the LLaMA-layout model shipped by
+# mistral-common (test-only), hand-computed packing cases.
+# ===============================================================================================================
+
+DEMO_TOK = os.path.join(HERE, "assets", "demo_tokenizer.model")
+
+
+def mistral_model_path():
+    mc = pytest.importorskip("mistral_common")
+    path = os.path.join(os.path.dirname(mc.__file__), "data", "tokenizer.model.v1")
+    if not os.path.exists(path):
+        pytest.skip("mistral-common does not ship data/tokenizer.model.v1")
+    return path
+
+
+SENTENCES = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "  two  leading spaces and trailing  ",
+    "a dog" + data.image_placeholder(3) + "The cat sat on the mat.</s>",
+    "x <|image|> y <|beginofimage|>  z",
+    "ends with a space </s>",
+    "<|beginofimage|><|image|>hello</s>",
+    "Ünïcödé 中文, emoji 🙂, tabs\tand\nnewlines, digits 12345.",
+    "caption first" + data.image_placeholder(2) + "</s><s>next document</s>",
+]
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_ids_equal_transformers_slow_llama_tokenizer():
+    """Our ids == transformers' slow LlamaTokenizer (legacy) with the two image tokens added as special tokens
+    that strip surrounding whitespace (transformers 4.31's treatment of string special tokens); LLaMA layout."""
+    path = mistral_model_path()
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import AddedToken
+    ref = transformers.LlamaTokenizer(path, legacy=True)
+    ref.add_special_tokens({"additional_special_tokens": [
+        AddedToken(data.SOI_TOKEN, lstrip=True, rstrip=True), AddedToken(data.IMAGE_TOKEN, lstrip=True, rstrip=True)]})
+    tok = data.Tokenizer(path)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.soi_id, tok.image_id, tok.vocab_size) == \
+        (0, 1, 2, 31999, 32000, 32001, 32002)
+    assert ref.convert_tokens_to_ids([data.SOI_TOKEN, data.IMAGE_TOKEN]) == [32000, 32001]
+    for s in SENTENCES:
+        assert tok.encode(s) == ref(s)["input_ids"], s
+        assert tok.encode(s, add_bos=False) == ref(s, add_special_tokens=False)["input_ids"], s
+    ids = tok.encode(data.image_placeholder(64))
+    assert ids == [1, 32000] + [32001] * 64
+    for s in SENTENCES[:2] + SENTENCES[7:8]:
+        assert tok.decode(tok.encode(s)) == ref.decode(ref(s)["input_ids"], skip_special_tokens=True) == s
+    # sentencepiece's decode keeps leading spaces that HF's legacy decode trims by one: ours round-trips exactly
+    assert tok.decode(tok.encode(SENTENCES[2])) == SENTENCES[2]
+
+
+def test_tokenizer_ids_equal_transformers_4_31_when_available(tmp_path):
+    """Parity with the original's pinned transformers 4.31 (init_tokenizer: slow AutoTokenizer, special tokens
+    added as strings, pad 31999). Needs MMI_TF431_PYTHON = a python with transformers==4.31.0 installed."""
+    python = os.environ.get("MMI_TF431_PYTHON")
+    if not python:
+        pytest.skip("set MMI_TF431_PYTHON to a python with transformers 4.31 to run this oracle")
+    import shutil
+    import subprocess
+    shutil.copy(mistral_model_path(), tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer",
+                                                                "bos_token": "<s>", "eos_token": "</s>"}))
+    (tmp_path / "sents.json").write_text(json.dumps(SENTENCES))
+    script = ("import json, sys; from transformers import AutoTokenizer\n"
+              "t = AutoTokenizer.from_pretrained(sys.argv[1], use_fast=False)\n"
+              "t.add_special_tokens({'additional_special_tokens': t.all_special_tokens + "
+              "['<|beginofimage|>', '<|image|>']}); t.pad_token_id = 31999\n"
+              "s = json.load(open(sys.argv[1] + '/sents.json'))\n"
+              "print(json.dumps([[t(x)['input_ids'] for x in s], [t.decode(t(x)['input_ids'], "
+              "skip_special_tokens=True) for x in s]]))\n")
+    out = subprocess.run([python, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    ref_ids, ref_text = json.loads(out.strip().splitlines()[-1])
+    tok = data.Tokenizer(str(tmp_path / "tokenizer.model"))
+    assert [tok.encode(s) for s in SENTENCES] == ref_ids
+    assert [tok.decode(tok.encode(s)) for s in SENTENCES] == ref_text
+
+
+def test_tokenizer_json_gives_the_same_ids_as_sentencepiece_model(tmp_path):
+    """A LLaMA tokenizer.json (transformers' own slow->fast conversion) through `tokenizers` encodes and
+    decodes exactly like the .model through sentencepiece, with the same special-id layout."""
+    path = mistral_model_path()
+    pytest.importorskip("google.protobuf")  # the converter reads the .model proto
+    transformers = pytest.importorskip("transformers")
+    fast = transformers.LlamaTokenizerFast(vocab_file=path, legacy=True, from_slow=True, add_prefix_space=True)
+    json_path = str(tmp_path / "tokenizer.json")
+    fast.backend_tokenizer.save(json_path)
+    a, b = data.Tokenizer(path), data.Tokenizer(json_path)
+    assert (b.bos_id, b.eos_id, b.pad_id, b.soi_id, b.image_id, b.vocab_size) == (1, 2, 31999, 32000, 32001, 32002)
+    for s in SENTENCES:
+        assert a.encode(s) == b.encode(s), s
+        assert a.decode(a.encode(s)) == b.decode(b.encode(s)), s
+        assert a.decode(a.encode(s), skip_special=False) == b.decode(b.encode(s), skip_special=False), s
+
+
+def test_clean_image_spaces_removes_one_space_each_side():
+    t = "a " + data.SOI_TOKEN + " " + data.IMAGE_TOKEN + " " + data.IMAGE_TOKEN + " b  c"
+    assert data.clean_image_spaces(t) == "a" + data.SOI_TOKEN + data.IMAGE_TOKEN * 2 + "b  c"
+
+
+def test_demo_tokenizer_has_llama_layout_and_is_reproducible(tmp_path):
+    """assets/demo_tokenizer.model: unk/bos/eos = 0/1/2, pad = N-1 (a control piece, never produced),
+    soi = N, image = N+1; retraining from the corpus reproduces the file byte for byte."""
+    import sentencepiece
+    tok = data.Tokenizer(DEMO_TOK)
+    sp = sentencepiece.SentencePieceProcessor(model_file=DEMO_TOK)
+    n = sp.get_piece_size()
+    assert [sp.id_to_piece(i) for i in (0, 1, 2, n - 1)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    layout = (tok.bos_id, tok.eos_id, tok.pad_id, tok.soi_id, tok.image_id, tok.vocab_size)
+    assert layout == (1, 2, n - 1, n, n + 1, n + 2)
+    text = data.make_story(7).texts[0]
+    ids = tok.encode(text)
+    assert tok.pad_id not in ids and tok.unk_id not in ids and tok.decode(ids) == text
+    assert len(ids) <= len(text.split()) + 3  # grammar words are single pieces
+    retrained = data.train_demo_tokenizer(str(tmp_path / "t.model"))
+    assert open(retrained, "rb").read() == open(DEMO_TOK, "rb").read()
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+def test_center_crop_follows_box_halving_then_bicubic_then_centre_crop():
+    """300x200 -> 64: BOX halving once (200 >= 128) to 150x100, bicubic to 96x64, crop columns 16..80."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    want = np.asarray(img.resize((150, 100), Image.BOX).resize((96, 64), Image.BICUBIC))[:, 16:80]
+    got = data.center_crop_arr(img, 64)
+    assert got.shape == (64, 64, 3) and np.array_equal(got, want)
+    enc, dec = data.DualTransform(64, 128)(img)
+    assert enc.shape == (3, 64, 64) and dec.shape == (3, 128, 128) and enc.dtype == np.uint8
+    assert np.array_equal(enc, want.transpose(2, 0, 1))
+    f = data.to_float01(enc)
+    assert f.dtype == torch.float32
+    assert torch.equal(f, torch.from_numpy(want.astype(np.float32) / 255.0).permute(2, 0, 1))
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+PALETTE = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230), "yellow": (240, 230, 20),
+           "black": (10, 10, 10), "white": (245, 245, 245), "cyan": (20, 220, 220), "magenta": (220, 20, 220)}
+
+
+def write_jpeg(path, colour, size=(40, 30)):
+    Image.new("RGB", size, PALETTE[colour]).save(path, "JPEG", quality=95)
+
+
+def colour_of(chw):
+    """Nearest palette colour of an image tensor/array (3, S, S)."""
+    mean = np.asarray(chw, dtype=np.float64).reshape(3, -1).mean(1)
+    mean = mean * 255 if mean.max() <= 1.0 else mean
+    return min(PALETTE, key=lambda c: ((np.array(PALETTE[c]) - mean) ** 2).sum())
+
+
+def mmc4_doc(names_colours, sims=None, n_text=None):
+    """A document whose k-th sentence names the colour of the k-th image, which is matched to it."""
+    texts = [f"this is {c} number {k}." for k, (_, c) in enumerate(names_colours)]
+    texts += [f"filler {k}." for k in range(len(texts), n_text or len(texts))]
+    sims = sims or [0.3] * len(names_colours)
+    return {"text_list": texts, "similarity_matrix": [[0.0] * len(texts) for _ in names_colours],
+            "image_info": [{"image_name": n, "matched_text_index": k, "matched_sim": s}
+                           for k, ((n, _), s) in enumerate(zip(names_colours, sims))]}
+
+
+def write_zip_shard(path, docs, extra_lines=()):
+    lines = [json.dumps(d) for d in docs] + list(extra_lines)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(os.path.basename(path)[:-4], "\n".join(lines) + "\n")
+
+
+def make_images(root, n, prefix="img"):
+    colours = list(PALETTE)
+    out = []
+    for i in range(n):
+        name, colour = f"{prefix}{i}.jpg", colours[i % len(colours)]
+        write_jpeg(os.path.join(root, name), colour)
+        out.append((name, colour))
+    return out
+
+
+def demo_tok():
+    return data.Tokenizer(DEMO_TOK)
+
+
+def check_row_alignment(tok, batch, n_img_tok):
+    """Every image of the batch sits at the soi that introduces the sentence naming its colour (the tests
+    place images first), and its pixels have that colour; counts agree everywhere."""
+    k = 0
+    for b in range(batch["text_ids"].shape[0]):
+        ids = batch["text_ids"][b][batch["attention_mask"][b].bool()].tolist()
+        soi = [i for i, t in enumerate(ids) if t == tok.soi_id]
+        assert len(soi) == int(batch["num_image_per_seq"][b])
+        assert sum(t == tok.image_id for t in ids) == len(soi) * n_img_tok
+        for s in soi:
+            assert ids[s + 1:s + 1 + n_img_tok] == [tok.image_id] * n_img_tok
+            rest = ids[s + 1 + n_img_tok:]
+            stop = next((j for j, t in enumerate(rest) if t in (tok.soi_id, tok.eos_id)), len(rest))
+            sentence = tok.decode(rest[:stop])
+            colour = colour_of(batch["image_tensors"][k])
+            expected = f"this is {colour} number"
+            if len(sentence) < len(expected):  # the row ends inside the sentence
+                assert expected.startswith(sentence) and stop == len(rest), (sentence, colour)
+            else:
+                assert sentence.startswith(expected), (sentence, colour)
+            assert colour_of(batch["image_tensors_dec"][k]) == colour
+            k += 1
+    assert k == batch["image_tensors"].shape[0] == int(batch["num_image_per_seq"].sum())
+    assert batch["nearest_bos_idxs"].shape == (k,)
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+def test_expand_braces():
+    assert data.expand_braces("docs_shard_{0..2}_v2.jsonl") == [f"docs_shard_{i}_v2.jsonl" for i in range(3)]
+    assert data.expand_braces("{0000008..0000011}.txt") == ["0000008.txt", "0000009.txt", "0000010.txt", "0000011.txt"]
+    assert data.expand_braces("a{x,y}b{1..2}") == ["axb1", "axb2", "ayb1", "ayb2"]
+    assert len(data.expand_braces("docs_shard_{0..23099}_v2.jsonl")) == 23100
+
+
+def test_mmc4_zip_shard_rules_threshold_max_images_order_and_eos(tmp_path):
+    """From a zipped jsonl shard and a JPEG folder: images below matched_sim 0.24 never appear; at most 6 of
+    10 are kept, in sentence order; each placeholder sits before (img_first_prob=1) its sentence; "</s>" ends
+    the text; bos starts it."""
+    imgs = make_images(tmp_path, 10)
+    doc_many = mmc4_doc(imgs)  # 10 usable images
+    doc_low = mmc4_doc(imgs[:3], sims=[0.1, 0.3, 0.23])  # only image 1 passes
+    write_zip_shard(str(tmp_path / "docs_shard_0_v2.jsonl.zip"), [doc_many, doc_low] * 3)
+    tok = demo_tok()
+    src = data.mmc4_source("docs_shard_{0..0}_v2.jsonl", str(tmp_path), str(tmp_path), tok,  # read via ".zip"
+                           data.DualTransform(16, 24), num_img_token=4, img_first_prob=1.0)
+    reader = data.Reader()
+    samples = list(src.samples(reader, 0, 0))
+    many = [s for s in samples if len(s.image_info) > 1]
+    assert all(len(s.image_info) == 6 for s in many) and len(many) == 3
+    for s in many:
+        order = [int(n[3:-4]) for n in s.image_info]
+        assert order == sorted(order)
+        text = tok.decode(s.text_ids, skip_special=False)
+        assert s.text_ids[0] == tok.bos_id and s.text_ids[-1] == tok.eos_id and text.endswith("</s>")
+        for n, img in zip(s.image_info, s.images):
+            assert colour_of(img) == dict(imgs)[n]
+    assert len({tuple(s.image_info) for s in many}) > 1  # the choice of 6 is random per document
+    for s in samples:
+        if len(s.image_info) == 1:
+            assert s.image_info == ["img1.jpg"]
+    assert reader.stats["lines"] == 6 and reader.stats["docs_used"] + reader.stats["doc:single_image_dropped"] == 6
+
+
+def test_mmc4_placement_and_single_image_drop_probabilities(tmp_path):
+    """img_first_prob 0.5 puts the placeholder before its sentence about half the time; one-image documents
+    are dropped with probability 0.5 (binomial bounds at ~4.5 sigma)."""
+    write_jpeg(str(tmp_path / "a.jpg"), "red")
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(mmc4_doc([("a.jpg", "red")], n_text=2))
+                                                for _ in range(400)) + "\n")
+    tok = demo_tok()
+    src = data.mmc4_source("s.jsonl", str(tmp_path), str(tmp_path), tok, data.DualTransform(8, None), num_img_token=2)
+    reader = data.Reader()
+    kept = list(src.samples(reader, 0, 0))
+    assert 155 <= len(kept) <= 245 and reader.stats["doc:single_image_dropped"] == 400 - len(kept)
+    first = sum(int(s.text_ids[1] == tok.soi_id) for s in kept)
+    assert 0.3 * len(kept) <= first <= 0.7 * len(kept)
+    again = list(src.samples(data.Reader(), 0, 0))  # per-document generators: the same choices again
+    assert [s.text_ids.tolist() for s in again] == [s.text_ids.tolist() for s in kept]
+
+
+def test_pair_lines_json_and_python_literal_lowercase_and_overlong_cut(tmp_path):
+    write_jpeg(str(tmp_path / "p.jpg"), "blue")
+    tok = demo_tok()
+    info = data.parse_pair_line(b'{"image": "p.jpg", "caption": "A Blue Square"}')
+    assert info == {"image": "p.jpg", "caption": "A Blue Square"}
+    assert data.parse_pair_line("{'image': 'p.jpg', 'caption': ['Two', 'Parts']}\n")["caption"] == "Two Parts"
+    with pytest.raises(data.SkipSample):
+        data.parse_pair_line("not a dict at all")
+    load = data.ImageFolder(str(tmp_path), data.DualTransform(8, None))
+    firsts = set()
+    for seed in range(20):
+        s = data.build_pair_sample(info, load, tok, random.Random(seed), num_img_token=3)
+        text = tok.decode(s.text_ids, skip_special=False)
+        firsts.add(text.startswith("<s>" + data.SOI_TOKEN))
+        assert "a blue square" in text and text.endswith("</s>") and s.images.shape == (1, 3, 8, 8)
+    assert firsts == {True, False}
+    long_info = {"image": "p.jpg", "caption": "word " * 100}
+    for seed in range(10):  # image last: keep the trailing soi + 3 image tokens + eos
+        s = data.build_pair_sample(long_info, load, tok, random.Random(seed), num_img_token=3, num_total_token=40)
+        full = tok.encode(("word " * 100) + data.image_placeholder(3) + "</s>")
+        assert len(s.text_ids) == 40
+        if s.text_ids[1] != tok.soi_id:
+            assert s.text_ids.tolist() == full[:35] + full[-5:]
+
+
+def test_place_images_keeps_the_originals_text_and_orders_tensors_by_it():
+    """Images 0,1 before sentence 0 and image 2 after it: the original prepends one by one, giving
+    [1][0] s [2]; the tensors must follow that order."""
+    text, order = data.place_images(["s0", "s1"], [0, 0, 0, 1], [True, True, False, True], "<P>")
+    assert text == "<P><P>s0<P> <P>s1" and order == [1, 0, 2, 3]
+
+
+def test_annt_json_inference_format(tmp_path):
+    write_jpeg(str(tmp_path / "a.jpg"), "red", size=(300, 260))
+    write_jpeg(str(tmp_path / "b.jpg"), "green")
+    annt = [{"sentences": ["a red thing.", "then a green one."], "images": ["a.jpg", "b.jpg"], "sentence_ixs": [0, 1],
+             "image_first": [True, False], "generate_mode": "generate_texts", "num_iter": 1},
+            {"sentences": ["one sentence."], "images": ["a.jpg", "b.jpg"], "sentence_ixs": [0, 0],
+             "image_first": [True, True]},  # both before it: b's placeholder ends up first
+            {"sentences": ["x"], "images": ["missing.jpg"], "sentence_ixs": [0], "image_first": [True]},
+            {"sentences": ["x"], "images": [], "sentence_ixs": [], "image_first": []}]
+    (tmp_path / "annt.json").write_text(json.dumps(annt))
+    tok, stats = demo_tok(), Counter()
+    out = data.load_inference_annotations(str(tmp_path / "annt.json"), tok, num_img_token=4, stats=stats)
+    assert len(out) == 2 and stats == Counter({"image_missing": 1, "malformed_sample": 1})
+    assert [colour_of(x) for x in out[1]["image_tensors"]] == ["green", "red"]
+    b = out[0]
+    want = tok.encode(data.image_placeholder(4) + "a red thing. then a green one." + data.image_placeholder(4))
+    assert b["text_ids"].tolist() == [want] and b["attention_mask"].sum() == len(want)
+    assert b["image_tensors"].shape == (2, 3, 224, 224) and b["num_image_per_seq"].tolist() == [2]
+    assert [colour_of(x) for x in b["image_tensors"]] == ["red", "green"]
+    assert b["target_image_idxs"].tolist() == [1] and b["nearest_bos_idxs"].tolist() == [0, 0]
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+class Ids:
+    bos_id, soi_id, image_id = 1, 90, 91
+
+
+B, S, I, E = 1, 90, 91, 2  # bos, soi, image, eos for hand-written rows
+
+
+def hand_sample(ids, key):
+    ids = np.asarray(ids, dtype=np.int64)
+    n = int((ids == S).sum())
+    imgs = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 3, 2, 2), np.uint8) + key * 10
+    return data.Sample(ids, imgs, None, [f"{key}:{k}" for k in range(n)], key=(0, 0, 0, key))
+
+
+def test_packing_image_level_cuts_before_a_truncated_image():
+    """L=20, 4 image tokens. Buffer [bos t t soi I I I I t eos | bos t t t t t soi I I I I eos]: the soi at 16
+    would lose tokens, so the row ends at 16 and the image waits for the next row."""
+    cfg = data.PackConfig(num_total_token=20, num_img_token=4, max_num_images=15, truncation_level="image")
+    p = data.Packer(cfg, Ids)
+    p.add(hand_sample([B, 5, 5, S, I, I, I, I, 5, E], 1))
+    p.add(hand_sample([B, 6, 6, 6, 6, 6, S, I, I, I, I, E], 2))
+    row = p.next_row()
+    assert row.text_ids.tolist() == [B, 5, 5, S, I, I, I, I, 5, E, B, 6, 6, 6, 6, 6]
+    assert row.image_info == ["1:0"] and row.nearest_bos_idxs.tolist() == [0]
+    assert p.ids.tolist() == [S, I, I, I, I, E] and p.image_info == ["2:0"] and p.position() == ((0, 0, 0, 2), 6)
+    last = p.flush()  # a row starting mid-document: no bos, nearest bos 0
+    assert last.text_ids.tolist() == [S, I, I, I, I, E] and last.nearest_bos_idxs.tolist() == [0]
+
+
+def test_packing_sample_level_cuts_at_the_last_bos():
+    cfg = data.PackConfig(num_total_token=20, num_img_token=4, truncation_level="sample")
+    p = data.Packer(cfg, Ids)
+    p.add(hand_sample([B, 5, 5, S, I, I, I, I, 5, E], 1))
+    p.add(hand_sample([B, 6, 6, 6, 6, 6, S, I, I, I, I, E], 2))
+    row = p.next_row()
+    assert row.text_ids.tolist() == [B, 5, 5, S, I, I, I, I, 5, E] and p.ids[0] == B and len(p) == 12
+
+
+def test_packing_max_images_per_row_image_and_sample_level():
+    """Three 1-image samples of 7 tokens [bos S I I I I eos] (+ text), max 2 images per row, L=24."""
+    def samples():
+        return [hand_sample([B, S, I, I, I, I, E], 1), hand_sample([B, 7, S, I, I, I, I, E], 2),
+                hand_sample([B, S, I, I, I, I, 8, E], 3), hand_sample([B, 9, 9, 9, 9], 4)]
+    cfg = data.PackConfig(num_total_token=24, num_img_token=4, max_num_images=2, truncation_level="image")
+    p = data.Packer(cfg, Ids)
+    for s in samples():
+        p.add(s)
+    row = p.next_row()  # image level: right after the 2nd image's tokens (soi at 9 -> cut 9 + 4 + 1 = 14)
+    assert row.text_ids.tolist() == [B, S, I, I, I, I, E, B, 7, S, I, I, I, I]
+    assert row.nearest_bos_idxs.tolist() == [0, 7]
+    cfg = data.PackConfig(num_total_token=24, num_img_token=4, max_num_images=2, truncation_level="sample")
+    p = data.Packer(cfg, Ids)
+    for s in samples():
+        p.add(s)
+    row = p.next_row()  # sample level: the bos before the surplus soi (at 15) lies after soi 9 -> cut at 15
+    assert row.text_ids.tolist() == [B, S, I, I, I, I, E, B, 7, S, I, I, I, I, E]
+    assert p.ids.tolist()[:2] == [B, S] and p.image_info[0] == "3:0"
+    p = data.Packer(cfg, Ids)  # no bos between the allowed and the surplus image -> cut right before the soi
+    p.add(hand_sample([B, S, I, I, I, I, S, I, I, I, I, 5, S, I, I, I, I, 5, 5, 5, 5, 5, 5, 5, E], 1))
+    assert p.next_row().text_ids.tolist() == [B, S, I, I, I, I, S, I, I, I, I, 5]
+
+
+def test_packing_drops_rows_without_images_and_keeps_counts():
+    cfg = data.PackConfig(num_total_token=10, num_img_token=4)
+    p = data.Packer(cfg, Ids)
+    p.add(hand_sample([B] + [5] * 14 + [S, I, I, I, I, E], 1))
+    assert p.next_row() is None  # the first 10 tokens hold no image: dropped
+    row = p.next_row()  # the remaining 11: soi at 5 < 10 - 4, so its image fits and the row is cut at 10
+    assert row.text_ids.tolist() == [5] * 5 + [S, I, I, I, I] and row.nearest_bos_idxs.tolist() == [0]
+    assert p.ids.tolist() == [E] and p.image_info == []
+    assert data.nearest_bos_idxs(np.array([5, B, S, I, B, 5, S, I]), B, S).tolist() == [1, 4]
+    assert data.nearest_bos_idxs(np.array([S, I, 5, S, I]), B, S).tolist() == [0, 0]
+
+
+def test_collate_batch_dict_right_padding_and_keys():
+    rows = [data.Row(np.array([B, 5, S, I], np.int64), np.full((1, 3, 4, 4), 255, np.uint8), None, ["a"],
+                     np.array([0]), []),
+            data.Row(np.array([B, S, I, B, S, I, 6], np.int64), np.zeros((2, 3, 4, 4), np.uint8), None, ["b", "c"],
+                     np.array([0, 3]), [])]
+    batch = data.collate_rows(rows, pad_id=77, dataset_name="mmc4", loss_img_weight=0.0)
+    assert batch["text_ids"].tolist() == [[B, 5, S, I, 77, 77, 77], [B, S, I, B, S, I, 6]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0, 0], [1] * 7]
+    assert batch["text_ids"].dtype == batch["attention_mask"].dtype == torch.long
+    assert batch["image_tensors"].shape == (3, 3, 4, 4) and batch["image_tensors"].dtype == torch.float32
+    assert batch["image_tensors"][0].min() == 1.0 and batch["image_tensors"][1:].max() == 0.0
+    assert batch["num_image_per_seq"].tolist() == [1, 2] and batch["nearest_bos_idxs"].tolist() == [0, 0, 3]
+    assert "image_tensors_dec" not in batch and batch["ignore_prompt_token_offset"] == 0
+    assert batch["meta"]["dataset_name"] == "mmc4" and batch["loss_img_weight"] == 0.0
+    assert batch["meta"]["image_info"] == ["a", "b", "c"]
+
+
+# ----------------------------------------------------------------------------------------------- streams
+
+def build_corpus(root, n_shards=4, docs_per_shard=5, imgs_per_doc=2):
+    """MMC4 zip shards and LAION-style txt files over one JPEG folder; every image used exactly once."""
+    os.makedirs(root, exist_ok=True)
+    colours = list(PALETTE)
+    all_images, k = [], 0
+    for s in range(n_shards):
+        docs = []
+        for _ in range(docs_per_shard):
+            pairs = []
+            for _ in range(imgs_per_doc):
+                name = f"m{k}.jpg"
+                write_jpeg(os.path.join(root, name), colours[k % len(colours)], size=(20, 20))
+                pairs.append((name, colours[k % len(colours)]))
+                k += 1
+            docs.append(mmc4_doc(pairs))
+            all_images += [n for n, _ in pairs]
+        write_zip_shard(os.path.join(root, f"docs_shard_{s}_v2.jsonl.zip"), docs)
+    pair_images = []
+    for s in range(2):
+        lines = []
+        for j in range(6):
+            name = f"p{s}_{j}.jpg"
+            colour = colours[(s * 6 + j) % len(colours)]
+            write_jpeg(os.path.join(root, name), colour, size=(20, 20))
+            line = {"image": name, "caption": f"this is {colour} number {j}"}
+            lines.append(json.dumps(line) if j % 2 else repr(line))  # both JSON and Python-literal lines
+            pair_images.append(name)
+        (open(os.path.join(root, f"{s:07d}.txt"), "w")).write("\n".join(lines) + "\n")
+    return all_images, pair_images
+
+
+def make_mix(root, tok, rank=0, world=1, flush=True, img_first=1.0):
+    t = data.DualTransform(8, 12)
+    mmc4 = data.mmc4_source("docs_shard_{0..3}_v2.jsonl", root, root, tok, t, num_img_token=4,
+                            img_first_prob=img_first)
+    laion = data.pair_source("{0000000..0000001}.txt", root, root, tok, t, name="laion_en", num_img_token=4,
+                             img_first_prob=img_first)
+    cfgs = [data.PackConfig(48, 4, 15, "image", 2), data.PackConfig(48, 4, 30, "sample", 2)]
+    return data.MixedDataset([mmc4, laion], [2, 1], cfgs, tok, seed=3, rank=rank, world_size=world,
+                             flush_last=flush, verbose=False)
+
+
+def images_of(batches):
+    return [n for b in batches for n in b["meta"]["image_info"]]
+
+
+def test_mixed_stream_longest_rule_alignment_and_every_image_once(tmp_path):
+    """One epoch of the mix: both sources are exhausted at least once ("longest": the smaller one restarts),
+    every MMC4 image appears, each pass exactly once; every row is aligned (image <-> its sentence)."""
+    root = str(tmp_path)
+    mmc4_images, pair_images = build_corpus(root)
+    tok = demo_tok()
+    batches = list(make_mix(root, tok))
+    names = Counter(b["meta"]["dataset_name"] for b in batches)
+    assert set(names) == {"mmc4", "laion_en"}
+    for b in batches:
+        check_row_alignment(tok, b, 4)
+        assert b["text_ids"].shape[1] <= 48
+    seen = Counter(images_of(batches))
+    # documents with one image can be dropped (p 0.5); ours have two, so every image comes through
+    passes = {n: c for n, c in seen.items() if n.startswith("m")}
+    assert set(passes) == set(mmc4_images) and len(set(passes.values())) == 1
+    for n in pair_images:
+        assert seen[n] >= 1
+
+
+def test_pretrain_mix_matches_the_papers_recipe(tmp_path):
+    """blip2/laion_en/laion_coco/mmc4 drawn 1:1:1:2; batches of 2 pair rows / 4 MMC4 rows; 30 / 15 images per
+    row; sample- / image-level cuts; rows of 2048 tokens, 64 image tokens, 224 / 512 images."""
+    root = str(tmp_path)
+    tok = demo_tok()
+    pairs = {n: (root, root, "{0000000..0020000}.txt") for n in ("blip2", "laion_en", "laion_coco")}
+    ds = data.pretrain_mix(tok, pairs, (root, root, "docs_shard_{0..23099}_v2.jsonl"))
+    assert [s.name for s in ds.sources] == ["blip2", "laion_en", "laion_coco", "mmc4"] and ds.probs == [1, 1, 1, 2]
+    assert [(c.batch_size, c.max_num_images, c.truncation_level) for c in ds.pack_configs] == \
+        [(2, 30, "sample")] * 3 + [(4, 15, "image")]
+    assert all((c.num_total_token, c.num_img_token) == (2048, 64) for c in ds.pack_configs)
+    assert len(ds.sources[3].shards) == 23100 and len(ds.sources[0].shards) == 20001
+    assert (ds.sources[3].build.load.transform.enc_size, ds.sources[3].build.load.transform.dec_size) == (224, 512)
+
+
+def test_sharding_across_ranks_and_dataloader_workers_reads_each_document_once(tmp_path):
+    """2 ranks x 2 DataLoader workers over 4 shards: the union of images seen is every image, none twice."""
+    root = str(tmp_path)
+    mmc4_images, _ = build_corpus(root)
+    tok = demo_tok()
+    seen = Counter()
+    for rank in range(2):
+        ds = make_mix(root, tok, rank=rank, world=2)
+        ds.sources, ds.probs = ds.sources[:1], [1]  # the MMC4 source only
+        ds.pack_configs, ds.loss_weights = ds.pack_configs[:1], ds.loss_weights[:1]
+        if rank == 1:  # what a "spawn" worker receives: a pickled copy (tokenizer, sources, builders)
+            ds = pickle.loads(pickle.dumps(ds))
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+        readers = set()
+        for b in loader:
+            seen.update(b["meta"]["image_info"])
+            readers.add(b["meta"]["position"]["reader"])
+        assert readers == {2 * rank, 2 * rank + 1}
+    assert sorted(seen) == sorted(mmc4_images) and set(seen.values()) == {1}
+
+
+def test_resume_from_any_batch_continues_exactly(tmp_path):
+    """Restarting from the position stored in batch k's meta yields exactly batches k+1.. of the
+    uninterrupted run (same ids, same images), including across a source's restart."""
+    root = str(tmp_path)
+    build_corpus(root)
+    tok = demo_tok()
+    full = list(make_mix(root, tok, flush=False, img_first=0.5))
+    assert len(full) >= 6
+    for k in (0, 2, len(full) // 2, len(full) - 2):
+        pos = full[k]["meta"]["position"]
+        ds = make_mix(root, tok, flush=False, img_first=0.5)
+        ds.load_state_dict(json.loads(json.dumps({pos["reader"]: pos["state"]})))  # as saved in a checkpoint
+        rest = list(ds)
+        assert len(rest) == len(full) - k - 1
+        for a, b in zip(rest, full[k + 1:]):
+            assert torch.equal(a["text_ids"], b["text_ids"]) and torch.equal(a["image_tensors"], b["image_tensors"])
+            assert a["meta"]["image_info"] == b["meta"]["image_info"]
+    ds.set_epoch(1)  # a saved position belongs to its epoch; the next epoch starts afresh with new shuffles
+    nxt = list(ds)
+    assert nxt[0]["meta"]["position"]["state"]["epoch"] == 1 and nxt[0]["meta"]["position"]["state"]["draws"] == 1
+    assert images_of(nxt) != images_of(full)  # epoch 1 reads the shards in another order
+
+
+def test_resume_with_dataloader_workers_sees_every_image_once(tmp_path):
+    """Two DataLoader workers: stop after 3 batches, save the positions, resume in a fresh DataLoader: the images
+    of the first 3 batches plus the resumed run are exactly those of one uninterrupted epoch."""
+    root = str(tmp_path)
+    build_corpus(root)
+    tok = demo_tok()
+
+    def loader(ds):
+        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    full = Counter(images_of(loader(make_mix(root, tok, flush=False, img_first=0.5))))
+    positions, head = {}, []
+    for k, b in enumerate(loader(make_mix(root, tok, flush=False, img_first=0.5))):
+        head.append(b)
+        data.MixedDataset.record_position(positions, b)
+        if k == 2:
+            break
+    ds = make_mix(root, tok, flush=False, img_first=0.5)
+    ds.load_state_dict(json.loads(json.dumps(positions)))
+    assert Counter(images_of(head)) + Counter(images_of(loader(ds))) == full
+
+
+def test_laion_annotation_file_of_10000_lines(tmp_path):
+    """A 10,000-line annotation file (JSON and Python-literal lines, some malformed) streams through the
+    pair builder: every good line gives one sample, bad ones are counted."""
+    for c in ("red", "green"):
+        write_jpeg(str(tmp_path / f"{c}.jpg"), c, size=(16, 16))
+    lines = []
+    for j in range(10_000):
+        c = ("red", "green")[j % 2]
+        info = {"image": f"{c}.jpg", "caption": f"this is {c} number {j}"}
+        lines.append("{broken" if j % 1000 == 999 else (json.dumps(info) if j % 3 else repr(info)))
+    (tmp_path / "0000000.txt").write_text("\n".join(lines) + "\n")
+    path = str(tmp_path / "0000000.txt")
+    parsed, bad = 0, 0
+    for k, line in enumerate(data.iter_shard_lines(path)):  # every line through the parser
+        try:
+            info = data.parse_pair_line(line, f"{path}:{k}")
+            assert info["caption"] == f"this is {('red', 'green')[k % 2]} number {k}"
+            parsed += 1
+        except data.SkipSample as e:
+            assert e.reason == "malformed_line"
+            bad += 1
+    assert (parsed, bad) == (9990, 10)
+    tok = demo_tok()  # the full builder on the file's last 100 lines (also proves starting mid-file)
+    src = data.pair_source("{0000000..0000000}.txt", str(tmp_path), str(tmp_path), tok, data.DualTransform(8, None),
+                           num_img_token=4)
+    reader = data.Reader()
+    got = []
+    for s in src.samples(reader, 0, 0, start_slot=0, start_line=9900):
+        j = int(tok.decode(s.text_ids).split()[-1])
+        assert colour_of(s.images[0]) == ("red", "green")[j % 2] and s.key == (0, 0, 0, j)
+        got.append(j)
+    assert got == [j for j in range(9900, 10_000) if j != 9999]
+    assert reader.stats["doc:malformed_line"] == 1 and reader.stats["lines"] == 100
+
+
+def test_bad_data_is_skipped_counted_and_never_misaligns(tmp_path, capsys):
+    """Unreadable / truncated / missing images, malformed lines, documents without a usable image, a missing
+    and a corrupt shard: each is skipped and counted under its reason, the summary line reports them, and
+    every emitted row is intact and aligned."""
+    root = str(tmp_path)
+    good = make_images(root, 8)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    (tmp_path / "notimage.jpg").write_bytes(b"this is not an image")
+    docs = [
+        mmc4_doc(good[0:2]),  # fine
+        mmc4_doc([good[2], ("truncated.jpg", "red"), ("missing.jpg", "red"), good[3]]),  # 2 bad images, doc kept
+        mmc4_doc([("notimage.jpg", "red"), ("missing2.jpg", "red")]),  # no usable image
+        mmc4_doc(good[4:6], sims=[0.1, 0.2]),  # below threshold: no usable image
+        mmc4_doc(good[6:8]),
+    ]
+    bad_lines = ['{"text_list": ["a"], "image_info": [{"image_name": "x.jpg"}]}',  # missing keys
+                 "{not json", '[1, 2, 3]',
+                 json.dumps(mmc4_doc([good[0]]) | {"image_info": [{"image_name": "img0.jpg", "matched_text_index": 9,
+                                                                  "matched_sim": 0.9}]})]  # index out of range
+    write_zip_shard(str(tmp_path / "docs_shard_0_v2.jsonl.zip"), docs[:3], bad_lines)
+    write_zip_shard(str(tmp_path / "docs_shard_1_v2.jsonl.zip"), docs[3:])
+    write_zip_shard(str(tmp_path / "docs_shard_2_v2.jsonl.zip"), [mmc4_doc(good[:2])] * 50)
+    data_ = (tmp_path / "docs_shard_2_v2.jsonl.zip").read_bytes()
+    (tmp_path / "docs_shard_2_v2.jsonl.zip").write_bytes(data_[:len(data_) // 2])  # truncated archive
+    tok = demo_tok()
+    src = data.mmc4_source("docs_shard_{0..3}_v2.jsonl", root, root, tok, data.DualTransform(8, 12), num_img_token=4,
+                           img_first_prob=1.0)
+    ds = data.MixedDataset([src], [1], [data.PackConfig(40, 4, 15, "image", 1)], tok, seed=0, flush_last=True)
+    batches = list(ds)
+    for b in batches:
+        check_row_alignment(tok, b, 4)
+    stats = ds.last_stats["mmc4"]
+    assert stats["image:image_unreadable"] == 2  # truncated.jpg, notimage.jpg
+    assert stats["image:image_missing"] == 2
+    assert stats["doc:no_usable_image"] == 2 and stats["doc:malformed_line"] == 4
+    assert stats["shard:shard_missing"] == 1 and stats["shard:shard_unreadable"] == 1
+    assert stats["docs_used"] == 3 and stats["lines"] == 9
+    assert sorted(images_of(batches)) == sorted(n for n, _ in good[0:4] + good[6:8])
+    out = capsys.readouterr().out
+    assert "[data] mmc4 epoch 0 pass 0" in out and "doc:malformed_line=4" in out and "shard:shard_missing=1" in out
+
+
+# ----------------------------------------------------------------------------------------------- demo corpus
+
+def test_scene_text_round_trip_and_edits():
+    """parse_scene(describe_scene(s)) == s and parse_edit(describe_edit(e), prev) reproduces each step of
+    2,000 stories; the splits never share a story seed; stories depend on the seed alone."""
+    for seed in range(2000):
+        st = data.make_story(seed)
+        assert 2 <= len(st.scenes) <= 4 and all(data.is_valid_scene(s) for s in st.scenes)
+        assert data.parse_scene(st.texts[0]) == st.scenes[0]
+        for prev, text, nxt in zip(st.scenes, st.texts[1:], st.scenes[1:]):
+            edit = data.parse_edit(text, prev)
+            assert edit is not None and data.apply_edit(prev, edit) == nxt, text
+    assert data.parse_scene("nothing here") is None
+    assert data.parse_scene("a red circle at the top left and a red circle at the centre.") is None
+    s = data.parse_scene("The picture: An orange square at the bottom right, a blue circle at the centre.")
+    assert s == (data.Obj(1, 1, "circle", "blue"), data.Obj(2, 2, "square", "orange"))
+    assert data.make_story(5).texts == data.make_story(5).texts
+    ranges = [(data.SPLIT_SEED_BASE[k], data.SPLIT_SEED_BASE[k] + data.SPLIT_SIZE[k]) for k in ("train", "val", "test")]
+    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_render_and_read_scene_round_trip():
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = data.random_scene(rng, rng.randint(1, 3))
+        img = data.render_scene(scene)
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        assert data.read_scene(img) == scene
+        assert data.read_scene(torch.from_numpy(img).permute(2, 0, 1).float().numpy() / 255) == scene
+    assert data.read_scene(data.render_scene(scene, 32)) == scene
+
+
+def test_demo_batches_carry_scenes_that_match_images_and_text():
+    """Demo batches: each image reads back as its meta scene, and the edit sentence before each image turns
+    the story's previous scene into that scene; val and train never share a story."""
+    tok = demo_tok()
+    ds = data.demo_dataset(tok, "train", num_total_token=160, num_img_token=4, batch_size=4, num_stories=40, seed=1)
+    ds.verbose, ds.flush_last = False, True
+    batches = list(ds)
+    assert batches and all(b["image_tensors"].shape[1:] == (3, 64, 64) for b in batches)
+    stories = Counter()
+    for b in batches:
+        assert len(b["meta"]["scenes"]) == b["image_tensors"].shape[0]
+        for img, info in zip(b["image_tensors"], b["meta"]["image_info"]):
+            scene = data.canonical(data.Obj(*o["cell"], o["shape"], o["colour"]) for o in info["scene"])
+            assert data.read_scene(img.numpy()) == scene
+            story = data.make_story(info["story"])
+            assert story.scenes[info["step"]] == scene
+            stories[info["story"]] += 1
+        assert torch.equal(b["image_tensors"], b["image_tensors_dec"])
+    assert stories == Counter({i: len(data.make_story(i).scenes) for i in range(40)})  # every image exactly once
+    val = data.StorySource(tok, "val", num_stories=5)
+    val_seeds = {i["story"] for s in val.samples(data.Reader(), 0, 0) for i in s.image_info}
+    assert val_seeds == set(range(data.SPLIT_SEED_BASE["val"], data.SPLIT_SEED_BASE["val"] + 5))
+
+
+def test_show_cli_writes_sheet_and_text(tmp_path):
+    assert data.main(["--demo", "--show", "3", "--out", str(tmp_path)]) == 0
+    sheet = Image.open(tmp_path / "demo_sheet.png")
+    assert sheet.size[1] > 3 * 64
+    lines = (tmp_path / "demo_samples.txt").read_text().splitlines()
+    assert len(lines) == 3 and all("story" in l and "</s>" in l for l in lines)
+
+
+def test_demo_stream_resumes_exactly():
+    """The demo stream resumes from a saved position like the real sources (same code path)."""
+    tok = demo_tok()
+
+    def make():
+        ds = data.demo_dataset(tok, num_total_token=96, num_img_token=4, batch_size=2, num_stories=30, seed=5)
+        ds.verbose = False
+        return ds
+    full = list(make())
+    k = len(full) // 2
+    ds = make()
+    ds.load_state_dict({0: full[k]["meta"]["position"]["state"]})
+    rest = list(ds)
+    assert len(rest) == len(full) - k - 1
+    assert all(torch.equal(a["text_ids"], b["text_ids"]) and a["meta"]["scenes"] == b["meta"]["scenes"]
+               for a, b in zip(rest, full[k + 1:]))

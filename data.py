@@ -1,0 +1,1305 @@
+"""Data for mmi: tokenizer, image transforms, MMC4 / LAION-style readers, packing into rows, mixing, and the
+synthetic "shape stories" corpus the demo model learns from.
+
+Sections follow the data: text -> tokenizer; image file -> transform; one document or pair -> a Sample;
+shard files -> a stream of Samples per rank/worker; Samples -> packed rows -> the batch dict of the model's
+forward; several sources -> one mixed, resumable stream. The demo corpus plugs into the same packing code.
+
+Use:
+    tok = Tokenizer("assets/demo_tokenizer.model")             # or LLaMA's tokenizer.model / tokenizer.json
+    ds = demo_dataset(tok, num_total_token=512, num_img_token=16)  # or pretrain_mix(tok, pairs, mmc4)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    for batch in loader:                                        # keys = the original forward's arguments
+        MixedDataset.record_position(positions, batch)          # save `positions` with the checkpoint
+    ds.load_state_dict(positions)                               # ...and resume exactly there
+    python data.py --demo --show 8                              # look at the demo corpus
+
+Runtime dependencies: numpy, torch, pillow, sentencepiece, tokenizers.
+"""
+
+import argparse
+import ast
+import functools
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+Image.MAX_IMAGE_PIXELS = 1_000_000_000  # MMC4/LAION hold large photos; the original lifts the same limit
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+SOI_TOKEN = "<|beginofimage|>"
+IMAGE_TOKEN = "<|image|>"
+# HF's slow tokenizer splits text on every special token; the image tokens also swallow whitespace on both sides
+# (transformers 4.31 strips around special tokens added as plain strings), "<s>"/"</s>"/"<unk>" do not.
+_SPECIAL_SPLIT = re.compile(r"(<\|beginofimage\|>|(?:<\|image\|>)+|</s>|<s>|<unk>)")  # image runs as one part
+_STRIPPING = re.compile(r"<\|beginofimage\|>|(?:<\|image\|>)+")
+
+
+def image_placeholder(num_img_token=64):
+    """The text standing for one image: soi followed by `num_img_token` image tokens."""
+    return SOI_TOKEN + IMAGE_TOKEN * num_img_token
+
+
+def clean_image_spaces(text):
+    """The original's whitespace clean-up around image tokens (one space on either side is dropped)."""
+    return (text.replace(IMAGE_TOKEN + " ", IMAGE_TOKEN).replace(" " + IMAGE_TOKEN, IMAGE_TOKEN)
+            .replace(" " + SOI_TOKEN, SOI_TOKEN).replace(SOI_TOKEN + " ", SOI_TOKEN))
+
+
+class Tokenizer:
+    """LLaMA-layout tokenizer: a SentencePiece `.model` or a `tokenizer.json` of N base pieces, plus
+    soi = N and image = N+1; unk/bos/eos are the pieces "<unk>"/"<s>"/"</s>", pad is forced to N-1."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        if self.path.endswith(".json"):
+            import tokenizers
+            self._tok = tokenizers.Tokenizer.from_file(self.path)
+            self._sp = None
+            num_base = self._tok.get_vocab_size(with_added_tokens=False)
+            piece_id = self._tok.token_to_id
+        else:
+            import sentencepiece
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+            num_base = self._sp.get_piece_size()
+            piece_id = self._sp_piece_id
+        ids = {piece: piece_id(piece) for piece in ("<unk>", "<s>", "</s>")}
+        for piece, i in ids.items():
+            if i is None:
+                raise ValueError(f"{self.path}: piece {piece!r} not in vocabulary, expected a LLaMA-layout tokenizer")
+        self.unk_id, self.bos_id, self.eos_id = ids["<unk>"], ids["<s>"], ids["</s>"]
+        self.pad_id = num_base - 1
+        self.soi_id, self.image_id = num_base, num_base + 1
+        self.vocab_size = num_base + 2
+        if self._sp is None:  # a tokenizer.json may already carry the image tokens; they must sit where we expect
+            for piece, want in ((SOI_TOKEN, self.soi_id), (IMAGE_TOKEN, self.image_id)):
+                have = self._tok.token_to_id(piece)
+                if have is not None and have != want:
+                    raise ValueError(f"{self.path}: {piece} has id {have}, expected {want}")
+        self._special_ids = {SOI_TOKEN: self.soi_id, IMAGE_TOKEN: self.image_id, "</s>": self.eos_id,
+                             "<s>": self.bos_id, "<unk>": self.unk_id}
+        self._skip_ids = {self.unk_id, self.bos_id, self.eos_id, self.pad_id, self.soi_id, self.image_id}
+        self._make_cache()
+
+    def _make_cache(self):
+        # the demo corpus repeats its sentences endlessly; a cache makes its tokenisation nearly free
+        self._encode_chunk = functools.lru_cache(maxsize=1 << 16)(self._encode_chunk_uncached)
+
+    def __getstate__(self):  # DataLoader workers started with "spawn" get a pickled copy; the cache stays behind
+        state = dict(self.__dict__)
+        del state["_encode_chunk"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._make_cache()
+
+    def _sp_piece_id(self, piece):
+        i = self._sp.piece_to_id(piece)  # unknown pieces map to unk: check the round trip
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def _encode_chunk_uncached(self, text):
+        if self._sp is not None:
+            return tuple(self._sp.encode(text))
+        return tuple(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode(self, text, add_bos=True):
+        """Text -> ids. Chunks between special tokens are encoded as separate SentencePiece sequences, each
+        with its own "▁" prefix, as transformers' slow LlamaTokenizer (legacy) does."""
+        parts = _SPECIAL_SPLIT.split(text)
+        ids = [self.bos_id] if add_bos else []
+        for i, part in enumerate(parts):
+            if i % 2 == 1:  # odd entries are the captured special tokens
+                if part.startswith(IMAGE_TOKEN):
+                    ids.extend([self.image_id] * (len(part) // len(IMAGE_TOKEN)))
+                else:
+                    ids.append(self._special_ids[part])
+                continue
+            if i > 0 and _STRIPPING.fullmatch(parts[i - 1]):
+                part = part.lstrip()
+            if i + 1 < len(parts) and _STRIPPING.fullmatch(parts[i + 1]):
+                part = part.rstrip()
+            if part:
+                ids.extend(self._encode_chunk(part))
+        return ids
+
+    def decode(self, ids, skip_special=True):
+        """Ids -> text. With skip_special, special ids are dropped and the rest decodes as one sequence;
+        otherwise they are written out between separately decoded runs of ordinary ids."""
+        ids = [int(i) for i in ids]
+        if skip_special:
+            return self._decode_run([i for i in ids if i not in self._skip_ids])
+        names = {self.soi_id: SOI_TOKEN, self.image_id: IMAGE_TOKEN, self.bos_id: "<s>", self.eos_id: "</s>",
+                 self.unk_id: "<unk>"}
+        out, run = [], []
+        for i in ids + [None]:
+            if i is None or i in names:
+                if run:
+                    text = self._decode_run(run)
+                    # a run after a special token keeps the space its first "▁" stands for
+                    out.append(" " + text if out and self._piece(run[0]).startswith("▁") else text)
+                    run = []
+                if i is not None:
+                    out.append(names[i])
+            else:
+                run.append(i)
+        return "".join(out)
+
+    def _piece(self, i):
+        return self._sp.id_to_piece(i) if self._sp is not None else (self._tok.id_to_token(i) or "")
+
+    def _decode_run(self, ids):
+        if not ids:
+            return ""
+        if self._sp is not None:
+            return self._sp.decode(ids)
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images: loading and the centre-crop transforms
+# ---------------------------------------------------------------------------------------------------------------
+
+class SkipSample(Exception):
+    """Raised for bad data: the reader counts `reason` and moves on."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def load_image(path):
+    """Open and fully decode an image as RGB; a missing or broken file becomes a SkipSample."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later inside the transform
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise SkipSample("image_missing", str(path)) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise SkipSample("image_unreadable", f"{path}: {e}") from None
+
+
+def center_crop_arr(pil_image, image_size):
+    """Halve with BOX while the short side is >= 2x the target, bicubic-resize the short side to the
+    target, centre-crop. Returns (image_size, image_size, 3) uint8."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+class DualTransform:
+    """The same PIL image at two sizes: `enc_size` for the visual tokenizer, `dec_size` for the diffusion
+    target (None: encoder only, as in evaluation). Outputs (3, S, S) uint8; the collator maps them to
+    float32 in [0, 1] exactly as the original's `arr / 255.0`."""
+
+    def __init__(self, enc_size=224, dec_size=512):
+        self.enc_size, self.dec_size = enc_size, dec_size
+
+    def one(self, pil_image, size):
+        arr = np.asarray(pil_image) if pil_image.size == (size, size) else center_crop_arr(pil_image, size)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (S, S, 3) -> (3, S, S)
+
+    def __call__(self, pil_image):
+        dec = None if self.dec_size is None else self.one(pil_image, self.dec_size)
+        return self.one(pil_image, self.enc_size), dec
+
+
+def to_float01(arr_u8):
+    """uint8 (…, 3, S, S) -> float32 tensor in [0, 1]."""
+    return torch.from_numpy(np.asarray(arr_u8)).to(torch.float32).div_(255.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One document or pair -> a Sample
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One tokenised document with its images, before packing."""
+    text_ids: np.ndarray  # (T,) int64, starts with bos
+    images: np.ndarray  # (n, 3, S_enc, S_enc) uint8
+    images_dec: np.ndarray | None  # (n, 3, S_dec, S_dec) uint8
+    image_info: list  # per image: its path, or its scene for the demo corpus
+    key: tuple = ()  # where it came from, for resuming: (epoch, pass, shard slot, line)
+
+
+def _stack(arrs):
+    return None if arrs[0] is None else np.stack(arrs)
+
+
+def tokenize_with_images(text, tokenizer, num_images, num_img_token, where):
+    """Tokenise and check that the text holds exactly `num_images` whole image placeholders, so images and
+    placeholders can never drift apart."""
+    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    n_soi = int((ids == tokenizer.soi_id).sum())
+    n_img = int((ids == tokenizer.image_id).sum())
+    if n_soi != num_images or n_img != num_images * num_img_token:
+        raise SkipSample("placeholder_mismatch", f"{where}: {n_soi} soi / {n_img} image tokens for {num_images} images")
+    return ids
+
+
+def place_images(sentences, sentence_ixs, image_first, placeholder):
+    """Insert one placeholder per image before or after its sentence, in the given image order, as the
+    original does (so a later "before" image lands in front of an earlier one), and join with spaces.
+    Returns the text and `order`: the image index of each placeholder in text order. The original keeps its
+    tensors in the given order, which misaligns images sharing a sentence; tensors must follow `order`."""
+    before, after = [[] for _ in sentences], [[] for _ in sentences]
+    for k, (ix, first) in enumerate(zip(sentence_ixs, image_first)):
+        (before if first else after)[ix].append(k)
+    parts, order = [], []
+    for i, sentence in enumerate(sentences):
+        order += before[i][::-1] + after[i]
+        parts.append(placeholder * len(before[i]) + sentence + placeholder * len(after[i]))
+    return " ".join(parts), order
+
+
+def _strip_special_strings(sentence):
+    # web text that happens to contain our special strings would add image tokens without images
+    return sentence.replace(SOI_TOKEN, "").replace(IMAGE_TOKEN, "")
+
+
+def build_mmc4_sample(doc, load, tokenizer, rng, stats, num_img_token=64, sim_threshold=0.24, max_num_images=6,
+                      img_first_prob=0.5, single_image_keep_prob=0.5, where=""):
+    """An MMC4 document (parsed JSON) -> Sample, as the original's `preprocess_mmc4_data`: images with
+    `matched_sim` >= threshold that load, at most `max_num_images` chosen at random and kept in sentence order,
+    each placeholder before (p=img_first_prob) or after its sentence, sentences joined by spaces, "</s>" added.
+    `load(image_name)` returns (enc, dec) arrays or raises SkipSample; failed images are counted in `stats`."""
+    try:
+        sentences = [_strip_special_strings(s) for s in doc["text_list"]]
+        infos = doc["image_info"]
+        if "similarity_matrix" in doc:  # the original zips image_info with the matrix rows
+            infos = infos[:len(doc["similarity_matrix"])]
+        candidates = []
+        for info in infos:
+            ix, sim, name = int(info["matched_text_index"]), float(info["matched_sim"]), str(info["image_name"])
+            if not 0 <= ix < len(sentences):
+                raise SkipSample("malformed_line",
+                                 f"{where}: matched_text_index {ix} outside {len(sentences)} sentences")
+            if sim >= sim_threshold:
+                candidates.append((ix, name))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SkipSample("malformed_line", f"{where}: {e!r}") from None
+
+    # The original loads every candidate, shuffles and keeps the first `max_num_images`; loading in shuffled
+    # order until enough succeed picks the same distribution without decoding images that would be dropped.
+    rng.shuffle(candidates)
+    chosen = []
+    for ix, name in candidates:
+        if len(chosen) == max_num_images:
+            break
+        try:
+            chosen.append((ix, name, *load(name)))
+        except SkipSample as e:
+            stats[f"image:{e.reason}"] += 1
+    if not chosen:
+        raise SkipSample("no_usable_image", where)
+    chosen.sort(key=lambda c: c[0])  # stable: images of one sentence keep their drawn order, as dual_sort does
+
+    first = [rng.random() < img_first_prob for _ in chosen]
+    text, order = place_images(sentences, [c[0] for c in chosen], first, image_placeholder(num_img_token))
+    ids = tokenize_with_images(clean_image_spaces(text) + "</s>", tokenizer, len(chosen), num_img_token, where)
+    if len(chosen) == 1 and rng.random() >= single_image_keep_prob:
+        raise SkipSample("single_image_dropped", where)
+    chosen = [chosen[k] for k in order]
+    return Sample(ids, np.stack([c[2] for c in chosen]), _stack([c[3] for c in chosen]), [c[1] for c in chosen])
+
+
+def parse_pair_line(line, where=""):
+    """One LAION-style annotation line -> dict with `image` and `caption`; JSON or a Python literal (the
+    original's own example file uses single quotes)."""
+    text = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
+    try:
+        info = json.loads(text)
+    except ValueError:
+        try:
+            info = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise SkipSample("malformed_line", f"{where}: neither JSON nor a Python literal") from None
+    if not isinstance(info, dict) or "image" not in info or "caption" not in info:
+        raise SkipSample("malformed_line", f"{where}: expected a dict with 'image' and 'caption'")
+    caption = info["caption"]
+    if not isinstance(caption, str):
+        if not isinstance(caption, (list, tuple)) or not all(isinstance(c, str) for c in caption):
+            raise SkipSample("malformed_line", f"{where}: caption must be a string or a list of strings")
+        caption = " ".join(caption)
+    return {"image": str(info["image"]), "caption": caption}
+
+
+def build_pair_sample(info, load, tokenizer, rng, num_img_token=64, img_first_prob=0.5, num_total_token=2048,
+                      where=""):
+    """An image-caption pair -> Sample, as the original's `preprocess_laion_data`: caption lower-cased, image
+    placeholder before (p=img_first_prob) or after it, "</s>"; an over-long sample keeps its image."""
+    enc, dec = load(info["image"])  # SkipSample propagates: a pair without its image is useless
+    caption = _strip_special_strings(info["caption"]).lower()
+    img_first = rng.random() < img_first_prob
+    placeholder = image_placeholder(num_img_token)
+    text = (placeholder + caption if img_first else caption + placeholder) + "</s>"
+    ids = tokenize_with_images(text, tokenizer, 1, num_img_token, where)
+    if len(ids) > num_total_token:
+        tail = num_img_token + 2  # soi + image tokens + eos
+        ids = ids[:num_total_token] if img_first else np.concatenate([ids[:num_total_token - tail], ids[-tail:]])
+    return Sample(ids, enc[None], None if dec is None else dec[None], [info["image"]])
+
+
+class ImageFolder:
+    """`load(name)` for a local folder of images: (enc, dec) arrays, or SkipSample. A class rather than a
+    closure so that DataLoader workers started with "spawn" can receive it."""
+
+    def __init__(self, data_root, transform):
+        self.data_root, self.transform = data_root, transform
+
+    def __call__(self, name):
+        return self.transform(load_image(os.path.join(self.data_root, name)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shard files -> a stream of Samples for one rank/worker
+# ---------------------------------------------------------------------------------------------------------------
+
+def expand_braces(pattern):
+    """'docs_shard_{0..2}_v2.jsonl' -> [..._0_..., ..._1_..., ..._2_...]; also {a,b} lists and zero padding
+    ('{0000..0002}.txt'). Several groups expand as a cartesian product, left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        a, b = r.group(1), r.group(2)
+        width = len(a) if a.startswith("0") and len(a) > 1 else 0
+        step = 1 if int(b) >= int(a) else -1
+        items = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    else:
+        items = body.split(",")
+    return [head + item + rest for item in items for rest in expand_braces(tail)]
+
+
+def resolve_shard(annt_root, shard):
+    """`<shard>` if it exists, else `<shard>.zip` (the original stores MMC4 shards as `<name>.jsonl.zip`)."""
+    path = os.path.join(annt_root, shard)
+    if os.path.exists(path) or not os.path.exists(path + ".zip"):
+        return path
+    return path + ".zip"
+
+
+def iter_shard_lines(path):
+    """Yield the lines of a text shard, or of the jsonl inside a zip, streamed from the archive (nothing is
+    unpacked to disk). Raises SkipSample if the shard is missing or unreadable (even midway)."""
+    try:
+        if path.endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if not n.endswith("/")]
+                inner = os.path.basename(path)[:-4]
+                member = inner if inner in names else (names[0] if len(names) == 1 else None)
+                if member is None:
+                    raise SkipSample("shard_unreadable", f"{path}: no member {inner!r} among {names[:5]}")
+                with zf.open(member) as f:
+                    yield from f
+        else:
+            with open(path, "rb") as f:
+                yield from f
+    except FileNotFoundError:
+        raise SkipSample("shard_missing", path) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise SkipSample("shard_unreadable", f"{path}: {e}") from None
+
+
+def worker_shard_slots(num_shards, seed, epoch, pass_idx, rank, world_size, worker, num_workers):
+    """Shard indices this (rank, worker) reads in one pass: one shuffled order, the same on every rank,
+    dealt round-robin to the world_size * num_workers readers, so each shard is read exactly once."""
+    order = list(range(num_shards))
+    random.Random(f"shards/{seed}/{epoch}/{pass_idx}").shuffle(order)
+    reader, num_readers = rank * num_workers + worker, world_size * num_workers
+    return order[reader::num_readers]
+
+
+def sample_rng(seed, ident):
+    # every document draws from its own generator, named by (epoch, pass, shard, line): a resumed run rebuilds
+    # it identically, and each epoch places its images afresh
+    return random.Random(f"doc/{seed}/" + "/".join(map(str, ident)))
+
+
+@dataclass
+class Reader:
+    """Where a stream runs: which rank/worker of how many, and the counters of skipped data."""
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+    stats: Counter = field(default_factory=Counter)
+
+
+class ShardSource:
+    """A dataset stored as shard files of one record per line (MMC4 jsonl / jsonl.zip, LAION-style txt).
+    `build(line, rng, where, stats)` turns a line into a Sample or raises SkipSample (per-image failures of
+    a document that survives are counted in `stats`)."""
+
+    def __init__(self, name, shards, annt_root, build, seed=42):
+        self.name, self.annt_root, self.build, self.seed = name, annt_root, build, seed
+        self.shards = expand_braces(shards) if isinstance(shards, str) else list(shards)
+
+    def samples(self, reader, epoch, pass_idx, start_slot=0, start_line=0):
+        """Yield Samples of one pass for this reader, starting at (slot, line) of its shard list."""
+        slots = worker_shard_slots(len(self.shards), self.seed, epoch, pass_idx, reader.rank, reader.world_size,
+                                   reader.worker, reader.num_workers)
+        for slot in range(start_slot, len(slots)):
+            shard = self.shards[slots[slot]]
+            path = resolve_shard(self.annt_root, shard)
+            lines = iter_shard_lines(path)
+            first = start_line if slot == start_slot else 0
+            try:
+                for line_idx, line in enumerate(lines):
+                    if line_idx < first or not line.strip():
+                        continue
+                    key = (epoch, pass_idx, slot, line_idx)
+                    reader.stats["lines"] += 1
+                    try:
+                        rng = sample_rng(self.seed, (epoch, pass_idx, shard, line_idx))
+                        sample = self.build(line, rng, f"{shard}:{line_idx}", reader.stats)
+                    except SkipSample as e:
+                        reader.stats[f"doc:{e.reason}"] += 1
+                        continue
+                    sample.key = key
+                    reader.stats["docs_used"] += 1
+                    yield sample
+            except SkipSample as e:  # the shard itself failed (missing, corrupt zip, truncated stream)
+                reader.stats[f"shard:{e.reason}"] += 1
+
+    def next_key(self, key):
+        epoch, pass_idx, slot, line = key
+        return (epoch, pass_idx, slot, line + 1)
+
+
+class Mmc4Builder:
+    """A jsonl line of an MMC4 shard -> Sample (see build_mmc4_sample)."""
+
+    def __init__(self, load, tokenizer, **options):
+        self.load, self.tokenizer, self.options = load, tokenizer, options
+
+    def __call__(self, line, rng, where, stats):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            raise SkipSample("malformed_line", f"{where}: not JSON") from None
+        if not isinstance(doc, dict):
+            raise SkipSample("malformed_line", f"{where}: expected a JSON object")
+        return build_mmc4_sample(doc, self.load, self.tokenizer, rng, stats, where=where, **self.options)
+
+
+class PairBuilder:
+    """A line of a LAION-style annotation file -> Sample (see build_pair_sample)."""
+
+    def __init__(self, load, tokenizer, **options):
+        self.load, self.tokenizer, self.options = load, tokenizer, options
+
+    def __call__(self, line, rng, where, stats):
+        info = parse_pair_line(line, where)
+        return build_pair_sample(info, self.load, self.tokenizer, rng, where=where, **self.options)
+
+
+def mmc4_source(shards, annt_root, data_root, tokenizer, transform=None, name="mmc4", seed=42, num_img_token=64,
+                sim_threshold=0.24, max_num_images=6, img_first_prob=0.5):
+    """MMC4: shards `<annt_root>/<shard>` or `<shard>.zip`, images under `data_root`."""
+    build = Mmc4Builder(ImageFolder(data_root, transform or DualTransform()), tokenizer, num_img_token=num_img_token,
+                        sim_threshold=sim_threshold, max_num_images=max_num_images, img_first_prob=img_first_prob)
+    return ShardSource(name, shards, annt_root, build, seed)
+
+
+def pair_source(shards, annt_root, data_root, tokenizer, transform=None, name="laion", seed=42, num_img_token=64,
+                img_first_prob=0.5, num_total_token=2048):
+    """LAION-style pairs: annotation files of one dict per line (`image`, `caption`), images under data_root."""
+    build = PairBuilder(ImageFolder(data_root, transform or DualTransform()), tokenizer, num_img_token=num_img_token,
+                        img_first_prob=img_first_prob, num_total_token=num_total_token)
+    return ShardSource(name, shards, annt_root, build, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples -> packed rows -> the batch dict
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PackConfig:
+    num_total_token: int = 2048  # row length L
+    num_img_token: int = 64
+    max_num_images: int = 15  # per row; 15 for MMC4, 30 for LAION-style; <= 0: no limit
+    truncation_level: str = "image"  # "image" (MMC4) or "sample" (LAION-style)
+    batch_size: int = 4  # rows per batch (4 MMC4, 2 LAION-style in the paper)
+
+    def __post_init__(self):
+        if self.truncation_level not in ("image", "sample"):
+            raise ValueError(f"truncation_level {self.truncation_level!r}, expected 'image' or 'sample'")
+        if self.num_total_token <= self.num_img_token + 1:
+            raise ValueError(f"num_total_token {self.num_total_token} cannot hold one image of "
+                             f"{self.num_img_token} tokens plus its soi")
+
+
+def nearest_bos_idxs(text_ids, bos_id, soi_id):
+    """Per soi in the row: position of the last bos before it, 0 if none."""
+    soi = np.flatnonzero(text_ids == soi_id)
+    bos = np.flatnonzero(text_ids == bos_id)
+    k = np.searchsorted(bos, soi, side="left")  # number of bos strictly before each soi
+    padded = np.concatenate([[0], bos])  # "0 if none" is entry 0
+    return padded[k].astype(np.int64)
+
+
+def row_cut(ids, cfg, bos_id, soi_id, image_id):
+    """Length of the next row cut from the front of `ids` (len(ids) >= L), following the original's
+    `extract_seq` + `check_image_truncate`, computed as one cut instead of cut-then-give-back."""
+    L, n_tok = cfg.num_total_token, cfg.num_img_token
+    cut = L
+    num_images = int((ids[:L] == image_id).sum()) // n_tok
+    if 0 < cfg.max_num_images < num_images:
+        soi = np.flatnonzero(ids == soi_id)
+        last_ok, surplus = soi[cfg.max_num_images - 1], soi[cfg.max_num_images]
+        if cfg.truncation_level == "sample":
+            bos = np.flatnonzero(ids[:surplus] == bos_id)
+            cut = int(bos[-1]) if len(bos) and bos[-1] > last_ok else int(surplus)
+        else:
+            cut = int(last_ok) + n_tok + 1  # right after the last allowed image's tokens
+        return cut
+    soi = np.flatnonzero(ids[:cut] == soi_id)
+    if len(soi) and soi[-1] >= cut - n_tok:  # the last image would lose some of its tokens
+        cut_before_image = int(soi[-1])
+        if cfg.truncation_level == "sample":
+            bos = np.flatnonzero(ids[:cut] == bos_id)
+            # the original would loop forever on a row whose only bos is at 0; cut before the image instead
+            cut = int(bos[-1]) if len(bos) and bos[-1] > 0 else cut_before_image
+        else:
+            cut = cut_before_image
+    return cut
+
+
+@dataclass
+class Row:
+    text_ids: np.ndarray  # (l,) int64
+    images: np.ndarray  # (n, 3, S, S) uint8
+    images_dec: np.ndarray | None
+    image_info: list
+    nearest_bos_idxs: np.ndarray  # (n,)
+    keys: list  # source keys of the documents that contribute tokens
+
+
+class Packer:
+    """A running buffer of token ids and images; rows are cut from its front once it holds L tokens."""
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.bos_id, self.soi_id, self.image_id = tokenizer.bos_id, tokenizer.soi_id, tokenizer.image_id
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.images, self.images_dec, self.image_info = [], [], []
+        self.segments = []  # [key, tokens of that document still in the buffer, tokens already consumed]
+
+    def add(self, sample, skip_tokens=0):
+        """Append a sample; `skip_tokens` drops its first tokens (and their images) when resuming."""
+        ids = sample.text_ids[skip_tokens:]
+        n_skipped_images = int((sample.text_ids[:skip_tokens] == self.soi_id).sum())
+        self.ids = np.concatenate([self.ids, ids])
+        self.images.extend(sample.images[n_skipped_images:])
+        self.images_dec.extend([None] * (len(sample.images) - n_skipped_images) if sample.images_dec is None
+                               else sample.images_dec[n_skipped_images:])
+        self.image_info.extend(sample.image_info[n_skipped_images:])
+        self.segments.append([sample.key, len(ids), skip_tokens])
+
+    def __len__(self):
+        return len(self.ids)
+
+    def position(self):
+        """(key, tokens consumed) of the oldest document still in the buffer; None when empty."""
+        return (self.segments[0][0], self.segments[0][2]) if self.segments else None
+
+    def _consume(self, n):
+        keys = []
+        while n > 0:
+            seg = self.segments[0]
+            take = min(n, seg[1])
+            keys.append(seg[0])
+            seg[1] -= take
+            seg[2] += take
+            n -= take
+            if seg[1] == 0:
+                self.segments.pop(0)
+        return keys
+
+    def next_row(self):
+        """Cut one row (needs len(self) >= L). Returns a Row, or None if the row held no image (dropped)."""
+        cut = row_cut(self.ids, self.cfg, self.bos_id, self.soi_id, self.image_id)
+        row_ids, self.ids = self.ids[:cut], self.ids[cut:]
+        n = int((row_ids == self.soi_id).sum())
+        if int((row_ids == self.image_id).sum()) != n * self.cfg.num_img_token:
+            raise AssertionError(f"row cut through an image: {n} soi, {(row_ids == self.image_id).sum()} image tokens")
+        keys = self._consume(cut)
+        images, self.images = self.images[:n], self.images[n:]
+        images_dec, self.images_dec = self.images_dec[:n], self.images_dec[n:]
+        info, self.image_info = self.image_info[:n], self.image_info[n:]
+        if n == 0:
+            return None
+        return Row(row_ids, np.stack(images), None if images_dec[0] is None else np.stack(images_dec), info,
+                   nearest_bos_idxs(row_ids, self.bos_id, self.soi_id), keys)
+
+    def flush(self):
+        """The leftover (< L tokens) as a last row, or None (the original drops it; tests use it)."""
+        if len(self.ids) == 0:
+            return None
+        saved, self.cfg = self.cfg, PackConfig(len(self.ids), self.cfg.num_img_token, self.cfg.max_num_images,
+                                               self.cfg.truncation_level)
+        try:
+            return self.next_row()
+        finally:
+            self.cfg = saved
+
+
+def collate_rows(rows, pad_id, dataset_name, loss_img_weight=None, loss_txt_weight=None):
+    """Rows -> the model's batch dict (keys = the original forward's argument names); right padding."""
+    B, L = len(rows), max(len(r.text_ids) for r in rows)
+    text_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    for b, r in enumerate(rows):
+        text_ids[b, :len(r.text_ids)] = torch.from_numpy(r.text_ids)
+        attention_mask[b, :len(r.text_ids)] = 1
+    batch = {
+        "text_ids": text_ids,  # (B, L)
+        "attention_mask": attention_mask,  # (B, L)
+        "image_tensors": to_float01(np.concatenate([r.images for r in rows])),  # (B_I, 3, S_enc, S_enc)
+        "num_image_per_seq": torch.tensor([len(r.images) for r in rows], dtype=torch.long),  # (B,)
+        "nearest_bos_idxs": torch.from_numpy(np.concatenate([r.nearest_bos_idxs for r in rows])),  # (B_I,)
+        "ignore_prompt_token_offset": 0,
+        "meta": {"dataset_name": dataset_name,
+                 "seq_lens": torch.tensor([len(r.text_ids) for r in rows]),
+                 "image_info": [info for r in rows for info in r.image_info],
+                 "doc_keys": [r.keys for r in rows]},
+    }
+    if all(isinstance(i, dict) and "scene" in i for i in batch["meta"]["image_info"]):  # the demo corpus
+        batch["meta"]["scenes"] = [i["scene"] for i in batch["meta"]["image_info"]]
+    if rows[0].images_dec is not None:
+        batch["image_tensors_dec"] = to_float01(np.concatenate([r.images_dec for r in rows]))
+    if loss_img_weight is not None:
+        batch["loss_img_weight"] = loss_img_weight
+    if loss_txt_weight is not None:
+        batch["loss_txt_weight"] = loss_txt_weight
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources -> batches -> one mixed, resumable stream
+# ---------------------------------------------------------------------------------------------------------------
+
+def source_batches(source, cfg, tokenizer, reader, state, flush_last=False, loss_weights=(None, None)):
+    """Whole batches of one pass of `source`, each with the source state to resume right after it.
+    state = {"epoch", "pass", "key": key of the first document to read (None = start), "skip": tokens}."""
+    epoch, pass_idx = state["epoch"], state["pass"]
+    key, skip = state.get("key"), state.get("skip", 0)
+    start = {} if key is None else {"start_slot": key[2], "start_line": key[3]}
+    packer, rows, last_key = Packer(cfg, tokenizer), [], None
+
+    def resume_state():
+        pos = packer.position()
+        if pos is not None:
+            return {"epoch": epoch, "pass": pass_idx, "key": pos[0], "skip": pos[1]}
+        if last_key is None:  # nothing read since (re)starting: resume where we started
+            return {"epoch": epoch, "pass": pass_idx, "key": key, "skip": skip}
+        return {"epoch": epoch, "pass": pass_idx, "key": source.next_key(last_key), "skip": 0}
+
+    def make_batch():
+        batch = collate_rows(rows, tokenizer.pad_id, source.name, *loss_weights)
+        batch["meta"]["position"] = resume_state()
+        return batch
+
+    for sample in source.samples(reader, epoch, pass_idx, **start):
+        packer.add(sample, skip_tokens=skip if key is not None and sample.key == tuple(key) else 0)
+        last_key = sample.key
+        while len(packer) >= cfg.num_total_token:
+            row = packer.next_row()
+            if row is None:
+                continue
+            reader.stats["rows"] += 1
+            rows.append(row)
+            if len(rows) == cfg.batch_size:
+                yield make_batch()
+                rows = []
+    if flush_last:
+        row = packer.flush()
+        if row is not None:
+            rows.append(row)
+        if rows:
+            yield make_batch()
+
+
+def format_stats(name, stats, where):
+    """One summary line: documents used and what was skipped, by reason."""
+    skipped = {k: v for k, v in sorted(stats.items()) if ":" in k}
+    parts = ", ".join(f"{k}={v}" for k, v in skipped.items()) or "none"
+    return (f"[data] {name} {where}: lines {stats['lines']}, docs used {stats['docs_used']}, "
+            f"rows {stats['rows']}; skipped: {parts}")
+
+
+def _world():
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return rank, world
+
+
+class MixedDataset(torch.utils.data.IterableDataset):
+    """Batches from several sources drawn with probabilities ∝ `probs` ("longest": an exhausted source starts
+    its next pass and is marked done; the epoch ends when every source has been exhausted once).
+
+    Each (rank, DataLoader worker) reads its own shards and draws with a generator seeded by
+    seed + rank * num_workers + worker, as the original. Every batch carries meta["position"] =
+    {"reader": global reader index, "state": ...}; keep the latest per reader and pass that dict to
+    `load_state_dict` to resume exactly after those batches."""
+
+    def __init__(self, sources, probs=None, pack_configs=None, tokenizer=None, seed=0, rank=None, world_size=None,
+                 loss_weights=None, flush_last=False, verbose=True):
+        self.sources = list(sources)
+        self.probs = [1.0] * len(self.sources) if probs is None else list(probs)
+        if len(self.probs) != len(self.sources):
+            raise ValueError(f"probs has {len(self.probs)} entries, expected one per source ({len(self.sources)})")
+        self.pack_configs = pack_configs or [PackConfig() for _ in self.sources]
+        self.tokenizer, self.seed = tokenizer, seed
+        self.rank, self.world_size = rank, world_size
+        self.loss_weights = loss_weights or [(None, None)] * len(self.sources)
+        self.flush_last, self.verbose = flush_last, verbose
+        self.epoch = 0
+        self.resume = {}
+        self.last_stats = {}  # per source: counters of its last finished pass (in this process)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    @staticmethod
+    def record_position(positions, batch):
+        """Keep the latest position per reader: call on every consumed batch, save `positions` with the
+        checkpoint, hand it to `load_state_dict` when resuming."""
+        pos = batch["meta"]["position"]
+        positions[pos["reader"]] = pos["state"]
+        return positions
+
+    def load_state_dict(self, positions):
+        """positions: {reader index: state} as collected from meta["position"] of the batches consumed."""
+        self.resume = {int(k): v for k, v in positions.items()}
+
+    def _readers(self):
+        """One Reader per source (its own skip counters) for this rank and DataLoader worker."""
+        rank, world = _world()
+        rank = self.rank if self.rank is not None else rank
+        world = self.world_size if self.world_size is not None else world
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return [Reader(rank, world, worker, num_workers) for _ in self.sources]
+
+    def __iter__(self):
+        readers = self._readers()
+        reader = readers[0]
+        index = reader.rank * reader.num_workers + reader.worker
+        start = self.resume.get(index)
+        if start is None or start["epoch"] != self.epoch:  # a saved position only applies to its own epoch
+            start = {"epoch": self.epoch, "draws": 0, "done": [0] * len(self.sources),
+                     "sources": [{"epoch": self.epoch, "pass": 0, "key": None, "skip": 0} for _ in self.sources]}
+        generator = torch.Generator().manual_seed(self.seed + index)
+        cum = np.cumsum(np.asarray(self.probs, dtype=np.float64) / sum(self.probs))
+        draws, done = start["draws"], list(start["done"])
+        states = [dict(s) for s in start["sources"]]
+        for _ in range(draws):  # replay the draws made before the checkpoint
+            torch.rand(1, generator=generator)
+        streams = [self._stream(i, readers[i], states[i]) for i in range(len(self.sources))]
+        while sum(done) < len(self.sources):
+            i = min(int(np.searchsorted(cum, torch.rand(1, generator=generator).item())), len(cum) - 1)
+            draws += 1
+            batch = next(streams[i], None)
+            if batch is None:  # source exhausted: start its next pass, mark it done
+                if self.verbose and (readers[i].stats or not done[i]):  # the summary line of this pass
+                    print(format_stats(self.sources[i].name, readers[i].stats,
+                                       f"epoch {states[i]['epoch']} pass {states[i]['pass']} rank {reader.rank} "
+                                       f"worker {reader.worker}"), flush=True)
+                self.last_stats[self.sources[i].name] = dict(readers[i].stats)
+                readers[i].stats.clear()
+                states[i] = {"epoch": states[i]["epoch"], "pass": states[i]["pass"] + 1, "key": None, "skip": 0}
+                streams[i] = self._stream(i, readers[i], states[i])
+                done[i] = 1
+                continue
+            states[i] = batch["meta"].pop("position")
+            batch["meta"]["position"] = {"reader": index, "state": {
+                "epoch": self.epoch, "draws": draws, "done": list(done), "sources": [dict(s) for s in states]}}
+            batch["meta"]["stats"] = dict(readers[i].stats)  # this source, this pass so far
+            yield batch
+
+    def _stream(self, i, reader, state):
+        return source_batches(self.sources[i], self.pack_configs[i], self.tokenizer, reader, state,
+                              self.flush_last, self.loss_weights[i])
+
+
+def pretrain_mix(tokenizer, pairs, mmc4, enc_size=224, dec_size=512, num_total_token=2048, num_img_token=64,
+                 seed=42, rank=None, world_size=None):
+    """The paper's pretraining stream (§8.4): three LAION-style pair sources and MMC4 drawn 1:1:1:2, 2 rows
+    per pair batch (sample-level cuts, <= 30 images a row) and 4 per MMC4 batch (image-level, <= 15).
+    pairs: {name: (annt_root, data_root, shard pattern)} in order, e.g. blip2, laion_en, laion_coco;
+    mmc4: (annt_root, data_root, shard pattern)."""
+    transform = DualTransform(enc_size, dec_size)
+    sources, probs, cfgs = [], [], []
+    for name, (annt_root, data_root, shards) in pairs.items():
+        sources.append(pair_source(shards, annt_root, data_root, tokenizer, transform, name=name, seed=seed,
+                                   num_img_token=num_img_token, num_total_token=num_total_token))
+        probs.append(1.0)
+        cfgs.append(PackConfig(num_total_token, num_img_token, 30, "sample", 2))
+    annt_root, data_root, shards = mmc4
+    sources.append(mmc4_source(shards, annt_root, data_root, tokenizer, transform, name="mmc4", seed=seed,
+                               num_img_token=num_img_token))
+    probs.append(2.0)
+    cfgs.append(PackConfig(num_total_token, num_img_token, 15, "image", 4))
+    return MixedDataset(sources, probs, cfgs, tokenizer, seed=seed, rank=rank, world_size=world_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference input: annt.json
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64, num_total_token=2048, stats=None):
+    """annt.json (a list of samples with sentences / images / sentence_ixs / image_first / generate_mode...)
+    -> one batch dict per usable sample (B = 1), as the original's `load_annt_data`: placeholders placed per
+    image, sentences joined by spaces, no eos, truncated at num_total_token, images at the encoder size.
+    Broken samples are skipped and counted in `stats`; a summary line is printed."""
+    transform = transform or DualTransform(224, None)
+    stats = Counter() if stats is None else stats
+    with open(path, encoding="utf-8") as f:
+        try:
+            infos = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); expected a list of samples") from None
+    if not isinstance(infos, list):
+        raise ValueError(f"{path}: top level is {type(infos).__name__}, expected a list of samples")
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for n, info in enumerate(infos):
+        where = f"{path}[{n}]"
+        try:
+            out.append(_inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where))
+        except SkipSample as e:
+            stats[e.reason] += 1
+    print(f"[data] {path}: {len(out)} of {len(infos)} samples usable; skipped: "
+          + (", ".join(f"{k}={v}" for k, v in sorted(stats.items())) or "none"), flush=True)
+    return out
+
+
+def _inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):
+    try:
+        sentences = [_strip_special_strings(s) for s in info["sentences"]]
+        paths, sentence_ixs, image_first = list(info["images"]), list(info["sentence_ixs"]), list(info["image_first"])
+        if not paths or len(paths) != len(sentence_ixs) or len(paths) != len(image_first):
+            raise ValueError("images, sentence_ixs and image_first must be non-empty and of equal length")
+        if not all(0 <= int(ix) < len(sentences) for ix in sentence_ixs):
+            raise ValueError(f"sentence_ixs {sentence_ixs} outside {len(sentences)} sentences")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SkipSample("malformed_sample", f"{where}: {e}") from None
+    images = []
+    for p in paths:
+        img = load_image(p if os.path.isabs(p) or os.path.exists(p) else os.path.join(base, p))
+        images.append(transform(img)[0])
+    text, order = place_images(sentences, [int(i) for i in sentence_ixs], [bool(f) for f in image_first],
+                               image_placeholder(num_img_token))
+    images = [images[k] for k in order]
+    ids = np.asarray(tokenizer.encode(clean_image_spaces(text))[:num_total_token], dtype=np.int64)
+    n = int((ids == tokenizer.soi_id).sum())  # truncation may have removed trailing images
+    return {
+        "text_ids": torch.from_numpy(ids)[None],  # (1, l)
+        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+        "image_tensors": to_float01(np.stack(images[:n])),  # (n, 3, 224, 224)
+        "num_image_per_seq": torch.tensor([n]),
+        "nearest_bos_idxs": torch.from_numpy(nearest_bos_idxs(ids, tokenizer.bos_id, tokenizer.soi_id)),
+        "ignore_prompt_token_offset": 0,
+        "target_image_idxs": torch.tensor([n - 1]),
+        "meta": {"dataset_name": "inference", **info},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Demo corpus: "shape stories"
+# ---------------------------------------------------------------------------------------------------------------
+# A scene is 1-3 objects on a 3x3 grid, at most one per cell and no two with the same (colour, shape), so a
+# sentence can name an object by colour and shape alone. A story is an opening description plus 1-3 edits,
+# each followed by the image of the scene it produces.
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
+           "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 20)}
+CELL_NAMES = (("top left", "top middle", "top right"), ("middle left", "centre", "middle right"),
+              ("bottom left", "bottom middle", "bottom right"))
+BACKGROUND = (255, 255, 255)
+DEMO_IMAGE_SIZE = 64
+SPLIT_SEED_BASE = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}  # disjoint story-seed ranges
+SPLIT_SIZE = {"train": 1_000_000_000, "val": 10_000, "test": 10_000}
+
+_NAME_TO_CELL = {name: (r, c) for r, names in enumerate(CELL_NAMES) for c, name in enumerate(names)}
+_C, _S, _P = "|".join(COLOURS), "|".join(SHAPES), "|".join(sorted(_NAME_TO_CELL, key=len, reverse=True))
+_OBJECT_RE = re.compile(rf"\ban? ({_C}) ({_S}) at the ({_P})\b")
+_EDIT_RES = {
+    "recolour": re.compile(rf"^the ({_C}) ({_S}) turns ({_C})\.$"),
+    "move": re.compile(rf"^the ({_C}) ({_S}) moves to the ({_P})\.$"),
+    "appear": re.compile(rf"^an? ({_C}) ({_S}) appears at the ({_P})\.$"),
+    "disappear": re.compile(rf"^the ({_C}) ({_S}) disappears\.$"),
+}
+
+
+@dataclass(frozen=True, order=True)
+class Obj:
+    row: int
+    col: int
+    shape: str
+    colour: str
+
+    def as_dict(self):
+        return {"shape": self.shape, "colour": self.colour, "cell": [self.row, self.col]}
+
+
+def canonical(scene):
+    """Scenes are tuples of objects sorted by cell (row-major): one text per scene, easy comparisons."""
+    return tuple(sorted(scene))
+
+
+def _article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe_scene(scene):
+    """'a red circle at the top left, a blue square at the centre and a green triangle at the bottom right.'"""
+    phrases = [f"{_article(o.colour)} {o.colour} {o.shape} at the {CELL_NAMES[o.row][o.col]}" for o in canonical(scene)]
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return text + "."
+
+
+def parse_scene(text):
+    """Inverse of describe_scene, tolerant of surrounding text: every 'a <colour> <shape> at the <cell>' phrase
+    becomes an object. Returns a canonical scene, or None if the phrases do not form a valid scene."""
+    objs = [Obj(*_NAME_TO_CELL[cell], shape, colour) for colour, shape, cell in _OBJECT_RE.findall(text.lower())]
+    scene = canonical(objs)
+    return scene if scene and is_valid_scene(scene) else None
+
+
+def is_valid_scene(scene):
+    cells = [(o.row, o.col) for o in scene]
+    kinds = [(o.colour, o.shape) for o in scene]
+    return 1 <= len(scene) <= 3 and len(set(cells)) == len(cells) and len(set(kinds)) == len(kinds)
+
+
+def describe_edit(edit):
+    kind, o = edit["kind"], edit["obj"]
+    if kind == "recolour":
+        return f"the {o.colour} {o.shape} turns {edit['colour']}."
+    if kind == "move":
+        return f"the {o.colour} {o.shape} moves to the {CELL_NAMES[edit['cell'][0]][edit['cell'][1]]}."
+    if kind == "appear":
+        return f"{_article(o.colour)} {o.colour} {o.shape} appears at the {CELL_NAMES[o.row][o.col]}."
+    return f"the {o.colour} {o.shape} disappears."
+
+
+def parse_edit(text, scene):
+    """An edit sentence read against the scene it applies to -> edit dict, or None if it does not parse
+    or does not apply (unknown object, occupied cell, duplicate...)."""
+    text = text.strip().lower()
+    for kind, pattern in _EDIT_RES.items():
+        m = pattern.match(text)
+        if m is None:
+            continue
+        colour, shape = m.group(1), m.group(2)
+        if kind == "appear":
+            edit = {"kind": kind, "obj": Obj(*_NAME_TO_CELL[m.group(3)], shape, colour)}
+        else:
+            found = [o for o in scene if (o.colour, o.shape) == (colour, shape)]
+            if not found:
+                return None
+            edit = {"kind": kind, "obj": found[0]}
+            if kind == "recolour":
+                edit["colour"] = m.group(3)
+            elif kind == "move":
+                edit["cell"] = _NAME_TO_CELL[m.group(3)]
+        new = apply_edit(scene, edit)
+        return edit if is_valid_scene(new) and new != canonical(scene) else None
+    return None
+
+
+def apply_edit(scene, edit):
+    o, rest = edit["obj"], [x for x in scene if x != edit["obj"]]
+    if edit["kind"] == "recolour":
+        rest.append(Obj(o.row, o.col, o.shape, edit["colour"]))
+    elif edit["kind"] == "move":
+        rest.append(Obj(*edit["cell"], o.shape, o.colour))
+    elif edit["kind"] == "appear":
+        rest = list(scene) + [o]
+    return canonical(rest)
+
+
+def random_scene(rng, num_objects):
+    cells = rng.sample(range(9), num_objects)
+    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], num_objects)
+    return canonical(Obj(cell // 3, cell % 3, s, c) for cell, (c, s) in zip(cells, kinds))
+
+
+def random_edit(rng, scene):
+    """One edit that keeps the scene valid: recolour, move, appear (if < 3 objects), disappear (if > 1)."""
+    kinds = ["recolour", "move"] + (["appear"] if len(scene) < 3 else []) + (["disappear"] if len(scene) > 1 else [])
+    kind = rng.choice(kinds)
+    free = [(r, c) for r in range(3) for c in range(3) if all((o.row, o.col) != (r, c) for o in scene)]
+    used = {(o.colour, o.shape) for o in scene}
+    if kind == "appear":
+        colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in used])
+        return {"kind": kind, "obj": Obj(*rng.choice(free), shape, colour)}
+    obj = rng.choice(scene)
+    if kind == "recolour":
+        return {"kind": kind, "obj": obj,
+                "colour": rng.choice([c for c in COLOURS if c != obj.colour and (c, obj.shape) not in used])}
+    if kind == "move":
+        return {"kind": kind, "obj": obj, "cell": rng.choice(free)}
+    return {"kind": kind, "obj": obj}
+
+
+@dataclass
+class Story:
+    seed: int
+    texts: list  # per step: the opening description, then one edit sentence per step
+    scenes: list  # per step: the scene after that step (canonical tuples of Obj)
+    edits: list  # per step after the first: the edit dict
+
+
+def make_story(seed, num_steps=None):
+    """A story from its seed alone: 2-4 steps, the first describing a random scene of 1-3 objects."""
+    rng = random.Random(f"story/{seed}")
+    num_steps = num_steps or rng.randint(2, 4)
+    scene = random_scene(rng, rng.randint(1, 3))
+    story = Story(seed, [describe_scene(scene)], [scene], [])
+    for _ in range(num_steps - 1):
+        edit = random_edit(rng, scene)
+        scene = apply_edit(scene, edit)
+        story.texts.append(describe_edit(edit))
+        story.scenes.append(scene)
+        story.edits.append(edit)
+    return story
+
+
+@functools.lru_cache(maxsize=None)
+def _cell_bounds(size):
+    edges = [round(i * size / 3) for i in range(4)]
+    return tuple((edges[i], edges[i + 1]) for i in range(3))
+
+
+_MASK_CACHE = {}
+_COLOUR_ARRAYS = {name: np.array(rgb, dtype=np.uint8) for name, rgb in COLOURS.items()}
+
+
+def _shape_mask(shape, h, w):
+    """Boolean (h, w) mask of a shape centred in an h x w cell, 70% of the cell wide."""
+    ck = (shape, h, w)
+    if ck not in _MASK_CACHE:
+        y, x = np.mgrid[0:h, 0:w] + 0.5  # pixel centres
+        cy, cx, r = h / 2, w / 2, 0.35 * min(h, w)
+        if shape == "circle":
+            m = (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+        elif shape == "square":
+            m = (np.abs(y - cy) <= r) & (np.abs(x - cx) <= r)
+        else:  # triangle, apex up: half-width grows linearly from 0 at the top to r at the base
+            m = (y >= cy - r) & (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) / 2)
+        _MASK_CACHE[ck] = m
+    return _MASK_CACHE[ck]
+
+
+def render_scene(scene, size=DEMO_IMAGE_SIZE):
+    """Scene -> (size, size, 3) uint8, white background, exact (no anti-aliasing) so images can be read back."""
+    img = np.full((size, size, 3), BACKGROUND, dtype=np.uint8)
+    bounds = _cell_bounds(size)
+    for o in scene:
+        (y0, y1), (x0, x1) = bounds[o.row], bounds[o.col]
+        mask = _shape_mask(o.shape, y1 - y0, x1 - x0)
+        np.copyto(img[y0:y1, x0:x1], _COLOUR_ARRAYS[o.colour], where=mask[..., None])
+    return img
+
+
+def read_scene(image):
+    """Read a scene back from a rendered (or generated) image (H, W, 3) uint8 or (3, H, W) float in [0, 1]:
+    per cell, non-background pixels vote for the nearest palette colour; the filled fraction of their bounding
+    box tells the shape (square ~1, circle ~0.79, triangle ~0.5). Returns a canonical scene (maybe invalid)."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        img = np.clip(np.asarray(img, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    size = img.shape[0]
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    names = list(COLOURS)
+    objs = []
+    for r, (y0, y1) in enumerate(_cell_bounds(size)):
+        for c, (x0, x1) in enumerate(_cell_bounds(size)):
+            cell = img[y0:y1, x0:x1].astype(np.float32)
+            fg = np.abs(cell - np.array(BACKGROUND, dtype=np.float32)).sum(-1) > 96
+            if fg.sum() < 0.05 * fg.size:
+                continue
+            dist = ((cell[fg][:, None, :] - palette[None]) ** 2).sum(-1)  # (n_fg, n_colours)
+            colour = names[int(np.bincount(dist.argmin(1), minlength=len(names)).argmax())]
+            ys, xs = np.nonzero(fg)
+            fill = fg.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+            shape = "square" if fill > 0.9 else ("circle" if fill > 0.65 else "triangle")
+            objs.append(Obj(r, c, shape, colour))
+    return canonical(objs)
+
+
+def story_sample(story, tokenizer, rng, num_img_token=64, transform=None, image_size=DEMO_IMAGE_SIZE,
+                 img_first_prob=0.5):
+    """A story as one interleaved document: the opening description with its image before (p=img_first_prob,
+    the captioning direction) or after it, then each edit sentence followed by its image; "</s>" at the end.
+    Without a transform the 64x64 renders serve both encoder and decoder (one array, no resampling)."""
+    placeholder = image_placeholder(num_img_token)
+    first = placeholder + story.texts[0] if rng.random() < img_first_prob else story.texts[0] + placeholder
+    text = clean_image_spaces(" ".join([first] + [t + placeholder for t in story.texts[1:]])) + "</s>"
+    ids = tokenize_with_images(text, tokenizer, len(story.scenes), num_img_token, f"story {story.seed}")
+    arrays = [render_scene(s, image_size) for s in story.scenes]
+    if transform is None:
+        enc = np.stack([a.transpose(2, 0, 1) for a in arrays])  # (n, 64, 64, 3) -> (n, 3, 64, 64)
+        dec = enc
+    else:
+        pairs = [transform(Image.fromarray(a)) for a in arrays]
+        enc, dec = np.stack([p[0] for p in pairs]), _stack([p[1] for p in pairs])
+    info = [{"story": story.seed, "step": i, "scene": [o.as_dict() for o in s]} for i, s in enumerate(story.scenes)]
+    return Sample(ids, enc, dec, info)
+
+
+class StorySource:
+    """Shape stories of one split as a source: story i of the split goes to reader i mod num_readers.
+    A pass covers `num_stories` stories (default: the whole split)."""
+
+    def __init__(self, tokenizer, split="train", num_stories=None, num_img_token=64, transform=None,
+                 image_size=DEMO_IMAGE_SIZE, seed=0, name=None):
+        if split not in SPLIT_SEED_BASE:
+            raise ValueError(f"split {split!r}, expected one of {list(SPLIT_SEED_BASE)}")
+        self.tokenizer, self.split, self.seed = tokenizer, split, seed
+        self.num_stories = min(num_stories or SPLIT_SIZE[split], SPLIT_SIZE[split])
+        self.num_img_token, self.transform, self.image_size = num_img_token, transform, image_size
+        self.name = name or f"shape_stories_{split}"
+
+    def samples(self, reader, epoch, pass_idx, start_slot=0, start_line=0):
+        num_readers = reader.world_size * reader.num_workers
+        g = reader.rank * reader.num_workers + reader.worker
+        for i in range(max(start_line, 0), math.ceil(self.num_stories / num_readers)):
+            index = i * num_readers + g
+            if index >= self.num_stories:
+                break
+            key = (epoch, pass_idx, 0, i)
+            reader.stats["lines"] += 1
+            story = make_story(SPLIT_SEED_BASE[self.split] + index)
+            rng = sample_rng(self.seed, (epoch, pass_idx, story.seed))
+            sample = story_sample(story, self.tokenizer, rng, self.num_img_token, self.transform, self.image_size)
+            sample.key = key
+            reader.stats["docs_used"] += 1
+            yield sample
+
+    def next_key(self, key):
+        return (key[0], key[1], 0, key[3] + 1)
+
+
+def demo_dataset(tokenizer, split="train", num_total_token=512, num_img_token=16, batch_size=8, max_num_images=15,
+                 num_stories=None, seed=0, image_size=DEMO_IMAGE_SIZE, transform=None, rank=None, world_size=None):
+    """The demo training stream: shape stories packed into rows like MMC4, as a MixedDataset of one source
+    (one epoch = one pass over `num_stories`). Use with DataLoader(batch_size=None, num_workers=...)."""
+    source = StorySource(tokenizer, split, num_stories, num_img_token, transform, image_size, seed)
+    cfg = PackConfig(num_total_token, num_img_token, max_num_images, "sample", batch_size)
+    return MixedDataset([source], [1.0], [cfg], tokenizer, seed=seed, rank=rank, world_size=world_size)
+
+
+def demo_stories(split, num_stories, start=0):
+    """The stories of an evaluation split, in order: the same ones on every call and machine."""
+    return [make_story(SPLIT_SEED_BASE[split] + i) for i in range(start, start + num_stories)]
+
+
+def demo_corpus_text(num_stories=5000, seed_base=0):
+    """Sentences of the first `num_stories` training stories: the text the demo vocabulary is trained on."""
+    lines = []
+    for i in range(num_stories):
+        lines.extend(make_story(seed_base + i).texts)
+    return lines
+
+
+def train_demo_tokenizer(path, vocab_size=384, num_stories=5000):
+    """Train the demo SentencePiece model with the LLaMA layout (unk/bos/eos = 0/1/2, byte fallback, pad =
+    vocab_size - 1), deterministically from the corpus text, and write it atomically to `path`."""
+    import sentencepiece
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(demo_corpus_text(num_stories)), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=vocab_size - 1, pad_piece="<pad>", num_threads=1, minloglevel=2)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+DEMO_TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_tokenizer.model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: look at the data
+# ---------------------------------------------------------------------------------------------------------------
+
+def show_demo(n, out_dir, split="train", tokenizer_path=DEMO_TOKENIZER_PATH, scale=2):
+    """Write a PNG sheet (one story per line) and the text of `n` stories, so a reader can look at the data."""
+    tok = Tokenizer(tokenizer_path)
+    os.makedirs(out_dir, exist_ok=True)
+    size, pad = DEMO_IMAGE_SIZE * scale, 4
+    sheet = np.full((n * (size + pad) + pad, 4 * (size + pad) + pad, 3), 200, dtype=np.uint8)
+    lines = []
+    for k in range(n):
+        story = make_story(SPLIT_SEED_BASE[split] + k)
+        sample = story_sample(story, tok, random.Random(k), num_img_token=4)
+        for j, scene in enumerate(story.scenes):
+            img = np.kron(render_scene(scene), np.ones((scale, scale, 1), dtype=np.uint8))
+            y, x = pad + k * (size + pad), pad + j * (size + pad)
+            sheet[y:y + size, x:x + size] = img
+        lines.append(f"story {story.seed} ({len(sample.text_ids)} tokens with 4 image tokens per image): "
+                     + tok.decode(sample.text_ids, skip_special=False).replace(IMAGE_TOKEN * 4, IMAGE_TOKEN + "x4"))
+    png, txt = os.path.join(out_dir, "demo_sheet.png"), os.path.join(out_dir, "demo_samples.txt")
+    tmp = png + ".tmp.png"
+    Image.fromarray(sheet).save(tmp)
+    os.replace(tmp, png)
+    with open(txt + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(txt + ".tmp", txt)
+    print(f"wrote {png} and {txt}")
+    return png, txt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="mmi data: look at the demo corpus, build its tokenizer")
+    p.add_argument("--demo", action="store_true", help="use the synthetic shape-stories corpus")
+    p.add_argument("--show", type=int, default=0, help="write a PNG sheet and the text of N samples")
+    p.add_argument("--split", default="train", choices=list(SPLIT_SEED_BASE))
+    p.add_argument("--out", default="demo_show")
+    p.add_argument("--train-tokenizer", action="store_true", help=f"(re)build {DEMO_TOKENIZER_PATH}")
+    args = p.parse_args(argv)
+    if args.train_tokenizer:
+        print("wrote", train_demo_tokenizer(DEMO_TOKENIZER_PATH))
+    if args.demo and args.show:
+        show_demo(args.show, args.out, args.split)
+    elif not args.train_tokenizer:
+        p.print_help()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
