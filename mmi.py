@@ -23,9 +23,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -104,11 +107,73 @@ class MMFSConfig:
 
 
 @dataclass
+class UNetConfig:
+    """SD-2 UNet2DConditionModel (diffusers layout)."""
+    sample_size: int = 64  # latent side length = image_size / 8
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    # per resolution level: CrossAttnDownBlock2D (True) or DownBlock2D (False); the up path mirrors it
+    cross_attn_blocks: tuple = (True, True, True, False)
+    # heads per level; SD's unet/config.json calls this "attention_head_dim" (diffusers' legacy meaning)
+    num_attention_heads: tuple = (5, 10, 20, 20)
+    layers_per_block: int = 2
+    cross_attention_dim: int = 1024
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    trainable: bool = True                       # the paper trains the whole UNet
+
+
+@dataclass
+class VAEConfig:
+    """SD-2 AutoencoderKL; always frozen and run in float32."""
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+
+
+@dataclass
+class ImageDecoderConfig:
+    """The image decoder around the UNet: context resampler, UNet-MMFS, diffusion schedule."""
+    image_size: int = 512
+    # image-side Q-Former resampler (SPEC §5.1): 77 queries of the UNet's cross-attention width, one layer that
+    # cross-attends to the LLM context (encoder_hidden_size = LLM width), no qk-norm, no dropout
+    resampler: ResamplerConfig = field(default_factory=lambda: ResamplerConfig(
+        num_queries=77, hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, intermediate_size=3072,
+        encoder_hidden_size=5120, cross_attention_frequency=1, qk_normalization=False, dropout=0.0))
+    uncond_prob: float = 0.1
+    # UNet-MMFS (SPEC §5.2); the original hard-codes attn 1024 / 16 heads / 8 points / 10 images
+    mmfs_feat_dim: int = 1024  # width of the visual tokenizer's multi-scale maps
+    mmfs_attn_dim: int = 1024
+    mmfs_heads: int = 16
+    mmfs_points: int = 8
+    mmfs_max_num_image_per_seq: int = 10
+    mmfs_offset_init_magnitude: float = 1.0
+    mmfs_value_sizes: tuple = (64, 32, 16, 8)  # side lengths of the four tokenizer maps of one image
+    # diffusion (SD-2 scheduler config)
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    steps_offset: int = 1
+    vae_encode_mini_bs: int = 32
+    generate_mini_bs: int = 8
+
+
+@dataclass
 class MMIConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     mmfs: MMFSConfig = field(default_factory=MMFSConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    image_decoder: ImageDecoderConfig = field(default_factory=ImageDecoderConfig)
     seq_len: int = 2048
     num_img_token: int = 64                      # <|image|> tokens per image (= resampler queries)
     bos_token_id: int = 1
@@ -142,9 +207,10 @@ def _dataclass_from_dict(cls, d):
     for k, v in d.items():
         if k not in names:
             raise ValueError(f"{cls.__name__}: unknown config key {k!r}")
-        sub = names[k].default_factory if names[k].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(v, dict):
-            v = _dataclass_from_dict(sub, v)
+        f = names[k]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and isinstance(v, dict):
+            v = _dataclass_from_dict(type(default), v)
         elif isinstance(v, list):
             v = _to_tuple(v)
         kwargs[k] = v
@@ -229,6 +295,16 @@ def _preset_tiny():
                       num_attention_heads=4, max_position_embeddings=1024, trainable=True),
         mmfs=MMFSConfig(cross_attention_frequency=2, n_heads=4, n_points=2, spatial_shapes=(16, 8, 4),
                         base_spatial_shape=8),
+        # 64x64 images and 8x8 latents: the tiny VAE keeps SD's 8x downsampling with four levels
+        unet=UNetConfig(sample_size=8, block_out_channels=(32, 64), cross_attn_blocks=(True, False),
+                        num_attention_heads=(2, 4), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8),
+        vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+        image_decoder=ImageDecoderConfig(
+            image_size=64, resampler=ResamplerConfig(num_queries=8, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     encoder_hidden_size=64, cross_attention_frequency=1,
+                                                     qk_normalization=False, dropout=0.0),
+            mmfs_feat_dim=64, mmfs_attn_dim=32, mmfs_heads=2, mmfs_points=2, mmfs_value_sizes=(32, 16, 8, 4)),
         seq_len=1024, num_img_token=8, pad_token_id=383, soi_token_id=384, image_token_id=385,
     )
 
@@ -1024,7 +1100,837 @@ class TextDecoder(nn.Module):
 # Image decoder  (SD-2 UNet with MMFS, VAE, noise schedule and samplers: the generating half)
 # ----------------------------------------------------------------------------------------------------------------
 
-# (issue 3 lands here)
+# ---- UNet / VAE building blocks (diffusers submodule names, so SD's files load by identity) ----
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) -> (B, dim): sin/cos of t * 10000^(-k / (dim/2 - freq_shift)); SD-2 puts cos first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()] if flip_sin_to_cos else [args.sin(), args.cos()], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        if temb_ch is not None:
+            self.time_emb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if in_ch != out_ch:
+            self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if temb is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x) + h
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, ch: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:  # the VAE pads right/bottom only, so odd sizes floor the same way SD does
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _heads_attention(q, k, v, heads: int):
+    """(B, Lq, H*D), (B, Lk, H*D) x2 -> (B, Lq, H*D) with softmax(q k^T / sqrt(D)) v per head."""
+    B, Lq, C = q.shape
+    q, k, v = (x.view(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(B, Lq, C)
+
+
+class Attention(nn.Module):
+    """diffusers' Attention as used by SD's transformer blocks: bias-free q/k/v, biased to_out.0."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, cross_attention_dim: int | None = None):
+        super().__init__()
+        inner, kv_dim = heads * head_dim, cross_attention_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(kv_dim, inner, bias=False)
+        self.to_v = nn.Linear(kv_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        return self.to_out[0](_heads_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # index 1 is diffusers' (parameter-free) dropout; kept so the Linear sits at net.2 as in SD's files
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, cross_attention_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, cross_attention_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """SD-2's spatial transformer with linear projections in and out (use_linear_projection=True)."""
+
+    def __init__(self, ch: int, heads: int, cross_attention_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, heads, ch // heads, cross_attention_dim)])
+        self.proj_out = nn.Linear(ch, ch)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
+        h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
+        return h + x
+
+
+class UNetDownBlock(nn.Module):
+    """CrossAttnDownBlock2D when heads > 0, else DownBlock2D."""
+
+    def __init__(self, in_ch, out_ch, temb_ch, num_layers, add_downsample, heads, cross_dim, groups, eps):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps) for i in range(num_layers)])
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(out_ch, heads, cross_dim, groups) for _ in range(num_layers if heads else 0)])
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if add_downsample else [])
+
+    def forward(self, h, temb, context):
+        """-> h, and the skip tensors this block hands to the up path (one per resnet, one per downsampler)."""
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, temb)
+            if len(self.attentions):
+                h = self.attentions[i](h, context)
+            skips.append(h)
+        for down in self.downsamplers:
+            h = down(h)
+            skips.append(h)
+        return h, skips
+
+
+class UNetUpBlock(nn.Module):
+    """CrossAttnUpBlock2D when heads > 0, else UpBlock2D; resnet i eats the last unused skip tensor."""
+
+    def __init__(self, in_ch, prev_out_ch, out_ch, temb_ch, num_layers, add_upsample, heads, cross_dim, groups,
+                 eps):
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        for i in range(num_layers):
+            skip_ch = in_ch if i == num_layers - 1 else out_ch
+            self.resnets.append(ResnetBlock2D((prev_out_ch if i == 0 else out_ch) + skip_ch, out_ch, temb_ch,
+                                              groups, eps))
+        self.attentions = nn.ModuleList(
+            [Transformer2DModel(out_ch, heads, cross_dim, groups) for _ in range(num_layers if heads else 0)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if add_upsample else [])
+
+    def forward(self, h, skips, temb, context):
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips[-1 - i]], dim=1), temb)
+            if len(self.attentions):
+                h = self.attentions[i](h, context)
+        for up in self.upsamplers:
+            h = up(h)
+        return h
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    def __init__(self, ch, temb_ch, heads, cross_dim, groups, eps):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, groups, eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, cross_dim, groups)])
+
+    def forward(self, h, temb, context):
+        h = self.resnets[0](h, temb)
+        return self.resnets[1](self.attentions[0](h, context), temb)
+
+
+def unet_skip_layout(cfg: UNetConfig) -> list:
+    """(channels, side length) of every down-path skip tensor in order (conv_in first); SD-2 at 64: 12 entries."""
+    ch, size = cfg.block_out_channels, cfg.sample_size
+    layout = [(ch[0], size)]
+    for i, c in enumerate(ch):
+        layout += [(c, size >> i)] * cfg.layers_per_block
+        if i < len(ch) - 1:
+            layout.append((c, size >> (i + 1)))
+    return layout
+
+
+class UNet2DConditionModel(nn.Module):
+    """SD-2-base UNet; optionally an MMFSNet rewrites the skips and the mid output before the up path (§5.2)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, heads, n_levels = cfg.block_out_channels, cfg.num_attention_heads, len(cfg.block_out_channels)
+        if not (len(cfg.cross_attn_blocks) == len(heads) == n_levels):
+            raise ValueError(f"UNetConfig: block_out_channels {ch}, cross_attn_blocks {cfg.cross_attn_blocks} and "
+                             f"num_attention_heads {heads} must have the same length")
+        temb_ch, g, eps, xdim = ch[0] * 4, cfg.norm_num_groups, cfg.norm_eps, cfg.cross_attention_dim
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+        self.down_blocks = nn.ModuleList([
+            UNetDownBlock(ch[max(i - 1, 0)], ch[i], temb_ch, cfg.layers_per_block, i < n_levels - 1,
+                          heads[i] if cfg.cross_attn_blocks[i] else 0, xdim, g, eps) for i in range(n_levels)])
+        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb_ch, heads[-1], xdim, g, eps)
+        rch, rheads, rcross = ch[::-1], heads[::-1], cfg.cross_attn_blocks[::-1]
+        self.up_blocks = nn.ModuleList([
+            UNetUpBlock(rch[min(i + 1, n_levels - 1)], rch[max(i - 1, 0)], rch[i], temb_ch, cfg.layers_per_block + 1,
+                        i < n_levels - 1, rheads[i] if rcross[i] else 0, xdim, g, eps) for i in range(n_levels)])
+        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, sample, timestep, encoder_hidden_states, mmfs_module=None, mmfs_features=None,
+                mmfs_mask=None, checkpoint=False):
+        """sample (B, 4, h, w), timestep int or (B,) / (), encoder_hidden_states (B, 77, 1024) -> eps (B, 4, h, w).
+        checkpoint: recompute each down/mid/up block (and MMFS block) in the backward pass (training only)."""
+        ckpt = checkpoint and self.training
+        run = (lambda m, *a: torch.utils.checkpoint.checkpoint(m, *a, use_reentrant=False)) if ckpt else \
+            (lambda m, *a: m(*a))
+        B = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
+        t_emb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
+        temb = self.time_embedding(t_emb.to(sample.dtype))
+        h = self.conv_in(sample)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = run(block, h, temb, encoder_hidden_states)
+            skips += block_skips
+        h = run(self.mid_block, h, temb, encoder_hidden_states)
+        if mmfs_module is not None:
+            h, skips = mmfs_module(h, skips, mmfs_features, mmfs_mask, ckpt)
+        skips = list(skips)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            h = run(block, h, block_skips, temb, encoder_hidden_states)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class VAEAttention(nn.Module):
+    """Single-head spatial self-attention of the VAE mid blocks (diffusers 0.20+ names, residual included)."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        h = self.to_out[0](_heads_attention(self.to_q(h), self.to_k(h), self.to_v(h), 1))
+        return h.transpose(1, 2).reshape(B, C, H, W) + x
+
+
+class VAEMidBlock(nn.Module):
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, None, groups, 1e-6) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(ch, groups)])
+
+    def forward(self, h):
+        return self.resnets[1](self.attentions[0](self.resnets[0](h)))
+
+
+class VAEDownBlock(nn.Module):  # diffusers' DownEncoderBlock2D
+    def __init__(self, in_ch, out_ch, num_layers, add_downsample, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, 1e-6) for i in range(num_layers)])
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=0)] if add_downsample else [])
+
+    def forward(self, h):
+        for m in [*self.resnets, *self.downsamplers]:
+            h = m(h)
+        return h
+
+
+class VAEUpBlock(nn.Module):  # diffusers' UpDecoderBlock2D
+    def __init__(self, in_ch, out_ch, num_layers, add_upsample, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, 1e-6) for i in range(num_layers)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if add_upsample else [])
+
+    def forward(self, h):
+        for m in [*self.resnets, *self.upsamplers]:
+            h = m(h)
+        return h
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([VAEDownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < n - 1, g)
+                                          for i in range(n)])
+        self.mid_block = VAEMidBlock(ch[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h))))
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        rch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, rch[0], 3, padding=1)
+        self.mid_block = VAEMidBlock(rch[0], g)
+        self.up_blocks = nn.ModuleList([VAEUpBlock(rch[max(i - 1, 0)], rch[i], cfg.layers_per_block + 1, i < n - 1, g)
+                                        for i in range(n)])
+        self.conv_norm_out = nn.GroupNorm(g, rch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(rch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """SD's KL autoencoder (frozen; the decoder runs it in float32). Images in [-1, 1]."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VAEEncoder(cfg)
+        self.decoder = VAEDecoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    def encode(self, x):
+        """(B, 3, H, W) -> mean, logvar, each (B, 4, H/8, W/8) (diffusers' latent_dist parameters)."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    @staticmethod
+    def sample(mean, logvar, generator=None):
+        """latent_dist.sample(): mean + std * N(0, 1)."""
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+    def conv_in_dtype(self):
+        return self.encoder.conv_in.weight.dtype
+
+
+_LEGACY_VAE_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def rename_legacy_vae_keys(state_dict: dict) -> dict:
+    """SD-2's released VAE files name the mid-block attention query/key/value/proj_attn; ours (and diffusers
+    >= 0.20 in memory) use to_q/to_k/to_v/to_out.0."""
+    out = {}
+    for k, v in state_dict.items():
+        head, _, last = k.rpartition(".")                    # e.g. "...attentions.0.query", "weight"
+        prefix, _, name = head.rpartition(".")
+        if ".attentions." in k and name in _LEGACY_VAE_ATTN:
+            k = f"{prefix}.{_LEGACY_VAE_ATTN[name]}.{last}"
+        out[k] = v
+    return out
+
+
+def unet_config_from_diffusers(d: dict) -> UNetConfig:
+    """UNetConfig from a diffusers unet/config.json dict (SD-2 layouts only: linear projection, GEGLU)."""
+    heads = d.get("num_attention_heads") or d["attention_head_dim"]  # SD-2's files use the legacy name
+    n = len(d["block_out_channels"])
+    heads = (heads,) * n if isinstance(heads, int) else tuple(heads)
+    if not d.get("use_linear_projection", False):
+        raise ValueError(f"unet config: use_linear_projection is {d.get('use_linear_projection')}, expected true "
+                         f"(SD-2 layout)")
+    return UNetConfig(sample_size=d["sample_size"], in_channels=d["in_channels"], out_channels=d["out_channels"],
+                      block_out_channels=tuple(d["block_out_channels"]),
+                      cross_attn_blocks=tuple(t.startswith("CrossAttn") for t in d["down_block_types"]),
+                      num_attention_heads=heads, layers_per_block=d["layers_per_block"],
+                      cross_attention_dim=d["cross_attention_dim"], norm_num_groups=d["norm_num_groups"],
+                      norm_eps=d["norm_eps"], flip_sin_to_cos=d["flip_sin_to_cos"], freq_shift=d["freq_shift"])
+
+
+def vae_config_from_diffusers(d: dict) -> VAEConfig:
+    return VAEConfig(in_channels=d["in_channels"], out_channels=d["out_channels"],
+                     latent_channels=d["latent_channels"], block_out_channels=tuple(d["block_out_channels"]),
+                     layers_per_block=d["layers_per_block"], norm_num_groups=d["norm_num_groups"],
+                     scaling_factor=d.get("scaling_factor", 0.18215))
+
+
+# ---- Noise schedule and samplers (pure functions over tensors; ε-prediction) ----
+
+def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+    """SD's "scaled_linear" schedule: betas linear in sqrt-space, float32 like diffusers."""
+    # explicit CPU: a model built under torch.device("meta") still needs real schedule numbers
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32,
+                          device="cpu") ** 2
+
+
+def alphas_cumprod_of(betas: torch.Tensor) -> torch.Tensor:
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def add_noise(x0, noise, t, alphas_cumprod):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t (B,) long."""
+    abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t].reshape(-1, *[1] * (x0.dim() - 1))
+    return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise
+
+
+def _check_steps(num_inference_steps: int, num_train_timesteps: int):
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(f"steps={num_inference_steps}: expected 1 <= steps <= {num_train_timesteps}")
+
+
+def leading_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1):
+    """diffusers' "leading" spacing: (n-1-i) * (T // n) + offset; 30 steps -> 958, 925, ..., 34, 1."""
+    _check_steps(num_inference_steps, num_train_timesteps)
+    ratio = num_train_timesteps // num_inference_steps
+    return torch.arange(num_inference_steps - 1, -1, -1, dtype=torch.long) * ratio + steps_offset
+
+
+def linspace_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000):
+    """diffusers' "linspace" spacing (DPM-Solver default): round(linspace(0, T-1, n+1))[::-1][:-1]."""
+    _check_steps(num_inference_steps, num_train_timesteps)
+    ts = np.linspace(0, num_train_timesteps - 1, num_inference_steps + 1).round()[::-1][:-1]
+    return torch.from_numpy(ts.astype(np.int64))
+
+
+def ddpm_step(eps, t: int, prev_t: int, x, alphas_cumprod, noise=None):
+    """Ancestral DDPM step x_t -> x_prev_t ("fixed_small" variance, no clipping); noise needed when t > 0."""
+    a_t = alphas_cumprod[t]
+    a_prev = alphas_cumprod[prev_t] if prev_t >= 0 else alphas_cumprod.new_tensor(1.0)
+    cur_a = a_t / a_prev  # the step's own alpha: differs from 1 - beta_t when steps skip timesteps
+    cur_b = 1 - cur_a
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    x_prev = (a_prev ** 0.5 * cur_b / (1 - a_t)) * x0 + (cur_a ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+    if t > 0:
+        if noise is None:
+            raise ValueError(f"ddpm_step at t={t} needs noise (only t=0 is deterministic)")
+        var = torch.clamp((1 - a_prev) / (1 - a_t) * cur_b, min=1e-20)
+        x_prev = x_prev + var ** 0.5 * noise
+    return x_prev
+
+
+def ddim_step(eps, t: int, prev_t: int, x, alphas_cumprod, final_alpha_cumprod, eta: float = 0.0, noise=None):
+    """DDIM step; eta 0 is deterministic, eta 1 matches DDPM's variance. abar below t=0 is final_alpha_cumprod
+    (SD's set_alpha_to_one=False: abar[0])."""
+    a_t = alphas_cumprod[t]
+    a_prev = alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha_cumprod
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+    x_prev = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError(f"ddim_step with eta={eta} needs noise")
+        x_prev = x_prev + std * noise
+    return x_prev
+
+
+def dpm_solver_sigmas(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) at each timestep, plus a final 0 (the last step lands on x0)."""
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return torch.cat([sigmas[timesteps], sigmas.new_zeros(1)])
+
+
+def dpm_solver_x0(x, eps, sigma):
+    """DPM-Solver++ works on the x0 prediction: x0 = (x - sigma_t eps) / alpha_t in VP terms."""
+    alpha = 1 / (sigma ** 2 + 1) ** 0.5
+    return (x - sigma * alpha * eps) / alpha
+
+
+def dpm_solver_pp_2m_step(x, x0, x0_prev, sigma_prev, sigma, sigma_next):
+    """DPM-Solver++(2M), midpoint form: 2nd order from the last two x0 predictions; 1st order on the first step
+    (x0_prev None) and on the last (sigma_next 0, where it returns x0 exactly)."""
+    def alpha_sigma_lambda(s):
+        alpha = 1 / (s ** 2 + 1) ** 0.5
+        return alpha, s * alpha, torch.log(alpha) - torch.log(s * alpha)
+
+    alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(sigma_next)
+    _, sigma_s0, lambda_s0 = alpha_sigma_lambda(sigma)
+    h = lambda_t - lambda_s0
+    x_t = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+    if x0_prev is None or sigma_next == 0:
+        return x_t
+    _, _, lambda_s1 = alpha_sigma_lambda(sigma_prev)
+    r0 = (lambda_s0 - lambda_s1) / h
+    return x_t - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * (x0 - x0_prev) / r0
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+
+
+# ---- UNet-MMFS: each skip and the mid output look at the previous image's multi-scale maps (§5.2) ----
+
+class MMFSBlock(nn.Module):
+    """sample (B, C, H, W) -> zero-initialised residual (B, C, H, W) from MMFS over the previous image's maps."""
+
+    def __init__(self, query_dim: int, cfg: ImageDecoderConfig, grid_size: int, base_spatial_shape: int):
+        super().__init__()
+        self.query_norm = nn.LayerNorm(query_dim, eps=1e-6)
+        self.feat_norm = nn.LayerNorm(cfg.mmfs_feat_dim, eps=1e-6)
+        self.mmfs = MMFS(d_query=query_dim, d_value=cfg.mmfs_feat_dim, d_out=query_dim, d_attn=cfg.mmfs_attn_dim,
+                         n_heads=cfg.mmfs_heads, n_points=cfg.mmfs_points, spatial_shapes=list(cfg.mmfs_value_sizes),
+                         base_spatial_shape=base_spatial_shape,
+                         max_num_image_per_seq=cfg.mmfs_max_num_image_per_seq,
+                         offset_init_magnitude=cfg.mmfs_offset_init_magnitude)
+        # frozen 2-D sin-cos table of the full latent grid, stored as a Parameter like the original's checkpoint
+        self.pos_embed = nn.Parameter(get_2d_sincos_pos_embed(query_dim, grid_size).float(), requires_grad=False)
+        self.conv = nn.Conv2d(query_dim, query_dim, 1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self._pos_cache = {}
+
+    def pos_for(self, h: int, w: int, dtype):
+        """The table resized to h x w, cached: CUDA's bicubic kernel loops over channels and costs ~3 ms a call
+        at C=1280, more than the rest of the block. The key holds the Parameter's version, so loading refreshes."""
+        p = self.pos_embed
+        key = (h, w, dtype, p.device, p.data_ptr(), p._version)
+        if key not in self._pos_cache:
+            self._pos_cache = {key: resize_pos_embed(p.detach(), (h, w)).to(dtype)}
+        return self._pos_cache[key]
+
+    def forward(self, sample, feats, mask):
+        """feats (B, n, sum_l H_l W_l, C_v) already flattened image/level/row-major; mask (B, n)."""
+        B, C, H, W = sample.shape
+        pos = self.pos_for(H, W, sample.dtype)
+        q = self.query_norm(sample.flatten(2).transpose(1, 2)) + pos  # (B, C, H, W) -> (B, HW, C)
+        y = self.mmfs(q, grid_centres(H, W, sample.device)[None], self.feat_norm(feats), mask)
+        return self.conv(y.transpose(1, 2).reshape(B, C, H, W))
+
+
+class MMFSNet(nn.Module):
+    """One MMFSBlock per UNet skip (mmfs_down_blocks, 12 for SD-2) plus one on the mid output (mmfs_mid_block)."""
+
+    def __init__(self, unet_cfg: UNetConfig, cfg: ImageDecoderConfig):
+        super().__init__()
+        # the original keys base_spatial_shape by block index // 3; for SD-2 that equals each query's grid side,
+        # which is what we use so other layouts stay consistent
+        self.mmfs_down_blocks = nn.ModuleList(
+            [MMFSBlock(c, cfg, unet_cfg.sample_size, side) for c, side in unet_skip_layout(unet_cfg)])
+        mid_side = unet_cfg.sample_size >> (len(unet_cfg.block_out_channels) - 1)
+        self.mmfs_mid_block = MMFSBlock(unet_cfg.block_out_channels[-1], cfg, unet_cfg.sample_size, mid_side)
+
+    def forward(self, sample, skips, mmfs_features, mmfs_mask, checkpoint=False):
+        """mmfs_features: list of levels (B, n, C_v, H_l, W_l); mmfs_mask (B, n). -> (sample, skips) + residuals."""
+        run = (lambda m, *a: torch.utils.checkpoint.checkpoint(m, *a, use_reentrant=False)) if checkpoint else \
+            (lambda m, *a: m(*a))
+        if len(skips) != len(self.mmfs_down_blocks):
+            raise ValueError(f"MMFSNet: {len(skips)} UNet skips, expected {len(self.mmfs_down_blocks)}")
+        # (B, n, C, H_l, W_l) per level -> (B, n, sum_l H_l W_l, C)
+        feats = torch.cat([f.flatten(3).transpose(2, 3) for f in mmfs_features], dim=2).to(sample.dtype)
+        skips = [s + run(block, s, feats, mmfs_mask) for s, block in zip(skips, self.mmfs_down_blocks)]
+        return sample + run(self.mmfs_mid_block, sample, feats, mmfs_mask), skips
+
+
+# ---- StableDiffusion: VAE + UNet + MMFSNet, the diffusion loss and the sampling loop (§5.4, §5.5) ----
+
+class StableDiffusion(nn.Module):
+    def __init__(self, unet_cfg: UNetConfig, vae_cfg: VAEConfig, cfg: ImageDecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vae = AutoencoderKL(vae_cfg).requires_grad_(False)
+        self.unet = UNet2DConditionModel(unet_cfg)
+        self.mmfs_module = MMFSNet(unet_cfg, cfg)
+        # float32 on the CPU whatever the model's dtype (a buffer would follow model.to(bfloat16)); steps index it
+        # with Python ints, so sampling needs no device round trips
+        self.alphas_cumprod = alphas_cumprod_of(scaled_linear_betas(cfg.num_train_timesteps, cfg.beta_start,
+                                                                    cfg.beta_end))
+        vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        if cfg.image_size != unet_cfg.sample_size * vae_factor:
+            raise ValueError(f"image_size {cfg.image_size} != UNet sample_size {unet_cfg.sample_size} x VAE factor "
+                             f"{vae_factor}")
+
+    def check_images(self, images):
+        S = self.cfg.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, S, S):
+            raise ValueError(f"image_tensors_dec has shape {tuple(images.shape)}, expected (B_I, 3, {S}, {S})")
+
+    def _vae_fp32(self):
+        """The VAE always runs in float32 (as the original), even inside a half-precision model or autocast."""
+        if self.vae.conv_in_dtype() != torch.float32:
+            self.vae.float()
+        return torch.autocast(self.vae.encoder.conv_in.weight.device.type, enabled=False)
+
+    @torch.no_grad()
+    def encode_latents(self, images):
+        """images (B, 3, S, S) in [0, 1] -> scaled latent samples (B, 4, S/8, S/8), VAE in float32 in chunks."""
+        with self._vae_fp32():
+            x = images.float() * 2 - 1
+            chunks = [self.vae.sample(*self.vae.encode(c)) for c in x.split(self.cfg.vae_encode_mini_bs)]
+            return torch.cat(chunks) * self.vae.cfg.scaling_factor
+
+    def unet_eps(self, x, t, cond, mmfs_features, mmfs_mask, checkpoint=False):
+        return self.unet(x, t, cond, self.mmfs_module, mmfs_features, mmfs_mask, checkpoint)
+
+    def forward(self, images, cond, mmfs_features, mmfs_mask, checkpoint=False):
+        """Per-element float32 loss (B, 4, S/8, S/8) of eps-prediction, t ~ U{0..T-1} (global RNG, as the original)."""
+        self.check_images(images)
+        latents = self.encode_latents(images).to(cond.dtype)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.cfg.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        x_t = add_noise(latents, noise, t, self.alphas_cumprod)
+        pred = self.unet_eps(x_t, t, cond, mmfs_features, mmfs_mask, checkpoint)
+        return F.mse_loss(pred.float(), noise.float(), reduction="none")
+
+    def guided_eps(self, x, t, cond, uncond, mmfs_features, mmfs_mask, guidance_scale):
+        """eps_u + g (eps_c - eps_u); both halves see the previous image (MMFS inputs duplicated)."""
+        if guidance_scale <= 1.0:  # as the SD pipeline: no unconditional pass at all
+            return self.unet_eps(x, t, cond, mmfs_features, mmfs_mask)
+        feats2 = [torch.cat([f, f]) for f in mmfs_features]
+        eps_u, eps_c = self.unet_eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), feats2,
+                                     torch.cat([mmfs_mask, mmfs_mask])).chunk(2)
+        return eps_u + guidance_scale * (eps_c - eps_u)
+
+    @torch.no_grad()
+    def sample_latents(self, cond, uncond, mmfs_features, mmfs_mask, steps, guidance_scale, sampler, generator,
+                       eta=0.0, progress=True):
+        """Latents drawn from `generator` first, then (ddpm, or ddim with eta > 0) one noise draw per step."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}, expected one of {SAMPLERS}")
+        T, ac = self.cfg.num_train_timesteps, self.alphas_cumprod
+        side = self.unet.cfg.sample_size
+        shape = (cond.shape[0], self.unet.cfg.in_channels, side, side)
+        x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
+        if sampler == "dpm++2m":
+            timesteps = linspace_timesteps(steps, T)
+            sigmas = dpm_solver_sigmas(timesteps, ac)
+        else:
+            timesteps = leading_timesteps(steps, T, self.cfg.steps_offset)
+        x0_prev = None
+        for i, t in enumerate(tqdm(timesteps.tolist(), desc=f"{sampler} steps", disable=not progress)):
+            eps = self.guided_eps(x, t, cond, uncond, mmfs_features, mmfs_mask, guidance_scale)
+            if sampler == "ddpm":
+                prev_t = timesteps[i + 1].item() if i + 1 < steps else -1
+                noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype) if t > 0 else None
+                x = ddpm_step(eps, t, prev_t, x, ac, noise)
+            elif sampler == "ddim":
+                noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
+                x = ddim_step(eps, t, t - T // steps, x, ac, ac[0], eta, noise)
+            else:
+                x0 = dpm_solver_x0(x, eps, sigmas[i])
+                x = dpm_solver_pp_2m_step(x, x0, x0_prev, sigmas[i - 1] if i else None, sigmas[i], sigmas[i + 1])
+                x0_prev = x0
+        return x
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        """scaled latents -> images in [0, 1], VAE in float32."""
+        with self._vae_fp32():
+            x = self.vae.decode(latents.float() / self.vae.cfg.scaling_factor)
+        return (x / 2 + 0.5).clamp(0, 1)
+
+
+# ---- ImageDecoder: resampler over the reversed LLM context, CFG dropout, loss masks, generation (§5.1, §5.3) ----
+
+class ImageDecoder(nn.Module):
+    def __init__(self, unet_cfg: UNetConfig, vae_cfg: VAEConfig, cfg: ImageDecoderConfig):
+        super().__init__()
+        r = cfg.resampler
+        if r.hidden_size != unet_cfg.cross_attention_dim:
+            raise ValueError(f"resampler hidden_size {r.hidden_size} != UNet cross_attention_dim "
+                             f"{unet_cfg.cross_attention_dim}")
+        self.cfg = cfg
+        self.perceiver_resampler = PerceiverResampler(r)
+        self.decoder = StableDiffusion(unet_cfg, vae_cfg, cfg)
+        # the original copies SD's text-encoder output for "" here; that comes in with the checkpoint
+        self.neg_prompt_embeds = nn.Parameter(torch.randn(1, r.num_queries, r.hidden_size) * 0.02)
+
+    def forward(self, context, context_mask, image_tensors_dec, mmfs_features, mmfs_mask, is_cond_image=None,
+                image_loss_mask=None, checkpoint=False):
+        """context (B_I, L, D) projected + positions, context_mask (B_I, L) -> scalar loss: mean over ALL elements,
+        with images lacking context (is_cond_image False) or masked out contributing zeros to the mean."""
+        B_I = context.shape[0]
+        if image_tensors_dec.shape[0] != B_I or context_mask.shape[:2] != context.shape[:2]:
+            raise ValueError(f"image_tensors_dec {tuple(image_tensors_dec.shape)}, context {tuple(context.shape)}, "
+                             f"context_mask {tuple(context_mask.shape)}: expected B_I={B_I} images and masks (B_I, L)")
+        if bool((context_mask.sum(dim=1) == 0).any()):
+            raise ValueError(f"context_mask rows {torch.nonzero(context_mask.sum(1) == 0).flatten().tolist()} are "
+                             f"empty; every image needs at least its soi token")
+        self.decoder.check_images(image_tensors_dec)
+        cond = self.perceiver_resampler(context, context_mask)  # (B_I, 77, 1024)
+        # classifier-free-guidance dropout of the whole condition, per image; like the original, also in eval mode
+        if self.cfg.uncond_prob > 0:
+            drop = torch.rand_like(cond[:, :1, :1]) < self.cfg.uncond_prob
+            cond = torch.where(drop, self.neg_prompt_embeds.to(cond.dtype), cond)
+        loss = self.decoder(image_tensors_dec, cond, mmfs_features, mmfs_mask, checkpoint)  # (B_I, 4, h, w)
+        if is_cond_image is None:
+            is_cond_image = is_cond_image_of(context_mask)
+        loss = loss * is_cond_image.to(loss.dtype)[:, None, None, None]
+        if image_loss_mask is not None:
+            loss = loss * image_loss_mask.to(loss.dtype).reshape(B_I, 1, 1, 1)
+        return loss.mean()
+
+    @torch.no_grad()
+    def generate_images(self, context, context_mask, mmfs_features, mmfs_mask, steps=30, guidance_scale=7.5,
+                        sampler="ddpm", seed=42, num_images_per_context=1, eta=0.0, progress=True):
+        """-> images (num_images_per_context * B_I, 3, S, S) in [0, 1], copy-major; copy k uses seed + k on one
+        generator shared across mini-batches of `generate_mini_bs` contexts (the original's draw order)."""
+        B_I = context.shape[0]
+        if mmfs_mask.shape[0] != B_I or any(f.shape[0] != B_I for f in mmfs_features):
+            raise ValueError(f"generate_images: {B_I} contexts but mmfs_mask {tuple(mmfs_mask.shape)} and features "
+                             f"{[tuple(f.shape) for f in mmfs_features]}; expected one row per context")
+        cond = self.perceiver_resampler(context, context_mask)
+        uncond = self.neg_prompt_embeds.to(cond.dtype).expand_as(cond)
+        mb, images = self.cfg.generate_mini_bs, []
+        for k in range(num_images_per_context):
+            generator = torch.Generator(device=cond.device).manual_seed(seed + k)
+            for s in range(0, cond.shape[0], mb):
+                feats = [f[s:s + mb] for f in mmfs_features]
+                latents = self.decoder.sample_latents(cond[s:s + mb], uncond[s:s + mb], feats, mmfs_mask[s:s + mb],
+                                                      steps, guidance_scale, sampler, generator, eta, progress)
+                images.append(self.decoder.decode_latents(latents))
+        return torch.cat(images)
+
+
+def images_to_pil(images: torch.Tensor) -> list:
+    """(n, 3, H, W) in [0, 1] -> list of RGB PIL images."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def pil_to_images(pils: list, size: int) -> torch.Tensor:
+    """list of PIL images -> (n, 3, size, size) in [0, 1] (bicubic resize)."""
+    arrs = [np.asarray(p.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255 for p in pils]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+# ---- Inputs of the image decoder from the LLM's output (§1.6, §1.7) ----
+
+def soi_positions(text_ids: torch.Tensor, soi_id: int):
+    """-> rows (B_I,), positions (B_I,) of every soi, row-major = the flattened image order."""
+    return torch.nonzero(text_ids == soi_id, as_tuple=True)
+
+
+def prepare_context_features(h, text_ids, soi_id: int, context_start=None):
+    """§1.6: image i's context is h[row_i, b_i : soi_i + 1] reversed (soi first), zero-padded to the longest.
+    h (B, L, D), context_start (B_I,) per image (None -> 0). -> ctx (B_I, L_max, D), mask (B_I, L_max) long.
+    The caller applies context_feat_proj and adds the 1-D sin-cos table PE[:L_max] (padded rows included)."""
+    rows, pos = soi_positions(text_ids, soi_id)
+    if rows.numel() == 0:
+        raise ValueError("prepare_context_features: text_ids contain no soi token; there is no image to decode")
+    start = torch.zeros_like(pos) if context_start is None else torch.as_tensor(context_start, device=pos.device)
+    if start.shape != pos.shape or bool((start > pos).any()) or bool((start < 0).any()):
+        raise ValueError(f"context_start {start.tolist()} must give one start in [0, soi position] per image; "
+                         f"soi positions {pos.tolist()}")
+    lengths = pos - start + 1
+    L_max = int(lengths.max())
+    src = pos[:, None] - torch.arange(L_max, device=pos.device)[None]  # (B_I, L_max): soi, soi-1, ...
+    mask = (src >= start[:, None]).long()
+    ctx = h[rows[:, None], src.clamp(min=0)] * mask[..., None].to(h.dtype)
+    return ctx, mask
+
+
+def is_cond_image_of(context_mask) -> torch.Tensor:
+    """An image learns only with context beyond its own <s><soi> (SPEC §5.3): (B_I,) bool."""
+    return context_mask.sum(dim=1) > 2
+
+
+def prepare_mmfs_features_for_image_decoder(multiscale_feats, text_ids, soi_id: int, context_start=None):
+    """§1.7: image i sees only image i-1 (flattened order), and only if i-1's soi lies in i's row at or after i's
+    context start. multiscale_feats: list of (B_I, C, H_l, W_l) -> list of (B_I, 1, C, H_l, W_l), mask (B_I, 1)."""
+    rows, pos = soi_positions(text_ids, soi_id)
+    B_I, L = rows.numel(), text_ids.shape[1]
+    if any(f.shape[0] != B_I for f in multiscale_feats):
+        raise ValueError(f"multiscale features have {[f.shape[0] for f in multiscale_feats]} images, text_ids have "
+                         f"{B_I} soi tokens")
+    start = torch.zeros_like(pos) if context_start is None else torch.as_tensor(context_start, device=pos.device)
+    flat_soi, flat_start = rows * L + pos, rows * L + start  # the original compares flattened positions
+    prev = torch.arange(B_I, device=pos.device) - 1
+    has_prev = (prev >= 0) & (flat_soi[prev.clamp(min=0)] >= flat_start)
+    keep = has_prev.to(multiscale_feats[0].dtype)[:, None, None, None]
+    feats = [(f[prev.clamp(min=0)] * keep)[:, None] for f in multiscale_feats]
+    return feats, has_prev.long()[:, None]
+
+
+def image_decoder_inputs(h, text_ids, multiscale_feats, soi_id: int, context_feat_proj, context_start=None):
+    """Everything ImageDecoder takes from the LLM pass: (context, context_mask, mmfs_features, mmfs_mask).
+    context = context_feat_proj(reversed context) + PE_1d[:L_max]; context_start None = row start (generation)."""
+    ctx, mask = prepare_context_features(h, text_ids, soi_id, context_start)
+    pe = get_1d_sincos_pos_embed(ctx.shape[-1], ctx.shape[1]).to(device=ctx.device, dtype=ctx.dtype)
+    ctx = context_feat_proj(ctx) + pe  # padded rows get it too; the resampler masks them
+    feats, fmask = prepare_mmfs_features_for_image_decoder(multiscale_feats, text_ids, soi_id, context_start)
+    return ctx, mask, feats, fmask
+
+
+def select_target_images(target_image_idxs, context, context_mask, mmfs_features, mmfs_mask):
+    """index_select of the images to generate (§1.8), rejecting slots that do not exist."""
+    idx = torch.as_tensor(target_image_idxs, dtype=torch.long, device=context.device).reshape(-1)
+    B_I = context.shape[0]
+    bad = [i for i in idx.tolist() if not 0 <= i < B_I]
+    if bad:
+        raise ValueError(f"target_image_idxs {bad} out of range: the batch has {B_I} images (valid 0..{B_I - 1})")
+    return context[idx], context_mask[idx], [f[idx] for f in mmfs_features], mmfs_mask[idx]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1112,6 +2018,14 @@ class MMInterleaved(nn.Module):
         if cfg.resampler.encoder_hidden_size != cfg.vision.hidden_size:
             raise ValueError(f"resampler.encoder_hidden_size {cfg.resampler.encoder_hidden_size} != vision.hidden_size "
                              f"{cfg.vision.hidden_size}")
+        dec = cfg.image_decoder
+        if dec.resampler.encoder_hidden_size != cfg.llm.hidden_size or dec.mmfs_feat_dim != cfg.vision.hidden_size:
+            raise ValueError(f"image_decoder: resampler.encoder_hidden_size {dec.resampler.encoder_hidden_size} and "
+                             f"mmfs_feat_dim {dec.mmfs_feat_dim} must equal llm.hidden_size {cfg.llm.hidden_size} and "
+                             f"vision.hidden_size {cfg.vision.hidden_size}")
+        if tuple(dec.mmfs_value_sizes) != map_sides:
+            raise ValueError(f"image_decoder.mmfs_value_sizes {dec.mmfs_value_sizes}: the visual tokenizer makes maps "
+                             f"of sides {map_sides}")
         if (cfg.soi_token_id, cfg.image_token_id) != (cfg.llm.vocab_size - 2, cfg.llm.vocab_size - 1):
             raise ValueError(f"soi/image ids {cfg.soi_token_id}/{cfg.image_token_id} must be the last two of "
                              f"vocab_size {cfg.llm.vocab_size}")
@@ -1120,7 +2034,7 @@ class MMInterleaved(nn.Module):
         self.visual_tokenizer = VisualTokenizer(cfg)
         self.mm_decoder = LlamaModel(cfg)
         self.text_decoder = TextDecoder(cfg)
-        self.image_decoder = None
+        self.image_decoder = ImageDecoder(cfg.unet, cfg.vae, cfg.image_decoder)
         self.context_feat_proj = nn.Linear(d, d)
         self.soi_token = nn.Parameter(torch.zeros(1, d))
         self._init_llm_weights()
@@ -1152,6 +2066,9 @@ class MMInterleaved(nn.Module):
                 p.requires_grad_(c.mmfs.trainable if "llama_cross_attn" in name else c.llm.trainable)
             elif name.startswith("text_decoder.head."):
                 p.requires_grad_(c.llm.trainable)
+            elif name.startswith("image_decoder.decoder.unet."):
+                p.requires_grad_(c.unet.trainable)
+            # the VAE, the UNet-MMFS position tables and ignore tokens stay frozen as constructed
         return self
 
     # -- inputs ---------------------------------------------------------------------------------------------------
@@ -1239,10 +2156,11 @@ class MMInterleaved(nn.Module):
         w_txt = batch.get("loss_txt_weight")
         loss = (c.loss_txt_weight if w_txt is None else w_txt) * loss_txt
         out = {"loss_txt": loss_txt.detach()}
-        if self.image_decoder is not None and maps is not None:
-            loss_img = self.image_loss(batch, h, maps, num)
-            w_img = batch.get("loss_img_weight")
-            loss = loss + (c.loss_img_weight if w_img is None else w_img) * loss_img
+        w_img = batch.get("loss_img_weight")
+        w_img = c.loss_img_weight if w_img is None else w_img
+        if maps is not None and w_img != 0:      # text-only batches (captioning) skip the image decoder entirely
+            loss_img = self.image_loss(batch, h, maps)
+            loss = loss + w_img * loss_img
             out["loss_img"] = loss_img.detach()
         out["loss"] = loss
         return out
@@ -1259,7 +2177,43 @@ class MMInterleaved(nn.Module):
             pos, attn = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids), None
         return self.text_decoder(self.mm_decoder(embeds, pos, vision, xmask, attn_mask=attn)).float()
 
+    def image_loss(self, batch, h, maps):
+        """The diffusion loss of every image given its context (SPEC §1.5 step 3, §5.3). h: the LLM's last hidden
+        state [B, L, d]; maps: the tokenizer's four maps of every image."""
+        c = self.cfg
+        images = batch.get("image_tensors_dec")
+        images = batch["image_tensors"] if images is None else images
+        ctx, mask, feats, fmask = image_decoder_inputs(h, batch["text_ids"], maps, c.soi_token_id, self.context_feat_proj,
+                                                       batch.get("nearest_bos_idxs"))
+        return self.image_decoder(ctx, mask, images, feats, fmask, image_loss_mask=batch.get("image_loss_mask"),
+                                  checkpoint=c.gradient_checkpointing and self.training)
+
     # -- generation -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_images(self, batch, target_image_idxs=None, steps=30, guidance_scale=7.5, sampler="ddpm", seed=42,
+                        num_images_per_context=1, eta=0.0, progress=True):
+        """Draw the images of the batch's image slots (all, or `target_image_idxs`, flat indexes over the batch)
+        from their contexts (row start .. soi) and the previous image's features (SPEC §1.8). A target slot still
+        holds a placeholder image; it cannot influence its own generation. -> {"image": [n, 3, S, S] in [0, 1]},
+        copy-major when num_images_per_context > 1."""
+        num = self.validate_batch(batch)
+        text_ids = batch["text_ids"]
+        if target_image_idxs is None:
+            target_image_idxs = batch.get("target_image_idxs")
+        embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
+        if maps is None:
+            raise ValueError("generate_images: the batch has no image slot (no <|beginofimage|> in text_ids)")
+        pos = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
+        h = self.mm_decoder(embeds, pos, vision, xmask)
+        ctx, mask, feats, fmask = image_decoder_inputs(h, text_ids, maps, self.cfg.soi_token_id, self.context_feat_proj)
+        if target_image_idxs is not None:
+            ctx, mask, feats, fmask = select_target_images(target_image_idxs, ctx, mask, feats, fmask)
+        images = self.image_decoder.generate_images(ctx, mask, feats, fmask, steps=steps, guidance_scale=guidance_scale,
+                                                    sampler=sampler, seed=seed,
+                                                    num_images_per_context=num_images_per_context, eta=eta,
+                                                    progress=progress)
+        return {"image": images}
 
     @torch.no_grad()
     def generate_texts(self, batch, max_new_tokens=30, min_new_tokens=7, num_beams=5, do_sample=False, top_p=0.9,

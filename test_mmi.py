@@ -19,13 +19,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 import data
 import mmi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(HERE, "assets", "reference")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)   # the models here are tiny: one thread is fastest, and robust on a shared machine
 
 
 def tiny_model(seed=0, perturb=True):
@@ -88,14 +89,12 @@ def test_mmi_13b_on_meta_matches_the_original_state_dict_and_parameter_counts():
     with torch.device("meta"):
         model = mmi.MMInterleaved(mmi.MMIConfig.from_preset("mmi-13b"))
     with open(os.path.join(REFERENCE, "mm_interleaved_13b.json")) as f:
-        ref = {k: v for k, v in json.load(f).items() if not k.startswith("image_decoder.")}
+        ref = json.load(f)
     with open(os.path.join(REFERENCE, "mm_interleaved_13b_summary.json")) as f:
         summary = json.load(f)
-    ours = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("image_decoder.")}
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert ours == ref
     for name, module in model.named_children():
-        if name == "image_decoder" or module is None:
-            continue
         total = sum(p.numel() for p in module.parameters())
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         assert {"total": total, "trainable": trainable} == summary["top_level"][name], name
@@ -106,8 +105,10 @@ def test_mmi_13b_on_meta_matches_the_original_state_dict_and_parameter_counts():
             assert total == counts["total"], name
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert trainable == {n for n in summary["trainable_parameter_names"] if not n.startswith("image_decoder.")}
-    assert frozen == {n for n in summary["frozen_parameter_names"] if not n.startswith("image_decoder.")}
+    assert trainable == set(summary["trainable_parameter_names"])
+    assert frozen == set(summary["frozen_parameter_names"])
+    assert sum(p.numel() for p in model.parameters()) == summary["total_params"] == 14_912_865_561
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == summary["trainable_params"]
 
 
 def test_tiny_preset_builds_on_meta_and_cpu():
@@ -187,7 +188,7 @@ def test_forward_uses_the_dataset_rule_and_loss_weights():
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
     torch.testing.assert_close(out["loss_txt"], expected)
     model.cfg = mmi.apply_overrides(cfg, {"dataset_to_ignore_noimage_cond_loss": ("test",)})
-    out2 = model(dict(batch, loss_txt_weight=0.5))
+    out2 = model(dict(batch, loss_txt_weight=0.5, loss_img_weight=0.0))
     labels2 = mmi.text_labels(batch["text_ids"], batch["attention_mask"], cfg, ignore_noimage_cond=True)
     expected2 = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels2.reshape(-1))
     torch.testing.assert_close(out2["loss_txt"], expected2)
@@ -479,10 +480,11 @@ def test_forward_backward_and_tiny_overfit():
     model = tiny_model(seed=5, perturb=False).train()
     cfg = model.cfg
     batch = make_batch(cfg, [[BOS, 20, 21, "img", 22, 23, 24, "img", 25, EOS], [BOS, "img", 26, 27, 28, 29, EOS]], 40)
+    batch["loss_img_weight"] = 0.0                     # the text loss alone (the image decoder is not run)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     first = None
     for step in range(200):
-        loss = model(batch)["loss_txt"] if False else model(batch)["loss"]
+        loss = model(batch)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1346,3 +1348,506 @@ def test_demo_stream_resumes_exactly():
     assert len(rest) == len(full) - k - 1
     assert all(torch.equal(a["text_ids"], b["text_ids"]) and a["meta"]["scenes"] == b["meta"]["scenes"]
                for a, b in zip(rest, full[k + 1:]))
+
+# ===============================================================================================================
+# The image decoder: SD-2 UNet and VAE against diffusers, the samplers against diffusers' schedulers, UNet-MMFS,
+# the context and previous-image rules, the diffusion loss, image generation
+# ===============================================================================================================
+
+DECODER_PRESETS = {name: (c.unet, c.vae, c.image_decoder)
+                   for name, c in ((n, mmi.MMIConfig.from_preset(n)) for n in ("mmi-13b", "tiny"))}
+
+def _manifest(name, prefix=""):
+    """{key: shape} from a reference manifest; with `prefix`, only its keys under it, prefix stripped."""
+    import json
+    path = os.path.join(REFERENCE, name)
+    if not os.path.exists(path):
+        pytest.skip(f"reference manifest {path} not present")
+    with open(path) as f:
+        d = json.load(f)
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+SMALL_UNET = mmi.UNetConfig(sample_size=16, block_out_channels=(32, 64, 64), cross_attn_blocks=(True, True, False),
+                          num_attention_heads=(2, 4, 4), layers_per_block=2, cross_attention_dim=24,
+                          norm_num_groups=8)
+SMALL_VAE = mmi.VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8)
+
+
+def _diffusers_unet(cfg: mmi.UNetConfig):
+    diffusers = pytest.importorskip("diffusers")
+    down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cfg.cross_attn_blocks)
+    up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in cfg.cross_attn_blocks[::-1])
+    return diffusers.UNet2DConditionModel(
+        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        down_block_types=down, up_block_types=up, block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block, cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.num_attention_heads, use_linear_projection=True, norm_num_groups=cfg.norm_num_groups,
+        norm_eps=cfg.norm_eps, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+
+
+def _diffusers_vae(cfg: mmi.VAEConfig):
+    diffusers = pytest.importorskip("diffusers")
+    n = len(cfg.block_out_channels)
+    return diffusers.AutoencoderKL(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups, scaling_factor=cfg.scaling_factor)
+
+
+def _randomise(module, seed):
+    """Perturb every parameter so zero-initialised layers (diffusers zero-inits nothing here, but norms are 1/0)
+    take part in the comparison."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _save_and_load(oracle, ours, tmp_path):
+    oracle.save_pretrained(tmp_path, safe_serialization=True)
+    sd = load_file(os.path.join(tmp_path, "diffusion_pytorch_model.safetensors"))
+    assert set(sd) == set(ours.state_dict()), (set(sd) ^ set(ours.state_dict()))
+    ours.load_state_dict(sd, strict=True)
+
+
+def test_unet_keys_and_shapes_match_sd2_base_manifest():
+    # MM-Interleaved holds SD-2-base's UNet by identity under this prefix (the same 686 keys as unet/*.safetensors)
+    manifest = _manifest("mm_interleaved_13b.json", "image_decoder.decoder.unet.")
+    with torch.device("meta"):
+        unet = mmi.UNet2DConditionModel(mmi.UNetConfig())
+    ours = {k: list(v.shape) for k, v in unet.state_dict().items()}
+    assert ours == manifest
+
+
+def test_vae_keys_and_shapes_match_sd2_base_manifest():
+    manifest = _manifest("mm_interleaved_13b.json", "image_decoder.decoder.vae.")
+    with torch.device("meta"):
+        vae = mmi.AutoencoderKL(mmi.VAEConfig())
+    assert {k: list(v.shape) for k, v in vae.state_dict().items()} == manifest
+
+
+def test_legacy_vae_attention_names_are_renamed_to_ours():
+    # sd2_base_vae.json: the key names of SD-2's released vae/diffusion_pytorch_model.* files
+    legacy, ours = _manifest("sd2_base_vae.json"), _manifest("mm_interleaved_13b.json", "image_decoder.decoder.vae.")
+    assert mmi.rename_legacy_vae_keys(legacy) == ours
+
+
+def test_configs_read_from_diffusers_config_dicts(tmp_path):
+    oracle_u, oracle_v = _diffusers_unet(SMALL_UNET), _diffusers_vae(SMALL_VAE)
+    assert mmi.unet_config_from_diffusers(dict(oracle_u.config)) == SMALL_UNET
+    assert mmi.vae_config_from_diffusers(dict(oracle_v.config)) == SMALL_VAE
+
+
+def test_unet_matches_diffusers_oracle(tmp_path):
+    torch.manual_seed(0)
+    oracle = _diffusers_unet(SMALL_UNET).eval()
+    _randomise(oracle, 1)
+    ours = mmi.UNet2DConditionModel(SMALL_UNET).eval()
+    _save_and_load(oracle, ours, tmp_path)
+    x = torch.randn(2, 4, 16, 16)
+    cond = torch.randn(2, 7, 24)
+    t = torch.tensor([3, 917])
+    with torch.no_grad():
+        ref = oracle(x, t, cond).sample
+        out = ours(x, t, cond)
+    assert (out - ref).abs().max() < 1e-4
+
+
+def test_vae_matches_diffusers_oracle(tmp_path):
+    torch.manual_seed(0)
+    oracle = _diffusers_vae(SMALL_VAE).eval()
+    _randomise(oracle, 2)
+    ours = mmi.AutoencoderKL(SMALL_VAE).eval()
+    _save_and_load(oracle, ours, tmp_path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        dist = oracle.encode(x).latent_dist
+        mean, logvar = ours.encode(x)
+        assert (mean - dist.mean).abs().max() < 1e-4
+        assert (logvar - dist.logvar).abs().max() < 1e-4
+        # latent_dist.sample() draws N(0,1) of the latent shape from the generator: same draw, same latent
+        z_ref = dist.sample(generator=torch.Generator().manual_seed(5))
+        z = mmi.AutoencoderKL.sample(mean, logvar, generator=torch.Generator().manual_seed(5))
+        assert (z - z_ref).abs().max() < 1e-4
+        assert (ours.decode(z) - oracle.decode(z).sample).abs().max() < 1e-4
+
+
+# ---- schedule and samplers against diffusers' schedulers (SD-2 scheduler config) ----
+
+SD_SCHED = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1}
+
+
+def test_scaled_linear_schedule_and_add_noise_match_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    s = diffusers.DDPMScheduler(**SD_SCHED, clip_sample=False)
+    ac = mmi.alphas_cumprod_of(mmi.scaled_linear_betas())
+    assert torch.equal(mmi.scaled_linear_betas(), s.betas)
+    assert torch.equal(ac, s.alphas_cumprod)
+    x0, eps, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
+    assert torch.allclose(mmi.add_noise(x0, eps, t, ac), s.add_noise(x0, eps, t), atol=1e-6)
+
+
+def _fake_eps(x, t):
+    """A deterministic stand-in for the UNet so whole trajectories can be compared."""
+    return torch.tanh(x * 0.7 + t / 1000.0)
+
+
+@pytest.mark.parametrize("steps", [30, 7])
+def test_ddpm_sampler_matches_diffusers_ddpm_leading(steps):
+    diffusers = pytest.importorskip("diffusers")
+    s = diffusers.DDPMScheduler(**SD_SCHED, clip_sample=False, timestep_spacing="leading")
+    s.set_timesteps(steps)
+    ts = mmi.leading_timesteps(steps, 1000, 1)
+    assert torch.equal(ts, s.timesteps)
+    if steps == 30:
+        assert ts[:3].tolist() == [958, 925, 892] and ts[-2:].tolist() == [34, 1]
+    ac = mmi.alphas_cumprod_of(mmi.scaled_linear_betas())
+    x_ref = x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    g_ref, g = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for i, t in enumerate(ts.tolist()):
+        x_ref = s.step(_fake_eps(x_ref, t), t, x_ref, generator=g_ref).prev_sample
+        prev_t = ts[i + 1].item() if i + 1 < steps else -1
+        noise = torch.randn(x.shape, generator=g) if t > 0 else None
+        x = mmi.ddpm_step(_fake_eps(x, t), t, prev_t, x, ac, noise)
+    assert (x - x_ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_sampler_matches_diffusers_ddim(eta):
+    diffusers = pytest.importorskip("diffusers")
+    s = diffusers.DDIMScheduler(**SD_SCHED, clip_sample=False, set_alpha_to_one=False)
+    steps = 10
+    s.set_timesteps(steps)
+    ts = mmi.leading_timesteps(steps, 1000, 1)
+    assert torch.equal(ts, s.timesteps)
+    ac = mmi.alphas_cumprod_of(mmi.scaled_linear_betas())
+    x_ref = x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    g_ref, g = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for t in ts.tolist():
+        x_ref = s.step(_fake_eps(x_ref, t), t, x_ref, eta=eta, generator=g_ref).prev_sample
+        noise = torch.randn(x.shape, generator=g) if eta > 0 else None
+        x = mmi.ddim_step(_fake_eps(x, t), t, t - 1000 // steps, x, ac, ac[0], eta, noise)
+    assert (x - x_ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("steps", [20, 5])
+def test_dpm_solver_pp_2m_matches_diffusers(steps):
+    diffusers = pytest.importorskip("diffusers")
+    s = diffusers.DPMSolverMultistepScheduler(**SD_SCHED, algorithm_type="dpmsolver++", solver_order=2)
+    s.set_timesteps(steps)
+    ac = mmi.alphas_cumprod_of(mmi.scaled_linear_betas())
+    ts = mmi.linspace_timesteps(steps, 1000)
+    assert torch.equal(ts, s.timesteps)
+    sigmas = mmi.dpm_solver_sigmas(ts, ac)
+    assert torch.allclose(sigmas, s.sigmas, rtol=1e-6)
+    x_ref = x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(2)) * sigmas[0]
+    x0_prev = None
+    for i, t in enumerate(ts.tolist()):
+        x_ref = s.step(_fake_eps(x_ref, t), t, x_ref).prev_sample
+        x0 = mmi.dpm_solver_x0(x, _fake_eps(x, t), sigmas[i])
+        x = mmi.dpm_solver_pp_2m_step(x, x0, x0_prev, sigmas[i - 1] if i else None, sigmas[i], sigmas[i + 1])
+        x0_prev = x0
+    assert (x - x_ref).abs().max() < 1e-5
+
+
+def test_bad_step_counts_raise():
+    with pytest.raises(ValueError, match="steps=0"):
+        mmi.leading_timesteps(0)
+    with pytest.raises(ValueError, match="steps=1001"):
+        mmi.linspace_timesteps(1001)
+
+
+# ---- the full image decoder at the tiny preset ----
+
+def test_image_decoder_keys_shapes_and_counts_match_the_original_manifest():
+    manifest = _manifest("mm_interleaved_13b.json", "image_decoder.")
+    with torch.device("meta"):
+        dec = mmi.ImageDecoder(*DECODER_PRESETS["mmi-13b"])
+    assert {k: list(v.shape) for k, v in dec.state_dict().items()} == manifest
+    # README of reference/: image_decoder 1,074,365,547 parameters, 946,133,892 trainable (VAE, pos tables frozen)
+    assert sum(p.numel() for p in dec.parameters()) == 1_074_365_547
+    assert sum(p.numel() for p in dec.parameters() if p.requires_grad) == 946_133_892
+    assert dec.decoder.alphas_cumprod.device.type == "cpu"  # the schedule is real even when built on meta
+
+
+def _tiny_decoder(seed=0, **overrides):
+    import dataclasses
+    u, v, c = DECODER_PRESETS["tiny"]
+    torch.manual_seed(seed)
+    return mmi.ImageDecoder(u, v, dataclasses.replace(c, **overrides))
+
+
+def _tiny_inputs(dec, B=3, L=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    c = dec.cfg
+    ctx = torch.randn(B, L, c.resampler.encoder_hidden_size, generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, 2:] = 0  # image 0: only <s><soi>, no loss
+    images = torch.rand(B, 3, c.image_size, c.image_size, generator=g)
+    feats = [torch.randn(B, 1, c.mmfs_feat_dim, s, s, generator=g) for s in c.mmfs_value_sizes]
+    fmask = torch.tensor([[0]] + [[1]] * (B - 1))
+    return ctx, mask, images, feats, fmask
+
+
+def _perturb_mmfs_convs(dec, scale=0.1):
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in dec.decoder.mmfs_module.named_parameters():
+            if ".conv." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_mmfs_net_is_identity_at_init_and_live_once_its_convs_move():
+    dec = _tiny_decoder().eval()
+    _, _, _, feats, fmask = _tiny_inputs(dec)
+    unet, mmfs = dec.decoder.unet, dec.decoder.mmfs_module
+    x, cond, t = torch.randn(3, 4, 8, 8), torch.randn(3, 8, 32), torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        plain = unet(x, t, cond)
+        assert torch.equal(unet(x, t, cond, mmfs, feats, fmask), plain)  # zero convs: exactly nothing added
+        _perturb_mmfs_convs(dec)
+        live = unet(x, t, cond, mmfs, feats, fmask)
+        assert (live - plain).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+        # the previous image matters only where it is present (mask 1): images 1 and 2, not image 0
+        feats2 = [f + torch.randn_like(f) for f in feats]  # (feat_norm makes plain rescaling invisible)
+        other = unet(x, t, cond, mmfs, feats2, fmask)
+        diff = (other - live).abs().amax(dim=(1, 2, 3))
+        assert diff[0] == 0 and diff[1] > 1e-4 and diff[2] > 1e-4
+
+
+def test_mmfs_block_residual_shapes_follow_the_sd2_skip_layout():
+    u, _, _ = DECODER_PRESETS["mmi-13b"]
+    layout = mmi.unet_skip_layout(u)
+    assert layout == [(320, 64)] * 3 + [(320, 32), (640, 32), (640, 32), (640, 16), (1280, 16), (1280, 16),
+                                         (1280, 8), (1280, 8), (1280, 8)]
+
+
+def test_tiny_forward_loss_is_finite_and_masks_count_in_the_denominator():
+    dec = _tiny_decoder(uncond_prob=0.0)
+    ctx, mask, images, feats, fmask = _tiny_inputs(dec)
+    torch.manual_seed(3)
+    loss = dec(ctx, mask, images, feats, fmask, image_loss_mask=torch.tensor([1, 0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert dec.perceiver_resampler.queries.grad.abs().sum() > 0 and dec.decoder.unet.conv_in.weight.grad is not None
+    assert all(p.grad is None for p in dec.decoder.vae.parameters())  # VAE frozen
+    # same RNG draws by hand: per-element loss, image 0 (no context) and image 1 (masked) zeroed, mean over all
+    torch.manual_seed(3)
+    with torch.no_grad():
+        per = dec.decoder(images, dec.perceiver_resampler(ctx, mask), feats, fmask)
+    keep = torch.tensor([0.0, 0.0, 1.0])[:, None, None, None]
+    assert torch.allclose(loss.detach(), (per * keep).sum() / per.numel(), rtol=1e-5)
+    assert per.shape == (3, 4, 8, 8)
+
+
+def test_cfg_dropout_replaces_the_whole_condition_by_neg_prompt_embeds():
+    dec = _tiny_decoder(uncond_prob=1.0)
+    ctx, mask, images, feats, fmask = _tiny_inputs(dec)
+    ctx2 = ctx + torch.randn_like(ctx)  # with every condition dropped the context cannot matter
+    torch.manual_seed(4)
+    a = dec(ctx, mask, images, feats, fmask)
+    torch.manual_seed(4)
+    b = dec(ctx2, mask, images, feats, fmask)
+    assert torch.equal(a, b)
+
+
+def test_tiny_decoder_overfits_one_batch():
+    dec = _tiny_decoder(uncond_prob=0.0)
+    ctx, mask, images, feats, fmask = _tiny_inputs(dec, B=2)
+    mask[0] = 1
+    opt = torch.optim.Adam([p for p in dec.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(15):
+        torch.manual_seed(0)  # one fixed batch: same latents, noise and timesteps every step
+        loss = dec(ctx, mask, images, feats, fmask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+def test_generate_images_is_seeded_sized_and_copy_major():
+    dec = _tiny_decoder().eval()
+    _perturb_mmfs_convs(dec)
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    kw = {"steps": 3, "guidance_scale": 3.0, "sampler": "ddpm", "progress": False}
+    a = dec.generate_images(ctx, mask, feats, fmask, seed=5, num_images_per_context=2, **kw)
+    assert a.shape == (4, 3, 64, 64) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, dec.generate_images(ctx, mask, feats, fmask, seed=5, num_images_per_context=2, **kw))
+    c = dec.generate_images(ctx, mask, feats, fmask, seed=6, **kw)
+    assert torch.equal(c, a[2:])  # copy k uses seed + k; contexts keep their order inside each copy
+    assert (c - a[:2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_fast_samplers_are_seeded(sampler):
+    dec = _tiny_decoder().eval()
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=1)
+    kw = {"steps": 3, "guidance_scale": 3.0, "sampler": sampler, "eta": 0.5, "progress": False}
+    a = dec.generate_images(ctx, mask, feats, fmask, seed=1, **kw)
+    assert a.shape == (1, 3, 64, 64)
+    assert torch.equal(a, dec.generate_images(ctx, mask, feats, fmask, seed=1, **kw))
+    assert (a - dec.generate_images(ctx, mask, feats, fmask, seed=2, **kw)).abs().max() > 1e-3
+
+
+def test_prepare_context_and_previous_image_rule_on_a_hand_built_batch():
+    soi, L = 9, 12
+    text_ids = torch.tensor([[1, 5, 9, 7, 7, 5, 9, 7, 1, 9, 7, 0],
+                             [1, 9, 7, 5, 5, 5, 5, 5, 5, 5, 5, 5]])
+    h = torch.arange(2 * L, dtype=torch.float32).reshape(2, L, 1) * torch.tensor([1.0, -1.0])  # value = 12 r + pos
+    # images (row, soi): (0,2) (0,6) (0,9) (1,1); training context starts = last bos before each soi
+    starts = torch.tensor([0, 0, 8, 0])
+    ctx, cmask = mmi.prepare_context_features(h, text_ids, soi, starts)
+    expected_src = [[2, 1, 0], [6, 5, 4, 3, 2, 1, 0], [9, 8], [13, 12]]  # flat 12 r + pos, soi first
+    assert ctx.shape == (4, 7, 2) and cmask.tolist() == [[1] * len(s) + [0] * (7 - len(s)) for s in expected_src]
+    for i, src in enumerate(expected_src):
+        assert ctx[i, :len(src), 0].tolist() == src and ctx[i, :len(src), 1].tolist() == [-s for s in src]
+        assert ctx[i, len(src):].abs().sum() == 0
+    assert mmi.is_cond_image_of(cmask).tolist() == [True, True, False, False]
+
+    ms = [torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, s, s) + 1 for s in (4, 2)]
+    feats, fmask = mmi.prepare_mmfs_features_for_image_decoder(ms, text_ids, soi, starts)
+    # image 1 sees image 0; image 2's context starts at its bos (8) after image 1's soi (6); image 3 is in row 1
+    assert fmask.tolist() == [[0], [1], [0], [0]]
+    assert [f.shape for f in feats] == [(4, 1, 3, 4, 4), (4, 1, 3, 2, 2)]
+    assert [float(feats[0][i].unique()[0]) for i in range(4)] == [0.0, 1.0, 0.0, 0.0]
+    # generation: context from the row start, so image 2 now sees image 1 (value 2)
+    feats, fmask = mmi.prepare_mmfs_features_for_image_decoder(ms, text_ids, soi, None)
+    assert fmask.tolist() == [[0], [1], [1], [0]]
+    assert [float(feats[1][i].unique()[0]) for i in range(4)] == [0.0, 1.0, 2.0, 0.0]
+    ctx_g, _ = mmi.prepare_context_features(h, text_ids, soi, None)
+    assert ctx_g[2, :10, 0].tolist() == list(range(9, -1, -1))
+
+
+def test_image_decoder_inputs_project_then_add_distance_positions():
+    soi = 9
+    text_ids = torch.tensor([[1, 5, 9, 7, 1, 9, 7]])
+    h = torch.randn(1, 7, 8)
+    proj = torch.nn.Linear(8, 8)
+    ms = [torch.randn(2, 8, s, s) for s in (4, 2, 2, 1)]
+    ctx, mask, _, fmask = mmi.image_decoder_inputs(h, text_ids, ms, soi, proj, torch.tensor([0, 4]))
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]] and fmask.tolist() == [[0], [0]]
+    # PE row p: sin(p w_d) for d < 4, cos(p w_d) after, w_d = 10000^(-d/4): position = distance to the soi
+    w = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    pe = torch.cat([torch.sin(torch.arange(3.0, dtype=torch.float64)[:, None] * w),
+                    torch.cos(torch.arange(3.0, dtype=torch.float64)[:, None] * w)], dim=1).float()
+    with torch.no_grad():
+        assert torch.allclose(ctx[0], proj(h[0, [2, 1, 0]]) + pe, atol=1e-6)
+        assert torch.allclose(ctx[1, :2], proj(h[0, [5, 4]]) + pe[:2], atol=1e-6)
+        assert torch.allclose(ctx[1, 2], proj.bias + pe[2], atol=1e-6)  # padding: proj(0) + PE, masked later
+
+
+def test_bad_inputs_raise_value_errors_with_the_numbers():
+    dec = _tiny_decoder()
+    ctx, mask, images, feats, fmask = _tiny_inputs(dec)
+    with pytest.raises(ValueError, match=r"\(3, 3, 32, 32\), expected \(B_I, 3, 64, 64\)"):
+        dec(ctx, mask, images[:, :, :32, :32], feats, fmask)
+    with pytest.raises(ValueError, match=r"target_image_idxs \[3\] out of range: the batch has 3 images"):
+        mmi.select_target_images([0, 3], ctx, mask, feats, fmask)
+    sel = mmi.select_target_images([2], ctx, mask, feats, fmask)
+    assert torch.equal(sel[0], ctx[2:3]) and torch.equal(sel[3], fmask[2:3])
+    with pytest.raises(ValueError, match="sampler='euler'"):
+        dec.eval().generate_images(ctx, mask, feats, fmask, steps=2, sampler="euler", progress=False)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    dec = _tiny_decoder(uncond_prob=0.0)
+    _perturb_mmfs_convs(dec)
+    ctx, mask, images, feats, fmask = _tiny_inputs(dec)
+    grads = []
+    for ckpt in (False, True):
+        dec.zero_grad()
+        torch.manual_seed(0)
+        loss = dec(ctx, mask, images, feats, fmask, checkpoint=ckpt)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in dec.parameters() if p.grad is not None]))
+    assert torch.equal(grads[0][0], grads[1][0]) and len(grads[0][1]) == len(grads[1][1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_sampling_loop_draws_like_the_sd_pipeline_with_ddpm():
+    """Initial latents then one noise draw per step from the same generator, CFG on [uncond; cond]: the loop the
+    original ran through diffusers' pipeline with its DDPMScheduler."""
+    diffusers = pytest.importorskip("diffusers")
+    dec = _tiny_decoder().eval()
+    _perturb_mmfs_convs(dec)
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    sd = dec.decoder
+    with torch.no_grad():
+        cond = dec.perceiver_resampler(ctx, mask)
+        uncond = dec.neg_prompt_embeds.expand_as(cond)
+        ours = sd.sample_latents(cond, uncond, feats, fmask, 6, 4.0, "ddpm", torch.Generator().manual_seed(11),
+                                 progress=False)
+        s = diffusers.DDPMScheduler(**SD_SCHED, clip_sample=False, timestep_spacing="leading")
+        s.set_timesteps(6)
+        g = torch.Generator().manual_seed(11)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        for t in s.timesteps:
+            eps_u, eps_c = sd.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), sd.mmfs_module,
+                                   [torch.cat([f, f]) for f in feats], torch.cat([fmask, fmask])).chunk(2)
+            x = s.step(eps_u + 4.0 * (eps_c - eps_u), t, x, generator=g).prev_sample
+    assert (ours - x).abs().max() < 1e-5
+
+
+def test_pil_helpers_round_trip_to_within_one_level():
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    pils = mmi.images_to_pil(x)
+    assert [p.size for p in pils] == [(16, 16)] * 2 and pils[0].mode == "RGB"
+    assert (mmi.pil_to_images(pils, 16) - x).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_mmfs_block_positions_are_the_resized_table_and_follow_a_reload():
+    dec = _tiny_decoder()
+    block = dec.decoder.mmfs_module.mmfs_down_blocks[2]  # a 4x4 skip of the 8x8 latent grid
+    assert torch.equal(block.pos_for(4, 4, torch.float32), mmi.resize_pos_embed(block.pos_embed.detach(), (4, 4)))
+    assert torch.equal(block.pos_for(8, 8, torch.float32), block.pos_embed.detach())
+    sd = {k: (v + 1 if k.endswith("pos_embed") else v) for k, v in block.state_dict().items()}
+    block.load_state_dict(sd)
+    assert torch.allclose(block.pos_for(4, 4, torch.float32),
+                          mmi.resize_pos_embed(block.pos_embed.detach(), (4, 4)), atol=1e-6)
+
+
+def test_full_tiny_forward_gives_both_losses_and_image_gradients_reach_the_llm_side():
+    model = tiny_model(perturb=False).train()
+    cfg = model.cfg
+    batch = make_batch(cfg, [[BOS, 20, 21, "img", 22, 23, "img", 24, EOS], [BOS, "img", 25, 26, EOS]], 30)
+    batch["nearest_bos_idxs"] = torch.cat([torch.from_numpy(data.nearest_bos_idxs(r.numpy(), BOS, SOI))
+                                           for r in batch["text_ids"]])
+    out = model(batch)
+    assert torch.isfinite(out["loss_txt"]) and torch.isfinite(out["loss_img"]) and out["loss_img"] > 0
+    torch.testing.assert_close(out["loss"], out["loss_txt"] + 10.0 * out["loss_img"])
+    out["loss"].backward()
+    # only the image loss reaches context_feat_proj and the image resampler
+    assert model.context_feat_proj.weight.grad.abs().sum() > 0
+    assert model.image_decoder.perceiver_resampler.queries.grad.abs().sum() > 0
+    out = model(dict(batch, loss_img_weight=0.0, loss_txt_weight=2.0))
+    torch.testing.assert_close(out["loss"], 2.0 * out["loss_txt"])
+
+
+def test_generate_images_through_the_llm_is_seeded_and_checks_the_slot():
+    model = tiny_model()
+    cfg = model.cfg
+    batch = make_batch(cfg, [[BOS, 20, "img", 21, 22, "img"], [BOS, 23, "img"]], 24)
+    kw = dict(steps=3, progress=False)
+    a = model.generate_images(batch, target_image_idxs=torch.tensor([1, 2]), seed=5, **kw)["image"]
+    b = model.generate_images(batch, target_image_idxs=torch.tensor([1, 2]), seed=5, **kw)["image"]
+    c = model.generate_images(batch, target_image_idxs=torch.tensor([1, 2]), seed=6, **kw)["image"]
+    assert a.shape == (2, 3, 64, 64) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the target slot's own placeholder image does not influence its generation; the previous image does
+    other = dict(batch, image_tensors=batch["image_tensors"].clone())
+    other["image_tensors"][1] = torch.rand(3, 64, 64)
+    one = model.generate_images(batch, target_image_idxs=[1], seed=5, **kw)["image"]
+    assert torch.equal(model.generate_images(other, target_image_idxs=[1], seed=5, **kw)["image"], one)
+    with torch.no_grad():
+        for p in model.image_decoder.decoder.mmfs_module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    other["image_tensors"][0] = torch.rand(3, 64, 64)
+    base = model.generate_images(batch, target_image_idxs=[1], seed=5, **kw)["image"]
+    assert not torch.equal(model.generate_images(other, target_image_idxs=[1], seed=5, **kw)["image"], base)
+    with pytest.raises(ValueError, match=r"target_image_idxs \[3\] out of range: the batch has 3 images"):
+        model.generate_images(batch, target_image_idxs=[3], **kw)
