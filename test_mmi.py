@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import time
 import zipfile
 from collections import Counter
@@ -22,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+import eval as ev
 import mmi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1851,3 +1853,570 @@ def test_generate_images_through_the_llm_is_seeded_and_checks_the_slot():
     assert not torch.equal(model.generate_images(other, target_image_idxs=[1], seed=5, **kw)["image"], base)
     with pytest.raises(ValueError, match=r"target_image_idxs \[3\] out of range: the batch has 3 images"):
         model.generate_images(batch, target_image_idxs=[3], **kw)
+
+# ===============================================================================================================
+# eval.py: caption metrics against pycocoevalcap, VQA/VizWiz accuracy, NDCG, Fréchet distance, Inception and CLIP
+# modules, and every benchmark reader end to end on a tiny fake dataset in the original layout
+# ===============================================================================================================
+
+# Pre-tokenised, lower-case captions (what pycocoevalcap's scorers receive after its tokenizer).
+REFS = {
+    1: ["a man riding a wave on top of a surfboard", "a surfer riding a large wave in the ocean",
+        "a person on a surf board riding a wave", "a man surfing a wave on his board",
+        "a surfer is riding a wave in the water"],
+    2: ["two dogs playing with a frisbee in a park", "a couple of dogs running in the grass",
+        "dogs chase a red frisbee across the field"],
+    3: ["a plate of food with broccoli and rice", "a white plate topped with rice and vegetables",
+        "a dinner plate with meat broccoli and rice", "food on a plate with a fork"],
+    4: ["a cat", "a cat sitting on a couch", "the cat is sleeping on the sofa"],
+}
+CANDS = {1: "a man riding a wave on a surfboard", 2: "two dogs running in a park with a frisbee",
+         3: "a plate of rice and broccoli", 4: "cat"}
+
+
+def test_bleu_equals_pycocoevalcap_corpus_and_per_sample():
+    from pycocoevalcap.bleu.bleu import Bleu
+    want, want_per = Bleu(4).compute_score(REFS, {k: [v] for k, v in CANDS.items()}, verbose=0)
+    got, got_per = ev.bleu(REFS, CANDS)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    for k in range(4):
+        assert got_per[k] == pytest.approx(want_per[k], rel=1e-12, abs=1e-15)
+
+
+def test_cider_d_equals_pycocoevalcap_cider():
+    from pycocoevalcap.cider.cider import Cider
+    want, want_per = Cider().compute_score(REFS, {k: [v] for k, v in CANDS.items()})
+    got, got_per = ev.cider_d(REFS, CANDS)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got_per == pytest.approx(list(want_per), rel=1e-12)
+
+
+RAW_CAPTIONS = [
+    "A man riding a wave on top of a surfboard.", "Two dogs' toys are on the floor!",
+    "The cat's bowl isn't empty, it's full.", "A black-and-white photo of a train (old).",
+    "Mr. Smith cannot go to St. Louis.", 'He said "hello" to me...', "There are 3.5 apples and 1,000 oranges.",
+    "I'm gonna eat; you're not.", "A red/blue sign at the U.S. border.", "It costs $5 or 50%.",
+    "A   man \n with a hat?", "we'll see -- maybe", "don't can't won't shouldn't", "a.m. and p.m. times",
+    "A dog's nose: wet.", "`quoted' text", "Tom & Jerry", "the end.", "Rock 'n' roll in the '80s", "hello!! what?!",
+    "a #1 fan with a #hashtag", "It's 5 o'clock in the 1990s.", "A man, a woman, and a child.", "no. 5 e.g. x",
+    "the boys' room", "a 10-year-old boy", "3:30 pm", "A.B.C. news", "A bunch of bananas...", "cars/trucks",
+]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTBTokenizer needs java")
+def test_ptb_tokenize_equals_stanford_ptbtokenizer():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    want = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(RAW_CAPTIONS)})
+    assert [ev.ptb_tokenize(c) for c in RAW_CAPTIONS] == [want[i][0] for i in range(len(RAW_CAPTIONS))]
+
+
+@pytest.mark.parametrize("k, want", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_accuracy_is_min_matches_over_3_averaged_over_leave_one_out(k, want):
+    # k of 10 humans gave the answer: each left-out subset of 9 holds k-1 or k of them
+    gts = ["red"] * k + [f"other{i}" for i in range(10 - k)]
+    assert ev.vqa_accuracy("red", gts) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("pred, gts, want", [
+    ("a dog.", ["the dog", "dog"] + ["cat"] * 8, 0.6),                 # articles and the final period go
+    ("t-shirt", ["t shirt"] * 3 + ["shirt"] * 7, 0.9),                 # glued punctuation becomes a space
+    ("1,000", ["1000"] * 2 + ["many"] * 8, 0.6),                       # a digit comma drops every punctuation
+    ("Two", ["2"] * 3 + ["3"] * 7, 0.9),                               # number words -> digits, lower case
+    ("none", ["0"] * 1 + ["1"] * 9, 0.3),
+    ("dont", ["don't"] * 3 + ["no"] * 7, 0.9),                         # contractions restored
+    ("1.5", ["1.5"] * 2 + ["2"] * 8, 0.6),                             # a period before a digit stays
+    ("Yes", ["yes"] * 10, 0.0),                                        # humans agree: nothing is normalised
+    ("yes ", ["yes"] * 10, 1.0),                                       # ... but both sides are stripped
+])
+def test_vqa_accuracy_official_normalisation(pred, gts, want):
+    assert ev.vqa_accuracy(pred, gts) == pytest.approx(want, abs=1e-12)
+
+
+def test_vizwiz_accuracy_normalises_the_prediction_only():
+    assert ev.vizwiz_accuracy("Unanswerable.", ["unanswerable"] * 5 + ["blue"] * 5) == 1.0
+    assert ev.vizwiz_accuracy("an apple", ["apple"] * 2 + ["pear"] * 8) == pytest.approx(0.6)
+    assert ev.vizwiz_accuracy("blue", ["Blue"] * 10) == 0.0                 # human answers are taken as given
+    assert ev.vizwiz_accuracy("dont", ["don't"] * 10) == 0.0                # VizWiz's table writes "don’t"
+
+
+@pytest.mark.parametrize("text, want", [
+    ("The answer is yes.", "yes"),
+    ("a red car and a bus", "red car"),
+    ("this is a dog", ""),                  # "is " matches inside "this ": the original keeps what lies between
+    ('"Blue", I think', "blue"),
+    ("top of the table\nmore", "table"),    # "the " is looked for before " of"
+    ("kind of blue\nmore", "kind"),
+    ("cats or dogs", "cats"),
+])
+def test_extract_answer_follows_the_original_post_processing(text, want):
+    assert ev.extract_answer(text) == want
+
+
+def test_ndcg_on_a_hand_computed_example():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2]])
+    relevance = torch.tensor([[1.0, 0.0, 0.5, 0.0]])
+    ranks = ev.scores_to_ranks(scores)
+    assert ranks.tolist() == [[4, 1, 2, 3]]
+    # k = 2 relevant options; the top-2 predicted are options 1 and 2 (relevance 0, 0.5); the ideal is 1, 0.5
+    want = (0 / math.log2(2) + 0.5 / math.log2(3)) / (1 / math.log2(2) + 0.5 / math.log2(3))
+    assert ev.ndcg(ranks, relevance) == pytest.approx(want, rel=1e-6)
+    assert ev.ndcg(ev.scores_to_ranks(relevance), relevance) == pytest.approx(1.0)
+
+
+def test_frechet_distance_equals_scipy_sqrtm_and_is_zero_for_identical_sets():
+    from scipy import linalg
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12))
+    b = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12)) + 0.5
+    (m1, s1), (m2, s2) = ev.feature_statistics(a), ev.feature_statistics(b)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    want = float((m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    assert ev.frechet_distance(m1, s1, m2, s2) == pytest.approx(want, rel=1e-9)
+    assert abs(ev.frechet_distance(m1, s1, m1, s1)) < 1e-9
+    with pytest.raises(ValueError, match="covariances"):
+        ev.frechet_distance(m1, s1, m2[:5], s2[:5, :5])
+
+
+def test_fid_inception_loads_a_state_dict_by_key_and_gives_2048_features(tmp_path):
+    with pytest.raises(ValueError, match=ev.FID_WEIGHTS_NAME):
+        ev.load_inception(str(tmp_path / ev.FID_WEIGHTS_NAME))
+    torch.manual_seed(0)
+    state = {k: v for k, v in ev.FIDInceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(state) == 472 and state["fc.weight"].shape == (1008, 2048)
+    path = tmp_path / ev.FID_WEIGHTS_NAME
+    torch.save(state, path)
+    net = ev.load_inception(str(path))
+    assert torch.equal(net.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8))
+    x = ev.fid_image_tensor(img)
+    assert x.shape == (3, 64, 64) and 0 <= float(x.min()) and float(x.max()) <= 1
+    feats = ev.inception_features(net, [img])
+    assert feats.shape == (1, 2048) and feats.dtype == np.float64 and np.isfinite(feats).all()
+    torch.save({"fc.weight": state["fc.weight"]}, path)
+    with pytest.raises(ValueError, match="missing keys"):
+        ev.load_inception(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers end to end on tiny fake datasets in the original layout, with a tiny random model
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_model_and_tokenizer():
+    tok = data.Tokenizer(data.DEMO_TOKENIZER_PATH)
+    cfg = mmi.MMIConfig.from_preset("tiny", **{"llm.vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id,
+                                               "soi_token_id": tok.soi_id, "image_token_id": tok.image_id})
+    torch.manual_seed(0)
+    return mmi.MMInterleaved(cfg).eval(), tok
+
+
+@pytest.fixture
+def short_generation(monkeypatch):
+    # the readers and scoring are under test here, not generation length: 3 new tokens, 2 beams
+    for table in (ev.CAPTION_GENERATION, ev.PARAGRAPH_GENERATION, ev.VQA_GENERATION):
+        monkeypatch.setitem(table, "max_new_tokens", 3)
+        monkeypatch.setitem(table, "min_new_tokens", min(table["min_new_tokens"], 1))
+        monkeypatch.setitem(table, "num_beams", 2)
+
+
+def _image(path, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(path)
+
+
+def _json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def _args(task, root, limit=None):
+    # the command line's own defaults, so tests see what a user gets
+    args = ev.parse_args([f"--task={task}", f"--data_root={root}", "--init_from=unused", "--inception=none"] +
+                        ([f"--limit={limit}"] if limit is not None else []))
+    args.device, args.steps = "cpu", 2
+    return args
+
+
+def _coco_captions(root, folder, ann_file, image_dir, names):
+    images = [{"id": 10 + i, "file_name": n} for i, n in enumerate(names)]
+    anns = [{"image_id": 10 + i, "id": j, "caption": f"A photo number {i} of a thing {j}."}
+            for i in range(len(names)) for j in range(2)]
+    _json(os.path.join(root, folder, ann_file), {"images": images, "annotations": anns})
+    for i, n in enumerate(names):
+        _image(os.path.join(root, folder, image_dir, n), i)
+
+
+@pytest.mark.parametrize("task", ["coco_karpathy", "flickr30k", "nocaps", "image2paragraph"])
+def test_caption_readers_end_to_end(task, tmp_path, demo_model_and_tokenizer, short_generation):
+    model, tok = demo_model_and_tokenizer
+    root = tmp_path
+    if task == "coco_karpathy":
+        names = ["val2014/COCO_val2014_000000000042.jpg", "val2014/COCO_val2014_000000000007.jpg"]
+        _json(root / "coco/annotations/coco_karpathy_test.json",
+              [{"image": n, "caption": ["x", "y"]} for n in names] + [{"image": names[0], "caption": ["z"]}])
+        _json(root / "coco/annotations/coco_karpathy_test_gt.json",
+              {"images": [{"id": 42}, {"id": 7}], "annotations": [
+                  {"image_id": 42, "id": 1, "caption": "A red circle."}, {"image_id": 7, "id": 2, "caption": "Two"},
+                  {"image_id": 7, "id": 3, "caption": "two squares"}]})
+        for i, n in enumerate(names):
+            _image(str(root / "coco" / n), i)
+        want_ids = [42, 7]
+    elif task == "flickr30k":
+        _coco_captions(root, "flickr30k", "test1k.token.coco_format", "flickr30k-images", ["a.jpg", "b.jpg"])
+        want_ids = [10, 11]
+    elif task == "nocaps":
+        _coco_captions(root, "nocaps", "nocaps_val_4500_captions.json", "images", ["a.jpg", "b.jpg", "c.jpg"])
+        want_ids = [10, 11, 12]
+    else:
+        anns = [{"image_id": 5, "url": "https://x/VG_100K/5.jpg", "caption": "A scene. It has shapes."},
+                {"image_id": 6, "url": "https://x/VG_100K_2/6.jpg", "caption": "Another scene."},
+                {"image_id": 8, "url": "https://x/VG_100K/8.jpg", "caption": "Not in the test split."}]
+        _json(root / "image2paragraph/annotations/paragraphs_coco.json", {"images": [], "annotations": anns})
+        _json(root / "image2paragraph/annotations/test_split.json", [6, 5])
+        _image(str(root / "image2paragraph/images/VG_100K/5.jpg"), 0)
+        _image(str(root / "image2paragraph/images/VG_100K_2/6.jpg"), 1)
+        want_ids = [5, 6]
+    samples = ev.TASKS[task].read(str(root))
+    assert [s["id"] for s in samples] == want_ids and all(os.path.isfile(s["image"]) for s in samples)
+    res = ev.evaluate(model, tok, _args(task, root))
+    assert [o["id"] for o in res["samples"]] == want_ids
+    refs = ev.caption_references(task, str(root))
+    cands = {o["id"]: o["caption"] for o in res["samples"]}
+    want, _ = ev.caption_metrics({k: refs[k] for k in cands}, cands)
+    assert res["metrics"] == want and set(want) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
+    if task == "coco_karpathy":
+        assert all("." not in o["caption"] for o in res["samples"])
+
+
+def test_caption_prompts_are_the_original_strings(demo_model_and_tokenizer):
+    _, tok = demo_model_and_tokenizer
+    soi_img = [tok.soi_id] + [tok.image_id] * 8
+    assert tok.encode(ev.caption_prompt(8)) == [tok.bos_id] + soi_img + tok.encode("a photo of", add_bos=False)
+    assert ev.paragraph_prompt(2) == ("<|beginofimage|><|image|><|image|>Please describe the image in detail. "
+                                     "The image depicts")
+    assert ev.vqa_prompt("Why?", 1) == ("Based on the image, please answer the question. <|beginofimage|><|image|>Why? "
+                                       "Please provide an accurate answer within one word. The answer is:")
+    assert ev.vizwiz_prompt("Why?", 1).endswith("respond with 'Unanswerable'. Please provide an accurate answer "
+                                                "within one word. The answer is:")
+    batch = ev.text_batch([ev.caption_prompt(8), ev.vqa_prompt("Why?", 8)], [torch.zeros(3, 64, 64)] * 2, tok)
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].tolist() == [1, 1]  # left-padded
+    assert batch["num_image_per_seq"].tolist() == [1, 1]
+
+
+def _vqa_answers(words):
+    return [{"answer": w, "answer_confidence": "yes", "answer_id": i + 1} for i, w in enumerate(words)]
+
+
+@pytest.mark.parametrize("task", ["vqav2", "okvqa", "textvqa", "vizwiz_vqa"])
+def test_vqa_readers_end_to_end(task, tmp_path, demo_model_and_tokenizer, short_generation):
+    model, tok = demo_model_and_tokenizer
+    root = tmp_path
+    answers = ["red"] * 6 + ["blue"] * 4
+    if task in ("vqav2", "okvqa"):
+        folder, a_name, q_name = {"vqav2": ("VQAv2", "v2_mscoco_val2014_annotations.json",
+                                            "v2_OpenEnded_mscoco_val2014_questions.json"),
+                                  "okvqa": ("OK-VQA", "mscoco_val2014_annotations.json",
+                                            "OpenEnded_mscoco_val2014_questions.json")}[task]
+        _json(root / folder / a_name, {"annotations": [
+            {"question_id": 301, "image_id": 3, "answers": _vqa_answers(answers), "multiple_choice_answer": "red"},
+            {"question_id": 401, "image_id": 4, "answers": _vqa_answers(["2"] * 10), "multiple_choice_answer": "2"}]})
+        _json(root / folder / q_name, {"questions": [{"question_id": 301, "image_id": 3, "question": "Colour?"},
+                                                     {"question_id": 401, "image_id": 4, "question": "How many?"}]})
+        for i in (3, 4):
+            _image(str(root / f"coco/val2014/COCO_val2014_{i:012d}.jpg"), i)
+        want_ids = [301, 401]
+    elif task == "textvqa":
+        _json(root / "textvqa/textvqa_val_annotations.json", {"annotations": [
+            {"question_id": 9, "image_id": "abc", "answers": answers}]})
+        _json(root / "textvqa/textvqa_val_questions.json", {"questions": [
+            {"question_id": 9, "image_id": "abc", "question": "What does it say?", "image": "abc.jpg"}]})
+        _image(str(root / "textvqa/train_images/abc.jpg"), 0)
+        want_ids = [9]
+    else:
+        _json(root / "VizWiz/val.json", [
+            {"image": "VizWiz_val_00000000.jpg", "question": "What is this?", "answer_type": "other",
+             "answerable": 1, "answers": [{"answer": a, "answer_confidence": "yes"} for a in answers]}])
+        _image(str(root / "VizWiz/val/VizWiz_val_00000000.jpg"), 0)
+        want_ids = ["VizWiz_val_00000000.jpg"]
+    res = ev.evaluate(model, tok, _args(task, root))
+    assert [o["id"] for o in res["samples"]] == want_ids
+    accuracy = ev.vizwiz_accuracy if task == "vizwiz_vqa" else ev.vqa_accuracy
+    per = []
+    for o, s in zip(res["samples"], ev.TASKS[task].read(str(root))):
+        assert o["answer"] == ev.extract_answer(o["generated"])
+        assert o["accuracy"] == accuracy(o["answer"], s["answers"])
+        per.append(o["accuracy"])
+    assert res["metrics"]["overall_accuracy"] == pytest.approx(100 * np.mean(per))
+
+
+def _visdial_layout(root):
+    questions, answers = ["is it red", "how many", "is it big"], ["yes", "two", "no"]
+    dialog = [{"question": q, "answer": q, "answer_options": [0, 1, 2]} for q in range(3)]
+    _json(root / "visdial/visdial_1.0_val.json", {"data": {"questions": questions, "answers": answers, "dialogs": [
+        {"image_id": 77, "caption": "a red circle", "dialog": dialog}]}})
+    _json(root / "visdial/visdial_1.0_val_dense_annotations.json",
+          [{"image_id": 77, "round_id": 3, "gt_relevance": [0.0, 1.0, 0.5]}])
+    _image(str(root / "visdial/VisualDialog_val2018/VisualDialog_val2018_000000000077.jpg"), 0)
+
+
+def test_visdial_reader_context_and_likelihood_ranking(tmp_path, demo_model_and_tokenizer):
+    model, tok = demo_model_and_tokenizer
+    _visdial_layout(tmp_path)
+    (s,) = ev.read_visdial(str(tmp_path))
+    # round 3 is asked; as in the original, round 2 (the one just before it) is left out of the history
+    assert ev.visdial_context(s, 8) == (data.image_placeholder(8) + " caption: a red circle. question: is it red? "
+                                       "answer: yes. question: is it big? answer:")
+    res = ev.evaluate(model, tok, _args("visdial", tmp_path))
+    (o,) = res["samples"]
+    # the ranking follows the summed option log-likelihoods, computed here one unpadded row per option
+    image = ev.load_eval_image(s["image"], 64)
+    ctx = tok.encode(ev.visdial_context(s, 8))
+    want = []
+    with torch.no_grad():
+        for opt in s["options"]:
+            ids = ctx + tok.encode(opt, add_bos=False)
+            batch = dict(text_ids=torch.tensor([ids]), image_tensors=image[None], num_image_per_seq=torch.tensor([1]))
+            logp = model.text_logits(batch)[0].log_softmax(-1)
+            want.append(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(ids[len(ctx):])))
+    assert o["ranks"] == ev.scores_to_ranks(torch.tensor([want]))[0].tolist()
+    assert res["metrics"]["ndcg"] == pytest.approx(ev.ndcg(torch.tensor([o["ranks"]]), torch.tensor([s["relevance"]])))
+
+
+def test_text_to_image_readers(tmp_path):
+    root = tmp_path
+    _json(root / "coco/annotations/captions_val2014.json", {"annotations": [
+        {"image_id": 5, "id": 1, "caption": "A Red circle"}, {"image_id": 5, "id": 2, "caption": "second"},
+        {"image_id": 9, "id": 3, "caption": "Two squares"}]})
+    got = ev.read_coco_t2i(str(root))
+    assert [(s["id"], s["caption"]) for s in got] == [(0, "a red circle"), (1, "two squares")]
+    assert got[1]["image"] == str(root / "coco/val2014/COCO_val2014_000000000009.jpg")
+    os.makedirs(root / "lncoco")
+    with open(root / "lncoco/coco_val_captions.jsonl", "w") as f:
+        for image_id, cap in ((1, "a"), (1, "b"), (1, "c"), (2, "d")):
+            f.write(json.dumps({"image_id": image_id, "caption": cap}) + "\n")
+    got = ev.read_lncoco(str(root), total_length=4000)
+    assert [s["caption"] for s in got[:4]] == ["a", "b", "c", "d"] and len(got) == 4000
+    assert got[3]["image"] == str(root / "coco/val2017/000000000002.jpg")
+    # oversampling is inverse to caption count per image: image 2's one caption is drawn about as often as
+    # image 1's three together (half of the extra draws each)
+    extra = [s["caption"] for s in got[4:]]
+    assert abs(extra.count("d") / len(extra) - 0.5) < 0.05
+
+
+def test_readers_name_the_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="coco_karpathy_test.json"):
+        ev.read_coco_karpathy(str(tmp_path))
+    _json(tmp_path / "VizWiz/val.json", [{"image": "x.jpg", "question": "q"}])
+    with pytest.raises(ValueError, match=r"val.json\[0\]: missing field 'answers'"):
+        ev.read_vizwiz(str(tmp_path))
+
+
+def _rank_worker(rank, world, root, port, result_path):
+    # a cheap task in place of a model: each rank reports which samples it was given
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    ev.TASKS["rank_probe"] = ev.Task(ev.read_vizwiz, lambda m, t, samples, a: [{"id": s["id"], "rank": rank}
+                                                                           for s in samples],
+                                   lambda r, outputs, a: {"n": len(outputs)})
+    res = ev.evaluate(None, None, _args("rank_probe", root, limit=5), rank, world)
+    if rank == 0:
+        ev.write_json_atomic(result_path, res)
+    else:
+        assert res is None
+    torch.distributed.destroy_process_group()
+
+
+def test_torchrun_split_is_rank_strided_and_gathered_on_rank_0(tmp_path):
+    _json(tmp_path / "VizWiz/val.json", [{"image": f"{i}.jpg", "question": "q", "answers": ["a"]} for i in range(7)])
+    port = 29500 + os.getpid() % 1000
+    # fork: the children need no fresh import of torch (they do no tensor maths, so forked thread pools are safe)
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, str(tmp_path), port, str(tmp_path / "r.json")),
+                                          nprocs=2, start_method="fork")
+    res = json.load(open(tmp_path / "r.json"))
+    assert res["metrics"] == {"n": 5} and res["config"]["world_size"] == 2
+    # rank 0 took samples 0, 2, 4 and rank 1 took 1, 3 (the limit applies before the split)
+    assert [(o["id"], o["rank"]) for o in res["samples"]] == [("0.jpg", 0), ("2.jpg", 0), ("4.jpg", 0),
+                                                              ("1.jpg", 1), ("3.jpg", 1)]
+
+
+def test_command_line_writes_config_metrics_and_samples(tmp_path, monkeypatch, demo_model_and_tokenizer,
+                                                        short_generation):
+    model, _ = demo_model_and_tokenizer
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: model)  # from_pretrained: mmi's tests
+    _json(tmp_path / "VizWiz/val.json", [{"image": "a.jpg", "question": "What is it?", "answers": ["red"] * 10},
+                                         {"image": "b.jpg", "question": "Colour?", "answers": ["blue"] * 10}])
+    _image(str(tmp_path / "VizWiz/val/a.jpg"), 0)
+    out = tmp_path / "res.json"
+    ev.main(["--task=vizwiz_vqa", f"--data_root={tmp_path}", "--init_from=unused", "--limit=1",
+            f"--tokenizer={data.DEMO_TOKENIZER_PATH}", f"--out={out}"])
+    res = json.load(open(out))
+    assert res["task"] == "vizwiz_vqa" and res["num_samples"] == 1 and res["config"]["limit"] == 1
+    assert res["config"]["generation"]["num_beams"] == ev.VQA_GENERATION["num_beams"]
+    assert set(res["samples"][0]) == {"id", "question", "generated", "answer", "accuracy"}
+    assert res["metrics"]["overall_accuracy"] == 100 * res["samples"][0]["accuracy"]
+
+
+def _t2i_layout(root, captions):
+    """COCO val2014 and LN-COCO layouts over the same 64x64 PNG images; returns {caption: image tensor}."""
+    _json(root / "coco/annotations/captions_val2014.json", {"annotations": [
+        {"image_id": k, "id": k, "caption": c} for k, c in captions.items()]})
+    os.makedirs(root / "lncoco")
+    with open(root / "lncoco/coco_val_captions.jsonl", "w") as f:
+        for k, c in captions.items():
+            f.write(json.dumps({"image_id": k, "caption": c}) + "\n")
+    truth = {}
+    for k, c in captions.items():
+        arr = np.random.default_rng(k).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        for path in (root / f"coco/val2014/COCO_val2014_{k:012d}.jpg", root / f"coco/val2017/{k:012d}.jpg"):
+            os.makedirs(path.parent, exist_ok=True)
+            Image.fromarray(arr).save(path, format="PNG")      # lossless, whatever the extension says
+        truth[c] = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    return truth
+
+
+def test_text_to_image_task_prompts_saves_and_scores_fid(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    """LN-COCO plumbing with a stand-in decoder that returns each caption's own ground-truth image: prompts are
+    "{caption} <soi><image>..." right-padded, images are written as PNG, and FID of a set against itself is 0.
+    (Inception itself is tested above; here 2x2-pooled pixels stand in for its features, to stay fast.)"""
+    model, tok = demo_model_and_tokenizer
+    captions = {3: "a red circle", 8: "two blue squares on the left"}
+    truth = _t2i_layout(tmp_path, captions)
+    seen = []
+
+    def generate_images(batch, steps, guidance_scale, sampler, seed, num_images_per_context):
+        assert num_images_per_context == 1
+        seen.append(batch)
+        texts = [tok.decode(row[m.bool()].tolist()) for row, m in zip(batch["text_ids"], batch["attention_mask"])]
+        return {"image": torch.stack([truth[t] for t in texts])}
+
+    monkeypatch.setattr(model, "generate_images", generate_images)
+    monkeypatch.setattr(model, "image_decoder", torch.nn.Identity())  # stands for a decoder; never called
+    args = _args("lncoco", tmp_path, limit=2)
+    args.out = str(tmp_path / "r.json")
+    with pytest.raises(ValueError, match=ev.FID_WEIGHTS_NAME):         # before any sampling
+        ev.evaluate(model, tok, args)
+    assert not seen
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    monkeypatch.setattr(ev, "inception_features",
+                        lambda net, images, device="cpu": torch.nn.functional.adaptive_avg_pool2d(
+                            images, 2).flatten(1).double().numpy())
+    res = ev.evaluate(model, tok, args)
+    (batch,) = seen
+    want = [tok.encode(c + " " + data.image_placeholder(8)) for c in captions.values()]
+    for row, m, w in zip(batch["text_ids"].tolist(), batch["attention_mask"].tolist(), want):
+        assert row[:len(w)] == w and m == [1] * len(w) + [0] * (len(row) - len(w))       # right-padded
+    assert [os.path.basename(o["generated"]) for o in res["samples"]] == ["00000.png", "00001.png"]
+    assert res["metrics"]["FID"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_coco_text_to_image_keeps_the_clip_best_of_8(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    import tokenizers
+    model, tok = demo_model_and_tokenizer
+    captions = {3: "a red circle", 8: "two blue squares"}
+    _t2i_layout(tmp_path, captions)
+    words = ["<|startoftext|>", "<|endoftext|>", "[UNK]"] + sorted({w for c in captions.values() for w in c.split()})
+    clip_tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, "[UNK]"))
+    clip_tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    scorer = ev.CLIPScorer(image_size=28, patch=14, vision_dim=48, vision_layers=1, vision_heads=4, vision_hidden=40,
+                          vocab=len(words), text_dim=32, text_layers=1, text_heads=4, text_hidden=37,
+                          projection_dim=24).eval()
+    monkeypatch.setattr(ev, "load_clip", lambda path: (scorer, clip_tok))
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    monkeypatch.setattr(ev, "inception_features",
+                        lambda net, images, device="cpu": images.flatten(1)[:, :8].double().numpy())
+    drawn = []
+
+    def generate_images(batch, steps, guidance_scale, sampler, seed, num_images_per_context):
+        g = torch.Generator().manual_seed(seed)
+        drawn.extend(torch.rand(num_images_per_context, batch["text_ids"].shape[0], 3, 40, 40, generator=g))
+        return {"image": torch.cat(drawn[-num_images_per_context:])}                 # copy-major
+
+    monkeypatch.setattr(model, "generate_images", generate_images)
+    monkeypatch.setattr(model, "image_decoder", torch.nn.Identity())  # stands for a decoder; never called
+    args = _args("coco_t2i", tmp_path)
+    args.out = str(tmp_path / "r.json")
+    res = ev.evaluate(model, tok, args)
+    assert len(drawn) == 8 and res["config"]["generation"]["samples_per_caption"] == 8
+    for b, (o, caption) in enumerate(zip(res["samples"], captions.values())):
+        # score every candidate of this caption on its own, as CLIP would
+        ids = ev.clip_text_ids(clip_tok, caption)
+        assert ids[0] == 0 and ids[-1] == 1
+        cands = [(d[b] * 255 + 0.5).to(torch.uint8) for d in drawn]
+        with torch.no_grad():
+            text = scorer.text_features(torch.tensor([ids]), torch.tensor([len(ids) - 1]))
+            pix = torch.stack([ev.clip_image_tensor(Image.fromarray(c.permute(1, 2, 0).numpy()), 28) for c in cands])
+            best = int((scorer.image_features(pix) @ text[0]).argmax())
+        assert o["candidate"] == best
+        assert np.array_equal(np.asarray(Image.open(o["generated"])), cands[best].permute(1, 2, 0).numpy())
+
+
+def test_clip_scorer_equals_transformers_clip_at_a_tiny_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import safetensors.torch
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=98),
+        vision_config=dict(image_size=28, patch_size=14, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=24)
+    torch.manual_seed(0)
+    ref = transformers.CLIPModel(cfg).eval()
+    ours = ev.CLIPScorer(image_size=28, patch=14, vision_dim=48, vision_layers=2, vision_heads=4, vision_hidden=40,
+                        vocab=99, text_dim=32, text_layers=2, text_heads=4, text_hidden=37, projection_dim=24)
+    state = {k: v for k, v in ref.state_dict().items() if not k.endswith("position_ids") and k != "logit_scale"}
+    ours.load_state_dict(state)                          # strict: every name matches transformers'
+    texts = [[97, 5, 6, 7, 98], [97, 9, 98]]              # bos ... eos; eos is the largest id, as in CLIP's vocab
+    ids = torch.full((2, 77), 98)                        # the original pads to 77 with eos and passes no mask
+    for i, t in enumerate(texts):
+        ids[i, :len(t)] = torch.tensor(t)
+    images = torch.rand(6, 3, 28, 28)
+    mean, std = torch.tensor(ev.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(ev.CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want_t = F_normalize(ref.get_text_features(input_ids=ids))
+        want_i = F_normalize(ref.get_image_features(pixel_values=(images - mean) / std))
+        got_t = ours.text_features(torch.tensor([[97, 5, 6, 7, 98], [97, 9, 98, 0, 0]]), torch.tensor([4, 2]))
+        got_i = ours.image_features(images)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_i, want_i, rtol=1e-5, atol=1e-5)
+    # copy-major candidates: image c * B + b is caption b's candidate c
+    want_best = (want_i.view(3, 2, -1) * want_t[None]).sum(-1).argmax(0)
+    assert ev.clip_best_of(ours, texts, images, 3).tolist() == want_best.tolist()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        ev.load_clip(str(tmp_path))
+
+
+def F_normalize(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def test_clip_image_tensor_matches_transformers_clip_image_processor():
+    transformers = pytest.importorskip("transformers")
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    want = proc(images=img, return_tensors="pt").pixel_values[0]
+    mean, std = torch.tensor(ev.CLIP_MEAN).view(3, 1, 1), torch.tensor(ev.CLIP_STD).view(3, 1, 1)
+    got = (ev.clip_image_tensor(img, 32) - mean) / std
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_text_to_image_end_to_end_with_the_tiny_model(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    """LN-COCO through the tiny model's own image decoder (2 steps; the best-of-8 path is covered above)."""
+    model, tok = demo_model_and_tokenizer
+    _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    monkeypatch.setattr(ev, "inception_features",
+                        lambda net, images, device="cpu": torch.nn.functional.adaptive_avg_pool2d(
+                            images, 2).flatten(1).double().numpy())
+    args = _args("lncoco", tmp_path, limit=2)
+    args.out = str(tmp_path / "lncoco.json")
+    res = ev.evaluate(model, tok, args)                                   # both captions in one batch of 2
+    for o in res["samples"]:
+        with Image.open(o["generated"]) as im:
+            assert im.mode == "RGB" and im.size == (model.cfg.vision.image_size,) * 2
+        assert o["candidate"] == 0
+    assert math.isfinite(res["metrics"]["FID"]) and res["metrics"]["FID"] > 0
+    with pytest.raises(ValueError, match="at least 2"):
+        ev.feature_statistics(np.zeros((1, 4)))

@@ -1,0 +1,1358 @@
+"""Score mmi the way the MM-Interleaved paper does, on the evaluation sets laid out as the original README shows.
+
+    python eval.py --task=coco_karpathy --data_root=assets/datasets --init_from=out/mmi-13b --limit=100 --out=r.json
+    torchrun --nproc_per_node=8 eval.py --task=vqav2 --data_root=... --init_from=...
+    python eval.py --task=coco_t2i ... --inception=pt_inception-2015-12-05-6726825d.pth --clip=clip-vit-large-patch14/
+
+Tasks (the original mm_eval.yaml's sets; its "coco" text-to-image set is `coco_t2i` here): coco_karpathy,
+flickr30k, nocaps, image2paragraph (BLEU-4, CIDEr); vqav2, okvqa, textvqa, vizwiz_vqa (VQA accuracy);
+visdial (NDCG); coco_t2i, lncoco (FID). Results JSON: the config, the metrics and every sample's output.
+
+Sections follow the work: caption metrics (PTB-style tokenisation, BLEU, CIDEr-D) -> VQA accuracy -> VisDial NDCG
+-> FID (Inception-v3 with the FID weights, Frechet distance) -> CLIP ViT-L/14 for best-of-8 re-ranking -> one
+reader per evaluation set -> prompts and batches -> the task runners -> distribution over ranks -> command line.
+Every metric is implemented here with numpy/torch; the tests check them against pycocoevalcap, scipy,
+transformers' CLIP and hand-computed cases.
+
+Layout under --data_root (the original README's tree; the files each task reads):
+    coco/annotations/coco_karpathy_test.json, coco_karpathy_test_gt.json, captions_val2014.json; coco/val2014/
+    flickr30k/test1k.token.coco_format, flickr30k/flickr30k-images/
+    nocaps/nocaps_val_4500_captions.json, nocaps/images/
+    image2paragraph/annotations/paragraphs_coco.json, test_split.json; image2paragraph/images/
+    lncoco/coco_val_captions.jsonl (images in coco/val2017/)
+    VQAv2/v2_mscoco_val2014_annotations.json, v2_OpenEnded_mscoco_val2014_questions.json (images in coco/val2014/)
+    OK-VQA/mscoco_val2014_annotations.json, OpenEnded_mscoco_val2014_questions.json (images in coco/val2014/)
+    textvqa/textvqa_val_annotations.json, textvqa_val_questions.json, textvqa/train_images/
+    VizWiz/val.json, VizWiz/val/
+    visdial/visdial_1.0_val.json, visdial_1.0_val_dense_annotations.json, visdial/VisualDialog_val2018/
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import data
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caption metrics: PTB-style tokenisation, BLEU-1..4, CIDEr-D (as pycocoevalcap computes them)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Tokens the COCO caption toolkit drops after Stanford's PTBTokenizer has run. Its bracket names are upper-case
+# while -lowerCase makes the tokenizer emit "-lrb-": brackets survive into the scored captions, and so they do here.
+PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+                   "...", ";"}
+_PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-", '"': "''"}
+_PTB_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
+                    "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}
+_PTB_CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
+_PTB_ABBREV = re.compile(r"^([a-z]\.)+[a-z]?\.?$|^(mr|mrs|ms|dr|st|jr|sr|vs|etc|inc|co|corp|ltd|no)\.$")
+_PTB_EDGE = "([{\"'`;:,!?)]}"
+
+
+def ptb_tokenize(text):
+    """Lower-cased tokens as pycocoevalcap's PTBTokenizer (Stanford CoreNLP 3.4.1, -lowerCase) yields them, with
+    its punctuation tokens removed; returned joined by single spaces.
+
+    A pure-Python approximation of the Java tokeniser: it splits off edge punctuation, clitics ("n't", "'s",
+    "'re", ...), "cannot"/"gonna"-style words, "$", "#" and "%", and a final period unless the word is an
+    abbreviation. Known differences: CoreNLP's full abbreviation list, emoticons (":)"), HTML entities
+    ("&amp;"), "y'all"/"'tis" splits and unicode quotes are not reproduced (rare in generated captions).
+    """
+    out = []
+    for chunk in text.replace("\n", " ").lower().split():
+        out.extend(_PTB_BRACKETS.get(t, t) for t in _ptb_chunk(chunk))
+    return " ".join(t for t in out if t not in PTB_PUNCTUATION)
+
+
+def _ptb_chunk(chunk):
+    if chunk == "'n'" or re.fullmatch(r"'\d0s", chunk):        # "rock 'n' roll", "the '80s" stay whole
+        return [chunk]
+    head, tail = [], []
+    while chunk and (chunk[0] in _PTB_EDGE or chunk[0] == "$" or chunk[:1] == "#" and chunk[1:2].isdigit()):
+        n = 2 if chunk[:2] in ("``", "''") else 1
+        head.append(chunk[:n])
+        chunk = chunk[n:]
+    while chunk:
+        run = re.search(r"[!?]+$", chunk)
+        if chunk.endswith("...") and len(chunk) > 3:
+            tail.insert(0, "...")
+            chunk = chunk[:-3]
+        elif run and run.end() - run.start() > 1:              # "!!", "?!" are one token, and not dropped
+            tail.insert(0, run.group())
+            chunk = chunk[:run.start()]
+        elif chunk[-1] in _PTB_EDGE or chunk[-1] == "%":
+            tail.insert(0, chunk[-1])
+            chunk = chunk[:-1]
+        elif chunk[-1] == "." and len(chunk) > 1 and not _PTB_ABBREV.match(chunk):
+            tail.insert(0, ".")
+            chunk = chunk[:-1]
+        else:
+            break
+    middle = []
+    if chunk:
+        if chunk in _PTB_SPLIT_WORDS:
+            middle = list(_PTB_SPLIT_WORDS[chunk])
+        else:
+            m = _PTB_CLITIC.match(chunk)
+            middle = [m.group(1), m.group(2)] if m else [chunk]
+    return head + middle + tail
+
+
+def _ngrams(words, n):
+    """Counts of every 1..n-gram of a token list."""
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def bleu(refs, cands, n=4):
+    """Corpus BLEU-1..n over tokenised captions, as pycocoevalcap's Bleu(4) ("closest" reference length).
+
+    refs: {id: [str, ...]}, cands: {id: str}. Returns ([BLEU-1..n] for the corpus, per-sample [[BLEU-k per id]]).
+    The corpus brevity penalty uses the summed lengths of each candidate's closest reference (ties: shorter).
+    """
+    tiny, small = 1e-15, 1e-9          # pycocoevalcap's guards: a zero match count gives ~0, never a division by 0
+    total_guess, total_correct = [0] * n, [0] * n
+    total_test = total_ref = 0
+    per_sample = [[] for _ in range(n)]
+    for key in refs:
+        words = cands[key].split()
+        ref_words = [r.split() for r in refs[key]]
+        clip = Counter()
+        for r in ref_words:
+            clip |= _ngrams(r, n)                                   # n-gram counts clipped at the per-ref maximum
+        correct = [0] * n
+        for gram, count in _ngrams(words, n).items():
+            correct[len(gram) - 1] += min(count, clip[gram])
+        guess = [max(0, len(words) - k) for k in range(n)]
+        ref_len = min((abs(len(r) - len(words)), len(r)) for r in ref_words)[1]
+        total_test += len(words)
+        total_ref += ref_len
+        for k in range(n):
+            total_guess[k] += guess[k]
+            total_correct[k] += correct[k]
+        for k, score in enumerate(_bleu_from_counts(correct, guess, len(words), ref_len, tiny, small)):
+            per_sample[k].append(score)
+    corpus = _bleu_from_counts(total_correct, total_guess, total_test, total_ref, tiny, small)
+    return corpus, per_sample
+
+
+def _bleu_from_counts(correct, guess, test_len, ref_len, tiny, small):
+    scores, prod = [], 1.0
+    for k in range(len(correct)):
+        prod *= (float(correct[k]) + tiny) / (float(guess[k]) + small)
+        scores.append(prod ** (1.0 / (k + 1)))
+    ratio = (test_len + tiny) / (ref_len + small)
+    if ratio < 1:
+        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
+    return scores
+
+
+def cider_d(refs, cands, n=4, sigma=6.0):
+    """CIDEr-D as pycocoevalcap's `Cider` computes it. refs: {id: [str, ...]}, cands: {id: str}, tokenised.
+
+    Per n: tf-idf vectors with document frequencies counted over the references of the evaluated set, the
+    candidate's weights clipped at the reference's, cosine similarity times a Gaussian length penalty
+    (sigma 6), averaged over n and references, times 10. Returns (mean, per-sample list).
+    Like pycocoevalcap, the "length" in the penalty is the number of bigrams (words - 1), not of words.
+    """
+    keys = list(refs)
+    ref_counts = {k: [_ngrams(r.split(), n) for r in refs[k]] for k in keys}
+    doc_freq = Counter()
+    for k in keys:
+        doc_freq.update(set(g for c in ref_counts[k] for g in c))
+    log_num_docs = np.log(float(len(keys)))
+
+    def tfidf(counts):
+        vec = [dict() for _ in range(n)]
+        norm = [0.0] * n
+        n_bigrams = 0
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            vec[k][gram] = float(tf) * (log_num_docs - np.log(max(1.0, doc_freq[gram])))
+            norm[k] += vec[k][gram] ** 2
+            if k == 1:
+                n_bigrams += tf
+        return vec, [np.sqrt(x) for x in norm], n_bigrams
+
+    scores = []
+    for k in keys:
+        vec, norm, length = tfidf(_ngrams(cands[k].split(), n))
+        total = np.zeros(n)
+        for counts in ref_counts[k]:
+            vec_r, norm_r, length_r = tfidf(counts)
+            penalty = np.e ** (-(float(length - length_r) ** 2) / (2 * sigma ** 2))
+            for j in range(n):
+                val = sum(min(w, vec_r[j].get(g, 0.0)) * vec_r[j].get(g, 0.0) for g, w in vec[j].items())
+                if norm[j] != 0 and norm_r[j] != 0:
+                    val /= norm[j] * norm_r[j]
+                total[j] += val * penalty
+        scores.append(float(np.mean(total) / len(ref_counts[k]) * 10.0))
+    return float(np.mean(scores)), scores
+
+
+def caption_metrics(refs, cands):
+    """Raw captions -> ({"Bleu_1".."Bleu_4", "CIDEr"}, {id: CIDEr}) after PTB-style tokenisation of both sides."""
+    refs_t = {k: [ptb_tokenize(r) for r in v] for k, v in refs.items()}
+    cands_t = {k: ptb_tokenize(cands[k]) for k in refs}
+    corpus, _ = bleu(refs_t, cands_t)
+    cider, per = cider_d(refs_t, cands_t)
+    out = {f"Bleu_{k + 1}": s for k, s in enumerate(corpus)}
+    out["CIDEr"] = cider
+    return out, dict(zip(refs, per))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VQA accuracy (the official VQA / VizWiz evaluation) and the original's answer post-processing
+# ---------------------------------------------------------------------------------------------------------------
+
+_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+              "!"]
+# The official pattern: its "(?!<=\d)" is a (no-op) lookahead, not a lookbehind, so a period is dropped unless a
+# digit follows it ("1.5" keeps its period, "3." loses it). Reproduced as the official scores depend on it.
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
+_VQA_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_ARTICLES = {"a", "an", "the"}
+# The official contraction table maps each apostrophe-less spelling to the written form; every key is its target
+# with exactly one apostrophe removed, so the table is generated from the targets. Two official oddities are kept:
+# "somebody'd" maps to "somebodyd", and the "I..." keys are capitalised (they never match lower-cased words).
+_VQA_CONTRACTION_TARGETS = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
+    "he'd've he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll ma'am mightn't mightn't've might've "
+    "mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've "
+    "somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've "
+    "something'll that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't "
+    "we'd've we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll "
+    "who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
+    "you'll you're you've").split()
+
+
+def _contraction_table(curly=False):
+    table = {}
+    for target in _VQA_CONTRACTION_TARGETS:
+        cuts = [i for i, ch in enumerate(target) if ch == "'"]
+        for i in cuts:
+            table[target[:i] + target[i + 1:]] = target
+    table["somebody'd"] = "somebodyd"
+    if curly:
+        # VizWiz's copy of the table has typographic apostrophes in most (not all) entries, so its expansions
+        # rarely equal the plain-apostrophe human answers; kept as the official VizWiz scores include this.
+        straight = {"aint", "arent", "cant", "couldve", "couldnt", "weve", "wheres", "whove"}
+        keep_key = {"couldn'tve", "hadn'tve"}
+        table = {(k if k in straight or k in keep_key else k.replace("'", "\u2019")):
+                 (v if k in straight else v.replace("'", "\u2019")) for k, v in table.items()}
+    return table
+
+
+_VQA_CONTRACTIONS = _contraction_table()
+_VIZWIZ_CONTRACTIONS = _contraction_table(curly=True)
+
+
+def vqa_normalize(answer, contractions=_VQA_CONTRACTIONS):
+    """The official answer normalisation: punctuation, then number words -> digits, articles dropped,
+    contractions restored."""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    out = answer
+    for p in _VQA_PUNCT:
+        # glued punctuation ("a-b") becomes a space, punctuation next to a space (or any "1,000") vanishes
+        if (p + " " in answer or " " + p in answer) or _VQA_COMMA_NUMBER.search(answer) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _VQA_PERIOD.sub("", out)
+    words = [_VQA_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    words = [contractions.get(w, w) for w in words if w not in _VQA_ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(pred, gt_answers):
+    """Official VQA accuracy of one answer against the (10) human answers: the mean, over each human left out in
+    turn, of min(#other humans who gave the answer / 3, 1). As in the official code, both sides are normalised
+    only when the humans disagree; otherwise they are only stripped."""
+    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in gt_answers]
+    pred = pred.replace("\n", " ").replace("\t", " ").strip()
+    if len(set(gts)) > 1:
+        gts = [vqa_normalize(a) for a in gts]
+        pred = vqa_normalize(pred)
+    return _leave_one_out_accuracy(pred, gts)
+
+
+def vizwiz_accuracy(pred, gt_answers):
+    """VizWiz accuracy: the prediction is always normalised (with VizWiz's contraction table), the human
+    answers never are; then the same leave-one-out formula as VQA."""
+    return _leave_one_out_accuracy(vqa_normalize(pred, _VIZWIZ_CONTRACTIONS), list(gt_answers))
+
+
+def _leave_one_out_accuracy(pred, gts):
+    accs = [min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3.0) for i in range(len(gts))]
+    return sum(accs) / len(accs)
+
+
+def extract_answer(response):
+    """The original's post-processing of a generated VQA answer (applied before the official evaluation):
+    first line / sentence / clause, lower case, text after the first "is ", "are ", "a ", "an ", "the "
+    (substring matches, in that order, so "this dog" keeps only "dog"), cut before " of", " or ", " and "."""
+    response = response.replace('"', "")
+    response = response.strip().split("\n")[0].split(".")[0].split(",")[0].split("!")[0].lower()
+    for lead in ("is ", "are ", "a ", "an ", "the "):
+        if lead in response:
+            response = response.split(lead)[1]
+    for cut in (" of", " or ", " and "):
+        if cut in response:
+            response = response.split(cut)[0]
+    return response.strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VisDial: ranks from option scores, NDCG on the dense relevance annotations
+# ---------------------------------------------------------------------------------------------------------------
+
+def scores_to_ranks(scores):
+    """[N, K] option scores -> [N, K] ranks 1..K (1 = highest score; ties keep the sort's order)."""
+    order = torch.as_tensor(scores).sort(dim=-1, descending=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(1, order.shape[1] + 1).expand_as(order).contiguous())
+    return ranks
+
+
+def ndcg(ranks, relevance):
+    """VisDial NDCG: per dialog, DCG of the top-k predicted options against the DCG of the k most relevant,
+    k = number of options with non-zero relevance; averaged over dialogs. ranks, relevance: [N, K]."""
+    ranks = torch.as_tensor(ranks)
+    relevance = torch.as_tensor(relevance, dtype=torch.float32)
+    predicted = ranks.sort(dim=-1).indices                       # option indices, best first
+    ideal = relevance.sort(dim=-1, descending=True).indices
+    total = 0.0
+    for i in range(ranks.shape[0]):
+        k = int((relevance[i] != 0).sum())
+        discounts = torch.log2(torch.arange(k, dtype=torch.float32) + 2)
+        dcg = (relevance[i][predicted[i][:k]] / discounts).sum()
+        best = (relevance[i][ideal[i][:k]] / discounts).sum()
+        total += float(dcg / best)
+    return total / ranks.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FID: the Inception-v3 of TensorFlow's FID (pytorch-fid weights) and the Frechet distance
+# ---------------------------------------------------------------------------------------------------------------
+
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
+
+    Tr((S1 S2)^(1/2)) is computed as Tr((A S2 A)^(1/2)) with A = S1^(1/2): the two products are similar, and
+    A S2 A is symmetric positive semi-definite, so two symmetric eigendecompositions give the trace without
+    a general (complex) matrix square root. Round-off eigenvalues below zero count as zero."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"frechet_distance: means {mu1.shape}/{mu2.shape} and covariances {s1.shape}/{s2.shape} "
+                         f"must be [D] and [D, D]")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def feature_statistics(features):
+    """[N, D] features -> (mean [D], unbiased covariance [D, D]) in float64, as the FID reference computes them."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"FID statistics need at least 2 feature vectors [N, D], got shape {features.shape}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, cin, cout, **conv):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **conv)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_3x3(x):
+    # the FID network averages over valid pixels only at the borders (TensorFlow's SAME average pooling)
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_avg_pool_3x3(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, cin, c7):
+        super().__init__()
+        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, **row)
+        self.branch7x7_3 = BasicConv2d(c7, 192, **col)
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, **row)
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            bd = conv(bd)
+        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_avg_pool_3x3(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool               # the last block of the FID network max-pools its pool branch
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg_pool_3x3(x)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """Inception-v3 as used for FID (TensorFlow's 2015-12-05 graph, ported by pytorch-fid): parameter names
+    follow torchvision's Inception3, so `pt_inception-2015-12-05-6726825d.pth` loads by key. Returns the
+    2048-d pool3 features of images in [0, 1] (any size; resized bilinearly to 299 first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)        # the 1008-class head: in the weights file, unused for features
+
+    def forward(self, images):
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1                                                     # [0, 1] -> [-1, 1]
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        return x.mean(dim=(2, 3))                                          # (N, 2048, 8, 8) -> (N, 2048)
+
+
+def load_inception(path):
+    """The FID Inception from a user-supplied pytorch-fid weights file (never downloaded here)."""
+    if path is None or not os.path.isfile(path):
+        raise ValueError(f"FID needs the Inception weights file {FID_WEIGHTS_NAME} (pytorch-fid's FID weights); "
+                         f"not found at {path!r}. Download it once and pass --inception=/path/to/{FID_WEIGHTS_NAME}")
+    net = FIDInceptionV3()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not the FID Inception weights; missing keys {missing[:5]}, unexpected keys "
+                         f"{unexpected[:5]}")
+    return net.eval()
+
+
+def fid_image_tensor(pil_image, size=64):
+    """The original's FID preprocessing of one image (both sets): bicubic resize of the short side to `size`,
+    centre crop, [0, 1] float (3, size, size); the network then resizes to 299 itself."""
+    w, h = pil_image.size
+    # the original resizes with torchvision, which truncates the long side (int(size * long / short))
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    img = pil_image.convert("RGB").resize(new, resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = int(round((arr.shape[0] - size) / 2.0)), int(round((arr.shape[1] - size) / 2.0))
+    arr = arr[top:top + size, left:left + size]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 255.0
+
+
+@torch.no_grad()
+def inception_features(net, images, batch_size=50, device="cpu"):
+    """[N, 3, H, W] images in [0, 1] (or a list of PIL images) -> [N, 2048] float64 pool3 features."""
+    if isinstance(images, (list, tuple)):
+        images = torch.stack([fid_image_tensor(im) if isinstance(im, Image.Image) else im for im in images])
+    net = net.to(device)
+    out = [net(images[i:i + batch_size].to(device).float()).double().cpu()
+           for i in tqdm(range(0, len(images), batch_size), desc="inception", disable=len(images) <= batch_size)]
+    return torch.cat(out).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP ViT-L/14 (text and image towers) for the best-of-8 re-ranking of COCO text-to-image samples
+# ---------------------------------------------------------------------------------------------------------------
+# Module names follow transformers' CLIPModel, so openai/clip-vit-large-patch14's model.safetensors loads by key.
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipAttention(nn.Module):
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x, causal):
+        B, L, C = x.shape
+        q, k, v = (p(x).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                # (B, heads, L, D)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))                                    # quick-GELU
+
+
+class ClipLayer(nn.Module):
+    def __init__(self, dim, n_heads, hidden, eps):
+        super().__init__()
+        self.self_attn = ClipAttention(dim, n_heads)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = ClipMLP(dim, hidden)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, causal=False):
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipTextTower(nn.Module):
+    def __init__(self, vocab, dim, layers, heads, hidden, max_positions, eps):
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.token_embedding = nn.Embedding(vocab, dim)
+        self.embeddings.position_embedding = nn.Embedding(max_positions, dim)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(ClipLayer(dim, heads, hidden, eps) for _ in range(layers))
+        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, ids, eos_positions):
+        x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding.weight[:ids.shape[1]]
+        for layer in self.encoder.layers:
+            x = layer(x, causal=True)
+        x = self.final_layer_norm(x)
+        return x[torch.arange(ids.shape[0], device=ids.device), eos_positions]           # (B, dim) at each eos
+
+
+class ClipVisionTower(nn.Module):
+    def __init__(self, image_size, patch, dim, layers, heads, hidden, eps):
+        super().__init__()
+        n_pos = (image_size // patch) ** 2 + 1
+        self.embeddings = nn.Module()
+        self.embeddings.class_embedding = nn.Parameter(torch.zeros(dim))
+        self.embeddings.patch_embedding = nn.Conv2d(3, dim, patch, patch, bias=False)
+        self.embeddings.position_embedding = nn.Embedding(n_pos, dim)
+        self.pre_layrnorm = nn.LayerNorm(dim, eps=eps)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(ClipLayer(dim, heads, hidden, eps) for _ in range(layers))
+        self.post_layernorm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, pixels):
+        e = self.embeddings
+        x = e.patch_embedding(pixels).flatten(2).transpose(1, 2)                      # (B, G*G, dim)
+        x = torch.cat([e.class_embedding.expand(x.shape[0], 1, -1), x], 1) + e.position_embedding.weight
+        x = self.pre_layrnorm(x)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x[:, 0])                                             # (B, dim) class token
+
+
+class CLIPScorer(nn.Module):
+    """CLIP's two towers and projections: cosine similarity of captions and images. Defaults: ViT-L/14."""
+
+    def __init__(self, image_size=224, patch=14, vision_dim=1024, vision_layers=24, vision_heads=16,
+                 vision_hidden=4096, vocab=49408, text_dim=768, text_layers=12, text_heads=12, text_hidden=3072,
+                 max_positions=77, projection_dim=768, eps=1e-5):
+        super().__init__()
+        self.image_size = image_size
+        self.text_model = ClipTextTower(vocab, text_dim, text_layers, text_heads, text_hidden, max_positions, eps)
+        self.vision_model = ClipVisionTower(image_size, patch, vision_dim, vision_layers, vision_heads,
+                                            vision_hidden, eps)
+        self.text_projection = nn.Linear(text_dim, projection_dim, bias=False)
+        self.visual_projection = nn.Linear(vision_dim, projection_dim, bias=False)
+
+    def text_features(self, ids, eos_positions):
+        return F.normalize(self.text_projection(self.text_model(ids, eos_positions)), dim=-1)
+
+    def image_features(self, pixels):
+        mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+        return F.normalize(self.visual_projection(self.vision_model((pixels - mean) / std)), dim=-1)
+
+
+def clip_image_tensor(pil_image, size=224):
+    """CLIPProcessor's image path: bicubic resize of the short side to `size` (long side truncated), centre crop
+    (offsets rounded down), [0, 1] float (3, size, size); normalisation happens in `CLIPScorer.image_features`."""
+    w, h = pil_image.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    arr = np.asarray(pil_image.convert("RGB").resize(new, resample=Image.BICUBIC))
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    arr = arr[top:top + size, left:left + size]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 255.0
+
+
+def load_clip(path):
+    """(CLIPScorer, tokenizers.Tokenizer) from a folder holding openai/clip-vit-large-patch14's model.safetensors
+    and tokenizer.json (never downloaded here)."""
+    weights, tok_file = os.path.join(path or "", "model.safetensors"), os.path.join(path or "", "tokenizer.json")
+    for f in (weights, tok_file):
+        if path is None or not os.path.isfile(f):
+            raise ValueError(f"CLIP re-ranking needs openai/clip-vit-large-patch14's model.safetensors and "
+                             f"tokenizer.json in --clip; not found: {f}")
+    import safetensors.torch
+    import tokenizers
+    state = {k: v for k, v in safetensors.torch.load_file(weights).items()
+             if not k.endswith("position_ids") and k != "logit_scale"}
+    net = CLIPScorer()
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: not CLIP ViT-L/14; missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    return net.eval(), tokenizers.Tokenizer.from_file(tok_file)
+
+
+@torch.no_grad()
+def clip_best_of(scorer, text_ids, images, num_candidates):
+    """Index of the best candidate per caption. text_ids: one id list per caption (bos ... eos, as CLIP's
+    tokenizer gives them); images: [num_candidates * B, 3, S, S] in [0, 1], copy-major (all captions' first
+    candidate, then the second, ...), as the original's generator returns them. -> [B] candidate indices."""
+    B = len(text_ids)
+    L = max(len(t) for t in text_ids)
+    device = images.device
+    ids = torch.zeros((B, L), dtype=torch.long, device=device)      # after eos: masked by causality, never read
+    for i, t in enumerate(text_ids):
+        ids[i, :len(t)] = torch.tensor(t)
+    text = scorer.text_features(ids, torch.tensor([len(t) - 1 for t in text_ids], device=device))
+    image = scorer.image_features(images)
+    scores = (image.view(num_candidates, B, -1) * text[None]).sum(-1)                 # (num_candidates, B)
+    return scores.argmax(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers: one per evaluation set, each reading the original layout under --data_root
+# ---------------------------------------------------------------------------------------------------------------
+# Every reader returns a list of plain dicts (JSON-serialisable): "id" (the key the original scores by),
+# "image" (a path) and the task's fields. References for scoring are read separately (`*_references`).
+
+def _load_json(path, what):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {what} not found (expected the original evaluation layout, see eval.py's header)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def _require(record, keys, where):
+    for k in keys:
+        if k not in record:
+            raise ValueError(f"{where}: missing field {k!r} (expected fields {list(keys)})")
+
+
+def _coco_id_from_name(name):
+    # "val2014/COCO_val2014_000000391895.jpg" -> 391895
+    return int(os.path.splitext(name)[0].split("_")[-1])
+
+
+def _first_per_image(samples):
+    """Keep the first sample of every image id (the original evaluates each image once)."""
+    seen, out = set(), []
+    for s in samples:
+        if s["id"] not in seen:
+            seen.add(s["id"])
+            out.append(s)
+    return out
+
+
+def read_coco_karpathy(root):
+    path = os.path.join(root, "coco", "annotations", "coco_karpathy_test.json")
+    items = _load_json(path, "Karpathy test split")
+    samples = []
+    for i, it in enumerate(items):
+        _require(it, ("image",), f"{path}[{i}]")
+        samples.append({"id": _coco_id_from_name(it["image"]), "image": os.path.join(root, "coco", it["image"])})
+    return _first_per_image(samples)
+
+
+def _coco_format_captions(path, image_dir, what):
+    meta = _load_json(path, what)
+    _require(meta, ("images", "annotations"), path)
+    names = {im["id"]: im["file_name"] for im in meta["images"]}
+    samples = []
+    for i, ann in enumerate(meta["annotations"]):
+        _require(ann, ("image_id", "caption"), f"{path}: annotations[{i}]")
+        if ann["image_id"] not in names:
+            raise ValueError(f"{path}: annotations[{i}] has image_id {ann['image_id']} not listed in 'images'")
+        samples.append({"id": ann["image_id"], "image": os.path.join(image_dir, names[ann["image_id"]])})
+    return _first_per_image(samples)
+
+
+def read_flickr30k(root):
+    return _coco_format_captions(os.path.join(root, "flickr30k", "test1k.token.coco_format"),
+                                 os.path.join(root, "flickr30k", "flickr30k-images"), "Flickr30k test-1k captions")
+
+
+def read_nocaps(root):
+    return _coco_format_captions(os.path.join(root, "nocaps", "nocaps_val_4500_captions.json"),
+                                 os.path.join(root, "nocaps", "images"), "NoCaps validation captions")
+
+
+def read_image2paragraph(root):
+    base = os.path.join(root, "image2paragraph")
+    path = os.path.join(base, "annotations", "paragraphs_coco.json")
+    anns = _load_json(path, "Stanford paragraphs (COCO format)")
+    _require(anns, ("annotations",), path)
+    split = set(_load_json(os.path.join(base, "annotations", "test_split.json"), "paragraph test split"))
+    by_image = {}
+    for i, a in enumerate(anns["annotations"]):
+        _require(a, ("image_id", "url"), f"{path}: annotations[{i}]")
+        by_image[a["image_id"]] = a                       # the original keeps the last record per image
+    # image path = the last two parts of the url (e.g. ".../VG_100K_2/123.jpg")
+    return [{"id": k, "image": os.path.join(base, "images", *a["url"].split("/")[-2:])}
+            for k, a in by_image.items() if k in split]
+
+
+def caption_references(task, root):
+    """{image id: [reference captions]} from the file the original scores against."""
+    files = {"coco_karpathy": ("coco", "annotations", "coco_karpathy_test_gt.json"),
+             "flickr30k": ("flickr30k", "test1k.token.coco_format"),
+             "nocaps": ("nocaps", "nocaps_val_4500_captions.json"),
+             "image2paragraph": ("image2paragraph", "annotations", "paragraphs_coco.json")}
+    path = os.path.join(root, *files[task])
+    meta = _load_json(path, "caption references")
+    _require(meta, ("annotations",), path)
+    refs = {}
+    for i, a in enumerate(meta["annotations"]):
+        _require(a, ("image_id", "caption"), f"{path}: annotations[{i}]")
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    return refs
+
+
+def _vqa_pairs(ann_path, q_path, what):
+    anns = _load_json(ann_path, f"{what} annotations")
+    qs = _load_json(q_path, f"{what} questions")
+    _require(anns, ("annotations",), ann_path)
+    _require(qs, ("questions",), q_path)
+    by_id = {}
+    for i, a in enumerate(anns["annotations"]):
+        _require(a, ("question_id", "image_id", "answers"), f"{ann_path}: annotations[{i}]")
+        by_id[a["question_id"]] = a
+    for i, q in enumerate(qs["questions"]):
+        _require(q, ("question_id", "image_id", "question"), f"{q_path}: questions[{i}]")
+        a = by_id.get(q["question_id"])
+        if a is None:
+            raise ValueError(f"{q_path}: questions[{i}] has question_id {q['question_id']} without an annotation "
+                             f"in {ann_path}")
+        if a["image_id"] != q["image_id"]:
+            raise ValueError(f"{q_path}: questions[{i}] image_id {q['image_id']} != annotation's {a['image_id']}")
+    return by_id, {q["question_id"]: q for q in qs["questions"]}
+
+
+def _answers(a):
+    # VQA-format answers are dicts with "answer"; plain strings are accepted too
+    return [x["answer"] if isinstance(x, dict) else x for x in a["answers"]]
+
+
+def _read_coco_vqa(root, folder, ann_name, q_name, what):
+    by_id, questions = _vqa_pairs(os.path.join(root, folder, ann_name), os.path.join(root, folder, q_name), what)
+    return [{"id": qid, "image": os.path.join(root, "coco", "val2014", f"COCO_val2014_{a['image_id']:012d}.jpg"),
+             "question": questions[qid]["question"], "answers": _answers(a)}
+            for qid, a in by_id.items() if qid in questions]
+
+
+def read_vqav2(root):
+    return _read_coco_vqa(root, "VQAv2", "v2_mscoco_val2014_annotations.json",
+                          "v2_OpenEnded_mscoco_val2014_questions.json", "VQAv2 val")
+
+
+def read_okvqa(root):
+    return _read_coco_vqa(root, "OK-VQA", "mscoco_val2014_annotations.json",
+                          "OpenEnded_mscoco_val2014_questions.json", "OK-VQA val")
+
+
+def read_textvqa(root):
+    base = os.path.join(root, "textvqa")
+    by_id, questions = _vqa_pairs(os.path.join(base, "textvqa_val_annotations.json"),
+                                  os.path.join(base, "textvqa_val_questions.json"), "TextVQA val")
+    out = []
+    for qid, a in by_id.items():
+        q = questions.get(qid)
+        if q is None:
+            continue
+        _require(q, ("image",), f"textvqa_val_questions.json: question {qid}")
+        out.append({"id": qid, "image": os.path.join(base, "train_images", q["image"]), "question": q["question"],
+                    "answers": _answers(a)})
+    return out
+
+
+def read_vizwiz(root):
+    path = os.path.join(root, "VizWiz", "val.json")
+    items = _load_json(path, "VizWiz val")
+    out = []
+    for i, it in enumerate(items):
+        _require(it, ("image", "question", "answers"), f"{path}[{i}]")
+        out.append({"id": it["image"], "image": os.path.join(root, "VizWiz", "val", it["image"]),
+                    "question": it["question"], "answers": _answers(it)})
+    return out
+
+
+def read_visdial(root):
+    """VisDial v1.0 val with dense annotations: one sample per dialog, asking the densely annotated round.
+
+    "context" is the text the original puts after the image (see `visdial_context`): "caption: ...", the history,
+    where (as in the original) the round just before the asked one is left out, then "question: ...? answer:"."""
+    base = os.path.join(root, "visdial")
+    path = os.path.join(base, "visdial_1.0_val.json")
+    meta = _load_json(path, "VisDial v1.0 val")
+    _require(meta, ("data",), path)
+    d = meta["data"]
+    _require(d, ("dialogs", "questions", "answers"), f"{path}: data")
+    dense_path = os.path.join(base, "visdial_1.0_val_dense_annotations.json")
+    dense = {x["image_id"]: x for x in _load_json(dense_path, "VisDial dense annotations")}
+    out = []
+    for i, dlg in enumerate(d["dialogs"]):
+        _require(dlg, ("image_id", "caption", "dialog"), f"{path}: dialogs[{i}]")
+        if dlg["image_id"] not in dense:
+            raise ValueError(f"{dense_path}: no dense annotation for image_id {dlg['image_id']} (dialogs[{i}])")
+        rel = dense[dlg["image_id"]]
+        asked = rel["round_id"] - 1
+        text = f" caption: {dlg['caption']}. "
+        for r in dlg["dialog"][:max(asked - 1, 0)]:
+            text += f"question: {d['questions'][r['question']]}? answer: {d['answers'][r['answer']]}. "
+        text += f"question: {d['questions'][dlg['dialog'][asked]['question']]}? answer:"
+        options = [d["answers"][j] for j in dlg["dialog"][asked]["answer_options"]]
+        if len(options) != len(rel["gt_relevance"]):
+            raise ValueError(f"{dense_path}: image_id {dlg['image_id']} has {len(rel['gt_relevance'])} relevances "
+                             f"for {len(options)} answer options")
+        out.append({"id": dlg["image_id"], "context": text, "options": options, "relevance": rel["gt_relevance"],
+                    "image": os.path.join(base, "VisualDialog_val2018",
+                                          f"VisualDialog_val2018_{dlg['image_id']:012d}.jpg")})
+    return out
+
+
+def read_coco_t2i(root, total_length=30_000):
+    """MS-COCO val2014 text-to-image: the first caption of each image, the first `total_length` images."""
+    path = os.path.join(root, "coco", "annotations", "captions_val2014.json")
+    meta = _load_json(path, "COCO val2014 captions")
+    _require(meta, ("annotations",), path)
+    out, seen = [], set()
+    for i, a in enumerate(meta["annotations"]):
+        _require(a, ("image_id", "caption"), f"{path}: annotations[{i}]")
+        if a["image_id"] in seen:
+            continue
+        seen.add(a["image_id"])
+        out.append({"id": len(out), "caption": a["caption"].lower(),
+                    "image": os.path.join(root, "coco", "val2014", f"COCO_val2014_{a['image_id']:012d}.jpg")})
+    return out[:total_length]
+
+
+def read_lncoco(root, total_length=30_000, seed=0):
+    """LN-COCO: every caption of coco_val_captions.jsonl; when there are fewer than `total_length`, extra
+    captions are drawn with probability inversely proportional to their image's caption count (the original
+    draws unseeded; here the draw is seeded)."""
+    path = os.path.join(root, "lncoco", "coco_val_captions.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: LN-COCO captions not found (expected the original evaluation layout)")
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f):
+            if line.strip():
+                try:
+                    it = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n + 1}: not a JSON line ({e})") from None
+                _require(it, ("image_id", "caption"), f"{path}:{n + 1}")
+                items.append(it)
+    if len(items) >= total_length:
+        items = items[:total_length]
+    else:
+        per_image = Counter(it["image_id"] for it in items)
+        w = np.array([1.0 / per_image[it["image_id"]] for it in items])
+        extra = np.random.default_rng(seed).choice(len(items), total_length - len(items), p=w / w.sum())
+        items = items + [items[j] for j in extra]
+    return [{"id": i, "caption": it["caption"],
+             "image": os.path.join(root, "coco", "val2017", f"{int(it['image_id']):012d}.jpg")}
+            for i, it in enumerate(items)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts (the original collators' strings) and batches
+# ---------------------------------------------------------------------------------------------------------------
+
+def caption_prompt(num_img_token):
+    return data.image_placeholder(num_img_token) + " a photo of"
+
+
+def paragraph_prompt(num_img_token):
+    return data.image_placeholder(num_img_token) + "Please describe the image in detail. The image depicts"
+
+
+def vqa_prompt(question, num_img_token):
+    return (f"Based on the image, please answer the question. {data.image_placeholder(num_img_token)}{question} "
+            f"Please provide an accurate answer within one word. The answer is:")
+
+
+def vizwiz_prompt(question, num_img_token):
+    return (f"Based on the image, please answer the question. {data.image_placeholder(num_img_token)}{question} "
+            f"When the provided information is insufficient, respond with 'Unanswerable'. Please provide an "
+            f"accurate answer within one word. The answer is:")
+
+
+# The original generation settings per prompt kind. Its min_length counted a dummy bos (SPEC §1.9), hence
+# min_new_tokens = min_length - 1; its max_length was the number of new tokens.
+CAPTION_GENERATION = dict(max_new_tokens=20, min_new_tokens=7, num_beams=5, length_penalty=1.0)
+PARAGRAPH_GENERATION = dict(max_new_tokens=90, min_new_tokens=89, num_beams=5, length_penalty=1.0,
+                            repetition_penalty=1.2)
+VQA_GENERATION = dict(max_new_tokens=10, min_new_tokens=0, num_beams=3, length_penalty=0.0)
+
+
+def load_eval_image(path, size):
+    """An evaluation image through the 224-style centre crop (at the model's image size) -> float [3, S, S]."""
+    try:
+        pil = data.load_image(path)
+    except data.SkipSample as e:
+        raise ValueError(f"{path}: cannot read the image ({e.reason})") from None
+    return data.to_float01(data.DualTransform(enc_size=size, dec_size=None).one(pil, size))
+
+
+def text_batch(prompts, images, tokenizer, pad_left=True):
+    """Prompts (each with one image placeholder) and their [3, S, S] images -> the model's batch dict,
+    padded with pad ids on the left (generation) or right (scoring), mask 0 on padding."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    L = max(len(x) for x in ids)
+    text_ids = torch.full((len(ids), L), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), L), dtype=torch.long)
+    for i, x in enumerate(ids):
+        sl = slice(L - len(x), L) if pad_left else slice(0, len(x))
+        text_ids[i, sl] = torch.tensor(x)
+        mask[i, sl] = 1
+    return dict(text_ids=text_ids, attention_mask=mask, image_tensors=torch.stack(images),
+                num_image_per_seq=torch.tensor([p.count(data.SOI_TOKEN) for p in prompts]))
+
+
+def _to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _batches(samples, batch_size, desc):
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=None):
+        yield samples[i:i + batch_size]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_size, device, desc):
+    """Generate a text for every sample; returns the decoded texts (special tokens skipped, stripped)."""
+    cfg = model.cfg
+    texts = []
+    for chunk in _batches(samples, batch_size, desc):
+        prompts = [make_prompt(s) for s in chunk]
+        images = [load_eval_image(s["image"], cfg.vision.image_size) for s in chunk]
+        out = model.generate_texts(_to_device(text_batch(prompts, images, tokenizer), device), **generation)
+        for ids, n in zip(out["text_ids"].tolist(), out["lengths"].tolist()):
+            texts.append(tokenizer.decode(ids[:n]).strip())
+    return texts
+
+
+@torch.no_grad()
+def option_log_likelihoods(model, tokenizer, context_ids, image, options, rows_per_pass=8):
+    """Summed log-probability of each option's tokens after the context (VisDial ranking, SPEC §1.10).
+
+    Rows are context + option, right-padded: with causal attention the padding after an option cannot change
+    its tokens' logits, so no mask is needed. Options are tokenised without bos."""
+    scores = []
+    c = len(context_ids)
+    for i in range(0, len(options), rows_per_pass):
+        opts = [tokenizer.encode(o, add_bos=False) for o in options[i:i + rows_per_pass]]
+        L = c + max(len(o) for o in opts)
+        text_ids = torch.full((len(opts), L), tokenizer.pad_id, dtype=torch.long)
+        for r, o in enumerate(opts):
+            text_ids[r, :c + len(o)] = torch.tensor(context_ids + o)
+        batch = dict(text_ids=text_ids.to(image.device), image_tensors=image[None].expand(len(opts), -1, -1, -1),
+                     num_image_per_seq=torch.ones(len(opts), dtype=torch.long, device=image.device))
+        logp = model.text_logits(batch)[:, c - 1:-1].log_softmax(-1)                    # (n, L - c, V)
+        for r, o in enumerate(opts):
+            picked = logp[r, torch.arange(len(o)), torch.tensor(o, device=logp.device)]
+            scores.append(float(picked.sum()))
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks: read -> predict (per rank) -> score (rank 0, over the gathered outputs)
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    read: object                 # (data_root) -> list of sample dicts
+    predict: object              # (model, tokenizer, samples, args) -> list of per-sample output dicts
+    score: object                # (data_root, outputs, args) -> {metric: value}
+    generation: dict = field(default_factory=dict)
+    needs_data_root: bool = True  # False for a task that makes its own data (e.g. a synthetic demo set)
+
+
+def _caption_task(name, make_prompt, generation, first_sentence):
+    def predict(model, tokenizer, samples, args):
+        n = model.cfg.num_img_token
+        texts = generate_answers(model, tokenizer, samples, lambda s: make_prompt(n), generation, args.batch_size,
+                                 args.device, name)
+        # the Karpathy split is scored on the first sentence only, as in the original
+        return [{"id": s["id"], "caption": t.split(".")[0] if first_sentence else t} for s, t in zip(samples, texts)]
+
+    def score(root, outputs, args):
+        refs = caption_references(name, root)
+        cands = {}
+        for o in outputs:
+            if o["id"] not in refs:
+                raise ValueError(f"{name}: image id {o['id']} has no reference caption")
+            cands.setdefault(o["id"], o["caption"])
+        metrics, per_id = caption_metrics({k: refs[k] for k in cands}, cands)
+        for o in outputs:
+            o["CIDEr"] = per_id[o["id"]]
+        return metrics
+
+    return predict, score
+
+
+def _vqa_task(name, make_prompt, accuracy):
+    def predict(model, tokenizer, samples, args):
+        n = model.cfg.num_img_token
+        texts = generate_answers(model, tokenizer, samples, lambda s: make_prompt(s["question"], n), VQA_GENERATION,
+                                 args.batch_size, args.device, name)
+        outputs = []
+        for s, t in zip(samples, texts):
+            answer = extract_answer(t)
+            outputs.append({"id": s["id"], "question": s["question"], "generated": t, "answer": answer,
+                            "accuracy": accuracy(answer, s["answers"])})
+        return outputs
+
+    def score(root, outputs, args):
+        return {"overall_accuracy": 100.0 * float(np.mean([o["accuracy"] for o in outputs]))}
+
+    return predict, score
+
+
+def visdial_context(sample, num_img_token):
+    return data.image_placeholder(num_img_token) + sample["context"]
+
+
+def predict_visdial(model, tokenizer, samples, args):
+    outputs = []
+    for s in tqdm(samples, desc="visdial", disable=None):
+        image = load_eval_image(s["image"], model.cfg.vision.image_size).to(args.device)
+        context = tokenizer.encode(visdial_context(s, model.cfg.num_img_token))
+        scores = option_log_likelihoods(model, tokenizer, context, image, s["options"])
+        ranks = scores_to_ranks(torch.tensor([scores]))
+        outputs.append({"id": s["id"], "ranks": ranks[0].tolist(),
+                        "ndcg": ndcg(ranks, torch.tensor([s["relevance"]], dtype=torch.float32))})
+    return outputs
+
+
+def score_visdial(root, outputs, args):
+    return {"ndcg": float(np.mean([o["ndcg"] for o in outputs]))}
+
+
+def clip_text_ids(clip_tokenizer, caption):
+    """CLIP token ids of a caption with its start and end tokens (added if the tokenizer file does not)."""
+    bos, eos = clip_tokenizer.token_to_id("<|startoftext|>"), clip_tokenizer.token_to_id("<|endoftext|>")
+    ids = clip_tokenizer.encode(caption).ids
+    ids = ([bos] if not ids or ids[0] != bos else []) + ids + ([eos] if not ids or ids[-1] != eos else [])
+    if len(ids) > 77:
+        raise ValueError(f"caption {caption[:60]!r}... is {len(ids)} CLIP tokens, more than CLIP's 77")
+    return ids
+
+
+def _text_to_image_task(samples_per_caption):
+    def predict(model, tokenizer, samples, args):
+        """Draw `samples_per_caption` images per caption (prompt "{caption} <soi><image>...", right-padded);
+        with several, keep the one CLIP ViT-L/14 rates closest to the caption, as the original does for COCO.
+        Each kept image is written as PNG."""
+        if getattr(model, "image_decoder", None) is None:
+            raise ValueError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+        load_inception(args.inception)          # fail now, not after hours of sampling, if the file is missing
+        clip = load_clip(args.clip) if samples_per_caption > 1 else None
+        if clip is not None:
+            clip = (clip[0].to(args.device), clip[1])
+        cfg = model.cfg
+        image_dir = args.image_dir or os.path.splitext(args.out)[0] + "_images"
+        os.makedirs(image_dir, exist_ok=True)
+        grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)   # the slot of the image to draw
+        outputs = []
+        for chunk in _batches(samples, args.batch_size, "text-to-image"):
+            prompts = [s["caption"] + " " + data.image_placeholder(cfg.num_img_token) for s in chunk]
+            batch = _to_device(text_batch(prompts, [grey] * len(chunk), tokenizer, pad_left=False), args.device)
+            candidates = model.generate_images(batch, steps=args.steps, guidance_scale=args.guidance_scale,
+                                               sampler="ddpm", seed=args.seed + chunk[0]["id"],
+                                               num_images_per_context=samples_per_caption)["image"]
+            candidates = candidates.float().clamp(0, 1)                  # (copies * B, 3, H, W), copy-major
+            best = torch.zeros(len(chunk), dtype=torch.long)
+            if clip is not None:
+                # the original scores the 8-bit images the generator's output rounds to
+                u8 = (candidates * 255 + 0.5).to(torch.uint8).cpu()
+                pixels = torch.stack([clip_image_tensor(Image.fromarray(x.permute(1, 2, 0).numpy()), clip[0].image_size)
+                                      for x in u8]).to(args.device)
+                text_ids = [clip_text_ids(clip[1], s["caption"]) for s in chunk]
+                best = clip_best_of(clip[0], text_ids, pixels, samples_per_caption).cpu()
+            for b, s in enumerate(chunk):
+                img = candidates[int(best[b]) * len(chunk) + b]
+                path = os.path.join(image_dir, f"{s['id']:05d}.png")
+                arr = (img * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+                tmp = path + ".tmp.png"
+                Image.fromarray(arr).save(tmp)
+                os.replace(tmp, path)
+                outputs.append({"id": s["id"], "caption": s["caption"], "image": s["image"], "generated": path,
+                                "candidate": int(best[b])})
+        return outputs
+
+    return predict
+
+
+def score_fid(root, outputs, args):
+    net = load_inception(args.inception)
+
+    def features(paths):
+        tensors = []
+        for p in paths:
+            try:
+                tensors.append(fid_image_tensor(data.load_image(p)))
+            except data.SkipSample as e:
+                raise ValueError(f"{p}: cannot read the image for FID ({e.reason})") from None
+        return inception_features(net, torch.stack(tensors), device=args.device)
+
+    real = feature_statistics(features([o["image"] for o in outputs]))
+    fake = feature_statistics(features([o["generated"] for o in outputs]))
+    return {"FID": frechet_distance(*real, *fake)}
+
+
+def _build_tasks():
+    tasks = {}
+    for name, read, first in (("coco_karpathy", read_coco_karpathy, True), ("flickr30k", read_flickr30k, False),
+                              ("nocaps", read_nocaps, False)):
+        tasks[name] = Task(read, *_caption_task(name, caption_prompt, CAPTION_GENERATION, first), CAPTION_GENERATION)
+    tasks["image2paragraph"] = Task(read_image2paragraph,
+                                    *_caption_task("image2paragraph", paragraph_prompt, PARAGRAPH_GENERATION, False),
+                                    PARAGRAPH_GENERATION)
+    for name, read in (("vqav2", read_vqav2), ("okvqa", read_okvqa), ("textvqa", read_textvqa)):
+        tasks[name] = Task(read, *_vqa_task(name, vqa_prompt, vqa_accuracy), VQA_GENERATION)
+    tasks["vizwiz_vqa"] = Task(read_vizwiz, *_vqa_task("vizwiz_vqa", vizwiz_prompt, vizwiz_accuracy), VQA_GENERATION)
+    tasks["visdial"] = Task(read_visdial, predict_visdial, score_visdial)
+    # the original config names the COCO text-to-image set "coco"; 8 CLIP-ranked samples there, 1 for LN-COCO
+    t2i = dict(steps=250, guidance_scale=3.5, sampler="ddpm")
+    tasks["coco_t2i"] = Task(read_coco_t2i, _text_to_image_task(8), score_fid, dict(t2i, samples_per_caption=8))
+    tasks["lncoco"] = Task(read_lncoco, _text_to_image_task(1), score_fid, dict(t2i, samples_per_caption=1))
+    return tasks
+
+
+# Task name -> Task. A new evaluation (e.g. the demo scoreboard) is one more entry.
+TASKS = _build_tasks()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distribution over ranks (torchrun): rank-strided split, outputs gathered on rank 0
+# ---------------------------------------------------------------------------------------------------------------
+
+def init_distributed():
+    """(rank, world_size, device) from torchrun's environment; a single process when WORLD_SIZE is unset or 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return 0, 1, "cuda" if cuda else "cpu"
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    device = "cpu"
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return torch.distributed.get_rank(), world, device
+
+
+def gather_outputs(outputs, rank, world):
+    """Every rank's list -> the concatenation on rank 0 (in rank order), None elsewhere."""
+    if world == 1:
+        return outputs
+    parts = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(outputs, parts, dst=0)
+    return [o for part in parts for o in part] if rank == 0 else None
+
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model loading and the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_model(init_from, dtype, device):
+    """A directory written by MMInterleaved.save_pretrained, loaded straight to `device` in `dtype`."""
+    import mmi
+    return mmi.MMInterleaved.from_pretrained(init_from, dtype=dtype, device=device)
+
+
+def load_tokenizer(path, init_from, cfg):
+    if path is None:
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if init_from and os.path.isfile(os.path.join(init_from, name)):
+                path = os.path.join(init_from, name)
+                break
+        else:
+            raise ValueError(f"no tokenizer: pass --tokenizer, or put tokenizer.model / tokenizer.json in {init_from}")
+    tok = data.Tokenizer(path)
+    if (tok.soi_id, tok.image_id, tok.pad_id) != (cfg.soi_token_id, cfg.image_token_id, cfg.pad_token_id):
+        raise ValueError(f"{path}: soi/image/pad ids {(tok.soi_id, tok.image_id, tok.pad_id)} do not match the "
+                         f"model's {(cfg.soi_token_id, cfg.image_token_id, cfg.pad_token_id)}")
+    return tok
+
+
+def evaluate(model, tokenizer, args, rank=0, world=1):
+    """Run one task on this rank's share of the (limited) set; rank 0 returns the results dict."""
+    task = TASKS[args.task]
+    samples = task.read(args.data_root)
+    if args.limit is not None:
+        samples = samples[:args.limit]
+    if not samples:
+        raise ValueError(f"{args.task}: no samples under {args.data_root}")
+    outputs = task.predict(model, tokenizer, samples[rank::world], args)
+    outputs = gather_outputs(outputs, rank, world)
+    if rank != 0:
+        return None
+    metrics = task.score(args.data_root, outputs, args)
+    config = {k: v for k, v in vars(args).items()}
+    config["generation"] = task.generation
+    config["world_size"] = world
+    return {"task": args.task, "config": config, "metrics": metrics, "num_samples": len(outputs), "samples": outputs}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--data_root", default=None, help="folder holding the evaluation sets (original layout)")
+    p.add_argument("--init_from", default=None, help="a folder written by MMInterleaved.save_pretrained")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one in --init_from)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N samples")
+    p.add_argument("--out", default="eval_results.json")
+    p.add_argument("--batch_size", type=int, default=2, help="prompts per generate call (the original used 2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--inception", default=FID_WEIGHTS_NAME, help=f"path to {FID_WEIGHTS_NAME} (FID tasks)")
+    p.add_argument("--clip", default=None, help="folder with openai/clip-vit-large-patch14's model.safetensors and "
+                                                "tokenizer.json (COCO text-to-image best-of-8 re-ranking)")
+    p.add_argument("--image_dir", default=None, help="where generated images go (FID tasks)")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--guidance_scale", type=float, default=3.5)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.data_root is None and TASKS[args.task].needs_data_root:
+        raise ValueError(f"--task={args.task} needs --data_root (the folder holding the evaluation sets)")
+    if args.init_from is None:
+        raise ValueError(f"--task={args.task} needs --init_from (a folder written by save_pretrained)")
+    rank, world, args.device = init_distributed()
+    model = load_model(args.init_from, getattr(torch, args.dtype), args.device).eval()
+    tokenizer = load_tokenizer(args.tokenizer, args.init_from, model.cfg)
+    results = evaluate(model, tokenizer, args, rank, world)
+    if rank == 0:
+        write_json_atomic(args.out, results)
+        print(json.dumps({"task": args.task, "num_samples": results["num_samples"], **results["metrics"]}))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
