@@ -17,8 +17,11 @@ checkpoints so that `state_dict()` keys match them.
 """
 
 import dataclasses
+import fnmatch
+import json
 import math
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -28,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2071,6 +2076,23 @@ class MMInterleaved(nn.Module):
             # the VAE, the UNet-MMFS position tables and ignore tokens stay frozen as constructed
         return self
 
+    # -- loading and saving (the work is done in the loading section below) -------------------------------------
+
+    @classmethod
+    def from_original(cls, llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None):
+        """Build from the released files: llm = the Vicuna folder, clip = openai/clip-vit-large-patch14, sd = a
+        stable-diffusion-2(-1)-base folder, mmi = the MM-Interleaved checkpoint folder (overlaid last)."""
+        return load_original(llm, clip, sd, mmi, dtype, device, cfg)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """A model written by save_pretrained (safetensors + config.json)."""
+        return load_pretrained(path, dtype, device)
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30):
+        """Safetensors shards + config.json, written atomically (a temporary folder renamed into place)."""
+        write_pretrained(self, path, max_shard_bytes)
+
     # -- inputs ---------------------------------------------------------------------------------------------------
 
     def validate_batch(self, batch):
@@ -2256,6 +2278,698 @@ def _positions_and_mask(mask):
     attn = causal[None] & mask.bool()[:, None, :]
     attn = attn | torch.eye(L, dtype=torch.bool, device=mask.device)[None]
     return pos, attn[:, None]                                                  # (B, 1, L, L)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: the released files (Vicuna, CLIP ViT-L/14, SD-2 base, MM-Interleaved) and our own format
+# ----------------------------------------------------------------------------------------------------------------
+
+
+
+
+# -- readers: one folder of weights, in any of the layouts the hub uses --------------------------------------------
+
+# (index json, single file) per layout, in the order they are preferred (safetensors first, as transformers does)
+_LAYOUTS = {
+    "transformers": [("model.safetensors.index.json", "model.safetensors"),
+                     ("pytorch_model.bin.index.json", "pytorch_model.bin")],
+    "diffusers": [("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"),
+                  ("diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin")],
+}
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _load_bin(path):
+    """A torch.save'd state dict, memory-mapped; only tensors are accepted (nothing in the pickle is executed)."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:      # UnpicklingError for non-tensor objects, RuntimeError for the pre-zip format
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True, mmap=True): {first}. Only zip-format "
+                         f"files holding a flat dict of tensors are read") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: holds a {type(sd).__name__}, expected a dict of tensors")
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path}: key {k!r} holds a {type(v).__name__}, expected a tensor")
+    return sd
+
+
+class WeightFiles:
+    """The weights in one folder: which file holds which key, and each file's tensors one shard at a time.
+
+    Layouts: a single `.safetensors`/`.bin`, or shards named by an index json (`weight_map`), for transformers
+    (`model.*`, `pytorch_model.*`) and diffusers (`diffusion_pytorch_model.*`) names alike. `.bin` files are read
+    with torch.load(weights_only=True, mmap=True) only, safetensors with safe_open; both are memory-mapped.
+    """
+
+    def __init__(self, folder, layout="transformers"):
+        if not os.path.isdir(folder):
+            raise ValueError(f"{folder}: not a folder")
+        self.folder = folder
+        for index_name, single_name in _LAYOUTS[layout]:
+            index, single = os.path.join(folder, index_name), os.path.join(folder, single_name)
+            if os.path.isfile(index):
+                self.key_file = self._read_index(index)
+                break
+            if os.path.isfile(single):
+                self.key_file = {k: single for k in self._keys_of(single)}
+                break
+        else:
+            wanted = ", ".join(n for pair in _LAYOUTS[layout] for n in pair)
+            raise ValueError(f"{folder}: no weights found (looked for {wanted})")
+        self.files = list(dict.fromkeys(self.key_file.values()))             # shard order as in the index
+
+    @staticmethod
+    def _read_index(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no 'weight_map' of key -> shard file")
+        folder = os.path.dirname(index)
+        for shard in dict.fromkeys(weight_map.values()):
+            if not isinstance(shard, str) or os.path.basename(shard) != shard:
+                raise ValueError(f"{index}: shard name {shard!r} is not a plain file name in this folder")
+            if not os.path.isfile(os.path.join(folder, shard)):
+                raise ValueError(f"{index}: names shard {shard!r}, which is missing from {folder}")
+        return {k: os.path.join(folder, f) for k, f in weight_map.items()}
+
+    @staticmethod
+    def _keys_of(path):
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        return list(_load_bin(path))
+
+    def shapes(self):
+        """{key: shape} from the files' headers (safetensors) or their memory-mapped tensors (.bin)."""
+        out = {}
+        for path in self.files:
+            if path.endswith(".safetensors"):
+                with safe_open(path, framework="pt") as f:
+                    for k in f.keys():
+                        out[k] = tuple(f.get_slice(k).get_shape())
+            else:
+                out.update((k, tuple(v.shape)) for k, v in _load_bin(path).items())
+        self._check_against_index(out)
+        return out
+
+    def _check_against_index(self, found):
+        for k, path in self.key_file.items():
+            if k not in found:
+                raise ValueError(f"{path}: key {k!r} is named by the index but not in the file")
+        for k in found:
+            if k not in self.key_file:
+                raise ValueError(f"{self.folder}: key {k!r} is in a shard but not in the index")
+
+    def shards(self):
+        """Yields (path, {key: tensor}) one file at a time; tensors are views of the memory-mapped file."""
+        for path in self.files:
+            if path.endswith(".safetensors"):
+                with safe_open(path, framework="pt") as f:
+                    yield path, _LazySafetensors(f)
+            else:
+                yield path, _load_bin(path)
+
+
+class _LazySafetensors:
+    """dict-like view of an open safetensors file: a tensor is read only when asked for."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __getitem__(self, k):
+        return self.f.get_tensor(k)
+
+    def keys(self):
+        return self.f.keys()
+
+
+# -- config: ours, derived from the files' config.json ----------------------------------------------------------
+
+
+def _get(d, key, default, where):
+    """d[key], else the transformers class default (absent keys are the library's defaults)."""
+    if key in d and d[key] is not None:
+        return d[key]
+    if default is None:
+        raise ValueError(f"{where}: no {key!r}")
+    return default
+
+
+def llm_config_from_hf(d, where="config.json"):
+    """Our LLMConfig from a transformers LlamaConfig dict; the vocabulary grows by soi and image."""
+    heads = _get(d, "num_attention_heads", 32, where)
+    hidden = _get(d, "hidden_size", 4096, where)
+    checks = {"hidden_act": ("silu", d.get("hidden_act", "silu")),
+              "num_key_value_heads": (heads, d.get("num_key_value_heads") or heads),
+              "rope_scaling": (None, d.get("rope_scaling")),
+              "tie_word_embeddings": (False, d.get("tie_word_embeddings", False)),
+              "attention_bias": (False, d.get("attention_bias", False)),
+              "mlp_bias": (False, d.get("mlp_bias", False)),
+              "head_dim": (hidden // heads, d.get("head_dim") or hidden // heads)}
+    for key, (expected, found) in checks.items():
+        if found != expected:
+            raise ValueError(f"{where}: {key} is {found!r}, this LLaMA supports only {expected!r}")
+    return dict(vocab_size=_get(d, "vocab_size", 32000, where) + 2,
+                hidden_size=hidden, intermediate_size=_get(d, "intermediate_size", 11008, where),
+                num_hidden_layers=_get(d, "num_hidden_layers", 32, where), num_attention_heads=heads,
+                rms_norm_eps=float(_get(d, "rms_norm_eps", 1e-6, where)),
+                rope_theta=float(_get(d, "rope_theta", 10000.0, where)),
+                max_position_embeddings=_get(d, "max_position_embeddings", 2048, where))
+
+
+def vision_config_from_hf(d, where="config.json"):
+    """Our VisionConfig fields from a transformers CLIPConfig (its vision_config) or CLIPVisionConfig dict."""
+    v = d.get("vision_config", d) if d.get("model_type", "clip") == "clip" else d
+    where = f"{where} vision_config"
+    act = v.get("hidden_act", "quick_gelu")
+    if act != "quick_gelu":
+        raise ValueError(f"{where}: hidden_act is {act!r}, CLIP ViT-L/14 uses 'quick_gelu'")
+    return dict(image_size=_get(v, "image_size", 224, where), patch_size=_get(v, "patch_size", 32, where),
+                hidden_size=_get(v, "hidden_size", 768, where),
+                num_hidden_layers=_get(v, "num_hidden_layers", 12, where),
+                num_attention_heads=_get(v, "num_attention_heads", 12, where),
+                intermediate_size=_get(v, "intermediate_size", 3072, where),
+                layer_norm_eps=float(_get(v, "layer_norm_eps", 1e-5, where)))
+
+
+def config_from_original(llm, clip, sd=None, base: MMIConfig = None) -> MMIConfig:
+    """Our config from the files' configs: LLM, CLIP, UNet, VAE and noise schedule shapes from their config.json;
+    what MM-Interleaved adds (adapter, both Q-Formers, MMFS) from `base` (the paper's `mmi-13b` preset by default),
+    with its input widths following the files. New ids: soi and image after the LLM's vocabulary, pad = its last
+    ordinary piece (31999 for Vicuna, as the original forces). Without `sd`, UNet/VAE shapes are `base`'s."""
+    base = base or MMIConfig.from_preset("mmi-13b")
+    lpath, cpath = os.path.join(llm, "config.json"), os.path.join(clip, "config.json")
+    lc, cc = read_json(lpath), read_json(cpath)
+    llm_cfg = dataclasses.replace(base.llm, **llm_config_from_hf(lc, lpath))
+    vision = dataclasses.replace(base.vision, **vision_config_from_hf(cc, cpath))
+    unet, vae, dec = base.unet, base.vae, base.image_decoder
+    if sd is not None:
+        unet = dataclasses.replace(unet_config_from_diffusers(read_json(os.path.join(sd, "unet", "config.json"))),
+                                   trainable=base.unet.trainable)
+        vae = vae_config_from_diffusers(read_json(os.path.join(sd, "vae", "config.json")))
+        dec = dataclasses.replace(dec, **schedule_config_from_diffusers(
+            os.path.join(sd, "scheduler", "scheduler_config.json")))
+    G = vision.grid_size
+    dec = dataclasses.replace(
+        dec, image_size=unet.sample_size * 2 ** (len(vae.block_out_channels) - 1),
+        resampler=dataclasses.replace(dec.resampler, encoder_hidden_size=llm_cfg.hidden_size,
+                                      hidden_size=unet.cross_attention_dim),
+        mmfs_feat_dim=vision.hidden_size, mmfs_value_sizes=(4 * G, 2 * G, G, G // 2))
+    V = llm_cfg.vocab_size - 2
+    return dataclasses.replace(base, llm=llm_cfg, vision=vision, unet=unet, vae=vae, image_decoder=dec,
+                               resampler=dataclasses.replace(base.resampler, encoder_hidden_size=vision.hidden_size),
+                               bos_token_id=lc.get("bos_token_id", 1), eos_token_id=lc.get("eos_token_id", 2),
+                               pad_token_id=V - 1, soi_token_id=V, image_token_id=V + 1)
+
+
+def schedule_config_from_diffusers(path):
+    """The noise schedule fields of ImageDecoderConfig from SD's scheduler_config.json (diffusers' defaults when
+    absent); only the scaled-linear, epsilon-predicting schedule of SD-2 base is supported."""
+    sc = read_json(path)
+    # (expected, diffusers' default when the key is absent)
+    for key, (expected, default) in {"beta_schedule": ("scaled_linear", "linear"),
+                                     "prediction_type": ("epsilon", "epsilon")}.items():
+        if sc.get(key, default) != expected:
+            raise ValueError(f"{path}: {key} is {sc.get(key, default)!r}, the decoder supports only {expected!r}")
+    return dict(num_train_timesteps=sc.get("num_train_timesteps", 1000), beta_start=sc.get("beta_start", 0.0001),
+                beta_end=sc.get("beta_end", 0.02), steps_offset=sc.get("steps_offset", 0))
+
+
+# -- key maps: file key -> our key, and what is deliberately left out --------------------------------------------
+
+# File keys the model does not use, per component, and why. Anything else unmapped is an error.
+IGNORED_FILE_KEYS = {
+    "llm": {"model.layers.*.self_attn.rotary_emb.inv_freq": "RoPE tables are computed in code (rope_cos_sin)"},
+    "clip": {"text_model.*": "CLIP's text tower: only the vision tower is used",
+             "text_projection.*": "text tower", "visual_projection.*": "CLIP's joint-space projection, unused",
+             "logit_scale": "contrastive temperature, unused",
+             "vision_model.post_layernorm.*": "the original replaces CLIP's post-LayerNorm by Identity"},
+    "text_encoder": {"text_model.embeddings.position_ids": "positions 0..76 are computed in code"},
+    "unet": {}, "vae": {}, "mmi": {},
+}
+
+# Our tensors that no original file holds, and where their values come from. Anything else not loaded is an error.
+NEW_TENSORS = {
+    "visual_tokenizer.encoder.vision_model.adapter_*": "ViT-Adapter, new (model init)",
+    "visual_tokenizer.encoder.vision_model.embeddings.position_ids": "arange, when the CLIP file lacks it",
+    "visual_tokenizer.pos_embed": "fixed 2-D sin-cos table", "visual_tokenizer.clip_*": "CLIP mean/std constants",
+    "visual_tokenizer.pos_proj.*": "new", "visual_tokenizer.pos_ln.*": "new", "visual_tokenizer.post_ln.*": "new",
+    "visual_tokenizer.proj.*": "new", "visual_tokenizer.perceiver_resampler.*": "visual Q-Former, new",
+    "mm_decoder.layers.*.llama_cross_attn.*": "MMFS blocks of the LLM, new (MMFS init)",
+    "text_decoder.head.bias": "0, and -100 for the new tokens (the paper's init)",
+    "text_decoder.head_new.*": "weight 0, bias 95 (the paper's init)",
+    "context_feat_proj.*": "new (PyTorch Linear init)", "soi_token": "zeros",
+    "image_decoder.perceiver_resampler.*": "image-side Q-Former, new",
+    "image_decoder.decoder.mmfs_module.*": "UNet-MMFS, new (conv zero-init)",
+    "image_decoder.neg_prompt_embeds": "SD's text encoder output for the empty prompt",
+}
+
+# Our tensors whose first rows come from a file with fewer rows; the rest are the new tokens (soi, image).
+ROW_EXTENDED = {"mm_decoder.embed_tokens.weight", "text_decoder.head.weight"}
+
+
+def _vicuna_key(k):
+    if k.startswith("model."):
+        return "mm_decoder." + k[len("model."):]
+    return {"lm_head.weight": "text_decoder.head.weight"}.get(k, "")
+
+
+def _clip_key(k):
+    return "visual_tokenizer.encoder." + k if k.startswith("vision_model.") else ""
+
+
+def _prefixed(prefix):
+    return lambda k: prefix + k
+
+
+# component -> file key -> our key ("" = no such key of ours: an error unless ignored)
+KEY_MAPS = {
+    "llm": _vicuna_key, "clip": _clip_key,
+    "unet": _prefixed("image_decoder.decoder.unet."),
+    "vae": lambda k: "image_decoder.decoder.vae." + _legacy_vae_name(k),
+    "mmi": lambda k: _legacy_vae_name(k) if ".vae." in k else k,
+}
+
+
+def _legacy_vae_name(k):
+    """SD-2's VAE files name the mid-block attention query/key/value/proj_attn; ours are to_q/to_k/to_v/to_out.0."""
+    return next(iter(rename_legacy_vae_keys({k: None})))
+
+
+def _ignored(component, key):
+    return next((why for pat, why in IGNORED_FILE_KEYS[component].items() if fnmatch.fnmatchcase(key, pat)), None)
+
+
+def plan_component(component, file_shapes, our_shapes, where):
+    """{file key: our key or None (ignored)} for one component, checked against our shapes.
+
+    file_shapes {key: shape}; our_shapes {our key: shape}; where {key: file} for messages. Row-extended targets
+    accept a file tensor with exactly 2 fewer rows (the new tokens).
+    """
+    plan = {}
+    for key, shape in file_shapes.items():
+        if _ignored(component, key) is not None:
+            plan[key] = None
+            continue
+        ours = KEY_MAPS[component](key)
+        if ours not in our_shapes:
+            raise ValueError(f"{where[key]}: unknown key {key!r} (shape {list(shape)}): no parameter or buffer "
+                             f"{ours or '(no mapping)'!r} in the model and not on the {component} ignore list")
+        expected = tuple(our_shapes[ours])
+        ok = tuple(shape) == expected or (ours in ROW_EXTENDED and component != "mmi"
+                                          and tuple(shape) == (expected[0] - 2,) + expected[1:])
+        if not ok:
+            raise ValueError(f"{where[key]}: key {key!r} has shape {list(shape)}, expected {list(expected)} "
+                             f"for {ours!r}")
+        plan[key] = ours
+    return plan
+
+
+def check_accounting(our_names, loaded):
+    """Every tensor of ours is loaded or documented as new; returns the sorted list of new ones."""
+    new, missing = [], []
+    for name in our_names:
+        if name in loaded:
+            continue
+        (new if any(fnmatch.fnmatchcase(name, p) for p in NEW_TENSORS) else missing).append(name)
+    if missing:
+        raise ValueError(f"{len(missing)} tensors of the model are neither in the files nor documented as new: "
+                         f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    return new
+
+
+# -- moving tensors into a meta-built model ----------------------------------------------------------------------
+
+
+def _all_tensor_names(model):
+    """Parameters and buffers (persistent or not), by state-dict style name."""
+    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+
+
+def _target_shapes(model):
+    return {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+
+
+def _get_tensor(model, name):
+    mod, _, leaf = name.rpartition(".")
+    m = model.get_submodule(mod)
+    return m._parameters[leaf] if leaf in m._parameters else m._buffers[leaf]
+
+
+def _set_tensor(model, name, value):
+    """Put `value` at `name`: a new Parameter (keeping requires_grad) or buffer; in place when already real."""
+    mod, _, leaf = name.rpartition(".")
+    m = model.get_submodule(mod)
+    old = m._parameters.get(leaf, m._buffers.get(leaf))
+    if old is not None and not old.is_meta and old.shape == value.shape:
+        with torch.no_grad():
+            old.copy_(value)
+    elif leaf in m._parameters:
+        m._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        m._buffers[leaf] = value
+
+
+def _cast(t, dtype, device):
+    """File tensor -> its place in the model: floats to the model's dtype, integers kept; always a fresh copy, so
+    nothing of ours stays backed by a mapped file."""
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+
+
+def _load_plan(model, files, plan, skip, dtype, device, desc):
+    """Copy every planned tensor, one shard at a time; `skip` = our keys a later source overrides."""
+    n = 0
+    for path, tensors in files.shards():
+        keys = [k for k in tensors.keys() if plan.get(k) and plan[k] not in skip]
+        for k in tqdm(keys, desc=f"{desc} {os.path.basename(path)}", leave=False, disable=len(keys) < 100):
+            ours = plan[k]
+            t = tensors[k]
+            if ours in ROW_EXTENDED and _get_tensor(model, ours).shape[0] != t.shape[0]:
+                full = _get_tensor(model, ours)
+                if full.is_meta:
+                    full = torch.empty(full.shape, dtype=dtype, device=device)
+                    _set_tensor(model, ours, full)
+                    full = _get_tensor(model, ours)
+                with torch.no_grad():
+                    full[:t.shape[0]].copy_(t)
+            else:
+                _set_tensor(model, ours, _cast(t, dtype, device))
+            n += 1
+        del tensors                                              # unmap this shard before opening the next
+    return n
+
+
+def _new_units(model):
+    """{module name: factory} for the parts no file provides: each is built for real with the model's own init,
+    then its still-missing tensors are moved into the meta-built model."""
+    cfg = model.cfg
+    d = cfg.llm.hidden_size
+    units = {"visual_tokenizer": lambda: VisualTokenizer(cfg), "context_feat_proj": lambda: nn.Linear(d, d),
+             "text_decoder.head_new": lambda: nn.Linear(d, model.text_decoder.n_new)}
+    for i, layer in enumerate(model.mm_decoder.layers):
+        if layer.llama_cross_attn is not None:
+            units[f"mm_decoder.layers.{i}.llama_cross_attn"] = lambda: LlamaMMFSAttention(cfg)
+    units["image_decoder.perceiver_resampler"] = lambda: PerceiverResampler(cfg.image_decoder.resampler)
+    units["image_decoder.decoder.mmfs_module"] = lambda: MMFSNet(cfg.unet, cfg.image_decoder)
+    return units
+
+
+def _materialise_new_units(model, loaded, dtype, device):
+    """Build every tensor no file provides from its module's own init. Runs before the files are read, so the
+    float32 scratch copy of a unit never coexists with the loaded weights (peak memory)."""
+    names = set(_all_tensor_names(model)) - set(loaded) - {_POSITION_IDS}     # position_ids: _fill_derived
+    for prefix, build in _new_units(model).items():
+        wanted = [n for n in names if n.startswith(prefix + ".")]
+        if not wanted:
+            continue
+        unit = build()
+        own = dict(unit.named_parameters())
+        own.update(unit.named_buffers())
+        for n in wanted:
+            _set_tensor(model, n, _cast(own[n[len(prefix) + 1:]], dtype, device))
+        del unit, own
+
+
+_POSITION_IDS = "visual_tokenizer.encoder.vision_model.embeddings.position_ids"
+
+
+def _fill_derived(model, loaded, dtype, device):
+    """The values that follow from the loaded ones or from the paper: new token rows, text head, constants."""
+    with torch.no_grad():
+        if "soi_token" not in loaded:
+            _set_tensor(model, "soi_token", torch.zeros(model.soi_token.shape, dtype=dtype, device=device))
+        if "text_decoder.head.bias" not in loaded:
+            _set_tensor(model, "text_decoder.head.bias",
+                        torch.zeros(model.text_decoder.head.bias.shape, dtype=dtype, device=device))
+        _init_text_head_new_rows(model, loaded)
+        emb = "mm_decoder.embed_tokens.weight"
+        if loaded.get(emb) == "llm":
+            # HF's resize_token_embeddings (transformers 4.31) draws the new rows from N(0, 0.02)
+            model.mm_decoder.embed_tokens.weight[-2:].normal_(0.0, 0.02)
+        if _POSITION_IDS not in loaded:           # the CLIP files of transformers >= 4.31 no longer hold it
+            n = _get_tensor(model, _POSITION_IDS).shape[1]
+            _set_tensor(model, _POSITION_IDS, torch.arange(n, device=device)[None])
+
+
+def _init_text_head_new_rows(model, loaded):
+    """The paper's init of the new tokens' head rows and head_new (TextDecoder.reset_new_rows), keeping whatever
+    of them a checkpoint provided."""
+    names = ["text_decoder.head.weight", "text_decoder.head.bias", "text_decoder.head_new.weight",
+             "text_decoder.head_new.bias"]
+    from_mmi = {n: _get_tensor(model, n).clone() for n in names if loaded.get(n) == "mmi"}
+    if len(from_mmi) == len(names):
+        return
+    model.text_decoder.reset_new_rows()
+    for n, t in from_mmi.items():
+        _get_tensor(model, n).copy_(t)
+
+
+def check_no_meta(model):
+    """Raise if any parameter, buffer (persistent or not) or tensor attribute is still on the meta device."""
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    for mname, m in model.named_modules():
+        left += [f"{mname}.{a}" for a, v in vars(m).items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if left:
+        raise ValueError(f"{len(left)} tensors were never loaded or initialised (still on meta): {left[:10]}")
+
+
+# -- the CLIP text encoder of SD, just enough for neg_prompt_embeds ----------------------------------------------
+
+
+def clip_text_token_ids(tokenizer_dir, text_len=None):
+    """Token ids of the empty prompt, padded as SD's pipeline does: [bos, eos, pad, ...] of model_max_length.
+
+    The empty string has no BPE pieces, so only the special tokens' ids are needed (special_tokens_map.json,
+    looked up in vocab.json or tokenizer_config.json's added tokens)."""
+    sm_path, tc_path = (os.path.join(tokenizer_dir, n) for n in ("special_tokens_map.json", "tokenizer_config.json"))
+    special = read_json(sm_path) if os.path.isfile(sm_path) else {}
+    tc = read_json(tc_path) if os.path.isfile(tc_path) else {}
+    vocab = read_json(os.path.join(tokenizer_dir, "vocab.json"))
+    added = {v["content"]: int(k) for k, v in tc.get("added_tokens_decoder", {}).items()}
+
+    def token_id(role):
+        tok = special.get(role) or tc.get(role)
+        tok = tok["content"] if isinstance(tok, dict) else tok
+        if tok is None:
+            raise ValueError(f"{tokenizer_dir}: no {role} in special_tokens_map.json or tokenizer_config.json")
+        if tok in vocab:
+            return vocab[tok]
+        if tok in added:
+            return added[tok]
+        raise ValueError(f"{tokenizer_dir}: {role} {tok!r} is not in vocab.json")
+
+    n = text_len or tc.get("model_max_length", 77)
+    if n > 10 ** 6:                                      # transformers' "no limit" sentinel
+        raise ValueError(f"{tc_path}: no usable model_max_length ({n})")
+    bos, eos, pad = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+    return torch.tensor([[bos, eos] + [pad] * (n - 2)])
+
+
+def clip_text_encoder_forward(weights, cfg, ids):
+    """last_hidden_state [B, L, d] of transformers' CLIPTextModel, no attention mask (as SD's pipeline calls it).
+
+    weights: {name without "text_model.": tensor}; cfg: its config.json dict. Causal pre-LN transformer, the
+    final LayerNorm applied to every position."""
+    d, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    eps = cfg.get("layer_norm_eps", 1e-5)
+    act = {"gelu": F.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}[cfg.get("hidden_act", "quick_gelu")]
+    B, L = ids.shape
+    x = weights["embeddings.token_embedding.weight"][ids] + weights["embeddings.position_embedding.weight"][:L]
+    for i in range(cfg["num_hidden_layers"]):
+        w = lambda n: weights[f"encoder.layers.{i}.{n}"]
+        h = F.layer_norm(x, (d,), w("layer_norm1.weight"), w("layer_norm1.bias"), eps)
+        q, k, v = (F.linear(h, w(f"self_attn.{p}_proj.weight"), w(f"self_attn.{p}_proj.bias")).view(B, L, H, -1)
+                   .transpose(1, 2) for p in "qkv")                           # (B, H, L, d/H)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, d)
+        x = x + F.linear(a, w("self_attn.out_proj.weight"), w("self_attn.out_proj.bias"))
+        h = F.layer_norm(x, (d,), w("layer_norm2.weight"), w("layer_norm2.bias"), eps)
+        x = x + F.linear(act(F.linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))), w("mlp.fc2.weight"),
+                         w("mlp.fc2.bias"))
+    return F.layer_norm(x, (d,), weights["final_layer_norm.weight"], weights["final_layer_norm.bias"], eps)
+
+
+def sd_negative_prompt_embeds(sd):
+    """SD's text encoder output for "" padded to 77 tokens, in float32 -> [1, 77, d] (the original's init of
+    `neg_prompt_embeds`). Returns it with the number of file tensors used and ignored."""
+    folder = os.path.join(sd, "text_encoder")
+    cfg = read_json(os.path.join(folder, "config.json"))
+    files = WeightFiles(folder)
+    weights, used, ignored = {}, 0, 0
+    for path, tensors in files.shards():
+        for k in tensors.keys():
+            if _ignored("text_encoder", k) is not None:
+                ignored += 1
+                continue
+            if not k.startswith("text_model."):
+                raise ValueError(f"{path}: unknown key {k!r} in the text encoder")
+            weights[k[len("text_model."):]] = tensors[k].float().clone()
+            used += 1
+    ids = clip_text_token_ids(os.path.join(sd, "tokenizer"))
+    with torch.no_grad():
+        return clip_text_encoder_forward(weights, cfg, ids), used, ignored
+
+
+# -- the public entry points --------------------------------------------------------------------------------------
+
+
+def _build_meta(cfg):
+    with torch.device("meta"):
+        return MMInterleaved(cfg)
+
+
+def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None):
+    """Build the model from the files the original README downloads.
+
+    llm: Vicuna folder (HF LLaMA); clip: openai/clip-vit-large-patch14 folder (HF CLIP); sd: a stable-diffusion-2
+    (-1)-base folder (diffusers unet/, vae/, scheduler/, text_encoder/, tokenizer/), needed unless `mmi` holds
+    the UNet, VAE and neg_prompt_embeds; mmi: the MM-Interleaved checkpoint folder, overlaid last (None = the new
+    parts keep their init). cfg: base config for the MM-Interleaved-specific values (default the `mmi-13b`
+    preset); the shapes of the released parts always come from the files' config.json. Every file key is used or documented as ignored, every tensor of the model
+    is loaded or documented as new; anything else raises ValueError naming the key, its file and the shapes.
+    """
+    device = torch.device(device)
+    cfg = config_from_original(llm, clip, sd, cfg)
+    model = _build_meta(cfg)
+    ours = _target_shapes(model)
+
+    sources = [("llm", WeightFiles(llm)), ("clip", WeightFiles(clip))]
+    if sd is not None:
+        sources += [("unet", WeightFiles(os.path.join(sd, "unet"), "diffusers")),
+                    ("vae", WeightFiles(os.path.join(sd, "vae"), "diffusers"))]
+    if mmi is not None:
+        sources.append(("mmi", WeightFiles(mmi)))
+    # plan everything from the headers first: a bad key or shape fails before any tensor is read
+    plans = {name: plan_component(name, files.shapes(), ours, files.key_file) for name, files in sources}
+    provider = {}                                    # our key -> the last source that provides it (mmi wins)
+    for name, _ in sources:
+        for our_key in plans[name].values():
+            if our_key:
+                provider[our_key] = name
+    new = check_accounting(list(ours), provider)
+    # new parts and the text encoder's output first: their float32 scratch memory is gone before the big reads
+    _materialise_new_units(model, provider, dtype, device)
+    text_encoder_note = ""
+    if "image_decoder.neg_prompt_embeds" not in provider:
+        if sd is None:
+            raise ValueError("image_decoder.neg_prompt_embeds: not in the mmi checkpoint and no sd= folder to "
+                             "compute it from (SD's text encoder output for the empty prompt)")
+        neg, used, ignored = sd_negative_prompt_embeds(sd)
+        expected = tuple(model.image_decoder.neg_prompt_embeds.shape)
+        if tuple(neg.shape) != expected:
+            raise ValueError(f"{sd}/text_encoder: output for the empty prompt has shape {list(neg.shape)}, "
+                             f"expected {list(expected)} (neg_prompt_embeds)")
+        _set_tensor(model, "image_decoder.neg_prompt_embeds", _cast(neg, dtype, device))
+        provider["image_decoder.neg_prompt_embeds"] = "text_encoder"
+        text_encoder_note = f"; text_encoder {used} read/{ignored} ignored -> neg_prompt_embeds"
+    counts = {}
+    for name, files in sources:
+        skip = {k for k, src in provider.items() if src != name}
+        n = _load_plan(model, files, plans[name], skip, dtype, device, desc=name)
+        n_ignored = sum(v is None for v in plans[name].values())
+        counts[name] = (n, n_ignored, len(plans[name]) - n - n_ignored)
+    _fill_derived(model, provider, dtype, device)
+    check_no_meta(model)
+    model.set_trainable()
+    summary = "; ".join(f"{name} {n} read/{ig} ignored/{sup} superseded by mmi"
+                        for name, (n, ig, sup) in counts.items())
+    n_new = sum(1 for n in new if n not in provider)
+    print(f"from_original: {summary}{text_encoder_note}; {n_new} tensors new (documented); "
+          f"{len(ours)} tensors in the model")
+    model.load_report = {"counts": counts, "new": [n for n in new if n not in provider], "provider": provider}
+    return model
+
+
+# -- our own format: safetensors shards + config.json ------------------------------------------------------------
+
+_CONFIG_NAME = "config.json"
+_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _shard_groups(state, max_shard_bytes):
+    groups, size = [[]], 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nbytes
+    return groups
+
+
+def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30):
+    """The whole model as safetensors (sharded above max_shard_bytes, with an index) plus config.json, written
+    into a temporary folder that then replaces `path`, so a reader never sees a half-written model."""
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        _write_folder(model, tmp, max_shard_bytes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def _write_folder(model, tmp, max_shard_bytes):
+    state = model.state_dict()
+    groups = _shard_groups(state, max_shard_bytes)
+    names = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map = {}
+    for name, keys in zip(tqdm(names, desc="save_pretrained", disable=len(names) < 2), groups):
+        save_file({k: state[k].detach().contiguous().cpu() for k in keys}, os.path.join(tmp, name),
+                  metadata={"format": "pt"})
+        weight_map.update((k, name) for k in keys)
+    if len(groups) > 1:
+        with open(os.path.join(tmp, _INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                       "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(tmp, _CONFIG_NAME), "w") as f:
+        json.dump(model.cfg.to_dict(), f, indent=1)
+
+
+def load_pretrained(path, dtype=None, device="cpu"):
+    """A model written by save_pretrained: every tensor must be there with its shape, and nothing else.
+    dtype None keeps the stored dtypes."""
+    device = torch.device(device)
+    model = _build_meta(MMIConfig.from_dict(read_json(os.path.join(path, _CONFIG_NAME))))
+    ours = _target_shapes(model)
+    files = WeightFiles(path)
+    shapes = files.shapes()
+    for k, shape in shapes.items():
+        if k not in ours:
+            raise ValueError(f"{files.key_file[k]}: unknown key {k!r} (shape {list(shape)})")
+        if tuple(shape) != ours[k]:
+            raise ValueError(f"{files.key_file[k]}: key {k!r} has shape {list(shape)}, expected {list(ours[k])}")
+    missing = [k for k in ours if k not in shapes]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} tensors of the model are missing: {missing[:10]}")
+    for path_, tensors in tqdm(files.shards(), desc="from_pretrained", total=len(files.files),
+                               disable=len(files.files) < 2):
+        for k in tensors.keys():
+            t = tensors[k]
+            _set_tensor(model, k, _cast(t, dtype or t.dtype, device))
+        del tensors
+    check_no_meta(model)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

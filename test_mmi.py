@@ -4,6 +4,7 @@ Oracles: hand-written expected tensors, float64 loops written here, and (test-on
 modules at tiny random configs. Tests that need CUDA skip without it.
 """
 
+import dataclasses
 import io
 import json
 import math
@@ -2420,3 +2421,529 @@ def test_text_to_image_end_to_end_with_the_tiny_model(tmp_path, monkeypatch, dem
     assert math.isfinite(res["metrics"]["FID"]) and res["metrics"]["FID"] > 0
     with pytest.raises(ValueError, match="at least 2"):
         ev.feature_statistics(np.zeros((1, 4)))
+
+# ===============================================================================================================
+# Loading: the released files in every hub layout (tiny random transformers / diffusers models written to disk),
+# strict key accounting at full size against the manifests, refusals, and our own safetensors format
+# ===============================================================================================================
+
+MANIFESTS = os.path.join(HERE, "assets", "reference")
+TINY = mmi.MMIConfig.from_preset("tiny")
+LAYOUTS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded"]
+
+
+def _save(model, folder, layout):
+    """save_pretrained in one of the hub's layouts (sharded = many small shards plus an index json)."""
+    kw = {"safe_serialization": layout.startswith("safetensors")}
+    if layout.endswith("sharded"):
+        kw["max_shard_size"] = "100KB"
+    model.save_pretrained(folder, **kw)
+
+
+def _hf_llama(cfg=TINY, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    c = cfg.llm
+    hf = transformers.LlamaConfig(vocab_size=c.vocab_size - 2, hidden_size=c.hidden_size,
+                                  intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                                  num_attention_heads=c.num_attention_heads, rms_norm_eps=c.rms_norm_eps,
+                                  max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta)
+    model = transformers.LlamaForCausalLM(hf).eval()
+    with torch.no_grad():                        # norms away from 1 so they are tested too
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _hf_clip(cfg=TINY, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    v = cfg.vision
+    hf = transformers.CLIPConfig(
+        vision_config=dict(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+                           num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                           intermediate_size=v.intermediate_size),
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                         vocab_size=99, max_position_embeddings=16), projection_dim=16)
+    model = transformers.CLIPModel(hf).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    """Tiny Vicuna-like and CLIP-like folders in every layout plus an SD folder, written once for the module."""
+    root = tmp_path_factory.mktemp("originals")
+    llama, clip = _hf_llama(), _hf_clip()
+    for layout in LAYOUTS:
+        _save(llama, root / f"llm-{layout}", layout)
+        _save(clip, root / f"clip-{layout}", layout)
+    sd = _write_sd_folder(root / "sd")
+    return root, llama, clip, sd
+
+
+@pytest.fixture(scope="module")
+def loaded(originals):
+    """The tiny model from the safetensors originals, loaded once for the tests that only look at it."""
+    return _load(originals[0]).eval()
+
+
+def _load(root, layout="safetensors", **kw):
+    return mmi.MMInterleaved.from_original(llm=str(root / f"llm-{layout}"), clip=str(root / f"clip-{layout}"),
+                                           sd=str(root / "sd"), cfg=TINY, **kw)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_loads_the_original_tensors(originals, layout):
+    """Single/sharded safetensors and .bin: each Vicuna and CLIP-vision tensor lands, bit-exact, at its place."""
+    root, llama, clip, _ = originals
+    model = _load(root, layout)
+    ours = model.state_dict()
+    for k, v in llama.state_dict().items():
+        if k.startswith("model."):
+            mine = ours["mm_decoder." + k[len("model."):]]
+            assert torch.equal(mine[:v.shape[0]], v), k
+    assert torch.equal(ours["text_decoder.head.weight"][:-2], llama.lm_head.weight)
+    n = 0
+    for k, v in clip.state_dict().items():
+        if k.startswith("vision_model.") and "post_layernorm" not in k:
+            assert torch.equal(ours["visual_tokenizer.encoder." + k], v), k
+            n += 1
+    assert n == 5 + 16 * TINY.vision.num_hidden_layers         # embeddings 3, pre-LN 2, 16 per layer
+    assert model.load_report["counts"]["clip"][0] == n
+
+
+def test_loaded_model_matches_transformers(originals, loaded):
+    """The loaded LLM's logits and CLIP's last hidden state equal transformers' (float32, < 1e-4)."""
+    _, llama, clip, _ = originals
+    model = loaded
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = llama(ids).logits
+        ours = model.text_logits({"text_ids": ids})
+    V = ref.shape[-1]
+    assert (ours[..., :V] - ref).abs().max() < 1e-4
+    # the new tokens: head rows silenced (-100) + head_new bias 95 -> exactly -5 whatever the hidden state
+    assert torch.allclose(ours[..., V:], torch.full_like(ours[..., V:], -5.0))
+
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        # injector gamma is 0 at init, so the adapter does not change the ViT tokens
+        ours, _ = model.visual_tokenizer.encoder["vision_model"](pixels)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_vocab_resize_and_text_head_init(originals, loaded):
+    """embed_tokens rows < V and head rows < V come from Vicuna; the two new rows follow the paper's init."""
+    _, llama, _, _ = originals
+    model = loaded
+    V = llama.config.vocab_size
+    emb, head = model.mm_decoder.embed_tokens.weight, model.text_decoder.head
+    assert emb.shape[0] == V + 2 and torch.equal(emb[:V], llama.model.embed_tokens.weight)
+    assert torch.isfinite(emb[V:]).all() and 0 < emb[V:].std() < 0.1          # N(0, 0.02) draws, not zeros
+    assert torch.equal(head.weight[:V], llama.lm_head.weight) and torch.equal(head.weight[V:], torch.zeros(2, 64))
+    assert torch.equal(head.bias, torch.cat([torch.zeros(V), torch.full((2,), -100.0)]))
+    assert torch.equal(model.text_decoder.head_new.bias, torch.full((2,), 95.0))
+    assert not model.text_decoder.head_new.weight.any()
+    assert (model.cfg.pad_token_id, model.cfg.soi_token_id, model.cfg.image_token_id) == (V - 1, V, V + 1)
+
+
+def test_config_is_derived_from_the_files(originals):
+    """The released parts' shapes come from their config.json files, MM-Interleaved's own values from the base."""
+    root, _, _, _ = originals
+    base = dataclasses.replace(
+        TINY, llm=dataclasses.replace(TINY.llm, hidden_size=7, num_hidden_layers=1, vocab_size=9),
+        vision=dataclasses.replace(TINY.vision, patch_size=3), unet=dataclasses.replace(TINY.unet, sample_size=5),
+        vae=dataclasses.replace(TINY.vae, block_out_channels=(8,)),
+        image_decoder=dataclasses.replace(TINY.image_decoder, beta_end=0.5, image_size=3, mmfs_feat_dim=1))
+    assert mmi.config_from_original(str(root / "llm-bin"), str(root / "clip-bin"), str(root / "sd"), base) == TINY
+
+
+def test_dtype_and_trainable_flags(originals):
+    root, _, _, _ = originals
+    model = _load(root, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.visual_tokenizer.encoder["vision_model"].embeddings.position_ids.dtype == torch.long
+    with torch.device("meta"):
+        fresh = mmi.MMInterleaved(model.cfg)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == \
+        {n: p.requires_grad for n, p in fresh.named_parameters()}
+
+
+def _tiny_mmi(seed=3):
+    """A tiny MM-Interleaved with every tensor random (nothing left at a zero init), as a released one would be."""
+    torch.manual_seed(seed)
+    model = mmi.MMInterleaved(TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_mmi():
+    return _tiny_mmi()
+
+
+def _write_mmi_checkpoint(model, folder, n_shards=2, drop=(), extra=None):
+    """Two pytorch_model-*.bin shards plus pytorch_model.bin.index.json, keys = our state-dict names (SPEC §7)."""
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v for k, v in model.state_dict().items() if k not in drop}
+    sd.update(extra or {})
+    keys = list(sd)
+    weight_map = {}
+    for i in range(n_shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+        part = {k: sd[k] for k in keys[i::n_shards]}
+        torch.save(part, os.path.join(folder, name))
+        weight_map.update((k, name) for k in part)
+    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def _batch():
+    c = TINY
+    g = torch.Generator().manual_seed(4)
+    text = torch.randint(3, 250, (1, 24), generator=g)
+    text[0, 0] = c.bos_token_id
+    text[0, 3] = c.soi_token_id
+    text[0, 4:4 + c.num_img_token] = c.image_token_id
+    return {"text_ids": text, "image_tensors": torch.rand(1, 3, 64, 64, generator=g),
+            "num_image_per_seq": torch.tensor([1])}
+
+
+def test_mmi_checkpoint_overlays_everything(originals, tmp_path, tiny_mmi):
+    """A checkpoint with our key names, in two .bin shards + index, wins over Vicuna/CLIP: the loaded model equals
+    the one that wrote it, tensor for tensor and in its outputs (images through the adapter and MMFS)."""
+    root, _, _, _ = originals
+    src = tiny_mmi
+    _write_mmi_checkpoint(src, tmp_path / "mmi")
+    model = _load(root, mmi=str(tmp_path / "mmi")).eval()
+    loaded = model.state_dict()
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+    assert model.load_report["new"] == []
+
+
+def test_partial_mmi_checkpoint_keeps_frozen_parts_from_the_originals(originals, tmp_path, tiny_mmi):
+    """A checkpoint holding only the trained parts: the LLM body and CLIP come from Vicuna/CLIP."""
+    root, llama, _, _ = originals
+    src = tiny_mmi
+    frozen = [k for k in src.state_dict() if k.startswith("mm_decoder.layers.1.")]
+    _write_mmi_checkpoint(src, tmp_path / "mmi", drop=frozen)
+    model = _load(root, mmi=str(tmp_path / "mmi"))
+    assert torch.equal(model.mm_decoder.layers[1].mlp.up_proj.weight, llama.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(model.mm_decoder.layers[0].llama_cross_attn.attn.value_proj.weight,
+                       src.mm_decoder.layers[0].llama_cross_attn.attn.value_proj.weight)
+    assert model.load_report["counts"]["llm"][0] == len([k for k in frozen])
+
+
+# -- refusals -----------------------------------------------------------------------------------------------------
+
+
+class _NotATensor:
+    pass
+
+
+def test_refuses_a_pickle_with_a_non_tensor_object(originals, tmp_path, tiny_mmi):
+    root, _, _, _ = originals
+    _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi", extra={"soi_token": _NotATensor()})
+    with pytest.raises(ValueError, match=r"pytorch_model-0000\d-of-00002\.bin: refused by torch\.load"):
+        _load(root, mmi=str(tmp_path / "mmi"))
+
+
+def test_refuses_a_missing_shard(originals, tmp_path, tiny_mmi):
+    root, _, _, _ = originals
+    _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi")
+    os.remove(tmp_path / "mmi" / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(ValueError, match=r"names shard 'pytorch_model-00002-of-00002\.bin', which is missing"):
+        _load(root, mmi=str(tmp_path / "mmi"))
+
+
+def test_refuses_a_shape_mismatch(originals, tmp_path, tiny_mmi):
+    root, _, _, _ = originals
+    _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi", extra={"soi_token": torch.zeros(1, 65)})
+    with pytest.raises(ValueError, match=r"pytorch_model-0000\d-of-00002\.bin: key 'soi_token' has shape \[1, 65\], "
+                                         r"expected \[1, 64\]"):
+        _load(root, mmi=str(tmp_path / "mmi"))
+
+
+def test_refuses_an_unknown_key(originals, tmp_path, tiny_mmi):
+    root, _, _, _ = originals
+    _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi", extra={"mm_decoder.layers.0.extra.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"unknown key 'mm_decoder\.layers\.0\.extra\.weight' \(shape \[3\]\)"):
+        _load(root, mmi=str(tmp_path / "mmi"))
+
+
+def test_refuses_a_vicuna_with_the_wrong_shape(tmp_path, originals):
+    """Vicuna's embed_tokens must have exactly the new vocabulary minus the two new tokens."""
+    root, _, _, _ = originals
+    llama = _hf_llama()
+    llama.resize_token_embeddings(200)
+    llama.config.vocab_size = 256                  # config says 256, files hold 200 rows
+    _save(llama, tmp_path / "llm", "safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors: key '(model\.embed_tokens|lm_head)\.weight' has shape "
+                                         r"\[200, 64\], expected \[258, 64\]"):
+        mmi.MMInterleaved.from_original(llm=str(tmp_path / "llm"), clip=str(root / "clip-bin"), cfg=TINY)
+
+
+def test_index_and_shard_must_agree(tmp_path, tiny_mmi):
+    _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi")
+    idx = tmp_path / "mmi" / "pytorch_model.bin.index.json"
+    d = json.loads(idx.read_text())
+    d["weight_map"]["ghost.weight"] = "pytorch_model-00001-of-00002.bin"
+    idx.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"key 'ghost\.weight' is named by the index but not in the file"):
+        mmi.WeightFiles(str(tmp_path / "mmi")).shapes()
+
+
+def test_refuses_a_legacy_pickle(tmp_path):
+    os.makedirs(tmp_path / "old")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "old" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: refused by torch\.load"):
+        mmi.WeightFiles(str(tmp_path / "old"))
+
+
+# -- full size, no weights: the manifests of the released files against the mmi-13b preset on meta ---------------
+
+
+def _loader_manifest(name):
+    with open(os.path.join(MANIFESTS, name)) as f:
+        return {k: tuple(v) for k, v in json.load(f).items()}
+
+
+@pytest.fixture(scope="module")
+def shapes_13b():
+    """{key: shape} of the mmi-13b preset, built on the meta device (no memory, no weights)."""
+    return mmi._target_shapes(mmi._build_meta(mmi.MMIConfig.from_preset("mmi-13b")))
+
+
+def test_released_files_cover_the_13b_model(shapes_13b):
+    """Every key of Vicuna-13B, CLIP ViT-L/14 (and SD-2 base's UNet/VAE) maps to a tensor of the right shape or to
+    the ignore list; with them, every tensor of ours is loaded or documented as new. The MM-Interleaved
+    manifest maps one-to-one onto our state dict."""
+    ours = shapes_13b
+    comps = {"llm": "vicuna_13b_hf.json", "clip": "clip_vit_large_patch14_hf.json", "unet": "sd2_base_unet.json",
+             "vae": "sd2_base_vae.json"}
+    provider = {}
+    for comp, fname in comps.items():
+        shapes = _loader_manifest(fname)
+        plan = mmi.plan_component(comp, shapes, ours, {k: fname for k in shapes})
+        ignored = sorted(k for k, v in plan.items() if v is None)
+        if comp == "llm":
+            assert len(ignored) == 40 and all(k.endswith("rotary_emb.inv_freq") for k in ignored)
+        if comp == "clip":
+            assert not any(k.startswith("vision_model.") and "post_layernorm" not in k for k in ignored)
+        if comp == "vae":   # legacy attention names renamed
+            assert plan["decoder.mid_block.attentions.0.query.weight"] == \
+                "image_decoder.decoder.vae.decoder.mid_block.attentions.0.to_q.weight"
+        provider.update((v, comp) for v in plan.values() if v)
+    new = mmi.check_accounting(list(ours), provider)
+    assert all(n.startswith(("visual_tokenizer.", "mm_decoder.layers.", "text_decoder.", "context_feat_proj.",
+                             "soi_token", "image_decoder.")) for n in new)
+    assert not any(n.startswith("visual_tokenizer.encoder.vision_model.encoder.") for n in new)
+    assert not any(n.startswith("mm_decoder.") and "llama_cross_attn" not in n for n in new)
+
+    mmi_shapes = _loader_manifest("mm_interleaved_13b.json")
+    plan = mmi.plan_component("mmi", mmi_shapes, ours, {k: "mm_interleaved_13b.json" for k in mmi_shapes})
+    assert sorted(plan.values()) == sorted(ours)
+
+
+def test_unknown_original_key_is_reported_with_its_file(shapes_13b):
+    shapes = _loader_manifest("vicuna_13b_hf.json")
+    shapes["model.layers.0.self_attn.qkv_proj.weight"] = (15360, 5120)
+    with pytest.raises(ValueError, match=r"vicuna.json: unknown key 'model\.layers\.0\.self_attn\.qkv_proj\.weight' "
+                                         r"\(shape \[15360, 5120\]\)"):
+        mmi.plan_component("llm", shapes, shapes_13b, {k: "vicuna.json" for k in shapes})
+
+
+# -- our own format -----------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip_is_exact(tmp_path, tiny_mmi):
+    src = tiny_mmi
+    out = tmp_path / "ckpt"
+    os.makedirs(out)
+    (out / "stale.txt").write_text("replaced atomically")
+    src.save_pretrained(str(out), max_shard_bytes=200_000)
+    files = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in files and "config.json" in files and "stale.txt" not in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    assert not [f for f in os.listdir(tmp_path) if f != "ckpt"]          # no temp folder left behind
+    back = mmi.MMInterleaved.from_pretrained(str(out)).eval()
+    assert back.cfg == src.cfg
+    sd_src, sd_back = src.state_dict(), back.state_dict()
+    assert sd_src.keys() == sd_back.keys()
+    for k in sd_src:
+        assert sd_src[k].dtype == sd_back[k].dtype and torch.equal(sd_src[k], sd_back[k]), k
+    assert [p.requires_grad for p in src.parameters()] == [p.requires_grad for p in back.parameters()]
+    text_only = {"text_ids": _batch()["text_ids"].masked_fill(_batch()["text_ids"] >= 384, 5)}
+    with torch.no_grad():     # equal tensors, so equal outputs; this checks nothing outside the state dict differs
+        assert torch.equal(back.text_logits(text_only), src.text_logits(text_only))
+
+
+def test_from_pretrained_refuses_missing_tensors(tmp_path, tiny_mmi):
+    src = tiny_mmi
+    src.save_pretrained(str(tmp_path / "ckpt"))
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "ckpt" / "model.safetensors"
+    sd = load_file(path)
+    del sd["soi_token"]
+    save_file(sd, path)
+    with pytest.raises(ValueError, match=r"1 tensors of the model are missing: \['soi_token'\]"):
+        mmi.MMInterleaved.from_pretrained(str(tmp_path / "ckpt"))
+
+
+# -- Stable Diffusion folder: UNet, VAE (legacy names), scheduler, text encoder + tokenizer for neg_prompt_embeds ----
+
+
+def _perturb(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return module.eval()
+
+
+def _write_sd_folder(root):
+    """A tiny stable-diffusion-2-base-like folder: sharded safetensors UNet, a .bin VAE with the legacy attention
+    names of SD-2's release, scheduler config, a gelu CLIPTextModel and a CLIP tokenizer."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    unet_cfg, vae_cfg, dec_cfg = TINY.unet, TINY.vae, TINY.image_decoder
+    torch.manual_seed(5)
+    down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in unet_cfg.cross_attn_blocks)
+    up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in unet_cfg.cross_attn_blocks[::-1])
+    unet = _perturb(diffusers.UNet2DConditionModel(
+        sample_size=unet_cfg.sample_size, down_block_types=down, up_block_types=up,
+        block_out_channels=unet_cfg.block_out_channels, layers_per_block=unet_cfg.layers_per_block,
+        cross_attention_dim=unet_cfg.cross_attention_dim, attention_head_dim=unet_cfg.num_attention_heads,
+        use_linear_projection=True, norm_num_groups=unet_cfg.norm_num_groups), 6)
+    unet.save_pretrained(root / "unet", max_shard_size="60KB")
+    n = len(vae_cfg.block_out_channels)
+    vae = _perturb(diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=vae_cfg.block_out_channels, layers_per_block=vae_cfg.layers_per_block,
+        norm_num_groups=vae_cfg.norm_num_groups), 7)
+    vae.save_config(root / "vae")
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    sd = {}
+    for k, v in vae.state_dict().items():
+        for new, old in legacy.items():
+            k = k.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        sd[k] = v
+    assert "decoder.mid_block.attentions.0.query.weight" in sd
+    torch.save(sd, root / "vae" / "diffusion_pytorch_model.bin")
+    diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                            steps_offset=1).save_pretrained(root / "scheduler")
+    # SD-2's text encoder is a gelu CLIPTextModel; its width = the UNet's cross-attention width, and the
+    # tokenizer pads to the image-side resampler's query count (77 in SD-2, 8 here)
+    torch.manual_seed(8)
+    text = _perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=20, hidden_size=dec_cfg.resampler.hidden_size, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=dec_cfg.resampler.num_queries, hidden_act="gelu",
+        bos_token_id=18, eos_token_id=19, pad_token_id=0)), 9)
+    text.save_pretrained(root / "text_encoder")
+    os.makedirs(root / "tok_src")
+    vocab = {c: i for i, c in enumerate("!abcdefghijklmnopq")}
+    vocab.update({"<|startoftext|>": 18, "<|endoftext|>": 19})
+    (root / "tok_src" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "tok_src" / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(root / "tok_src" / "vocab.json"), str(root / "tok_src" / "merges.txt"),
+                                     pad_token="!", model_max_length=dec_cfg.resampler.num_queries)
+    tok.save_pretrained(root / "tokenizer")
+    return root, unet, vae, text, tok
+
+
+def test_empty_prompt_token_ids_match_clip_tokenizer(originals):
+    root, _, _, _, tok = originals[3]
+    ref = tok([""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    assert torch.equal(mmi.clip_text_token_ids(str(root / "tokenizer")), ref)
+    assert ref[0, :3].tolist() == [18, 19, 0]            # bos, eos, then pad ("!")
+
+
+def test_clip_text_encoder_forward_matches_transformers(originals):
+    _, _, _, text, _ = originals[3]
+    ids = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(10))
+    weights = {k[len("text_model."):]: v for k, v in text.state_dict().items()}
+    with torch.no_grad():
+        ref = text(ids).last_hidden_state
+        ours = mmi.clip_text_encoder_forward(weights, text.config.to_dict(), ids)
+    assert (ours - ref).abs().max() < 1e-5
+
+
+def test_sd_folder_loads_and_matches_diffusers(originals, loaded):
+    """UNet (sharded safetensors) and VAE (.bin, legacy attention names) equal diffusers' outputs; neg_prompt_embeds
+    equals the text encoder's output for the empty prompt; the noise schedule comes from the scheduler config."""
+    _, _, _, (sd, unet, vae, text, tok) = originals
+    model = loaded
+    counts = model.load_report["counts"]
+    assert counts["unet"] == (len(unet.state_dict()), 0, 0)      # (read, ignored, superseded by mmi)
+    assert counts["vae"] == (len(vae.state_dict()), 0, 0)
+    dec = model.image_decoder.eval()
+    g = torch.Generator().manual_seed(11)
+    x, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g)
+    t = torch.tensor([3, 917])
+    with torch.no_grad():
+        assert (dec.decoder.unet(x, t, cond) - unet(x, t, cond).sample).abs().max() < 1e-4
+        assert (dec.decoder.vae.decode(x) - vae.decode(x).sample).abs().max() < 1e-4
+        ids = tok([""], padding="max_length", max_length=8, return_tensors="pt").input_ids
+        assert (dec.neg_prompt_embeds - text(ids).last_hidden_state).abs().max() < 1e-5
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler.from_pretrained(str(sd / "scheduler")).alphas_cumprod
+    assert torch.equal(dec.decoder.alphas_cumprod, ref)
+    mmfs = dec.decoder.mmfs_module.mmfs_down_blocks[0]
+    assert not mmfs.conv.weight.any() and mmfs.pos_embed.abs().sum() > 0      # new: zero conv, sin-cos table
+
+
+def test_mmi_checkpoint_overlays_the_image_decoder_too(originals, tmp_path):
+    """With the decoder, a full checkpoint (neg_prompt_embeds included) wins everywhere and the text encoder is
+    not needed; the round trip through our format keeps the decoder."""
+    root, _, _, _ = originals
+    src = _perturb(_load(root), 12)
+    _write_mmi_checkpoint(src, tmp_path / "mmi")
+    model = _load(root, mmi=str(tmp_path / "mmi"))
+    loaded = model.state_dict()
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+    model.save_pretrained(str(tmp_path / "ours"))
+    back = mmi.MMInterleaved.from_pretrained(str(tmp_path / "ours"))
+    assert back.image_decoder.decoder.alphas_cumprod.device.type == "cpu"
+    back_sd = back.state_dict()
+    for k, v in src.state_dict().items():
+        assert torch.equal(back_sd[k], v), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loads_straight_onto_cuda_in_bfloat16(originals, loaded):
+    """Tensors go from the mapped files to the GPU in the target dtype; nothing is left on the CPU or on meta
+    (the schedule table stays on the CPU by design)."""
+    model = _load(originals[0], dtype=torch.bfloat16, device="cuda")
+    assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"cuda"}
+    ref = loaded.state_dict()
+    for k, v in model.state_dict().items():
+        if "llama_cross_attn" in k or k.startswith(("visual_tokenizer.perceiver", "image_decoder.perceiver",
+                                                     "image_decoder.decoder.mmfs_module", "context_feat_proj",
+                                                     "visual_tokenizer.encoder.vision_model.adapter",
+                                                     "visual_tokenizer.pos_proj", "visual_tokenizer.proj")):
+            continue                                  # new parts: random init, different draws
+        if k == "mm_decoder.embed_tokens.weight":
+            v, ref[k] = v[:-2], ref[k][:-2]
+        assert torch.equal(v.cpu(), ref[k].to(v.dtype)), k
+
+
+def test_scheduler_config_is_checked(tmp_path):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({"beta_start": 0.00085, "beta_end": 0.012}))     # diffusers' default: "linear"
+    with pytest.raises(ValueError, match=r"beta_schedule is 'linear', the decoder supports only 'scaled_linear'"):
+        mmi.schedule_config_from_diffusers(str(path))
+    path.write_text(json.dumps({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                                "steps_offset": 1}))
+    assert mmi.schedule_config_from_diffusers(str(path)) == dict(num_train_timesteps=1000, beta_start=0.00085,
+                                                               beta_end=0.012, steps_offset=1)
