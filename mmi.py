@@ -22,8 +22,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -450,8 +452,114 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     return out.reshape(B, M * D, Q).transpose(1, 2).contiguous()
 
 
+_MSDA_SOURCE = Path(__file__).with_name("kernels.cu")   # compiled on first CUDA use
+_msda_kernel = None  # the built extension, once loaded
+_msda_kernel_failure = None  # why the kernel is unavailable, once known (warned about once)
+
+
+def _msda_build_dir():
+    """Persistent, per-toolchain build folder, so a second run reuses the compiled module."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(Path.home(), ".cache", "mmi", "torch_extensions")
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"  # version names CUDA too
+    path = Path(root) / tag.replace("+", "_") / "mmi_msda"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _msda_unavailable_reason():
+    """Why the kernel cannot be built here, or None if it can be tried."""
+    from torch.utils import cpp_extension
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if cpp_extension.CUDA_HOME is None:
+        return "nvcc not found (CUDA_HOME unset and no nvcc on PATH)"
+    if not _MSDA_SOURCE.is_file():
+        return f"{_MSDA_SOURCE} is missing"
+    return None
+
+
+def _load_msda_kernel():
+    """The compiled kernels.cu module, built on first call; None (with one warning) where it cannot be had."""
+    global _msda_kernel, _msda_kernel_failure
+    if _msda_kernel is not None or _msda_kernel_failure is not None:
+        return _msda_kernel
+    reason = _msda_unavailable_reason()
+    if reason is None:
+        try:
+            from torch.utils import cpp_extension
+
+            _msda_kernel = cpp_extension.load(
+                name="mmi_msda",
+                sources=[str(_MSDA_SOURCE)],
+                build_directory=_msda_build_dir(),
+                extra_cuda_cflags=["-O3", "-std=c++17"],
+                verbose=False,
+            )
+            return _msda_kernel
+        except Exception as err:  # any build or load failure: fall back, and say why
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = f"build of {_MSDA_SOURCE.name} failed ({type(err).__name__}: {first_line})"
+    _msda_kernel_failure = reason
+    warnings.warn(f"mmi: multi-scale deformable attention falls back to the PyTorch reference: {reason}",
+                  stacklevel=3)
+    return None
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    """Autograd wrapper of the kernel; shapes and start indices get no gradient."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        kernel = _load_msda_kernel()
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return kernel.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = _load_msda_kernel().backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output)
+        return grad_value, None, None, grad_locations, grad_weights
+
+
+def _check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """ValueError naming the argument at fault; the kernel itself trusts these."""
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value has shape {tuple(value.shape)}, expected (B, S, M, D)")
+    B, S, M, D = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2 or \
+            sampling_locations.shape[0] != B or sampling_locations.shape[2] != M:
+        raise ValueError(f"ms_deform_attn: sampling_locations has shape {tuple(sampling_locations.shape)}, "
+                         f"expected ({B}, Q, {M}, L, P, 2)")
+    L = sampling_locations.shape[3]
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(f"ms_deform_attn: attention_weights has shape {tuple(attention_weights.shape)}, "
+                         f"expected {tuple(sampling_locations.shape[:-1])}")
+    if tuple(spatial_shapes.shape) != (L, 2) or tuple(level_start_index.shape) != (L,):
+        raise ValueError(f"ms_deform_attn: spatial_shapes {tuple(spatial_shapes.shape)} and level_start_index "
+                         f"{tuple(level_start_index.shape)} must be ({L}, 2) and ({L},)")
+    if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
+        raise ValueError(f"ms_deform_attn: value, sampling_locations, attention_weights have dtypes {value.dtype}, "
+                         f"{sampling_locations.dtype}, {attention_weights.dtype}; expected one dtype")
+    if spatial_shapes.device.type == "cpu":  # checking device-side shapes would cost a sync on every call
+        sizes = spatial_shapes.prod(1)
+        if int(sizes.sum()) != S:
+            raise ValueError(f"ms_deform_attn: spatial_shapes cover {int(sizes.sum())} pixels, value has S={S}")
+        starts = torch.cumsum(sizes, 0) - sizes
+        if not torch.equal(starts, level_start_index.to(starts.dtype).cpu()):
+            raise ValueError(f"ms_deform_attn: level_start_index {level_start_index.tolist()} is not the "
+                             f"exclusive prefix sum {starts.tolist()} of H*W")
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """The one entry point every deformable attention in the model goes through (kernel on CUDA, else reference)."""
+    """The one entry point every deformable attention in the model goes through: our CUDA kernel (kernels.cu) for
+    CUDA tensors when it builds, else the reference above. MMI_MSDA=reference forces the reference. -> [B, Q, M*D]"""
+    _check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if value.is_cuda and os.environ.get("MMI_MSDA", "").lower() != "reference" and _load_msda_kernel() is not None:
+        return _MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations,
+                                           attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 

@@ -13,6 +13,7 @@ import pickle
 import random
 import shutil
 import time
+import warnings
 import zipfile
 from collections import Counter
 
@@ -2947,3 +2948,200 @@ def test_scheduler_config_is_checked(tmp_path):
                                 "steps_offset": 1}))
     assert mmi.schedule_config_from_diffusers(str(path)) == dict(num_train_timesteps=1000, beta_start=0.00085,
                                                                beta_end=0.012, steps_offset=1)
+
+# ===============================================================================================================
+# kernels.cu: our CUDA multi-scale deformable attention against a float64 reference (skips without CUDA), the
+# dispatch point, and the CPU fallback with its one warning line
+# ===============================================================================================================
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# 1x1, 1x5 and 2x1 levels next to a large one; the kernel must treat each level's own H and W.
+LEVELS_MIXED = [(33, 40), (9, 7), (1, 1), (1, 5), (2, 1)]
+# MMFS folds images into levels: 10 images x 4 levels.
+LEVELS_MMFS = [(8, 8), (4, 4), (2, 2), (1, 1)] * 10
+# One large level next to a tiny one (value offsets beyond 2**16 elements per head).
+LEVELS_HUGE = [(76, 80), (3, 3)]
+
+
+def _away_from_pixel_edges(loc, shapes):
+    """Nudges x*W-0.5 and y*H-0.5 off integers, where bilinear sampling has kinks and fp32/fp64 may disagree."""
+    loc = loc.clone()
+    for level, (h, w) in enumerate(shapes):
+        for axis, size in ((0, w), (1, h)):
+            coord = loc[:, :, :, level, :, axis] * size - 0.5
+            frac = coord - coord.floor()
+            near = (frac < 1e-3) | (frac > 1 - 1e-3)
+            loc[:, :, :, level, :, axis] += near.to(loc.dtype) * (3e-3 / size)
+    return loc
+
+
+def make_inputs(B, Q, M, D, shapes, P, dtype, device, masked_levels=(), seed=0):
+    """Random MSDA inputs: locations partly outside [0, 1]; weights of `masked_levels` zero in batch 0."""
+    gen = torch.Generator().manual_seed(seed)
+    L = len(shapes)
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(B, S, M, D, generator=gen, dtype=torch.float64)
+    loc = torch.rand(B, Q, M, L, P, 2, generator=gen, dtype=torch.float64) * 1.3 - 0.15
+    loc = _away_from_pixel_edges(loc, shapes)
+    attn = torch.rand(B, Q, M, L, P, generator=gen, dtype=torch.float64) + 1e-5
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    for level in masked_levels:  # a masked-out image: its softmax weights underflow to exactly 0
+        attn[0, :, :, level] = 0
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = torch.cumsum(sizes, 0) - sizes
+    to = dict(device=device, dtype=dtype)
+    return (value.to(**to), spatial_shapes.to(device), level_start_index.to(device), loc.to(**to), attn.to(**to))
+
+
+def reference_float64(inputs, grad_out):
+    """Output and (value, location, weight) gradients of the float reference, in float64."""
+    value, shapes, starts, loc, attn = [t.double() if t.is_floating_point() else t for t in inputs]
+    value, loc, attn = (t.detach().requires_grad_() for t in (value, loc, attn))
+    out = mmi.ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    grads = torch.autograd.grad(out, (value, loc, attn), grad_out.double())
+    return [out.detach(), *grads]
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,shapes,P", [(64, LEVELS_MIXED, 8), (32, LEVELS_MIXED, 4), (24, LEVELS_MIXED, 3),
+                                        (64, LEVELS_MMFS, 8), (128, LEVELS_MIXED, 5), (32, LEVELS_HUGE, 2)])
+def test_kernel_matches_float64_reference(dtype, D, shapes, P):
+    """Output and all three gradients within 1e-5 (fp32) / 1e-2 (16-bit) of float64, every element written."""
+    kernel = mmi._load_msda_kernel()
+    assert kernel is not None, mmi._msda_kernel_failure
+    masked = range(len(shapes) - 4, len(shapes)) if len(shapes) > 8 else (1,)
+    inputs = make_inputs(2, 37, 3, D, shapes, P, dtype, "cuda", masked_levels=masked, seed=D + P)
+    grad_out = torch.randn(2, 37, 3 * D, device="cuda").to(dtype)
+    expected = reference_float64(inputs, grad_out)
+    # poison=True fills the outputs with NaN before the launch, so an unwritten element fails the check.
+    out = kernel.forward(*inputs, poison=True)
+    grads = kernel.backward(*inputs, grad_out, poison=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, got, ref in zip(["out", "grad_value", "grad_loc", "grad_attn"], [out, *grads], expected):
+        assert got.dtype == dtype and got.shape == ref.shape, name
+        assert torch.isfinite(got).all(), f"{name}: unwritten (NaN) elements"
+        assert rel_err(got, ref) < tol, f"{name}: relative error {rel_err(got, ref):.2e}"
+
+
+@cuda_only
+def test_kernel_matches_reference_on_map_edges():
+    """Points exactly on pixel centres and on the map's edges (x*W-0.5 in {-1, 0, W-1, W}) agree with float64."""
+    kernel = mmi._load_msda_kernel()
+    assert kernel is not None, mmi._msda_kernel_failure
+    shapes = [(8, 8), (4, 16)]
+    value, sh, st, loc, attn = make_inputs(1, 16, 2, 32, shapes, 4, torch.float32, "cuda", seed=5)
+    edges = torch.tensor([-1.0, 0.0, 3.0, 7.0, 8.0, 2.5], device="cuda")  # pixel coordinates
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for level, (h, w) in enumerate(shapes):
+        pick = torch.randint(0, len(edges), loc[..., level, :, 0].shape, device="cuda", generator=gen)
+        loc[..., level, :, 0] = (edges[pick].clamp(max=w) + 0.5) / w
+        pick = torch.randint(0, len(edges), loc[..., level, :, 1].shape, device="cuda", generator=gen)
+        loc[..., level, :, 1] = (edges[pick].clamp(max=h) + 0.5) / h
+    inputs = (value, sh, st, loc, attn)
+    grad_out = torch.randn(1, 16, 64, device="cuda", generator=gen)
+    expected = reference_float64(inputs, grad_out)
+    got = [kernel.forward(*inputs, poison=True), *kernel.backward(*inputs, grad_out, poison=True)]
+    for name, x, ref in zip(["out", "grad_value", "grad_loc", "grad_attn"], got, expected):
+        assert rel_err(x, ref) < 1e-5, f"{name}: relative error {rel_err(x, ref):.2e}"
+
+
+@cuda_only
+@pytest.mark.parametrize("D", [5, 8])  # odd and even head dims
+def test_kernel_gradcheck_float64(D):
+    """Analytic gradients of the autograd wrapper agree with finite differences (float64)."""
+    assert mmi._load_msda_kernel() is not None, mmi._msda_kernel_failure
+    value, shapes, starts, loc, attn = make_inputs(1, 3, 2, D, [(3, 4), (2, 2)], 3, torch.float64, "cuda", seed=7)
+    args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), attn.requires_grad_())
+    assert torch.autograd.gradcheck(mmi._MSDeformAttnFunction.apply, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@cuda_only
+def test_dispatch_routes_cuda_to_kernel_and_env_forces_reference(monkeypatch):
+    """CUDA tensors go through the kernel's autograd Function; MMI_MSDA=reference sends them to grid_sample."""
+    inputs = make_inputs(1, 5, 2, 32, LEVELS_MIXED, 4, torch.float32, "cuda", seed=3)
+    out = mmi.ms_deform_attn(*inputs)
+    assert out.grad_fn is None or "MSDeformAttn" in type(out.grad_fn).__name__
+    value = inputs[0].clone().requires_grad_()
+    out = mmi.ms_deform_attn(value, *inputs[1:])
+    assert "MSDeformAttn" in type(out.grad_fn).__name__
+    monkeypatch.setenv("MMI_MSDA", "reference")
+    ref = mmi.ms_deform_attn(value, *inputs[1:])
+    assert "MSDeformAttn" not in type(ref.grad_fn).__name__
+    assert rel_err(out.detach(), ref.detach().double()) < 1e-5
+
+
+def test_dispatch_cpu_uses_reference_without_warning():
+    """CPU tensors take the reference path: same numbers as the reference, no fallback warning."""
+    inputs = make_inputs(1, 4, 2, 8, LEVELS_MIXED, 2, torch.float32, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = mmi.ms_deform_attn(*inputs)
+    assert torch.equal(out, mmi.ms_deform_attn_reference(*inputs))
+
+
+def test_dispatch_rejects_bad_inputs():
+    """Mismatched dtypes or shapes that do not cover value's S raise ValueError naming the problem."""
+    value, shapes, starts, loc, attn = make_inputs(1, 4, 2, 8, LEVELS_MIXED, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        mmi.ms_deform_attn(value, shapes, starts, loc.double(), attn)
+    with pytest.raises(ValueError, match="S="):
+        mmi.ms_deform_attn(value[:, 1:], shapes, starts, loc, attn)
+    with pytest.raises(ValueError, match="attention_weights"):
+        mmi.ms_deform_attn(value, shapes, starts, loc, attn[..., :1])
+
+
+def test_loader_without_nvcc_warns_once_and_falls_back(monkeypatch):
+    """No nvcc: one warning line that says so, no build attempt, later calls silent."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(mmi, "_msda_kernel", None)
+    monkeypatch.setattr(mmi, "_msda_kernel_failure", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert mmi._load_msda_kernel() is None
+        assert mmi._load_msda_kernel() is None
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "\n" not in message and "nvcc not found" in message and "reference" in message
+
+
+def test_loader_build_failure_warns_with_reason(monkeypatch, tmp_path):
+    """A failing build falls back with one warning that carries the compiler's first error line."""
+    from torch.utils import cpp_extension
+
+    def failing_load(**kwargs):
+        raise RuntimeError("Error building extension 'mmi_msda'\nninja: build stopped")
+
+    monkeypatch.setattr(mmi, "_msda_kernel", None)
+    monkeypatch.setattr(mmi, "_msda_kernel_failure", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with pytest.warns(UserWarning, match=r"build of kernels.cu failed \(RuntimeError: Error building extension"):
+        assert mmi._load_msda_kernel() is None
+
+
+def test_reference_matches_hand_computed_bilinear():
+    """One level, one point: the reference equals the bilinear formula of SPEC §6.1 computed by hand."""
+    H, W, D = 3, 4, 2
+    value = torch.arange(H * W * D, dtype=torch.float64).reshape(1, H * W, 1, D)
+    x, y = 0.55, 0.3  # pixel coords x*W-0.5 = 1.7, y*H-0.5 = 0.4
+    loc = torch.tensor([x, y], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+    attn = torch.full((1, 1, 1, 1, 1), 0.5, dtype=torch.float64)
+    out = mmi.ms_deform_attn_reference(value, torch.tensor([[H, W]]), torch.tensor([0]), loc, attn)
+    grid = value.view(H, W, D)
+    px, py = 1.7, 0.4
+    expect = ((1 - 0.4) * (1 - 0.7) * grid[0, 1] + (1 - 0.4) * 0.7 * grid[0, 2]
+              + 0.4 * (1 - 0.7) * grid[1, 1] + 0.4 * 0.7 * grid[1, 2]) * 0.5
+    assert math.isclose(px, x * W - 0.5) and math.isclose(py, y * H - 0.5)
+    torch.testing.assert_close(out.view(D), expect, rtol=1e-12, atol=1e-12)

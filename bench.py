@@ -1,0 +1,171 @@
+"""Benchmarks for mmi. `python bench.py kernel` times the deformable-attention kernel against grid_sample.
+
+Each section is a function `bench_<name>(args)`; add `train`, `sample`, ... the same way.
+"""
+import argparse
+import statistics
+
+import torch
+
+import mmi
+from mmi import ms_deform_attn, ms_deform_attn_reference
+
+# (name, B, Q, heads M, head dim D, levels [(H, W)], points P,
+#  original op on an H100 in ms: forward, forward+backward, then grid_sample's: forward, forward+backward)
+KERNEL_SHAPES = [
+    ("LLM-MMFS 8 img", 2, 2048, 16, 64, [(32, 32), (16, 16), (8, 8)] * 8, 8, 2.27, 11.2, 13.7, 57.0),
+    ("LLM-MMFS 2 img", 4, 2048, 16, 64, [(32, 32), (16, 16), (8, 8)] * 2, 8, 1.16, 5.49, 7.9, 27.8),
+    ("UNet-MMFS blk1", 8, 4096, 16, 64, [(64, 64), (32, 32), (16, 16), (8, 8)], 8, 3.06, 14.8, 21.6, 74.3),
+    ("speed test", 32, 128, 8, 128, [(16, 16), (8, 8)], 64, 1.48, 6.45, 6.3, 28.8),
+    ("adapter inject", 16, 256, 16, 32, [(32, 32), (16, 16), (8, 8)], 4, 0.113, 0.477, 0.79, 2.0),
+    ("adapter extract", 16, 1344, 16, 32, [(16, 16)], 4, 0.211, 0.708, 0.94, 3.5),
+]
+# forward+backward must beat the original by this factor (issue 8); 1 means 'faster than it'.
+KERNEL_TARGET_SPEEDUP = {"LLM-MMFS 8 img": 3.0, "LLM-MMFS 2 img": 3.0, "UNet-MMFS blk1": 3.0}
+
+
+def cuda_time_ms(fn, warmup=5, reps=30):
+    """Median of CUDA-event timings of fn() after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs():
+    """Device-to-device copy rate (bytes read + written), the card's practical memory ceiling."""
+    src = torch.empty(2 ** 28, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, reps=20)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def msda_inputs(B, Q, M, D, shapes, P, dtype, seed):
+    """Random inputs as the original speed test draws them: locations U(0,1), weights softmaxed per head."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    L, S = len(shapes), sum(h * w for h, w in shapes)
+    value = torch.randn(B, S, M, D, device="cuda", generator=gen).to(dtype)
+    loc = torch.rand(B, Q, M, L, P, 2, device="cuda", generator=gen).to(dtype)
+    attn = torch.randn(B, Q, M, L * P, device="cuda", generator=gen).softmax(-1).view(B, Q, M, L, P).to(dtype)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64, device="cuda")
+    sizes = spatial_shapes.prod(1)
+    return value, spatial_shapes, torch.cumsum(sizes, 0) - sizes, loc, attn
+
+
+def msda_min_bytes(B, Q, M, D, S, L, P, itemsize):
+    """Fewest bytes each pass must move: inputs read once, outputs written once."""
+    samples = B * Q * M * L * P
+    fwd = (B * S * M * D + samples * 3 + B * Q * M * D) * itemsize
+    bwd = fwd + (B * Q * M * D + B * S * M * D + samples * 3) * itemsize  # + grad_out read, grads written
+    return fwd, bwd
+
+
+def time_msda(fn, B, Q, M, D, shapes, P, dtype, backward, n_sets=3):
+    """Median ms of fn over `n_sets` rotating input sets (so L2 does not hold the last call's data)."""
+    sets = [msda_inputs(B, Q, M, D, shapes, P, dtype, seed) for seed in range(n_sets)]
+    grads = [torch.randn(B, Q, M * D, device="cuda", dtype=dtype) for _ in range(n_sets)]
+    if backward:
+        for value, _, _, loc, attn in sets:
+            for t in (value, loc, attn):
+                t.requires_grad_()
+    step = [0]
+
+    def run():
+        value, shapes_t, starts, loc, attn = sets[step[0] % n_sets]
+        out = fn(value, shapes_t, starts, loc, attn)
+        if backward:
+            torch.autograd.grad(out, (value, loc, attn), grads[step[0] % n_sets])
+        step[0] += 1
+
+    slow = fn is ms_deform_attn_reference
+    return cuda_time_ms(run, warmup=2 if slow else 10, reps=10 if slow else 50)
+
+
+def accuracy_rows():
+    """Relative errors of the kernel vs float64 at an MMFS-like case (outside points, a masked image)."""
+    shapes = [(32, 32), (16, 16), (8, 8), (1, 1)] * 3
+    rows = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        value, sh, st, loc, attn = msda_inputs(2, 300, 16, 64, shapes, 8, torch.float64, seed=11)
+        loc = loc * 1.3 - 0.15
+        attn[0, :, :, 8:] = 0  # batch 0: third image masked out
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        grad = torch.randn(2, 300, 16 * 64, device="cuda", dtype=torch.float64, generator=gen)
+        ref_in = [t.clone().requires_grad_() for t in (value.to(dtype).double(), loc.to(dtype).double(),
+                                                         attn.to(dtype).double())]
+        ref_out = ms_deform_attn_reference(ref_in[0], sh, st, ref_in[1], ref_in[2])
+        ref = [ref_out, *torch.autograd.grad(ref_out, ref_in, grad)]
+        kernel = mmi._load_msda_kernel()
+        args = (value.to(dtype), sh, st, loc.to(dtype), attn.to(dtype))
+        got = [kernel.forward(*args, poison=True), *kernel.backward(*args, grad.to(dtype), poison=True)]
+        errs = [((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref)]
+        rows.append((str(dtype).replace("torch.", ""), errs))
+    return rows
+
+
+def bench_kernel(args):
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py kernel: needs a CUDA device")
+    if mmi._load_msda_kernel() is None:
+        raise SystemExit(f"bench.py kernel: kernel unavailable: {mmi._msda_kernel_failure}")
+    card = torch.cuda.get_device_name()
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"card: {card}; device-to-device copy {copy_gbs:.0f} GB/s (read+write)")
+
+    print("\naccuracy vs float64 reference, ||x-ref||/||ref|| (2x300 queries, 16 heads, D 64, 12 levels, P 8)")
+    print(f"{'dtype':>9} {'out':>9} {'d value':>9} {'d loc':>9} {'d weight':>9}")
+    for name, errs in accuracy_rows():
+        print(f"{name:>9} " + " ".join(f"{e:9.2e}" for e in errs))
+
+    print(f"\ntimes in ms (median of CUDA events); speed-up and bandwidth are for bf16 fwd+bwd; card: {card}")
+    head = (f"{'shape':<16}{'bf16 fwd':>9}{'bf16 f+b':>9}{'fp32 fwd':>9}{'fp32 f+b':>9}{'gs fwd':>8}{'gs f+b':>8}"
+            f"{'orig fwd':>9}{'orig f+b':>9}{'x orig':>7}{'target':>7}{'GB/s':>7}{'ok':>4}")
+    print(head)
+    all_ok = True
+    for name, B, Q, M, D, shapes, P, o_f, o_fb, g_f, g_fb in KERNEL_SHAPES:
+        if args.only and args.only not in name:
+            continue
+        dims = (B, Q, M, D, shapes, P)
+        t = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            for backward in (False, True):
+                t[dtype, backward] = time_msda(ms_deform_attn, *dims, dtype, backward)
+        gs = {bw: (time_msda(ms_deform_attn_reference, *dims, torch.float32, bw) if not args.skip_reference
+                   else float("nan")) for bw in (False, True)}
+        S = sum(h * w for h, w in shapes)
+        _, bytes_fb = msda_min_bytes(B, Q, M, D, S, len(shapes), P, 2)
+        speedup = o_fb / t[torch.bfloat16, True]
+        target = KERNEL_TARGET_SPEEDUP.get(name, 1.0)
+        ok = speedup >= target
+        all_ok &= ok
+        print(f"{name:<16}{t[torch.bfloat16, False]:9.3f}{t[torch.bfloat16, True]:9.3f}{t[torch.float32, False]:9.3f}"
+              f"{t[torch.float32, True]:9.3f}{gs[False]:8.2f}{gs[True]:8.2f}{o_f:9.3f}{o_fb:9.3f}"
+              f"{speedup:7.2f}{target:7.1f}{bytes_fb / t[torch.bfloat16, True] / 1e6:7.0f}{'yes' if ok else 'NO':>4}")
+    print(f"\nGB/s = fewest bytes of fwd+bwd (inputs read once, outputs written once) / time; the card's copy rate "
+          f"is {copy_gbs:.0f} GB/s (H100 SXM datasheet 3350). 'orig' = Deformable-DETR's op on an H100, fp32, "
+          f"from issue 8; 'gs' = the grid_sample reference, fp32, measured here.")
+    print("all targets met" if all_ok else "SOME TARGETS MISSED")
+
+
+SECTIONS = {"kernel": bench_kernel}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("section", choices=sorted(SECTIONS))
+    parser.add_argument("--only", default="", help="kernel: run only shapes whose name contains this")
+    parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
+    args = parser.parse_args()
+    SECTIONS[args.section](args)
+
+
+if __name__ == "__main__":
+    main()

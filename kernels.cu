@@ -1,0 +1,587 @@
+// Multi-scale deformable attention (Deformable-DETR layout) for mmi: forward and backward on CUDA.
+//
+// Layout (SPEC §6.1): value [B, S, M, D], spatial_shapes [L, 2] int64 (H, W), level_start_index [L] int64,
+// sampling_locations [B, Q, M, L, P, 2] as (x, y) in [0, 1], attention_weights [B, Q, M, L, P];
+// output [B, Q, M*D]. Inputs are float32, float64, float16 or bfloat16; arithmetic is float32 (float64 for
+// float64 inputs). Built on first use by mmi.py through torch.utils.cpp_extension.load.
+//
+// Work split: a group of G consecutive threads owns one (b, q, m) and VEC channels per thread (16 bytes of
+// input, in runs of 4 channels; see load_lane). The group's points are fetched cooperatively (thread j
+// reads point j) and handed round with shuffles. The value gradient is scattered with float atomics into a
+// float32 buffer (vector atomics on sm_90); location and weight gradients are summed over the group with a
+// butterfly that leaves thread j holding the total of point j, so they are written once, coalesced.
+
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int kThreads = 256;  // kernels declare __launch_bounds__(kThreads, 1): without the 1, nvcc 13 capped
+                                // the forward at 40 registers and spilled (the timed build had the 1)
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// torch's element types -> CUDA's own, so that conversions use the intrinsics.
+template <typename T> struct Native { using type = T; };
+template <> struct Native<at::Half> { using type = __half; };
+template <> struct Native<at::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void load_vec(const T* p, A (&v)[VEC]) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = to_acc(t[i]);
+  } else if constexpr (VEC * sizeof(T) == 8) {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+    const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = to_acc(t[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = to_acc(p[i]);
+  }
+}
+
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void store_vec(T* p, const A (&v)[VEC]) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    uint4 raw;
+    T* t = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) t[i] = from_acc<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else if constexpr (VEC * sizeof(T) == 8) {
+    uint2 raw;
+    T* t = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) t[i] = from_acc<T>(v[i]);
+    *reinterpret_cast<uint2*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) p[i] = from_acc<T>(v[i]);
+  }
+}
+
+// Scatter-add of VEC accumulator values; Hopper adds four floats per atomic (scalar atomics measured 4x slower).
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(float* p, const float (&v)[VEC]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC / 4; ++i)
+      atomicAdd(reinterpret_cast<float4*>(p) + i, make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]));
+  } else
+#endif
+  {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) atomicAdd(p + i, v[i]);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(double* p, const double (&v)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) atomicAdd(p + i, v[i]);
+}
+
+// A lane's VEC channels are VEC/RUN runs of RUN = min(VEC, 4) consecutive channels, run r starting r*RUN*G
+// channels after the lane's first: each run of a group is one contiguous stretch of memory, so one warp-wide
+// float4 atomic covers whole 32-byte sectors (16-bit inputs with 8 channels a lane would otherwise half-fill
+// two sectors per atomic, which measured 1.5x slower).
+template <int VEC> constexpr int run_len() { return VEC < 4 ? VEC : 4; }
+
+template <typename T, int VEC, int G, typename A>
+__device__ __forceinline__ void load_lane(const T* p, A (&v)[VEC]) {
+  constexpr int RUN = run_len<VEC>();
+#pragma unroll
+  for (int r = 0; r < VEC / RUN; ++r) {
+    A sub[RUN];
+    load_vec<T, RUN>(p + r * RUN * G, sub);
+#pragma unroll
+    for (int i = 0; i < RUN; ++i) v[r * RUN + i] = sub[i];
+  }
+}
+
+template <typename T, int VEC, int G, typename A>
+__device__ __forceinline__ void store_lane(T* p, const A (&v)[VEC]) {
+  constexpr int RUN = run_len<VEC>();
+#pragma unroll
+  for (int r = 0; r < VEC / RUN; ++r) {
+    A sub[RUN];
+#pragma unroll
+    for (int i = 0; i < RUN; ++i) sub[i] = v[r * RUN + i];
+    store_vec<T, RUN>(p + r * RUN * G, sub);
+  }
+}
+
+template <int VEC, int G, typename A>
+__device__ __forceinline__ void atomic_add_lane(A* p, const A (&v)[VEC]) {
+  constexpr int RUN = run_len<VEC>();
+#pragma unroll
+  for (int r = 0; r < VEC / RUN; ++r) {
+    A sub[RUN];
+#pragma unroll
+    for (int i = 0; i < RUN; ++i) sub[i] = v[r * RUN + i];
+    atomic_add_vec<RUN>(p + r * RUN * G, sub);
+  }
+}
+
+// After the call, lane l of each G-lane group holds Σ_lanes v[l % PB]. The first log2(PB) steps halve the
+// array each time (reduce-scatter, PB-1 shuffles); the rest sum over the lanes that share l % PB.
+template <int G, int PB, typename A>
+__device__ __forceinline__ A reduce_scatter(A (&v)[PB], int lane) {
+#pragma unroll
+  for (int half = PB / 2; half >= 1; half /= 2) {
+    const bool upper = lane & half;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const A send = upper ? v[i] : v[i + half];
+      const A keep = upper ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(kFullMask, send, half);
+    }
+  }
+  A total = v[0];
+#pragma unroll
+  for (int off = PB; off < G; off *= 2) total += __shfl_xor_sync(kFullMask, total, off);
+  return total;
+}
+
+struct Geometry {
+  int S, M, D, Q, L, P;
+  int64_t n_groups;  // B * Q * M
+};
+
+// Level table in shared memory: H, W, first pixel.
+__device__ __forceinline__ void load_levels(int* levels, const int64_t* shapes, const int64_t* starts, int L) {
+  for (int i = threadIdx.x; i < L; i += blockDim.x) {
+    levels[3 * i] = static_cast<int>(shapes[2 * i]);
+    levels[3 * i + 1] = static_cast<int>(shapes[2 * i + 1]);
+    levels[3 * i + 2] = static_cast<int>(starts[i]);
+  }
+  __syncthreads();
+}
+
+// Bilinear footprint of one sample in pixel units (x, y already scaled and shifted by -0.5).
+template <typename A>
+struct Footprint {
+  int h0, w0;
+  A lh, lw, hh, hw;
+  bool top, bottom, left, right;
+  __device__ __forceinline__ Footprint(A x, A y, int H, int W) {
+    const A fy = floor(y), fx = floor(x);
+    h0 = static_cast<int>(fy);
+    w0 = static_cast<int>(fx);
+    lh = y - fy;
+    lw = x - fx;
+    hh = A(1) - lh;
+    hw = A(1) - lw;
+    top = h0 >= 0;
+    bottom = h0 + 1 < H;
+    left = w0 >= 0;
+    right = w0 + 1 < W;
+  }
+};
+
+// One group per (b, q, m); channels [c, c+VEC) per thread; all threads of a warp run the same trip counts so
+// the shuffles see every lane (idle tail groups mirror the last real group and store nothing).
+template <typename T, int VEC, int G>
+__global__ void __launch_bounds__(kThreads, 1) msda_forward_kernel(const T* __restrict__ value,
+                                                                const int64_t* __restrict__ shapes,
+                                                                const int64_t* __restrict__ starts,
+                                                                const T* __restrict__ loc,
+                                                                const T* __restrict__ attn, T* __restrict__ out,
+                                                                Geometry g) {
+  using A = typename Acc<T>::type;
+  constexpr int PB = G < 8 ? G : 8;  // points fetched per round
+  extern __shared__ int levels[];
+  load_levels(levels, shapes, starts, g.L);
+
+  const int lane = threadIdx.x % G;
+  const int64_t raw_group = static_cast<int64_t>(blockIdx.x) * (kThreads / G) + threadIdx.x / G;
+  const bool active = raw_group < g.n_groups;
+  const int64_t group = active ? raw_group : g.n_groups - 1;
+  const int m = static_cast<int>(group % g.M);
+  const int64_t b = group / g.M / g.Q;
+  const int64_t pix = static_cast<int64_t>(g.M) * g.D;  // stride between pixels of one head
+  const T* v_head = value + b * g.S * pix + static_cast<int64_t>(m) * g.D;
+  const T* loc_g = loc + group * g.L * g.P * 2;
+  const T* attn_g = attn + group * g.L * g.P;
+
+  for (int chunk = 0; chunk < g.D; chunk += G * VEC) {
+    const int c = chunk + lane * run_len<VEC>();
+    const bool c_ok = c < g.D;
+    A acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = A(0);
+
+    for (int l = 0; l < g.L; ++l) {
+      const int H = levels[3 * l], W = levels[3 * l + 1];
+      const T* v_level = v_head + static_cast<int64_t>(levels[3 * l + 2]) * pix + (c_ok ? c : 0);
+      for (int p0 = 0; p0 < g.P; p0 += PB) {
+        const int pj = p0 + lane % PB;
+        A my_x = A(0), my_y = A(0), my_a = A(0);
+        if (pj < g.P) {
+          const int64_t k = static_cast<int64_t>(l) * g.P + pj;
+          my_x = to_acc(loc_g[2 * k]) * W - A(0.5);
+          my_y = to_acc(loc_g[2 * k + 1]) * H - A(0.5);
+          my_a = to_acc(attn_g[k]);
+        }
+#pragma unroll
+        for (int j = 0; j < PB; ++j) {
+          const A x = __shfl_sync(kFullMask, my_x, j, G);
+          const A y = __shfl_sync(kFullMask, my_y, j, G);
+          const A a = __shfl_sync(kFullMask, my_a, j, G);
+          // Nothing to sample once both footprint columns (or rows) are off the map. At x == -1 exactly the
+          // right column is pixel 0 with weight 0: grid_sample (the reference) keeps it, and its location
+          // gradient is not zero, so the test is >= here where the original op had >.
+          const bool inside = y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W);
+          if (p0 + j < g.P && inside && c_ok) {
+            const Footprint<A> f(x, y, H, W);
+            const T* corner = v_level + (static_cast<int64_t>(f.h0) * W + f.w0) * pix;
+            A v[VEC];
+            if (f.top && f.left) {
+              load_lane<T, VEC, G>(corner, v);
+              const A w = f.hh * f.hw * a;
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
+            }
+            if (f.top && f.right) {
+              load_lane<T, VEC, G>(corner + pix, v);
+              const A w = f.hh * f.lw * a;
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
+            }
+            if (f.bottom && f.left) {
+              load_lane<T, VEC, G>(corner + W * pix, v);
+              const A w = f.lh * f.hw * a;
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
+            }
+            if (f.bottom && f.right) {
+              load_lane<T, VEC, G>(corner + W * pix + pix, v);
+              const A w = f.lh * f.lw * a;
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
+            }
+          }
+        }
+      }
+    }
+    if (active && c_ok) store_lane<T, VEC, G>(out + group * g.D + c, acc);
+  }
+}
+
+// One sample's share for VEC channels: scatters a·corner-weight·grad_out into grad_value and adds the four
+// corner dot products Σ_c grad_out·v (needed for the weight and location gradients) into d[4].
+template <typename T, int VEC, int G, typename A>
+__device__ __forceinline__ void sample_backward(const T* corner, A* gcorner, int64_t pix, int W,
+                                                const Footprint<A>& f, A a, const A (&go)[VEC], A (&d)[4]) {
+  const bool valid[4] = {f.top && f.left, f.top && f.right, f.bottom && f.left, f.bottom && f.right};
+  const int64_t offset[4] = {0, pix, W * pix, W * pix + pix};
+  const A weight[4] = {f.hh * f.hw, f.hh * f.lw, f.lh * f.hw, f.lh * f.lw};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (!valid[k]) continue;
+    A v[VEC];
+    load_lane<T, VEC, G>(corner + offset[k], v);
+    A dot = A(0);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) dot += go[i] * v[i];
+    d[k] += dot;
+    // a == 0 (masked images) adds nothing: skip the atomics.
+    if (a != A(0)) {
+      A gv[VEC];
+      const A w = weight[k] * a;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) gv[i] = w * go[i];
+      atomic_add_lane<VEC, G>(gcorner + offset[k], gv);
+    }
+  }
+}
+
+template <typename T, int VEC, int G>
+__global__ void __launch_bounds__(kThreads, 1) msda_backward_kernel(
+    const T* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+    const T* __restrict__ loc, const T* __restrict__ attn, const T* __restrict__ grad_out,
+    typename Acc<T>::type* __restrict__ grad_value, T* __restrict__ grad_loc, T* __restrict__ grad_attn,
+    Geometry g) {
+  using A = typename Acc<T>::type;
+  constexpr int PB = G < 8 ? G : 8;
+  extern __shared__ int levels[];
+  load_levels(levels, shapes, starts, g.L);
+
+  const int lane = threadIdx.x % G;
+  const int64_t raw_group = static_cast<int64_t>(blockIdx.x) * (kThreads / G) + threadIdx.x / G;
+  const bool active = raw_group < g.n_groups;
+  const int64_t group = active ? raw_group : g.n_groups - 1;
+  const int m = static_cast<int>(group % g.M);
+  const int64_t b = group / g.M / g.Q;
+  const int64_t pix = static_cast<int64_t>(g.M) * g.D;
+  const int64_t head_offset = b * g.S * pix + static_cast<int64_t>(m) * g.D;
+  const T* loc_g = loc + group * g.L * g.P * 2;
+  const T* attn_g = attn + group * g.L * g.P;
+  const int stride = G * VEC;  // channels covered by one pass of the group
+  const int c0 = lane * run_len<VEC>();
+  const bool c0_ok = c0 < g.D;
+
+  A go0[VEC];  // grad_out of the first channel chunk stays in registers; wider heads reload the rest
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) go0[i] = A(0);
+  if (c0_ok) load_lane<T, VEC, G>(grad_out + group * g.D + c0, go0);
+
+  for (int l = 0; l < g.L; ++l) {
+    const int H = levels[3 * l], W = levels[3 * l + 1];
+    const int64_t level_offset = head_offset + static_cast<int64_t>(levels[3 * l + 2]) * pix;
+    for (int p0 = 0; p0 < g.P; p0 += PB) {
+      const int pj = p0 + lane % PB;
+      A my_x = A(0), my_y = A(0), my_a = A(0);
+      if (pj < g.P) {
+        const int64_t k = static_cast<int64_t>(l) * g.P + pj;
+        my_x = to_acc(loc_g[2 * k]) * W - A(0.5);
+        my_y = to_acc(loc_g[2 * k + 1]) * H - A(0.5);
+        my_a = to_acc(attn_g[k]);
+      }
+      A gx[PB], gy[PB], ga[PB];  // this lane's partial sums, per point of the round
+#pragma unroll
+      for (int j = 0; j < PB; ++j) {
+        const A x = __shfl_sync(kFullMask, my_x, j, G);
+        const A y = __shfl_sync(kFullMask, my_y, j, G);
+        const A a = __shfl_sync(kFullMask, my_a, j, G);
+        gx[j] = gy[j] = ga[j] = A(0);
+        const bool inside = y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W);
+        if (p0 + j < g.P && inside) {
+          const Footprint<A> f(x, y, H, W);
+          const int64_t corner = level_offset + (static_cast<int64_t>(f.h0) * W + f.w0) * pix;
+          A d[4] = {A(0), A(0), A(0), A(0)};  // Σ_c grad_out·v at tl, tr, bl, br
+          const A a_scatter = active ? a : A(0);  // idle tail groups must not scatter
+          if (c0_ok)
+            sample_backward<T, VEC, G>(value + corner + c0, grad_value + corner + c0, pix, W, f, a_scatter, go0, d);
+          for (int c = c0 + stride; c < g.D; c += stride) {
+            A go[VEC];
+            load_lane<T, VEC, G>(grad_out + group * g.D + c, go);
+            sample_backward<T, VEC, G>(value + corner + c, grad_value + corner + c, pix, W, f, a_scatter, go, d);
+          }
+          ga[j] = f.hh * f.hw * d[0] + f.hh * f.lw * d[1] + f.lh * f.hw * d[2] + f.lh * f.lw * d[3];
+          gx[j] = f.hh * (d[1] - d[0]) + f.lh * (d[3] - d[2]);  // ∂/∂x in pixels, before a·W
+          gy[j] = f.hw * (d[2] - d[0]) + f.lw * (d[3] - d[1]);  // ∂/∂y in pixels, before a·H
+        }
+      }
+      const A sx = reduce_scatter<G, PB>(gx, lane);
+      const A sy = reduce_scatter<G, PB>(gy, lane);
+      const A sa = reduce_scatter<G, PB>(ga, lane);
+      if (active && lane < PB && pj < g.P) {
+        const int64_t k = group * g.L * g.P + static_cast<int64_t>(l) * g.P + pj;
+        grad_loc[2 * k] = from_acc<T>(sx * my_a * A(W));
+        grad_loc[2 * k + 1] = from_acc<T>(sy * my_a * A(H));
+        grad_attn[k] = from_acc<T>(sa);
+      }
+    }
+  }
+}
+
+
+// ------------------------------------------------------------------------------------------------ host side
+
+struct Inputs {
+  at::Tensor value, shapes, starts, loc, attn;
+  Geometry g;
+  int64_t B;
+};
+
+Inputs check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                    const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  TORCH_CHECK(value.is_cuda(), "msda: value must be a CUDA tensor");
+  TORCH_CHECK(value.dim() == 4, "msda: value must be [B, S, M, D], got ", value.sizes());
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+              "msda: sampling_locations must be [B, Q, M, L, P, 2], got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.dim() == 5, "msda: attention_weights must be [B, Q, M, L, P], got ",
+              attention_weights.sizes());
+  const int64_t B = value.size(0), S = value.size(1), M = value.size(2), D = value.size(3);
+  const int64_t Q = sampling_locations.size(1), L = sampling_locations.size(3), P = sampling_locations.size(4);
+  TORCH_CHECK(sampling_locations.size(0) == B && sampling_locations.size(2) == M,
+              "msda: sampling_locations ", sampling_locations.sizes(), " does not match value ", value.sizes());
+  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5), "msda: attention_weights ",
+              attention_weights.sizes(), " does not match sampling_locations ", sampling_locations.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == L && spatial_shapes.size(1) == 2,
+              "msda: spatial_shapes must be [", L, ", 2], got ", spatial_shapes.sizes());
+  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L,
+              "msda: level_start_index must be [", L, "], got ", level_start_index.sizes());
+  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
+                  attention_weights.scalar_type() == value.scalar_type(),
+              "msda: value, sampling_locations and attention_weights must share one dtype");
+  TORCH_CHECK(sampling_locations.device() == value.device() && attention_weights.device() == value.device(),
+              "msda: all tensors must be on one device");
+  TORCH_CHECK(L <= 4096, "msda: at most 4096 levels, got ", L);
+  TORCH_CHECK(B * S * M * D < (int64_t(1) << 62) && S < std::numeric_limits<int>::max() &&
+                  B * Q * M < std::numeric_limits<int>::max() / 32,
+              "msda: tensors too large");
+  Inputs in;
+  in.value = value.contiguous();
+  in.shapes = spatial_shapes.to(value.device(), at::kLong).contiguous();
+  in.starts = level_start_index.to(value.device(), at::kLong).contiguous();
+  in.loc = sampling_locations.contiguous();
+  in.attn = attention_weights.contiguous();
+  in.g = Geometry{static_cast<int>(S), static_cast<int>(M), static_cast<int>(D), static_cast<int>(Q),
+                  static_cast<int>(L), static_cast<int>(P), B * Q * M};
+  in.B = B;
+  return in;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Threads per group for the 16-byte path (D = G * vec, or whole warps of passes), 0 where D does not split so.
+int group_size(int D, int vec) {
+  if (D % vec != 0) return 0;
+  const int need = D / vec;
+  if (need == 4 || need == 8 || need == 16) return need;
+  return need % 32 == 0 ? 32 : 0;
+}
+
+template <typename T, int VEC, int G>
+void launch_forward(const Inputs& in, at::Tensor& out) {
+  using N = typename Native<T>::type;
+  const int64_t threads = in.g.n_groups * G;
+  const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
+  const size_t smem = 3 * sizeof(int) * in.g.L;
+  msda_forward_kernel<N, VEC, G><<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const N*>(in.value.data_ptr<T>()), in.shapes.data_ptr<int64_t>(),
+      in.starts.data_ptr<int64_t>(), reinterpret_cast<const N*>(in.loc.data_ptr<T>()),
+      reinterpret_cast<const N*>(in.attn.data_ptr<T>()), reinterpret_cast<N*>(out.data_ptr<T>()), in.g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int VEC, int G>
+void launch_backward(const Inputs& in, const at::Tensor& grad_out, const at::Tensor& grad_value_acc, at::Tensor& grad_loc,
+                     at::Tensor& grad_attn) {
+  using N = typename Native<T>::type;
+  using A = typename Acc<N>::type;
+  const int64_t threads = in.g.n_groups * G;
+  const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
+  const size_t smem = 3 * sizeof(int) * in.g.L;
+  msda_backward_kernel<N, VEC, G><<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const N*>(in.value.data_ptr<T>()), in.shapes.data_ptr<int64_t>(),
+      in.starts.data_ptr<int64_t>(), reinterpret_cast<const N*>(in.loc.data_ptr<T>()),
+      reinterpret_cast<const N*>(in.attn.data_ptr<T>()), reinterpret_cast<const N*>(grad_out.data_ptr<T>()),
+      grad_value_acc.data_ptr<A>(), reinterpret_cast<N*>(grad_loc.data_ptr<T>()),
+      reinterpret_cast<N*>(grad_attn.data_ptr<T>()), in.g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Picks the instantiation: 16 bytes per thread and corner when D and the pointers allow, else one channel per
+// thread over a warp-wide group (correct for any D, slower). float64 (gradcheck only) always takes the latter.
+template <typename T, typename Launch16, typename Launch1>
+void dispatch_width(int D, bool pointers_aligned, Launch16 launch16, Launch1 launch1) {
+  constexpr int vec = 16 / sizeof(T);
+  if (!std::is_same<T, double>::value && group_size(D, vec) != 0 && pointers_aligned) {
+    launch16(group_size(D, vec));
+  } else {
+    launch1();
+  }
+}
+
+at::Tensor msda_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                        const at::Tensor& attention_weights, bool poison) {
+  const c10::cuda::CUDAGuard guard(value.device());
+  Inputs in = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  auto out = at::empty({in.B, in.g.Q, static_cast<int64_t>(in.g.M) * in.g.D}, in.value.options());
+  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (in.g.n_groups == 0 || in.g.D == 0) return out;
+  if (in.g.L == 0 || in.g.P == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "msda_forward", [&] {
+    constexpr int vec = 16 / sizeof(scalar_t) < 1 ? 1 : 16 / sizeof(scalar_t);
+    dispatch_width<scalar_t>(
+        in.g.D, aligned16(in.value) && aligned16(out),
+        [&](int G) {
+          if constexpr (!std::is_same<scalar_t, double>::value) {
+            if (G == 4) launch_forward<scalar_t, vec, 4>(in, out);
+            else if (G == 8) launch_forward<scalar_t, vec, 8>(in, out);
+            else if (G == 16) launch_forward<scalar_t, vec, 16>(in, out);
+            else launch_forward<scalar_t, vec, 32>(in, out);
+          }
+        },
+        [&] { launch_forward<scalar_t, 1, 32>(in, out); });
+  });
+  return out;
+}
+
+// Returns grad_value, grad_sampling_locations, grad_attention_weights.
+std::vector<at::Tensor> msda_backward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights, const at::Tensor& grad_output,
+                                      bool poison) {
+  const c10::cuda::CUDAGuard guard(value.device());
+  Inputs in = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == in.B && grad_output.size(1) == in.g.Q &&
+                  grad_output.size(2) == static_cast<int64_t>(in.g.M) * in.g.D,
+              "msda: grad_output must be [B, Q, M*D], got ", grad_output.sizes());
+  const auto grad_out = grad_output.to(in.value.scalar_type()).contiguous();
+  const auto dtype = in.value.scalar_type();
+  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  auto grad_loc = at::empty_like(in.loc);
+  auto grad_attn = at::empty_like(in.attn);
+  if (poison) {
+    grad_loc.fill_(std::numeric_limits<double>::quiet_NaN());
+    grad_attn.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  if (in.g.n_groups == 0 || in.g.L == 0 || in.g.P == 0 || in.g.D == 0) {
+    grad_loc.zero_();
+    grad_attn.zero_();
+    return {at::zeros_like(in.value), grad_loc, grad_attn};
+  }
+  // float32 accumulation for the scattered value gradient (float64 for float64 inputs), cast at the end.
+  auto grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "msda_backward", [&] {
+    constexpr int vec = 16 / sizeof(scalar_t) < 1 ? 1 : 16 / sizeof(scalar_t);
+    dispatch_width<scalar_t>(
+        in.g.D, aligned16(in.value) && aligned16(grad_out),
+        [&](int G) {
+          if constexpr (!std::is_same<scalar_t, double>::value) {
+            if (G == 4) launch_backward<scalar_t, vec, 4>(in, grad_out, grad_value, grad_loc, grad_attn);
+            else if (G == 8) launch_backward<scalar_t, vec, 8>(in, grad_out, grad_value, grad_loc, grad_attn);
+            else if (G == 16) launch_backward<scalar_t, vec, 16>(in, grad_out, grad_value, grad_loc, grad_attn);
+            else launch_backward<scalar_t, vec, 32>(in, grad_out, grad_value, grad_loc, grad_attn);
+          }
+        },
+        [&] { launch_backward<scalar_t, 1, 32>(in, grad_out, grad_value, grad_loc, grad_attn); });
+  });
+  return {grad_value.to(dtype), grad_loc, grad_attn};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &msda_forward, "multi-scale deformable attention, forward -> [B, Q, M*D]",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::arg("poison") = false);
+  m.def("backward", &msda_backward,
+        "multi-scale deformable attention, backward -> (grad_value, grad_sampling_locations, grad_attention_weights)",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::arg("grad_output"), py::arg("poison") = false);
+}
