@@ -12,6 +12,8 @@ import os
 import pickle
 import random
 import shutil
+import sys
+import subprocess
 import time
 import warnings
 import zipfile
@@ -27,6 +29,7 @@ from safetensors.torch import load_file
 import data
 import eval as ev
 import mmi
+import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(HERE, "assets", "reference")
@@ -3145,3 +3148,334 @@ def test_reference_matches_hand_computed_bilinear():
               + 0.4 * (1 - 0.7) * grid[1, 1] + 0.4 * 0.7 * grid[1, 2]) * 0.5
     assert math.isclose(px, x * W - 0.5) and math.isclose(py, y * H - 0.5)
     torch.testing.assert_close(out.view(D), expect, rtol=1e-12, atol=1e-12)
+
+# ===============================================================================================================
+# train.py: the loop from a config file, the 13B recipe's parameter groups, exact resume, gradient accumulation,
+# the NaN guard, FLOP counting, FSDP on two CPU processes, the demo VAE stage
+# ===============================================================================================================
+
+# the smallest honest run: tiny preset, random rows of 32 tokens with one 64x64 image each
+TINY_CONFIG = """
+preset = "tiny"
+data = "synthetic"
+seq_len = 32
+images_per_row = 1
+batch_size = 2
+warmup_steps = 2
+max_steps = 3
+dtype = "float32"
+device = "cpu"
+eval_interval = 0
+export = False
+progress = False
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "tiny_train.py"
+    path.write_text(TINY_CONFIG)
+    return str(path)
+
+
+def run_train(config_file, out_dir, *args):
+    return train.main([config_file, f"--out_dir={out_dir}", *args])
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config files and overrides
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_config_files_and_overrides_are_type_checked_and_unknown_keys_rejected(tmp_path, config_file):
+    tc = train.load_config([config_file, "--max_steps=7", "--betas=(0.8, 0.9)", "--model.llm.num_hidden_layers=2"])
+    assert (tc.max_steps, tc.betas, tc.seq_len) == (7, (0.8, 0.9), 32)
+    assert tc.model_overrides == {"llm.num_hidden_layers": "2"}
+    assert train.model_config(tc).llm.num_hidden_layers == 2
+    bad = tmp_path / "bad.py"
+    bad.write_text("max_stpes = 3\n")
+    with pytest.raises(ValueError, match=r"bad\.py: unknown key 'max_stpes'"):
+        train.load_config([str(bad)])
+    bad.write_text("max_steps = '3'\n")
+    with pytest.raises(ValueError, match=r"bad\.py: max_steps = '3' is a str, expected int"):
+        train.load_config([str(bad)])
+    with pytest.raises(ValueError, match="unknown key 'lr_max'"):
+        train.load_config([config_file, "--lr_max=3"])
+    with pytest.raises(ValueError, match="cannot read 'many' as int"):
+        train.load_config([config_file, "--max_steps=many"])
+    with pytest.raises(ValueError, match="llm.hiden_size"):
+        train.load_config([config_file, "--model.llm.hiden_size=8"])
+    ok = tmp_path / "ok.py"
+    ok.write_text("import math\n_base = 2\nwarmup_steps = _base * 3\neps = 1\nbetas = [0.5, 0.6]\n")
+    tc = train.load_config([str(ok)])                  # helpers and imports are skipped, int -> float, list -> tuple
+    assert (tc.warmup_steps, tc.eps, tc.betas) == (6, 1.0, (0.5, 0.6)) and isinstance(tc.eps, float)
+
+
+def test_pretrain_13b_config_is_the_papers_recipe():
+    tc = train.load_config([os.path.join(HERE, "configs", "pretrain_13b.py")])
+    assert tc.preset == "mmi-13b" and tc.param_groups == train.PAPER_PARAM_GROUPS
+    assert (tc.betas, tc.eps, tc.grad_clip, tc.warmup_steps, tc.max_steps) == ((0.9, 0.995), 1e-6, 1.0, 1000, 15000)
+    cfg = train.model_config(tc)
+    assert (cfg.loss_txt_weight, cfg.loss_img_weight) == (1.0, 10.0)
+    assert [s[5] for s in tc.pretrain_sources] == [1.0, 1.0, 1.0, 2.0]         # blip2, laion_en, laion_coco, mmc4
+    # HF's cosine with 1,000 warm-up steps, by hand: 0 at step 0, linear to 1 at 1,000, half-way down at 8,000
+    assert train.lr_multiplier(0, 1000, 15000) == 0.0
+    assert train.lr_multiplier(250, 1000, 15000) == 0.25
+    assert train.lr_multiplier(1000, 1000, 15000) == 1.0
+    assert train.lr_multiplier(8000, 1000, 15000) == pytest.approx(0.5, abs=1e-12)
+    assert train.lr_multiplier(4500, 1000, 15000) == pytest.approx((1 + math.cos(math.pi / 4)) / 2, abs=1e-12)
+    assert train.lr_multiplier(15000, 1000, 15000) == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter groups (SPEC §10) on the paper-size model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_param_groups_and_weight_decay_match_spec_on_meta_13b():
+    with torch.device("meta"):
+        model = mmi.MMInterleaved(mmi.MMIConfig.from_preset("mmi-13b"))
+    table = {}
+    for g in train.param_groups(model, train.PAPER_PARAM_GROUPS):
+        for name in g["names"]:
+            table[name] = (g["lr"], g["weight_decay"])
+    x = "mm_decoder.layers.4.llama_cross_attn."
+    a = "visual_tokenizer.encoder.vision_model.adapter_interactions.1."
+    expected = {
+        x + "gate": (1e-4, 0.0),
+        x + "attn.sampling_offsets.weight": (1e-5, 0.0),
+        x + "attn.sampling_offsets.bias": (1e-5, 0.0),
+        x + "attn.value_proj.weight": (1e-4, 0.05),
+        x + "attn.value_proj.bias": (1e-4, 0.0),                 # bias: no decay
+        x + "attn.query_relpos.weight": (1e-4, 0.05),
+        x + "attn.ignore_token": (1e-4, 0.05),                   # trainable in the LLM's MMFS, as the original
+        x + "norm1.weight": (1e-4, 0.05),                        # RMSNorm is NOT exempt
+        a + "injector.attn.sampling_offsets.weight": (1e-5, 0.0),
+        a + "injector.gamma": (1e-4, 0.05),
+        a + "injector.query_norm.weight": (1e-4, 0.0),           # nn.LayerNorm: no decay
+        "visual_tokenizer.encoder.vision_model.adapter_spm.stem.1.weight": (1e-4, 0.05),  # LayerNorm2d is NOT exempt
+        "visual_tokenizer.perceiver_resampler.blip2qformer.encoder.layer.0.attention.attention.q_norm.weight":
+            (1e-4, 0.0),
+        "visual_tokenizer.perceiver_resampler.queries": (1e-4, 0.05),
+        "visual_tokenizer.pos_ln.bias": (1e-4, 0.0),
+        "text_decoder.head_new.weight": (1e-4, 0.05),
+        "context_feat_proj.weight": (1e-4, 0.05),
+        "soi_token": (1e-4, 0.05),
+        "image_decoder.decoder.unet.down_blocks.0.resnets.0.conv1.weight": (1e-5, 0.05),
+        "image_decoder.decoder.unet.down_blocks.0.resnets.0.conv1.bias": (1e-5, 0.0),
+        "image_decoder.decoder.unet.down_blocks.0.resnets.0.norm1.weight": (1e-5, 0.05),   # GroupNorm is decayed
+        "image_decoder.decoder.unet.down_blocks.0.attentions.0.transformer_blocks.0.norm1.weight": (1e-5, 0.0),
+        "image_decoder.decoder.mmfs_module.mmfs_down_blocks.0.mmfs.sampling_offsets.weight": (1e-5, 0.0),
+        "image_decoder.decoder.mmfs_module.mmfs_down_blocks.0.conv.weight": (1e-4, 0.05),   # not under .unet
+        "image_decoder.neg_prompt_embeds": (1e-4, 0.05),
+    }
+    assert {k: table.get(k) for k in expected} == expected
+    # the frozen set never reaches the optimizer; the trainable set is exactly the original's
+    with open(os.path.join(HERE, "assets", "reference", "mm_interleaved_13b_summary.json")) as f:
+        ref = json.load(f)
+    assert set(table) == set(ref["trainable_parameter_names"])
+    for frozen in ("mm_decoder.layers.4.self_attn.q_proj.weight", "visual_tokenizer.pos_embed",
+                   "image_decoder.decoder.vae.encoder.conv_in.weight",
+                   "image_decoder.decoder.mmfs_module.mmfs_down_blocks.0.mmfs.ignore_token"):
+        assert frozen not in table
+    assert sum(1 for n in table if n.endswith("llama_cross_attn.gate")) == 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_loop_runs_three_steps_from_a_config_file(tmp_path, config_file):
+    out = str(tmp_path / "run")
+    result = run_train(config_file, out, "--log_interval=1")
+    model = result["model"]
+    torch.manual_seed(32)                                 # the loop's seed: the same initial weights
+    init = mmi.MMInterleaved(train.model_config(result["config"]))
+    assert sorted(result["losses"]) == [1, 2, 3] and all(math.isfinite(v) for v in result["losses"].values())
+    after = dict(model.named_parameters())
+    for name, p in init.named_parameters():
+        changed = not torch.equal(p, after[name])
+        # steps 2 and 3 update every trainable weight that gets a gradient; frozen ones never move
+        if not p.requires_grad:
+            assert not changed, name
+    assert not torch.equal(init.mm_decoder.layers[0].mlp.up_proj.weight, model.mm_decoder.layers[0].mlp.up_proj.weight)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert {"loss", "loss_txt", "lr", "samples_per_s", "tokens_per_s", "mfu", "grad_norm"} <= set(r)
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["time_s"])          # 2 rows of 32 tokens per step
+        assert r["samples_per_s"] == pytest.approx(2 / r["time_s"])
+    assert [r["lr"] for r in rows] == [0.0, 0.5e-4, 1e-4]              # warm-up 2: 0, 1/2, then cosine from 1
+    assert os.listdir(out + "/ckpt_00000003") and not os.path.exists(out + "/ckpt_00000003.tmp")
+
+
+def test_resume_continues_exactly_and_keeps_the_last_checkpoints(tmp_path, config_file):
+    """A run interrupted after step 5 and resumed gives bit-identical losses at steps 6..10 (data position, RNG,
+    optimizer moments and step all restored); only the newest `keep_last` complete checkpoints stay."""
+    args = ["--max_steps=10", "--ckpt_interval=5", "--batch_size=1", "--warmup_steps=1"]
+    full = run_train(config_file, str(tmp_path / "full"), *args)
+    assert sorted(os.listdir(tmp_path / "full")) == ["ckpt_00000005", "ckpt_00000010", "metrics.jsonl"]
+    interrupted = tmp_path / "interrupted"
+    os.makedirs(interrupted)
+    shutil.copytree(tmp_path / "full" / "ckpt_00000005", interrupted / "ckpt_00000005")
+    resumed = run_train(config_file, str(interrupted), *args, "--resume=true", "--keep_last=1")
+    assert sorted(resumed["losses"]) == [6, 7, 8, 9, 10]
+    assert [resumed["losses"][s] for s in range(6, 11)] == [full["losses"][s] for s in range(6, 11)]
+    a, b = dict(full["model"].named_parameters()), dict(resumed["model"].named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(n for n in os.listdir(interrupted) if n.startswith("ckpt")) == ["ckpt_00000010"]
+    files = set(os.listdir(interrupted / "ckpt_00000010"))
+    assert {".metadata", "config.json", "rank0.pt"} <= files and any(f.endswith(".distcp") for f in files)
+
+
+def test_export_writes_a_model_that_from_pretrained_reads_back(tmp_path, config_file):
+    out = tmp_path / "e"
+    result = run_train(config_file, str(out), "--max_steps=1", "--export=true")
+    loaded = mmi.MMInterleaved.from_pretrained(str(out / "model"))
+    ours = result["model"].state_dict()
+    theirs = loaded.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_gradient_accumulation_of_k_micro_batches_equals_one_batch_of_k_rows(tmp_path, config_file):
+    # synthetic rows of equal length and layout, so the mean over each micro-batch's targets averages exactly.
+    # The diffusion loss draws its noise and timesteps per micro-batch, so it agrees only in distribution: its
+    # weight is 0 here (the image decoder still runs and gets zero gradients in both runs)
+    no_img = "--model.loss_img_weight=0"
+    one = run_train(config_file, str(tmp_path / "one"), "--max_steps=3", "--batch_size=2", "--grad_accum=1", no_img)
+    acc = run_train(config_file, str(tmp_path / "acc"), "--max_steps=3", "--batch_size=1", "--grad_accum=2", no_img)
+    for step in (1, 2, 3):
+        assert acc["losses"][step] == pytest.approx(one["losses"][step], rel=1e-6, abs=1e-6)
+    a, b = dict(one["model"].named_parameters()), dict(acc["model"].named_parameters())
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_nan_guard_skips_the_update_logs_it_and_stops_after_nan_patience(tmp_path, config_file, monkeypatch):
+    forward = mmi.MMInterleaved.forward
+    seen = []
+
+    def poisoned(self, batch):                   # from the 2nd call on the loss is NaN (so are its gradients)
+        seen.append(self.mm_decoder.layers[0].mlp.up_proj.weight.detach().clone())
+        out = forward(self, batch)
+        if len(seen) >= 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(mmi.MMInterleaved, "forward", poisoned)
+    out = str(tmp_path / "nan")
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+        run_train(config_file, out, "--max_steps=10", "--nan_patience=3", "--warmup_steps=0")
+    assert len(seen) == 4                                  # step 1 fine, steps 2-4 skipped, then it stopped
+    assert not torch.equal(seen[0], seen[1])               # step 1 updated the weights ...
+    assert torch.equal(seen[1], seen[2]) and torch.equal(seen[2], seen[3])   # ... the NaN steps did not
+    assert torch.isfinite(seen[3]).all()
+    skipped = [r for r in read_metrics(out) if "skipped" in r]
+    assert [r["step"] for r in skipped] == [2, 3, 4] and "3 in a row" in skipped[-1]["skipped"]
+
+
+def test_frozen_weights_can_be_stored_in_bf16_while_trainable_ones_stay_float32(tmp_path, config_file):
+    result = run_train(config_file, str(tmp_path / "bf16"), "--dtype=bfloat16", "--frozen_dtype=bfloat16", "--max_steps=1",
+                 "--model.llm.trainable=false")
+    model = result["model"]
+    vae = {id(p) for p in model.image_decoder.decoder.vae.parameters()}
+    for name, p in model.named_parameters():
+        want = torch.float32 if p.requires_grad or id(p) in vae else torch.bfloat16
+        assert p.dtype == want, name
+    assert model.mm_decoder.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert math.isfinite(result["losses"][1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MFU: the FLOP count
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("llm_trainable", [True, False])
+def test_llm_flops_equal_counted_matmuls_plus_the_attention_term(llm_trainable):
+    """The LLM count (6N for trained weights, 4N for frozen ones, MMFS terms) against torch's FlopCounterMode on
+    a real forward+backward; SDPA is invisible to the counter on CPU, so the attention term is added by hand."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from test_mmi import make_batch
+    torch.manual_seed(0)
+    cfg = mmi.apply_overrides(mmi.MMIConfig.from_preset("tiny"), {"llm.trainable": llm_trainable})
+    model = mmi.MMInterleaved(cfg).train()
+    batch = make_batch(cfg, [[1, 5, 6, "img", 7, 8, "img", 9], [1, "img", 9, 3]], 40)
+    B, L = batch["text_ids"].shape
+    embeds, vision, xmask, _ = model.prepare_mm_embeds(batch["text_ids"], batch["image_tensors"],
+                                                       batch["num_image_per_seq"])
+    embeds, vision = embeds.detach().requires_grad_(), vision.detach().requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        h = model.mm_decoder(embeds, torch.arange(L).expand(B, L), vision, xmask)
+        model.text_decoder(h).sum().backward()
+    attention = 12 * cfg.llm.num_hidden_layers * cfg.llm.hidden_size * L * (B * L)     # PaLM: 12 n_layer d L per token
+    assert train.llm_flops(cfg, B, L, 2) == counter.get_total_flops() + attention
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP: two CPU processes (gloo) against one
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
+    """torchrun, 2 ranks x 1 row with FSDP2 (fully_shard per block, frozen LLM body, activation checkpointing)
+    gives the losses of one process with 2 rows, and writes one sharded checkpoint with a state file per rank."""
+    # each rank draws its own diffusion noise, so the comparison is on the text loss (image loss weight 0)
+    common = ["--max_steps=2", "--model.llm.trainable=false", "--model.loss_img_weight=0"]
+    single = run_train(config_file, str(tmp_path / "single"), "--batch_size=2", *common)
+    out = tmp_path / "fsdp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), config_file, f"--out_dir={out}", "--batch_size=1",
+           "--activation_checkpointing=true", "--log_interval=1", *common]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = {r["step"]: r["loss"] for r in read_metrics(out)}
+    assert losses[1] == pytest.approx(single["losses"][1], rel=1e-5)
+    assert losses[2] == pytest.approx(single["losses"][2], rel=1e-5)
+    files = set(os.listdir(out / "ckpt_00000002"))
+    assert {"rank0.pt", "rank1.pt", ".metadata", "config.json"} <= files
+    assert sum(f.endswith(".distcp") for f in files) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The demo's VAE (task="vae") and handing it to the demo model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_vae_task_trains_exports_and_the_demo_model_loads_it_frozen(tmp_path, config_file):
+    vae_dir = tmp_path / "vae"
+    common = ["--data=demo", "--seq_len=40", "--batch_size=1", "--eval_batches=1"]
+    result = run_train(config_file, str(vae_dir), "--task=vae", "--max_steps=6", "--warmup_steps=0",
+                 "--param_groups=(('', 3e-3, 0.0),)", "--export=true", "--log_interval=1", *common)
+    rows = read_metrics(str(vae_dir))
+    assert {"loss", "loss_rec", "loss_kl"} <= set(rows[0])
+    assert rows[-1]["loss_rec"] < rows[0]["loss_rec"]                 # it learns to reconstruct
+    path = str(vae_dir / "vae.safetensors")
+    scale = train.read_vae_scaling_factor(path)
+    assert 0 < scale < float("inf")
+    # the demo model: same VAE weights, frozen, and the latent scale measured on this VAE
+    tc = train.load_config([config_file, f"--vae_from={path}"])
+    assert train.model_config(tc).vae.scaling_factor == scale
+    model = run_train(config_file, str(tmp_path / "mmi"), f"--vae_from={path}", "--max_steps=1", *common)["model"]
+    vae = model.image_decoder.decoder.vae
+    trained = result["model"].vae.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in vae.state_dict().items())
+    assert not any(p.requires_grad for p in vae.parameters())
+    with pytest.raises(ValueError, match="does not fit the model's VAE"):
+        train.main([config_file, f"--vae_from={path}", "--model.vae.block_out_channels=(16, 16, 32, 64)",
+                    f"--out_dir={tmp_path / 'bad'}"])
+
+
+def test_demo_configs_parse():
+    demo = train.load_config([os.path.join(HERE, "configs", "demo.py"), "--vae_from="])
+    cfg = train.model_config(demo)
+    assert (demo.data, cfg.num_img_token, cfg.resampler.num_queries, cfg.llm.vocab_size) == ("demo", 16, 16, 386)
+    vae = train.load_config([os.path.join(HERE, "configs", "demo_vae.py")])
+    assert (vae.task, vae.data) == ("vae", "demo")

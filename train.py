@@ -1,0 +1,873 @@
+"""Train MM-Interleaved.
+
+    python train.py configs/demo.py [--key=value ...]                       # one process, CPU or one GPU
+    torchrun --nproc_per_node=8 train.py configs/pretrain_13b.py [...]      # FSDP over 8 GPUs
+
+A config file is plain Python that assigns names of `TrainConfig` fields; `--key=value` overrides come last,
+`--model.<dotted MMIConfig key>=value` changes the model (e.g. --model.llm.num_hidden_layers=2). Both are
+type-checked and unknown keys are an error.
+
+The file reads top to bottom: the config, the paper's parameter groups and schedule, the FLOP count behind MFU,
+the data streams, FSDP, checkpoints, evaluation, the demo's VAE-only task, and then `main`: one flat loop of
+micro-batches, backward, the NaN guard, clipping, the optimizer step, logging, evaluation and checkpoints.
+"""
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import mmi
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+
+# SPEC §10 (the original's `random_params_list`): (substring of the parameter name, learning rate, weight decay).
+# The first row whose substring occurs in the name wins; "" matches everything. Only trainable parameters are
+# grouped, and inside every row biases and nn.LayerNorm parameters get weight decay 0 (see `decays`).
+PAPER_PARAM_GROUPS = (
+    ("llama_cross_attn.gate", 1e-4, 0.0),
+    ("sampling_offsets", 1e-5, 0.0),            # every MMFS and every adapter deformable attention
+    ("llama_cross_attn", 1e-4, 0.05),
+    ("image_decoder.decoder.unet", 1e-5, 0.05),
+    ("", 1e-4, 0.05),
+)
+
+
+@dataclass
+class TrainConfig:
+    # model
+    task: str = "mmi"                            # "mmi" | "vae" (the image decoder's VAE alone, for the demo)
+    preset: str = "tiny"                         # an mmi.MMIConfig preset
+    model_overrides: dict = field(default_factory=dict)   # dotted MMIConfig keys -> values, applied to the preset
+    init_from: str = ""                          # "" = random init from `seed`; else a save_pretrained directory
+    vae_from: str = ""                           # a vae.safetensors written by a task="vae" run, for the frozen VAE
+    kl_weight: float = 1e-6                      # task="vae": weight of the KL term
+    # data
+    data: str = "synthetic"                      # "demo" (shape stories) | "synthetic" (random rows) | "pretrain"
+    batch_size: int = 2                          # rows per micro-batch, per process
+    grad_accum: int = 1                          # micro-batches per optimizer step
+    seq_len: int = 256                           # tokens per row for demo / synthetic data
+    images_per_row: int = 2                      # synthetic data
+    num_workers: int = 0                         # DataLoader workers (demo / pretrain)
+    demo_num_stories: int = 0                    # stories per demo epoch; 0 = the whole split
+    tokenizer_path: str = ""                     # demo / pretrain; "" = the demo tokenizer in assets/
+    # pretrain: (name, "mmc4" | "pair", shard pattern, annt_root, data_root, probability, rows per batch)
+    pretrain_sources: tuple = ()
+    # optimizer and schedule (SPEC §10)
+    param_groups: tuple = PAPER_PARAM_GROUPS
+    betas: tuple = (0.9, 0.995)
+    eps: float = 1e-6
+    grad_clip: float = 1.0                       # max global grad norm; 0 = no clipping (the norm is still logged)
+    warmup_steps: int = 1000                     # linear from 0, then cosine to 0 at max_steps
+    max_steps: int = 15000
+    # system
+    device: str = "auto"                         # auto | cpu | cuda
+    dtype: str = "bfloat16"                      # bfloat16 (autocast, float32 master weights) | float32
+    frozen_dtype: str = "float32"                # "bfloat16" stores frozen weights (never updated) in bf16
+    fsdp: bool = True                            # shard with torch FSDP when torchrun starts several processes
+    activation_checkpointing: bool = False       # recompute every LLM / CLIP / UNet block in the backward pass
+    seed: int = 32
+    tf32: bool = True
+    # logging, evaluation, checkpoints
+    out_dir: str = "out"
+    log_interval: int = 10                       # steps between metrics.jsonl lines
+    eval_interval: int = 1000                    # steps between evaluations; 0 = never
+    eval_batches: int = 4                        # validation micro-batches per evaluation
+    ckpt_interval: int = 1000                    # steps between checkpoints; 0 = only at the end
+    keep_last: int = 5                           # checkpoints kept in out_dir
+    save_frozen: bool = True                     # False: frozen weights are not written (they come from init_from)
+    resume: bool = False                         # continue from the newest checkpoint in out_dir
+    export: bool = True                          # at the end: out_dir/model (save_pretrained) or vae.safetensors
+    nan_patience: int = 5                        # stop after this many non-finite steps in a row
+    peak_flops: float = 989e12                   # per device, for MFU (H100 SXM dense bf16)
+    progress: bool = True                        # tqdm bar on rank 0
+
+
+def _as_tuple(v):
+    return tuple(_as_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _check_value(key, old, value, where):
+    """A config file's Python value must have the field's type (an int may stand for a float, a list for a tuple)."""
+    if isinstance(old, bool) or isinstance(value, bool):
+        ok = isinstance(old, bool) and isinstance(value, bool)
+    elif isinstance(old, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif isinstance(old, tuple):
+        ok = isinstance(value, (list, tuple))
+        value = _as_tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(old))
+    if not ok:
+        raise ValueError(f"{where}: {key} = {value!r} is a {type(value).__name__}, expected {type(old).__name__}")
+    return value
+
+
+def load_config(argv):
+    """argv = [config.py] [--key=value ...] -> TrainConfig. Config files set fields by plain assignment."""
+    tc, where = TrainConfig(), "command line"
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    if argv and not argv[0].startswith("--"):
+        path, argv = argv[0], argv[1:]
+        values = {}
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), values)      # one namespace, so helpers see the file's names
+        for key, value in values.items():
+            if key.startswith("_") or callable(value) or isinstance(value, types.ModuleType):
+                continue                         # helpers and imports inside the config file
+            if key not in names:
+                raise ValueError(f"{path}: unknown key {key!r}; TrainConfig has {sorted(names)}")
+            tc = dataclasses.replace(tc, **{key: _check_value(key, getattr(tc, key), value, path)})
+    model_overrides = dict(tc.model_overrides)
+    for item in argv:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"{where}: {item!r}, expected --key=value")
+        key, value = item[2:].split("=", 1)
+        if key.startswith("model."):
+            model_overrides[key[len("model."):]] = value
+        elif key not in names:
+            raise ValueError(f"{where}: unknown key {key!r}; TrainConfig has {sorted(names)}")
+        else:
+            tc = mmi.apply_overrides(tc, {key: value})       # strings parsed to the field's type
+    tc = dataclasses.replace(tc, model_overrides=model_overrides)
+    model_config(tc)                                          # bad model keys fail here, before anything starts
+    if tc.dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype {tc.dtype!r}, expected 'bfloat16' or 'float32'")
+    if tc.data not in ("demo", "synthetic", "pretrain"):
+        raise ValueError(f"data {tc.data!r}, expected 'demo', 'synthetic' or 'pretrain'")
+    if tc.frozen_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"frozen_dtype {tc.frozen_dtype!r}, expected 'bfloat16' or 'float32'")
+    if tc.task not in ("mmi", "vae"):
+        raise ValueError(f"task {tc.task!r}, expected 'mmi' or 'vae'")
+    return tc
+
+
+def model_config(tc):
+    cfg = mmi.apply_overrides(mmi.MMIConfig.from_preset(tc.preset), tc.model_overrides)
+    if tc.vae_from:   # the latent scale belongs to the VAE: take the one measured when it was trained
+        cfg = mmi.apply_overrides(cfg, {"vae.scaling_factor": read_vae_scaling_factor(tc.vae_from)})
+    return dataclasses.replace(cfg, gradient_checkpointing=tc.activation_checkpointing)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter groups and the learning-rate schedule (SPEC §10)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def decays(model):
+    """{name: bool} for every parameter: weight decay applies unless the parameter belongs to an nn.LayerNorm or
+    its name contains "bias" (the original's HF Trainer rule). RMSNorm and the adapter's channels-first
+    LayerNorm2d are not nn.LayerNorm, so they ARE decayed, as in the original."""
+    layer_norm = {f"{m_name}.{p_name}" if m_name else p_name
+                  for m_name, m in model.named_modules() if isinstance(m, nn.LayerNorm)
+                  for p_name, _ in m.named_parameters(recurse=False)}
+    return {name: name not in layer_norm and "bias" not in name for name, _ in model.named_parameters()}
+
+
+def param_groups(model, table):
+    """Trainable parameters -> AdamW groups [{"params", "names", "lr", "weight_decay"}], one per table row and
+    decay flag (empty groups dropped). Frozen parameters never reach the optimizer."""
+    decay = decays(model)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        row = next(i for i, (sub, _, _) in enumerate(table) if sub in name)
+        key = (row, decay[name])
+        if key not in groups:
+            _, lr, wd = table[row]
+            groups[key] = {"params": [], "names": [], "lr": lr, "weight_decay": wd if decay[name] else 0.0}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_multiplier(step, warmup_steps, max_steps):
+    """HF's cosine-with-warmup (the original's scheduler) at optimizer step `step` (0-based): step/warmup during
+    the warm-up (so step 0 has lr 0, as there), then half a cosine from 1 down to 0 at max_steps."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model FLOPs for MFU
+# ----------------------------------------------------------------------------------------------------------------
+# What is counted: multiply-adds of every matrix multiply and convolution (2 FLOPs each) plus the attention
+# score and value products, forward and backward; a weight that trains costs 3x its forward (forward, input
+# gradient, weight gradient), a frozen weight that gradients pass through 2x, a forward-only part (the VAE
+# encoder) 1x; attention products 3x. Attention is counted over the full square, causal or not (the PaLM /
+# Megatron convention). Not counted: norms, activations, softmax, RoPE, the deformable bilinear sampling
+# (gather-bound), and the recomputation that activation checkpointing adds (so this is MFU, not HFU).
+
+
+def _params(module):
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def llm_flops(cfg, B, L, N):
+    """LLM with MMFS on B rows of L tokens with N image slots per row: the 6N rule per token for trained weights
+    (4N for the frozen body and head, through which gradients still flow) plus the attention term."""
+    c, x = cfg.llm, cfg.mmfs
+    d, T = c.hidden_size, B * L
+    body = T * c.num_hidden_layers * (4 * d * d + 3 * d * c.intermediate_size)   # q,k,v,o + gate,up,down
+    head, head_new = T * d * c.vocab_size, T * d * 2                              # head_new always trains
+    attn = B * c.num_hidden_layers * 2 * L * L * d                                # QK^T and AV
+    n_cross = len(range(0, c.num_hidden_layers, x.cross_attention_frequency)) if N else 0   # no images: skipped
+    dv, lv, H, P = cfg.vision.hidden_size, len(x.spatial_shapes), x.n_heads, x.n_points
+    mmfs = n_cross * (T * (d * d + dv * d)                                       # dynamic_offset_mask, output_proj
+                      + T * N * d * (H * P * 2 + H * lv * (P + 1))                # offsets, weights: per query, image
+                      + B * N * sum(s * s for s in x.spatial_shapes) * dv * dv)   # value_proj per image token
+    w = 3 if c.trainable else 2
+    return 2 * (w * (body + head) + 3 * head_new + 3 * attn + (3 if x.trainable else 2) * mmfs)
+
+
+def vision_flops(model, cfg, n_images):
+    """Visual tokenizer: CLIP ViT exactly by shape; the adapter estimated as every adapter weight applied once
+    per pyramid token (4 + 1 + 1/4 tokens per patch); Q-Former by shape; all per image."""
+    v, r = cfg.vision, cfg.resampler
+    G, d = v.grid_size, v.hidden_size
+    n = 1 + G * G
+    clip = v.num_hidden_layers * (n * (4 * d * d + 2 * d * v.intermediate_size) + 2 * n * n * d) \
+        + G * G * 3 * v.patch_size ** 2 * d
+    vm = model.visual_tokenizer.encoder["vision_model"]
+    adapter = sum(_params(m) for name, m in vm.named_children() if name.startswith("adapter")) * 5.25 * G * G
+    h, Q = r.hidden_size, r.num_queries
+    n_xattn = len(range(0, r.num_hidden_layers, r.cross_attention_frequency))
+    qformer = r.num_hidden_layers * Q * (4 * h * h + 2 * h * r.intermediate_size + 2 * Q * h) \
+        + n_xattn * (Q * 2 * h * h + n * 2 * h * r.encoder_hidden_size + 2 * Q * n * h) \
+        + n * 2 * d * d + Q * h * cfg.llm.hidden_size                             # pos_proj, post-LN input; proj
+    return 2 * n_images * ((3 if v.trainable else 2) * clip + (3 if v.adapter_trainable else 2) * adapter
+                           + (3 if r.trainable else 2) * qformer)
+
+
+def image_decoder_flops(model, n_images, context_tokens):
+    """UNet + UNet-MMFS estimated as each block's weights applied at every position of its resolution, plus the
+    transformer blocks' attention products; the image Q-Former by shape; the VAE encoder forward only."""
+    dec = model.image_decoder
+    if dec is None or n_images == 0:
+        return 0
+    sd = dec.decoder
+    ucfg, side = sd.unet.cfg, sd.unet.cfg.sample_size
+    levels = len(ucfg.block_out_channels)
+    unet = (_params(sd.unet.conv_in) + _params(sd.unet.conv_out)) * side ** 2
+    attn = 0
+    for i, (down, up) in enumerate(zip(sd.unet.down_blocks, sd.unet.up_blocks)):
+        s_down, s_up = side >> i, side >> (levels - 1 - i)
+        unet += _params(down) * s_down ** 2 + _params(up) * s_up ** 2
+        for block, s in ((down, s_down), (up, s_up)):
+            for t in getattr(block, "attentions", None) or ():
+                c = t.proj_in.out_features if isinstance(t.proj_in, nn.Linear) else t.proj_in.out_channels
+                attn += 2 * (s * s) ** 2 * c + 2 * s * s * dec.cfg.resampler.num_queries * c
+    unet += _params(sd.unet.mid_block) * (side >> (levels - 1)) ** 2
+    # UNet-MMFS: query-side weights at the block's own resolution, value_proj once per previous-image map token
+    blocks = list(zip(sd.mmfs_module.mmfs_down_blocks, [s for _, s in mmi.unet_skip_layout(ucfg)]))
+    blocks.append((sd.mmfs_module.mmfs_mid_block, side >> (levels - 1)))
+    value_tokens = sum(s * s for s in dec.cfg.mmfs_value_sizes)
+    mmfs = 0
+    for b, s in blocks:
+        value_proj = _params(b.mmfs.value_proj)
+        mmfs += (_params(b) - b.pos_embed.numel() - value_proj) * s * s + value_proj * value_tokens
+    r = dec.cfg.resampler
+    qformer = r.num_queries * _params(dec.perceiver_resampler) + context_tokens * 2 * r.hidden_size ** 2 / n_images
+    vae = sum(_params(b) * (dec.cfg.image_size >> i) ** 2 for i, b in enumerate(sd.vae.encoder.down_blocks))
+    return 2 * n_images * (3 * (unet + attn + mmfs + qformer) + vae)
+
+
+def vae_flops(model, n_images, image_size):
+    """task="vae": encoder and decoder blocks' weights at every position of their resolution, trained (3x)."""
+    vae = model.vae
+    enc = sum(_params(b) * (image_size >> i) ** 2 for i, b in enumerate(vae.encoder.down_blocks))
+    dec = sum(_params(b) * (image_size >> (len(vae.decoder.up_blocks) - 1 - i)) ** 2
+              for i, b in enumerate(vae.decoder.up_blocks))
+    mid = (_params(vae.encoder.mid_block) + _params(vae.decoder.mid_block)) * (image_size >> 3) ** 2
+    return 2 * 3 * n_images * (enc + dec + mid)
+
+
+def train_flops(model, cfg, batch):
+    """Training FLOPs of one micro-batch (see the note above for what is counted)."""
+    if isinstance(model, VAETraining):
+        return float(vae_flops(model, batch["image_tensors_dec"].shape[0], cfg.image_decoder.image_size))
+    B, L = batch["text_ids"].shape
+    num = batch["num_image_per_seq"]
+    n_images, N = int(num.sum()), int(num.max()) if B else 0
+    total = llm_flops(cfg, B, L, N) + vision_flops(model, cfg, n_images)
+    if model.image_decoder is not None and n_images:
+        # each image's context runs from the last bos before its soi to the soi (SPEC §1.6)
+        ids = batch["text_ids"]
+        soi = ids == cfg.soi_token_id
+        pos = torch.arange(L, device=ids.device).expand_as(ids)
+        context = int((pos - mmi.nearest_bos(ids, cfg.bos_token_id).clamp(min=0) + 1)[soi].sum())
+        total += image_decoder_flops(model, n_images, context)
+    # B*L*d*d for context_feat_proj is part of the image path; small next to the rest and left out
+    return float(total)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: endless micro-batches, each carrying the state to resume right after it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_row(cfg, index, seed, length, n_images):
+    """Row `index` of a random corpus: bos, then text and images in a fixed layout; the same on every machine."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    image_len = 1 + cfg.num_img_token
+    text_len = length - 1 - n_images * image_len
+    if text_len < n_images + 1:
+        raise ValueError(f"seq_len {length} cannot hold {n_images} images of {image_len} tokens plus text")
+    words = torch.randint(3, cfg.pad_token_id, (text_len,), generator=g).tolist()
+    cut = text_len // (n_images + 1)
+    ids = [cfg.bos_token_id]
+    for k in range(n_images):
+        ids += words[k * cut:(k + 1) * cut] + [cfg.soi_token_id] + [cfg.image_token_id] * cfg.num_img_token
+    ids += words[n_images * cut:]
+    S = cfg.vision.image_size
+    return ids, torch.rand(n_images, 3, S, S, generator=g)
+
+
+def synthetic_batches(cfg, tc, rank, world, state):
+    """Micro-batch m of this rank holds global rows (m*world + rank)*B ... +B-1: one process with B rows and two
+    processes with B/2 rows, or 2 micro-batches of B/2, see the same rows in the same step."""
+    m = state["micro_batch"] if state else 0
+    while True:
+        first = (m * world + rank) * tc.batch_size
+        rows = [synthetic_row(cfg, first + i, tc.seed, tc.seq_len, tc.images_per_row) for i in range(tc.batch_size)]
+        m += 1
+        yield {"text_ids": torch.tensor([r[0] for r in rows]),
+               "attention_mask": torch.ones(tc.batch_size, tc.seq_len, dtype=torch.long),
+               "image_tensors": torch.cat([r[1] for r in rows]),
+               "image_tensors_dec": torch.cat([r[1] for r in rows]),
+               "num_image_per_seq": torch.full((tc.batch_size,), tc.images_per_row),
+               "meta": {"dataset_name": "synthetic", "resume": {"micro_batch": m}}}
+
+
+def mixed_dataset(cfg, tc, split, rank, world):
+    import data
+    tok = data.Tokenizer(tc.tokenizer_path or data.DEMO_TOKENIZER_PATH)
+    ids = (tok.vocab_size, tok.pad_id, tok.soi_id, tok.image_id, tok.bos_id, tok.eos_id)
+    want = (cfg.llm.vocab_size, cfg.pad_token_id, cfg.soi_token_id, cfg.image_token_id, cfg.bos_token_id,
+            cfg.eos_token_id)
+    if ids != want:
+        raise ValueError(f"tokenizer {tok.path}: (vocab, pad, soi, image, bos, eos) = {ids}, the model expects {want}")
+    if tc.data == "demo":
+        return data.demo_dataset(tok, split, tc.seq_len, cfg.num_img_token, tc.batch_size,
+                                 num_stories=tc.demo_num_stories or None, seed=tc.seed,
+                                 image_size=cfg.vision.image_size, rank=rank, world_size=world)
+    sources, probs, packs = [], [], []
+    transform = data.DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size)
+    for name, kind, shards, annt_root, data_root, prob, rows in tc.pretrain_sources:
+        if kind not in ("mmc4", "pair"):
+            raise ValueError(f"pretrain_sources: {name} has kind {kind!r}, expected 'mmc4' or 'pair'")
+        make = data.mmc4_source if kind == "mmc4" else data.pair_source
+        sources.append(make(shards, annt_root, data_root, tok, transform, name=name, seed=tc.seed,
+                            num_img_token=cfg.num_img_token))
+        probs.append(prob)
+        packs.append(data.PackConfig(num_total_token=cfg.seq_len, num_img_token=cfg.num_img_token,
+                                     max_num_images=15 if kind == "mmc4" else 30,
+                                     truncation_level="image" if kind == "mmc4" else "sample", batch_size=rows))
+    return data.MixedDataset(sources, probs, packs, tok, seed=tc.seed, rank=rank, world_size=world)
+
+
+def dataset_batches(dataset, tc, state):
+    """Endless micro-batches of a MixedDataset, epoch after epoch, resumable from {"epoch", "positions"}."""
+    epoch, positions = (state["epoch"], dict(state["positions"])) if state else (0, {})
+    while True:
+        dataset.set_epoch(epoch)
+        dataset.load_state_dict(positions)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=tc.num_workers,
+                                             persistent_workers=False)
+        for batch in loader:
+            dataset.record_position(positions, batch)
+            batch["meta"]["resume"] = {"epoch": epoch, "positions": dict(positions)}
+            yield batch
+        epoch, positions = epoch + 1, {}
+
+
+def train_batches(cfg, tc, rank, world, state=None):
+    if tc.data == "synthetic":
+        return synthetic_batches(cfg, tc, rank, world, state)
+    if tc.data == "pretrain" and not tc.pretrain_sources:
+        raise ValueError("data='pretrain' needs pretrain_sources (see configs/pretrain_13b.py)")
+    return dataset_batches(mixed_dataset(cfg, tc, "train", rank, world), tc, state)
+
+
+def val_batches(cfg, tc, rank, world):
+    """The same `eval_batches` validation micro-batches at every evaluation; None where there is no split."""
+    if tc.data == "synthetic":
+        stream = synthetic_batches(cfg, dataclasses.replace(tc, seed=tc.seed + 1), rank, world, None)
+    elif tc.data == "demo":
+        stream = dataset_batches(mixed_dataset(cfg, dataclasses.replace(tc, num_workers=0), "val", rank, world),
+                                 dataclasses.replace(tc, num_workers=0), None)
+    else:
+        return None
+    return [next(stream) for _ in range(tc.eval_batches)]
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed: FSDP
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fsdp_blocks(model):
+    """The modules FSDP shards as units, innermost first: every block whose forward the model calls (a unit's
+    weights are gathered by its forward hook, so containers that are only iterated cannot be units)."""
+    if isinstance(model, VAETraining):
+        return list(model.vae.encoder.down_blocks) + list(model.vae.decoder.up_blocks)
+    vm = model.visual_tokenizer.encoder["vision_model"]
+    blocks = list(vm.encoder["layers"])                                      # CLIP layers
+    for inter in vm.adapter_interactions:
+        blocks += [inter.injector, inter.extractor, *(inter.extra_extractors or ())]
+    blocks.append(model.visual_tokenizer.perceiver_resampler)
+    blocks += [model.mm_decoder.embed_tokens, *model.mm_decoder.layers, model.text_decoder]   # LLaMA layers
+    if model.image_decoder is not None:
+        sd = model.image_decoder.decoder
+        blocks += [*sd.unet.down_blocks, sd.unet.mid_block, *sd.unet.up_blocks]            # UNet blocks
+        blocks += [*sd.mmfs_module.mmfs_down_blocks, sd.mmfs_module.mmfs_mid_block]
+        blocks.append(model.image_decoder.perceiver_resampler)
+    return blocks
+
+
+def shard_model(model, tc, device):
+    """FSDP2 (`fully_shard`) per block, then the root. bf16: parameters gathered in bf16, float32 shards (the
+    master weights) and float32 gradient reduction. The frozen VAE stays whole and float32 on every rank (it
+    runs forward-only in float32, as the original); other frozen weights are sharded but get no gradients."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # inputs are not cast by FSDP: a block that activation checkpointing recomputes in the backward pass would
+    # get them uncast the second time (FSDP skips its pre-forward work then); autocast sets the compute dtype
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if tc.dtype == "bfloat16" else None,
+                              reduce_dtype=torch.float32, cast_forward_inputs=False)
+    ignored = set()
+    if model.image_decoder is not None:
+        vae = model.image_decoder.decoder.vae.to(device)
+        ignored = set(vae.parameters())
+    for block in fsdp_blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, ignored_params=ignored or None)
+    return model
+
+
+def all_reduce(t, op=None):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: out_dir/ckpt_<step>/ = DCP shards of model + optimizer, one small state file per rank, the configs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def checkpoints(out_dir):
+    """Complete checkpoints in out_dir, oldest first (a crashed save leaves only a .tmp directory)."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()]
+    return [os.path.join(out_dir, n) for n in sorted(names, key=lambda n: int(n[5:]))]
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(model, optimizer, tc, cfg, step, rank_state, rank, device):
+    """Written to ckpt_<step>.tmp by all ranks, then renamed by rank 0: a reader never sees a partial one. The
+    learning-rate schedule is a function of the step alone, so the step is all the scheduler state there is."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    final = os.path.join(tc.out_dir, f"ckpt_{step:08d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    with warnings.catch_warnings():      # DCP warns that it runs in one process when there is no process group
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save({"step": step, **rank_state, "rng": rng_state(device)}, os.path.join(tmp, f"rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"train": dataclasses.asdict(tc), "model": cfg.to_dict()}, f, indent=1)
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(tc.out_dir)[:-tc.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path, model, optimizer, tc, rank, device):
+    """Model, optimizer and this rank's state (step, data position, RNG) from a checkpoint directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    rank_file = os.path.join(path, f"rank{rank}.pt")
+    if not os.path.exists(rank_file):
+        raise ValueError(f"{path}: no {os.path.basename(rank_file)}; was it written by a run with fewer processes?")
+    opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen, strict=tc.save_frozen)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    missing = [k for k in model_sd if f"model.{k}" not in stored]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} model weights, e.g. {missing[:3]}")
+    # Adam has no state for weights that never got a gradient (unused branches); they start from zero state here,
+    # which the update skips just as before (no gradient, no update), so a partial optimizer load is exact
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path,
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+    state = torch.load(rank_file, weights_only=True)
+    set_rng_state(state.pop("rng"), device)
+    return state
+
+
+def export(model, cfg, path, rank, distributed):
+    """The trained model in mmi's own format (`MMInterleaved.save_pretrained`), for sample.py and eval.py.
+    Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not hasattr(mmi.MMInterleaved, "save_pretrained"):
+        if rank == 0:
+            print(f"export skipped: mmi.MMInterleaved.save_pretrained does not exist yet ({path} not written)")
+        return None
+    if not distributed:
+        model.save_pretrained(path)
+        return path
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        with torch.device("meta"):
+            plain = mmi.MMInterleaved(cfg)
+        plain.load_state_dict(full, assign=True)
+        plain.save_pretrained(path)
+    _barrier()
+    return path
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, raw_model, cfg, tc, batches, device, autocast):
+    """Validation loss over fixed batches (averaged over ranks); on the demo also eval.py's demo metrics."""
+    model.eval()
+    sums = {}
+    for batch in batches or ():
+        with autocast:
+            out = model(to_device(batch, device))
+        for k, v in out.items():
+            if k.startswith("loss"):
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+    metrics = {}
+    if sums:
+        names = sorted(sums)
+        means = all_reduce(torch.stack([sums[k] for k in names])) / (len(batches) * (dist.get_world_size()
+                                                                                   if dist.is_initialized() else 1))
+        metrics = {f"val_{k}": v for k, v in zip(names, means.tolist())}
+    if tc.data == "demo" and tc.task == "mmi":
+        try:
+            evaluator = importlib.import_module("eval")
+        except ImportError:
+            evaluator = None
+        if hasattr(evaluator, "demo_metrics"):
+            # generation reads root weights directly: gather them for the duration (a no-op without FSDP)
+            if hasattr(model, "unshard"):
+                model.unshard()
+            with autocast:
+                metrics.update(evaluator.demo_metrics(raw_model))
+            if hasattr(model, "reshard"):
+                model.reshard()
+    model.train()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The VAE on its own (task="vae"): the demo has no pretrained SD VAE, so configs/demo_vae.py trains one first
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class VAETraining(nn.Module):
+    """The image decoder's VAE as a training model: MSE reconstruction of the decoder's image targets (in
+    [-1, 1]) plus `kl_weight` x the KL divergence to N(0, 1), per latent element (SD's autoencoder loss without
+    its perceptual and adversarial terms, which flat-coloured shapes do not need)."""
+
+    def __init__(self, cfg, kl_weight):
+        super().__init__()
+        self.vae = mmi.AutoencoderKL(cfg.vae)
+        self.kl_weight = kl_weight
+        self.image_decoder = None                # what the loop asks of an MMInterleaved
+
+    def forward(self, batch):
+        images = batch.get("image_tensors_dec")
+        x = (batch["image_tensors"] if images is None else images) * 2 - 1
+        mean, logvar = self.vae.encode(x)                                       # (B_I, 4, S/8, S/8) each
+        rec = self.vae.decode(self.vae.sample(mean, logvar))
+        loss_rec = F.mse_loss(rec.float(), x.float())
+        loss_kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
+        return {"loss": loss_rec + self.kl_weight * loss_kl, "loss_rec": loss_rec.detach(), "loss_kl": loss_kl.detach()}
+
+
+def export_vae(vae, batches, path, device):
+    """vae.safetensors with the scaling factor that gives the validation latents unit variance (SD's recipe for
+    its 0.18215) in the metadata; written atomically."""
+    from safetensors.torch import save_file
+    with torch.no_grad():
+        latents = [vae.sample(*vae.encode(to_device(b, device)["image_tensors_dec"] * 2 - 1)) for b in batches]
+    scale = 1.0 / torch.cat(latents).float().std().item()
+    tmp = path + ".tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, tmp,
+              metadata={"scaling_factor": repr(scale)})
+    os.replace(tmp, path)
+    return scale
+
+
+def read_vae_scaling_factor(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if "scaling_factor" not in meta:
+        raise ValueError(f"{path}: no scaling_factor in its metadata; expected a file written by a task='vae' run")
+    return float(meta["scaling_factor"])
+
+
+def load_vae(model, path):
+    """Put a trained VAE into the model's (frozen) image decoder; every key and shape must match."""
+    from safetensors.torch import load_file
+    vae = model.image_decoder.decoder.vae
+    state = load_file(path)
+    ours = vae.state_dict()
+    if set(state) != set(ours) or any(state[k].shape != ours[k].shape for k in ours):
+        bad = sorted(set(state) ^ set(ours)) or [k for k in ours if state[k].shape != ours[k].shape]
+        raise ValueError(f"{path}: does not fit the model's VAE (config vae = {model.cfg.vae}); first mismatches "
+                         f"{bad[:3]}")
+    vae.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    """Train; returns {"losses": {step: loss}, "model": the (possibly sharded) model, "config": TrainConfig}."""
+    tc = load_config(sys.argv[1:] if argv is None else argv)
+    cfg = model_config(tc)
+
+    # processes: torchrun sets RANK/WORLD_SIZE; otherwise one process
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if tc.device == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device_type = tc.device
+    if distributed:
+        if not tc.fsdp:
+            raise ValueError("several processes need fsdp=True (there is no DDP path)")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
+    else:
+        rank, world = 0, 1
+        device = torch.device(device_type)
+    master = rank == 0
+    if tc.dtype == "bfloat16" and device.type == "cpu" and master:
+        print("note: bfloat16 autocast on CPU is slow; use --dtype=float32 for CPU runs")
+    if tc.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bfloat16")
+
+    # model: the same weights on every rank (same seed), then sharded; frozen parameters keep requires_grad=False
+    torch.manual_seed(tc.seed)
+    if tc.task == "vae":
+        model = VAETraining(cfg, tc.kl_weight)
+    elif tc.init_from:
+        model = mmi.MMInterleaved.from_pretrained(tc.init_from)
+        saved = dataclasses.replace(model.cfg, gradient_checkpointing=cfg.gradient_checkpointing)
+        if saved != cfg:
+            raise ValueError(f"init_from {tc.init_from}: its model config differs from preset {tc.preset!r} with "
+                             f"model_overrides {tc.model_overrides}")
+        model.cfg = cfg
+    else:
+        model = mmi.MMInterleaved(cfg)
+    if tc.vae_from:
+        load_vae(model, tc.vae_from)
+    if tc.frozen_dtype == "bfloat16":
+        # frozen weights get no update, so a float32 master copy buys nothing: halve their memory (13B: 54 -> 27
+        # GB). The VAE stays float32: the image decoder runs it in float32 whatever the model's dtype.
+        keep = set(model.image_decoder.decoder.vae.parameters()) if model.image_decoder is not None else set()
+        for p in model.parameters():
+            if not p.requires_grad and p not in keep:
+                p.data = p.data.to(torch.bfloat16)
+    raw_model = model
+    if distributed:
+        model = shard_model(model, tc, device)     # moves the shards to the device
+    else:
+        model.to(device)
+    model.train()
+    torch.manual_seed(tc.seed + rank)           # from here on each rank draws its own noise (CFG dropout, timesteps)
+    random.seed(tc.seed + rank)
+
+    groups = param_groups(model, tc.param_groups)
+    base_lrs = [g["lr"] for g in groups]
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  betas=tc.betas, eps=tc.eps)
+
+    # resume: newest complete checkpoint in out_dir
+    step, data_state, nan_streak = 0, None, 0
+    found = checkpoints(tc.out_dir) if tc.resume else []
+    if found:
+        state = load_checkpoint(found[-1], model, optimizer, tc, rank, device)
+        step, data_state, nan_streak = state["step"], state["data"], state["nan_streak"]
+        if master:
+            print(f"resumed from {found[-1]} at step {step}")
+    elif tc.resume and master:
+        print(f"resume: no checkpoint in {tc.out_dir}, starting from step 0")
+    batches = train_batches(cfg, tc, rank, world, data_state)
+    val = val_batches(cfg, tc, rank, world) if tc.eval_interval else None
+
+    if master:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        n_total = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in trainable)
+        print(f"model {tc.preset}: {n_total:,} parameters, {n_train:,} trainable in {len(groups)} groups; "
+              f"{world} process(es) on {device.type}, {tc.dtype}, fsdp={distributed}, "
+              f"{tc.batch_size * tc.grad_accum * world} rows per step")
+    metrics_file = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if master else None
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not (master and tc.progress), dynamic_ncols=True)
+    losses, last_ckpt = {}, step
+    t0 = time.perf_counter()
+    while step < tc.max_steps:
+        lr_mult = lr_multiplier(step, tc.warmup_steps, tc.max_steps)
+        for g, base in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = base * lr_mult
+
+        # forward/backward over grad_accum micro-batches; FSDP reduces gradients only after the last one
+        loss_sums = {}                                   # every loss* the model returns (no host sync here)
+        work = [0.0, 0.0, 0.0]                           # rows, tokens, FLOPs
+        for micro in range(tc.grad_accum):
+            batch = next(batches)
+            data_state = batch["meta"]["resume"]
+            work = [a + b for a, b in zip(work, (batch["text_ids"].shape[0], float(batch["attention_mask"].sum()),
+                                                 train_flops(raw_model, cfg, batch)))]
+            batch = to_device(batch, device)
+            if distributed:
+                model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+            with autocast:
+                out = model(batch)
+            (out["loss"] / tc.grad_accum).backward()
+            for k, v in out.items():
+                if k.startswith("loss"):
+                    loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
+
+        # NaN/inf guard: a non-finite loss or gradient on any rank skips the update everywhere
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        bad = (~torch.isfinite(loss_sums["loss"]) | ~torch.isfinite(grad_norm)).float().reshape(1)
+        bad = all_reduce(bad, dist.ReduceOp.MAX).item() > 0
+        if bad:
+            nan_streak += 1
+        else:
+            optimizer.step()
+            nan_streak = 0
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # logging: losses averaged over micro-batches and ranks; rows, tokens and FLOPs summed over ranks
+        names = sorted(loss_sums)
+        sums = all_reduce(torch.stack([loss_sums[k].double() for k in names]
+                                      + [torch.tensor(w, dtype=torch.float64, device=device) for w in work]))
+        sums = sums.tolist()
+        dt = time.perf_counter() - t0
+        rec = {"step": step, **{k: v / (tc.grad_accum * world) for k, v in zip(names, sums)},
+               "lr": max(base_lrs) * lr_mult, "grad_norm": grad_norm.item(), "samples_per_s": sums[-3] / dt,
+               "tokens_per_s": sums[-2] / dt, "mfu": sums[-1] / dt / (tc.peak_flops * world), "time_s": dt}
+        losses[step] = rec["loss"]
+        if bad:
+            rec["skipped"] = f"non-finite loss or gradient ({nan_streak} in a row)"
+        if master:
+            bar.update(1)
+            bar.set_postfix(**{k: f"{rec[k]:.3f}" for k in names if k != "loss"}, lr=f"{rec['lr']:.2e}",
+                            samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
+            if bad or step % tc.log_interval == 0 or step == tc.max_steps:
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+            if bad:
+                tqdm.write(f"step {step}: {rec['skipped']}; update skipped")
+        if nan_streak >= tc.nan_patience:
+            raise RuntimeError(f"step {step}: {nan_streak} non-finite steps in a row (nan_patience={tc.nan_patience}); "
+                               f"stopping. Resume from the last checkpoint in {tc.out_dir} with a lower lr.")
+
+        if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
+            ev = evaluate(model, raw_model, cfg, tc, val, device, autocast)
+            if master and ev:
+                metrics_file.write(json.dumps({"step": step, **ev}) + "\n")
+                metrics_file.flush()
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if (tc.ckpt_interval and step % tc.ckpt_interval == 0) or step == tc.max_steps:
+            save_checkpoint(model, optimizer, tc, cfg, step, {"data": data_state, "nan_streak": nan_streak},
+                            rank, device)
+            last_ckpt = step
+        t0 = time.perf_counter()                 # throughput counts training only, not evaluation or saving
+    bar.close()
+    if metrics_file:
+        metrics_file.close()
+    if tc.export and tc.task == "vae":
+        val = val or val_batches(cfg, dataclasses.replace(tc, eval_batches=max(tc.eval_batches, 1)), rank, world)
+        if master:
+            scale = export_vae(raw_model.vae, val, os.path.join(tc.out_dir, "vae.safetensors"), device)
+            print(f"wrote {tc.out_dir}/vae.safetensors (latent scaling factor {scale:.5f}); "
+                  f"train the demo model with --vae_from={tc.out_dir}/vae.safetensors")
+    elif tc.export:
+        export(model, cfg, os.path.join(tc.out_dir, "model"), rank, distributed)
+    if distributed:
+        dist.destroy_process_group()
+    return {"losses": losses, "model": model, "config": tc, "last_checkpoint": last_ckpt}
+
+
+if __name__ == "__main__":
+    main()
