@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 import subprocess
@@ -3479,3 +3480,105 @@ def test_demo_configs_parse():
     assert (demo.data, cfg.num_img_token, cfg.resampler.num_queries, cfg.llm.vocab_size) == ("demo", 16, 16, 386)
     vae = train.load_config([os.path.join(HERE, "configs", "demo_vae.py")])
     assert (vae.task, vae.data) == ("vae", "demo")
+
+
+# ===============================================================================================================
+# sample.py: the interleaved loop on a tiny random model (both initial modes), the page, bad input, atomic output
+# ===============================================================================================================
+
+import sample  # noqa: E402  (the section's own import, kept beside its tests)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sample") / "model"
+    tiny_model(seed=11).save_pretrained(str(path))
+    return str(path)
+
+
+def sample_argv(model_dir, out, *extra):
+    return [f"--init_from={model_dir}", f"--out={out}", "--steps=2", "--max_new_tokens=4", "--min_new_tokens=0",
+            "--device=cpu", *extra]
+
+
+def test_sample_writes_the_page_images_and_results_for_both_initial_modes(tmp_path, saved_tiny_model, capsys):
+    annt = os.path.join(HERE, "assets", "examples", "annt.json")
+    assert sample.main(sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}",
+                                   "--force_gen_image_next")) == 0
+    runs = os.listdir(tmp_path / "out")
+    assert len(runs) == 1 and not runs[0].endswith(".tmp")
+    run = tmp_path / "out" / runs[0]
+    result = json.loads((run / "result.json").read_text())
+    kinds = [[item["type"] for item in s["generated"]] for s in result["stories"]]
+    # generate_texts first: text, image, text, image; generate_images first: image, text, image
+    assert kinds == [["text", "image", "text", "image"], ["image", "text", "image"]]
+    page = (run / "index.html").read_text()
+    positions = []
+    for story in result["stories"]:
+        for item in story["generated"]:
+            if item["type"] == "image":
+                with Image.open(run / item["file"]) as im:
+                    assert im.size == (64, 64)
+                positions.append(page.index(f"src='{item['file']}'"))
+            else:
+                positions.append(page.index(f"<p>{html_escape(item['text'])}</p>"))
+    assert positions == sorted(positions)                       # the page shows them in the order they were made
+    assert str(run / "index.html") in capsys.readouterr().out
+
+
+def html_escape(text):
+    import html
+    return html.escape(text)
+
+
+def _write_annt(tmp_path, samples):
+    Image.fromarray(data.render_scene(data.make_story(5).scenes[0])).save(tmp_path / "a.png")
+    (tmp_path / "not_an_image.png").write_text("hello")
+    path = tmp_path / "annt.json"
+    path.write_text(json.dumps(samples))
+    return str(path)
+
+
+GOOD = {"sentences": ["a red circle at the centre."], "images": ["a.png"], "sentence_ixs": [0],
+        "image_first": [False]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"images": ["missing.png"]}, r"sample 1: field 'images'\[0\]: 'missing.png' does not exist"),
+    ({"images": ["not_an_image.png"]}, r"sample 1: field 'images'\[0\]: 'not_an_image.png' is not an image"),
+    ({"sentence_ixs": [0, 0]}, "sample 1: field 'sentence_ixs' has 2 entries, 'images' has 1"),
+    ({"image_first": []}, "sample 1: field 'image_first' has 0 entries, 'images' has 1"),
+    ({"sentence_ixs": [3]}, r"sample 1: field 'sentence_ixs'\[0\] = 3 is not a sentence index \(0..0\)"),
+    ({"generate_mode": "generate_video"}, "sample 1: field 'generate_mode' is 'generate_video'"),
+    ({"images": [], "sentence_ixs": [], "image_first": []}, "sample 1: field 'images' is empty"),
+    ({"sentences": None}, "sample 1: field 'sentences' must be list"),
+])
+def test_sample_rejects_bad_prompts_before_any_model_work(tmp_path, change, message, capsys):
+    annt = _write_annt(tmp_path, [GOOD, dict(GOOD, **change)])
+    code = sample.main([f"--annt={annt}", "--init_from=/nonexistent", f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_sample_rejects_missing_or_malformed_files_and_models(tmp_path, capsys):
+    assert sample.main([f"--annt={tmp_path / 'none.json'}"]) == 2
+    assert "none.json: no such file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[{")
+    assert sample.main([f"--annt={tmp_path / 'bad.json'}"]) == 2
+    assert "bad.json: not valid JSON" in capsys.readouterr().err
+    annt = _write_annt(tmp_path, [GOOD])
+    assert sample.main([f"--annt={annt}", f"--init_from={tmp_path}"]) == 2
+    assert "is not a model folder (no config.json)" in capsys.readouterr().err
+
+
+def test_an_interrupted_sample_run_leaves_no_half_written_output(tmp_path, saved_tiny_model, monkeypatch):
+    annt = _write_annt(tmp_path, [dict(GOOD, generate_mode="generate_images")])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mmi.MMInterleaved, "generate_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}"))
+    assert os.listdir(tmp_path / "out") == []
