@@ -155,7 +155,32 @@ def bench_kernel(args):
     print("all targets met" if all_ok else "SOME TARGETS MISSED")
 
 
-SECTIONS = {"kernel": bench_kernel}
+
+
+def bench_data(args):
+    """The demo corpus stream (generate, render, tokenise, pack, collate) on one CPU core, in stories/s, as
+    train.py consumes it: rows of 512 tokens, 16 image tokens per image, 64x64 images."""
+    import time
+
+    import data
+    torch.set_num_threads(1)
+    tok = data.Tokenizer(data.DEMO_TOKENIZER_PATH)
+    n = args.stories
+    ds = data.demo_dataset(tok, num_total_token=512, num_img_token=16, batch_size=8, num_stories=n)
+    ds.verbose = False
+    t0, c0 = time.perf_counter(), time.process_time()
+    batches = images = tokens = 0
+    for b in ds:
+        batches += 1
+        images += int(b["num_image_per_seq"].sum())
+        tokens += int(b["attention_mask"].sum())
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"demo stream, one core: {n} stories -> {batches} batches, {images} images, {tokens} tokens")
+    print(f"  {n / cpu:,.0f} stories/s, {images / cpu:,.0f} images/s, {tokens / cpu:,.0f} tokens/s of CPU time "
+          f"({n / wall:,.0f} stories/s wall)")
+
+
+SECTIONS = {"kernel": bench_kernel, "data": bench_data}
 
 
 def main():
@@ -163,6 +188,7 @@ def main():
     parser.add_argument("section", choices=sorted(SECTIONS))
     parser.add_argument("--only", default="", help="kernel: run only shapes whose name contains this")
     parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
+    parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
     args = parser.parse_args()
     SECTIONS[args.section](args)
 
