@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import mmi
 
 # ---------------------------------------------------------------------------------------------------------------
 # Caption metrics: PTB-style tokenisation, BLEU-1..4, CIDEr-D (as pycocoevalcap computes them)
@@ -571,80 +572,23 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ClipAttention(nn.Module):
-    def __init__(self, dim, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-
-    def forward(self, x, causal):
-        B, L, C = x.shape
-        q, k, v = (p(x).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                # (B, heads, L, D)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
-
-
-class ClipMLP(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        x = self.fc1(x)
-        return self.fc2(x * torch.sigmoid(1.702 * x))                                    # quick-GELU
-
-
-class ClipLayer(nn.Module):
-    def __init__(self, dim, n_heads, hidden, eps):
-        super().__init__()
-        self.self_attn = ClipAttention(dim, n_heads)
-        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = ClipMLP(dim, hidden)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
-
-    def forward(self, x, causal=False):
-        x = x + self.self_attn(self.layer_norm1(x), causal)
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class ClipTextTower(nn.Module):
-    def __init__(self, vocab, dim, layers, heads, hidden, max_positions, eps):
-        super().__init__()
-        self.embeddings = nn.Module()
-        self.embeddings.token_embedding = nn.Embedding(vocab, dim)
-        self.embeddings.position_embedding = nn.Embedding(max_positions, dim)
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(ClipLayer(dim, heads, hidden, eps) for _ in range(layers))
-        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
-
-    def forward(self, ids, eos_positions):
-        x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding.weight[:ids.shape[1]]
-        for layer in self.encoder.layers:
-            x = layer(x, causal=True)
-        x = self.final_layer_norm(x)
-        return x[torch.arange(ids.shape[0], device=ids.device), eos_positions]           # (B, dim) at each eos
-
-
 class ClipVisionTower(nn.Module):
+    """CLIP's plain vision transformer (no adapter) with its post-LayerNorm, from mmi's embeddings and layers
+    -> the class token's features [B, dim]."""
+
     def __init__(self, image_size, patch, dim, layers, heads, hidden, eps):
         super().__init__()
-        n_pos = (image_size // patch) ** 2 + 1
-        self.embeddings = nn.Module()
-        self.embeddings.class_embedding = nn.Parameter(torch.zeros(dim))
-        self.embeddings.patch_embedding = nn.Conv2d(3, dim, patch, patch, bias=False)
-        self.embeddings.position_embedding = nn.Embedding(n_pos, dim)
+        cfg = mmi.VisionConfig(image_size=image_size, patch_size=patch, hidden_size=dim, num_hidden_layers=layers,
+                               num_attention_heads=heads, intermediate_size=hidden, layer_norm_eps=eps)
+        self.embeddings = mmi.CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(dim, eps=eps)
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(ClipLayer(dim, heads, hidden, eps) for _ in range(layers))
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(
+            mmi.CLIPEncoderLayer(dim, heads, hidden, eps) for _ in range(layers))})
         self.post_layernorm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, pixels):
-        e = self.embeddings
-        x = e.patch_embedding(pixels).flatten(2).transpose(1, 2)                      # (B, G*G, dim)
-        x = torch.cat([e.class_embedding.expand(x.shape[0], 1, -1), x], 1) + e.position_embedding.weight
-        x = self.pre_layrnorm(x)
-        for layer in self.encoder.layers:
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder["layers"]:
             x = layer(x)
         return self.post_layernorm(x[:, 0])                                             # (B, dim) class token
 
@@ -657,14 +601,16 @@ class CLIPScorer(nn.Module):
                  max_positions=77, projection_dim=768, eps=1e-5):
         super().__init__()
         self.image_size = image_size
-        self.text_model = ClipTextTower(vocab, text_dim, text_layers, text_heads, text_hidden, max_positions, eps)
+        self.text_model = mmi.CLIPTextTransformer(vocab, text_dim, text_layers, text_heads, text_hidden,
+                                                  max_positions, eps)
         self.vision_model = ClipVisionTower(image_size, patch, vision_dim, vision_layers, vision_heads,
                                             vision_hidden, eps)
         self.text_projection = nn.Linear(text_dim, projection_dim, bias=False)
         self.visual_projection = nn.Linear(vision_dim, projection_dim, bias=False)
 
     def text_features(self, ids, eos_positions):
-        return F.normalize(self.text_projection(self.text_model(ids, eos_positions)), dim=-1)
+        h = self.text_model(ids)[torch.arange(ids.shape[0], device=ids.device), eos_positions]   # (B, dim) at eos
+        return F.normalize(self.text_projection(h), dim=-1)
 
     def image_features(self, pixels):
         mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
@@ -697,6 +643,7 @@ def load_clip(path):
              if not k.endswith("position_ids") and k != "logit_scale"}
     net = CLIPScorer()
     missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]       # derived, not in every release file
     if missing or unexpected:
         raise ValueError(f"{weights}: not CLIP ViT-L/14; missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     return net.eval(), tokenizers.Tokenizer.from_file(tok_file)
@@ -1278,7 +1225,6 @@ def write_json_atomic(path, obj):
 
 def load_model(init_from, dtype, device):
     """A directory written by MMInterleaved.save_pretrained, loaded straight to `device` in `dtype`."""
-    import mmi
     return mmi.MMInterleaved.from_pretrained(init_from, dtype=dtype, device=device)
 
 

@@ -698,9 +698,9 @@ class MMFS(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, dim, n_heads):
+    def __init__(self, dim, n_heads, causal=False):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.causal = n_heads, causal
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -709,32 +709,58 @@ class CLIPAttention(nn.Module):
     def forward(self, x):
         B, L, C = x.shape
         q, k, v = (p(x).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)                            # (B, heads, L, D)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)     # (B, heads, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act="quick_gelu"):
         super().__init__()
+        if act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"CLIP MLP activation {act!r}: expected 'quick_gelu' or 'gelu'")
+        self.act = act
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         x = self.fc1(x)
-        return self.fc2(x * torch.sigmoid(1.702 * x))                            # quick-GELU
+        return self.fc2(x * torch.sigmoid(1.702 * x) if self.act == "quick_gelu" else F.gelu(x))
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    """Pre-LN transformer layer of CLIP's towers (the vision tower's here; causal for the text tower)."""
+
+    def __init__(self, dim, n_heads, hidden, eps, act="quick_gelu", causal=False):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(dim, n_heads, causal)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = CLIPMLP(dim, hidden, act)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextTransformer(nn.Module):
+    """CLIP's text tower with transformers' `text_model.*` names: token + position embeddings, causal layers, a
+    final LayerNorm -> [B, L, dim]. SD-2's text encoder is one (its output for "" starts `neg_prompt_embeds`);
+    eval.py's CLIP re-ranker is another."""
+
+    def __init__(self, vocab_size, dim, num_layers, n_heads, hidden, max_positions, eps, act="quick_gelu"):
+        super().__init__()
+        self.embeddings = nn.ModuleDict({"token_embedding": nn.Embedding(vocab_size, dim),
+                                         "position_embedding": nn.Embedding(max_positions, dim)})
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(
+            CLIPEncoderLayer(dim, n_heads, hidden, eps, act, causal=True) for _ in range(num_layers))})
+        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, ids):
+        e = self.embeddings
+        x = e["token_embedding"](ids) + e["position_embedding"].weight[:ids.shape[1]]
+        for layer in self.encoder["layers"]:
+            x = layer(x)
+        return self.final_layer_norm(x)
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -863,7 +889,9 @@ class CLIPVisionAdapter(nn.Module):
         d = cfg.hidden_size
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))})
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(
+            CLIPEncoderLayer(d, cfg.num_attention_heads, cfg.intermediate_size, cfg.layer_norm_eps)
+            for _ in range(cfg.num_hidden_layers))})
         self.adapter_level_embed = nn.Parameter(torch.zeros(3, d))
         self.adapter_spm = SpatialPriorModule(cfg.conv_inplane, d, cfg.spm_norm_eps)
         n = len(cfg.interaction_indexes)
@@ -2883,27 +2911,11 @@ def clip_text_token_ids(tokenizer_dir, text_len=None):
     return torch.tensor([[bos, eos] + [pad] * (n - 2)])
 
 
-def clip_text_encoder_forward(weights, cfg, ids):
-    """last_hidden_state [B, L, d] of transformers' CLIPTextModel, no attention mask (as SD's pipeline calls it).
-
-    weights: {name without "text_model.": tensor}; cfg: its config.json dict. Causal pre-LN transformer, the
-    final LayerNorm applied to every position."""
-    d, H = cfg["hidden_size"], cfg["num_attention_heads"]
-    eps = cfg.get("layer_norm_eps", 1e-5)
-    act = {"gelu": F.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}[cfg.get("hidden_act", "quick_gelu")]
-    B, L = ids.shape
-    x = weights["embeddings.token_embedding.weight"][ids] + weights["embeddings.position_embedding.weight"][:L]
-    for i in range(cfg["num_hidden_layers"]):
-        w = lambda n: weights[f"encoder.layers.{i}.{n}"]
-        h = F.layer_norm(x, (d,), w("layer_norm1.weight"), w("layer_norm1.bias"), eps)
-        q, k, v = (F.linear(h, w(f"self_attn.{p}_proj.weight"), w(f"self_attn.{p}_proj.bias")).view(B, L, H, -1)
-                   .transpose(1, 2) for p in "qkv")                           # (B, H, L, d/H)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, d)
-        x = x + F.linear(a, w("self_attn.out_proj.weight"), w("self_attn.out_proj.bias"))
-        h = F.layer_norm(x, (d,), w("layer_norm2.weight"), w("layer_norm2.bias"), eps)
-        x = x + F.linear(act(F.linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))), w("mlp.fc2.weight"),
-                         w("mlp.fc2.bias"))
-    return F.layer_norm(x, (d,), weights["final_layer_norm.weight"], weights["final_layer_norm.bias"], eps)
+def clip_text_transformer_from_config(cfg):
+    """A CLIPTextTransformer shaped by a transformers CLIPTextConfig dict (SD's text_encoder/config.json)."""
+    return CLIPTextTransformer(cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
+                               cfg["num_attention_heads"], cfg["intermediate_size"], cfg["max_position_embeddings"],
+                               cfg.get("layer_norm_eps", 1e-5), cfg.get("hidden_act", "quick_gelu"))
 
 
 def sd_negative_prompt_embeds(sd):
@@ -2923,8 +2935,12 @@ def sd_negative_prompt_embeds(sd):
             weights[k[len("text_model."):]] = tensors[k].float().clone()
             used += 1
     ids = clip_text_token_ids(os.path.join(sd, "tokenizer"))
+    encoder = clip_text_transformer_from_config(cfg)
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: not a CLIP text encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
-        return clip_text_encoder_forward(weights, cfg, ids), used, ignored
+        return encoder(ids), used, ignored
 
 
 # -- the public entry points --------------------------------------------------------------------------------------
