@@ -891,7 +891,7 @@ def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64
     for n, info in enumerate(infos):
         where = f"{path}[{n}]"
         try:
-            out.append(_inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where))
+            out.append(inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where))
         except SkipSample as e:
             stats[e.reason] += 1
     print(f"[data] {path}: {len(out)} of {len(infos)} samples usable; skipped: "
@@ -899,7 +899,8 @@ def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64
     return out
 
 
-def _inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):
+def inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):
+    """One annt.json sample -> its batch dict (B = 1); a sample it cannot use raises SkipSample."""
     try:
         sentences = [_strip_special_strings(s) for s in info["sentences"]]
         paths, sentence_ixs, image_first = list(info["images"]), list(info["sentence_ixs"]), list(info["image_first"])

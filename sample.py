@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -141,24 +140,16 @@ def load_model(args):
 
 
 def prompt_batch(sample, tokenizer, cfg, num_total_token, device):
-    """The prompt as the model's batch: placeholders before/after their sentences, sentences joined by spaces,
-    bos, no eos; images at the encoder size."""
-    sentences = list(sample["sentences"])
-    placeholder = data.image_placeholder(cfg.num_img_token)
-    for ix, first in zip(sample["sentence_ixs"], sample["image_first"]):
-        sentences[ix] = placeholder + sentences[ix] if first else sentences[ix] + placeholder
-    ids = tokenizer.encode(data.clean_image_spaces(" ".join(sentences)))[:num_total_token]
-    n = sum(i == tokenizer.soi_id for i in ids)             # truncation may drop trailing images
-    images = torch.stack([encoder_image(Image.open(p).convert("RGB"), cfg) for p in sample["images"][:n]])
-    text_ids = torch.tensor([ids], device=device)
-    return {"text_ids": text_ids, "attention_mask": torch.ones_like(text_ids), "image_tensors": images.to(device),
-            "num_image_per_seq": torch.tensor([n], device=device), "meta": {"dataset_name": "inference"}}
+    """The prompt as the model's batch (data.py's annt.json assembly: placeholders before/after their sentences,
+    sentences joined by spaces, bos, no eos; images at the encoder size)."""
+    transform = data.DualTransform(cfg.vision.image_size, None)
+    batch = data.inference_sample(sample, tokenizer, transform, cfg.num_img_token, num_total_token, "", "prompt")
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def encoder_image(pil, cfg):
     """PIL -> [3, S, S] in [0, 1] at the visual tokenizer's size (centre crop, as the original's transform)."""
-    arr = data.DualTransform(cfg.vision.image_size, None)(pil)[0]
-    return torch.from_numpy(arr.astype(np.float32) / 255.0)
+    return data.to_float01(data.DualTransform(cfg.vision.image_size, None)(pil)[0])
 
 
 def append_tokens(batch, ids):
