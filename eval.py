@@ -1016,6 +1016,130 @@ def option_log_likelihoods(model, tokenizer, context_ids, image, options, rows_p
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The demo scoreboard: the embedded model on held-out shape stories, checked exactly against their scenes
+# ---------------------------------------------------------------------------------------------------------------
+# Captions are parsed back into scenes (data.parse_scene) and generated images read back into scenes
+# (data.read_scene, exact on clean renders), so every number below is an exact comparison with the story's truth.
+
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+DEMO_GENERATION = dict(max_new_tokens=40, min_new_tokens=0, num_beams=1)      # greedy captions
+DEMO_IMAGES = dict(steps=25, guidance_scale=3.0, sampler="ddim")
+
+
+def read_demo(data_root, num_stories=40):
+    """The test split's first stories (never seen in training: the splits use disjoint seeds)."""
+    return [{"id": i, "seed": s.seed} for i, s in enumerate(data.demo_stories("test", num_stories))]
+
+
+def demo_image(scene, size):
+    """A clean render of a scene as the encoder sees it: [3, size, size] in [0, 1]."""
+    pil = Image.fromarray(data.render_scene(scene))
+    return data.to_float01(data.DualTransform(size, None)(pil)[0])
+
+
+def demo_story_prompt(texts, n_img_tok, upto):
+    """The story told as in training (image after each sentence), up to and including sentence `upto`'s image."""
+    placeholder = data.image_placeholder(n_img_tok)
+    return data.clean_image_spaces(" ".join(t + placeholder for t in texts[:upto + 1]))
+
+
+@torch.no_grad()
+def predict_demo(model, tokenizer, samples, args):
+    """Per story: a greedy caption of its first image (the image-first direction of training), then every later
+    image drawn from the story so far, with and without the UNet's MMFS (the previous image's features)."""
+    cfg = model.cfg
+    S = cfg.vision.image_size
+    outputs = []
+    for s in tqdm(samples, desc="demo stories"):
+        story = data.make_story(s["seed"])
+        images = [demo_image(scene, S) for scene in story.scenes]
+        caption_batch = text_batch([data.image_placeholder(cfg.num_img_token)], [images[0]], tokenizer)
+        out = model.generate_texts(_to_device(caption_batch, args.device), **DEMO_GENERATION)
+        caption = tokenizer.decode(out["text_ids"][0, :int(out["lengths"][0])].tolist()).strip()
+        steps = []
+        for k in range(1, len(story.scenes)):
+            prompt = demo_story_prompt(story.texts, cfg.num_img_token, k)
+            grey = torch.full_like(images[k], 0.5)                                # the slot of the image to draw
+            batch = _to_device(text_batch([prompt], images[:k] + [grey], tokenizer, pad_left=False), args.device)
+            drawn = {}
+            for use_mmfs in (True, False):
+                img = model.generate_images(batch, target_image_idxs=[k], seed=args.seed + s["seed"] % 100000,
+                                            progress=False, use_mmfs=use_mmfs, **DEMO_IMAGES)["image"][0]
+                drawn[use_mmfs] = data.read_scene(img.float().cpu().numpy())
+            steps.append({"target": [o.as_dict() for o in story.scenes[k]],
+                          "previous": [o.as_dict() for o in story.scenes[k - 1]],
+                          "read": [o.as_dict() for o in drawn[True]],
+                          "read_without_mmfs": [o.as_dict() for o in drawn[False]]})
+        outputs.append({"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
+                        "caption": caption, "steps": steps})
+    return outputs
+
+
+def demo_scores(outputs, read_key="read"):
+    """caption accuracy, per-object and whole-scene image accuracy, and story consistency (the objects an edit
+    does not touch keep their shape, colour and cell in the drawn image)."""
+    as_set = lambda objs: {(o["shape"], o["colour"], tuple(o["cell"])) for o in objs}
+    captions = [data.parse_scene(o["caption"].split(".")[0] + ".") for o in outputs]
+    caption_ok = [c is not None and as_set(o.as_dict() for o in c) == as_set(out["scene"])
+                  for c, out in zip(captions, outputs)]
+    objects = found = scenes = exact = kept = untouched = 0
+    for out in outputs:
+        for st in out["steps"]:
+            target, read, prev = as_set(st["target"]), as_set(st[read_key]), as_set(st["previous"])
+            objects += len(target)
+            found += len(target & read)
+            scenes += 1
+            exact += target == read
+            same = target & prev                                                  # objects the edit leaves alone
+            untouched += len(same)
+            kept += len(same & read)
+    ratio = lambda a, b: a / b if b else float("nan")
+    return {"caption_accuracy": ratio(sum(caption_ok), len(caption_ok)), "image_object_accuracy": ratio(found, objects),
+            "image_scene_accuracy": ratio(exact, scenes), "story_consistency": ratio(kept, untouched)}
+
+
+def score_demo(data_root, outputs, args):
+    with_mmfs = demo_scores(outputs, "read")
+    without = demo_scores(outputs, "read_without_mmfs")
+    metrics = dict(with_mmfs)
+    metrics.update({f"{k}_without_mmfs": v for k, v in without.items() if k != "caption_accuracy"})
+    return metrics
+
+
+def demo_table(metrics, num_stories):
+    """The scoreboard as a Markdown table (printed, and written into README.md with --readme)."""
+    rows = [("caption accuracy (exact scene)", metrics["caption_accuracy"], None, ">= 95%"),
+            ("image accuracy, per object", metrics["image_object_accuracy"],
+             metrics["image_object_accuracy_without_mmfs"], ""),
+            ("image accuracy, whole scene", metrics["image_scene_accuracy"],
+             metrics["image_scene_accuracy_without_mmfs"], ">= 80%"),
+            ("story consistency", metrics["story_consistency"], metrics["story_consistency_without_mmfs"],
+             ">= 70%, and above MMFS off")]
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}%"
+    lines = [f"Demo scoreboard on {num_stories} held-out shape stories (`python eval.py`):", "",
+             "| metric | MMFS on | MMFS off | target |", "|---|---:|---:|---|"]
+    lines += [f"| {name} | {pct(on)} | {pct(off)} | {target} |" for name, on, off, target in rows]
+    return "\n".join(lines)
+
+
+README_BEGIN, README_END = "<!-- demo-scoreboard: written by `python eval.py --readme` -->", "<!-- /demo-scoreboard -->"
+
+
+def write_readme_table(path, table):
+    """Replace the block between the scoreboard markers of README.md (atomically)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{path}: the scoreboard markers {README_BEGIN!r} ... {README_END!r} are missing")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Tasks: read -> predict (per rank) -> score (rank 0, over the gathered outputs)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1177,6 +1301,8 @@ def _build_tasks():
     t2i = dict(steps=250, guidance_scale=3.5, sampler="ddpm")
     tasks["coco_t2i"] = Task(read_coco_t2i, _text_to_image_task(8), score_fid, dict(t2i, samples_per_caption=8))
     tasks["lncoco"] = Task(read_lncoco, _text_to_image_task(1), score_fid, dict(t2i, samples_per_caption=1))
+    tasks["demo"] = Task(read_demo, predict_demo, score_demo, dict(DEMO_GENERATION, **DEMO_IMAGES),
+                         needs_data_root=False)
     return tasks
 
 
@@ -1235,6 +1361,8 @@ def load_tokenizer(path, init_from, cfg):
                 path = os.path.join(init_from, name)
                 break
         else:
+            path = data.DEMO_TOKENIZER_PATH if os.path.abspath(init_from or "") == DEMO_MODEL else None
+        if path is None:
             raise ValueError(f"no tokenizer: pass --tokenizer, or put tokenizer.model / tokenizer.json in {init_from}")
     tok = data.Tokenizer(path)
     if (tok.soi_id, tok.image_id, tok.pad_id) != (cfg.soi_token_id, cfg.image_token_id, cfg.pad_token_id):
@@ -1265,7 +1393,8 @@ def evaluate(model, tokenizer, args, rank=0, world=1):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--task", default="demo", choices=sorted(TASKS),
+                   help="default: the demo scoreboard of the embedded model on held-out shape stories")
     p.add_argument("--data_root", default=None, help="folder holding the evaluation sets (original layout)")
     p.add_argument("--init_from", default=None, help="a folder written by MMInterleaved.save_pretrained")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one in --init_from)")
@@ -1280,6 +1409,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--guidance_scale", type=float, default=3.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--readme", action="store_true", help="demo: write the scoreboard into README.md")
     return p.parse_args(argv)
 
 
@@ -1287,6 +1417,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.data_root is None and TASKS[args.task].needs_data_root:
         raise ValueError(f"--task={args.task} needs --data_root (the folder holding the evaluation sets)")
+    if args.init_from is None and args.task == "demo":
+        args.init_from = DEMO_MODEL
+        if not os.path.isfile(os.path.join(DEMO_MODEL, "config.json")):
+            raise ValueError(f"the embedded demo model ({DEMO_MODEL}) is not in this checkout: train it with "
+                             f"train.py configs/demo_vae.py and configs/demo.py, or pass --init_from")
     if args.init_from is None:
         raise ValueError(f"--task={args.task} needs --init_from (a folder written by save_pretrained)")
     rank, world, args.device = init_distributed()
@@ -1296,6 +1431,11 @@ def main(argv=None):
     if rank == 0:
         write_json_atomic(args.out, results)
         print(json.dumps({"task": args.task, "num_samples": results["num_samples"], **results["metrics"]}))
+        if args.task == "demo":
+            table = demo_table(results["metrics"], results["num_samples"])
+            print(table)
+            if args.readme:
+                write_readme_table(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), table)
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -2350,11 +2350,12 @@ class MMInterleaved(nn.Module):
 
     @torch.no_grad()
     def generate_images(self, batch, target_image_idxs=None, steps=30, guidance_scale=7.5, sampler="ddpm", seed=42,
-                        num_images_per_context=1, eta=0.0, progress=True):
+                        num_images_per_context=1, eta=0.0, progress=True, use_mmfs=True):
         """Draw the images of the batch's image slots (all, or `target_image_idxs`, flat indexes over the batch)
         from their contexts (row start .. soi) and the previous image's features (SPEC §1.8). A target slot still
-        holds a placeholder image; it cannot influence its own generation. -> {"image": [n, 3, S, S] in [0, 1]},
-        copy-major when num_images_per_context > 1."""
+        holds a placeholder image; it cannot influence its own generation. use_mmfs=False drops the previous
+        image's features from the UNet (the ablation of the paper's consistency claim).
+        -> {"image": [n, 3, S, S] in [0, 1]}, copy-major when num_images_per_context > 1."""
         num = self.validate_batch(batch)
         text_ids = batch["text_ids"]
         if target_image_idxs is None:
@@ -2367,6 +2368,8 @@ class MMInterleaved(nn.Module):
         ctx, mask, feats, fmask = image_decoder_inputs(h, text_ids, maps, self.cfg.soi_token_id, self.context_feat_proj)
         if target_image_idxs is not None:
             ctx, mask, feats, fmask = select_target_images(target_image_idxs, ctx, mask, feats, fmask)
+        if not use_mmfs:
+            feats, fmask = [torch.zeros_like(f) for f in feats], torch.zeros_like(fmask)
         images = self.image_decoder.generate_images(ctx, mask, feats, fmask, steps=steps, guidance_scale=guidance_scale,
                                                     sampler=sampler, seed=seed,
                                                     num_images_per_context=num_images_per_context, eta=eta,

@@ -3585,3 +3585,59 @@ def test_an_interrupted_sample_run_leaves_no_half_written_output(tmp_path, saved
     with pytest.raises(KeyboardInterrupt):
         sample.main(sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}"))
     assert os.listdir(tmp_path / "out") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval.py's demo scoreboard
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _obj(r, c, shape, colour):
+    return data.Obj(r, c, shape, colour).as_dict()
+
+
+def test_demo_scores_by_hand():
+    red_c, blue_s, green_t = _obj(0, 0, "circle", "red"), _obj(1, 1, "square", "blue"), _obj(2, 2, "triangle", "green")
+    moved_c = _obj(0, 2, "circle", "red")
+    out = [{"scene": [red_c, blue_s], "caption": "a red circle at the top left and a blue square at the centre.",
+            "steps": [
+                # edit: the red circle moves; the blue square is untouched. Drawn: square right, circle wrong cell
+                {"previous": [red_c, blue_s], "target": [moved_c, blue_s], "read": [red_c, blue_s],
+                 "read_without_mmfs": [green_t]},
+                # edit: a green triangle appears; both old objects untouched. Drawn exactly
+                {"previous": [moved_c, blue_s], "target": [moved_c, blue_s, green_t],
+                 "read": [moved_c, blue_s, green_t], "read_without_mmfs": [moved_c]}]},
+           {"scene": [green_t], "caption": "a green circle at the bottom right.", "steps": []}]
+    s = ev.demo_scores(out)
+    assert s["caption_accuracy"] == 0.5                       # the second caption names the wrong shape
+    assert s["image_object_accuracy"] == 4 / 5                # 1 of 2, then 3 of 3 target objects drawn
+    assert s["image_scene_accuracy"] == 1 / 2
+    assert s["story_consistency"] == 3 / 3                    # untouched: square; then circle and square -> all kept
+    s = ev.demo_scores(out, "read_without_mmfs")
+    assert (s["image_object_accuracy"], s["image_scene_accuracy"], s["story_consistency"]) == (1 / 5, 0.0, 1 / 3)
+
+
+def test_demo_image_analysis_is_exact_on_clean_renders():
+    for story in data.demo_stories("test", 30):
+        for scene in story.scenes:
+            img = ev.demo_image(scene, 64)
+            assert data.read_scene(img.numpy()) == scene
+
+
+def test_demo_task_end_to_end_with_a_tiny_model_and_the_readme_block(tmp_path, saved_tiny_model, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "DEMO_IMAGES", dict(steps=2, guidance_scale=3.0, sampler="ddim"))
+    monkeypatch.setattr(ev, "DEMO_GENERATION", dict(max_new_tokens=6, min_new_tokens=0, num_beams=1))
+    out = tmp_path / "demo.json"
+    ev.main(["--task=demo", f"--init_from={saved_tiny_model}", f"--tokenizer={data.DEMO_TOKENIZER_PATH}",
+             "--limit=2", f"--out={out}"])
+    res = json.loads(out.read_text())
+    assert res["num_samples"] == 2 and len(res["samples"][0]["steps"]) == len(data.make_story(res["samples"][0]["seed"]).scenes) - 1
+    for k in ("caption_accuracy", "image_object_accuracy", "image_scene_accuracy", "story_consistency",
+              "story_consistency_without_mmfs"):
+        assert 0.0 <= res["metrics"][k] <= 1.0 or math.isnan(res["metrics"][k])
+    assert "| story consistency |" in capsys.readouterr().out
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{ev.README_BEGIN}\nold\n{ev.README_END}\noutro\n")
+    ev.write_readme_table(str(readme), ev.demo_table(res["metrics"], 2))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "| metric |" in text
