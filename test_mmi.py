@@ -3641,3 +3641,15 @@ def test_demo_task_end_to_end_with_a_tiny_model_and_the_readme_block(tmp_path, s
     ev.write_readme_table(str(readme), ev.demo_table(res["metrics"], 2))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "| metric |" in text
+
+
+def test_the_13b_example_prompts_build_paper_size_batches_with_a_llama_tokenizer():
+    tok = data.Tokenizer(mistral_model_path())
+    cfg = mmi.MMIConfig.from_preset("mmi-13b")
+    samples = sample.load_annt(os.path.join(HERE, "assets", "examples", "annt_13b.json"))
+    for s in samples:
+        batch = sample.prompt_batch(s, tok, cfg, 2048, "cpu")
+        n = len(s["images"])
+        assert batch["image_tensors"].shape == (n, 3, 224, 224)
+        assert (batch["text_ids"] == tok.soi_id).sum() == n and (batch["text_ids"] == tok.image_id).sum() == 64 * n
+        assert batch["text_ids"][0, 0] == tok.bos_id
