@@ -597,7 +597,9 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(B, Lq, H, L * P).softmax(-1).view(B, Lq, H, L, P)
         normalizer = spatial_shapes.flip(-1).to(offsets.dtype)                      # (L, 2) as (W, H)
         loc = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = ms_deform_attn(value, spatial_shapes, level_start_index(spatial_shapes), loc.to(value.dtype), weights)
+        # under autocast the softmax comes out in float32: the op takes one dtype, the value's
+        out = ms_deform_attn(value, spatial_shapes, level_start_index(spatial_shapes), loc.to(value.dtype),
+                             weights.to(value.dtype))
         return self.output_proj(out)
 
 

@@ -3653,3 +3653,15 @@ def test_the_13b_example_prompts_build_paper_size_batches_with_a_llama_tokenizer
         assert batch["image_tensors"].shape == (n, 3, 224, 224)
         assert (batch["text_ids"] == tok.soi_id).sum() == n and (batch["text_ids"] == tok.image_id).sum() == 64 * n
         assert batch["text_ids"][0, 0] == tok.bos_id
+
+
+@cuda_only
+def test_tiny_model_trains_under_cuda_autocast_bf16():
+    """CUDA autocast runs softmax in float32: the deformable-attention calls must still hand the op one dtype."""
+    model = tiny_model(perturb=False).cuda().train()
+    batch = make_batch(model.cfg, [[BOS, 20, "img", 21, "img", EOS]], 30)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
