@@ -16,6 +16,7 @@ Facts about the original (shapes, masks, key names) follow SPEC.md; module attri
 checkpoints so that `state_dict()` keys match them.
 """
 
+import ast
 import dataclasses
 import fnmatch
 import json
@@ -260,28 +261,30 @@ def _replace_path(obj, path, value, full_key):
 
 
 def _parse_like(old, value, key):
-    if not isinstance(value, str) or isinstance(old, str):
-        if isinstance(old, bool) != isinstance(value, bool) and old is not None and not isinstance(value, str):
-            raise ValueError(f"config key {key!r}: expected {type(old).__name__}, got {value!r}")
-        return value
+    """`value` (a string from the command line, or a Python value from a config file) checked against, and for
+    strings converted to, the type of the field's current value `old`."""
+    if isinstance(value, str) and not isinstance(old, str):
+        value = _from_string(old, value, key)
+    if isinstance(value, list):
+        value = _to_tuple(value)
+    same = old is None or isinstance(value, type(old)) and isinstance(value, bool) == isinstance(old, bool)
+    widening = isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool)
+    if not (same or widening):
+        raise ValueError(f"config key {key!r}: expected {type(old).__name__}, got {value!r}")
+    return float(value) if widening else value
+
+
+def _from_string(old, text, key):
     try:
         if isinstance(old, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
+            if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
-            return value.lower() in ("true", "1")
-        if isinstance(old, int):
-            return int(value)
-        if isinstance(old, float):
-            return float(value)
-        if isinstance(old, tuple):
-            import ast
-            return _to_tuple(ast.literal_eval(value))
-        if old is None:
-            import ast
-            return ast.literal_eval(value)
+            return text.lower() in ("true", "1")
+        if isinstance(old, (int, float)):
+            return type(old)(text)
+        return _to_tuple(ast.literal_eval(text))              # tuples, and fields whose default is None
     except (ValueError, SyntaxError):
-        raise ValueError(f"config key {key!r}: cannot read {value!r} as {type(old).__name__}") from None
-    raise ValueError(f"config key {key!r}: cannot override a {type(old).__name__}")
+        raise ValueError(f"config key {key!r}: cannot read {text!r} as {type(old).__name__}") from None
 
 
 def _preset_mmi_13b():

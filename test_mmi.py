@@ -90,6 +90,11 @@ def test_overrides_are_type_checked_and_unknown_keys_rejected():
         mmi.apply_overrides(cfg, ["llm.hidden_sise=3"])
     with pytest.raises(ValueError, match="cannot read 'abc' as int"):
         mmi.apply_overrides(cfg, ["llm.hidden_size=abc"])
+    with pytest.raises(ValueError, match="'llm.hidden_size': expected int, got 3.5"):
+        mmi.apply_overrides(cfg, {"llm.hidden_size": 3.5})
+    with pytest.raises(ValueError, match="'vision.trainable': expected bool, got 1"):
+        mmi.apply_overrides(cfg, {"vision.trainable": 1})
+    assert mmi.apply_overrides(cfg, {"loss_img_weight": 2}).loss_img_weight == 2.0
     assert mmi.MMIConfig.from_dict(cfg2.to_dict()) == cfg2
 
 
