@@ -3472,7 +3472,11 @@ def test_vae_task_trains_exports_and_the_demo_model_loads_it_frozen(tmp_path, co
     # the demo model: same VAE weights, frozen, and the latent scale measured on this VAE
     tc = train.load_config([config_file, f"--vae_from={path}"])
     assert train.model_config(tc).vae.scaling_factor == scale
-    model = run_train(config_file, str(tmp_path / "mmi"), f"--vae_from={path}", "--max_steps=1", *common)["model"]
+    model = run_train(config_file, str(tmp_path / "mmi"), f"--vae_from={path}", "--max_steps=1", "--export=true",
+                      *common)["model"]
+    # the exported demo model folder is self-contained: sample.py / eval.py find its tokenizer there
+    exported = tmp_path / "mmi" / "model"
+    assert (exported / "tokenizer.model").read_bytes() == open(data.DEMO_TOKENIZER_PATH, "rb").read()
     vae = model.image_decoder.decoder.vae
     trained = result["model"].vae.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in vae.state_dict().items())

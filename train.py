@@ -556,8 +556,9 @@ def load_checkpoint(path, model, optimizer, tc, rank, device):
     return state
 
 
-def export(model, cfg, path, rank, distributed):
-    """The trained model in mmi's own format (`MMInterleaved.save_pretrained`), for sample.py and eval.py.
+def export(model, cfg, path, rank, distributed, tokenizer_path=None):
+    """The trained model in mmi's own format (`MMInterleaved.save_pretrained`), for sample.py and eval.py, with
+    its tokenizer beside it (tokenizer.model / tokenizer.json) so the folder is self-contained.
     Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     if not hasattr(mmi.MMInterleaved, "save_pretrained"):
@@ -566,14 +567,18 @@ def export(model, cfg, path, rank, distributed):
         return None
     if not distributed:
         model.save_pretrained(path)
-        return path
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        with torch.device("meta"):
-            plain = mmi.MMInterleaved(cfg)
-        plain.load_state_dict(full, assign=True)
-        plain.save_pretrained(path)
-    _barrier()
+    else:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            with torch.device("meta"):
+                plain = mmi.MMInterleaved(cfg)
+            plain.load_state_dict(full, assign=True)
+            plain.save_pretrained(path)
+    if rank == 0 and tokenizer_path:
+        name = "tokenizer.json" if tokenizer_path.endswith(".json") else "tokenizer.model"
+        shutil.copyfile(tokenizer_path, os.path.join(path, name))
+    if distributed:
+        _barrier()
     return path
 
 
@@ -863,7 +868,9 @@ def main(argv=None):
             print(f"wrote {tc.out_dir}/vae.safetensors (latent scaling factor {scale:.5f}); "
                   f"train the demo model with --vae_from={tc.out_dir}/vae.safetensors")
     elif tc.export:
-        export(model, cfg, os.path.join(tc.out_dir, "model"), rank, distributed)
+        import data
+        tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data in ("demo", "pretrain") else None
+        export(model, cfg, os.path.join(tc.out_dir, "model"), rank, distributed, tokenizer)
     if distributed:
         dist.destroy_process_group()
     return {"losses": losses, "model": model, "config": tc, "last_checkpoint": last_ckpt}
