@@ -157,6 +157,110 @@ def bench_kernel(args):
 
 
 
+def matmul_peak_tflops(n=8192, dtype=torch.bfloat16):
+    """The card's practical bf16 peak: a large square matmul, timed here (the MFU denominator)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = cuda_time_ms(lambda: a @ b, warmup=10, reps=50)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def bench_train(args):
+    """Training throughput at paper size with random weights (issue 6): the paper's frozen set, rows of 2048 tokens,
+    4 rows per GPU with 6 images each (224 for the encoder, 512 for the decoder), activation checkpointing, bf16.
+    Runs train.py's own loop on synthetic rows; MFU against the matmul peak measured in the same run.
+    `--preset=tiny` checks the plumbing on a CPU."""
+    import json
+    import os
+    import tempfile
+    import time
+
+    import train
+    cuda = torch.cuda.is_available()
+    peak = matmul_peak_tflops() if cuda else float("nan")
+    out = tempfile.mkdtemp(prefix="bench_train_")
+    seq_len, images = (2048, 6) if args.preset == "mmi-13b" else (128, 2)
+    argv = [f"--preset={args.preset}", "--data=synthetic", f"--seq_len={seq_len}", f"--images_per_row={images}",
+            f"--batch_size={args.rows}", f"--max_steps={args.steps}", "--warmup_steps=1", "--log_interval=1",
+            "--eval_interval=0", "--ckpt_interval=-1", "--export=false", "--progress=false", f"--out_dir={out}",
+            "--activation_checkpointing=true", f"--frozen_dtype={args.frozen_dtype}",
+            f"--device={'cuda' if cuda else 'cpu'}", f"--dtype={'bfloat16' if cuda else 'float32'}",
+            f"--peak_flops={peak * 1e12 if cuda else 1.0}"]
+    config = os.path.join(out, "bench.py")
+    open(config, "w").close()                                      # an empty config file: all settings are flags
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    train.main([config, *argv])
+    total = time.perf_counter() - t
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steady = rows[1:] or rows                                      # the first step includes warm-up work
+    step_s = sum(r["time_s"] for r in steady) / len(steady)
+    samples = sum(r["samples_per_s"] for r in steady) / len(steady)
+    mfu = sum(r["mfu"] for r in steady) / len(steady)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"train, {args.preset}, {card}: {args.rows} rows x {seq_len} tokens, {images} images/row, "
+          f"activation checkpointing, frozen weights in {args.frozen_dtype}")
+    mfu_text = f"MFU {100 * mfu:.1f}% of the measured matmul peak {peak:.0f} TFLOP/s" if cuda else "MFU n/a on a CPU"
+    print(f"  step {step_s:.3f} s, {samples:.2f} samples/s, {mfu_text}, peak memory {mem:.1f} GiB, "
+          f"whole run {total:.0f} s")
+
+
+@torch.no_grad()
+def bench_sample(args):
+    """Generation at paper size with random weights (issue 9): greedy text decoding through the static KV cache
+    (tokens/s, prefill excluded), one 512x512 image with 30 DDPM steps and CFG including the LLM context pass and
+    the UNet-MMFS, and peak memory over both. `--preset=tiny` checks the plumbing on a CPU."""
+    import time
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = mmi.MMIConfig.from_preset(args.preset)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)                 # build straight into the target dtype on the device
+    try:
+        with torch.device(device):
+            model = mmi.MMInterleaved(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.to(dtype)
+    S = cfg.vision.image_size
+    ids = [cfg.bos_token_id] + list(range(3, 33)) + [cfg.soi_token_id] + [cfg.image_token_id] * cfg.num_img_token
+    prompt = {"text_ids": torch.tensor([ids], device=device), "image_tensors": torch.rand(1, 3, S, S, device=device),
+              "num_image_per_seq": torch.tensor([1], device=device)}
+    text_prompt = dict(prompt, text_ids=torch.tensor([ids + list(range(40, 50))], device=device))
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    n = args.new_tokens
+    decode = lambda k: model.generate_texts(text_prompt, max_new_tokens=k, min_new_tokens=k, num_beams=1)
+    decode(2)                                                                  # warm-up
+    t_prefill = min(timed(lambda: decode(1)) for _ in range(3))
+    t_all = min(timed(lambda: decode(n + 1)) for _ in range(2))
+    tok_s = n / (t_all - t_prefill)
+    image = lambda: model.generate_images(prompt, steps=30, guidance_scale=7.5, sampler="ddpm", seed=0,
+                                          progress=False)
+    image()                                                                    # warm-up
+    t_image = min(timed(image) for _ in range(2))
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"sample, {args.preset}, {card}, {dtype}: text {tok_s:.1f} tokens/s (greedy, static KV cache, batch 1, "
+          f"prefill {1000 * t_prefill:.0f} ms excluded); one {cfg.image_decoder.image_size}px image, 30 DDPM steps "
+          f"with CFG: {t_image:.2f} s; peak memory {mem:.1f} GiB")
+
+
 def bench_data(args):
     """The demo corpus stream (generate, render, tokenise, pack, collate) on one CPU core, in stories/s, as
     train.py consumes it: rows of 512 tokens, 16 image tokens per image, 64x64 images."""
@@ -180,7 +284,7 @@ def bench_data(args):
           f"({n / wall:,.0f} stories/s wall)")
 
 
-SECTIONS = {"kernel": bench_kernel, "data": bench_data}
+SECTIONS = {"kernel": bench_kernel, "data": bench_data, "train": bench_train, "sample": bench_sample}
 
 
 def main():
@@ -189,6 +293,11 @@ def main():
     parser.add_argument("--only", default="", help="kernel: run only shapes whose name contains this")
     parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
     parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
+    parser.add_argument("--preset", default="mmi-13b", help="train / sample: the model preset (tiny for a CPU check)")
+    parser.add_argument("--rows", type=int, default=4, help="train: rows per GPU")
+    parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps")
+    parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")
+    parser.add_argument("--new_tokens", type=int, default=64, help="sample: tokens to decode")
     args = parser.parse_args()
     SECTIONS[args.section](args)
 

@@ -89,7 +89,7 @@ class TrainConfig:
     log_interval: int = 10                       # steps between metrics.jsonl lines
     eval_interval: int = 1000                    # steps between evaluations; 0 = never
     eval_batches: int = 4                        # validation micro-batches per evaluation
-    ckpt_interval: int = 1000                    # steps between checkpoints; 0 = only at the end
+    ckpt_interval: int = 1000                    # steps between checkpoints; 0 = only at the end; -1 = never
     keep_last: int = 5                           # checkpoints kept in out_dir
     save_frozen: bool = True                     # False: frozen weights are not written (they come from init_from)
     resume: bool = False                         # continue from the newest checkpoint in out_dir
@@ -853,7 +853,7 @@ def main(argv=None):
                 metrics_file.write(json.dumps({"step": step, **ev}) + "\n")
                 metrics_file.flush()
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        if (tc.ckpt_interval and step % tc.ckpt_interval == 0) or step == tc.max_steps:
+        if tc.ckpt_interval >= 0 and ((tc.ckpt_interval and step % tc.ckpt_interval == 0) or step == tc.max_steps):
             save_checkpoint(model, optimizer, tc, cfg, step, {"data": data_state, "nan_streak": nan_streak},
                             rank, device)
             last_ckpt = step
