@@ -568,8 +568,7 @@ def inception_features(net, images, batch_size=50, device="cpu"):
 # ---------------------------------------------------------------------------------------------------------------
 # Module names follow transformers' CLIPModel, so openai/clip-vit-large-patch14's model.safetensors loads by key.
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = mmi.CLIP_MEAN, mmi.CLIP_STD
 
 
 class ClipVisionTower(nn.Module):

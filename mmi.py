@@ -1057,6 +1057,10 @@ class PerceiverResampler(nn.Module):
         return self.blip2qformer(queries, encoder_hidden_states, bias)
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)      # CLIP's pixel normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 class VisualTokenizer(nn.Module):
     """images [B_I, 3, S, S] in [0, 1] -> vis_embed [B_I, num_queries, llm width] and four multi-scale maps."""
 
@@ -1076,8 +1080,8 @@ class VisualTokenizer(nn.Module):
         self.proj = nn.Linear(cfg.resampler.hidden_size, cfg.llm.hidden_size)
         nn.init.normal_(self.proj.weight, std=1e-3)
         nn.init.zeros_(self.proj.bias)
-        self.register_buffer("clip_mean", torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1))
-        self.register_buffer("clip_std", torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1))
+        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1))
 
     def forward(self, images, checkpoint=False):
         pixels = (images - self.clip_mean) / self.clip_std

@@ -5,6 +5,7 @@ modules at tiny random configs. Tests that need CUDA skip without it.
 """
 
 import dataclasses
+import html
 import io
 import json
 import math
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 import data
 import eval as ev
 import mmi
+import sample
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -3498,9 +3500,6 @@ def test_demo_configs_parse():
 # sample.py: the interleaved loop on a tiny random model (both initial modes), the page, bad input, atomic output
 # ===============================================================================================================
 
-import sample  # noqa: E402  (the section's own import, kept beside its tests)
-
-
 @pytest.fixture(scope="module")
 def saved_tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("sample") / "model"
@@ -3533,14 +3532,9 @@ def test_sample_writes_the_page_images_and_results_for_both_initial_modes(tmp_pa
                     assert im.size == (64, 64)
                 positions.append(page.index(f"src='{item['file']}'"))
             else:
-                positions.append(page.index(f"<p>{html_escape(item['text'])}</p>"))
+                positions.append(page.index(f"<p>{html.escape(item['text'])}</p>"))
     assert positions == sorted(positions)                       # the page shows them in the order they were made
     assert str(run / "index.html") in capsys.readouterr().out
-
-
-def html_escape(text):
-    import html
-    return html.escape(text)
 
 
 def _write_annt(tmp_path, samples):

@@ -561,10 +561,6 @@ def export(model, cfg, path, rank, distributed, tokenizer_path=None):
     its tokenizer beside it (tokenizer.model / tokenizer.json) so the folder is self-contained.
     Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if not hasattr(mmi.MMInterleaved, "save_pretrained"):
-        if rank == 0:
-            print(f"export skipped: mmi.MMInterleaved.save_pretrained does not exist yet ({path} not written)")
-        return None
     if not distributed:
         model.save_pretrained(path)
     else:
