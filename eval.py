@@ -1105,6 +1105,17 @@ def score_demo(data_root, outputs, args):
     return metrics
 
 
+def demo_metrics(model, num_stories=16, seed=0, tokenizer_path=data.DEMO_TOKENIZER_PATH):
+    """The demo scoreboard on the first `num_stories` test stories: train.py's periodic evaluation."""
+    args = argparse.Namespace(device=next(model.parameters()).device, seed=seed)
+    tokenizer = load_tokenizer(tokenizer_path, None, model.cfg)
+    was_training = model.training
+    model.eval()
+    outputs = predict_demo(model, tokenizer, read_demo(None, num_stories), args)
+    model.train(was_training)
+    return score_demo(None, outputs, args)
+
+
 def demo_table(metrics, num_stories):
     """The scoreboard as a Markdown table (printed, and written into README.md with --readme)."""
     rows = [("caption accuracy (exact scene)", metrics["caption_accuracy"], None, ">= 95%"),

@@ -2234,9 +2234,11 @@ class MMInterleaved(nn.Module):
         """A model written by save_pretrained (safetensors + config.json)."""
         return load_pretrained(path, dtype, device)
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30):
-        """Safetensors shards + config.json, written atomically (a temporary folder renamed into place)."""
-        write_pretrained(self, path, max_shard_bytes)
+    def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30, dtype=None):
+        """Safetensors shards + config.json, written atomically (a temporary folder renamed into place).
+        dtype (e.g. torch.bfloat16) stores the floating-point weights in that dtype, except the VAE's, which
+        always runs in float32."""
+        write_pretrained(self, path, max_shard_bytes, dtype)
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 
@@ -3043,7 +3045,7 @@ def _shard_groups(state, max_shard_bytes):
     return groups
 
 
-def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30):
+def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30, dtype=None):
     """The whole model as safetensors (sharded above max_shard_bytes, with an index) plus config.json, written
     into a temporary folder that then replaces `path`, so a reader never sees a half-written model."""
     path = os.path.abspath(path)
@@ -3052,7 +3054,7 @@ def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     try:
-        _write_folder(model, tmp, max_shard_bytes)
+        _write_folder(model, tmp, max_shard_bytes, dtype)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -3064,8 +3066,14 @@ def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30):
         shutil.rmtree(old)
 
 
-def _write_folder(model, tmp, max_shard_bytes):
+_FLOAT32_PREFIXES = ("image_decoder.decoder.vae.",)        # run in float32 whatever the model's dtype
+
+
+def _write_folder(model, tmp, max_shard_bytes, dtype=None):
     state = model.state_dict()
+    if dtype is not None:
+        state = {k: t.to(dtype) if t.is_floating_point() and not k.startswith(_FLOAT32_PREFIXES) else t
+                 for k, t in state.items()}
     groups = _shard_groups(state, max_shard_bytes)
     names = ["model.safetensors"] if len(groups) == 1 else \
         [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]

@@ -13,7 +13,6 @@ micro-batches, backward, the NaN guard, clipping, the optimizer step, logging, e
 """
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -89,11 +88,13 @@ class TrainConfig:
     log_interval: int = 10                       # steps between metrics.jsonl lines
     eval_interval: int = 1000                    # steps between evaluations; 0 = never
     eval_batches: int = 4                        # validation micro-batches per evaluation
+    eval_demo_stories: int = 16                  # data="demo": test stories of eval.py's demo scoreboard per evaluation
     ckpt_interval: int = 1000                    # steps between checkpoints; 0 = only at the end; -1 = never
     keep_last: int = 5                           # checkpoints kept in out_dir
     save_frozen: bool = True                     # False: frozen weights are not written (they come from init_from)
     resume: bool = False                         # continue from the newest checkpoint in out_dir
     export: bool = True                          # at the end: out_dir/model (save_pretrained) or vae.safetensors
+    export_dtype: str = "float32"                # dtype of the exported weights (the VAE stays float32)
     nan_patience: int = 5                        # stop after this many non-finite steps in a row
     peak_flops: float = 989e12                   # per device, for MFU (H100 SXM dense bf16)
     progress: bool = True                        # tqdm bar on rank 0
@@ -152,6 +153,8 @@ def load_config(argv):
         raise ValueError(f"dtype {tc.dtype!r}, expected 'bfloat16' or 'float32'")
     if tc.data not in ("demo", "synthetic", "pretrain"):
         raise ValueError(f"data {tc.data!r}, expected 'demo', 'synthetic' or 'pretrain'")
+    if tc.export_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"export_dtype {tc.export_dtype!r}, expected 'bfloat16' or 'float32'")
     if tc.frozen_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"frozen_dtype {tc.frozen_dtype!r}, expected 'bfloat16' or 'float32'")
     if tc.task not in ("mmi", "vae"):
@@ -339,8 +342,11 @@ def synthetic_row(cfg, index, seed, length, n_images):
     for k in range(n_images):
         ids += words[k * cut:(k + 1) * cut] + [cfg.soi_token_id] + [cfg.image_token_id] * cfg.num_img_token
     ids += words[n_images * cut:]
-    S = cfg.vision.image_size
-    return ids, torch.rand(n_images, 3, S, S, generator=g)
+    S, S_dec = cfg.vision.image_size, cfg.image_decoder.image_size
+    enc = torch.rand(n_images, 3, S, S, generator=g)
+    # the same picture for the decoder, at its own resolution (224 -> 512 at paper size)
+    dec = enc if S_dec == S else F.interpolate(enc, size=(S_dec, S_dec), mode="bilinear", align_corners=False)
+    return ids, enc, dec
 
 
 def synthetic_batches(cfg, tc, rank, world, state):
@@ -354,7 +360,7 @@ def synthetic_batches(cfg, tc, rank, world, state):
         yield {"text_ids": torch.tensor([r[0] for r in rows]),
                "attention_mask": torch.ones(tc.batch_size, tc.seq_len, dtype=torch.long),
                "image_tensors": torch.cat([r[1] for r in rows]),
-               "image_tensors_dec": torch.cat([r[1] for r in rows]),
+               "image_tensors_dec": torch.cat([r[2] for r in rows]),
                "num_image_per_seq": torch.full((tc.batch_size,), tc.images_per_row),
                "meta": {"dataset_name": "synthetic", "resume": {"micro_batch": m}}}
 
@@ -556,20 +562,20 @@ def load_checkpoint(path, model, optimizer, tc, rank, device):
     return state
 
 
-def export(model, cfg, path, rank, distributed, tokenizer_path=None):
+def export(model, cfg, path, rank, distributed, tokenizer_path=None, dtype=torch.float32):
     """The trained model in mmi's own format (`MMInterleaved.save_pretrained`), for sample.py and eval.py, with
     its tokenizer beside it (tokenizer.model / tokenizer.json) so the folder is self-contained.
     Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     if not distributed:
-        model.save_pretrained(path)
+        model.save_pretrained(path, dtype=dtype)
     else:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             with torch.device("meta"):
                 plain = mmi.MMInterleaved(cfg)
             plain.load_state_dict(full, assign=True)
-            plain.save_pretrained(path)
+            plain.save_pretrained(path, dtype=dtype)
     if rank == 0 and tokenizer_path:
         name = "tokenizer.json" if tokenizer_path.endswith(".json") else "tokenizer.model"
         shutil.copyfile(tokenizer_path, os.path.join(path, name))
@@ -606,18 +612,14 @@ def evaluate(model, raw_model, cfg, tc, batches, device, autocast):
                                                                                    if dist.is_initialized() else 1))
         metrics = {f"val_{k}": v for k, v in zip(names, means.tolist())}
     if tc.data == "demo" and tc.task == "mmi":
-        try:
-            evaluator = importlib.import_module("eval")
-        except ImportError:
-            evaluator = None
-        if hasattr(evaluator, "demo_metrics"):
-            # generation reads root weights directly: gather them for the duration (a no-op without FSDP)
-            if hasattr(model, "unshard"):
-                model.unshard()
-            with autocast:
-                metrics.update(evaluator.demo_metrics(raw_model))
-            if hasattr(model, "reshard"):
-                model.reshard()
+        import eval as evaluator                   # eval.py, beside this file
+        # generation reads root weights directly: gather them for the duration (a no-op without FSDP)
+        if hasattr(model, "unshard"):
+            model.unshard()
+        with autocast:
+            metrics.update(evaluator.demo_metrics(raw_model, tc.eval_demo_stories))
+        if hasattr(model, "reshard"):
+            model.reshard()
     model.train()
     return metrics
 
@@ -650,20 +652,32 @@ class VAETraining(nn.Module):
 
 def export_vae(vae, batches, path, device):
     """vae.safetensors with the scaling factor that gives the validation latents unit variance (SD's recipe for
-    its 0.18215) in the metadata; written atomically."""
+    its 0.18215) in the metadata; written atomically. Returns (scale, the fraction of validation images whose
+    reconstruction data.read_scene reads as the same scene as the original: the VAE's ceiling for the demo)."""
     from safetensors.torch import save_file
+    import data
+    latents, same, total = [], 0, 0
     with torch.no_grad():
-        latents = [vae.sample(*vae.encode(to_device(b, device)["image_tensors_dec"] * 2 - 1)) for b in batches]
+        for b in batches:
+            x = to_device(b, device)["image_tensors_dec"].float()
+            z = vae.sample(*vae.encode(x * 2 - 1))
+            latents.append(z)
+            rec = (vae.decode(z).float().clamp(-1, 1) + 1) / 2
+            for a, r in zip(x.cpu().numpy(), rec.cpu().numpy()):
+                same += data.read_scene(a) == data.read_scene(r)
+                total += 1
     scale = 1.0 / torch.cat(latents).float().std().item()
     tmp = path + ".tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, tmp,
               metadata={"scaling_factor": repr(scale)})
     os.replace(tmp, path)
-    return scale
+    return scale, same / max(total, 1)
 
 
 def read_vae_scaling_factor(path):
     from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise ValueError(f"vae_from {path}: no such file; train the VAE first (python train.py configs/demo_vae.py)")
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
     if "scaling_factor" not in meta:
@@ -860,13 +874,15 @@ def main(argv=None):
     if tc.export and tc.task == "vae":
         val = val or val_batches(cfg, dataclasses.replace(tc, eval_batches=max(tc.eval_batches, 1)), rank, world)
         if master:
-            scale = export_vae(raw_model.vae, val, os.path.join(tc.out_dir, "vae.safetensors"), device)
-            print(f"wrote {tc.out_dir}/vae.safetensors (latent scaling factor {scale:.5f}); "
-                  f"train the demo model with --vae_from={tc.out_dir}/vae.safetensors")
+            scale, exact = export_vae(raw_model.vae, val, os.path.join(tc.out_dir, "vae.safetensors"), device)
+            print(f"wrote {tc.out_dir}/vae.safetensors (latent scaling factor {scale:.5f}; {100 * exact:.1f}% of "
+                  f"validation reconstructions read back as their scene); train the demo model with "
+                  f"--vae_from={tc.out_dir}/vae.safetensors")
     elif tc.export:
         import data
         tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data in ("demo", "pretrain") else None
-        export(model, cfg, os.path.join(tc.out_dir, "model"), rank, distributed, tokenizer)
+        export(model, cfg, os.path.join(tc.out_dir, "model"), rank, distributed, tokenizer,
+               getattr(torch, tc.export_dtype))
     if distributed:
         dist.destroy_process_group()
     return {"losses": losses, "model": model, "config": tc, "last_checkpoint": last_ckpt}
