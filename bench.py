@@ -210,8 +210,9 @@ def bench_train(args):
 @torch.no_grad()
 def bench_sample(args):
     """Generation at paper size with random weights (issue 9): greedy text decoding through the static KV cache
-    (tokens/s, prefill excluded), one 512x512 image with 30 DDPM steps and CFG including the LLM context pass and
-    the UNet-MMFS, and peak memory over both. `--preset=tiny` checks the plumbing on a CPU."""
+    (tokens/s, prefill and graph capture excluded; the CUDA-graph step and, to compare, the eager one), one
+    512x512 image with 30 DDPM steps and CFG including the LLM context pass and the UNet-MMFS, and peak memory
+    over both. `--preset=tiny` checks the plumbing on a CPU (eager step only)."""
     import time
 
     cuda = torch.cuda.is_available()
@@ -245,20 +246,29 @@ def bench_sample(args):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     n = args.new_tokens
-    decode = lambda k: model.generate_texts(text_prompt, max_new_tokens=k, min_new_tokens=k, num_beams=1)
-    decode(2)                                                                  # warm-up
-    t_prefill = min(timed(lambda: decode(1)) for _ in range(3))
-    t_all = min(timed(lambda: decode(n + 1)) for _ in range(2))
-    tok_s = n / (t_all - t_prefill)
+
+    def tokens_per_s(cuda_graph):
+        decode = lambda k: model.generate_texts(text_prompt, max_new_tokens=k, min_new_tokens=k, num_beams=1,
+                                                cuda_graph=cuda_graph)
+        decode(3)                                                              # warm-up
+        # decode(2) = prefill + capture (graph) + one step; n more steps cost the difference
+        t_first = min(timed(lambda: decode(2)) for _ in range(3))
+        return n / (min(timed(lambda: decode(n + 2)) for _ in range(2)) - t_first), t_first
+
+    tok_s, t_first = tokens_per_s(cuda_graph=cuda)
+    eager_s, t_eager = tokens_per_s(cuda_graph=False) if cuda else (tok_s, t_first)
     image = lambda: model.generate_images(prompt, steps=30, guidance_scale=7.5, sampler="ddpm", seed=0,
                                           progress=False)
     image()                                                                    # warm-up
     t_image = min(timed(image) for _ in range(2))
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     card = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"sample, {args.preset}, {card}, {dtype}: text {tok_s:.1f} tokens/s (greedy, static KV cache, batch 1, "
-          f"prefill {1000 * t_prefill:.0f} ms excluded); one {cfg.image_decoder.image_size}px image, 30 DDPM steps "
-          f"with CFG: {t_image:.2f} s; peak memory {mem:.1f} GiB")
+    text = (f"{tok_s:.1f} tokens/s with the CUDA graph, {eager_s:.1f} eager (prefill + first step, excluded: "
+            f"{1000 * t_first:.0f} ms with capture, {1000 * t_eager:.0f} ms eager)" if cuda else
+            f"{tok_s:.1f} tokens/s eager (prefill + first step {1000 * t_first:.0f} ms excluded)")
+    print(f"sample, {args.preset}, {card}, {dtype}: text {text}, greedy, static KV cache, batch 1; "
+          f"one {cfg.image_decoder.image_size}px image, 30 DDPM steps with CFG: {t_image:.2f} s; "
+          f"peak memory {mem:.1f} GiB")
 
 
 def bench_data(args):

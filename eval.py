@@ -1060,11 +1060,10 @@ def predict_demo(model, tokenizer, samples, args):
             prompt = demo_story_prompt(story.texts, cfg.num_img_token, k)
             grey = torch.full_like(images[k], 0.5)                                # the slot of the image to draw
             batch = _to_device(text_batch([prompt], images[:k] + [grey], tokenizer, pad_left=False), args.device)
-            drawn = {}
-            for use_mmfs in (True, False):
-                img = model.generate_images(batch, target_image_idxs=[k], seed=args.seed + s["seed"] % 100000,
-                                            progress=False, use_mmfs=use_mmfs, **DEMO_IMAGES)["image"][0]
-                drawn[use_mmfs] = data.read_scene(img.float().cpu().numpy())
+            # with and without the UNet's MMFS, one UNet batch from the same noise
+            pair = model.generate_images(batch, target_image_idxs=[k], seed=args.seed + s["seed"] % 100000,
+                                         progress=False, use_mmfs="both", **DEMO_IMAGES)["image"]
+            drawn = {use_mmfs: data.read_scene(img.float().cpu().numpy()) for use_mmfs, img in zip((True, False), pair)}
             steps.append({"target": [o.as_dict() for o in story.scenes[k]],
                           "previous": [o.as_dict() for o in story.scenes[k - 1]],
                           "read": [o.as_dict() for o in drawn[True]],

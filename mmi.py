@@ -27,7 +27,6 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -441,9 +440,13 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     for hw in dict.fromkeys(shapes):
         levels = [l for l in range(L) if shapes[l] == hw]
         h, w = hw
-        v = torch.stack([value[:, starts[l]:starts[l] + h * w] for l in levels])      # (n, B, HW, M, D)
-        v = v.permute(0, 1, 3, 4, 2).reshape(len(levels) * B * M, D, h, w)
-        g = grids[:, :, :, levels].permute(3, 0, 2, 1, 4, 5)                           # (n, B, M, Q, P, 2)
+        if len(levels) == 1:    # a level of its own size (the UNet's case) needs no stack: one copy, not two
+            l = levels[0]
+            v, g = value[None, :, starts[l]:starts[l] + h * w], grids[:, :, :, l:l + 1]
+        else:
+            v, g = torch.stack([value[:, starts[l]:starts[l] + h * w] for l in levels]), grids[:, :, :, levels]
+        v = v.permute(0, 1, 3, 4, 2).reshape(len(levels) * B * M, D, h, w)             # (n, B, HW, M, D) ->
+        g = g.permute(3, 0, 2, 1, 4, 5)                                                # (n, B, M, Q, P, 2)
         g = g.reshape(len(levels) * B * M, Q, P, 2)
         out = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
         out = out.reshape(len(levels), B * M, D, Q, P)
@@ -556,11 +559,19 @@ def _check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locati
                              f"exclusive prefix sum {starts.tolist()} of H*W")
 
 
+def msda_kernel_used(device):
+    """Whether ms_deform_attn runs our kernel for tensors on `device`. The reference reads the level shapes back to
+    the host (a GPU sync per call), so a CUDA graph can hold MMFS only where the kernel runs."""
+    return (torch.device(device).type == "cuda" and os.environ.get("MMI_MSDA", "").lower() != "reference"
+            and _load_msda_kernel() is not None)
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """The one entry point every deformable attention in the model goes through: our CUDA kernel (kernels.cu) for
-    CUDA tensors when it builds, else the reference above. MMI_MSDA=reference forces the reference. -> [B, Q, M*D]"""
+    CUDA tensors when it builds, else the reference above. MMI_MSDA=reference forces the reference. -> [B, Q, M*D]
+    For CUDA tensors nothing here reads a device value back to the host when the kernel runs (CUDA-graph safe)."""
     _check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if value.is_cuda and os.environ.get("MMI_MSDA", "").lower() != "reference" and _load_msda_kernel() is not None:
+    if msda_kernel_used(value.device):
         return _MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations,
                                            attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -635,6 +646,7 @@ class MMFS(nn.Module):
         self.ignore_token = nn.Parameter(torch.zeros(1, 1, 1, d_attn), requires_grad=False)
         # offsets are predicted in units of the base grid: level l multiplies them by its size / base size
         self.scale_ratios = tuple(s / base_spatial_shape for s in self.spatial_shapes)
+        self._level_tables = {}   # (n, dtype, device) -> constant tensors, see level_tables
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -653,11 +665,33 @@ class MMFS(nn.Module):
         nn.init.zeros_(self.dynamic_offset_mask.bias)
         nn.init.trunc_normal_(self.query_relpos.weight, std=0.02)
 
-    def forward(self, query, reference_points, value, mask):
+    def level_tables(self, n, dtype, device):
+        """Offset scales (1, 1, 1, 1, Lv, 1, 1), the (H, W) of the n*Lv image-levels and their start indexes.
+        Made once per (n, dtype, device) and kept: built from Python numbers on every call they would cost a
+        host-to-device copy each time, which a CUDA graph cannot capture."""
+        key = (n, dtype, torch.device(device))
+        if key not in self._level_tables:
+            # ordinary tensors even under inference_mode, so a later training step may save them for backward
+            with torch.inference_mode(False):
+                scale = torch.tensor(self.scale_ratios, dtype=dtype, device=device).view(1, 1, 1, 1, -1, 1, 1)
+                shapes = torch.tensor([(s, s) for s in self.spatial_shapes] * n, dtype=torch.long, device=device)
+                self._level_tables[key] = (scale, shapes, level_start_index(shapes))
+        return self._level_tables[key]
+
+    def check_image_count(self, rel):
+        """ValueError if a query sees more images than query_relpos has rows. Reads a device value (a GPU sync),
+        so decoding steps skip it: their mask row is the prompt's last one, checked at prefill."""
+        if int(rel.max()) >= self.max_num_image_per_seq:
+            raise ValueError(f"MMFS: {int(rel.max())} images visible to one query, "
+                             f"max_num_image_per_seq is {self.max_num_image_per_seq}")
+
+    def forward(self, query, reference_points, value, mask, check_mask=True, value_projected=False):
         """query [B, Lq, d_query]; reference_points [1 or B, Lq, 2] as (x, y) in [0, 1]; value [B, n, S, d_value]
         with S = sum of the levels' H*W (image-major, levels in `spatial_shapes` order, row-major tokens);
         mask [B, n] (every query sees the same images) or [B, Lq', n] (per query; when Lq' != Lq only the last row
         is used, which is how decoding steps see the images visible to the prompt's last token). -> [B, Lq, d_out]
+        check_mask=False skips check_image_count, the one host sync here. value_projected: `value` is already
+        value_proj(value) [B, n, S, d_attn], made once by a caller whose values do not change (a sampler's steps).
         """
         B, Lq, _ = query.shape
         n = value.shape[1]
@@ -667,16 +701,15 @@ class MMFS(nn.Module):
             m = m[:, -1:]
         # relative image index: the latest visible image is 1, the one before 2, ..., invisible images 0
         rel = (m.sum(-1, keepdim=True) + 1 - m.cumsum(-1)) * m
-        if int(rel.max()) >= self.max_num_image_per_seq:
-            raise ValueError(f"MMFS: {int(rel.max())} images visible to one query, "
-                             f"max_num_image_per_seq is {self.max_num_image_per_seq}")
+        if check_mask:
+            self.check_image_count(rel)
         rel = rel[:, :, None] if m.dim() == 2 else rel.transpose(1, 2)           # (B, n, Lq or 1)
 
-        v = self.value_proj(value)                                               # (B, n, S, d_attn)
+        v = value if value_projected else self.value_proj(value)                 # (B, n, S, d_attn)
         v = v.reshape(B, n * value.shape[2], H, -1)                              # (B, n*S, H, D)
 
         q = self.dynamic_offset_mask(query)[:, None] + self.query_relpos(rel)    # (B, n, Lq, d_query)
-        scale = torch.tensor(self.scale_ratios, dtype=q.dtype, device=q.device).view(1, 1, 1, 1, Lv, 1, 1)
+        scale, shapes, starts = self.level_tables(n, q.dtype, q.device)          # (.., Lv, ..), (n*Lv, 2), (n*Lv,)
         offsets = self.sampling_offsets(q).view(B, n, Lq, H, 1, P, 2) * scale
         offsets = offsets.permute(0, 2, 3, 1, 4, 5, 6).reshape(B, Lq, H, n * Lv, P, 2)
         logits = self.attention_weights(q).view(B, n, Lq, H, Lv, P + 1).permute(0, 2, 3, 1, 4, 5)  # (B,Lq,H,n,Lv,P+1)
@@ -689,10 +722,9 @@ class MMFS(nn.Module):
         weights = logits.softmax(-1).view(B, Lq, H, n * Lv, P + 1)
         w_points, w_ignore = weights[..., :P].contiguous(), weights[..., P].sum(-1)      # (B,Lq,H,nLv,P), (B,Lq,H)
 
-        shapes = torch.tensor([(s, s) for s in self.spatial_shapes] * n, dtype=torch.long, device=query.device)
         normalizer = shapes.flip(-1).to(offsets.dtype)                           # (n*Lv, 2) as (W, H)
         loc = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = ms_deform_attn(v, shapes, level_start_index(shapes), loc.to(v.dtype), w_points.to(v.dtype))
+        out = ms_deform_attn(v, shapes, starts, loc.to(v.dtype), w_points.to(v.dtype))
         out = out + (self.ignore_token.view(H, -1) * w_ignore[..., None]).reshape(B, Lq, -1).to(out.dtype)
         return self.output_proj(out)
 
@@ -1099,6 +1131,13 @@ class VisualTokenizer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _select_rows(t, index):
+    """t[index] along dim 0; in place when the row count stays, so a CUDA graph that reads t keeps seeing it."""
+    if index.shape[0] == t.shape[0]:
+        return t.copy_(t.index_select(0, index))
+    return t.index_select(0, index)
+
+
 class KVCache(nn.Module):
     """Static key/value buffers [B, heads, max_len, head_dim] for one attention layer, filled as decoding goes."""
 
@@ -1109,16 +1148,25 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start, k, v):
-        """Write k, v (B, heads, T, D) at positions start..start+T-1; return the filled prefix."""
+        """Write k, v (B, heads, T, D) at positions start..start+T-1.
+
+        start an int (prefill): return the filled prefix (B, heads, start+T, D). start a long tensor [T] of slots
+        (decoding steps): write there and return the whole buffers (B, heads, max_len, D), whose unwritten slots
+        the caller's mask hides. Then shapes never change and no host number is needed: a CUDA graph can hold it.
+        """
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reorder(self, index):
-        """Beam search: row i of the cache becomes row index[i]."""
-        self.k = self.k.index_select(0, index)
-        self.v = self.v.index_select(0, index)
+        """Beam search: row i of the cache becomes row index[i] (in place while the row count stays)."""
+        self.k = _select_rows(self.k, index)
+        self.v = _select_rows(self.v, index)
 
 
 class LlamaAttention(nn.Module):
@@ -1135,7 +1183,7 @@ class LlamaAttention(nn.Module):
         q, k, v = (p(x).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                  # (B, heads, L, D)
         if kv_cache is not None:
-            k, v = kv_cache.update(cache_start, k, v)                            # (B, heads, start+L, D)
+            k, v = kv_cache.update(cache_start, k, v)                            # (B, heads, start+L or max_len, D)
         if attn_mask is None:   # training: plain causal over the packed row, as the original's flash-attn
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -1168,10 +1216,10 @@ class LlamaMMFSAttention(nn.Module):
         self.norm1 = RMSNorm(d, cfg.llm.rms_norm_eps)
         self.norm2 = RMSNorm(dv, cfg.llm.rms_norm_eps)
 
-    def forward(self, h, vision_hidden_states, cross_attention_mask):
+    def forward(self, h, vision_hidden_states, cross_attention_mask, check_mask=True):
         # every query uses the single reference point (0.5, 0.5): where to look is all in the offsets
         ref = h.new_full((1, h.shape[1], 2), 0.5)
-        out = self.attn(self.norm1(h), ref, self.norm2(vision_hidden_states), cross_attention_mask)
+        out = self.attn(self.norm1(h), ref, self.norm2(vision_hidden_states), cross_attention_mask, check_mask)
         return out * self.gate.tanh()
 
 
@@ -1185,10 +1233,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.llm.hidden_size, cfg.llm.rms_norm_eps)
 
     def forward(self, h, cos, sin, vision_hidden_states=None, cross_attention_mask=None, attn_mask=None,
-                kv_cache=None, cache_start=0):
+                kv_cache=None, cache_start=0, check_mask=True):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache, cache_start)
         if self.llama_cross_attn is not None and vision_hidden_states is not None:
-            h = h + self.llama_cross_attn(h, vision_hidden_states, cross_attention_mask)
+            h = h + self.llama_cross_attn(h, vision_hidden_states, cross_attention_mask, check_mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -1205,9 +1253,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, inputs_embeds, position_ids, vision_hidden_states=None, cross_attention_mask=None,
-                attn_mask=None, kv_caches=None, cache_start=0, checkpoint=False):
+                attn_mask=None, kv_caches=None, cache_start=0, checkpoint=False, check_mask=True):
         """inputs_embeds [B, L, d]; position_ids [B, L]; vision_hidden_states [B, N, S, d_v]; cross_attention_mask
-        [B, L', N]; attn_mask None (causal) or a bool [B, 1, L, start+L] (True = may attend). -> [B, L, d]"""
+        [B, L', N]; attn_mask None (causal) or a bool [B, 1, L, start+L] (True = may attend), [B, 1, L, max_len]
+        when cache_start is a tensor of cache slots (see KVCache.update). check_mask=False skips MMFS's image-count
+        check, a host sync per layer (decoding steps: their mask was checked at prefill). -> [B, L, d]"""
         cos, sin = rope_cos_sin(position_ids, self.cfg.hidden_size // self.cfg.num_attention_heads,
                                 self.cfg.rope_theta, inputs_embeds.dtype)
         h = inputs_embeds
@@ -1215,9 +1265,10 @@ class LlamaModel(nn.Module):
             cache = kv_caches[i] if kv_caches is not None else None
             if checkpoint and self.training:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, vision_hidden_states, cross_attention_mask,
-                                                      attn_mask, cache, cache_start, use_reentrant=False)
+                                                      attn_mask, cache, cache_start, check_mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, vision_hidden_states, cross_attention_mask, attn_mask, cache, cache_start)
+                h = layer(h, cos, sin, vision_hidden_states, cross_attention_mask, attn_mask, cache, cache_start,
+                          check_mask)
         return self.norm(h)
 
 
@@ -1810,13 +1861,24 @@ class MMFSBlock(nn.Module):
             self._pos_cache = {key: resize_pos_embed(p.detach(), (h, w)).to(dtype)}
         return self._pos_cache[key]
 
-    def forward(self, sample, feats, mask):
-        """feats (B, n, sum_l H_l W_l, C_v) already flattened image/level/row-major; mask (B, n)."""
+    def forward(self, sample, feats, mask, precomputed=False):
+        """feats (B, n, sum_l H_l W_l, C_v) already flattened image/level/row-major; with `precomputed` already
+        through feat_norm and the attention's value_proj (B, n, S, d_attn) (sampling does that once per image:
+        MMFSNet.keys); mask (B, n)."""
         B, C, H, W = sample.shape
         pos = self.pos_for(H, W, sample.dtype)
         q = self.query_norm(sample.flatten(2).transpose(1, 2)) + pos  # (B, C, H, W) -> (B, HW, C)
-        y = self.mmfs(q, grid_centres(H, W, sample.device)[None], self.feat_norm(feats), mask)
+        ref = grid_centres(H, W, sample.device)[None]
+        if precomputed:
+            y = self.mmfs(q, ref, feats, mask, value_projected=True)
+        else:
+            y = self.mmfs(q, ref, self.feat_norm(feats), mask)
         return self.conv(y.transpose(1, 2).reshape(B, C, H, W))
+
+
+class MMFSKeys(tuple):
+    """Each MMFSBlock's attention values (B, n, sum_l H_l W_l, d_attn), down blocks then mid, from MMFSNet.keys.
+    They depend only on the previous image, so a sampler makes them once instead of at every step."""
 
 
 class MMFSNet(nn.Module):
@@ -1831,16 +1893,32 @@ class MMFSNet(nn.Module):
         mid_side = unet_cfg.sample_size >> (len(unet_cfg.block_out_channels) - 1)
         self.mmfs_mid_block = MMFSBlock(unet_cfg.block_out_channels[-1], cfg, unet_cfg.sample_size, mid_side)
 
+    @staticmethod
+    def flatten_features(mmfs_features, dtype):
+        """list of levels (B, n, C_v, H_l, W_l) -> (B, n, sum_l H_l W_l, C_v), image/level/row-major."""
+        return torch.cat([f.flatten(3).transpose(2, 3) for f in mmfs_features], dim=2).to(dtype)
+
+    def keys(self, mmfs_features, dtype):
+        """The values each block's attention reads (features normalised and projected) made once: MMFSKeys, which
+        forward takes in place of the levels."""
+        feats = self.flatten_features(mmfs_features, dtype)
+        return MMFSKeys(block.mmfs.value_proj(block.feat_norm(feats))
+                        for block in [*self.mmfs_down_blocks, self.mmfs_mid_block])
+
     def forward(self, sample, skips, mmfs_features, mmfs_mask, checkpoint=False):
-        """mmfs_features: list of levels (B, n, C_v, H_l, W_l); mmfs_mask (B, n). -> (sample, skips) + residuals."""
+        """mmfs_features: list of levels (B, n, C_v, H_l, W_l), or their MMFSKeys; mmfs_mask (B, n).
+        -> (sample, skips) + residuals."""
         run = (lambda m, *a: torch.utils.checkpoint.checkpoint(m, *a, use_reentrant=False)) if checkpoint else \
             (lambda m, *a: m(*a))
         if len(skips) != len(self.mmfs_down_blocks):
             raise ValueError(f"MMFSNet: {len(skips)} UNet skips, expected {len(self.mmfs_down_blocks)}")
-        # (B, n, C, H_l, W_l) per level -> (B, n, sum_l H_l W_l, C)
-        feats = torch.cat([f.flatten(3).transpose(2, 3) for f in mmfs_features], dim=2).to(sample.dtype)
-        skips = [s + run(block, s, feats, mmfs_mask) for s, block in zip(skips, self.mmfs_down_blocks)]
-        return sample + run(self.mmfs_mid_block, sample, feats, mmfs_mask), skips
+        precomputed = isinstance(mmfs_features, MMFSKeys)
+        # training normalises inside each (checkpointed) block, so only the one flattened copy is kept for backward
+        feats = mmfs_features if precomputed else \
+            [self.flatten_features(mmfs_features, sample.dtype)] * (len(skips) + 1)
+        skips = [s + run(block, s, f, mmfs_mask, precomputed)
+                 for s, block, f in zip(skips, self.mmfs_down_blocks, feats)]
+        return sample + run(self.mmfs_mid_block, sample, feats[-1], mmfs_mask, precomputed), skips
 
 
 # ---- StableDiffusion: VAE + UNet + MMFSNet, the diffusion loss and the sampling loop (§5.4, §5.5) ----
@@ -1893,39 +1971,55 @@ class StableDiffusion(nn.Module):
         pred = self.unet_eps(x_t, t, cond, mmfs_features, mmfs_mask, checkpoint)
         return F.mse_loss(pred.float(), noise.float(), reduction="none")
 
-    def guided_eps(self, x, t, cond, uncond, mmfs_features, mmfs_mask, guidance_scale):
-        """eps_u + g (eps_c - eps_u); both halves see the previous image (MMFS inputs duplicated)."""
+    def guided_inputs(self, cond, uncond, mmfs_features, mmfs_mask, guidance_scale):
+        """The UNet's step-invariant inputs, made once per sampling: the condition ((uncond; cond) stacked for
+        classifier-free guidance, both halves seeing the previous image) and the MMFS keys with their mask."""
+        if guidance_scale > 1.0:
+            cond = torch.cat([uncond, cond])
+            mmfs_features, mmfs_mask = [torch.cat([f, f]) for f in mmfs_features], torch.cat([mmfs_mask, mmfs_mask])
+        return cond, self.mmfs_module.keys(mmfs_features, cond.dtype), mmfs_mask
+
+    def guided_eps(self, x, t, cond, keys, mmfs_mask, guidance_scale):
+        """eps_u + g (eps_c - eps_u) from one UNet pass over (x; x); cond, keys and mmfs_mask from guided_inputs."""
         if guidance_scale <= 1.0:  # as the SD pipeline: no unconditional pass at all
-            return self.unet_eps(x, t, cond, mmfs_features, mmfs_mask)
-        feats2 = [torch.cat([f, f]) for f in mmfs_features]
-        eps_u, eps_c = self.unet_eps(torch.cat([x, x]), t, torch.cat([uncond, cond]), feats2,
-                                     torch.cat([mmfs_mask, mmfs_mask])).chunk(2)
+            return self.unet_eps(x, t, cond, keys, mmfs_mask)
+        eps_u, eps_c = self.unet_eps(torch.cat([x, x]), t, cond, keys, mmfs_mask).chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
     @torch.no_grad()
     def sample_latents(self, cond, uncond, mmfs_features, mmfs_mask, steps, guidance_scale, sampler, generator,
-                       eta=0.0, progress=True):
-        """Latents drawn from `generator` first, then (ddpm, or ddim with eta > 0) one noise draw per step."""
+                       eta=0.0, progress=True, variants=1):
+        """Latents drawn from `generator` first, then (ddpm, or ddim with eta > 0) one noise draw per step.
+        variants > 1: the rows are that many variant-major copies of the same B / variants images (e.g. with and
+        without MMFS); every copy gets the same draws, so each samples as its rows alone would."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r}, expected one of {SAMPLERS}")
+        if cond.shape[0] % variants:
+            raise ValueError(f"sample_latents: {cond.shape[0]} rows are not {variants} equal variants")
         T, ac = self.cfg.num_train_timesteps, self.alphas_cumprod
         side = self.unet.cfg.sample_size
-        shape = (cond.shape[0], self.unet.cfg.in_channels, side, side)
-        x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
+        draw_shape = (cond.shape[0] // variants, self.unet.cfg.in_channels, side, side)
+
+        def draw():
+            z = torch.randn(draw_shape, generator=generator, device=cond.device, dtype=cond.dtype)
+            return z.repeat(variants, 1, 1, 1) if variants > 1 else z
+
+        x = draw()
         if sampler == "dpm++2m":
             timesteps = linspace_timesteps(steps, T)
             sigmas = dpm_solver_sigmas(timesteps, ac)
         else:
             timesteps = leading_timesteps(steps, T, self.cfg.steps_offset)
         x0_prev = None
+        cond, keys, mmfs_mask = self.guided_inputs(cond, uncond, mmfs_features, mmfs_mask, guidance_scale)
         for i, t in enumerate(tqdm(timesteps.tolist(), desc=f"{sampler} steps", disable=not progress)):
-            eps = self.guided_eps(x, t, cond, uncond, mmfs_features, mmfs_mask, guidance_scale)
+            eps = self.guided_eps(x, t, cond, keys, mmfs_mask, guidance_scale)
             if sampler == "ddpm":
                 prev_t = timesteps[i + 1].item() if i + 1 < steps else -1
-                noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype) if t > 0 else None
+                noise = draw() if t > 0 else None
                 x = ddpm_step(eps, t, prev_t, x, ac, noise)
             elif sampler == "ddim":
-                noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
+                noise = draw() if eta > 0 else None
                 x = ddim_step(eps, t, t - T // steps, x, ac, ac[0], eta, noise)
             else:
                 x0 = dpm_solver_x0(x, eps, sigmas[i])
@@ -1983,9 +2077,13 @@ class ImageDecoder(nn.Module):
 
     @torch.no_grad()
     def generate_images(self, context, context_mask, mmfs_features, mmfs_mask, steps=30, guidance_scale=7.5,
-                        sampler="ddpm", seed=42, num_images_per_context=1, eta=0.0, progress=True):
+                        sampler="ddpm", seed=42, num_images_per_context=1, eta=0.0, progress=True,
+                        mmfs_ablation=False):
         """-> images (num_images_per_context * B_I, 3, S, S) in [0, 1], copy-major; copy k uses seed + k on one
-        generator shared across mini-batches of `generate_mini_bs` contexts (the original's draw order)."""
+        generator shared across mini-batches of `generate_mini_bs` contexts (the original's draw order).
+        mmfs_ablation: also draw every image without the previous image's features (zero MMFS features and mask,
+        as MMInterleaved.generate_images(use_mmfs=False)) in the same UNet batch from the same noise; -> twice
+        the images, those with MMFS first, then those without."""
         B_I = context.shape[0]
         if mmfs_mask.shape[0] != B_I or any(f.shape[0] != B_I for f in mmfs_features):
             raise ValueError(f"generate_images: {B_I} contexts but mmfs_mask {tuple(mmfs_mask.shape)} and features "
@@ -1996,10 +2094,16 @@ class ImageDecoder(nn.Module):
         for k in range(num_images_per_context):
             generator = torch.Generator(device=cond.device).manual_seed(seed + k)
             for s in range(0, cond.shape[0], mb):
+                c, u, m = cond[s:s + mb], uncond[s:s + mb], mmfs_mask[s:s + mb]
                 feats = [f[s:s + mb] for f in mmfs_features]
-                latents = self.decoder.sample_latents(cond[s:s + mb], uncond[s:s + mb], feats, mmfs_mask[s:s + mb],
-                                                      steps, guidance_scale, sampler, generator, eta, progress)
+                if mmfs_ablation:   # (with; without) MMFS as two variants of one batch
+                    c, u, m = c.repeat(2, 1, 1), u.repeat(2, 1, 1), torch.cat([m, torch.zeros_like(m)])
+                    feats = [torch.cat([f, torch.zeros_like(f)]) for f in feats]
+                latents = self.decoder.sample_latents(c, u, feats, m, steps, guidance_scale, sampler, generator, eta,
+                                                      progress, variants=2 if mmfs_ablation else 1)
                 images.append(self.decoder.decode_latents(latents))
+        if mmfs_ablation:   # per mini-batch (with; without) -> all with, then all without
+            return torch.cat([im.chunk(2)[k] for k in (0, 1) for im in images])
         return torch.cat(images)
 
 
@@ -2365,7 +2469,8 @@ class MMInterleaved(nn.Module):
         """Draw the images of the batch's image slots (all, or `target_image_idxs`, flat indexes over the batch)
         from their contexts (row start .. soi) and the previous image's features (SPEC §1.8). A target slot still
         holds a placeholder image; it cannot influence its own generation. use_mmfs=False drops the previous
-        image's features from the UNet (the ablation of the paper's consistency claim).
+        image's features from the UNet (the ablation of the paper's consistency claim); use_mmfs="both" draws each
+        image with and without them from the same noise in one UNet batch (all with, then all without).
         -> {"image": [n, 3, S, S] in [0, 1]}, copy-major when num_images_per_context > 1."""
         num = self.validate_batch(batch)
         text_ids = batch["text_ids"]
@@ -2379,22 +2484,26 @@ class MMInterleaved(nn.Module):
         ctx, mask, feats, fmask = image_decoder_inputs(h, text_ids, maps, self.cfg.soi_token_id, self.context_feat_proj)
         if target_image_idxs is not None:
             ctx, mask, feats, fmask = select_target_images(target_image_idxs, ctx, mask, feats, fmask)
-        if not use_mmfs:
+        if use_mmfs not in (True, False, "both"):
+            raise ValueError(f"use_mmfs={use_mmfs!r}, expected True, False or 'both'")
+        if use_mmfs is False:
             feats, fmask = [torch.zeros_like(f) for f in feats], torch.zeros_like(fmask)
         images = self.image_decoder.generate_images(ctx, mask, feats, fmask, steps=steps, guidance_scale=guidance_scale,
                                                     sampler=sampler, seed=seed,
                                                     num_images_per_context=num_images_per_context, eta=eta,
-                                                    progress=progress)
+                                                    progress=progress, mmfs_ablation=use_mmfs == "both")
         return {"image": images}
 
     @torch.no_grad()
     def generate_texts(self, batch, max_new_tokens=30, min_new_tokens=7, num_beams=5, do_sample=False, top_p=0.9,
                        temperature=1.0, repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1,
-                       seed=None, use_cache=True):
+                       seed=None, use_cache=True, cuda_graph=None):
         """Continue each (left-padded) prompt of the batch; stop at eos or soi (the model asking for an image).
 
         Defaults are the original's (its min_length 8 counted a dummy bos, hence min_new_tokens 7). Greedy with
         num_beams=1, do_sample=False; nucleus sampling with do_sample=True; beam search with num_beams > 1.
+        use_cache=False recomputes the whole sequence per token (slow, for checks); cuda_graph (None = on for CUDA)
+        replays each cached step as one captured CUDA graph.
         Returns {"text_ids": [B * num_return_sequences, T] new tokens (the stop token included), padded with
         pad_token_id, "lengths": [B * num_return_sequences]}.
         """
@@ -2403,7 +2512,7 @@ class MMInterleaved(nn.Module):
         mask = batch.get("attention_mask")
         mask = torch.ones_like(text_ids) if mask is None else mask
         embeds, vision, xmask, _ = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
-        decoder = _Decoder(self, embeds, mask, vision, xmask, max_new_tokens, use_cache)
+        decoder = _Decoder(self, embeds, mask, vision, xmask, max_new_tokens, use_cache, cuda_graph)
         opts = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     repetition_penalty=repetition_penalty, stop_ids=(self.cfg.eos_token_id, self.cfg.soi_token_id),
                     bos_id=self.cfg.bos_token_id, pad_id=self.cfg.pad_token_id)
@@ -3124,21 +3233,41 @@ def load_pretrained(path, dtype=None, device="cpu"):
 class _Decoder:
     """Runs the LLM for generation: one prefill over the prompts, then one token per step through static KV caches,
     or, with use_cache=False, the whole sequence again at every step (the slow path the cache must equal).
-    MMFS is not cached: each step the new token reads the vision states again, with the prompt's last mask row."""
+    MMFS is not cached: each step the new token reads the vision states again, with the prompt's last mask row.
 
-    def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, use_cache):
+    A cached step has the same shapes every time: the new token's K/V go into cache slot `slot` (a device tensor),
+    attention runs over all max_len slots with a mask that hides the empty ones, and every input sits in a buffer
+    rewritten in place. So on CUDA one step is captured into a CUDA graph and replayed per token: one launch
+    instead of hundreds, which is what bounded decoding speed. cuda_graph: None = on for CUDA, else eager.
+    """
+
+    def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, use_cache, cuda_graph=None):
         self.model, self.use_cache = model, use_cache
         self.embeds, self.mask, self.vision, self.xmask = embeds, mask.long(), vision, xmask
         self.new_tokens = mask.new_zeros((mask.shape[0], 0), dtype=torch.long)
         self.max_len = embeds.shape[1] + max_new_tokens
         self.caches = None
+        # the graph holds MMFS only where our kernel runs (the reference reads level shapes back to the host)
+        can_graph = use_cache and embeds.is_cuda and (vision is None or msda_kernel_used(embeds.device))
+        if cuda_graph and not can_graph:
+            raise ValueError(f"cuda_graph=True needs use_cache=True, CUDA tensors and, with images, the deformable-"
+                             f"attention kernel; got use_cache={use_cache}, device {embeds.device}")
+        self.cuda_graph = can_graph if cuda_graph is None else cuda_graph
+        self.buffers = None      # the cached step's inputs, made at prefill (see _make_step_buffers)
+        self.graph = None        # captured at the first step, again after the row count changes
 
     def select(self, index):
         """Keep/repeat/reorder rows: expands prompts to beams or samples, follows beams to their sources."""
-        self.embeds, self.mask, self.new_tokens = self.embeds[index], self.mask[index], self.new_tokens[index]
-        if self.vision is not None:
-            self.vision, self.xmask = self.vision[index], self.xmask[index]
-        for cache in self.caches or ():
+        if self.buffers is None:          # full recomputation: the rows of the whole sequence
+            self.embeds, self.mask, self.new_tokens = self.embeds[index], self.mask[index], self.new_tokens[index]
+            if self.vision is not None:
+                self.vision, self.xmask = self.vision[index], self.xmask[index]
+            return
+        if index.shape[0] != self.buffers["token"].shape[0]:
+            self.graph = None             # new row count: new buffers, so the next step captures again
+        for name, t in self.buffers.items():
+            self.buffers[name] = _select_rows(t, index)
+        for cache in self.caches:
             cache.reorder(index)
 
     def prefill(self):
@@ -3151,26 +3280,75 @@ class _Decoder:
             self.caches = [KVCache(B, c.num_attention_heads, self.max_len, hd, self.embeds.dtype, self.embeds.device)
                            for _ in llm.layers]
         h = llm(self.embeds, pos, self.vision, self.xmask, attn_mask=attn, kv_caches=self.caches, cache_start=0)
+        if self.use_cache:
+            self._make_step_buffers()
         return self.model.text_decoder(h[:, -1]).float()                       # (B, V)
 
+    def _make_step_buffers(self):
+        """The cached step's inputs, one row per sequence, rewritten in place before each step."""
+        B, L = self.mask.shape
+        attn = self.mask.new_zeros((B, 1, 1, self.max_len), dtype=torch.bool)  # (B, 1, 1, max_len) slots to read
+        attn[:, 0, 0, :L] = self.mask.bool()
+        self.buffers = {"token": self.mask.new_zeros(B),                         # (B,) the token fed
+                        "pos": self.mask.sum(-1, keepdim=True),                  # (B, 1) its position
+                        "attn": attn}
+        if self.vision is not None:   # copies: beam search reorders the buffers in place
+            self.buffers["vision"] = self.vision.clone()                         # (B, N, S, d_v)
+            self.buffers["xmask"] = self.xmask[:, -1:].clone()                   # (B, 1, N) the prompt's last row
+        self.length = L                               # slots filled so far (the same in every row: left padding)
+        self.slot = self.mask.new_full((1,), L)       # (1,) the slot the next token's K/V go to, on the device
+
     def step(self, tokens):
+        if not self.use_cache:
+            return self._recompute_step(tokens)
+        b = self.buffers
+        b["token"].copy_(tokens)
+        b["attn"][:, :, :, self.length].fill_(True)   # the new token sees itself (fill_: no host tensor copied in)
+        self.slot.fill_(self.length)
+        if not self.cuda_graph:
+            logits = self._cached_step()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.graph_logits.clone()        # the next replay overwrites graph_logits
+        b["pos"] += 1
+        self.length += 1
+        return logits
+
+    def _cached_step(self):
+        """One token per row from the buffers; fixed shapes, no host sync: the body of the CUDA graph."""
+        llm, b = self.model.mm_decoder, self.buffers
+        h = llm(llm.embed_tokens(b["token"])[:, None], b["pos"], b.get("vision"), b.get("xmask"), attn_mask=b["attn"],
+                kv_caches=self.caches, cache_start=self.slot, check_mask=False)
+        return self.model.text_decoder(h[:, -1]).float()                       # (B, V)
+
+    def _capture(self):
+        """Record _cached_step into a CUDA graph. Warm-up runs first on a side stream (as PyTorch's CUDA-graph
+        notes ask), so one-time work (cuBLAS set-up, loading the kernel, MMFS's level tables) stays out of the
+        capture. Each run rewrites the same cache slot with the same K/V, so the warm-up changes nothing."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._cached_step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.graph_logits = self._cached_step()                              # (B, V), lives in the graph's pool
+
+    def _recompute_step(self, tokens):
+        """use_cache=False: the prompt and every new token through the whole LLM again."""
         llm = self.model.mm_decoder
         self.new_tokens = torch.cat([self.new_tokens, tokens[:, None]], dim=1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        last_row = None if self.xmask is None else self.xmask[:, -1:]
-        if self.use_cache:
-            pos = self.mask.sum(-1, keepdim=True) - 1                            # (B, 1)
-            attn = self.mask.bool()[:, None, None, :]                            # (B, 1, 1, start+1)
-            start = self.mask.shape[1] - 1
-            h = llm(llm.embed_tokens(tokens)[:, None], pos, self.vision, last_row, attn_mask=attn,
-                    kv_caches=self.caches, cache_start=start)[:, -1]
-        else:
-            embeds = torch.cat([self.embeds, llm.embed_tokens(self.new_tokens)], dim=1)
-            pos, attn = _positions_and_mask(self.mask)
-            xmask = None
-            if self.xmask is not None:
-                xmask = torch.cat([self.xmask, last_row.expand(-1, self.new_tokens.shape[1], -1)], dim=1)
-            h = llm(embeds, pos, self.vision, xmask, attn_mask=attn)[:, -1]
+        embeds = torch.cat([self.embeds, llm.embed_tokens(self.new_tokens)], dim=1)
+        pos, attn = _positions_and_mask(self.mask)
+        xmask = None
+        if self.xmask is not None:
+            last_row = self.xmask[:, -1:]
+            xmask = torch.cat([self.xmask, last_row.expand(-1, self.new_tokens.shape[1], -1)], dim=1)
+        h = llm(embeds, pos, self.vision, xmask, attn_mask=attn)[:, -1]
         return self.model.text_decoder(h).float()
 
 
@@ -3312,7 +3490,6 @@ def parameter_table(model):
 
 
 if __name__ == "__main__":
-    import sys
     args = sys.argv[1:]
     preset = args.pop(0) if args and not args[0].startswith("--") else "mmi-13b"
     cfg = apply_overrides(MMIConfig.from_preset(preset), args)

@@ -16,7 +16,6 @@ import re
 import shutil
 import sys
 import subprocess
-import time
 import warnings
 import zipfile
 from collections import Counter
@@ -484,6 +483,135 @@ def test_repetition_penalty_matches_the_hf_rule():
     logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
     out = mmi._process_logits(logits, [[2]], step=5, min_new_tokens=0, repetition_penalty=2.0, stop_ids=(3,), bos_id=1)
     assert out.tolist() == [[2.0, -2.0, 1.5, 0.5]]                          # bos (1) and generated (2) penalised
+
+
+# ---- the fixed-shape decoding step and its CUDA graph ----
+
+DECODE_ROWS = [[BOS, 10, "img", 11, 12, "img", 13], [BOS, 14, "img", 15], [BOS, 16, 17, 18]]   # left-padded, with images
+
+
+def _decoders(model, batch, max_new_tokens, **kw):
+    """A cached (fixed-shape step) and a full-recompute decoder over the same prompts."""
+    embeds, vision, xmask, _ = model.prepare_mm_embeds(batch["text_ids"], batch["image_tensors"],
+                                                       batch["num_image_per_seq"])
+    mask = batch["attention_mask"]
+    return (mmi._Decoder(model, embeds, mask, vision, xmask, max_new_tokens, use_cache=True, **kw),
+            mmi._Decoder(model, embeds, mask, vision, xmask, max_new_tokens, use_cache=False))
+
+
+def _addresses(decoder):
+    return [(c.k.data_ptr(), c.v.data_ptr(), tuple(c.k.shape)) for c in decoder.caches] + \
+        [(t.data_ptr(), tuple(t.shape)) for t in decoder.buffers.values()]
+
+
+def test_fixed_shape_step_equals_full_recomputation_and_keeps_its_buffers():
+    model = tiny_model(seed=6)
+    batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
+    forced = torch.tensor([[20, 21, 22, 23], [30, 31, 32, 33], [40, 41, 42, 43]])
+    cached, full = _decoders(model, batch, 5)
+    with torch.no_grad():
+        steps_full = [full.prefill()] + [full.step(forced[:, i]) for i in range(4)]
+        steps_cached = [cached.prefill()]
+        before = _addresses(cached)
+        for i in range(4):
+            steps_cached.append(cached.step(forced[:, i]))
+            assert _addresses(cached) == before                  # same memory, same shapes, every step
+    for a, b in zip(steps_cached, steps_full):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    k = cached.caches[0].k
+    assert k.shape[2] == 24 + 5
+    assert k[:, :, 24:28].abs().sum(-1).gt(0).all()             # the 4 steps' slots were written ...
+    assert torch.count_nonzero(k[:, :, 28:]) == 0                 # ... and the last slot never was
+    # the next position: real prompt tokens (left padding not counted) + the 4 steps
+    assert cached.buffers["pos"][:, 0].tolist() == [len(interleaved_row(model.cfg, r)) + 4 for r in DECODE_ROWS]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "beam"])
+def test_cached_generation_equals_full_recomputation(mode):
+    model = tiny_model(seed=7)
+    batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
+    kw = {"greedy": dict(num_beams=1, repetition_penalty=1.3),
+          "sampling": dict(num_beams=1, do_sample=True, top_p=0.8, seed=3, num_return_sequences=2),
+          "beam": dict(num_beams=3, num_return_sequences=2, length_penalty=0.7)}[mode]
+    out = model.generate_texts(batch, max_new_tokens=6, min_new_tokens=2, **kw)
+    ref = model.generate_texts(batch, max_new_tokens=6, min_new_tokens=2, use_cache=False, **kw)
+    assert out["text_ids"].shape[0] == 3 * kw.get("num_return_sequences", 1)
+    assert torch.equal(out["text_ids"], ref["text_ids"]) and torch.equal(out["lengths"], ref["lengths"])
+
+
+class _Recording(mmi._Decoder):
+    """Notes the buffers' addresses at every step and the beam sources of every reorder."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.addresses, self.sources = [], []
+
+    def select(self, index):
+        self.sources.append(index.tolist())
+        super().select(index)
+
+    def step(self, tokens):
+        self.addresses.append(_addresses(self))
+        return super().step(tokens)
+
+
+def test_beam_search_reorders_the_static_buffers_in_place():
+    model = tiny_model(seed=8)
+    batch = make_batch(model.cfg, DECODE_ROWS[:2], 24, left_pad=True)
+    embeds, vision, xmask, _ = model.prepare_mm_embeds(batch["text_ids"], batch["image_tensors"],
+                                                       batch["num_image_per_seq"])
+    c = model.cfg
+    opts = dict(max_new_tokens=6, min_new_tokens=6, repetition_penalty=1.0, stop_ids=(c.eos_token_id, c.soi_token_id),
+                bos_id=c.bos_token_id, pad_id=c.pad_token_id)
+    with torch.no_grad():
+        cached = _Recording(model, embeds, batch["attention_mask"], vision, xmask, 6, use_cache=True)
+        seqs = mmi._beam_search(cached, 3, 3, 1.0, **opts)
+        full = mmi._Decoder(model, embeds, batch["attention_mask"], vision, xmask, 6, use_cache=False)
+        ref = mmi._beam_search(full, 3, 3, 1.0, **opts)
+    assert seqs == ref
+    assert cached.sources[0] == [0, 0, 0, 1, 1, 1]                 # the expansion to beams: new buffers
+    reorders = cached.sources[1:]
+    assert any(s != sorted(s) or len(set(s)) < len(s) for s in reorders)   # beams did move between rows
+    assert all(a == cached.addresses[0] for a in cached.addresses)  # yet the buffers stayed where they were
+
+
+def test_cuda_graph_needs_cuda_and_the_cache():
+    model = tiny_model()
+    batch = make_batch(model.cfg, DECODE_ROWS[2:], 5)
+    with pytest.raises(ValueError, match="cuda_graph=True needs use_cache=True, CUDA tensors"):
+        model.generate_texts(batch, max_new_tokens=2, num_beams=1, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("with_images", [False, True])
+def test_cuda_graph_decoding_equals_the_eager_step_token_for_token(with_images):
+    if with_images and not mmi.msda_kernel_used("cuda"):
+        pytest.skip("the deformable-attention kernel is not available, so MMFS cannot be captured")
+    model = tiny_model(seed=9).cuda()
+    rows = DECODE_ROWS if with_images else [[BOS, 16, 17, 18], [BOS, 19, 20, 21, 22, 23]]
+    batch = make_batch(model.cfg, rows, 24, left_pad=True)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    # the eager fixed-shape step reads nothing back to the host (a graph could not hold it otherwise)
+    cached, _ = _decoders(model, batch, 4, cuda_graph=False)
+    graphed, _ = _decoders(model, batch, 4, cuda_graph=True)
+    forced = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]][:len(rows)], device="cuda")
+    with torch.no_grad():
+        eager_steps = [cached.prefill(), cached.step(forced[:, 0])]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            eager_steps += [cached.step(forced[:, i]) for i in (1, 2)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph_steps = [graphed.prefill()] + [graphed.step(forced[:, i]) for i in range(3)]
+    assert graphed.graph is not None
+    for a, b in zip(graph_steps, eager_steps):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for kw in (dict(num_beams=1), dict(num_beams=3, num_return_sequences=2),
+               dict(num_beams=1, do_sample=True, seed=5, num_return_sequences=2)):
+        a = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, cuda_graph=True, **kw)
+        b = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, cuda_graph=False, **kw)
+        assert torch.equal(a["text_ids"], b["text_ids"]), kw
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2009,6 +2137,96 @@ def test_fid_inception_loads_a_state_dict_by_key_and_gives_2048_features(tmp_pat
     with pytest.raises(ValueError, match="missing keys"):
         ev.load_inception(str(path))
 
+# ---- sampling's hoisted and batched paths equal the per-step, one-call-per-image ones ----
+
+
+def test_mmfs_keys_made_once_equal_the_per_step_normalisation():
+    """MMFSNet over MMFSKeys (feat_norm hoisted out of the sampler loop) == MMFSNet over the raw levels."""
+    dec = _tiny_decoder().eval()
+    _perturb_mmfs_convs(dec)
+    _, _, _, feats, fmask = _tiny_inputs(dec, B=2)
+    net, unet = dec.decoder.mmfs_module, dec.decoder.unet
+    g = torch.Generator().manual_seed(4)
+    skips = [torch.randn(2, c, s, s, generator=g) for c, s in mmi.unet_skip_layout(unet.cfg)]
+    mid_side = unet.cfg.sample_size >> (len(unet.cfg.block_out_channels) - 1)
+    sample = torch.randn(2, unet.cfg.block_out_channels[-1], mid_side, mid_side, generator=g)   # the mid output
+    with torch.no_grad():
+        want_h, want_skips = net(sample, skips, feats, fmask)
+        keys = net.keys(feats, torch.float32)
+        got_h, got_skips = net(sample, skips, keys, fmask)
+    assert isinstance(keys, mmi.MMFSKeys) and len(keys) == len(skips) + 1
+    assert not torch.equal(want_h, sample)     # the residuals are live, so the comparison means something
+    torch.testing.assert_close(got_h, want_h, rtol=0, atol=1e-6)
+    for a, b in zip(got_skips, want_skips):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_sample_latents_variants_draw_the_same_noise_as_separate_samplings():
+    """Two variants (rows with and without MMFS) in one ddpm sampling == each sampled alone from the same seed:
+    the initial latents and every step's noise are shared, the batched UNet only changes float rounding."""
+    dec = _tiny_decoder().eval()
+    _perturb_mmfs_convs(dec)
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    sd = dec.decoder
+    zeros = [torch.zeros_like(f) for f in feats]
+    with torch.no_grad():
+        cond = dec.perceiver_resampler(ctx, mask)
+        uncond = dec.neg_prompt_embeds.expand_as(cond)
+        run = lambda c, u, f, m, v: sd.sample_latents(c, u, f, m, 4, 3.0, "ddpm", torch.Generator().manual_seed(5),
+                                                      progress=False, variants=v)
+        alone = [run(cond, uncond, feats, fmask, 1), run(cond, uncond, zeros, torch.zeros_like(fmask), 1)]
+        both = run(cond.repeat(2, 1, 1), uncond.repeat(2, 1, 1), [torch.cat([f, z]) for f, z in zip(feats, zeros)],
+                   torch.cat([fmask, torch.zeros_like(fmask)]), 2)
+    assert not torch.allclose(alone[0], alone[1])     # MMFS changes the image, so a mix-up would show
+    torch.testing.assert_close(both, torch.cat(alone), rtol=0, atol=1e-5)
+
+
+def test_generate_images_mmfs_ablation_equals_two_calls():
+    """ImageDecoder.generate_images(mmfs_ablation=True) == the with-MMFS call, then the call with zeroed MMFS inputs
+    (what MMInterleaved.generate_images(use_mmfs=False) passes), across a mini-batch split."""
+    dec = _tiny_decoder(generate_mini_bs=2).eval()
+    _perturb_mmfs_convs(dec)
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=3)
+    kw = dict(steps=3, guidance_scale=3.0, sampler="ddim", seed=8, progress=False)
+    with torch.no_grad():
+        on = dec.generate_images(ctx, mask, feats, fmask, **kw)
+        off = dec.generate_images(ctx, mask, [torch.zeros_like(f) for f in feats], torch.zeros_like(fmask), **kw)
+        both = dec.generate_images(ctx, mask, feats, fmask, mmfs_ablation=True, **kw)
+    assert both.shape == (6,) + on.shape[1:]
+    torch.testing.assert_close(both, torch.cat([on, off]), rtol=0, atol=1e-5)
+
+
+def test_ms_deform_attn_reference_single_level_groups_equal_the_stacked_path():
+    """A level of its own size (no stack) gives what two equal-size levels (stacked) give for each level alone."""
+    g = torch.Generator().manual_seed(2)
+    B, M, D, Q, P = 2, 2, 3, 5, 4
+    value = torch.randn(B, 2 * 16, M, D, generator=g, dtype=torch.float64)
+    loc = torch.rand(B, Q, M, 2, P, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1
+    w = torch.rand(B, Q, M, 2, P, generator=g, dtype=torch.float64)
+    shapes = torch.tensor([[4, 4], [4, 4]])
+    both = mmi.ms_deform_attn_reference(value, shapes, mmi.level_start_index(shapes), loc, w)
+    one = torch.tensor([[4, 4]])
+    parts = [mmi.ms_deform_attn_reference(value[:, 16 * l:16 * (l + 1)], one, torch.tensor([0]), loc[:, :, :, l:l + 1],
+                                          w[:, :, :, l:l + 1]) for l in range(2)]
+    torch.testing.assert_close(both, parts[0] + parts[1], rtol=0, atol=1e-12)
+
+
+def test_generate_images_with_and_without_mmfs_in_one_call_equals_two_calls():
+    """generate_images(use_mmfs="both") (eval.py's demo pair: one LLM pass, one batched sampling) ==
+    generate_images(use_mmfs=True), then (use_mmfs=False)."""
+    model = tiny_model()
+    _perturb_mmfs_convs(model.image_decoder)
+    batch = make_batch(model.cfg, [[1, 5, "img", 6, 7, "img"]], 2 * model.cfg.num_img_token + 10, seed=3)
+    kw = dict(ev.DEMO_IMAGES, steps=3)       # the demo's sampler settings, fewer steps to stay fast
+    with torch.no_grad():
+        pair = model.generate_images(batch, target_image_idxs=[1], seed=4, progress=False, use_mmfs="both",
+                                     **kw)["image"]
+        calls = [model.generate_images(batch, target_image_idxs=[1], seed=4, progress=False, use_mmfs=u,
+                                       **kw)["image"][0] for u in (True, False)]
+    assert not torch.allclose(calls[0], calls[1])     # the previous image matters, so a swap would show
+    for got, want in zip(pair, calls):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Readers end to end on tiny fake datasets in the original layout, with a tiny random model
@@ -3512,17 +3730,13 @@ def sample_argv(model_dir, out, *extra):
             "--device=cpu", *extra]
 
 
-def test_sample_writes_the_page_images_and_results_for_both_initial_modes(tmp_path, saved_tiny_model, capsys):
-    annt = os.path.join(HERE, "assets", "examples", "annt.json")
-    assert sample.main(sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}",
-                                   "--force_gen_image_next")) == 0
-    runs = os.listdir(tmp_path / "out")
+def _check_sample_run(out, capsys):
+    """One finished run in `out`: its page shows result.json's texts and images (64x64 PNGs) in order, and the
+    program printed where the page is. -> result.json"""
+    runs = os.listdir(out)
     assert len(runs) == 1 and not runs[0].endswith(".tmp")
-    run = tmp_path / "out" / runs[0]
+    run = out / runs[0]
     result = json.loads((run / "result.json").read_text())
-    kinds = [[item["type"] for item in s["generated"]] for s in result["stories"]]
-    # generate_texts first: text, image, text, image; generate_images first: image, text, image
-    assert kinds == [["text", "image", "text", "image"], ["image", "text", "image"]]
     page = (run / "index.html").read_text()
     positions = []
     for story in result["stories"]:
@@ -3535,6 +3749,27 @@ def test_sample_writes_the_page_images_and_results_for_both_initial_modes(tmp_pa
                 positions.append(page.index(f"<p>{html.escape(item['text'])}</p>"))
     assert positions == sorted(positions)                       # the page shows them in the order they were made
     assert str(run / "index.html") in capsys.readouterr().out
+    return result
+
+
+def test_sample_writes_the_page_images_and_results_for_both_initial_modes(tmp_path, saved_tiny_model, capsys):
+    annt = os.path.join(HERE, "assets", "examples", "annt.json")
+    assert sample.main(sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}",
+                                   "--force_gen_image_next")) == 0
+    result = _check_sample_run(tmp_path / "out", capsys)
+    kinds = [[item["type"] for item in s["generated"]] for s in result["stories"]]
+    # generate_texts first: text, image, text, image; generate_images first: image, text, image
+    assert kinds == [["text", "image", "text", "image"], ["image", "text", "image"]]
+
+
+def test_sample_with_no_arguments_runs_the_embedded_demo_model(tmp_path, monkeypatch, capsys):
+    """`python sample.py` as shipped: the demo model in assets/demo, the built-in prompts, the demo's settings."""
+    monkeypatch.chdir(tmp_path)                                 # the default --out=out lands here
+    assert sample.main([]) == 0
+    result = _check_sample_run(tmp_path / "out", capsys)
+    assert result["init_from"] == "demo" and result["sampler"] == "ddim" and result["steps"] == 25
+    images = [item for s in result["stories"] for item in s["generated"] if item["type"] == "image"]
+    assert images and all(item["file"].endswith(".png") for item in images)
 
 
 def _write_annt(tmp_path, samples):

@@ -35,7 +35,7 @@ betas = (0.9, 0.995)
 eps = 1e-6
 grad_clip = 1.0
 warmup_steps = 200
-max_steps = 4000
+max_steps = 1300
 
 dtype = "bfloat16"
 seed = 0

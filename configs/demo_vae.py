@@ -6,7 +6,7 @@ preset = "tiny"
 data = "demo"
 seq_len = 512                    # rows of shape stories, as the demo model sees them; only the images are used
 batch_size = 4                   # ~12 images per row -> ~50 images of 64x64 per step
-num_workers = 4
+num_workers = 8
 kl_weight = 1e-6
 
 param_groups = (("", 1e-3, 0.0),)
