@@ -1023,6 +1023,7 @@ def option_log_likelihoods(model, tokenizer, context_ids, image, options, rows_p
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 DEMO_GENERATION = dict(max_new_tokens=40, min_new_tokens=0, num_beams=1)      # greedy captions
 DEMO_IMAGES = dict(steps=25, guidance_scale=3.0, sampler="ddim")
+DEMO_STORIES_PER_CALL = 8   # stories whose captions, then whose images, share one generate call (speed only)
 
 
 def read_demo(data_root, num_stories=40):
@@ -1042,34 +1043,55 @@ def demo_story_prompt(texts, n_img_tok, upto):
     return data.clean_image_spaces(" ".join(t + placeholder for t in texts[:upto + 1]))
 
 
+def demo_captions(model, tokenizer, first_images, device):
+    """Greedy captions of the stories' first images, all in one generate call (batched greedy = one at a time)."""
+    prompts = [data.image_placeholder(model.cfg.num_img_token)] * len(first_images)
+    out = model.generate_texts(_to_device(text_batch(prompts, first_images, tokenizer), device), **DEMO_GENERATION)
+    return [tokenizer.decode(ids[:n]).strip() for ids, n in zip(out["text_ids"].tolist(), out["lengths"].tolist())]
+
+
+def demo_draws(model, tokenizer, steps, device):
+    """steps: (story, its images, k, seed) -> per step the scenes read from image k drawn with and without the
+    UNet's MMFS. One generate call for all: every image keeps its own seed, so each is what a call of its own
+    would draw. Right padding is harmless: an image's context ends at its soi and attention is causal."""
+    if not steps:
+        return []
+    prompts, images, targets = [], [], []
+    for story, imgs, k, _ in steps:
+        prompts.append(demo_story_prompt(story.texts, model.cfg.num_img_token, k))
+        targets.append(len(images) + k)                                   # flat index of the slot to draw
+        images += imgs[:k] + [torch.full_like(imgs[k], 0.5)]             # a grey placeholder in that slot
+    batch = _to_device(text_batch(prompts, images, tokenizer, pad_left=False), device)
+    drawn = model.generate_images(batch, target_image_idxs=targets, seed=[seed for *_, seed in steps],
+                                  progress=False, use_mmfs="both", **DEMO_IMAGES)["image"]
+    scenes = [data.read_scene(img.float().cpu().numpy()) for img in drawn]
+    return list(zip(scenes[:len(steps)], scenes[len(steps):]))           # all with MMFS first, then all without
+
+
 @torch.no_grad()
-def predict_demo(model, tokenizer, samples, args):
+def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_PER_CALL):
     """Per story: a greedy caption of its first image (the image-first direction of training), then every later
-    image drawn from the story so far, with and without the UNet's MMFS (the previous image's features)."""
-    cfg = model.cfg
-    S = cfg.vision.image_size
+    image drawn from the story so far, with and without the UNet's MMFS (the previous image's features).
+    `stories_per_call` stories share each generate call; the results do not depend on it."""
+    S = model.cfg.vision.image_size
     outputs = []
-    for s in tqdm(samples, desc="demo stories"):
-        story = data.make_story(s["seed"])
-        images = [demo_image(scene, S) for scene in story.scenes]
-        caption_batch = text_batch([data.image_placeholder(cfg.num_img_token)], [images[0]], tokenizer)
-        out = model.generate_texts(_to_device(caption_batch, args.device), **DEMO_GENERATION)
-        caption = tokenizer.decode(out["text_ids"][0, :int(out["lengths"][0])].tolist()).strip()
-        steps = []
-        for k in range(1, len(story.scenes)):
-            prompt = demo_story_prompt(story.texts, cfg.num_img_token, k)
-            grey = torch.full_like(images[k], 0.5)                                # the slot of the image to draw
-            batch = _to_device(text_batch([prompt], images[:k] + [grey], tokenizer, pad_left=False), args.device)
-            # with and without the UNet's MMFS, one UNet batch from the same noise
-            pair = model.generate_images(batch, target_image_idxs=[k], seed=args.seed + s["seed"] % 100000,
-                                         progress=False, use_mmfs="both", **DEMO_IMAGES)["image"]
-            drawn = {use_mmfs: data.read_scene(img.float().cpu().numpy()) for use_mmfs, img in zip((True, False), pair)}
-            steps.append({"target": [o.as_dict() for o in story.scenes[k]],
-                          "previous": [o.as_dict() for o in story.scenes[k - 1]],
-                          "read": [o.as_dict() for o in drawn[True]],
-                          "read_without_mmfs": [o.as_dict() for o in drawn[False]]})
-        outputs.append({"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
-                        "caption": caption, "steps": steps})
+    for group in _batches(samples, stories_per_call, "demo stories"):
+        stories = [data.make_story(s["seed"]) for s in group]
+        images = [[demo_image(scene, S) for scene in story.scenes] for story in stories]
+        captions = demo_captions(model, tokenizer, [imgs[0] for imgs in images], args.device)
+        steps = [(story, imgs, k, args.seed + s["seed"] % 100000)
+                 for s, story, imgs in zip(group, stories, images) for k in range(1, len(story.scenes))]
+        drawn = iter(demo_draws(model, tokenizer, steps, args.device))
+        for s, story, caption in zip(group, stories, captions):
+            story_steps = []
+            for k in range(1, len(story.scenes)):
+                with_mmfs, without_mmfs = next(drawn)
+                story_steps.append({"target": [o.as_dict() for o in story.scenes[k]],
+                                    "previous": [o.as_dict() for o in story.scenes[k - 1]],
+                                    "read": [o.as_dict() for o in with_mmfs],
+                                    "read_without_mmfs": [o.as_dict() for o in without_mmfs]})
+            outputs.append({"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
+                            "caption": caption, "steps": story_steps})
     return outputs
 
 

@@ -1990,6 +1990,8 @@ class StableDiffusion(nn.Module):
     def sample_latents(self, cond, uncond, mmfs_features, mmfs_mask, steps, guidance_scale, sampler, generator,
                        eta=0.0, progress=True, variants=1):
         """Latents drawn from `generator` first, then (ddpm, or ddim with eta > 0) one noise draw per step.
+        generator: one torch.Generator for all images, or a list with one per image (each image then draws only
+        from its own, so it samples as it would alone, whatever else is in the batch).
         variants > 1: the rows are that many variant-major copies of the same B / variants images (e.g. with and
         without MMFS); every copy gets the same draws, so each samples as its rows alone would."""
         if sampler not in SAMPLERS:
@@ -1999,9 +2001,17 @@ class StableDiffusion(nn.Module):
         T, ac = self.cfg.num_train_timesteps, self.alphas_cumprod
         side = self.unet.cfg.sample_size
         draw_shape = (cond.shape[0] // variants, self.unet.cfg.in_channels, side, side)
+        per_image = isinstance(generator, (list, tuple))
+        if per_image and len(generator) != draw_shape[0]:
+            raise ValueError(f"sample_latents: {len(generator)} generators for {draw_shape[0]} images; expected one "
+                             f"per image")
 
         def draw():
-            z = torch.randn(draw_shape, generator=generator, device=cond.device, dtype=cond.dtype)
+            if per_image:   # (1, C, h, w) per image from its own generator -> (B / variants, C, h, w)
+                z = torch.cat([torch.randn((1,) + draw_shape[1:], generator=g, device=cond.device, dtype=cond.dtype)
+                               for g in generator])
+            else:
+                z = torch.randn(draw_shape, generator=generator, device=cond.device, dtype=cond.dtype)
             return z.repeat(variants, 1, 1, 1) if variants > 1 else z
 
         x = draw()
@@ -2081,6 +2091,9 @@ class ImageDecoder(nn.Module):
                         mmfs_ablation=False):
         """-> images (num_images_per_context * B_I, 3, S, S) in [0, 1], copy-major; copy k uses seed + k on one
         generator shared across mini-batches of `generate_mini_bs` contexts (the original's draw order).
+        seed may also be a list of B_I ints, one per context: copy k of image i then draws from its own generator
+        seeded seed[i] + k, so it is the image a call with that context alone and seed[i] gives (batching many
+        prompts changes nothing but float rounding).
         mmfs_ablation: also draw every image without the previous image's features (zero MMFS features and mask,
         as MMInterleaved.generate_images(use_mmfs=False)) in the same UNet batch from the same noise; -> twice
         the images, those with MMFS first, then those without."""
@@ -2088,12 +2101,20 @@ class ImageDecoder(nn.Module):
         if mmfs_mask.shape[0] != B_I or any(f.shape[0] != B_I for f in mmfs_features):
             raise ValueError(f"generate_images: {B_I} contexts but mmfs_mask {tuple(mmfs_mask.shape)} and features "
                              f"{[tuple(f.shape) for f in mmfs_features]}; expected one row per context")
+        per_image = isinstance(seed, (list, tuple))
+        if per_image and len(seed) != B_I:
+            raise ValueError(f"generate_images: {len(seed)} seeds for {B_I} contexts; expected an int or one per "
+                             f"context")
         cond = self.perceiver_resampler(context, context_mask)
         uncond = self.neg_prompt_embeds.to(cond.dtype).expand_as(cond)
         mb, images = self.cfg.generate_mini_bs, []
         for k in range(num_images_per_context):
-            generator = torch.Generator(device=cond.device).manual_seed(seed + k)
+            if per_image:   # each context's own generator
+                own = [torch.Generator(device=cond.device).manual_seed(int(x) + k) for x in seed]
+            else:           # one generator that runs on across the mini-batches
+                shared = torch.Generator(device=cond.device).manual_seed(seed + k)
             for s in range(0, cond.shape[0], mb):
+                generator = own[s:s + mb] if per_image else shared
                 c, u, m = cond[s:s + mb], uncond[s:s + mb], mmfs_mask[s:s + mb]
                 feats = [f[s:s + mb] for f in mmfs_features]
                 if mmfs_ablation:   # (with; without) MMFS as two variants of one batch
@@ -2471,6 +2492,7 @@ class MMInterleaved(nn.Module):
         holds a placeholder image; it cannot influence its own generation. use_mmfs=False drops the previous
         image's features from the UNet (the ablation of the paper's consistency claim); use_mmfs="both" draws each
         image with and without them from the same noise in one UNet batch (all with, then all without).
+        seed: an int, or a list with one per target image (each then draws as it would in a call of its own).
         -> {"image": [n, 3, S, S] in [0, 1]}, copy-major when num_images_per_context > 1."""
         num = self.validate_batch(batch)
         text_ids = batch["text_ids"]

@@ -2228,17 +2228,55 @@ def test_generate_images_with_and_without_mmfs_in_one_call_equals_two_calls():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_generate_images_per_image_seeds_equal_calls_of_their_own():
+    """seed=[...] (one per context) in one batched call, across a mini-batch split, with copies, per-step noise
+    (ddpm) and the MMFS ablation == each context alone with its int seed; a wrong count is refused."""
+    dec = _tiny_decoder(generate_mini_bs=2).eval()
+    _perturb_mmfs_convs(dec)
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=3)
+    seeds = [7, 3, 7]                   # a repeated seed on another context must still give that context's image
+    kw = dict(steps=3, guidance_scale=3.0, sampler="ddpm", num_images_per_context=2, mmfs_ablation=True,
+              progress=False)
+    with torch.no_grad():
+        batched = dec.generate_images(ctx, mask, feats, fmask, seed=seeds, **kw)
+        alone = [dec.generate_images(ctx[i:i + 1], mask[i:i + 1], [f[i:i + 1] for f in feats], fmask[i:i + 1],
+                                     seed=seeds[i], **kw) for i in range(3)]
+    batched = batched.reshape(2, 2, 3, *batched.shape[1:])   # (with/without MMFS, copy, context, 3, S, S)
+    for i in range(3):
+        torch.testing.assert_close(batched[:, :, i], alone[i].reshape(2, 2, *batched.shape[3:]), rtol=0, atol=1e-5)
+    assert (batched[:, :, 0] - batched[:, :, 2]).abs().max() > 1e-3       # same seed, other context, other image
+    with pytest.raises(ValueError, match="2 seeds for 3 contexts"):
+        dec.generate_images(ctx, mask, feats, fmask, seed=[1, 2], **kw)
+
+
+def test_generate_images_of_right_padded_prompts_with_per_image_seeds_equal_calls_of_their_own():
+    """Prompts of different lengths right-padded into one batch (as eval.py's demo) draw, with one seed per
+    target, what each prompt alone draws: an image reads only its own row up to its soi."""
+    model = tiny_model()
+    _perturb_mmfs_convs(model.image_decoder)
+    rows = [[BOS, 5, "img", 6, 7, 8, 9, "img"], [BOS, 10, "img", 11, "img", 12, "img"]]
+    n = model.cfg.num_img_token
+    batch = make_batch(model.cfg, rows, 3 * n + 10, seed=3)
+    kw = dict(ev.DEMO_IMAGES, steps=3, progress=False, use_mmfs="both")
+    with torch.no_grad():
+        both = model.generate_images(batch, target_image_idxs=[1, 4], seed=[4, 9], **kw)["image"]
+        for r, (target, seed, first) in enumerate([(1, 4, 0), (2, 9, 2)]):
+            count = int(batch["num_image_per_seq"][r])
+            alone = make_batch(model.cfg, [rows[r]], len(interleaved_row(model.cfg, rows[r])))
+            alone["image_tensors"] = batch["image_tensors"][first:first + count]
+            pair = model.generate_images(alone, target_image_idxs=[target], seed=seed, **kw)["image"]
+            torch.testing.assert_close(both[r::2], pair, rtol=0, atol=1e-5)   # (with, without) MMFS of row r
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Readers end to end on tiny fake datasets in the original layout, with a tiny random model
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def demo_model_and_tokenizer():
-    tok = data.Tokenizer(data.DEMO_TOKENIZER_PATH)
-    cfg = mmi.MMIConfig.from_preset("tiny", **{"llm.vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id,
-                                               "soi_token_id": tok.soi_id, "image_token_id": tok.image_id})
-    torch.manual_seed(0)
-    return mmi.MMInterleaved(cfg).eval(), tok
+    """The embedded demo model (assets/demo) in float32 and its tokenizer."""
+    model = mmi.MMInterleaved.from_pretrained(ev.DEMO_MODEL, dtype=torch.float32).eval()
+    return model, ev.load_tokenizer(None, ev.DEMO_MODEL, model.cfg)
 
 
 @pytest.fixture
@@ -2402,7 +2440,7 @@ def test_visdial_reader_context_and_likelihood_ranking(tmp_path, demo_model_and_
     (o,) = res["samples"]
     # the ranking follows the summed option log-likelihoods, computed here one unpadded row per option
     image = ev.load_eval_image(s["image"], 64)
-    ctx = tok.encode(ev.visdial_context(s, 8))
+    ctx = tok.encode(ev.visdial_context(s, model.cfg.num_img_token))
     want = []
     with torch.no_grad():
         for opt in s["options"]:
@@ -2534,7 +2572,7 @@ def test_text_to_image_task_prompts_saves_and_scores_fid(tmp_path, monkeypatch, 
                             images, 2).flatten(1).double().numpy())
     res = ev.evaluate(model, tok, args)
     (batch,) = seen
-    want = [tok.encode(c + " " + data.image_placeholder(8)) for c in captions.values()]
+    want = [tok.encode(c + " " + data.image_placeholder(model.cfg.num_img_token)) for c in captions.values()]
     for row, m, w in zip(batch["text_ids"].tolist(), batch["attention_mask"].tolist(), want):
         assert row[:len(w)] == w and m == [1] * len(w) + [0] * (len(row) - len(w))       # right-padded
     assert [os.path.basename(o["generated"]) for o in res["samples"]] == ["00000.png", "00001.png"]
@@ -3016,6 +3054,20 @@ def test_save_pretrained_round_trip_is_exact(tmp_path, tiny_mmi):
     text_only = {"text_ids": _batch()["text_ids"].masked_fill(_batch()["text_ids"] >= 384, 5)}
     with torch.no_grad():     # equal tensors, so equal outputs; this checks nothing outside the state dict differs
         assert torch.equal(back.text_logits(text_only), src.text_logits(text_only))
+
+
+def test_save_pretrained_in_bfloat16_keeps_the_vae_in_float32(tmp_path, tiny_mmi):
+    """save_pretrained(dtype=bf16) (the demo export): every floating tensor is stored as the bf16 cast of the
+    model's, except the VAE's (it always runs in float32), and from_pretrained keeps the stored dtypes."""
+    tiny_mmi.save_pretrained(str(tmp_path / "ckpt"), dtype=torch.bfloat16)
+    back = mmi.MMInterleaved.from_pretrained(str(tmp_path / "ckpt")).state_dict()
+    for k, t in tiny_mmi.state_dict().items():
+        if not t.is_floating_point():
+            assert torch.equal(back[k], t), k
+        elif k.startswith("image_decoder.decoder.vae."):
+            assert back[k].dtype == torch.float32 and torch.equal(back[k], t), k
+        else:
+            assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], t.to(torch.bfloat16)), k
 
 
 def test_from_pretrained_refuses_missing_tensors(tmp_path, tiny_mmi):
@@ -3879,6 +3931,61 @@ def test_demo_task_end_to_end_with_a_tiny_model_and_the_readme_block(tmp_path, s
     ev.write_readme_table(str(readme), ev.demo_table(res["metrics"], 2))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "| metric |" in text
+
+
+def _demo_story_at_a_time(model, tokenizer, samples, args):
+    """eval.predict_demo as it was before batching: one caption call and one image call per story and step.
+    -> the outputs and, per story step, its (with, without) MMFS images."""
+    S, outputs, pairs = model.cfg.vision.image_size, [], []
+    for s in samples:
+        story = data.make_story(s["seed"])
+        images = [ev.demo_image(scene, S) for scene in story.scenes]
+        out = model.generate_texts(ev.text_batch([data.image_placeholder(model.cfg.num_img_token)], [images[0]],
+                                                 tokenizer), **ev.DEMO_GENERATION)
+        steps = []
+        for k in range(1, len(story.scenes)):
+            prompt = ev.demo_story_prompt(story.texts, model.cfg.num_img_token, k)
+            batch = ev.text_batch([prompt], images[:k] + [torch.full_like(images[k], 0.5)], tokenizer, pad_left=False)
+            pair = model.generate_images(batch, target_image_idxs=[k], seed=args.seed + s["seed"] % 100000,
+                                         progress=False, use_mmfs="both", **ev.DEMO_IMAGES)["image"]
+            pairs.append(pair)
+            read = [[o.as_dict() for o in data.read_scene(img.numpy())] for img in pair]
+            steps.append({"target": [o.as_dict() for o in story.scenes[k]],
+                          "previous": [o.as_dict() for o in story.scenes[k - 1]],
+                          "read": read[0], "read_without_mmfs": read[1]})
+        outputs.append({"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
+                        "caption": tokenizer.decode(out["text_ids"][0, :int(out["lengths"][0])].tolist()).strip(),
+                        "steps": steps})
+    return outputs, pairs
+
+
+def test_predict_demo_in_groups_of_stories_equals_one_story_at_a_time(monkeypatch):
+    """Batching stories (captions in one call, every step's images in one call with a seed each) changes no
+    caption, no drawn image and no read scene: 3 stories in groups of 2 against the story-at-a-time loop."""
+    monkeypatch.setattr(ev, "DEMO_IMAGES", dict(steps=2, guidance_scale=3.0, sampler="ddim"))
+    monkeypatch.setattr(ev, "DEMO_GENERATION", dict(max_new_tokens=6, min_new_tokens=0, num_beams=1))
+    tok = data.Tokenizer(data.DEMO_TOKENIZER_PATH)
+    cfg = mmi.MMIConfig.from_preset("tiny", **{"llm.vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id,
+                                               "soi_token_id": tok.soi_id, "image_token_id": tok.image_id})
+    torch.manual_seed(5)
+    model = mmi.MMInterleaved(cfg).eval()
+    _perturb_mmfs_convs(model.image_decoder)
+    samples = ev.read_demo(None, num_stories=3)
+    import argparse
+    args = argparse.Namespace(device="cpu", seed=2)
+    with torch.no_grad():
+        want, pairs = _demo_story_at_a_time(model, tok, samples, args)
+        drawn, read_scene = [], data.read_scene
+        monkeypatch.setattr(data, "read_scene", lambda img: drawn.append(img) or read_scene(img))
+        got = ev.predict_demo(model, tok, samples, args, stories_per_call=2)
+    assert got == want
+    # each call reads all its images with MMFS, then all without; stories 0-1 share a call, story 2 has its own
+    first_call = sum(len(data.make_story(s["seed"]).scenes) - 1 for s in samples[:2])
+    expected = [p[0] for p in pairs[:first_call]] + [p[1] for p in pairs[:first_call]] + \
+               [p[0] for p in pairs[first_call:]] + [p[1] for p in pairs[first_call:]]
+    assert len(drawn) == len(expected) == 2 * len(pairs)
+    for a, b in zip(drawn, expected):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
 
 
 def test_the_13b_example_prompts_build_paper_size_batches_with_a_llama_tokenizer():

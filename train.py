@@ -94,7 +94,7 @@ class TrainConfig:
     save_frozen: bool = True                     # False: frozen weights are not written (they come from init_from)
     resume: bool = False                         # continue from the newest checkpoint in out_dir
     export: bool = True                          # at the end: out_dir/model (save_pretrained) or vae.safetensors
-    export_dtype: str = "float32"                # dtype of the exported weights (the VAE stays float32)
+    export_dtype: str = ""                       # "" keeps each weight's dtype; "bfloat16" halves it (VAE: float32)
     nan_patience: int = 5                        # stop after this many non-finite steps in a row
     peak_flops: float = 989e12                   # per device, for MFU (H100 SXM dense bf16)
     progress: bool = True                        # tqdm bar on rank 0
@@ -153,8 +153,8 @@ def load_config(argv):
         raise ValueError(f"dtype {tc.dtype!r}, expected 'bfloat16' or 'float32'")
     if tc.data not in ("demo", "synthetic", "pretrain"):
         raise ValueError(f"data {tc.data!r}, expected 'demo', 'synthetic' or 'pretrain'")
-    if tc.export_dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"export_dtype {tc.export_dtype!r}, expected 'bfloat16' or 'float32'")
+    if tc.export_dtype not in ("", "bfloat16", "float32"):
+        raise ValueError(f"export_dtype {tc.export_dtype!r}, expected '', 'bfloat16' or 'float32'")
     if tc.frozen_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"frozen_dtype {tc.frozen_dtype!r}, expected 'bfloat16' or 'float32'")
     if tc.task not in ("mmi", "vae"):
@@ -562,7 +562,7 @@ def load_checkpoint(path, model, optimizer, tc, rank, device):
     return state
 
 
-def export(model, cfg, path, rank, distributed, tokenizer_path=None, dtype=torch.float32):
+def export(model, cfg, path, rank, distributed, tokenizer_path=None, dtype=None):
     """The trained model in mmi's own format (`MMInterleaved.save_pretrained`), for sample.py and eval.py, with
     its tokenizer beside it (tokenizer.model / tokenizer.json) so the folder is self-contained.
     Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy."""
@@ -882,7 +882,7 @@ def main(argv=None):
         import data
         tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data in ("demo", "pretrain") else None
         export(model, cfg, os.path.join(tc.out_dir, "model"), rank, distributed, tokenizer,
-               getattr(torch, tc.export_dtype))
+               getattr(torch, tc.export_dtype) if tc.export_dtype else None)
     if distributed:
         dist.destroy_process_group()
     return {"losses": losses, "model": model, "config": tc, "last_checkpoint": last_ckpt}
