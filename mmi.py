@@ -2359,11 +2359,11 @@ class MMInterleaved(nn.Module):
         """A model written by save_pretrained (safetensors + config.json)."""
         return load_pretrained(path, dtype, device)
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30, dtype=None):
+    def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30, dtype=None, extra_files=None):
         """Safetensors shards + config.json, written atomically (a temporary folder renamed into place).
         dtype (e.g. torch.bfloat16) stores the floating-point weights in that dtype, except the VAE's, which
-        always runs in float32."""
-        write_pretrained(self, path, max_shard_bytes, dtype)
+        always runs in float32. extra_files {name: source path} are copied in too (e.g. the tokenizer)."""
+        write_pretrained(self, path, max_shard_bytes, dtype, extra_files)
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 
@@ -3176,7 +3176,7 @@ def _shard_groups(state, max_shard_bytes):
     return groups
 
 
-def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30, dtype=None):
+def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30, dtype=None, extra_files=None):
     """The whole model as safetensors (sharded above max_shard_bytes, with an index) plus config.json, written
     into a temporary folder that then replaces `path`, so a reader never sees a half-written model."""
     path = os.path.abspath(path)
@@ -3186,6 +3186,8 @@ def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30, dtype=None):
     os.makedirs(tmp)
     try:
         _write_folder(model, tmp, max_shard_bytes, dtype)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, os.path.join(tmp, name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

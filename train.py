@@ -564,22 +564,21 @@ def load_checkpoint(path, model, optimizer, tc, rank, device):
 
 def export(model, cfg, path, rank, distributed, tokenizer_path=None, dtype=None):
     """The trained model in mmi's own format (`MMInterleaved.save_pretrained`), for sample.py and eval.py, with
-    its tokenizer beside it (tokenizer.model / tokenizer.json) so the folder is self-contained.
+    its tokenizer inside (tokenizer.model / tokenizer.json) so the folder is self-contained; written atomically.
     Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    extra = None
+    if tokenizer_path:
+        extra = {"tokenizer.json" if tokenizer_path.endswith(".json") else "tokenizer.model": tokenizer_path}
     if not distributed:
-        model.save_pretrained(path, dtype=dtype)
+        model.save_pretrained(path, dtype=dtype, extra_files=extra)
     else:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             with torch.device("meta"):
                 plain = mmi.MMInterleaved(cfg)
             plain.load_state_dict(full, assign=True)
-            plain.save_pretrained(path, dtype=dtype)
-    if rank == 0 and tokenizer_path:
-        name = "tokenizer.json" if tokenizer_path.endswith(".json") else "tokenizer.model"
-        shutil.copyfile(tokenizer_path, os.path.join(path, name))
-    if distributed:
+            plain.save_pretrained(path, dtype=dtype, extra_files=extra)
         _barrier()
     return path
 
