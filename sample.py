@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import data
+import eval as evaluator
 import mmi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,9 +33,9 @@ DEMO_TOKENIZER = os.path.join(HERE, "assets", "demo_tokenizer.model")
 DEMO_ANNT = os.path.join(HERE, "assets", "examples", "annt.json")
 MODES = ("generate_texts", "generate_images")
 ORIGINAL_SETTINGS = dict(sampler="ddpm", steps=30, guidance_scale=7.5, repetition_penalty=1.3)
-# The demo model is scored with DDIM 25 / guidance 3 (eval.py), and its stories repeat colour and shape words on
-# purpose ("a red circle ... the red circle turns blue"), which a repetition penalty would garble.
-DEMO_SETTINGS = dict(sampler="ddim", steps=25, guidance_scale=3.0, repetition_penalty=1.0)
+# The demo model gets the image settings eval.py scores it with, and no repetition penalty: its stories repeat
+# colour and shape words on purpose ("a red circle ... the red circle turns blue"), which a penalty would garble.
+DEMO_SETTINGS = dict(evaluator.DEMO_IMAGES, repetition_penalty=1.0)
 
 
 class AnntError(ValueError):
