@@ -247,27 +247,39 @@ def bench_sample(args):
         torch.cuda.reset_peak_memory_stats()
     n = args.new_tokens
 
-    def tokens_per_s(cuda_graph):
+    def tokens_per_s(cuda_graph, compile=False):
         decode = lambda k: model.generate_texts(text_prompt, max_new_tokens=k, min_new_tokens=k, num_beams=1,
-                                                cuda_graph=cuda_graph)
-        decode(3)                                                              # warm-up
+                                                cuda_graph=cuda_graph, compile=compile)
+        decode(3)                                                              # warm-up (and compilation)
         # decode(2) = prefill + capture (graph) + one step; n more steps cost the difference
         t_first = min(timed(lambda: decode(2)) for _ in range(3))
         return n / (min(timed(lambda: decode(n + 2)) for _ in range(2)) - t_first), t_first
 
+    if cuda:
+        t = time.perf_counter()
+        compiled_s, _ = tokens_per_s(cuda_graph=True, compile=True)
+        compile_s = time.perf_counter() - t
     tok_s, t_first = tokens_per_s(cuda_graph=cuda)
     eager_s, t_eager = tokens_per_s(cuda_graph=False) if cuda else (tok_s, t_first)
-    image = lambda: model.generate_images(prompt, steps=30, guidance_scale=7.5, sampler="ddpm", seed=0,
-                                          progress=False)
-    image()                                                                    # warm-up
-    t_image = min(timed(image) for _ in range(2))
+
+    def image_s(cuda_graph):
+        image = lambda: model.generate_images(prompt, steps=30, guidance_scale=7.5, sampler="ddpm", seed=0,
+                                              progress=False, cuda_graph=cuda_graph)
+        image()                                                                # warm-up
+        return min(timed(image) for _ in range(2))
+
+    t_image = image_s(cuda_graph=None)
+    t_image_eager = image_s(cuda_graph=False) if cuda else t_image
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     card = torch.cuda.get_device_name() if cuda else "cpu"
-    text = (f"{tok_s:.1f} tokens/s with the CUDA graph, {eager_s:.1f} eager (prefill + first step, excluded: "
+    text = (f"{compiled_s:.1f} tokens/s compiled + CUDA graph (compilation and warm-up {compile_s:.0f} s), "
+            f"{tok_s:.1f} with the CUDA graph alone, {eager_s:.1f} eager (prefill + first step, excluded: "
             f"{1000 * t_first:.0f} ms with capture, {1000 * t_eager:.0f} ms eager)" if cuda else
             f"{tok_s:.1f} tokens/s eager (prefill + first step {1000 * t_first:.0f} ms excluded)")
+    image = (f"{t_image:.2f} s with each step's UNet pass as a CUDA graph, {t_image_eager:.2f} s eager" if cuda else
+             f"{t_image:.2f} s")
     print(f"sample, {args.preset}, {card}, {dtype}: text {text}, greedy, static KV cache, batch 1; "
-          f"one {cfg.image_decoder.image_size}px image, 30 DDPM steps with CFG: {t_image:.2f} s; "
+          f"one {cfg.image_decoder.image_size}px image, 30 DDPM steps with CFG, LLM pass and VAE included: {image}; "
           f"peak memory {mem:.1f} GiB")
 
 

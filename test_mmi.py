@@ -614,6 +614,28 @@ def test_cuda_graph_decoding_equals_the_eager_step_token_for_token(with_images):
         assert torch.equal(a["text_ids"], b["text_ids"]), kw
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_decoding_step_equals_the_eager_step():
+    """compile=True (torch.compile inside the CUDA graph) gives the eager step's logits and tokens, images
+    included (MMFS reaches the kernel as a custom operator, so the compiled step holds it too)."""
+    if not mmi.msda_kernel_used("cuda"):
+        pytest.skip("the deformable-attention kernel is not available")
+    model = tiny_model(seed=9).cuda()
+    batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    eager, _ = _decoders(model, batch, 4, cuda_graph=False)
+    compiled, _ = _decoders(model, batch, 4, cuda_graph=True, compile=True)
+    forced = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]], device="cuda")
+    with torch.no_grad():
+        want = [eager.prefill()] + [eager.step(forced[:, i]) for i in range(3)]
+        got = [compiled.prefill()] + [compiled.step(forced[:, i]) for i in range(3)]
+    for a, b in zip(got, want):   # fused kernels may round float32 sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    a = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, num_beams=1, compile=True)
+    b = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, num_beams=1, cuda_graph=False)
+    assert torch.equal(a["text_ids"], b["text_ids"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training signal
 # ---------------------------------------------------------------------------------------------------------------
@@ -2152,7 +2174,7 @@ def test_mmfs_keys_made_once_equal_the_per_step_normalisation():
     sample = torch.randn(2, unet.cfg.block_out_channels[-1], mid_side, mid_side, generator=g)   # the mid output
     with torch.no_grad():
         want_h, want_skips = net(sample, skips, feats, fmask)
-        keys = net.keys(feats, torch.float32)
+        keys = net.keys(feats, fmask, torch.float32)
         got_h, got_skips = net(sample, skips, keys, fmask)
     assert isinstance(keys, mmi.MMFSKeys) and len(keys) == len(skips) + 1
     assert not torch.equal(want_h, sample)     # the residuals are live, so the comparison means something
@@ -2179,6 +2201,35 @@ def test_sample_latents_variants_draw_the_same_noise_as_separate_samplings():
                    torch.cat([fmask, torch.zeros_like(fmask)]), 2)
     assert not torch.allclose(alone[0], alone[1])     # MMFS changes the image, so a mix-up would show
     torch.testing.assert_close(both, torch.cat(alone), rtol=0, atol=1e-5)
+
+
+def test_sample_latents_cuda_graph_needs_cuda():
+    dec = _tiny_decoder().eval()
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=1)
+    with torch.no_grad(), pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors"):
+        dec.generate_images(ctx, mask, feats, fmask, steps=2, progress=False, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m"])
+def test_graphed_unet_steps_equal_eager_sampling(sampler):
+    """Each step's guided UNet pass replayed from one CUDA graph == every pass run eagerly, with MMFS live; the
+    graphed run reads nothing back from the device between steps."""
+    if not mmi.msda_kernel_used("cuda"):
+        pytest.skip("the deformable-attention kernel is not available")
+    dec = _tiny_decoder().eval()
+    _perturb_mmfs_convs(dec)
+    dec = dec.cuda()
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    ctx, mask, fmask, feats = ctx.cuda(), mask.cuda(), fmask.cuda(), [f.cuda() for f in feats]
+    kw = dict(steps=5, guidance_scale=3.0, sampler=sampler, seed=[3, 4], progress=False)
+    with torch.no_grad():
+        eager = dec.generate_images(ctx, mask, feats, fmask, cuda_graph=False, **kw)
+        graphed = dec.generate_images(ctx, mask, feats, fmask, cuda_graph=True, **kw)
+        off = dec.generate_images(ctx, mask, [torch.zeros_like(f) for f in feats], torch.zeros_like(fmask),
+                                  cuda_graph=True, **kw)
+    assert not torch.allclose(graphed, off, atol=1e-3)     # MMFS is live inside the graph
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-5)
 
 
 def test_generate_images_mmfs_ablation_equals_two_calls():
@@ -2978,6 +3029,65 @@ def test_refuses_a_legacy_pickle(tmp_path):
         mmi.WeightFiles(str(tmp_path / "old"))
 
 
+def _all_dtypes_state():
+    g = torch.Generator().manual_seed(0)
+    floats = {f"f.{d}": (torch.randn(3, 5, generator=g) * 100).to(d)
+              for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
+    ints = {f"i.{d}": torch.randint(-100, 100, (7,), generator=g).to(d)
+            for d in (torch.int64, torch.int32, torch.int16, torch.int8)}
+    return {**floats, **ints, "u8": torch.randint(0, 256, (2, 3, 4), generator=g).to(torch.uint8),
+            "bool": torch.rand(9, generator=g) > 0.5, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+
+
+def test_safetensors_reader_is_bit_equal_to_safetensors_load_file(tmp_path):
+    from safetensors.torch import save_file
+    os.makedirs(tmp_path / "w")
+    save_file(_all_dtypes_state(), str(tmp_path / "w" / "model.safetensors"), metadata={"format": "pt"})
+    want = load_file(str(tmp_path / "w" / "model.safetensors"))
+    files = mmi.WeightFiles(str(tmp_path / "w"))
+    assert files.shapes() == {k: tuple(t.shape) for k, t in want.items()}
+    [(_, tensors)] = list((p, {k: t[k].clone() for k in t.keys()}) for p, t in files.shards())   # one buffer
+    assert tensors.keys() == want.keys()
+    for k, t in tensors.items():
+        assert t.dtype == want[k].dtype and t.shape == want[k].shape, k
+        assert torch.equal(t.reshape(-1).view(torch.uint8), want[k].reshape(-1).view(torch.uint8)), k
+
+
+def _rewrite_safetensors_header(path, key, **changes):
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header[key].update(changes)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data_offsets": [0, 10 ** 6]}, r"key 'i\.torch\.int16': data_offsets \[0, 1000000\] outside the \d+ data bytes"),
+    ({"shape": [8]}, r"key 'i\.torch\.int16': data_offsets \[\d+, \d+\] span 14 bytes, shape \[8\] of I16 needs 16"),
+    ({"dtype": "F8_E4M3"}, r"key 'i\.torch\.int16': dtype 'F8_E4M3', expected one of BF16"),
+], ids=["offset_out_of_range", "wrong_byte_count", "unknown_dtype"])
+def test_safetensors_reader_refuses_a_corrupt_header(tmp_path, change, message):
+    from safetensors.torch import save_file
+    os.makedirs(tmp_path / "w")
+    path = str(tmp_path / "w" / "model.safetensors")
+    save_file(_all_dtypes_state(), path)
+    _rewrite_safetensors_header(path, "i.torch.int16", **change)
+    with pytest.raises(ValueError, match=r"model\.safetensors: " + message):
+        mmi.WeightFiles(str(tmp_path / "w"))
+
+
+def test_bin_shard_tensors_stay_readable_after_their_pages_are_dropped(tmp_path):
+    os.makedirs(tmp_path / "w")
+    state = {k: t.reshape(-1).repeat(1000) for k, t in _all_dtypes_state().items()}   # several pages each
+    torch.save(state, tmp_path / "w" / "pytorch_model.bin")
+    [(_, tensors)] = list(mmi.WeightFiles(str(tmp_path / "w")).shards())
+    seen = {k: tensors[k] for k in tensors.keys()}     # asking for the next one drops the previous one's pages
+    for k, t in seen.items():                           # a dropped page is read from the file again
+        assert torch.equal(t.reshape(-1).view(torch.uint8), state[k].reshape(-1).view(torch.uint8)), k
+
+
 # -- full size, no weights: the manifests of the released files against the mmi-13b preset on meta ---------------
 
 
@@ -3343,21 +3453,22 @@ def test_kernel_gradcheck_float64(D):
     assert mmi._load_msda_kernel() is not None, mmi._msda_kernel_failure
     value, shapes, starts, loc, attn = make_inputs(1, 3, 2, D, [(3, 4), (2, 2)], 3, torch.float64, "cuda", seed=7)
     args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), attn.requires_grad_())
-    assert torch.autograd.gradcheck(mmi._MSDeformAttnFunction.apply, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradcheck(mmi._msda_op, args, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 @cuda_only
 def test_dispatch_routes_cuda_to_kernel_and_env_forces_reference(monkeypatch):
-    """CUDA tensors go through the kernel's autograd Function; MMI_MSDA=reference sends them to grid_sample."""
+    """CUDA tensors go through the kernel's operator (mmi::msda_forward); MMI_MSDA=reference sends them to
+    grid_sample."""
     inputs = make_inputs(1, 5, 2, 32, LEVELS_MIXED, 4, torch.float32, "cuda", seed=3)
     out = mmi.ms_deform_attn(*inputs)
-    assert out.grad_fn is None or "MSDeformAttn" in type(out.grad_fn).__name__
+    assert out.grad_fn is None or "msda_forward" in type(out.grad_fn).__name__
     value = inputs[0].clone().requires_grad_()
     out = mmi.ms_deform_attn(value, *inputs[1:])
-    assert "MSDeformAttn" in type(out.grad_fn).__name__
+    assert "msda_forward" in type(out.grad_fn).__name__
     monkeypatch.setenv("MMI_MSDA", "reference")
     ref = mmi.ms_deform_attn(value, *inputs[1:])
-    assert "MSDeformAttn" not in type(ref.grad_fn).__name__
+    assert "msda_forward" not in type(ref.grad_fn).__name__
     assert rel_err(out.detach(), ref.detach().double()) < 1e-5
 
 
