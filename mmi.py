@@ -1179,9 +1179,9 @@ class KVCache(nn.Module):
         (decoding steps): write there and return the whole buffers (B, heads, max_len, D), whose unwritten slots
         the caller's mask hides. Then shapes never change and no host number is needed: a CUDA graph can hold it.
         """
-        if isinstance(start, torch.Tensor):
-            self.k.index_copy_(2, start, k)
-            self.v.index_copy_(2, start, v)
+        if isinstance(start, torch.Tensor):   # index_copy_ does not cast: under autocast k, v come in bf16
+            self.k.index_copy_(2, start, k.to(self.k.dtype))
+            self.v.index_copy_(2, start, v.to(self.v.dtype))
             return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k

@@ -575,6 +575,18 @@ def test_beam_search_reorders_the_static_buffers_in_place():
     assert all(a == cached.addresses[0] for a in cached.addresses)  # yet the buffers stayed where they were
 
 
+def test_cached_decoding_under_bf16_autocast_equals_recomputation():
+    """Training's periodic evaluation decodes under bf16 autocast: the step's bf16 keys/values go into the float32
+    cache (index_copy_ does not cast by itself; this crashed at the first evaluation) and the tokens are those of
+    full recomputation under the same autocast."""
+    model = tiny_model(seed=9)
+    batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = model.generate_texts(batch, max_new_tokens=4, min_new_tokens=4, num_beams=1)
+        full = model.generate_texts(batch, max_new_tokens=4, min_new_tokens=4, num_beams=1, use_cache=False)
+    assert torch.equal(cached["text_ids"], full["text_ids"])
+
+
 def test_cuda_graph_needs_cuda_and_the_cache():
     model = tiny_model()
     batch = make_batch(model.cfg, DECODE_ROWS[2:], 5)

@@ -615,7 +615,9 @@ def evaluate(model, raw_model, cfg, tc, batches, device, autocast):
         # generation reads root weights directly: gather them for the duration (a no-op without FSDP)
         if hasattr(model, "unshard"):
             model.unshard()
-        with autocast:
+        # no autocast weight cache: a decoding step captured as a CUDA graph then makes its own bf16 casts instead
+        # of reading copies that autocast cached outside the graph
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bfloat16", cache_enabled=False):
             metrics.update(evaluator.demo_metrics(raw_model, tc.eval_demo_stories))
         if hasattr(model, "reshard"):
             model.reshard()
