@@ -1950,6 +1950,22 @@ class MMFSNet(nn.Module):
 
 # ---- StableDiffusion: VAE + UNet + MMFSNet, the diffusion loss and the sampling loop (§5.4, §5.5) ----
 
+def capture_cuda_graph(fn, warmup=1):
+    """fn() recorded as a CUDA graph -> (graph, fn's output, which every replay rewrites in place). Warm-up runs
+    first on a side stream, as PyTorch's CUDA-graph notes ask, so one-time work (cuBLAS/cuDNN set-up, loading the
+    kernel, cached tables, compilation) stays out of the capture. fn must read nothing back to the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class _GraphedEps:
     """A sampler's guided UNet pass recorded once as a CUDA graph and replayed at every step. Eagerly, one pass is
     thousands of small kernel launches and the GPU waits on the CPU issuing them; replayed, it is one launch.
@@ -1958,14 +1974,7 @@ class _GraphedEps:
     def __init__(self, eps_of, x):
         self.x = x.clone()                                                    # (B, 4, h, w), recorded input
         self.t = torch.zeros((), dtype=torch.long, device=x.device)          # the timestep, filled per step
-        side = torch.cuda.Stream()   # warm-up off the capture (cuDNN/cuBLAS set-up, cached tables), as PyTorch asks
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            eps_of(self.x, self.t)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.eps = eps_of(self.x, self.t)                                # (B, 4, h, w), in the graph's pool
+        self.graph, self.eps = capture_cuda_graph(lambda: eps_of(self.x, self.t))   # eps (B, 4, h, w)
 
     def __call__(self, x, t):
         self.x.copy_(x)
@@ -3270,8 +3279,9 @@ def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu
     (-1)-base folder (diffusers unet/, vae/, scheduler/, text_encoder/, tokenizer/), needed unless `mmi` holds
     the UNet, VAE and neg_prompt_embeds; mmi: the MM-Interleaved checkpoint folder, overlaid last (None = the new
     parts keep their init). cfg: base config for the MM-Interleaved-specific values (default the `mmi-13b`
-    preset); the shapes of the released parts always come from the files' config.json. Every file key is used or documented as ignored, every tensor of the model
-    is loaded or documented as new; anything else raises ValueError naming the key, its file and the shapes.
+    preset); the shapes of the released parts always come from the files' config.json. Every file key is used or
+    documented as ignored, every tensor of the model is loaded or documented as new; anything else raises ValueError
+    naming the key, its file and the shapes.
     """
     device = torch.device(device)
     cfg = config_from_original(llm, clip, sd, cfg)
@@ -3520,18 +3530,9 @@ class _Decoder:
         return self.model.text_decoder(h[:, -1]).float()                       # (B, V)
 
     def _capture(self):
-        """Record _cached_step into a CUDA graph. Warm-up runs first on a side stream (as PyTorch's CUDA-graph
-        notes ask), so one-time work (cuBLAS set-up, loading the kernel, MMFS's level tables) stays out of the
-        capture. Each run rewrites the same cache slot with the same K/V, so the warm-up changes nothing."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step_fn()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.graph_logits = self.step_fn()                                  # (B, V), lives in the graph's pool
+        """Record the cached step into a CUDA graph; graph_logits (B, V) lives in the graph's pool. Each warm-up
+        run rewrites the same cache slot with the same K/V, so it changes nothing."""
+        self.graph, self.graph_logits = capture_cuda_graph(self.step_fn, warmup=2)
 
     def _recompute_step(self, tokens):
         """use_cache=False: the prompt and every new token through the whole LLM again."""

@@ -185,7 +185,8 @@ def run_story(model, tokenizer, sample, index, args, out_dir, seed):
         if mode == "generate_texts":
             out = model.generate_texts(batch, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                                        num_beams=1, do_sample=True, top_p=args.top_p, temperature=args.temperature,
-                                       repetition_penalty=args.repetition_penalty, seed=seed + it)
+                                       repetition_penalty=args.repetition_penalty, seed=seed + it,
+                                       compile=args.compile)
             ids = out["text_ids"][0, :int(out["lengths"][0])].tolist()
             text = tokenizer.decode(ids)
             print(f"[{index}] {text}", flush=True)
@@ -258,6 +259,9 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repetition_penalty", type=float, default=None)
     p.add_argument("--max_new_tokens", type=int, default=90)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the text decoding step (GPU, 13B: 1.3-1.4x the tokens/s; compiling "
+                        "takes 2-3 minutes)")
     p.add_argument("--min_new_tokens", type=int, default=7, help="the original's min_length 8 counts a dummy bos")
     p.add_argument("--num_iter", type=int, default=4, help="rounds per prompt when the prompt gives none")
     p.add_argument("--num_total_token", type=int, default=2048)
