@@ -208,8 +208,24 @@ struct Footprint {
   }
 };
 
-// One group per (b, q, m); channels [c, c+VEC) per thread; all threads of a warp run the same trip counts so
-// the shuffles see every lane (idle tail groups mirror the last real group and store nothing).
+// The (b, q, m) group a thread serves and its lane in it. Threads past the last group mirror it (every lane of a
+// warp must run the same trip counts for the shuffles) and are not `active`: they store and scatter nothing.
+struct GroupPlace {
+  int lane;
+  bool active;
+  int64_t group, b;
+  int m;
+};
+
+template <int G>
+__device__ __forceinline__ GroupPlace place_group(const Geometry& g) {
+  const int64_t raw = static_cast<int64_t>(blockIdx.x) * (kThreads / G) + threadIdx.x / G;
+  const int64_t group = raw < g.n_groups ? raw : g.n_groups - 1;
+  return {static_cast<int>(threadIdx.x % G), raw < g.n_groups, group, group / g.M / g.Q,
+          static_cast<int>(group % g.M)};
+}
+
+// One group per (b, q, m) (place_group); channels [c, c+VEC) per thread.
 template <typename T, int VEC, int G>
 __global__ void __launch_bounds__(kThreads, 1) msda_forward_kernel(const T* __restrict__ value,
                                                                 const int64_t* __restrict__ shapes,
@@ -222,12 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1) msda_forward_kernel(const T* __re
   extern __shared__ int levels[];
   load_levels(levels, shapes, starts, g.L);
 
-  const int lane = threadIdx.x % G;
-  const int64_t raw_group = static_cast<int64_t>(blockIdx.x) * (kThreads / G) + threadIdx.x / G;
-  const bool active = raw_group < g.n_groups;
-  const int64_t group = active ? raw_group : g.n_groups - 1;
-  const int m = static_cast<int>(group % g.M);
-  const int64_t b = group / g.M / g.Q;
+  const auto [lane, active, group, b, m] = place_group<G>(g);
   const int64_t pix = static_cast<int64_t>(g.M) * g.D;  // stride between pixels of one head
   const T* v_head = value + b * g.S * pix + static_cast<int64_t>(m) * g.D;
   const T* loc_g = loc + group * g.L * g.P * 2;
@@ -336,12 +347,7 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_kernel(
   extern __shared__ int levels[];
   load_levels(levels, shapes, starts, g.L);
 
-  const int lane = threadIdx.x % G;
-  const int64_t raw_group = static_cast<int64_t>(blockIdx.x) * (kThreads / G) + threadIdx.x / G;
-  const bool active = raw_group < g.n_groups;
-  const int64_t group = active ? raw_group : g.n_groups - 1;
-  const int m = static_cast<int>(group % g.M);
-  const int64_t b = group / g.M / g.Q;
+  const auto [lane, active, group, b, m] = place_group<G>(g);
   const int64_t pix = static_cast<int64_t>(g.M) * g.D;
   const int64_t head_offset = b * g.S * pix + static_cast<int64_t>(m) * g.D;
   const T* loc_g = loc + group * g.L * g.P * 2;
