@@ -754,6 +754,12 @@ class MMFS(nn.Module):
         return self.output_proj(out)
 
 
+class MMFSKeys(tuple):
+    """The values several MMFS modules read, one (B, n, sum_l H_l W_l, d_attn) each: their value features already
+    normalised and through value_proj. They depend only on the images, so a caller whose images do not change
+    (decoding steps: LlamaModel.mmfs_values; a sampler's steps: MMFSNet.keys) makes them once, not at every step."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Vision: CLIP ViT-L/14, the ViT-Adapter, the Q-Former resampler, the visual tokenizer
 # ----------------------------------------------------------------------------------------------------------------
@@ -1241,10 +1247,16 @@ class LlamaMMFSAttention(nn.Module):
         self.norm1 = RMSNorm(d, cfg.llm.rms_norm_eps)
         self.norm2 = RMSNorm(dv, cfg.llm.rms_norm_eps)
 
-    def forward(self, h, vision_hidden_states, cross_attention_mask, check_mask=True):
+    def values(self, vision_hidden_states):
+        """(B, N, S, d_v) -> (B, N, S, d_attn): what the attention reads, norm2 then value_proj."""
+        return self.attn.value_proj(self.norm2(vision_hidden_states))
+
+    def forward(self, h, vision_hidden_states, cross_attention_mask, check_mask=True, value_projected=False):
+        """value_projected: vision_hidden_states are already values(...) (decoding steps make them once)."""
         # every query uses the single reference point (0.5, 0.5): where to look is all in the offsets
         ref = h.new_full((1, h.shape[1], 2), 0.5)
-        out = self.attn(self.norm1(h), ref, self.norm2(vision_hidden_states), cross_attention_mask, check_mask)
+        feats = vision_hidden_states if value_projected else self.norm2(vision_hidden_states)
+        out = self.attn(self.norm1(h), ref, feats, cross_attention_mask, check_mask, value_projected)
         return out * self.gate.tanh()
 
 
@@ -1258,10 +1270,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.llm.hidden_size, cfg.llm.rms_norm_eps)
 
     def forward(self, h, cos, sin, vision_hidden_states=None, cross_attention_mask=None, attn_mask=None,
-                kv_cache=None, cache_start=0, check_mask=True):
+                kv_cache=None, cache_start=0, check_mask=True, value_projected=False):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache, cache_start)
         if self.llama_cross_attn is not None and vision_hidden_states is not None:
-            h = h + self.llama_cross_attn(h, vision_hidden_states, cross_attention_mask, check_mask)
+            h = h + self.llama_cross_attn(h, vision_hidden_states, cross_attention_mask, check_mask, value_projected)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -1279,22 +1291,34 @@ class LlamaModel(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, vision_hidden_states=None, cross_attention_mask=None,
                 attn_mask=None, kv_caches=None, cache_start=0, checkpoint=False, check_mask=True):
-        """inputs_embeds [B, L, d]; position_ids [B, L]; vision_hidden_states [B, N, S, d_v]; cross_attention_mask
-        [B, L', N]; attn_mask None (causal) or a bool [B, 1, L, start+L] (True = may attend), [B, 1, L, max_len]
-        when cache_start is a tensor of cache slots (see KVCache.update). check_mask=False skips MMFS's image-count
-        check, a host sync per layer (decoding steps: their mask was checked at prefill). -> [B, L, d]"""
+        """inputs_embeds [B, L, d]; position_ids [B, L]; vision_hidden_states [B, N, S, d_v], or their MMFSKeys
+        (mmfs_values: one per MMFS layer); cross_attention_mask [B, L', N]; attn_mask None (causal) or a bool
+        [B, 1, L, start+L] (True = may attend), [B, 1, L, max_len] when cache_start is a tensor of cache slots (see
+        KVCache.update). check_mask=False skips MMFS's image-count check, a host sync per layer (decoding steps:
+        their mask was checked at prefill). -> [B, L, d]"""
         cos, sin = rope_cos_sin(position_ids, self.cfg.hidden_size // self.cfg.num_attention_heads,
                                 self.cfg.rope_theta, inputs_embeds.dtype)
+        projected = isinstance(vision_hidden_states, MMFSKeys)
+        values = iter(vision_hidden_states) if projected else None
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
+            vision = vision_hidden_states
+            if projected:
+                vision = next(values) if layer.llama_cross_attn is not None else None
             if checkpoint and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, vision_hidden_states, cross_attention_mask,
-                                                      attn_mask, cache, cache_start, check_mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, vision, cross_attention_mask, attn_mask,
+                                                      cache, cache_start, check_mask, projected, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, vision_hidden_states, cross_attention_mask, attn_mask, cache, cache_start,
-                          check_mask)
+                h = layer(h, cos, sin, vision, cross_attention_mask, attn_mask, cache, cache_start, check_mask,
+                          projected)
         return self.norm(h)
+
+    def mmfs_values(self, vision_hidden_states):
+        """MMFSKeys: each MMFS layer's values of the vision states (B, N, S, d_v), made once for decoding steps,
+        which would otherwise redo norm2 and value_proj over every image in every MMFS layer for every token."""
+        return MMFSKeys(layer.llama_cross_attn.values(vision_hidden_states) for layer in self.layers
+                        if layer.llama_cross_attn is not None)
 
 
 class TextDecoder(nn.Module):
@@ -1899,11 +1923,6 @@ class MMFSBlock(nn.Module):
         else:
             y = self.mmfs(q, ref, self.feat_norm(feats), mask)
         return self.conv(y.transpose(1, 2).reshape(B, C, H, W))
-
-
-class MMFSKeys(tuple):
-    """Each MMFSBlock's attention values (B, n, sum_l H_l W_l, d_attn), down blocks then mid, from MMFSNet.keys.
-    They depend only on the previous image, so a sampler makes them once instead of at every step."""
 
 
 class MMFSNet(nn.Module):
@@ -3498,8 +3517,9 @@ class _Decoder:
         self.buffers = {"token": self.mask.new_zeros(B),                         # (B,) the token fed
                         "pos": self.mask.sum(-1, keepdim=True),                  # (B, 1) its position
                         "attn": attn}
-        if self.vision is not None:   # copies: beam search reorders the buffers in place
-            self.buffers["vision"] = self.vision.clone()                         # (B, N, S, d_v)
+        if self.vision is not None:   # fresh tensors: beam search reorders the buffers in place
+            values = self.model.mm_decoder.mmfs_values(self.vision)
+            self.buffers["mmfs_values"] = torch.stack(values, dim=1)            # (B, n_mmfs_layers, N, S, d_attn)
             self.buffers["xmask"] = self.xmask[:, -1:].clone()                   # (B, 1, N) the prompt's last row
         self.length = L                               # slots filled so far (the same in every row: left padding)
         self.slot = self.mask.new_full((1,), L)       # (1,) the slot the next token's K/V go to, on the device
@@ -3525,7 +3545,8 @@ class _Decoder:
     def _cached_step(self):
         """One token per row from the buffers; fixed shapes, no host sync: the body of the CUDA graph."""
         llm, b = self.model.mm_decoder, self.buffers
-        h = llm(llm.embed_tokens(b["token"])[:, None], b["pos"], b.get("vision"), b.get("xmask"), attn_mask=b["attn"],
+        vision = MMFSKeys(b["mmfs_values"].unbind(1)) if "mmfs_values" in b else None
+        h = llm(llm.embed_tokens(b["token"])[:, None], b["pos"], vision, b.get("xmask"), attn_mask=b["attn"],
                 kv_caches=self.caches, cache_start=self.slot, check_mask=False)
         return self.model.text_decoder(h[:, -1]).float()                       # (B, V)
 
