@@ -210,9 +210,10 @@ def bench_train(args):
 @torch.no_grad()
 def bench_sample(args):
     """Generation at paper size with random weights (issue 9): greedy text decoding through the static KV cache
-    (tokens/s, prefill and graph capture excluded; the CUDA-graph step and, to compare, the eager one), one
-    512x512 image with 30 DDPM steps and CFG including the LLM context pass and the UNet-MMFS, and peak memory
-    over both. `--preset=tiny` checks the plumbing on a CPU (eager step only)."""
+    (tokens/s, prefill and graph capture excluded; the step compiled inside its CUDA graph, the CUDA graph alone and,
+    to compare, eager), one 512x512 image with 30 DDPM steps and CFG including the LLM context pass and the
+    UNet-MMFS (each step's UNet pass replayed from a CUDA graph, and eager), and peak memory over all of it.
+    `--preset=tiny` checks the plumbing on a CPU (eager only)."""
     import time
 
     cuda = torch.cuda.is_available()
@@ -228,6 +229,8 @@ def bench_sample(args):
     finally:
         torch.set_default_dtype(default)
     model.to(dtype)
+    if cuda:   # as sample.py: the UNet's convolutions in NHWC, cuDNN's layout for half precision
+        model.image_decoder.decoder.unet.to(memory_format=torch.channels_last)
     S = cfg.vision.image_size
     ids = [cfg.bos_token_id] + list(range(3, 33)) + [cfg.soi_token_id] + [cfg.image_token_id] * cfg.num_img_token
     prompt = {"text_ids": torch.tensor([ids], device=device), "image_tensors": torch.rand(1, 3, S, S, device=device),

@@ -2101,8 +2101,6 @@ class StableDiffusion(nn.Module):
         else:
             timesteps = leading_timesteps(steps, T, self.cfg.steps_offset)
         x0_prev = None
-        if x.is_cuda:   # cuDNN's half-precision convolutions are NHWC: NCHW weights cost a transpose per call
-            self.unet.to(memory_format=torch.channels_last)
         cond, keys, mmfs_mask = self.guided_inputs(cond, uncond, mmfs_features, mmfs_mask, guidance_scale)
         eps_of = lambda x_t, t: self.guided_eps(x_t, t, cond, keys, mmfs_mask, guidance_scale)
         can_graph = x.is_cuda and msda_kernel_used(x.device)
@@ -2619,7 +2617,8 @@ class MMInterleaved(nn.Module):
         use_cache=False recomputes the whole sequence per token (slow, for checks); cuda_graph (None = on for CUDA)
         replays each cached step as one captured CUDA graph. compile=True runs the cached step through
         torch.compile, which fuses its small element-wise kernels (norms, rotary, residuals); the first call pays
-        the compilation (about a minute for 13B), later calls of the same shapes reuse it.
+        the compilation (2-3 minutes for 13B on an H100; a second prompt length compiles once more, with dynamic
+        shapes), later calls reuse it.
         Returns {"text_ids": [B * num_return_sequences, T] new tokens (the stop token included), padded with
         pad_token_id, "lengths": [B * num_return_sequences]}.
         """
@@ -3453,7 +3452,8 @@ def load_pretrained(path, dtype=None, device="cpu"):
 class _Decoder:
     """Runs the LLM for generation: one prefill over the prompts, then one token per step through static KV caches,
     or, with use_cache=False, the whole sequence again at every step (the slow path the cache must equal).
-    MMFS is not cached: each step the new token reads the vision states again, with the prompt's last mask row.
+    MMFS has no cache: each step the new token reads every image again, through the values each MMFS layer made
+    of them once at prefill (LlamaModel.mmfs_values), with the prompt's last mask row.
 
     A cached step has the same shapes every time: the new token's K/V go into cache slot `slot` (a device tensor),
     attention runs over all max_len slots with a mask that hides the empty ones, and every input sits in a buffer

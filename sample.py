@@ -138,6 +138,9 @@ def load_model(args):
     if ids != (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.soi_token_id, c.image_token_id):
         raise AnntError(f"tokenizer {tok_path}: bos/eos/pad/soi/image ids {ids} do not match the model's "
                         f"{(c.bos_token_id, c.eos_token_id, c.pad_token_id, c.soi_token_id, c.image_token_id)}")
+    if model.image_decoder is not None and torch.device(args.device).type == "cuda":
+        # cuDNN runs half-precision convolutions in NHWC: NCHW weights cost a transpose in every UNet call
+        model.image_decoder.decoder.unet.to(memory_format=torch.channels_last)
     return model.eval(), tokenizer
 
 
