@@ -103,7 +103,7 @@ def accuracy_rows():
                                                          attn.to(dtype).double())]
         ref_out = ms_deform_attn_reference(ref_in[0], sh, st, ref_in[1], ref_in[2])
         ref = [ref_out, *torch.autograd.grad(ref_out, ref_in, grad)]
-        kernel = mmi._load_msda_kernel()
+        kernel = mmi._load_kernels()
         args = (value.to(dtype), sh, st, loc.to(dtype), attn.to(dtype))
         got = [kernel.forward(*args, poison=True), *kernel.backward(*args, grad.to(dtype), poison=True)]
         errs = [((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref)]
@@ -114,8 +114,8 @@ def accuracy_rows():
 def bench_kernel(args):
     if not torch.cuda.is_available():
         raise SystemExit("bench.py kernel: needs a CUDA device")
-    if mmi._load_msda_kernel() is None:
-        raise SystemExit(f"bench.py kernel: kernel unavailable: {mmi._msda_kernel_failure}")
+    if mmi._load_kernels() is None:
+        raise SystemExit(f"bench.py kernel: kernel unavailable: {mmi._kernels_failure}")
     card = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
     print(f"card: {card}; device-to-device copy {copy_gbs:.0f} GB/s (read+write)")
@@ -168,7 +168,8 @@ def matmul_peak_tflops(n=8192, dtype=torch.bfloat16):
 def bench_train(args):
     """Training throughput at paper size with random weights (issue 6): the paper's frozen set, rows of 2048 tokens,
     4 rows per GPU with 6 images each (224 for the encoder, 512 for the decoder), activation checkpointing, bf16.
-    Runs train.py's own loop on synthetic rows; MFU against the matmul peak measured in the same run.
+    Runs train.py's own loop on synthetic rows; MFU against the matmul peak measured in the same run. Under
+    `torchrun --nproc_per_node=N bench.py train` it is FSDP over N GPUs (rows per GPU as given); rank 0 reports.
     `--preset=tiny` checks the plumbing on a CPU."""
     import json
     import os
@@ -193,6 +194,9 @@ def bench_train(args):
     t = time.perf_counter()
     train.main([config, *argv])
     total = time.perf_counter() - t
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("RANK", "0")) != 0:                     # rank 0 wrote the metrics
+        return
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steady = rows[1:] or rows                                      # the first step includes warm-up work
     step_s = sum(r["time_s"] for r in steady) / len(steady)
@@ -200,10 +204,11 @@ def bench_train(args):
     mfu = sum(r["mfu"] for r in steady) / len(steady)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     card = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"train, {args.preset}, {card}: {args.rows} rows x {seq_len} tokens, {images} images/row, "
+    gpus = f"{world} x {card} (FSDP)" if world > 1 else card
+    print(f"train, {args.preset}, {gpus}: {args.rows} rows x {seq_len} tokens per GPU, {images} images/row, "
           f"activation checkpointing, frozen weights in {args.frozen_dtype}")
     mfu_text = f"MFU {100 * mfu:.1f}% of the measured matmul peak {peak:.0f} TFLOP/s" if cuda else "MFU n/a on a CPU"
-    print(f"  step {step_s:.3f} s, {samples:.2f} samples/s, {mfu_text}, peak memory {mem:.1f} GiB, "
+    print(f"  step {step_s:.3f} s, {samples:.2f} samples/s in all, {mfu_text}, peak memory {mem:.1f} GiB on rank 0, "
           f"whole run {total:.0f} s")
 
 

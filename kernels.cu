@@ -225,6 +225,31 @@ __device__ __forceinline__ GroupPlace place_group(const Geometry& g) {
           static_cast<int>(group % g.M)};
 }
 
+// One sample's bilinear read of VEC channels, weighted by a, added into acc. v_level points at the level's
+// first pixel (channel offset included); x, y in pixels, already shifted by -0.5.
+template <typename T, int VEC, int G, typename A>
+__device__ __forceinline__ void sample_forward(const T* v_level, int64_t pix, A x, A y, A a, int H, int W,
+                                               A (&acc)[VEC]) {
+  // Nothing to sample once both footprint columns (or rows) are off the map. At x == -1 exactly the right column
+  // is pixel 0 with weight 0: grid_sample (the reference) keeps it, and its location gradient is not zero, so the
+  // test is >= here where the original op had >.
+  if (!(y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W))) return;
+  const Footprint<A> f(x, y, H, W);
+  const T* corner = v_level + (static_cast<int64_t>(f.h0) * W + f.w0) * pix;
+  const bool valid[4] = {f.top && f.left, f.top && f.right, f.bottom && f.left, f.bottom && f.right};
+  const int64_t offset[4] = {0, pix, W * pix, W * pix + pix};
+  const A weight[4] = {f.hh * f.hw, f.hh * f.lw, f.lh * f.hw, f.lh * f.lw};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (!valid[k]) continue;
+    A v[VEC];
+    load_lane<T, VEC, G>(corner + offset[k], v);
+    const A w = weight[k] * a;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
+  }
+}
+
 // One group per (b, q, m) (place_group); channels [c, c+VEC) per thread.
 template <typename T, int VEC, int G>
 __global__ void __launch_bounds__(kThreads, 1) msda_forward_kernel(const T* __restrict__ value,
@@ -268,43 +293,63 @@ __global__ void __launch_bounds__(kThreads, 1) msda_forward_kernel(const T* __re
           const A x = __shfl_sync(kFullMask, my_x, j, G);
           const A y = __shfl_sync(kFullMask, my_y, j, G);
           const A a = __shfl_sync(kFullMask, my_a, j, G);
-          // Nothing to sample once both footprint columns (or rows) are off the map. At x == -1 exactly the
-          // right column is pixel 0 with weight 0: grid_sample (the reference) keeps it, and its location
-          // gradient is not zero, so the test is >= here where the original op had >.
-          const bool inside = y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W);
-          if (p0 + j < g.P && inside && c_ok) {
-            const Footprint<A> f(x, y, H, W);
-            const T* corner = v_level + (static_cast<int64_t>(f.h0) * W + f.w0) * pix;
-            A v[VEC];
-            if (f.top && f.left) {
-              load_lane<T, VEC, G>(corner, v);
-              const A w = f.hh * f.hw * a;
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
-            }
-            if (f.top && f.right) {
-              load_lane<T, VEC, G>(corner + pix, v);
-              const A w = f.hh * f.lw * a;
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
-            }
-            if (f.bottom && f.left) {
-              load_lane<T, VEC, G>(corner + W * pix, v);
-              const A w = f.lh * f.hw * a;
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
-            }
-            if (f.bottom && f.right) {
-              load_lane<T, VEC, G>(corner + W * pix + pix, v);
-              const A w = f.lh * f.lw * a;
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
-            }
-          }
+          if (p0 + j < g.P && c_ok) sample_forward<T, VEC, G>(v_level, pix, x, y, a, H, W, acc);
         }
       }
     }
     if (active && c_ok) store_lane<T, VEC, G>(out + group * g.D + c, acc);
+  }
+}
+
+// Few groups (decoding: one query, B*M groups in all): the kernel above would run one block whose threads each
+// walk all L*P points, one dependent load chain after another. Here a block serves one (b, q, m); its kSplit
+// slices of G threads take every kSplit-th of the group's points, and their partial sums meet in shared memory.
+// Needs D == G * VEC (one channel chunk).
+template <typename T, int VEC, int G>
+__global__ void __launch_bounds__(kThreads, 1) msda_forward_split_kernel(const T* __restrict__ value,
+                                                                      const int64_t* __restrict__ shapes,
+                                                                      const int64_t* __restrict__ starts,
+                                                                      const T* __restrict__ loc,
+                                                                      const T* __restrict__ attn,
+                                                                      T* __restrict__ out, Geometry g) {
+  using A = typename Acc<T>::type;
+  constexpr int kSplit = kThreads / G;
+  extern __shared__ int levels[];
+  load_levels(levels, shapes, starts, g.L);
+  A* partial = reinterpret_cast<A*>(levels + 3 * g.L + 1 - (3 * g.L + 1) % 2);  // [kSplit][D], 8-byte aligned
+
+  const int64_t group = blockIdx.x;
+  const int64_t b = group / g.M / g.Q;
+  const int m = static_cast<int>(group % g.M);
+  const int lane = threadIdx.x % G, slice = threadIdx.x / G;
+  const int64_t pix = static_cast<int64_t>(g.M) * g.D;
+  const int c = lane * run_len<VEC>();
+  const T* v_head = value + b * g.S * pix + static_cast<int64_t>(m) * g.D + c;
+  const T* loc_g = loc + group * g.L * g.P * 2;
+  const T* attn_g = attn + group * g.L * g.P;
+
+  A acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = A(0);
+  for (int k = slice; k < g.L * g.P; k += kSplit) {
+    const int l = k / g.P;
+    const int H = levels[3 * l], W = levels[3 * l + 1];
+    const A x = to_acc(loc_g[2 * k]) * W - A(0.5);
+    const A y = to_acc(loc_g[2 * k + 1]) * H - A(0.5);
+    sample_forward<T, VEC, G>(v_head + static_cast<int64_t>(levels[3 * l + 2]) * pix, pix, x, y,
+                              to_acc(attn_g[k]), H, W, acc);
+  }
+  // the lane's channels, run by run (see run_len), into this slice's row
+  constexpr int RUN = run_len<VEC>();
+#pragma unroll
+  for (int r = 0; r < VEC / RUN; ++r)
+#pragma unroll
+    for (int i = 0; i < RUN; ++i) partial[slice * g.D + c + r * RUN * G + i] = acc[r * RUN + i];
+  __syncthreads();
+  for (int ch = threadIdx.x; ch < g.D; ch += kThreads) {
+    A total = A(0);
+    for (int s = 0; s < kSplit; ++s) total += partial[s * g.D + ch];
+    out[group * g.D + ch] = from_acc<T>(total);
   }
 }
 
@@ -380,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_kernel(
         const A y = __shfl_sync(kFullMask, my_y, j, G);
         const A a = __shfl_sync(kFullMask, my_a, j, G);
         gx[j] = gy[j] = ga[j] = A(0);
-        const bool inside = y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W);
+        const bool inside = y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W);  // as in sample_forward
         if (p0 + j < g.P && inside) {
           const Footprint<A> f(x, y, H, W);
           const int64_t corner = level_offset + (static_cast<int64_t>(f.h0) * W + f.w0) * pix;
@@ -411,6 +456,106 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_kernel(
   }
 }
 
+
+// ------------------------------------------------------------------------------------- decoding matmuls
+
+// y = x W^T (+ bias) for a few rows of x (R <= 4): a decoding step's matmuls, which read every weight once for one
+// token and are bound by memory bandwidth. A block takes kGemvRows rows of W; each thread walks k 16 bytes at a
+// time, all kGemvRows weight loads of an iteration independent and in flight together, then the block sums.
+// Several matrices that read the same x (q, k, v) go in one launch, blockIdx.y picking the matrix and the output
+// being their concatenation [R, n_mats * N]. glu: two matrices (gate, up) give silu(x Wg^T) * (x Wu^T) [R, N].
+constexpr int kGemvThreads = 256;
+constexpr int kGemvRows = 4;
+constexpr int kMaxMats = 3;
+
+template <typename T>
+struct GemvArgs {
+  const T* w[kMaxMats];
+  const T* bias[kMaxMats];  // nullptr: none
+  const T* x;
+  T* y;
+  int N, K, n_mats;
+};
+
+template <typename T, int R>
+__device__ __forceinline__ void dot8(const uint4& w, const uint4 (&x)[R], float (&acc)[R]) {
+  const T* wt = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const T* xt = reinterpret_cast<const T*>(&x[r]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[r] += to_acc(wt[i]) * to_acc(xt[i]);
+  }
+}
+
+// Sums v over the block; every thread gets the total. red: kGemvThreads / 32 floats of shared memory.
+template <int V>
+__device__ __forceinline__ void block_sum(float (&v)[V], float* red) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) v[i] += __shfl_xor_sync(kFullMask, v[i], off);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) red[warp * V + i] = v[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    v[i] = 0.f;
+    for (int w = 0; w < kGemvThreads / 32; ++w) v[i] += red[w * V + i];
+  }
+}
+
+template <typename T, int R, bool GLU>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
+  constexpr int MATS = GLU ? 2 : 1;  // matrices read per block
+  constexpr int ROWS = kGemvRows / MATS;
+  __shared__ float red[kGemvThreads / 32 * MATS * ROWS * R];
+  const int mat = GLU ? 0 : blockIdx.y;
+  // selects rather than a.w[mat]: a dynamic index into the parameter struct would copy it to local memory
+  const T* first = mat == 0 ? a.w[0] : mat == 1 ? a.w[1] : a.w[2];
+  const T* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
+  const int n0 = blockIdx.x * ROWS;
+  const T* w[MATS][ROWS];
+#pragma unroll
+  for (int j = 0; j < MATS; ++j)
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i)  // rows past N reread row N-1 and are not written
+      w[j][i] = (j == 0 ? first : a.w[1]) + static_cast<int64_t>(min(n0 + i, a.N - 1)) * a.K;
+
+  float acc[MATS * ROWS * R] = {};
+  for (int k = threadIdx.x * 8; k < a.K; k += kGemvThreads * 8) {
+    uint4 wv[MATS][ROWS];
+#pragma unroll
+    for (int j = 0; j < MATS; ++j)
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) wv[j][i] = __ldcs(reinterpret_cast<const uint4*>(w[j][i] + k));
+    uint4 xv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) xv[r] = __ldg(reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(r) * a.K + k));
+#pragma unroll
+    for (int j = 0; j < MATS; ++j)
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i)
+        dot8<T, R>(wv[j][i], xv, reinterpret_cast<float(&)[R]>(acc[(j * ROWS + i) * R]));
+  }
+  block_sum(acc, red);
+
+  const int i = threadIdx.x / R, r = threadIdx.x % R;  // thread (i, r) writes row n0 + i of output row r
+  if (threadIdx.x >= ROWS * R || n0 + i >= a.N) return;
+  float out = acc[i * R + r];
+  if (bias) out += to_acc(bias[n0 + i]);
+  if constexpr (GLU) {
+    float up = acc[(ROWS + i) * R + r];
+    if (a.bias[1]) up += to_acc(a.bias[1][n0 + i]);
+    out = out / (1.f + __expf(-out)) * up;
+  }
+  const int64_t width = static_cast<int64_t>(a.N) * (GLU ? 1 : a.n_mats);
+  a.y[r * width + static_cast<int64_t>(mat) * a.N + n0 + i] = from_acc<T>(out);
+}
 
 // ------------------------------------------------------------------------------------------------ host side
 
@@ -482,6 +627,26 @@ void launch_forward(const Inputs& in, at::Tensor& out) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Groups fewer than one block per SM (decoding) take the split kernel when the head is one channel chunk.
+template <typename T, int VEC, int G>
+void launch_forward_split(const Inputs& in, at::Tensor& out) {
+  using N = typename Native<T>::type;
+  using A = typename Acc<N>::type;
+  const size_t smem = (3 * in.g.L + 2) * sizeof(int) + sizeof(A) * (kThreads / G) * in.g.D;
+  msda_forward_split_kernel<N, VEC, G><<<static_cast<int>(in.g.n_groups), kThreads, smem,
+                                         c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const N*>(in.value.data_ptr<T>()), in.shapes.data_ptr<int64_t>(),
+      in.starts.data_ptr<int64_t>(), reinterpret_cast<const N*>(in.loc.data_ptr<T>()),
+      reinterpret_cast<const N*>(in.attn.data_ptr<T>()), reinterpret_cast<N*>(out.data_ptr<T>()), in.g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool few_groups(const Inputs& in, int G) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, in.value.get_device()));
+  return (in.g.n_groups * G + kThreads - 1) / kThreads < sms;
+}
+
 template <typename T, int VEC, int G>
 void launch_backward(const Inputs& in, const at::Tensor& grad_out, const at::Tensor& grad_value_acc, at::Tensor& grad_loc,
                      at::Tensor& grad_attn) {
@@ -526,7 +691,12 @@ at::Tensor msda_forward(const at::Tensor& value, const at::Tensor& spatial_shape
         in.g.D, aligned16(in.value) && aligned16(out),
         [&](int G) {
           if constexpr (!std::is_same<scalar_t, double>::value) {
-            if (G == 4) launch_forward<scalar_t, vec, 4>(in, out);
+            if (G * vec == in.g.D && few_groups(in, G)) {
+              if (G == 4) launch_forward_split<scalar_t, vec, 4>(in, out);
+              else if (G == 8) launch_forward_split<scalar_t, vec, 8>(in, out);
+              else if (G == 16) launch_forward_split<scalar_t, vec, 16>(in, out);
+              else launch_forward_split<scalar_t, vec, 32>(in, out);
+            } else if (G == 4) launch_forward<scalar_t, vec, 4>(in, out);
             else if (G == 8) launch_forward<scalar_t, vec, 8>(in, out);
             else if (G == 16) launch_forward<scalar_t, vec, 16>(in, out);
             else launch_forward<scalar_t, vec, 32>(in, out);
@@ -580,6 +750,70 @@ std::vector<at::Tensor> msda_backward(const at::Tensor& value, const at::Tensor&
   return {grad_value.to(dtype), grad_loc, grad_attn};
 }
 
+template <typename T, int R>
+void launch_gemv(const GemvArgs<T>& args, bool glu) {
+  const int rows = glu ? kGemvRows / 2 : kGemvRows;
+  const dim3 grid((args.N + rows - 1) / rows, glu ? 1 : args.n_mats);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (glu) gemv_kernel<T, R, true><<<grid, kGemvThreads, 0, stream>>>(args);
+  else gemv_kernel<T, R, false><<<grid, kGemvThreads, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void run_gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+              const std::vector<c10::optional<at::Tensor>>& biases, bool glu, at::Tensor& y) {
+  GemvArgs<T> args{};
+  for (size_t i = 0; i < weights.size(); ++i) {
+    args.w[i] = reinterpret_cast<const T*>(weights[i].data_ptr());
+    args.bias[i] = biases[i].has_value() ? reinterpret_cast<const T*>(biases[i]->data_ptr()) : nullptr;
+  }
+  args.x = reinterpret_cast<const T*>(x.data_ptr());
+  args.y = reinterpret_cast<T*>(y.data_ptr());
+  args.N = static_cast<int>(weights[0].size(0));
+  args.K = static_cast<int>(x.size(1));
+  args.n_mats = static_cast<int>(weights.size());
+  switch (x.size(0)) {
+    case 1: launch_gemv<T, 1>(args, glu); break;
+    case 2: launch_gemv<T, 2>(args, glu); break;
+    case 3: launch_gemv<T, 3>(args, glu); break;
+    default: launch_gemv<T, 4>(args, glu);
+  }
+}
+
+// x [R, K] (R <= 4) and matrices [N, K] of one 16-bit dtype -> [R, n_mats * N], or [R, N] with glu (two matrices).
+at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                const std::vector<c10::optional<at::Tensor>>& biases, bool glu) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n_mats = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(n_mats >= 1 && n_mats <= kMaxMats && (!glu || n_mats == 2),
+              "gemv: 1 to ", kMaxMats, " matrices (exactly 2 with glu), got ", n_mats);
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == n_mats, "gemv: one bias (or None) per matrix");
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4 && x.is_contiguous() && aligned16(x),
+              "gemv: x must be a contiguous, 16-byte aligned CUDA [R <= 4, K] tensor, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "gemv: bfloat16 or float16 only");
+  const int64_t K = x.size(1), N = weights[0].size(0);
+  TORCH_CHECK(K % 8 == 0, "gemv: K must be a multiple of 8, got ", K);
+  TORCH_CHECK(N >= 1 && N * n_mats < std::numeric_limits<int>::max() && K < std::numeric_limits<int>::max(),
+              "gemv: sizes out of range");
+  for (int64_t i = 0; i < n_mats; ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous() && aligned16(w) &&
+                    w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+                "gemv: matrix ", i, " must be a contiguous, aligned [", N, ", ", K, "] of x's dtype and device, got ",
+                w.sizes());
+    if (biases[i].has_value()) {
+      const auto& b = *biases[i];
+      TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.scalar_type() == x.scalar_type() &&
+                      b.device() == x.device(), "gemv: bias ", i, " must be [", N, "] of x's dtype and device");
+    }
+  }
+  auto y = at::empty({x.size(0), glu ? N : n_mats * N}, x.options());
+  if (x.scalar_type() == at::kHalf) run_gemv<__half>(x, weights, biases, glu, y);
+  else run_gemv<__nv_bfloat16>(x, weights, biases, glu, y);
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -590,4 +824,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "multi-scale deformable attention, backward -> (grad_value, grad_sampling_locations, grad_attention_weights)",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("grad_output"), py::arg("poison") = false);
+  m.def("gemv", &gemv, "x [R<=4, K] times each weight [N, K] (+ bias) -> [R, n*N]; glu: silu(gate)*up -> [R, N]",
+        py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("glu") = false);
 }

@@ -29,6 +29,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -420,7 +421,8 @@ def level_start_index(spatial_shapes):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Multi-scale deformable attention (SPEC §6): the reference, and the one dispatch point for the CUDA kernel
+# Multi-scale deformable attention (SPEC §6): the reference, and the one dispatch point for the CUDA kernel;
+# kernels.cu's other kernel, the decoding matmul (linear)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -459,21 +461,21 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     return out.reshape(B, M * D, Q).transpose(1, 2).contiguous()
 
 
-_MSDA_SOURCE = Path(__file__).with_name("kernels.cu")   # compiled on first CUDA use
-_msda_kernel = None  # the built extension, once loaded
-_msda_kernel_failure = None  # why the kernel is unavailable, once known (warned about once)
+_KERNELS_SOURCE = Path(__file__).with_name("kernels.cu")   # compiled on first CUDA use
+_kernels = None  # the built extension, once loaded
+_kernels_failure = None  # why the kernels are unavailable, once known (warned about once)
 
 
-def _msda_build_dir():
+def _kernels_build_dir():
     """Persistent, per-toolchain build folder, so a second run reuses the compiled module."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(Path.home(), ".cache", "mmi", "torch_extensions")
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"  # version names CUDA too
-    path = Path(root) / tag.replace("+", "_") / "mmi_msda"
+    path = Path(root) / tag.replace("+", "_") / "mmi_kernels"
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
 
-def _msda_unavailable_reason():
+def _kernels_unavailable_reason():
     """Why the kernel cannot be built here, or None if it can be tried."""
     from torch.utils import cpp_extension
 
@@ -481,35 +483,35 @@ def _msda_unavailable_reason():
         return "no CUDA device"
     if cpp_extension.CUDA_HOME is None:
         return "nvcc not found (CUDA_HOME unset and no nvcc on PATH)"
-    if not _MSDA_SOURCE.is_file():
-        return f"{_MSDA_SOURCE} is missing"
+    if not _KERNELS_SOURCE.is_file():
+        return f"{_KERNELS_SOURCE} is missing"
     return None
 
 
-def _load_msda_kernel():
+def _load_kernels():
     """The compiled kernels.cu module, built on first call; None (with one warning) where it cannot be had."""
-    global _msda_kernel, _msda_kernel_failure
-    if _msda_kernel is not None or _msda_kernel_failure is not None:
-        return _msda_kernel
-    reason = _msda_unavailable_reason()
+    global _kernels, _kernels_failure
+    if _kernels is not None or _kernels_failure is not None:
+        return _kernels
+    reason = _kernels_unavailable_reason()
     if reason is None:
         try:
             from torch.utils import cpp_extension
 
-            _msda_kernel = cpp_extension.load(
-                name="mmi_msda",
-                sources=[str(_MSDA_SOURCE)],
-                build_directory=_msda_build_dir(),
+            _kernels = cpp_extension.load(
+                name="mmi_kernels",
+                sources=[str(_KERNELS_SOURCE)],
+                build_directory=_kernels_build_dir(),
                 extra_cuda_cflags=["-O3", "-std=c++17"],
                 verbose=False,
             )
-            return _msda_kernel
+            return _kernels
         except Exception as err:  # any build or load failure: fall back, and say why
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            reason = f"build of {_MSDA_SOURCE.name} failed ({type(err).__name__}: {first_line})"
-    _msda_kernel_failure = reason
-    warnings.warn(f"mmi: multi-scale deformable attention falls back to the PyTorch reference: {reason}",
-                  stacklevel=3)
+            reason = f"build of {_KERNELS_SOURCE.name} failed ({type(err).__name__}: {first_line})"
+    _kernels_failure = reason
+    warnings.warn(f"mmi: kernels.cu unavailable, multi-scale deformable attention falls back to the PyTorch "
+                  f"reference (and decoding matmuls to F.linear): {reason}", stacklevel=3)
     return None
 
 
@@ -518,7 +520,7 @@ def _load_msda_kernel():
 @torch.library.custom_op("mmi::msda_forward", mutates_args=())
 def _msda_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
              sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    return _load_msda_kernel().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _load_kernels().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @_msda_op.register_fake
@@ -531,7 +533,7 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
 def _msda_backward_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                       sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                       grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _load_msda_kernel().backward(value, spatial_shapes, level_start_index, sampling_locations,
+    grads = _load_kernels().backward(value, spatial_shapes, level_start_index, sampling_locations,
                                          attention_weights, grad_output)
     return tuple(grads)
 
@@ -585,21 +587,61 @@ def _check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locati
                              f"exclusive prefix sum {starts.tolist()} of H*W")
 
 
-def msda_kernel_used(device):
+def kernels_used(device):
     """Whether ms_deform_attn runs our kernel for tensors on `device`. The reference reads the level shapes back to
     the host (a GPU sync per call), so a CUDA graph can hold MMFS only where the kernel runs."""
-    return (torch.device(device).type == "cuda" and os.environ.get("MMI_MSDA", "").lower() != "reference"
-            and _load_msda_kernel() is not None)
+    return (torch.device(device).type == "cuda" and os.environ.get("MMI_KERNELS", "").lower() != "reference"
+            and _load_kernels() is not None)
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """The one entry point every deformable attention in the model goes through: our CUDA kernel (kernels.cu) for
-    CUDA tensors when it builds, else the reference above. MMI_MSDA=reference forces the reference. -> [B, Q, M*D]
+    CUDA tensors when it builds, else the reference above. MMI_KERNELS=reference forces the reference. -> [B, Q, M*D]
     For CUDA tensors nothing here reads a device value back to the host when the kernel runs (CUDA-graph safe)."""
     _check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if msda_kernel_used(value.device):
+    if kernels_used(value.device):
         return _msda_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@torch.library.custom_op("mmi::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
+             glu: bool) -> torch.Tensor:
+    return _load_kernels().gemv(x, weights, biases, glu)
+
+
+@_gemv_op.register_fake
+def _(x, weights, biases, glu):
+    N = weights[0].shape[0]
+    return x.new_empty(x.shape[0], N if glu else N * len(weights))
+
+
+def _gemv_fits(x, layers):
+    """Whether kernels.cu's gemv takes x through these layers: a decoding step's few rows (<= 4) in 16-bit on CUDA,
+    outside autograd, weights of x's dtype and one output size (at most three layers)."""
+    weights = [layer.weight for layer in layers]
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() <= 4 * x.shape[-1]
+            and x.shape[-1] % 8 == 0 and len(layers) <= 3
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+            and all(w.dtype == x.dtype and w.is_contiguous() and w.shape == weights[0].shape for w in weights)
+            and kernels_used(x.device))
+
+
+def linear(x, *layers, glu=False):
+    """x through nn.Linear layers that read the same input: their outputs (one tensor for one layer), or with
+    glu=True and layers (gate, up), silu(gate(x)) * up(x). A decoding step reads each weight once for one token, so
+    its matmuls are bound by memory bandwidth; there kernels.cu's gemv does the layers in one launch (with the glu
+    product fused; the layers' forward hooks do not run). The rest of the time the layers are called as usual."""
+    if _gemv_fits(x, layers):
+        y = _gemv_op(x.reshape(-1, x.shape[-1]).contiguous(), [l.weight for l in layers], [l.bias for l in layers],
+                     glu)
+        y = y.view(*x.shape[:-1], -1)                                            # (..., n_layers * N) or (..., N)
+        outs = (y,) if glu else y.chunk(len(layers), dim=-1)
+    else:
+        outs = tuple(layer(x) for layer in layers)
+        if glu:
+            outs = (F.silu(outs[0]) * outs[1],)
+    return outs[0] if len(outs) == 1 else outs
 
 
 class MSDeformAttn(nn.Module):
@@ -733,11 +775,11 @@ class MMFS(nn.Module):
         v = value if value_projected else self.value_proj(value)                 # (B, n, S, d_attn)
         v = v.reshape(B, n * value.shape[2], H, -1)                              # (B, n*S, H, D)
 
-        q = self.dynamic_offset_mask(query)[:, None] + self.query_relpos(rel)    # (B, n, Lq, d_query)
+        q = linear(query, self.dynamic_offset_mask)[:, None] + self.query_relpos(rel)    # (B, n, Lq, d_query)
         scale, shapes, starts = self.level_tables(n, q.dtype, q.device)          # (.., Lv, ..), (n*Lv, 2), (n*Lv,)
-        offsets = self.sampling_offsets(q).view(B, n, Lq, H, 1, P, 2) * scale
+        offsets = linear(q, self.sampling_offsets).view(B, n, Lq, H, 1, P, 2) * scale
         offsets = offsets.permute(0, 2, 3, 1, 4, 5, 6).reshape(B, Lq, H, n * Lv, P, 2)
-        logits = self.attention_weights(q).view(B, n, Lq, H, Lv, P + 1).permute(0, 2, 3, 1, 4, 5)  # (B,Lq,H,n,Lv,P+1)
+        logits = linear(q, self.attention_weights).view(B, n, Lq, H, Lv, P + 1).permute(0, 2, 3, 1, 4, 5)  # (B,Lq,H,n,Lv,P+1)
         bias = (1.0 - m.to(logits.dtype)) * -10000.0                             # fp16-safe "minus infinity"
         bias = bias[:, None, None, :, None, None] if m.dim() == 2 else bias[:, :, None, :, None, None]
         logits = logits + bias
@@ -751,7 +793,7 @@ class MMFS(nn.Module):
         loc = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
         out = ms_deform_attn(v, shapes, starts, loc.to(v.dtype), w_points.to(v.dtype))
         out = out + (self.ignore_token.view(H, -1) * w_ignore[..., None]).reshape(B, Lq, -1).to(out.dtype)
-        return self.output_proj(out)
+        return linear(out, self.output_proj)
 
 
 class MMFSKeys(tuple):
@@ -776,7 +818,8 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):
         B, L, C = x.shape
-        q, k, v = (p(x).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in linear(x, self.q_proj, self.k_proj,
+                                                                                   self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)     # (B, heads, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -1211,7 +1254,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, cache_start=0):
         B, L, C = x.shape
-        q, k, v = (p(x).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in linear(x, self.q_proj, self.k_proj,
+                                                                                   self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                  # (B, heads, L, D)
         if kv_cache is not None:
             k, v = kv_cache.update(cache_start, k, v)                            # (B, heads, start+L or max_len, D)
@@ -1219,7 +1263,7 @@ class LlamaAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, C))
+        return linear(out.transpose(1, 2).reshape(B, L, C), self.o_proj)
 
 
 class LlamaMLP(nn.Module):
@@ -1230,7 +1274,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(linear(x, self.gate_proj, self.up_proj, glu=True), self.down_proj)
 
 
 class LlamaMMFSAttention(nn.Module):
@@ -1342,7 +1386,7 @@ class TextDecoder(nn.Module):
             self.head_new.bias.fill_(95.0)
 
     def forward(self, h):
-        logits = self.head(h)
+        logits = linear(h, self.head)
         return torch.cat([logits[..., :-self.n_new], logits[..., -self.n_new:] + self.head_new(h)], dim=-1)
 
 
@@ -2103,7 +2147,7 @@ class StableDiffusion(nn.Module):
         x0_prev = None
         cond, keys, mmfs_mask = self.guided_inputs(cond, uncond, mmfs_features, mmfs_mask, guidance_scale)
         eps_of = lambda x_t, t: self.guided_eps(x_t, t, cond, keys, mmfs_mask, guidance_scale)
-        can_graph = x.is_cuda and msda_kernel_used(x.device)
+        can_graph = x.is_cuda and kernels_used(x.device)
         if cuda_graph and not can_graph:
             raise ValueError(f"sample_latents: cuda_graph=True needs CUDA tensors and the deformable-attention "
                              f"kernel; got device {x.device}")
@@ -3473,7 +3517,7 @@ class _Decoder:
         self.max_len = embeds.shape[1] + max_new_tokens
         self.caches = None
         # the graph holds MMFS only where our kernel runs (the reference reads level shapes back to the host)
-        can_graph = use_cache and embeds.is_cuda and (vision is None or msda_kernel_used(embeds.device))
+        can_graph = use_cache and embeds.is_cuda and (vision is None or kernels_used(embeds.device))
         if cuda_graph and not can_graph:
             raise ValueError(f"cuda_graph=True needs use_cache=True, CUDA tensors and, with images, the deformable-"
                              f"attention kernel; got use_cache={use_cache}, device {embeds.device}")

@@ -597,7 +597,7 @@ def test_cuda_graph_needs_cuda_and_the_cache():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("with_images", [False, True])
 def test_cuda_graph_decoding_equals_the_eager_step_token_for_token(with_images):
-    if with_images and not mmi.msda_kernel_used("cuda"):
+    if with_images and not mmi.kernels_used("cuda"):
         pytest.skip("the deformable-attention kernel is not available, so MMFS cannot be captured")
     model = tiny_model(seed=9).cuda()
     rows = DECODE_ROWS if with_images else [[BOS, 16, 17, 18], [BOS, 19, 20, 21, 22, 23]]
@@ -630,7 +630,7 @@ def test_cuda_graph_decoding_equals_the_eager_step_token_for_token(with_images):
 def test_compiled_decoding_step_equals_the_eager_step():
     """compile=True (torch.compile inside the CUDA graph) gives the eager step's logits and tokens, images
     included (MMFS reaches the kernel as a custom operator, so the compiled step holds it too)."""
-    if not mmi.msda_kernel_used("cuda"):
+    if not mmi.kernels_used("cuda"):
         pytest.skip("the deformable-attention kernel is not available")
     model = tiny_model(seed=9).cuda()
     batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
@@ -2227,7 +2227,7 @@ def test_sample_latents_cuda_graph_needs_cuda():
 def test_graphed_unet_steps_equal_eager_sampling(sampler):
     """Each step's guided UNet pass replayed from one CUDA graph == every pass run eagerly, with MMFS live; the
     graphed run reads nothing back from the device between steps."""
-    if not mmi.msda_kernel_used("cuda"):
+    if not mmi.kernels_used("cuda"):
         pytest.skip("the deformable-attention kernel is not available")
     dec = _tiny_decoder().eval()
     _perturb_mmfs_convs(dec)
@@ -3420,8 +3420,8 @@ def rel_err(x, ref):
                                         (64, LEVELS_MMFS, 8), (128, LEVELS_MIXED, 5), (32, LEVELS_HUGE, 2)])
 def test_kernel_matches_float64_reference(dtype, D, shapes, P):
     """Output and all three gradients within 1e-5 (fp32) / 1e-2 (16-bit) of float64, every element written."""
-    kernel = mmi._load_msda_kernel()
-    assert kernel is not None, mmi._msda_kernel_failure
+    kernel = mmi._load_kernels()
+    assert kernel is not None, mmi._kernels_failure
     masked = range(len(shapes) - 4, len(shapes)) if len(shapes) > 8 else (1,)
     inputs = make_inputs(2, 37, 3, D, shapes, P, dtype, "cuda", masked_levels=masked, seed=D + P)
     grad_out = torch.randn(2, 37, 3 * D, device="cuda").to(dtype)
@@ -3437,10 +3437,74 @@ def test_kernel_matches_float64_reference(dtype, D, shapes, P):
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Q,M,D,shapes,P", [(1, 1, 16, 64, LEVELS_MMFS[:12], 8),   # one decoding token
+                                              (2, 1500, 3, 64, LEVELS_MIXED, 8),     # more groups than SMs
+                                              (3, 2, 4, 32, LEVELS_MMFS, 3)])
+def test_kernel_forward_few_and_many_queries(dtype, B, Q, M, D, shapes, P):
+    """The forward takes a split-points kernel when the (b, q, head) groups are too few to fill the GPU (decoding)
+    and the plain one otherwise: both within 1e-5 (fp32) / 1e-2 (bf16) of float64, every element written."""
+    kernel = mmi._load_kernels()
+    assert kernel is not None, mmi._kernels_failure
+    inputs = make_inputs(B, Q, M, D, shapes, P, dtype, "cuda", masked_levels=(1,), seed=Q)
+    expected = reference_float64(inputs, torch.zeros(B, Q, M * D, device="cuda"))[0]
+    out = kernel.forward(*inputs, poison=True)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,N,K,n_layers,bias,glu", [(1, 5120, 5120, 3, False, False), (4, 37, 136, 1, True, False),
+                                                    (3, 300, 8, 2, True, False), (2, 1000, 2056, 2, False, True),
+                                                    (1, 13, 64, 2, True, True)])
+def test_gemv_matches_float64(dtype, R, N, K, n_layers, bias, glu):
+    """kernels.cu's decoding matmul against float64 on the same 16-bit inputs: within the dtype's unit roundoff
+    (the kernel sums in float32 and rounds once), for row tails (N % 8), short K, biases, 1-3 layers and the glu."""
+    kernel = mmi._load_kernels()
+    assert kernel is not None, mmi._kernels_failure
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    x = torch.randn(R, K, device="cuda", generator=g).to(dtype)
+    ws = [torch.randn(N, K, device="cuda", generator=g).to(dtype) / K ** 0.5 for _ in range(n_layers)]
+    bs = [torch.randn(N, device="cuda", generator=g).to(dtype) if bias else None for _ in range(n_layers)]
+    outs = [F.linear(x.double(), w.double(), None if b is None else b.double()) for w, b in zip(ws, bs)]
+    expected = F.silu(outs[0]) * outs[1] if glu else torch.cat(outs, dim=-1)
+    got = kernel.gemv(x, ws, bs, glu)
+    unit_roundoff = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert rel_err(got, expected) < unit_roundoff
+
+
+@cuda_only
+def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
+    """mmi.linear sends a few 16-bit rows outside autograd to the gemv operator, and gives what F.linear gives
+    (bf16 rounding apart); many rows, float32, or inputs that need gradients go to F.linear."""
+    assert mmi._load_kernels() is not None, mmi._kernels_failure
+    calls = []
+    real = mmi._gemv_op
+    monkeypatch.setattr(mmi, "_gemv_op", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(256, 512).cuda().to(torch.bfloat16) for _ in range(3)]
+    x = torch.randn(1, 2, 256, device="cuda", dtype=torch.bfloat16)
+    ref = [F.linear(x.float(), layer.weight.float(), layer.bias.float()) for layer in layers]
+    with torch.no_grad():
+        q, k, v = mmi.linear(x, *layers)
+        h = mmi.linear(x, layers[0], layers[1], glu=True)
+        assert calls == [(2, 256), (2, 256)]
+        for got, expected in zip((q, k, v), ref):
+            assert rel_err(got, expected) < 2.0 ** -8
+        assert rel_err(h, F.silu(ref[0]) * ref[1]) < 2.0 ** -8
+        mmi.linear(torch.randn(5, 256, device="cuda", dtype=torch.bfloat16), layers[0])      # 5 rows
+        mmi.linear(x.float(), *[torch.nn.Linear(256, 512).cuda() for _ in range(2)])        # float32
+    mmi.linear(x, layers[0])                                                                # weights need grads
+    assert len(calls) == 2
+
+
+@cuda_only
 def test_kernel_matches_reference_on_map_edges():
     """Points exactly on pixel centres and on the map's edges (x*W-0.5 in {-1, 0, W-1, W}) agree with float64."""
-    kernel = mmi._load_msda_kernel()
-    assert kernel is not None, mmi._msda_kernel_failure
+    kernel = mmi._load_kernels()
+    assert kernel is not None, mmi._kernels_failure
     shapes = [(8, 8), (4, 16)]
     value, sh, st, loc, attn = make_inputs(1, 16, 2, 32, shapes, 4, torch.float32, "cuda", seed=5)
     edges = torch.tensor([-1.0, 0.0, 3.0, 7.0, 8.0, 2.5], device="cuda")  # pixel coordinates
@@ -3462,7 +3526,7 @@ def test_kernel_matches_reference_on_map_edges():
 @pytest.mark.parametrize("D", [5, 8])  # odd and even head dims
 def test_kernel_gradcheck_float64(D):
     """Analytic gradients of the autograd wrapper agree with finite differences (float64)."""
-    assert mmi._load_msda_kernel() is not None, mmi._msda_kernel_failure
+    assert mmi._load_kernels() is not None, mmi._kernels_failure
     value, shapes, starts, loc, attn = make_inputs(1, 3, 2, D, [(3, 4), (2, 2)], 3, torch.float64, "cuda", seed=7)
     args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), attn.requires_grad_())
     assert torch.autograd.gradcheck(mmi._msda_op, args, eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -3470,7 +3534,7 @@ def test_kernel_gradcheck_float64(D):
 
 @cuda_only
 def test_dispatch_routes_cuda_to_kernel_and_env_forces_reference(monkeypatch):
-    """CUDA tensors go through the kernel's operator (mmi::msda_forward); MMI_MSDA=reference sends them to
+    """CUDA tensors go through the kernel's operator (mmi::msda_forward); MMI_KERNELS=reference sends them to
     grid_sample."""
     inputs = make_inputs(1, 5, 2, 32, LEVELS_MIXED, 4, torch.float32, "cuda", seed=3)
     out = mmi.ms_deform_attn(*inputs)
@@ -3478,7 +3542,7 @@ def test_dispatch_routes_cuda_to_kernel_and_env_forces_reference(monkeypatch):
     value = inputs[0].clone().requires_grad_()
     out = mmi.ms_deform_attn(value, *inputs[1:])
     assert "msda_forward" in type(out.grad_fn).__name__
-    monkeypatch.setenv("MMI_MSDA", "reference")
+    monkeypatch.setenv("MMI_KERNELS", "reference")
     ref = mmi.ms_deform_attn(value, *inputs[1:])
     assert "msda_forward" not in type(ref.grad_fn).__name__
     assert rel_err(out.detach(), ref.detach().double()) < 1e-5
@@ -3508,14 +3572,14 @@ def test_loader_without_nvcc_warns_once_and_falls_back(monkeypatch):
     """No nvcc: one warning line that says so, no build attempt, later calls silent."""
     from torch.utils import cpp_extension
 
-    monkeypatch.setattr(mmi, "_msda_kernel", None)
-    monkeypatch.setattr(mmi, "_msda_kernel_failure", None)
+    monkeypatch.setattr(mmi, "_kernels", None)
+    monkeypatch.setattr(mmi, "_kernels_failure", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert mmi._load_msda_kernel() is None
-        assert mmi._load_msda_kernel() is None
+        assert mmi._load_kernels() is None
+        assert mmi._load_kernels() is None
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "\n" not in message and "nvcc not found" in message and "reference" in message
@@ -3526,16 +3590,16 @@ def test_loader_build_failure_warns_with_reason(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     def failing_load(**kwargs):
-        raise RuntimeError("Error building extension 'mmi_msda'\nninja: build stopped")
+        raise RuntimeError("Error building extension 'mmi_kernels'\nninja: build stopped")
 
-    monkeypatch.setattr(mmi, "_msda_kernel", None)
-    monkeypatch.setattr(mmi, "_msda_kernel_failure", None)
+    monkeypatch.setattr(mmi, "_kernels", None)
+    monkeypatch.setattr(mmi, "_kernels_failure", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with pytest.warns(UserWarning, match=r"build of kernels.cu failed \(RuntimeError: Error building extension"):
-        assert mmi._load_msda_kernel() is None
+        assert mmi._load_kernels() is None
 
 
 def test_reference_matches_hand_computed_bilinear():
