@@ -9,7 +9,10 @@
 // input, in runs of 4 channels; see load_lane). The group's points are fetched cooperatively (thread j
 // reads point j) and handed round with shuffles. The value gradient is scattered with float atomics into a
 // float32 buffer (vector atomics on sm_90); location and weight gradients are summed over the group with a
-// butterfly that leaves thread j holding the total of point j, so they are written once, coalesced.
+// butterfly that leaves thread j holding the total of point j, so they are written once, coalesced. With fewer
+// groups than the GPU has SMs (decoding: one query), the forward spreads each group's points over a block instead.
+//
+// Also here: gemv, the decoding step's matmuls (a few rows of x times each weight), see "decoding matmuls".
 
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>

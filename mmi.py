@@ -588,8 +588,9 @@ def _check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locati
 
 
 def kernels_used(device):
-    """Whether ms_deform_attn runs our kernel for tensors on `device`. The reference reads the level shapes back to
-    the host (a GPU sync per call), so a CUDA graph can hold MMFS only where the kernel runs."""
+    """Whether kernels.cu runs for tensors on `device` (ms_deform_attn's kernel, linear's GEMV). The deformable
+    attention reference reads the level shapes back to the host (a GPU sync per call), so a CUDA graph can hold MMFS
+    only where the kernel runs. MMI_KERNELS=reference turns both kernels off."""
     return (torch.device(device).type == "cuda" and os.environ.get("MMI_KERNELS", "").lower() != "reference"
             and _load_kernels() is not None)
 
@@ -620,7 +621,7 @@ def _gemv_fits(x, layers):
     """Whether kernels.cu's gemv takes x through these layers: a decoding step's few rows (<= 4) in 16-bit on CUDA,
     outside autograd, weights of x's dtype and one output size (at most three layers)."""
     weights = [layer.weight for layer in layers]
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() <= 4 * x.shape[-1]
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < x.numel() <= 4 * x.shape[-1]
             and x.shape[-1] % 8 == 0 and len(layers) <= 3
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
             and all(w.dtype == x.dtype and w.is_contiguous() and w.shape == weights[0].shape for w in weights)
@@ -775,11 +776,12 @@ class MMFS(nn.Module):
         v = value if value_projected else self.value_proj(value)                 # (B, n, S, d_attn)
         v = v.reshape(B, n * value.shape[2], H, -1)                              # (B, n*S, H, D)
 
-        q = linear(query, self.dynamic_offset_mask)[:, None] + self.query_relpos(rel)    # (B, n, Lq, d_query)
+        q = linear(query, self.dynamic_offset_mask)[:, None] + self.query_relpos(rel)  # (B, n, Lq, d_query)
         scale, shapes, starts = self.level_tables(n, q.dtype, q.device)          # (.., Lv, ..), (n*Lv, 2), (n*Lv,)
         offsets = linear(q, self.sampling_offsets).view(B, n, Lq, H, 1, P, 2) * scale
         offsets = offsets.permute(0, 2, 3, 1, 4, 5, 6).reshape(B, Lq, H, n * Lv, P, 2)
-        logits = linear(q, self.attention_weights).view(B, n, Lq, H, Lv, P + 1).permute(0, 2, 3, 1, 4, 5)  # (B,Lq,H,n,Lv,P+1)
+        logits = linear(q, self.attention_weights).view(B, n, Lq, H, Lv, P + 1)
+        logits = logits.permute(0, 2, 3, 1, 4, 5)                                 # (B, Lq, H, n, Lv, P+1)
         bias = (1.0 - m.to(logits.dtype)) * -10000.0                             # fp16-safe "minus infinity"
         bias = bias[:, None, None, :, None, None] if m.dim() == 2 else bias[:, :, None, :, None, None]
         logits = logits + bias
@@ -818,8 +820,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):
         B, L, C = x.shape
-        q, k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in linear(x, self.q_proj, self.k_proj,
-                                                                                   self.v_proj))
+        q, k, v = (p(x).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)     # (B, heads, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
 

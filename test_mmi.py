@@ -3475,6 +3475,19 @@ def test_gemv_matches_float64(dtype, R, N, K, n_layers, bias, glu):
     assert rel_err(got, expected) < unit_roundoff
 
 
+def test_linear_on_cpu_calls_the_layers():
+    """Off the GEMV path mmi.linear is the layers themselves (hooks run), and glu is silu(gate(x)) * up(x)."""
+    torch.manual_seed(0)
+    gate, up, third = (torch.nn.Linear(8, 6) for _ in range(3))
+    x = torch.randn(1, 1, 8, dtype=torch.float32)
+    called = []
+    gate.register_forward_hook(lambda mod, inp, out: called.append("gate"))
+    outs = mmi.linear(x, gate, up, third)
+    assert len(outs) == 3 and all(torch.equal(o, m(x)) for o, m in zip(outs, (gate, up, third)))
+    assert torch.equal(mmi.linear(x, gate, up, glu=True), F.silu(gate(x)) * up(x))
+    assert torch.equal(mmi.linear(x, third), third(x)) and called.count("gate") == 4
+
+
 @cuda_only
 def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
     """mmi.linear sends a few 16-bit rows outside autograd to the gemv operator, and gives what F.linear gives
