@@ -1,6 +1,7 @@
-"""Benchmarks for mmi. `python bench.py kernel` times the deformable-attention kernel against grid_sample.
+"""Benchmarks for mmi. `python bench.py kernel` times the deformable-attention kernel against grid_sample;
+`gemv` the decoding matmuls against cuBLAS; `train` and `sample` the programs at paper size; `data` the corpus stream.
 
-Each section is a function `bench_<name>(args)`; add `train`, `sample`, ... the same way.
+Each section is a function `bench_<name>(args)`, listed in SECTIONS.
 """
 import argparse
 import statistics
@@ -154,6 +155,56 @@ def bench_kernel(args):
           f"from issue 8; 'gs' = the grid_sample reference, fp32, measured here.")
     print("all targets met" if all_ok else "SOME TARGETS MISSED")
 
+
+
+
+@torch.no_grad()
+def bench_gemv(args):
+    """A decoding step's matmuls at the preset's sizes (issue 9): kernels.cu's gemv, through mmi.linear as the model
+    calls it, against F.linear (cuBLAS), one bf16 row. Each is timed inside a CUDA graph of 24 calls, as decoding
+    replays them, cycling over 8 copies of the weights so that L2 never holds them; TB/s = weight bytes / time."""
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py gemv: needs a CUDA device")
+    if mmi._load_kernels() is None:
+        raise SystemExit(f"bench.py gemv: kernels unavailable: {mmi._kernels_failure}")
+    c = mmi.MMIConfig.from_preset(args.preset).llm
+    d, f, V, dtype = c.hidden_size, c.intermediate_size, c.vocab_size, torch.bfloat16
+    # (name, N, K, layers sharing the input, bias, glu, calls per token)
+    cases = [("q, k, v", d, d, 3, False, False, c.num_hidden_layers),
+             ("o_proj", d, d, 1, False, False, c.num_hidden_layers),
+             ("gate, up (glu)", f, d, 2, False, True, c.num_hidden_layers),
+             ("down_proj", d, f, 1, False, False, c.num_hidden_layers),
+             ("text head", V, d, 1, True, False, 1)]
+
+    def ours(x, layers, glu):
+        return mmi.linear(x, *layers, glu=glu)
+
+    def cublas(x, layers, glu):
+        outs = [F.linear(x, layer.weight, layer.bias) for layer in layers]
+        return F.silu(outs[0]) * outs[1] if glu else outs
+
+    def graphed_ms(fn, x, copies, glu, calls=24):
+        graph, _ = mmi.capture_cuda_graph(lambda: [fn(x, copies[i % len(copies)], glu) for i in range(calls)])
+        return cuda_time_ms(graph.replay, warmup=3, reps=20) / calls
+
+    card = torch.cuda.get_device_name()
+    print(f"decoding matmuls, {args.preset}, {card}, bf16, 1 row, us per call (TB/s of weights)")
+    print(f"{'matmul':<16}{'N x K':>14}{'gemv':>18}{'F.linear':>18}{'x':>6}")
+    token = {"gemv": 0.0, "F.linear": 0.0}
+    for name, N, K, n, bias, glu, per_token in cases:
+        copies = [[torch.nn.Linear(K, N, bias=bias, device="cuda", dtype=dtype) for _ in range(n)] for _ in range(8)]
+        x = torch.randn(1, K, device="cuda", dtype=dtype)
+        t = {"gemv": graphed_ms(ours, x, copies, glu), "F.linear": graphed_ms(cublas, x, copies, glu)}
+        tb = n * N * K * 2 / 1e9
+        for k in t:
+            token[k] += per_token * t[k]
+        print(f"{name:<16}{f'{n} x {N} x {K}':>14}" + "".join(f"{1000 * t[k]:10.1f} ({tb / t[k]:4.2f})" for k in t)
+              + f"{t['F.linear'] / t['gemv']:6.2f}")
+        del copies
+    print(f"the LLM's matmuls for one token ({c.num_hidden_layers} layers + head): gemv {token['gemv']:.2f} ms, "
+          f"F.linear {token['F.linear']:.2f} ms")
 
 
 
@@ -314,7 +365,8 @@ def bench_data(args):
           f"({n / wall:,.0f} stories/s wall)")
 
 
-SECTIONS = {"kernel": bench_kernel, "data": bench_data, "train": bench_train, "sample": bench_sample}
+SECTIONS = {"kernel": bench_kernel, "gemv": bench_gemv, "data": bench_data, "train": bench_train,
+            "sample": bench_sample}
 
 
 def main():
@@ -323,7 +375,7 @@ def main():
     parser.add_argument("--only", default="", help="kernel: run only shapes whose name contains this")
     parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
     parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
-    parser.add_argument("--preset", default="mmi-13b", help="train / sample: the model preset (tiny for a CPU check)")
+    parser.add_argument("--preset", default="mmi-13b", help="train / sample / gemv: the model preset (tiny for a CPU check)")
     parser.add_argument("--rows", type=int, default=4, help="train: rows per GPU")
     parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps")
     parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")
