@@ -375,7 +375,8 @@ def main():
     parser.add_argument("--only", default="", help="kernel: run only shapes whose name contains this")
     parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
     parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
-    parser.add_argument("--preset", default="mmi-13b", help="train / sample / gemv: the model preset (tiny for a CPU check)")
+    parser.add_argument("--preset", default="mmi-13b",
+                        help="train / sample / gemv: the model preset (tiny for a CPU check)")
     parser.add_argument("--rows", type=int, default=4, help="train: rows per GPU")
     parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps")
     parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")

@@ -3491,7 +3491,7 @@ def test_linear_on_cpu_calls_the_layers():
 @cuda_only
 def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
     """mmi.linear sends a few 16-bit rows outside autograd to the gemv operator, and gives what F.linear gives
-    (bf16 rounding apart); many rows, float32, or inputs that need gradients go to F.linear."""
+    (bf16 rounding apart); many rows, float32, inputs that need gradients or unaligned weights go to F.linear."""
     assert mmi._load_kernels() is not None, mmi._kernels_failure
     calls = []
     real = mmi._gemv_op
@@ -3510,6 +3510,11 @@ def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
         mmi.linear(torch.randn(5, 256, device="cuda", dtype=torch.bfloat16), layers[0])      # 5 rows
         mmi.linear(x.float(), *[torch.nn.Linear(256, 512).cuda() for _ in range(2)])        # float32
     mmi.linear(x, layers[0])                                                                # weights need grads
+    odd = torch.nn.Linear(256, 512, bias=False)                     # a weight that is a view off a 16-byte boundary
+    odd.weight = torch.nn.Parameter(torch.randn(512 * 256 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(512, 256),
+                                    requires_grad=False)
+    with torch.no_grad():
+        assert torch.equal(mmi.linear(x, odd), odd(x))
     assert len(calls) == 2
 
 
