@@ -211,6 +211,19 @@ struct Footprint {
   }
 };
 
+// The footprint's four corners (top-left, top-right, bottom-left, bottom-right): on the map or not, their element
+// offset from the top-left one (pix elements a pixel, W pixels a row), and their bilinear weights.
+template <typename A>
+struct Corners {
+  bool valid[4];
+  int64_t offset[4];
+  A weight[4];
+  __device__ __forceinline__ Corners(const Footprint<A>& f, int64_t pix, int W)
+      : valid{f.top && f.left, f.top && f.right, f.bottom && f.left, f.bottom && f.right},
+        offset{0, pix, W * pix, W * pix + pix},
+        weight{f.hh * f.hw, f.hh * f.lw, f.lh * f.hw, f.lh * f.lw} {}
+};
+
 // The (b, q, m) group a thread serves and its lane in it. Threads past the last group mirror it (every lane of a
 // warp must run the same trip counts for the shuffles) and are not `active`: they store and scatter nothing.
 struct GroupPlace {
@@ -239,15 +252,13 @@ __device__ __forceinline__ void sample_forward(const T* v_level, int64_t pix, A 
   if (!(y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W))) return;
   const Footprint<A> f(x, y, H, W);
   const T* corner = v_level + (static_cast<int64_t>(f.h0) * W + f.w0) * pix;
-  const bool valid[4] = {f.top && f.left, f.top && f.right, f.bottom && f.left, f.bottom && f.right};
-  const int64_t offset[4] = {0, pix, W * pix, W * pix + pix};
-  const A weight[4] = {f.hh * f.hw, f.hh * f.lw, f.lh * f.hw, f.lh * f.lw};
+  const Corners<A> c(f, pix, W);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    if (!valid[k]) continue;
+    if (!c.valid[k]) continue;
     A v[VEC];
-    load_lane<T, VEC, G>(corner + offset[k], v);
-    const A w = weight[k] * a;
+    load_lane<T, VEC, G>(corner + c.offset[k], v);
+    const A w = c.weight[k] * a;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
   }
@@ -361,14 +372,12 @@ __global__ void __launch_bounds__(kThreads, 1) msda_forward_split_kernel(const T
 template <typename T, int VEC, int G, typename A>
 __device__ __forceinline__ void sample_backward(const T* corner, A* gcorner, int64_t pix, int W,
                                                 const Footprint<A>& f, A a, const A (&go)[VEC], A (&d)[4]) {
-  const bool valid[4] = {f.top && f.left, f.top && f.right, f.bottom && f.left, f.bottom && f.right};
-  const int64_t offset[4] = {0, pix, W * pix, W * pix + pix};
-  const A weight[4] = {f.hh * f.hw, f.hh * f.lw, f.lh * f.hw, f.lh * f.lw};
+  const Corners<A> c(f, pix, W);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    if (!valid[k]) continue;
+    if (!c.valid[k]) continue;
     A v[VEC];
-    load_lane<T, VEC, G>(corner + offset[k], v);
+    load_lane<T, VEC, G>(corner + c.offset[k], v);
     A dot = A(0);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) dot += go[i] * v[i];
@@ -376,10 +385,10 @@ __device__ __forceinline__ void sample_backward(const T* corner, A* gcorner, int
     // a == 0 (masked images) adds nothing: skip the atomics.
     if (a != A(0)) {
       A gv[VEC];
-      const A w = weight[k] * a;
+      const A w = c.weight[k] * a;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) gv[i] = w * go[i];
-      atomic_add_lane<VEC, G>(gcorner + offset[k], gv);
+      atomic_add_lane<VEC, G>(gcorner + c.offset[k], gv);
     }
   }
 }
