@@ -622,11 +622,13 @@ def _gemv_fits(x, layers):
     outside autograd, weights of x's dtype and one output size (at most three layers), every row starting on a
     16-byte boundary (views into a larger buffer, as FSDP's gathered weights, may not)."""
     weights = [layer.weight for layer in layers]
-    aligned = lambda t: t.is_contiguous() and t.storage_offset() % 8 == 0   # 8 elements of 2 bytes
+    aligned = lambda t: t.storage_offset() % 8 == 0   # 8 elements of 2 bytes; storages start aligned
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < x.numel() <= 4 * x.shape[-1]
-            and x.shape[-1] % 8 == 0 and len(layers) <= 3 and aligned(x.reshape(-1, x.shape[-1]).contiguous())
+            and x.shape[-1] % 8 == 0 and len(layers) <= 3
+            and (aligned(x) or not x.is_contiguous())          # linear copies a non-contiguous x to a new buffer
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
-            and all(w.dtype == x.dtype and aligned(w) and w.shape == weights[0].shape for w in weights)
+            and all(w.dtype == x.dtype and w.is_contiguous() and aligned(w) and w.shape == weights[0].shape
+                    for w in weights)
             and kernels_used(x.device))
 
 
