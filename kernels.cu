@@ -477,6 +477,9 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_kernel(
 // loads of an iteration independent and in flight together, then the block sums.
 // Several matrices that read the same x (q, k, v) go in one launch, blockIdx.y picking the matrix and the output
 // being their concatenation [R, n_mats * N]. glu: two matrices (gate, up) give silu(x Wg^T) * (x Wu^T) [R, N].
+// A pre-norm block's RMSNorm and residual add fold in: with a norm weight g, W (g * x) / rms(x) is summed as
+// W (g * x) while each block also sums x^2 (it reads all of x anyway), then scaled; a residual is added last.
+// So a decoding step needs no separate add + norm kernel between its matmuls.
 constexpr int kGemvThreads = 256;
 constexpr int kGemvRows = 4;
 constexpr int kMaxMats = 3;
@@ -486,18 +489,41 @@ struct GemvArgs {
   const T* w[kMaxMats];
   const T* bias[kMaxMats];  // nullptr: none
   const T* x;
+  const T* norm;      // RMSNorm weight [K]: x's rows are normalised first (nullptr: not)
+  const T* residual;  // [R, N] added to the output (nullptr: none); one matrix or glu
   T* y;
   int N, K, n_mats;
+  float eps;          // the RMSNorm's
 };
 
+// x's 8 values at k in each of its R rows, as floats; with NORM, times the norm weight, their squares summed in ss.
+template <typename T, int R, bool NORM>
+__device__ __forceinline__ void load_x8(const GemvArgs<T>& a, int k, float (&xf)[R][8], float (&ss)[R]) {
+  uint4 gv;
+  if constexpr (NORM) gv = __ldg(reinterpret_cast<const uint4*>(a.norm + k));
+  const T* gt = reinterpret_cast<const T*>(&gv);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(r) * a.K + k));
+    const T* xt = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      xf[r][i] = to_acc(xt[i]);
+      if constexpr (NORM) {
+        ss[r] += xf[r][i] * xf[r][i];
+        xf[r][i] *= to_acc(gt[i]);
+      }
+    }
+  }
+}
+
 template <typename T, int R>
-__device__ __forceinline__ void dot8(const uint4& w, const uint4 (&x)[R], float (&acc)[R]) {
+__device__ __forceinline__ void dot8(const uint4& w, const float (&x)[R][8], float (&acc)[R]) {
   const T* wt = reinterpret_cast<const T*>(&w);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const T* xt = reinterpret_cast<const T*>(&x[r]);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[r] += to_acc(wt[i]) * to_acc(xt[i]);
+    for (int i = 0; i < 8; ++i) acc[r] += to_acc(wt[i]) * x[r][i];
   }
 }
 
@@ -522,11 +548,13 @@ __device__ __forceinline__ void block_sum(float (&v)[V], float* red) {
   }
 }
 
-template <typename T, int R, bool GLU>
+template <typename T, int R, bool GLU, bool NORM>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
   constexpr int MATS = GLU ? 2 : 1;  // matrices read per block
   constexpr int ROWS = kGemvRows / MATS;
-  __shared__ float red[kGemvThreads / 32 * MATS * ROWS * R];
+  constexpr int OUTS = MATS * ROWS * R;        // dot products per thread
+  constexpr int SUMS = OUTS + (NORM ? R : 0);  // and each row's sum of squares
+  __shared__ float red[kGemvThreads / 32 * SUMS];
   const int mat = GLU ? 0 : blockIdx.y;
   // selects rather than a.w[mat]: a dynamic index into the parameter struct would copy it to local memory
   const T* first = mat == 0 ? a.w[0] : mat == 1 ? a.w[1] : a.w[2];
@@ -539,35 +567,50 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
     for (int i = 0; i < ROWS; ++i)  // rows past N reread row N-1 and are not written
       w[j][i] = (j == 0 ? first : a.w[1]) + static_cast<int64_t>(min(n0 + i, a.N - 1)) * a.K;
 
-  float acc[MATS * ROWS * R] = {};
+  float acc[OUTS] = {}, ss[R] = {};
   for (int k = threadIdx.x * 8; k < a.K; k += kGemvThreads * 8) {
     uint4 wv[MATS][ROWS];
 #pragma unroll
     for (int j = 0; j < MATS; ++j)
 #pragma unroll
       for (int i = 0; i < ROWS; ++i) wv[j][i] = __ldcs(reinterpret_cast<const uint4*>(w[j][i] + k));
-    uint4 xv[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) xv[r] = __ldg(reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(r) * a.K + k));
+    float xf[R][8];
+    load_x8<T, R, NORM>(a, k, xf, ss);
 #pragma unroll
     for (int j = 0; j < MATS; ++j)
 #pragma unroll
       for (int i = 0; i < ROWS; ++i)
-        dot8<T, R>(wv[j][i], xv, reinterpret_cast<float(&)[R]>(acc[(j * ROWS + i) * R]));
+        dot8<T, R>(wv[j][i], xf, reinterpret_cast<float(&)[R]>(acc[(j * ROWS + i) * R]));
   }
-  block_sum(acc, red);
+  float sums[SUMS];  // the dot products, then (NORM) each row's sum of squares
+#pragma unroll
+  for (int t = 0; t < SUMS; ++t) sums[t] = t < OUTS ? acc[t] : ss[(t - OUTS) % R];
+  block_sum(sums, red);
 
   const int i = threadIdx.x / R, r = threadIdx.x % R;  // thread (i, r) writes row n0 + i of output row r
   if (threadIdx.x >= ROWS * R || n0 + i >= a.N) return;
-  float out = acc[i * R + r];
+  // this thread's sums, picked by unrolled selects: indexing sums with (i, r) would move it to local memory
+  float dot = 0.f, up = 0.f, sq = 0.f;
+#pragma unroll
+  for (int t = 0; t < ROWS * R; ++t) {
+    if (t == i * R + r) {
+      dot = sums[t];
+      if constexpr (GLU) up = sums[ROWS * R + t];
+      if constexpr (NORM) sq = sums[OUTS + t % R];
+    }
+  }
+  const float scale = NORM ? rsqrtf(sq / a.K + a.eps) : 1.f;  // 1 / rms of row r
+  float out = dot * scale;
   if (bias) out += to_acc(bias[n0 + i]);
   if constexpr (GLU) {
-    float up = acc[(ROWS + i) * R + r];
+    up *= scale;
     if (a.bias[1]) up += to_acc(a.bias[1][n0 + i]);
     out = out / (1.f + __expf(-out)) * up;
   }
   const int64_t width = static_cast<int64_t>(a.N) * (GLU ? 1 : a.n_mats);
-  a.y[r * width + static_cast<int64_t>(mat) * a.N + n0 + i] = from_acc<T>(out);
+  const int64_t at = r * width + static_cast<int64_t>(mat) * a.N + n0 + i;
+  if (a.residual) out += to_acc(a.residual[at]);
+  a.y[at] = from_acc<T>(out);
 }
 
 // ------------------------------------------------------------------------------------------------ host side
@@ -763,26 +806,36 @@ std::vector<at::Tensor> msda_backward(const at::Tensor& value, const at::Tensor&
   return {grad_value.to(dtype), grad_loc, grad_attn};
 }
 
+template <typename T, int R, bool GLU>
+void launch_gemv(const GemvArgs<T>& args) {
+  const int rows = GLU ? kGemvRows / 2 : kGemvRows;
+  const dim3 grid((args.N + rows - 1) / rows, GLU ? 1 : args.n_mats);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (args.norm) gemv_kernel<T, R, GLU, true><<<grid, kGemvThreads, 0, stream>>>(args);
+  else gemv_kernel<T, R, GLU, false><<<grid, kGemvThreads, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int R>
 void launch_gemv(const GemvArgs<T>& args, bool glu) {
-  const int rows = glu ? kGemvRows / 2 : kGemvRows;
-  const dim3 grid((args.N + rows - 1) / rows, glu ? 1 : args.n_mats);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (glu) gemv_kernel<T, R, true><<<grid, kGemvThreads, 0, stream>>>(args);
-  else gemv_kernel<T, R, false><<<grid, kGemvThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (glu) launch_gemv<T, R, true>(args);
+  else launch_gemv<T, R, false>(args);
 }
 
 template <typename T>
 void run_gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
-              const std::vector<c10::optional<at::Tensor>>& biases, bool glu, at::Tensor& y) {
+              const std::vector<c10::optional<at::Tensor>>& biases, bool glu, const c10::optional<at::Tensor>& norm,
+              double eps, const c10::optional<at::Tensor>& residual, at::Tensor& y) {
   GemvArgs<T> args{};
   for (size_t i = 0; i < weights.size(); ++i) {
     args.w[i] = reinterpret_cast<const T*>(weights[i].data_ptr());
     args.bias[i] = biases[i].has_value() ? reinterpret_cast<const T*>(biases[i]->data_ptr()) : nullptr;
   }
   args.x = reinterpret_cast<const T*>(x.data_ptr());
+  args.norm = norm.has_value() ? reinterpret_cast<const T*>(norm->data_ptr()) : nullptr;
+  args.residual = residual.has_value() ? reinterpret_cast<const T*>(residual->data_ptr()) : nullptr;
   args.y = reinterpret_cast<T*>(y.data_ptr());
+  args.eps = static_cast<float>(eps);
   args.N = static_cast<int>(weights[0].size(0));
   args.K = static_cast<int>(x.size(1));
   args.n_mats = static_cast<int>(weights.size());
@@ -795,8 +848,10 @@ void run_gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
 }
 
 // x [R, K] (R <= 4) and matrices [N, K] of one 16-bit dtype -> [R, n_mats * N], or [R, N] with glu (two matrices).
+// norm [K]: x's rows through RMSNorm(weight norm, eps) first; residual [R, N]: added to the one output.
 at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
-                const std::vector<c10::optional<at::Tensor>>& biases, bool glu) {
+                const std::vector<c10::optional<at::Tensor>>& biases, bool glu,
+                const c10::optional<at::Tensor>& norm, double eps, const c10::optional<at::Tensor>& residual) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n_mats = static_cast<int64_t>(weights.size());
   TORCH_CHECK(n_mats >= 1 && n_mats <= kMaxMats && (!glu || n_mats == 2),
@@ -821,9 +876,23 @@ at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                       b.device() == x.device(), "gemv: bias ", i, " must be [", N, "] of x's dtype and device");
     }
   }
+  if (norm.has_value()) {
+    const auto& g = *norm;
+    TORCH_CHECK(g.dim() == 1 && g.size(0) == K && g.is_contiguous() && aligned16(g) &&
+                    g.scalar_type() == x.scalar_type() && g.device() == x.device(),
+                "gemv: norm must be a contiguous, aligned [", K, "] of x's dtype and device, got ", g.sizes());
+  }
+  if (residual.has_value()) {
+    const auto& res = *residual;
+    TORCH_CHECK(glu || n_mats == 1, "gemv: a residual needs one output (one matrix or glu)");
+    TORCH_CHECK(res.dim() == 2 && res.size(0) == x.size(0) && res.size(1) == N && res.is_contiguous() &&
+                    res.scalar_type() == x.scalar_type() && res.device() == x.device(),
+                "gemv: residual must be a contiguous [", x.size(0), ", ", N, "] of x's dtype and device, got ",
+                res.sizes());
+  }
   auto y = at::empty({x.size(0), glu ? N : n_mats * N}, x.options());
-  if (x.scalar_type() == at::kHalf) run_gemv<__half>(x, weights, biases, glu, y);
-  else run_gemv<__nv_bfloat16>(x, weights, biases, glu, y);
+  if (x.scalar_type() == at::kHalf) run_gemv<__half>(x, weights, biases, glu, norm, eps, residual, y);
+  else run_gemv<__nv_bfloat16>(x, weights, biases, glu, norm, eps, residual, y);
   return y;
 }
 
@@ -837,6 +906,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "multi-scale deformable attention, backward -> (grad_value, grad_sampling_locations, grad_attention_weights)",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("grad_output"), py::arg("poison") = false);
-  m.def("gemv", &gemv, "x [R<=4, K] times each weight [N, K] (+ bias) -> [R, n*N]; glu: silu(gate)*up -> [R, N]",
-        py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("glu") = false);
+  m.def("gemv", &gemv,
+        "x [R<=4, K] times each weight [N, K] (+ bias) -> [R, n*N]; glu: silu(gate)*up -> [R, N]; "
+        "norm: RMSNorm of x first; residual: added to the output",
+        py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("glu") = false, py::arg("norm") = py::none(),
+        py::arg("eps") = 1e-6, py::arg("residual") = py::none());
 }

@@ -335,10 +335,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # the variance is taken in float32 whatever the activation dtype, as LLaMA does
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps):
+    # the variance is taken in float32 whatever the activation dtype, as LLaMA does
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 class LayerNorm2d(nn.Module):
@@ -606,46 +610,62 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
 
 
 @torch.library.custom_op("mmi::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]],
-             glu: bool) -> torch.Tensor:
-    return _load_kernels().gemv(x, weights, biases, glu)
+def _gemv_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]], glu: bool,
+             norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """kernels.cu's gemv, which reads 16 bytes at a time: x is copied to a fresh buffer if it does not start on a
+    16-byte boundary, and weights that do not (views into a larger buffer, as FSDP's gathered weights, may not) go
+    through F.linear. Checked here, when the op runs: torch.compile cannot read an intermediate tensor's storage
+    offset while it traces (it would split the compiled graph at every linear)."""
+    if all(w.data_ptr() % 16 == 0 for w in (*weights, *([] if norm is None else [norm]))):
+        return _load_kernels().gemv(x if x.data_ptr() % 16 == 0 else x.clone(), weights, biases, glu, norm, eps,
+                                    residual)
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    y = F.silu(ys[0]) * ys[1] if glu else torch.cat(ys, dim=-1)
+    return y if residual is None else residual + y
 
 
 @_gemv_op.register_fake
-def _(x, weights, biases, glu):
+def _(x, weights, biases, glu, norm, eps, residual):
     N = weights[0].shape[0]
     return x.new_empty(x.shape[0], N if glu else N * len(weights))
 
 
-def _gemv_fits(x, layers):
-    """Whether kernels.cu's gemv takes x through these layers: a decoding step's few rows (<= 4) in 16-bit on CUDA,
-    outside autograd, weights of x's dtype and one output size (at most three layers), every row starting on a
-    16-byte boundary (views into a larger buffer, as FSDP's gathered weights, may not)."""
-    weights = [layer.weight for layer in layers]
-    aligned = lambda t: t.storage_offset() % 8 == 0   # 8 elements of 2 bytes; storages start aligned
+def _gemv_fits(x, layers, norm):
+    """Whether x goes through these layers by the gemv operator: a decoding step's few rows (<= 4) in 16-bit on
+    CUDA, outside autograd, weights (and norm weight) of x's dtype, one output size, at most three layers."""
+    weights = [layer.weight for layer in layers] + ([] if norm is None else [norm.weight])
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < x.numel() <= 4 * x.shape[-1]
-            and x.shape[-1] % 8 == 0 and len(layers) <= 3
-            and (aligned(x) or not x.is_contiguous())          # linear copies a non-contiguous x to a new buffer
+            and x.shape[-1] % 8 == 0 and len(layers) <= 3 and (norm is None or isinstance(norm, RMSNorm))
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
-            and all(w.dtype == x.dtype and w.is_contiguous() and aligned(w) and w.shape == weights[0].shape
-                    for w in weights)
+            and all(w.dtype == x.dtype and w.is_contiguous() for w in weights)
+            and all(layer.weight.shape == layers[0].weight.shape for layer in layers)
             and kernels_used(x.device))
 
 
-def linear(x, *layers, glu=False):
+def linear(x, *layers, glu=False, norm=None, residual=None):
     """x through nn.Linear layers that read the same input: their outputs (one tensor for one layer), or with
-    glu=True and layers (gate, up), silu(gate(x)) * up(x). A decoding step reads each weight once for one token, so
-    its matmuls are bound by memory bandwidth; there kernels.cu's gemv does the layers in one launch (with the glu
-    product fused; the layers' forward hooks do not run). The rest of the time the layers are called as usual."""
-    if _gemv_fits(x, layers):
+    glu=True and layers (gate, up), silu(gate(x)) * up(x). norm (an RMSNorm) applies to x first; residual is added
+    to the one output (one layer or glu): a pre-norm block's `residual + layer(norm(x))`.
+    A decoding step reads each weight once for one token, so its matmuls are bound by memory bandwidth; there
+    kernels.cu's gemv does the layers in one launch, with the norm, glu product and residual add fused (the layers'
+    and norm's forward hooks do not run). The rest of the time the modules are called as usual."""
+    if residual is not None and len(layers) > 1 and not glu:
+        raise ValueError(f"linear: a residual needs one output, got {len(layers)} layers without glu")
+    if _gemv_fits(x, layers, norm):
+        res = None if residual is None else residual.reshape(-1, residual.shape[-1]).contiguous()
         y = _gemv_op(x.reshape(-1, x.shape[-1]).contiguous(), [l.weight for l in layers], [l.bias for l in layers],
-                     glu)
+                     glu, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, res)
         y = y.view(*x.shape[:-1], -1)                                            # (..., n_layers * N) or (..., N)
-        outs = (y,) if glu else y.chunk(len(layers), dim=-1)
-    else:
-        outs = tuple(layer(x) for layer in layers)
-        if glu:
-            outs = (F.silu(outs[0]) * outs[1],)
+        return y if glu or len(layers) == 1 else y.chunk(len(layers), dim=-1)
+    if norm is not None:
+        x = norm(x)
+    outs = tuple(layer(x) for layer in layers)
+    if glu:
+        outs = (F.silu(outs[0]) * outs[1],)
+    if residual is not None:
+        outs = (residual + outs[0],)
     return outs[0] if len(outs) == 1 else outs
 
 
@@ -1257,10 +1277,12 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, cache_start=0):
-        B, L, C = x.shape
-        q, k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in linear(x, self.q_proj, self.k_proj,
-                                                                                   self.v_proj))
+    def forward(self, h, norm, cos, sin, attn_mask=None, kv_cache=None, cache_start=0):
+        """h + o_proj(attention(norm(h))): the pre-norm block with its residual, which linear() folds into a
+        decoding step's matmuls."""
+        B, L, C = h.shape
+        q, k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in linear(h, self.q_proj, self.k_proj,
+                                                                                   self.v_proj, norm=norm))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                  # (B, heads, L, D)
         if kv_cache is not None:
             k, v = kv_cache.update(cache_start, k, v)                            # (B, heads, start+L or max_len, D)
@@ -1268,7 +1290,7 @@ class LlamaAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return linear(out.transpose(1, 2).reshape(B, L, C), self.o_proj)
+        return linear(out.transpose(1, 2).reshape(B, L, C), self.o_proj, residual=h)
 
 
 class LlamaMLP(nn.Module):
@@ -1278,8 +1300,9 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return linear(linear(x, self.gate_proj, self.up_proj, glu=True), self.down_proj)
+    def forward(self, h, norm):
+        """h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h))), the pre-norm block with its residual."""
+        return linear(linear(h, self.gate_proj, self.up_proj, glu=True, norm=norm), self.down_proj, residual=h)
 
 
 class LlamaMMFSAttention(nn.Module):
@@ -1320,10 +1343,10 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, vision_hidden_states=None, cross_attention_mask=None, attn_mask=None,
                 kv_cache=None, cache_start=0, check_mask=True, value_projected=False):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache, cache_start)
+        h = self.self_attn(h, self.input_layernorm, cos, sin, attn_mask, kv_cache, cache_start)  # h + attn(norm(h))
         if self.llama_cross_attn is not None and vision_hidden_states is not None:
             h = h + self.llama_cross_attn(h, vision_hidden_states, cross_attention_mask, check_mask, value_projected)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self.mlp(h, self.post_attention_layernorm)                                         # h + mlp(norm(h))
 
 
 class LlamaModel(nn.Module):
@@ -3663,13 +3686,20 @@ def _sample(decoder, n_return, do_sample, top_p, temperature, generator, max_new
             tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
         else:
             tokens = logits.argmax(-1)
-        for i, t in enumerate(tokens.tolist()):
+        ahead = tokens.is_cuda and step < max_new_tokens - 1
+        if ahead:   # queue the next step before the host reads these tokens, so the GPU never waits for the host's
+            tokens_host = tokens.to("cpu", non_blocking=True)       # bookkeeping; unused if every row stops here
+            copied = torch.cuda.Event()
+            copied.record()
+            next_logits = decoder.step(tokens)
+            copied.synchronize()
+        for i, t in enumerate((tokens_host if ahead else tokens).tolist()):
             if not done[i]:
                 seqs[i].append(t)
                 done[i] = t in stop_ids
         if all(done) or step == max_new_tokens - 1:
             break
-        logits = decoder.step(tokens)          # finished rows run on; their tokens are not kept
+        logits = next_logits if ahead else decoder.step(tokens)   # finished rows run on; their tokens are not kept
     return seqs
 
 

@@ -3455,21 +3455,33 @@ def test_kernel_forward_few_and_many_queries(dtype, B, Q, M, D, shapes, P):
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("R,N,K,n_layers,bias,glu", [(1, 5120, 5120, 3, False, False), (4, 37, 136, 1, True, False),
-                                                    (3, 300, 8, 2, True, False), (2, 1000, 2056, 2, False, True),
-                                                    (1, 13, 64, 2, True, True)])
-def test_gemv_matches_float64(dtype, R, N, K, n_layers, bias, glu):
+@pytest.mark.parametrize("R,N,K,n_layers,bias,glu,norm,residual", [
+    (1, 5120, 5120, 3, False, False, False, False), (4, 37, 136, 1, True, False, False, False),
+    (3, 300, 8, 2, True, False, False, False), (2, 1000, 2056, 2, False, True, False, False),
+    (1, 13, 64, 2, True, True, False, False), (1, 5120, 5120, 3, False, False, True, False),
+    (4, 1000, 2056, 2, True, True, True, True), (3, 37, 136, 1, True, False, True, True),
+    (2, 300, 64, 1, False, False, False, True)])
+def test_gemv_matches_float64(dtype, R, N, K, n_layers, bias, glu, norm, residual):
     """kernels.cu's decoding matmul against float64 on the same 16-bit inputs: within the dtype's unit roundoff
-    (the kernel sums in float32 and rounds once), for row tails (N % 8), short K, biases, 1-3 layers and the glu."""
+    (the kernel sums in float32 and rounds once), for row tails (N % 8), short K, biases, 1-3 layers, the glu,
+    and an RMSNorm of x before and a residual added after (the pre-norm block the LLM's layers fold in)."""
     kernel = mmi._load_kernels()
     assert kernel is not None, mmi._kernels_failure
     g = torch.Generator(device="cuda").manual_seed(N + K)
-    x = torch.randn(R, K, device="cuda", generator=g).to(dtype)
+    x = (torch.randn(R, K, device="cuda", generator=g) * torch.tensor([[0.3], [2.0], [1.0], [7.0]], device="cuda")[:R]
+         ).to(dtype)                                                     # rows of different scale: one rms each
     ws = [torch.randn(N, K, device="cuda", generator=g).to(dtype) / K ** 0.5 for _ in range(n_layers)]
     bs = [torch.randn(N, device="cuda", generator=g).to(dtype) if bias else None for _ in range(n_layers)]
-    outs = [F.linear(x.double(), w.double(), None if b is None else b.double()) for w, b in zip(ws, bs)]
+    gain = (1 + torch.randn(K, device="cuda", generator=g) / 4).to(dtype) if norm else None
+    res = torch.randn(R, N, device="cuda", generator=g).to(dtype) if residual else None
+    x64 = x.double()
+    if norm:
+        x64 = gain.double() * x64 / (x64.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    outs = [F.linear(x64, w.double(), None if b is None else b.double()) for w, b in zip(ws, bs)]
     expected = F.silu(outs[0]) * outs[1] if glu else torch.cat(outs, dim=-1)
-    got = kernel.gemv(x, ws, bs, glu)
+    if residual:
+        expected = expected + res.double()
+    got = kernel.gemv(x, ws, bs, glu, gain, 1e-5, res)
     unit_roundoff = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     assert got.shape == expected.shape and got.dtype == dtype
     assert rel_err(got, expected) < unit_roundoff
@@ -3486,12 +3498,20 @@ def test_linear_on_cpu_calls_the_layers():
     assert len(outs) == 3 and all(torch.equal(o, m(x)) for o, m in zip(outs, (gate, up, third)))
     assert torch.equal(mmi.linear(x, gate, up, glu=True), F.silu(gate(x)) * up(x))
     assert torch.equal(mmi.linear(x, third), third(x)) and called.count("gate") == 4
+    norm, h = mmi.RMSNorm(8), torch.randn(1, 1, 6)
+    torch.nn.init.normal_(norm.weight)
+    assert torch.equal(mmi.linear(x, gate, up, glu=True, norm=norm, residual=h),
+                       h + F.silu(gate(norm(x))) * up(norm(x)))
+    assert torch.equal(mmi.linear(x, third, residual=h), h + third(x))
+    with pytest.raises(ValueError, match="a residual needs one output, got 2 layers"):
+        mmi.linear(x, gate, up, residual=h)
 
 
 @cuda_only
 def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
     """mmi.linear sends a few 16-bit rows outside autograd to the gemv operator, and gives what F.linear gives
-    (bf16 rounding apart); many rows, float32, inputs that need gradients or unaligned weights go to F.linear."""
+    (bf16 rounding apart); many rows, float32 or inputs that need gradients go to the layers, and weights off a
+    16-byte boundary to F.linear inside the operator."""
     assert mmi._load_kernels() is not None, mmi._kernels_failure
     calls = []
     real = mmi._gemv_op
@@ -3503,7 +3523,13 @@ def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
     with torch.no_grad():
         q, k, v = mmi.linear(x, *layers)
         h = mmi.linear(x, layers[0], layers[1], glu=True)
-        assert calls == [(2, 256), (2, 256)]
+        norm = mmi.RMSNorm(256, eps=1e-5).cuda().to(torch.bfloat16)
+        torch.nn.init.normal_(norm.weight)
+        r = torch.randn(1, 2, 512, device="cuda", dtype=torch.bfloat16)
+        fused = mmi.linear(x, layers[2], norm=norm, residual=r)                 # (1, 2, 512): rows keep their shape
+        assert calls == [(2, 256)] * 3
+        xn = norm.weight.float() * x.float() * (x.float().pow(2).mean(-1, keepdim=True) + 1e-5).rsqrt()
+        assert rel_err(fused, r.float() + F.linear(xn, layers[2].weight.float(), layers[2].bias.float())) < 2.0 ** -8
         for got, expected in zip((q, k, v), ref):
             assert rel_err(got, expected) < 2.0 ** -8
         assert rel_err(h, F.silu(ref[0]) * ref[1]) < 2.0 ** -8
@@ -3514,8 +3540,10 @@ def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
     odd.weight = torch.nn.Parameter(torch.randn(512 * 256 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(512, 256),
                                     requires_grad=False)
     with torch.no_grad():
-        assert torch.equal(mmi.linear(x, odd), odd(x))
-    assert len(calls) == 2
+        assert torch.equal(mmi.linear(x, odd), odd(x))                  # the operator took F.linear for this weight
+        shifted = torch.empty(2 * 256 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(1, 2, 256).copy_(x)
+        assert torch.equal(mmi.linear(shifted, *layers)[0], q)          # an input off the boundary is copied first
+    assert len(calls) == 5
 
 
 @cuda_only
