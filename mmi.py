@@ -1230,21 +1230,29 @@ class VisualTokenizer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _select_rows(t, index):
-    """t[index] along dim 0; in place when the row count stays, so a CUDA graph that reads t keeps seeing it."""
-    if index.shape[0] == t.shape[0]:
-        return t.copy_(t.index_select(0, index))
-    return t.index_select(0, index)
+def _select_rows(t, index, dim=0):
+    """t[index] along dim; in place when the row count stays, so a CUDA graph that reads t keeps seeing it."""
+    if index.shape[0] == t.shape[dim]:
+        return t.copy_(t.index_select(dim, index))
+    return t.index_select(dim, index)
 
 
 class KVCache(nn.Module):
-    """Static key/value buffers [B, heads, max_len, head_dim] for one attention layer, filled as decoding goes."""
+    """Static keys and values of one attention layer, kv [2, B, heads, max_len, head_dim], filled as decoding goes.
+    One buffer, so that a decoding step writes its token's key and value with one scatter."""
 
     def __init__(self, batch, n_heads, max_len, head_dim, dtype, device):
         super().__init__()
-        shape = (batch, n_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, batch, n_heads, max_len, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def k(self):
+        return self.kv[0]                                                        # (B, heads, max_len, D)
+
+    @property
+    def v(self):
+        return self.kv[1]
 
     def update(self, start, k, v):
         """Write k, v (B, heads, T, D) at positions start..start+T-1.
@@ -1254,18 +1262,16 @@ class KVCache(nn.Module):
         the caller's mask hides. Then shapes never change and no host number is needed: a CUDA graph can hold it.
         """
         if isinstance(start, torch.Tensor):   # index_copy_ does not cast: under autocast k, v come in bf16
-            self.k.index_copy_(2, start, k.to(self.k.dtype))
-            self.v.index_copy_(2, start, v.to(self.v.dtype))
+            self.kv.index_copy_(3, start, torch.stack([k, v]).to(self.kv.dtype))
             return self.k, self.v
         end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        self.kv[0, :, :, start:end] = k
+        self.kv[1, :, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reorder(self, index):
         """Beam search: row i of the cache becomes row index[i] (in place while the row count stays)."""
-        self.k = _select_rows(self.k, index)
-        self.v = _select_rows(self.v, index)
+        self.kv = _select_rows(self.kv, index, dim=1)
 
 
 class LlamaAttention(nn.Module):
@@ -3642,18 +3648,23 @@ class _Decoder:
         return self.model.text_decoder(h).float()
 
 
+def _to_device(numbers, device):
+    """A long tensor of host numbers on `device`. On CUDA it goes through pinned memory without waiting for the
+    stream: a plain copy from the host waits for all queued work, the decoding step queued ahead included."""
+    t = torch.tensor(numbers, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _process_logits(logits, seqs, step, min_new_tokens, repetition_penalty, stop_ids, bos_id):
     """The original's logits processors: repetition penalty over bos + the generated tokens (the prompt is not
     seen, as in HF generate from embeddings), and no stop token before min_new_tokens."""
     if repetition_penalty != 1.0:
-        seen = torch.tensor([[bos_id] + s for s in seqs], device=logits.device) if seqs[0] else \
-            torch.full((len(seqs), 1), bos_id, device=logits.device)
+        seen = _to_device([[bos_id] + s for s in seqs], logits.device)                       # (n, 1 + step)
         score = logits.gather(1, seen)
         score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
         logits = logits.scatter(1, seen, score)
     if step < min_new_tokens:
-        logits = logits.clone()
-        logits[:, list(stop_ids)] = -float("inf")
+        logits = logits.index_fill(1, _to_device(list(stop_ids), logits.device), -float("inf"))
     return logits
 
 
