@@ -777,13 +777,14 @@ class MMFS(nn.Module):
             raise ValueError(f"MMFS: {int(rel.max())} images visible to one query, "
                              f"max_num_image_per_seq is {self.max_num_image_per_seq}")
 
-    def forward(self, query, reference_points, value, mask, check_mask=True, value_projected=False):
+    def forward(self, query, reference_points, value, mask, check_mask=True, value_projected=False, query_norm=None):
         """query [B, Lq, d_query]; reference_points [1 or B, Lq, 2] as (x, y) in [0, 1]; value [B, n, S, d_value]
         with S = sum of the levels' H*W (image-major, levels in `spatial_shapes` order, row-major tokens);
         mask [B, n] (every query sees the same images) or [B, Lq', n] (per query; when Lq' != Lq only the last row
         is used, which is how decoding steps see the images visible to the prompt's last token). -> [B, Lq, d_out]
         check_mask=False skips check_image_count, the one host sync here. value_projected: `value` is already
         value_proj(value) [B, n, S, d_attn], made once by a caller whose values do not change (a sampler's steps).
+        query_norm: an RMSNorm the query goes through first (fused into the first matmul of a decoding step).
         """
         B, Lq, _ = query.shape
         n = value.shape[1]
@@ -800,7 +801,8 @@ class MMFS(nn.Module):
         v = value if value_projected else self.value_proj(value)                 # (B, n, S, d_attn)
         v = v.reshape(B, n * value.shape[2], H, -1)                              # (B, n*S, H, D)
 
-        q = linear(query, self.dynamic_offset_mask)[:, None] + self.query_relpos(rel)  # (B, n, Lq, d_query)
+        q = linear(query, self.dynamic_offset_mask, norm=query_norm)             # (B, Lq, d_query)
+        q = q[:, None] + self.query_relpos(rel)                                  # (B, n, Lq, d_query)
         scale, shapes, starts = self.level_tables(n, q.dtype, q.device)          # (.., Lv, ..), (n*Lv, 2), (n*Lv,)
         offsets = linear(q, self.sampling_offsets).view(B, n, Lq, H, 1, P, 2) * scale
         offsets = offsets.permute(0, 2, 3, 1, 4, 5, 6).reshape(B, Lq, H, n * Lv, P, 2)
@@ -1334,7 +1336,7 @@ class LlamaMMFSAttention(nn.Module):
         # every query uses the single reference point (0.5, 0.5): where to look is all in the offsets
         ref = h.new_full((1, h.shape[1], 2), 0.5)
         feats = vision_hidden_states if value_projected else self.norm2(vision_hidden_states)
-        out = self.attn(self.norm1(h), ref, feats, cross_attention_mask, check_mask, value_projected)
+        out = self.attn(h, ref, feats, cross_attention_mask, check_mask, value_projected, query_norm=self.norm1)
         return out * self.gate.tanh()
 
 

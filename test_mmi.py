@@ -648,6 +648,38 @@ def test_compiled_decoding_step_equals_the_eager_step():
     assert torch.equal(a["text_ids"], b["text_ids"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_decoding_through_the_gemv_is_as_accurate_as_the_layers(monkeypatch):
+    """In bf16 on CUDA a decoding step's matmuls go through kernels.cu's gemv, with the LLaMA blocks' and MMFS's
+    RMSNorms and the residual adds folded in. Against a float32 recomputation of the whole sequence, its logits are
+    no further off than a bf16 recomputation through the layers themselves (many rows: no gemv)."""
+    if not mmi.kernels_used("cuda"):
+        pytest.skip("kernels.cu is not available")
+    normed = []
+    real = mmi._gemv_op
+    monkeypatch.setattr(mmi, "_gemv_op", lambda *a: normed.append(a[4] is not None) or real(*a))
+    model = tiny_model(seed=9).cuda().eval()
+    batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    forced = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]], device="cuda")
+
+    def logits(cached):
+        decoder = _decoders(model, batch, 4, cuda_graph=False)[0 if cached else 1]
+        with torch.no_grad():
+            decoder.prefill()
+            return [decoder.step(forced[:, i]) for i in range(3)]
+
+    reference = logits(cached=False)                                        # float32, the layers
+    model.to(torch.bfloat16)
+    batch["image_tensors"] = batch["image_tensors"].to(torch.bfloat16)
+    layers = logits(cached=False)
+    assert not normed
+    steps = logits(cached=True)
+    assert normed.count(True) >= 3 * 2 * model.cfg.llm.num_hidden_layers  # qkv and gate/up of every layer, each step
+    for got, base, ref in zip(steps, layers, reference):
+        assert rel_err(got, ref) <= 1.5 * rel_err(base, ref)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training signal
 # ---------------------------------------------------------------------------------------------------------------
