@@ -328,6 +328,13 @@ PRESETS = {"mmi-13b": _preset_mmi_13b, "tiny": _preset_tiny}
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def rms_norm(x, weight, eps):
+    # the variance is taken in float32 whatever the activation dtype, as LLaMA does
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -336,13 +343,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x, weight, eps):
-    # the variance is taken in float32 whatever the activation dtype, as LLaMA does
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
 
 
 class LayerNorm2d(nn.Module):
