@@ -235,7 +235,7 @@ def bench_train(args):
     argv = [f"--preset={args.preset}", "--data=synthetic", f"--seq_len={seq_len}", f"--images_per_row={images}",
             f"--batch_size={args.rows}", f"--max_steps={args.steps}", "--warmup_steps=1", "--log_interval=1",
             "--eval_interval=0", "--ckpt_interval=-1", "--export=false", "--progress=false", f"--out_dir={out}",
-            "--activation_checkpointing=true", f"--frozen_dtype={args.frozen_dtype}",
+            "--activation_checkpointing=true", f"--frozen_dtype={args.frozen_dtype}", f"--compile={args.compile}",
             f"--device={'cuda' if cuda else 'cpu'}", f"--dtype={'bfloat16' if cuda else 'float32'}",
             f"--peak_flops={peak * 1e12 if cuda else 1.0}"]
     config = os.path.join(out, "bench.py")
@@ -249,7 +249,7 @@ def bench_train(args):
     if int(os.environ.get("RANK", "0")) != 0:                     # rank 0 wrote the metrics
         return
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    steady = rows[1:] or rows                                      # the first step includes warm-up work
+    steady = rows[2 if args.compile else 1:] or rows               # the first steps include warm-up (compilation)
     step_s = sum(r["time_s"] for r in steady) / len(steady)
     samples = sum(r["samples_per_s"] for r in steady) / len(steady)
     mfu = sum(r["mfu"] for r in steady) / len(steady)
@@ -257,7 +257,8 @@ def bench_train(args):
     card = torch.cuda.get_device_name() if cuda else "cpu"
     gpus = f"{world} x {card} (FSDP)" if world > 1 else card
     print(f"train, {args.preset}, {gpus}: {args.rows} rows x {seq_len} tokens per GPU, {images} images/row, "
-          f"activation checkpointing, frozen weights in {args.frozen_dtype}")
+          f"activation checkpointing, frozen weights in {args.frozen_dtype}" +
+          (", blocks compiled" if args.compile else ""))
     mfu_text = f"MFU {100 * mfu:.1f}% of the measured matmul peak {peak:.0f} TFLOP/s" if cuda else "MFU n/a on a CPU"
     print(f"  step {step_s:.3f} s, {samples:.2f} samples/s in all, {mfu_text}, peak memory {mem:.1f} GiB on rank 0, "
           f"whole run {total:.0f} s")
@@ -403,6 +404,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps")
     parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")
     parser.add_argument("--new_tokens", type=int, default=128, help="sample: tokens to decode")
+    parser.add_argument("--compile", action="store_true", help="train: torch.compile the repeated blocks")
     args = parser.parse_args()
     SECTIONS[args.section](args)
 

@@ -81,6 +81,7 @@ class TrainConfig:
     frozen_dtype: str = "float32"                # "bfloat16" stores frozen weights (never updated) in bf16
     fsdp: bool = True                            # shard with torch FSDP when torchrun starts several processes
     activation_checkpointing: bool = False       # recompute every LLM / CLIP / UNet block in the backward pass
+    compile: bool = False                        # torch.compile those blocks (their checkpointing compiled too)
     seed: int = 32
     tf32: bool = True
     # logging, evaluation, checkpoints
@@ -166,7 +167,8 @@ def model_config(tc):
     cfg = mmi.apply_overrides(mmi.MMIConfig.from_preset(tc.preset), tc.model_overrides)
     if tc.vae_from:   # the latent scale belongs to the VAE: take the one measured when it was trained
         cfg = mmi.apply_overrides(cfg, {"vae.scaling_factor": read_vae_scaling_factor(tc.vae_from)})
-    return dataclasses.replace(cfg, gradient_checkpointing=tc.activation_checkpointing)
+    # with compile, compile_blocks does the checkpointing (inside the compiled function), not the model's loops
+    return dataclasses.replace(cfg, gradient_checkpointing=tc.activation_checkpointing and not tc.compile)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,6 +455,42 @@ def fsdp_blocks(model):
         blocks += [*sd.mmfs_module.mmfs_down_blocks, sd.mmfs_module.mmfs_mid_block]
         blocks.append(model.image_decoder.perceiver_resampler)
     return blocks
+
+
+def repeated_blocks(model):
+    """The blocks the model runs one after another and checkpoints with gradient_checkpointing: CLIP and LLaMA
+    layers, UNet and UNet-MMFS blocks (the VAE's for VAE training)."""
+    if isinstance(model, VAETraining):
+        return list(model.vae.encoder.down_blocks) + list(model.vae.decoder.up_blocks)
+    blocks = list(model.visual_tokenizer.encoder["vision_model"].encoder["layers"]) + list(model.mm_decoder.layers)
+    if model.image_decoder is not None:
+        sd = model.image_decoder.decoder
+        blocks += [*sd.unet.down_blocks, sd.unet.mid_block, *sd.unet.up_blocks]
+        blocks += [*sd.mmfs_module.mmfs_down_blocks, sd.mmfs_module.mmfs_mid_block]
+    return blocks
+
+
+def _block_forward(block, *args, **kwargs):
+    return type(block).forward(block, *args, **kwargs)
+
+
+def _checkpointed_block_forward(block, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
+
+
+def compile_blocks(model, checkpoint, backend="inductor"):
+    """Each repeated block's forward through torch.compile while gradients are on (training), with its activation
+    checkpointing inside the compiled function: compile around checkpoint, so that the backward pass's
+    recomputation is compiled too (checkpoint around a compiled block recompiles or breaks). The forward is
+    replaced, not the module: state_dict keys stay, and FSDP's hooks, which run around forward, stay outside.
+    The block is an argument of the compiled function, so blocks of one structure share one compiled graph."""
+    run = torch.compile(_checkpointed_block_forward if checkpoint else _block_forward, backend=backend)
+
+    def forward(block, *args, **kwargs):
+        return (run if torch.is_grad_enabled() else _block_forward)(block, *args, **kwargs)
+
+    for block in repeated_blocks(model):
+        block.forward = types.MethodType(forward, block)
 
 
 def shard_model(model, tc, device):
@@ -757,6 +795,8 @@ def main(argv=None):
         for p in model.parameters():
             if not p.requires_grad and p not in keep:
                 p.data = p.data.to(torch.bfloat16)
+    if tc.compile:
+        compile_blocks(model, tc.activation_checkpointing)
     raw_model = model
     if distributed:
         model = shard_model(model, tc, device)     # moves the shards to the device
