@@ -760,14 +760,18 @@ class MMFS(nn.Module):
     def level_tables(self, n, dtype, device):
         """Offset scales (1, 1, 1, 1, Lv, 1, 1), the (H, W) of the n*Lv image-levels and their start indexes.
         Made once per (n, dtype, device) and kept: built from Python numbers on every call they would cost a
-        host-to-device copy each time, which a CUDA graph cannot capture."""
+        host-to-device copy each time, which a CUDA graph cannot capture. Inside torch.compile they are made, not
+        kept (a compiled region may not write module state; its graph holds them as constants)."""
         key = (n, dtype, torch.device(device))
         if key not in self._level_tables:
             # ordinary tensors even under inference_mode, so a later training step may save them for backward
             with torch.inference_mode(False):
                 scale = torch.tensor(self.scale_ratios, dtype=dtype, device=device).view(1, 1, 1, 1, -1, 1, 1)
                 shapes = torch.tensor([(s, s) for s in self.spatial_shapes] * n, dtype=torch.long, device=device)
-                self._level_tables[key] = (scale, shapes, level_start_index(shapes))
+                tables = (scale, shapes, level_start_index(shapes))
+            if torch.compiler.is_compiling():
+                return tables
+            self._level_tables[key] = tables
         return self._level_tables[key]
 
     def check_image_count(self, rel):
@@ -1983,8 +1987,11 @@ class MMFSBlock(nn.Module):
 
     def pos_for(self, h: int, w: int, dtype):
         """The table resized to h x w, cached: CUDA's bicubic kernel loops over channels and costs ~3 ms a call
-        at C=1280, more than the rest of the block. The key holds the Parameter's version, so loading refreshes."""
+        at C=1280, more than the rest of the block. The key holds the Parameter's version, so loading refreshes.
+        Inside torch.compile it is resized, not cached (a compiled region may not write module state)."""
         p = self.pos_embed
+        if torch.compiler.is_compiling():
+            return resize_pos_embed(p.detach(), (h, w)).to(dtype)
         key = (h, w, dtype, p.device, p.data_ptr(), p._version)
         if key not in self._pos_cache:
             self._pos_cache = {key: resize_pos_embed(p.detach(), (h, w)).to(dtype)}
@@ -2558,9 +2565,10 @@ class MMInterleaved(nn.Module):
                 raise ValueError(f"row {b}: num_image_per_seq says {int(num[b])} images, text has {int(n_soi[b])} "
                                  f"<|beginofimage|> and {int(n_img_tok[b])} <|image|> tokens "
                                  f"(expected {int(num[b]) * c.num_img_token} = {int(num[b])} x {c.num_img_token})")
-        if B and int(num.max()) > c.mmfs.max_num_image_per_seq:
-            raise ValueError(f"a row has {int(num.max())} images, more than max_num_image_per_seq "
-                             f"{c.mmfs.max_num_image_per_seq}")
+        if B and int(num.max()) >= c.mmfs.max_num_image_per_seq:   # MMFS's relative positions: 0 = no image, 1..
+            raise ValueError(f"a row has {int(num.max())} images; MMFS sees at most "
+                             f"{c.mmfs.max_num_image_per_seq - 1} (max_num_image_per_seq {c.mmfs.max_num_image_per_seq} "
+                             f"counts its relative positions, 0 meaning no image)")
         images = batch.get("image_tensors")
         n_images = 0 if images is None else images.shape[0]
         if n_images != int(num.sum()):
@@ -2603,7 +2611,8 @@ class MMInterleaved(nn.Module):
         embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
         # positions run 0..L-1 over the packed row and attention is causal over all of it (SPEC §1.5)
         pos = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
-        h = self.mm_decoder(embeds, pos, vision, xmask, checkpoint=c.gradient_checkpointing)
+        # validate_batch checked the image count, so MMFS need not read it back in every layer (a host sync)
+        h = self.mm_decoder(embeds, pos, vision, xmask, checkpoint=c.gradient_checkpointing, check_mask=False)
 
         logits = self.text_decoder(h).float()
         if batch.get("gt_text_ids") is not None:

@@ -730,9 +730,10 @@ def test_bad_batches_are_clear_errors():
     with pytest.raises(ValueError, match="row 0: num_image_per_seq says 2 images, text has 2 <|beginofimage|> and 15"):
         model(dict(good, text_ids=cut))
     small = mmi.MMInterleaved(mmi.apply_overrides(cfg, {"mmfs.max_num_image_per_seq": 2}))
-    many = make_batch(cfg, [[BOS, "img", "img", "img"]], 30)
-    with pytest.raises(ValueError, match="a row has 3 images, more than max_num_image_per_seq 2"):
+    many = make_batch(cfg, [[BOS, "img", "img"]], 30)     # relative positions 1, 2: the table has rows 0, 1
+    with pytest.raises(ValueError, match=r"a row has 2 images; MMFS sees at most 1 \(max_num_image_per_seq 2"):
         small(many)
+    small(make_batch(cfg, [[BOS, "img", 5]], 30))
 
 
 # ---------------------------------------------------------------------------------------------------------------

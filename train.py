@@ -484,12 +484,16 @@ def compile_blocks(model, checkpoint, backend="inductor"):
     recomputation is compiled too (checkpoint around a compiled block recompiles or breaks). The forward is
     replaced, not the module: state_dict keys stay, and FSDP's hooks, which run around forward, stay outside.
     The block is an argument of the compiled function, so blocks of one structure share one compiled graph."""
+    blocks = repeated_blocks(model)
     run = torch.compile(_checkpointed_block_forward if checkpoint else _block_forward, backend=backend)
+    # every block goes through this one function: each distinct structure (a CLIP layer, a LLaMA layer with and
+    # without MMFS, each UNet block's shapes) is one entry of its cache, more than dynamo's default limit of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
 
     def forward(block, *args, **kwargs):
         return (run if torch.is_grad_enabled() else _block_forward)(block, *args, **kwargs)
 
-    for block in repeated_blocks(model):
+    for block in blocks:
         block.forward = types.MethodType(forward, block)
 
 
