@@ -786,7 +786,8 @@ class MMFS(nn.Module):
         with S = sum of the levels' H*W (image-major, levels in `spatial_shapes` order, row-major tokens);
         mask [B, n] (every query sees the same images) or [B, Lq', n] (per query; when Lq' != Lq only the last row
         is used, which is how decoding steps see the images visible to the prompt's last token). -> [B, Lq, d_out]
-        check_mask=False skips check_image_count, the one host sync here. value_projected: `value` is already
+        check_mask=False skips check_image_count, the one host sync here (needed only when the mask has
+        max_num_image_per_seq images or more). value_projected: `value` is already
         value_proj(value) [B, n, S, d_attn], made once by a caller whose values do not change (a sampler's steps).
         query_norm: an RMSNorm the query goes through first (fused into the first matmul of a decoding step).
         """
@@ -798,7 +799,7 @@ class MMFS(nn.Module):
             m = m[:, -1:]
         # relative image index: the latest visible image is 1, the one before 2, ..., invisible images 0
         rel = (m.sum(-1, keepdim=True) + 1 - m.cumsum(-1)) * m
-        if check_mask:
+        if check_mask and m.shape[-1] >= self.max_num_image_per_seq:   # rel <= the image count: fewer cannot overflow
             self.check_image_count(rel)
         rel = rel[:, :, None] if m.dim() == 2 else rel.transpose(1, 2)           # (B, n, Lq or 1)
 
@@ -2565,10 +2566,10 @@ class MMInterleaved(nn.Module):
                 raise ValueError(f"row {b}: num_image_per_seq says {int(num[b])} images, text has {int(n_soi[b])} "
                                  f"<|beginofimage|> and {int(n_img_tok[b])} <|image|> tokens "
                                  f"(expected {int(num[b]) * c.num_img_token} = {int(num[b])} x {c.num_img_token})")
-        if B and int(num.max()) >= c.mmfs.max_num_image_per_seq:   # MMFS's relative positions: 0 = no image, 1..
-            raise ValueError(f"a row has {int(num.max())} images; MMFS sees at most "
-                             f"{c.mmfs.max_num_image_per_seq - 1} (max_num_image_per_seq {c.mmfs.max_num_image_per_seq} "
-                             f"counts its relative positions, 0 meaning no image)")
+        limit = c.mmfs.max_num_image_per_seq        # MMFS's relative positions: 0 = no image, then 1, 2, ...
+        if B and int(num.max()) >= limit:
+            raise ValueError(f"a row has {int(num.max())} images; MMFS sees at most {limit - 1} "
+                             f"(max_num_image_per_seq {limit} counts its relative positions, 0 meaning no image)")
         images = batch.get("image_tensors")
         n_images = 0 if images is None else images.shape[0]
         if n_images != int(num.sum()):
