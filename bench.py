@@ -326,7 +326,13 @@ def bench_sample(args):
         decode(3)                                                              # warm-up (and compilation)
         t_first = min(timed(lambda: decode(2)) for _ in range(3))             # prefill + capture + one step
         stamps, step = [], mmi._Decoder.step
-        mmi._Decoder.step = lambda decoder, tokens: (step(decoder, tokens), stamps.append(stamp()))[0]
+
+        def stamped_step(decoder, tokens):
+            logits = step(decoder, tokens)
+            stamps.append(stamp())
+            return logits
+
+        mmi._Decoder.step = stamped_step
         try:
             runs = []
             for _ in range(3):

@@ -2612,8 +2612,7 @@ class MMInterleaved(nn.Module):
         embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
         # positions run 0..L-1 over the packed row and attention is causal over all of it (SPEC §1.5)
         pos = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
-        # validate_batch checked the image count, so MMFS need not read it back in every layer (a host sync)
-        h = self.mm_decoder(embeds, pos, vision, xmask, checkpoint=c.gradient_checkpointing, check_mask=False)
+        h = self.mm_decoder(embeds, pos, vision, xmask, checkpoint=c.gradient_checkpointing)
 
         logits = self.text_decoder(h).float()
         if batch.get("gt_text_ids") is not None:
