@@ -652,7 +652,7 @@ def test_compiled_decoding_step_equals_the_eager_step():
 def test_bf16_decoding_through_the_gemv_is_as_accurate_as_the_layers(monkeypatch):
     """In bf16 on CUDA a decoding step's matmuls go through kernels.cu's gemv, with the LLaMA blocks' and MMFS's
     RMSNorms and the residual adds folded in. Against a float32 recomputation of the whole sequence, its logits are
-    no further off than a bf16 recomputation through the layers themselves (many rows: no gemv)."""
+    no further off than a bf16 recomputation through the layers themselves (many rows: no norm folded into a gemv)."""
     if not mmi.kernels_used("cuda"):
         pytest.skip("kernels.cu is not available")
     normed = []
@@ -673,7 +673,7 @@ def test_bf16_decoding_through_the_gemv_is_as_accurate_as_the_layers(monkeypatch
     model.to(torch.bfloat16)
     batch["image_tensors"] = batch["image_tensors"].to(torch.bfloat16)
     layers = logits(cached=False)
-    assert not normed
+    assert not any(normed)                                              # the head's gemv at most: no norm folded
     steps = logits(cached=True)
     assert normed.count(True) >= 3 * 2 * model.cfg.llm.num_hidden_layers  # qkv and gate/up of every layer, each step
     for got, base, ref in zip(steps, layers, reference):
@@ -3869,6 +3869,7 @@ def _compiled_blocks_match_eager(device, backend):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]                  # counters outlive reset(): other tests compile
     cfg = dataclasses.replace(mmi.MMIConfig.from_preset("tiny"), gradient_checkpointing=True)
     batch = make_batch(cfg, [[BOS, 20, 21, "img", 22, 23, 24, "img", 25, EOS], [BOS, "img", 26, 27, 28, EOS]], 40)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -3896,7 +3897,7 @@ def _compiled_blocks_match_eager(device, backend):
     for name, g in want_grads.items():
         assert (got_grads[name] - g).norm() <= 1e-5 * g.norm() + 1e-7 * scale, name
     graphs = counters["stats"]["unique_graphs"]
-    assert 0 < graphs < len(train.repeated_blocks(compiled))
+    assert 0 < graphs - graphs_before < len(train.repeated_blocks(compiled))
     with torch.no_grad():
         compiled.eval()(batch)
     assert counters["stats"]["unique_graphs"] == graphs                  # nothing compiled without gradients
