@@ -9,8 +9,9 @@
 // input, in runs of 4 channels; see load_lane). The group's points are fetched cooperatively (thread j
 // reads point j) and handed round with shuffles. The value gradient is scattered with float atomics into a
 // float32 buffer (vector atomics on sm_90), most of it first summed per pixel in shared memory by a block that
-// serves many queries of one head (see "binned value gradient"); location and weight gradients are summed over the group with a
-// butterfly that leaves thread j holding the total of point j, so they are written once, coalesced. With fewer
+// serves many queries of one head (see "binned value gradient"); location and weight gradients are summed over
+// the group with a butterfly that leaves thread j holding the total of point j, so they are written once,
+// coalesced. With fewer
 // groups than the GPU has SMs (decoding: one query), the forward spreads each group's points over a block instead.
 //
 // Also here: gemv, the decoding step's matmuls (a few rows of x times each weight), see "decoding matmuls".
