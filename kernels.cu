@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_kernel(
 // an entry (pixel, weight); the entries are counting-sorted by pixel in shared memory (integer atomics only), then
 // each (pixel, 4 channels) sums its entries' weight x grad_out from a shared copy of the block's grad_out and adds
 // the total with one atomic. A level of n pixels thus costs at most n x D/4 atomics a block instead of
-// entries x D/4 (an 8x8 map at 128 queries x 8 points: 32x fewer). Summing into shared memory with float atomics
+// entries x D/4 (an 8x8 map at 128 queries x 8 points: 64x fewer). Summing into shared memory with float atomics
 // instead gained only 3-9% when tried: many queries land on the same few pixels. Levels larger than kBinPixels
 // keep the direct atomics; the location and weight gradients are computed as above.
 constexpr int kBinEntries = 4096;  // (query, point, corner) slots of one block and level
