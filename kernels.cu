@@ -484,9 +484,9 @@ constexpr int kBinPixels = 4096;   // larger levels scatter directly
 
 // Queries of a (b, m) head per block, a multiple of the groups per block, 0 where P is too large to bin.
 int bin_queries(int P, int G) {
-  const int groups = kThreads / G;
-  const int per_group = std::min(4, kBinEntries / (4 * P * groups));
-  return per_group * groups;
+  const int64_t groups = kThreads / G;
+  const int64_t per_group = std::min<int64_t>(4, kBinEntries / (4 * static_cast<int64_t>(P) * groups));
+  return static_cast<int>(per_group * groups);
 }
 
 size_t bin_smem_bytes(int block_queries, int D, int L) {
@@ -930,6 +930,13 @@ void launch_backward(const Inputs& in, const at::Tensor& grad_out, const at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Dynamic shared memory a block may use on the inputs' device once the kernel opts in.
+int max_shared_bytes(const Inputs& in) {
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, in.value.get_device()));
+  return limit;
+}
+
 // Queries of one head per block (bin_queries), grid: every (b, m) times its query tiles.
 template <typename T, int VEC, int G>
 void launch_backward_binned(const Inputs& in, int block_queries, const at::Tensor& grad_out,
@@ -938,9 +945,10 @@ void launch_backward_binned(const Inputs& in, int block_queries, const at::Tenso
   const int64_t q_tiles = (in.g.Q + block_queries - 1) / block_queries;
   const int blocks = static_cast<int>(in.B * in.g.M * q_tiles);
   const size_t smem = bin_smem_bytes(block_queries, in.g.D, in.g.L);
-  // Above 48 KiB of dynamic shared memory a kernel must opt in (sm_90 allows 227 KiB).
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (sm_90 allows 227 KiB). Always the device's limit,
+  // so that calls from several threads never lower it under one another's launch.
   C10_CUDA_CHECK(cudaFuncSetAttribute(msda_backward_binned_kernel<N, VEC, G>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, max_shared_bytes(in)));
   msda_backward_binned_kernel<N, VEC, G><<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const N*>(in.value.data_ptr<T>()), in.shapes.data_ptr<int64_t>(),
       in.starts.data_ptr<int64_t>(), reinterpret_cast<const N*>(in.loc.data_ptr<T>()),
@@ -953,10 +961,8 @@ void launch_backward_binned(const Inputs& in, int block_queries, const at::Tenso
 // The binned backward where it applies: float accumulation, one channel chunk per group, few enough points, and
 // its shared memory within the device's limit.
 bool can_bin(const Inputs& in, int G, int vec, int block_queries) {
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, in.value.get_device()));
   return G * vec == in.g.D && block_queries > 0 &&
-         bin_smem_bytes(block_queries, in.g.D, in.g.L) <= static_cast<size_t>(limit);
+         bin_smem_bytes(block_queries, in.g.D, in.g.L) <= static_cast<size_t>(max_shared_bytes(in));
 }
 
 // Picks the instantiation: 16 bytes per thread and corner when D and the pointers allow, else one channel per
