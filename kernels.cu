@@ -8,9 +8,11 @@
 // Work split: a group of G consecutive threads owns one (b, q, m) and VEC channels per thread (16 bytes of
 // input, in runs of 4 channels; see load_lane). The group's points are fetched cooperatively (thread j
 // reads point j) and handed round with shuffles. The value gradient is scattered with float atomics into a
-// float32 buffer (vector atomics on sm_90); location and weight gradients are summed over the group with a
-// butterfly that leaves thread j holding the total of point j, so they are written once, coalesced. With fewer
-// groups than the GPU has SMs (decoding: one query), the forward spreads each group's points over a block instead.
+// float32 buffer (vector atomics on sm_90), most of it first summed per pixel in shared memory by a block that
+// serves many queries of one head (see "binned value gradient"); location and weight gradients are summed over
+// the group with a butterfly that leaves thread j holding the total of point j, so they are written once,
+// coalesced. With fewer groups than the GPU has SMs (decoding: one query), the forward spreads each group's
+// points over a block instead.
 //
 // Also here: gemv, the decoding step's matmuls (a few rows of x times each weight), see "decoding matmuls".
 
@@ -468,6 +470,214 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_kernel(
   }
 }
 
+// Binned value gradient. The kernel above sends every sample's value gradient to global memory with atomics (4
+// corners x D channels a sample), and those float32 atomics are most of the backward's time. Here a block serves
+// `block_queries` queries of one (b, m) head and, level by level, lists each (query, point, corner) it scatters as
+// an entry (pixel, weight); the entries are counting-sorted by pixel in shared memory (integer atomics only), then
+// each (pixel, 4 channels) sums its entries' weight x grad_out from a shared copy of the block's grad_out and adds
+// the total with one atomic. A level of n pixels thus costs at most n x D/4 atomics a block instead of
+// entries x D/4 (an 8x8 map at 128 queries x 8 points: 64x fewer). Summing into shared memory with float atomics
+// instead gained only 3-9% when tried: many queries land on the same few pixels. Levels larger than kBinPixels
+// keep the direct atomics; the location and weight gradients are computed as above.
+constexpr int kBinEntries = 4096;  // (query, point, corner) slots of one block and level
+constexpr int kBinPixels = 4096;   // larger levels scatter directly
+
+// Queries of a (b, m) head per block, a multiple of the groups per block, 0 where P is too large to bin.
+int bin_queries(int P, int G) {
+  const int64_t groups = kThreads / G;
+  const int64_t per_group = std::min<int64_t>(4, kBinEntries / (4 * static_cast<int64_t>(P) * groups));
+  return static_cast<int>(per_group * groups);
+}
+
+size_t bin_smem_bytes(int block_queries, int D, int L) {
+  return sizeof(float) * block_queries * D                  // grad_out of the block's queries
+         + (sizeof(float) + sizeof(int) + sizeof(uint16_t)) * kBinEntries  // entry weight, pixel, sorted order
+         + sizeof(int) * (kBinPixels + kThreads / 32 + 3 * L);              // bins, warp sums, level table
+}
+
+// In-place exclusive prefix sum of a[0, n) by the whole block (n <= kBinPixels); ends with a barrier.
+__device__ __forceinline__ void block_exclusive_scan(int* a, int n, int* warp_sums) {
+  const int per = (n + kThreads - 1) / kThreads;
+  const int begin = min(n, static_cast<int>(threadIdx.x) * per), end = min(n, begin + per);
+  int own = 0;
+  for (int i = begin; i < end; ++i) own += a[i];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int x = own;  // inclusive scan of the threads' sums within the warp
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int y = __shfl_up_sync(kFullMask, x, off);
+    if (lane >= off) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kThreads / 32 ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int y = __shfl_up_sync(kFullMask, w, off);
+      if (lane >= off) w += y;
+    }
+    if (lane < kThreads / 32) warp_sums[lane] = w;
+  }
+  __syncthreads();
+  int run = x - own + (warp > 0 ? warp_sums[warp - 1] : 0);
+  for (int i = begin; i < end; ++i) {
+    const int count = a[i];
+    a[i] = run;
+    run += count;
+  }
+  __syncthreads();
+}
+
+// One block: queries [q0, q0 + block_queries) of head (b, m); group `slot` takes queries slot, slot + groups, ...
+// Needs D == G * VEC (one channel chunk per group) and block_queries * P * 4 <= kBinEntries.
+template <typename T, int VEC, int G>
+__global__ void __launch_bounds__(kThreads, 1) msda_backward_binned_kernel(
+    const T* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+    const T* __restrict__ loc, const T* __restrict__ attn, const T* __restrict__ grad_out,
+    float* __restrict__ grad_value, T* __restrict__ grad_loc, T* __restrict__ grad_attn, Geometry g,
+    int block_queries) {
+  using A = float;
+  constexpr int kGroups = kThreads / G;
+  constexpr int PB = G < 8 ? G : 8;
+  constexpr int RUN = run_len<VEC>();
+  extern __shared__ float4 binned_smem[];
+  float* go_s = reinterpret_cast<float*>(binned_smem);              // [block_queries][D]
+  float* weight = go_s + block_queries * g.D;                        // [kBinEntries]
+  int* pixel = reinterpret_cast<int*>(weight + kBinEntries);         // [kBinEntries], -1: nothing to scatter
+  int* bins = pixel + kBinEntries;                                   // [kBinPixels]: counts, then bin ends
+  int* warp_sums = bins + kBinPixels;                                // [kThreads / 32]
+  int* levels = warp_sums + kThreads / 32;                           // [3 L]
+  uint16_t* order = reinterpret_cast<uint16_t*>(levels + 3 * g.L);   // [kBinEntries]: entries sorted by pixel
+  load_levels(levels, shapes, starts, g.L);
+
+  const int64_t q_tiles = (g.Q + block_queries - 1) / block_queries;
+  const int64_t bm = blockIdx.x / q_tiles;  // b * M + m
+  const int64_t b = bm / g.M;
+  const int m = static_cast<int>(bm % g.M);
+  const int64_t q0 = (blockIdx.x % q_tiles) * block_queries;
+  const int lane = threadIdx.x % G, slot = threadIdx.x / G;
+  const int64_t pix = static_cast<int64_t>(g.M) * g.D;
+  const int64_t head_offset = b * g.S * pix + static_cast<int64_t>(m) * g.D;
+  const int c0 = lane * RUN;
+
+  // The block's grad_out, float, zero past the last query.
+  for (int i = threadIdx.x; i < block_queries * g.D / 4; i += kThreads) {
+    const int ql = 4 * i / g.D, c = 4 * i % g.D;
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    if (q0 + ql < g.Q) load_vec<T, 4>(grad_out + ((b * g.Q + q0 + ql) * g.M + m) * g.D + c, v);
+    reinterpret_cast<float4*>(go_s)[i] = make_float4(v[0], v[1], v[2], v[3]);
+  }
+  __syncthreads();
+
+  for (int l = 0; l < g.L; ++l) {
+    const int H = levels[3 * l], W = levels[3 * l + 1];
+    const bool binned = static_cast<int64_t>(H) * W <= kBinPixels;  // block-uniform: the barriers are safe
+    const int n_pixels = binned ? H * W : 0;
+    const int64_t level_offset = head_offset + static_cast<int64_t>(levels[3 * l + 2]) * pix;
+    for (int i = threadIdx.x; i < n_pixels; i += kThreads) bins[i] = 0;
+    __syncthreads();
+
+    for (int ql = slot; ql < block_queries; ql += kGroups) {
+      // Queries past the last one mirror it (the group's shuffles need every lane) and write nothing.
+      const bool active = q0 + ql < g.Q;
+      const int64_t group = (b * g.Q + (active ? q0 + ql : g.Q - 1)) * g.M + m;
+      const T* loc_g = loc + group * g.L * g.P * 2;
+      const T* attn_g = attn + group * g.L * g.P;
+      A go[VEC];
+#pragma unroll
+      for (int r = 0; r < VEC / RUN; ++r)
+#pragma unroll
+        for (int i = 0; i < RUN; ++i) go[r * RUN + i] = go_s[ql * g.D + c0 + r * RUN * G + i];
+
+      for (int p0 = 0; p0 < g.P; p0 += PB) {
+        const int pj = p0 + lane % PB;
+        A my_x = A(0), my_y = A(0), my_a = A(0);
+        if (pj < g.P) {
+          const int64_t k = static_cast<int64_t>(l) * g.P + pj;
+          my_x = to_acc(loc_g[2 * k]) * W - A(0.5);
+          my_y = to_acc(loc_g[2 * k + 1]) * H - A(0.5);
+          my_a = to_acc(attn_g[k]);
+        }
+        const bool my_inside = my_y >= A(-1) && my_x >= A(-1) && my_y < A(H) && my_x < A(W);
+        if (binned && lane < PB && pj < g.P) {  // this lane's point: four entries, -1 where nothing scatters
+          const int e = (ql * g.P + pj) * 4;
+          if (active && my_inside && my_a != A(0)) {
+            const Footprint<A> f(my_x, my_y, H, W);
+            const Corners<A> c(f, 1, W);
+            const int first = f.h0 * W + f.w0;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              pixel[e + k] = c.valid[k] ? first + static_cast<int>(c.offset[k]) : -1;
+              weight[e + k] = c.weight[k] * my_a;
+              if (c.valid[k]) atomicAdd(bins + first + c.offset[k], 1);
+            }
+          } else {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) pixel[e + k] = -1;
+          }
+        }
+        A gx[PB], gy[PB], ga[PB];
+#pragma unroll
+        for (int j = 0; j < PB; ++j) {
+          const A x = __shfl_sync(kFullMask, my_x, j, G);
+          const A y = __shfl_sync(kFullMask, my_y, j, G);
+          const A a = __shfl_sync(kFullMask, my_a, j, G);
+          gx[j] = gy[j] = ga[j] = A(0);
+          const bool inside = y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W);
+          if (p0 + j < g.P && inside) {
+            const Footprint<A> f(x, y, H, W);
+            const int64_t corner = level_offset + (static_cast<int64_t>(f.h0) * W + f.w0) * pix;
+            A d[4] = {A(0), A(0), A(0), A(0)};
+            const A a_scatter = active && !binned ? a : A(0);  // binned levels scatter below
+            sample_backward<T, VEC, G>(value + corner + c0, grad_value + corner + c0, pix, W, f, a_scatter, go, d);
+            ga[j] = f.hh * f.hw * d[0] + f.hh * f.lw * d[1] + f.lh * f.hw * d[2] + f.lh * f.lw * d[3];
+            gx[j] = f.hh * (d[1] - d[0]) + f.lh * (d[3] - d[2]);
+            gy[j] = f.hw * (d[2] - d[0]) + f.lw * (d[3] - d[1]);
+          }
+        }
+        const A sx = reduce_scatter<G, PB>(gx, lane);
+        const A sy = reduce_scatter<G, PB>(gy, lane);
+        const A sa = reduce_scatter<G, PB>(ga, lane);
+        if (active && lane < PB && pj < g.P) {
+          const int64_t k = group * g.L * g.P + static_cast<int64_t>(l) * g.P + pj;
+          grad_loc[2 * k] = from_acc<T>(sx * my_a * A(W));
+          grad_loc[2 * k + 1] = from_acc<T>(sy * my_a * A(H));
+          grad_attn[k] = from_acc<T>(sa);
+        }
+      }
+    }
+    if (!binned) continue;
+
+    __syncthreads();                                   // every entry and count written
+    block_exclusive_scan(bins, n_pixels, warp_sums);   // bins[p]: where pixel p's entries start
+    const int n_entries = block_queries * g.P * 4;
+    for (int e = threadIdx.x; e < n_entries; e += kThreads) {
+      const int p = pixel[e];
+      if (p >= 0) order[atomicAdd(bins + p, 1)] = static_cast<uint16_t>(e);
+    }
+    __syncthreads();                                   // bins[p]: where pixel p's entries end
+    const int runs = g.D / 4;
+    for (int i = threadIdx.x; i < n_pixels * runs; i += kThreads) {
+      const int p = i / runs, c = 4 * (i % runs);
+      const int begin = p > 0 ? bins[p - 1] : 0, end = bins[p];
+      if (begin == end) continue;
+      float sum[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int s = begin; s < end; ++s) {
+        const int e = order[s];
+        const float w = weight[e];
+        const float4 go4 = reinterpret_cast<const float4*>(go_s)[(e / (4 * g.P) * g.D + c) / 4];
+        sum[0] += w * go4.x;
+        sum[1] += w * go4.y;
+        sum[2] += w * go4.z;
+        sum[3] += w * go4.w;
+      }
+      atomic_add_vec<4>(grad_value + level_offset + p * pix + c, sum);
+    }
+    __syncthreads();                                   // the next level reuses bins, entries and order
+  }
+}
+
 
 // ------------------------------------------------------------------------------------- decoding matmuls
 
@@ -720,6 +930,41 @@ void launch_backward(const Inputs& in, const at::Tensor& grad_out, const at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Dynamic shared memory a block may use on the inputs' device once the kernel opts in.
+int max_shared_bytes(const Inputs& in) {
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, in.value.get_device()));
+  return limit;
+}
+
+// Queries of one head per block (bin_queries), grid: every (b, m) times its query tiles.
+template <typename T, int VEC, int G>
+void launch_backward_binned(const Inputs& in, int block_queries, const at::Tensor& grad_out,
+                            const at::Tensor& grad_value_acc, at::Tensor& grad_loc, at::Tensor& grad_attn) {
+  using N = typename Native<T>::type;
+  const int64_t q_tiles = (in.g.Q + block_queries - 1) / block_queries;
+  const int blocks = static_cast<int>(in.B * in.g.M * q_tiles);
+  const size_t smem = bin_smem_bytes(block_queries, in.g.D, in.g.L);
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (sm_90 allows 227 KiB). Always the device's limit,
+  // so that calls from several threads never lower it under one another's launch.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(msda_backward_binned_kernel<N, VEC, G>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, max_shared_bytes(in)));
+  msda_backward_binned_kernel<N, VEC, G><<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const N*>(in.value.data_ptr<T>()), in.shapes.data_ptr<int64_t>(),
+      in.starts.data_ptr<int64_t>(), reinterpret_cast<const N*>(in.loc.data_ptr<T>()),
+      reinterpret_cast<const N*>(in.attn.data_ptr<T>()), reinterpret_cast<const N*>(grad_out.data_ptr<T>()),
+      grad_value_acc.data_ptr<float>(), reinterpret_cast<N*>(grad_loc.data_ptr<T>()),
+      reinterpret_cast<N*>(grad_attn.data_ptr<T>()), in.g, block_queries);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The binned backward where it applies: float accumulation, one channel chunk per group, few enough points, and
+// its shared memory within the device's limit.
+bool can_bin(const Inputs& in, int G, int vec, int block_queries) {
+  return G * vec == in.g.D && block_queries > 0 &&
+         bin_smem_bytes(block_queries, in.g.D, in.g.L) <= static_cast<size_t>(max_shared_bytes(in));
+}
+
 // Picks the instantiation: 16 bytes per thread and corner when D and the pointers allow, else one channel per
 // thread over a warp-wide group (correct for any D, slower). float64 (gradcheck only) always takes the latter.
 template <typename T, typename Launch16, typename Launch1>
@@ -795,10 +1040,19 @@ std::vector<at::Tensor> msda_backward(const at::Tensor& value, const at::Tensor&
         in.g.D, aligned16(in.value) && aligned16(grad_out),
         [&](int G) {
           if constexpr (!std::is_same<scalar_t, double>::value) {
-            if (G == 4) launch_backward<scalar_t, vec, 4>(in, grad_out, grad_value, grad_loc, grad_attn);
-            else if (G == 8) launch_backward<scalar_t, vec, 8>(in, grad_out, grad_value, grad_loc, grad_attn);
-            else if (G == 16) launch_backward<scalar_t, vec, 16>(in, grad_out, grad_value, grad_loc, grad_attn);
-            else launch_backward<scalar_t, vec, 32>(in, grad_out, grad_value, grad_loc, grad_attn);
+            const int block_queries = bin_queries(in.g.P, G);
+            const bool binned = can_bin(in, G, vec, block_queries);
+            auto launch = [&](auto group_size) {
+              constexpr int kG = decltype(group_size)::value;
+              if (binned)
+                launch_backward_binned<scalar_t, vec, kG>(in, block_queries, grad_out, grad_value, grad_loc, grad_attn);
+              else
+                launch_backward<scalar_t, vec, kG>(in, grad_out, grad_value, grad_loc, grad_attn);
+            };
+            if (G == 4) launch(std::integral_constant<int, 4>{});
+            else if (G == 8) launch(std::integral_constant<int, 8>{});
+            else if (G == 16) launch(std::integral_constant<int, 16>{});
+            else launch(std::integral_constant<int, 32>{});
           }
         },
         [&] { launch_backward<scalar_t, 1, 32>(in, grad_out, grad_value, grad_loc, grad_attn); });

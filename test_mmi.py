@@ -3487,6 +3487,25 @@ def test_kernel_forward_few_and_many_queries(dtype, B, Q, M, D, shapes, P):
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Q,P", [(300, 8), (70, 40)])
+def test_kernel_backward_over_query_tiles_and_many_points(dtype, Q, P):
+    """The backward bins a block's value gradient per level for up to 128 queries of one head: 300 queries span
+    several such blocks, the last one part-filled; 40 points leave too few bin slots at bf16 (the direct-atomics
+    kernel) but not at fp32 (one query per group). Masked image, a level too large to bin (76x80) beside small ones."""
+    kernel = mmi._load_kernels()
+    assert kernel is not None, mmi._kernels_failure
+    shapes = [(76, 80), (8, 8), (16, 16), (1, 3)]
+    inputs = make_inputs(2, Q, 2, 64, shapes, P, dtype, "cuda", masked_levels=(2,), seed=Q + P)
+    grad_out = torch.randn(2, Q, 2 * 64, device="cuda").to(dtype)
+    expected = reference_float64(inputs, grad_out)
+    grads = kernel.backward(*inputs, grad_out, poison=True)
+    for name, got, ref in zip(["grad_value", "grad_loc", "grad_attn"], grads, expected[1:]):
+        assert torch.isfinite(got).all(), f"{name}: unwritten (NaN) elements"
+        assert rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 1e-2), f"{name}: {rel_err(got, ref):.2e}"
+
+
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("R,N,K,n_layers,bias,glu,norm,residual", [
     (1, 5120, 5120, 3, False, False, False, False), (4, 37, 136, 1, True, False, False, False),
