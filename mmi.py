@@ -2117,20 +2117,30 @@ class StableDiffusion(nn.Module):
         return torch.autocast(self.vae.encoder.conv_in.weight.device.type, enabled=False)
 
     @torch.no_grad()
-    def encode_latents(self, images):
-        """images (B, 3, S, S) in [0, 1] -> scaled latent samples (B, 4, S/8, S/8), VAE in float32 in chunks."""
+    def encode_posterior(self, images):
+        """images (B, 3, S, S) in [0, 1] -> the VAE's (mean, logvar), each (B, 4, S/8, S/8) float32; the encoder
+        runs in float32 on chunks of vae_encode_mini_bs images. No random draw here (see sample_posterior)."""
+        self.check_images(images)
         with self._vae_fp32():
             x = images.float() * 2 - 1
-            chunks = [self.vae.sample(*self.vae.encode(c)) for c in x.split(self.cfg.vae_encode_mini_bs)]
-            return torch.cat(chunks) * self.vae.cfg.scaling_factor
+            mean, logvar = zip(*[self.vae.encode(c) for c in x.split(self.cfg.vae_encode_mini_bs)])
+        return torch.cat(mean), torch.cat(logvar)
+
+    def sample_posterior(self, posterior):
+        """(mean, logvar) -> scaled latent samples, drawn chunk by chunk as the original encodes them."""
+        mb = self.cfg.vae_encode_mini_bs
+        chunks = [self.vae.sample(m, lv) for m, lv in zip(posterior[0].split(mb), posterior[1].split(mb))]
+        return torch.cat(chunks) * self.vae.cfg.scaling_factor
 
     def unet_eps(self, x, t, cond, mmfs_features, mmfs_mask, checkpoint=False):
         return self.unet(x, t, cond, self.mmfs_module, mmfs_features, mmfs_mask, checkpoint)
 
-    def forward(self, images, cond, mmfs_features, mmfs_mask, checkpoint=False):
-        """Per-element float32 loss (B, 4, S/8, S/8) of eps-prediction, t ~ U{0..T-1} (global RNG, as the original)."""
-        self.check_images(images)
-        latents = self.encode_latents(images).to(cond.dtype)
+    def forward(self, images, cond, mmfs_features, mmfs_mask, checkpoint=False, posterior=None):
+        """Per-element float32 loss (B, 4, S/8, S/8) of eps-prediction, t ~ U{0..T-1} (global RNG, as the original).
+        posterior: encode_posterior(images), where the caller ran the VAE earlier."""
+        if posterior is None:
+            posterior = self.encode_posterior(images)
+        latents = self.sample_posterior(posterior).to(cond.dtype)
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.cfg.num_train_timesteps, (latents.shape[0],), device=latents.device)
         x_t = add_noise(latents, noise, t, self.alphas_cumprod)
@@ -2236,9 +2246,10 @@ class ImageDecoder(nn.Module):
         self.neg_prompt_embeds = nn.Parameter(torch.randn(1, r.num_queries, r.hidden_size) * 0.02)
 
     def forward(self, context, context_mask, image_tensors_dec, mmfs_features, mmfs_mask, is_cond_image=None,
-                image_loss_mask=None, checkpoint=False):
+                image_loss_mask=None, checkpoint=False, posterior=None):
         """context (B_I, L, D) projected + positions, context_mask (B_I, L) -> scalar loss: mean over ALL elements,
-        with images lacking context (is_cond_image False) or masked out contributing zeros to the mean."""
+        with images lacking context (is_cond_image False) or masked out contributing zeros to the mean.
+        posterior: the VAE's (mean, logvar) of image_tensors_dec, if already encoded (StableDiffusion.forward)."""
         B_I = context.shape[0]
         if image_tensors_dec.shape[0] != B_I or context_mask.shape[:2] != context.shape[:2]:
             raise ValueError(f"image_tensors_dec {tuple(image_tensors_dec.shape)}, context {tuple(context.shape)}, "
@@ -2252,7 +2263,7 @@ class ImageDecoder(nn.Module):
         if self.cfg.uncond_prob > 0:
             drop = torch.rand_like(cond[:, :1, :1]) < self.cfg.uncond_prob
             cond = torch.where(drop, self.neg_prompt_embeds.to(cond.dtype), cond)
-        loss = self.decoder(image_tensors_dec, cond, mmfs_features, mmfs_mask, checkpoint)  # (B_I, 4, h, w)
+        loss = self.decoder(image_tensors_dec, cond, mmfs_features, mmfs_mask, checkpoint, posterior)  # (B_I, 4, h, w)
         if is_cond_image is None:
             is_cond_image = is_cond_image_of(context_mask)
         loss = loss * is_cond_image.to(loss.dtype)[:, None, None, None]
@@ -2610,6 +2621,13 @@ class MMInterleaved(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(text_ids)
         embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
+        w_img = batch.get("loss_img_weight")
+        w_img = c.loss_img_weight if w_img is None else w_img
+        with_image_loss = maps is not None and w_img != 0   # text-only batches (captioning) skip the image decoder
+        # The frozen VAE encodes the target images before the LLM runs, so that its float32 activations at full
+        # resolution (3 GiB a tensor for 24 images at 512x512) never sit on top of the LLM's. Its random draw stays
+        # where the original makes it, in the image decoder's forward.
+        posterior = self.image_decoder.decoder.encode_posterior(self.decoder_images(batch)) if with_image_loss else None
         # positions run 0..L-1 over the packed row and attention is causal over all of it (SPEC §1.5)
         pos = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
         h = self.mm_decoder(embeds, pos, vision, xmask, checkpoint=c.gradient_checkpointing)
@@ -2627,10 +2645,8 @@ class MMInterleaved(nn.Module):
         w_txt = batch.get("loss_txt_weight")
         loss = (c.loss_txt_weight if w_txt is None else w_txt) * loss_txt
         out = {"loss_txt": loss_txt.detach()}
-        w_img = batch.get("loss_img_weight")
-        w_img = c.loss_img_weight if w_img is None else w_img
-        if maps is not None and w_img != 0:      # text-only batches (captioning) skip the image decoder entirely
-            loss_img = self.image_loss(batch, h, maps)
+        if with_image_loss:
+            loss_img = self.image_loss(batch, h, maps, posterior)
             loss = loss + w_img * loss_img
             out["loss_img"] = loss_img.detach()
         out["loss"] = loss
@@ -2648,16 +2664,22 @@ class MMInterleaved(nn.Module):
             pos, attn = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids), None
         return self.text_decoder(self.mm_decoder(embeds, pos, vision, xmask, attn_mask=attn)).float()
 
-    def image_loss(self, batch, h, maps):
-        """The diffusion loss of every image given its context (SPEC §1.5 step 3, §5.3). h: the LLM's last hidden
-        state [B, L, d]; maps: the tokenizer's four maps of every image."""
-        c = self.cfg
+    @staticmethod
+    def decoder_images(batch):
+        """The images the image decoder learns to draw: image_tensors_dec, else image_tensors."""
         images = batch.get("image_tensors_dec")
-        images = batch["image_tensors"] if images is None else images
+        return batch["image_tensors"] if images is None else images
+
+    def image_loss(self, batch, h, maps, posterior=None):
+        """The diffusion loss of every image given its context (SPEC §1.5 step 3, §5.3). h: the LLM's last hidden
+        state [B, L, d]; maps: the tokenizer's four maps of every image; posterior: the VAE's encoding of the
+        decoder images (StableDiffusion.encode_posterior), if made already."""
+        c = self.cfg
+        images = self.decoder_images(batch)
         ctx, mask, feats, fmask = image_decoder_inputs(h, batch["text_ids"], maps, c.soi_token_id, self.context_feat_proj,
                                                        batch.get("nearest_bos_idxs"))
         return self.image_decoder(ctx, mask, images, feats, fmask, image_loss_mask=batch.get("image_loss_mask"),
-                                  checkpoint=c.gradient_checkpointing and self.training)
+                                  checkpoint=c.gradient_checkpointing and self.training, posterior=posterior)
 
     # -- generation -----------------------------------------------------------------------------------------------
 

@@ -2037,6 +2037,31 @@ def test_full_tiny_forward_gives_both_losses_and_image_gradients_reach_the_llm_s
     torch.testing.assert_close(out["loss"], 2.0 * out["loss_txt"])
 
 
+def test_forward_runs_the_vae_before_the_llm_with_the_original_draws():
+    """forward encodes the decoder images before the LLM (for memory) and draws from the VAE's posterior inside
+    the image decoder, chunk by chunk, where the original draws: under one seed its image loss equals the one
+    with the VAE run inside the image decoder, and the latents equal the original's per-chunk encode-and-sample."""
+    model = tiny_model(perturb=False).train()
+    sd = model.image_decoder.decoder
+    sd.cfg.vae_encode_mini_bs = 2                      # the batch's 3 images: two chunks
+    batch = make_batch(model.cfg, [[BOS, 20, 21, "img", 22, 23, "img", 24, EOS], [BOS, "img", 25, 26, EOS]], 30)
+    torch.manual_seed(7)
+    loss_img = model(batch)["loss_img"]
+    torch.manual_seed(7)                               # the same steps, the VAE run in the image decoder's forward
+    num = model.validate_batch(batch)
+    embeds, vision, xmask, maps = model.prepare_mm_embeds(batch["text_ids"], batch["image_tensors"], num)
+    pos = torch.arange(batch["text_ids"].shape[1]).expand_as(batch["text_ids"])
+    h = model.mm_decoder(embeds, pos, vision, xmask)
+    torch.testing.assert_close(loss_img, model.image_loss(batch, h, maps), rtol=0, atol=0)
+
+    images = batch["image_tensors"]
+    torch.manual_seed(3)
+    latents = sd.sample_posterior(sd.encode_posterior(images))
+    torch.manual_seed(3)
+    chunks = [sd.vae.sample(*sd.vae.encode(c * 2 - 1)) for c in images.float().split(2)]
+    torch.testing.assert_close(latents, torch.cat(chunks) * sd.vae.cfg.scaling_factor, rtol=0, atol=0)
+
+
 def test_generate_images_through_the_llm_is_seeded_and_checks_the_slot():
     model = tiny_model()
     cfg = model.cfg
