@@ -226,6 +226,37 @@ struct Corners {
         weight{f.hh * f.hw, f.hh * f.lw, f.lh * f.hw, f.lh * f.lw} {}
 };
 
+// Point k (= l * P + p) of a group: x, y in pixels of its H x W level, shifted by -0.5 (as the samplers take them),
+// and its attention weight a. Zeros for a lane past the last point of a round.
+template <typename A>
+struct Point {
+  A x = A(0), y = A(0), a = A(0);
+};
+
+template <typename A, typename T>
+__device__ __forceinline__ Point<A> load_point(const T* loc_g, const T* attn_g, int64_t k, int H, int W) {
+  return {static_cast<A>(to_acc(loc_g[2 * k]) * W - A(0.5)), static_cast<A>(to_acc(loc_g[2 * k + 1]) * H - A(0.5)),
+          static_cast<A>(to_acc(attn_g[k]))};
+}
+
+// A sample's weight gradient and its location gradient in pixels (before the factors a·W, a·H) from the four corner
+// sums d = Σ_c grad_out·v at tl, tr, bl, br.
+template <typename A>
+__device__ __forceinline__ void point_gradients(const Footprint<A>& f, const A (&d)[4], A& ga, A& gx, A& gy) {
+  ga = f.hh * f.hw * d[0] + f.hh * f.lw * d[1] + f.lh * f.hw * d[2] + f.lh * f.lw * d[3];
+  gx = f.hh * (d[1] - d[0]) + f.lh * (d[3] - d[2]);
+  gy = f.hw * (d[2] - d[0]) + f.lw * (d[3] - d[1]);
+}
+
+// Stores point k's gradients, summed over the group: locations in [0, 1] units (x a·W, y a·H), then the weight.
+template <typename T, typename A>
+__device__ __forceinline__ void store_point_gradients(T* grad_loc, T* grad_attn, int64_t k, A sx, A sy, A sa,
+                                                      const Point<A>& p, int H, int W) {
+  grad_loc[2 * k] = from_acc<T>(sx * p.a * A(W));
+  grad_loc[2 * k + 1] = from_acc<T>(sy * p.a * A(H));
+  grad_attn[k] = from_acc<T>(sa);
+}
+
 // The (b, q, m) group a thread serves and its lane in it. Blocks walk the groups head by head, q fastest: the
 // queries of one head sample the same value slice [B, S, m, D], which then stays in L2 (measured on an H100, bf16
 // forward: 0.78 ms against 0.88 in (b, q, m) order at LLM-MMFS 8 images; float32 0.93 against 1.42). `group` is
@@ -301,18 +332,13 @@ __global__ void __launch_bounds__(kThreads, 1) msda_forward_kernel(const T* __re
       const T* v_level = v_head + static_cast<int64_t>(levels[3 * l + 2]) * pix + (c_ok ? c : 0);
       for (int p0 = 0; p0 < g.P; p0 += PB) {
         const int pj = p0 + lane % PB;
-        A my_x = A(0), my_y = A(0), my_a = A(0);
-        if (pj < g.P) {
-          const int64_t k = static_cast<int64_t>(l) * g.P + pj;
-          my_x = to_acc(loc_g[2 * k]) * W - A(0.5);
-          my_y = to_acc(loc_g[2 * k + 1]) * H - A(0.5);
-          my_a = to_acc(attn_g[k]);
-        }
+        const Point<A> mine = pj < g.P ? load_point<A>(loc_g, attn_g, static_cast<int64_t>(l) * g.P + pj, H, W)
+                                       : Point<A>{};
 #pragma unroll
         for (int j = 0; j < PB; ++j) {
-          const A x = __shfl_sync(kFullMask, my_x, j, G);
-          const A y = __shfl_sync(kFullMask, my_y, j, G);
-          const A a = __shfl_sync(kFullMask, my_a, j, G);
+          const A x = __shfl_sync(kFullMask, mine.x, j, G);
+          const A y = __shfl_sync(kFullMask, mine.y, j, G);
+          const A a = __shfl_sync(kFullMask, mine.a, j, G);
           if (p0 + j < g.P && c_ok) sample_forward<T, VEC, G>(v_level, pix, x, y, a, H, W, acc);
         }
       }
@@ -354,10 +380,8 @@ __global__ void __launch_bounds__(kThreads, 1) msda_forward_split_kernel(const T
   for (int k = slice; k < g.L * g.P; k += kSplit) {
     const int l = k / g.P;
     const int H = levels[3 * l], W = levels[3 * l + 1];
-    const A x = to_acc(loc_g[2 * k]) * W - A(0.5);
-    const A y = to_acc(loc_g[2 * k + 1]) * H - A(0.5);
-    sample_forward<T, VEC, G>(v_head + static_cast<int64_t>(levels[3 * l + 2]) * pix, pix, x, y,
-                              to_acc(attn_g[k]), H, W, acc);
+    const Point<A> p = load_point<A>(loc_g, attn_g, k, H, W);
+    sample_forward<T, VEC, G>(v_head + static_cast<int64_t>(levels[3 * l + 2]) * pix, pix, p.x, p.y, p.a, H, W, acc);
   }
   // the lane's channels, run by run (see run_len), into this slice's row
   constexpr int RUN = run_len<VEC>();
@@ -429,19 +453,14 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_kernel(
     const int64_t level_offset = head_offset + static_cast<int64_t>(levels[3 * l + 2]) * pix;
     for (int p0 = 0; p0 < g.P; p0 += PB) {
       const int pj = p0 + lane % PB;
-      A my_x = A(0), my_y = A(0), my_a = A(0);
-      if (pj < g.P) {
-        const int64_t k = static_cast<int64_t>(l) * g.P + pj;
-        my_x = to_acc(loc_g[2 * k]) * W - A(0.5);
-        my_y = to_acc(loc_g[2 * k + 1]) * H - A(0.5);
-        my_a = to_acc(attn_g[k]);
-      }
+      const Point<A> mine = pj < g.P ? load_point<A>(loc_g, attn_g, static_cast<int64_t>(l) * g.P + pj, H, W)
+                                     : Point<A>{};
       A gx[PB], gy[PB], ga[PB];  // this lane's partial sums, per point of the round
 #pragma unroll
       for (int j = 0; j < PB; ++j) {
-        const A x = __shfl_sync(kFullMask, my_x, j, G);
-        const A y = __shfl_sync(kFullMask, my_y, j, G);
-        const A a = __shfl_sync(kFullMask, my_a, j, G);
+        const A x = __shfl_sync(kFullMask, mine.x, j, G);
+        const A y = __shfl_sync(kFullMask, mine.y, j, G);
+        const A a = __shfl_sync(kFullMask, mine.a, j, G);
         gx[j] = gy[j] = ga[j] = A(0);
         const bool inside = y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W);  // as in sample_forward
         if (p0 + j < g.P && inside) {
@@ -456,20 +475,15 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_kernel(
             load_lane<T, VEC, G>(grad_out + group * g.D + c, go);
             sample_backward<T, VEC, G>(value + corner + c, grad_value + corner + c, pix, W, f, a_scatter, go, d);
           }
-          ga[j] = f.hh * f.hw * d[0] + f.hh * f.lw * d[1] + f.lh * f.hw * d[2] + f.lh * f.lw * d[3];
-          gx[j] = f.hh * (d[1] - d[0]) + f.lh * (d[3] - d[2]);  // ∂/∂x in pixels, before a·W
-          gy[j] = f.hw * (d[2] - d[0]) + f.lw * (d[3] - d[1]);  // ∂/∂y in pixels, before a·H
+          point_gradients(f, d, ga[j], gx[j], gy[j]);
         }
       }
       const A sx = reduce_scatter<G, PB>(gx, lane);
       const A sy = reduce_scatter<G, PB>(gy, lane);
       const A sa = reduce_scatter<G, PB>(ga, lane);
-      if (active && lane < PB && pj < g.P) {
-        const int64_t k = group * g.L * g.P + static_cast<int64_t>(l) * g.P + pj;
-        grad_loc[2 * k] = from_acc<T>(sx * my_a * A(W));
-        grad_loc[2 * k + 1] = from_acc<T>(sy * my_a * A(H));
-        grad_attn[k] = from_acc<T>(sa);
-      }
+      if (active && lane < PB && pj < g.P)
+        store_point_gradients(grad_loc, grad_attn, group * g.L * g.P + static_cast<int64_t>(l) * g.P + pj, sx, sy, sa,
+                              mine, H, W);
     }
   }
 }
@@ -603,24 +617,19 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_binned_kernel(
 
       for (int p0 = 0; p0 < g.P; p0 += PB) {
         const int pj = p0 + lane % PB;
-        A my_x = A(0), my_y = A(0), my_a = A(0);
-        if (pj < g.P) {
-          const int64_t k = static_cast<int64_t>(l) * g.P + pj;
-          my_x = to_acc(loc_g[2 * k]) * W - A(0.5);
-          my_y = to_acc(loc_g[2 * k + 1]) * H - A(0.5);
-          my_a = to_acc(attn_g[k]);
-        }
-        const bool my_inside = my_y >= A(-1) && my_x >= A(-1) && my_y < A(H) && my_x < A(W);
+        const Point<A> mine = pj < g.P ? load_point<A>(loc_g, attn_g, static_cast<int64_t>(l) * g.P + pj, H, W)
+                                       : Point<A>{};
+        const bool my_inside = mine.y >= A(-1) && mine.x >= A(-1) && mine.y < A(H) && mine.x < A(W);
         if (binned && lane < PB && pj < g.P) {  // this lane's point: four entries, -1 where nothing scatters
           const int e = (ql * g.P + pj) * 4;
-          if (active && my_inside && my_a != A(0)) {
-            const Footprint<A> f(my_x, my_y, H, W);
+          if (active && my_inside && mine.a != A(0)) {
+            const Footprint<A> f(mine.x, mine.y, H, W);
             const Corners<A> c(f, 1, W);
             const int first = f.h0 * W + f.w0;
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               pixel[e + k] = c.valid[k] ? first + static_cast<int>(c.offset[k]) : -1;
-              weight[e + k] = c.weight[k] * my_a;
+              weight[e + k] = c.weight[k] * mine.a;
               if (c.valid[k]) atomicAdd(bins + first + c.offset[k], 1);
             }
           } else {
@@ -631,9 +640,9 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_binned_kernel(
         A gx[PB], gy[PB], ga[PB];
 #pragma unroll
         for (int j = 0; j < PB; ++j) {
-          const A x = __shfl_sync(kFullMask, my_x, j, G);
-          const A y = __shfl_sync(kFullMask, my_y, j, G);
-          const A a = __shfl_sync(kFullMask, my_a, j, G);
+          const A x = __shfl_sync(kFullMask, mine.x, j, G);
+          const A y = __shfl_sync(kFullMask, mine.y, j, G);
+          const A a = __shfl_sync(kFullMask, mine.a, j, G);
           gx[j] = gy[j] = ga[j] = A(0);
           const bool inside = y >= A(-1) && x >= A(-1) && y < A(H) && x < A(W);
           if (p0 + j < g.P && inside) {
@@ -642,20 +651,15 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_binned_kernel(
             A d[4] = {A(0), A(0), A(0), A(0)};
             const A a_scatter = active && !binned ? a : A(0);  // binned levels scatter below
             sample_backward<T, VEC, G>(value + corner + c0, grad_value + corner + c0, pix, W, f, a_scatter, go, d);
-            ga[j] = f.hh * f.hw * d[0] + f.hh * f.lw * d[1] + f.lh * f.hw * d[2] + f.lh * f.lw * d[3];
-            gx[j] = f.hh * (d[1] - d[0]) + f.lh * (d[3] - d[2]);
-            gy[j] = f.hw * (d[2] - d[0]) + f.lw * (d[3] - d[1]);
+            point_gradients(f, d, ga[j], gx[j], gy[j]);
           }
         }
         const A sx = reduce_scatter<G, PB>(gx, lane);
         const A sy = reduce_scatter<G, PB>(gy, lane);
         const A sa = reduce_scatter<G, PB>(ga, lane);
-        if (active && lane < PB && pj < g.P) {
-          const int64_t k = group * g.L * g.P + static_cast<int64_t>(l) * g.P + pj;
-          grad_loc[2 * k] = from_acc<T>(sx * my_a * A(W));
-          grad_loc[2 * k + 1] = from_acc<T>(sy * my_a * A(H));
-          grad_attn[k] = from_acc<T>(sa);
-        }
+        if (active && lane < PB && pj < g.P)
+          store_point_gradients(grad_loc, grad_attn, group * g.L * g.P + static_cast<int64_t>(l) * g.P + pj, sx, sy,
+                                sa, mine, H, W);
       }
     }
     if (!binned) continue;

@@ -438,25 +438,6 @@ def to_device(batch, device):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fsdp_blocks(model):
-    """The modules FSDP shards as units, innermost first: every block whose forward the model calls (a unit's
-    weights are gathered by its forward hook, so containers that are only iterated cannot be units)."""
-    if isinstance(model, VAETraining):
-        return list(model.vae.encoder.down_blocks) + list(model.vae.decoder.up_blocks)
-    vm = model.visual_tokenizer.encoder["vision_model"]
-    blocks = list(vm.encoder["layers"])                                      # CLIP layers
-    for inter in vm.adapter_interactions:
-        blocks += [inter.injector, inter.extractor, *(inter.extra_extractors or ())]
-    blocks.append(model.visual_tokenizer.perceiver_resampler)
-    blocks += [model.mm_decoder.embed_tokens, *model.mm_decoder.layers, model.text_decoder]   # LLaMA layers
-    if model.image_decoder is not None:
-        sd = model.image_decoder.decoder
-        blocks += [*sd.unet.down_blocks, sd.unet.mid_block, *sd.unet.up_blocks]            # UNet blocks
-        blocks += [*sd.mmfs_module.mmfs_down_blocks, sd.mmfs_module.mmfs_mid_block]
-        blocks.append(model.image_decoder.perceiver_resampler)
-    return blocks
-
-
 def repeated_blocks(model):
     """The blocks the model runs one after another and checkpoints with gradient_checkpointing: CLIP and LLaMA
     layers, UNet and UNet-MMFS blocks (the VAE's for VAE training)."""
@@ -467,6 +448,20 @@ def repeated_blocks(model):
         sd = model.image_decoder.decoder
         blocks += [*sd.unet.down_blocks, sd.unet.mid_block, *sd.unet.up_blocks]
         blocks += [*sd.mmfs_module.mmfs_down_blocks, sd.mmfs_module.mmfs_mid_block]
+    return blocks
+
+
+def fsdp_blocks(model):
+    """The modules FSDP shards as units: every block whose forward the model calls (a unit's weights are gathered by
+    its forward hook, so containers that are only iterated cannot be units): the repeated blocks, then the rest."""
+    blocks = repeated_blocks(model)
+    if isinstance(model, VAETraining):
+        return blocks
+    for inter in model.visual_tokenizer.encoder["vision_model"].adapter_interactions:
+        blocks += [inter.injector, inter.extractor, *(inter.extra_extractors or ())]
+    blocks += [model.visual_tokenizer.perceiver_resampler, model.mm_decoder.embed_tokens, model.text_decoder]
+    if model.image_decoder is not None:
+        blocks.append(model.image_decoder.perceiver_resampler)
     return blocks
 
 
