@@ -236,7 +236,8 @@ def bench_train(args):
             f"--batch_size={args.rows}", f"--max_steps={args.steps}", "--warmup_steps=1", "--log_interval=1",
             "--eval_interval=0", "--ckpt_interval=-1", "--export=false", "--progress=false", f"--out_dir={out}",
             "--activation_checkpointing=true", f"--frozen_dtype={args.frozen_dtype}", f"--compile={args.compile}",
-            f"--device={'cuda' if cuda else 'cpu'}", f"--dtype={'bfloat16' if cuda else 'float32'}",
+            f"--device={'cuda' if cuda else 'cpu'}", f"--init_device={'cuda' if cuda else 'cpu'}",
+            f"--dtype={'bfloat16' if cuda else 'float32'}",
             f"--peak_flops={peak * 1e12 if cuda else 1.0}"]
     config = os.path.join(out, "bench.py")
     open(config, "w").close()                                      # an empty config file: all settings are flags
@@ -262,6 +263,8 @@ def bench_train(args):
     mfu_text = f"MFU {100 * mfu:.1f}% of the measured matmul peak {peak:.0f} TFLOP/s" if cuda else "MFU n/a on a CPU"
     print(f"  step {step_s:.3f} s, {samples:.2f} samples/s in all, {mfu_text}, peak memory {mem:.1f} GiB on rank 0, "
           f"whole run {total:.0f} s")
+    print("  step times (s): " + " ".join(f"{r['time_s']:.3f}" for r in rows)
+          + f" (the mean is over the last {len(steady)})")
 
 
 @torch.no_grad()

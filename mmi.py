@@ -709,6 +709,12 @@ class MSDeformAttn(nn.Module):
         return self.output_proj(out)
 
 
+def relative_image_index(mask):
+    """The query_relpos row each image is read with, from a 0/1 mask [..., n] of the images a query sees: the
+    latest visible image 1, the one before 2, ..., invisible images 0."""
+    return (mask.sum(-1, keepdim=True) + 1 - mask.cumsum(-1)) * mask
+
+
 class MMFS(nn.Module):
     """Multi-image multi-scale feature synchronizer (SPEC §4), shared by the LLM and the UNet.
 
@@ -774,6 +780,10 @@ class MMFS(nn.Module):
             self._level_tables[key] = tables
         return self._level_tables[key]
 
+    def relpos_table(self, layer):
+        """(max_num_image_per_seq, out): what query_relpos's rows add to `layer`'s output (no bias: q carries it)."""
+        return F.linear(self.query_relpos.weight, layer.weight)
+
     def check_image_count(self, rel):
         """ValueError if a query sees more images than query_relpos has rows. Reads a device value (a GPU sync),
         so decoding steps skip it: their mask row is the prompt's last one, checked at prefill."""
@@ -797,8 +807,7 @@ class MMFS(nn.Module):
         m = mask.long()
         if m.dim() == 3 and m.shape[1] != Lq:
             m = m[:, -1:]
-        # relative image index: the latest visible image is 1, the one before 2, ..., invisible images 0
-        rel = (m.sum(-1, keepdim=True) + 1 - m.cumsum(-1)) * m
+        rel = relative_image_index(m)
         if check_mask and m.shape[-1] >= self.max_num_image_per_seq:   # rel <= the image count: fewer cannot overflow
             self.check_image_count(rel)
         rel = rel[:, :, None] if m.dim() == 2 else rel.transpose(1, 2)           # (B, n, Lq or 1)
@@ -806,12 +815,20 @@ class MMFS(nn.Module):
         v = value if value_projected else self.value_proj(value)                 # (B, n, S, d_attn)
         v = v.reshape(B, n * value.shape[2], H, -1)                              # (B, n*S, H, D)
 
+        # each image's query is q + query_relpos[rel], read by two linear layers; since W(q + r) + b = (Wq + b) + Wr,
+        # the layers run on q once and the images add W r, a row of a (max images, out) table: the same values (up
+        # to rounding) without the (B, n, Lq, d_query) query copies, n times the matmul work and memory. The rows
+        # are picked by a one-hot matmul, whose backward is a matmul too (an indexed read's backward is a
+        # scatter-add that piles tens of thousands of atomic adds onto a few rows)
         q = linear(query, self.dynamic_offset_mask, norm=query_norm)             # (B, Lq, d_query)
-        q = q[:, None] + self.query_relpos(rel)                                  # (B, n, Lq, d_query)
+        rows = torch.arange(self.max_num_image_per_seq, device=rel.device)
+        pick = (rel[..., None] == rows).to(q.dtype)                              # (B, n, Lq or 1, max images)
+        offsets = linear(q, self.sampling_offsets)[:, None] + pick @ self.relpos_table(self.sampling_offsets)
+        logits = linear(q, self.attention_weights)[:, None] + pick @ self.relpos_table(self.attention_weights)
         scale, shapes, starts = self.level_tables(n, q.dtype, q.device)          # (.., Lv, ..), (n*Lv, 2), (n*Lv,)
-        offsets = linear(q, self.sampling_offsets).view(B, n, Lq, H, 1, P, 2) * scale
+        offsets = offsets.view(B, n, Lq, H, 1, P, 2) * scale                     # (B, n, Lq, H, 1, P, 2)
         offsets = offsets.permute(0, 2, 3, 1, 4, 5, 6).reshape(B, Lq, H, n * Lv, P, 2)
-        logits = linear(q, self.attention_weights).view(B, n, Lq, H, Lv, P + 1)
+        logits = logits.view(B, n, Lq, H, Lv, P + 1)
         logits = logits.permute(0, 2, 3, 1, 4, 5)                                 # (B, Lq, H, n, Lv, P+1)
         bias = (1.0 - m.to(logits.dtype)) * -10000.0                             # fp16-safe "minus infinity"
         bias = bias[:, None, None, :, None, None] if m.dim() == 2 else bias[:, :, None, :, None, None]

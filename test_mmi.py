@@ -156,19 +156,12 @@ def test_cross_attention_mask_by_hand():
 
 def test_mmfs_relative_image_index_by_hand():
     # the relative index is the query_relpos row each image is read with: latest visible image 1, older 2, unseen 0
-    mmfs = mmi.MMFS(d_query=4, d_value=4, d_out=4, d_attn=4, n_heads=1, n_points=1, spatial_shapes=[1],
-                    base_spatial_shape=1, max_num_image_per_seq=3, offset_init_magnitude=0.0)
-    with torch.no_grad():
-        mmfs.query_relpos.weight.copy_(torch.tensor([[0.0] * 4, [1.0] * 4, [2.0] * 4]))
-        mmfs.dynamic_offset_mask.weight.zero_()
-    seen = {}
-    mmfs.sampling_offsets.register_forward_hook(lambda mod, inp, out: seen.update(q=inp[0]))
+    # (test_mmfs_equals_float64_loop checks that MMFS reads those rows)
     xmask = mmi.cross_attention_mask(HAND_IDS, HAND_NUM, SOI, BOS)
-    mmfs(torch.zeros(2, 14, 4), torch.full((1, 14, 2), 0.5), torch.zeros(2, 2, 1, 4), xmask)
-    rel = seen["q"][..., 0].permute(0, 2, 1)                               # (B, Lq, n)
+    rel = mmi.relative_image_index(xmask.long())                            # (B, Lq, n)
     row0 = [[0, 0]] * 3 + [[1, 0]] * 4 + [[2, 1]] * 4 + [[0, 0]] * 3
     row1 = [[0, 0]] * 2 + [[1, 0]] * 12
-    assert torch.equal(rel, torch.tensor([row0, row1], dtype=torch.float))
+    assert rel.tolist() == [row0, row1]
 
 
 def test_text_labels_by_hand():
@@ -4010,6 +4003,23 @@ def test_gradient_accumulation_of_k_micro_batches_equals_one_batch_of_k_rows(tmp
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_prefetcher_keeps_the_order_raises_the_streams_error_and_stops():
+    def stream():
+        yield from range(5)
+        raise ValueError("shard 7: bad row")
+    p = train.Prefetcher(stream(), lambda x: 10 * x)
+    assert [next(p) for _ in range(5)] == [0, 10, 20, 30, 40]
+    with pytest.raises(ValueError, match="shard 7: bad row"):
+        next(p)
+    p.close()
+    endless = (i for i in range(10 ** 9))
+    p = train.Prefetcher(endless, lambda x: x, depth=2)
+    assert next(p) == 0
+    p.close()                                             # a thread blocked on a full queue stops too
+    assert not p.thread.is_alive()
+    assert next(endless) <= 4                             # it ran at most depth + 2 ahead, not through the stream
+
+
 def test_nan_guard_skips_the_update_logs_it_and_stops_after_nan_patience(tmp_path, config_file, monkeypatch):
     forward = mmi.MMInterleaved.forward
     seen = []
@@ -4068,7 +4078,13 @@ def test_llm_flops_equal_counted_matmuls_plus_the_attention_term(llm_trainable):
         h = model.mm_decoder(embeds, torch.arange(L).expand(B, L), vision, xmask)
         model.text_decoder(h).sum().backward()
     attention = 12 * cfg.llm.num_hidden_layers * cfg.llm.hidden_size * L * (B * L)     # PaLM: 12 n_layer d L per token
-    assert train.llm_flops(cfg, B, L, 2) == counter.get_total_flops() + attention
+    # MMFS picks query_relpos's rows with one-hot matmuls (forward, and the table's gradient): row selection, not
+    # model work, so llm_flops leaves them out
+    x = cfg.mmfs
+    out = x.n_heads * x.n_points * 2 + x.n_heads * len(x.spatial_shapes) * (x.n_points + 1)
+    n_cross = len(range(0, cfg.llm.num_hidden_layers, x.cross_attention_frequency))
+    pick = n_cross * 2 * (2 * B * 2 * L * x.max_num_image_per_seq * out)
+    assert train.llm_flops(cfg, B, L, 2) == counter.get_total_flops() + attention - pick
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ import dataclasses
 import json
 import math
 import os
+import queue
 import random
 import shutil
 import sys
+import threading
 import time
 import types
 import warnings
@@ -77,11 +79,14 @@ class TrainConfig:
     max_steps: int = 15000
     # system
     device: str = "auto"                         # auto | cpu | cuda
+    init_device: str = "cpu"                     # where a new model's random weights are drawn: "cpu" gives the same
+                                                 # weights on every machine; "cuda" is minutes faster at 13B
     dtype: str = "bfloat16"                      # bfloat16 (autocast, float32 master weights) | float32
     frozen_dtype: str = "float32"                # "bfloat16" stores frozen weights (never updated) in bf16
     fsdp: bool = True                            # shard with torch FSDP when torchrun starts several processes
     activation_checkpointing: bool = False       # recompute every LLM / CLIP / UNet block in the backward pass
     compile: bool = False                        # torch.compile those blocks (their checkpointing compiled too)
+                                                 # and the frozen VAE encoder
     seed: int = 32
     tf32: bool = True
     # logging, evaluation, checkpoints
@@ -158,6 +163,8 @@ def load_config(argv):
         raise ValueError(f"export_dtype {tc.export_dtype!r}, expected '', 'bfloat16' or 'float32'")
     if tc.frozen_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"frozen_dtype {tc.frozen_dtype!r}, expected 'bfloat16' or 'float32'")
+    if tc.init_device not in ("cpu", "cuda"):
+        raise ValueError(f"init_device {tc.init_device!r}, expected 'cpu' or 'cuda'")
     if tc.task not in ("mmi", "vae"):
         raise ValueError(f"task {tc.task!r}, expected 'mmi' or 'vae'")
     return tc
@@ -221,7 +228,8 @@ def lr_multiplier(step, warmup_steps, max_steps):
 # gradient, weight gradient), a frozen weight that gradients pass through 2x, a forward-only part (the VAE
 # encoder) 1x; attention products 3x. Attention is counted over the full square, causal or not (the PaLM /
 # Megatron convention). Not counted: norms, activations, softmax, RoPE, the deformable bilinear sampling
-# (gather-bound), and the recomputation that activation checkpointing adds (so this is MFU, not HFU).
+# (gather-bound), MMFS's one-hot row picks, and the recomputation that activation checkpointing adds (so this is
+# MFU, not HFU).
 
 
 def _params(module):
@@ -238,11 +246,14 @@ def llm_flops(cfg, B, L, N):
     attn = B * c.num_hidden_layers * 2 * L * L * d                                # QK^T and AV
     n_cross = len(range(0, c.num_hidden_layers, x.cross_attention_frequency)) if N else 0   # no images: skipped
     dv, lv, H, P = cfg.vision.hidden_size, len(x.spatial_shapes), x.n_heads, x.n_points
+    out = H * P * 2 + H * lv * (P + 1)                                            # sampling_offsets, attention_weights
     mmfs = n_cross * (T * (d * d + dv * d)                                       # dynamic_offset_mask, output_proj
-                      + T * N * d * (H * P * 2 + H * lv * (P + 1))                # offsets, weights: per query, image
+                      + T * d * out                                               # offsets, weights: once per query
                       + B * N * sum(s * s for s in x.spatial_shapes) * dv * dv)   # value_proj per image token
+    tables = n_cross * x.max_num_image_per_seq * d * out                          # query_relpos through both layers
     w = 3 if c.trainable else 2
-    return 2 * (w * (body + head) + 3 * head_new + 3 * attn + (3 if x.trainable else 2) * mmfs)
+    return 2 * (w * (body + head) + 3 * head_new + 3 * attn + (3 if x.trainable else 2) * mmfs
+                + (3 if x.trainable else 1) * tables)
 
 
 def vision_flops(model, cfg, n_images):
@@ -433,6 +444,51 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+class Prefetcher:
+    """Iterates fn(batch) over `batches` in a background thread, `depth` micro-batches ahead, so that the next batch
+    is made (and pinned, for an asynchronous copy to the GPU) while the GPU works on this one. The data streams draw
+    from their own seeded generators, never the global RNG, so the thread changes no numbers. The thread ends when
+    the Prefetcher is closed or dropped."""
+
+    def __init__(self, batches, fn, depth=2):
+        self.queue, self.stop = queue.Queue(depth), threading.Event()
+        self.thread = threading.Thread(target=Prefetcher._work, args=(batches, fn, self.queue, self.stop), daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _work(batches, fn, out, stop):                # no reference to the Prefetcher: dropping it stops the thread
+        def put(item):                                # False once stopped
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            for batch in batches:
+                if not put((fn(batch), None)):
+                    return
+            put((None, StopIteration()))
+        except BaseException as e:                    # handed to the training loop, which raises it
+            put((None, e))
+
+    def __next__(self):
+        item, error = self.queue.get()
+        if error is not None:
+            raise error
+        return item
+
+    def close(self):
+        """Stops the thread and waits for it (one still inside a torch call when the interpreter exits aborts it)."""
+        self.stop.set()
+        self.thread.join()
+
+    def __del__(self):
+        self.stop.set()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed: FSDP
 # ----------------------------------------------------------------------------------------------------------------
@@ -490,6 +546,10 @@ def compile_blocks(model, checkpoint, backend="inductor"):
 
     for block in blocks:
         block.forward = types.MethodType(forward, block)
+    if not isinstance(model, VAETraining) and model.image_decoder is not None:
+        # the frozen VAE's encoder (float32, no gradients, full decoder resolution): its GroupNorm + SiLU chains
+        # fused and its convolutions kept channels-last instead of converted for cuDNN at every call
+        model.image_decoder.decoder.vae.encoder.compile(backend=backend)
 
 
 def shard_model(model, tc, device):
@@ -774,8 +834,12 @@ def main(argv=None):
 
     # model: the same weights on every rank (same seed), then sharded; frozen parameters keep requires_grad=False
     torch.manual_seed(tc.seed)
+    if tc.init_device == "cuda" and device.type != "cuda":
+        raise ValueError(f"init_device 'cuda' needs device 'cuda', got {device.type!r}")
+    init_device = device if tc.init_device == "cuda" else torch.device("cpu")
     if tc.task == "vae":
-        model = VAETraining(cfg, tc.kl_weight)
+        with init_device:
+            model = VAETraining(cfg, tc.kl_weight)
     elif tc.init_from:
         model = mmi.MMInterleaved.from_pretrained(tc.init_from)
         saved = dataclasses.replace(model.cfg, gradient_checkpointing=cfg.gradient_checkpointing)
@@ -784,7 +848,8 @@ def main(argv=None):
                              f"model_overrides {tc.model_overrides}")
         model.cfg = cfg
     else:
-        model = mmi.MMInterleaved(cfg)
+        with init_device:
+            model = mmi.MMInterleaved(cfg)
     if tc.vae_from:
         load_vae(model, tc.vae_from)
     if tc.frozen_dtype == "bfloat16":
@@ -794,6 +859,8 @@ def main(argv=None):
         for p in model.parameters():
             if not p.requires_grad and p not in keep:
                 p.data = p.data.to(torch.bfloat16)
+        if init_device.type == "cuda":
+            torch.cuda.empty_cache()                 # the float32 copies' blocks, freed one weight at a time
     if tc.compile:
         compile_blocks(model, tc.activation_checkpointing)
     raw_model = model
@@ -821,7 +888,9 @@ def main(argv=None):
             print(f"resumed from {found[-1]} at step {step}")
     elif tc.resume and master:
         print(f"resume: no checkpoint in {tc.out_dir}, starting from step 0")
-    batches = train_batches(cfg, tc, rank, world, data_state)
+    pin = (lambda b: {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}) \
+        if device.type == "cuda" else (lambda b: b)
+    batches = Prefetcher(train_batches(cfg, tc, rank, world, data_state), pin)
     val = val_batches(cfg, tc, rank, world) if tc.eval_interval else None
 
     if master:
@@ -909,6 +978,7 @@ def main(argv=None):
             last_ckpt = step
         t0 = time.perf_counter()                 # throughput counts training only, not evaluation or saving
     bar.close()
+    batches.close()
     if metrics_file:
         metrics_file.close()
     if tc.export and tc.task == "vae":
