@@ -4,6 +4,7 @@ Oracles: hand-written expected tensors, float64 loops written here, and (test-on
 modules at tiny random configs. Tests that need CUDA skip without it.
 """
 
+import copy
 import dataclasses
 import html
 import io
@@ -734,6 +735,15 @@ def test_bad_batches_are_clear_errors():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def oracle_transformers():
+    """transformers<5, as .ci/run installs: it writes CLIP files with the released checkpoints' `vision_model.` /
+    `text_model.` prefixes (5.x drops them) and has the 4.x tokenizer and output APIs these tests call."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip(f"the oracle is transformers<5 (found {transformers.__version__})")
+    return transformers
+
+
 def _load_safetensors_dir(path):
     from safetensors.torch import load_file
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
@@ -744,7 +754,7 @@ def _load_safetensors_dir(path):
 
 
 def test_llama_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     torch.manual_seed(0)
     cfg = mmi.MMIConfig.from_preset("tiny")
     c = cfg.llm
@@ -782,7 +792,7 @@ def test_llama_matches_transformers(tmp_path):
 
 
 def test_clip_vision_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     torch.manual_seed(0)
     cfg = mmi.MMIConfig.from_preset("tiny")
     v = cfg.vision
@@ -808,7 +818,7 @@ def test_clip_vision_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("frequency", [1, 2])
 def test_qformer_matches_transformers_blip2(frequency):
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     torch.manual_seed(0)
     rc = mmi.ResamplerConfig(num_queries=5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=48, encoder_hidden_size=24, cross_attention_frequency=frequency,
@@ -866,7 +876,7 @@ def test_tokenizer_ids_equal_transformers_slow_llama_tokenizer():
     """Our ids == transformers' slow LlamaTokenizer (legacy) with the two image tokens added as special tokens
     that strip surrounding whitespace (transformers 4.31's treatment of string special tokens); LLaMA layout."""
     path = mistral_model_path()
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     from tokenizers import AddedToken
     ref = transformers.LlamaTokenizer(path, legacy=True)
     ref.add_special_tokens({"additional_special_tokens": [
@@ -917,7 +927,7 @@ def test_tokenizer_json_gives_the_same_ids_as_sentencepiece_model(tmp_path):
     decodes exactly like the .model through sentencepiece, with the same special-id layout."""
     path = mistral_model_path()
     pytest.importorskip("google.protobuf")  # the converter reads the .model proto
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     fast = transformers.LlamaTokenizerFast(vocab_file=path, legacy=True, from_slow=True, add_prefix_space=True)
     json_path = str(tmp_path / "tokenizer.json")
     fast.backend_tokenizer.save(json_path)
@@ -2101,6 +2111,7 @@ CANDS = {1: "a man riding a wave on a surfboard", 2: "two dogs running in a park
 
 
 def test_bleu_equals_pycocoevalcap_corpus_and_per_sample():
+    pytest.importorskip("pycocoevalcap")
     from pycocoevalcap.bleu.bleu import Bleu
     want, want_per = Bleu(4).compute_score(REFS, {k: [v] for k, v in CANDS.items()}, verbose=0)
     got, got_per = ev.bleu(REFS, CANDS)
@@ -2110,6 +2121,7 @@ def test_bleu_equals_pycocoevalcap_corpus_and_per_sample():
 
 
 def test_cider_d_equals_pycocoevalcap_cider():
+    pytest.importorskip("pycocoevalcap")
     from pycocoevalcap.cider.cider import Cider
     want, want_per = Cider().compute_score(REFS, {k: [v] for k, v in CANDS.items()})
     got, got_per = ev.cider_d(REFS, CANDS)
@@ -2248,10 +2260,12 @@ def test_mmfs_keys_made_once_equal_the_per_step_normalisation():
 
 def test_sample_latents_variants_draw_the_same_noise_as_separate_samplings():
     """Two variants (rows with and without MMFS) in one ddpm sampling == each sampled alone from the same seed:
-    the initial latents and every step's noise are shared, the batched UNet only changes float rounding."""
-    dec = _tiny_decoder().eval()
+    the initial latents and every step's noise are shared, the batched UNet only changes float rounding. In float64: in
+    float32 the rounding depends on the CPU's kernels (the H100 host's CPU missed atol=1e-5 on latents of size ~16)."""
+    dec = _tiny_decoder().eval().double()
     _perturb_mmfs_convs(dec)
     ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    ctx, feats = ctx.double(), [f.double() for f in feats]
     sd = dec.decoder
     zeros = [torch.zeros_like(f) for f in feats]
     with torch.no_grad():
@@ -2263,7 +2277,7 @@ def test_sample_latents_variants_draw_the_same_noise_as_separate_samplings():
         both = run(cond.repeat(2, 1, 1), uncond.repeat(2, 1, 1), [torch.cat([f, z]) for f, z in zip(feats, zeros)],
                    torch.cat([fmask, torch.zeros_like(fmask)]), 2)
     assert not torch.allclose(alone[0], alone[1])     # MMFS changes the image, so a mix-up would show
-    torch.testing.assert_close(both, torch.cat(alone), rtol=0, atol=1e-5)
+    torch.testing.assert_close(both, torch.cat(alone), rtol=0, atol=1e-10)
 
 
 def test_sample_latents_cuda_graph_needs_cuda():
@@ -2626,7 +2640,8 @@ def test_torchrun_split_is_rank_strided_and_gathered_on_rank_0(tmp_path):
 def test_command_line_writes_config_metrics_and_samples(tmp_path, monkeypatch, demo_model_and_tokenizer,
                                                         short_generation):
     model, _ = demo_model_and_tokenizer
-    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: model)  # from_pretrained: mmi's tests
+    # from_pretrained has its own tests; main() picks CUDA where there is one
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: copy.deepcopy(model).to(device))
     _json(tmp_path / "VizWiz/val.json", [{"image": "a.jpg", "question": "What is it?", "answers": ["red"] * 10},
                                          {"image": "b.jpg", "question": "Colour?", "answers": ["blue"] * 10}])
     _image(str(tmp_path / "VizWiz/val/a.jpg"), 0)
@@ -2736,7 +2751,7 @@ def test_coco_text_to_image_keeps_the_clip_best_of_8(tmp_path, monkeypatch, demo
 
 
 def test_clip_scorer_equals_transformers_clip_at_a_tiny_config(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     import safetensors.torch
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -2777,7 +2792,7 @@ def F_normalize(x):
 
 
 def test_clip_image_tensor_matches_transformers_clip_image_processor():
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8))
     want = proc(images=img, return_tensors="pt").pixel_values[0]
@@ -2824,7 +2839,7 @@ def _save(model, folder, layout):
 
 
 def _hf_llama(cfg=TINY, seed=0):
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     torch.manual_seed(seed)
     c = cfg.llm
     hf = transformers.LlamaConfig(vocab_size=c.vocab_size - 2, hidden_size=c.hidden_size,
@@ -2840,7 +2855,7 @@ def _hf_llama(cfg=TINY, seed=0):
 
 
 def _hf_clip(cfg=TINY, seed=0):
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     torch.manual_seed(seed)
     v = cfg.vision
     hf = transformers.CLIPConfig(
@@ -3270,7 +3285,7 @@ def _write_sd_folder(root):
     """A tiny stable-diffusion-2-base-like folder: sharded safetensors UNet, a .bin VAE with the legacy attention
     names of SD-2's release, scheduler config, a gelu CLIPTextModel and a CLIP tokenizer."""
     diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
+    transformers = oracle_transformers()
     unet_cfg, vae_cfg, dec_cfg = TINY.unet, TINY.vae, TINY.image_decoder
     torch.manual_seed(5)
     down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in unet_cfg.cross_attn_blocks)
@@ -4096,7 +4111,7 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
     """torchrun, 2 ranks x 1 row with FSDP2 (fully_shard per block, frozen LLM body, activation checkpointing)
     gives the losses of one process with 2 rows, and writes one sharded checkpoint with a state file per rank."""
     # each rank draws its own diffusion noise, so the comparison is on the text loss (image loss weight 0)
-    common = ["--max_steps=2", "--model.llm.trainable=false", "--model.loss_img_weight=0"]
+    common = ["--device=cpu", "--max_steps=2", "--model.llm.trainable=false", "--model.loss_img_weight=0"]
     single = run_train(config_file, str(tmp_path / "single"), "--batch_size=2", *common)
     out = tmp_path / "fsdp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
