@@ -930,11 +930,18 @@ def main(argv=None):
                 if k.startswith("loss"):
                     loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
 
-        # NaN/inf guard: a non-finite loss or gradient on any rank skips the update everywhere
+        # NaN/inf guard: a non-finite loss or gradient on any rank skips the update everywhere. The flag and the logged
+        # sums (losses averaged over micro-batches and ranks; rows, tokens and FLOPs summed over ranks) come back to
+        # the host in the step's one sync, before the update is queued: the GPU updates while the next step is issued
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        bad = (~torch.isfinite(loss_sums["loss"]) | ~torch.isfinite(grad_norm)).float().reshape(1)
-        bad = all_reduce(bad, dist.ReduceOp.MAX).item() > 0
+        bad = (~torch.isfinite(loss_sums["loss"]) | ~torch.isfinite(grad_norm)).double().reshape(1)
+        names = sorted(loss_sums)
+        sums = torch.cat([torch.stack([loss_sums[k].double() for k in names]),
+                          torch.tensor(work, dtype=torch.float64).to(device)])
+        host = torch.cat([all_reduce(bad, dist.ReduceOp.MAX), grad_norm.double().reshape(1), all_reduce(sums)])
+        bad, grad_norm, *sums = host.tolist()
+        dt = time.perf_counter() - t0
         if bad:
             nan_streak += 1
         else:
@@ -943,14 +950,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        # logging: losses averaged over micro-batches and ranks; rows, tokens and FLOPs summed over ranks
-        names = sorted(loss_sums)
-        sums = all_reduce(torch.stack([loss_sums[k].double() for k in names]
-                                      + [torch.tensor(w, dtype=torch.float64, device=device) for w in work]))
-        sums = sums.tolist()
-        dt = time.perf_counter() - t0
         rec = {"step": step, **{k: v / (tc.grad_accum * world) for k, v in zip(names, sums)},
-               "lr": max(base_lrs) * lr_mult, "grad_norm": grad_norm.item(), "samples_per_s": sums[-3] / dt,
+               "lr": max(base_lrs) * lr_mult, "grad_norm": grad_norm, "samples_per_s": sums[-3] / dt,
                "tokens_per_s": sums[-2] / dt, "mfu": sums[-1] / dt / (tc.peak_flops * world), "time_s": dt}
         losses[step] = rec["loss"]
         if bad:
