@@ -2260,8 +2260,8 @@ def test_mmfs_keys_made_once_equal_the_per_step_normalisation():
 
 def test_sample_latents_variants_draw_the_same_noise_as_separate_samplings():
     """Two variants (rows with and without MMFS) in one ddpm sampling == each sampled alone from the same seed:
-    the initial latents and every step's noise are shared, the batched UNet only changes float rounding. In float64: in
-    float32 the rounding depends on the CPU's kernels (the H100 host's CPU missed atol=1e-5 on latents of size ~16)."""
+    the initial latents and every step's noise are shared, the batched UNet only changes float rounding. Run in float64:
+    float32's rounding depends on the CPU's kernels (the H100 host's CPU missed atol=1e-5 on latents of size ~16)."""
     dec = _tiny_decoder().eval().double()
     _perturb_mmfs_convs(dec)
     ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
