@@ -222,6 +222,7 @@ def bench_train(args):
     Runs train.py's own loop on synthetic rows; MFU against the matmul peak measured in the same run. Under
     `torchrun --nproc_per_node=N bench.py train` it is FSDP over N GPUs (rows per GPU as given); rank 0 reports.
     `--preset=tiny` checks the plumbing on a CPU."""
+    import gc
     import json
     import os
     import tempfile
@@ -243,17 +244,30 @@ def bench_train(args):
     open(config, "w").close()                                      # an empty config file: all settings are flags
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    gc_passes = []                       # (end, seconds) of each full garbage collection: the whole process stops
+
+    def time_gc(phase, info):
+        if info["generation"] == 2:
+            if phase == "start":
+                time_gc.start = time.time()
+            else:
+                gc_passes.append((time.time(), time.time() - time_gc.start))
+    gc.callbacks.append(time_gc)
     t = time.perf_counter()
-    train.main([config, *argv])
+    try:
+        train.main([config, *argv])
+    finally:
+        gc.callbacks.remove(time_gc)
     total = time.perf_counter() - t
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if int(os.environ.get("RANK", "0")) != 0:                     # rank 0 wrote the metrics
         return
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steady = rows[2 if args.compile else 1:] or rows               # the first steps include warm-up (compilation)
-    step_s = sum(r["time_s"] for r in steady) / len(steady)
-    samples = sum(r["samples_per_s"] for r in steady) / len(steady)
-    mfu = sum(r["mfu"] for r in steady) / len(steady)
+    seconds = sum(r["time_s"] for r in steady)     # rates are work / time over all these steps together: a mean of
+    step_s = seconds / len(steady)                 # per-step rates would make light of one slow step
+    samples = sum(r["samples_per_s"] * r["time_s"] for r in steady) / seconds
+    mfu = sum(r["mfu"] * r["time_s"] for r in steady) / seconds
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     card = torch.cuda.get_device_name() if cuda else "cpu"
     gpus = f"{world} x {card} (FSDP)" if world > 1 else card
@@ -265,6 +279,11 @@ def bench_train(args):
           f"whole run {total:.0f} s")
     print("  step times (s): " + " ".join(f"{r['time_s']:.3f}" for r in rows)
           + f" (the mean is over the last {len(steady)})")
+    # a step much slower than the rest: a full garbage collection in it, or the CUDA caching allocator flushing its
+    # cache to retry a failed cudaMalloc (fragmentation)?
+    in_gc = [sum(s for end, s in gc_passes if r["wall_time"] - r["time_s"] < end <= r["wall_time"]) for r in rows]
+    print("  of which full garbage collections (s): " + " ".join(f"{s:.3f}" for s in in_gc) +
+          (f"; CUDA allocator retries: {torch.cuda.memory_stats().get('num_alloc_retries', 0)}" if cuda else ""))
 
 
 @torch.no_grad()

@@ -2474,13 +2474,14 @@ def text_labels(text_ids, attention_mask, cfg: MMIConfig, ignore_prompt_token_of
 
 
 def pack_per_row(per_image, num_image_per_seq):
-    """[B_I, ...] images in row order -> [B, N, ...] with zeros in the padding slots."""
-    B, N = len(num_image_per_seq), int(num_image_per_seq.max())
-    counts = num_image_per_seq.to(per_image.device)
-    row = torch.repeat_interleave(torch.arange(B, device=per_image.device), counts)
-    slot = torch.arange(per_image.shape[0], device=per_image.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    """[B_I, ...] images in row order -> [B, N, ...] with zeros in the padding slots. The slot indexes are worked
+    out where num_image_per_seq lives (validate_batch's is on the host: no GPU sync for the shapes)."""
+    counts = torch.as_tensor(num_image_per_seq)
+    B, N = len(counts), int(counts.max())
+    row = torch.repeat_interleave(torch.arange(B, device=counts.device), counts)
+    slot = torch.arange(len(row), device=counts.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     out = per_image.new_zeros((B, N) + per_image.shape[1:])
-    out[row, slot] = per_image
+    out[row.to(per_image.device), slot.to(per_image.device)] = per_image
     return out
 
 
@@ -2572,21 +2573,23 @@ class MMInterleaved(nn.Module):
     # -- inputs ---------------------------------------------------------------------------------------------------
 
     def validate_batch(self, batch):
-        """Raise ValueError, with the numbers, for a batch the model cannot read correctly."""
+        """Raise ValueError, with the numbers, for a batch the model cannot read correctly. The checks read a host
+        copy of text_ids (on a GPU: one transfer, not a sync per check). -> num_image_per_seq [B], on the host."""
         c = self.cfg
         text_ids = batch["text_ids"]
         if text_ids.dim() != 2:
             raise ValueError(f"text_ids: expected [B, L], got shape {tuple(text_ids.shape)}")
-        lo, hi = int(text_ids.min()), int(text_ids.max())
+        ids = text_ids.cpu()
+        lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= c.llm.vocab_size:
             bad = lo if lo < 0 else hi
-            where = (text_ids == bad).nonzero()[0].tolist()
+            where = (ids == bad).nonzero()[0].tolist()
             raise ValueError(f"text_ids: token id {bad} at [row, pos] {where} is outside [0, {c.llm.vocab_size})")
-        B = text_ids.shape[0]
-        n_soi = (text_ids == c.soi_token_id).sum(1)
-        n_img_tok = (text_ids == c.image_token_id).sum(1)
+        B = ids.shape[0]
+        n_soi = (ids == c.soi_token_id).sum(1)
+        n_img_tok = (ids == c.image_token_id).sum(1)
         num = batch.get("num_image_per_seq")
-        num = n_soi if num is None else torch.as_tensor(num).to(n_soi.device)
+        num = n_soi if num is None else torch.as_tensor(num).cpu()
         if num.shape != (B,):
             raise ValueError(f"num_image_per_seq: expected {B} entries (one per row), got shape {tuple(num.shape)}")
         for b in range(B):

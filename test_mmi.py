@@ -4107,6 +4107,32 @@ def test_llm_flops_equal_counted_matmuls_plus_the_attention_term(llm_trainable):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_fsdp_keeps_frozen_weights_whole_unless_shard_frozen(config_file):
+    """shard_model on a one-process gloo group: trainable weights become FSDP shards (DTensors) and frozen ones stay
+    plain tensors, so a block with nothing trainable is no FSDP unit; shard_frozen=True shards frozen weights too,
+    except the VAE's. The mesh is the run's device's, whatever GPU is visible."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        for shard_frozen in (False, True):
+            tc = train.load_config([config_file, "--model.llm.trainable=false", "--model.vision.trainable=false",
+                                    f"--shard_frozen={shard_frozen}"])
+            model = train.shard_model(mmi.MMInterleaved(train.model_config(tc)), tc, torch.device("cpu"))
+            vae = {id(p) for p in model.image_decoder.decoder.vae.parameters()}
+            for name, p in model.named_parameters():
+                sharded = p.requires_grad or (shard_frozen and id(p) not in vae)
+                assert isinstance(p, DTensor) == sharded, name
+                if sharded:
+                    assert p.device_mesh.device_type == "cpu", name
+            clip_layer = model.visual_tokenizer.encoder["vision_model"].encoder.layers[0]
+            assert not any(p.requires_grad for p in clip_layer.parameters())
+            assert isinstance(clip_layer, FSDPModule) == shard_frozen
+            assert isinstance(model.visual_tokenizer.perceiver_resampler, FSDPModule)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
     """torchrun, 2 ranks x 1 row with FSDP2 (fully_shard per block, frozen LLM body, activation checkpointing)
     gives the losses of one process with 2 rows, and writes one sharded checkpoint with a state file per rank."""

@@ -84,6 +84,7 @@ class TrainConfig:
     dtype: str = "bfloat16"                      # bfloat16 (autocast, float32 master weights) | float32
     frozen_dtype: str = "float32"                # "bfloat16" stores frozen weights (never updated) in bf16
     fsdp: bool = True                            # shard with torch FSDP when torchrun starts several processes
+    shard_frozen: bool = False                   # FSDP: shard frozen weights too (default: whole on every rank)
     activation_checkpointing: bool = False       # recompute every LLM / CLIP / UNet block in the backward pass
     compile: bool = False                        # torch.compile those blocks (their checkpointing compiled too)
                                                  # and the frozen VAE encoder
@@ -553,21 +554,30 @@ def compile_blocks(model, checkpoint, backend="inductor"):
 
 
 def shard_model(model, tc, device):
-    """FSDP2 (`fully_shard`) per block, then the root. bf16: parameters gathered in bf16, float32 shards (the
-    master weights) and float32 gradient reduction. The frozen VAE stays whole and float32 on every rank (it
-    runs forward-only in float32, as the original); other frozen weights are sharded but get no gradients."""
+    """FSDP2 (`fully_shard`) per block, then the root, over all processes. bf16: trainable parameters gathered in
+    bf16 from float32 shards (the master weights), gradients reduced in float32. Frozen weights are FSDP's ignored
+    parameters by default: whole on every rank, never gathered (13B: 27 GB in bf16 per GPU, and no all-gathers of
+    13B weights twice a step, in the forward pass and in the backward pass's recomputation); a block with nothing
+    trainable is not a unit at all. shard_frozen=True shards them like the rest: less memory, more traffic. The
+    frozen VAE is always whole (it runs forward-only in float32, as the original)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # the mesh on the run's device: FSDP's default mesh is CUDA's whenever a GPU is visible, even for a CPU run
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # inputs are not cast by FSDP: a block that activation checkpointing recomputes in the backward pass would
     # get them uncast the second time (FSDP skips its pre-forward work then); autocast sets the compute dtype
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if tc.dtype == "bfloat16" else None,
                               reduce_dtype=torch.float32, cast_forward_inputs=False)
-    ignored = set()
-    if model.image_decoder is not None:
-        vae = model.image_decoder.decoder.vae.to(device)
-        ignored = set(vae.parameters())
+    ignored = set(model.image_decoder.decoder.vae.parameters()) if model.image_decoder is not None else set()
+    if not tc.shard_frozen:
+        ignored |= {p for p in model.parameters() if not p.requires_grad}
+    for t in [*ignored, *model.buffers()]:         # FSDP moves only what it manages to the device
+        t.data = t.data.to(device)
     for block in fsdp_blocks(model):
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp, ignored_params=ignored or None)
+        own = set(block.parameters())
+        if own - ignored:
+            fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=(own & ignored) or None)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
     return model
 
 
@@ -952,7 +962,8 @@ def main(argv=None):
 
         rec = {"step": step, **{k: v / (tc.grad_accum * world) for k, v in zip(names, sums)},
                "lr": max(base_lrs) * lr_mult, "grad_norm": grad_norm, "samples_per_s": sums[-3] / dt,
-               "tokens_per_s": sums[-2] / dt, "mfu": sums[-1] / dt / (tc.peak_flops * world), "time_s": dt}
+               "tokens_per_s": sums[-2] / dt, "mfu": sums[-1] / dt / (tc.peak_flops * world), "time_s": dt,
+               "wall_time": time.time()}
         losses[step] = rec["loss"]
         if bad:
             rec["skipped"] = f"non-finite loss or gradient ({nan_streak} in a row)"

@@ -38,7 +38,9 @@ warmup_steps = 1000
 max_steps = 15000
 
 dtype = "bfloat16"               # the original used fp16 with loss scaling; bf16 needs none
-fsdp = True
+frozen_dtype = "bfloat16"        # frozen weights in bf16 (matmuls run in bf16 anyway): 27 GB, whole on every GPU
+fsdp = True                      # trainable weights and their AdamW states sharded; shard_frozen=True shards the
+                                 # frozen ones too, for GPUs of less than 80 GB
 activation_checkpointing = True
 seed = 32
 out_dir = "out/pretrain_13b"
