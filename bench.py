@@ -283,7 +283,8 @@ def bench_train(args):
     # cache to retry a failed cudaMalloc (fragmentation)?
     in_gc = [sum(s for end, s in gc_passes if r["wall_time"] - r["time_s"] < end <= r["wall_time"]) for r in rows]
     print("  of which full garbage collections (s): " + " ".join(f"{s:.3f}" for s in in_gc) +
-          (f"; CUDA allocator retries: {torch.cuda.memory_stats().get('num_alloc_retries', 0)}" if cuda else ""))
+          (f"; CUDA allocator retries: {torch.cuda.memory_stats().get('num_alloc_retries', 0)}, most reserved "
+           f"{torch.cuda.max_memory_reserved() / 2 ** 30:.1f} GiB on rank 0" if cuda else ""))
 
 
 @torch.no_grad()
