@@ -556,10 +556,10 @@ def compile_blocks(model, checkpoint, backend="inductor"):
 def shard_model(model, tc, device):
     """FSDP2 (`fully_shard`) per block, then the root, over all processes. bf16: trainable parameters gathered in
     bf16 from float32 shards (the master weights), gradients reduced in float32. Frozen weights are FSDP's ignored
-    parameters by default: whole on every rank, never gathered (13B: 27 GB in bf16 per GPU, and no all-gathers of
-    13B weights twice a step, in the forward pass and in the backward pass's recomputation); a block with nothing
-    trainable is not a unit at all. shard_frozen=True shards them like the rest: less memory, more traffic. The
-    frozen VAE is always whole (it runs forward-only in float32, as the original)."""
+    parameters by default: whole on every rank and never gathered (13B: 27 GB in bf16 on each GPU, where sharded
+    ones are all 13.4 billion gathered twice a step, for the forward pass and for the backward pass's
+    recomputation); a block with nothing trainable is no unit at all. shard_frozen=True shards them like the rest:
+    less memory, more traffic. The frozen VAE is always whole (it runs forward-only in float32, as the original)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # the mesh on the run's device: FSDP's default mesh is CUDA's whenever a GPU is visible, even for a CPU run
