@@ -4058,6 +4058,31 @@ def test_nan_guard_skips_the_update_logs_it_and_stops_after_nan_patience(tmp_pat
     assert [r["step"] for r in skipped] == [2, 3, 4] and "3 in a row" in skipped[-1]["skipped"]
 
 
+def test_a_skipped_step_leaves_no_trace_in_the_optimizer(tmp_path, config_file, monkeypatch):
+    """The update is queued before the host reads the NaN flag (the fused AdamW skips itself on the device): one
+    NaN step in the middle changes neither weights nor Adam's moments, so the steps after it train on finite
+    numbers, exactly as a run in which that step's update never happened."""
+    forward = mmi.MMInterleaved.forward
+    seen, calls = [], [0]
+
+    def poisoned(self, batch):                   # only the 2nd call's loss is NaN
+        calls[0] += 1
+        seen.append(self.mm_decoder.layers[0].mlp.up_proj.weight.detach().clone())
+        out = forward(self, batch)
+        if calls[0] == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(mmi.MMInterleaved, "forward", poisoned)
+    result = run_train(config_file, str(tmp_path / "nan"), "--max_steps=4", "--warmup_steps=0")
+    assert torch.equal(seen[1], seen[2]) and not torch.equal(seen[2], seen[3])   # step 2 skipped, step 3 updated
+    assert all(math.isfinite(result["losses"][s]) for s in (1, 3, 4))
+    assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+    # the moments: had step 2's NaN gradients reached them, every later update would be NaN
+    names = [r["step"] for r in read_metrics(str(tmp_path / "nan")) if "skipped" in r]
+    assert names == [2]
+
+
 def test_frozen_weights_can_be_stored_in_bf16_while_trainable_ones_stay_float32(tmp_path, config_file):
     result = run_train(config_file, str(tmp_path / "bf16"), "--dtype=bfloat16", "--frozen_dtype=bfloat16", "--max_steps=1",
                  "--model.llm.trainable=false")
@@ -4135,23 +4160,33 @@ def test_fsdp_keeps_frozen_weights_whole_unless_shard_frozen(config_file):
 
 def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
     """torchrun, 2 ranks x 1 row with FSDP2 (fully_shard per block, frozen LLM body, activation checkpointing)
-    gives the losses of one process with 2 rows, and writes one sharded checkpoint with a state file per rank."""
-    # each rank draws its own diffusion noise, so the comparison is on the text loss (image loss weight 0)
-    common = ["--device=cpu", "--max_steps=2", "--model.llm.trainable=false", "--model.loss_img_weight=0"]
-    single = run_train(config_file, str(tmp_path / "single"), "--batch_size=2", *common)
-    out = tmp_path / "fsdp"
+    gives the losses of one process with 2 rows; its sharded checkpoints (a state file per rank) resume exactly."""
+    # each rank draws its own diffusion noise, so the comparison is on the text loss (image loss weight 0). Steps 1
+    # and 2 are inside the warm-up (2 steps), whose learning rates do not depend on max_steps
+    common = ["--device=cpu", "--model.llm.trainable=false", "--model.loss_img_weight=0"]
+    single = run_train(config_file, str(tmp_path / "single"), "--batch_size=2", "--max_steps=2", *common)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "train.py"), config_file, f"--out_dir={out}", "--batch_size=1",
-           "--activation_checkpointing=true", "--log_interval=1", *common]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = {r["step"]: r["loss"] for r in read_metrics(out)}
+
+    def torchrun(out, *args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(HERE, "train.py"), config_file, f"--out_dir={out}", "--batch_size=1", "--max_steps=3",
+               "--ckpt_interval=2", "--activation_checkpointing=true", "--log_interval=1", *common, *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return {r["step"]: r["loss"] for r in read_metrics(out)}
+
+    out = tmp_path / "fsdp"
+    losses = torchrun(out)
     assert losses[1] == pytest.approx(single["losses"][1], rel=1e-5)
     assert losses[2] == pytest.approx(single["losses"][2], rel=1e-5)
     files = set(os.listdir(out / "ckpt_00000002"))
     assert {"rank0.pt", "rank1.pt", ".metadata", "config.json"} <= files
     assert sum(f.endswith(".distcp") for f in files) == 2
+    # interrupted after step 2: the sharded trainable weights, AdamW's moments, the frozen weights (whole on each
+    # rank), the data position and both ranks' RNG states come back; step 3 is the uninterrupted run's, bit for bit
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "ckpt_00000002", resumed / "ckpt_00000002")
+    assert torchrun(resumed, "--resume=true") == {3: losses[3]}
 
 
 # ---------------------------------------------------------------------------------------------------------------

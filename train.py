@@ -940,24 +940,25 @@ def main(argv=None):
                 if k.startswith("loss"):
                     loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
 
-        # NaN/inf guard: a non-finite loss or gradient on any rank skips the update everywhere. The flag and the logged
-        # sums (losses averaged over micro-batches and ranks; rows, tokens and FLOPs summed over ranks) come back to
-        # the host in the step's one sync, before the update is queued: the GPU updates while the next step is issued
+        # NaN/inf guard: a non-finite loss or gradient on any rank skips the update everywhere, decided on the device.
+        # The fused AdamW reads `found_inf` (the attribute torch's GradScaler sets) and where it is 1 leaves weights,
+        # moments and step counts as they were; so the update is queued before the host hears of the flag, and its
+        # host-side work (on FSDP's DTensors ~50 us a tensor, 1,628 tensors at 13B) runs while the GPU still computes.
+        # Then the step's one sync brings back the flag, the norm and the logged sums (losses averaged over
+        # micro-batches and ranks; rows, tokens and FLOPs summed over ranks).
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        bad = (~torch.isfinite(loss_sums["loss"]) | ~torch.isfinite(grad_norm)).double().reshape(1)
+        bad = all_reduce((~torch.isfinite(loss_sums["loss"]) | ~torch.isfinite(grad_norm)).float(), dist.ReduceOp.MAX)
+        optimizer.found_inf = bad                                                         # 0-d, 0. or 1.
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         names = sorted(loss_sums)
         sums = torch.cat([torch.stack([loss_sums[k].double() for k in names]),
                           torch.tensor(work, dtype=torch.float64).to(device)])
-        host = torch.cat([all_reduce(bad, dist.ReduceOp.MAX), grad_norm.double().reshape(1), all_reduce(sums)])
+        host = torch.cat([bad.double().reshape(1), grad_norm.double().reshape(1), all_reduce(sums)])
         bad, grad_norm, *sums = host.tolist()
         dt = time.perf_counter() - t0
-        if bad:
-            nan_streak += 1
-        else:
-            optimizer.step()
-            nan_streak = 0
-        optimizer.zero_grad(set_to_none=True)
+        nan_streak = nan_streak + 1 if bad else 0
         step += 1
 
         rec = {"step": step, **{k: v / (tc.grad_accum * world) for k, v in zip(names, sums)},
