@@ -926,16 +926,18 @@ def main(argv=None):
         loss_sums = {}                                   # every loss* the model returns (no host sync here)
         work = [0.0, 0.0, 0.0]                           # rows, tokens, FLOPs
         for micro in range(tc.grad_accum):
-            batch = next(batches)
-            data_state = batch["meta"]["resume"]
-            work = [a + b for a, b in zip(work, (batch["text_ids"].shape[0], float(batch["attention_mask"].sum()),
-                                                 train_flops(raw_model, cfg, batch)))]
-            batch = to_device(batch, device)
+            host_batch = next(batches)
+            data_state = host_batch["meta"]["resume"]
+            batch = to_device(host_batch, device)
             if distributed:
                 model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
             with autocast:
                 out = model(batch)
             (out["loss"] / tc.grad_accum).backward()
+            # counted from the host copy while the GPU works through what was just queued
+            work = [a + b for a, b in zip(work, (host_batch["text_ids"].shape[0],
+                                                 float(host_batch["attention_mask"].sum()),
+                                                 train_flops(raw_model, cfg, host_batch)))]
             for k, v in out.items():
                 if k.startswith("loss"):
                     loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
