@@ -2618,6 +2618,9 @@ class MMInterleaved(nn.Module):
         embeds = self.mm_decoder.embed_tokens(text_ids)                          # (B, L, d)
         if image_tensors is None or image_tensors.shape[0] == 0:
             return embeds, None, None, None
+        # the mask first: finding the images' token positions reads text_ids back to the host (a GPU sync), which
+        # costs least before the vision encoder's work is queued
+        xmask = cross_attention_mask(text_ids, num_image_per_seq, c.soi_token_id, c.bos_token_id)
         ckpt = c.gradient_checkpointing and self.training
         vis_embed, maps = self.visual_tokenizer(image_tensors.to(embeds.dtype), checkpoint=ckpt)
         is_image = text_ids == c.image_token_id
@@ -2627,7 +2630,6 @@ class MMInterleaved(nn.Module):
         chosen = [m for m in maps if m.shape[-1] in c.mmfs.spatial_shapes]
         tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in chosen], dim=1)           # (B_I, S, d_v)
         vision = pack_per_row(tokens, num_image_per_seq)                                    # (B, N, S, d_v)
-        xmask = cross_attention_mask(text_ids, num_image_per_seq, c.soi_token_id, c.bos_token_id)
         return embeds, vision, xmask.to(embeds.dtype), maps
 
     # -- training -------------------------------------------------------------------------------------------------
