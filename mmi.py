@@ -410,6 +410,16 @@ def resize_pos_embed(table, dst_hw):
     return grid.permute(0, 2, 3, 1).reshape(h * w, -1).to(table.dtype)
 
 
+def _to_device(numbers, device):
+    """Host numbers (an int, a list or a CPU tensor; numbers become a long tensor) on `device`; a tensor already on a
+    device is moved as is. On CUDA the copy goes through pinned memory without waiting for the stream: a plain copy
+    from the host first waits for all work queued before it (a vision encoder, an LLM, a decoding step)."""
+    t = numbers if torch.is_tensor(numbers) else torch.tensor(numbers, dtype=torch.long)
+    if t.is_cpu and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def grid_centres(h, w, device=None):
     """Normalised (x, y) pixel centres of an h x w grid, row-major -> [h*w, 2]."""
     ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
@@ -1069,8 +1079,8 @@ class CLIPVisionAdapter(nn.Module):
         c = torch.cat([c2 + self.adapter_level_embed[0], c3 + self.adapter_level_embed[1],
                        c4 + self.adapter_level_embed[2]], dim=1)               # (B, (4+1+1/4)*G*G, d)
         dev = pixels.device
-        pyramid = torch.tensor([(2 * G, 2 * G), (G, G), (G // 2, G // 2)], dtype=torch.long, device=dev)
-        patch_grid = torch.tensor([(G, G)], dtype=torch.long, device=dev)
+        pyramid = _to_device([(2 * G, 2 * G), (G, G), (G // 2, G // 2)], dev)
+        patch_grid = _to_device([(G, G)], dev)
         ref_patches = grid_centres(G, G, dev)[None]                               # injector queries: patches
         ref_pyramid = torch.cat([grid_centres(s, s, dev) for s in (2 * G, G, G // 2)])[None]   # extractor queries
 
@@ -2271,7 +2281,9 @@ class ImageDecoder(nn.Module):
         if image_tensors_dec.shape[0] != B_I or context_mask.shape[:2] != context.shape[:2]:
             raise ValueError(f"image_tensors_dec {tuple(image_tensors_dec.shape)}, context {tuple(context.shape)}, "
                              f"context_mask {tuple(context_mask.shape)}: expected B_I={B_I} images and masks (B_I, L)")
-        if bool((context_mask.sum(dim=1) == 0).any()):
+        # checked on the host only: on a GPU it would wait for all queued work (the LLM's, in training), and
+        # prepare_context_features builds masks that hold at least the soi (it checks start <= soi on the host)
+        if context_mask.is_cpu and bool((context_mask.sum(dim=1) == 0).any()):
             raise ValueError(f"context_mask rows {torch.nonzero(context_mask.sum(1) == 0).flatten().tolist()} are "
                              f"empty; every image needs at least its soi token")
         self.decoder.check_images(image_tensors_dec)
@@ -2354,7 +2366,8 @@ def soi_positions(text_ids: torch.Tensor, soi_id: int):
 def prepare_context_features(h, text_ids, soi_id: int, context_start=None):
     """§1.6: image i's context is h[row_i, b_i : soi_i + 1] reversed (soi first), zero-padded to the longest.
     h (B, L, D), context_start (B_I,) per image (None -> 0). -> ctx (B_I, L_max, D), mask (B_I, L_max) long.
-    The caller applies context_feat_proj and adds the 1-D sin-cos table PE[:L_max] (padded rows included)."""
+    The caller applies context_feat_proj and adds the 1-D sin-cos table PE[:L_max] (padded rows included).
+    The positions are worked out where text_ids and context_start are: host copies spare a GPU sync."""
     rows, pos = soi_positions(text_ids, soi_id)
     if rows.numel() == 0:
         raise ValueError("prepare_context_features: text_ids contain no soi token; there is no image to decode")
@@ -2366,7 +2379,8 @@ def prepare_context_features(h, text_ids, soi_id: int, context_start=None):
     L_max = int(lengths.max())
     src = pos[:, None] - torch.arange(L_max, device=pos.device)[None]  # (B_I, L_max): soi, soi-1, ...
     mask = (src >= start[:, None]).long()
-    ctx = h[rows[:, None], src.clamp(min=0)] * mask[..., None].to(h.dtype)
+    rows, src, mask = (_to_device(t, h.device) for t in (rows, src.clamp(min=0), mask))
+    ctx = h[rows[:, None], src] * mask[..., None].to(h.dtype)
     return ctx, mask
 
 
@@ -2377,7 +2391,8 @@ def is_cond_image_of(context_mask) -> torch.Tensor:
 
 def prepare_mmfs_features_for_image_decoder(multiscale_feats, text_ids, soi_id: int, context_start=None):
     """§1.7: image i sees only image i-1 (flattened order), and only if i-1's soi lies in i's row at or after i's
-    context start. multiscale_feats: list of (B_I, C, H_l, W_l) -> list of (B_I, 1, C, H_l, W_l), mask (B_I, 1)."""
+    context start. multiscale_feats: list of (B_I, C, H_l, W_l) -> list of (B_I, 1, C, H_l, W_l), mask (B_I, 1).
+    The positions are worked out where text_ids and context_start are: host copies spare a GPU sync."""
     rows, pos = soi_positions(text_ids, soi_id)
     B_I, L = rows.numel(), text_ids.shape[1]
     if any(f.shape[0] != B_I for f in multiscale_feats):
@@ -2387,8 +2402,10 @@ def prepare_mmfs_features_for_image_decoder(multiscale_feats, text_ids, soi_id: 
     flat_soi, flat_start = rows * L + pos, rows * L + start  # the original compares flattened positions
     prev = torch.arange(B_I, device=pos.device) - 1
     has_prev = (prev >= 0) & (flat_soi[prev.clamp(min=0)] >= flat_start)
+    device = multiscale_feats[0].device
+    prev, has_prev = _to_device(prev.clamp(min=0), device), _to_device(has_prev, device)
     keep = has_prev.to(multiscale_feats[0].dtype)[:, None, None, None]
-    feats = [(f[prev.clamp(min=0)] * keep)[:, None] for f in multiscale_feats]
+    feats = [(f[prev] * keep)[:, None] for f in multiscale_feats]
     return feats, has_prev.long()[:, None]
 
 
@@ -2396,7 +2413,7 @@ def image_decoder_inputs(h, text_ids, multiscale_feats, soi_id: int, context_fea
     """Everything ImageDecoder takes from the LLM pass: (context, context_mask, mmfs_features, mmfs_mask).
     context = context_feat_proj(reversed context) + PE_1d[:L_max]; context_start None = row start (generation)."""
     ctx, mask = prepare_context_features(h, text_ids, soi_id, context_start)
-    pe = get_1d_sincos_pos_embed(ctx.shape[-1], ctx.shape[1]).to(device=ctx.device, dtype=ctx.dtype)
+    pe = _to_device(get_1d_sincos_pos_embed(ctx.shape[-1], ctx.shape[1]), ctx.device).to(ctx.dtype)
     ctx = context_feat_proj(ctx) + pe  # padded rows get it too; the resampler masks them
     feats, fmask = prepare_mmfs_features_for_image_decoder(multiscale_feats, text_ids, soi_id, context_start)
     return ctx, mask, feats, fmask
@@ -2456,7 +2473,7 @@ def text_labels(text_ids, attention_mask, cfg: MMIConfig, ignore_prompt_token_of
     B, L = text_ids.shape
     labels = text_ids.clone()
     pos = torch.arange(L, device=text_ids.device)[None]
-    offset = torch.as_tensor(ignore_prompt_token_offset, device=text_ids.device).reshape(-1)
+    offset = _to_device(ignore_prompt_token_offset, text_ids.device).reshape(-1)
     if offset.numel() not in (1, B):
         raise ValueError(f"ignore_prompt_token_offset has {offset.numel()} entries, expected 1 or {B} (one per row)")
     labels = labels.masked_fill(pos < offset[:, None], -100)
@@ -2481,7 +2498,7 @@ def pack_per_row(per_image, num_image_per_seq):
     row = torch.repeat_interleave(torch.arange(B, device=counts.device), counts)
     slot = torch.arange(len(row), device=counts.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     out = per_image.new_zeros((B, N) + per_image.shape[1:])
-    out[row.to(per_image.device), slot.to(per_image.device)] = per_image
+    out[_to_device(row, per_image.device), _to_device(slot, per_image.device)] = per_image
     return out
 
 
@@ -2642,6 +2659,9 @@ class MMInterleaved(nn.Module):
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(text_ids)
+        # host copies of what the image decoder's contexts are found by, made before any model work is queued
+        host_batch = {k: torch.as_tensor(batch[k]).cpu() for k in ("text_ids", "nearest_bos_idxs")
+                      if batch.get(k) is not None}
         embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
         w_img = batch.get("loss_img_weight")
         w_img = c.loss_img_weight if w_img is None else w_img
@@ -2668,7 +2688,7 @@ class MMInterleaved(nn.Module):
         loss = (c.loss_txt_weight if w_txt is None else w_txt) * loss_txt
         out = {"loss_txt": loss_txt.detach()}
         if with_image_loss:
-            loss_img = self.image_loss(batch, h, maps, posterior)
+            loss_img = self.image_loss(batch, h, maps, posterior, host_batch)
             loss = loss + w_img * loss_img
             out["loss_img"] = loss_img.detach()
         out["loss"] = loss
@@ -2692,14 +2712,16 @@ class MMInterleaved(nn.Module):
         images = batch.get("image_tensors_dec")
         return batch["image_tensors"] if images is None else images
 
-    def image_loss(self, batch, h, maps, posterior=None):
+    def image_loss(self, batch, h, maps, posterior=None, host_batch=None):
         """The diffusion loss of every image given its context (SPEC §1.5 step 3, §5.3). h: the LLM's last hidden
         state [B, L, d]; maps: the tokenizer's four maps of every image; posterior: the VAE's encoding of the
-        decoder images (StableDiffusion.encode_posterior), if made already."""
+        decoder images (StableDiffusion.encode_posterior), if made already; host_batch: host copies of text_ids and
+        nearest_bos_idxs to work out the contexts' positions from (reading them on a GPU now would wait for the LLM)."""
         c = self.cfg
         images = self.decoder_images(batch)
-        ctx, mask, feats, fmask = image_decoder_inputs(h, batch["text_ids"], maps, c.soi_token_id, self.context_feat_proj,
-                                                       batch.get("nearest_bos_idxs"))
+        where = host_batch or batch
+        ctx, mask, feats, fmask = image_decoder_inputs(h, where["text_ids"], maps, c.soi_token_id, self.context_feat_proj,
+                                                       where.get("nearest_bos_idxs"))
         return self.image_decoder(ctx, mask, images, feats, fmask, image_loss_mask=batch.get("image_loss_mask"),
                                   checkpoint=c.gradient_checkpointing and self.training, posterior=posterior)
 
@@ -3701,13 +3723,6 @@ class _Decoder:
             xmask = torch.cat([self.xmask, last_row.expand(-1, self.new_tokens.shape[1], -1)], dim=1)
         h = llm(embeds, pos, self.vision, xmask, attn_mask=attn)[:, -1]
         return self.model.text_decoder(h).float()
-
-
-def _to_device(numbers, device):
-    """A long tensor of host numbers on `device`. On CUDA it goes through pinned memory without waiting for the
-    stream: a plain copy from the host waits for all queued work, the decoding step queued ahead included."""
-    t = torch.tensor(numbers, dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _process_logits(logits, seqs, step, min_new_tokens, repetition_penalty, stop_ids, bos_id):
