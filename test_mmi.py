@@ -4465,6 +4465,37 @@ def test_the_13b_example_prompts_build_paper_size_batches_with_a_llama_tokenizer
 
 
 @cuda_only
+def test_a_training_step_reads_the_gpu_back_only_at_its_start():
+    """A training forward and backward on a GPU waits for the device only where it copies text_ids and the image
+    counts to the host at its start, and where it finds the images' token positions before the vision encoder is
+    queued: no host read waits for the vision encoder's, the LLM's or the image decoder's queued work."""
+    import traceback
+    model = tiny_model(perturb=False).cuda().train()
+    batch = make_batch(model.cfg, [[BOS, 20, "img", 21, "img", EOS], [BOS, "img", 22, EOS]], 30)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    model(batch)["loss"].backward()                  # warm-up: kernels loaded, level tables cached
+    model.zero_grad()
+    reads = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        ours = [f for f in traceback.extract_stack() if f.filename == mmi.__file__]
+        reads.append((ours[-1].name, ours[-1].line) if ours else (filename, lineno))
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            out = model(batch)
+            out["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert "loss_img" in out and reads, reads    # the image decoder ran; the host copies at the start are seen
+    allowed = [r for r in reads if r[0] in ("validate_batch", "image_token_starts")
+               or (r[0] in ("forward", "<dictcomp>") and ".cpu()" in r[1])]   # (a comprehension's own frame < 3.12)
+    assert allowed == reads, [r for r in reads if r not in allowed]
+
+
+@cuda_only
 def test_tiny_model_trains_under_cuda_autocast_bf16():
     """CUDA autocast runs softmax in float32: the deformable-attention calls must still hand the op one dtype."""
     model = tiny_model(perturb=False).cuda().train()
