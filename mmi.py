@@ -2591,7 +2591,8 @@ class MMInterleaved(nn.Module):
 
     def validate_batch(self, batch):
         """Raise ValueError, with the numbers, for a batch the model cannot read correctly. The checks read a host
-        copy of text_ids (on a GPU: one transfer, not a sync per check). -> num_image_per_seq [B], on the host."""
+        copy of text_ids (on a GPU: one transfer, not a sync per check; none if the batch's is one already).
+        -> num_image_per_seq [B], on the host."""
         c = self.cfg
         text_ids = batch["text_ids"]
         if text_ids.dim() != 2:
@@ -2654,14 +2655,15 @@ class MMInterleaved(nn.Module):
     def forward(self, batch):
         """batch: the dict of the original forward's arguments (STYLE.md) -> {"loss", "loss_txt", "loss_img"}."""
         c = self.cfg
-        num = self.validate_batch(batch)
+        # host copies of what the checks and the image decoder's context positions read, made once and before any
+        # model work is queued (on a GPU, a host read later on would wait for that work)
+        host_batch = {k: torch.as_tensor(batch[k]).cpu() for k in ("text_ids", "num_image_per_seq", "nearest_bos_idxs")
+                      if batch.get(k) is not None}
+        num = self.validate_batch({**batch, **host_batch})
         text_ids = batch["text_ids"]
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(text_ids)
-        # host copies of what the image decoder's contexts are found by, made before any model work is queued
-        host_batch = {k: torch.as_tensor(batch[k]).cpu() for k in ("text_ids", "nearest_bos_idxs")
-                      if batch.get(k) is not None}
         embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
         w_img = batch.get("loss_img_weight")
         w_img = c.loss_img_weight if w_img is None else w_img
