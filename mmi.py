@@ -1905,7 +1905,7 @@ def alphas_cumprod_of(betas: torch.Tensor) -> torch.Tensor:
 
 def add_noise(x0, noise, t, alphas_cumprod):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t (B,) long."""
-    abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t].reshape(-1, *[1] * (x0.dim() - 1))
+    abar = _to_device(alphas_cumprod, x0.device).to(x0.dtype)[t].reshape(-1, *[1] * (x0.dim() - 1))
     return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise
 
 
@@ -2628,21 +2628,25 @@ class MMInterleaved(nn.Module):
             raise ValueError(f"image_tensors: expected [B_I, 3, {S}, {S}], got {tuple(images.shape)}")
         return num
 
-    def prepare_mm_embeds(self, text_ids, image_tensors, num_image_per_seq):
-        """Token embeddings with image embeddings scattered into the <|image|> positions and soi_token added to
-        every soi, plus the MMFS inputs. -> embeds [B, L, d], vision_hidden_states [B, N, S, d_v] or None,
+    def prepare_mm_embeds(self, text_ids, image_tensors, num_image_per_seq, host_text_ids=None):
+        """Token embeddings with image embeddings put into the <|image|> positions and soi_token added to every
+        soi, plus the MMFS inputs. host_text_ids: a host copy of text_ids to find those positions in (else they are
+        found in text_ids: on a GPU, a read back). -> embeds [B, L, d], vision_hidden_states [B, N, S, d_v] or None,
         cross_attention_mask [B, L, N] or None, the tokenizer's four maps (list of [B_I, d_v, s, s]) or None."""
         c = self.cfg
         embeds = self.mm_decoder.embed_tokens(text_ids)                          # (B, L, d)
         if image_tensors is None or image_tensors.shape[0] == 0:
             return embeds, None, None, None
-        # the mask first: finding the images' token positions reads text_ids back to the host (a GPU sync), which
-        # costs least before the vision encoder's work is queued
-        xmask = cross_attention_mask(text_ids, num_image_per_seq, c.soi_token_id, c.bos_token_id)
+        # positions as integer indexes, worked out before the vision encoder is queued: a boolean mask would be
+        # turned into indexes on the device, in the backward pass too, and each time the host waits for the GPU
+        ids = text_ids if host_text_ids is None else host_text_ids
+        xmask = _to_device(cross_attention_mask(ids, num_image_per_seq, c.soi_token_id, c.bos_token_id),
+                           text_ids.device)
+        rows, cols = (ids == c.image_token_id).nonzero(as_tuple=True)            # row-major: the images' order
         ckpt = c.gradient_checkpointing and self.training
         vis_embed, maps = self.visual_tokenizer(image_tensors.to(embeds.dtype), checkpoint=ckpt)
-        is_image = text_ids == c.image_token_id
-        embeds = embeds.masked_scatter(is_image[..., None], vis_embed.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        embeds = embeds.index_put((_to_device(rows, text_ids.device), _to_device(cols, text_ids.device)),
+                                  vis_embed.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
         embeds = embeds + (text_ids == c.soi_token_id)[..., None].to(embeds.dtype) * self.soi_token.to(embeds.dtype)
         # the LLM reads the maps whose sides are in mmfs.spatial_shapes, each flattened row-major, concatenated
         chosen = [m for m in maps if m.shape[-1] in c.mmfs.spatial_shapes]
@@ -2664,7 +2668,8 @@ class MMInterleaved(nn.Module):
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(text_ids)
-        embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
+        embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num,
+                                                             host_batch["text_ids"])
         w_img = batch.get("loss_img_weight")
         w_img = c.loss_img_weight if w_img is None else w_img
         with_image_loss = maps is not None and w_img != 0   # text-only batches (captioning) skip the image decoder
