@@ -2502,6 +2502,11 @@ def pack_per_row(per_image, num_image_per_seq):
     return out
 
 
+# the batch's integer inputs that the training forward reads on the host (checks, shapes, positions); a caller may
+# hand in host copies of them as meta["host"] (numpy arrays), see MMInterleaved.forward
+HOST_KEYS = ("text_ids", "num_image_per_seq", "nearest_bos_idxs")
+
+
 class MMInterleaved(nn.Module):
     def __init__(self, cfg: MMIConfig):
         super().__init__()
@@ -2659,9 +2664,11 @@ class MMInterleaved(nn.Module):
     def forward(self, batch):
         """batch: the dict of the original forward's arguments (STYLE.md) -> {"loss", "loss_txt", "loss_img"}."""
         c = self.cfg
-        # host copies of what the checks and the image decoder's context positions read, made once and before any
-        # model work is queued (on a GPU, a host read later on would wait for that work)
-        host_batch = {k: torch.as_tensor(batch[k]).cpu() for k in ("text_ids", "num_image_per_seq", "nearest_bos_idxs")
+        # host copies of what the checks and the image and context positions read: the caller's, in meta["host"]
+        # (train.py's, made before the batch went to the GPU), else made here once, before any model work is queued
+        # (on a GPU, a read of the device waits for all work queued before it)
+        given = (batch.get("meta") or {}).get("host") or {}
+        host_batch = {k: torch.as_tensor(given[k] if k in given else batch[k]).cpu() for k in HOST_KEYS
                       if batch.get(k) is not None}
         num = self.validate_batch({**batch, **host_batch})
         text_ids = batch["text_ids"]

@@ -699,6 +699,23 @@ def test_forward_backward_and_tiny_overfit():
     assert model.visual_tokenizer.proj.weight.grad.abs().sum() > 0
 
 
+def test_forward_reads_the_callers_host_copies_from_meta():
+    """meta["host"] (train.py's to_device on a GPU) hands the forward host copies of text_ids and the image counts:
+    it reads those instead of the batch's tensors, so the same copies give the same loss, and a wrong count there is
+    what the checks see."""
+    model = tiny_model(perturb=False).train()
+    batch = make_batch(model.cfg, [[BOS, 10, "img", 11, "img"], [BOS, "img", 12]], 24)
+    host = {k: batch[k].numpy() for k in mmi.HOST_KEYS if k in batch}
+    assert set(host) >= {"text_ids", "num_image_per_seq"}
+    torch.manual_seed(0)
+    plain = model(batch)["loss"]
+    torch.manual_seed(0)
+    assert torch.equal(model(dict(batch, meta={"host": host}))["loss"], plain)
+    wrong = dict(host, num_image_per_seq=np.array([1, 1]))
+    with pytest.raises(ValueError, match=r"row 0: num_image_per_seq says 1 images, text has 2"):
+        model(dict(batch, meta={"host": wrong}))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------
@@ -4050,10 +4067,11 @@ def test_nan_guard_skips_the_update_logs_it_and_stops_after_nan_patience(tmp_pat
     out = str(tmp_path / "nan")
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
         run_train(config_file, out, "--max_steps=10", "--nan_patience=3", "--warmup_steps=0")
-    assert len(seen) == 4                                  # step 1 fine, steps 2-4 skipped, then it stopped
+    # step 1 fine, steps 2-4 skipped; the host reads step 4's flag once step 5 is queued (skipped too), then stops
+    assert len(seen) == 5
     assert not torch.equal(seen[0], seen[1])               # step 1 updated the weights ...
-    assert torch.equal(seen[1], seen[2]) and torch.equal(seen[2], seen[3])   # ... the NaN steps did not
-    assert torch.isfinite(seen[3]).all()
+    assert torch.equal(seen[1], seen[2]) and torch.equal(seen[2], seen[3]) and torch.equal(seen[3], seen[4])
+    assert torch.isfinite(seen[4]).all()                   # ... the NaN steps did not
     skipped = [r for r in read_metrics(out) if "skipped" in r]
     assert [r["step"] for r in skipped] == [2, 3, 4] and "3 in a row" in skipped[-1]["skipped"]
 
@@ -4468,30 +4486,69 @@ def test_the_13b_example_prompts_build_paper_size_batches_with_a_llama_tokenizer
 def test_a_training_step_reads_the_gpu_back_only_at_its_start():
     """A training forward and backward on a GPU waits for the device only where it copies text_ids and the image
     counts to the host at its start: no host read waits for the vision encoder's, the LLM's or the image decoder's
-    queued work, nor for the backward pass's."""
+    queued work, nor for the backward pass's. Given host copies of them (train.py's to_device), it reads nothing."""
     import traceback
     model = tiny_model(perturb=False).cuda().train()
-    batch = make_batch(model.cfg, [[BOS, 20, "img", 21, "img", EOS], [BOS, "img", 22, EOS]], 30)
-    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    host_batch = make_batch(model.cfg, [[BOS, 20, "img", 21, "img", EOS], [BOS, "img", 22, EOS]], 30)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in host_batch.items()}
     model(batch)["loss"].backward()                  # warm-up: kernels loaded, level tables cached
     model.zero_grad()
+
+    def host_reads(batch):
+        reads = []
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            ours = [f for f in traceback.extract_stack() if f.filename == mmi.__file__]
+            reads.append((ours[-1].name, ours[-1].line) if ours else (filename, lineno))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = record
+                out = model(batch)
+                out["loss"].backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert "loss_img" in out                     # the image decoder ran
+        return reads
+
+    reads = host_reads(batch)
+    assert reads                                     # the host copies at the start are seen
+    allowed = [r for r in reads if r[0] in ("forward", "<dictcomp>") and ".cpu()" in r[1]]  # (<dictcomp>: < 3.12)
+    assert allowed == reads, [r for r in reads if r not in allowed]
+    assert host_reads(train.to_device(host_batch, torch.device("cuda"))) == []
+
+
+@cuda_only
+def test_the_training_loop_reads_the_gpu_only_for_a_finished_steps_numbers(tmp_path, config_file, monkeypatch):
+    """After its first step, train.py's loop reads the GPU back only where it reads a step's logged numbers (in
+    finish, once the next step is queued, and at the last step): no read in the forward, the backward, clipping, the
+    NaN guard or the update."""
+    import traceback
+    current = [0]
+    lr_multiplier = train.lr_multiplier
+
+    def tracked(step, *args):                        # called at the start of every step with the steps done
+        current[0] = step
+        return lr_multiplier(step, *args)
+    monkeypatch.setattr(train, "lr_multiplier", tracked)
     reads = []
 
     def record(message, category, filename, lineno, file=None, line=None):
-        ours = [f for f in traceback.extract_stack() if f.filename == mmi.__file__]
-        reads.append((ours[-1].name, ours[-1].line) if ours else (filename, lineno))
+        if current[0] >= 1:
+            ours = [f for f in traceback.extract_stack() if f.filename in (train.__file__, mmi.__file__)]
+            reads.append((current[0], ours[-1].name if ours else filename))
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = record
-            out = model(batch)
-            out["loss"].backward()
+            run_train(config_file, str(tmp_path / "run"), "--device=cuda", "--dtype=bfloat16", "--max_steps=5",
+                      "--ckpt_interval=-1", "--log_interval=1")
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert "loss_img" in out and reads, reads    # the image decoder ran; the host copies at the start are seen
-    allowed = [r for r in reads if r[0] in ("forward", "<dictcomp>") and ".cpu()" in r[1]]  # (<dictcomp>: < 3.12)
-    assert allowed == reads, [r for r in reads if r not in allowed]
+    assert reads and {name for _, name in reads} == {"finish"}, reads
+    assert len(read_metrics(str(tmp_path / "run"))) == 5
 
 
 @cuda_only

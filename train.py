@@ -443,7 +443,15 @@ def val_batches(cfg, tc, rank, world):
 
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors on the device (from pinned memory without waiting), and in meta["host"] host copies of
+    the integer inputs that the forward reads on the host (token ids, image counts, context starts): with them, it
+    reads nothing back from the GPU, which would wait for all queued work. They go as numpy arrays because FSDP
+    moves every tensor among a forward's inputs to the GPU."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if device.type != "cpu":
+        out["meta"] = {**(batch.get("meta") or {}),
+                       "host": {k: batch[k].numpy() for k in mmi.HOST_KEYS if torch.is_tensor(batch.get(k))}}
+    return out
 
 
 class Prefetcher:
@@ -918,7 +926,40 @@ def main(argv=None):
     metrics_file = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if master else None
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (master and tc.progress), dynamic_ncols=True)
     losses, last_ckpt, first_step = {}, step, step
-    t0 = time.perf_counter()
+    pending = None                      # (step, lr, names, numbers, queued at): a step not read back yet
+    t_done = time.perf_counter()        # when the last step's work was done
+
+    def finish(pending):
+        """Read a queued step's numbers back (this waits for its GPU work), log it, count it for the NaN guard."""
+        nonlocal nan_streak, t_done
+        step, lr, names, numbers, queued_at = pending
+        bad, grad_norm, *sums = numbers.tolist()
+        # when the step's work was done: on a GPU, when its numbers came back; on the CPU, which works as it
+        # queues, when it was queued
+        done = queued_at if device.type == "cpu" else time.perf_counter()
+        dt, t_done = done - t_done, done
+        nan_streak = nan_streak + 1 if bad else 0
+        rec = {"step": step, **{k: v / (tc.grad_accum * world) for k, v in zip(names, sums)},
+               "lr": lr, "grad_norm": grad_norm, "samples_per_s": sums[-3] / dt,
+               "tokens_per_s": sums[-2] / dt, "mfu": sums[-1] / dt / (tc.peak_flops * world), "time_s": dt,
+               "wall_time": time.time() - (time.perf_counter() - done)}                # when it was done
+        losses[step] = rec["loss"]
+        if bad:
+            rec["skipped"] = f"non-finite loss or gradient ({nan_streak} in a row)"
+        if master:
+            bar.update(1)
+            bar.set_postfix(**{k: f"{rec[k]:.3f}" for k in names if k != "loss"}, lr=f"{rec['lr']:.2e}",
+                            samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
+            if bad or step % tc.log_interval == 0 or step == tc.max_steps:
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+            if bad:
+                tqdm.write(f"step {step}: {rec['skipped']}; update skipped")
+        if nan_streak >= tc.nan_patience:
+            raise RuntimeError(f"step {step}: {nan_streak} non-finite steps in a row (nan_patience={tc.nan_patience}); "
+                               f"stopping. Resume from the last checkpoint in {tc.out_dir} with a lower lr.")
+
     while step < tc.max_steps:
         lr_mult = lr_multiplier(step, tc.warmup_steps, tc.max_steps)
         for g, base in zip(optimizer.param_groups, base_lrs):
@@ -946,63 +987,51 @@ def main(argv=None):
 
         # NaN/inf guard: a non-finite loss or gradient on any rank skips the update everywhere, decided on the device.
         # The fused AdamW reads `found_inf` (the attribute torch's GradScaler sets) and where it is 1 leaves weights,
-        # moments and step counts as they were; so the update is queued before the host hears of the flag, and its
-        # host-side work (on FSDP's DTensors ~50 us a tensor, 1,628 tensors at 13B) runs while the GPU still computes.
-        # Then the step's one sync brings back the flag, the norm and the logged sums (losses averaged over
-        # micro-batches and ranks; rows, tokens and FLOPs summed over ranks).
+        # moments and step counts as they were; so the update is queued before the host hears of the flag.
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         bad = all_reduce((~torch.isfinite(loss_sums["loss"]) | ~torch.isfinite(grad_norm)).float(), dist.ReduceOp.MAX)
         optimizer.found_inf = bad                                                         # 0-d, 0. or 1.
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # what the step logs, in one tensor: the flag, the norm, losses averaged over micro-batches and ranks; rows,
+        # tokens and FLOPs summed over ranks. The host reads it one step late, after the next step's work is queued:
+        # the read waits for this step's GPU work while the GPU already has the next step's (the host keeps a step
+        # ahead, and its own work, FSDP's hooks and the update's on sharded tensors, overlaps the GPU's)
         names = sorted(loss_sums)
         sums = torch.cat([torch.stack([loss_sums[k].double() for k in names]),
                           mmi._to_device(torch.tensor(work, dtype=torch.float64), device)])
-        host = torch.cat([bad.double().reshape(1), grad_norm.double().reshape(1), all_reduce(sums)])
-        bad, grad_norm, *sums = host.tolist()
-        dt = time.perf_counter() - t0
-        nan_streak = nan_streak + 1 if bad else 0
+        numbers = torch.cat([bad.double().reshape(1), grad_norm.double().reshape(1), all_reduce(sums)])
         step += 1
+        if pending is not None:
+            finish(pending)
+        pending = (step, max(base_lrs) * lr_mult, names, numbers, time.perf_counter())
 
-        rec = {"step": step, **{k: v / (tc.grad_accum * world) for k, v in zip(names, sums)},
-               "lr": max(base_lrs) * lr_mult, "grad_norm": grad_norm, "samples_per_s": sums[-3] / dt,
-               "tokens_per_s": sums[-2] / dt, "mfu": sums[-1] / dt / (tc.peak_flops * world), "time_s": dt,
-               "wall_time": time.time()}
-        losses[step] = rec["loss"]
-        if bad:
-            rec["skipped"] = f"non-finite loss or gradient ({nan_streak} in a row)"
-        if master:
-            bar.update(1)
-            bar.set_postfix(**{k: f"{rec[k]:.3f}" for k in names if k != "loss"}, lr=f"{rec['lr']:.2e}",
-                            samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                            mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
-            if bad or step % tc.log_interval == 0 or step == tc.max_steps:
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-            if bad:
-                tqdm.write(f"step {step}: {rec['skipped']}; update skipped")
-        if nan_streak >= tc.nan_patience:
-            raise RuntimeError(f"step {step}: {nan_streak} non-finite steps in a row (nan_patience={tc.nan_patience}); "
-                               f"stopping. Resume from the last checkpoint in {tc.out_dir} with a lower lr.")
-
-        if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
+        evaluate_now = tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps)
+        save_now = tc.ckpt_interval >= 0 and ((tc.ckpt_interval and step % tc.ckpt_interval == 0)
+                                              or step == tc.max_steps)
+        first = step == first_step + 1           # (with --compile, the step that compiles)
+        if first or evaluate_now or save_now or step == tc.max_steps:
+            finish(pending)                      # read at once: a checkpoint keeps the NaN streak up to its step
+            pending = None
+        if evaluate_now:
             ev = evaluate(model, raw_model, cfg, tc, val, device, autocast)
             if master and ev:
                 metrics_file.write(json.dumps({"step": step, **ev}) + "\n")
                 metrics_file.flush()
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        if tc.ckpt_interval >= 0 and ((tc.ckpt_interval and step % tc.ckpt_interval == 0) or step == tc.max_steps):
+        if save_now:
             save_checkpoint(model, optimizer, tc, cfg, step, {"data": data_state, "nan_streak": nan_streak},
                             rank, device)
             last_ckpt = step
-        if step == first_step + 1:
+        if first:
             # what exists now (model, optimizer, data pipeline and, with --compile, the compiled code: millions of
             # objects) lives for the whole run: out of the garbage collector's sight, a full collection, which stops
             # the process, walks only what later steps make (13B, two GPUs, eager: 0.3 s every few steps without this)
             gc.collect()
             gc.freeze()
-        t0 = time.perf_counter()                 # throughput counts training only, not evaluation or saving
+        if first or evaluate_now or save_now:
+            t_done = time.perf_counter()         # step times count training only, not evaluation, saving, collecting
     bar.close()
     gc.unfreeze()                                # back in the collector's sight: a caller of main() may drop them
     batches.close()
