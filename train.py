@@ -9,7 +9,9 @@ type-checked and unknown keys are an error.
 
 The file reads top to bottom: the config, the paper's parameter groups and schedule, the FLOP count behind MFU,
 the data streams, FSDP, checkpoints, evaluation, the demo's VAE-only task, and then `main`: one flat loop of
-micro-batches, backward, the NaN guard, clipping, the optimizer step, logging, evaluation and checkpoints.
+micro-batches, backward, the NaN guard, clipping, the optimizer step, logging, evaluation and checkpoints, in
+which the host reads a step's logged numbers back only once the next step's work is queued, so that the GPU is
+not left idle between steps.
 """
 
 import dataclasses
