@@ -4,6 +4,7 @@ Oracles: hand-written expected tensors, float64 loops written here, and (test-on
 modules at tiny random configs. Tests that need CUDA skip without it.
 """
 
+import contextlib
 import copy
 import dataclasses
 import html
@@ -17,6 +18,7 @@ import re
 import shutil
 import sys
 import subprocess
+import traceback
 import warnings
 import zipfile
 from collections import Counter
@@ -4482,12 +4484,31 @@ def test_the_13b_example_prompts_build_paper_size_batches_with_a_llama_tokenizer
         assert batch["text_ids"][0, 0] == tok.bos_id
 
 
+@contextlib.contextmanager
+def gpu_reads(files, note=lambda: None):
+    """Inside the block, CUDA's sync debug mode: every host read of the GPU is recorded as (note(), the innermost
+    frame on the stack from one of `files`, else the warning's (filename, lineno))."""
+    reads = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):        # sync debug mode's warning (any other is not a read)
+            ours = [f for f in traceback.extract_stack() if f.filename in files]
+            reads.append((note(), ours[-1] if ours else (filename, lineno)))
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            yield reads
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @cuda_only
 def test_a_training_step_reads_the_gpu_back_only_at_its_start():
     """A training forward and backward on a GPU waits for the device only where it copies text_ids and the image
     counts to the host at its start: no host read waits for the vision encoder's, the LLM's or the image decoder's
     queued work, nor for the backward pass's. Given host copies of them (train.py's to_device), it reads nothing."""
-    import traceback
     model = tiny_model(perturb=False).cuda().train()
     host_batch = make_batch(model.cfg, [[BOS, 20, "img", 21, "img", EOS], [BOS, "img", 22, EOS]], 30)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in host_batch.items()}
@@ -4495,23 +4516,11 @@ def test_a_training_step_reads_the_gpu_back_only_at_its_start():
     model.zero_grad()
 
     def host_reads(batch):
-        reads = []
-
-        def record(message, category, filename, lineno, file=None, line=None):
-            if "synchronizing" in str(message):    # sync debug mode's warning (any other is not a read)
-                ours = [f for f in traceback.extract_stack() if f.filename == mmi.__file__]
-                reads.append((ours[-1].name, ours[-1].line) if ours else (filename, lineno))
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                warnings.showwarning = record
-                out = model(batch)
-                out["loss"].backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        with gpu_reads({mmi.__file__}) as reads:
+            out = model(batch)
+            out["loss"].backward()
         assert "loss_img" in out                     # the image decoder ran
-        return reads
+        return [(f.name, f.line) if isinstance(f, traceback.FrameSummary) else f for _, f in reads]
 
     reads = host_reads(batch)
     assert reads                                     # the host copies at the start are seen
@@ -4525,7 +4534,6 @@ def test_the_training_loop_reads_the_gpu_only_for_a_finished_steps_numbers(tmp_p
     """After its first step, train.py's loop reads the GPU back only where it reads a step's logged numbers (in
     finish, once the next step is queued, and at the last step): no read in the forward, the backward, clipping, the
     NaN guard or the update."""
-    import traceback
     current = [0]
     lr_multiplier = train.lr_multiplier
 
@@ -4533,21 +4541,10 @@ def test_the_training_loop_reads_the_gpu_only_for_a_finished_steps_numbers(tmp_p
         current[0] = step
         return lr_multiplier(step, *args)
     monkeypatch.setattr(train, "lr_multiplier", tracked)
-    reads = []
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        if current[0] >= 1 and "synchronizing" in str(message):
-            ours = [f for f in traceback.extract_stack() if f.filename in (train.__file__, mmi.__file__)]
-            reads.append((current[0], ours[-1].name if ours else filename))
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            run_train(config_file, str(tmp_path / "run"), "--device=cuda", "--dtype=bfloat16", "--max_steps=5",
-                      "--ckpt_interval=-1", "--log_interval=1")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with gpu_reads({train.__file__, mmi.__file__}, note=lambda: current[0]) as all_reads:
+        run_train(config_file, str(tmp_path / "run"), "--device=cuda", "--dtype=bfloat16", "--max_steps=5",
+                  "--ckpt_interval=-1", "--log_interval=1")
+    reads = [(step, getattr(f, "name", f)) for step, f in all_reads if step >= 1]
     assert reads and {name for _, name in reads} == {"finish"}, reads
     assert len(read_metrics(str(tmp_path / "run"))) == 5
 
