@@ -4530,23 +4530,38 @@ def test_a_training_step_reads_the_gpu_back_only_at_its_start():
 
 
 @cuda_only
-def test_the_training_loop_reads_the_gpu_only_for_a_finished_steps_numbers(tmp_path, config_file, monkeypatch):
-    """After its first step, train.py's loop reads the GPU back only where it reads a step's logged numbers (in
-    finish, once the next step is queued, and at the last step): no read in the forward, the backward, clipping, the
-    NaN guard or the update."""
-    current = [0]
-    lr_multiplier = train.lr_multiplier
+def test_the_training_loop_reads_a_step_back_without_waiting_for_the_next(tmp_path, config_file, monkeypatch):
+    """After its first step, train.py's loop makes no synchronizing read of the GPU (forward, backward, clipping, the
+    NaN guard, the update): a step's numbers are copied to pinned memory as it is queued and read, once the next step
+    is queued, by waiting on an event after the copy. Each step's work here ends with >= 0.15 s of GPU sleep, so
+    when a step is read one step late the next one's work is still running, and every step's time, taken on the
+    GPU's clock, holds its sleep (a read that waited for the next step too would leave the last step ~0 s)."""
+    current, busy = [0], []
+    lr_multiplier, send_to_host, read_back = train.lr_multiplier, train.send_to_host, train.read_back
 
     def tracked(step, *args):                        # called at the start of every step with the steps done
         current[0] = step
         return lr_multiplier(step, *args)
+
+    def slow_send(numbers):                          # called once a step's work is queued
+        torch.cuda._sleep(300_000_000)               # cycles: 0.15 s at an H100's highest clock, 1.98 GHz
+        return send_to_host(numbers)
+
+    def tracked_read(copy):
+        numbers = read_back(copy)
+        busy.append((current[0], not torch.cuda.current_stream().query()))
+        return numbers
     monkeypatch.setattr(train, "lr_multiplier", tracked)
+    monkeypatch.setattr(train, "send_to_host", slow_send)
+    monkeypatch.setattr(train, "read_back", tracked_read)
     with gpu_reads({train.__file__, mmi.__file__}, note=lambda: current[0]) as all_reads:
         run_train(config_file, str(tmp_path / "run"), "--device=cuda", "--dtype=bfloat16", "--max_steps=5",
                   "--ckpt_interval=-1", "--log_interval=1")
-    reads = [(step, getattr(f, "name", f)) for step, f in all_reads if step >= 1]
-    assert reads and {name for _, name in reads} == {"finish"}, reads
-    assert len(read_metrics(str(tmp_path / "run"))) == 5
+    assert [(step, f) for step, f in all_reads if step >= 1] == []
+    # steps 1 and 5 are read at once (the GPU is then idle); steps 2, 3, 4 while steps 3, 4, 5 run
+    assert busy == [(0, False), (2, True), (3, True), (4, True), (4, False)]
+    rows = read_metrics(str(tmp_path / "run"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and min(r["time_s"] for r in rows) >= 0.15, rows
 
 
 @cuda_only

@@ -598,6 +598,40 @@ def all_reduce(t, op=None):
     return t
 
 
+def queue_mark(device):
+    """A point in the device's queue of work: a timed CUDA event, whose time is when the GPU gets there; on a CPU,
+    which works as it queues, the time now."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    mark = torch.cuda.Event(enable_timing=True)
+    mark.record()
+    return mark
+
+
+def seconds_between(a, b):
+    """Seconds from mark a to mark b, once the device has passed b."""
+    return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
+
+
+def send_to_host(t):
+    """Queue a copy of a small device tensor into pinned host memory, and a mark after it: (host tensor, mark), for
+    `read_back`. The read then waits for the work queued up to now only; a `.tolist()` made later would also wait
+    for everything queued in between (in the loop: the whole next step)."""
+    if t.device.type != "cuda":
+        return t, queue_mark(t.device)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host, queue_mark(t.device)
+
+
+def read_back(copy):
+    """The numbers of a `send_to_host` copy, as a list, once the device has passed its mark."""
+    host, mark = copy
+    if isinstance(mark, torch.cuda.Event):
+        mark.synchronize()
+    return host.tolist()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: out_dir/ckpt_<step>/ = DCP shards of model + optimizer, one small state file per rank, the configs
 # ----------------------------------------------------------------------------------------------------------------
@@ -928,23 +962,23 @@ def main(argv=None):
     metrics_file = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if master else None
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (master and tc.progress), dynamic_ncols=True)
     losses, last_ckpt, first_step = {}, step, step
-    pending = None                      # (step, lr, names, numbers, queued at): a step not read back yet
-    t_done = time.perf_counter()        # when the last step's work was done
+    pending = None                      # (step, lr, names, send_to_host copy): a step not read back yet
+    t_done = queue_mark(device)         # where the last step's work ended in the device's queue
 
     def finish(pending):
-        """Read a queued step's numbers back (this waits for its GPU work), log it, count it for the NaN guard."""
+        """Read a queued step's numbers back (this waits for its work only), log it, count it for the NaN guard.
+        Its time runs from the previous step's end mark to its own, as the device saw them."""
         nonlocal nan_streak, t_done
-        step, lr, names, numbers, queued_at = pending
-        bad, grad_norm, *sums = numbers.tolist()
-        # when the step's work was done: on a GPU, when its numbers came back; on the CPU, which works as it
-        # queues, when it was queued
-        done = queued_at if device.type == "cpu" else time.perf_counter()
-        dt, t_done = done - t_done, done
+        step, lr, names, (host, mark) = pending
+        bad, grad_norm, *sums = read_back((host, mark))
+        dt, t_done = seconds_between(t_done, mark), mark
+        # when it was done, on the host's clock: on a CPU, its mark; on a GPU, by the time the read returned
+        done = time.perf_counter() if isinstance(mark, torch.cuda.Event) else mark
         nan_streak = nan_streak + 1 if bad else 0
         rec = {"step": step, **{k: v / (tc.grad_accum * world) for k, v in zip(names, sums)},
                "lr": lr, "grad_norm": grad_norm, "samples_per_s": sums[-3] / dt,
                "tokens_per_s": sums[-2] / dt, "mfu": sums[-1] / dt / (tc.peak_flops * world), "time_s": dt,
-               "wall_time": time.time() - (time.perf_counter() - done)}                # when it was done
+               "wall_time": time.time() - (time.perf_counter() - done)}
         losses[step] = rec["loss"]
         if bad:
             rec["skipped"] = f"non-finite loss or gradient ({nan_streak} in a row)"
@@ -997,17 +1031,19 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # what the step logs, in one tensor: the flag, the norm, losses averaged over micro-batches and ranks; rows,
-        # tokens and FLOPs summed over ranks. The host reads it one step late, after the next step's work is queued:
-        # the read waits for this step's GPU work while the GPU already has the next step's (the host keeps a step
-        # ahead, and its own work, FSDP's hooks and the update's on sharded tensors, overlaps the GPU's)
+        # tokens and FLOPs summed over ranks. Its copy to the host is queued now and read one step late, after the
+        # next step's work is queued: the read waits for this step's GPU work while the GPU already has the next
+        # step's (the host keeps a step ahead, and its own work, FSDP's hooks and the update's on sharded tensors,
+        # overlaps the GPU's)
         names = sorted(loss_sums)
         sums = torch.cat([torch.stack([loss_sums[k].double() for k in names]),
                           mmi._to_device(torch.tensor(work, dtype=torch.float64), device)])
         numbers = torch.cat([bad.double().reshape(1), grad_norm.double().reshape(1), all_reduce(sums)])
         step += 1
+        copy = send_to_host(numbers)
         if pending is not None:
             finish(pending)
-        pending = (step, max(base_lrs) * lr_mult, names, numbers, time.perf_counter())
+        pending = (step, max(base_lrs) * lr_mult, names, copy)
 
         evaluate_now = tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps)
         save_now = tc.ckpt_interval >= 0 and ((tc.ckpt_interval and step % tc.ckpt_interval == 0)
@@ -1033,7 +1069,7 @@ def main(argv=None):
             gc.collect()
             gc.freeze()
         if first or evaluate_now or save_now:
-            t_done = time.perf_counter()         # step times count training only, not evaluation, saving, collecting
+            t_done = queue_mark(device)          # step times count training only, not evaluation, saving, collecting
     bar.close()
     gc.unfreeze()                                # back in the collector's sight: a caller of main() may drop them
     batches.close()
