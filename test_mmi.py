@@ -4547,8 +4547,8 @@ def test_the_training_loop_reads_a_step_back_without_waiting_for_the_next(tmp_pa
         torch.cuda._sleep(300_000_000)               # cycles: 0.15 s at an H100's highest clock, 1.98 GHz
         return send_to_host(numbers)
 
-    def tracked_read(copy):
-        numbers = read_back(copy)
+    def tracked_read(host, mark):
+        numbers = read_back(host, mark)
         busy.append((current[0], not torch.cuda.current_stream().query()))
         return numbers
     monkeypatch.setattr(train, "lr_multiplier", tracked)

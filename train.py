@@ -624,9 +624,8 @@ def send_to_host(t):
     return host, queue_mark(t.device)
 
 
-def read_back(copy):
+def read_back(host, mark):
     """The numbers of a `send_to_host` copy, as a list, once the device has passed its mark."""
-    host, mark = copy
     if isinstance(mark, torch.cuda.Event):
         mark.synchronize()
     return host.tolist()
@@ -970,7 +969,7 @@ def main(argv=None):
         Its time runs from the previous step's end mark to its own, as the device saw them."""
         nonlocal nan_streak, t_done
         step, lr, names, (host, mark) = pending
-        bad, grad_norm, *sums = read_back((host, mark))
+        bad, grad_norm, *sums = read_back(host, mark)
         dt, t_done = seconds_between(t_done, mark), mark
         # when it was done, on the host's clock: on a CPU, its mark; on a GPU, by the time the read returned
         done = time.perf_counter() if isinstance(mark, torch.cuda.Event) else mark
