@@ -44,6 +44,21 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class InputError(ValueError):
+    """A mistake in what the user gave (a file, a flag, a config key, a record): every script prints its message as
+    one line and exits with code 2. The message names the file, key or index at fault and what was expected.
+    Anything else that goes wrong is a bug and keeps its traceback."""
+
+
+def run_script(main, argv=None):
+    """`sys.exit(mmi.run_script(main))` at the bottom of each script: an InputError becomes one line and exit 2."""
+    try:
+        return main(argv)
+    except InputError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        return 2
+
+
 @dataclass
 class VisionConfig:
     """CLIP ViT-L/14 vision tower plus the ViT-Adapter that turns it into a multi-scale feature pyramid."""
@@ -198,7 +213,7 @@ class MMIConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MMIConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+            raise InputError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         cfg = PRESETS[name]()
         return apply_overrides(cfg, overrides) if overrides else cfg
 
@@ -215,7 +230,7 @@ def _dataclass_from_dict(cls, d):
     names = {f.name: f for f in dataclasses.fields(cls)}
     for k, v in d.items():
         if k not in names:
-            raise ValueError(f"{cls.__name__}: unknown config key {k!r}")
+            raise InputError(f"{cls.__name__}: unknown config key {k!r}")
         f = names[k]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default) and isinstance(v, dict):
@@ -240,7 +255,7 @@ def apply_overrides(cfg, overrides):
         for item in overrides:
             item = item[2:] if item.startswith("--") else item
             if "=" not in item:
-                raise ValueError(f"override {item!r}: expected key=value")
+                raise InputError(f"override {item!r}: expected key=value")
             k, v = item.split("=", 1)
             pairs[k] = v
         overrides = pairs
@@ -252,11 +267,11 @@ def apply_overrides(cfg, overrides):
 def _replace_path(obj, path, value, full_key):
     names = {f.name for f in dataclasses.fields(obj)}
     if path[0] not in names:
-        raise ValueError(f"unknown config key {full_key!r}: {type(obj).__name__} has no field {path[0]!r}")
+        raise InputError(f"unknown config key {full_key!r}: {type(obj).__name__} has no field {path[0]!r}")
     old = getattr(obj, path[0])
     if len(path) > 1:
         if not dataclasses.is_dataclass(old):
-            raise ValueError(f"config key {full_key!r}: {path[0]!r} is not a section")
+            raise InputError(f"config key {full_key!r}: {path[0]!r} is not a section")
         return dataclasses.replace(obj, **{path[0]: _replace_path(old, path[1:], value, full_key)})
     return dataclasses.replace(obj, **{path[0]: _parse_like(old, value, full_key)})
 
@@ -271,7 +286,7 @@ def _parse_like(old, value, key):
     same = old is None or isinstance(value, type(old)) and isinstance(value, bool) == isinstance(old, bool)
     widening = isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool)
     if not (same or widening):
-        raise ValueError(f"config key {key!r}: expected {type(old).__name__}, got {value!r}")
+        raise InputError(f"config key {key!r}: expected {type(old).__name__}, got {value!r}")
     return float(value) if widening else value
 
 
@@ -285,7 +300,7 @@ def _from_string(old, text, key):
             return type(old)(text)
         return _to_tuple(ast.literal_eval(text))              # tuples, and fields whose default is None
     except (ValueError, SyntaxError):
-        raise ValueError(f"config key {key!r}: cannot read {text!r} as {type(old).__name__}") from None
+        raise InputError(f"config key {key!r}: cannot read {text!r} as {type(old).__name__}") from None
 
 
 def _preset_mmi_13b():

@@ -2696,7 +2696,7 @@ def test_text_to_image_task_prompts_saves_and_scores_fid(tmp_path, monkeypatch, 
     """LN-COCO plumbing with a stand-in decoder that returns each caption's own ground-truth image: prompts are
     "{caption} <soi><image>..." right-padded, images are written as PNG, and FID of a set against itself is 0.
     (Inception itself is tested above; here 2x2-pooled pixels stand in for its features, to stay fast.)"""
-    model, tok = demo_model_and_tokenizer
+    model, tok = copy.deepcopy(demo_model_and_tokenizer[0]), demo_model_and_tokenizer[1]   # patched below
     captions = {3: "a red circle", 8: "two blue squares on the left"}
     truth = _t2i_layout(tmp_path, captions)
     seen = []
@@ -2708,7 +2708,6 @@ def test_text_to_image_task_prompts_saves_and_scores_fid(tmp_path, monkeypatch, 
         return {"image": torch.stack([truth[t] for t in texts])}
 
     monkeypatch.setattr(model, "generate_images", generate_images)
-    monkeypatch.setattr(model, "image_decoder", torch.nn.Identity())  # stands for a decoder; never called
     args = _args("lncoco", tmp_path, limit=2)
     args.out = str(tmp_path / "r.json")
     with pytest.raises(ValueError, match=ev.FID_WEIGHTS_NAME):         # before any sampling
@@ -2729,7 +2728,7 @@ def test_text_to_image_task_prompts_saves_and_scores_fid(tmp_path, monkeypatch, 
 
 def test_coco_text_to_image_keeps_the_clip_best_of_8(tmp_path, monkeypatch, demo_model_and_tokenizer):
     import tokenizers
-    model, tok = demo_model_and_tokenizer
+    model, tok = copy.deepcopy(demo_model_and_tokenizer[0]), demo_model_and_tokenizer[1]   # patched below
     captions = {3: "a red circle", 8: "two blue squares"}
     _t2i_layout(tmp_path, captions)
     words = ["<|startoftext|>", "<|endoftext|>", "[UNK]"] + sorted({w for c in captions.values() for w in c.split()})
@@ -2751,7 +2750,6 @@ def test_coco_text_to_image_keeps_the_clip_best_of_8(tmp_path, monkeypatch, demo
         return {"image": torch.cat(drawn[-num_images_per_context:])}                 # copy-major
 
     monkeypatch.setattr(model, "generate_images", generate_images)
-    monkeypatch.setattr(model, "image_decoder", torch.nn.Identity())  # stands for a decoder; never called
     args = _args("coco_t2i", tmp_path)
     args.out = str(tmp_path / "r.json")
     res = ev.evaluate(model, tok, args)
