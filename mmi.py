@@ -59,6 +59,23 @@ def run_script(main, argv=None):
         return 2
 
 
+def resolve_device(name):
+    """`--device` as given (auto, cpu, cuda, cuda:N) -> torch.device; InputError where this machine has none such."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device={name}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device={name}: no CUDA device here (torch {torch.__version__}); use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 @dataclass
 class VisionConfig:
     """CLIP ViT-L/14 vision tower plus the ViT-Adapter that turns it into a multi-scale feature pyramid."""
