@@ -2118,16 +2118,17 @@ class MMFSNet(nn.Module):
 
 def capture_cuda_graph(fn, warmup=1):
     """fn() recorded as a CUDA graph -> (graph, fn's output, which every replay rewrites in place). Warm-up runs
-    first on a side stream, as PyTorch's CUDA-graph notes ask, so one-time work (cuBLAS/cuDNN set-up, loading the
-    kernel, cached tables, compilation) stays out of the capture. fn must read nothing back to the host."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    first on the stream that then captures, so one-time work (cuBLAS's handle and workspace for that stream, cuDNN
+    set-up, loading the kernel, cached tables, compilation) stays out of the capture. fn must read nothing back to
+    the host."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
         for _ in range(warmup):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
+    stream.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         out = fn()
     return graph, out
 

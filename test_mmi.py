@@ -2162,6 +2162,7 @@ RAW_CAPTIONS = [
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTBTokenizer needs java")
 def test_ptb_tokenize_equals_stanford_ptbtokenizer():
+    pytest.importorskip("pycocoevalcap")
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     want = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(RAW_CAPTIONS)})
     assert [ev.ptb_tokenize(c) for c in RAW_CAPTIONS] == [want[i][0] for i in range(len(RAW_CAPTIONS))]
@@ -2221,7 +2222,7 @@ def test_ndcg_on_a_hand_computed_example():
 
 
 def test_frechet_distance_equals_scipy_sqrtm_and_is_zero_for_identical_sets():
-    from scipy import linalg
+    linalg = pytest.importorskip("scipy.linalg")
     rng = np.random.default_rng(0)
     a = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12))
     b = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12)) + 0.5
@@ -4572,3 +4573,20 @@ def test_tiny_model_trains_under_cuda_autocast_bf16():
         out = model(batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
+
+
+# ===============================================================================================================
+# The project: README's commands are what CI runs
+# ===============================================================================================================
+
+
+def test_ci_installs_and_tests_exactly_as_the_readme_says():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    ci = open(os.path.join(HERE, ".ci", "run"), encoding="utf-8").read()
+    said = [line.split("#")[0].split() for line in readme.splitlines() if line.startswith("pip install")]
+    pytest_line = next(s for s in said if "pytest" in s)
+    done = [line.split("#")[0].split() for line in ci.splitlines() if line.startswith("pip ")]
+    # README: `pip install A && python -m pytest ...`; CI: `pip A` through its quiet wrapper, then the same pytest
+    assert [s[2:] for s in said if s is not pytest_line] == [s[1:] for s in done if "pytest" not in s]
+    assert pytest_line[2:pytest_line.index("&&")] == next(s for s in done if "pytest" in s)[1:]
+    assert " ".join(pytest_line[pytest_line.index("&&") + 1:]).replace("python ", "python3 ") in ci
