@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import mmi
+
 Image.MAX_IMAGE_PIXELS = 1_000_000_000  # MMC4/LAION hold large photos; the original lifts the same limit
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1289,7 +1291,7 @@ def main(argv=None):
     p.add_argument("--demo", action="store_true", help="use the synthetic shape-stories corpus")
     p.add_argument("--show", type=int, default=0, help="write a PNG sheet and the text of N samples")
     p.add_argument("--split", default="train", choices=list(SPLIT_SEED_BASE))
-    p.add_argument("--out", default="demo_show")
+    p.add_argument("--out", default=os.path.join("out", "demo_show"), help="folder for the sheet and the text")
     p.add_argument("--train-tokenizer", action="store_true", help=f"(re)build {DEMO_TOKENIZER_PATH}")
     args = p.parse_args(argv)
     if args.train_tokenizer:
@@ -1297,10 +1299,10 @@ def main(argv=None):
     if args.demo and args.show:
         show_demo(args.show, args.out, args.split)
     elif not args.train_tokenizer:
-        p.print_help()
-        return 1
+        p.print_usage(sys.stderr)
+        raise mmi.InputError("nothing to do: give --demo --show N or --train-tokenizer")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(mmi.run_script(main))

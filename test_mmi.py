@@ -1564,6 +1564,12 @@ def test_show_cli_writes_sheet_and_text(tmp_path):
     assert len(lines) == 3 and all("story" in l and "</s>" in l for l in lines)
 
 
+def test_data_cli_with_nothing_to_do_is_usage_and_exit_2(capsys):
+    assert mmi.run_script(data.main, []) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: ") and err[-1].endswith("give --demo --show N or --train-tokenizer")
+
+
 def test_demo_stream_resumes_exactly():
     """The demo stream resumes from a saved position like the real sources (same code path)."""
     tok = demo_tok()
