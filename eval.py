@@ -936,7 +936,7 @@ def vizwiz_prompt(question, num_img_token):
             f"accurate answer within one word. The answer is:")
 
 
-# The original generation settings per prompt kind. Its min_length counted a dummy bos (SPEC §1.9), hence
+# The original generation settings per prompt kind. Its min_length counted a dummy bos, hence
 # min_new_tokens = min_length - 1; its max_length was the number of new tokens.
 CAPTION_GENERATION = dict(max_new_tokens=20, min_new_tokens=7, num_beams=5, length_penalty=1.0)
 PARAGRAPH_GENERATION = dict(max_new_tokens=90, min_new_tokens=89, num_beams=5, length_penalty=1.0,
@@ -993,7 +993,7 @@ def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_s
 
 @torch.no_grad()
 def option_log_likelihoods(model, tokenizer, context_ids, image, options, rows_per_pass=8):
-    """Summed log-probability of each option's tokens after the context (VisDial ranking, SPEC §1.10).
+    """Summed log-probability of each option's tokens after the context (VisDial ranking).
 
     Rows are context + option, right-padded: with causal attention the padding after an option cannot change
     its tokens' logits, so no mask is needed. Options are tokenised without bos."""

@@ -1,6 +1,6 @@
 // Multi-scale deformable attention (Deformable-DETR layout) for mmi: forward and backward on CUDA.
 //
-// Layout (SPEC §6.1): value [B, S, M, D], spatial_shapes [L, 2] int64 (H, W), level_start_index [L] int64,
+// Layout: value [B, S, M, D], spatial_shapes [L, 2] int64 (H, W), level_start_index [L] int64,
 // sampling_locations [B, Q, M, L, P, 2] as (x, y) in [0, 1], attention_weights [B, Q, M, L, P];
 // output [B, Q, M*D]. Inputs are float32, float64, float16 or bfloat16; arithmetic is float32 (float64 for
 // float64 inputs). Built on first use by mmi.py through torch.utils.cpp_extension.load.

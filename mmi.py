@@ -12,8 +12,7 @@ a few learned sampling points in the multi-scale feature maps of all images befo
 Sections, in the order data flows:
   config -> building blocks -> deformable attention -> vision -> LLM with MMFS -> image decoder ->
   the MMInterleaved model -> loading -> generation
-Facts about the original (shapes, masks, key names) follow SPEC.md; module attribute names follow the released
-checkpoints so that `state_dict()` keys match them.
+Module attribute names follow the released checkpoints so that `state_dict()` keys match them.
 """
 
 import ast
@@ -183,13 +182,13 @@ class VAEConfig:
 class ImageDecoderConfig:
     """The image decoder around the UNet: context resampler, UNet-MMFS, diffusion schedule."""
     image_size: int = 512
-    # image-side Q-Former resampler (SPEC §5.1): 77 queries of the UNet's cross-attention width, one layer that
+    # image-side Q-Former resampler: 77 queries of the UNet's cross-attention width, one layer that
     # cross-attends to the LLM context (encoder_hidden_size = LLM width), no qk-norm, no dropout
     resampler: ResamplerConfig = field(default_factory=lambda: ResamplerConfig(
         num_queries=77, hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, intermediate_size=3072,
         encoder_hidden_size=5120, cross_attention_frequency=1, qk_normalization=False, dropout=0.0))
     uncond_prob: float = 0.1
-    # UNet-MMFS (SPEC §5.2); the original hard-codes attn 1024 / 16 heads / 8 points / 10 images
+    # UNet-MMFS; the original hard-codes attn 1024 / 16 heads / 8 points / 10 images
     mmfs_feat_dim: int = 1024  # width of the visual tokenizer's multi-scale maps
     mmfs_attn_dim: int = 1024
     mmfs_heads: int = 16
@@ -467,7 +466,7 @@ def level_start_index(spatial_shapes):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Multi-scale deformable attention (SPEC §6): the reference, and the one dispatch point for the CUDA kernel;
+# Multi-scale deformable attention: the reference, and the one dispatch point for the CUDA kernel;
 # kernels.cu's other kernel, the decoding matmul (linear)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -758,7 +757,7 @@ def relative_image_index(mask):
 
 
 class MMFS(nn.Module):
-    """Multi-image multi-scale feature synchronizer (SPEC §4), shared by the LLM and the UNet.
+    """Multi-image multi-scale feature synchronizer, shared by the LLM and the UNet.
 
     Each query samples `n_points` locations per head in every level of every image it may see; the images act as
     extra levels. One offset per (head, point, image) is shared across levels, scaled by level size; one "ignore"
@@ -2418,7 +2417,7 @@ def prepare_context_features(h, text_ids, soi_id: int, context_start=None):
 
 
 def is_cond_image_of(context_mask) -> torch.Tensor:
-    """An image learns only with context beyond its own <s><soi> (SPEC §5.3): (B_I,) bool."""
+    """An image learns only with context beyond its own <s><soi>: (B_I,) bool."""
     return context_mask.sum(dim=1) > 2
 
 
@@ -2496,7 +2495,7 @@ def cross_attention_mask(text_ids, num_image_per_seq, soi_id, bos_id):
 
 
 def text_labels(text_ids, attention_mask, cfg: MMIConfig, ignore_prompt_token_offset=0, ignore_noimage_cond=False):
-    """Targets [B, L-1] for logits[:, :-1] (SPEC §1.5): -100 where no loss is taken.
+    """Targets [B, L-1] for logits[:, :-1]: -100 where no loss is taken.
 
     Ignored: the prompt (positions < ignore_prompt_token_offset, an int or one per row); with
     `ignore_noimage_cond`, text with no image before it in its document; then, on the shifted targets, pad
@@ -2717,7 +2716,7 @@ class MMInterleaved(nn.Module):
         # resolution (3 GiB a tensor for 24 images at 512x512) never sit on top of the LLM's. Its random draw stays
         # where the original makes it, in the image decoder's forward.
         posterior = self.image_decoder.decoder.encode_posterior(self.decoder_images(batch)) if with_image_loss else None
-        # positions run 0..L-1 over the packed row and attention is causal over all of it (SPEC §1.5)
+        # positions run 0..L-1 over the packed row and attention is causal over all of it, as the original trains
         pos = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
         h = self.mm_decoder(embeds, pos, vision, xmask, checkpoint=c.gradient_checkpointing)
 
@@ -2760,7 +2759,7 @@ class MMInterleaved(nn.Module):
         return batch["image_tensors"] if images is None else images
 
     def image_loss(self, batch, h, maps, posterior=None, host_batch=None):
-        """The diffusion loss of every image given its context (SPEC §1.5 step 3, §5.3). h: the LLM's last hidden
+        """The diffusion loss of every image given its context. h: the LLM's last hidden
         state [B, L, d]; maps: the tokenizer's four maps of every image; posterior: the VAE's encoding of the
         decoder images (StableDiffusion.encode_posterior), if made already; host_batch: host copies of text_ids and
         nearest_bos_idxs to work out the contexts' positions from (reading them on a GPU now would wait for the LLM)."""
@@ -2778,7 +2777,7 @@ class MMInterleaved(nn.Module):
     def generate_images(self, batch, target_image_idxs=None, steps=30, guidance_scale=7.5, sampler="ddpm", seed=42,
                         num_images_per_context=1, eta=0.0, progress=True, use_mmfs=True, cuda_graph=None):
         """Draw the images of the batch's image slots (all, or `target_image_idxs`, flat indexes over the batch)
-        from their contexts (row start .. soi) and the previous image's features (SPEC §1.8). A target slot still
+        from their contexts (row start .. soi) and the previous image's features. A target slot still
         holds a placeholder image; it cannot influence its own generation. use_mmfs=False drops the previous
         image's features from the UNet (the ablation of the paper's consistency claim); use_mmfs="both" draws each
         image with and without them from the same noise in one UNet batch (all with, then all without).

@@ -261,7 +261,7 @@ def test_ms_deform_attn_reference_equals_float64_loop():
 
 
 def mmfs_loop(mod, query, ref, value, mask):
-    """SPEC §4.2 step by step in float64, with explicit loops over images, levels, heads and points."""
+    """MMFS as the original states it, step by step in float64, with explicit loops over images, levels, heads and points."""
     B, Lq, _ = query.shape
     n = value.shape[1]
     H, P, Lv = mod.n_heads, mod.n_points, mod.n_levels
@@ -3013,7 +3013,7 @@ def tiny_mmi():
 
 
 def _write_mmi_checkpoint(model, folder, n_shards=2, drop=(), extra=None):
-    """Two pytorch_model-*.bin shards plus pytorch_model.bin.index.json, keys = our state-dict names (SPEC §7)."""
+    """Two pytorch_model-*.bin shards plus pytorch_model.bin.index.json, keys = our state-dict names."""
     os.makedirs(folder, exist_ok=True)
     sd = {k: v for k, v in model.state_dict().items() if k not in drop}
     sd.update(extra or {})
@@ -3758,7 +3758,7 @@ def test_loader_build_failure_warns_with_reason(monkeypatch, tmp_path):
 
 
 def test_reference_matches_hand_computed_bilinear():
-    """One level, one point: the reference equals the bilinear formula of SPEC §6.1 computed by hand."""
+    """One level, one point: the reference equals bilinear interpolation computed by hand."""
     H, W, D = 3, 4, 2
     value = torch.arange(H * W * D, dtype=torch.float64).reshape(1, H * W, 1, D)
     x, y = 0.55, 0.3  # pixel coords x*W-0.5 = 1.7, y*H-0.5 = 0.4
@@ -3856,7 +3856,7 @@ def test_pretrain_13b_config_is_the_papers_recipe():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parameter groups (SPEC §10) on the paper-size model
+# Parameter groups on the paper-size model
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-# The paper's pretraining recipe (SPEC §10): MM-Interleaved-13B from Vicuna-13B v1.3, CLIP ViT-L/14 and SD-2.1-base.
+# The paper's pretraining recipe: MM-Interleaved-13B from Vicuna-13B v1.3, CLIP ViT-L/14 and SD-2.1-base.
 #   torchrun --nproc_per_node=8 train.py configs/pretrain_13b.py --init_from=<mmi model dir>
 # Data paths are placeholders: point them at your MMC4 / LAION-style copies.
 preset = "mmi-13b"
