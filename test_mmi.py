@@ -1581,6 +1581,93 @@ def test_demo_stream_resumes_exactly():
     assert all(torch.equal(a["text_ids"], b["text_ids"]) and a["meta"]["scenes"] == b["meta"]["scenes"]
                for a, b in zip(rest, full[k + 1:]))
 
+# ----------------------------------------------------------------------------------------------- bad images and prompts
+
+def bands(size, colours):
+    """An image cut into equal bands along its long side, one per colour."""
+    w, h = size
+    arr = np.zeros((h, w, 3), np.uint8)
+    for k, c in enumerate(colours):
+        if w >= h:
+            arr[:, k * w // len(colours):(k + 1) * w // len(colours)] = PALETTE[c]
+        else:
+            arr[k * h // len(colours):(k + 1) * h // len(colours)] = PALETTE[c]
+    return Image.fromarray(arr)
+
+
+def test_extreme_aspect_ratio_is_cropped_before_resizing(tmp_path, monkeypatch):
+    """A 1x400000 PNG (a few KB) would be resized to 64 x 25.6M pixels: the long side is cut to MAX_ASPECT times
+    the short one around its centre first, so no image made on the way exceeds 64 x (MAX_ASPECT * 128) pixels."""
+    made = []
+    resize = Image.Image.resize
+
+    def bounded_resize(self, size, *args, **kwargs):
+        made.append(size)
+        assert size[0] * size[1] <= 128 * 128 * data.MAX_ASPECT, f"resize to {size}"
+        return resize(self, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    for size in ((1, 400_000), (400_000, 1), (3, 90_000)):
+        bands(size, ["red", "green", "blue"]).save(tmp_path / "long.png")
+        assert (tmp_path / "long.png").stat().st_size < 10_000
+        enc, dec = data.DualTransform(64, 128)(data.load_image(tmp_path / "long.png"))
+        assert enc.shape == (3, 64, 64) and dec.shape == (3, 128, 128)
+        assert colour_of(enc) == colour_of(dec) == "green"       # the centre of the long side
+    assert made
+    # up to MAX_ASPECT nothing is cut: a 32x512 image gives exactly the plain resize's middle
+    img = bands((32, 16 * 32), ["red", "green", "blue", "yellow"])
+    want = np.asarray(resize(img, (64, 1024), Image.BICUBIC))[480:544]
+    assert np.array_equal(data.center_crop_arr(img, 64), want)
+
+
+def test_undecodable_or_oversized_images_are_skipped_by_reason(tmp_path, monkeypatch):
+    """A truncated JPEG or a header-only PNG is image_unreadable; more pixels than Image.MAX_IMAGE_PIXELS (where
+    Pillow only warns) or twice that (where Pillow refuses) is image_too_large, before any decoding."""
+    buf = io.BytesIO()
+    bands((64, 64), ["red", "blue"]).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    buf = io.BytesIO()
+    bands((64, 64), ["red", "blue"]).save(buf, "PNG")
+    (tmp_path / "header.png").write_bytes(buf.getvalue()[:33])    # signature + IHDR, no pixel data
+    for name in ("cut.jpg", "header.png"):
+        with pytest.raises(data.SkipSample) as e:
+            data.load_image(tmp_path / name)
+        assert e.value.reason == "image_unreadable" and name in e.value.detail
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for size, ok in (((30, 30), True), ((40, 30), False), ((50, 50), False)):
+        Image.new("RGB", size, (1, 2, 3)).save(tmp_path / "x.png")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if ok:
+                assert data.load_image(tmp_path / "x.png").size == size
+                continue
+            with pytest.raises(data.SkipSample) as e:
+                data.load_image(tmp_path / "x.png")
+        assert e.value.reason == "image_too_large" and "x.png" in e.value.detail
+
+
+def test_inference_sample_keeps_only_whole_image_placeholders(tmp_path):
+    """Truncation at num_total_token keeps an image only if its whole placeholder fits; a prompt whose first
+    image does not fit is a SkipSample naming the numbers, not a crash."""
+    write_jpeg(str(tmp_path / "a.jpg"), "red")
+    write_jpeg(str(tmp_path / "b.jpg"), "green")
+    tok = demo_tok()
+    info = {"sentences": ["a red thing.", "then a green one."], "images": ["a.jpg", "b.jpg"],
+            "sentence_ixs": [0, 1], "image_first": [False, False]}
+    full = tok.encode("a red thing." + data.image_placeholder(4) + " then a green one." + data.image_placeholder(4))
+    second = [i for i, t in enumerate(full) if t == tok.soi_id][1]
+    transform = data.DualTransform(16, None)
+    for budget in (second + 1, second + 4):                          # the second placeholder cut inside
+        b = data.inference_sample(info, tok, transform, 4, budget, str(tmp_path), "here")
+        assert b["text_ids"].tolist() == [full[:second]] and b["num_image_per_seq"].tolist() == [1]
+        assert b["image_tensors"].shape[0] == 1 and colour_of(b["image_tensors"][0]) == "red"
+    b = data.inference_sample(info, tok, transform, 4, second + 5, str(tmp_path), "here")
+    assert b["text_ids"].tolist() == [full] and b["num_image_per_seq"].tolist() == [2]
+    with pytest.raises(data.SkipSample) as e:
+        data.inference_sample(info, tok, transform, 4, 5, str(tmp_path), "here")
+    assert e.value.reason == "image_beyond_budget"
+    assert e.value.detail.startswith(f"here: {len(full)} tokens;") and "num_total_token=5" in e.value.detail
+
+
 # ===============================================================================================================
 # The image decoder: SD-2 UNet and VAE against diffusers, the samplers against diffusers' schedulers, UNet-MMFS,
 # the context and previous-image rules, the diffusion loss, image generation
