@@ -186,20 +186,38 @@ class SkipSample(Exception):
 
 
 def load_image(path):
-    """Open and fully decode an image as RGB; a missing or broken file becomes a SkipSample."""
+    """Open and fully decode an image as RGB; a missing, broken or oversized file becomes a SkipSample. More than
+    Image.MAX_IMAGE_PIXELS pixels (where Pillow warns of a decompression bomb) is refused before decoding."""
     try:
         with Image.open(path) as im:
+            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise SkipSample("image_too_large", f"{path}: {im.width}x{im.height} pixels, more than "
+                                                    f"{Image.MAX_IMAGE_PIXELS}")
             im.load()  # decode now: a truncated file fails here, not later inside the transform
             return im.convert("RGB")
     except FileNotFoundError:
         raise SkipSample("image_missing", str(path)) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise SkipSample("image_too_large", f"{path}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise SkipSample("image_unreadable", f"{path}: {e}") from None
+
+
+# An image whose long side exceeds this many times its short side loses the ends of its long side before
+# resizing: the centre crop keeps only its middle anyway, and resizing all of it scales memory with the long side.
+MAX_ASPECT = 16
 
 
 def center_crop_arr(pil_image, image_size):
     """Halve with BOX while the short side is >= 2x the target, bicubic-resize the short side to the
-    target, centre-crop. Returns (image_size, image_size, 3) uint8."""
+    target, centre-crop. Returns (image_size, image_size, 3) uint8. Beyond MAX_ASPECT, the long side is first
+    cut to MAX_ASPECT times the short one around its centre (images within it are untouched)."""
+    w, h = pil_image.size
+    keep = MAX_ASPECT * min(w, h)
+    if max(w, h) > keep:
+        cw, ch = min(w, keep), min(h, keep)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        pil_image = pil_image.crop((left, top, left + cw, top + ch))
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -919,8 +937,15 @@ def inference_sample(info, tokenizer, transform, num_img_token, num_total_token,
     text, order = place_images(sentences, [int(i) for i in sentence_ixs], [bool(f) for f in image_first],
                                image_placeholder(num_img_token))
     images = [images[k] for k in order]
-    ids = np.asarray(tokenizer.encode(clean_image_spaces(text))[:num_total_token], dtype=np.int64)
-    n = int((ids == tokenizer.soi_id).sum())  # truncation may have removed trailing images
+    ids = np.asarray(tokenizer.encode(clean_image_spaces(text)), dtype=np.int64)
+    # truncation at num_total_token drops the images whose placeholder does not fit whole
+    soi = np.flatnonzero(ids == tokenizer.soi_id)
+    n = int((soi + num_img_token < num_total_token).sum())
+    if n == 0:
+        end = int(soi[0]) + num_img_token + 1
+        raise SkipSample("image_beyond_budget", f"{where}: {len(ids)} tokens; the first image's placeholder ends "
+                                                f"at token {end}, beyond num_total_token={num_total_token}")
+    ids = ids[:num_total_token if n == len(soi) else min(num_total_token, int(soi[n]))]
     return {
         "text_ids": torch.from_numpy(ids)[None],  # (1, l)
         "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),

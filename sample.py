@@ -8,17 +8,24 @@
 
 Each prompt is continued the original's way (SPEC §9): generate text until eos or a <|beginofimage|> (the model
 asking for an image), then generate that image, put it back into the context and continue; for `num_iter` rounds.
-Output: out/<run>/index.html (the stories as pages of text and pictures), the PNGs and result.json, written into a
-temporary folder that is renamed into place at the end, so an interrupted run leaves no half-written page.
+Output: out/<run>/index.html (the stories as pages of text and pictures), the PNGs, the prompts' own images
+(inputs/) and result.json, written into a temporary folder that is renamed into place at the end, so an interrupted
+run leaves no half-written page. A run that cannot finish writing (a full disk) keeps what it made in
+out/<run>-incomplete.
 """
 
 import argparse
 import datetime
+import errno
 import html
+import itertools
 import json
 import os
+import re
 import shutil
+import socket
 import sys
+import warnings
 
 import torch
 from PIL import Image
@@ -38,7 +45,7 @@ ORIGINAL_SETTINGS = dict(sampler="ddpm", steps=30, guidance_scale=7.5, repetitio
 DEMO_SETTINGS = dict(evaluator.DEMO_IMAGES, repetition_penalty=1.0)
 
 
-class AnntError(ValueError):
+class AnntError(mmi.InputError):
     """A prompt file the run cannot use; the message names the file, the sample and the field."""
 
 
@@ -48,7 +55,8 @@ class AnntError(ValueError):
 def load_annt(path):
     """Read and check an annt.json: a list of samples with `sentences`, `images`, `sentence_ixs`,
     `image_first`, and optional `generate_mode`, `num_iter`, `multiround_context`. Image paths are relative to
-    the file's folder. Raises AnntError naming the sample index and field at fault."""
+    the file's folder; every image is decoded. Raises AnntError naming the sample index and field at fault.
+    -> the samples, each with `paths` (its image files) and `where` (the file and sample index) added."""
     if not os.path.isfile(path):
         raise AnntError(f"{path}: no such file")
     try:
@@ -56,10 +64,19 @@ def load_annt(path):
             samples = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise AnntError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise AnntError(f"{path}: nested too deeply; expected a list of sample objects") from None
+    except OSError as e:
+        raise AnntError(f"{path}: cannot read it ({e.strerror})") from None
     if not isinstance(samples, list) or not samples:
         raise AnntError(f"{path}: expected a non-empty list of samples, got {type(samples).__name__}")
     base = os.path.dirname(os.path.abspath(path))
     return [_check_sample(s, f"{path}: sample {i}", base) for i, s in enumerate(samples)]
+
+
+# load_image's reasons as the prompt check words them
+IMAGE_REFUSALS = {"image_missing": "does not exist", "image_unreadable": "is not an image Pillow can decode",
+                  "image_too_large": "is too large"}
 
 
 def _check_sample(s, where, base):
@@ -89,6 +106,9 @@ def _check_sample(s, where, base):
         if not isinstance(ix, int) or isinstance(ix, bool) or not 0 <= ix < len(sentences):
             raise AnntError(f"{where}: field 'sentence_ixs'[{k}] = {ix!r} is not a sentence index "
                             f"(0..{len(sentences) - 1})")
+    for k, f in enumerate(first):
+        if not isinstance(f, bool):
+            raise AnntError(f"{where}: field 'image_first'[{k}] = {f!r} must be true or false")
     if mode not in MODES:
         raise AnntError(f"{where}: field 'generate_mode' is {mode!r}, expected one of {list(MODES)}")
     if num_iter < 0:
@@ -98,16 +118,20 @@ def _check_sample(s, where, base):
         full = p if isinstance(p, str) and os.path.isabs(p) else os.path.join(base, str(p))
         if not isinstance(p, str) or not os.path.isfile(full):
             raise AnntError(f"{where}: field 'images'[{k}]: {p!r} does not exist")
-        try:
-            with Image.open(full) as im:
-                im.verify()
-        except Exception as e:
-            raise AnntError(f"{where}: field 'images'[{k}]: {p!r} is not an image ({type(e).__name__})") from None
+        try:                                  # decoded in full: a truncated file fails here, not mid-run
+            with warnings.catch_warnings():   # Pillow's decompression-bomb warning: load_image refuses those
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                data.load_image(full)
+        except data.SkipSample as e:
+            why = e.detail.removeprefix(f"{full}: ") if e.detail != full else ""
+            raise AnntError(f"{where}: field 'images'[{k}]: {p!r} {IMAGE_REFUSALS.get(e.reason, e.reason)}"
+                            + (f" ({why})" if why else "")) from None
         paths.append(full)
     context = s.get("multiround_context")
     if context is not None and not (isinstance(context, list) and all(isinstance(t, str) for t in context)):
         raise AnntError(f"{where}: field 'multiround_context' must be a list of strings")
-    return dict(s, images=paths, generate_mode=mode, num_iter=num_iter)
+    # `images` stays as given (result.json records it); `paths` are the files, `where` names the sample
+    return dict(s, paths=paths, where=where, generate_mode=mode, num_iter=num_iter)
 
 
 # -- the model ------------------------------------------------------------------------------------------------
@@ -117,7 +141,7 @@ def load_model(args):
     """-> (model, tokenizer). `demo` (assets/demo), a save_pretrained folder, or `original` (the released files)."""
     if args.init_from == "original":
         if not (args.llm and args.clip):
-            raise AnntError("--init_from=original needs --llm and --clip (and --sd, --mmi for the full model)")
+            raise mmi.InputError("--init_from=original needs --llm and --clip (and --sd, --mmi for the full model)")
         model = mmi.MMInterleaved.from_original(llm=args.llm, clip=args.clip, sd=args.sd, mmi=args.mmi,
                                                 dtype=args.dtype, device=args.device)
         tok_path = args.tokenizer or os.path.join(args.llm, "tokenizer.model")
@@ -126,19 +150,19 @@ def load_model(args):
         if not os.path.isfile(os.path.join(path, "config.json")):
             what = "the demo model (assets/demo) is not in this checkout" if args.init_from == "demo" else \
                 f"{path} is not a model folder (no config.json)"
-            raise AnntError(f"--init_from={args.init_from}: {what}")
+            raise mmi.InputError(f"--init_from={args.init_from}: {what}")
         model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device)
         tok_path = args.tokenizer or next((p for p in (os.path.join(path, "tokenizer.model"), DEMO_TOKENIZER)
                                            if os.path.isfile(p)), None)
     if not tok_path or not os.path.isfile(tok_path):
-        raise AnntError(f"tokenizer {tok_path!r} not found; pass --tokenizer")
+        raise mmi.InputError(f"tokenizer {tok_path!r} not found; pass --tokenizer")
     tokenizer = data.Tokenizer(tok_path)
     c = model.cfg
     ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.soi_id, tokenizer.image_id)
     if ids != (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.soi_token_id, c.image_token_id):
-        raise AnntError(f"tokenizer {tok_path}: bos/eos/pad/soi/image ids {ids} do not match the model's "
-                        f"{(c.bos_token_id, c.eos_token_id, c.pad_token_id, c.soi_token_id, c.image_token_id)}")
-    if model.image_decoder is not None and torch.device(args.device).type == "cuda":
+        raise mmi.InputError(f"tokenizer {tok_path}: bos/eos/pad/soi/image ids {ids} do not match the model's "
+                             f"{(c.bos_token_id, c.eos_token_id, c.pad_token_id, c.soi_token_id, c.image_token_id)}")
+    if model.image_decoder is not None and args.device.type == "cuda":
         # cuDNN runs half-precision convolutions in NHWC: NCHW weights cost a transpose in every UNet call
         model.image_decoder.decoder.unet.to(memory_format=torch.channels_last)
     return model.eval(), tokenizer
@@ -149,9 +173,21 @@ def load_model(args):
 
 def prompt_batch(sample, tokenizer, cfg, num_total_token, device):
     """The prompt as the model's batch (data.py's annt.json assembly: placeholders before/after their sentences,
-    sentences joined by spaces, bos, no eos; images at the encoder size)."""
+    sentences joined by spaces, bos, no eos; images at the encoder size). Every image must fit within
+    `num_total_token`, else AnntError."""
     transform = data.DualTransform(cfg.vision.image_size, None)
-    batch = data.inference_sample(sample, tokenizer, transform, cfg.num_img_token, num_total_token, "", "prompt")
+    where = sample.get("where", "prompt")
+    try:
+        batch = data.inference_sample(dict(sample, images=sample.get("paths", sample["images"])), tokenizer,
+                                      transform, cfg.num_img_token, num_total_token, "", where)
+        n = int(batch["num_image_per_seq"][0])
+    except data.SkipSample as e:
+        if e.reason != "image_beyond_budget":
+            raise AnntError(str(e)) from None
+        n = 0
+    if n < len(sample["images"]):
+        raise AnntError(f"{where}: field 'sentences': too long for --num_total_token={num_total_token}: only {n} "
+                        f"of the prompt's {len(sample['images'])} images fit within it")
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -174,10 +210,10 @@ def add_placeholder_image(batch, cfg):
     batch["num_image_per_seq"] = batch["num_image_per_seq"] + 1
 
 
-def run_story(model, tokenizer, sample, index, args, out_dir, seed):
-    """The original's interleaved loop for one prompt. -> list of {"type": "text"|"image", ...} in order."""
+def run_story(model, tokenizer, sample, batch, index, args, out_dir, seed):
+    """The original's interleaved loop for one prompt, from its prompt_batch (extended in place).
+    -> list of {"type": "text"|"image", ...} in order."""
     cfg = model.cfg
-    batch = prompt_batch(sample, tokenizer, cfg, args.num_total_token, args.device)
     dtype = next(model.parameters()).dtype
     batch["image_tensors"] = batch["image_tensors"].to(dtype)
     target = int(batch["num_image_per_seq"][0]) - 1        # an initial generate_images draws the last image
@@ -224,91 +260,246 @@ def run_story(model, tokenizer, sample, index, args, out_dir, seed):
 
 # -- the page -------------------------------------------------------------------------------------------------
 
+PAGE_IMAGE_WIDTH = 256   # the page shows images this large; smaller ones grow by a whole factor, nearest neighbour
+WEB_IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
+
+
+def copy_inputs(sample, index, folder):
+    """The prompt's own images, copied into the run folder so that the page needs no other file (a format
+    browsers may not show is saved as PNG). -> their names relative to the folder."""
+    os.makedirs(os.path.join(folder, "inputs"), exist_ok=True)
+    names = []
+    for k, path in enumerate(sample["paths"]):
+        ext = os.path.splitext(path)[1].lower()
+        name = f"inputs/{index}_{k}{ext if ext in WEB_IMAGE_TYPES else '.png'}"
+        if ext in WEB_IMAGE_TYPES:
+            shutil.copyfile(path, os.path.join(folder, name))
+        else:
+            data.load_image(path).save(os.path.join(folder, name))
+        names.append(name)
+    return names
+
+
+def prompt_items(prompt):
+    """The prompt in reading order: each sentence with its images before or after it, in the order
+    data.place_images puts their placeholders. -> items as in a story's `generated`."""
+    before, after = [[] for _ in prompt["sentences"]], [[] for _ in prompt["sentences"]]
+    for k, (ix, first) in enumerate(zip(prompt["sentence_ixs"], prompt["image_first"])):
+        (before if first else after)[ix].append(k)
+    items = []
+    for i, sentence in enumerate(prompt["sentences"]):
+        items += [{"type": "image", "file": prompt["image_files"][k]} for k in before[i][::-1]]
+        items.append({"type": "text", "text": sentence})
+        items += [{"type": "image", "file": prompt["image_files"][k]} for k in after[i]]
+    return items
+
+
+def item_html(item, folder):
+    if item["type"] == "text":
+        return f"<p>{html.escape(item['text'])}</p>"
+    with Image.open(os.path.join(folder, item["file"])) as im:
+        w, h = im.size
+    big = max(w, h)
+    scale = PAGE_IMAGE_WIDTH // big if big <= PAGE_IMAGE_WIDTH else PAGE_IMAGE_WIDTH / big
+    pixelated = " class='px'" if big <= PAGE_IMAGE_WIDTH else ""
+    name = html.escape(item["file"])
+    return f"<img src='{name}' alt='{name}' width='{round(w * scale)}' height='{round(h * scale)}'{pixelated}>"
+
 
 def write_page(path, stories):
-    """index.html: each story's prompt, then its text and images in the order they were made."""
+    """index.html: each story's prompt (its text and images), then what the model made, in the order it was made.
+    Images are the files beside the page; small ones are shown enlarged with visible pixels."""
+    folder = os.path.dirname(path)
     parts = ["<!doctype html><meta charset='utf-8'><title>mmi stories</title>",
-             "<style>body{font:16px/1.5 sans-serif;max-width:46em;margin:2em auto}img{max-width:256px;"
-             "image-rendering:pixelated;display:block;margin:.5em 0}.prompt{color:#666}</style>"]
+             "<style>body{font:16px/1.5 sans-serif;max-width:46em;margin:2em auto}"
+             "img{display:block;margin:.5em 0;border:1px solid #ccc;image-orientation:none}"
+             ".px{image-rendering:pixelated}.prompt{color:#666}h3{font-size:1em;margin:1em 0 0}</style>"]
     for i, story in enumerate(stories):
-        parts.append(f"<h2>Story {i}</h2><p class='prompt'>{html.escape(' '.join(story['prompt']['sentences']))}</p>")
-        for item in story["generated"]:
-            if item["type"] == "text":
-                parts.append(f"<p>{html.escape(item['text'])}</p>")
-            else:
-                parts.append(f"<img src='{html.escape(item['file'])}' alt='{html.escape(item['file'])}'>")
+        parts.append(f"<h2>Story {i}</h2><h3>Prompt</h3><div class='prompt'>")
+        parts += [item_html(item, folder) for item in prompt_items(story["prompt"])]
+        parts.append("</div><h3>Generated</h3><div class='generated'>")
+        parts += [item_html(item, folder) for item in story["generated"]]
+        parts.append("</div>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "\n")
+
+
+# -- the run folder -------------------------------------------------------------------------------------------
+
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+# <run>.<host>.<pid>.<random>.tmp: the temporary folder of a run names the machine and process that own it
+TEMP_NAME = re.compile(r"\d{8}-\d{6}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-z]+\.tmp")
+
+
+def run_name():
+    """The run's folder name: its start time (a second run in the same second gets a -2 at the end)."""
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def make_temp_folder(out, run):
+    """A new folder <run>.<host>.<pid>.<random>.tmp in `out` (made like any folder, so the finished run keeps the
+    usual permissions)."""
+    while True:
+        path = os.path.join(out, f"{run}.{HOST}.{os.getpid()}.{os.urandom(3).hex()}.tmp")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                   # another user's process
+        return True
+    return True
+
+
+def sweep_dead_runs(out):
+    """Remove the temporary folders that killed runs on this machine left in `out`: those whose process is gone.
+    A live run's folder, another machine's and any other name are never touched."""
+    if os.name != "posix":                    # os.kill(pid, 0) probes only on POSIX
+        return
+    for name in os.listdir(out):
+        m = TEMP_NAME.fullmatch(name)
+        if m and m["host"] == HOST and not pid_alive(int(m["pid"])):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def move_into_place(tmp, path):
+    """Rename the folder `tmp` to `path`, or to path-2, path-3, ... where that is taken (runs finishing in the
+    same second). -> the path used. A rename onto a folder with files fails, so no run replaces another."""
+    for k in itertools.count(1):
+        dst = path if k == 1 else f"{path}-{k}"
+        if os.path.lexists(dst):
+            continue
+        try:
+            os.rename(tmp, dst)
+            return dst
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+
+
+def shown(path):
+    """A path as printed: relative to the working directory when inside it."""
+    rel = os.path.relpath(path)
+    return os.path.abspath(path) if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
 # -- command line ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Write interleaved stories with an MM-Interleaved model.")
-    p.add_argument("--annt", default=DEMO_ANNT, help="prompts in the original's annt.json format")
-    p.add_argument("--init_from", default="demo", help="demo | a save_pretrained folder | original")
-    p.add_argument("--llm"), p.add_argument("--clip"), p.add_argument("--sd"), p.add_argument("--mmi")
+    p = argparse.ArgumentParser(
+        description="Write interleaved stories, text and images, with an MM-Interleaved model. Each run writes "
+                    "<out>/<date>-<time>/index.html (open it in a browser), the images and result.json.")
+    p.add_argument("--annt", default=DEMO_ANNT,
+                   help="prompts in the original's annt.json format (default: the demo's, assets/examples/annt.json)")
+    p.add_argument("--init_from", default="demo",
+                   help="the model: demo (assets/demo, the default), a folder written by save_pretrained or "
+                        "train.py, or original (the released files: needs --llm and --clip)")
+    p.add_argument("--llm", help="with --init_from=original: the Vicuna/LLaMA folder (has tokenizer.model)")
+    p.add_argument("--clip", help="with --init_from=original: the CLIP ViT-L/14 folder")
+    p.add_argument("--sd", help="with --init_from=original: the Stable Diffusion 2.1 base folder (for images)")
+    p.add_argument("--mmi", help="with --init_from=original: the MM-Interleaved checkpoint folder")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the model folder's, or the demo's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default bfloat16 on a GPU, float32 on the CPU")
-    # None = the original's setting (ddpm, 30, 7.5, 1.3), or for the demo model the one eval.py scores it with
-    p.add_argument("--sampler", default=None, choices=list(mmi.SAMPLERS))
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance_scale", type=float, default=None)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--repetition_penalty", type=float, default=None)
-    p.add_argument("--max_new_tokens", type=int, default=90)
+                   help="the weights' and computation's dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    # None = the original's setting, or for the demo model the one eval.py scores it with
+    o, d = ORIGINAL_SETTINGS, DEMO_SETTINGS
+    p.add_argument("--sampler", default=None, choices=list(mmi.SAMPLERS),
+                   help=f"the diffusion sampler (default: {o['sampler']}, the original's; the demo model: "
+                        f"{d['sampler']})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"diffusion steps per image (default: {o['steps']}; the demo model: {d['steps']})")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help=f"classifier-free guidance of images (default: {o['guidance_scale']}; the demo model: "
+                        f"{d['guidance_scale']})")
+    p.add_argument("--seed", type=int, default=42, help="seed of text sampling and image noise (default: 42)")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling of text (default: 0.9)")
+    p.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature (default: 1.0)")
+    p.add_argument("--repetition_penalty", type=float, default=None,
+                   help=f"text repetition penalty (default: {o['repetition_penalty']}; the demo model: "
+                        f"{d['repetition_penalty']})")
+    p.add_argument("--max_new_tokens", type=int, default=90, help="the most tokens of one text (default: 90)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the text decoding step (GPU, 13B: 1.3-1.4x the tokens/s; compiling "
                         "takes 2-3 minutes)")
-    p.add_argument("--min_new_tokens", type=int, default=7, help="the original's min_length 8 counts a dummy bos")
-    p.add_argument("--num_iter", type=int, default=4, help="rounds per prompt when the prompt gives none")
-    p.add_argument("--num_total_token", type=int, default=2048)
+    p.add_argument("--min_new_tokens", type=int, default=7,
+                   help="the fewest tokens of one text (default: 7; the original's min_length 8 counts a dummy bos)")
+    p.add_argument("--num_iter", type=int, default=4,
+                   help="rounds (a text or an image each) per prompt when the prompt gives no num_iter (default: 4)")
+    p.add_argument("--num_total_token", type=int, default=2048,
+                   help="the most tokens of a prompt; every prompt image must fit within it (default: 2048)")
     p.add_argument("--auto_end", action="store_true", help="stop a story at a text ending in eos")
-    p.add_argument("--force_gen_image_next", action="store_true")
-    p.add_argument("--force_replace_gen_text", action="store_true")
-    p.add_argument("--out", default="out")
+    p.add_argument("--force_gen_image_next", action="store_true",
+                   help="after each text, draw an image even if the model did not ask for one")
+    p.add_argument("--force_replace_gen_text", action="store_true",
+                   help="put the prompt's multiround_context texts in place of the generated ones")
+    p.add_argument("--out", default="out", help="folder of the runs (default: out)")
     args = p.parse_args(argv)
-    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    args.device = mmi.resolve_device(args.device)
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     defaults = DEMO_SETTINGS if args.init_from == "demo" else ORIGINAL_SETTINGS
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    for name, ok, expected in (("steps", args.steps >= 1, ">= 1"),
+                               ("num_total_token", args.num_total_token >= 1, ">= 1"),
+                               ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
+                               ("min_new_tokens", args.min_new_tokens >= 0, ">= 0"),
+                               ("num_iter", args.num_iter >= 0, ">= 0"),
+                               ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+                               ("temperature", args.temperature > 0, "> 0"),
+                               ("repetition_penalty", args.repetition_penalty > 0, "> 0")):
+        if not ok:
+            raise mmi.InputError(f"--{name}={getattr(args, name)}: expected {expected}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    samples = load_annt(args.annt)
+    model, tokenizer = load_model(args)
+    batches = [prompt_batch(s, tokenizer, model.cfg, args.num_total_token, args.device) for s in samples]
+    run = run_name()
     try:
-        samples = load_annt(args.annt)
-        model, tokenizer = load_model(args)
-    except AnntError as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        return 2
-    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    final = os.path.join(args.out, run)
-    tmp = final + ".tmp"
-    os.makedirs(tmp)
+        os.makedirs(args.out, exist_ok=True)
+        sweep_dead_runs(args.out)
+        tmp = make_temp_folder(args.out, run)
+    except OSError as e:
+        raise mmi.InputError(f"--out={args.out}: cannot write there ({e.strerror})") from None
     try:
         stories = []
-        for i, s in enumerate(samples):
-            generated = run_story(model, tokenizer, s, i, args, tmp, args.seed)
+        for i, (s, batch) in enumerate(zip(samples, batches)):
             prompt = {k: s[k] for k in ("sentences", "images", "sentence_ixs", "image_first", "generate_mode")}
+            prompt["image_files"] = copy_inputs(s, i, tmp)
+            generated = run_story(model, tokenizer, s, batch, i, args, tmp, args.seed)
             stories.append({"prompt": prompt, "generated": generated})
         with open(os.path.join(tmp, "result.json"), "w", encoding="utf-8") as f:
-            json.dump({"init_from": args.init_from, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
-                       "stories": stories}, f, indent=1)
+            json.dump({"init_from": args.init_from, "seed": args.seed, "sampler": args.sampler,
+                       "steps": args.steps, "stories": stories}, f, indent=1)
         write_page(os.path.join(tmp, "index.html"), stories)
-        os.replace(tmp, final)
-    finally:
+        final = move_into_place(tmp, os.path.join(args.out, run))
+    except OSError as e:                      # a full disk: keep what was made, under a name no sweep removes
+        try:
+            kept = move_into_place(tmp, os.path.join(args.out, run + "-incomplete"))
+        except OSError:
+            kept = tmp
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}; what this run made so far is in {shown(kept)}",
+              file=sys.stderr)
+        return 1
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {os.path.abspath(os.path.join(final, 'index.html'))}")
+        raise
+    print(f"wrote {shown(os.path.join(final, 'index.html'))}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(mmi.run_script(main))

@@ -1587,6 +1587,93 @@ def test_demo_stream_resumes_exactly():
     assert all(torch.equal(a["text_ids"], b["text_ids"]) and a["meta"]["scenes"] == b["meta"]["scenes"]
                for a, b in zip(rest, full[k + 1:]))
 
+# ----------------------------------------------------------------------------------------------- bad images and prompts
+
+def bands(size, colours):
+    """An image cut into equal bands along its long side, one per colour."""
+    w, h = size
+    arr = np.zeros((h, w, 3), np.uint8)
+    for k, c in enumerate(colours):
+        if w >= h:
+            arr[:, k * w // len(colours):(k + 1) * w // len(colours)] = PALETTE[c]
+        else:
+            arr[k * h // len(colours):(k + 1) * h // len(colours)] = PALETTE[c]
+    return Image.fromarray(arr)
+
+
+def test_extreme_aspect_ratio_is_cropped_before_resizing(tmp_path, monkeypatch):
+    """A 1x400000 PNG (a few KB) would be resized to 64 x 25.6M pixels: the long side is cut to MAX_ASPECT times
+    the short one around its centre first, so no image made on the way exceeds 64 x (MAX_ASPECT * 128) pixels."""
+    made = []
+    resize = Image.Image.resize
+
+    def bounded_resize(self, size, *args, **kwargs):
+        made.append(size)
+        assert size[0] * size[1] <= 128 * 128 * data.MAX_ASPECT, f"resize to {size}"
+        return resize(self, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    for size in ((1, 400_000), (400_000, 1), (3, 90_000)):
+        bands(size, ["red", "green", "blue"]).save(tmp_path / "long.png")
+        assert (tmp_path / "long.png").stat().st_size < 10_000
+        enc, dec = data.DualTransform(64, 128)(data.load_image(tmp_path / "long.png"))
+        assert enc.shape == (3, 64, 64) and dec.shape == (3, 128, 128)
+        assert colour_of(enc) == colour_of(dec) == "green"       # the centre of the long side
+    assert made
+    # up to MAX_ASPECT nothing is cut: a 32x512 image gives exactly the plain resize's middle
+    img = bands((32, 16 * 32), ["red", "green", "blue", "yellow"])
+    want = np.asarray(resize(img, (64, 1024), Image.BICUBIC))[480:544]
+    assert np.array_equal(data.center_crop_arr(img, 64), want)
+
+
+def test_undecodable_or_oversized_images_are_skipped_by_reason(tmp_path, monkeypatch):
+    """A truncated JPEG or a header-only PNG is image_unreadable; more pixels than Image.MAX_IMAGE_PIXELS (where
+    Pillow only warns) or twice that (where Pillow refuses) is image_too_large, before any decoding."""
+    buf = io.BytesIO()
+    bands((64, 64), ["red", "blue"]).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    buf = io.BytesIO()
+    bands((64, 64), ["red", "blue"]).save(buf, "PNG")
+    (tmp_path / "header.png").write_bytes(buf.getvalue()[:33])    # signature + IHDR, no pixel data
+    for name in ("cut.jpg", "header.png"):
+        with pytest.raises(data.SkipSample) as e:
+            data.load_image(tmp_path / name)
+        assert e.value.reason == "image_unreadable" and name in e.value.detail
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for size, ok in (((30, 30), True), ((40, 30), False), ((50, 50), False)):
+        Image.new("RGB", size, (1, 2, 3)).save(tmp_path / "x.png")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if ok:
+                assert data.load_image(tmp_path / "x.png").size == size
+                continue
+            with pytest.raises(data.SkipSample) as e:
+                data.load_image(tmp_path / "x.png")
+        assert e.value.reason == "image_too_large" and "x.png" in e.value.detail
+
+
+def test_inference_sample_keeps_only_whole_image_placeholders(tmp_path):
+    """Truncation at num_total_token keeps an image only if its whole placeholder fits; a prompt whose first
+    image does not fit is a SkipSample naming the numbers, not a crash."""
+    write_jpeg(str(tmp_path / "a.jpg"), "red")
+    write_jpeg(str(tmp_path / "b.jpg"), "green")
+    tok = demo_tok()
+    info = {"sentences": ["a red thing.", "then a green one."], "images": ["a.jpg", "b.jpg"],
+            "sentence_ixs": [0, 1], "image_first": [False, False]}
+    full = tok.encode("a red thing." + data.image_placeholder(4) + " then a green one." + data.image_placeholder(4))
+    second = [i for i, t in enumerate(full) if t == tok.soi_id][1]
+    transform = data.DualTransform(16, None)
+    for budget in (second + 1, second + 4):                          # the second placeholder cut inside
+        b = data.inference_sample(info, tok, transform, 4, budget, str(tmp_path), "here")
+        assert b["text_ids"].tolist() == [full[:second]] and b["num_image_per_seq"].tolist() == [1]
+        assert b["image_tensors"].shape[0] == 1 and colour_of(b["image_tensors"][0]) == "red"
+    b = data.inference_sample(info, tok, transform, 4, second + 5, str(tmp_path), "here")
+    assert b["text_ids"].tolist() == [full] and b["num_image_per_seq"].tolist() == [2]
+    with pytest.raises(data.SkipSample) as e:
+        data.inference_sample(info, tok, transform, 4, 5, str(tmp_path), "here")
+    assert e.value.reason == "image_beyond_budget"
+    assert e.value.detail.startswith(f"here: {len(full)} tokens;") and "num_total_token=5" in e.value.detail
+
+
 # ===============================================================================================================
 # The image decoder: SD-2 UNet and VAE against diffusers, the samplers against diffusers' schedulers, UNet-MMFS,
 # the context and previous-image rules, the diffusion loss, image generation
@@ -4272,8 +4359,8 @@ def sample_argv(model_dir, out, *extra):
 
 
 def _check_sample_run(out, capsys):
-    """One finished run in `out`: its page shows result.json's texts and images (64x64 PNGs) in order, and the
-    program printed where the page is. -> result.json"""
+    """One finished run in `out`: its page shows result.json's texts and images (64x64 PNGs) in order, each story's
+    generated part after its prompt, and the program printed where the page is. -> result.json"""
     runs = os.listdir(out)
     assert len(runs) == 1 and not runs[0].endswith(".tmp")
     run = out / runs[0]
@@ -4281,15 +4368,17 @@ def _check_sample_run(out, capsys):
     page = (run / "index.html").read_text()
     positions = []
     for story in result["stories"]:
+        start = page.index("<div class='generated'>", positions[-1] if positions else 0)
         for item in story["generated"]:
             if item["type"] == "image":
                 with Image.open(run / item["file"]) as im:
                     assert im.size == (64, 64)
-                positions.append(page.index(f"src='{item['file']}'"))
+                positions.append(page.index(f"src='{item['file']}'", start))
             else:
-                positions.append(page.index(f"<p>{html.escape(item['text'])}</p>"))
+                positions.append(page.index(f"<p>{html.escape(item['text'])}</p>", start))
     assert positions == sorted(positions)                       # the page shows them in the order they were made
-    assert str(run / "index.html") in capsys.readouterr().out
+    printed = re.findall(r"^wrote (.+)$", capsys.readouterr().out, re.M)
+    assert printed and os.path.abspath(printed[-1]) == str(run / "index.html")
     return result
 
 
@@ -4337,20 +4426,20 @@ GOOD = {"sentences": ["a red circle at the centre."], "images": ["a.png"], "sent
 ])
 def test_sample_rejects_bad_prompts_before_any_model_work(tmp_path, change, message, capsys):
     annt = _write_annt(tmp_path, [GOOD, dict(GOOD, **change)])
-    code = sample.main([f"--annt={annt}", "--init_from=/nonexistent", f"--out={tmp_path / 'out'}"])
+    code = mmi.run_script(sample.main, [f"--annt={annt}", "--init_from=/nonexistent", f"--out={tmp_path / 'out'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
     assert not os.path.exists(tmp_path / "out")
 
 
 def test_sample_rejects_missing_or_malformed_files_and_models(tmp_path, capsys):
-    assert sample.main([f"--annt={tmp_path / 'none.json'}"]) == 2
+    assert mmi.run_script(sample.main, [f"--annt={tmp_path / 'none.json'}"]) == 2
     assert "none.json: no such file" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("[{")
-    assert sample.main([f"--annt={tmp_path / 'bad.json'}"]) == 2
+    assert mmi.run_script(sample.main, [f"--annt={tmp_path / 'bad.json'}"]) == 2
     assert "bad.json: not valid JSON" in capsys.readouterr().err
     annt = _write_annt(tmp_path, [GOOD])
-    assert sample.main([f"--annt={annt}", f"--init_from={tmp_path}"]) == 2
+    assert mmi.run_script(sample.main, [f"--annt={annt}", f"--init_from={tmp_path}"]) == 2
     assert "is not a model folder (no config.json)" in capsys.readouterr().err
 
 
@@ -4364,6 +4453,211 @@ def test_an_interrupted_sample_run_leaves_no_half_written_output(tmp_path, saved
     with pytest.raises(KeyboardInterrupt):
         sample.main(sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}"))
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_sample_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: ")
+    lines = out.splitlines() + [""]
+    options = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"  (--\w+)( [A-Z_]+| \{[^}]*\})?", line)
+        if m:                                       # its meaning on the same line, or indented on the next
+            options[m[1]] = line[m.end():].strip() or (lines[i + 1].strip() if lines[i + 1].startswith(" " * 8)
+                                                        else "")
+    assert {"--annt", "--init_from", "--llm", "--clip", "--sd", "--mmi", "--device", "--out"} <= set(options)
+    assert all(options.values()), [k for k, v in options.items() if not v]
+
+
+def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
+    annt = _write_annt(tmp_path, [GOOD])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unknown_key").mkdir()
+    (tmp_path / "unknown_key" / "config.json").write_text(json.dumps({"bogus": 1}))
+    for extra, message in (
+            ([f"--init_from={tmp_path / 'empty'}"], "is not a model folder (no config.json)"),
+            ([f"--init_from={tmp_path / 'unknown_key'}"], "unknown config key 'bogus'"),
+            (["--device=tpu"], "--device=tpu: expected auto, cpu, cuda or cuda:N"),
+            (["--device=cuda:99"], "--device=cuda:99: "),
+            (["--steps=0"], "--steps=0: expected >= 1"),
+            (["--top_p=1.5"], "--top_p=1.5: expected in (0, 1]")):
+        code = mmi.run_script(sample.main, [f"--annt={annt}", f"--out={tmp_path / 'out'}", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_sample_script_error_is_one_line_and_exit_code_2(tmp_path):
+    annt = _write_annt(tmp_path, [GOOD])
+    run = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--annt={annt}",
+                          f"--init_from={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith("sample.py: error: --init_from="), run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "no config.json" in run.stderr
+
+
+def _write_broken_images(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(data.render_scene(data.make_story(5).scenes[0])).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    buf = io.BytesIO()
+    Image.fromarray(data.render_scene(data.make_story(5).scenes[0])).save(buf, "PNG")
+    (tmp_path / "header.png").write_bytes(buf.getvalue()[:33])         # signature + IHDR, no pixel data
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"images": ["cut.jpg"]},
+     r"sample 1: field 'images'\[0\]: 'cut.jpg' is not an image Pillow can decode \(.*runcated"),
+    ({"images": ["header.png"]}, r"sample 1: field 'images'\[0\]: 'header.png' is not an image Pillow can decode"),
+    ({"images": ["big.png"]}, r"sample 1: field 'images'\[0\]: 'big.png' is too large \(80x80 pixels, more than"),
+    ({"image_first": [1]}, r"sample 1: field 'image_first'\[0\] = 1 must be true or false"),
+    ({"image_first": ["yes"]}, r"sample 1: field 'image_first'\[0\] = 'yes' must be true or false"),
+    ({"image_first": [None]}, r"sample 1: field 'image_first'\[0\] = None must be true or false"),
+])
+def test_sample_refuses_undecodable_images_and_bad_types(tmp_path, change, message, capsys, monkeypatch):
+    """Images are decoded in the up-front check (a truncated JPEG or a header-only PNG, which Image.verify()
+    accepts, is refused); more pixels than Pillow's limit is refused too."""
+    _write_broken_images(tmp_path)
+    Image.new("RGB", (80, 80)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    annt = _write_annt(tmp_path, [GOOD, dict(GOOD, **change)])
+    code = mmi.run_script(sample.main, [f"--annt={annt}", "--init_from=/nonexistent", f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err) and "annt.json" in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_sample_refuses_a_deeply_nested_prompt_file(tmp_path, capsys):
+    (tmp_path / "annt.json").write_text("[" * 100_000 + "]" * 100_000)
+    code = mmi.run_script(sample.main, [f"--annt={tmp_path / 'annt.json'}", f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "annt.json: nested too deeply" in err, err
+
+
+def test_sample_refuses_prompts_whose_images_do_not_fit_the_budget(tmp_path, saved_tiny_model, capsys):
+    """A sentence longer than --num_total_token before an image would cut the image off: one line naming the
+    sample and the field, before any story is written."""
+    long = " ".join(["a red circle at the centre."] * 8)
+    for first, message in (
+            (dict(GOOD, sentences=[long]), "only 0 of the prompt's 1 images fit"),
+            (dict(GOOD, sentences=["a red circle.", long], images=["a.png", "a.png"], sentence_ixs=[0, 1],
+                  image_first=[False, False]), "only 1 of the prompt's 2 images fit")):
+        annt = _write_annt(tmp_path, [GOOD, first])
+        code = mmi.run_script(sample.main, sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}",
+                                                       "--num_total_token=40"))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "annt.json: sample 1: field 'sentences': too long for --num_total_token=40: " + message in err, err
+        assert not os.path.exists(tmp_path / "out")
+
+
+def _one_image_annt(tmp_path):
+    return _write_annt(tmp_path, [dict(GOOD, generate_mode="generate_images", num_iter=1)])
+
+
+def test_sample_runs_of_the_same_second_both_keep_their_pages(tmp_path, saved_tiny_model, monkeypatch, capsys):
+    """Two runs named for the same second: the second gets <run>-2, neither is lost. A temporary folder that a
+    killed run left (its process gone) is removed."""
+    annt = _one_image_annt(tmp_path)
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = out / f"20250101-000000.{sample.HOST}.{child.pid}.abc.tmp"
+    dead.mkdir(parents=True)
+    monkeypatch.setattr(sample, "run_name", lambda: "20250101-000000")
+    for _ in range(2):
+        assert mmi.run_script(sample.main, sample_argv(saved_tiny_model, out, f"--annt={annt}")) == 0
+    assert sorted(os.listdir(out)) == ["20250101-000000", "20250101-000000-2"]
+    for run in os.listdir(out):
+        assert {"index.html", "result.json", "0_0.png"} <= set(os.listdir(out / run))
+    printed = re.findall(r"^wrote (.+)$", capsys.readouterr().out, re.M)
+    assert [os.path.dirname(p) for p in printed] == [str(out / "20250101-000000"), str(out / "20250101-000000-2")]
+
+
+def test_sweep_removes_only_temp_folders_of_dead_runs_here(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    names = {"dead": f"20250101-000000.{sample.HOST}.{child.pid}.a1.tmp",
+             "live": f"20250101-000000.{sample.HOST}.{os.getpid()}.a2.tmp",
+             "elsewhere": f"20250101-000000.not-{sample.HOST}.{child.pid}.a3.tmp",
+             "run": "20250101-000000", "old": "20250101-000000.tmp", "other": "notes.tmp"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0_0.png").write_bytes(b"png")
+    sample.sweep_dead_runs(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(v for k, v in names.items() if k != "dead")
+
+
+def test_a_full_disk_keeps_the_generated_work_and_says_where(tmp_path, saved_tiny_model, monkeypatch, capsys):
+    annt = _one_image_annt(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")                 # ENOSPC
+    monkeypatch.setattr(sample, "write_page", disk_full)
+    code = mmi.run_script(sample.main, sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}"))
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]                                      # after the sampler's progress bar
+    assert code == 1 and "No space left on device" in last and "Traceback" not in err, err
+    kept = last.rsplit(" is in ", 1)[1]
+    assert os.listdir(tmp_path / "out") == [os.path.basename(kept)] and kept.endswith("-incomplete")
+    assert sorted(os.listdir(kept)) == ["0_0.png", "inputs", "result.json"]
+    with Image.open(os.path.join(kept, "0_0.png")) as im:
+        assert im.size == (64, 64)
+
+
+def test_sample_page_is_self_contained_and_records_given_paths(tmp_path, saved_tiny_model, capsys):
+    """The prompt's own images are copied into the run folder and shown; result.json keeps annt.json's relative
+    paths, never this machine's absolute ones; 64 px images are shown 256 px wide with visible pixels."""
+    annt = _one_image_annt(tmp_path)
+    assert mmi.run_script(sample.main, sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}")) == 0
+    result = _check_sample_run(tmp_path / "out", capsys)
+    run = tmp_path / "out" / os.listdir(tmp_path / "out")[0]
+    prompt = result["stories"][0]["prompt"]
+    assert prompt["images"] == ["a.png"] and prompt["image_files"] == ["inputs/0_0.png"]
+    assert str(tmp_path) not in (run / "result.json").read_text()
+    assert (run / "inputs" / "0_0.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    page = (run / "index.html").read_text()
+    for name in ("inputs/0_0.png", "0_0.png"):
+        assert f"<img src='{name}' alt='{name}' width='256' height='256' class='px'>" in page
+    assert page.index("inputs/0_0.png") < page.index("<div class='generated'>") < page.index("src='0_0.png'")
+    assert ".px{image-rendering:pixelated}" in page
+
+
+def find_exactly(shot, tmpl):
+    """Top-left corners where the array `tmpl` appears pixel for pixel in `shot`."""
+    H, W = tmpl.shape[:2]
+    ys, xs = np.nonzero((shot[:shot.shape[0] - H + 1, :shot.shape[1] - W + 1] == tmpl[0, 0]).all(-1))
+    rng = np.random.default_rng(0)
+    for py, px in zip(rng.integers(0, H, 64), rng.integers(0, W, 64)):   # cheap probes first
+        keep = (shot[ys + py, xs + px] == tmpl[py, px]).all(-1)
+        ys, xs = ys[keep], xs[keep]
+    return [(int(y), int(x)) for y, x in zip(ys, xs) if np.array_equal(shot[y:y + H, x:x + W], tmpl)]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium")
+def test_sample_page_shows_its_images_enlarged_in_a_browser(tmp_path, saved_tiny_model, capsys):
+    """A real browser draws the prompt's image and the generated one, each 4x with nearest-neighbour pixels."""
+    annt = _one_image_annt(tmp_path)
+    assert mmi.run_script(sample.main, sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}")) == 0
+    run = tmp_path / "out" / os.listdir(tmp_path / "out")[0]
+    shot = tmp_path / "page.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'browser'}", "--hide-scrollbars", "--force-device-scale-factor=1",
+                    f"--screenshot={shot}", "--window-size=1000,1400", (run / "index.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as im:
+        page = np.asarray(im.convert("RGB"))
+    where = []
+    for name in ("inputs/0_0.png", "0_0.png"):
+        with Image.open(run / name) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        assert pixels.std() > 0                                       # neither image is blank
+        found = find_exactly(page, pixels.repeat(4, 0).repeat(4, 1))
+        assert len(found) == 1, (name, found)
+        where += found
+    assert where[0][0] < where[1][0]                                  # the prompt's image above the generated one
 
 
 # ---------------------------------------------------------------------------------------------------------------
