@@ -340,22 +340,23 @@ def bench_sample(args):
     def seconds(a, b):
         return b - a if not cuda else a.elapsed_time(b) / 1000
 
-    def tokens_per_s(cuda_graph, compile=False):
+    def tokens_per_s(fast, compile=False):
         """Steady-state decoding: n steps timed from the end of the first step (its capture excluded) to the end
         of the last, by stamps queued after each step (CUDA events: time the GPU spends waiting for the host
         counts); the best of 3 runs. Also the time of prefill + first step."""
         decode = lambda k: model.generate_texts(text_prompt, max_new_tokens=k, min_new_tokens=k, num_beams=1,
-                                                cuda_graph=cuda_graph, compile=compile)
+                                                fast=fast, compile=compile)
         decode(3)                                                              # warm-up (and compilation)
         t_first = min(timed(lambda: decode(2)) for _ in range(3))             # prefill + capture + one step
-        stamps, step = [], mmi._Decoder.step
+        decoder = mmi.FastDecoder if fast else mmi._Decoder
+        stamps, step = [], decoder.step
 
         def stamped_step(decoder, tokens):
             logits = step(decoder, tokens)
             stamps.append(stamp())
             return logits
 
-        mmi._Decoder.step = stamped_step
+        decoder.step = stamped_step
         try:
             runs = []
             for _ in range(3):
@@ -363,32 +364,32 @@ def bench_sample(args):
                 timed(lambda: decode(n + 2))                                   # n + 1 steps
                 runs.append(seconds(stamps[0], stamps[-1]))
         finally:
-            mmi._Decoder.step = step
+            decoder.step = step
         return n / min(runs), t_first
 
     if cuda:
         t = time.perf_counter()
-        compiled_s, _ = tokens_per_s(cuda_graph=True, compile=True)
+        compiled_s, _ = tokens_per_s(fast=True, compile=True)
         compile_s = time.perf_counter() - t
-    tok_s, t_first = tokens_per_s(cuda_graph=cuda)
-    eager_s, t_eager = tokens_per_s(cuda_graph=False) if cuda else (tok_s, t_first)
+    tok_s, t_first = tokens_per_s(fast=cuda)
+    eager_s, t_eager = tokens_per_s(fast=False) if cuda else (tok_s, t_first)
 
-    def image_s(cuda_graph):
+    def image_s(fast):
         image = lambda: model.generate_images(prompt, steps=30, guidance_scale=7.5, sampler="ddpm", seed=0,
-                                              progress=False, cuda_graph=cuda_graph)
+                                              progress=False, fast=fast)
         image()                                                                # warm-up
         return min(timed(image) for _ in range(2))
 
-    t_image = image_s(cuda_graph=None)
-    t_image_eager = image_s(cuda_graph=False) if cuda else t_image
+    t_image = image_s(fast=None)
+    t_image_eager = image_s(fast=False) if cuda else t_image
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     card = torch.cuda.get_device_name() if cuda else "cpu"
-    text = (f"{compiled_s:.1f} tokens/s compiled + CUDA graph (compilation and warm-up {compile_s:.0f} s), "
-            f"{tok_s:.1f} with the CUDA graph alone, {eager_s:.1f} eager (prefill + first step, excluded: "
-            f"{1000 * t_first:.0f} ms with capture, {1000 * t_eager:.0f} ms eager)" if cuda else
-            f"{tok_s:.1f} tokens/s eager (prefill + first step {1000 * t_first:.0f} ms excluded)")
-    image = (f"{t_image:.2f} s with each step's UNet pass as a CUDA graph, {t_image_eager:.2f} s eager" if cuda else
-             f"{t_image:.2f} s")
+    text = (f"{compiled_s:.1f} tokens/s fast path compiled (compilation and warm-up {compile_s:.0f} s), "
+            f"{tok_s:.1f} fast path (CUDA graph), {eager_s:.1f} plain path (prefill + first step, excluded: "
+            f"{1000 * t_first:.0f} ms fast, {1000 * t_eager:.0f} ms plain)" if cuda else
+            f"{tok_s:.1f} tokens/s plain path (prefill + first step {1000 * t_first:.0f} ms excluded)")
+    image = (f"{t_image:.2f} s fast path (each step's UNet pass a CUDA graph), {t_image_eager:.2f} s plain path"
+             if cuda else f"{t_image:.2f} s")
     print(f"sample, {args.preset}, {card}, {dtype}: text {text}, greedy, static KV cache, batch 1; "
           f"one {cfg.image_decoder.image_size}px image, 30 DDPM steps with CFG, LLM pass and VAE included: {image}; "
           f"peak memory {mem:.1f} GiB")

@@ -19,6 +19,9 @@ import ast
 import ctypes
 import dataclasses
 import fnmatch
+import functools
+import hashlib
+import inspect
 import json
 import math
 import mmap
@@ -650,66 +653,6 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-@torch.library.custom_op("mmi::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]], glu: bool,
-             norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """kernels.cu's gemv, which reads 16 bytes at a time: x is copied to a fresh buffer if it does not start on a
-    16-byte boundary, and weights that do not (views into a larger buffer, as FSDP's gathered weights, may not) go
-    through F.linear. Checked here, when the op runs: torch.compile cannot read an intermediate tensor's storage
-    offset while it traces (it would split the compiled graph at every linear)."""
-    if all(w.data_ptr() % 16 == 0 for w in (*weights, *([] if norm is None else [norm]))):
-        return _load_kernels().gemv(x if x.data_ptr() % 16 == 0 else x.clone(), weights, biases, glu, norm, eps,
-                                    residual)
-    if norm is not None:
-        x = rms_norm(x, norm, eps)
-    ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]
-    y = F.silu(ys[0]) * ys[1] if glu else torch.cat(ys, dim=-1)
-    return y if residual is None else residual + y
-
-
-@_gemv_op.register_fake
-def _(x, weights, biases, glu, norm, eps, residual):
-    N = weights[0].shape[0]
-    return x.new_empty(x.shape[0], N if glu else N * len(weights))
-
-
-def _gemv_fits(x, layers, norm):
-    """Whether x goes through these layers by the gemv operator: a decoding step's few rows (<= 4) in 16-bit on
-    CUDA, outside autograd, weights (and norm weight) of x's dtype, one output size, at most three layers."""
-    weights = [layer.weight for layer in layers] + ([] if norm is None else [norm.weight])
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < x.numel() <= 4 * x.shape[-1]
-            and x.shape[-1] % 8 == 0 and len(layers) <= 3 and (norm is None or isinstance(norm, RMSNorm))
-            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
-            and all(w.dtype == x.dtype and w.is_contiguous() for w in weights)
-            and all(layer.weight.shape == layers[0].weight.shape for layer in layers)
-            and kernels_used(x.device))
-
-
-def linear(x, *layers, glu=False, norm=None, residual=None):
-    """x through nn.Linear layers that read the same input: their outputs (one tensor for one layer), or with
-    glu=True and layers (gate, up), silu(gate(x)) * up(x). norm (an RMSNorm) applies to x first; residual is added
-    to the one output (one layer or glu): a pre-norm block's `residual + layer(norm(x))`.
-    A decoding step reads each weight once for one token, so its matmuls are bound by memory bandwidth; there
-    kernels.cu's gemv does the layers in one launch, with the norm, glu product and residual add fused (the layers'
-    and norm's forward hooks do not run). The rest of the time the modules are called as usual."""
-    if residual is not None and len(layers) > 1 and not glu:
-        raise ValueError(f"linear: a residual needs one output, got {len(layers)} layers without glu")
-    if _gemv_fits(x, layers, norm):
-        res = None if residual is None else residual.reshape(-1, residual.shape[-1]).contiguous()
-        y = _gemv_op(x.reshape(-1, x.shape[-1]).contiguous(), [l.weight for l in layers], [l.bias for l in layers],
-                     glu, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, res)
-        y = y.view(*x.shape[:-1], -1)                                            # (..., n_layers * N) or (..., N)
-        return y if glu or len(layers) == 1 else y.chunk(len(layers), dim=-1)
-    if norm is not None:
-        x = norm(x)
-    outs = tuple(layer(x) for layer in layers)
-    if glu:
-        outs = (F.silu(outs[0]) * outs[1],)
-    if residual is not None:
-        outs = (residual + outs[0],)
-    return outs[0] if len(outs) == 1 else outs
-
-
 class MSDeformAttn(nn.Module):
     """Deformable-DETR attention as the ViT-Adapter uses it: one offset and weight per head, level and point."""
 
@@ -785,7 +728,6 @@ class MMFS(nn.Module):
         self.ignore_token = nn.Parameter(torch.zeros(1, 1, 1, d_attn), requires_grad=False)
         # offsets are predicted in units of the base grid: level l multiplies them by its size / base size
         self.scale_ratios = tuple(s / base_spatial_shape for s in self.spatial_shapes)
-        self._level_tables = {}   # (n, dtype, device) -> constant tensors, see level_tables
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -804,70 +746,47 @@ class MMFS(nn.Module):
         nn.init.zeros_(self.dynamic_offset_mask.bias)
         nn.init.trunc_normal_(self.query_relpos.weight, std=0.02)
 
-    def level_tables(self, n, dtype, device):
-        """Offset scales (1, 1, 1, 1, Lv, 1, 1), the (H, W) of the n*Lv image-levels and their start indexes.
-        Made once per (n, dtype, device) and kept: built from Python numbers on every call they would cost a
-        host-to-device copy each time, which a CUDA graph cannot capture. Inside torch.compile they are made, not
-        kept (a compiled region may not write module state; its graph holds them as constants)."""
-        key = (n, dtype, torch.device(device))
-        if key not in self._level_tables:
-            # ordinary tensors even under inference_mode, so a later training step may save them for backward
-            with torch.inference_mode(False):
-                scale = torch.tensor(self.scale_ratios, dtype=dtype, device=device).view(1, 1, 1, 1, -1, 1, 1)
-                shapes = torch.tensor([(s, s) for s in self.spatial_shapes] * n, dtype=torch.long, device=device)
-                tables = (scale, shapes, level_start_index(shapes))
-            if torch.compiler.is_compiling():
-                return tables
-            self._level_tables[key] = tables
-        return self._level_tables[key]
+    def forward(self, query, reference_points, value, mask):
+        """query [B, Lq, d_query]; reference_points [1 or B, Lq, 2] as (x, y) in [0, 1]; value [B, n, S, d_value]
+        with S = sum of the levels' H*W (image-major, levels in `spatial_shapes` order, row-major tokens);
+        mask [B, n] (every query sees the same images) or [B, Lq', n] (per query; when Lq' != Lq only the last row
+        is used, which is how decoding steps see the images visible to the prompt's last token). -> [B, Lq, d_out]"""
+        m = self.query_mask(mask, query.shape[1])                                # (B, n) or (B, Lq or 1, n)
+        rel = relative_image_index(m)
+        self.check_image_count(rel)
+        rel = rel[:, :, None] if m.dim() == 2 else rel.transpose(1, 2)           # (B, n, Lq or 1)
+        # each image's query: the query plus the embedding of that image's position relative to it
+        q = self.dynamic_offset_mask(query)[:, None] + self.query_relpos(rel)   # (B, n, Lq, d_query)
+        out = self.attend(self.sampling_offsets(q), self.attention_weights(q), m, reference_points,
+                          self.value_proj(value), *self.level_tables(value.shape[1], q.dtype, q.device))
+        return self.output_proj(out)
 
-    def relpos_table(self, layer):
-        """(max_num_image_per_seq, out): what query_relpos's rows add to `layer`'s output (no bias: q carries it)."""
-        return F.linear(self.query_relpos.weight, layer.weight)
+    @staticmethod
+    def query_mask(mask, Lq):
+        """mask as 0/1 longs; a per-query mask with another query count gives its last row."""
+        m = mask.long()
+        return m[:, -1:] if m.dim() == 3 and m.shape[1] != Lq else m
 
     def check_image_count(self, rel):
-        """ValueError if a query sees more images than query_relpos has rows. Reads a device value (a GPU sync),
-        so decoding steps skip it: their mask row is the prompt's last one, checked at prefill."""
+        """ValueError if a query sees more images than query_relpos has rows."""
         if int(rel.max()) >= self.max_num_image_per_seq:
             raise ValueError(f"MMFS: {int(rel.max())} images visible to one query, "
                              f"max_num_image_per_seq is {self.max_num_image_per_seq}")
 
-    def forward(self, query, reference_points, value, mask, check_mask=True, value_projected=False, query_norm=None):
-        """query [B, Lq, d_query]; reference_points [1 or B, Lq, 2] as (x, y) in [0, 1]; value [B, n, S, d_value]
-        with S = sum of the levels' H*W (image-major, levels in `spatial_shapes` order, row-major tokens);
-        mask [B, n] (every query sees the same images) or [B, Lq', n] (per query; when Lq' != Lq only the last row
-        is used, which is how decoding steps see the images visible to the prompt's last token). -> [B, Lq, d_out]
-        check_mask=False skips check_image_count, the one host sync here (needed only when the mask has
-        max_num_image_per_seq images or more). value_projected: `value` is already
-        value_proj(value) [B, n, S, d_attn], made once by a caller whose values do not change (a sampler's steps).
-        query_norm: an RMSNorm the query goes through first (fused into the first matmul of a decoding step).
-        """
-        B, Lq, _ = query.shape
-        n = value.shape[1]
+    def level_tables(self, n, dtype, device):
+        """Offset scales (1, 1, 1, 1, Lv, 1, 1), the (H, W) of the n*Lv image-levels (images act as extra levels)
+        and their start indexes."""
+        scale = torch.tensor(self.scale_ratios, dtype=dtype, device=device).view(1, 1, 1, 1, -1, 1, 1)
+        shapes = torch.tensor([(s, s) for s in self.spatial_shapes] * n, dtype=torch.long, device=device)
+        return scale, shapes, level_start_index(shapes)
+
+    def attend(self, offsets, logits, m, reference_points, v, scale, shapes, starts):
+        """Every image's offsets (B, n, Lq, H*P*2) and logits (B, n, Lq, H*Lv*(P+1)), the mask m (B, n) or
+        (B, Lq or 1, n), the values v (B, n, S, d_attn) -> what output_proj reads (B, Lq, d_attn)."""
+        B, n, Lq = offsets.shape[:3]
         H, P, Lv = self.n_heads, self.n_points, self.n_levels
-        m = mask.long()
-        if m.dim() == 3 and m.shape[1] != Lq:
-            m = m[:, -1:]
-        rel = relative_image_index(m)
-        if check_mask and m.shape[-1] >= self.max_num_image_per_seq:   # rel <= the image count: fewer cannot overflow
-            self.check_image_count(rel)
-        rel = rel[:, :, None] if m.dim() == 2 else rel.transpose(1, 2)           # (B, n, Lq or 1)
-
-        v = value if value_projected else self.value_proj(value)                 # (B, n, S, d_attn)
-        v = v.reshape(B, n * value.shape[2], H, -1)                              # (B, n*S, H, D)
-
-        # each image's query is q + query_relpos[rel], read by two linear layers; since W(q + r) + b = (Wq + b) + Wr,
-        # the layers run on q once and the images add W r, a row of a (max images, out) table: the same values (up
-        # to rounding) without the (B, n, Lq, d_query) query copies, n times the matmul work and memory. The rows
-        # are picked by a one-hot matmul, whose backward is a matmul too (an indexed read's backward is a
-        # scatter-add that piles tens of thousands of atomic adds onto a few rows)
-        q = linear(query, self.dynamic_offset_mask, norm=query_norm)             # (B, Lq, d_query)
-        rows = torch.arange(self.max_num_image_per_seq, device=rel.device)
-        pick = (rel[..., None] == rows).to(q.dtype)                              # (B, n, Lq or 1, max images)
-        offsets = linear(q, self.sampling_offsets)[:, None] + pick @ self.relpos_table(self.sampling_offsets)
-        logits = linear(q, self.attention_weights)[:, None] + pick @ self.relpos_table(self.attention_weights)
-        scale, shapes, starts = self.level_tables(n, q.dtype, q.device)          # (.., Lv, ..), (n*Lv, 2), (n*Lv,)
-        offsets = offsets.view(B, n, Lq, H, 1, P, 2) * scale                     # (B, n, Lq, H, 1, P, 2)
+        v = v.reshape(B, -1, H, v.shape[-1] // H)                                # (B, n*S, H, D)
+        offsets = offsets.view(B, n, Lq, H, 1, P, 2) * scale                    # (B, n, Lq, H, Lv, P, 2)
         offsets = offsets.permute(0, 2, 3, 1, 4, 5, 6).reshape(B, Lq, H, n * Lv, P, 2)
         logits = logits.view(B, n, Lq, H, Lv, P + 1)
         logits = logits.permute(0, 2, 3, 1, 4, 5)                                 # (B, Lq, H, n, Lv, P+1)
@@ -883,14 +802,7 @@ class MMFS(nn.Module):
         normalizer = shapes.flip(-1).to(offsets.dtype)                           # (n*Lv, 2) as (W, H)
         loc = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
         out = ms_deform_attn(v, shapes, starts, loc.to(v.dtype), w_points.to(v.dtype))
-        out = out + (self.ignore_token.view(H, -1) * w_ignore[..., None]).reshape(B, Lq, -1).to(out.dtype)
-        return linear(out, self.output_proj)
-
-
-class MMFSKeys(tuple):
-    """The values several MMFS modules read, one (B, n, sum_l H_l W_l, d_attn) each: their value features already
-    normalised and through value_proj. They depend only on the images, so a caller whose images do not change
-    (decoding steps: LlamaModel.mmfs_values; a sampler's steps: MMFSNet.keys) makes them once, not at every step."""
+        return out + (self.ignore_token.view(H, -1) * w_ignore[..., None]).reshape(B, Lq, -1).to(out.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1295,16 +1207,9 @@ class VisualTokenizer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _select_rows(t, index, dim=0):
-    """t[index] along dim; in place when the row count stays, so a CUDA graph that reads t keeps seeing it."""
-    if index.shape[0] == t.shape[dim]:
-        return t.copy_(t.index_select(dim, index))
-    return t.index_select(dim, index)
-
-
 class KVCache(nn.Module):
-    """Static keys and values of one attention layer, kv [2, B, heads, max_len, head_dim], filled as decoding goes.
-    One buffer, so that a decoding step writes its token's key and value with one scatter."""
+    """Keys and values of one attention layer for generation, kv [2, B, heads, max_len, head_dim], filled as
+    decoding goes."""
 
     def __init__(self, batch, n_heads, max_len, head_dim, dtype, device):
         super().__init__()
@@ -1320,23 +1225,23 @@ class KVCache(nn.Module):
         return self.kv[1]
 
     def update(self, start, k, v):
-        """Write k, v (B, heads, T, D) at positions start..start+T-1.
-
-        start an int (prefill): return the filled prefix (B, heads, start+T, D). start a long tensor [T] of slots
-        (decoding steps): write there and return the whole buffers (B, heads, max_len, D), whose unwritten slots
-        the caller's mask hides. Then shapes never change and no host number is needed: a CUDA graph can hold it.
-        """
-        if isinstance(start, torch.Tensor):   # index_copy_ does not cast: under autocast k, v come in bf16
-            self.kv.index_copy_(3, start, torch.stack([k, v]).to(self.kv.dtype))
-            return self.k, self.v
+        """Write k, v (B, heads, T, D) at positions start..start+T-1 -> the filled prefix (B, heads, start+T, D)."""
         end = start + k.shape[2]
         self.kv[0, :, :, start:end] = k
         self.kv[1, :, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reorder(self, index):
-        """Beam search: row i of the cache becomes row index[i] (in place while the row count stays)."""
-        self.kv = _select_rows(self.kv, index, dim=1)
+        """Beam search: row i of the cache becomes row index[i]."""
+        self.kv = self.kv.index_select(1, index)
+
+
+def attention(q, k, v, attn_mask=None):
+    """Queries (B, heads, L, D) over keys and values (B, heads, T, D) -> (B, L, heads * D). attn_mask None is
+    causal (training: over the whole packed row, as the original's flash-attn), else bool (B, 1, L, T), True = may
+    attend."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
 class LlamaAttention(nn.Module):
@@ -1348,20 +1253,14 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, h, norm, cos, sin, attn_mask=None, kv_cache=None, cache_start=0):
-        """h + o_proj(attention(norm(h))): the pre-norm block with its residual, which linear() folds into a
-        decoding step's matmuls."""
-        B, L, C = h.shape
-        q, k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in linear(h, self.q_proj, self.k_proj,
-                                                                                   self.v_proj, norm=norm))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                  # (B, heads, L, D)
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, cache_start=0):
+        B, L, C = x.shape
+        q, k, v = (proj(x).view(B, L, self.n_heads, -1).transpose(1, 2)            # (B, heads, L, D)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(cache_start, k, v)                            # (B, heads, start+L or max_len, D)
-        if attn_mask is None:   # training: plain causal over the packed row, as the original's flash-attn
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return linear(out.transpose(1, 2).reshape(B, L, C), self.o_proj, residual=h)
+            k, v = kv_cache.update(cache_start, k, v)                            # (B, heads, start+L, D)
+        return self.o_proj(attention(q, k, v, attn_mask))
 
 
 class LlamaMLP(nn.Module):
@@ -1371,9 +1270,8 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, h, norm):
-        """h + down_proj(silu(gate_proj(norm(h))) * up_proj(norm(h))), the pre-norm block with its residual."""
-        return linear(linear(h, self.gate_proj, self.up_proj, glu=True, norm=norm), self.down_proj, residual=h)
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaMMFSAttention(nn.Module):
@@ -1390,16 +1288,10 @@ class LlamaMMFSAttention(nn.Module):
         self.norm1 = RMSNorm(d, cfg.llm.rms_norm_eps)
         self.norm2 = RMSNorm(dv, cfg.llm.rms_norm_eps)
 
-    def values(self, vision_hidden_states):
-        """(B, N, S, d_v) -> (B, N, S, d_attn): what the attention reads, norm2 then value_proj."""
-        return self.attn.value_proj(self.norm2(vision_hidden_states))
-
-    def forward(self, h, vision_hidden_states, cross_attention_mask, check_mask=True, value_projected=False):
-        """value_projected: vision_hidden_states are already values(...) (decoding steps make them once)."""
+    def forward(self, h, vision_hidden_states, cross_attention_mask):
         # every query uses the single reference point (0.5, 0.5): where to look is all in the offsets
         ref = h.new_full((1, h.shape[1], 2), 0.5)
-        feats = vision_hidden_states if value_projected else self.norm2(vision_hidden_states)
-        out = self.attn(h, ref, feats, cross_attention_mask, check_mask, value_projected, query_norm=self.norm1)
+        out = self.attn(self.norm1(h), ref, self.norm2(vision_hidden_states), cross_attention_mask)
         return out * self.gate.tanh()
 
 
@@ -1413,11 +1305,11 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.llm.hidden_size, cfg.llm.rms_norm_eps)
 
     def forward(self, h, cos, sin, vision_hidden_states=None, cross_attention_mask=None, attn_mask=None,
-                kv_cache=None, cache_start=0, check_mask=True, value_projected=False):
-        h = self.self_attn(h, self.input_layernorm, cos, sin, attn_mask, kv_cache, cache_start)  # h + attn(norm(h))
+                kv_cache=None, cache_start=0):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache, cache_start)
         if self.llama_cross_attn is not None and vision_hidden_states is not None:
-            h = h + self.llama_cross_attn(h, vision_hidden_states, cross_attention_mask, check_mask, value_projected)
-        return self.mlp(h, self.post_attention_layernorm)                                         # h + mlp(norm(h))
+            h = h + self.llama_cross_attn(h, vision_hidden_states, cross_attention_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class LlamaModel(nn.Module):
@@ -1433,35 +1325,21 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, inputs_embeds, position_ids, vision_hidden_states=None, cross_attention_mask=None,
-                attn_mask=None, kv_caches=None, cache_start=0, checkpoint=False, check_mask=True):
-        """inputs_embeds [B, L, d]; position_ids [B, L]; vision_hidden_states [B, N, S, d_v], or their MMFSKeys
-        (mmfs_values: one per MMFS layer); cross_attention_mask [B, L', N]; attn_mask None (causal) or a bool
-        [B, 1, L, start+L] (True = may attend), [B, 1, L, max_len] when cache_start is a tensor of cache slots (see
-        KVCache.update). check_mask=False skips MMFS's image-count check, a host sync per layer (decoding steps:
-        their mask was checked at prefill). -> [B, L, d]"""
+                attn_mask=None, kv_caches=None, cache_start=0, checkpoint=False):
+        """inputs_embeds [B, L, d]; position_ids [B, L]; vision_hidden_states [B, N, S, d_v]; cross_attention_mask
+        [B, L', N]; attn_mask None (causal) or a bool [B, 1, L, start+L] (True = may attend), [B, 1, L, max_len]
+        when cache_start is a tensor of cache slots (see KVCache.update). -> [B, L, d]"""
         cos, sin = rope_cos_sin(position_ids, self.cfg.hidden_size // self.cfg.num_attention_heads,
                                 self.cfg.rope_theta, inputs_embeds.dtype)
-        projected = isinstance(vision_hidden_states, MMFSKeys)
-        values = iter(vision_hidden_states) if projected else None
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
-            cache = kv_caches[i] if kv_caches is not None else None
-            vision = vision_hidden_states
-            if projected:
-                vision = next(values) if layer.llama_cross_attn is not None else None
+            args = (h, cos, sin, vision_hidden_states, cross_attention_mask, attn_mask,
+                    None if kv_caches is None else kv_caches[i], cache_start)
             if checkpoint and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, vision, cross_attention_mask, attn_mask,
-                                                      cache, cache_start, check_mask, projected, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, vision, cross_attention_mask, attn_mask, cache, cache_start, check_mask,
-                          projected)
+                h = layer(*args)
         return self.norm(h)
-
-    def mmfs_values(self, vision_hidden_states):
-        """MMFSKeys: each MMFS layer's values of the vision states (B, N, S, d_v), made once for decoding steps,
-        which would otherwise redo norm2 and value_proj over every image in every MMFS layer for every token."""
-        return MMFSKeys(layer.llama_cross_attn.values(vision_hidden_states) for layer in self.layers
-                        if layer.llama_cross_attn is not None)
 
 
 class TextDecoder(nn.Module):
@@ -1485,7 +1363,7 @@ class TextDecoder(nn.Module):
             self.head_new.bias.fill_(95.0)
 
     def forward(self, h):
-        logits = linear(h, self.head)
+        logits = self.head(h)
         return torch.cat([logits[..., :-self.n_new], logits[..., -self.n_new:] + self.head_new(h)], dim=-1)
 
 
@@ -2042,32 +1920,14 @@ class MMFSBlock(nn.Module):
         self.conv = nn.Conv2d(query_dim, query_dim, 1)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
-        self._pos_cache = {}
 
-    def pos_for(self, h: int, w: int, dtype):
-        """The table resized to h x w, cached: CUDA's bicubic kernel loops over channels and costs ~3 ms a call
-        at C=1280, more than the rest of the block. The key holds the Parameter's version, so loading refreshes.
-        Inside torch.compile it is resized, not cached (a compiled region may not write module state)."""
-        p = self.pos_embed
-        if torch.compiler.is_compiling():
-            return resize_pos_embed(p.detach(), (h, w)).to(dtype)
-        key = (h, w, dtype, p.device, p.data_ptr(), p._version)
-        if key not in self._pos_cache:
-            self._pos_cache = {key: resize_pos_embed(p.detach(), (h, w)).to(dtype)}
-        return self._pos_cache[key]
-
-    def forward(self, sample, feats, mask, precomputed=False):
-        """feats (B, n, sum_l H_l W_l, C_v) already flattened image/level/row-major; with `precomputed` already
-        through feat_norm and the attention's value_proj (B, n, S, d_attn) (sampling does that once per image:
-        MMFSNet.keys); mask (B, n)."""
+    def forward(self, sample, feats, mask):
+        """sample (B, C, H, W); feats (B, n, sum_l H_l W_l, C_v) flattened image/level/row-major; mask (B, n)."""
         B, C, H, W = sample.shape
-        pos = self.pos_for(H, W, sample.dtype)
-        q = self.query_norm(sample.flatten(2).transpose(1, 2)) + pos  # (B, C, H, W) -> (B, HW, C)
+        pos = resize_pos_embed(self.pos_embed, (H, W)).to(sample.dtype)
+        q = self.query_norm(sample.flatten(2).transpose(1, 2)) + pos             # (B, C, H, W) -> (B, HW, C)
         ref = grid_centres(H, W, sample.device)[None]
-        if precomputed:   # the mask was checked when the values were made (MMFSNet.keys): no host sync here
-            y = self.mmfs(q, ref, feats, mask, check_mask=False, value_projected=True)
-        else:
-            y = self.mmfs(q, ref, self.feat_norm(feats), mask)
+        y = self.mmfs(q, ref, self.feat_norm(feats), mask)
         return self.conv(y.transpose(1, 2).reshape(B, C, H, W))
 
 
@@ -2088,65 +1948,19 @@ class MMFSNet(nn.Module):
         """list of levels (B, n, C_v, H_l, W_l) -> (B, n, sum_l H_l W_l, C_v), image/level/row-major."""
         return torch.cat([f.flatten(3).transpose(2, 3) for f in mmfs_features], dim=2).to(dtype)
 
-    def keys(self, mmfs_features, mmfs_mask, dtype):
-        """The values each block's attention reads (features normalised and projected) made once: MMFSKeys, which
-        forward takes in place of the levels. The mask's image count is checked here, once, so the steps that use
-        the keys read nothing back from the device (a CUDA graph can hold them)."""
-        self.mmfs_mid_block.mmfs.check_image_count(mmfs_mask.long().sum(-1))
-        feats = self.flatten_features(mmfs_features, dtype)
-        return MMFSKeys(block.mmfs.value_proj(block.feat_norm(feats))
-                        for block in [*self.mmfs_down_blocks, self.mmfs_mid_block])
-
     def forward(self, sample, skips, mmfs_features, mmfs_mask, checkpoint=False):
-        """mmfs_features: list of levels (B, n, C_v, H_l, W_l), or their MMFSKeys; mmfs_mask (B, n).
-        -> (sample, skips) + residuals."""
+        """mmfs_features: list of levels (B, n, C_v, H_l, W_l); mmfs_mask (B, n). -> (sample, skips) + residuals."""
         run = (lambda m, *a: torch.utils.checkpoint.checkpoint(m, *a, use_reentrant=False)) if checkpoint else \
             (lambda m, *a: m(*a))
         if len(skips) != len(self.mmfs_down_blocks):
             raise ValueError(f"MMFSNet: {len(skips)} UNet skips, expected {len(self.mmfs_down_blocks)}")
-        precomputed = isinstance(mmfs_features, MMFSKeys)
         # training normalises inside each (checkpointed) block, so only the one flattened copy is kept for backward
-        feats = mmfs_features if precomputed else \
-            [self.flatten_features(mmfs_features, sample.dtype)] * (len(skips) + 1)
-        skips = [s + run(block, s, f, mmfs_mask, precomputed)
-                 for s, block, f in zip(skips, self.mmfs_down_blocks, feats)]
-        return sample + run(self.mmfs_mid_block, sample, feats[-1], mmfs_mask, precomputed), skips
+        feats = self.flatten_features(mmfs_features, sample.dtype)
+        skips = [s + run(block, s, feats, mmfs_mask) for s, block in zip(skips, self.mmfs_down_blocks)]
+        return sample + run(self.mmfs_mid_block, sample, feats, mmfs_mask), skips
 
 
 # ---- StableDiffusion: VAE + UNet + MMFSNet, the diffusion loss and the sampling loop (§5.4, §5.5) ----
-
-def capture_cuda_graph(fn, warmup=1):
-    """fn() recorded as a CUDA graph -> (graph, fn's output, which every replay rewrites in place). Warm-up runs
-    first on the stream that then captures, so one-time work (cuBLAS's handle and workspace for that stream, cuDNN
-    set-up, loading the kernel, cached tables, compilation) stays out of the capture. fn must read nothing back to
-    the host."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = fn()
-    return graph, out
-
-
-class _GraphedEps:
-    """A sampler's guided UNet pass recorded once as a CUDA graph and replayed at every step. Eagerly, one pass is
-    thousands of small kernel launches and the GPU waits on the CPU issuing them; replayed, it is one launch.
-    Each call copies x and t into the recorded inputs; the result is overwritten by the next call."""
-
-    def __init__(self, eps_of, x):
-        self.x = x.clone()                                                    # (B, 4, h, w), recorded input
-        self.t = torch.zeros((), dtype=torch.long, device=x.device)          # the timestep, filled per step
-        self.graph, self.eps = capture_cuda_graph(lambda: eps_of(self.x, self.t))   # eps (B, 4, h, w)
-
-    def __call__(self, x, t):
-        self.x.copy_(x)
-        self.t.fill_(t)              # fill_: a kernel argument, no host-to-device copy
-        self.graph.replay()
-        return self.eps
 
 class StableDiffusion(nn.Module):
     def __init__(self, unet_cfg: UNetConfig, vae_cfg: VAEConfig, cfg: ImageDecoderConfig):
@@ -2206,31 +2020,25 @@ class StableDiffusion(nn.Module):
         pred = self.unet_eps(x_t, t, cond, mmfs_features, mmfs_mask, checkpoint)
         return F.mse_loss(pred.float(), noise.float(), reduction="none")
 
-    def guided_inputs(self, cond, uncond, mmfs_features, mmfs_mask, guidance_scale):
-        """The UNet's step-invariant inputs, made once per sampling: the condition ((uncond; cond) stacked for
-        classifier-free guidance, both halves seeing the previous image) and the MMFS keys with their mask."""
-        if guidance_scale > 1.0:
-            cond = torch.cat([uncond, cond])
-            mmfs_features, mmfs_mask = [torch.cat([f, f]) for f in mmfs_features], torch.cat([mmfs_mask, mmfs_mask])
-        return cond, self.mmfs_module.keys(mmfs_features, mmfs_mask, cond.dtype), mmfs_mask
-
-    def guided_eps(self, x, t, cond, keys, mmfs_mask, guidance_scale):
-        """eps_u + g (eps_c - eps_u) from one UNet pass over (x; x); cond, keys and mmfs_mask from guided_inputs."""
+    def guided_eps(self, x, t, cond, uncond, mmfs_net, mmfs_features, mmfs_mask, guidance_scale):
+        """eps_u + g (eps_c - eps_u) from one UNet pass over (x; x) with the conditions (uncond; cond), both halves
+        seeing the previous image; mmfs_net is the UNet-MMFS net (self.mmfs_module, or its KeyedMMFSNet)."""
         if guidance_scale <= 1.0:  # as the SD pipeline: no unconditional pass at all
-            return self.unet_eps(x, t, cond, keys, mmfs_mask)
-        eps_u, eps_c = self.unet_eps(torch.cat([x, x]), t, cond, keys, mmfs_mask).chunk(2)
+            return self.unet(x, t, cond, mmfs_net, mmfs_features, mmfs_mask)
+        feats, mask = [torch.cat([f, f]) for f in mmfs_features], torch.cat([mmfs_mask, mmfs_mask])
+        eps_u, eps_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), mmfs_net, feats, mask).chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
     @torch.no_grad()
     def sample_latents(self, cond, uncond, mmfs_features, mmfs_mask, steps, guidance_scale, sampler, generator,
-                       eta=0.0, progress=True, variants=1, cuda_graph=None):
+                       eta=0.0, progress=True, variants=1, fast=None):
         """Latents drawn from `generator` first, then (ddpm, or ddim with eta > 0) one noise draw per step.
         generator: one torch.Generator for all images, or a list with one per image (each image then draws only
         from its own, so it samples as it would alone, whatever else is in the batch).
         variants > 1: the rows are that many variant-major copies of the same B / variants images (e.g. with and
         without MMFS); every copy gets the same draws, so each samples as its rows alone would.
-        cuda_graph: replay the guided UNet pass as a CUDA graph (_GraphedEps); None = on where it can be (CUDA
-        tensors and the deformable-attention kernel), True insists, False runs every step eagerly."""
+        fast: the images' MMFS values made once (KeyedMMFSNet) and, on CUDA, each guided UNet pass replayed as a
+        CUDA graph; None = where kernels.cu runs (see use_fast), False = the plain UNet pass at every step."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r}, expected one of {SAMPLERS}")
         if cond.shape[0] % variants:
@@ -2258,13 +2066,13 @@ class StableDiffusion(nn.Module):
         else:
             timesteps = leading_timesteps(steps, T, self.cfg.steps_offset)
         x0_prev = None
-        cond, keys, mmfs_mask = self.guided_inputs(cond, uncond, mmfs_features, mmfs_mask, guidance_scale)
-        eps_of = lambda x_t, t: self.guided_eps(x_t, t, cond, keys, mmfs_mask, guidance_scale)
-        can_graph = x.is_cuda and kernels_used(x.device)
-        if cuda_graph and not can_graph:
-            raise ValueError(f"sample_latents: cuda_graph=True needs CUDA tensors and the deformable-attention "
-                             f"kernel; got device {x.device}")
-        if can_graph if cuda_graph is None else cuda_graph:
+        net = self.mmfs_module
+        if use_fast(fast, x.device):
+            guided = (lambda f, m: ([torch.cat([t, t]) for t in f], torch.cat([m, m]))) if guidance_scale > 1.0 \
+                else (lambda f, m: (f, m))
+            net = KeyedMMFSNet(net, *guided(mmfs_features, mmfs_mask), cond.dtype)
+        eps_of = lambda x_t, t: self.guided_eps(x_t, t, cond, uncond, net, mmfs_features, mmfs_mask, guidance_scale)
+        if net is not self.mmfs_module and x.is_cuda and kernels_used(x.device):
             eps_of = _GraphedEps(eps_of, x)
         for i, t in enumerate(tqdm(timesteps.tolist(), desc=f"{sampler} steps", disable=not progress)):
             eps = eps_of(x, t)
@@ -2335,7 +2143,7 @@ class ImageDecoder(nn.Module):
     @torch.no_grad()
     def generate_images(self, context, context_mask, mmfs_features, mmfs_mask, steps=30, guidance_scale=7.5,
                         sampler="ddpm", seed=42, num_images_per_context=1, eta=0.0, progress=True,
-                        mmfs_ablation=False, cuda_graph=None):
+                        mmfs_ablation=False, fast=None):
         """-> images (num_images_per_context * B_I, 3, S, S) in [0, 1], copy-major; copy k uses seed + k on one
         generator shared across mini-batches of `generate_mini_bs` contexts (the original's draw order).
         seed may also be a list of B_I ints, one per context: copy k of image i then draws from its own generator
@@ -2343,7 +2151,7 @@ class ImageDecoder(nn.Module):
         prompts changes nothing but float rounding).
         mmfs_ablation: also draw every image without the previous image's features (zero MMFS features and mask,
         as MMInterleaved.generate_images(use_mmfs=False)) in the same UNet batch from the same noise; -> twice
-        the images, those with MMFS first, then those without. cuda_graph: see StableDiffusion.sample_latents."""
+        the images, those with MMFS first, then those without. fast: see StableDiffusion.sample_latents."""
         B_I = context.shape[0]
         if mmfs_mask.shape[0] != B_I or any(f.shape[0] != B_I for f in mmfs_features):
             raise ValueError(f"generate_images: {B_I} contexts but mmfs_mask {tuple(mmfs_mask.shape)} and features "
@@ -2369,7 +2177,7 @@ class ImageDecoder(nn.Module):
                     feats = [torch.cat([f, torch.zeros_like(f)]) for f in feats]
                 latents = self.decoder.sample_latents(c, u, feats, m, steps, guidance_scale, sampler, generator, eta,
                                                       progress, variants=2 if mmfs_ablation else 1,
-                                                      cuda_graph=cuda_graph)
+                                                      fast=fast)
                 images.append(self.decoder.decode_latents(latents))
         if mmfs_ablation:   # per mini-batch (with; without) -> all with, then all without
             return torch.cat([im.chunk(2)[k] for k in (0, 1) for im in images])
@@ -2775,14 +2583,14 @@ class MMInterleaved(nn.Module):
 
     @torch.no_grad()
     def generate_images(self, batch, target_image_idxs=None, steps=30, guidance_scale=7.5, sampler="ddpm", seed=42,
-                        num_images_per_context=1, eta=0.0, progress=True, use_mmfs=True, cuda_graph=None):
+                        num_images_per_context=1, eta=0.0, progress=True, use_mmfs=True, fast=None):
         """Draw the images of the batch's image slots (all, or `target_image_idxs`, flat indexes over the batch)
         from their contexts (row start .. soi) and the previous image's features. A target slot still
         holds a placeholder image; it cannot influence its own generation. use_mmfs=False drops the previous
         image's features from the UNet (the ablation of the paper's consistency claim); use_mmfs="both" draws each
         image with and without them from the same noise in one UNet batch (all with, then all without).
         seed: an int, or a list with one per target image (each then draws as it would in a call of its own).
-        cuda_graph: replay each sampler step's UNet pass as a CUDA graph (None = on for CUDA; see sample_latents).
+        fast: the sampler's fast form (None = on a GPU with kernels.cu; see StableDiffusion.sample_latents).
         -> {"image": [n, 3, S, S] in [0, 1]}, copy-major when num_images_per_context > 1."""
         num = self.validate_batch(batch)
         text_ids = batch["text_ids"]
@@ -2804,22 +2612,22 @@ class MMInterleaved(nn.Module):
                                                     sampler=sampler, seed=seed,
                                                     num_images_per_context=num_images_per_context, eta=eta,
                                                     progress=progress, mmfs_ablation=use_mmfs == "both",
-                                                    cuda_graph=cuda_graph)
+                                                    fast=fast)
         return {"image": images}
 
     @torch.no_grad()
     def generate_texts(self, batch, max_new_tokens=30, min_new_tokens=7, num_beams=5, do_sample=False, top_p=0.9,
                        temperature=1.0, repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1,
-                       seed=None, use_cache=True, cuda_graph=None, compile=False):
+                       seed=None, use_cache=True, fast=None, compile=False):
         """Continue each (left-padded) prompt of the batch; stop at eos or soi (the model asking for an image).
 
         Defaults are the original's (its min_length 8 counted a dummy bos, hence min_new_tokens 7). Greedy with
         num_beams=1, do_sample=False; nucleus sampling with do_sample=True; beam search with num_beams > 1.
-        use_cache=False recomputes the whole sequence per token (slow, for checks); cuda_graph (None = on for CUDA)
-        replays each cached step as one captured CUDA graph. compile=True runs the cached step through
-        torch.compile, which fuses its small element-wise kernels (norms, rotary, residuals); the first call pays
-        the compilation (2-3 minutes for 13B on an H100; a second prompt length compiles once more, with dynamic
-        shapes), later calls reuse it.
+        use_cache=False recomputes the whole sequence per token (slow, for checks). fast (None = on a GPU with
+        kernels.cu, see use_fast): FastDecoder, whose cached step is replayed as one CUDA graph on a GPU.
+        compile=True also runs that step through torch.compile, which fuses its small element-wise kernels (norms,
+        rotary, residuals); the first call pays the compilation (2-3 minutes for 13B on an H100; a second prompt
+        length compiles once more), later calls reuse it.
         Returns {"text_ids": [B * num_return_sequences, T] new tokens (the stop token included), padded with
         pad_token_id, "lengths": [B * num_return_sequences]}.
         """
@@ -2828,7 +2636,14 @@ class MMInterleaved(nn.Module):
         mask = batch.get("attention_mask")
         mask = torch.ones_like(text_ids) if mask is None else mask
         embeds, vision, xmask, _ = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
-        decoder = _Decoder(self, embeds, mask, vision, xmask, max_new_tokens, use_cache, cuda_graph, compile)
+        fast = use_cache and use_fast(fast, embeds.device)
+        if compile and not fast:
+            raise ValueError("compile=True compiles the fast path's cached step: it needs use_cache=True and the fast "
+                             "path (a GPU with kernels.cu, or fast=True)")
+        if fast:
+            decoder = FastDecoder(self, embeds, mask, vision, xmask, max_new_tokens, compile=compile)
+        else:
+            decoder = _Decoder(self, embeds, mask, vision, xmask, max_new_tokens, use_cache)
         opts = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     repetition_penalty=repetition_penalty, stop_ids=(self.cfg.eos_token_id, self.cfg.soi_token_id),
                     bos_id=self.cfg.bos_token_id, pad_id=self.cfg.pad_token_id)
@@ -3651,49 +3466,25 @@ def load_pretrained(path, dtype=None, device="cpu"):
 
 
 class _Decoder:
-    """Runs the LLM for generation: one prefill over the prompts, then one token per step through static KV caches,
+    """Runs the LLM for generation: one prefill over the prompts, then one token per step through the KV caches,
     or, with use_cache=False, the whole sequence again at every step (the slow path the cache must equal).
-    MMFS has no cache: each step the new token reads every image again, through the values each MMFS layer made
-    of them once at prefill (LlamaModel.mmfs_values), with the prompt's last mask row.
+    MMFS has no cache: each step the new token reads every image again, with the prompt's last mask row."""
 
-    A cached step has the same shapes every time: the new token's K/V go into cache slot `slot` (a device tensor),
-    attention runs over all max_len slots with a mask that hides the empty ones, and every input sits in a buffer
-    rewritten in place. So on CUDA one step is captured into a CUDA graph and replayed per token: one launch
-    instead of hundreds, which is what bounded decoding speed. cuda_graph: None = on for CUDA, else eager.
-    compile: the step goes through torch.compile (inside the graph, when there is one).
-    """
-
-    def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, use_cache, cuda_graph=None,
-                 compile=False):
+    def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, use_cache):
         self.model, self.use_cache = model, use_cache
-        if compile and not use_cache:
-            raise ValueError("compile=True needs use_cache=True (it compiles the cached step)")
-        self.step_fn = torch.compile(self._cached_step) if compile else self._cached_step
         self.embeds, self.mask, self.vision, self.xmask = embeds, mask.long(), vision, xmask
         self.new_tokens = mask.new_zeros((mask.shape[0], 0), dtype=torch.long)
         self.max_len = embeds.shape[1] + max_new_tokens
         self.caches = None
-        # the graph holds MMFS only where our kernel runs (the reference reads level shapes back to the host)
-        can_graph = use_cache and embeds.is_cuda and (vision is None or kernels_used(embeds.device))
-        if cuda_graph and not can_graph:
-            raise ValueError(f"cuda_graph=True needs use_cache=True, CUDA tensors and, with images, the deformable-"
-                             f"attention kernel; got use_cache={use_cache}, device {embeds.device}")
-        self.cuda_graph = can_graph if cuda_graph is None else cuda_graph
-        self.buffers = None      # the cached step's inputs, made at prefill (see _make_step_buffers)
-        self.graph = None        # captured at the first step, again after the row count changes
 
     def select(self, index):
         """Keep/repeat/reorder rows: expands prompts to beams or samples, follows beams to their sources."""
-        if self.buffers is None:          # full recomputation: the rows of the whole sequence
-            self.embeds, self.mask, self.new_tokens = self.embeds[index], self.mask[index], self.new_tokens[index]
-            if self.vision is not None:
-                self.vision, self.xmask = self.vision[index], self.xmask[index]
-            return
-        if index.shape[0] != self.buffers["token"].shape[0]:
-            self.graph = None             # new row count: new buffers, so the next step captures again
-        for name, t in self.buffers.items():
-            self.buffers[name] = _select_rows(t, index)
-        for cache in self.caches:
+        self.mask, self.new_tokens = self.mask[index], self.new_tokens[index]
+        if self.vision is not None:
+            self.vision, self.xmask = self.vision[index], self.xmask[index]
+        if self.caches is None:
+            self.embeds = self.embeds[index]
+        for cache in self.caches or ():
             cache.reorder(index)
 
     def prefill(self):
@@ -3706,69 +3497,24 @@ class _Decoder:
             self.caches = [KVCache(B, c.num_attention_heads, self.max_len, hd, self.embeds.dtype, self.embeds.device)
                            for _ in llm.layers]
         h = llm(self.embeds, pos, self.vision, self.xmask, attn_mask=attn, kv_caches=self.caches, cache_start=0)
-        if self.use_cache:
-            self._make_step_buffers()
         return self.model.text_decoder(h[:, -1]).float()                       # (B, V)
-
-    def _make_step_buffers(self):
-        """The cached step's inputs, one row per sequence, rewritten in place before each step."""
-        B, L = self.mask.shape
-        attn = self.mask.new_zeros((B, 1, 1, self.max_len), dtype=torch.bool)  # (B, 1, 1, max_len) slots to read
-        attn[:, 0, 0, :L] = self.mask.bool()
-        self.buffers = {"token": self.mask.new_zeros(B),                         # (B,) the token fed
-                        "pos": self.mask.sum(-1, keepdim=True),                  # (B, 1) its position
-                        "attn": attn}
-        if self.vision is not None:   # fresh tensors: beam search reorders the buffers in place
-            values = self.model.mm_decoder.mmfs_values(self.vision)
-            self.buffers["mmfs_values"] = torch.stack(values, dim=1)            # (B, n_mmfs_layers, N, S, d_attn)
-            self.buffers["xmask"] = self.xmask[:, -1:].clone()                   # (B, 1, N) the prompt's last row
-        self.length = L                               # slots filled so far (the same in every row: left padding)
-        self.slot = self.mask.new_full((1,), L)       # (1,) the slot the next token's K/V go to, on the device
 
     def step(self, tokens):
-        if not self.use_cache:
-            return self._recompute_step(tokens)
-        b = self.buffers
-        b["token"].copy_(tokens)
-        b["attn"][:, :, :, self.length].fill_(True)   # the new token sees itself (fill_: no host tensor copied in)
-        self.slot.fill_(self.length)
-        if not self.cuda_graph:
-            logits = self.step_fn()
-        else:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-            logits = self.graph_logits.clone()        # the next replay overwrites graph_logits
-        b["pos"] += 1
-        self.length += 1
-        return logits
-
-    def _cached_step(self):
-        """One token per row from the buffers; fixed shapes, no host sync: the body of the CUDA graph."""
-        llm, b = self.model.mm_decoder, self.buffers
-        vision = MMFSKeys(b["mmfs_values"].unbind(1)) if "mmfs_values" in b else None
-        h = llm(llm.embed_tokens(b["token"])[:, None], b["pos"], vision, b.get("xmask"), attn_mask=b["attn"],
-                kv_caches=self.caches, cache_start=self.slot, check_mask=False)
-        return self.model.text_decoder(h[:, -1]).float()                       # (B, V)
-
-    def _capture(self):
-        """Record the cached step into a CUDA graph; graph_logits (B, V) lives in the graph's pool. Each warm-up
-        run rewrites the same cache slot with the same K/V, so it changes nothing."""
-        self.graph, self.graph_logits = capture_cuda_graph(self.step_fn, warmup=2)
-
-    def _recompute_step(self, tokens):
-        """use_cache=False: the prompt and every new token through the whole LLM again."""
+        """tokens (B,) -> the next logits (B, V)."""
         llm = self.model.mm_decoder
         self.new_tokens = torch.cat([self.new_tokens, tokens[:, None]], dim=1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        embeds = torch.cat([self.embeds, llm.embed_tokens(self.new_tokens)], dim=1)
-        pos, attn = _positions_and_mask(self.mask)
-        xmask = None
-        if self.xmask is not None:
-            last_row = self.xmask[:, -1:]
-            xmask = torch.cat([self.xmask, last_row.expand(-1, self.new_tokens.shape[1], -1)], dim=1)
-        h = llm(embeds, pos, self.vision, xmask, attn_mask=attn)[:, -1]
-        return self.model.text_decoder(h).float()
+        if self.use_cache:   # the new token alone, in the next cache slot: it sees every real token and itself
+            pos, attn = self.mask.sum(-1, keepdim=True) - 1, self.mask.bool()[:, None, None, :]
+            h = llm(llm.embed_tokens(tokens)[:, None], pos, self.vision, self.xmask, attn_mask=attn,
+                    kv_caches=self.caches, cache_start=self.mask.shape[1] - 1)
+        else:                # the prompt and every new token through the whole LLM again; new tokens see the images
+            pos, attn = _positions_and_mask(self.mask)              # the prompt's last token sees
+            embeds = torch.cat([self.embeds, llm.embed_tokens(self.new_tokens)], dim=1)
+            xmask = None if self.xmask is None else \
+                torch.cat([self.xmask, self.xmask[:, -1:].expand(-1, self.new_tokens.shape[1], -1)], dim=1)
+            h = llm(embeds, pos, self.vision, xmask, attn_mask=attn)
+        return self.model.text_decoder(h[:, -1]).float()
 
 
 def _process_logits(logits, seqs, step, min_new_tokens, repetition_penalty, stop_ids, bos_id):
@@ -3893,6 +3639,341 @@ def _beam_search(decoder, num_beams, n_return, length_penalty, max_new_tokens, m
             for k in range(K):
                 add(b, beam_scores[b, k].item() / (len(beams[b * K + k]) + 1) ** length_penalty, beams[b * K + k])
     return [seq for b in range(B) for _, seq in hyps[b][:n_return]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed: faster forms of the blocks above, for training at scale and for generation on a GPU. Each computes what
+# its plain form computes, up to rounding (test_mmi.py holds them equal). A reader of the model can skip this part.
+# ----------------------------------------------------------------------------------------------------------------
+
+# What the fast forms below were written for: a digest of the plain forms' source. An edited plain form changes
+# it, and then the fast path is not taken (fast=None) or refused (fast=True) until its form is brought in line,
+# checked by the tests, and this digest renewed, so that the fast path never computes something else.
+PLAIN_FORMS_DIGEST = "b783d8ecb6da6221"
+
+
+def _plain_forms_digest():
+    forms = (MMFS.forward, MMFS.query_mask, MMFS.attend, LlamaAttention.forward, LlamaMLP.forward,
+             LlamaMMFSAttention.forward, LlamaDecoderLayer.forward, LlamaModel.forward, TextDecoder.forward,
+             MMFSBlock.forward, MMFSNet.forward, _Decoder.step)
+    return hashlib.sha256("".join(inspect.getsource(f) for f in forms).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def fast_forms_current():
+    """Whether the fast forms cover the plain forms as they are written now (see PLAIN_FORMS_DIGEST)."""
+    try:
+        digest = _plain_forms_digest()
+    except (OSError, TypeError):    # no source to read: nothing can have been edited here
+        return True
+    if digest == PLAIN_FORMS_DIGEST:
+        return True
+    warnings.warn(f"mmi: the model's plain forms were edited (digest {digest}, the fast forms were written for "
+                  f"{PLAIN_FORMS_DIGEST}); running the plain path. Bring the fast forms in line, run test_mmi.py, "
+                  f"then set PLAIN_FORMS_DIGEST = {digest!r}.")
+    return False
+
+
+def use_fast(fast, device):
+    """fast=None: the fast forms where they pay (CUDA tensors with kernels.cu) and cover the plain ones; True: the
+    fast forms wherever they run (a CUDA graph only on CUDA), or an error; False: the plain path."""
+    if fast is None:
+        return kernels_used(device) and fast_forms_current()
+    if fast and not fast_forms_current():
+        raise RuntimeError("fast=True, but the plain forms were edited since the fast forms were written "
+                           "(see mmi.PLAIN_FORMS_DIGEST)")
+    return bool(fast)
+
+
+# -- the matmuls of a decoding step: kernels.cu's GEMV, with a pre-norm block's RMSNorm and residual folded in ----
+
+@torch.library.custom_op("mmi::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]], glu: bool,
+             norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """kernels.cu's gemv, which reads 16 bytes at a time: x is copied to a fresh buffer if it does not start on a
+    16-byte boundary, and weights that do not (views into a larger buffer, as FSDP's gathered weights, may not) go
+    through F.linear. Checked here, when the op runs: torch.compile cannot read an intermediate tensor's storage
+    offset while it traces (it would split the compiled graph at every linear)."""
+    if all(w.data_ptr() % 16 == 0 for w in (*weights, *([] if norm is None else [norm]))):
+        return _load_kernels().gemv(x if x.data_ptr() % 16 == 0 else x.clone(), weights, biases, glu, norm, eps,
+                                    residual)
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    y = F.silu(ys[0]) * ys[1] if glu else torch.cat(ys, dim=-1)
+    return y if residual is None else residual + y
+
+
+@_gemv_op.register_fake
+def _(x, weights, biases, glu, norm, eps, residual):
+    N = weights[0].shape[0]
+    return x.new_empty(x.shape[0], N if glu else N * len(weights))
+
+
+def _gemv_fits(x, layers, norm):
+    """Whether x goes through these layers by the gemv operator: a decoding step's few rows (<= 4) in 16-bit on
+    CUDA, outside autograd, weights (and norm weight) of x's dtype, one output size, at most three layers."""
+    weights = [layer.weight for layer in layers] + ([] if norm is None else [norm.weight])
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < x.numel() <= 4 * x.shape[-1]
+            and x.shape[-1] % 8 == 0 and len(layers) <= 3 and (norm is None or isinstance(norm, RMSNorm))
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+            and all(w.dtype == x.dtype and w.is_contiguous() for w in weights)
+            and all(layer.weight.shape == layers[0].weight.shape for layer in layers)
+            and kernels_used(x.device))
+
+
+def linear(x, *layers, glu=False, norm=None, residual=None):
+    """x through nn.Linear layers that read the same input: their outputs (one tensor for one layer), or with
+    glu=True and layers (gate, up), silu(gate(x)) * up(x). norm (an RMSNorm) applies to x first; residual is added
+    to the one output (one layer or glu): a pre-norm block's `residual + layer(norm(x))`.
+    A decoding step reads each weight once for one token, so its matmuls are bound by memory bandwidth; there
+    kernels.cu's gemv does the layers in one launch, with the norm, glu product and residual add fused (the layers'
+    and norm's forward hooks do not run). The rest of the time the modules are called as usual."""
+    if residual is not None and len(layers) > 1 and not glu:
+        raise ValueError(f"linear: a residual needs one output, got {len(layers)} layers without glu")
+    if _gemv_fits(x, layers, norm):
+        res = None if residual is None else residual.reshape(-1, residual.shape[-1]).contiguous()
+        y = _gemv_op(x.reshape(-1, x.shape[-1]).contiguous(), [l.weight for l in layers], [l.bias for l in layers],
+                     glu, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, res)
+        y = y.view(*x.shape[:-1], -1)                                            # (..., n_layers * N) or (..., N)
+        return y if glu or len(layers) == 1 else y.chunk(len(layers), dim=-1)
+    if norm is not None:
+        x = norm(x)
+    outs = tuple(layer(x) for layer in layers)
+    if glu:
+        outs = (F.silu(outs[0]) * outs[1],)
+    if residual is not None:
+        outs = (residual + outs[0],)
+    return outs[0] if len(outs) == 1 else outs
+
+
+
+# -- MMFS with the images' queries folded: one matmul per layer whatever the image count ------------------------
+
+def mmfs_fast(mmfs, query, reference_points, value, mask, check_mask=True, value_projected=False, query_norm=None):
+    """MMFS.forward, faster. Each image's query is q + query_relpos[rel], read by two linear layers; since
+    W(q + r) + b = (Wq + b) + Wr, the layers run on q once and each image adds W r, a row of a (max images, out)
+    table picked by a one-hot matmul (whose backward is a matmul too; an indexed read's backward piles atomic adds
+    onto a few rows). The level tables are made once per (n, dtype, device). value_projected: `value` is already
+    value_proj(...) (made once where the images do not change: decoding steps, a sampler's steps); query_norm: an
+    RMSNorm folded into the first matmul; check_mask=False skips the image-count check (a host sync)."""
+    B, Lq, _ = query.shape
+    m = mmfs.query_mask(mask, Lq)
+    rel = relative_image_index(m)
+    if check_mask and m.shape[-1] >= mmfs.max_num_image_per_seq:   # rel <= the image count: fewer cannot overflow
+        mmfs.check_image_count(rel)
+    rel = rel[:, :, None] if m.dim() == 2 else rel.transpose(1, 2)               # (B, n, Lq or 1)
+    q = linear(query, mmfs.dynamic_offset_mask, norm=query_norm)                 # (B, Lq, d_query)
+    pick = (rel[..., None] == torch.arange(mmfs.max_num_image_per_seq, device=rel.device)).to(q.dtype)
+    table = lambda layer: F.linear(mmfs.query_relpos.weight, layer.weight)       # (max images, out)
+    offsets = linear(q, mmfs.sampling_offsets)[:, None] + pick @ table(mmfs.sampling_offsets)   # (B, n, Lq, out)
+    logits = linear(q, mmfs.attention_weights)[:, None] + pick @ table(mmfs.attention_weights)
+    v = value if value_projected else mmfs.value_proj(value)
+    out = mmfs.attend(offsets, logits, m, reference_points, v, *_level_tables(mmfs, v.shape[1], q.dtype, q.device))
+    return linear(out, mmfs.output_proj)
+
+
+def _level_tables(mmfs, n, dtype, device):
+    """MMFS.level_tables kept per (n, dtype, device): made from Python numbers on every call they would cost a
+    host-to-device copy each time, which a CUDA graph cannot hold. Inside torch.compile they are made, not kept (a
+    compiled region may not write module state; its graph holds them as constants)."""
+    if torch.compiler.is_compiling():
+        return mmfs.level_tables(n, dtype, device)
+    kept = mmfs.__dict__.setdefault("_level_tables", {})
+    key = (n, dtype, torch.device(device))
+    if key not in kept:
+        with torch.inference_mode(False):   # ordinary tensors, so a later training step may save them for backward
+            kept[key] = mmfs.level_tables(n, dtype, device)
+    return kept[key]
+
+
+class FastMMFS(MMFS):
+    """MMFS running mmfs_fast: what speed_up puts in a model for training."""
+
+    def forward(self, query, reference_points, value, mask):
+        return mmfs_fast(self, query, reference_points, value, mask)
+
+
+def speed_up(model):
+    """Training's fast forms, in place: every MMFS becomes a FastMMFS (same parameters, same state_dict). Left
+    plain when the fast forms do not cover the plain ones (see PLAIN_FORMS_DIGEST). -> model"""
+    if fast_forms_current():
+        for m in model.modules():
+            if type(m) is MMFS:
+                m.__class__ = FastMMFS
+    return model
+
+
+# -- decoding: a fixed-shape step, replayed as one CUDA graph -------------------------------------------------------
+
+def _select_rows(t, index, dim=0):
+    """t[index] along dim; in place when the row count stays, so a CUDA graph that reads t keeps seeing it."""
+    if index.shape[0] == t.shape[dim]:
+        return t.copy_(t.index_select(dim, index))
+    return t.index_select(dim, index)
+
+
+def mmfs_values(llm, vision_hidden_states):
+    """Each MMFS layer's values of the images (B, N, S, d_v) -> [(B, N, S, d_attn)]: norm2 then value_proj, made
+    once for all decoding steps (the images do not change)."""
+    return [layer.llama_cross_attn.attn.value_proj(layer.llama_cross_attn.norm2(vision_hidden_states))
+            for layer in llm.layers if layer.llama_cross_attn is not None]
+
+
+def fast_layer_step(layer, h, cos, sin, values, xmask, attn_mask, kv_cache, slot):
+    """LlamaDecoderLayer.forward for a decoding step: its matmuls through linear() with the norms and residuals
+    folded in, the new K/V written into cache slot `slot` (a device tensor) and attention over all max_len slots
+    (attn_mask hides the empty ones), MMFS over values made once (mmfs_values). h (B, 1, d) -> (B, 1, d)."""
+    a, B, L = layer.self_attn, h.shape[0], h.shape[1]
+    q, k, v = (t.view(B, L, a.n_heads, -1).transpose(1, 2)
+               for t in linear(h, a.q_proj, a.k_proj, a.v_proj, norm=layer.input_layernorm))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kv_cache.kv.index_copy_(3, slot, torch.stack([k, v]).to(kv_cache.kv.dtype))   # no cast in index_copy_
+    h = linear(attention(q, kv_cache.k, kv_cache.v, attn_mask), a.o_proj, residual=h)
+    x = layer.llama_cross_attn
+    if x is not None and values is not None:
+        ref = h.new_full((1, L, 2), 0.5)
+        h = h + mmfs_fast(x.attn, h, ref, values, xmask, False, True, query_norm=x.norm1) * x.gate.tanh()
+    m = layer.mlp
+    return linear(linear(h, m.gate_proj, m.up_proj, glu=True, norm=layer.post_attention_layernorm), m.down_proj,
+                  residual=h)
+
+
+def capture_cuda_graph(fn, warmup=1):
+    """fn() recorded as a CUDA graph -> (graph, fn's output, which every replay rewrites in place). Warm-up runs
+    first on the stream that then captures, so one-time work (cuBLAS's handle and workspace for that stream, cuDNN
+    set-up, loading the kernel, cached tables, compilation) stays out of the capture. fn must read nothing back to
+    the host."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fn()
+    return graph, out
+
+
+class _GraphedEps:
+    """A sampler's guided UNet pass recorded once as a CUDA graph and replayed at every step. Eagerly, one pass is
+    thousands of small kernel launches and the GPU waits on the CPU issuing them; replayed, it is one launch.
+    Each call copies x and t into the recorded inputs; the result is overwritten by the next call."""
+
+    def __init__(self, eps_of, x):
+        self.x = x.clone()                                                    # (B, 4, h, w), recorded input
+        self.t = torch.zeros((), dtype=torch.long, device=x.device)          # the timestep, filled per step
+        self.graph, self.eps = capture_cuda_graph(lambda: eps_of(self.x, self.t))   # eps (B, 4, h, w)
+
+    def __call__(self, x, t):
+        self.x.copy_(x)
+        self.t.fill_(t)              # fill_: a kernel argument, no host-to-device copy
+        self.graph.replay()
+        return self.eps
+
+
+class FastDecoder(_Decoder):
+    """_Decoder with a cached step of the same shapes every time: the new token's K/V go into cache slot `slot` (a
+    device tensor), attention runs over all max_len slots with a mask that hides the empty ones, every input sits in
+    a buffer rewritten in place, and each MMFS layer's values are made once at prefill. So on CUDA one step is
+    captured into a CUDA graph and replayed per token: one launch instead of hundreds. compile: the step goes
+    through torch.compile (inside the graph, when there is one)."""
+
+    def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, cuda_graph=None, compile=False):
+        super().__init__(model, embeds, mask, vision, xmask, max_new_tokens, use_cache=True)
+        self.step_fn = torch.compile(self._step) if compile else self._step
+        # the graph holds MMFS only where our kernel runs (the reference reads level shapes back to the host)
+        can_graph = embeds.is_cuda and (vision is None or kernels_used(embeds.device))
+        if cuda_graph and not can_graph:
+            raise ValueError(f"cuda_graph=True needs CUDA tensors and, with images, the deformable-attention kernel; "
+                             f"got device {embeds.device}")
+        self.cuda_graph = can_graph if cuda_graph is None else cuda_graph
+        self.graph = None        # captured at the first step, again after the row count changes
+
+    def prefill(self):
+        logits = super().prefill()
+        B, L = self.mask.shape
+        attn = self.mask.new_zeros((B, 1, 1, self.max_len), dtype=torch.bool)  # (B, 1, 1, max_len) slots to read
+        attn[:, 0, 0, :L] = self.mask.bool()
+        self.buffers = {"token": self.mask.new_zeros(B),                         # (B,) the token fed
+                        "pos": self.mask.sum(-1, keepdim=True),                  # (B, 1) its position
+                        "attn": attn}
+        if self.vision is not None:   # fresh tensors: beam search reorders the buffers in place
+            self.buffers["mmfs_values"] = torch.stack(mmfs_values(self.model.mm_decoder, self.vision), dim=1)
+            self.buffers["xmask"] = self.xmask[:, -1:].clone()                   # (B, 1, N) the prompt's last row
+        self.length = L                               # slots filled so far (the same in every row: left padding)
+        self.slot = self.mask.new_full((1,), L)       # (1,) the slot the next token's K/V go to, on the device
+        return logits
+
+    def select(self, index):
+        if index.shape[0] != self.buffers["token"].shape[0]:
+            self.graph = None             # new row count: new buffers, so the next step captures again
+        for name, t in self.buffers.items():
+            self.buffers[name] = _select_rows(t, index)
+        for cache in self.caches:
+            cache.kv = _select_rows(cache.kv, index, dim=1)
+
+    def step(self, tokens):
+        b = self.buffers
+        b["token"].copy_(tokens)
+        b["attn"][:, :, :, self.length].fill_(True)   # the new token sees itself (fill_: no host tensor copied in)
+        self.slot.fill_(self.length)
+        if not self.cuda_graph:
+            logits = self.step_fn()
+        else:
+            if self.graph is None:   # each warm-up run rewrites the same cache slot with the same K/V
+                self.graph, self.graph_logits = capture_cuda_graph(self.step_fn, warmup=2)
+            self.graph.replay()
+            logits = self.graph_logits.clone()        # the next replay overwrites graph_logits
+        b["pos"] += 1
+        self.length += 1
+        return logits
+
+    def _step(self):
+        """One token per row from the buffers; fixed shapes, no host sync: the body of the CUDA graph."""
+        llm, b = self.model.mm_decoder, self.buffers
+        c = llm.cfg
+        cos, sin = rope_cos_sin(b["pos"], c.hidden_size // c.num_attention_heads, c.rope_theta, self.embeds.dtype)
+        values = iter(b["mmfs_values"].unbind(1)) if "mmfs_values" in b else None
+        h = llm.embed_tokens(b["token"])[:, None]                                 # (B, 1, d)
+        for layer, cache in zip(llm.layers, self.caches):
+            v = next(values) if values is not None and layer.llama_cross_attn is not None else None
+            h = fast_layer_step(layer, h, cos, sin, v, b.get("xmask"), b["attn"], cache, self.slot)
+        h, head = llm.norm(h[:, -1]), self.model.text_decoder                    # (B, d)
+        logits = linear(h, head.head)
+        return torch.cat([logits[..., :-head.n_new], logits[..., -head.n_new:] + head.head_new(h)], dim=-1).float()
+
+
+# -- image sampling: the images' MMFS values made once, each guided UNet pass replayed as one CUDA graph ---------
+
+class KeyedMMFSNet:
+    """MMFSNet for a sampler's steps, called as the UNet calls MMFSNet: each block's values (features normalised
+    and through value_proj) and each resized position table are made once, since they do not change between steps.
+    The image count is checked here, once, so the steps read nothing back from the device."""
+
+    def __init__(self, net, mmfs_features, mmfs_mask, dtype):
+        net.mmfs_mid_block.mmfs.check_image_count(mmfs_mask.long().sum(-1))
+        feats = net.flatten_features(mmfs_features, dtype)
+        self.blocks = [*net.mmfs_down_blocks, net.mmfs_mid_block]
+        self.values = [block.mmfs.value_proj(block.feat_norm(feats)) for block in self.blocks]
+        self.pos = {}
+
+    def __call__(self, sample, skips, mmfs_features, mmfs_mask, checkpoint=False):
+        if len(skips) != len(self.blocks) - 1:
+            raise ValueError(f"MMFSNet: {len(skips)} UNet skips, expected {len(self.blocks) - 1}")
+        skips = [s + self.block(i, s, mmfs_mask) for i, s in enumerate(skips)]
+        return sample + self.block(len(skips), sample, mmfs_mask), skips
+
+    def block(self, i, sample, mask):
+        """MMFSBlock.forward of block i over its values."""
+        block, (B, C, H, W) = self.blocks[i], sample.shape
+        if (i, H, W, sample.dtype) not in self.pos:
+            self.pos[i, H, W, sample.dtype] = resize_pos_embed(block.pos_embed, (H, W)).to(sample.dtype)
+        q = block.query_norm(sample.flatten(2).transpose(1, 2)) + self.pos[i, H, W, sample.dtype]
+        ref = grid_centres(H, W, sample.device)[None]
+        y = mmfs_fast(block.mmfs, q, ref, self.values[i], mask, check_mask=False, value_projected=True)
+        return block.conv(y.transpose(1, 2).reshape(B, C, H, W))
 
 
 # ----------------------------------------------------------------------------------------------------------------

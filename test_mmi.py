@@ -300,11 +300,15 @@ def mmfs_loop(mod, query, ref, value, mask):
     return lin(mod.output_proj, out)
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("mask_kind", ["2d", "3d", "3d-last-row"])
-def test_mmfs_equals_float64_loop(mask_kind):
+def test_mmfs_equals_float64_loop(mask_kind, fast):
     torch.manual_seed(0)
     mod = mmi.MMFS(d_query=6, d_value=5, d_out=7, d_attn=4, n_heads=2, n_points=2, spatial_shapes=[4, 2],
                    base_spatial_shape=2, max_num_image_per_seq=5, offset_init_magnitude=1.0).double()
+    if fast:
+        mmi.speed_up(mod)
+        assert type(mod) is mmi.FastMMFS
     with torch.no_grad():
         for p in mod.parameters():
             p.add_(torch.randn_like(p) * 0.3)          # leave init: every weight, ignore token included, matters
@@ -325,6 +329,45 @@ def test_mmfs_equals_float64_loop(mask_kind):
             expected = mmfs_loop(mod, query, ref, value, mask[:, -1:])
     out = mod(query, ref, value, mask)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_fast_mmfs_gradients_equal_the_plain_form():
+    """Training runs FastMMFS (speed_up): every parameter's and input's gradient is the plain form's."""
+    torch.manual_seed(1)
+    plain = mmi.MMFS(d_query=6, d_value=5, d_out=7, d_attn=4, n_heads=2, n_points=2, spatial_shapes=[4, 2],
+                     base_spatial_shape=2, max_num_image_per_seq=5, offset_init_magnitude=1.0).double()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    plain.ignore_token.requires_grad_(True)
+    fast = mmi.speed_up(copy.deepcopy(plain))
+    mask = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 1, 1]], [[0, 0, 0], [0, 1, 0], [1, 0, 1]]])
+    inputs = [torch.randn(2, 3, 6, dtype=torch.float64), torch.rand(1, 3, 2, dtype=torch.float64),
+              torch.randn(2, 3, 20, 5, dtype=torch.float64)]
+    grads = []
+    for mod in (plain, fast):
+        x = [t.clone().requires_grad_() for t in inputs]
+        mod(x[0], x[1], x[2], mask).pow(2).sum().backward()
+        grads.append([t.grad for t in x] + [p.grad for p in mod.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fast_forms_are_refused_once_a_plain_form_is_edited(monkeypatch):
+    """The fast forms cover the plain forms' source as written (PLAIN_FORMS_DIGEST): an edit falls back to the
+    plain path (fast=None, speed_up) or is refused (fast=True), never computing something else."""
+    assert mmi.fast_forms_current() and mmi._plain_forms_digest() == mmi.PLAIN_FORMS_DIGEST
+    monkeypatch.setattr(mmi, "PLAIN_FORMS_DIGEST", "0" * 16)
+    mmi.fast_forms_current.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="plain forms were edited"):
+            assert not mmi.fast_forms_current()
+        model = mmi.speed_up(tiny_model())
+        assert not any(isinstance(m, mmi.FastMMFS) for m in model.modules())
+        with pytest.raises(RuntimeError, match="fast=True, but the plain forms were edited"):
+            mmi.use_fast(True, "cpu")
+    finally:
+        mmi.fast_forms_current.cache_clear()
 
 
 def test_mmfs_too_many_images_is_an_error():
@@ -481,17 +524,17 @@ def test_repetition_penalty_matches_the_hf_rule():
     assert out.tolist() == [[2.0, -2.0, 1.5, 0.5]]                          # bos (1) and generated (2) penalised
 
 
-# ---- the fixed-shape decoding step and its CUDA graph ----
+# ---- the fast path's fixed-shape decoding step and its CUDA graph, against the plain path ----
 
 DECODE_ROWS = [[BOS, 10, "img", 11, 12, "img", 13], [BOS, 14, "img", 15], [BOS, 16, 17, 18]]   # left-padded, with images
 
 
 def _decoders(model, batch, max_new_tokens, **kw):
-    """A cached (fixed-shape step) and a full-recompute decoder over the same prompts."""
+    """The fast decoder (fixed-shape step) and the plain full-recompute decoder over the same prompts."""
     embeds, vision, xmask, _ = model.prepare_mm_embeds(batch["text_ids"], batch["image_tensors"],
                                                        batch["num_image_per_seq"])
     mask = batch["attention_mask"]
-    return (mmi._Decoder(model, embeds, mask, vision, xmask, max_new_tokens, use_cache=True, **kw),
+    return (mmi.FastDecoder(model, embeds, mask, vision, xmask, max_new_tokens, **kw),
             mmi._Decoder(model, embeds, mask, vision, xmask, max_new_tokens, use_cache=False))
 
 
@@ -522,20 +565,21 @@ def test_fixed_shape_step_equals_full_recomputation_and_keeps_its_buffers():
     assert cached.buffers["pos"][:, 0].tolist() == [len(interleaved_row(model.cfg, r)) + 4 for r in DECODE_ROWS]
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("mode", ["greedy", "sampling", "beam"])
-def test_cached_generation_equals_full_recomputation(mode):
+def test_cached_generation_equals_full_recomputation(mode, fast):
     model = tiny_model(seed=7)
     batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
     kw = {"greedy": dict(num_beams=1, repetition_penalty=1.3),
           "sampling": dict(num_beams=1, do_sample=True, top_p=0.8, seed=3, num_return_sequences=2),
           "beam": dict(num_beams=3, num_return_sequences=2, length_penalty=0.7)}[mode]
-    out = model.generate_texts(batch, max_new_tokens=6, min_new_tokens=2, **kw)
+    out = model.generate_texts(batch, max_new_tokens=6, min_new_tokens=2, fast=fast, **kw)
     ref = model.generate_texts(batch, max_new_tokens=6, min_new_tokens=2, use_cache=False, **kw)
     assert out["text_ids"].shape[0] == 3 * kw.get("num_return_sequences", 1)
     assert torch.equal(out["text_ids"], ref["text_ids"]) and torch.equal(out["lengths"], ref["lengths"])
 
 
-class _Recording(mmi._Decoder):
+class _Recording(mmi.FastDecoder):
     """Notes the buffers' addresses at every step and the beam sources of every reorder."""
 
     def __init__(self, *args, **kw):
@@ -560,7 +604,7 @@ def test_beam_search_reorders_the_static_buffers_in_place():
     opts = dict(max_new_tokens=6, min_new_tokens=6, repetition_penalty=1.0, stop_ids=(c.eos_token_id, c.soi_token_id),
                 bos_id=c.bos_token_id, pad_id=c.pad_token_id)
     with torch.no_grad():
-        cached = _Recording(model, embeds, batch["attention_mask"], vision, xmask, 6, use_cache=True)
+        cached = _Recording(model, embeds, batch["attention_mask"], vision, xmask, 6)
         seqs = mmi._beam_search(cached, 3, 3, 1.0, **opts)
         full = mmi._Decoder(model, embeds, batch["attention_mask"], vision, xmask, 6, use_cache=False)
         ref = mmi._beam_search(full, 3, 3, 1.0, **opts)
@@ -583,11 +627,13 @@ def test_cached_decoding_under_bf16_autocast_equals_recomputation():
     assert torch.equal(cached["text_ids"], full["text_ids"])
 
 
-def test_cuda_graph_needs_cuda_and_the_cache():
+def test_cuda_graph_and_compile_need_the_fast_path_on_cuda():
     model = tiny_model()
     batch = make_batch(model.cfg, DECODE_ROWS[2:], 5)
-    with pytest.raises(ValueError, match="cuda_graph=True needs use_cache=True, CUDA tensors"):
-        model.generate_texts(batch, max_new_tokens=2, num_beams=1, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors"):
+        _decoders(model, batch, 2, cuda_graph=True)
+    with pytest.raises(ValueError, match="compile=True compiles the fast path's cached step"):
+        model.generate_texts(batch, max_new_tokens=2, num_beams=1, compile=True, fast=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -617,8 +663,8 @@ def test_cuda_graph_decoding_equals_the_eager_step_token_for_token(with_images):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     for kw in (dict(num_beams=1), dict(num_beams=3, num_return_sequences=2),
                dict(num_beams=1, do_sample=True, seed=5, num_return_sequences=2)):
-        a = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, cuda_graph=True, **kw)
-        b = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, cuda_graph=False, **kw)
+        a = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, fast=True, **kw)
+        b = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, fast=False, **kw)
         assert torch.equal(a["text_ids"], b["text_ids"]), kw
 
 
@@ -640,7 +686,7 @@ def test_compiled_decoding_step_equals_the_eager_step():
     for a, b in zip(got, want):   # fused kernels may round float32 sums in another order
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     a = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, num_beams=1, compile=True)
-    b = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, num_beams=1, cuda_graph=False)
+    b = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, num_beams=1, fast=False)
     assert torch.equal(a["text_ids"], b["text_ids"])
 
 
@@ -2124,17 +2170,6 @@ def test_pil_helpers_round_trip_to_within_one_level():
     assert (mmi.pil_to_images(pils, 16) - x).abs().max() <= 0.5 / 255 + 1e-6
 
 
-def test_mmfs_block_positions_are_the_resized_table_and_follow_a_reload():
-    dec = _tiny_decoder()
-    block = dec.decoder.mmfs_module.mmfs_down_blocks[2]  # a 4x4 skip of the 8x8 latent grid
-    assert torch.equal(block.pos_for(4, 4, torch.float32), mmi.resize_pos_embed(block.pos_embed.detach(), (4, 4)))
-    assert torch.equal(block.pos_for(8, 8, torch.float32), block.pos_embed.detach())
-    sd = {k: (v + 1 if k.endswith("pos_embed") else v) for k, v in block.state_dict().items()}
-    block.load_state_dict(sd)
-    assert torch.allclose(block.pos_for(4, 4, torch.float32),
-                          mmi.resize_pos_embed(block.pos_embed.detach(), (4, 4)), atol=1e-6)
-
-
 def test_full_tiny_forward_gives_both_losses_and_image_gradients_reach_the_llm_side():
     model = tiny_model(perturb=False).train()
     cfg = model.cfg
@@ -2347,11 +2382,11 @@ def test_fid_inception_loads_a_state_dict_by_key_and_gives_2048_features(tmp_pat
     with pytest.raises(ValueError, match="missing keys"):
         ev.load_inception(str(path))
 
-# ---- sampling's hoisted and batched paths equal the per-step, one-call-per-image ones ----
+# ---- sampling's fast and batched paths equal the plain, one-call-per-image ones ----
 
 
-def test_mmfs_keys_made_once_equal_the_per_step_normalisation():
-    """MMFSNet over MMFSKeys (feat_norm hoisted out of the sampler loop) == MMFSNet over the raw levels."""
+def test_keyed_mmfs_net_equals_the_plain_mmfs_net():
+    """KeyedMMFSNet (values and position tables made once per sampling) == MMFSNet over the raw levels."""
     dec = _tiny_decoder().eval()
     _perturb_mmfs_convs(dec)
     _, _, _, feats, fmask = _tiny_inputs(dec, B=2)
@@ -2362,9 +2397,9 @@ def test_mmfs_keys_made_once_equal_the_per_step_normalisation():
     sample = torch.randn(2, unet.cfg.block_out_channels[-1], mid_side, mid_side, generator=g)   # the mid output
     with torch.no_grad():
         want_h, want_skips = net(sample, skips, feats, fmask)
-        keys = net.keys(feats, fmask, torch.float32)
-        got_h, got_skips = net(sample, skips, keys, fmask)
-    assert isinstance(keys, mmi.MMFSKeys) and len(keys) == len(skips) + 1
+        keyed = mmi.KeyedMMFSNet(net, feats, fmask, torch.float32)
+        got_h, got_skips = keyed(sample, skips, None, fmask)
+    assert len(keyed.values) == len(skips) + 1
     assert not torch.equal(want_h, sample)     # the residuals are live, so the comparison means something
     torch.testing.assert_close(got_h, want_h, rtol=0, atol=1e-6)
     for a, b in zip(got_skips, want_skips):
@@ -2393,18 +2428,23 @@ def test_sample_latents_variants_draw_the_same_noise_as_separate_samplings():
     torch.testing.assert_close(both, torch.cat(alone), rtol=0, atol=1e-10)
 
 
-def test_sample_latents_cuda_graph_needs_cuda():
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_fast_sampling_equals_the_plain_sampling(guidance_scale):
     dec = _tiny_decoder().eval()
-    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=1)
-    with torch.no_grad(), pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors"):
-        dec.generate_images(ctx, mask, feats, fmask, steps=2, progress=False, cuda_graph=True)
+    _perturb_mmfs_convs(dec)
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    kw = dict(steps=3, guidance_scale=guidance_scale, sampler="ddpm", seed=[3, 4], progress=False)
+    with torch.no_grad():
+        fast = dec.generate_images(ctx, mask, feats, fmask, fast=True, **kw)
+        plain = dec.generate_images(ctx, mask, feats, fmask, fast=False, **kw)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m"])
 def test_graphed_unet_steps_equal_eager_sampling(sampler):
-    """Each step's guided UNet pass replayed from one CUDA graph == every pass run eagerly, with MMFS live; the
-    graphed run reads nothing back from the device between steps."""
+    """The fast path (each step's guided UNet pass replayed from one CUDA graph) == the plain path, with MMFS
+    live."""
     if not mmi.kernels_used("cuda"):
         pytest.skip("the deformable-attention kernel is not available")
     dec = _tiny_decoder().eval()
@@ -2414,10 +2454,10 @@ def test_graphed_unet_steps_equal_eager_sampling(sampler):
     ctx, mask, fmask, feats = ctx.cuda(), mask.cuda(), fmask.cuda(), [f.cuda() for f in feats]
     kw = dict(steps=5, guidance_scale=3.0, sampler=sampler, seed=[3, 4], progress=False)
     with torch.no_grad():
-        eager = dec.generate_images(ctx, mask, feats, fmask, cuda_graph=False, **kw)
-        graphed = dec.generate_images(ctx, mask, feats, fmask, cuda_graph=True, **kw)
+        eager = dec.generate_images(ctx, mask, feats, fmask, fast=False, **kw)
+        graphed = dec.generate_images(ctx, mask, feats, fmask, fast=True, **kw)
         off = dec.generate_images(ctx, mask, [torch.zeros_like(f) for f in feats], torch.zeros_like(fmask),
-                                  cuda_graph=True, **kw)
+                                  fast=True, **kw)
     assert not torch.allclose(graphed, off, atol=1e-3)     # MMFS is live inside the graph
     torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-5)
 
@@ -4220,7 +4260,7 @@ def test_llm_flops_equal_counted_matmuls_plus_the_attention_term(llm_trainable):
     from test_mmi import make_batch
     torch.manual_seed(0)
     cfg = mmi.apply_overrides(mmi.MMIConfig.from_preset("tiny"), {"llm.trainable": llm_trainable})
-    model = mmi.MMInterleaved(cfg).train()
+    model = mmi.speed_up(mmi.MMInterleaved(cfg)).train()                 # as train.py runs it
     batch = make_batch(cfg, [[1, 5, 6, "img", 7, 8, "img", 9], [1, "img", 9, 3]], 40)
     B, L = batch["text_ids"].shape
     embeds, vision, xmask, _ = model.prepare_mm_embeds(batch["text_ids"], batch["image_tensors"],
