@@ -3653,26 +3653,69 @@ def _shard_groups(state, max_shard_bytes):
 
 
 def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30, dtype=None, extra_files=None):
-    """The whole model as safetensors (sharded above max_shard_bytes, with an index) plus config.json, written
-    into a temporary folder that then replaces `path`, so a reader never sees a half-written model."""
+    """The whole model as safetensors (sharded above max_shard_bytes, with an index) plus config.json, in the
+    folder `path`, replacing what was there.
+
+    At every instant, even if the process is killed between any two steps, the model saved at `path` is whole,
+    the previous one or the new one: it is `path`, or while `path` is missing, `path.mmi-old` (which
+    load_pretrained then reads; a first save has no previous model):
+      1. finish an interrupted save: rename `path.mmi-old` back to `path` where `path` is missing, then remove
+         `path.mmi-old` and `path.mmi-new`;
+      2. write the new model into `path.mmi-new`;
+      3. rename `path` to `path.mmi-old`;
+      4. rename `path.mmi-new` to `path`;
+      5. remove `path.mmi-old`.
+    Renames are atomic. `path.mmi-old` is only ever made by renaming a complete `path`, and only removed while
+    `path` exists, so a `path.mmi-old` without `path` is complete. (Safe against a kill, not a power loss:
+    nothing is fsync'd.)
+    """
     path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: exists and is not a folder; save_pretrained writes a folder")
+    new, old = _swap_names(path)
+    _finish_interrupted_save(path)
+    os.makedirs(new)
     try:
-        _write_folder(model, tmp, max_shard_bytes, dtype)
+        _write_folder(model, new, max_shard_bytes, dtype)
         for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, os.path.join(tmp, name))
+            shutil.copyfile(src, os.path.join(new, name))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)
         raise
-    old = f"{path}.old-{os.getpid()}"
     if os.path.exists(path):
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(new, path)
     if os.path.exists(old):
         shutil.rmtree(old)
+
+
+def _swap_names(path):
+    """The new model being written, and the previous one while it is swapped out (see write_pretrained)."""
+    return f"{path}.mmi-new", f"{path}.mmi-old"
+
+
+def _finish_interrupted_save(path):
+    new, old = _swap_names(path)
+    if os.path.isdir(old) and not os.path.exists(path):
+        os.replace(old, path)                   # killed between the two renames: the previous model goes back
+    for leftover in (old, new):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+
+
+def _model_folder(path):
+    """The folder holding the model saved at `path`: `path`, or the previous model where a save was killed
+    between its two renames (see write_pretrained)."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise InputError(f"{path}: not a folder (a model written by save_pretrained is a folder)")
+    old = _swap_names(os.path.abspath(path))[1]
+    if os.path.isdir(old):
+        print(f"from_pretrained: {path} is missing; reading the previous model in {old}, left by an interrupted "
+              f"save_pretrained", file=sys.stderr)
+        return old
+    raise InputError(f"{path}: no such folder (expected a model written by save_pretrained)")
 
 
 _FLOAT32_PREFIXES = ("image_decoder.decoder.vae.",)        # run in float32 whatever the model's dtype
@@ -3703,8 +3746,7 @@ def load_pretrained(path, dtype=None, device="cpu"):
     """A model written by save_pretrained: every tensor must be there with its shape, and nothing else.
     dtype None keeps the stored dtypes."""
     device = torch.device(device)
-    if not os.path.isdir(path):
-        raise InputError(f"{path}: no such folder (expected a model written by save_pretrained)")
+    path = _model_folder(path)
     cfg_path = os.path.join(path, _CONFIG_NAME)
     cfg = MMIConfig.from_dict(read_json(cfg_path), cfg_path)
     try:

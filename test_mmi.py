@@ -3438,6 +3438,77 @@ def test_scheduler_config_is_checked(tmp_path):
     assert mmi.schedule_config_from_diffusers(str(path)) == dict(num_train_timesteps=1000, beta_start=0.00085,
                                                                beta_end=0.012, steps_offset=1)
 
+
+# -- bad input: a broken model folder, a config that does not fit, mmi.py's command line, an interrupted save -----
+
+
+class _Killed(BaseException):
+    """A simulated kill: raised instead of a file operation, and of every one after it (the process is gone)."""
+
+
+def _save_killed_at(model, path, version, kill_at, monkeypatch):
+    """write_pretrained of `model` with soi_token = version, killed before its file operation number `kill_at`
+    (writing a shard, a rename, a removal; a killed removal or write leaves its work half done).
+    -> True if it finished."""
+    with torch.no_grad():
+        model.soi_token.fill_(version)
+    ops = []
+
+    def killable(real):
+        def op(*args, **kw):
+            ops.append(real.__name__)
+            if len(ops) <= kill_at:
+                return real(*args, **kw)
+            if len(ops) == kill_at + 1 and real is shutil.rmtree and os.path.isdir(args[0]):
+                os.remove(os.path.join(args[0], sorted(os.listdir(args[0]))[0]))      # half removed
+            if len(ops) == kill_at + 1 and real is mmi.save_file:
+                with open(args[1], "wb") as f:                                       # half written
+                    f.write(b"\0" * 100)
+            raise _Killed
+        return op
+
+    with monkeypatch.context() as m:
+        for module, name in [(os, "replace"), (shutil, "rmtree"), (mmi, "save_file")]:
+            m.setattr(module, name, killable(getattr(module, name)))
+        try:
+            mmi.write_pretrained(model, path)
+            return True
+        except _Killed:
+            return False
+
+
+def _saved_version(path):
+    return mmi.MMInterleaved.from_pretrained(path).soi_token.flatten()[0].item()
+
+
+def test_save_pretrained_killed_at_any_step_leaves_a_whole_model(tmp_path, monkeypatch, capsys):
+    """save_pretrained over a model, killed before each of its file operations in turn: the path then loads as
+    the previous model or the new one, and the next save, killed or not, starts from what was left."""
+    torch.manual_seed(0)
+    model = mmi.MMInterleaved(TINY)
+    path = str(tmp_path / "model")
+    assert _save_killed_at(model, path, 1, 10 ** 6, monkeypatch)
+    # from a clean start: killed at step k, then a save that finishes and leaves nothing else behind
+    k = 0
+    while not _save_killed_at(model, path, 2, k, monkeypatch):
+        assert _saved_version(path) in (1, 2), k
+        assert _save_killed_at(model, path, 1, 10 ** 6, monkeypatch) and os.listdir(tmp_path) == ["model"]
+        k += 1
+    assert k == 4                                # a shard, two renames, a removal
+    # each save starts from the previous one's remains and is killed one step later, until one finishes
+    last, version = 2, 10
+    for k in range(20):
+        version += 1
+        finished = _save_killed_at(model, path, version, k, monkeypatch)
+        got = _saved_version(path)
+        assert got in (last, version), (k, got)
+        last = got
+        if finished:
+            break
+    assert finished and last == version and os.listdir(tmp_path) == ["model"]
+    assert "reading the previous model" in capsys.readouterr().err      # the state between the two renames was seen
+
+
 # ===============================================================================================================
 # kernels.cu: our CUDA multi-scale deformable attention against a float64 reference (skips without CUDA), the
 # dispatch point, and the CPU fallback with its one warning line
