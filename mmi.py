@@ -336,6 +336,31 @@ def _from_string(old, text, key):
         raise InputError(f"config key {key!r}: cannot read {text!r} as {type(old).__name__}") from None
 
 
+def _config_rows(cfg, prefix=""):
+    """(dotted key, value) of every config value, sections walked in order."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _config_rows(value, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, value
+
+
+# int config values that may be 0; every other int (in a tuple too) is a size, a count or an id above 0
+_MAY_BE_ZERO = {"vision.interaction_indexes", "vision.num_extra_extractors", "unet.freq_shift",
+                "image_decoder.steps_offset", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def check_config_ranges(cfg):
+    """InputError naming the first config key whose int is negative, or 0 where that makes no model."""
+    def ints(v):
+        return [x for item in v for x in ints(item)] if isinstance(v, tuple) else [v] if type(v) is int else []
+    for key, value in _config_rows(cfg):
+        low = 0 if key in _MAY_BE_ZERO else 1
+        if any(x < low for x in ints(value)):
+            raise InputError(f"config key {key!r}: {value!r}, every integer must be >= {low}")
+
+
 def _preset_mmi_13b():
     return MMIConfig(dataset_to_ignore_noimage_cond_loss=("laion_en", "laion_coco"))
 
@@ -2564,6 +2589,7 @@ HOST_KEYS = ("text_ids", "num_image_per_seq", "nearest_bos_idxs")
 class MMInterleaved(nn.Module):
     def __init__(self, cfg: MMIConfig):
         super().__init__()
+        check_config_ranges(cfg)
         grid = cfg.vision.grid_size
         map_sides = (4 * grid, 2 * grid, grid, grid // 2)
         if not set(cfg.mmfs.spatial_shapes) <= set(map_sides):
@@ -4043,12 +4069,46 @@ def parameter_table(model):
     return rows
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    preset = args.pop(0) if args and not args[0].startswith("--") else "mmi-13b"
+def _usage():
+    presets = {name: dict(_config_rows(make())) for name, make in PRESETS.items()}
+    keys = list(presets["mmi-13b"])
+    columns = [("key", keys), ("type", [type(presets["mmi-13b"][k]).__name__ for k in keys])]
+    columns += [(name, [str(values[k]) for k in keys]) for name, values in presets.items()]
+    widths = [max(len(cell) for cell in [head, *cells]) + 2 for head, cells in columns]
+    table = [[head for head, _ in columns]] + [list(row) for row in zip(*(cells for _, cells in columns))]
+    return "\n".join([
+        "usage: python mmi.py [preset] [--key=value ...]",
+        "",
+        "Builds the MM-Interleaved architecture on the meta device (no memory, no weights) and prints each",
+        "component's parameter count, all and trainable.",
+        "",
+        f"  preset       one of {', '.join(PRESETS)} (default mmi-13b, the paper's model; tiny: every width and depth",
+        "               small, for tests and the demo)",
+        "  --key=value  sets one config value; a dotted key reaches into a section (--llm.num_hidden_layers=8).",
+        "               The value is read as the key's type: an int, a float, true or false, or a tuple as",
+        "               Python writes it (32,16,8 or True,False). An unknown key or a value that does not read",
+        "               is an error (exit 2)",
+        "  -h, --help   this text",
+        "",
+        "config keys, with their type and their value in each preset:",
+    ] + ["  " + "".join(f"{cell:<{w}}" for cell, w in zip(row, widths)).rstrip() for row in table])
+
+
+def main(argv=None):
+    """`python mmi.py [preset] [--key=value ...]`: the parameter table of a preset's architecture."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(_usage())
+        return 0
+    preset = args.pop(0) if args and not args[0].startswith("-") else "mmi-13b"
     cfg = apply_overrides(MMIConfig.from_preset(preset), args)
     with torch.device("meta"):
         model = MMInterleaved(cfg)
     print(f"{preset}: {'component':<20} {'parameters':>16} {'trainable':>16}")
     for name, total, trainable in parameter_table(model):
         print(f"{'':{len(preset) + 2}}{name:<20} {total:>16,} {trainable:>16,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))
