@@ -2666,12 +2666,13 @@ class MMInterleaved(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
-        """A model written by save_pretrained (safetensors + config.json)."""
+        """A model written by save_pretrained (safetensors + config.json); a broken folder is an InputError
+        naming the file."""
         return load_pretrained(path, dtype, device)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30, dtype=None, extra_files=None):
-        """Safetensors shards + config.json, written atomically (a temporary folder renamed into place).
-        dtype (e.g. torch.bfloat16) stores the floating-point weights in that dtype, except the VAE's, which
+        """Safetensors shards + config.json, replacing what was at `path` so that a kill at any point leaves the
+        previous model or the new one (see write_pretrained). dtype (e.g. torch.bfloat16) stores the floating-point weights in that dtype, except the VAE's, which
         always runs in float32. extra_files {name: source path} are copied in too (e.g. the tokenizer)."""
         write_pretrained(self, path, max_shard_bytes, dtype, extra_files)
 
@@ -3605,10 +3606,13 @@ def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu
     the UNet, VAE and neg_prompt_embeds; mmi: the MM-Interleaved checkpoint folder, overlaid last (None = the new
     parts keep their init). cfg: base config for the MM-Interleaved-specific values (default the `mmi-13b`
     preset); the shapes of the released parts always come from the files' config.json. Every file key is used or
-    documented as ignored, every tensor of the model is loaded or documented as new; anything else raises ValueError
+    documented as ignored, every tensor of the model is loaded or documented as new; anything else raises InputError
     naming the key, its file and the shapes.
     """
     device = torch.device(device)
+    for name, folder in (("llm", llm), ("clip", clip), ("sd", sd), ("mmi", mmi)):
+        if folder is not None and not os.path.isdir(folder):
+            raise InputError(f"{folder}: no such folder (given as the {name} folder)")
     cfg = config_from_original(llm, clip, sd, cfg)
     model = _build_meta(cfg)
     ours = _target_shapes(model)

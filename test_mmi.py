@@ -3650,6 +3650,12 @@ def test_original_config_files_are_type_checked_naming_the_file(tmp_path):
         mmi.MMInterleaved.from_original(**kw)
 
 
+def test_from_original_names_a_missing_folder(tmp_path):
+    os.makedirs(tmp_path / "llm")
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'clip'}: no such folder (given as the clip")):
+        mmi.MMInterleaved.from_original(llm=str(tmp_path / "llm"), clip=str(tmp_path / "clip"), cfg=TINY)
+
+
 def test_config_from_dict_checks_types_sections_and_keys():
     d = TINY.to_dict()
     assert mmi.MMIConfig.from_dict(d, "c.json") == TINY
