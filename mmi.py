@@ -2672,8 +2672,9 @@ class MMInterleaved(nn.Module):
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30, dtype=None, extra_files=None):
         """Safetensors shards + config.json, replacing what was at `path` so that a kill at any point leaves the
-        previous model or the new one (see write_pretrained). dtype (e.g. torch.bfloat16) stores the floating-point weights in that dtype, except the VAE's, which
-        always runs in float32. extra_files {name: source path} are copied in too (e.g. the tokenizer)."""
+        previous model or the new one (see write_pretrained). dtype (e.g. torch.bfloat16) stores the
+        floating-point weights in that dtype, except the VAE's, which always runs in float32. extra_files
+        {name: source path} are copied in too (e.g. the tokenizer)."""
         write_pretrained(self, path, max_shard_bytes, dtype, extra_files)
 
     # -- inputs ---------------------------------------------------------------------------------------------------

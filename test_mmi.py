@@ -3459,7 +3459,7 @@ def _save_killed_at(model, path, version, kill_at, monkeypatch):
             ops.append(real.__name__)
             if len(ops) <= kill_at:
                 return real(*args, **kw)
-            if len(ops) == kill_at + 1 and real is shutil.rmtree and os.path.isdir(args[0]):
+            if len(ops) == kill_at + 1 and real is shutil.rmtree and os.listdir(args[0]):
                 os.remove(os.path.join(args[0], sorted(os.listdir(args[0]))[0]))      # half removed
             if len(ops) == kill_at + 1 and real is mmi.save_file:
                 with open(args[1], "wb") as f:                                       # half written
