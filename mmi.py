@@ -253,7 +253,7 @@ def _dataclass_from_dict(cls, d, where, prefix):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in d:
         if k not in fields:
-            raise InputError(f"{where}: unknown key {prefix + k!r}; {cls.__name__} has {sorted(fields)}")
+            raise InputError(f"{where}: unknown config key {prefix + k!r}; {cls.__name__} has {sorted(fields)}")
     missing = [prefix + k for k in fields if k not in d]
     if missing:
         raise InputError(f"{where}: missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))} (a folder "

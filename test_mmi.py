@@ -3581,7 +3581,7 @@ ST = "model.safetensors"
     ("config.json", lambda f: _edit_config(f, lambda d: d["llm"].update(rms_norm_eps="tiny")),
      r"key 'llm.rms_norm_eps': expected float, got 'tiny'"),
     ("config.json", lambda f: _edit_config(f, lambda d: d.pop("llm")), r"missing key 'llm'"),
-    ("config.json", lambda f: _edit_config(f, lambda d: d["llm"].update(extra=1)), r"unknown key 'llm.extra'"),
+    ("config.json", lambda f: _edit_config(f, lambda d: d["llm"].update(extra=1)), r"unknown config key 'llm.extra'"),
     ("config.json", lambda f: _edit_config(f, lambda d: d.update(image_decoder=[])),
      r"image_decoder is a list, expected an object of the ImageDecoderConfig keys"),
     ("config.json", lambda f: _edit_config(f, lambda d: d["llm"].update(vocab_size=100)),
