@@ -26,6 +26,8 @@ import json
 import math
 import mmap
 import os
+import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -240,23 +242,31 @@ class MMIConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MMIConfig":
-        return _dataclass_from_dict(cls, d)
+    def from_dict(cls, d: dict, where: str = "config") -> "MMIConfig":
+        """The config of `to_dict` (a model folder's config.json): every section and key must be there, with the
+        type of the field (the rules of `--key=value` overrides); `where` names the source in errors."""
+        return _dataclass_from_dict(cls, d, where, "")
 
 
-def _dataclass_from_dict(cls, d):
+def _dataclass_from_dict(cls, d, where, prefix):
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: {prefix.rstrip('.') or 'the config'} is a {type(d).__name__}, expected an object "
+                         f"of the {cls.__name__} keys")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in fields:
+            raise InputError(f"{where}: unknown config key {prefix + k!r}; {cls.__name__} has {sorted(fields)}")
+    missing = [prefix + k for k in fields if k not in d]
+    if missing:
+        raise InputError(f"{where}: missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))} (a folder "
+                         f"written by save_pretrained has every key)")
     kwargs = {}
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in d.items():
-        if k not in names:
-            raise InputError(f"{cls.__name__}: unknown config key {k!r}")
-        f = names[k]
+    for k, f in fields.items():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default) and isinstance(v, dict):
-            v = _dataclass_from_dict(type(default), v)
-        elif isinstance(v, list):
-            v = _to_tuple(v)
-        kwargs[k] = v
+        if dataclasses.is_dataclass(default):
+            kwargs[k] = _dataclass_from_dict(type(default), d[k], where, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _check_like(default, d[k], f"{where}: key {prefix + k!r}")
     return cls(**kwargs)
 
 
@@ -300,12 +310,18 @@ def _parse_like(old, value, key):
     strings converted to, the type of the field's current value `old`."""
     if isinstance(value, str) and not isinstance(old, str):
         value = _from_string(old, value, key)
+    return _check_like(old, value, f"config key {key!r}")
+
+
+def _check_like(old, value, where):
+    """`value` if it has the type of `old`: an int may stand for a float (widened), a list for a tuple; a field
+    whose value is None takes any value. InputError naming `where` otherwise."""
     if isinstance(value, list):
         value = _to_tuple(value)
     same = old is None or isinstance(value, type(old)) and isinstance(value, bool) == isinstance(old, bool)
     widening = isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool)
     if not (same or widening):
-        raise InputError(f"config key {key!r}: expected {type(old).__name__}, got {value!r}")
+        raise InputError(f"{where}: expected {type(old).__name__}, got {value!r}")
     return float(value) if widening else value
 
 
@@ -320,6 +336,31 @@ def _from_string(old, text, key):
         return _to_tuple(ast.literal_eval(text))              # tuples, and fields whose default is None
     except (ValueError, SyntaxError):
         raise InputError(f"config key {key!r}: cannot read {text!r} as {type(old).__name__}") from None
+
+
+def _config_rows(cfg, prefix=""):
+    """(dotted key, value) of every config value, sections walked in order."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _config_rows(value, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, value
+
+
+# int config values that may be 0; every other int (in a tuple too) is a size, a count or an id above 0
+_MAY_BE_ZERO = {"vision.interaction_indexes", "vision.num_extra_extractors", "unet.freq_shift",
+                "image_decoder.steps_offset", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def check_config_ranges(cfg):
+    """InputError naming the first config key whose int is negative, or 0 where that makes no model."""
+    def ints(v):
+        return [x for item in v for x in ints(item)] if isinstance(v, tuple) else [v] if type(v) is int else []
+    for key, value in _config_rows(cfg):
+        low = 0 if key in _MAY_BE_ZERO else 1
+        if any(x < low for x in ints(value)):
+            raise InputError(f"config key {key!r}: {value!r}, every integer must be >= {low}")
 
 
 def _preset_mmi_13b():
@@ -711,7 +752,7 @@ class MMFS(nn.Module):
                  max_num_image_per_seq, offset_init_magnitude, linear_init_std=None):
         super().__init__()
         if d_attn % n_heads:
-            raise ValueError(f"MMFS: d_attn {d_attn} is not divisible by n_heads {n_heads}")
+            raise InputError(f"MMFS: d_attn {d_attn} is not divisible by n_heads {n_heads}")
         self.n_heads, self.n_points = n_heads, n_points
         self.n_levels = len(spatial_shapes)
         self.spatial_shapes = tuple(int(s) for s in spatial_shapes)
@@ -994,10 +1035,10 @@ class CLIPVisionAdapter(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         if cfg.grid_size % 2:
-            raise ValueError(f"vision: image_size/patch_size = {cfg.grid_size} must be even for the adapter pyramid")
+            raise InputError(f"vision: image_size/patch_size = {cfg.grid_size} must be even for the adapter pyramid")
         last = max(i1 for _, i1 in cfg.interaction_indexes)
         if last >= cfg.num_hidden_layers:
-            raise ValueError(f"vision: interaction_indexes reach layer {last}, the ViT has {cfg.num_hidden_layers}")
+            raise InputError(f"vision: interaction_indexes reach layer {last}, the ViT has {cfg.num_hidden_layers}")
         self.cfg = cfg
         d = cfg.hidden_size
         self.embeddings = CLIPVisionEmbeddings(cfg)
@@ -1598,7 +1639,7 @@ class UNet2DConditionModel(nn.Module):
         self.cfg = cfg
         ch, heads, n_levels = cfg.block_out_channels, cfg.num_attention_heads, len(cfg.block_out_channels)
         if not (len(cfg.cross_attn_blocks) == len(heads) == n_levels):
-            raise ValueError(f"UNetConfig: block_out_channels {ch}, cross_attn_blocks {cfg.cross_attn_blocks} and "
+            raise InputError(f"UNetConfig: block_out_channels {ch}, cross_attn_blocks {cfg.cross_attn_blocks} and "
                              f"num_attention_heads {heads} must have the same length")
         temb_ch, g, eps, xdim = ch[0] * 4, cfg.norm_num_groups, cfg.norm_eps, cfg.cross_attention_dim
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
@@ -1776,27 +1817,33 @@ def rename_legacy_vae_keys(state_dict: dict) -> dict:
     return out
 
 
-def unet_config_from_diffusers(d: dict) -> UNetConfig:
+def unet_config_from_diffusers(d: dict, where="unet config") -> UNetConfig:
     """UNetConfig from a diffusers unet/config.json dict (SD-2 layouts only: linear projection, GEGLU)."""
-    heads = d.get("num_attention_heads") or d["attention_head_dim"]  # SD-2's files use the legacy name
-    n = len(d["block_out_channels"])
-    heads = (heads,) * n if isinstance(heads, int) else tuple(heads)
-    if not d.get("use_linear_projection", False):
-        raise ValueError(f"unet config: use_linear_projection is {d.get('use_linear_projection')}, expected true "
+    d = _json_object(d, where)
+    n = len(_need(d, "block_out_channels", (0,), where))
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim")  # SD-2's files use the legacy name
+    heads = [heads] * n if type(heads) is int else heads
+    if not (isinstance(heads, (list, tuple)) and len(heads) == n and all(type(h) is int for h in heads)):
+        raise InputError(f"{where}: attention_head_dim is {heads!r}, expected an int or {n} ints")
+    if d.get("use_linear_projection", False) is not True:
+        raise InputError(f"{where}: use_linear_projection is {d.get('use_linear_projection')}, expected true "
                          f"(SD-2 layout)")
-    return UNetConfig(sample_size=d["sample_size"], in_channels=d["in_channels"], out_channels=d["out_channels"],
-                      block_out_channels=tuple(d["block_out_channels"]),
-                      cross_attn_blocks=tuple(t.startswith("CrossAttn") for t in d["down_block_types"]),
-                      num_attention_heads=heads, layers_per_block=d["layers_per_block"],
-                      cross_attention_dim=d["cross_attention_dim"], norm_num_groups=d["norm_num_groups"],
-                      norm_eps=d["norm_eps"], flip_sin_to_cos=d["flip_sin_to_cos"], freq_shift=d["freq_shift"])
+    kinds = _need(d, "down_block_types", ("",), where)
+    if not all(isinstance(t, str) for t in kinds):
+        raise InputError(f"{where}: down_block_types is {list(kinds)!r}, expected a list of block names")
+    get = {k: _need(d, k, getattr(UNetConfig, k), where)
+           for k in ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                     "cross_attention_dim", "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift")}
+    return UNetConfig(**get, cross_attn_blocks=tuple(t.startswith("CrossAttn") for t in kinds),
+                      num_attention_heads=tuple(heads))
 
 
-def vae_config_from_diffusers(d: dict) -> VAEConfig:
-    return VAEConfig(in_channels=d["in_channels"], out_channels=d["out_channels"],
-                     latent_channels=d["latent_channels"], block_out_channels=tuple(d["block_out_channels"]),
-                     layers_per_block=d["layers_per_block"], norm_num_groups=d["norm_num_groups"],
-                     scaling_factor=d.get("scaling_factor", 0.18215))
+def vae_config_from_diffusers(d: dict, where="vae config") -> VAEConfig:
+    d = _json_object(d, where)
+    get = {k: _need(d, k, getattr(VAEConfig, k), where)
+           for k in ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+                     "norm_num_groups")}
+    return VAEConfig(**get, scaling_factor=_get(d, "scaling_factor", 0.18215, where))
 
 
 # ---- Noise schedule and samplers (pure functions over tensors; ε-prediction) ----
@@ -1975,7 +2022,7 @@ class StableDiffusion(nn.Module):
                                                                     cfg.beta_end))
         vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
         if cfg.image_size != unet_cfg.sample_size * vae_factor:
-            raise ValueError(f"image_size {cfg.image_size} != UNet sample_size {unet_cfg.sample_size} x VAE factor "
+            raise InputError(f"image_size {cfg.image_size} != UNet sample_size {unet_cfg.sample_size} x VAE factor "
                              f"{vae_factor}")
 
     def check_images(self, images):
@@ -2104,7 +2151,7 @@ class ImageDecoder(nn.Module):
         super().__init__()
         r = cfg.resampler
         if r.hidden_size != unet_cfg.cross_attention_dim:
-            raise ValueError(f"resampler hidden_size {r.hidden_size} != UNet cross_attention_dim "
+            raise InputError(f"resampler hidden_size {r.hidden_size} != UNet cross_attention_dim "
                              f"{unet_cfg.cross_attention_dim}")
         self.cfg = cfg
         self.perceiver_resampler = PerceiverResampler(r)
@@ -2350,27 +2397,31 @@ HOST_KEYS = ("text_ids", "num_image_per_seq", "nearest_bos_idxs")
 class MMInterleaved(nn.Module):
     def __init__(self, cfg: MMIConfig):
         super().__init__()
+        check_config_ranges(cfg)
         grid = cfg.vision.grid_size
         map_sides = (4 * grid, 2 * grid, grid, grid // 2)
         if not set(cfg.mmfs.spatial_shapes) <= set(map_sides):
-            raise ValueError(f"mmfs.spatial_shapes {cfg.mmfs.spatial_shapes}: the visual tokenizer makes maps of "
+            raise InputError(f"mmfs.spatial_shapes {cfg.mmfs.spatial_shapes}: the visual tokenizer makes maps of "
                              f"sides {map_sides} at image_size {cfg.vision.image_size}")
         if cfg.resampler.num_queries != cfg.num_img_token:
-            raise ValueError(f"resampler.num_queries {cfg.resampler.num_queries} != num_img_token {cfg.num_img_token}")
+            raise InputError(f"resampler.num_queries {cfg.resampler.num_queries} != num_img_token {cfg.num_img_token}")
         if cfg.resampler.encoder_hidden_size != cfg.vision.hidden_size:
-            raise ValueError(f"resampler.encoder_hidden_size {cfg.resampler.encoder_hidden_size} != vision.hidden_size "
+            raise InputError(f"resampler.encoder_hidden_size {cfg.resampler.encoder_hidden_size} != vision.hidden_size "
                              f"{cfg.vision.hidden_size}")
         dec = cfg.image_decoder
         if dec.resampler.encoder_hidden_size != cfg.llm.hidden_size or dec.mmfs_feat_dim != cfg.vision.hidden_size:
-            raise ValueError(f"image_decoder: resampler.encoder_hidden_size {dec.resampler.encoder_hidden_size} and "
+            raise InputError(f"image_decoder: resampler.encoder_hidden_size {dec.resampler.encoder_hidden_size} and "
                              f"mmfs_feat_dim {dec.mmfs_feat_dim} must equal llm.hidden_size {cfg.llm.hidden_size} and "
                              f"vision.hidden_size {cfg.vision.hidden_size}")
         if tuple(dec.mmfs_value_sizes) != map_sides:
-            raise ValueError(f"image_decoder.mmfs_value_sizes {dec.mmfs_value_sizes}: the visual tokenizer makes maps "
+            raise InputError(f"image_decoder.mmfs_value_sizes {dec.mmfs_value_sizes}: the visual tokenizer makes maps "
                              f"of sides {map_sides}")
         if (cfg.soi_token_id, cfg.image_token_id) != (cfg.llm.vocab_size - 2, cfg.llm.vocab_size - 1):
-            raise ValueError(f"soi/image ids {cfg.soi_token_id}/{cfg.image_token_id} must be the last two of "
+            raise InputError(f"soi/image ids {cfg.soi_token_id}/{cfg.image_token_id} must be the last two of "
                              f"vocab_size {cfg.llm.vocab_size}")
+        if cfg.llm.num_attention_heads <= 0 or cfg.llm.hidden_size % cfg.llm.num_attention_heads:
+            raise InputError(f"llm.hidden_size {cfg.llm.hidden_size} is not a multiple of llm.num_attention_heads "
+                             f"{cfg.llm.num_attention_heads}")
         self.cfg = cfg
         d = cfg.llm.hidden_size
         self.visual_tokenizer = VisualTokenizer(cfg)
@@ -2423,13 +2474,15 @@ class MMInterleaved(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
-        """A model written by save_pretrained (safetensors + config.json)."""
+        """A model written by save_pretrained (safetensors + config.json); a broken folder is an InputError
+        naming the file."""
         return load_pretrained(path, dtype, device)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30, dtype=None, extra_files=None):
-        """Safetensors shards + config.json, written atomically (a temporary folder renamed into place).
-        dtype (e.g. torch.bfloat16) stores the floating-point weights in that dtype, except the VAE's, which
-        always runs in float32. extra_files {name: source path} are copied in too (e.g. the tokenizer)."""
+        """Safetensors shards + config.json, replacing what was at `path` so that a kill at any point leaves the
+        previous model or the new one (see write_pretrained). dtype (e.g. torch.bfloat16) stores the
+        floating-point weights in that dtype, except the VAE's, which always runs in float32. extra_files
+        {name: source path} are copied in too (e.g. the tokenizer)."""
         write_pretrained(self, path, max_shard_bytes, dtype, extra_files)
 
     # -- inputs ---------------------------------------------------------------------------------------------------
@@ -2690,28 +2743,41 @@ _LAYOUTS = {
 
 def read_json(path):
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: file not found")
-    with open(path) as f:
-        try:
+        raise InputError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def _load_bin(path):
     """A torch.save'd state dict, memory-mapped; only tensors are accepted (nothing in the pickle is executed)."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:      # UnpicklingError for non-tensor objects, RuntimeError for the pre-zip format
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: refused by torch.load(weights_only=True, mmap=True): {first}. Only zip-format "
-                         f"files holding a flat dict of tensors are read") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        # UnpicklingError: a non-tensor object; RuntimeError: not a zip-format torch.save file (pre-zip, truncated)
+        raise InputError(f"{path}: refused by torch.load(weights_only=True, mmap=True): {_torch_load_reason(e)}. "
+                         f"Only zip-format files holding a flat dict of tensors are read") from None
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: holds a {type(sd).__name__}, expected a dict of tensors")
+        raise InputError(f"{path}: holds a {type(sd).__name__}, expected a dict of tensors")
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path}: key {k!r} holds a {type(v).__name__}, expected a tensor")
+            raise InputError(f"{path}: key {k!r} holds a {type(v).__name__}, expected a tensor")
     return sd
+
+
+def _torch_load_reason(e):
+    """What torch.load's error says is wrong, in one sentence (its text is several lines, with terminal escapes)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line] or [type(e).__name__]
+    if lines[0].startswith("mmap can only be used with files saved with"):
+        return "not a zip-format torch.save file (a legacy-format or truncated one)"
+    line = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("WeightsUnpickler error:")),
+                lines[0])
+    return line.split(". ")[0].rstrip(".")
 
 
 def _drop_mapped_pages(t):
@@ -2763,20 +2829,24 @@ _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torc
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
+_SAFETENSORS_MAX_HEADER = 100_000_000                     # the safetensors library refuses longer headers
+
+
 def read_safetensors_header(path):
     """{key: (dtype, shape, begin, end)} of a safetensors file, begin/end absolute byte offsets, every entry checked
     against the format and the file's size. Layout: 8-byte little-endian header length, JSON header, data."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if not 0 < n <= size - 8:
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size} bytes)")
+        if not 0 < n <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise InputError(f"{path}: not a safetensors file (header length {n}, file size {size} bytes; the "
+                             f"header is at most {_SAFETENSORS_MAX_HEADER} bytes)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+            raise InputError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is a {type(header).__name__}, expected a JSON object")
+        raise InputError(f"{path}: safetensors header is a {type(header).__name__}, expected a JSON object")
     return {k: _safetensors_entry(path, k, v, 8 + n, size) for k, v in header.items() if k != "__metadata__"}
 
 
@@ -2784,17 +2854,17 @@ def _safetensors_entry(path, k, v, data_start, size):
     where = f"{path}: key {k!r}"
     if not isinstance(v, dict) or v.get("dtype") not in _SAFETENSORS_DTYPES:
         got = v.get("dtype") if isinstance(v, dict) else v
-        raise ValueError(f"{where}: dtype {got!r}, expected one of {', '.join(_SAFETENSORS_DTYPES)}")
+        raise InputError(f"{where}: dtype {got!r}, expected one of {', '.join(_SAFETENSORS_DTYPES)}")
     shape, offsets = v.get("shape"), v.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValueError(f"{where}: shape {shape!r}, expected a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise InputError(f"{where}: shape {shape!r}, expected a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= size - data_start):
-        raise ValueError(f"{where}: data_offsets {offsets!r} outside the {size - data_start} data bytes of the file")
+        raise InputError(f"{where}: data_offsets {offsets!r} outside the {size - data_start} data bytes of the file")
     dtype = _SAFETENSORS_DTYPES[v["dtype"]]
     nbytes = math.prod(shape) * dtype.itemsize
     if offsets[1] - offsets[0] != nbytes:
-        raise ValueError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, shape {shape} of "
+        raise InputError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, shape {shape} of "
                          f"{v['dtype']} needs {nbytes}")
     return dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]
 
@@ -2810,7 +2880,7 @@ class WeightFiles:
 
     def __init__(self, folder, layout="transformers"):
         if not os.path.isdir(folder):
-            raise ValueError(f"{folder}: not a folder")
+            raise InputError(f"{folder}: not a folder")
         self.folder = folder
         for index_name, single_name in _LAYOUTS[layout]:
             index, single = os.path.join(folder, index_name), os.path.join(folder, single_name)
@@ -2822,20 +2892,20 @@ class WeightFiles:
                 break
         else:
             wanted = ", ".join(n for pair in _LAYOUTS[layout] for n in pair)
-            raise ValueError(f"{folder}: no weights found (looked for {wanted})")
+            raise InputError(f"{folder}: no weights found (looked for {wanted})")
         self.files = list(dict.fromkeys(self.key_file.values()))             # shard order as in the index
 
     @staticmethod
     def _read_index(index):
-        weight_map = read_json(index).get("weight_map")
+        weight_map = _json_object(read_json(index), index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no 'weight_map' of key -> shard file")
+            raise InputError(f"{index}: no 'weight_map' of key -> shard file")
         folder = os.path.dirname(index)
         for shard in dict.fromkeys(weight_map.values()):
             if not isinstance(shard, str) or os.path.basename(shard) != shard:
-                raise ValueError(f"{index}: shard name {shard!r} is not a plain file name in this folder")
+                raise InputError(f"{index}: shard name {shard!r} is not a plain file name in this folder")
             if not os.path.isfile(os.path.join(folder, shard)):
-                raise ValueError(f"{index}: names shard {shard!r}, which is missing from {folder}")
+                raise InputError(f"{index}: names shard {shard!r}, which is missing from {folder}")
         return {k: os.path.join(folder, f) for k, f in weight_map.items()}
 
     @staticmethod
@@ -2858,10 +2928,10 @@ class WeightFiles:
     def _check_against_index(self, found):
         for k, path in self.key_file.items():
             if k not in found:
-                raise ValueError(f"{path}: key {k!r} is named by the index but not in the file")
+                raise InputError(f"{path}: key {k!r} is named by the index but not in the file")
         for k in found:
             if k not in self.key_file:
-                raise ValueError(f"{self.folder}: key {k!r} is in a shard but not in the index")
+                raise InputError(f"{self.folder}: key {k!r} is in a shard but not in the index")
 
     def shards(self):
         """Yields (path, {key: tensor}) one file at a time; a tensor is read only when asked for and is valid
@@ -2896,7 +2966,7 @@ class _SafetensorsShard:
         while done < end - begin:                                # one read(2) stops short of 2 GiB
             n = self.f.readinto(view[done:])
             if not n:
-                raise ValueError(f"{self.path}: key {k!r}: file ends after {done} of its {end - begin} bytes")
+                raise InputError(f"{self.path}: key {k!r}: file ends after {done} of its {end - begin} bytes")
             done += n
         return buf.view(dtype).view(shape)                      # bytes -> (*shape) of the file's dtype
 
@@ -2908,18 +2978,35 @@ class _SafetensorsShard:
 
 
 def _get(d, key, default, where):
-    """d[key], else the transformers class default (absent keys are the library's defaults)."""
+    """d[key], else the transformers class default (absent keys are the library's defaults); a value given must
+    have the default's type (the rules of --key=value overrides: an int may stand for a float)."""
     if key in d and d[key] is not None:
-        return d[key]
+        return _check_like(default, d[key], f"{where}: {key!r}")
     if default is None:
-        raise ValueError(f"{where}: no {key!r}")
+        raise InputError(f"{where}: no {key!r}")
     return default
+
+
+def _need(d, key, like, where):
+    """d[key], which must be there, of the type of `like`."""
+    if key not in d or d[key] is None:
+        raise InputError(f"{where}: no {key!r}")
+    return _check_like(like, d[key], f"{where}: {key!r}")
+
+
+def _json_object(d, where):
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: holds a JSON {type(d).__name__}, expected an object")
+    return d
 
 
 def llm_config_from_hf(d, where="config.json"):
     """Our LLMConfig from a transformers LlamaConfig dict; the vocabulary grows by soi and image."""
+    d = _json_object(d, where)
     heads = _get(d, "num_attention_heads", 32, where)
     hidden = _get(d, "hidden_size", 4096, where)
+    if heads <= 0 or hidden % heads:
+        raise InputError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
     checks = {"hidden_act": ("silu", d.get("hidden_act", "silu")),
               "num_key_value_heads": (heads, d.get("num_key_value_heads") or heads),
               "rope_scaling": (None, d.get("rope_scaling")),
@@ -2929,7 +3016,7 @@ def llm_config_from_hf(d, where="config.json"):
               "head_dim": (hidden // heads, d.get("head_dim") or hidden // heads)}
     for key, (expected, found) in checks.items():
         if found != expected:
-            raise ValueError(f"{where}: {key} is {found!r}, this LLaMA supports only {expected!r}")
+            raise InputError(f"{where}: {key} is {found!r}, this LLaMA supports only {expected!r}")
     return dict(vocab_size=_get(d, "vocab_size", 32000, where) + 2,
                 hidden_size=hidden, intermediate_size=_get(d, "intermediate_size", 11008, where),
                 num_hidden_layers=_get(d, "num_hidden_layers", 32, where), num_attention_heads=heads,
@@ -2940,11 +3027,13 @@ def llm_config_from_hf(d, where="config.json"):
 
 def vision_config_from_hf(d, where="config.json"):
     """Our VisionConfig fields from a transformers CLIPConfig (its vision_config) or CLIPVisionConfig dict."""
+    d = _json_object(d, where)
     v = d.get("vision_config", d) if d.get("model_type", "clip") == "clip" else d
     where = f"{where} vision_config"
+    v = _json_object(v, where)
     act = v.get("hidden_act", "quick_gelu")
     if act != "quick_gelu":
-        raise ValueError(f"{where}: hidden_act is {act!r}, CLIP ViT-L/14 uses 'quick_gelu'")
+        raise InputError(f"{where}: hidden_act is {act!r}, CLIP ViT-L/14 uses 'quick_gelu'")
     return dict(image_size=_get(v, "image_size", 224, where), patch_size=_get(v, "patch_size", 32, where),
                 hidden_size=_get(v, "hidden_size", 768, where),
                 num_hidden_layers=_get(v, "num_hidden_layers", 12, where),
@@ -2965,9 +3054,9 @@ def config_from_original(llm, clip, sd=None, base: MMIConfig = None) -> MMIConfi
     vision = dataclasses.replace(base.vision, **vision_config_from_hf(cc, cpath))
     unet, vae, dec = base.unet, base.vae, base.image_decoder
     if sd is not None:
-        unet = dataclasses.replace(unet_config_from_diffusers(read_json(os.path.join(sd, "unet", "config.json"))),
-                                   trainable=base.unet.trainable)
-        vae = vae_config_from_diffusers(read_json(os.path.join(sd, "vae", "config.json")))
+        upath, vpath = os.path.join(sd, "unet", "config.json"), os.path.join(sd, "vae", "config.json")
+        unet = dataclasses.replace(unet_config_from_diffusers(read_json(upath), upath), trainable=base.unet.trainable)
+        vae = vae_config_from_diffusers(read_json(vpath), vpath)
         dec = dataclasses.replace(dec, **schedule_config_from_diffusers(
             os.path.join(sd, "scheduler", "scheduler_config.json")))
     G = vision.grid_size
@@ -2979,21 +3068,23 @@ def config_from_original(llm, clip, sd=None, base: MMIConfig = None) -> MMIConfi
     V = llm_cfg.vocab_size - 2
     return dataclasses.replace(base, llm=llm_cfg, vision=vision, unet=unet, vae=vae, image_decoder=dec,
                                resampler=dataclasses.replace(base.resampler, encoder_hidden_size=vision.hidden_size),
-                               bos_token_id=lc.get("bos_token_id", 1), eos_token_id=lc.get("eos_token_id", 2),
+                               bos_token_id=_get(lc, "bos_token_id", 1, lpath),
+                               eos_token_id=_get(lc, "eos_token_id", 2, lpath),
                                pad_token_id=V - 1, soi_token_id=V, image_token_id=V + 1)
 
 
 def schedule_config_from_diffusers(path):
     """The noise schedule fields of ImageDecoderConfig from SD's scheduler_config.json (diffusers' defaults when
     absent); only the scaled-linear, epsilon-predicting schedule of SD-2 base is supported."""
-    sc = read_json(path)
+    sc = _json_object(read_json(path), path)
     # (expected, diffusers' default when the key is absent)
     for key, (expected, default) in {"beta_schedule": ("scaled_linear", "linear"),
                                      "prediction_type": ("epsilon", "epsilon")}.items():
         if sc.get(key, default) != expected:
-            raise ValueError(f"{path}: {key} is {sc.get(key, default)!r}, the decoder supports only {expected!r}")
-    return dict(num_train_timesteps=sc.get("num_train_timesteps", 1000), beta_start=sc.get("beta_start", 0.0001),
-                beta_end=sc.get("beta_end", 0.02), steps_offset=sc.get("steps_offset", 0))
+            raise InputError(f"{path}: {key} is {sc.get(key, default)!r}, the decoder supports only {expected!r}")
+    return dict(num_train_timesteps=_get(sc, "num_train_timesteps", 1000, path),
+                beta_start=_get(sc, "beta_start", 0.0001, path), beta_end=_get(sc, "beta_end", 0.02, path),
+                steps_offset=_get(sc, "steps_offset", 0, path))
 
 
 # -- key maps: file key -> our key, and what is deliberately left out --------------------------------------------
@@ -3074,27 +3165,28 @@ def plan_component(component, file_shapes, our_shapes, where):
             continue
         ours = KEY_MAPS[component](key)
         if ours not in our_shapes:
-            raise ValueError(f"{where[key]}: unknown key {key!r} (shape {list(shape)}): no parameter or buffer "
+            raise InputError(f"{where[key]}: unknown key {key!r} (shape {list(shape)}): no parameter or buffer "
                              f"{ours or '(no mapping)'!r} in the model and not on the {component} ignore list")
         expected = tuple(our_shapes[ours])
         ok = tuple(shape) == expected or (ours in ROW_EXTENDED and component != "mmi"
                                           and tuple(shape) == (expected[0] - 2,) + expected[1:])
         if not ok:
-            raise ValueError(f"{where[key]}: key {key!r} has shape {list(shape)}, expected {list(expected)} "
+            raise InputError(f"{where[key]}: key {key!r} has shape {list(shape)}, expected {list(expected)} "
                              f"for {ours!r}")
         plan[key] = ours
     return plan
 
 
-def check_accounting(our_names, loaded):
-    """Every tensor of ours is loaded or documented as new; returns the sorted list of new ones."""
+def check_accounting(our_names, loaded, sources="the files"):
+    """Every tensor of ours is loaded or documented as new; returns the sorted list of new ones. `sources` names
+    the folders read, for the message."""
     new, missing = [], []
     for name in our_names:
         if name in loaded:
             continue
         (new if any(fnmatch.fnmatchcase(name, p) for p in NEW_TENSORS) else missing).append(name)
     if missing:
-        raise ValueError(f"{len(missing)} tensors of the model are neither in the files nor documented as new: "
+        raise InputError(f"{len(missing)} tensors of the model are neither in {sources} nor documented as new: "
                          f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
     return new
 
@@ -3131,6 +3223,15 @@ def _set_tensor(model, name, value):
         m._buffers[leaf] = value
 
 
+def _check_kind(model, name, t, path, key):
+    """A floating-point tensor of ours takes a floating-point file tensor (of any width), an integer one an
+    integer one."""
+    want = _get_tensor(model, name)
+    if t.is_floating_point() != want.is_floating_point():
+        expected = "a floating-point" if want.is_floating_point() else "an integer"
+        raise InputError(f"{path}: key {key!r} holds {t.dtype}, expected {expected} tensor for {name!r}")
+
+
 def _cast(t, dtype, device):
     """File tensor -> its place in the model: floats to the model's dtype, integers kept; always a fresh copy, so
     nothing of ours stays backed by a mapped file or a reader's reused buffer."""
@@ -3145,6 +3246,7 @@ def _load_plan(model, files, plan, skip, dtype, device, desc):
         for k in tqdm(keys, desc=f"{desc} {os.path.basename(path)}", leave=False, disable=len(keys) < 100):
             ours = plan[k]
             t = tensors[k]
+            _check_kind(model, ours, t, path, k)
             if ours in ROW_EXTENDED and _get_tensor(model, ours).shape[0] != t.shape[0]:
                 full = _get_tensor(model, ours)
                 if full.is_meta:
@@ -3243,41 +3345,47 @@ def clip_text_token_ids(tokenizer_dir, text_len=None):
     The empty string has no BPE pieces, so only the special tokens' ids are needed (special_tokens_map.json,
     looked up in vocab.json or tokenizer_config.json's added tokens)."""
     sm_path, tc_path = (os.path.join(tokenizer_dir, n) for n in ("special_tokens_map.json", "tokenizer_config.json"))
-    special = read_json(sm_path) if os.path.isfile(sm_path) else {}
-    tc = read_json(tc_path) if os.path.isfile(tc_path) else {}
-    vocab = read_json(os.path.join(tokenizer_dir, "vocab.json"))
+    special = _json_object(read_json(sm_path), sm_path) if os.path.isfile(sm_path) else {}
+    tc = _json_object(read_json(tc_path), tc_path) if os.path.isfile(tc_path) else {}
+    vocab_path = os.path.join(tokenizer_dir, "vocab.json")
+    vocab = _json_object(read_json(vocab_path), vocab_path)
     added = {v["content"]: int(k) for k, v in tc.get("added_tokens_decoder", {}).items()}
 
     def token_id(role):
         tok = special.get(role) or tc.get(role)
         tok = tok["content"] if isinstance(tok, dict) else tok
         if tok is None:
-            raise ValueError(f"{tokenizer_dir}: no {role} in special_tokens_map.json or tokenizer_config.json")
+            raise InputError(f"{tokenizer_dir}: no {role} in special_tokens_map.json or tokenizer_config.json")
         if tok in vocab:
             return vocab[tok]
         if tok in added:
             return added[tok]
-        raise ValueError(f"{tokenizer_dir}: {role} {tok!r} is not in vocab.json")
+        raise InputError(f"{tokenizer_dir}: {role} {tok!r} is not in vocab.json")
 
     n = text_len or tc.get("model_max_length", 77)
-    if n > 10 ** 6:                                      # transformers' "no limit" sentinel
-        raise ValueError(f"{tc_path}: no usable model_max_length ({n})")
+    if type(n) is not int or n > 10 ** 6:                # above 10**6: transformers' "no limit" sentinel
+        raise InputError(f"{tc_path}: no usable model_max_length ({n})")
     bos, eos, pad = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
     return torch.tensor([[bos, eos] + [pad] * (n - 2)])
 
 
-def clip_text_transformer_from_config(cfg):
+def clip_text_transformer_from_config(cfg, where="text_encoder config"):
     """A CLIPTextTransformer shaped by a transformers CLIPTextConfig dict (SD's text_encoder/config.json)."""
-    return CLIPTextTransformer(cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
-                               cfg["num_attention_heads"], cfg["intermediate_size"], cfg["max_position_embeddings"],
-                               cfg.get("layer_norm_eps", 1e-5), cfg.get("hidden_act", "quick_gelu"))
+    cfg = _json_object(cfg, where)
+    sizes = [_need(cfg, k, 0, where) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                "num_attention_heads", "intermediate_size", "max_position_embeddings")]
+    act = _get(cfg, "hidden_act", "quick_gelu", where)
+    if act not in ("quick_gelu", "gelu"):
+        raise InputError(f"{where}: hidden_act is {act!r}, expected 'quick_gelu' or 'gelu'")
+    return CLIPTextTransformer(*sizes, _get(cfg, "layer_norm_eps", 1e-5, where), act)
 
 
 def sd_negative_prompt_embeds(sd):
     """SD's text encoder output for "" padded to 77 tokens, in float32 -> [1, 77, d] (the original's init of
     `neg_prompt_embeds`). Returns it with the number of file tensors used and ignored."""
     folder = os.path.join(sd, "text_encoder")
-    cfg = read_json(os.path.join(folder, "config.json"))
+    cfg_path = os.path.join(folder, "config.json")
+    cfg = read_json(cfg_path)
     files = WeightFiles(folder)
     weights, used, ignored = {}, 0, 0
     for path, tensors in files.shards():
@@ -3286,14 +3394,14 @@ def sd_negative_prompt_embeds(sd):
                 ignored += 1
                 continue
             if not k.startswith("text_model."):
-                raise ValueError(f"{path}: unknown key {k!r} in the text encoder")
+                raise InputError(f"{path}: unknown key {k!r} in the text encoder")
             weights[k[len("text_model."):]] = tensors[k].float().clone()
             used += 1
     ids = clip_text_token_ids(os.path.join(sd, "tokenizer"))
-    encoder = clip_text_transformer_from_config(cfg)
+    encoder = clip_text_transformer_from_config(cfg, cfg_path)
     missing, unexpected = encoder.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{folder}: not a CLIP text encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise InputError(f"{folder}: not a CLIP text encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         return encoder(ids), used, ignored
 
@@ -3314,10 +3422,13 @@ def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu
     the UNet, VAE and neg_prompt_embeds; mmi: the MM-Interleaved checkpoint folder, overlaid last (None = the new
     parts keep their init). cfg: base config for the MM-Interleaved-specific values (default the `mmi-13b`
     preset); the shapes of the released parts always come from the files' config.json. Every file key is used or
-    documented as ignored, every tensor of the model is loaded or documented as new; anything else raises ValueError
+    documented as ignored, every tensor of the model is loaded or documented as new; anything else raises InputError
     naming the key, its file and the shapes.
     """
     device = torch.device(device)
+    for name, folder in (("llm", llm), ("clip", clip), ("sd", sd), ("mmi", mmi)):
+        if folder is not None and not os.path.isdir(folder):
+            raise InputError(f"{folder}: no such folder (given as the {name} folder)")
     cfg = config_from_original(llm, clip, sd, cfg)
     model = _build_meta(cfg)
     ours = _target_shapes(model)
@@ -3335,18 +3446,18 @@ def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu
         for our_key in plans[name].values():
             if our_key:
                 provider[our_key] = name
-    new = check_accounting(list(ours), provider)
+    new = check_accounting(list(ours), provider, ", ".join(f"{name}={files.folder}" for name, files in sources))
     # new parts and the text encoder's output first: their float32 scratch memory is gone before the big reads
     _materialise_new_units(model, provider, dtype, device)
     text_encoder_note = ""
     if "image_decoder.neg_prompt_embeds" not in provider:
         if sd is None:
-            raise ValueError("image_decoder.neg_prompt_embeds: not in the mmi checkpoint and no sd= folder to "
+            raise InputError("image_decoder.neg_prompt_embeds: not in the mmi checkpoint and no sd= folder to "
                              "compute it from (SD's text encoder output for the empty prompt)")
         neg, used, ignored = sd_negative_prompt_embeds(sd)
         expected = tuple(model.image_decoder.neg_prompt_embeds.shape)
         if tuple(neg.shape) != expected:
-            raise ValueError(f"{sd}/text_encoder: output for the empty prompt has shape {list(neg.shape)}, "
+            raise InputError(f"{sd}/text_encoder: output for the empty prompt has shape {list(neg.shape)}, "
                              f"expected {list(expected)} (neg_prompt_embeds)")
         _set_tensor(model, "image_decoder.neg_prompt_embeds", _cast(neg, dtype, device))
         provider["image_decoder.neg_prompt_embeds"] = "text_encoder"
@@ -3388,26 +3499,69 @@ def _shard_groups(state, max_shard_bytes):
 
 
 def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30, dtype=None, extra_files=None):
-    """The whole model as safetensors (sharded above max_shard_bytes, with an index) plus config.json, written
-    into a temporary folder that then replaces `path`, so a reader never sees a half-written model."""
+    """The whole model as safetensors (sharded above max_shard_bytes, with an index) plus config.json, in the
+    folder `path`, replacing what was there.
+
+    At every instant, even if the process is killed between any two steps, the model saved at `path` is whole,
+    the previous one or the new one: it is `path`, or while `path` is missing, `path.mmi-old` (which
+    load_pretrained then reads; a first save has no previous model):
+      1. finish an interrupted save: rename `path.mmi-old` back to `path` where `path` is missing, then remove
+         `path.mmi-old` and `path.mmi-new`;
+      2. write the new model into `path.mmi-new`;
+      3. rename `path` to `path.mmi-old`;
+      4. rename `path.mmi-new` to `path`;
+      5. remove `path.mmi-old`.
+    Renames are atomic. `path.mmi-old` is only ever made by renaming a complete `path`, and only removed while
+    `path` exists, so a `path.mmi-old` without `path` is complete. (Safe against a kill, not a power loss:
+    nothing is fsync'd.)
+    """
     path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: exists and is not a folder; save_pretrained writes a folder")
+    new, old = _swap_names(path)
+    _finish_interrupted_save(path)
+    os.makedirs(new)
     try:
-        _write_folder(model, tmp, max_shard_bytes, dtype)
+        _write_folder(model, new, max_shard_bytes, dtype)
         for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, os.path.join(tmp, name))
+            shutil.copyfile(src, os.path.join(new, name))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)
         raise
-    old = f"{path}.old-{os.getpid()}"
     if os.path.exists(path):
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(new, path)
     if os.path.exists(old):
         shutil.rmtree(old)
+
+
+def _swap_names(path):
+    """The new model being written, and the previous one while it is swapped out (see write_pretrained)."""
+    return f"{path}.mmi-new", f"{path}.mmi-old"
+
+
+def _finish_interrupted_save(path):
+    new, old = _swap_names(path)
+    if os.path.isdir(old) and not os.path.exists(path):
+        os.replace(old, path)                   # killed between the two renames: the previous model goes back
+    for leftover in (old, new):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+
+
+def _model_folder(path):
+    """The folder holding the model saved at `path`: `path`, or the previous model where a save was killed
+    between its two renames (see write_pretrained)."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise InputError(f"{path}: not a folder (a model written by save_pretrained is a folder)")
+    old = _swap_names(os.path.abspath(path))[1]
+    if os.path.isdir(old):
+        print(f"from_pretrained: {path} is missing; reading the previous model in {old}, left by an interrupted "
+              f"save_pretrained", file=sys.stderr)
+        return old
+    raise InputError(f"{path}: no such folder (expected a model written by save_pretrained)")
 
 
 _FLOAT32_PREFIXES = ("image_decoder.decoder.vae.",)        # run in float32 whatever the model's dtype
@@ -3438,22 +3592,29 @@ def load_pretrained(path, dtype=None, device="cpu"):
     """A model written by save_pretrained: every tensor must be there with its shape, and nothing else.
     dtype None keeps the stored dtypes."""
     device = torch.device(device)
-    model = _build_meta(MMIConfig.from_dict(read_json(os.path.join(path, _CONFIG_NAME))))
+    path = _model_folder(path)
+    cfg_path = os.path.join(path, _CONFIG_NAME)
+    cfg = MMIConfig.from_dict(read_json(cfg_path), cfg_path)
+    try:
+        model = _build_meta(cfg)
+    except InputError as e:                     # the model's own checks of the config's consistency
+        raise InputError(f"{cfg_path}: {e}") from None
     ours = _target_shapes(model)
     files = WeightFiles(path)
     shapes = files.shapes()
     for k, shape in shapes.items():
         if k not in ours:
-            raise ValueError(f"{files.key_file[k]}: unknown key {k!r} (shape {list(shape)})")
+            raise InputError(f"{files.key_file[k]}: unknown key {k!r} (shape {list(shape)})")
         if tuple(shape) != ours[k]:
-            raise ValueError(f"{files.key_file[k]}: key {k!r} has shape {list(shape)}, expected {list(ours[k])}")
+            raise InputError(f"{files.key_file[k]}: key {k!r} has shape {list(shape)}, expected {list(ours[k])}")
     missing = [k for k in ours if k not in shapes]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} tensors of the model are missing: {missing[:10]}")
+        raise InputError(f"{path}: {len(missing)} tensors of the model are missing: {missing[:10]}")
     for path_, tensors in tqdm(files.shards(), desc="from_pretrained", total=len(files.files),
                                disable=len(files.files) < 2):
         for k in tensors.keys():
             t = tensors[k]
+            _check_kind(model, k, t, path_, k)
             _set_tensor(model, k, _cast(t, dtype or t.dtype, device))
         del tensors
     check_no_meta(model)
@@ -3994,12 +4155,46 @@ def parameter_table(model):
     return rows
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    preset = args.pop(0) if args and not args[0].startswith("--") else "mmi-13b"
+def _usage():
+    presets = {name: dict(_config_rows(make())) for name, make in PRESETS.items()}
+    keys = list(presets["mmi-13b"])
+    columns = [("key", keys), ("type", [type(presets["mmi-13b"][k]).__name__ for k in keys])]
+    columns += [(name, [str(values[k]) for k in keys]) for name, values in presets.items()]
+    widths = [max(len(cell) for cell in [head, *cells]) + 2 for head, cells in columns]
+    table = [[head for head, _ in columns]] + [list(row) for row in zip(*(cells for _, cells in columns))]
+    return "\n".join([
+        "usage: python mmi.py [preset] [--key=value ...]",
+        "",
+        "Builds the MM-Interleaved architecture on the meta device (no memory, no weights) and prints each",
+        "component's parameter count, all and trainable.",
+        "",
+        f"  preset       one of {', '.join(PRESETS)} (default mmi-13b, the paper's model; tiny: every width and depth",
+        "               small, for tests and the demo)",
+        "  --key=value  sets one config value; a dotted key reaches into a section (--llm.num_hidden_layers=8).",
+        "               The value is read as the key's type: an int, a float, true or false, or a tuple as",
+        "               Python writes it (32,16,8 or True,False). An unknown key or a value that does not read",
+        "               is an error (exit 2)",
+        "  -h, --help   this text",
+        "",
+        "config keys, with their type and their value in each preset:",
+    ] + ["  " + "".join(f"{cell:<{w}}" for cell, w in zip(row, widths)).rstrip() for row in table])
+
+
+def main(argv=None):
+    """`python mmi.py [preset] [--key=value ...]`: the parameter table of a preset's architecture."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(_usage())
+        return 0
+    preset = args.pop(0) if args and not args[0].startswith("-") else "mmi-13b"
     cfg = apply_overrides(MMIConfig.from_preset(preset), args)
     with torch.device("meta"):
         model = MMInterleaved(cfg)
     print(f"{preset}: {'component':<20} {'parameters':>16} {'trainable':>16}")
     for name, total, trainable in parameter_table(model):
         print(f"{'':{len(preset) + 2}}{name:<20} {total:>16,} {trainable:>16,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))

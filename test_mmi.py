@@ -3572,6 +3572,271 @@ def test_scheduler_config_is_checked(tmp_path):
     assert mmi.schedule_config_from_diffusers(str(path)) == dict(num_train_timesteps=1000, beta_start=0.00085,
                                                                beta_end=0.012, steps_offset=1)
 
+
+# -- bad input: a broken model folder, a config that does not fit, mmi.py's command line, an interrupted save -----
+
+
+class _Killed(BaseException):
+    """A simulated kill: raised instead of a file operation, and of every one after it (the process is gone)."""
+
+
+def _save_killed_at(model, path, version, kill_at, monkeypatch):
+    """write_pretrained of `model` with soi_token = version, killed before its file operation number `kill_at`
+    (writing a shard, a rename, a removal; a killed removal or write leaves its work half done).
+    -> True if it finished."""
+    with torch.no_grad():
+        model.soi_token.fill_(version)
+    ops = []
+
+    def killable(real):
+        def op(*args, **kw):
+            ops.append(real.__name__)
+            if len(ops) <= kill_at:
+                return real(*args, **kw)
+            if len(ops) == kill_at + 1 and real is shutil.rmtree and os.listdir(args[0]):
+                os.remove(os.path.join(args[0], sorted(os.listdir(args[0]))[0]))      # half removed
+            if len(ops) == kill_at + 1 and real is mmi.save_file:
+                with open(args[1], "wb") as f:                                       # half written
+                    f.write(b"\0" * 100)
+            raise _Killed
+        return op
+
+    with monkeypatch.context() as m:
+        for module, name in [(os, "replace"), (shutil, "rmtree"), (mmi, "save_file")]:
+            m.setattr(module, name, killable(getattr(module, name)))
+        try:
+            mmi.write_pretrained(model, path)
+            return True
+        except _Killed:
+            return False
+
+
+def _saved_version(path):
+    return mmi.MMInterleaved.from_pretrained(path).soi_token.flatten()[0].item()
+
+
+def test_save_pretrained_killed_at_any_step_leaves_a_whole_model(tmp_path, monkeypatch, capsys):
+    """save_pretrained over a model, killed before each of its file operations in turn: the path then loads as
+    the previous model or the new one, and the next save, killed or not, starts from what was left."""
+    torch.manual_seed(0)
+    model = mmi.MMInterleaved(TINY)
+    path = str(tmp_path / "model")
+    assert _save_killed_at(model, path, 1, 10 ** 6, monkeypatch)
+    # from a clean start: killed at step k, then a save that finishes and leaves nothing else behind
+    k = 0
+    while not _save_killed_at(model, path, 2, k, monkeypatch):
+        assert _saved_version(path) in (1, 2), k
+        assert _save_killed_at(model, path, 1, 10 ** 6, monkeypatch) and os.listdir(tmp_path) == ["model"]
+        k += 1
+    assert k == 4                                # a shard, two renames, a removal
+    # each save starts from the previous one's remains and is killed one step later, until one finishes
+    last, version = 2, 10
+    for k in range(20):
+        version += 1
+        finished = _save_killed_at(model, path, version, k, monkeypatch)
+        got = _saved_version(path)
+        assert got in (last, version), (k, got)
+        last = got
+        if finished:
+            break
+    assert finished and last == version and os.listdir(tmp_path) == ["model"]
+    assert "reading the previous model" in capsys.readouterr().err      # the state between the two renames was seen
+
+
+@pytest.fixture(scope="module")
+def pretrained_tiny(tmp_path_factory):
+    """A tiny model saved with save_pretrained, once; tests corrupt copies of it."""
+    path = tmp_path_factory.mktemp("pretrained") / "model"
+    torch.manual_seed(0)
+    mmi.MMInterleaved(TINY).save_pretrained(str(path))
+    return path
+
+
+def _safetensors_parts(path):
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _write_safetensors_parts(path, header, data):
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size if size >= 0 else os.path.getsize(path) + size)
+
+
+def _rename_key(path, old, new):
+    header, data = _safetensors_parts(path)
+    header[new] = header.pop(old)
+    _write_safetensors_parts(path, header, data)
+
+
+def _edit_config(folder, edit):
+    d = json.loads((folder / "config.json").read_text())
+    edit(d)
+    (folder / "config.json").write_text(json.dumps(d))
+
+
+def _bin_with_an_object(folder):
+    os.remove(folder / "model.safetensors")
+    torch.save({"soi_token": torch.zeros(1, 64), "evil": _NotATensor()}, folder / "pytorch_model.bin")
+
+
+def _index_naming_a_missing_shard(folder):
+    header, _ = _safetensors_parts(folder / "model.safetensors")
+    weight_map = {k: "model.safetensors" for k in header if k != "__metadata__"}
+    weight_map["soi_token"] = "model-00002-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+ST = "model.safetensors"
+
+
+@pytest.mark.parametrize("file, corrupt, message", [
+    (ST, lambda f: _truncate(f / ST, -1000), r"key '[\w.]+': data_offsets \[\d+, \d+\] outside the \d+ data bytes"),
+    (ST, lambda f: _truncate(f / ST, 5), r"not a safetensors file \(header length -1, file size 5 bytes"),
+    (ST, lambda f: (f / ST).write_bytes((2 ** 40).to_bytes(8, "little") + (f / ST).read_bytes()[8:]),
+     r"not a safetensors file \(header length 1099511627776"),
+    (ST, lambda f: (f / ST).write_bytes((f / ST).read_bytes()[:8] + b"\xff" * 9 + (f / ST).read_bytes()[17:]),
+     r"safetensors header is not valid JSON"),
+    (ST, lambda f: _rewrite_safetensors_header(f / ST, "soi_token", data_offsets=[0, 10 ** 9]),
+     r"key 'soi_token': data_offsets \[0, 1000000000\] outside the \d+ data bytes"),
+    (ST, lambda f: _rewrite_safetensors_header(f / ST, "soi_token", shape=[1, 65]),
+     r"key 'soi_token': data_offsets \[\d+, \d+\] span 256 bytes, shape \[1, 65\] of F32 needs 260"),
+    (ST, lambda f: _rewrite_safetensors_header(f / ST, "soi_token", shape=[64, 1]),
+     r"key 'soi_token' has shape \[64, 1\], expected \[1, 64\]"),
+    (ST, lambda f: _rewrite_safetensors_header(f / ST, "soi_token", dtype="I32"),
+     r"key 'soi_token' holds torch.int32, expected a floating-point tensor"),
+    (ST, lambda f: _rename_key(f / ST, "soi_token", "soi_tokem"), r"unknown key 'soi_tokem' \(shape \[1, 64\]\)"),
+    ("config.json", lambda f: _edit_config(f, lambda d: d["llm"].update(rms_norm_eps="tiny")),
+     r"key 'llm.rms_norm_eps': expected float, got 'tiny'"),
+    ("config.json", lambda f: _edit_config(f, lambda d: d.pop("llm")), r"missing key 'llm'"),
+    ("config.json", lambda f: _edit_config(f, lambda d: d["llm"].update(extra=1)), r"unknown config key 'llm.extra'"),
+    ("config.json", lambda f: _edit_config(f, lambda d: d.update(image_decoder=[])),
+     r"image_decoder is a list, expected an object of the ImageDecoderConfig keys"),
+    ("config.json", lambda f: _edit_config(f, lambda d: d["llm"].update(vocab_size=100)),
+     r"soi/image ids 384/385 must be the last two of vocab_size 100"),
+    ("config.json", lambda f: _edit_config(f, lambda d: d["vision"].update(patch_size=0)),
+     r"config key 'vision.patch_size': 0, every integer must be >= 1"),
+    ("config.json", lambda f: (f / "config.json").write_text('{"vision": '), r"not valid JSON"),
+    ("config.json", lambda f: os.remove(f / "config.json"), r"file not found"),
+    ("pytorch_model.bin", _bin_with_an_object,
+     r"refused by torch.load\(weights_only=True, mmap=True\): Unsupported global: GLOBAL test_mmi._NotATensor"),
+    ("model.safetensors.index.json", _index_naming_a_missing_shard,
+     r"names shard 'model-00002-of-00002.safetensors', which is missing"),
+    ("", lambda f: os.remove(f / ST), r"no weights found \(looked for model.safetensors.index.json"),
+], ids=["truncated", "truncated_into_the_length", "absurd_header_length", "header_not_json", "offsets_beyond_file",
+        "shape_not_offsets", "shape_not_the_models", "integer_dtype", "unknown_key", "mistyped_value",
+        "missing_section", "unknown_config_key", "section_not_an_object", "inconsistent_config", "zero_size",
+        "config_not_json", "no_config", "pickled_object", "missing_shard", "no_weights"])
+def test_broken_model_folder_is_one_line_naming_the_file(pretrained_tiny, tmp_path, file, corrupt, message):
+    folder = tmp_path / "model"
+    shutil.copytree(pretrained_tiny, folder)
+    corrupt(folder)
+    with pytest.raises(mmi.InputError) as e:
+        mmi.MMInterleaved.from_pretrained(str(folder))
+    text = str(e.value)
+    assert text.startswith(str(folder / file)) and len(text.splitlines()) == 1, text
+    assert re.search(message, text), text
+
+
+def test_from_pretrained_of_a_missing_or_non_folder_path_names_it(tmp_path):
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'none'}: no such folder")):
+        mmi.MMInterleaved.from_pretrained(str(tmp_path / "none"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'file'}: not a folder")):
+        mmi.MMInterleaved.from_pretrained(str(tmp_path / "file"))
+
+
+def test_sample_on_a_broken_model_ends_with_one_line_and_exit_2(pretrained_tiny, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(pretrained_tiny, folder)
+    _truncate(folder / ST, -1000)
+    code = mmi.run_script(sample.main, [f"--init_from={folder}", f"--out={tmp_path / 'out'}", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"error: {folder / ST}: key " in err and "outside the" in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_original_config_files_are_type_checked_naming_the_file(tmp_path):
+    """from_original reads the released parts' config.json files before any weights: a wrong type or a missing
+    key is refused naming the file and the key."""
+    for name, config in [("llm", {"hidden_size": 64, "num_attention_heads": 4}), ("clip", {"vision_config": {}}),
+                         ("sd/unet", {"sample_size": 8}), ("sd/vae", {})]:
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    kw = dict(llm=str(tmp_path / "llm"), clip=str(tmp_path / "clip"), sd=str(tmp_path / "sd"), cfg=TINY)
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'sd' / 'unet' / 'config.json'}: no "
+                                                       f"'block_out_channels'")):
+        mmi.MMInterleaved.from_original(**kw)
+    (tmp_path / "llm" / "config.json").write_text(json.dumps({"hidden_size": "64"}))
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'llm' / 'config.json'}: 'hidden_size': "
+                                                       f"expected int, got '64'")):
+        mmi.MMInterleaved.from_original(**kw)
+    (tmp_path / "llm" / "config.json").write_text("[]")
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'llm' / 'config.json'}: holds a JSON list, "
+                                                       f"expected an object")):
+        mmi.MMInterleaved.from_original(**kw)
+
+
+def test_from_original_names_a_missing_folder(tmp_path):
+    os.makedirs(tmp_path / "llm")
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'clip'}: no such folder (given as the clip")):
+        mmi.MMInterleaved.from_original(llm=str(tmp_path / "llm"), clip=str(tmp_path / "clip"), cfg=TINY)
+
+
+def test_config_from_dict_checks_types_sections_and_keys():
+    d = TINY.to_dict()
+    assert mmi.MMIConfig.from_dict(d, "c.json") == TINY
+    d["llm"]["rope_theta"] = 10000                                   # an int may stand for a float
+    assert mmi.MMIConfig.from_dict(d, "c.json").llm.rope_theta == 10000.0
+    d["unet"]["cross_attn_blocks"] = [True, False]                     # a list for a tuple
+    assert mmi.MMIConfig.from_dict(d, "c.json").unet.cross_attn_blocks == (True, False)
+    d["vision"]["trainable"] = 1
+    with pytest.raises(mmi.InputError, match=r"^c.json: key 'vision.trainable': expected bool, got 1$"):
+        mmi.MMIConfig.from_dict(d, "c.json")
+    del d["vision"]["trainable"], d["seq_len"]
+    with pytest.raises(mmi.InputError, match=r"^c.json: missing key 'seq_len' \(a folder written by"):
+        mmi.MMIConfig.from_dict(d, "c.json")
+
+
+def test_mmi_py_help_lists_presets_overrides_and_every_config_key(capsys):
+    assert mmi.run_script(mmi.main, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python mmi.py [preset] [--key=value ...]") and "--key=value" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[out.splitlines().index(
+        "config keys, with their type and their value in each preset:") + 2:]}
+    assert list(rows) == [k for k, _ in mmi._config_rows(TINY)]
+    assert rows["llm.hidden_size"] == ["int", "5120", "64"] and rows["llm.rms_norm_eps"] == ["float", "1e-06", "1e-06"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nope"], r"unknown preset 'nope'; expected one of \['mmi-13b', 'tiny'\]"),
+    (["tiny", "--llm.hidden_sise=3"], r"unknown config key 'llm.hidden_sise'"),
+    (["tiny", "--llm.hidden_size=abc"], r"config key 'llm.hidden_size': cannot read 'abc' as int"),
+    (["tiny", "llm.hidden_size"], r"override 'llm.hidden_size': expected key=value"),
+    (["tiny", "--vision.patch_size=0"], r"config key 'vision.patch_size': 0, every integer must be >= 1"),
+    (["tiny", "--llm.num_attention_heads=5"], r"llm.hidden_size 64 is not a multiple of llm.num_attention_heads 5"),
+])
+def test_mmi_py_bad_preset_or_override_is_one_line_and_exit_2(argv, message, capsys):
+    assert mmi.run_script(mmi.main, argv) == 2
+    out, err = capsys.readouterr()
+    assert not out and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_mmi_py_bad_override_as_a_process_is_one_line_and_exit_2():
+    """The script as run: a bad override is one line on stderr, exit 2, no traceback."""
+    run = subprocess.run([sys.executable, os.path.join(HERE, "mmi.py"), "tiny", "--llm.hidden_size=abc"],
+                         capture_output=True, text=True, cwd=HERE)
+    assert run.returncode == 2 and not run.stdout, run.stderr
+    assert run.stderr == "mmi.py: error: config key 'llm.hidden_size': cannot read 'abc' as int\n"
+
+
 # ===============================================================================================================
 # kernels.cu: our CUDA multi-scale deformable attention against a float64 reference (skips without CUDA), the
 # dispatch point, and the CPU fallback with its one warning line
