@@ -1709,8 +1709,8 @@ def main(argv=None):
     results = evaluate(model, tokenizer, args, rank, world, samples)
     if rank == 0:
         write_json_atomic(args.out, results)
-        if os.path.exists(partial_path(args.out)):
-            os.remove(partial_path(args.out))
+        if os.path.exists(partial_path(args.out, rank, world)):
+            os.remove(partial_path(args.out, rank, world))
         print(json.dumps({"task": args.task, "num_samples": results["num_samples"], **results["metrics"]}))
         if results["skipped"]:
             print(f"skipped {len(results['skipped_samples'])} of {len(samples)} samples {results['skipped']}; "
