@@ -1,18 +1,16 @@
 """Score mmi the way the MM-Interleaved paper does, on the evaluation sets laid out as the original README shows.
 
-    python eval.py --task=coco_karpathy --data_root=assets/datasets --init_from=out/mmi-13b --limit=100 --out=r.json
+    python eval.py                # the demo scoreboard: the embedded model (assets/demo) on held-out shape stories
+    python eval.py --task=coco_karpathy --data_root=assets/datasets --init_from=out/mmi-13b --limit=100
     torchrun --nproc_per_node=8 eval.py --task=vqav2 --data_root=... --init_from=...
     python eval.py --task=coco_t2i ... --inception=pt_inception-2015-12-05-6726825d.pth --clip=clip-vit-large-patch14/
 
 Tasks (the original mm_eval.yaml's sets; its "coco" text-to-image set is `coco_t2i` here): coco_karpathy,
 flickr30k, nocaps, image2paragraph (BLEU-4, CIDEr); vqav2, okvqa, textvqa, vizwiz_vqa (VQA accuracy);
-visdial (NDCG); coco_t2i, lncoco (FID). Results JSON: the config, the metrics and every sample's output.
-
-Sections follow the work: caption metrics (PTB-style tokenisation, BLEU, CIDEr-D) -> VQA accuracy -> VisDial NDCG
--> FID (Inception-v3 with the FID weights, Frechet distance) -> CLIP ViT-L/14 for best-of-8 re-ranking -> one
-reader per evaluation set -> prompts and batches -> the task runners -> distribution over ranks -> command line.
-Every metric is implemented here with numpy/torch; the tests check them against pycocoevalcap, scipy,
-transformers' CLIP and hand-computed cases.
+visdial (NDCG); coco_t2i, lncoco (FID); demo. Results JSON, out/eval/<task>.json by default (--out): the config,
+the metrics, every sample's output, and the samples skipped for a missing or unreadable image, counted by reason.
+While a run goes, its predictions so far are kept in out/eval/<task>.partial.json; text-to-image tasks write their
+images to out/eval/<task>_images/.
 
 Layout under --data_root (the original README's tree; the files each task reads):
     coco/annotations/coco_karpathy_test.json, coco_karpathy_test_gt.json, captions_val2014.json; coco/val2014/
@@ -25,13 +23,22 @@ Layout under --data_root (the original README's tree; the files each task reads)
     textvqa/textvqa_val_annotations.json, textvqa_val_questions.json, textvqa/train_images/
     VizWiz/val.json, VizWiz/val/
     visdial/visdial_1.0_val.json, visdial_1.0_val_dense_annotations.json, visdial/VisualDialog_val2018/
+
+Sections follow the work: caption metrics (PTB-style tokenisation, BLEU, CIDEr-D) -> VQA accuracy -> VisDial NDCG
+-> FID (Inception-v3 with the FID weights, Frechet distance) -> CLIP ViT-L/14 for best-of-8 re-ranking -> one
+reader per evaluation set -> prompts and batches -> the task runners -> distribution over ranks -> command line.
+Every metric is implemented here with numpy/torch; the tests check them against pycocoevalcap, scipy,
+transformers' CLIP and hand-computed cases.
 """
 
 import argparse
 import json
 import math
 import os
+import pickle
 import re
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -44,6 +51,7 @@ from tqdm import tqdm
 
 import data
 import mmi
+from mmi import InputError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Caption metrics: PTB-style tokenisation, BLEU-1..4, CIDEr-D (as pycocoevalcap computes them)
@@ -524,17 +532,26 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))                                          # (N, 2048, 8, 8) -> (N, 2048)
 
 
+def check_inception_path(path):
+    if path is None or not os.path.isfile(path):
+        raise InputError(f"FID needs the Inception weights file {FID_WEIGHTS_NAME} (pytorch-fid's FID weights); "
+                         f"not found at {path!r}. Download it once and pass --inception=/path/to/{FID_WEIGHTS_NAME}")
+
+
 def load_inception(path):
     """The FID Inception from a user-supplied pytorch-fid weights file (never downloaded here)."""
-    if path is None or not os.path.isfile(path):
-        raise ValueError(f"FID needs the Inception weights file {FID_WEIGHTS_NAME} (pytorch-fid's FID weights); "
-                         f"not found at {path!r}. Download it once and pass --inception=/path/to/{FID_WEIGHTS_NAME}")
+    check_inception_path(path)
     net = FIDInceptionV3()
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise InputError(f"{path}: not a readable PyTorch weights file ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not the FID Inception weights (holds a {type(state).__name__}, not a state dict)")
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{path}: not the FID Inception weights; missing keys {missing[:5]}, unexpected keys "
+        raise InputError(f"{path}: not the FID Inception weights; missing keys {missing[:5]}, unexpected keys "
                          f"{unexpected[:5]}")
     return net.eval()
 
@@ -628,14 +645,20 @@ def clip_image_tensor(pil_image, size=224):
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 255.0
 
 
-def load_clip(path):
-    """(CLIPScorer, tokenizers.Tokenizer) from a folder holding openai/clip-vit-large-patch14's model.safetensors
-    and tokenizer.json (never downloaded here)."""
+def check_clip_path(path):
+    """-> the paths of the CLIP weights and tokenizer files in the --clip folder."""
     weights, tok_file = os.path.join(path or "", "model.safetensors"), os.path.join(path or "", "tokenizer.json")
     for f in (weights, tok_file):
         if path is None or not os.path.isfile(f):
-            raise ValueError(f"CLIP re-ranking needs openai/clip-vit-large-patch14's model.safetensors and "
+            raise InputError(f"CLIP re-ranking needs openai/clip-vit-large-patch14's model.safetensors and "
                              f"tokenizer.json in --clip; not found: {f}")
+    return weights, tok_file
+
+
+def load_clip(path):
+    """(CLIPScorer, tokenizers.Tokenizer) from a folder holding openai/clip-vit-large-patch14's model.safetensors
+    and tokenizer.json (never downloaded here)."""
+    weights, tok_file = check_clip_path(path)
     import safetensors.torch
     import tokenizers
     state = {k: v for k, v in safetensors.torch.load_file(weights).items()
@@ -644,7 +667,7 @@ def load_clip(path):
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]       # derived, not in every release file
     if missing or unexpected:
-        raise ValueError(f"{weights}: not CLIP ViT-L/14; missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        raise InputError(f"{weights}: not CLIP ViT-L/14; missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     return net.eval(), tokenizers.Tokenizer.from_file(tok_file)
 
 
@@ -670,26 +693,54 @@ def clip_best_of(scorer, text_ids, images, num_candidates):
 # ---------------------------------------------------------------------------------------------------------------
 # Every reader returns a list of plain dicts (JSON-serialisable): "id" (the key the original scores by),
 # "image" (a path) and the task's fields. References for scoring are read separately (`*_references`).
+# A malformed annotation file is an InputError naming the file, the record and the field; a missing image is not
+# (the run skips and counts it).
 
 def _load_json(path, what):
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: {what} not found (expected the original evaluation layout, see eval.py's header)")
+        raise InputError(f"{path}: {what} not found (expected the original evaluation layout, see eval.py --help)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: {what} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
-def _require(record, keys, where):
-    for k in keys:
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_TYPE_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
+
+
+def _require(record, fields, where):
+    """`record` must be an object with `fields`: names, or {name: expected type or tuple of types}. -> record"""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected an object with fields {list(fields)}, got {_short(record)}")
+    for k in fields:
         if k not in record:
-            raise ValueError(f"{where}: missing field {k!r} (expected fields {list(keys)})")
+            raise InputError(f"{where}: missing field {k!r} (expected fields {list(fields)})")
+        want = fields[k] if isinstance(fields, dict) else object
+        if want is not object and (not isinstance(record[k], want) or isinstance(record[k], bool)):
+            names = " or ".join(_TYPE_NAMES[t] for t in (want if isinstance(want, tuple) else (want,)))
+            raise InputError(f"{where}: field {k!r} is {_short(record[k])}, expected {names}")
+    return record
 
 
-def _coco_id_from_name(name):
+def _require_list(value, where):
+    if not isinstance(value, list):
+        raise InputError(f"{where}: expected a list of records, got {_short(value)}")
+    return value
+
+
+def _coco_id_from_name(name, where):
     # "val2014/COCO_val2014_000000391895.jpg" -> 391895
-    return int(os.path.splitext(name)[0].split("_")[-1])
+    digits = os.path.splitext(name)[0].split("_")[-1]
+    if not digits.isdigit():
+        raise InputError(f"{where}: field 'image' is {name!r}, expected a COCO file name ending in its image id "
+                         f"(e.g. val2014/COCO_val2014_000000391895.jpg)")
+    return int(digits)
 
 
 def _first_per_image(samples):
@@ -704,23 +755,26 @@ def _first_per_image(samples):
 
 def read_coco_karpathy(root):
     path = os.path.join(root, "coco", "annotations", "coco_karpathy_test.json")
-    items = _load_json(path, "Karpathy test split")
+    items = _require_list(_load_json(path, "Karpathy test split"), path)
     samples = []
     for i, it in enumerate(items):
-        _require(it, ("image",), f"{path}[{i}]")
-        samples.append({"id": _coco_id_from_name(it["image"]), "image": os.path.join(root, "coco", it["image"])})
+        _require(it, {"image": str}, f"{path}[{i}]")
+        samples.append({"id": _coco_id_from_name(it["image"], f"{path}[{i}]"),
+                        "image": os.path.join(root, "coco", it["image"])})
     return _first_per_image(samples)
 
 
 def _coco_format_captions(path, image_dir, what):
-    meta = _load_json(path, what)
-    _require(meta, ("images", "annotations"), path)
-    names = {im["id"]: im["file_name"] for im in meta["images"]}
+    meta = _require(_load_json(path, what), {"images": list, "annotations": list}, path)
+    names = {}
+    for i, im in enumerate(meta["images"]):
+        _require(im, {"id": (int, str), "file_name": str}, f"{path}: images[{i}]")
+        names[im["id"]] = im["file_name"]
     samples = []
     for i, ann in enumerate(meta["annotations"]):
-        _require(ann, ("image_id", "caption"), f"{path}: annotations[{i}]")
+        _require(ann, {"image_id": (int, str), "caption": str}, f"{path}: annotations[{i}]")
         if ann["image_id"] not in names:
-            raise ValueError(f"{path}: annotations[{i}] has image_id {ann['image_id']} not listed in 'images'")
+            raise InputError(f"{path}: annotations[{i}] has image_id {ann['image_id']!r} not listed in 'images'")
         samples.append({"id": ann["image_id"], "image": os.path.join(image_dir, names[ann["image_id"]])})
     return _first_per_image(samples)
 
@@ -738,63 +792,88 @@ def read_nocaps(root):
 def read_image2paragraph(root):
     base = os.path.join(root, "image2paragraph")
     path = os.path.join(base, "annotations", "paragraphs_coco.json")
-    anns = _load_json(path, "Stanford paragraphs (COCO format)")
-    _require(anns, ("annotations",), path)
-    split = set(_load_json(os.path.join(base, "annotations", "test_split.json"), "paragraph test split"))
+    anns = _require(_load_json(path, "Stanford paragraphs (COCO format)"), {"annotations": list}, path)
+    split_path = os.path.join(base, "annotations", "test_split.json")
+    split = _require_list(_load_json(split_path, "paragraph test split"), split_path)
+    for i, x in enumerate(split):
+        if not isinstance(x, (int, str)) or isinstance(x, bool):
+            raise InputError(f"{split_path}[{i}]: {_short(x)} is not an image id")
+    split = set(split)
     by_image = {}
     for i, a in enumerate(anns["annotations"]):
-        _require(a, ("image_id", "url"), f"{path}: annotations[{i}]")
+        _require(a, {"image_id": (int, str), "url": str}, f"{path}: annotations[{i}]")
         by_image[a["image_id"]] = a                       # the original keeps the last record per image
     # image path = the last two parts of the url (e.g. ".../VG_100K_2/123.jpg")
     return [{"id": k, "image": os.path.join(base, "images", *a["url"].split("/")[-2:])}
             for k, a in by_image.items() if k in split]
 
 
+_CAPTION_REFERENCES = {"coco_karpathy": ("coco", "annotations", "coco_karpathy_test_gt.json"),
+                       "flickr30k": ("flickr30k", "test1k.token.coco_format"),
+                       "nocaps": ("nocaps", "nocaps_val_4500_captions.json"),
+                       "image2paragraph": ("image2paragraph", "annotations", "paragraphs_coco.json")}
+
+
 def caption_references(task, root):
     """{image id: [reference captions]} from the file the original scores against."""
-    files = {"coco_karpathy": ("coco", "annotations", "coco_karpathy_test_gt.json"),
-             "flickr30k": ("flickr30k", "test1k.token.coco_format"),
-             "nocaps": ("nocaps", "nocaps_val_4500_captions.json"),
-             "image2paragraph": ("image2paragraph", "annotations", "paragraphs_coco.json")}
-    path = os.path.join(root, *files[task])
-    meta = _load_json(path, "caption references")
-    _require(meta, ("annotations",), path)
+    path = os.path.join(root, *_CAPTION_REFERENCES[task])
+    meta = _require(_load_json(path, "caption references"), {"annotations": list}, path)
     refs = {}
     for i, a in enumerate(meta["annotations"]):
-        _require(a, ("image_id", "caption"), f"{path}: annotations[{i}]")
+        _require(a, {"image_id": (int, str), "caption": str}, f"{path}: annotations[{i}]")
         refs.setdefault(a["image_id"], []).append(a["caption"])
     return refs
 
 
-def _vqa_pairs(ann_path, q_path, what):
-    anns = _load_json(ann_path, f"{what} annotations")
-    qs = _load_json(q_path, f"{what} questions")
-    _require(anns, ("annotations",), ann_path)
-    _require(qs, ("questions",), q_path)
+def _check_caption_references(task):
+    def check(root, samples):
+        refs = caption_references(task, root)
+        for s in samples:
+            if s["id"] not in refs:
+                raise InputError(f"{os.path.join(root, *_CAPTION_REFERENCES[task])}: no reference caption for "
+                                 f"image id {s['id']!r}")
+    return check
+
+
+def _answers(record, where):
+    """The human answers of a checked VQA record: VQA-format {"answer": ...} dicts, or plain strings."""
+    if not record["answers"]:
+        raise InputError(f"{where}: field 'answers' is empty (VQA accuracy needs the human answers)")
+    out = []
+    for j, x in enumerate(record["answers"]):
+        answer = x.get("answer") if isinstance(x, dict) else x
+        if not isinstance(answer, str):
+            raise InputError(f"{where}: answers[{j}] is {_short(x)}, expected a string or {{'answer': string}}")
+        out.append(answer)
+    return out
+
+
+def _vqa_pairs(ann_path, q_path, what, image_id=(int, str), question_fields=None):
+    """({question_id: annotation with its answers as strings}, {question_id: question}), both files checked."""
+    anns = _require(_load_json(ann_path, f"{what} annotations"), {"annotations": list}, ann_path)
+    qs = _require(_load_json(q_path, f"{what} questions"), {"questions": list}, q_path)
     by_id = {}
     for i, a in enumerate(anns["annotations"]):
-        _require(a, ("question_id", "image_id", "answers"), f"{ann_path}: annotations[{i}]")
-        by_id[a["question_id"]] = a
+        where = f"{ann_path}: annotations[{i}]"
+        _require(a, {"question_id": (int, str), "image_id": image_id, "answers": list}, where)
+        by_id[a["question_id"]] = dict(a, answers=_answers(a, where))
+    fields = {"question_id": (int, str), "image_id": image_id, "question": str, **(question_fields or {})}
     for i, q in enumerate(qs["questions"]):
-        _require(q, ("question_id", "image_id", "question"), f"{q_path}: questions[{i}]")
+        _require(q, fields, f"{q_path}: questions[{i}]")
         a = by_id.get(q["question_id"])
         if a is None:
-            raise ValueError(f"{q_path}: questions[{i}] has question_id {q['question_id']} without an annotation "
+            raise InputError(f"{q_path}: questions[{i}] has question_id {q['question_id']} without an annotation "
                              f"in {ann_path}")
         if a["image_id"] != q["image_id"]:
-            raise ValueError(f"{q_path}: questions[{i}] image_id {q['image_id']} != annotation's {a['image_id']}")
+            raise InputError(f"{q_path}: questions[{i}] image_id {q['image_id']} != annotation's {a['image_id']}")
     return by_id, {q["question_id"]: q for q in qs["questions"]}
 
 
-def _answers(a):
-    # VQA-format answers are dicts with "answer"; plain strings are accepted too
-    return [x["answer"] if isinstance(x, dict) else x for x in a["answers"]]
-
-
 def _read_coco_vqa(root, folder, ann_name, q_name, what):
-    by_id, questions = _vqa_pairs(os.path.join(root, folder, ann_name), os.path.join(root, folder, q_name), what)
+    by_id, questions = _vqa_pairs(os.path.join(root, folder, ann_name), os.path.join(root, folder, q_name), what,
+                                  image_id=int)
     return [{"id": qid, "image": os.path.join(root, "coco", "val2014", f"COCO_val2014_{a['image_id']:012d}.jpg"),
-             "question": questions[qid]["question"], "answers": _answers(a)}
+             "question": questions[qid]["question"], "answers": a["answers"]}
             for qid, a in by_id.items() if qid in questions]
 
 
@@ -811,27 +890,29 @@ def read_okvqa(root):
 def read_textvqa(root):
     base = os.path.join(root, "textvqa")
     by_id, questions = _vqa_pairs(os.path.join(base, "textvqa_val_annotations.json"),
-                                  os.path.join(base, "textvqa_val_questions.json"), "TextVQA val")
-    out = []
-    for qid, a in by_id.items():
-        q = questions.get(qid)
-        if q is None:
-            continue
-        _require(q, ("image",), f"textvqa_val_questions.json: question {qid}")
-        out.append({"id": qid, "image": os.path.join(base, "train_images", q["image"]), "question": q["question"],
-                    "answers": _answers(a)})
-    return out
+                                  os.path.join(base, "textvqa_val_questions.json"), "TextVQA val",
+                                  question_fields={"image": str})
+    return [{"id": qid, "image": os.path.join(base, "train_images", questions[qid]["image"]),
+             "question": questions[qid]["question"], "answers": a["answers"]}
+            for qid, a in by_id.items() if qid in questions]
 
 
 def read_vizwiz(root):
     path = os.path.join(root, "VizWiz", "val.json")
-    items = _load_json(path, "VizWiz val")
+    items = _require_list(_load_json(path, "VizWiz val"), path)
     out = []
     for i, it in enumerate(items):
-        _require(it, ("image", "question", "answers"), f"{path}[{i}]")
+        _require(it, {"image": str, "question": str, "answers": list}, f"{path}[{i}]")
         out.append({"id": it["image"], "image": os.path.join(root, "VizWiz", "val", it["image"]),
-                    "question": it["question"], "answers": _answers(it)})
+                    "question": it["question"], "answers": _answers(it, f"{path}[{i}]")})
     return out
+
+
+def _pick(table, index, where, what):
+    """table[index], where `index` must be an index into the `what` list of VisDial's data."""
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(table):
+        raise InputError(f"{where} is {_short(index)}, expected an index into data's {len(table)} {what}")
+    return table[index]
 
 
 def read_visdial(root):
@@ -841,28 +922,42 @@ def read_visdial(root):
     where (as in the original) the round just before the asked one is left out, then "question: ...? answer:"."""
     base = os.path.join(root, "visdial")
     path = os.path.join(base, "visdial_1.0_val.json")
-    meta = _load_json(path, "VisDial v1.0 val")
-    _require(meta, ("data",), path)
-    d = meta["data"]
-    _require(d, ("dialogs", "questions", "answers"), f"{path}: data")
+    meta = _require(_load_json(path, "VisDial v1.0 val"), {"data": dict}, path)
+    d = _require(meta["data"], {"dialogs": list, "questions": list, "answers": list}, f"{path}: data")
     dense_path = os.path.join(base, "visdial_1.0_val_dense_annotations.json")
-    dense = {x["image_id"]: x for x in _load_json(dense_path, "VisDial dense annotations")}
+    dense = {}
+    for j, x in enumerate(_require_list(_load_json(dense_path, "VisDial dense annotations"), dense_path)):
+        _require(x, {"image_id": int, "round_id": int, "gt_relevance": list}, f"{dense_path}[{j}]")
+        dense[x["image_id"]] = (j, x)
     out = []
     for i, dlg in enumerate(d["dialogs"]):
-        _require(dlg, ("image_id", "caption", "dialog"), f"{path}: dialogs[{i}]")
+        where = f"{path}: dialogs[{i}]"
+        _require(dlg, {"image_id": int, "caption": str, "dialog": list}, where)
         if dlg["image_id"] not in dense:
-            raise ValueError(f"{dense_path}: no dense annotation for image_id {dlg['image_id']} (dialogs[{i}])")
-        rel = dense[dlg["image_id"]]
-        asked = rel["round_id"] - 1
+            raise InputError(f"{dense_path}: no dense annotation for image_id {dlg['image_id']} (dialogs[{i}])")
+        j, rel = dense[dlg["image_id"]]
+        rounds, asked = dlg["dialog"], rel["round_id"] - 1
+        if not 0 <= asked < len(rounds):
+            raise InputError(f"{dense_path}[{j}]: round_id {rel['round_id']} is not one of dialogs[{i}]'s "
+                             f"{len(rounds)} rounds")
         text = f" caption: {dlg['caption']}. "
-        for r in dlg["dialog"][:max(asked - 1, 0)]:
-            text += f"question: {d['questions'][r['question']]}? answer: {d['answers'][r['answer']]}. "
-        text += f"question: {d['questions'][dlg['dialog'][asked]['question']]}? answer:"
-        options = [d["answers"][j] for j in dlg["dialog"][asked]["answer_options"]]
-        if len(options) != len(rel["gt_relevance"]):
-            raise ValueError(f"{dense_path}: image_id {dlg['image_id']} has {len(rel['gt_relevance'])} relevances "
+        for k, r in enumerate(rounds[:max(asked - 1, 0)]):
+            _require(r, ("question", "answer"), f"{where}.dialog[{k}]")
+            text += (f"question: {_pick(d['questions'], r['question'], f'{where}.dialog[{k}].question', 'questions')}"
+                     f"? answer: {_pick(d['answers'], r['answer'], f'{where}.dialog[{k}].answer', 'answers')}. ")
+        r = _require(rounds[asked], {"question": object, "answer_options": list}, f"{where}.dialog[{asked}]")
+        text += f"question: {_pick(d['questions'], r['question'], f'{where}.dialog[{asked}].question', 'questions')}"
+        text += "? answer:"
+        options = [_pick(d["answers"], o, f"{where}.dialog[{asked}].answer_options[{n}]", "answers")
+                   for n, o in enumerate(r["answer_options"])]
+        relevance = rel["gt_relevance"]
+        if len(options) != len(relevance):
+            raise InputError(f"{dense_path}: image_id {dlg['image_id']} has {len(relevance)} relevances "
                              f"for {len(options)} answer options")
-        out.append({"id": dlg["image_id"], "context": text, "options": options, "relevance": rel["gt_relevance"],
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in relevance) or not any(relevance):
+            raise InputError(f"{dense_path}[{j}]: gt_relevance must be numbers, not all zero (NDCG is undefined "
+                             f"without a relevant option); got {_short(relevance)}")
+        out.append({"id": dlg["image_id"], "context": text, "options": options, "relevance": relevance,
                     "image": os.path.join(base, "VisualDialog_val2018",
                                           f"VisualDialog_val2018_{dlg['image_id']:012d}.jpg")})
     return out
@@ -871,11 +966,10 @@ def read_visdial(root):
 def read_coco_t2i(root, total_length=30_000):
     """MS-COCO val2014 text-to-image: the first caption of each image, the first `total_length` images."""
     path = os.path.join(root, "coco", "annotations", "captions_val2014.json")
-    meta = _load_json(path, "COCO val2014 captions")
-    _require(meta, ("annotations",), path)
+    meta = _require(_load_json(path, "COCO val2014 captions"), {"annotations": list}, path)
     out, seen = [], set()
     for i, a in enumerate(meta["annotations"]):
-        _require(a, ("image_id", "caption"), f"{path}: annotations[{i}]")
+        _require(a, {"image_id": int, "caption": str}, f"{path}: annotations[{i}]")
         if a["image_id"] in seen:
             continue
         seen.add(a["image_id"])
@@ -890,20 +984,24 @@ def read_lncoco(root, total_length=30_000, seed=0):
     draws unseeded; here the draw is seeded)."""
     path = os.path.join(root, "lncoco", "coco_val_captions.jsonl")
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: LN-COCO captions not found (expected the original evaluation layout)")
+        raise InputError(f"{path}: LN-COCO captions not found (expected the original evaluation layout, see "
+                         f"eval.py --help)")
     items = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f):
             if line.strip():
                 try:
                     it = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n + 1}: not a JSON line ({e})") from None
-                _require(it, ("image_id", "caption"), f"{path}:{n + 1}")
+                    raise InputError(f"{path}:{n + 1}: not a JSON line ({e})") from None
+                _require(it, {"image_id": (int, str), "caption": str}, f"{path}:{n + 1}")
+                if isinstance(it["image_id"], str) and not it["image_id"].isdigit():
+                    raise InputError(f"{path}:{n + 1}: field 'image_id' is {_short(it['image_id'])}, expected a "
+                                     f"COCO image id")
                 items.append(it)
     if len(items) >= total_length:
         items = items[:total_length]
-    else:
+    elif items:
         per_image = Counter(it["image_id"] for it in items)
         w = np.array([1.0 / per_image[it["image_id"]] for it in items])
         extra = np.random.default_rng(seed).choice(len(items), total_length - len(items), p=w / w.sum())
@@ -945,12 +1043,25 @@ VQA_GENERATION = dict(max_new_tokens=10, min_new_tokens=0, num_beams=3, length_p
 
 
 def load_eval_image(path, size):
-    """An evaluation image through the 224-style centre crop (at the model's image size) -> float [3, S, S]."""
-    try:
-        pil = data.load_image(path)
-    except data.SkipSample as e:
-        raise ValueError(f"{path}: cannot read the image ({e.reason})") from None
-    return data.to_float01(data.DualTransform(enc_size=size, dec_size=None).one(pil, size))
+    """An evaluation image through the 224-style centre crop (at the model's image size) -> float [3, S, S].
+    A missing or unreadable file raises data.SkipSample."""
+    return data.to_float01(data.DualTransform(enc_size=size, dec_size=None).one(data.load_image(path), size))
+
+
+def skipped(sample, e):
+    """The output of a sample the run could not use (a data.SkipSample): counted by reason, left out of the score."""
+    return {"id": sample["id"], "skipped": e.reason, "detail": e.detail}
+
+
+def _load_eval_images(chunk, size):
+    """-> ({sample index in chunk: image} for the images that load, {index: skip record} for the others)."""
+    images, skips = {}, {}
+    for i, s in enumerate(chunk):
+        try:
+            images[i] = load_eval_image(s["image"], size)
+        except data.SkipSample as e:
+            skips[i] = skipped(s, e)
+    return images, skips
 
 
 def text_batch(prompts, images, tokenizer, pad_left=True):
@@ -978,17 +1089,20 @@ def _batches(samples, batch_size, desc):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_size, device, desc):
-    """Generate a text for every sample; returns the decoded texts (special tokens skipped, stripped)."""
-    cfg = model.cfg
-    texts = []
+def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_size, device, desc, make_output):
+    """Generate a text for every sample (special tokens skipped, stripped); yields make_output(sample, text) per
+    sample, in order, as each batch finishes, or a skip record for a sample whose image cannot be read."""
     for chunk in _batches(samples, batch_size, desc):
-        prompts = [make_prompt(s) for s in chunk]
-        images = [load_eval_image(s["image"], cfg.vision.image_size) for s in chunk]
-        out = model.generate_texts(_to_device(text_batch(prompts, images, tokenizer), device), **generation)
-        for ids, n in zip(out["text_ids"].tolist(), out["lengths"].tolist()):
-            texts.append(tokenizer.decode(ids[:n]).strip())
-    return texts
+        images, skips = _load_eval_images(chunk, model.cfg.vision.image_size)
+        texts = {}
+        if images:
+            prompts = [make_prompt(chunk[i]) for i in images]
+            batch = text_batch(prompts, list(images.values()), tokenizer)
+            out = model.generate_texts(_to_device(batch, device), **generation)
+            for i, ids, n in zip(images, out["text_ids"].tolist(), out["lengths"].tolist()):
+                texts[i] = tokenizer.decode(ids[:n]).strip()
+        for i, s in enumerate(chunk):
+            yield skips[i] if i in skips else make_output(s, texts[i])
 
 
 @torch.no_grad()
@@ -1072,9 +1186,9 @@ def demo_draws(model, tokenizer, steps, device):
 def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_PER_CALL):
     """Per story: a greedy caption of its first image (the image-first direction of training), then every later
     image drawn from the story so far, with and without the UNet's MMFS (the previous image's features).
-    `stories_per_call` stories share each generate call; the results do not depend on it."""
+    `stories_per_call` stories share each generate call; the results do not depend on it. Yields one output per
+    story as each group finishes."""
     S = model.cfg.vision.image_size
-    outputs = []
     for group in _batches(samples, stories_per_call, "demo stories"):
         stories = [data.make_story(s["seed"]) for s in group]
         images = [[demo_image(scene, S) for scene in story.scenes] for story in stories]
@@ -1090,9 +1204,8 @@ def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_
                                     "previous": [o.as_dict() for o in story.scenes[k - 1]],
                                     "read": [o.as_dict() for o in with_mmfs],
                                     "read_without_mmfs": [o.as_dict() for o in without_mmfs]})
-            outputs.append({"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
-                            "caption": caption, "steps": story_steps})
-    return outputs
+            yield {"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
+                   "caption": caption, "steps": story_steps}
 
 
 def demo_scores(outputs, read_key="read"):
@@ -1132,7 +1245,7 @@ def demo_metrics(model, num_stories=16, seed=0, tokenizer_path=data.DEMO_TOKENIZ
     tokenizer = load_tokenizer(tokenizer_path, None, model.cfg)
     was_training = model.training
     model.eval()
-    outputs = predict_demo(model, tokenizer, read_demo(None, num_stories), args)
+    outputs = list(predict_demo(model, tokenizer, read_demo(None, num_stories), args))
     model.train(was_training)
     return score_demo(None, outputs, args)
 
@@ -1161,7 +1274,7 @@ def write_readme_table(path, table):
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{path}: the scoreboard markers {README_BEGIN!r} ... {README_END!r} are missing")
+        raise InputError(f"{path}: the scoreboard markers {README_BEGIN!r} ... {README_END!r} are missing")
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
     tmp = f"{path}.tmp{os.getpid()}"
@@ -1177,26 +1290,29 @@ def write_readme_table(path, table):
 @dataclass
 class Task:
     read: object                 # (data_root) -> list of sample dicts
-    predict: object              # (model, tokenizer, samples, args) -> list of per-sample output dicts
-    score: object                # (data_root, outputs, args) -> {metric: value}
+    predict: object              # (model, tokenizer, samples, args) -> iterable of per-sample output dicts, or
+                                 # skip records (`skipped`); a generator yields them as each batch finishes
+    score: object                # (data_root, outputs, args) -> {metric: value}; outputs without skip records
     generation: dict = field(default_factory=dict)
     needs_data_root: bool = True  # False for a task that makes its own data (e.g. a synthetic demo set)
+    check: object = None         # (data_root, samples) -> None: the rest of the data the score needs, checked
+                                 # before the model loads (raises InputError)
+    preflight: object = None     # (args) -> None: the files named by flags, checked before the model loads
+    min_samples: int = 1         # fewer scored samples than this leave the metric undefined
 
 
 def _caption_task(name, make_prompt, generation, first_sentence):
     def predict(model, tokenizer, samples, args):
         n = model.cfg.num_img_token
-        texts = generate_answers(model, tokenizer, samples, lambda s: make_prompt(n), generation, args.batch_size,
-                                 args.device, name)
         # the Karpathy split is scored on the first sentence only, as in the original
-        return [{"id": s["id"], "caption": t.split(".")[0] if first_sentence else t} for s, t in zip(samples, texts)]
+        return generate_answers(model, tokenizer, samples, lambda s: make_prompt(n), generation, args.batch_size,
+                                args.device, name,
+                                lambda s, t: {"id": s["id"], "caption": t.split(".")[0] if first_sentence else t})
 
     def score(root, outputs, args):
         refs = caption_references(name, root)
         cands = {}
         for o in outputs:
-            if o["id"] not in refs:
-                raise ValueError(f"{name}: image id {o['id']} has no reference caption")
             cands.setdefault(o["id"], o["caption"])
         metrics, per_id = caption_metrics({k: refs[k] for k in cands}, cands)
         for o in outputs:
@@ -1207,16 +1323,15 @@ def _caption_task(name, make_prompt, generation, first_sentence):
 
 
 def _vqa_task(name, make_prompt, accuracy):
+    def output(s, t):
+        answer = extract_answer(t)
+        return {"id": s["id"], "question": s["question"], "generated": t, "answer": answer,
+                "accuracy": accuracy(answer, s["answers"])}
+
     def predict(model, tokenizer, samples, args):
         n = model.cfg.num_img_token
-        texts = generate_answers(model, tokenizer, samples, lambda s: make_prompt(s["question"], n), VQA_GENERATION,
-                                 args.batch_size, args.device, name)
-        outputs = []
-        for s, t in zip(samples, texts):
-            answer = extract_answer(t)
-            outputs.append({"id": s["id"], "question": s["question"], "generated": t, "answer": answer,
-                            "accuracy": accuracy(answer, s["answers"])})
-        return outputs
+        return generate_answers(model, tokenizer, samples, lambda s: make_prompt(s["question"], n), VQA_GENERATION,
+                                args.batch_size, args.device, name, output)
 
     def score(root, outputs, args):
         return {"overall_accuracy": 100.0 * float(np.mean([o["accuracy"] for o in outputs]))}
@@ -1229,15 +1344,17 @@ def visdial_context(sample, num_img_token):
 
 
 def predict_visdial(model, tokenizer, samples, args):
-    outputs = []
     for s in tqdm(samples, desc="visdial", disable=None):
-        image = load_eval_image(s["image"], model.cfg.vision.image_size).to(args.device)
+        try:
+            image = load_eval_image(s["image"], model.cfg.vision.image_size).to(args.device)
+        except data.SkipSample as e:
+            yield skipped(s, e)
+            continue
         context = tokenizer.encode(visdial_context(s, model.cfg.num_img_token))
         scores = option_log_likelihoods(model, tokenizer, context, image, s["options"])
         ranks = scores_to_ranks(torch.tensor([scores]))
-        outputs.append({"id": s["id"], "ranks": ranks[0].tolist(),
-                        "ndcg": ndcg(ranks, torch.tensor([s["relevance"]], dtype=torch.float32))})
-    return outputs
+        yield {"id": s["id"], "ranks": ranks[0].tolist(),
+               "ndcg": ndcg(ranks, torch.tensor([s["relevance"]], dtype=torch.float32))}
 
 
 def score_visdial(root, outputs, args):
@@ -1250,27 +1367,42 @@ def clip_text_ids(clip_tokenizer, caption):
     ids = clip_tokenizer.encode(caption).ids
     ids = ([bos] if not ids or ids[0] != bos else []) + ids + ([eos] if not ids or ids[-1] != eos else [])
     if len(ids) > 77:
-        raise ValueError(f"caption {caption[:60]!r}... is {len(ids)} CLIP tokens, more than CLIP's 77")
+        raise InputError(f"caption {caption[:60]!r}... is {len(ids)} CLIP tokens, more than CLIP's 77")
     return ids
+
+
+def images_folder(args):
+    """Where a text-to-image task writes its images: --image_dir, else next to the results file."""
+    return args.image_dir or os.path.splitext(args.out)[0] + "_images"
 
 
 def _text_to_image_task(samples_per_caption):
     def predict(model, tokenizer, samples, args):
         """Draw `samples_per_caption` images per caption (prompt "{caption} <soi><image>...", right-padded);
         with several, keep the one CLIP ViT-L/14 rates closest to the caption, as the original does for COCO.
-        Each kept image is written as PNG."""
+        Each kept image is written as PNG. A caption whose real image cannot be read is skipped (FID compares
+        the two sets)."""
         if getattr(model, "image_decoder", None) is None:
-            raise ValueError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+            raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
         load_inception(args.inception)          # fail now, not after hours of sampling, if the file is missing
         clip = load_clip(args.clip) if samples_per_caption > 1 else None
         if clip is not None:
             clip = (clip[0].to(args.device), clip[1])
         cfg = model.cfg
-        image_dir = args.image_dir or os.path.splitext(args.out)[0] + "_images"
-        os.makedirs(image_dir, exist_ok=True)
+        folder = images_folder(args)
+        os.makedirs(folder, exist_ok=True)
         grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)   # the slot of the image to draw
-        outputs = []
         for chunk in _batches(samples, args.batch_size, "text-to-image"):
+            kept = []
+            for s in chunk:
+                try:
+                    data.load_image(s["image"])
+                    kept.append(s)
+                except data.SkipSample as e:
+                    yield skipped(s, e)
+            if not kept:
+                continue
+            chunk = kept
             prompts = [s["caption"] + " " + data.image_placeholder(cfg.num_img_token) for s in chunk]
             batch = _to_device(text_batch(prompts, [grey] * len(chunk), tokenizer, pad_left=False), args.device)
             candidates = model.generate_images(batch, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -1287,14 +1419,13 @@ def _text_to_image_task(samples_per_caption):
                 best = clip_best_of(clip[0], text_ids, pixels, samples_per_caption).cpu()
             for b, s in enumerate(chunk):
                 img = candidates[int(best[b]) * len(chunk) + b]
-                path = os.path.join(image_dir, f"{s['id']:05d}.png")
+                path = os.path.join(folder, f"{s['id']:05d}.png")
                 arr = (img * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
                 tmp = path + ".tmp.png"
                 Image.fromarray(arr).save(tmp)
                 os.replace(tmp, path)
-                outputs.append({"id": s["id"], "caption": s["caption"], "image": s["image"], "generated": path,
-                                "candidate": int(best[b])})
-        return outputs
+                yield {"id": s["id"], "caption": s["caption"], "image": s["image"], "generated": path,
+                       "candidate": int(best[b])}
 
     return predict
 
@@ -1308,7 +1439,7 @@ def score_fid(root, outputs, args):
             try:
                 tensors.append(fid_image_tensor(data.load_image(p)))
             except data.SkipSample as e:
-                raise ValueError(f"{p}: cannot read the image for FID ({e.reason})") from None
+                raise InputError(f"{p}: cannot read the image for FID ({e.reason})") from None
         return inception_features(net, torch.stack(tensors), device=args.device)
 
     real = feature_statistics(features([o["image"] for o in outputs]))
@@ -1320,18 +1451,22 @@ def _build_tasks():
     tasks = {}
     for name, read, first in (("coco_karpathy", read_coco_karpathy, True), ("flickr30k", read_flickr30k, False),
                               ("nocaps", read_nocaps, False)):
-        tasks[name] = Task(read, *_caption_task(name, caption_prompt, CAPTION_GENERATION, first), CAPTION_GENERATION)
+        tasks[name] = Task(read, *_caption_task(name, caption_prompt, CAPTION_GENERATION, first), CAPTION_GENERATION,
+                           check=_check_caption_references(name))
     tasks["image2paragraph"] = Task(read_image2paragraph,
                                     *_caption_task("image2paragraph", paragraph_prompt, PARAGRAPH_GENERATION, False),
-                                    PARAGRAPH_GENERATION)
+                                    PARAGRAPH_GENERATION, check=_check_caption_references("image2paragraph"))
     for name, read in (("vqav2", read_vqav2), ("okvqa", read_okvqa), ("textvqa", read_textvqa)):
         tasks[name] = Task(read, *_vqa_task(name, vqa_prompt, vqa_accuracy), VQA_GENERATION)
     tasks["vizwiz_vqa"] = Task(read_vizwiz, *_vqa_task("vizwiz_vqa", vizwiz_prompt, vizwiz_accuracy), VQA_GENERATION)
     tasks["visdial"] = Task(read_visdial, predict_visdial, score_visdial)
     # the original config names the COCO text-to-image set "coco"; 8 CLIP-ranked samples there, 1 for LN-COCO
     t2i = dict(steps=250, guidance_scale=3.5, sampler="ddpm")
-    tasks["coco_t2i"] = Task(read_coco_t2i, _text_to_image_task(8), score_fid, dict(t2i, samples_per_caption=8))
-    tasks["lncoco"] = Task(read_lncoco, _text_to_image_task(1), score_fid, dict(t2i, samples_per_caption=1))
+    tasks["coco_t2i"] = Task(read_coco_t2i, _text_to_image_task(8), score_fid, dict(t2i, samples_per_caption=8),
+                             preflight=lambda args: (check_inception_path(args.inception), check_clip_path(args.clip)),
+                             min_samples=2)
+    tasks["lncoco"] = Task(read_lncoco, _text_to_image_task(1), score_fid, dict(t2i, samples_per_caption=1),
+                           preflight=lambda args: check_inception_path(args.inception), min_samples=2)
     tasks["demo"] = Task(read_demo, predict_demo, score_demo, dict(DEMO_GENERATION, **DEMO_IMAGES),
                          needs_data_root=False)
     return tasks
@@ -1345,19 +1480,21 @@ TASKS = _build_tasks()
 # Distribution over ranks (torchrun): rank-strided split, outputs gathered on rank 0
 # ---------------------------------------------------------------------------------------------------------------
 
-def init_distributed():
-    """(rank, world_size, device) from torchrun's environment; a single process when WORLD_SIZE is unset or 1."""
+def init_distributed(device=None):
+    """(rank, world_size, device name) from torchrun's environment and the torch.device asked for (None: CUDA
+    where there is one); a single process when WORLD_SIZE is unset or 1. On CUDA each rank takes the GPU of its
+    LOCAL_RANK."""
+    device = mmi.resolve_device("auto") if device is None else device
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
     if world == 1:
-        return 0, 1, "cuda" if cuda else "cpu"
+        return 0, 1, str(device)
+    cuda = device.type == "cuda"
     torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-    device = "cpu"
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    return torch.distributed.get_rank(), world, device
+    return torch.distributed.get_rank(), world, str(device)
 
 
 def gather_outputs(outputs, rank, world):
@@ -1370,14 +1507,27 @@ def gather_outputs(outputs, rank, world):
 
 
 def write_json_atomic(path, obj):
+    """A crash while writing leaves the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
 
+# A long run keeps what it has predicted: every PARTIAL_EVERY_S seconds, and when it stops on an error, each rank
+# rewrites its predictions so far into partial_path(--out); the finished results file replaces it.
+PARTIAL_EVERY_S = 60
+
+
+def partial_path(out, rank=0, world=1):
+    """out/eval/vqav2.json -> out/eval/vqav2.partial.json (.partial.rank<N>.json under torchrun)."""
+    stem, ext = os.path.splitext(out)
+    return f"{stem}.partial{'' if world == 1 else f'.rank{rank}'}{ext or '.json'}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Model loading and the command line
+# Model loading, the run, and the command line
 # ---------------------------------------------------------------------------------------------------------------
 
 def load_model(init_from, dtype, device):
@@ -1385,91 +1535,200 @@ def load_model(init_from, dtype, device):
     return mmi.MMInterleaved.from_pretrained(init_from, dtype=dtype, device=device)
 
 
+def find_tokenizer(path, init_from):
+    """The tokenizer file: `path` (--tokenizer), else tokenizer.model / tokenizer.json in `init_from`, else the
+    demo tokenizer for the demo model."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise InputError(f"--tokenizer={path}: no such file")
+        return path
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if init_from and os.path.isfile(os.path.join(init_from, name)):
+            return os.path.join(init_from, name)
+    if os.path.abspath(init_from or "") == DEMO_MODEL:
+        return data.DEMO_TOKENIZER_PATH
+    raise InputError(f"no tokenizer: pass --tokenizer, or put tokenizer.model / tokenizer.json in {init_from}")
+
+
 def load_tokenizer(path, init_from, cfg):
-    if path is None:
-        for name in ("tokenizer.model", "tokenizer.json"):
-            if init_from and os.path.isfile(os.path.join(init_from, name)):
-                path = os.path.join(init_from, name)
-                break
-        else:
-            path = data.DEMO_TOKENIZER_PATH if os.path.abspath(init_from or "") == DEMO_MODEL else None
-        if path is None:
-            raise ValueError(f"no tokenizer: pass --tokenizer, or put tokenizer.model / tokenizer.json in {init_from}")
+    path = find_tokenizer(path, init_from)
     tok = data.Tokenizer(path)
     if (tok.soi_id, tok.image_id, tok.pad_id) != (cfg.soi_token_id, cfg.image_token_id, cfg.pad_token_id):
-        raise ValueError(f"{path}: soi/image/pad ids {(tok.soi_id, tok.image_id, tok.pad_id)} do not match the "
+        raise InputError(f"{path}: soi/image/pad ids {(tok.soi_id, tok.image_id, tok.pad_id)} do not match the "
                          f"model's {(cfg.soi_token_id, cfg.image_token_id, cfg.pad_token_id)}")
     return tok
 
 
-def evaluate(model, tokenizer, args, rank=0, world=1):
-    """Run one task on this rank's share of the (limited) set; rank 0 returns the results dict."""
+def load_samples(args):
+    """The task's samples (the first --limit), with every annotation file the run and its score read checked,
+    and at least one image in place: main runs this before the model loads, so a wrong path costs seconds."""
     task = TASKS[args.task]
     samples = task.read(args.data_root)
     if args.limit is not None:
         samples = samples[:args.limit]
-    if not samples:
-        raise ValueError(f"{args.task}: no samples under {args.data_root}")
-    outputs = task.predict(model, tokenizer, samples[rank::world], args)
-    outputs = gather_outputs(outputs, rank, world)
-    if rank != 0:
-        return None
-    metrics = task.score(args.data_root, outputs, args)
-    config = {k: v for k, v in vars(args).items()}
-    config["generation"] = task.generation
-    config["world_size"] = world
-    return {"task": args.task, "config": config, "metrics": metrics, "num_samples": len(outputs), "samples": outputs}
+    if len(samples) < task.min_samples:
+        raise InputError(f"--task={args.task}: {len(samples)} sample(s) under {args.data_root}, the metric needs at "
+                         f"least {task.min_samples}")
+    images = [s["image"] for s in samples if "image" in s]
+    if images and not any(os.path.isfile(p) for p in images):
+        raise InputError(f"--task={args.task}: none of the {len(images)} images is there, e.g. {images[0]} "
+                         f"(expected the original evaluation layout, see eval.py --help)")
+    if task.check is not None:
+        task.check(args.data_root, samples)
+    return samples
+
+
+def evaluate(model, tokenizer, args, rank=0, world=1, samples=None):
+    """Run one task on this rank's share of the (limited) set; rank 0 returns the results dict. `samples`: what
+    load_samples returns (read here when None). Samples whose image cannot be read are skipped and counted;
+    the predictions made so far are kept in partial_path(args.out) (see PARTIAL_EVERY_S)."""
+    task = TASKS[args.task]
+    if samples is None:
+        samples = load_samples(args)
+    config = dict(vars(args), generation=task.generation, world_size=world)
+    partial, outputs, kept_at = partial_path(args.out, rank, world), [], time.monotonic()
+
+    def keep():
+        write_json_atomic(partial, {"task": args.task, "config": config, "partial": True,
+                                    "num_predictions": len(outputs), "samples": outputs})
+
+    try:
+        for o in task.predict(model, tokenizer, samples[rank::world], args):
+            outputs.append(o)
+            if time.monotonic() - kept_at >= PARTIAL_EVERY_S:
+                keep()
+                kept_at = time.monotonic()
+        outputs = gather_outputs(outputs, rank, world)
+        if rank != 0:                                     # rank 0 holds (and keeps) them all from here
+            if os.path.exists(partial):
+                os.remove(partial)
+            return None
+        scored = [o for o in outputs if "skipped" not in o]
+        skipped = [o for o in outputs if "skipped" in o]
+        reasons = dict(Counter(o["skipped"] for o in skipped))
+        if len(scored) < task.min_samples:
+            raise InputError(f"--task={args.task}: {len(scored)} of {len(outputs)} samples could be used, the metric "
+                             f"needs at least {task.min_samples}; skipped {reasons}, e.g. {skipped[0]['detail']}")
+        metrics = task.score(args.data_root, scored, args)
+    except BaseException:
+        if outputs:
+            keep()
+            print(f"eval.py: kept the {len(outputs)} predictions made so far in {partial}", file=sys.stderr)
+        raise
+    return {"task": args.task, "config": config, "metrics": metrics, "num_samples": len(scored),
+            "skipped": reasons, "samples": scored, "skipped_samples": skipped}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # a mistyped flag or value is one line and exit 2 (mmi.run_script), like every other user mistake
+        raise InputError(message)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    usage, _, rest = __doc__.partition("\nLayout under --data_root")
+    layout = "Layout under --data_root" + rest.split("\n\n")[0]
+    p = _ArgumentParser(description=usage, epilog=layout, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="demo", choices=sorted(TASKS),
-                   help="default: the demo scoreboard of the embedded model on held-out shape stories")
-    p.add_argument("--data_root", default=None, help="folder holding the evaluation sets (original layout)")
-    p.add_argument("--init_from", default=None, help="a folder written by MMInterleaved.save_pretrained")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one in --init_from)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N samples")
-    p.add_argument("--out", default="eval_results.json")
-    p.add_argument("--batch_size", type=int, default=2, help="prompts per generate call (the original used 2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--inception", default=FID_WEIGHTS_NAME, help=f"path to {FID_WEIGHTS_NAME} (FID tasks)")
+                   help="what to score (default: demo, the embedded model's scoreboard on held-out shape stories)")
+    p.add_argument("--data_root", default=None,
+                   help="folder holding the evaluation sets in the original layout (below); every task but demo")
+    p.add_argument("--init_from", default=None,
+                   help="model folder written by MMInterleaved.save_pretrained (demo: assets/demo by default)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.model or tokenizer.json (default: the one in --init_from)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N samples")
+    p.add_argument("--out", default=None,
+                   help="results JSON (default: out/eval/<task>.json); while the run goes, the predictions made so "
+                        "far are kept in <out>.partial.json")
+    p.add_argument("--batch_size", type=_positive_int, default=2,
+                   help="prompts per generate call (the original used 2)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA where there is one), cpu, cuda or cuda:N; under torchrun each rank on CUDA "
+                        "takes cuda:LOCAL_RANK")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded in")
+    p.add_argument("--inception", default=FID_WEIGHTS_NAME,
+                   help=f"path to pytorch-fid's {FID_WEIGHTS_NAME} (FID tasks: coco_t2i, lncoco)")
     p.add_argument("--clip", default=None, help="folder with openai/clip-vit-large-patch14's model.safetensors and "
-                                                "tokenizer.json (COCO text-to-image best-of-8 re-ranking)")
-    p.add_argument("--image_dir", default=None, help="where generated images go (FID tasks)")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--guidance_scale", type=float, default=3.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--readme", action="store_true", help="demo: write the scoreboard into README.md")
-    return p.parse_args(argv)
+                                                "tokenizer.json (coco_t2i: best-of-8 re-ranking)")
+    p.add_argument("--image_dir", default=None,
+                   help="where generated images go (FID tasks; default: <out without .json>_images)")
+    p.add_argument("--steps", type=_positive_int, default=250,
+                   help="diffusion sampling steps (FID tasks; the original used 250)")
+    p.add_argument("--guidance_scale", type=float, default=3.5,
+                   help="classifier-free guidance scale (FID tasks; the original used 3.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image sampling (FID tasks and demo)")
+    p.add_argument("--readme", action="store_true",
+                   help="demo: also write the scoreboard into README.md's scoreboard block")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join("out", "eval", f"{args.task}.json")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.data_root is None and TASKS[args.task].needs_data_root:
-        raise ValueError(f"--task={args.task} needs --data_root (the folder holding the evaluation sets)")
+    task = TASKS[args.task]
+    # every flag and file is checked before the model loads (a 13B load takes minutes)
+    if args.readme and args.task != "demo":
+        raise InputError(f"--readme writes the demo scoreboard; it needs --task=demo, not --task={args.task}")
+    if task.needs_data_root:
+        if args.data_root is None:
+            raise InputError(f"--task={args.task} needs --data_root (the folder holding the evaluation sets; its "
+                             f"layout is in eval.py --help)")
+        if not os.path.isdir(args.data_root):
+            raise InputError(f"--data_root={args.data_root}: no such folder")
     if args.init_from is None and args.task == "demo":
         args.init_from = DEMO_MODEL
         if not os.path.isfile(os.path.join(DEMO_MODEL, "config.json")):
-            raise ValueError(f"the embedded demo model ({DEMO_MODEL}) is not in this checkout: train it with "
+            raise InputError(f"the embedded demo model ({DEMO_MODEL}) is not in this checkout: train it with "
                              f"train.py configs/demo_vae.py and configs/demo.py, or pass --init_from")
     if args.init_from is None:
-        raise ValueError(f"--task={args.task} needs --init_from (a folder written by save_pretrained)")
-    rank, world, args.device = init_distributed()
+        raise InputError(f"--task={args.task} needs --init_from (a folder written by save_pretrained)")
+    if not os.path.isdir(args.init_from):
+        raise InputError(f"--init_from={args.init_from}: no such folder (expected one written by save_pretrained)")
+    tokenizer_path = find_tokenizer(args.tokenizer, args.init_from)
+    device = mmi.resolve_device(args.device)
+    if task.preflight is not None:
+        task.preflight(args)
+    samples = load_samples(args)
+    rank, world, args.device = init_distributed(device)
     model = load_model(args.init_from, getattr(torch, args.dtype), args.device).eval()
-    tokenizer = load_tokenizer(args.tokenizer, args.init_from, model.cfg)
-    results = evaluate(model, tokenizer, args, rank, world)
+    tokenizer = load_tokenizer(tokenizer_path, args.init_from, model.cfg)
+    results = evaluate(model, tokenizer, args, rank, world, samples)
     if rank == 0:
         write_json_atomic(args.out, results)
+        if os.path.exists(partial_path(args.out, rank, world)):
+            os.remove(partial_path(args.out, rank, world))
         print(json.dumps({"task": args.task, "num_samples": results["num_samples"], **results["metrics"]}))
+        if results["skipped"]:
+            print(f"skipped {len(results['skipped_samples'])} of {len(samples)} samples {results['skipped']}; "
+                  f"each is listed under skipped_samples in {args.out}")
         if args.task == "demo":
             table = demo_table(results["metrics"], results["num_samples"])
             print(table)
             if args.readme:
-                write_readme_table(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), table)
+                readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+                write_readme_table(readme, table)
+                print(f"wrote the scoreboard into {readme}")
+        if task.score is score_fid:
+            print(f"wrote {results['num_samples']} generated images to {images_folder(args)}")
+        print(f"wrote {args.out}")
     if world > 1:
         torch.distributed.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(mmi.run_script(main))

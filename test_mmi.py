@@ -2584,7 +2584,7 @@ def _args(task, root, limit=None):
     # the command line's own defaults, so tests see what a user gets
     args = ev.parse_args([f"--task={task}", f"--data_root={root}", "--init_from=unused", "--inception=none"] +
                         ([f"--limit={limit}"] if limit is not None else []))
-    args.device, args.steps = "cpu", 2
+    args.device, args.steps, args.out = "cpu", 2, os.path.join(root, "results.json")
     return args
 
 
@@ -2779,6 +2779,7 @@ def _rank_worker(rank, world, root, port, result_path):
 
 def test_torchrun_split_is_rank_strided_and_gathered_on_rank_0(tmp_path):
     _json(tmp_path / "VizWiz/val.json", [{"image": f"{i}.jpg", "question": "q", "answers": ["a"]} for i in range(7)])
+    _image(str(tmp_path / "VizWiz/val/0.jpg"), 0)        # a set without any of its images is refused up front
     port = 29500 + os.getpid() % 1000
     # fork: the children need no fresh import of torch (they do no tensor maths, so forked thread pools are safe)
     torch.multiprocessing.start_processes(_rank_worker, args=(2, str(tmp_path), port, str(tmp_path / "r.json")),
@@ -2799,7 +2800,7 @@ def test_command_line_writes_config_metrics_and_samples(tmp_path, monkeypatch, d
                                          {"image": "b.jpg", "question": "Colour?", "answers": ["blue"] * 10}])
     _image(str(tmp_path / "VizWiz/val/a.jpg"), 0)
     out = tmp_path / "res.json"
-    ev.main(["--task=vizwiz_vqa", f"--data_root={tmp_path}", "--init_from=unused", "--limit=1",
+    ev.main(["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}", "--limit=1",
             f"--tokenizer={data.DEMO_TOKENIZER_PATH}", f"--out={out}"])
     res = json.load(open(out))
     assert res["task"] == "vizwiz_vqa" and res["num_samples"] == 1 and res["config"]["limit"] == 1
@@ -2970,6 +2971,206 @@ def test_text_to_image_end_to_end_with_the_tiny_model(tmp_path, monkeypatch, dem
     assert math.isfinite(res["metrics"]["FID"]) and res["metrics"]["FID"] > 0
     with pytest.raises(ValueError, match="at least 2"):
         ev.feature_statistics(np.zeros((1, 4)))
+
+
+# ---- the command line: one line and exit 2 for a user mistake, before the model loads; skipped samples counted;
+# the predictions made before a crash kept ----
+
+def _vizwiz_layout(root, names, missing=(), corrupt=(), answers=None):
+    """VizWiz val, one question per image; images in `missing` are not written, those in `corrupt` are no image."""
+    _json(root / "VizWiz/val.json", [{"image": n, "question": f"What is {n}?",
+                                      "answers": ["red"] * 10 if answers is None else answers} for n in names])
+    os.makedirs(root / "VizWiz/val", exist_ok=True)
+    for i, n in enumerate(names):
+        if n in corrupt:
+            (root / "VizWiz/val" / n).write_bytes(b"not an image")
+        elif n not in missing:
+            _image(str(root / "VizWiz/val" / n), i)
+
+
+def test_eval_help_gives_every_option_a_meaning(capsys):
+    with pytest.raises(SystemExit) as e:
+        mmi.run_script(ev.main, ["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    entries = re.split(r"\n  (?=-)", out.split("options:")[1].split("Layout under --data_root")[0])[1:]
+    assert [x.split()[0].rstrip(",") for x in entries] == [
+        "-h", "--task", "--data_root", "--init_from", "--tokenizer", "--limit", "--out", "--batch_size", "--device",
+        "--dtype", "--inception", "--clip", "--image_dir", "--steps", "--guidance_scale", "--seed", "--readme"]
+    for x in entries:                            # the flag, its value's name or choices, then words that explain it
+        assert len(re.sub(r"\{[^}]*\}|\b[A-Z_]{2,}\b", "", x).split()) >= 4, x
+    assert "default: out/eval/<task>.json" in " ".join(out.split())
+    assert "VizWiz/val.json" in out                          # the layout under --data_root
+
+
+@pytest.mark.parametrize("case", ["task", "limit", "device", "no_data_root", "no_init_from", "no_annotations",
+                                  "no_references", "no_images", "no_inception", "string_answers"])
+def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
+    loads = []
+    monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
+    root = str(tmp_path)
+    given = [f"--data_root={root}", f"--init_from={root}", f"--tokenizer={data.DEMO_TOKENIZER_PATH}"]
+    _vizwiz_layout(tmp_path, ["a.jpg"])
+    if case == "task":
+        argv, want = ["--task=vqa"], "argument --task: invalid choice: 'vqa' (choose from 'coco_karpathy'"
+    elif case == "limit":
+        argv = ["--task=vizwiz_vqa", "--limit=ten"] + given
+        want = "argument --limit: expected a positive integer, got 'ten'"
+    elif case == "device":
+        argv, want = ["--task=vizwiz_vqa", "--device=gpu"] + given, "--device=gpu: expected auto, cpu, cuda or cuda:N"
+    elif case == "no_data_root":
+        argv, want = ["--task=vizwiz_vqa", f"--init_from={root}"], "--task=vizwiz_vqa needs --data_root"
+    elif case == "no_init_from":
+        argv, want = ["--task=vizwiz_vqa", f"--data_root={root}"], "--task=vizwiz_vqa needs --init_from"
+    elif case == "no_annotations":
+        argv = ["--task=vqav2"] + given
+        want = f"{root}/VQAv2/v2_mscoco_val2014_annotations.json: VQAv2 val annotations not found"
+    elif case == "no_references":                   # read by the score, at the end: checked before the model loads
+        name = "val2014/COCO_val2014_000000000042.jpg"
+        _json(tmp_path / "coco/annotations/coco_karpathy_test.json", [{"image": name}])
+        _image(str(tmp_path / "coco" / name), 0)
+        argv = ["--task=coco_karpathy"] + given
+        want = f"{root}/coco/annotations/coco_karpathy_test_gt.json: caption references not found"
+    elif case == "no_images":
+        os.remove(tmp_path / "VizWiz/val/a.jpg")
+        argv = ["--task=vizwiz_vqa"] + given
+        want = f"--task=vizwiz_vqa: none of the 1 images is there, e.g. {root}/VizWiz/val/a.jpg"
+    elif case == "no_inception":
+        _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
+        argv, want = ["--task=lncoco", "--inception=nowhere.pth"] + given, "not found at 'nowhere.pth'"
+    else:
+        _vizwiz_layout(tmp_path, ["a.jpg"], answers="red")
+        argv = ["--task=vizwiz_vqa"] + given
+        want = f"{root}/VizWiz/val.json[0]: field 'answers' is 'red', expected a list"
+    assert mmi.run_script(ev.main, argv) == 2
+    captured = capsys.readouterr()
+    assert ": error: " in captured.err and want in captured.err, captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert loads == []
+
+
+def test_eval_script_reports_a_malformed_file_in_one_line_exit_2(tmp_path):
+    _vizwiz_layout(tmp_path, ["a.jpg"], answers=[])
+    argv = ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}",
+            f"--tokenizer={data.DEMO_TOKENIZER_PATH}"]
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"eval.py: error: {tmp_path}/VizWiz/val.json[0]: field 'answers' is empty (VQA accuracy "
+                           f"needs the human answers)\n")
+
+
+def _vqav2_layout(root, second):
+    """VQAv2 val with two questions; `second` updates the second annotation record."""
+    anns = [{"question_id": 301, "image_id": 3, "answers": _vqa_answers(["red"] * 10)},
+            {"question_id": 401, "image_id": 4, "answers": _vqa_answers(["2"] * 10)}]
+    anns[1].update(second)
+    _json(root / "VQAv2/v2_mscoco_val2014_annotations.json", {"annotations": anns})
+    _json(root / "VQAv2/v2_OpenEnded_mscoco_val2014_questions.json", {"questions": [
+        {"question_id": 301, "image_id": 3, "question": "Colour?"}, {"question_id": 401, "image_id": 4,
+                                                                    "question": "How many?"}]})
+    return str(root / "VQAv2/v2_mscoco_val2014_annotations.json")
+
+
+@pytest.mark.parametrize("second, want", [
+    ({"answers": "two"}, "field 'answers' is 'two', expected a list"),         # not 3 one-letter answers
+    ({"answers": []}, "field 'answers' is empty"),                             # not a division by zero
+    ({"answers": [{"answer": 2}]}, r"answers\[0\] is \{'answer': 2\}, expected a string"),
+    ({"image_id": "4"}, "field 'image_id' is '4', expected an integer"),
+    ({"question_id": None}, "field 'question_id' is None, expected an integer or a string")],
+    ids=["answers_a_string", "answers_empty", "answer_a_number", "image_id_a_string", "question_id_null"])
+def test_malformed_vqa_record_names_file_record_and_field(second, want, tmp_path):
+    path = _vqav2_layout(tmp_path, second)
+    with pytest.raises(mmi.InputError, match=re.escape(path) + r": annotations\[1\]: " + want):
+        ev.read_vqav2(str(tmp_path))
+
+
+def test_malformed_records_of_other_sets_name_file_record_and_field(tmp_path):
+    _json(tmp_path / "coco/annotations/coco_karpathy_test.json", [{"image": "val2014/COCO_val2014_000000000042.jpg"},
+                                                                 {"image": "val2014/street.jpg"}])
+    with pytest.raises(mmi.InputError, match=r"coco_karpathy_test.json\[1\]: field 'image' is 'val2014/street.jpg', "
+                                             r"expected a COCO file name ending in its image id"):
+        ev.read_coco_karpathy(str(tmp_path))
+    _json(tmp_path / "coco/annotations/captions_val2014.json", {"annotations": [{"image_id": "5", "caption": "x"}]})
+    with pytest.raises(mmi.InputError, match=r"captions_val2014.json: annotations\[0\]: field 'image_id' is '5', "
+                                             r"expected an integer"):
+        ev.read_coco_t2i(str(tmp_path))
+    _visdial_layout(tmp_path)
+    _json(tmp_path / "visdial/visdial_1.0_val_dense_annotations.json",
+          [{"image_id": 77, "round_id": 3, "gt_relevance": [0.0, 0.0, 0.0]}])
+    with pytest.raises(mmi.InputError, match=r"dense_annotations.json\[0\]: gt_relevance must be numbers, not all "
+                                             r"zero \(NDCG is undefined"):
+        ev.read_visdial(str(tmp_path))
+    _json(tmp_path / "visdial/visdial_1.0_val_dense_annotations.json",
+          [{"image_id": 77, "round_id": 9, "gt_relevance": [0.0, 1.0, 0.5]}])
+    with pytest.raises(mmi.InputError, match=r"dense_annotations.json\[0\]: round_id 9 is not one of dialogs\[0\]'s "
+                                             r"3 rounds"):
+        ev.read_visdial(str(tmp_path))
+
+
+def test_missing_and_broken_images_are_counted_skips_in_the_results(tmp_path, monkeypatch, capsys,
+                                                                    demo_model_and_tokenizer, short_generation):
+    model = demo_model_and_tokenizer[0]
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: copy.deepcopy(model).to(device))
+    _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], missing={"b.jpg"}, corrupt={"c.jpg"})
+    monkeypatch.chdir(tmp_path)                                       # the results go under ./out by default
+    assert mmi.run_script(ev.main, ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}",
+                                    f"--tokenizer={data.DEMO_TOKENIZER_PATH}", "--device=cpu"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "out/eval/vizwiz_vqa.json").read_text())
+    assert [o["id"] for o in res["samples"]] == ["a.jpg", "d.jpg"] and res["num_samples"] == 2
+    assert res["skipped"] == {"image_missing": 1, "image_unreadable": 1}
+    assert [(o["id"], o["skipped"]) for o in res["skipped_samples"]] == [("b.jpg", "image_missing"),
+                                                                         ("c.jpg", "image_unreadable")]
+    assert res["metrics"]["overall_accuracy"] == pytest.approx(100 * np.mean([o["accuracy"] for o in res["samples"]]))
+    assert "skipped 2 of 4 samples" in out and f"wrote {os.path.join('out', 'eval', 'vizwiz_vqa.json')}\n" in out
+    assert sorted(os.listdir(tmp_path / "out/eval")) == ["vizwiz_vqa.json"]
+
+
+def test_no_usable_sample_is_an_input_error_not_a_zero_division(tmp_path, demo_model_and_tokenizer):
+    model, tok = demo_model_and_tokenizer                 # never called: no image can be read
+    _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg"], corrupt={"a.jpg", "b.jpg"})
+    with pytest.raises(mmi.InputError, match=r"0 of 2 samples could be used, the metric needs at least 1; skipped "
+                                             r"\{'image_unreadable': 2\}"):
+        ev.evaluate(model, tok, _args("vizwiz_vqa", tmp_path))
+
+
+@pytest.mark.parametrize("every", [0, 10 ** 9])
+def test_a_crash_mid_run_keeps_the_predictions_made_so_far(every, tmp_path, monkeypatch, capsys,
+                                                          demo_model_and_tokenizer, short_generation):
+    """every=0: the partial file is rewritten as each prediction comes; every=10**9: only on the way out."""
+    model = copy.deepcopy(demo_model_and_tokenizer[0])                  # patched below
+    generate, seen = model.generate_texts, []
+    out, partial = tmp_path / "r.json", tmp_path / "r.partial.json"
+
+    def generate_texts(batch, **kw):
+        if seen:                                 # the second batch: note what is on disk, then fail
+            seen.append(json.loads(partial.read_text()) if partial.exists() else None)
+            raise RuntimeError("CUDA error: out of memory")
+        seen.append("first")
+        return generate(batch, **kw)
+
+    monkeypatch.setattr(model, "generate_texts", generate_texts)
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: model)
+    monkeypatch.setattr(ev, "PARTIAL_EVERY_S", every)
+    _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    argv = ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}", "--device=cpu",
+            f"--tokenizer={data.DEMO_TOKENIZER_PATH}", "--batch_size=2", f"--out={out}"]
+    with pytest.raises(RuntimeError, match="out of memory"):                # a bug or a crash is not an InputError
+        mmi.run_script(ev.main, argv)
+    if every == 0:
+        assert [o["id"] for o in seen[1]["samples"]] == ["a.jpg", "b.jpg"]
+    else:
+        assert seen[1] is None
+    kept = json.loads(partial.read_text())
+    assert kept["partial"] and kept["num_predictions"] == 2 and not out.exists()
+    assert f"kept the 2 predictions made so far in {partial}" in capsys.readouterr().err
+    # a rerun makes the same predictions, writes the results and removes the partial file
+    monkeypatch.setattr(model, "generate_texts", generate)
+    assert mmi.run_script(ev.main, argv) == 0
+    res = json.loads(out.read_text())
+    assert res["num_samples"] == 3 and res["samples"][:2] == kept["samples"] and not partial.exists()
+
 
 # ===============================================================================================================
 # Loading: the released files in every hub layout (tiny random transformers / diffusers models written to disk),
@@ -5065,7 +5266,7 @@ def test_predict_demo_in_groups_of_stories_equals_one_story_at_a_time(monkeypatc
         want, pairs = _demo_story_at_a_time(model, tok, samples, args)
         drawn, read_scene = [], data.read_scene
         monkeypatch.setattr(data, "read_scene", lambda img: drawn.append(img) or read_scene(img))
-        got = ev.predict_demo(model, tok, samples, args, stories_per_call=2)
+        got = list(ev.predict_demo(model, tok, samples, args, stories_per_call=2))
     assert got == want
     # each call reads all its images with MMFS, then all without; stories 0-1 share a call, story 2 has its own
     first_call = sum(len(data.make_story(s["seed"]).scenes) - 1 for s in samples[:2])
