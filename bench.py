@@ -268,15 +268,14 @@ def bench_train(args):
     step_s = seconds / len(steady)                 # per-step rates would make light of one slow step
     samples = sum(r["samples_per_s"] * r["time_s"] for r in steady) / seconds
     mfu = sum(r["mfu"] * r["time_s"] for r in steady) / seconds
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     card = torch.cuda.get_device_name() if cuda else "cpu"
     gpus = f"{world} x {card} (FSDP)" if world > 1 else card
-    print(f"train, {args.preset}, {gpus}: {args.rows} rows x {seq_len} tokens per GPU, {images} images/row, "
-          f"activation checkpointing, frozen weights in {args.frozen_dtype}" +
+    print(f"train, {args.preset}, {gpus}: {args.rows} rows x {seq_len} tokens per {'GPU' if cuda else 'process'}, "
+          f"{images} images/row, activation checkpointing, frozen weights in {args.frozen_dtype}" +
           (", blocks compiled" if args.compile else ""))
     mfu_text = f"MFU {100 * mfu:.1f}% of the measured matmul peak {peak:.0f} TFLOP/s" if cuda else "MFU n/a on a CPU"
-    print(f"  step {step_s:.3f} s, {samples:.2f} samples/s in all, {mfu_text}, peak memory {mem:.1f} GiB on rank 0, "
-          f"whole run {total:.0f} s")
+    mem_text = f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB on rank 0" if cuda else ""
+    print(f"  step {step_s:.3f} s, {samples:.2f} samples/s in all, {mfu_text}{mem_text}, whole run {total:.0f} s")
     print("  step times (s): " + " ".join(f"{r['time_s']:.3f}" for r in rows)
           + f" (the mean is over the last {len(steady)})")
     # a step much slower than the rest: a full garbage collection in it, or the CUDA caching allocator flushing its
@@ -430,7 +429,7 @@ def main():
     parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
     parser.add_argument("--preset", default="mmi-13b",
                         help="train / sample / gemv: the model preset (tiny for a CPU check)")
-    parser.add_argument("--rows", type=int, default=4, help="train: rows per GPU")
+    parser.add_argument("--rows", type=int, default=4, help="train: rows per GPU (per process on a CPU)")
     parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps")
     parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")
     parser.add_argument("--new_tokens", type=int, default=128, help="sample: tokens to decode")
