@@ -800,6 +800,7 @@ class MixedDataset(torch.utils.data.IterableDataset):
         self.flush_last, self.verbose = flush_last, verbose
         self.epoch = 0
         self.resume = {}
+        self.first_worker = 0  # the reader DataLoader worker 0 plays (worker w: the next one on, cyclically)
         self.last_stats = {}  # per source: counters of its last finished pass (in this process)
 
     def set_epoch(self, epoch):
@@ -823,7 +824,8 @@ class MixedDataset(torch.utils.data.IterableDataset):
         rank = self.rank if self.rank is not None else rank
         world = self.world_size if self.world_size is not None else world
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        worker, num_workers = (0, 1) if info is None else ((info.id + self.first_worker) % info.num_workers,
+                                                           info.num_workers)
         return [Reader(rank, world, worker, num_workers) for _ in self.sources]
 
     def __iter__(self):

@@ -4398,7 +4398,7 @@ def config_file(tmp_path):
 
 
 def run_train(config_file, out_dir, *args):
-    return train.main([config_file, f"--out_dir={out_dir}", *args])
+    return train.run(train.load_config([config_file, f"--out_dir={out_dir}", *args]))
 
 
 def read_metrics(out_dir):
@@ -4647,12 +4647,14 @@ def test_prefetcher_keeps_the_order_raises_the_streams_error_and_stops():
     with pytest.raises(ValueError, match="shard 7: bad row"):
         next(p)
     p.close()
-    endless = (i for i in range(10 ** 9))
+    made = []
+    endless = (made.append(i) or i for i in range(10 ** 9))
     p = train.Prefetcher(endless, lambda x: x, depth=2)
     assert next(p) == 0
     p.close()                                             # a thread blocked on a full queue stops too
     assert not p.thread.is_alive()
-    assert next(endless) <= 4                             # it ran at most depth + 2 ahead, not through the stream
+    assert len(made) <= 5                                 # it ran at most depth + 2 ahead, not through the stream
+    assert endless.gi_frame is None                       # and closed it (a generator's cleanup has run)
 
 
 def test_nan_guard_skips_the_update_logs_it_and_stops_after_nan_patience(tmp_path, config_file, monkeypatch):
@@ -4849,6 +4851,185 @@ def test_demo_configs_parse():
     assert (demo.data, cfg.num_img_token, cfg.resampler.num_queries, cfg.llm.vocab_size) == ("demo", 16, 16, 386)
     vae = train.load_config([os.path.join(HERE, "configs", "demo_vae.py")])
     assert (vae.task, vae.data) == ("vae", "demo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: usage, --help, user mistakes as one line, where outputs go; CPU runs, workers that end with the
+# run, exact resume on the demo data, bench.py's CPU wording
+# ---------------------------------------------------------------------------------------------------------------
+
+# demo rows the tiny preset takes: 7 stories in rows of 64 tokens, one row per micro-batch
+DEMO_ROWS = ["--data=demo", "--seq_len=64", "--batch_size=1", "--demo_num_stories=7"]
+
+
+def test_train_help_lists_every_config_key_with_its_default_and_meaning(capsys):
+    assert mmi.run_script(train.main, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python train.py CONFIG.py") and "python train.py configs/demo.py" in out
+    assert "--model.<key>=value" in out and "--model.llm.num_hidden_layers=2" in out
+    for f in dataclasses.fields(train.TrainConfig):
+        assert re.search(rf"^  {f.name} = ", out, re.M), f.name
+    flat = " ".join(out.split())
+    assert "max_steps = 15000 optimizer steps" in flat and "model_overrides = {} dotted MMIConfig keys" in flat
+    # a meaning that runs over two comment lines in the class
+    assert ('init_device = "cpu" where a new model\'s random weights are drawn: "cpu" gives the same weights on '
+            'every machine; "cuda" is minutes faster at 13B') in flat
+    assert mmi.run_script(train.main, ["-h"]) == 0 and capsys.readouterr().out == out
+
+
+def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert mmi.run_script(train.main, []) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("usage: python train.py CONFIG.py") and "configs/demo.py" in captured.err
+    assert captured.out == "" and os.listdir(tmp_path) == []                   # nothing started, nothing written
+
+
+@pytest.mark.parametrize("text, args, message", [
+    (None, ["nope.py"], "nope.py: cannot read the config file (No such file or directory)"),
+    ("max_steps = 3 +\n", [], "c.py:1: not valid Python"),
+    ("import math\nmax_steps = math.nope\n", [], "c.py:2: AttributeError: module 'math' has no attribute 'nope'"),
+    (TINY_CONFIG + "max_stpes = 3\n", [], "c.py: unknown key 'max_stpes'; did you mean max_steps?"),
+    (TINY_CONFIG, ["--max_step=3"], "unknown key 'max_step'; did you mean --max_steps?"),
+    (TINY_CONFIG, ["--model.llm.hiden_size=8"], "did you mean --model.llm.hidden_size?"),
+    (TINY_CONFIG, ["--max_steps=many"], "config key 'max_steps': cannot read 'many' as int"),
+    (TINY_CONFIG, ["--max_steps"], "--max_steps: expected --max_steps=<int>"),
+    (TINY_CONFIG, ["--data=imagenet"], "data 'imagenet', expected one of 'demo', 'synthetic', 'pretrain'"),
+    (TINY_CONFIG, ["--max_steps=3", "more.py"], "'more.py': expected --key=value (a config file comes first)"),
+    (TINY_CONFIG, ["--init_from=nowhere"], "init_from nowhere: no such folder"),
+    (TINY_CONFIG, ["--vae_from=none.safetensors"], "vae_from none.safetensors: no such file"),
+    (TINY_CONFIG, ["--data=demo", "--tokenizer_path=no.model"], "tokenizer_path no.model: no such file"),
+    (None, [os.path.join(HERE, "configs", "pretrain_13b.py"), f"--tokenizer_path={data.DEMO_TOKENIZER_PATH}"],
+     "pretrain_sources: blip2's annt_root /path/to/blip2/annotations: no such folder"),
+    (TINY_CONFIG, ["--device=cuda:99"], "--device=cuda:99: "),
+], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
+        "choice", "second-file", "init_from", "vae_from", "tokenizer", "data-root", "device"])
+def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
+    monkeypatch.chdir(tmp_path)
+    if text is not None:
+        (tmp_path / "c.py").write_text(text)
+    argv = (["c.py"] if text is not None else []) + args + ["--out_dir=run"]
+    assert mmi.run_script(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and ": error: " in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "run")                                # it stopped before any work
+
+
+def test_train_prints_where_it_wrote_the_model_checkpoint_and_metrics(tmp_path, config_file, capsys):
+    out = tmp_path / "run"
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1", "--export=true"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}/model (the trained model: python sample.py --init_from={out}/model)" in printed
+    assert f"the last checkpoint in {out}/ckpt_00000001" in printed and f"{out}/metrics.jsonl" in printed
+    assert os.path.isdir(out / "model") and os.path.isdir(out / "ckpt_00000001")
+    assert train.load_config([config_file]).out_dir == "out"                   # under out/ unless told otherwise
+
+
+def test_progress_bar_draws_its_final_state_once(tmp_path, config_file, monkeypatch, capsys):
+    from tqdm import tqdm
+
+    class EveryUpdate(tqdm):                                                   # draws at every update
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, mininterval=0, miniters=1, **kwargs)
+
+    monkeypatch.setattr(train, "tqdm", EveryUpdate)
+    run_train(config_file, str(tmp_path / "bar"), "--progress=true")
+    assert len(re.findall(r"\b3/3\b", capsys.readouterr().err)) == 1          # not again when the bar closes
+
+
+def test_demo_recipe_on_a_machine_without_cuda_takes_cpu_sizes(monkeypatch):
+    demo = os.path.join(HERE, "configs", "demo.py")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = train.load_config([demo, "--vae_from="])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = train.load_config([demo, "--vae_from="])
+    assert (cpu.batch_size, cpu.dtype, gpu.batch_size, gpu.dtype) == (2, "float32", 32, "bfloat16")
+    assert train.load_config([demo, "--vae_from=", "--batch_size=4"]).batch_size == 4   # the command line wins
+
+
+def test_data_loader_workers_are_capped_by_the_cpu_cores(tmp_path, config_file, monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert train.worker_limit() == 1                                           # one core stays with the loop
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert train.worker_limit() == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    result = run_train(config_file, str(tmp_path / "run"), *DEMO_ROWS, "--num_workers=6", "--max_steps=1")
+    assert result["config"].num_workers == 1
+    assert "num_workers=6 -> 1: this process may use 2 CPU cores" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stop", ["error", "ctrl-c"])
+def test_a_run_stopped_midway_leaves_no_data_loader_workers(tmp_path, config_file, monkeypatch, capsys, stop):
+    """An exception in step 2 (a bug: its traceback stays) or Ctrl-C (exit 130, one line) ends the prefetch
+    thread and both DataLoader workers before main returns."""
+    import multiprocessing
+    import threading
+    monkeypatch.setattr(train, "worker_limit", lambda: 2)                      # two workers on any machine
+    forward, calls = mmi.MMInterleaved.forward, []
+
+    def stopping(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in step 2") if stop == "error" else KeyboardInterrupt()
+        return forward(self, batch)
+
+    monkeypatch.setattr(mmi.MMInterleaved, "forward", stopping)
+    before = set(multiprocessing.active_children())
+    argv = [config_file, f"--out_dir={tmp_path / 'run'}", *DEMO_ROWS, "--num_workers=2", "--max_steps=5"]
+    if stop == "error":
+        with pytest.raises(RuntimeError, match="a bug in step 2"):
+            train.main(argv)
+    else:
+        assert mmi.run_script(train.main, argv) == 130
+        assert "interrupted; " in capsys.readouterr().err
+    assert set(multiprocessing.active_children()) <= before
+    assert not any(t.name == "prefetch" for t in threading.enumerate())
+
+
+def test_resumed_demo_stream_goes_on_in_the_uninterrupted_order_with_workers(config_file):
+    """Two DataLoader workers hand out 7 stories' batches as readers 0, 1, 0, 1, 0, 0 (reader 1 runs out first). A
+    stream resumed after the 3rd batch goes on with reader 1's, as the uninterrupted one does, through the end of
+    the epoch and into the next; no loader draws from the global RNG (the training loop's noise)."""
+    tc = train.load_config([config_file, *DEMO_ROWS, "--num_workers=2"])
+    cfg = train.model_config(tc)
+
+    def take(state, n):
+        stream = train.train_batches(cfg, tc, 0, 1, state)
+        try:
+            return [next(stream) for _ in range(n)]
+        finally:
+            stream.close()
+
+    rng = torch.get_rng_state()
+    full = take(None, 9)
+    resumed = take(full[2]["meta"]["resume"], 6)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [b["meta"]["position"]["reader"] for b in full[:7]] == [0, 1, 0, 1, 0, 0, 0]
+    batch = lambda b: (b["meta"]["position"]["reader"], b["text_ids"].tolist())
+    assert [batch(b) for b in resumed] == [batch(b) for b in full[3:]]
+
+
+def test_resume_on_demo_data_gives_the_uninterrupted_losses_exactly(tmp_path, config_file):
+    """data=demo, 4 stories (3 batches an epoch): a run resumed after step 2 gives steps 3 and 4 of the
+    uninterrupted run bit for bit, into the next epoch (its loader, made after the RNG state was restored, draws
+    nothing from it)."""
+    args = [*DEMO_ROWS, "--demo_num_stories=4", "--max_steps=4", "--ckpt_interval=2", "--warmup_steps=1"]
+    full = run_train(config_file, str(tmp_path / "full"), *args)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full" / "ckpt_00000002", interrupted / "ckpt_00000002")
+    resumed = run_train(config_file, str(interrupted), *args, "--resume")
+    assert [resumed["losses"][s] for s in (3, 4)] == [full["losses"][s] for s in (3, 4)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the wording on a machine without CUDA")
+def test_bench_train_on_a_cpu_speaks_of_processes_and_no_gpu_memory(capsys):
+    import argparse
+    import bench
+    bench.bench_train(argparse.Namespace(preset="tiny", rows=1, steps=2, frozen_dtype="bfloat16", compile=False))
+    out = capsys.readouterr().out
+    assert "1 rows x 128 tokens per process" in out and "MFU n/a on a CPU" in out
+    assert "GPU" not in out and "nan" not in out and "GiB" not in out
+
 
 
 # ===============================================================================================================

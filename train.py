@@ -8,13 +8,15 @@ A config file is plain Python that assigns names of `TrainConfig` fields; `--key
 type-checked and unknown keys are an error.
 
 The file reads top to bottom: the config, the paper's parameter groups and schedule, the FLOP count behind MFU,
-the data streams, FSDP, checkpoints, evaluation, the demo's VAE-only task, and then `main`: one flat loop of
-micro-batches, backward, the NaN guard, clipping, the optimizer step, logging, evaluation and checkpoints, in
-which the host reads a step's logged numbers back only once the next step's work is queued, so that the GPU is
-not left idle between steps.
+the data streams, FSDP, checkpoints, evaluation, the demo's VAE-only task, the command line (`main`), and then
+`run`: one flat loop of micro-batches, backward, the NaN guard, clipping, the optimizer step, logging, evaluation
+and checkpoints, in which the host reads a step's logged numbers back only once the next step's work is queued, so
+that the GPU is not left idle between steps.
 """
 
+import contextlib
 import dataclasses
+import difflib
 import gc
 import json
 import math
@@ -23,8 +25,10 @@ import queue
 import random
 import shutil
 import sys
+import textwrap
 import threading
 import time
+import traceback
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -57,7 +61,7 @@ PAPER_PARAM_GROUPS = (
 class TrainConfig:
     # model
     task: str = "mmi"                            # "mmi" | "vae" (the image decoder's VAE alone, for the demo)
-    preset: str = "tiny"                         # an mmi.MMIConfig preset
+    preset: str = "tiny"                         # an mmi.MMIConfig preset: "tiny" | "mmi-13b"
     model_overrides: dict = field(default_factory=dict)   # dotted MMIConfig keys -> values, applied to the preset
     init_from: str = ""                          # "" = random init from `seed`; else a save_pretrained directory
     vae_from: str = ""                           # a vae.safetensors written by a task="vae" run, for the frozen VAE
@@ -68,20 +72,21 @@ class TrainConfig:
     grad_accum: int = 1                          # micro-batches per optimizer step
     seq_len: int = 256                           # tokens per row for demo / synthetic data
     images_per_row: int = 2                      # synthetic data
-    num_workers: int = 0                         # DataLoader workers (demo / pretrain)
+    num_workers: int = 0                         # DataLoader workers (demo / pretrain), at most the CPU cores less one
     demo_num_stories: int = 0                    # stories per demo epoch; 0 = the whole split
     tokenizer_path: str = ""                     # demo / pretrain; "" = the demo tokenizer in assets/
-    # pretrain: (name, "mmc4" | "pair", shard pattern, annt_root, data_root, probability, rows per batch)
-    pretrain_sources: tuple = ()
-    # optimizer and schedule (SPEC §10)
-    param_groups: tuple = PAPER_PARAM_GROUPS
-    betas: tuple = (0.9, 0.995)
-    eps: float = 1e-6
+    pretrain_sources: tuple = ()                 # data="pretrain", one tuple per source: (name, "mmc4" | "pair",
+                                                 # shard pattern, annt_root, data_root, probability, rows per batch)
+    # optimizer and schedule
+    param_groups: tuple = PAPER_PARAM_GROUPS     # AdamW groups (substring of the parameter name, lr, weight decay),
+                                                 # the first match wins; the default is the paper's table
+    betas: tuple = (0.9, 0.995)                  # AdamW
+    eps: float = 1e-6                            # AdamW
     grad_clip: float = 1.0                       # max global grad norm; 0 = no clipping (the norm is still logged)
     warmup_steps: int = 1000                     # linear from 0, then cosine to 0 at max_steps
-    max_steps: int = 15000
+    max_steps: int = 15000                       # optimizer steps
     # system
-    device: str = "auto"                         # auto | cpu | cuda
+    device: str = "auto"                         # auto | cpu | cuda | cuda:N
     init_device: str = "cpu"                     # where a new model's random weights are drawn: "cpu" gives the same
                                                  # weights on every machine; "cuda" is minutes faster at 13B
     dtype: str = "bfloat16"                      # bfloat16 (autocast, float32 master weights) | float32
@@ -91,10 +96,10 @@ class TrainConfig:
     activation_checkpointing: bool = False       # recompute every LLM / CLIP / UNet block in the backward pass
     compile: bool = False                        # torch.compile those blocks (their checkpointing compiled too)
                                                  # and the frozen VAE encoder
-    seed: int = 32
-    tf32: bool = True
+    seed: int = 32                               # initial weights, data order and noise
+    tf32: bool = True                            # TF32 matmuls and convolutions on CUDA
     # logging, evaluation, checkpoints
-    out_dir: str = "out"
+    out_dir: str = "out"                         # metrics.jsonl, checkpoints ckpt_<step>/, the exported model
     log_interval: int = 10                       # steps between metrics.jsonl lines
     eval_interval: int = 1000                    # steps between evaluations; 0 = never
     eval_batches: int = 4                        # validation micro-batches per evaluation
@@ -110,67 +115,141 @@ class TrainConfig:
     progress: bool = True                        # tqdm bar on rank 0
 
 
-def _as_tuple(v):
-    return tuple(_as_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
+# the string fields that take one of a few values
+CHOICES = {"task": ("mmi", "vae"), "data": ("demo", "synthetic", "pretrain"), "dtype": ("bfloat16", "float32"),
+           "frozen_dtype": ("bfloat16", "float32"), "export_dtype": ("", "bfloat16", "float32"),
+           "init_device": ("cpu", "cuda")}
+
+USAGE = """\
+usage: python train.py CONFIG.py [--key=value ...] [--model.<key>=value ...]
+       torchrun --nproc_per_node=N train.py CONFIG.py [...]
+
+  python train.py configs/demo_vae.py   # the demo, stage 1: its tiny VAE (out/demo_vae/vae.safetensors)
+  python train.py configs/demo.py       # stage 2: the demo model from scratch on shape stories (out/demo/model)
+  python train.py --help                # every config key with its default and meaning
+"""
 
 
-def _check_value(key, old, value, where):
-    """A config file's Python value must have the field's type (an int may stand for a float, a list for a tuple)."""
-    if isinstance(old, bool) or isinstance(value, bool):
-        ok = isinstance(old, bool) and isinstance(value, bool)
-    elif isinstance(old, float):
-        ok = isinstance(value, (int, float))
-        value = float(value) if ok else value
-    elif isinstance(old, tuple):
-        ok = isinstance(value, (list, tuple))
-        value = _as_tuple(value) if ok else value
-    else:
-        ok = isinstance(value, type(old))
-    if not ok:
-        raise ValueError(f"{where}: {key} = {value!r} is a {type(value).__name__}, expected {type(old).__name__}")
-    return value
+def config_help():
+    """--help: the usage, how values are given, then every TrainConfig field with its default and meaning, read
+    from the class's source: a field's meaning is the comment after it and the comment lines under it indented
+    further; a comment line at the fields' own indentation heads a section."""
+    import inspect
+    import re
+    cfg = mmi.MMIConfig()
+    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    lines = [*USAGE.splitlines(), "",
+             "A config file is plain Python that assigns TrainConfig keys (see configs/); --key=value after it",
+             "wins. A value is read as its key's type: numbers, true/false (a bare --key is true), Python literals",
+             "for tuples (--betas=\"(0.9, 0.99)\"), plain text for strings. --model.<key>=value changes the model's",
+             "config (mmi.MMIConfig of `preset`, documented in mmi.py) by dotted key into its sections",
+             f"({', '.join(sections)}), e.g. --model.llm.num_hidden_layers=2.", "", "config keys (default, meaning):"]
+    for line in inspect.getsource(TrainConfig).splitlines()[1:]:
+        key = re.match(r"    (\w+): \w+ = (.*?)\s*(?:#\s*(.*))?$", line)
+        comment = re.match(r"(\s*)#\s*(.*)$", line)
+        if key:
+            name, default, meaning = key.groups()
+            if default.startswith("field("):
+                default = repr(getattr(TrainConfig(), name))
+            lines.append(f"  {name} = {default}".ljust(38) + f" {meaning or ''}".rstrip())
+        elif comment and len(comment.group(1)) == 4:
+            lines.append(comment.group(2) + ":")
+        elif comment:
+            lines[-1] += " " + comment.group(2)
+    return "\n".join(textwrap.fill(line, 116, subsequent_indent=" " * 39) if len(line) > 116 else line
+                     for line in lines)
+
+
+def _unknown(key, names, where, prefix=""):
+    """The error for a key that is not in `names`, with the closest one as a hint (as the user would write it)."""
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else "; python train.py --help lists the keys"
+    return mmi.InputError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _model_keys(cfg, prefix=""):
+    """Every dotted key of an MMIConfig, sections included."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _model_keys(value, prefix + f.name + ".")
+    return keys
+
+
+def read_config_file(path):
+    """A config file's assignments {name: value}, helpers and imports left out. Any mistake in it (missing, not
+    Python, raising) is an InputError naming the file and line."""
+    try:
+        with open(path) as f:
+            code = compile(f.read(), path, "exec")
+    except OSError as e:
+        raise mmi.InputError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except (SyntaxError, ValueError) as e:                  # ValueError: null bytes
+        raise mmi.InputError(f"{path}:{getattr(e, 'lineno', '?')}: not valid Python: {getattr(e, 'msg', e)}") from None
+    values = {}
+    try:
+        exec(code, values)                                   # one namespace, so helpers see the file's names
+    except Exception as e:                                   # the file is the user's code: its error is theirs
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise mmi.InputError(f"{path}:{line}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in values.items()
+            if not (k.startswith("_") or callable(v) or isinstance(v, types.ModuleType))}
 
 
 def load_config(argv):
-    """argv = [config.py] [--key=value ...] -> TrainConfig. Config files set fields by plain assignment."""
-    tc, where = TrainConfig(), "command line"
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    if argv and not argv[0].startswith("--"):
+    """argv = [config.py] [--key=value ...] -> TrainConfig. Config files set fields by plain assignment; their
+    values and the command line's strings are checked (and strings parsed) by mmi's one override parser."""
+    tc, path = TrainConfig(), None
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    if argv and not argv[0].startswith("-"):
         path, argv = argv[0], argv[1:]
-        values = {}
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), values)      # one namespace, so helpers see the file's names
-        for key, value in values.items():
-            if key.startswith("_") or callable(value) or isinstance(value, types.ModuleType):
-                continue                         # helpers and imports inside the config file
+        for key, value in read_config_file(path).items():
             if key not in names:
-                raise ValueError(f"{path}: unknown key {key!r}; TrainConfig has {sorted(names)}")
-            tc = dataclasses.replace(tc, **{key: _check_value(key, getattr(tc, key), value, path)})
+                raise _unknown(key, names, path)
+            old = getattr(tc, key)
+            if isinstance(value, str) and not isinstance(old, str):     # Python values in a file: no parsing
+                raise mmi.InputError(f"{path}: {key} = {value!r} is a str, expected {type(old).__name__}")
+            try:
+                tc = dataclasses.replace(tc, **{key: mmi._parse_like(old, mmi._to_tuple(value), key)})
+            except mmi.InputError as e:
+                raise mmi.InputError(f"{path}: {e}") from None
     model_overrides = dict(tc.model_overrides)
+    typed = []                                               # model keys given on the command line
     for item in argv:
-        if not item.startswith("--") or "=" not in item:
-            raise ValueError(f"{where}: {item!r}, expected --key=value")
-        key, value = item[2:].split("=", 1)
-        if key.startswith("model."):
+        if not item.startswith("--"):
+            raise mmi.InputError(f"{item!r}: expected --key=value (a config file comes first)")
+        key, value = item[2:].split("=", 1) if "=" in item else (item[2:], None)
+        if key.startswith("model.") and value is not None:
             model_overrides[key[len("model."):]] = value
+            typed.append(key[len("model."):])
         elif key not in names:
-            raise ValueError(f"{where}: unknown key {key!r}; TrainConfig has {sorted(names)}")
+            raise _unknown(key, names, "command line", "--")
+        elif value is None:                                  # a bare --flag sets a true/false key
+            if not isinstance(getattr(tc, key), bool):
+                raise mmi.InputError(f"{item}: expected {item}=<{type(getattr(tc, key)).__name__}>")
+            tc = dataclasses.replace(tc, **{key: True})
         else:
             tc = mmi.apply_overrides(tc, {key: value})       # strings parsed to the field's type
     tc = dataclasses.replace(tc, model_overrides=model_overrides)
-    model_config(tc)                                          # bad model keys fail here, before anything starts
-    if tc.dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"dtype {tc.dtype!r}, expected 'bfloat16' or 'float32'")
-    if tc.data not in ("demo", "synthetic", "pretrain"):
-        raise ValueError(f"data {tc.data!r}, expected 'demo', 'synthetic' or 'pretrain'")
-    if tc.export_dtype not in ("", "bfloat16", "float32"):
-        raise ValueError(f"export_dtype {tc.export_dtype!r}, expected '', 'bfloat16' or 'float32'")
-    if tc.frozen_dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"frozen_dtype {tc.frozen_dtype!r}, expected 'bfloat16' or 'float32'")
-    if tc.init_device not in ("cpu", "cuda"):
-        raise ValueError(f"init_device {tc.init_device!r}, expected 'cpu' or 'cuda'")
-    if tc.task not in ("mmi", "vae"):
-        raise ValueError(f"task {tc.task!r}, expected 'mmi' or 'vae'")
+    for key, allowed in CHOICES.items():
+        if getattr(tc, key) not in allowed:
+            raise mmi.InputError(f"{key} {getattr(tc, key)!r}, expected one of {', '.join(map(repr, allowed))}")
+    for key, least in (("batch_size", 1), ("grad_accum", 1), ("keep_last", 1), ("nan_patience", 1),
+                       ("num_workers", 0), ("max_steps", 0)):
+        if getattr(tc, key) < least:
+            raise mmi.InputError(f"{key} {getattr(tc, key)}, expected {least} or more")
+    model_keys = _model_keys(mmi.MMIConfig.from_preset(tc.preset))
+    for key in model_overrides:
+        if key not in model_keys and key in typed:
+            raise _unknown(f"model.{key}", [f"model.{k}" for k in model_keys], "command line", "--")
+        if key not in model_keys:
+            raise _unknown(key, model_keys, f"{path}: model_overrides")
+    cfg = model_config(tc)                                    # bad model values fail here, before anything starts
+    if tc.data == "synthetic" and tc.task == "mmi" and tc.seq_len < 2 + tc.images_per_row * (cfg.num_img_token + 2):
+        raise mmi.InputError(f"seq_len {tc.seq_len} cannot hold images_per_row={tc.images_per_row} images of "
+                             f"{cfg.num_img_token + 1} tokens each plus text")
     return tc
 
 
@@ -352,7 +431,7 @@ def synthetic_row(cfg, index, seed, length, n_images):
     image_len = 1 + cfg.num_img_token
     text_len = length - 1 - n_images * image_len
     if text_len < n_images + 1:
-        raise ValueError(f"seq_len {length} cannot hold {n_images} images of {image_len} tokens plus text")
+        raise mmi.InputError(f"seq_len {length} cannot hold {n_images} images of {image_len} tokens plus text")
     words = torch.randint(3, cfg.pad_token_id, (text_len,), generator=g).tolist()
     cut = text_len // (n_images + 1)
     ids = [cfg.bos_token_id]
@@ -389,7 +468,8 @@ def mixed_dataset(cfg, tc, split, rank, world):
     want = (cfg.llm.vocab_size, cfg.pad_token_id, cfg.soi_token_id, cfg.image_token_id, cfg.bos_token_id,
             cfg.eos_token_id)
     if ids != want:
-        raise ValueError(f"tokenizer {tok.path}: (vocab, pad, soi, image, bos, eos) = {ids}, the model expects {want}")
+        raise mmi.InputError(f"tokenizer {tok.path}: (vocab, pad, soi, image, bos, eos) = {ids}, the model expects "
+                             f"{want}")
     if tc.data == "demo":
         return data.demo_dataset(tok, split, tc.seq_len, cfg.num_img_token, tc.batch_size,
                                  num_stories=tc.demo_num_stories or None, seed=tc.seed,
@@ -398,7 +478,7 @@ def mixed_dataset(cfg, tc, split, rank, world):
     transform = data.DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size)
     for name, kind, shards, annt_root, data_root, prob, rows in tc.pretrain_sources:
         if kind not in ("mmc4", "pair"):
-            raise ValueError(f"pretrain_sources: {name} has kind {kind!r}, expected 'mmc4' or 'pair'")
+            raise mmi.InputError(f"pretrain_sources: {name} has kind {kind!r}, expected 'mmc4' or 'pair'")
         make = data.mmc4_source if kind == "mmc4" else data.pair_source
         sources.append(make(shards, annt_root, data_root, tok, transform, name=name, seed=tc.seed,
                             num_img_token=cfg.num_img_token))
@@ -409,27 +489,40 @@ def mixed_dataset(cfg, tc, split, rank, world):
     return data.MixedDataset(sources, probs, packs, tok, seed=tc.seed, rank=rank, world_size=world)
 
 
-def dataset_batches(dataset, tc, state):
-    """Endless micro-batches of a MixedDataset, epoch after epoch, resumable from {"epoch", "positions"}."""
+def dataset_batches(dataset, tc, rank, state):
+    """Endless micro-batches of a MixedDataset, epoch after epoch, resumable from {"epoch", "positions", "turn",
+    "workers"}. A DataLoader's workers hand out batches in turns (worker w at turns w, w + n, ...; one that has run
+    out drops out), so a loader resumed mid-epoch starts with the worker whose turn was next (the dataset's
+    `first_worker`): the batches come in the uninterrupted run's order. Each loader seeds its workers from its own
+    generator (seed, rank, epoch), never from the global RNG that the training loop's noise comes from."""
     epoch, positions = (state["epoch"], dict(state["positions"])) if state else (0, {})
+    turn, workers = (state.get("turn", 0), state.get("workers", tc.num_workers)) if state else (0, tc.num_workers)
     while True:
         dataset.set_epoch(epoch)
         dataset.load_state_dict(positions)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=tc.num_workers,
-                                             persistent_workers=False)
-        for batch in loader:
-            dataset.record_position(positions, batch)
-            batch["meta"]["resume"] = {"epoch": epoch, "positions": dict(positions)}
-            yield batch
-        epoch, positions = epoch + 1, {}
+        dataset.first_worker = turn
+        seed = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch * 1009 + rank)
+        stream = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                  persistent_workers=False, generator=seed))
+        try:
+            for batch in stream:
+                dataset.record_position(positions, batch)
+                turn = (batch["meta"]["position"]["reader"] + 1) % max(workers, 1)   # readers rank * n + w
+                batch["meta"]["resume"] = {"epoch": epoch, "positions": dict(positions), "turn": turn,
+                                           "workers": workers}
+                yield batch
+        finally:
+            if workers:
+                stream._shutdown_workers()           # now, also when the stream is closed mid-epoch
+        epoch, positions, turn = epoch + 1, {}, 0
 
 
 def train_batches(cfg, tc, rank, world, state=None):
     if tc.data == "synthetic":
         return synthetic_batches(cfg, tc, rank, world, state)
     if tc.data == "pretrain" and not tc.pretrain_sources:
-        raise ValueError("data='pretrain' needs pretrain_sources (see configs/pretrain_13b.py)")
-    return dataset_batches(mixed_dataset(cfg, tc, "train", rank, world), tc, state)
+        raise mmi.InputError("data='pretrain' needs pretrain_sources (see configs/pretrain_13b.py)")
+    return dataset_batches(mixed_dataset(cfg, tc, "train", rank, world), tc, rank, state)
 
 
 def val_batches(cfg, tc, rank, world):
@@ -438,7 +531,7 @@ def val_batches(cfg, tc, rank, world):
         stream = synthetic_batches(cfg, dataclasses.replace(tc, seed=tc.seed + 1), rank, world, None)
     elif tc.data == "demo":
         stream = dataset_batches(mixed_dataset(cfg, dataclasses.replace(tc, num_workers=0), "val", rank, world),
-                                 dataclasses.replace(tc, num_workers=0), None)
+                                 dataclasses.replace(tc, num_workers=0), rank, None)
     else:
         return None
     return [next(stream) for _ in range(tc.eval_batches)]
@@ -460,11 +553,12 @@ class Prefetcher:
     """Iterates fn(batch) over `batches` in a background thread, `depth` micro-batches ahead, so that the next batch
     is made (and pinned, for an asynchronous copy to the GPU) while the GPU works on this one. The data streams draw
     from their own seeded generators, never the global RNG, so the thread changes no numbers. The thread ends when
-    the Prefetcher is closed or dropped."""
+    the Prefetcher is closed or dropped, and closes the stream (a generator's cleanup: its DataLoader workers)."""
 
     def __init__(self, batches, fn, depth=2):
         self.queue, self.stop = queue.Queue(depth), threading.Event()
-        self.thread = threading.Thread(target=Prefetcher._work, args=(batches, fn, self.queue, self.stop), daemon=True)
+        self.thread = threading.Thread(target=Prefetcher._work, args=(batches, fn, self.queue, self.stop), daemon=True,
+                                       name="prefetch")
         self.thread.start()
 
     @staticmethod
@@ -485,6 +579,9 @@ class Prefetcher:
             put((None, StopIteration()))
         except BaseException as e:                    # handed to the training loop, which raises it
             put((None, e))
+        finally:
+            if hasattr(batches, "close"):             # a generator's cleanup (DataLoader workers) runs here, now
+                batches.close()
 
     def __next__(self):
         item, error = self.queue.get()
@@ -694,13 +791,13 @@ def load_checkpoint(path, model, optimizer, tc, rank, device):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(rank_file):
-        raise ValueError(f"{path}: no {os.path.basename(rank_file)}; was it written by a run with fewer processes?")
+        raise mmi.InputError(f"{path}: no {os.path.basename(rank_file)}; was it written by a run with fewer processes?")
     opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen, strict=tc.save_frozen)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     missing = [k for k in model_sd if f"model.{k}" not in stored]
     if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} model weights, e.g. {missing[:3]}")
+        raise mmi.InputError(f"{path}: the checkpoint lacks {len(missing)} model weights, e.g. {missing[:3]}")
     # Adam has no state for weights that never got a gradient (unused branches); they start from zero state here,
     # which the update skips just as before (no gradient, no update), so a partial optimizer load is exact
     with warnings.catch_warnings():
@@ -827,13 +924,17 @@ def export_vae(vae, batches, path, device):
 
 
 def read_vae_scaling_factor(path):
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     if not os.path.isfile(path):
-        raise ValueError(f"vae_from {path}: no such file; train the VAE first (python train.py configs/demo_vae.py)")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+        raise mmi.InputError(f"vae_from {path}: no such file; train the VAE first (python train.py "
+                             f"configs/demo_vae.py) or pass --vae_from=<its vae.safetensors>")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise mmi.InputError(f"vae_from {path}: not a readable safetensors file ({e})") from None
     if "scaling_factor" not in meta:
-        raise ValueError(f"{path}: no scaling_factor in its metadata; expected a file written by a task='vae' run")
+        raise mmi.InputError(f"{path}: no scaling_factor in its metadata; expected a file written by a task='vae' run")
     return float(meta["scaling_factor"])
 
 
@@ -845,8 +946,8 @@ def load_vae(model, path):
     ours = vae.state_dict()
     if set(state) != set(ours) or any(state[k].shape != ours[k].shape for k in ours):
         bad = sorted(set(state) ^ set(ours)) or [k for k in ours if state[k].shape != ours[k].shape]
-        raise ValueError(f"{path}: does not fit the model's VAE (config vae = {model.cfg.vae}); first mismatches "
-                         f"{bad[:3]}")
+        raise mmi.InputError(f"{path}: does not fit the model's VAE (config vae = {model.cfg.vae}); first "
+                             f"mismatches {bad[:3]}")
     vae.load_state_dict(state)
 
 
@@ -856,28 +957,76 @@ def load_vae(model, path):
 
 
 def main(argv=None):
-    """Train; returns {"losses": {step: loss}, "model": the (possibly sharded) model, "config": TrainConfig}."""
-    tc = load_config(sys.argv[1:] if argv is None else argv)
+    """The command line: no arguments print the usage (exit 2), --help the config keys (exit 0); else train."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(USAGE + "\ntrain.py: error: no config file given", file=sys.stderr)
+        return 2
+    if "-h" in argv or "--help" in argv:
+        print(config_help())
+        return 0
+    tc = load_config(argv)
+    try:
+        run(tc)
+    except KeyboardInterrupt:
+        found = checkpoints(tc.out_dir)
+        print("train.py: interrupted; " + (f"--resume=true goes on from {found[-1]}" if found else
+                                           "no checkpoint written yet"), file=sys.stderr)
+        return 130
+    return 0
+
+
+def check_inputs(tc):
+    """The files and folders the run reads exist: a missing one is one line naming it, before any work starts."""
+    if tc.init_from and not os.path.isdir(tc.init_from):
+        raise mmi.InputError(f"init_from {tc.init_from}: no such folder; expected a model folder written by "
+                             f"save_pretrained (a training run's out_dir/model)")
+    if tc.tokenizer_path and tc.data in ("demo", "pretrain") and not os.path.isfile(tc.tokenizer_path):
+        raise mmi.InputError(f"tokenizer_path {tc.tokenizer_path}: no such file")
+    if tc.data == "pretrain" and not tc.pretrain_sources:
+        raise mmi.InputError("data='pretrain' needs pretrain_sources (see configs/pretrain_13b.py)")
+    for source in tc.pretrain_sources if tc.data == "pretrain" else ():
+        if len(source) != 7 or source[1] not in ("mmc4", "pair"):
+            raise mmi.InputError(f"pretrain_sources: {source!r}, expected (name, 'mmc4' | 'pair', shard pattern, "
+                                 f"annt_root, data_root, probability, rows per batch)")
+        for what, folder in (("annt_root", source[3]), ("data_root", source[4])):
+            if not os.path.isdir(folder):
+                raise mmi.InputError(f"pretrain_sources: {source[0]}'s {what} {folder}: no such folder")
+
+
+def worker_limit():
+    """DataLoader workers this process may start: its CPU cores (shared by the processes torchrun starts on this
+    machine) less one, which the training loop keeps."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1, 0)
+
+
+def run(tc):
+    """Train with config `tc`; returns {"losses": {step: loss}, "model": the (possibly sharded) model, "config":
+    TrainConfig, "last_checkpoint": its step}. However it ends (done, an error, Ctrl-C), the data thread and the
+    DataLoader workers it started are stopped and its files closed."""
+    with contextlib.ExitStack() as cleanup:
+        return _run(tc, cleanup)
+
+
+def _run(tc, cleanup):
+    check_inputs(tc)
     cfg = model_config(tc)
 
     # processes: torchrun sets RANK/WORLD_SIZE; otherwise one process
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if tc.device == "auto":
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device_type = tc.device
+    device = mmi.resolve_device(tc.device)
     if distributed:
         if not tc.fsdp:
-            raise ValueError("several processes need fsdp=True (there is no DDP path)")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+            raise mmi.InputError("several processes need fsdp=True (there is no DDP path)")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
     else:
         rank, world = 0, 1
-        device = torch.device(device_type)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     master = rank == 0
     if tc.dtype == "bfloat16" and device.type == "cpu" and master:
         print("note: bfloat16 autocast on CPU is slow; use --dtype=float32 for CPU runs")
@@ -889,7 +1038,7 @@ def main(argv=None):
     # model: the same weights on every rank (same seed), then sharded; frozen parameters keep requires_grad=False
     torch.manual_seed(tc.seed)
     if tc.init_device == "cuda" and device.type != "cuda":
-        raise ValueError(f"init_device 'cuda' needs device 'cuda', got {device.type!r}")
+        raise mmi.InputError(f"init_device 'cuda' needs device 'cuda', got {device.type!r}")
     init_device = device if tc.init_device == "cuda" else torch.device("cpu")
     if tc.task == "vae":
         with init_device:
@@ -898,8 +1047,8 @@ def main(argv=None):
         model = mmi.MMInterleaved.from_pretrained(tc.init_from)
         saved = dataclasses.replace(model.cfg, gradient_checkpointing=cfg.gradient_checkpointing)
         if saved != cfg:
-            raise ValueError(f"init_from {tc.init_from}: its model config differs from preset {tc.preset!r} with "
-                             f"model_overrides {tc.model_overrides}")
+            raise mmi.InputError(f"init_from {tc.init_from}: its model config differs from preset {tc.preset!r} "
+                                 f"with model_overrides {tc.model_overrides}")
         model.cfg = cfg
     else:
         with init_device:
@@ -947,9 +1096,20 @@ def main(argv=None):
             print(f"resumed from {found[-1]} at step {step}")
     elif tc.resume and master:
         print(f"resume: no checkpoint in {tc.out_dir}, starting from step 0")
+    if tc.data != "synthetic":
+        # a resumed stream keeps the checkpoint's DataLoader workers: its data position is one per worker
+        saved = data_state.get("workers") if data_state else None
+        workers = min(tc.num_workers, worker_limit()) if saved is None else saved
+        if workers != tc.num_workers and master:
+            print(f"note: num_workers={tc.num_workers} -> {workers}: " + (
+                f"this process may use {worker_limit() + 1} CPU cores, one kept for training" if saved is None else
+                "the checkpoint's, whose data position is one per worker"))
+        tc = dataclasses.replace(tc, num_workers=workers)
     pin = (lambda b: {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}) \
         if device.type == "cuda" else (lambda b: b)
-    batches = Prefetcher(train_batches(cfg, tc, rank, world, data_state), pin)
+    # closed however the run ends: the thread stops and closes the stream, whose DataLoader workers then exit
+    batches = cleanup.enter_context(contextlib.closing(Prefetcher(train_batches(cfg, tc, rank, world, data_state),
+                                                                  pin)))
     val = val_batches(cfg, tc, rank, world) if tc.eval_interval else None
 
     if master:
@@ -959,9 +1119,15 @@ def main(argv=None):
         print(f"model {tc.preset}: {n_total:,} parameters, {n_train:,} trainable in {len(groups)} groups; "
               f"{world} process(es) on {device.type}, {tc.dtype}, fsdp={distributed}, "
               f"{tc.batch_size * tc.grad_accum * world} rows per step")
-    metrics_file = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a") if master else None
+        outputs = ["metrics.jsonl"] + (["checkpoints ckpt_<step>/"] if tc.ckpt_interval >= 0 else [])
+        if tc.export:
+            outputs.append("at the end " + ("vae.safetensors" if tc.task == "vae" else "the model in model/"))
+        print(f"writing to {tc.out_dir}/: {', '.join(outputs)}")
+    metrics_file = cleanup.enter_context(open(os.path.join(tc.out_dir, "metrics.jsonl"), "a")) if master else None
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (master and tc.progress), dynamic_ncols=True)
-    losses, last_ckpt, first_step = {}, step, step
+    cleanup.callback(bar.close)
+    cleanup.callback(gc.unfreeze)                # back in the collector's sight: a caller may drop what it froze
+    losses, last_ckpt, last_ckpt_path, first_step = {}, step, None, step
     pending = None                      # (step, lr, names, send_to_host copy): a step not read back yet
     t_done = queue_mark(device)         # where the last step's work ended in the device's queue
 
@@ -983,7 +1149,10 @@ def main(argv=None):
         if bad:
             rec["skipped"] = f"non-finite loss or gradient ({nan_streak} in a row)"
         if master:
-            bar.update(1)
+            if step == tc.max_steps:
+                bar.n = step                     # close() draws the final state: drawn here too, logs show it twice
+            else:
+                bar.update(1)
             bar.set_postfix(**{k: f"{rec[k]:.3f}" for k in names if k != "loss"}, lr=f"{rec['lr']:.2e}",
                             samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                             mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
@@ -995,6 +1164,7 @@ def main(argv=None):
         if nan_streak >= tc.nan_patience:
             raise RuntimeError(f"step {step}: {nan_streak} non-finite steps in a row (nan_patience={tc.nan_patience}); "
                                f"stopping. Resume from the last checkpoint in {tc.out_dir} with a lower lr.")
+        return rec
 
     while step < tc.max_steps:
         lr_mult = lr_multiplier(step, tc.warmup_steps, tc.max_steps)
@@ -1050,8 +1220,12 @@ def main(argv=None):
                                               or step == tc.max_steps)
         first = step == first_step + 1           # (with --compile, the step that compiles)
         if first or evaluate_now or save_now or step == tc.max_steps:
-            finish(pending)                      # read at once: a checkpoint keeps the NaN streak up to its step
+            rec = finish(pending)                # read at once: a checkpoint keeps the NaN streak up to its step
             pending = None
+            if first and device.type == "cpu" and master and rec["time_s"] * (tc.max_steps - step) > 3600:
+                tqdm.write(f"note: step {step} took {rec['time_s']:.1f} s on the CPU; the {tc.max_steps - step:,} "
+                           f"steps left take about {rec['time_s'] * (tc.max_steps - step) / 3600:.1f} hours at "
+                           f"this pace")
         if evaluate_now:
             ev = evaluate(model, raw_model, cfg, tc, val, device, autocast)
             if master and ev:
@@ -1059,8 +1233,8 @@ def main(argv=None):
                 metrics_file.flush()
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         if save_now:
-            save_checkpoint(model, optimizer, tc, cfg, step, {"data": data_state, "nan_streak": nan_streak},
-                            rank, device)
+            last_ckpt_path = save_checkpoint(model, optimizer, tc, cfg, step,
+                                             {"data": data_state, "nan_streak": nan_streak}, rank, device)
             last_ckpt = step
         if first:
             # what exists now (model, optimizer, data pipeline and, with --compile, the compiled code: millions of
@@ -1071,10 +1245,10 @@ def main(argv=None):
         if first or evaluate_now or save_now:
             t_done = queue_mark(device)          # step times count training only, not evaluation, saving, collecting
     bar.close()
-    gc.unfreeze()                                # back in the collector's sight: a caller of main() may drop them
-    batches.close()
-    if metrics_file:
-        metrics_file.close()
+    batches.close()                              # the DataLoader workers exit before the export
+    if master:
+        print(f"metrics in {tc.out_dir}/metrics.jsonl" + (f", the last checkpoint in {last_ckpt_path}"
+                                                            if last_ckpt_path else ""))
     if tc.export and tc.task == "vae":
         val = val or val_batches(cfg, dataclasses.replace(tc, eval_batches=max(tc.eval_batches, 1)), rank, world)
         if master:
@@ -1085,12 +1259,14 @@ def main(argv=None):
     elif tc.export:
         import data
         tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data in ("demo", "pretrain") else None
-        export(model, cfg, os.path.join(tc.out_dir, "model"), rank, distributed, tokenizer,
-               getattr(torch, tc.export_dtype) if tc.export_dtype else None)
+        path = export(model, cfg, os.path.join(tc.out_dir, "model"), rank, distributed, tokenizer,
+                      getattr(torch, tc.export_dtype) if tc.export_dtype else None)
+        if master:
+            print(f"wrote {path} (the trained model: python sample.py --init_from={path})")
     if distributed:
         dist.destroy_process_group()
     return {"losses": losses, "model": model, "config": tc, "last_checkpoint": last_ckpt}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(mmi.run_script(main))

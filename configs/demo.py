@@ -1,5 +1,7 @@
 # The demo: the tiny MM-Interleaved trained from scratch on the synthetic "shape stories" corpus (data.py).
-#   python train.py configs/demo.py                  (one GPU; --device=cpu --dtype=float32 for a CPU try)
+#   python train.py configs/demo.py                  (one GPU; on a machine without one, the CPU sizes below)
+import torch
+
 # The model starts from the "tiny" preset (64x64 images) with the demo tokenizer's vocabulary (384 pieces + soi +
 # image), 16 image tokens, and the widths below.
 preset = "tiny"
@@ -28,6 +30,11 @@ seq_len = 512
 batch_size = 32                  # rows of 512 tokens, ~8 stories and ~24 images each
 grad_accum = 1
 num_workers = 6
+dtype = "bfloat16"
+if not torch.cuda.is_available():
+    # a CPU try: a row takes ~1 GB in the step (32 rows would not fit), and bf16 autocast is slow on CPUs (with
+    # --device=cpu on a machine with a GPU, give these on the command line)
+    batch_size, dtype = 2, "float32"
 
 # every part is new, so one learning rate for all (the paper's table is for fine-tuning pretrained parts)
 param_groups = (("llama_cross_attn.gate", 2e-3, 0.0), ("", 2e-3, 0.05))   # 2e-3 beat 1e-3 in a side-by-side run
@@ -37,7 +44,6 @@ grad_clip = 1.0
 warmup_steps = 200
 max_steps = 1300
 
-dtype = "bfloat16"
 seed = 0
 out_dir = "out/demo"
 log_interval = 20

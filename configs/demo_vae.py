@@ -1,6 +1,8 @@
 # The demo, part 1: the tiny VAE of the image decoder, trained alone on the shape-story images (there is no
 # pretrained SD VAE at this size). Writes out/demo_vae/vae.safetensors, which configs/demo.py loads (frozen).
 #   python train.py configs/demo_vae.py
+import torch
+
 task = "vae"
 preset = "tiny"
 data = "demo"
@@ -17,6 +19,8 @@ warmup_steps = 100
 max_steps = 2000
 
 dtype = "bfloat16"
+if not torch.cuda.is_available():
+    dtype = "float32"            # bf16 autocast is slow on CPUs
 seed = 0
 out_dir = "out/demo_vae"
 log_interval = 50
