@@ -4779,6 +4779,10 @@ def test_fsdp_keeps_frozen_weights_whole_unless_shard_frozen(config_file):
             assert isinstance(model.visual_tokenizer.perceiver_resampler, FSDPModule)
     finally:
         torch.distributed.destroy_process_group()
+        # DTensor's per-thread cache would keep the destroyed group alive in this thread's state: a DataLoader worker
+        # forked later from another thread frees it, and the group's destructor hangs there
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+        _clear_sharding_prop_cache()
 
 
 def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
