@@ -6,7 +6,7 @@
     python sample.py --init_from=original --llm=vicuna-13b-v1.3 --clip=clip-vit-large-patch14 \\
         --sd=stable-diffusion-2-1-base --mmi=mm_interleaved_pretrain --annt=assets/examples/annt_13b.json
 
-Each prompt is continued the original's way (SPEC §9): generate text until eos or a <|beginofimage|> (the model
+Each prompt is continued the original's way: generate text until eos or a <|beginofimage|> (the model
 asking for an image), then generate that image, put it back into the context and continue; for `num_iter` rounds.
 Output: out/<run>/index.html (the stories as pages of text and pictures), the PNGs, the prompts' own images
 (inputs/) and result.json, written into a temporary folder that is renamed into place at the end, so an interrupted

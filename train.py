@@ -45,7 +45,7 @@ import mmi
 # Config
 # ----------------------------------------------------------------------------------------------------------------
 
-# SPEC §10 (the original's `random_params_list`): (substring of the parameter name, learning rate, weight decay).
+# The original's `random_params_list`: (substring of the parameter name, learning rate, weight decay).
 # The first row whose substring occurs in the name wins; "" matches everything. Only trainable parameters are
 # grouped, and inside every row biases and nn.LayerNorm parameters get weight decay 0 (see `decays`).
 PAPER_PARAM_GROUPS = (
@@ -262,7 +262,7 @@ def model_config(tc):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parameter groups and the learning-rate schedule (SPEC §10)
+# Parameter groups and the learning-rate schedule
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -410,7 +410,7 @@ def train_flops(model, cfg, batch):
     n_images, N = int(num.sum()), int(num.max()) if B else 0
     total = llm_flops(cfg, B, L, N) + vision_flops(model, cfg, n_images)
     if model.image_decoder is not None and n_images:
-        # each image's context runs from the last bos before its soi to the soi (SPEC §1.6)
+        # each image's context runs from the last bos before its soi to the soi
         ids = batch["text_ids"]
         soi = ids == cfg.soi_token_id
         pos = torch.arange(L, device=ids.device).expand_as(ids)
