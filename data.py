@@ -905,9 +905,11 @@ def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64
         try:
             infos = json.load(f)
         except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); expected a list of samples") from None
+            raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of samples") from None
+        except RecursionError:
+            raise mmi.InputError(f"{path}: nested too deeply; expected a list of samples") from None
     if not isinstance(infos, list):
-        raise ValueError(f"{path}: top level is {type(infos).__name__}, expected a list of samples")
+        raise mmi.InputError(f"{path}: top level is {type(infos).__name__}, expected a list of samples")
     base = os.path.dirname(os.path.abspath(path))
     out = []
     for n, info in enumerate(infos):

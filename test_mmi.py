@@ -1610,6 +1610,13 @@ def test_show_cli_writes_sheet_and_text(tmp_path):
     assert len(lines) == 3 and all("story" in l and "</s>" in l for l in lines)
 
 
+def test_inference_annotations_nested_too_deeply_is_an_input_error(tmp_path):
+    path = tmp_path / "annt.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(mmi.InputError, match="nested too deeply"):
+        data.load_inference_annotations(str(path), demo_tok())
+
+
 def test_data_cli_with_nothing_to_do_is_usage_and_exit_2(capsys):
     assert mmi.run_script(data.main, []) == 2
     err = capsys.readouterr().err.splitlines()
