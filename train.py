@@ -520,8 +520,6 @@ def dataset_batches(dataset, tc, rank, state):
 def train_batches(cfg, tc, rank, world, state=None):
     if tc.data == "synthetic":
         return synthetic_batches(cfg, tc, rank, world, state)
-    if tc.data == "pretrain" and not tc.pretrain_sources:
-        raise mmi.InputError("data='pretrain' needs pretrain_sources (see configs/pretrain_13b.py)")
     return dataset_batches(mixed_dataset(cfg, tc, "train", rank, world), tc, rank, state)
 
 
