@@ -871,7 +871,7 @@ class MixedDataset(torch.utils.data.IterableDataset):
 
 def pretrain_mix(tokenizer, pairs, mmc4, enc_size=224, dec_size=512, num_total_token=2048, num_img_token=64,
                  seed=42, rank=None, world_size=None):
-    """The paper's pretraining stream (§8.4): three LAION-style pair sources and MMC4 drawn 1:1:1:2, 2 rows
+    """The paper's pretraining stream: three LAION-style pair sources and MMC4 drawn 1:1:1:2, 2 rows
     per pair batch (sample-level cuts, <= 30 images a row) and 4 per MMC4 batch (image-level, <= 15).
     pairs: {name: (annt_root, data_root, shard pattern)} in order, e.g. blip2, laion_en, laion_coco;
     mmc4: (annt_root, data_root, shard pattern)."""

@@ -1632,7 +1632,7 @@ def unet_skip_layout(cfg: UNetConfig) -> list:
 
 
 class UNet2DConditionModel(nn.Module):
-    """SD-2-base UNet; optionally an MMFSNet rewrites the skips and the mid output before the up path (§5.2)."""
+    """SD-2-base UNet; optionally an MMFSNet rewrites the skips and the mid output before the up path."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -1948,7 +1948,7 @@ def dpm_solver_pp_2m_step(x, x0, x0_prev, sigma_prev, sigma, sigma_next):
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
 
-# ---- UNet-MMFS: each skip and the mid output look at the previous image's multi-scale maps (§5.2) ----
+# ---- UNet-MMFS: each skip and the mid output look at the previous image's multi-scale maps ----
 
 class MMFSBlock(nn.Module):
     """sample (B, C, H, W) -> zero-initialised residual (B, C, H, W) from MMFS over the previous image's maps."""
@@ -2007,7 +2007,7 @@ class MMFSNet(nn.Module):
         return sample + run(self.mmfs_mid_block, sample, feats, mmfs_mask), skips
 
 
-# ---- StableDiffusion: VAE + UNet + MMFSNet, the diffusion loss and the sampling loop (§5.4, §5.5) ----
+# ---- StableDiffusion: VAE + UNet + MMFSNet, the diffusion loss and the sampling loop ----
 
 class StableDiffusion(nn.Module):
     def __init__(self, unet_cfg: UNetConfig, vae_cfg: VAEConfig, cfg: ImageDecoderConfig):
@@ -2144,7 +2144,7 @@ class StableDiffusion(nn.Module):
         return (x / 2 + 0.5).clamp(0, 1)
 
 
-# ---- ImageDecoder: resampler over the reversed LLM context, CFG dropout, loss masks, generation (§5.1, §5.3) ----
+# ---- ImageDecoder: resampler over the reversed LLM context, CFG dropout, loss masks, generation ----
 
 class ImageDecoder(nn.Module):
     def __init__(self, unet_cfg: UNetConfig, vae_cfg: VAEConfig, cfg: ImageDecoderConfig):
@@ -2243,7 +2243,7 @@ def pil_to_images(pils: list, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
-# ---- Inputs of the image decoder from the LLM's output (§1.6, §1.7) ----
+# ---- Inputs of the image decoder from the LLM's output ----
 
 def soi_positions(text_ids: torch.Tensor, soi_id: int):
     """-> rows (B_I,), positions (B_I,) of every soi, row-major = the flattened image order."""
@@ -2251,7 +2251,7 @@ def soi_positions(text_ids: torch.Tensor, soi_id: int):
 
 
 def prepare_context_features(h, text_ids, soi_id: int, context_start=None):
-    """§1.6: image i's context is h[row_i, b_i : soi_i + 1] reversed (soi first), zero-padded to the longest.
+    """Image i's context is h[row_i, b_i : soi_i + 1] reversed (soi first), zero-padded to the longest.
     h (B, L, D), context_start (B_I,) per image (None -> 0). -> ctx (B_I, L_max, D), mask (B_I, L_max) long.
     The caller applies context_feat_proj and adds the 1-D sin-cos table PE[:L_max] (padded rows included).
     The positions are worked out where text_ids and context_start are: host copies spare a GPU sync."""
@@ -2277,7 +2277,7 @@ def is_cond_image_of(context_mask) -> torch.Tensor:
 
 
 def prepare_mmfs_features_for_image_decoder(multiscale_feats, text_ids, soi_id: int, context_start=None):
-    """§1.7: image i sees only image i-1 (flattened order), and only if i-1's soi lies in i's row at or after i's
+    """Image i sees only image i-1 (flattened order), and only if i-1's soi lies in i's row at or after i's
     context start. multiscale_feats: list of (B_I, C, H_l, W_l) -> list of (B_I, 1, C, H_l, W_l), mask (B_I, 1).
     The positions are worked out where text_ids and context_start are: host copies spare a GPU sync."""
     rows, pos = soi_positions(text_ids, soi_id)
@@ -2307,7 +2307,7 @@ def image_decoder_inputs(h, text_ids, multiscale_feats, soi_id: int, context_fea
 
 
 def select_target_images(target_image_idxs, context, context_mask, mmfs_features, mmfs_mask):
-    """index_select of the images to generate (§1.8), rejecting slots that do not exist."""
+    """index_select of the images to generate, rejecting slots that do not exist."""
     idx = torch.as_tensor(target_image_idxs, dtype=torch.long, device=context.device).reshape(-1)
     B_I = context.shape[0]
     bad = [i for i in idx.tolist() if not 0 <= i < B_I]
@@ -2555,7 +2555,8 @@ class MMInterleaved(nn.Module):
     # -- training -------------------------------------------------------------------------------------------------
 
     def forward(self, batch):
-        """batch: the dict of the original forward's arguments (STYLE.md) -> {"loss", "loss_txt", "loss_img"}."""
+        """batch: the dict of the original forward's arguments (text_ids, image_tensors, num_image_per_seq, ...; see
+        validate_batch) -> {"loss", "loss_txt", "loss_img"}."""
         c = self.cfg
         # host copies of what the checks and the image and context positions read: the caller's, in meta["host"]
         # (train.py's, made before the batch went to the GPU), else made here once, before any model work is queued
