@@ -556,15 +556,14 @@ def load_inception(path):
     return net.eval()
 
 
-def fid_image_tensor(pil_image, size=64):
-    """The original's FID preprocessing of one image (both sets): bicubic resize of the short side to `size`,
-    centre crop, [0, 1] float (3, size, size); the network then resizes to 299 itself."""
+def fid_image_tensor(pil_image, size=64, round_offset=round):
+    """The original's FID preprocessing of one image (both sets): bicubic resize of the short side to `size` (the
+    long side truncated to int(size * long / short), as torchvision does), centre crop with its offsets rounded
+    by `round_offset`, [0, 1] float (3, size, size); the network then resizes to 299 itself."""
     w, h = pil_image.size
-    # the original resizes with torchvision, which truncates the long side (int(size * long / short))
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    img = pil_image.convert("RGB").resize(new, resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = int(round((arr.shape[0] - size) / 2.0)), int(round((arr.shape[1] - size) / 2.0))
+    arr = np.asarray(pil_image.convert("RGB").resize(new, resample=Image.BICUBIC))
+    top, left = (int(round_offset((n - size) / 2)) for n in arr.shape[:2])
     arr = arr[top:top + size, left:left + size]
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 255.0
 
@@ -635,14 +634,9 @@ class CLIPScorer(nn.Module):
 
 
 def clip_image_tensor(pil_image, size=224):
-    """CLIPProcessor's image path: bicubic resize of the short side to `size` (long side truncated), centre crop
-    (offsets rounded down), [0, 1] float (3, size, size); normalisation happens in `CLIPScorer.image_features`."""
-    w, h = pil_image.size
-    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    arr = np.asarray(pil_image.convert("RGB").resize(new, resample=Image.BICUBIC))
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    arr = arr[top:top + size, left:left + size]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 255.0
+    """CLIPProcessor's image path: fid_image_tensor's resize and crop with the offsets rounded down; normalisation
+    happens in `CLIPScorer.image_features`."""
+    return fid_image_tensor(pil_image, size, math.floor)
 
 
 def check_clip_path(path):
