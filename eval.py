@@ -1082,19 +1082,23 @@ def _batches(samples, batch_size, desc):
         yield samples[i:i + batch_size]
 
 
+def _generate_texts(model, tokenizer, prompts, images, generation, device):
+    """One generate call over left-padded prompts -> their texts (special tokens skipped, stripped)."""
+    out = model.generate_texts(_to_device(text_batch(prompts, images, tokenizer), device), **generation)
+    return [tokenizer.decode(ids[:n]).strip() for ids, n in zip(out["text_ids"].tolist(), out["lengths"].tolist())]
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_size, device, desc, make_output):
-    """Generate a text for every sample (special tokens skipped, stripped); yields make_output(sample, text) per
-    sample, in order, as each batch finishes, or a skip record for a sample whose image cannot be read."""
+    """Generate a text for every sample; yields make_output(sample, text) per sample, in order, as each batch
+    finishes, or a skip record for a sample whose image cannot be read."""
     for chunk in _batches(samples, batch_size, desc):
         images, skips = _load_eval_images(chunk, model.cfg.vision.image_size)
         texts = {}
         if images:
             prompts = [make_prompt(chunk[i]) for i in images]
-            batch = text_batch(prompts, list(images.values()), tokenizer)
-            out = model.generate_texts(_to_device(batch, device), **generation)
-            for i, ids, n in zip(images, out["text_ids"].tolist(), out["lengths"].tolist()):
-                texts[i] = tokenizer.decode(ids[:n]).strip()
+            texts = dict(zip(images, _generate_texts(model, tokenizer, prompts, list(images.values()), generation,
+                                                     device)))
         for i, s in enumerate(chunk):
             yield skips[i] if i in skips else make_output(s, texts[i])
 
@@ -1151,13 +1155,6 @@ def demo_story_prompt(texts, n_img_tok, upto):
     return data.clean_image_spaces(" ".join(t + placeholder for t in texts[:upto + 1]))
 
 
-def demo_captions(model, tokenizer, first_images, device):
-    """Greedy captions of the stories' first images, all in one generate call (batched greedy = one at a time)."""
-    prompts = [data.image_placeholder(model.cfg.num_img_token)] * len(first_images)
-    out = model.generate_texts(_to_device(text_batch(prompts, first_images, tokenizer), device), **DEMO_GENERATION)
-    return [tokenizer.decode(ids[:n]).strip() for ids, n in zip(out["text_ids"].tolist(), out["lengths"].tolist())]
-
-
 def demo_draws(model, tokenizer, steps, device):
     """steps: (story, its images, k, seed) -> per step the scenes read from image k drawn with and without the
     UNet's MMFS. One generate call for all: every image keeps its own seed, so each is what a call of its own
@@ -1186,7 +1183,9 @@ def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_
     for group in _batches(samples, stories_per_call, "demo stories"):
         stories = [data.make_story(s["seed"]) for s in group]
         images = [[demo_image(scene, S) for scene in story.scenes] for story in stories]
-        captions = demo_captions(model, tokenizer, [imgs[0] for imgs in images], args.device)
+        # greedy captions of the first images in one generate call (batched greedy = one at a time)
+        captions = _generate_texts(model, tokenizer, [data.image_placeholder(model.cfg.num_img_token)] * len(group),
+                                   [imgs[0] for imgs in images], DEMO_GENERATION, args.device)
         steps = [(story, imgs, k, args.seed + s["seed"] % 100000)
                  for s, story, imgs in zip(group, stories, images) for k in range(1, len(story.scenes))]
         drawn = iter(demo_draws(model, tokenizer, steps, args.device))
