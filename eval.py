@@ -842,8 +842,10 @@ def _answers(record, where):
     return out
 
 
-def _vqa_pairs(ann_path, q_path, what, image_id=(int, str), question_fields=None):
-    """({question_id: annotation with its answers as strings}, {question_id: question}), both files checked."""
+def _read_vqa(root, folder, ann_name, q_name, what, image_path, image_id=(int, str), question_fields=None):
+    """VQA-format annotation and question files under root/folder, both checked -> samples in annotation order;
+    image_path(question) is the image file."""
+    ann_path, q_path = os.path.join(root, folder, ann_name), os.path.join(root, folder, q_name)
     anns = _require(_load_json(ann_path, f"{what} annotations"), {"annotations": list}, ann_path)
     qs = _require(_load_json(q_path, f"{what} questions"), {"questions": list}, q_path)
     by_id = {}
@@ -860,35 +862,28 @@ def _vqa_pairs(ann_path, q_path, what, image_id=(int, str), question_fields=None
                              f"in {ann_path}")
         if a["image_id"] != q["image_id"]:
             raise InputError(f"{q_path}: questions[{i}] image_id {q['image_id']} != annotation's {a['image_id']}")
-    return by_id, {q["question_id"]: q for q in qs["questions"]}
+    questions = {q["question_id"]: q for q in qs["questions"]}
+    return [{"id": qid, "image": image_path(questions[qid]), "question": questions[qid]["question"],
+             "answers": a["answers"]} for qid, a in by_id.items() if qid in questions]
 
 
-def _read_coco_vqa(root, folder, ann_name, q_name, what):
-    by_id, questions = _vqa_pairs(os.path.join(root, folder, ann_name), os.path.join(root, folder, q_name), what,
-                                  image_id=int)
-    return [{"id": qid, "image": os.path.join(root, "coco", "val2014", f"COCO_val2014_{a['image_id']:012d}.jpg"),
-             "question": questions[qid]["question"], "answers": a["answers"]}
-            for qid, a in by_id.items() if qid in questions]
+def _coco_val2014(root, image_id):
+    return os.path.join(root, "coco", "val2014", f"COCO_val2014_{image_id:012d}.jpg")
 
 
 def read_vqav2(root):
-    return _read_coco_vqa(root, "VQAv2", "v2_mscoco_val2014_annotations.json",
-                          "v2_OpenEnded_mscoco_val2014_questions.json", "VQAv2 val")
+    return _read_vqa(root, "VQAv2", "v2_mscoco_val2014_annotations.json", "v2_OpenEnded_mscoco_val2014_questions.json",
+                     "VQAv2 val", lambda q: _coco_val2014(root, q["image_id"]), image_id=int)
 
 
 def read_okvqa(root):
-    return _read_coco_vqa(root, "OK-VQA", "mscoco_val2014_annotations.json",
-                          "OpenEnded_mscoco_val2014_questions.json", "OK-VQA val")
+    return _read_vqa(root, "OK-VQA", "mscoco_val2014_annotations.json", "OpenEnded_mscoco_val2014_questions.json",
+                     "OK-VQA val", lambda q: _coco_val2014(root, q["image_id"]), image_id=int)
 
 
 def read_textvqa(root):
-    base = os.path.join(root, "textvqa")
-    by_id, questions = _vqa_pairs(os.path.join(base, "textvqa_val_annotations.json"),
-                                  os.path.join(base, "textvqa_val_questions.json"), "TextVQA val",
-                                  question_fields={"image": str})
-    return [{"id": qid, "image": os.path.join(base, "train_images", questions[qid]["image"]),
-             "question": questions[qid]["question"], "answers": a["answers"]}
-            for qid, a in by_id.items() if qid in questions]
+    return _read_vqa(root, "textvqa", "textvqa_val_annotations.json", "textvqa_val_questions.json", "TextVQA val",
+                     lambda q: os.path.join(root, "textvqa", "train_images", q["image"]), question_fields={"image": str})
 
 
 def read_vizwiz(root):
@@ -967,8 +962,7 @@ def read_coco_t2i(root, total_length=30_000):
         if a["image_id"] in seen:
             continue
         seen.add(a["image_id"])
-        out.append({"id": len(out), "caption": a["caption"].lower(),
-                    "image": os.path.join(root, "coco", "val2014", f"COCO_val2014_{a['image_id']:012d}.jpg")})
+        out.append({"id": len(out), "caption": a["caption"].lower(), "image": _coco_val2014(root, a["image_id"])})
     return out[:total_length]
 
 
