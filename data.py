@@ -19,6 +19,7 @@ Runtime dependencies: numpy, torch, pillow, sentencepiece, tokenizers.
 
 import argparse
 import ast
+import contextlib
 import functools
 import io
 import json
@@ -201,6 +202,15 @@ def load_image(path):
         raise SkipSample("image_too_large", f"{path}: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise SkipSample("image_unreadable", f"{path}: {e}") from None
+
+
+@contextlib.contextmanager
+def replaced_on_success(path):
+    """A temporary path beside `path` (same extension) to write, renamed onto `path` when the block ends without
+    an error: a crash leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    yield tmp
+    os.replace(tmp, path)
 
 
 # An image whose long side exceeds this many times its short side loses the ends of its long side before
@@ -1274,10 +1284,8 @@ def train_demo_tokenizer(path, vocab_size=384, num_stories=5000):
         add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
         pad_id=vocab_size - 1, pad_piece="<pad>", num_threads=1, minloglevel=2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with replaced_on_success(path) as tmp, open(tmp, "wb") as f:
         f.write(buf.getvalue())
-    os.replace(tmp, path)
     return path
 
 
@@ -1305,12 +1313,10 @@ def show_demo(n, out_dir, split="train", tokenizer_path=DEMO_TOKENIZER_PATH, sca
         lines.append(f"story {story.seed} ({len(sample.text_ids)} tokens with 4 image tokens per image): "
                      + tok.decode(sample.text_ids, skip_special=False).replace(IMAGE_TOKEN * 4, IMAGE_TOKEN + "x4"))
     png, txt = os.path.join(out_dir, "demo_sheet.png"), os.path.join(out_dir, "demo_samples.txt")
-    tmp = png + ".tmp.png"
-    Image.fromarray(sheet).save(tmp)
-    os.replace(tmp, png)
-    with open(txt + ".tmp", "w", encoding="utf-8") as f:
+    with replaced_on_success(png) as tmp:
+        Image.fromarray(sheet).save(tmp)
+    with replaced_on_success(txt) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(txt + ".tmp", txt)
     print(f"wrote {png} and {txt}")
     return png, txt
 

@@ -1264,10 +1264,8 @@ def write_readme_table(path, table):
         raise InputError(f"{path}: the scoreboard markers {README_BEGIN!r} ... {README_END!r} are missing")
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with data.replaced_on_success(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1408,9 +1406,8 @@ def _text_to_image_task(samples_per_caption):
                 img = candidates[int(best[b]) * len(chunk) + b]
                 path = os.path.join(folder, f"{s['id']:05d}.png")
                 arr = (img * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-                tmp = path + ".tmp.png"
-                Image.fromarray(arr).save(tmp)
-                os.replace(tmp, path)
+                with data.replaced_on_success(path) as tmp:
+                    Image.fromarray(arr).save(tmp)
                 yield {"id": s["id"], "caption": s["caption"], "image": s["image"], "generated": path,
                        "candidate": int(best[b])}
 
@@ -1496,10 +1493,8 @@ def gather_outputs(outputs, rank, world):
 def write_json_atomic(path, obj):
     """A crash while writing leaves the old file or the new one, never half of one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with data.replaced_on_success(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # A long run keeps what it has predicted: every PARTIAL_EVERY_S seconds, and when it stops on an error, each rank
