@@ -146,9 +146,8 @@ def bleu(refs, cands, n=4):
         ref_len = min((abs(len(r) - len(words)), len(r)) for r in ref_words)[1]
         total_test += len(words)
         total_ref += ref_len
-        for k in range(n):
-            total_guess[k] += guess[k]
-            total_correct[k] += correct[k]
+        total_guess = [a + b for a, b in zip(total_guess, guess)]
+        total_correct = [a + b for a, b in zip(total_correct, correct)]
         for k, score in enumerate(_bleu_from_counts(correct, guess, len(words), ref_len, tiny, small)):
             per_sample[k].append(score)
     corpus = _bleu_from_counts(total_correct, total_guess, total_test, total_ref, tiny, small)
@@ -739,12 +738,10 @@ def _coco_id_from_name(name, where):
 
 def _first_per_image(samples):
     """Keep the first sample of every image id (the original evaluates each image once)."""
-    seen, out = set(), []
+    first = {}
     for s in samples:
-        if s["id"] not in seen:
-            seen.add(s["id"])
-            out.append(s)
-    return out
+        first.setdefault(s["id"], s)
+    return list(first.values())
 
 
 def read_coco_karpathy(root):
@@ -1219,9 +1216,8 @@ def demo_scores(outputs, read_key="read"):
 
 
 def score_demo(data_root, outputs, args):
-    with_mmfs = demo_scores(outputs, "read")
+    metrics = demo_scores(outputs, "read")
     without = demo_scores(outputs, "read_without_mmfs")
-    metrics = dict(with_mmfs)
     metrics.update({f"{k}_without_mmfs": v for k, v in without.items() if k != "caption_accuracy"})
     return metrics
 
@@ -1370,9 +1366,9 @@ def _text_to_image_task(samples_per_caption):
         if getattr(model, "image_decoder", None) is None:
             raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
         load_inception(args.inception)          # fail now, not after hours of sampling, if the file is missing
-        clip = load_clip(args.clip) if samples_per_caption > 1 else None
-        if clip is not None:
-            clip = (clip[0].to(args.device), clip[1])
+        if samples_per_caption > 1:
+            scorer, clip_tokenizer = load_clip(args.clip)
+            scorer = scorer.to(args.device)
         cfg = model.cfg
         folder = images_folder(args)
         os.makedirs(folder, exist_ok=True)
@@ -1395,13 +1391,13 @@ def _text_to_image_task(samples_per_caption):
                                                num_images_per_context=samples_per_caption)["image"]
             candidates = candidates.float().clamp(0, 1)                  # (copies * B, 3, H, W), copy-major
             best = torch.zeros(len(chunk), dtype=torch.long)
-            if clip is not None:
+            if samples_per_caption > 1:
                 # the original scores the 8-bit images the generator's output rounds to
                 u8 = (candidates * 255 + 0.5).to(torch.uint8).cpu()
-                pixels = torch.stack([clip_image_tensor(Image.fromarray(x.permute(1, 2, 0).numpy()), clip[0].image_size)
+                pixels = torch.stack([clip_image_tensor(Image.fromarray(x.permute(1, 2, 0).numpy()), scorer.image_size)
                                       for x in u8]).to(args.device)
-                text_ids = [clip_text_ids(clip[1], s["caption"]) for s in chunk]
-                best = clip_best_of(clip[0], text_ids, pixels, samples_per_caption).cpu()
+                text_ids = [clip_text_ids(clip_tokenizer, s["caption"]) for s in chunk]
+                best = clip_best_of(scorer, text_ids, pixels, samples_per_caption).cpu()
             for b, s in enumerate(chunk):
                 img = candidates[int(best[b]) * len(chunk) + b]
                 path = os.path.join(folder, f"{s['id']:05d}.png")
@@ -1464,11 +1460,9 @@ TASKS = _build_tasks()
 # Distribution over ranks (torchrun): rank-strided split, outputs gathered on rank 0
 # ---------------------------------------------------------------------------------------------------------------
 
-def init_distributed(device=None):
-    """(rank, world_size, device name) from torchrun's environment and the torch.device asked for (None: CUDA
-    where there is one); a single process when WORLD_SIZE is unset or 1. On CUDA each rank takes the GPU of its
-    LOCAL_RANK."""
-    device = mmi.resolve_device("auto") if device is None else device
+def init_distributed(device):
+    """(rank, world_size, device name) from torchrun's environment and the torch.device asked for; a single
+    process when WORLD_SIZE is unset or 1. On CUDA each rank takes the GPU of its LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, str(device)
