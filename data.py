@@ -259,6 +259,11 @@ def to_float01(arr_u8):
     return torch.from_numpy(np.asarray(arr_u8)).to(torch.float32).div_(255.0)
 
 
+def encoder_image(pil_image, size):
+    """A PIL image as the visual tokenizer takes it (centre crop at `size`): float32 [3, size, size] in [0, 1]."""
+    return to_float01(DualTransform(size, None).one(pil_image, size))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One document or pair -> a Sample
 # ---------------------------------------------------------------------------------------------------------------

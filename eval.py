@@ -880,7 +880,8 @@ def read_okvqa(root):
 
 def read_textvqa(root):
     return _read_vqa(root, "textvqa", "textvqa_val_annotations.json", "textvqa_val_questions.json", "TextVQA val",
-                     lambda q: os.path.join(root, "textvqa", "train_images", q["image"]), question_fields={"image": str})
+                     lambda q: os.path.join(root, "textvqa", "train_images", q["image"]),
+                     question_fields={"image": str})
 
 
 def read_vizwiz(root):
@@ -1030,7 +1031,7 @@ VQA_GENERATION = dict(max_new_tokens=10, min_new_tokens=0, num_beams=3, length_p
 def load_eval_image(path, size):
     """An evaluation image through the 224-style centre crop (at the model's image size) -> float [3, S, S].
     A missing or unreadable file raises data.SkipSample."""
-    return data.to_float01(data.DualTransform(enc_size=size, dec_size=None).one(data.load_image(path), size))
+    return data.encoder_image(data.load_image(path), size)
 
 
 def skipped(sample, e):
@@ -1136,8 +1137,7 @@ def read_demo(data_root, num_stories=40):
 
 def demo_image(scene, size):
     """A clean render of a scene as the encoder sees it: [3, size, size] in [0, 1]."""
-    pil = Image.fromarray(data.render_scene(scene))
-    return data.to_float01(data.DualTransform(size, None)(pil)[0])
+    return data.encoder_image(Image.fromarray(data.render_scene(scene)), size)
 
 
 def demo_story_prompt(texts, n_img_tok, upto):

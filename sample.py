@@ -34,10 +34,7 @@ import data
 import eval as evaluator
 import mmi
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO_MODEL = os.path.join(HERE, "assets", "demo")
-DEMO_TOKENIZER = os.path.join(HERE, "assets", "demo_tokenizer.model")
-DEMO_ANNT = os.path.join(HERE, "assets", "examples", "annt.json")
+DEMO_ANNT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples", "annt.json")
 MODES = ("generate_texts", "generate_images")
 ORIGINAL_SETTINGS = dict(sampler="ddpm", steps=30, guidance_scale=7.5, repetition_penalty=1.3)
 # The demo model gets the image settings eval.py scores it with, and no repetition penalty: its stories repeat
@@ -146,13 +143,13 @@ def load_model(args):
                                                 dtype=args.dtype, device=args.device)
         tok_path = args.tokenizer or os.path.join(args.llm, "tokenizer.model")
     else:
-        path = DEMO_MODEL if args.init_from == "demo" else args.init_from
+        path = evaluator.DEMO_MODEL if args.init_from == "demo" else args.init_from
         if not os.path.isfile(os.path.join(path, "config.json")):
             what = "the demo model (assets/demo) is not in this checkout" if args.init_from == "demo" else \
                 f"{path} is not a model folder (no config.json)"
             raise mmi.InputError(f"--init_from={args.init_from}: {what}")
         model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device)
-        tok_path = args.tokenizer or next((p for p in (os.path.join(path, "tokenizer.model"), DEMO_TOKENIZER)
+        tok_path = args.tokenizer or next((p for p in (os.path.join(path, "tokenizer.model"), data.DEMO_TOKENIZER_PATH)
                                            if os.path.isfile(p)), None)
     if not tok_path or not os.path.isfile(tok_path):
         raise mmi.InputError(f"tokenizer {tok_path!r} not found; pass --tokenizer")
@@ -189,11 +186,6 @@ def prompt_batch(sample, tokenizer, cfg, num_total_token, device):
         raise AnntError(f"{where}: field 'sentences': too long for --num_total_token={num_total_token}: only {n} "
                         f"of the prompt's {len(sample['images'])} images fit within it")
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def encoder_image(pil, cfg):
-    """PIL -> [3, S, S] in [0, 1] at the visual tokenizer's size (centre crop, as the original's transform)."""
-    return data.to_float01(data.DualTransform(cfg.vision.image_size, None)(pil)[0])
 
 
 def append_tokens(batch, ids):
@@ -246,14 +238,14 @@ def run_story(model, tokenizer, sample, batch, index, args, out_dir, seed):
             if args.auto_end and stopped:
                 break
         else:
-            image = model.generate_images(batch, target_image_idxs=[target], steps=args.steps,
-                                          guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed)["image"][0]
+            drawn = model.generate_images(batch, target_image_idxs=[target], steps=args.steps,
+                                          guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed)["image"]
             name = f"{index}_{it}.png"
-            pil = mmi.images_to_pil(image[None])[0]
+            pil = mmi.images_to_pil(drawn)[0]
             pil.save(os.path.join(out_dir, name))
             results.append({"type": "image", "file": name})
             print(f"[{index}] <image {name}>", flush=True)
-            batch["image_tensors"][target] = encoder_image(pil, cfg).to(batch["image_tensors"])
+            batch["image_tensors"][target] = data.encoder_image(pil, cfg.vision.image_size).to(batch["image_tensors"])
             mode = "generate_texts"
     return results
 
