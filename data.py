@@ -916,15 +916,7 @@ def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64
     Broken samples are skipped and counted in `stats`; a summary line is printed."""
     transform = transform or DualTransform(224, None)
     stats = Counter() if stats is None else stats
-    with open(path, encoding="utf-8") as f:
-        try:
-            infos = json.load(f)
-        except ValueError as e:
-            raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of samples") from None
-        except RecursionError:
-            raise mmi.InputError(f"{path}: nested too deeply; expected a list of samples") from None
-    if not isinstance(infos, list):
-        raise mmi.InputError(f"{path}: top level is {type(infos).__name__}, expected a list of samples")
+    infos = read_annt(path)
     base = os.path.dirname(os.path.abspath(path))
     out = []
     for n, info in enumerate(infos):
@@ -936,6 +928,24 @@ def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64
     print(f"[data] {path}: {len(out)} of {len(infos)} samples usable; skipped: "
           + (", ".join(f"{k}={v}" for k, v in sorted(stats.items())) or "none"), flush=True)
     return out
+
+
+def read_annt(path):
+    """The list of samples in an annt.json; a file that is missing, unreadable or not a JSON list is an InputError."""
+    if not os.path.isfile(path):
+        raise mmi.InputError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            infos = json.load(f)
+    except ValueError as e:                      # UnicodeDecodeError included
+        raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of samples") from None
+    except RecursionError:
+        raise mmi.InputError(f"{path}: nested too deeply; expected a list of samples") from None
+    except OSError as e:
+        raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(infos, list):
+        raise mmi.InputError(f"{path}: top level is {type(infos).__name__}, expected a list of samples")
+    return infos
 
 
 def inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):

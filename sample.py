@@ -54,19 +54,9 @@ def load_annt(path):
     `image_first`, and optional `generate_mode`, `num_iter`, `multiround_context`. Image paths are relative to
     the file's folder; every image is decoded. Raises AnntError naming the sample index and field at fault.
     -> the samples, each with `paths` (its image files) and `where` (the file and sample index) added."""
-    if not os.path.isfile(path):
-        raise AnntError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            samples = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AnntError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise AnntError(f"{path}: nested too deeply; expected a list of sample objects") from None
-    except OSError as e:
-        raise AnntError(f"{path}: cannot read it ({e.strerror})") from None
-    if not isinstance(samples, list) or not samples:
-        raise AnntError(f"{path}: expected a non-empty list of samples, got {type(samples).__name__}")
+    samples = data.read_annt(path)
+    if not samples:
+        raise AnntError(f"{path}: expected a non-empty list of samples, got an empty list")
     base = os.path.dirname(os.path.abspath(path))
     return [_check_sample(s, f"{path}: sample {i}", base) for i, s in enumerate(samples)]
 
