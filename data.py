@@ -521,8 +521,7 @@ class ShardSource:
                 reader.stats[f"shard:{e.reason}"] += 1
 
     def next_key(self, key):
-        epoch, pass_idx, slot, line = key
-        return (epoch, pass_idx, slot, line + 1)
+        return (*key[:3], key[3] + 1)
 
 
 class Mmc4Builder:
@@ -787,12 +786,6 @@ def format_stats(name, stats, where):
             f"rows {stats['rows']}; skipped: {parts}")
 
 
-def _world():
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    return rank, world
-
-
 class MixedDataset(torch.utils.data.IterableDataset):
     """Batches from several sources drawn with probabilities ∝ `probs` ("longest": an exhausted source starts
     its next pass and is marked done; the epoch ends when every source has been exhausted once).
@@ -835,9 +828,8 @@ class MixedDataset(torch.utils.data.IterableDataset):
 
     def _readers(self):
         """One Reader per source (its own skip counters) for this rank and DataLoader worker."""
-        rank, world = _world()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
+        rank = int(os.environ.get("RANK", 0)) if self.rank is None else self.rank
+        world = int(os.environ.get("WORLD_SIZE", 1)) if self.world_size is None else self.world_size
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else ((info.id + self.first_worker) % info.num_workers,
                                                            info.num_workers)
@@ -1156,24 +1148,20 @@ def _cell_bounds(size):
     return tuple((edges[i], edges[i + 1]) for i in range(3))
 
 
-_MASK_CACHE = {}
 _COLOUR_ARRAYS = {name: np.array(rgb, dtype=np.uint8) for name, rgb in COLOURS.items()}
 
 
+@functools.lru_cache(maxsize=None)
 def _shape_mask(shape, h, w):
     """Boolean (h, w) mask of a shape centred in an h x w cell, 70% of the cell wide."""
-    ck = (shape, h, w)
-    if ck not in _MASK_CACHE:
-        y, x = np.mgrid[0:h, 0:w] + 0.5  # pixel centres
-        cy, cx, r = h / 2, w / 2, 0.35 * min(h, w)
-        if shape == "circle":
-            m = (y - cy) ** 2 + (x - cx) ** 2 <= r * r
-        elif shape == "square":
-            m = (np.abs(y - cy) <= r) & (np.abs(x - cx) <= r)
-        else:  # triangle, apex up: half-width grows linearly from 0 at the top to r at the base
-            m = (y >= cy - r) & (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) / 2)
-        _MASK_CACHE[ck] = m
-    return _MASK_CACHE[ck]
+    y, x = np.mgrid[0:h, 0:w] + 0.5  # pixel centres
+    cy, cx, r = h / 2, w / 2, 0.35 * min(h, w)
+    if shape == "circle":
+        return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(y - cy) <= r) & (np.abs(x - cx) <= r)
+    # triangle, apex up: half-width grows linearly from 0 at the top to r at the base
+    return (y >= cy - r) & (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) / 2)
 
 
 def render_scene(scene, size=DEMO_IMAGE_SIZE):
@@ -1282,10 +1270,7 @@ def demo_stories(split, num_stories, start=0):
 
 def demo_corpus_text(num_stories=5000, seed_base=0):
     """Sentences of the first `num_stories` training stories: the text the demo vocabulary is trained on."""
-    lines = []
-    for i in range(num_stories):
-        lines.extend(make_story(seed_base + i).texts)
-    return lines
+    return [text for i in range(num_stories) for text in make_story(seed_base + i).texts]
 
 
 def train_demo_tokenizer(path, vocab_size=384, num_stories=5000):
