@@ -293,18 +293,24 @@ def tokenize_with_images(text, tokenizer, num_images, num_img_token, where):
     return ids
 
 
-def place_images(sentences, sentence_ixs, image_first, placeholder):
-    """Insert one placeholder per image before or after its sentence, in the given image order, as the
-    original does (so a later "before" image lands in front of an earlier one), and join with spaces.
-    Returns the text and `order`: the image index of each placeholder in text order. The original keeps its
-    tensors in the given order, which misaligns images sharing a sentence; tensors must follow `order`."""
-    before, after = [[] for _ in sentences], [[] for _ in sentences]
+def images_around(num_sentences, sentence_ixs, image_first):
+    """Per sentence, (the images before it, the images after it) in text order: each image is inserted before or
+    after its sentence in the given image order, as the original does, so a later "before" image lands in front
+    of an earlier one."""
+    before, after = [[] for _ in range(num_sentences)], [[] for _ in range(num_sentences)]
     for k, (ix, first) in enumerate(zip(sentence_ixs, image_first)):
         (before if first else after)[ix].append(k)
+    return [(b[::-1], a) for b, a in zip(before, after)]
+
+
+def place_images(sentences, sentence_ixs, image_first, placeholder):
+    """One placeholder per image around its sentence (see images_around), sentences joined with spaces.
+    Returns the text and `order`: the image index of each placeholder in text order. The original keeps its
+    tensors in the given order, which misaligns images sharing a sentence; tensors must follow `order`."""
     parts, order = [], []
-    for i, sentence in enumerate(sentences):
-        order += before[i][::-1] + after[i]
-        parts.append(placeholder * len(before[i]) + sentence + placeholder * len(after[i]))
+    for sentence, (before, after) in zip(sentences, images_around(len(sentences), sentence_ixs, image_first)):
+        order += before + after
+        parts.append(placeholder * len(before) + sentence + placeholder * len(after))
     return " ".join(parts), order
 
 

@@ -263,16 +263,13 @@ def copy_inputs(sample, index, folder):
 
 
 def prompt_items(prompt):
-    """The prompt in reading order: each sentence with its images before or after it, in the order
-    data.place_images puts their placeholders. -> items as in a story's `generated`."""
-    before, after = [[] for _ in prompt["sentences"]], [[] for _ in prompt["sentences"]]
-    for k, (ix, first) in enumerate(zip(prompt["sentence_ixs"], prompt["image_first"])):
-        (before if first else after)[ix].append(k)
+    """The prompt in reading order, its images where the model reads their placeholders (data.images_around).
+    -> items as in a story's `generated`."""
+    image = lambda k: {"type": "image", "file": prompt["image_files"][k]}
     items = []
-    for i, sentence in enumerate(prompt["sentences"]):
-        items += [{"type": "image", "file": prompt["image_files"][k]} for k in before[i][::-1]]
-        items.append({"type": "text", "text": sentence})
-        items += [{"type": "image", "file": prompt["image_files"][k]} for k in after[i]]
+    for sentence, (before, after) in zip(prompt["sentences"], data.images_around(
+            len(prompt["sentences"]), prompt["sentence_ixs"], prompt["image_first"])):
+        items += [image(k) for k in before] + [{"type": "text", "text": sentence}] + [image(k) for k in after]
     return items
 
 
