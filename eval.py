@@ -1039,12 +1039,12 @@ def skipped(sample, e):
     return {"id": sample["id"], "skipped": e.reason, "detail": e.detail}
 
 
-def _load_eval_images(chunk, size):
-    """-> ({sample index in chunk: image} for the images that load, {index: skip record} for the others)."""
+def _load_images(chunk, load):
+    """-> ({index in chunk: load(image path)} for the images that load, {index: skip record} for the others)."""
     images, skips = {}, {}
     for i, s in enumerate(chunk):
         try:
-            images[i] = load_eval_image(s["image"], size)
+            images[i] = load(s["image"])
         except data.SkipSample as e:
             skips[i] = skipped(s, e)
     return images, skips
@@ -1085,7 +1085,7 @@ def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_s
     """Generate a text for every sample; yields make_output(sample, text) per sample, in order, as each batch
     finishes, or a skip record for a sample whose image cannot be read."""
     for chunk in _batches(samples, batch_size, desc):
-        images, skips = _load_eval_images(chunk, model.cfg.vision.image_size)
+        images, skips = _load_images(chunk, lambda path: load_eval_image(path, model.cfg.vision.image_size))
         texts = {}
         if images:
             prompts = [make_prompt(chunk[i]) for i in images]
@@ -1374,16 +1374,11 @@ def _text_to_image_task(samples_per_caption):
         os.makedirs(folder, exist_ok=True)
         grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)   # the slot of the image to draw
         for chunk in _batches(samples, args.batch_size, "text-to-image"):
-            kept = []
-            for s in chunk:
-                try:
-                    data.load_image(s["image"])
-                    kept.append(s)
-                except data.SkipSample as e:
-                    yield skipped(s, e)
-            if not kept:
+            _, skips = _load_images(chunk, data.load_image)
+            yield from skips.values()
+            chunk = [s for i, s in enumerate(chunk) if i not in skips]
+            if not chunk:
                 continue
-            chunk = kept
             prompts = [s["caption"] + " " + data.image_placeholder(cfg.num_img_token) for s in chunk]
             batch = _to_device(text_batch(prompts, [grey] * len(chunk), tokenizer, pad_left=False), args.device)
             candidates = model.generate_images(batch, steps=args.steps, guidance_scale=args.guidance_scale,
