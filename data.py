@@ -1269,14 +1269,14 @@ def demo_dataset(tokenizer, split="train", num_total_token=512, num_img_token=16
     return MixedDataset([source], [1.0], [cfg], tokenizer, seed=seed, rank=rank, world_size=world_size)
 
 
-def demo_stories(split, num_stories, start=0):
-    """The stories of an evaluation split, in order: the same ones on every call and machine."""
-    return [make_story(SPLIT_SEED_BASE[split] + i) for i in range(start, start + num_stories)]
+def demo_stories(split, num_stories):
+    """The first stories of an evaluation split, in order: the same ones on every call and machine."""
+    return [make_story(SPLIT_SEED_BASE[split] + i) for i in range(num_stories)]
 
 
-def demo_corpus_text(num_stories=5000, seed_base=0):
+def demo_corpus_text(num_stories=5000):
     """Sentences of the first `num_stories` training stories: the text the demo vocabulary is trained on."""
-    return [text for i in range(num_stories) for text in make_story(seed_base + i).texts]
+    return [text for i in range(num_stories) for text in make_story(SPLIT_SEED_BASE["train"] + i).texts]
 
 
 def train_demo_tokenizer(path, vocab_size=384, num_stories=5000):
