@@ -816,16 +816,6 @@ def caption_references(task, root):
     return refs
 
 
-def _check_caption_references(task):
-    def check(root, samples):
-        refs = caption_references(task, root)
-        for s in samples:
-            if s["id"] not in refs:
-                raise InputError(f"{os.path.join(root, *_CAPTION_REFERENCES[task])}: no reference caption for "
-                                 f"image id {s['id']!r}")
-    return check
-
-
 def _answers(record, where):
     """The human answers of a checked VQA record: VQA-format {"answer": ...} dicts, or plain strings."""
     if not record["answers"]:
@@ -1282,7 +1272,14 @@ class Task:
     min_samples: int = 1         # fewer scored samples than this leave the metric undefined
 
 
-def _caption_task(name, make_prompt, generation, first_sentence):
+def _caption_task(name, read, make_prompt, generation, first_sentence):
+    def check(root, samples):
+        refs = caption_references(name, root)
+        for s in samples:
+            if s["id"] not in refs:
+                raise InputError(f"{os.path.join(root, *_CAPTION_REFERENCES[name])}: no reference caption for "
+                                 f"image id {s['id']!r}")
+
     def predict(model, tokenizer, samples, args):
         n = model.cfg.num_img_token
         # the Karpathy split is scored on the first sentence only, as in the original
@@ -1300,10 +1297,10 @@ def _caption_task(name, make_prompt, generation, first_sentence):
             o["CIDEr"] = per_id[o["id"]]
         return metrics
 
-    return predict, score
+    return Task(read, predict, score, generation, check=check)
 
 
-def _vqa_task(name, make_prompt, accuracy):
+def _vqa_task(name, read, make_prompt, accuracy):
     def output(s, t):
         answer = extract_answer(t)
         return {"id": s["id"], "question": s["question"], "generated": t, "answer": answer,
@@ -1317,7 +1314,7 @@ def _vqa_task(name, make_prompt, accuracy):
     def score(root, outputs, args):
         return {"overall_accuracy": 100.0 * float(np.mean([o["accuracy"] for o in outputs]))}
 
-    return predict, score
+    return Task(read, predict, score, VQA_GENERATION)
 
 
 def visdial_context(sample, num_img_token):
@@ -1426,14 +1423,12 @@ def _build_tasks():
     tasks = {}
     for name, read, first in (("coco_karpathy", read_coco_karpathy, True), ("flickr30k", read_flickr30k, False),
                               ("nocaps", read_nocaps, False)):
-        tasks[name] = Task(read, *_caption_task(name, caption_prompt, CAPTION_GENERATION, first), CAPTION_GENERATION,
-                           check=_check_caption_references(name))
-    tasks["image2paragraph"] = Task(read_image2paragraph,
-                                    *_caption_task("image2paragraph", paragraph_prompt, PARAGRAPH_GENERATION, False),
-                                    PARAGRAPH_GENERATION, check=_check_caption_references("image2paragraph"))
+        tasks[name] = _caption_task(name, read, caption_prompt, CAPTION_GENERATION, first)
+    tasks["image2paragraph"] = _caption_task("image2paragraph", read_image2paragraph, paragraph_prompt,
+                                             PARAGRAPH_GENERATION, False)
     for name, read in (("vqav2", read_vqav2), ("okvqa", read_okvqa), ("textvqa", read_textvqa)):
-        tasks[name] = Task(read, *_vqa_task(name, vqa_prompt, vqa_accuracy), VQA_GENERATION)
-    tasks["vizwiz_vqa"] = Task(read_vizwiz, *_vqa_task("vizwiz_vqa", vizwiz_prompt, vizwiz_accuracy), VQA_GENERATION)
+        tasks[name] = _vqa_task(name, read, vqa_prompt, vqa_accuracy)
+    tasks["vizwiz_vqa"] = _vqa_task("vizwiz_vqa", read_vizwiz, vizwiz_prompt, vizwiz_accuracy)
     tasks["visdial"] = Task(read_visdial, predict_visdial, score_visdial)
     # the original config names the COCO text-to-image set "coco"; 8 CLIP-ranked samples there, 1 for LN-COCO
     t2i = dict(steps=250, guidance_scale=3.5, sampler="ddpm")
