@@ -1518,10 +1518,15 @@ def find_tokenizer(path, init_from):
 
 def load_tokenizer(path, init_from, cfg):
     path = find_tokenizer(path, init_from)
-    tok = data.Tokenizer(path)
-    if (tok.soi_id, tok.image_id, tok.pad_id) != (cfg.soi_token_id, cfg.image_token_id, cfg.pad_token_id):
-        raise InputError(f"{path}: soi/image/pad ids {(tok.soi_id, tok.image_id, tok.pad_id)} do not match the "
-                         f"model's {(cfg.soi_token_id, cfg.image_token_id, cfg.pad_token_id)}")
+    return check_tokenizer(data.Tokenizer(path), path, cfg)
+
+
+def check_tokenizer(tok, path, cfg):
+    """-> tok, whose special ids must be the model's."""
+    have = (tok.bos_id, tok.eos_id, tok.pad_id, tok.soi_id, tok.image_id)
+    want = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.soi_token_id, cfg.image_token_id)
+    if have != want:
+        raise InputError(f"{path}: bos/eos/pad/soi/image ids {have} do not match the model's {want}")
     return tok
 
 

@@ -143,12 +143,7 @@ def load_model(args):
                                            if os.path.isfile(p)), None)
     if not tok_path or not os.path.isfile(tok_path):
         raise mmi.InputError(f"tokenizer {tok_path!r} not found; pass --tokenizer")
-    tokenizer = data.Tokenizer(tok_path)
-    c = model.cfg
-    ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.soi_id, tokenizer.image_id)
-    if ids != (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.soi_token_id, c.image_token_id):
-        raise mmi.InputError(f"tokenizer {tok_path}: bos/eos/pad/soi/image ids {ids} do not match the model's "
-                             f"{(c.bos_token_id, c.eos_token_id, c.pad_token_id, c.soi_token_id, c.image_token_id)}")
+    tokenizer = evaluator.check_tokenizer(data.Tokenizer(tok_path), tok_path, model.cfg)
     if model.image_decoder is not None and args.device.type == "cuda":
         # cuDNN runs half-precision convolutions in NHWC: NCHW weights cost a transpose in every UNet call
         model.image_decoder.decoder.unet.to(memory_format=torch.channels_last)
