@@ -207,9 +207,14 @@ def load_image(path):
 @contextlib.contextmanager
 def replaced_on_success(path):
     """A temporary path beside `path` (same extension) to write, renamed onto `path` when the block ends without
-    an error: a crash leaves the old file or the new one, never half of one."""
+    an error: a crash leaves the old file or the new one, never half of one (and no temporary file)."""
     tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

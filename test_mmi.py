@@ -1704,6 +1704,19 @@ def test_undecodable_or_oversized_images_are_skipped_by_reason(tmp_path, monkeyp
         assert e.value.reason == "image_too_large" and "x.png" in e.value.detail
 
 
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "scores.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with data.replaced_on_success(str(path)) as tmp, open(tmp, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["scores.json"]
+    with data.replaced_on_success(str(path)) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["scores.json"]
+
+
 def test_inference_sample_keeps_only_whole_image_placeholders(tmp_path):
     """Truncation at num_total_token keeps an image only if its whole placeholder fits; a prompt whose first
     image does not fit is a SkipSample naming the numbers, not a crash."""
