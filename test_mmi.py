@@ -5533,9 +5533,8 @@ def test_a_training_step_reads_the_gpu_back_only_at_its_start():
 def test_the_training_loop_reads_a_step_back_without_waiting_for_the_next(tmp_path, config_file, monkeypatch):
     """After its first step, train.py's loop makes no synchronizing read of the GPU (forward, backward, clipping, the
     NaN guard, the update): a step's numbers are copied to pinned memory as it is queued and read, once the next step
-    is queued, by waiting on an event after the copy. Each step's work here ends with >= 0.15 s of GPU sleep, so
-    when a step is read one step late the next one's work is still running, and every step's time, taken on the
-    GPU's clock, holds its sleep (a read that waited for the next step too would leave the last step ~0 s)."""
+    is queued, by waiting on an event after the copy. Each step's work here ends with a GPU sleep, so when a step
+    is read one step late the next one's work is still running: the stream is busy at each such read."""
     current, busy = [0], []
     lr_multiplier, send_to_host, read_back = train.lr_multiplier, train.send_to_host, train.read_back
 
@@ -5561,7 +5560,7 @@ def test_the_training_loop_reads_a_step_back_without_waiting_for_the_next(tmp_pa
     # steps 1 and 5 are read at once (the GPU is then idle); steps 2, 3, 4 while steps 3, 4, 5 run
     assert busy == [(0, False), (2, True), (3, True), (4, True), (4, False)]
     rows = read_metrics(str(tmp_path / "run"))
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and min(r["time_s"] for r in rows) >= 0.15, rows
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], rows
 
 
 @cuda_only
