@@ -698,8 +698,8 @@ def test_bf16_decoding_through_the_gemv_is_as_accurate_as_the_layers(monkeypatch
     if not mmi.kernels_used("cuda"):
         pytest.skip("kernels.cu is not available")
     normed = []
-    real = mmi._gemv_op
-    monkeypatch.setattr(mmi, "_gemv_op", lambda *a: normed.append(a[4] is not None) or real(*a))
+    real = mmi.gemv
+    monkeypatch.setattr(mmi, "gemv", lambda *a: normed.append(a[4] is not None) or real(*a))
     model = tiny_model(seed=9).cuda().eval()
     batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -4113,8 +4113,8 @@ def rel_err(x, ref):
                                         (64, LEVELS_MMFS, 8), (128, LEVELS_MIXED, 5), (32, LEVELS_HUGE, 2)])
 def test_kernel_matches_float64_reference(dtype, D, shapes, P):
     """Output and all three gradients within 1e-5 (fp32) / 1e-2 (16-bit) of float64, every element written."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     masked = range(len(shapes) - 4, len(shapes)) if len(shapes) > 8 else (1,)
     inputs = make_inputs(2, 37, 3, D, shapes, P, dtype, "cuda", masked_levels=masked, seed=D + P)
     grad_out = torch.randn(2, 37, 3 * D, device="cuda").to(dtype)
@@ -4137,8 +4137,8 @@ def test_kernel_matches_float64_reference(dtype, D, shapes, P):
 def test_kernel_forward_few_and_many_queries(dtype, B, Q, M, D, shapes, P):
     """The forward takes a split-points kernel when the (b, q, head) groups are too few to fill the GPU (decoding)
     and the plain one otherwise: both within 1e-5 (fp32) / 1e-2 (bf16) of float64, every element written."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     inputs = make_inputs(B, Q, M, D, shapes, P, dtype, "cuda", masked_levels=(1,), seed=Q)
     expected = reference_float64(inputs, torch.zeros(B, Q, M * D, device="cuda"))[0]
     out = kernel.forward(*inputs, poison=True)
@@ -4153,8 +4153,8 @@ def test_kernel_backward_over_query_tiles_and_many_points(dtype, Q, P):
     """The backward bins a block's value gradient per level for up to 128 queries of one head: 300 queries span
     several such blocks, the last one part-filled; 40 points leave too few bin slots at bf16 (the direct-atomics
     kernel) but not at fp32 (one query per group). Masked image, a level too large to bin (76x80) beside small ones."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     shapes = [(76, 80), (8, 8), (16, 16), (1, 3)]
     inputs = make_inputs(2, Q, 2, 64, shapes, P, dtype, "cuda", masked_levels=(2,), seed=Q + P)
     grad_out = torch.randn(2, Q, 2 * 64, device="cuda").to(dtype)
@@ -4177,8 +4177,8 @@ def test_gemv_matches_float64(dtype, R, N, K, n_layers, bias, glu, norm, residua
     """kernels.cu's decoding matmul against float64 on the same 16-bit inputs: within the dtype's unit roundoff
     (the kernel sums in float32 and rounds once), for row tails (N % 8), short K, biases, 1-3 layers, the glu,
     and an RMSNorm of x before and a residual added after (the pre-norm block the LLM's layers fold in)."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     g = torch.Generator(device="cuda").manual_seed(N + K)
     x = (torch.randn(R, K, device="cuda", generator=g) * torch.tensor([[0.3], [2.0], [1.0], [7.0]], device="cuda")[:R]
          ).to(dtype)                                                     # rows of different scale: one rms each
@@ -4224,10 +4224,10 @@ def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
     """mmi.linear sends a few 16-bit rows outside autograd to the gemv operator, and gives what F.linear gives
     (bf16 rounding apart); many rows, float32 or inputs that need gradients go to the layers, and weights off a
     16-byte boundary to F.linear inside the operator."""
-    assert mmi._load_kernels() is not None, mmi._kernels_failure
+    assert mmi.load_kernels() is not None
     calls = []
-    real = mmi._gemv_op
-    monkeypatch.setattr(mmi, "_gemv_op", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = mmi.gemv
+    monkeypatch.setattr(mmi, "gemv", lambda *a: calls.append(a[0].shape) or real(*a))
     torch.manual_seed(0)
     layers = [torch.nn.Linear(256, 512).cuda().to(torch.bfloat16) for _ in range(3)]
     x = torch.randn(1, 2, 256, device="cuda", dtype=torch.bfloat16)
@@ -4261,8 +4261,8 @@ def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
 @cuda_only
 def test_kernel_matches_reference_on_map_edges():
     """Points exactly on pixel centres and on the map's edges (x*W-0.5 in {-1, 0, W-1, W}) agree with float64."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     shapes = [(8, 8), (4, 16)]
     value, sh, st, loc, attn = make_inputs(1, 16, 2, 32, shapes, 4, torch.float32, "cuda", seed=5)
     edges = torch.tensor([-1.0, 0.0, 3.0, 7.0, 8.0, 2.5], device="cuda")  # pixel coordinates
@@ -4284,7 +4284,7 @@ def test_kernel_matches_reference_on_map_edges():
 @pytest.mark.parametrize("D", [5, 8])  # odd and even head dims
 def test_kernel_gradcheck_float64(D):
     """Analytic gradients of the autograd wrapper agree with finite differences (float64)."""
-    assert mmi._load_kernels() is not None, mmi._kernels_failure
+    assert mmi.load_kernels() is not None
     value, shapes, starts, loc, attn = make_inputs(1, 3, 2, D, [(3, 4), (2, 2)], 3, torch.float64, "cuda", seed=7)
     args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), attn.requires_grad_())
     assert torch.autograd.gradcheck(mmi._msda_op, args, eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -4326,38 +4326,42 @@ def test_dispatch_rejects_bad_inputs():
         mmi.ms_deform_attn(value, shapes, starts, loc, attn[..., :1])
 
 
-def test_loader_without_nvcc_warns_once_and_falls_back(monkeypatch):
+@pytest.fixture
+def fresh_kernel_loader():
+    """mmi.load_kernels with its kept answer forgotten before the test, and after it (the test's fakes made it)."""
+    mmi.load_kernels.cache_clear()
+    yield mmi.load_kernels
+    mmi.load_kernels.cache_clear()
+
+
+def test_loader_without_nvcc_warns_once_and_falls_back(monkeypatch, fresh_kernel_loader):
     """No nvcc: one warning line that says so, no build attempt, later calls silent."""
     from torch.utils import cpp_extension
 
-    monkeypatch.setattr(mmi, "_kernels", None)
-    monkeypatch.setattr(mmi, "_kernels_failure", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert mmi._load_kernels() is None
-        assert mmi._load_kernels() is None
+        assert fresh_kernel_loader() is None
+        assert fresh_kernel_loader() is None
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "\n" not in message and "nvcc not found" in message and "reference" in message
 
 
-def test_loader_build_failure_warns_with_reason(monkeypatch, tmp_path):
+def test_loader_build_failure_warns_with_reason(monkeypatch, tmp_path, fresh_kernel_loader):
     """A failing build falls back with one warning that carries the compiler's first error line."""
     from torch.utils import cpp_extension
 
     def failing_load(**kwargs):
         raise RuntimeError("Error building extension 'mmi_kernels'\nninja: build stopped")
 
-    monkeypatch.setattr(mmi, "_kernels", None)
-    monkeypatch.setattr(mmi, "_kernels_failure", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with pytest.warns(UserWarning, match=r"build of kernels.cu failed \(RuntimeError: Error building extension"):
-        assert mmi._load_kernels() is None
+        assert fresh_kernel_loader() is None
 
 
 def test_reference_matches_hand_computed_bilinear():
