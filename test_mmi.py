@@ -80,9 +80,9 @@ def make_batch(cfg, rows, length, seed=0, left_pad=False):
                 num_image_per_seq=n, meta={"dataset_name": "test"})
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Config and the paper-size architecture
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_overrides_are_type_checked_and_unknown_keys_rejected():
@@ -135,9 +135,9 @@ def test_tiny_preset_builds_on_meta_and_cpu():
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Masks and labels on a hand-built batch: 2 rows, 3 images, 2 documents in row 0
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 BOS, EOS, PAD, SOI, IMG = 1, 2, 383, 384, 385
 #           0    1   2    3    4    5   6    7    8    9   10   11   12  13
@@ -205,9 +205,9 @@ def test_forward_uses_the_dataset_rule_and_loss_weights():
     torch.testing.assert_close(out2["loss"], 0.5 * expected2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Multi-scale deformable attention and MMFS against float64 loops written here
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def bilinear_loop(img, x, y):
@@ -387,9 +387,9 @@ def test_sincos_tables_follow_the_original_layout():
     torch.testing.assert_close(mmi.resize_pos_embed(t, (3, 3)), t)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Zero-initialised branches
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_zero_initialised_branches_add_nothing_until_perturbed():
@@ -420,9 +420,9 @@ def test_zero_initialised_branches_add_nothing_until_perturbed():
     assert not torch.allclose(injector(x, ref, c, shapes), x)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: text decoding (greedy, nucleus sampling, beam search) over a KV cache
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_kv_cache_decoding_equals_full_recomputation():
@@ -524,7 +524,9 @@ def test_repetition_penalty_matches_the_hf_rule():
     assert out.tolist() == [[2.0, -2.0, 1.5, 0.5]]                          # bos (1) and generated (2) penalised
 
 
-# ---- the fast path's fixed-shape decoding step and its CUDA graph, against the plain path ----
+# ----------------------------------------------------------------------------------------------------------------
+# Speed: the fast path's fixed-shape decoding step and its CUDA graph, against the plain path
+# ----------------------------------------------------------------------------------------------------------------
 
 DECODE_ROWS = [[BOS, 10, "img", 11, 12, "img", 13], [BOS, 14, "img", 15], [BOS, 16, 17, 18]]   # left-padded, with images
 
@@ -722,9 +724,9 @@ def test_bf16_decoding_through_the_gemv_is_as_accurate_as_the_layers(monkeypatch
         assert rel_err(got, ref) <= 1.5 * rel_err(base, ref)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Training signal
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_forward_backward_and_tiny_overfit():
@@ -764,9 +766,9 @@ def test_forward_reads_the_callers_host_copies_from_meta():
         model(dict(batch, meta={"host": wrong}))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Bad input
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Bad batches
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_bad_batches_are_clear_errors():
@@ -795,9 +797,9 @@ def test_bad_batches_are_clear_errors():
     small(make_batch(cfg, [[BOS, "img", 5]], 30))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Oracle parity: tiny random transformers models, saved and loaded by key
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def oracle_transformers():
@@ -904,16 +906,15 @@ def test_qformer_matches_transformers_blip2(frequency):
     theirs = hf(query_embeds=queries, encoder_hidden_states=enc, encoder_attention_mask=mask).last_hidden_state
     assert (ours(enc, mask) - theirs).abs().max() < 1e-5
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # data.py: tokenizer, readers, packing, mixing, bad data, the demo corpus
-# Fixtures write small real datasets to tmp_path: JPEGs with Pillow, jsonl / jsonl.zip MMC4 shards, LAION-style
-# annotation files. Oracles: transformers' slow LlamaTokenizer on the LLaMA-layout model shipped by
-# mistral-common (test-only), hand-computed packing cases.
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 DEMO_TOK = os.path.join(HERE, "assets", "demo_tokenizer.model")
 
 
+# The tokenizer's oracle: transformers' slow LlamaTokenizer on the LLaMA-layout model shipped by mistral-common
+# (test-only).
 def mistral_model_path():
     mc = pytest.importorskip("mistral_common")
     path = os.path.join(os.path.dirname(mc.__file__), "data", "tokenizer.model.v1")
@@ -935,7 +936,9 @@ SENTENCES = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------- tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: the tokenizer
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_tokenizer_ids_equal_transformers_slow_llama_tokenizer():
     """Our ids == transformers' slow LlamaTokenizer (legacy) with the two image tokens added as special tokens
@@ -1027,7 +1030,9 @@ def test_demo_tokenizer_has_llama_layout_and_is_reproducible(tmp_path):
     assert open(retrained, "rb").read() == open(DEMO_TOK, "rb").read()
 
 
-# ----------------------------------------------------------------------------------------------- images
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: images
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_center_crop_follows_box_halving_then_bicubic_then_centre_crop():
     """300x200 -> 64: BOX halving once (200 >= 128) to 150x100, bicubic to 96x64, crop columns 16..80."""
@@ -1044,8 +1049,12 @@ def test_center_crop_follows_box_halving_then_bicubic_then_centre_crop():
     assert torch.equal(f, torch.from_numpy(want.astype(np.float32) / 255.0).permute(2, 0, 1))
 
 
-# ----------------------------------------------------------------------------------------------- fixtures
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: fixtures
+# ----------------------------------------------------------------------------------------------------------------
 
+# Fixtures write small real datasets to tmp_path: JPEGs with Pillow, jsonl / jsonl.zip MMC4 shards, LAION-style
+# annotation files.
 PALETTE = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230), "yellow": (240, 230, 20),
            "black": (10, 10, 10), "white": (245, 245, 245), "cyan": (20, 220, 220), "magenta": (220, 20, 220)}
 
@@ -1117,7 +1126,9 @@ def check_row_alignment(tok, batch, n_img_tok):
     assert batch["nearest_bos_idxs"].shape == (k,)
 
 
-# ----------------------------------------------------------------------------------------------- readers
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: readers
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_expand_braces():
     assert data.expand_braces("docs_shard_{0..2}_v2.jsonl") == [f"docs_shard_{i}_v2.jsonl" for i in range(3)]
@@ -1226,7 +1237,9 @@ def test_annt_json_inference_format(tmp_path):
     assert b["target_image_idxs"].tolist() == [1] and b["nearest_bos_idxs"].tolist() == [0, 0]
 
 
-# ----------------------------------------------------------------------------------------------- packing
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: packing
+# ----------------------------------------------------------------------------------------------------------------
 
 class Ids:
     bos_id, soi_id, image_id = 1, 90, 91
@@ -1319,7 +1332,9 @@ def test_collate_batch_dict_right_padding_and_keys():
     assert batch["meta"]["image_info"] == ["a", "b", "c"]
 
 
-# ----------------------------------------------------------------------------------------------- streams
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: streams: mixing, sharding across ranks and workers, exact resume
+# ----------------------------------------------------------------------------------------------------------------
 
 def build_corpus(root, n_shards=4, docs_per_shard=5, imgs_per_doc=2):
     """MMC4 zip shards and LAION-style txt files over one JPEG folder; every image used exactly once."""
@@ -1546,7 +1561,9 @@ def test_bad_data_is_skipped_counted_and_never_misaligns(tmp_path, capsys):
     assert "[data] mmc4 epoch 0 pass 0" in out and "doc:malformed_line=4" in out and "shard:shard_missing=1" in out
 
 
-# ----------------------------------------------------------------------------------------------- demo corpus
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: the demo corpus
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_scene_text_round_trip_and_edits():
     """parse_scene(describe_scene(s)) == s and parse_edit(describe_edit(e), prev) reproduces each step of
@@ -1640,7 +1657,9 @@ def test_demo_stream_resumes_exactly():
     assert all(torch.equal(a["text_ids"], b["text_ids"]) and a["meta"]["scenes"] == b["meta"]["scenes"]
                for a, b in zip(rest, full[k + 1:]))
 
-# ----------------------------------------------------------------------------------------------- bad images and prompts
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: bad images and prompts
+# ----------------------------------------------------------------------------------------------------------------
 
 def bands(size, colours):
     """An image cut into equal bands along its long side, one per colour."""
@@ -1727,10 +1746,9 @@ def test_inference_sample_keeps_only_whole_image_placeholders(tmp_path):
     assert e.value.detail.startswith(f"here: {len(full)} tokens;") and "num_total_token=5" in e.value.detail
 
 
-# ===============================================================================================================
-# The image decoder: SD-2 UNet and VAE against diffusers, the samplers against diffusers' schedulers, UNet-MMFS,
-# the context and previous-image rules, the diffusion loss, image generation
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# Image decoder: SD-2 UNet and VAE against diffusers and the original manifest
+# ----------------------------------------------------------------------------------------------------------------
 
 DECODER_PRESETS = {name: (c.unet, c.vae, c.image_decoder)
                    for name, c in ((n, mmi.MMIConfig.from_preset(n)) for n in ("mmi-13b", "tiny"))}
@@ -1851,7 +1869,9 @@ def test_vae_matches_diffusers_oracle(tmp_path):
         assert (ours.decode(z) - oracle.decode(z).sample).abs().max() < 1e-4
 
 
-# ---- schedule and samplers against diffusers' schedulers (SD-2 scheduler config) ----
+# ----------------------------------------------------------------------------------------------------------------
+# Image decoder: the noise schedule and samplers against diffusers' schedulers (SD-2 scheduler config)
+# ----------------------------------------------------------------------------------------------------------------
 
 SD_SCHED = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1}
@@ -1937,7 +1957,9 @@ def test_bad_step_counts_raise():
         mmi.linspace_timesteps(1001)
 
 
-# ---- the full image decoder at the tiny preset ----
+# ----------------------------------------------------------------------------------------------------------------
+# Image decoder: the full image decoder at the tiny preset
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_image_decoder_keys_shapes_and_counts_match_the_original_manifest():
     manifest = _manifest("mm_interleaved_13b.json", "image_decoder.")
@@ -2244,10 +2266,9 @@ def test_generate_images_through_the_llm_is_seeded_and_checks_the_slot():
     with pytest.raises(ValueError, match=r"target_image_idxs \[3\] out of range: the batch has 3 images"):
         model.generate_images(batch, target_image_idxs=[3], **kw)
 
-# ===============================================================================================================
-# eval.py: caption metrics against pycocoevalcap, VQA/VizWiz accuracy, NDCG, Fréchet distance, Inception and CLIP
-# modules, and every benchmark reader end to end on a tiny fake dataset in the original layout
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py: caption metrics against pycocoevalcap, VQA/VizWiz accuracy, NDCG, Fréchet distance, Inception
+# ----------------------------------------------------------------------------------------------------------------
 
 # Pre-tokenised, lower-case captions (what pycocoevalcap's scorers receive after its tokenizer).
 REFS = {
@@ -2389,7 +2410,9 @@ def test_fid_inception_loads_a_state_dict_by_key_and_gives_2048_features(tmp_pat
     with pytest.raises(ValueError, match="missing keys"):
         ev.load_inception(str(path))
 
-# ---- sampling's fast and batched paths equal the plain, one-call-per-image ones ----
+# ----------------------------------------------------------------------------------------------------------------
+# Image sampling: the fast and batched paths equal the plain, one-call-per-image ones
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_keyed_mmfs_net_equals_the_plain_mmfs_net():
@@ -2559,9 +2582,9 @@ def test_generate_images_of_right_padded_prompts_with_per_image_seeds_equal_call
             torch.testing.assert_close(both[r::2], pair, rtol=0, atol=1e-5)   # (with, without) MMFS of row r
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Readers end to end on tiny fake datasets in the original layout, with a tiny random model
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py: readers end to end on tiny fake datasets in the original layout, with a tiny random model
+# ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def demo_model_and_tokenizer():
@@ -2983,8 +3006,10 @@ def test_text_to_image_end_to_end_with_the_tiny_model(tmp_path, monkeypatch, dem
         ev.feature_statistics(np.zeros((1, 4)))
 
 
-# ---- the command line: one line and exit 2 for a user mistake, before the model loads; skipped samples counted;
-# the predictions made before a crash kept ----
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py: the command line: one line and exit 2 for a user mistake, before the model loads; skipped samples
+# counted; the predictions made before a crash kept
+# ----------------------------------------------------------------------------------------------------------------
 
 def _vizwiz_layout(root, names, missing=(), corrupt=(), answers=None):
     """VizWiz val, one question per image; images in `missing` are not written, those in `corrupt` are no image."""
@@ -3182,10 +3207,9 @@ def test_a_crash_mid_run_keeps_the_predictions_made_so_far(every, tmp_path, monk
     assert res["num_samples"] == 3 and res["samples"][:2] == kept["samples"] and not partial.exists()
 
 
-# ===============================================================================================================
-# Loading: the released files in every hub layout (tiny random transformers / diffusers models written to disk),
-# strict key accounting at full size against the manifests, refusals, and our own safetensors format
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: the released files in every hub layout (tiny random transformers / diffusers models written to disk)
+# ----------------------------------------------------------------------------------------------------------------
 
 MANIFESTS = os.path.join(HERE, "assets", "reference")
 TINY = mmi.MMIConfig.from_preset("tiny")
@@ -3403,7 +3427,9 @@ def test_partial_mmi_checkpoint_keeps_frozen_parts_from_the_originals(originals,
     assert model.load_report["counts"]["llm"][0] == len([k for k in frozen])
 
 
-# -- refusals -----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: refusals
+# ----------------------------------------------------------------------------------------------------------------
 
 
 class _NotATensor:
@@ -3528,7 +3554,9 @@ def test_bin_shard_tensors_stay_readable_after_their_pages_are_dropped(tmp_path)
         assert torch.equal(t.reshape(-1).view(torch.uint8), state[k].reshape(-1).view(torch.uint8)), k
 
 
-# -- full size, no weights: the manifests of the released files against the mmi-13b preset on meta ---------------
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: full size, no weights: the manifests of the released files against the mmi-13b preset on meta
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _loader_manifest(name):
@@ -3581,7 +3609,9 @@ def test_unknown_original_key_is_reported_with_its_file(shapes_13b):
         mmi.plan_component("llm", shapes, shapes_13b, {k: "vicuna.json" for k in shapes})
 
 
-# -- our own format -----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: our own format
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_save_pretrained_round_trip_is_exact(tmp_path, tiny_mmi):
@@ -3632,7 +3662,10 @@ def test_from_pretrained_refuses_missing_tensors(tmp_path, tiny_mmi):
         mmi.MMInterleaved.from_pretrained(str(tmp_path / "ckpt"))
 
 
-# -- Stable Diffusion folder: UNet, VAE (legacy names), scheduler, text encoder + tokenizer for neg_prompt_embeds ----
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: a Stable Diffusion folder: UNet, VAE (legacy names), scheduler, text encoder + tokenizer for
+# neg_prompt_embeds
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _perturb(module, seed):
@@ -3784,7 +3817,10 @@ def test_scheduler_config_is_checked(tmp_path):
                                                                beta_end=0.012, steps_offset=1)
 
 
-# -- bad input: a broken model folder, a config that does not fit, mmi.py's command line, an interrupted save -----
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: bad input: a broken model folder, a config that does not fit, mmi.py's command line, an interrupted
+# save
+# ----------------------------------------------------------------------------------------------------------------
 
 
 class _Killed(BaseException):
@@ -4048,10 +4084,10 @@ def test_mmi_py_bad_override_as_a_process_is_one_line_and_exit_2():
     assert run.stderr == "mmi.py: error: config key 'llm.hidden_size': cannot read 'abc' as int\n"
 
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # kernels.cu: our CUDA multi-scale deformable attention against a float64 reference (skips without CUDA), the
 # dispatch point, and the CPU fallback with its one warning line
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -4379,10 +4415,10 @@ def test_reference_matches_hand_computed_bilinear():
     assert math.isclose(px, x * W - 0.5) and math.isclose(py, y * H - 0.5)
     torch.testing.assert_close(out.view(D), expect, rtol=1e-12, atol=1e-12)
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # train.py: the loop from a config file, the 13B recipe's parameter groups, exact resume, gradient accumulation,
 # the NaN guard, FLOP counting, FSDP on two CPU processes, the demo VAE stage
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 # the smallest honest run: tiny preset, random rows of 32 tokens with one 64x64 image each
 TINY_CONFIG = """
@@ -4417,9 +4453,9 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Config files and overrides
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: config files and overrides
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_config_files_and_overrides_are_type_checked_and_unknown_keys_rejected(tmp_path, config_file):
@@ -4462,9 +4498,9 @@ def test_pretrain_13b_config_is_the_papers_recipe():
     assert train.lr_multiplier(15000, 1000, 15000) == pytest.approx(0.0, abs=1e-12)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Parameter groups on the paper-size model
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: parameter groups on the paper-size model
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_param_groups_and_weight_decay_match_spec_on_meta_13b():
@@ -4516,9 +4552,9 @@ def test_param_groups_and_weight_decay_match_spec_on_meta_13b():
     assert sum(1 for n in table if n.endswith("llama_cross_attn.gate")) == 10
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: the loop
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_loop_runs_three_steps_from_a_config_file(tmp_path, config_file):
@@ -4729,9 +4765,9 @@ def test_frozen_weights_can_be_stored_in_bf16_while_trainable_ones_stay_float32(
     assert math.isfinite(result["losses"][1])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# MFU: the FLOP count
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: MFU: the FLOP count
+# ----------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("llm_trainable", [True, False])
@@ -4761,9 +4797,9 @@ def test_llm_flops_equal_counted_matmuls_plus_the_attention_term(llm_trainable):
     assert train.llm_flops(cfg, B, L, 2) == counter.get_total_flops() + attention - pick
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# FSDP: two CPU processes (gloo) against one
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: FSDP: two CPU processes (gloo) against one
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_fsdp_keeps_frozen_weights_whole_unless_shard_frozen(config_file):
@@ -4827,9 +4863,9 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
     assert torchrun(resumed, "--resume=true") == {3: losses[3]}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The demo's VAE (task="vae") and handing it to the demo model
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: the demo's VAE (task="vae") and handing it to the demo model
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_vae_task_trains_exports_and_the_demo_model_loads_it_frozen(tmp_path, config_file):
@@ -4868,10 +4904,10 @@ def test_demo_configs_parse():
     assert (vae.task, vae.data) == ("vae", "demo")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The command line: usage, --help, user mistakes as one line, where outputs go; CPU runs, workers that end with the
-# run, exact resume on the demo data, bench.py's CPU wording
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: the command line: usage, --help, user mistakes as one line, where outputs go; CPU runs, workers
+# that end with the run, exact resume on the demo data, bench.py's CPU wording
+# ----------------------------------------------------------------------------------------------------------------
 
 # demo rows the tiny preset takes: 7 stories in rows of 64 tokens, one row per micro-batch
 DEMO_ROWS = ["--data=demo", "--seq_len=64", "--batch_size=1", "--demo_num_stories=7"]
@@ -5047,9 +5083,9 @@ def test_bench_train_on_a_cpu_speaks_of_processes_and_no_gpu_memory(capsys):
 
 
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # sample.py: the interleaved loop on a tiny random model (both initial modes), the page, bad input, atomic output
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def saved_tiny_model(tmp_path_factory):
@@ -5365,9 +5401,9 @@ def test_sample_page_shows_its_images_enlarged_in_a_browser(tmp_path, saved_tiny
     assert where[0][0] < where[1][0]                                  # the prompt's image above the generated one
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# eval.py's demo scoreboard
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py: the demo scoreboard
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _obj(r, c, shape, colour):
@@ -5579,9 +5615,9 @@ def test_tiny_model_trains_under_cuda_autocast_bf16():
     assert torch.isfinite(out["loss"])
 
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # The project: README's commands are what CI runs
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_ci_installs_and_tests_exactly_as_the_readme_says():
