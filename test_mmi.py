@@ -139,7 +139,9 @@ def test_tiny_preset_builds_on_meta_and_cpu():
 # Masks and labels on a hand-built batch: 2 rows, 3 images, 2 documents in row 0
 # ----------------------------------------------------------------------------------------------------------------
 
+# the tiny preset's special token ids
 BOS, EOS, PAD, SOI, IMG = 1, 2, 383, 384, 385
+
 #           0    1   2    3    4    5   6    7    8    9   10   11   12  13
 ROW0 = [BOS, 10, SOI, IMG, IMG, 11, SOI, IMG, IMG, 12, EOS, BOS, 13, 14]
 ROW1 = [BOS, SOI, IMG, IMG, 15, 16, EOS, PAD, PAD, PAD, PAD, PAD, PAD, PAD]
