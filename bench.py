@@ -104,7 +104,7 @@ def accuracy_rows():
                                                          attn.to(dtype).double())]
         ref_out = ms_deform_attn_reference(ref_in[0], sh, st, ref_in[1], ref_in[2])
         ref = [ref_out, *torch.autograd.grad(ref_out, ref_in, grad)]
-        kernel = mmi._load_kernels()
+        kernel = mmi.load_kernels()
         args = (value.to(dtype), sh, st, loc.to(dtype), attn.to(dtype))
         got = [kernel.forward(*args, poison=True), *kernel.backward(*args, grad.to(dtype), poison=True)]
         errs = [((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref)]
@@ -115,8 +115,8 @@ def accuracy_rows():
 def bench_kernel(args):
     if not torch.cuda.is_available():
         raise SystemExit("bench.py kernel: needs a CUDA device")
-    if mmi._load_kernels() is None:
-        raise SystemExit(f"bench.py kernel: kernel unavailable: {mmi._kernels_failure}")
+    if mmi.load_kernels() is None:
+        raise SystemExit("bench.py kernel: kernels.cu unavailable (the warning above says why)")
     card = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
     print(f"card: {card}; device-to-device copy {copy_gbs:.0f} GB/s (read+write)")
@@ -167,8 +167,8 @@ def bench_gemv(args):
 
     if not torch.cuda.is_available():
         raise SystemExit("bench.py gemv: needs a CUDA device")
-    if mmi._load_kernels() is None:
-        raise SystemExit(f"bench.py gemv: kernels unavailable: {mmi._kernels_failure}")
+    if mmi.load_kernels() is None:
+        raise SystemExit("bench.py gemv: kernels.cu unavailable (the warning above says why)")
     c = mmi.MMIConfig.from_preset(args.preset).llm
     d, f, V, dtype = c.hidden_size, c.intermediate_size, c.vocab_size, torch.bfloat16
     # (name, N, K, layers sharing the input, bias, glu, calls per token)

@@ -551,8 +551,6 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
 
 
 _KERNELS_SOURCE = Path(__file__).with_name("kernels.cu")   # compiled on first CUDA use
-_kernels = None  # the built extension, once loaded
-_kernels_failure = None  # why the kernels are unavailable, once known (warned about once)
 
 
 def _kernels_build_dir():
@@ -577,28 +575,25 @@ def _kernels_unavailable_reason():
     return None
 
 
-def _load_kernels():
-    """The compiled kernels.cu module, built on first call; None (with one warning) where it cannot be had."""
-    global _kernels, _kernels_failure
-    if _kernels is not None or _kernels_failure is not None:
-        return _kernels
+@functools.lru_cache(maxsize=None)
+def load_kernels():
+    """The compiled kernels.cu module, built on the first call; None where it cannot be had, with one warning that
+    says why. The answer is kept for the process; load_kernels.cache_clear() makes the next call look again."""
     reason = _kernels_unavailable_reason()
     if reason is None:
         try:
             from torch.utils import cpp_extension
 
-            _kernels = cpp_extension.load(
+            return cpp_extension.load(
                 name="mmi_kernels",
                 sources=[str(_KERNELS_SOURCE)],
                 build_directory=_kernels_build_dir(),
                 extra_cuda_cflags=["-O3", "-std=c++17"],
                 verbose=False,
             )
-            return _kernels
         except Exception as err:  # any build or load failure: fall back, and say why
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             reason = f"build of {_KERNELS_SOURCE.name} failed ({type(err).__name__}: {first_line})"
-    _kernels_failure = reason
     warnings.warn(f"mmi: kernels.cu unavailable, multi-scale deformable attention falls back to the PyTorch "
                   f"reference (and decoding matmuls to F.linear): {reason}", stacklevel=3)
     return None
@@ -609,7 +604,7 @@ def _load_kernels():
 @torch.library.custom_op("mmi::msda_forward", mutates_args=())
 def _msda_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
              sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    return _load_kernels().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return load_kernels().forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @_msda_op.register_fake
@@ -622,8 +617,8 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
 def _msda_backward_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                       sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                       grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _load_kernels().backward(value, spatial_shapes, level_start_index, sampling_locations,
-                                         attention_weights, grad_output)
+    grads = load_kernels().backward(value, spatial_shapes, level_start_index, sampling_locations,
+                                    attention_weights, grad_output)
     return tuple(grads)
 
 
@@ -681,7 +676,7 @@ def kernels_used(device):
     attention reference reads the level shapes back to the host (a GPU sync per call), so a CUDA graph can hold MMFS
     only where the kernel runs. MMI_KERNELS=reference turns both kernels off."""
     return (torch.device(device).type == "cuda" and os.environ.get("MMI_KERNELS", "").lower() != "reference"
-            and _load_kernels() is not None)
+            and load_kernels() is not None)
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -3850,15 +3845,15 @@ def use_fast(fast, device):
 # -- the matmuls of a decoding step: kernels.cu's GEMV, with a pre-norm block's RMSNorm and residual folded in ----
 
 @torch.library.custom_op("mmi::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]], glu: bool,
-             norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor]) -> torch.Tensor:
+def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]], glu: bool,
+         norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor]) -> torch.Tensor:
     """kernels.cu's gemv, which reads 16 bytes at a time: x is copied to a fresh buffer if it does not start on a
     16-byte boundary, and weights that do not (views into a larger buffer, as FSDP's gathered weights, may not) go
     through F.linear. Checked here, when the op runs: torch.compile cannot read an intermediate tensor's storage
     offset while it traces (it would split the compiled graph at every linear)."""
     if all(w.data_ptr() % 16 == 0 for w in (*weights, *([] if norm is None else [norm]))):
-        return _load_kernels().gemv(x if x.data_ptr() % 16 == 0 else x.clone(), weights, biases, glu, norm, eps,
-                                    residual)
+        return load_kernels().gemv(x if x.data_ptr() % 16 == 0 else x.clone(), weights, biases, glu, norm, eps,
+                                   residual)
     if norm is not None:
         x = rms_norm(x, norm, eps)
     ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]
@@ -3866,7 +3861,7 @@ def _gemv_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional
     return y if residual is None else residual + y
 
 
-@_gemv_op.register_fake
+@gemv.register_fake
 def _(x, weights, biases, glu, norm, eps, residual):
     N = weights[0].shape[0]
     return x.new_empty(x.shape[0], N if glu else N * len(weights))
@@ -3895,8 +3890,8 @@ def linear(x, *layers, glu=False, norm=None, residual=None):
         raise ValueError(f"linear: a residual needs one output, got {len(layers)} layers without glu")
     if _gemv_fits(x, layers, norm):
         res = None if residual is None else residual.reshape(-1, residual.shape[-1]).contiguous()
-        y = _gemv_op(x.reshape(-1, x.shape[-1]).contiguous(), [l.weight for l in layers], [l.bias for l in layers],
-                     glu, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, res)
+        y = gemv(x.reshape(-1, x.shape[-1]).contiguous(), [l.weight for l in layers], [l.bias for l in layers],
+                 glu, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, res)
         y = y.view(*x.shape[:-1], -1)                                            # (..., n_layers * N) or (..., N)
         return y if glu or len(layers) == 1 else y.chunk(len(layers), dim=-1)
     if norm is not None:

@@ -80,9 +80,9 @@ def make_batch(cfg, rows, length, seed=0, left_pad=False):
                 num_image_per_seq=n, meta={"dataset_name": "test"})
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Config and the paper-size architecture
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_overrides_are_type_checked_and_unknown_keys_rejected():
@@ -135,11 +135,13 @@ def test_tiny_preset_builds_on_meta_and_cpu():
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Masks and labels on a hand-built batch: 2 rows, 3 images, 2 documents in row 0
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
+# the tiny preset's special token ids
 BOS, EOS, PAD, SOI, IMG = 1, 2, 383, 384, 385
+
 #           0    1   2    3    4    5   6    7    8    9   10   11   12  13
 ROW0 = [BOS, 10, SOI, IMG, IMG, 11, SOI, IMG, IMG, 12, EOS, BOS, 13, 14]
 ROW1 = [BOS, SOI, IMG, IMG, 15, 16, EOS, PAD, PAD, PAD, PAD, PAD, PAD, PAD]
@@ -205,9 +207,9 @@ def test_forward_uses_the_dataset_rule_and_loss_weights():
     torch.testing.assert_close(out2["loss"], 0.5 * expected2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Multi-scale deformable attention and MMFS against float64 loops written here
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def bilinear_loop(img, x, y):
@@ -387,9 +389,9 @@ def test_sincos_tables_follow_the_original_layout():
     torch.testing.assert_close(mmi.resize_pos_embed(t, (3, 3)), t)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Zero-initialised branches
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_zero_initialised_branches_add_nothing_until_perturbed():
@@ -420,9 +422,9 @@ def test_zero_initialised_branches_add_nothing_until_perturbed():
     assert not torch.allclose(injector(x, ref, c, shapes), x)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: text decoding (greedy, nucleus sampling, beam search) over a KV cache
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_kv_cache_decoding_equals_full_recomputation():
@@ -524,7 +526,9 @@ def test_repetition_penalty_matches_the_hf_rule():
     assert out.tolist() == [[2.0, -2.0, 1.5, 0.5]]                          # bos (1) and generated (2) penalised
 
 
-# ---- the fast path's fixed-shape decoding step and its CUDA graph, against the plain path ----
+# ----------------------------------------------------------------------------------------------------------------
+# Speed: the fast path's fixed-shape decoding step and its CUDA graph, against the plain path
+# ----------------------------------------------------------------------------------------------------------------
 
 DECODE_ROWS = [[BOS, 10, "img", 11, 12, "img", 13], [BOS, 14, "img", 15], [BOS, 16, 17, 18]]   # left-padded, with images
 
@@ -698,8 +702,8 @@ def test_bf16_decoding_through_the_gemv_is_as_accurate_as_the_layers(monkeypatch
     if not mmi.kernels_used("cuda"):
         pytest.skip("kernels.cu is not available")
     normed = []
-    real = mmi._gemv_op
-    monkeypatch.setattr(mmi, "_gemv_op", lambda *a: normed.append(a[4] is not None) or real(*a))
+    real = mmi.gemv
+    monkeypatch.setattr(mmi, "gemv", lambda *a: normed.append(a[4] is not None) or real(*a))
     model = tiny_model(seed=9).cuda().eval()
     batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -722,9 +726,9 @@ def test_bf16_decoding_through_the_gemv_is_as_accurate_as_the_layers(monkeypatch
         assert rel_err(got, ref) <= 1.5 * rel_err(base, ref)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Training signal
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_forward_backward_and_tiny_overfit():
@@ -764,9 +768,9 @@ def test_forward_reads_the_callers_host_copies_from_meta():
         model(dict(batch, meta={"host": wrong}))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Bad input
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Bad batches
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_bad_batches_are_clear_errors():
@@ -795,9 +799,9 @@ def test_bad_batches_are_clear_errors():
     small(make_batch(cfg, [[BOS, "img", 5]], 30))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Oracle parity: tiny random transformers models, saved and loaded by key
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def oracle_transformers():
@@ -904,16 +908,15 @@ def test_qformer_matches_transformers_blip2(frequency):
     theirs = hf(query_embeds=queries, encoder_hidden_states=enc, encoder_attention_mask=mask).last_hidden_state
     assert (ours(enc, mask) - theirs).abs().max() < 1e-5
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # data.py: tokenizer, readers, packing, mixing, bad data, the demo corpus
-# Fixtures write small real datasets to tmp_path: JPEGs with Pillow, jsonl / jsonl.zip MMC4 shards, LAION-style
-# annotation files. Oracles: transformers' slow LlamaTokenizer on the LLaMA-layout model shipped by
-# mistral-common (test-only), hand-computed packing cases.
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 DEMO_TOK = os.path.join(HERE, "assets", "demo_tokenizer.model")
 
 
+# The tokenizer's oracle: transformers' slow LlamaTokenizer on the LLaMA-layout model shipped by mistral-common
+# (test-only).
 def mistral_model_path():
     mc = pytest.importorskip("mistral_common")
     path = os.path.join(os.path.dirname(mc.__file__), "data", "tokenizer.model.v1")
@@ -935,7 +938,9 @@ SENTENCES = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------- tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: the tokenizer
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_tokenizer_ids_equal_transformers_slow_llama_tokenizer():
     """Our ids == transformers' slow LlamaTokenizer (legacy) with the two image tokens added as special tokens
@@ -1027,7 +1032,9 @@ def test_demo_tokenizer_has_llama_layout_and_is_reproducible(tmp_path):
     assert open(retrained, "rb").read() == open(DEMO_TOK, "rb").read()
 
 
-# ----------------------------------------------------------------------------------------------- images
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: images
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_center_crop_follows_box_halving_then_bicubic_then_centre_crop():
     """300x200 -> 64: BOX halving once (200 >= 128) to 150x100, bicubic to 96x64, crop columns 16..80."""
@@ -1044,8 +1051,12 @@ def test_center_crop_follows_box_halving_then_bicubic_then_centre_crop():
     assert torch.equal(f, torch.from_numpy(want.astype(np.float32) / 255.0).permute(2, 0, 1))
 
 
-# ----------------------------------------------------------------------------------------------- fixtures
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: fixtures
+# ----------------------------------------------------------------------------------------------------------------
 
+# Fixtures write small real datasets to tmp_path: JPEGs with Pillow, jsonl / jsonl.zip MMC4 shards, LAION-style
+# annotation files.
 PALETTE = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230), "yellow": (240, 230, 20),
            "black": (10, 10, 10), "white": (245, 245, 245), "cyan": (20, 220, 220), "magenta": (220, 20, 220)}
 
@@ -1117,7 +1128,9 @@ def check_row_alignment(tok, batch, n_img_tok):
     assert batch["nearest_bos_idxs"].shape == (k,)
 
 
-# ----------------------------------------------------------------------------------------------- readers
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: readers
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_expand_braces():
     assert data.expand_braces("docs_shard_{0..2}_v2.jsonl") == [f"docs_shard_{i}_v2.jsonl" for i in range(3)]
@@ -1226,7 +1239,9 @@ def test_annt_json_inference_format(tmp_path):
     assert b["target_image_idxs"].tolist() == [1] and b["nearest_bos_idxs"].tolist() == [0, 0]
 
 
-# ----------------------------------------------------------------------------------------------- packing
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: packing
+# ----------------------------------------------------------------------------------------------------------------
 
 class Ids:
     bos_id, soi_id, image_id = 1, 90, 91
@@ -1319,7 +1334,9 @@ def test_collate_batch_dict_right_padding_and_keys():
     assert batch["meta"]["image_info"] == ["a", "b", "c"]
 
 
-# ----------------------------------------------------------------------------------------------- streams
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: streams: mixing, sharding across ranks and workers, exact resume
+# ----------------------------------------------------------------------------------------------------------------
 
 def build_corpus(root, n_shards=4, docs_per_shard=5, imgs_per_doc=2):
     """MMC4 zip shards and LAION-style txt files over one JPEG folder; every image used exactly once."""
@@ -1546,7 +1563,9 @@ def test_bad_data_is_skipped_counted_and_never_misaligns(tmp_path, capsys):
     assert "[data] mmc4 epoch 0 pass 0" in out and "doc:malformed_line=4" in out and "shard:shard_missing=1" in out
 
 
-# ----------------------------------------------------------------------------------------------- demo corpus
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: the demo corpus
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_scene_text_round_trip_and_edits():
     """parse_scene(describe_scene(s)) == s and parse_edit(describe_edit(e), prev) reproduces each step of
@@ -1640,7 +1659,9 @@ def test_demo_stream_resumes_exactly():
     assert all(torch.equal(a["text_ids"], b["text_ids"]) and a["meta"]["scenes"] == b["meta"]["scenes"]
                for a, b in zip(rest, full[k + 1:]))
 
-# ----------------------------------------------------------------------------------------------- bad images and prompts
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: bad images and prompts
+# ----------------------------------------------------------------------------------------------------------------
 
 def bands(size, colours):
     """An image cut into equal bands along its long side, one per colour."""
@@ -1740,10 +1761,9 @@ def test_inference_sample_keeps_only_whole_image_placeholders(tmp_path):
     assert e.value.detail.startswith(f"here: {len(full)} tokens;") and "num_total_token=5" in e.value.detail
 
 
-# ===============================================================================================================
-# The image decoder: SD-2 UNet and VAE against diffusers, the samplers against diffusers' schedulers, UNet-MMFS,
-# the context and previous-image rules, the diffusion loss, image generation
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# Image decoder: SD-2 UNet and VAE against diffusers and the original manifest
+# ----------------------------------------------------------------------------------------------------------------
 
 DECODER_PRESETS = {name: (c.unet, c.vae, c.image_decoder)
                    for name, c in ((n, mmi.MMIConfig.from_preset(n)) for n in ("mmi-13b", "tiny"))}
@@ -1864,7 +1884,9 @@ def test_vae_matches_diffusers_oracle(tmp_path):
         assert (ours.decode(z) - oracle.decode(z).sample).abs().max() < 1e-4
 
 
-# ---- schedule and samplers against diffusers' schedulers (SD-2 scheduler config) ----
+# ----------------------------------------------------------------------------------------------------------------
+# Image decoder: the noise schedule and samplers against diffusers' schedulers (SD-2 scheduler config)
+# ----------------------------------------------------------------------------------------------------------------
 
 SD_SCHED = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1}
@@ -1950,7 +1972,9 @@ def test_bad_step_counts_raise():
         mmi.linspace_timesteps(1001)
 
 
-# ---- the full image decoder at the tiny preset ----
+# ----------------------------------------------------------------------------------------------------------------
+# Image decoder: the full image decoder at the tiny preset
+# ----------------------------------------------------------------------------------------------------------------
 
 def test_image_decoder_keys_shapes_and_counts_match_the_original_manifest():
     manifest = _manifest("mm_interleaved_13b.json", "image_decoder.")
@@ -2257,10 +2281,9 @@ def test_generate_images_through_the_llm_is_seeded_and_checks_the_slot():
     with pytest.raises(ValueError, match=r"target_image_idxs \[3\] out of range: the batch has 3 images"):
         model.generate_images(batch, target_image_idxs=[3], **kw)
 
-# ===============================================================================================================
-# eval.py: caption metrics against pycocoevalcap, VQA/VizWiz accuracy, NDCG, Fréchet distance, Inception and CLIP
-# modules, and every benchmark reader end to end on a tiny fake dataset in the original layout
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py: caption metrics against pycocoevalcap, VQA/VizWiz accuracy, NDCG, Fréchet distance, Inception
+# ----------------------------------------------------------------------------------------------------------------
 
 # Pre-tokenised, lower-case captions (what pycocoevalcap's scorers receive after its tokenizer).
 REFS = {
@@ -2402,7 +2425,9 @@ def test_fid_inception_loads_a_state_dict_by_key_and_gives_2048_features(tmp_pat
     with pytest.raises(ValueError, match="missing keys"):
         ev.load_inception(str(path))
 
-# ---- sampling's fast and batched paths equal the plain, one-call-per-image ones ----
+# ----------------------------------------------------------------------------------------------------------------
+# Image sampling: the fast and batched paths equal the plain, one-call-per-image ones
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_keyed_mmfs_net_equals_the_plain_mmfs_net():
@@ -2572,9 +2597,9 @@ def test_generate_images_of_right_padded_prompts_with_per_image_seeds_equal_call
             torch.testing.assert_close(both[r::2], pair, rtol=0, atol=1e-5)   # (with, without) MMFS of row r
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Readers end to end on tiny fake datasets in the original layout, with a tiny random model
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py: readers end to end on tiny fake datasets in the original layout, with a tiny random model
+# ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def demo_model_and_tokenizer():
@@ -2996,8 +3021,10 @@ def test_text_to_image_end_to_end_with_the_tiny_model(tmp_path, monkeypatch, dem
         ev.feature_statistics(np.zeros((1, 4)))
 
 
-# ---- the command line: one line and exit 2 for a user mistake, before the model loads; skipped samples counted;
-# the predictions made before a crash kept ----
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py: the command line: one line and exit 2 for a user mistake, before the model loads; skipped samples
+# counted; the predictions made before a crash kept
+# ----------------------------------------------------------------------------------------------------------------
 
 def _vizwiz_layout(root, names, missing=(), corrupt=(), answers=None):
     """VizWiz val, one question per image; images in `missing` are not written, those in `corrupt` are no image."""
@@ -3195,10 +3222,9 @@ def test_a_crash_mid_run_keeps_the_predictions_made_so_far(every, tmp_path, monk
     assert res["num_samples"] == 3 and res["samples"][:2] == kept["samples"] and not partial.exists()
 
 
-# ===============================================================================================================
-# Loading: the released files in every hub layout (tiny random transformers / diffusers models written to disk),
-# strict key accounting at full size against the manifests, refusals, and our own safetensors format
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: the released files in every hub layout (tiny random transformers / diffusers models written to disk)
+# ----------------------------------------------------------------------------------------------------------------
 
 MANIFESTS = os.path.join(HERE, "assets", "reference")
 TINY = mmi.MMIConfig.from_preset("tiny")
@@ -3416,7 +3442,9 @@ def test_partial_mmi_checkpoint_keeps_frozen_parts_from_the_originals(originals,
     assert model.load_report["counts"]["llm"][0] == len([k for k in frozen])
 
 
-# -- refusals -----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: refusals
+# ----------------------------------------------------------------------------------------------------------------
 
 
 class _NotATensor:
@@ -3541,7 +3569,9 @@ def test_bin_shard_tensors_stay_readable_after_their_pages_are_dropped(tmp_path)
         assert torch.equal(t.reshape(-1).view(torch.uint8), state[k].reshape(-1).view(torch.uint8)), k
 
 
-# -- full size, no weights: the manifests of the released files against the mmi-13b preset on meta ---------------
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: full size, no weights: the manifests of the released files against the mmi-13b preset on meta
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _loader_manifest(name):
@@ -3594,7 +3624,9 @@ def test_unknown_original_key_is_reported_with_its_file(shapes_13b):
         mmi.plan_component("llm", shapes, shapes_13b, {k: "vicuna.json" for k in shapes})
 
 
-# -- our own format -----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: our own format
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_save_pretrained_round_trip_is_exact(tmp_path, tiny_mmi):
@@ -3645,7 +3677,10 @@ def test_from_pretrained_refuses_missing_tensors(tmp_path, tiny_mmi):
         mmi.MMInterleaved.from_pretrained(str(tmp_path / "ckpt"))
 
 
-# -- Stable Diffusion folder: UNet, VAE (legacy names), scheduler, text encoder + tokenizer for neg_prompt_embeds ----
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: a Stable Diffusion folder: UNet, VAE (legacy names), scheduler, text encoder + tokenizer for
+# neg_prompt_embeds
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _perturb(module, seed):
@@ -3797,7 +3832,10 @@ def test_scheduler_config_is_checked(tmp_path):
                                                                beta_end=0.012, steps_offset=1)
 
 
-# -- bad input: a broken model folder, a config that does not fit, mmi.py's command line, an interrupted save -----
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: bad input: a broken model folder, a config that does not fit, mmi.py's command line, an interrupted
+# save
+# ----------------------------------------------------------------------------------------------------------------
 
 
 class _Killed(BaseException):
@@ -4061,10 +4099,10 @@ def test_mmi_py_bad_override_as_a_process_is_one_line_and_exit_2():
     assert run.stderr == "mmi.py: error: config key 'llm.hidden_size': cannot read 'abc' as int\n"
 
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # kernels.cu: our CUDA multi-scale deformable attention against a float64 reference (skips without CUDA), the
 # dispatch point, and the CPU fallback with its one warning line
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -4126,8 +4164,8 @@ def rel_err(x, ref):
                                         (64, LEVELS_MMFS, 8), (128, LEVELS_MIXED, 5), (32, LEVELS_HUGE, 2)])
 def test_kernel_matches_float64_reference(dtype, D, shapes, P):
     """Output and all three gradients within 1e-5 (fp32) / 1e-2 (16-bit) of float64, every element written."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     masked = range(len(shapes) - 4, len(shapes)) if len(shapes) > 8 else (1,)
     inputs = make_inputs(2, 37, 3, D, shapes, P, dtype, "cuda", masked_levels=masked, seed=D + P)
     grad_out = torch.randn(2, 37, 3 * D, device="cuda").to(dtype)
@@ -4150,8 +4188,8 @@ def test_kernel_matches_float64_reference(dtype, D, shapes, P):
 def test_kernel_forward_few_and_many_queries(dtype, B, Q, M, D, shapes, P):
     """The forward takes a split-points kernel when the (b, q, head) groups are too few to fill the GPU (decoding)
     and the plain one otherwise: both within 1e-5 (fp32) / 1e-2 (bf16) of float64, every element written."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     inputs = make_inputs(B, Q, M, D, shapes, P, dtype, "cuda", masked_levels=(1,), seed=Q)
     expected = reference_float64(inputs, torch.zeros(B, Q, M * D, device="cuda"))[0]
     out = kernel.forward(*inputs, poison=True)
@@ -4166,8 +4204,8 @@ def test_kernel_backward_over_query_tiles_and_many_points(dtype, Q, P):
     """The backward bins a block's value gradient per level for up to 128 queries of one head: 300 queries span
     several such blocks, the last one part-filled; 40 points leave too few bin slots at bf16 (the direct-atomics
     kernel) but not at fp32 (one query per group). Masked image, a level too large to bin (76x80) beside small ones."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     shapes = [(76, 80), (8, 8), (16, 16), (1, 3)]
     inputs = make_inputs(2, Q, 2, 64, shapes, P, dtype, "cuda", masked_levels=(2,), seed=Q + P)
     grad_out = torch.randn(2, Q, 2 * 64, device="cuda").to(dtype)
@@ -4190,8 +4228,8 @@ def test_gemv_matches_float64(dtype, R, N, K, n_layers, bias, glu, norm, residua
     """kernels.cu's decoding matmul against float64 on the same 16-bit inputs: within the dtype's unit roundoff
     (the kernel sums in float32 and rounds once), for row tails (N % 8), short K, biases, 1-3 layers, the glu,
     and an RMSNorm of x before and a residual added after (the pre-norm block the LLM's layers fold in)."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     g = torch.Generator(device="cuda").manual_seed(N + K)
     x = (torch.randn(R, K, device="cuda", generator=g) * torch.tensor([[0.3], [2.0], [1.0], [7.0]], device="cuda")[:R]
          ).to(dtype)                                                     # rows of different scale: one rms each
@@ -4237,10 +4275,10 @@ def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
     """mmi.linear sends a few 16-bit rows outside autograd to the gemv operator, and gives what F.linear gives
     (bf16 rounding apart); many rows, float32 or inputs that need gradients go to the layers, and weights off a
     16-byte boundary to F.linear inside the operator."""
-    assert mmi._load_kernels() is not None, mmi._kernels_failure
+    assert mmi.load_kernels() is not None
     calls = []
-    real = mmi._gemv_op
-    monkeypatch.setattr(mmi, "_gemv_op", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = mmi.gemv
+    monkeypatch.setattr(mmi, "gemv", lambda *a: calls.append(a[0].shape) or real(*a))
     torch.manual_seed(0)
     layers = [torch.nn.Linear(256, 512).cuda().to(torch.bfloat16) for _ in range(3)]
     x = torch.randn(1, 2, 256, device="cuda", dtype=torch.bfloat16)
@@ -4274,8 +4312,8 @@ def test_linear_uses_gemv_for_decoding_rows_only(monkeypatch):
 @cuda_only
 def test_kernel_matches_reference_on_map_edges():
     """Points exactly on pixel centres and on the map's edges (x*W-0.5 in {-1, 0, W-1, W}) agree with float64."""
-    kernel = mmi._load_kernels()
-    assert kernel is not None, mmi._kernels_failure
+    kernel = mmi.load_kernels()
+    assert kernel is not None
     shapes = [(8, 8), (4, 16)]
     value, sh, st, loc, attn = make_inputs(1, 16, 2, 32, shapes, 4, torch.float32, "cuda", seed=5)
     edges = torch.tensor([-1.0, 0.0, 3.0, 7.0, 8.0, 2.5], device="cuda")  # pixel coordinates
@@ -4297,7 +4335,7 @@ def test_kernel_matches_reference_on_map_edges():
 @pytest.mark.parametrize("D", [5, 8])  # odd and even head dims
 def test_kernel_gradcheck_float64(D):
     """Analytic gradients of the autograd wrapper agree with finite differences (float64)."""
-    assert mmi._load_kernels() is not None, mmi._kernels_failure
+    assert mmi.load_kernels() is not None
     value, shapes, starts, loc, attn = make_inputs(1, 3, 2, D, [(3, 4), (2, 2)], 3, torch.float64, "cuda", seed=7)
     args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), attn.requires_grad_())
     assert torch.autograd.gradcheck(mmi._msda_op, args, eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -4339,38 +4377,42 @@ def test_dispatch_rejects_bad_inputs():
         mmi.ms_deform_attn(value, shapes, starts, loc, attn[..., :1])
 
 
-def test_loader_without_nvcc_warns_once_and_falls_back(monkeypatch):
+@pytest.fixture
+def fresh_kernel_loader():
+    """mmi.load_kernels with its kept answer forgotten before the test, and after it (the test's fakes made it)."""
+    mmi.load_kernels.cache_clear()
+    yield mmi.load_kernels
+    mmi.load_kernels.cache_clear()
+
+
+def test_loader_without_nvcc_warns_once_and_falls_back(monkeypatch, fresh_kernel_loader):
     """No nvcc: one warning line that says so, no build attempt, later calls silent."""
     from torch.utils import cpp_extension
 
-    monkeypatch.setattr(mmi, "_kernels", None)
-    monkeypatch.setattr(mmi, "_kernels_failure", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert mmi._load_kernels() is None
-        assert mmi._load_kernels() is None
+        assert fresh_kernel_loader() is None
+        assert fresh_kernel_loader() is None
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "\n" not in message and "nvcc not found" in message and "reference" in message
 
 
-def test_loader_build_failure_warns_with_reason(monkeypatch, tmp_path):
+def test_loader_build_failure_warns_with_reason(monkeypatch, tmp_path, fresh_kernel_loader):
     """A failing build falls back with one warning that carries the compiler's first error line."""
     from torch.utils import cpp_extension
 
     def failing_load(**kwargs):
         raise RuntimeError("Error building extension 'mmi_kernels'\nninja: build stopped")
 
-    monkeypatch.setattr(mmi, "_kernels", None)
-    monkeypatch.setattr(mmi, "_kernels_failure", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with pytest.warns(UserWarning, match=r"build of kernels.cu failed \(RuntimeError: Error building extension"):
-        assert mmi._load_kernels() is None
+        assert fresh_kernel_loader() is None
 
 
 def test_reference_matches_hand_computed_bilinear():
@@ -4388,10 +4430,10 @@ def test_reference_matches_hand_computed_bilinear():
     assert math.isclose(px, x * W - 0.5) and math.isclose(py, y * H - 0.5)
     torch.testing.assert_close(out.view(D), expect, rtol=1e-12, atol=1e-12)
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # train.py: the loop from a config file, the 13B recipe's parameter groups, exact resume, gradient accumulation,
 # the NaN guard, FLOP counting, FSDP on two CPU processes, the demo VAE stage
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 # the smallest honest run: tiny preset, random rows of 32 tokens with one 64x64 image each
 TINY_CONFIG = """
@@ -4426,9 +4468,9 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Config files and overrides
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: config files and overrides
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_config_files_and_overrides_are_type_checked_and_unknown_keys_rejected(tmp_path, config_file):
@@ -4471,9 +4513,9 @@ def test_pretrain_13b_config_is_the_papers_recipe():
     assert train.lr_multiplier(15000, 1000, 15000) == pytest.approx(0.0, abs=1e-12)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Parameter groups on the paper-size model
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: parameter groups on the paper-size model
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_param_groups_and_weight_decay_match_spec_on_meta_13b():
@@ -4525,9 +4567,9 @@ def test_param_groups_and_weight_decay_match_spec_on_meta_13b():
     assert sum(1 for n in table if n.endswith("llama_cross_attn.gate")) == 10
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: the loop
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_loop_runs_three_steps_from_a_config_file(tmp_path, config_file):
@@ -4738,9 +4780,9 @@ def test_frozen_weights_can_be_stored_in_bf16_while_trainable_ones_stay_float32(
     assert math.isfinite(result["losses"][1])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# MFU: the FLOP count
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: MFU: the FLOP count
+# ----------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("llm_trainable", [True, False])
@@ -4770,9 +4812,9 @@ def test_llm_flops_equal_counted_matmuls_plus_the_attention_term(llm_trainable):
     assert train.llm_flops(cfg, B, L, 2) == counter.get_total_flops() + attention - pick
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# FSDP: two CPU processes (gloo) against one
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: FSDP: two CPU processes (gloo) against one
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_fsdp_keeps_frozen_weights_whole_unless_shard_frozen(config_file):
@@ -4836,9 +4878,9 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
     assert torchrun(resumed, "--resume=true") == {3: losses[3]}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The demo's VAE (task="vae") and handing it to the demo model
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: the demo's VAE (task="vae") and handing it to the demo model
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_vae_task_trains_exports_and_the_demo_model_loads_it_frozen(tmp_path, config_file):
@@ -4877,10 +4919,10 @@ def test_demo_configs_parse():
     assert (vae.task, vae.data) == ("vae", "demo")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The command line: usage, --help, user mistakes as one line, where outputs go; CPU runs, workers that end with the
-# run, exact resume on the demo data, bench.py's CPU wording
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: the command line: usage, --help, user mistakes as one line, where outputs go; CPU runs, workers
+# that end with the run, exact resume on the demo data, bench.py's CPU wording
+# ----------------------------------------------------------------------------------------------------------------
 
 # demo rows the tiny preset takes: 7 stories in rows of 64 tokens, one row per micro-batch
 DEMO_ROWS = ["--data=demo", "--seq_len=64", "--batch_size=1", "--demo_num_stories=7"]
@@ -5056,9 +5098,9 @@ def test_bench_train_on_a_cpu_speaks_of_processes_and_no_gpu_memory(capsys):
 
 
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # sample.py: the interleaved loop on a tiny random model (both initial modes), the page, bad input, atomic output
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def saved_tiny_model(tmp_path_factory):
@@ -5374,9 +5416,9 @@ def test_sample_page_shows_its_images_enlarged_in_a_browser(tmp_path, saved_tiny
     assert where[0][0] < where[1][0]                                  # the prompt's image above the generated one
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# eval.py's demo scoreboard
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# eval.py: the demo scoreboard
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _obj(r, c, shape, colour):
@@ -5546,9 +5588,8 @@ def test_a_training_step_reads_the_gpu_back_only_at_its_start():
 def test_the_training_loop_reads_a_step_back_without_waiting_for_the_next(tmp_path, config_file, monkeypatch):
     """After its first step, train.py's loop makes no synchronizing read of the GPU (forward, backward, clipping, the
     NaN guard, the update): a step's numbers are copied to pinned memory as it is queued and read, once the next step
-    is queued, by waiting on an event after the copy. Each step's work here ends with >= 0.15 s of GPU sleep, so
-    when a step is read one step late the next one's work is still running, and every step's time, taken on the
-    GPU's clock, holds its sleep (a read that waited for the next step too would leave the last step ~0 s)."""
+    is queued, by waiting on an event after the copy. Each step's work here ends with a GPU sleep, so when a step
+    is read one step late the next one's work is still running: the stream is busy at each such read."""
     current, busy = [0], []
     lr_multiplier, send_to_host, read_back = train.lr_multiplier, train.send_to_host, train.read_back
 
@@ -5574,7 +5615,7 @@ def test_the_training_loop_reads_a_step_back_without_waiting_for_the_next(tmp_pa
     # steps 1 and 5 are read at once (the GPU is then idle); steps 2, 3, 4 while steps 3, 4, 5 run
     assert busy == [(0, False), (2, True), (3, True), (4, True), (4, False)]
     rows = read_metrics(str(tmp_path / "run"))
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and min(r["time_s"] for r in rows) >= 0.15, rows
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], rows
 
 
 @cuda_only
@@ -5589,9 +5630,9 @@ def test_tiny_model_trains_under_cuda_autocast_bf16():
     assert torch.isfinite(out["loss"])
 
 
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 # The project: README's commands are what CI runs
-# ===============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_ci_installs_and_tests_exactly_as_the_readme_says():
