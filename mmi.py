@@ -302,21 +302,24 @@ def _replace_path(obj, path, value, full_key):
         if not dataclasses.is_dataclass(old):
             raise InputError(f"config key {full_key!r}: {path[0]!r} is not a section")
         return dataclasses.replace(obj, **{path[0]: _replace_path(old, path[1:], value, full_key)})
-    return dataclasses.replace(obj, **{path[0]: _parse_like(old, value, full_key)})
+    return dataclasses.replace(obj, **{path[0]: parse_value(value, old, full_key)})
 
 
-def _parse_like(old, value, key):
-    """`value` (a string from the command line, or a Python value from a config file) checked against, and for
-    strings converted to, the type of the field's current value `old`."""
-    if isinstance(value, str) and not isinstance(old, str):
-        value = _from_string(old, value, key)
-    return _check_like(old, value, f"config key {key!r}")
+def parse_value(value, like, key):
+    """The one reader of `key=value` settings (MMIConfig overrides, train.py's config files and command line):
+    `value`, a string from a command line or a Python value from a config file, as the type of `like` (the
+    setting's current value). A string is parsed: numbers, true/false/1/0, Python literals for tuples; lists
+    become tuples, an int may stand for a float. A value that does not fit is an InputError of one line naming
+    the key and the type expected."""
+    if isinstance(value, str) and not isinstance(like, str):
+        value = _from_string(like, value, key)
+    return _check_like(like, value, f"config key {key!r}")
 
 
 def _check_like(old, value, where):
-    """`value` if it has the type of `old`: an int may stand for a float (widened), a list for a tuple; a field
-    whose value is None takes any value. InputError naming `where` otherwise."""
-    if isinstance(value, list):
+    """`value` if it has the type of `old`: an int may stand for a float (widened), a list for a tuple (at any
+    depth); a field whose value is None takes any value. InputError naming `where` otherwise."""
+    if isinstance(value, (list, tuple)):
         value = _to_tuple(value)
     same = old is None or isinstance(value, type(old)) and isinstance(value, bool) == isinstance(old, bool)
     widening = isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool)
@@ -2384,8 +2387,8 @@ def pack_per_row(per_image, num_image_per_seq):
     return out
 
 
-# the batch's integer inputs that the training forward reads on the host (checks, shapes, positions); a caller may
-# hand in host copies of them as meta["host"] (numpy arrays), see MMInterleaved.forward
+# the batch's integer inputs that the training forward reads on the host (checks, shapes, positions): a caller whose
+# batch is on a GPU hands in host copies of them, forward(batch, host=...), so that the forward reads nothing back
 HOST_KEYS = ("text_ids", "num_image_per_seq", "nearest_bos_idxs")
 
 
@@ -2549,23 +2552,37 @@ class MMInterleaved(nn.Module):
 
     # -- training -------------------------------------------------------------------------------------------------
 
-    def forward(self, batch):
-        """batch: the dict of the original forward's arguments (text_ids, image_tensors, num_image_per_seq, ...; see
-        validate_batch) -> {"loss", "loss_txt", "loss_img"}."""
+    def forward(self, batch, host=None):
+        """The training losses of a batch of B rows of L tokens holding B_I images in all (row-major order) ->
+        {"loss", "loss_txt", "loss_img" (when the image decoder ran)}. The batch's keys (all but text_ids optional):
+
+            text_ids [B, L] long              tokens; an image is <|beginofimage|> then num_img_token <|image|>
+            attention_mask [B, L]             1 = a real token (default: all)
+            image_tensors [B_I, 3, S, S]      the images in [0, 1], S = vision.image_size
+            image_tensors_dec [B_I, 3, S', S']  the image decoder's targets, S' = image_decoder.image_size
+                                              (default: image_tensors)
+            num_image_per_seq [B] long        images per row (default: counted in text_ids)
+            nearest_bos_idxs [B_I] long       where each image's context starts (default: its row's start)
+            gt_text_ids [B, L] long           text targets, -100 = no loss (default: text_labels of text_ids)
+            image_loss_mask [B_I]             0 leaves an image out of the image loss
+            loss_txt_weight, loss_img_weight  floats (default: the config's); loss_img_weight 0 skips the image
+                                              decoder
+            ignore_prompt_token_offset        int or [B]: positions before it take no text loss (default 0)
+            meta["dataset_name"]              str: one in dataset_to_ignore_noimage_cond_loss takes no loss on text
+                                              that no image precedes in its document
+
+        host: {key: numpy array or CPU tensor}, host copies of the batch's HOST_KEYS for a batch on a GPU. The
+        checks and the image and context positions are read from them; without them the forward makes its own
+        once, before it queues any work (on a GPU a read of the device waits for all work queued before it)."""
         c = self.cfg
-        # host copies of what the checks and the image and context positions read: the caller's, in meta["host"]
-        # (train.py's, made before the batch went to the GPU), else made here once, before any model work is queued
-        # (on a GPU, a read of the device waits for all work queued before it)
-        given = (batch.get("meta") or {}).get("host") or {}
-        host_batch = {k: torch.as_tensor(given[k] if k in given else batch[k]).cpu() for k in HOST_KEYS
-                      if batch.get(k) is not None}
-        num = self.validate_batch({**batch, **host_batch})
+        host = {k: torch.as_tensor((host or {}).get(k, batch[k])).cpu() for k in HOST_KEYS if batch.get(k) is not None}
+        num = self.validate_batch({**batch, **host})
         text_ids = batch["text_ids"]
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(text_ids)
         embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num,
-                                                             host_batch["text_ids"])
+                                                             host["text_ids"])
         w_img = batch.get("loss_img_weight")
         w_img = c.loss_img_weight if w_img is None else w_img
         with_image_loss = maps is not None and w_img != 0   # text-only batches (captioning) skip the image decoder
@@ -2591,7 +2608,7 @@ class MMInterleaved(nn.Module):
         loss = (c.loss_txt_weight if w_txt is None else w_txt) * loss_txt
         out = {"loss_txt": loss_txt.detach()}
         if with_image_loss:
-            loss_img = self.image_loss(batch, h, maps, posterior, host_batch)
+            loss_img = self.image_loss(batch, h, maps, posterior, host)
             loss = loss + w_img * loss_img
             out["loss_img"] = loss_img.detach()
         out["loss"] = loss

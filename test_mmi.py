@@ -751,10 +751,10 @@ def test_forward_backward_and_tiny_overfit():
     assert model.visual_tokenizer.proj.weight.grad.abs().sum() > 0
 
 
-def test_forward_reads_the_callers_host_copies_from_meta():
-    """meta["host"] (train.py's to_device on a GPU) hands the forward host copies of text_ids and the image counts:
-    it reads those instead of the batch's tensors, so the same copies give the same loss, and a wrong count there is
-    what the checks see."""
+def test_forward_reads_the_host_copies_it_is_given():
+    """forward(batch, host=...) (train.py's, for a batch on a GPU) hands the forward host copies of text_ids and
+    the image counts: it reads those instead of the batch's tensors, so the same copies give the same loss, and a
+    wrong count there is what the checks see."""
     model = tiny_model(perturb=False).train()
     batch = make_batch(model.cfg, [[BOS, 10, "img", 11, "img"], [BOS, "img", 12]], 24)
     host = {k: batch[k].numpy() for k in mmi.HOST_KEYS if k in batch}
@@ -762,10 +762,10 @@ def test_forward_reads_the_callers_host_copies_from_meta():
     torch.manual_seed(0)
     plain = model(batch)["loss"]
     torch.manual_seed(0)
-    assert torch.equal(model(dict(batch, meta={"host": host}))["loss"], plain)
+    assert torch.equal(model(batch, host=host)["loss"], plain)
     wrong = dict(host, num_image_per_seq=np.array([1, 1]))
     with pytest.raises(ValueError, match=r"row 0: num_image_per_seq says 1 images, text has 2"):
-        model(dict(batch, meta={"host": wrong}))
+        model(batch, host=wrong)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -4620,7 +4620,7 @@ def _compiled_blocks_match_eager(device, backend):
     torch.manual_seed(0)
     compiled = mmi.MMInterleaved(dataclasses.replace(cfg, gradient_checkpointing=False)).to(device).train()
     keys = list(compiled.state_dict())
-    train.compile_blocks(compiled, checkpoint=True, backend=backend)
+    train.compile_blocks(train.repeated_blocks(compiled), checkpoint=True, backend=backend)
     assert list(compiled.state_dict()) == keys
     want, want_grads = loss_and_grads(eager)
     got, got_grads = loss_and_grads(compiled)
@@ -4719,13 +4719,38 @@ def test_prefetcher_keeps_the_order_raises_the_streams_error_and_stops():
     assert endless.gi_frame is None                       # and closed it (a generator's cleanup has run)
 
 
+def test_late_read_on_a_cpu_hands_back_the_previous_step():
+    late = train.LateRead(torch.device("cpu"))
+    assert late.send(torch.tensor([1.0, 2.0]), "step 1") is None
+    info, numbers, seconds, _ = late.send(torch.tensor([3.0]), "step 2")
+    assert (info, numbers) == ("step 1", [1.0, 2.0]) and seconds >= 0
+    assert late.read_now()[:2] == ("step 2", [3.0])
+
+
+@cuda_only
+def test_late_read_hands_back_a_step_while_the_next_runs():
+    """LateRead's rule on a GPU: sending step k+1's numbers hands back step k's, read by waiting for step k's work
+    only, while step k+1's work (queued before the send) still runs; read_now waits for the step just sent."""
+    late = train.LateRead(torch.device("cuda"))
+
+    def step(k):
+        torch.cuda._sleep(200_000_000)               # the step's GPU work
+        return late.send(torch.full((2,), float(k), device="cuda"), k)
+
+    assert step(1) is None
+    info, numbers, _, _ = step(2)
+    assert (info, numbers) == (1, [1.0, 1.0]) and not torch.cuda.current_stream().query()   # step 2 still runs
+    info, numbers, _, _ = late.read_now()
+    assert (info, numbers) == (2, [2.0, 2.0]) and torch.cuda.current_stream().query()
+
+
 def test_nan_guard_skips_the_update_logs_it_and_stops_after_nan_patience(tmp_path, config_file, monkeypatch):
     forward = mmi.MMInterleaved.forward
     seen = []
 
-    def poisoned(self, batch):                   # from the 2nd call on the loss is NaN (so are its gradients)
+    def poisoned(self, batch, host=None):        # from the 2nd call on the loss is NaN (so are its gradients)
         seen.append(self.mm_decoder.layers[0].mlp.up_proj.weight.detach().clone())
-        out = forward(self, batch)
+        out = forward(self, batch, host)
         if len(seen) >= 2:
             out["loss"] = out["loss"] * float("nan")
         return out
@@ -4750,10 +4775,10 @@ def test_a_skipped_step_leaves_no_trace_in_the_optimizer(tmp_path, config_file, 
     forward = mmi.MMInterleaved.forward
     seen, calls = [], [0]
 
-    def poisoned(self, batch):                   # only the 2nd call's loss is NaN
+    def poisoned(self, batch, host=None):        # only the 2nd call's loss is NaN
         calls[0] += 1
         seen.append(self.mm_decoder.layers[0].mlp.up_proj.weight.detach().clone())
-        out = forward(self, batch)
+        out = forward(self, batch, host)
         if calls[0] == 2:
             out["loss"] = out["loss"] * float("nan")
         return out
@@ -4809,7 +4834,46 @@ def test_llm_flops_equal_counted_matmuls_plus_the_attention_term(llm_trainable):
     out = x.n_heads * x.n_points * 2 + x.n_heads * len(x.spatial_shapes) * (x.n_points + 1)
     n_cross = len(range(0, cfg.llm.num_hidden_layers, x.cross_attention_frequency))
     pick = n_cross * 2 * (2 * B * 2 * L * x.max_num_image_per_seq * out)
-    assert train.llm_flops(cfg, B, L, 2) == counter.get_total_flops() + attention - pick
+    assert train.llm_flops(model, B, L, 2) == counter.get_total_flops() + attention - pick
+
+
+def test_train_flops_follow_the_config_to_the_flop_counter():
+    """train_flops of a micro-batch against torch's FlopCounterMode on the whole forward+backward of a tiny model
+    whose LLM (depth, width, frozen), MMFS (layers, heads, points, maps read, table rows), image tokens and CLIP
+    (frozen) are not the preset's, after mmi.speed_up as train.py runs it, with two documents in a row. Counted by
+    both: every matmul and convolution, forward and backward, and the attention products (the counter sees SDPA on
+    a CPU only in its math form, chosen here). train_flops leaves out MMFS's one-hot picks of its table's rows
+    (speed_up's form; the LLM's mask is per query, the UNet's per image): they are taken off the counter's total.
+    The counter counts a grouped convolution's weight gradient as a dense one's, so the adapter's depth-wise
+    convolutions are frozen here. What is left agrees exactly: tolerance 0."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    cfg = mmi.apply_overrides(mmi.MMIConfig.from_preset("tiny"), {
+        "llm.num_hidden_layers": 5, "llm.intermediate_size": 96, "llm.trainable": False, "vision.trainable": False,
+        "mmfs.cross_attention_frequency": 3, "mmfs.n_heads": 2, "mmfs.n_points": 3, "mmfs.spatial_shapes": (32, 8),
+        "mmfs.max_num_image_per_seq": 7, "num_img_token": 6, "resampler.num_queries": 6})
+    model = mmi.speed_up(mmi.MMInterleaved(cfg)).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.groups > 1:
+            m.requires_grad_(False)
+    batch = make_batch(cfg, [[BOS, 5, 6, "img", 7, EOS, BOS, 8, "img", 9], [BOS, "img", 9, 3]], 48)
+    batch["nearest_bos_idxs"] = torch.from_numpy(np.concatenate([data.nearest_bos_idxs(r.numpy(), BOS, SOI)
+                                                                 for r in batch["text_ids"]]))
+    batch["image_tensors_dec"] = torch.rand(3, 3, 64, 64)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(batch)["loss"].backward()
+    (B, L), N = batch["text_ids"].shape, 2
+
+    def picks(mmfs, rows):                           # one-hot rows x the table: the forward and the table's gradient
+        return 2 * 2 * rows * mmfs.max_num_image_per_seq * (mmfs.sampling_offsets.out_features
+                                                            + mmfs.attention_weights.out_features)
+    llm = [layer.llama_cross_attn.attn for layer in model.mm_decoder.layers if layer.llama_cross_attn is not None]
+    unet = model.image_decoder.decoder.mmfs_module
+    assert len(llm) == 2 and llm[0].n_levels == 2
+    left_out = sum(picks(m, B * N * L) for m in llm) + sum(picks(b.mmfs, 3) for b in [*unet.mmfs_down_blocks,
+                                                                                       unet.mmfs_mid_block])
+    assert train.train_flops(model, batch) == counter.get_total_flops() - left_out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -4828,7 +4892,8 @@ def test_fsdp_keeps_frozen_weights_whole_unless_shard_frozen(config_file):
         for shard_frozen in (False, True):
             tc = train.load_config([config_file, "--model.llm.trainable=false", "--model.vision.trainable=false",
                                     f"--shard_frozen={shard_frozen}"])
-            model = train.shard_model(mmi.MMInterleaved(train.model_config(tc)), tc, torch.device("cpu"))
+            model = mmi.MMInterleaved(train.model_config(tc))
+            model = train.shard_model(model, train.fsdp_blocks(model), tc, torch.device("cpu"))
             vae = {id(p) for p in model.image_decoder.decoder.vae.parameters()}
             for name, p in model.named_parameters():
                 sharded = p.requires_grad or (shard_frozen and id(p) not in vae)
@@ -4992,13 +5057,8 @@ def test_train_prints_where_it_wrote_the_model_checkpoint_and_metrics(tmp_path, 
 
 
 def test_progress_bar_draws_its_final_state_once(tmp_path, config_file, monkeypatch, capsys):
-    from tqdm import tqdm
-
-    class EveryUpdate(tqdm):                                                   # draws at every update
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, mininterval=0, miniters=1, **kwargs)
-
-    monkeypatch.setattr(train, "tqdm", EveryUpdate)
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")                               # tqdm draws at every update
+    monkeypatch.setenv("TQDM_MINITERS", "1")
     run_train(config_file, str(tmp_path / "bar"), "--progress=true")
     assert len(re.findall(r"\b3/3\b", capsys.readouterr().err)) == 1          # not again when the bar closes
 
@@ -5030,14 +5090,15 @@ def test_a_run_stopped_midway_leaves_no_data_loader_workers(tmp_path, config_fil
     thread and both DataLoader workers before main returns."""
     import multiprocessing
     import threading
-    monkeypatch.setattr(train, "worker_limit", lambda: 2)                      # two workers on any machine
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)   # two workers anywhere
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     forward, calls = mmi.MMInterleaved.forward, []
 
-    def stopping(self, batch):
+    def stopping(self, batch, host=None):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("a bug in step 2") if stop == "error" else KeyboardInterrupt()
-        return forward(self, batch)
+        return forward(self, batch, host)
 
     monkeypatch.setattr(mmi.MMInterleaved, "forward", stopping)
     before = set(multiprocessing.active_children())
@@ -5563,16 +5624,16 @@ def gpu_reads(files, note=lambda: None):
 def test_a_training_step_reads_the_gpu_back_only_at_its_start():
     """A training forward and backward on a GPU waits for the device only where it copies text_ids and the image
     counts to the host at its start: no host read waits for the vision encoder's, the LLM's or the image decoder's
-    queued work, nor for the backward pass's. Given host copies of them (train.py's to_device), it reads nothing."""
+    queued work, nor for the backward pass's. Given host copies of them (as train.py gives), it reads nothing."""
     model = mmi.speed_up(tiny_model(perturb=False)).cuda().train()          # as train.py runs it
     host_batch = make_batch(model.cfg, [[BOS, 20, "img", 21, "img", EOS], [BOS, "img", 22, EOS]], 30)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in host_batch.items()}
     model(batch)["loss"].backward()                  # warm-up: kernels loaded, level tables cached
     model.zero_grad()
 
-    def host_reads(batch):
+    def host_reads(batch, host=None):
         with gpu_reads({mmi.__file__}) as reads:
-            out = model(batch)
+            out = model(batch, host=host)
             out["loss"].backward()
         assert "loss_img" in out                     # the image decoder ran
         return [(f.name, f.line) if isinstance(f, traceback.FrameSummary) else f for _, f in reads]
@@ -5581,41 +5642,26 @@ def test_a_training_step_reads_the_gpu_back_only_at_its_start():
     assert reads                                     # the host copies at the start are seen
     allowed = [r for r in reads if r[0] in ("forward", "<dictcomp>") and ".cpu()" in r[1]]  # (<dictcomp>: < 3.12)
     assert allowed == reads, [r for r in reads if r not in allowed]
-    assert host_reads(train.to_device(host_batch, torch.device("cuda"))) == []
+    assert host_reads(batch, {k: host_batch[k].numpy() for k in mmi.HOST_KEYS if k in host_batch}) == []
 
 
 @cuda_only
 def test_the_training_loop_reads_a_step_back_without_waiting_for_the_next(tmp_path, config_file, monkeypatch):
     """After its first step, train.py's loop makes no synchronizing read of the GPU (forward, backward, clipping, the
-    NaN guard, the update): a step's numbers are copied to pinned memory as it is queued and read, once the next step
-    is queued, by waiting on an event after the copy. Each step's work here ends with a GPU sleep, so when a step
-    is read one step late the next one's work is still running: the stream is busy at each such read."""
-    current, busy = [0], []
-    lr_multiplier, send_to_host, read_back = train.lr_multiplier, train.send_to_host, train.read_back
+    NaN guard, the update): a step's numbers go through LateRead, copied to pinned memory as the step is queued and
+    read, once the next step is queued, by waiting on an event after the copy (see the LateRead test)."""
+    forward, steps = mmi.MMInterleaved.forward, [0]
 
-    def tracked(step, *args):                        # called at the start of every step with the steps done
-        current[0] = step
-        return lr_multiplier(step, *args)
+    def counted(self, batch, host=None):             # one call a step (grad_accum 1): the step being queued
+        steps[0] += 1
+        return forward(self, batch, host)
 
-    def slow_send(numbers):                          # called once a step's work is queued
-        torch.cuda._sleep(300_000_000)               # cycles: 0.15 s at an H100's highest clock, 1.98 GHz
-        return send_to_host(numbers)
-
-    def tracked_read(host, mark):
-        numbers = read_back(host, mark)
-        busy.append((current[0], not torch.cuda.current_stream().query()))
-        return numbers
-    monkeypatch.setattr(train, "lr_multiplier", tracked)
-    monkeypatch.setattr(train, "send_to_host", slow_send)
-    monkeypatch.setattr(train, "read_back", tracked_read)
-    with gpu_reads({train.__file__, mmi.__file__}, note=lambda: current[0]) as all_reads:
+    monkeypatch.setattr(mmi.MMInterleaved, "forward", counted)
+    with gpu_reads({train.__file__, mmi.__file__}, note=lambda: steps[0]) as all_reads:
         run_train(config_file, str(tmp_path / "run"), "--device=cuda", "--dtype=bfloat16", "--max_steps=5",
                   "--ckpt_interval=-1", "--log_interval=1")
-    assert [(step, f) for step, f in all_reads if step >= 1] == []
-    # steps 1 and 5 are read at once (the GPU is then idle); steps 2, 3, 4 while steps 3, 4, 5 run
-    assert busy == [(0, False), (2, True), (3, True), (4, True), (4, False)]
-    rows = read_metrics(str(tmp_path / "run"))
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], rows
+    assert [(step, f) for step, f in all_reads if step >= 2] == []
+    assert [r["step"] for r in read_metrics(str(tmp_path / "run"))] == [1, 2, 3, 4, 5]
 
 
 @cuda_only

@@ -8,10 +8,11 @@ A config file is plain Python that assigns names of `TrainConfig` fields; `--key
 type-checked and unknown keys are an error.
 
 The file reads top to bottom: the config, the paper's parameter groups and schedule, the FLOP count behind MFU,
-the data streams, FSDP, checkpoints, evaluation, the demo's VAE-only task, the command line (`main`), and then
-`run`: one flat loop of micro-batches, backward, the NaN guard, clipping, the optimizer step, logging, evaluation
-and checkpoints, in which the host reads a step's logged numbers back only once the next step's work is queued, so
-that the GPU is not left idle between steps.
+the data streams, the blocks (checkpointing, compiling, FSDP), checkpoints and the export, evaluation, the demo's
+VAE-only task, the two tasks' differences, the command line (`main`), and then `run`: its set-up in small
+functions, then one flat loop of micro-batches, backward, the NaN guard, clipping, the optimizer step, logging,
+evaluation and checkpoints, in which the host reads a step's logged numbers back only once the next step's work
+is queued (LateRead), so that the GPU is not left idle between steps.
 """
 
 import contextlib
@@ -200,7 +201,7 @@ def read_config_file(path):
 
 def load_config(argv):
     """argv = [config.py] [--key=value ...] -> TrainConfig. Config files set fields by plain assignment; their
-    values and the command line's strings are checked (and strings parsed) by mmi's one override parser."""
+    values and the command line's strings are checked (and strings parsed) by mmi.parse_value."""
     tc, path = TrainConfig(), None
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     if argv and not argv[0].startswith("-"):
@@ -212,7 +213,7 @@ def load_config(argv):
             if isinstance(value, str) and not isinstance(old, str):     # Python values in a file: no parsing
                 raise mmi.InputError(f"{path}: {key} = {value!r} is a str, expected {type(old).__name__}")
             try:
-                tc = dataclasses.replace(tc, **{key: mmi._parse_like(old, mmi._to_tuple(value), key)})
+                tc = dataclasses.replace(tc, **{key: mmi.parse_value(value, old, key)})
             except mmi.InputError as e:
                 raise mmi.InputError(f"{path}: {e}") from None
     model_overrides = dict(tc.model_overrides)
@@ -306,118 +307,168 @@ def lr_multiplier(step, warmup_steps, max_steps):
 # ----------------------------------------------------------------------------------------------------------------
 # Model FLOPs for MFU
 # ----------------------------------------------------------------------------------------------------------------
-# What is counted: multiply-adds of every matrix multiply and convolution (2 FLOPs each) plus the attention
-# score and value products, forward and backward; a weight that trains costs 3x its forward (forward, input
-# gradient, weight gradient), a frozen weight that gradients pass through 2x, a forward-only part (the VAE
-# encoder) 1x; attention products 3x. Attention is counted over the full square, causal or not (the PaLM /
-# Megatron convention). Not counted: norms, activations, softmax, RoPE, the deformable bilinear sampling
-# (gather-bound), MMFS's one-hot row picks, and the recomputation that activation checkpointing adds (so this is
-# MFU, not HFU).
+# Counted, from the model's own layers at the positions where they run: every matrix multiply and convolution of
+# the forward pass (2 FLOPs per multiply-add) and the attention products QK^T and AV (over the full square, causal
+# or not: the PaLM / Megatron convention); then the backward pass, as much again for the input's gradient (every
+# layer but those reading the data: the patch embedding, the adapter stem's first convolution, the UNet's conv_in
+# and time embedding; a frozen VAE runs forward only) and as much again for the weight's gradient where the weight
+# trains. Not counted: norms, activations, softmax, RoPE, the deformable bilinear sampling (gather-bound), the
+# one-hot picks of MMFS's table rows (speed_up's form), and the recomputation that activation checkpointing adds
+# (so this is MFU, not HFU). A count assumes every output of a part gets a gradient (true with the image decoder on).
 
 
-def _params(module):
-    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+def mm(rows, *layers, grad_in=True):
+    """Training FLOPs of nn.Linear / nn.Conv2d layers run at `rows` positions each (a convolution's output positions,
+    a transposed one's input positions): the forward, the input's gradient unless grad_in=False, the weight's
+    gradient where it trains. None layers count 0."""
+    return sum(2 * rows * m.weight.numel() * (1 + grad_in + m.weight.requires_grad) for m in layers if m is not None)
 
 
-def llm_flops(cfg, B, L, N):
-    """LLM with MMFS on B rows of L tokens with N image slots per row: the 6N rule per token for trained weights
-    (4N for the frozen body and head, through which gradients still flow) plus the attention term."""
-    c, x = cfg.llm, cfg.mmfs
-    d, T = c.hidden_size, B * L
-    body = T * c.num_hidden_layers * (4 * d * d + 3 * d * c.intermediate_size)   # q,k,v,o + gate,up,down
-    head, head_new = T * d * c.vocab_size, T * d * 2                              # head_new always trains
-    attn = B * c.num_hidden_layers * 2 * L * L * d                                # QK^T and AV
-    n_cross = len(range(0, c.num_hidden_layers, x.cross_attention_frequency)) if N else 0   # no images: skipped
-    dv, lv, H, P = cfg.vision.hidden_size, len(x.spatial_shapes), x.n_heads, x.n_points
-    out = H * P * 2 + H * lv * (P + 1)                                            # sampling_offsets, attention_weights
-    mmfs = n_cross * (T * (d * d + dv * d)                                       # dynamic_offset_mask, output_proj
-                      + T * d * out                                               # offsets, weights: once per query
-                      + B * N * sum(s * s for s in x.spatial_shapes) * dv * dv)   # value_proj per image token
-    tables = n_cross * x.max_num_image_per_seq * d * out                          # query_relpos through both layers
-    w = 3 if c.trainable else 2
-    return 2 * (w * (body + head) + 3 * head_new + 3 * attn + (3 if x.trainable else 2) * mmfs
-                + (3 if x.trainable else 1) * tables)
+def attention_products(n, q_rows, k_rows, width, grad=True):
+    """QK^T and AV of n sequences: forward, and with grad the backward's four products."""
+    return 4 * n * q_rows * k_rows * width * (3 if grad else 1)
 
 
-def vision_flops(model, cfg, n_images):
-    """Visual tokenizer: CLIP ViT exactly by shape; the adapter estimated as every adapter weight applied once
-    per pyramid token (4 + 1 + 1/4 tokens per patch); Q-Former by shape; all per image."""
-    v, r = cfg.vision, cfg.resampler
-    G, d = v.grid_size, v.hidden_size
-    n = 1 + G * G
-    clip = v.num_hidden_layers * (n * (4 * d * d + 2 * d * v.intermediate_size) + 2 * n * n * d) \
-        + G * G * 3 * v.patch_size ** 2 * d
-    vm = model.visual_tokenizer.encoder["vision_model"]
-    adapter = sum(_params(m) for name, m in vm.named_children() if name.startswith("adapter")) * 5.25 * G * G
-    h, Q = r.hidden_size, r.num_queries
-    n_xattn = len(range(0, r.num_hidden_layers, r.cross_attention_frequency))
-    qformer = r.num_hidden_layers * Q * (4 * h * h + 2 * h * r.intermediate_size + 2 * Q * h) \
-        + n_xattn * (Q * 2 * h * h + n * 2 * h * r.encoder_hidden_size + 2 * Q * n * h) \
-        + n * 2 * d * d + Q * h * cfg.llm.hidden_size                             # pos_proj, post-LN input; proj
-    return 2 * n_images * ((3 if v.trainable else 2) * clip + (3 if v.adapter_trainable else 2) * adapter
-                           + (3 if r.trainable else 2) * qformer)
+def mmfs_flops(mmfs, B, Lq, n):
+    """MMFS for B rows of Lq queries over n images each, in speed_up's form: the query's layers once per query, the
+    table of query_relpos through the two heads once, value_proj once per image token."""
+    value_rows = B * n * sum(s * s for s in mmfs.spatial_shapes)
+    heads = (mmfs.sampling_offsets, mmfs.attention_weights)
+    return (mm(B * Lq, mmfs.dynamic_offset_mask, *heads, mmfs.output_proj) + mm(value_rows, mmfs.value_proj)
+            + mm(mmfs.max_num_image_per_seq, *heads, grad_in=mmfs.query_relpos.weight.requires_grad))
 
 
-def image_decoder_flops(model, n_images, context_tokens):
-    """UNet + UNet-MMFS estimated as each block's weights applied at every position of its resolution, plus the
-    transformer blocks' attention products; the image Q-Former by shape; the VAE encoder forward only."""
-    dec = model.image_decoder
-    if dec is None or n_images == 0:
-        return 0
-    sd = dec.decoder
-    ucfg, side = sd.unet.cfg, sd.unet.cfg.sample_size
-    levels = len(ucfg.block_out_channels)
-    unet = (_params(sd.unet.conv_in) + _params(sd.unet.conv_out)) * side ** 2
-    attn = 0
-    for i, (down, up) in enumerate(zip(sd.unet.down_blocks, sd.unet.up_blocks)):
-        s_down, s_up = side >> i, side >> (levels - 1 - i)
-        unet += _params(down) * s_down ** 2 + _params(up) * s_up ** 2
-        for block, s in ((down, s_down), (up, s_up)):
-            for t in getattr(block, "attentions", None) or ():
-                c = t.proj_in.out_features if isinstance(t.proj_in, nn.Linear) else t.proj_in.out_channels
-                attn += 2 * (s * s) ** 2 * c + 2 * s * s * dec.cfg.resampler.num_queries * c
-    unet += _params(sd.unet.mid_block) * (side >> (levels - 1)) ** 2
-    # UNet-MMFS: query-side weights at the block's own resolution, value_proj once per previous-image map token
-    blocks = list(zip(sd.mmfs_module.mmfs_down_blocks, [s for _, s in mmi.unet_skip_layout(ucfg)]))
-    blocks.append((sd.mmfs_module.mmfs_mid_block, side >> (levels - 1)))
-    value_tokens = sum(s * s for s in dec.cfg.mmfs_value_sizes)
-    mmfs = 0
-    for b, s in blocks:
-        value_proj = _params(b.mmfs.value_proj)
-        mmfs += (_params(b) - b.pos_embed.numel() - value_proj) * s * s + value_proj * value_tokens
-    r = dec.cfg.resampler
-    qformer = r.num_queries * _params(dec.perceiver_resampler) + context_tokens * 2 * r.hidden_size ** 2 / n_images
-    vae = sum(_params(b) * (dec.cfg.image_size >> i) ** 2 for i, b in enumerate(sd.vae.encoder.down_blocks))
-    return 2 * n_images * (3 * (unet + attn + mmfs + qformer) + vae)
+def llm_flops(model, B, L, N):
+    """The LLM with its MMFS layers and the text head, on B rows of L tokens with N image slots per row."""
+    total = mm(B * L, model.text_decoder.head, model.text_decoder.head_new)
+    for layer in model.mm_decoder.layers:
+        a, m = layer.self_attn, layer.mlp
+        total += mm(B * L, a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        total += attention_products(B, L, L, a.q_proj.out_features)
+        if layer.llama_cross_attn is not None and N:          # a batch without images skips MMFS
+            total += mmfs_flops(layer.llama_cross_attn.attn, B, L, N)
+    return total
 
 
-def vae_flops(model, n_images, image_size):
-    """task="vae": encoder and decoder blocks' weights at every position of their resolution, trained (3x)."""
-    vae = model.vae
-    enc = sum(_params(b) * (image_size >> i) ** 2 for i, b in enumerate(vae.encoder.down_blocks))
-    dec = sum(_params(b) * (image_size >> (len(vae.decoder.up_blocks) - 1 - i)) ** 2
-              for i, b in enumerate(vae.decoder.up_blocks))
-    mid = (_params(vae.encoder.mid_block) + _params(vae.decoder.mid_block)) * (image_size >> 3) ** 2
-    return 2 * 3 * n_images * (enc + dec + mid)
+def qformer_flops(resampler, n, kv_rows):
+    """A PerceiverResampler's Q-Former: n sets of its queries, each set reading kv_rows encoder tokens."""
+    Q, total = resampler.queries.shape[1], 0
+    for layer in resampler.blip2qformer.encoder["layer"]:
+        s, x = layer.attention, layer.crossattention
+        total += mm(n * Q, s.attention.query, s.attention.key, s.attention.value, s.output.dense,
+                    layer.intermediate_query.dense, layer.output_query.dense)
+        total += attention_products(n, Q, Q, s.attention.query.out_features)
+        if x is not None:
+            total += mm(n * Q, x.attention.query, x.output.dense) + mm(n * kv_rows, x.attention.key, x.attention.value)
+            total += attention_products(n, Q, kv_rows, x.attention.query.out_features)
+    return total
 
 
-def train_flops(model, cfg, batch):
-    """Training FLOPs of one micro-batch (see the note above for what is counted)."""
-    if isinstance(model, VAETraining):
-        return float(vae_flops(model, batch["image_tensors_dec"].shape[0], cfg.image_decoder.image_size))
-    B, L = batch["text_ids"].shape
-    num = batch["num_image_per_seq"]
-    n_images, N = int(num.sum()), int(num.max()) if B else 0
-    total = llm_flops(cfg, B, L, N) + vision_flops(model, cfg, n_images)
-    if model.image_decoder is not None and n_images:
-        # each image's context runs from the last bos before its soi to the soi
-        ids = batch["text_ids"]
-        soi = ids == cfg.soi_token_id
-        pos = torch.arange(L, device=ids.device).expand_as(ids)
-        context = int((pos - mmi.nearest_bos(ids, cfg.bos_token_id).clamp(min=0) + 1)[soi].sum())
-        total += image_decoder_flops(model, n_images, context)
-    # B*L*d*d for context_feat_proj is part of the image path; small next to the rest and left out
-    return float(total)
+def vision_flops(tokenizer, n):
+    """The visual tokenizer on n images: CLIP's ViT (1 + G*G tokens), the adapter (its stem on the image resized
+    to 16G per side, its pyramid of sides 2G, G, G/2), the Q-Former resampler and the projections."""
+    vm = tokenizer.encoder["vision_model"]
+    G = vm.cfg.grid_size
+    T, P = 1 + G * G, sum(s * s for s in (2 * G, G, G // 2))
+    total = mm(G * G, vm.embeddings.patch_embedding, grad_in=False)
+    for layer in vm.encoder["layers"]:
+        a = layer.self_attn
+        total += mm(T, a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.mlp.fc1, layer.mlp.fc2)
+        total += attention_products(1, T, T, a.q_proj.out_features)
+    spm = vm.adapter_spm
+    total += mm((8 * G) ** 2, spm.stem[0], grad_in=False) + mm((8 * G) ** 2, spm.stem[3], spm.stem[6])
+    total += mm((4 * G) ** 2, spm.fc1) + mm((2 * G) ** 2, spm.conv2[0], spm.fc2)
+    total += mm(G * G, spm.conv3[0], spm.fc3) + mm((G // 2) ** 2, spm.conv4[0], spm.fc4)
+    for block in vm.adapter_interactions:
+        a = block.injector.attn                               # the patches read the pyramid
+        total += mm(G * G, a.sampling_offsets, a.attention_weights, a.output_proj) + mm(P, a.value_proj)
+        for e in [block.extractor, *(block.extra_extractors or ())]:     # the pyramid reads the patches
+            a, f = e.attn, e.ffn
+            total += mm(P, a.sampling_offsets, a.attention_weights, a.output_proj, f.fc1, f.dwconv["dwconv"], f.fc2)
+            total += mm(G * G, a.value_proj)
+    total += mm((2 * G) ** 2, vm.adapter_up)
+    Q = tokenizer.perceiver_resampler.queries.shape[1]
+    total += mm(T, tokenizer.pos_proj) + qformer_flops(tokenizer.perceiver_resampler, 1, T) + mm(Q, tokenizer.proj)
+    return n * total
+
+
+def blocks_flops(blocks, side, context=0, grad=True):
+    """UNet or VAE blocks run one after another from `side` per side: each resnet, then its attention if the block
+    has them, then the block's down- or upsampler. context: the condition tokens a UNet's cross-attention reads.
+    -> (FLOPs, the side of the output)"""
+    total = 0
+    for block in blocks:
+        attentions = list(getattr(block, "attentions", ()))
+        for i, r in enumerate(block.resnets):
+            total += mm(side ** 2, r.conv1, r.conv2, getattr(r, "conv_shortcut", None), grad_in=grad)
+            total += mm(1, getattr(r, "time_emb_proj", None))                       # once per image
+            t, HW = attentions[i] if i < len(attentions) else None, side ** 2
+            if isinstance(t, mmi.VAEAttention):
+                total += mm(HW, t.to_q, t.to_k, t.to_v, t.to_out[0], grad_in=grad)
+                total += attention_products(1, HW, HW, t.to_q.out_features, grad)
+            elif t is not None:                                                       # a Transformer2DModel
+                total += mm(HW, t.proj_in, t.proj_out)
+                for b in t.transformer_blocks:
+                    a1, a2, width = b.attn1, b.attn2, b.attn1.to_q.out_features
+                    total += mm(HW, a1.to_q, a1.to_k, a1.to_v, a1.to_out[0], a2.to_q, a2.to_out[0], b.ff.net[0].proj,
+                                b.ff.net[2]) + mm(context, a2.to_k, a2.to_v)
+                    total += attention_products(1, HW, HW + context, width)          # self- and cross-attention
+        for d in getattr(block, "downsamplers", ()):
+            side //= 2
+            total += mm(side ** 2, d.conv, grad_in=grad)
+        for u in getattr(block, "upsamplers", ()):
+            side *= 2
+            total += mm(side ** 2, u.conv)
+    return total, side
+
+
+def unet_flops(unet, context):
+    """The UNet on one latent, its cross-attention reading `context` condition tokens."""
+    side, t = unet.cfg.sample_size, unet.time_embedding
+    flops, _ = blocks_flops([*unet.down_blocks, unet.mid_block, *unet.up_blocks], side, context)
+    return (flops + mm(side ** 2, unet.conv_in, grad_in=False) + mm(side ** 2, unet.conv_out)
+            + mm(1, t.linear_1, grad_in=False) + mm(1, t.linear_2))
+
+
+def vae_flops(vae, size, decoder=False):
+    """The VAE's encoder (and quant_conv) on one image of `size` per side, with decoder=True its decoder too. A
+    frozen VAE runs forward only; one that trains gets gradients everywhere but at the pixels."""
+    enc, grad = vae.encoder, any(p.requires_grad for p in vae.parameters())
+    flops, side = blocks_flops([*enc.down_blocks, enc.mid_block], size, grad=grad)
+    total = flops + mm(size ** 2, enc.conv_in, grad_in=False) + mm(side ** 2, enc.conv_out, vae.quant_conv,
+                                                                    grad_in=grad)
+    if decoder:
+        flops, size = blocks_flops([vae.decoder.mid_block, *vae.decoder.up_blocks], side)
+        total += flops + mm(side ** 2, vae.post_quant_conv, vae.decoder.conv_in) + mm(size ** 2, vae.decoder.conv_out)
+    return total
+
+
+def image_decoder_flops(model, n, context_rows):
+    """The image path for n images whose contexts are padded to context_rows tokens: context_feat_proj, the
+    decoder's resampler, the UNet (reading the resampler's queries), its MMFS blocks (one per skip and one on the
+    mid output, each image's queries reading the previous image's maps), and the frozen VAE's encoder."""
+    dec, sd = model.image_decoder, model.image_decoder.decoder
+    total = mm(n * context_rows, model.context_feat_proj) + qformer_flops(dec.perceiver_resampler, n, context_rows)
+    ucfg = sd.unet.cfg
+    sides = [s for _, s in mmi.unet_skip_layout(ucfg)] + [ucfg.sample_size >> (len(ucfg.block_out_channels) - 1)]
+    for b, s in zip([*sd.mmfs_module.mmfs_down_blocks, sd.mmfs_module.mmfs_mid_block], sides):
+        total += mmfs_flops(b.mmfs, n, s * s, 1) + mm(n * s * s, b.conv)
+    per_image = unet_flops(sd.unet, dec.perceiver_resampler.queries.shape[1]) + vae_flops(sd.vae, dec.cfg.image_size)
+    return total + n * per_image
+
+
+def train_flops(model, batch):
+    """Training FLOPs of one micro-batch (its host copy) of an MMInterleaved."""
+    ids, num = batch["text_ids"], batch["num_image_per_seq"]
+    (B, L), n = ids.shape, int(num.sum())
+    total = llm_flops(model, B, L, int(num.max()) if B else 0)
+    w_img = batch.get("loss_img_weight")
+    if n and (model.cfg.loss_img_weight if w_img is None else w_img) != 0:   # else the image decoder is skipped
+        start = batch.get("nearest_bos_idxs")
+        soi = (ids == model.cfg.soi_token_id).nonzero()[:, 1]                 # each image's context ends at its soi
+        context = int((soi - (0 if start is None else torch.as_tensor(start)) + 1).max())
+        total += image_decoder_flops(model, n, context)
+    return float(total + (vision_flops(model.visual_tokenizer, n) if n else 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,18 +586,6 @@ def val_batches(cfg, tc, rank, world):
     return [next(stream) for _ in range(tc.eval_batches)]
 
 
-def to_device(batch, device):
-    """The batch's tensors on the device (from pinned memory without waiting), and in meta["host"] host copies of
-    the integer inputs that the forward reads on the host (token ids, image counts, context starts): with them, it
-    reads nothing back from the GPU, which would wait for all queued work. They go as numpy arrays because FSDP
-    moves every tensor among a forward's inputs to the GPU."""
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if device.type != "cpu":
-        out["meta"] = {**(batch.get("meta") or {}),
-                       "host": {k: batch[k].numpy() for k in mmi.HOST_KEYS if torch.is_tensor(batch.get(k))}}
-    return out
-
-
 class Prefetcher:
     """Iterates fn(batch) over `batches` in a background thread, `depth` micro-batches ahead, so that the next batch
     is made (and pinned, for an asynchronous copy to the GPU) while the GPU works on this one. The data streams draw
@@ -596,36 +635,37 @@ class Prefetcher:
         self.stop.set()
 
 
+
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed: FSDP
+# Blocks: activation checkpointing, torch.compile, FSDP
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def repeated_blocks(model):
-    """The blocks the model runs one after another and checkpoints with gradient_checkpointing: CLIP and LLaMA
-    layers, UNet and UNet-MMFS blocks (the VAE's for VAE training)."""
-    if isinstance(model, VAETraining):
-        return list(model.vae.encoder.down_blocks) + list(model.vae.decoder.up_blocks)
-    blocks = list(model.visual_tokenizer.encoder["vision_model"].encoder["layers"]) + list(model.mm_decoder.layers)
-    if model.image_decoder is not None:
-        sd = model.image_decoder.decoder
-        blocks += [*sd.unet.down_blocks, sd.unet.mid_block, *sd.unet.up_blocks]
-        blocks += [*sd.mmfs_module.mmfs_down_blocks, sd.mmfs_module.mmfs_mid_block]
-    return blocks
+    """The blocks an MMInterleaved runs one after another and checkpoints with gradient_checkpointing: CLIP and
+    LLaMA layers, UNet and UNet-MMFS blocks."""
+    sd = model.image_decoder.decoder
+    return [*model.visual_tokenizer.encoder["vision_model"].encoder["layers"], *model.mm_decoder.layers,
+            *sd.unet.down_blocks, sd.unet.mid_block, *sd.unet.up_blocks, *sd.mmfs_module.mmfs_down_blocks,
+            sd.mmfs_module.mmfs_mid_block]
 
 
 def fsdp_blocks(model):
-    """The modules FSDP shards as units: every block whose forward the model calls (a unit's weights are gathered by
-    its forward hook, so containers that are only iterated cannot be units): the repeated blocks, then the rest."""
+    """The modules of an MMInterleaved that FSDP shards as units: every block whose forward the model calls (a
+    unit's weights are gathered by its forward hook, so containers that are only iterated cannot be units): the
+    repeated blocks, then the rest."""
     blocks = repeated_blocks(model)
-    if isinstance(model, VAETraining):
-        return blocks
     for inter in model.visual_tokenizer.encoder["vision_model"].adapter_interactions:
         blocks += [inter.injector, inter.extractor, *(inter.extra_extractors or ())]
-    blocks += [model.visual_tokenizer.perceiver_resampler, model.mm_decoder.embed_tokens, model.text_decoder]
-    if model.image_decoder is not None:
-        blocks.append(model.image_decoder.perceiver_resampler)
-    return blocks
+    return blocks + [model.visual_tokenizer.perceiver_resampler, model.mm_decoder.embed_tokens, model.text_decoder,
+                     model.image_decoder.perceiver_resampler]
+
+
+def frozen_vae(model):
+    """The parameters of a frozen VAE in the model (the image decoder's): it runs forward only, in float32, so they
+    are never cast to frozen_dtype and FSDP keeps them whole on every rank."""
+    return {p for m in model.modules() if isinstance(m, mmi.AutoencoderKL) for p in m.parameters()
+            if not p.requires_grad}
 
 
 def _block_forward(block, *args, **kwargs):
@@ -636,13 +676,12 @@ def _checkpointed_block_forward(block, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 
-def compile_blocks(model, checkpoint, backend="inductor"):
-    """Each repeated block's forward through torch.compile while gradients are on (training), with its activation
+def compile_blocks(blocks, checkpoint, backend="inductor"):
+    """Each block's forward through torch.compile while gradients are on (training), with its activation
     checkpointing inside the compiled function: compile around checkpoint, so that the backward pass's
     recomputation is compiled too (checkpoint around a compiled block recompiles or breaks). The forward is
     replaced, not the module: state_dict keys stay, and FSDP's hooks, which run around forward, stay outside.
     The block is an argument of the compiled function, so blocks of one structure share one compiled graph."""
-    blocks = repeated_blocks(model)
     run = torch.compile(_checkpointed_block_forward if checkpoint else _block_forward, backend=backend)
     # every block goes through this one function: each distinct structure (a CLIP layer, a LLaMA layer with and
     # without MMFS, each UNet block's shapes) is one entry of its cache, more than dynamo's default limit of 8
@@ -653,19 +692,15 @@ def compile_blocks(model, checkpoint, backend="inductor"):
 
     for block in blocks:
         block.forward = types.MethodType(forward, block)
-    if not isinstance(model, VAETraining) and model.image_decoder is not None:
-        # the frozen VAE's encoder (float32, no gradients, full decoder resolution): its GroupNorm + SiLU chains
-        # fused and its convolutions kept channels-last instead of converted for cuDNN at every call
-        model.image_decoder.decoder.vae.encoder.compile(backend=backend)
 
 
-def shard_model(model, tc, device):
-    """FSDP2 (`fully_shard`) per block, then the root, over all processes. bf16: trainable parameters gathered in
+def shard_model(model, units, tc, device):
+    """FSDP2 (`fully_shard`) per unit, then the root, over all processes. bf16: trainable parameters gathered in
     bf16 from float32 shards (the master weights), gradients reduced in float32. Frozen weights are FSDP's ignored
     parameters by default: whole on every rank and never gathered (13B: 27 GB in bf16 on each GPU, where sharded
     ones are all 13.4 billion gathered twice a step, for the forward pass and for the backward pass's
-    recomputation); a block with nothing trainable is no unit at all. shard_frozen=True shards them like the rest:
-    less memory, more traffic. The frozen VAE is always whole (it runs forward-only in float32, as the original)."""
+    recomputation); a unit with nothing trainable is no unit at all. shard_frozen=True shards them like the rest:
+    less memory, more traffic. A frozen VAE is always whole (it runs forward-only in float32, as the original)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # the mesh on the run's device: FSDP's default mesh is CUDA's whenever a GPU is visible, even for a CPU run
@@ -674,15 +709,15 @@ def shard_model(model, tc, device):
     # get them uncast the second time (FSDP skips its pre-forward work then); autocast sets the compute dtype
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if tc.dtype == "bfloat16" else None,
                               reduce_dtype=torch.float32, cast_forward_inputs=False)
-    ignored = set(model.image_decoder.decoder.vae.parameters()) if model.image_decoder is not None else set()
+    ignored = frozen_vae(model)
     if not tc.shard_frozen:
         ignored |= {p for p in model.parameters() if not p.requires_grad}
     for t in [*ignored, *model.buffers()]:         # FSDP moves only what it manages to the device
         t.data = t.data.to(device)
-    for block in fsdp_blocks(model):
-        own = set(block.parameters())
+    for unit in units:
+        own = set(unit.parameters())
         if own - ignored:
-            fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=(own & ignored) or None)
+            fully_shard(unit, mesh=mesh, mp_policy=mp, ignored_params=(own & ignored) or None)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
     return model
 
@@ -691,39 +726,6 @@ def all_reduce(t, op=None):
     if dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
-
-
-def queue_mark(device):
-    """A point in the device's queue of work: a timed CUDA event, whose time is when the GPU gets there; on a CPU,
-    which works as it queues, the time now."""
-    if device.type != "cuda":
-        return time.perf_counter()
-    mark = torch.cuda.Event(enable_timing=True)
-    mark.record()
-    return mark
-
-
-def seconds_between(a, b):
-    """Seconds from mark a to mark b, once the device has passed b."""
-    return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
-
-
-def send_to_host(t):
-    """Queue a copy of a small device tensor into pinned host memory, and a mark after it: (host tensor, mark), for
-    `read_back`. The read then waits for the work queued up to now only; a `.tolist()` made later would also wait
-    for everything queued in between (in the loop: the whole next step)."""
-    if t.device.type != "cuda":
-        return t, queue_mark(t.device)
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host, queue_mark(t.device)
-
-
-def read_back(host, mark):
-    """The numbers of a `send_to_host` copy, as a list, once the device has passed its mark."""
-    if isinstance(mark, torch.cuda.Event):
-        mark.synchronize()
-    return host.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -808,15 +810,17 @@ def load_checkpoint(path, model, optimizer, tc, rank, device):
     return state
 
 
-def export(model, cfg, path, rank, distributed, tokenizer_path=None, dtype=None):
-    """The trained model in mmi's own format (`MMInterleaved.save_pretrained`), for sample.py and eval.py, with
-    its tokenizer inside (tokenizer.model / tokenizer.json) so the folder is self-contained; written atomically.
-    Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy."""
+def export_model(model, tc, cfg, val, rank, world, device):
+    """out_dir/model: the trained model in mmi's own format (`MMInterleaved.save_pretrained`), for sample.py and
+    eval.py, with its tokenizer inside (tokenizer.model / tokenizer.json) so the folder is self-contained; written
+    atomically. Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy."""
+    import data
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    extra = None
-    if tokenizer_path:
-        extra = {"tokenizer.json" if tokenizer_path.endswith(".json") else "tokenizer.model": tokenizer_path}
-    if not distributed:
+    path = os.path.join(tc.out_dir, "model")
+    tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data in ("demo", "pretrain") else None
+    extra = {"tokenizer.json" if tokenizer.endswith(".json") else "tokenizer.model": tokenizer} if tokenizer else None
+    dtype = getattr(torch, tc.export_dtype) if tc.export_dtype else None
+    if world == 1:
         model.save_pretrained(path, dtype=dtype, extra_files=extra)
     else:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -826,7 +830,8 @@ def export(model, cfg, path, rank, distributed, tokenizer_path=None, dtype=None)
             plain.load_state_dict(full, assign=True)
             plain.save_pretrained(path, dtype=dtype, extra_files=extra)
         _barrier()
-    return path
+    if rank == 0:
+        print(f"wrote {path} (the trained model: python sample.py --init_from={path})")
 
 
 def _barrier():
@@ -840,13 +845,14 @@ def _barrier():
 
 
 @torch.no_grad()
-def evaluate(model, raw_model, cfg, tc, batches, device, autocast):
-    """Validation loss over fixed batches (averaged over ranks); on the demo also eval.py's demo metrics."""
+def evaluate(model, task, tc, batches, device, autocast):
+    """Validation loss over fixed batches (averaged over ranks); on the demo, for a model that writes stories,
+    also eval.py's demo metrics."""
     model.eval()
     sums = {}
     for batch in batches or ():
         with autocast:
-            out = model(to_device(batch, device))
+            out = task.loss(model, batch, device)
         for k, v in out.items():
             if k.startswith("loss"):
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -856,7 +862,7 @@ def evaluate(model, raw_model, cfg, tc, batches, device, autocast):
         means = all_reduce(torch.stack([sums[k] for k in names])) / (len(batches) * (dist.get_world_size()
                                                                                    if dist.is_initialized() else 1))
         metrics = {f"val_{k}": v for k, v in zip(names, means.tolist())}
-    if tc.data == "demo" and tc.task == "mmi":
+    if tc.data == "demo" and isinstance(model, mmi.MMInterleaved):
         import eval as evaluator                   # eval.py, beside this file
         # generation reads root weights directly: gather them for the duration (a no-op without FSDP)
         if hasattr(model, "unshard"):
@@ -864,7 +870,7 @@ def evaluate(model, raw_model, cfg, tc, batches, device, autocast):
         # no autocast weight cache: a decoding step captured as a CUDA graph then makes its own bf16 casts instead
         # of reading copies that autocast cached outside the graph
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bfloat16", cache_enabled=False):
-            metrics.update(evaluator.demo_metrics(raw_model, tc.eval_demo_stories))
+            metrics.update(evaluator.demo_metrics(model, tc.eval_demo_stories))
         if hasattr(model, "reshard"):
             model.reshard()
     model.train()
@@ -877,19 +883,18 @@ def evaluate(model, raw_model, cfg, tc, batches, device, autocast):
 
 
 class VAETraining(nn.Module):
-    """The image decoder's VAE as a training model: MSE reconstruction of the decoder's image targets (in
-    [-1, 1]) plus `kl_weight` x the KL divergence to N(0, 1), per latent element (SD's autoencoder loss without
-    its perceptual and adversarial terms, which flat-coloured shapes do not need)."""
+    """The image decoder's VAE as a model to train on its images alone: MSE reconstruction of the decoder's image
+    targets (in [-1, 1]) plus `kl_weight` x the KL divergence to N(0, 1), per latent element (SD's autoencoder loss
+    without its perceptual and adversarial terms, which flat-coloured shapes do not need)."""
 
-    def __init__(self, cfg, kl_weight):
+    def __init__(self, cfg: mmi.VAEConfig, kl_weight):
         super().__init__()
-        self.vae = mmi.AutoencoderKL(cfg.vae)
+        self.vae = mmi.AutoencoderKL(cfg)
         self.kl_weight = kl_weight
-        self.image_decoder = None                # what the loop asks of an MMInterleaved
 
-    def forward(self, batch):
-        images = batch.get("image_tensors_dec")
-        x = (batch["image_tensors"] if images is None else images) * 2 - 1
+    def forward(self, images):
+        """images [B_I, 3, S, S] in [0, 1] -> {"loss", "loss_rec", "loss_kl"}"""
+        x = images * 2 - 1
         mean, logvar = self.vae.encode(x)                                       # (B_I, 4, S/8, S/8) each
         rec = self.vae.decode(self.vae.sample(mean, logvar))
         loss_rec = F.mse_loss(rec.float(), x.float())
@@ -897,16 +902,38 @@ class VAETraining(nn.Module):
         return {"loss": loss_rec + self.kl_weight * loss_kl, "loss_rec": loss_rec.detach(), "loss_kl": loss_kl.detach()}
 
 
-def export_vae(vae, batches, path, device):
-    """vae.safetensors with the scaling factor that gives the validation latents unit variance (SD's recipe for
-    its 0.18215) in the metadata; written atomically. Returns (scale, the fraction of validation images whose
-    reconstruction data.read_scene reads as the same scene as the original: the VAE's ceiling for the demo)."""
+def build_vae(tc, cfg, init_device):
+    with init_device:
+        return VAETraining(cfg.vae, tc.kl_weight)
+
+
+def vae_loss(model, batch, device):
+    return model(mmi.MMInterleaved.decoder_images(batch).to(device, non_blocking=True))
+
+
+def vae_train_flops(model, batch):
+    images = mmi.MMInterleaved.decoder_images(batch)
+    return float(images.shape[0] * vae_flops(model.vae, images.shape[-1], decoder=True))
+
+
+def vae_blocks(model):
+    return [*model.vae.encoder.down_blocks, *model.vae.decoder.up_blocks]
+
+
+def export_vae(model, tc, cfg, val, rank, world, device):
+    """out_dir/vae.safetensors, with the scaling factor that gives the validation latents unit variance (SD's recipe
+    for its 0.18215) in the metadata; written atomically by rank 0, which also says what fraction of validation
+    images reconstruct as the same scene (data.read_scene: the VAE's ceiling for the demo)."""
     from safetensors.torch import save_file
     import data
+    val = val or val_batches(cfg, dataclasses.replace(tc, eval_batches=max(tc.eval_batches, 1)), rank, world)
+    if rank != 0:
+        return
+    vae, path = model.vae, os.path.join(tc.out_dir, "vae.safetensors")
     latents, same, total = [], 0, 0
     with torch.no_grad():
-        for b in batches:
-            x = to_device(b, device)["image_tensors_dec"].float()
+        for b in val:
+            x = mmi.MMInterleaved.decoder_images(b).to(device).float()
             z = vae.sample(*vae.encode(x * 2 - 1))
             latents.append(z)
             rec = (vae.decode(z).float().clamp(-1, 1) + 1) / 2
@@ -914,11 +941,11 @@ def export_vae(vae, batches, path, device):
                 same += data.read_scene(a) == data.read_scene(r)
                 total += 1
     scale = 1.0 / torch.cat(latents).float().std().item()
-    tmp = path + ".tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, tmp,
+    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, path + ".tmp",
               metadata={"scaling_factor": repr(scale)})
-    os.replace(tmp, path)
-    return scale, same / max(total, 1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path} (latent scaling factor {scale:.5f}; {100 * same / max(total, 1):.1f}% of validation "
+          f"reconstructions read back as their scene); train the demo model with --vae_from={path}")
 
 
 def read_vae_scaling_factor(path):
@@ -949,8 +976,61 @@ def load_vae(model, path):
     vae.load_state_dict(state)
 
 
+
 # ----------------------------------------------------------------------------------------------------------------
-# The training loop
+# The two tasks: what the run does differently for the model and for the demo's VAE alone, chosen once
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_mmi(tc, cfg, init_device):
+    """An MMInterleaved: random weights drawn on init_device, or init_from's (whose config must be this run's);
+    then vae_from's VAE."""
+    if tc.init_from:
+        model = mmi.MMInterleaved.from_pretrained(tc.init_from)
+        saved = dataclasses.replace(model.cfg, gradient_checkpointing=cfg.gradient_checkpointing)
+        if saved != cfg:
+            raise mmi.InputError(f"init_from {tc.init_from}: its model config differs from preset {tc.preset!r} "
+                                 f"with model_overrides {tc.model_overrides}")
+        model.cfg = cfg
+    else:
+        with init_device:
+            model = mmi.MMInterleaved(cfg)
+    if tc.vae_from:
+        load_vae(model, tc.vae_from)
+    if tc.compile:
+        # the frozen VAE's encoder (float32, no gradients, full decoder resolution): its GroupNorm + SiLU chains
+        # fused and its convolutions kept channels-last instead of converted for cuDNN at every call
+        model.image_decoder.decoder.vae.encoder.compile()
+    return model
+
+
+def mmi_loss(model, batch, device):
+    """The losses of a micro-batch made on the host: its tensors go to the device (from pinned memory, without
+    waiting), and host copies of the integer inputs that the forward reads on the host (mmi.HOST_KEYS) beside them,
+    so that it reads nothing back from the GPU, which would wait for all queued work. They go as numpy arrays
+    because FSDP moves every tensor among a forward's inputs to the GPU."""
+    host = {k: batch[k].numpy() for k in mmi.HOST_KEYS if torch.is_tensor(batch.get(k))}
+    return model({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}, host=host)
+
+
+@dataclass(frozen=True)
+class Task:
+    build: object          # (tc, cfg, init_device) -> the model, its weights drawn or loaded
+    loss: object           # (model, host batch, device) -> {"loss", other "loss_*"}
+    flops: object          # (model, host batch) -> the micro-batch's training FLOPs
+    blocks: object         # model -> the blocks run one after another (activation checkpointing, torch.compile)
+    units: object          # model -> FSDP's units
+    export: object         # (model, tc, cfg, val batches, rank, world, device): writes the result, says where
+    result: str            # what export writes, for the start of the run
+
+
+TASKS = {"mmi": Task(build_mmi, mmi_loss, train_flops, repeated_blocks, fsdp_blocks, export_model,
+                     "the model in model/"),
+         "vae": Task(build_vae, vae_loss, vae_train_flops, vae_blocks, vae_blocks, export_vae, "vae.safetensors")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -999,6 +1079,228 @@ def worker_limit():
     return max(cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1, 0)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The run: its set-up, one flat loop of steps, the end
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def start_processes(tc):
+    """torchrun sets RANK/WORLD_SIZE: the processes join one group, one device each; else one process.
+    -> (rank, world size, device)"""
+    device, world = mmi.resolve_device(tc.device), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not tc.fsdp:
+            raise mmi.InputError("several processes need fsdp=True (there is no DDP path)")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    if tc.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rank = dist.get_rank() if world > 1 else 0
+    if tc.dtype == "bfloat16" and device.type == "cpu" and rank == 0:
+        print("note: bfloat16 autocast on CPU is slow; use --dtype=float32 for CPU runs")
+    return rank, world, device
+
+
+def build_model(task, tc, cfg, device, distributed):
+    """The model as it trains: the same weights on every rank (drawn from `seed`), frozen weights (requires_grad
+    False) in frozen_dtype, training's speed forms (mmi.speed_up: MMFS with its images' queries folded), compiled
+    blocks, sharded over the processes or moved to the device; in train mode."""
+    if tc.init_device == "cuda" and device.type != "cuda":
+        raise mmi.InputError(f"init_device 'cuda' needs device 'cuda', got {device.type!r}")
+    init_device = device if tc.init_device == "cuda" else torch.device("cpu")
+    torch.manual_seed(tc.seed)
+    model = task.build(tc, cfg, init_device)
+    if tc.frozen_dtype == "bfloat16":
+        # frozen weights get no update, so a float32 master copy buys nothing: halve their memory (13B: 54 -> 27 GB)
+        keep = frozen_vae(model)
+        for p in model.parameters():
+            if not p.requires_grad and p not in keep:
+                p.data = p.data.to(torch.bfloat16)
+        if init_device.type == "cuda":
+            torch.cuda.empty_cache()                 # the float32 copies' blocks, freed one weight at a time
+    mmi.speed_up(model)
+    if tc.compile:
+        compile_blocks(task.blocks(model), tc.activation_checkpointing)
+    if distributed:
+        shard_model(model, task.units(model), tc, device)     # moves the shards to the device
+    else:
+        model.to(device)
+    return model.train()
+
+
+def make_optimizer(model, tc):
+    """AdamW over the trainable parameters in param_groups' groups -> (optimizer, each group's base learning rate).
+    Fused: one kernel updates a group, and it can skip itself on the device (found_inf, see the NaN guard); the
+    multi-tensor (foreach) form runs ~10 ops over each group, and on FSDP's sharded parameters (DTensors) every op
+    unwraps every tensor in Python."""
+    groups = param_groups(model, tc.param_groups)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  betas=tc.betas, eps=tc.eps, fused=True)
+    return optimizer, [g["lr"] for g in groups]
+
+
+def resume(tc, model, optimizer, rank, device):
+    """With resume=True, model, optimizer and RNG from the newest complete checkpoint in out_dir.
+    -> (step, the data stream's position, the NaN streak) to go on from"""
+    found = checkpoints(tc.out_dir) if tc.resume else []
+    if not found:
+        if tc.resume and rank == 0:
+            print(f"resume: no checkpoint in {tc.out_dir}, starting from step 0")
+        return 0, None, 0
+    state = load_checkpoint(found[-1], model, optimizer, tc, rank, device)
+    if rank == 0:
+        print(f"resumed from {found[-1]} at step {state['step']}")
+    return state["step"], state["data"], state["nan_streak"]
+
+
+def open_data(cfg, tc, rank, world, data_state, device, cleanup):
+    """-> (tc with the DataLoader workers the run uses, the training micro-batches from data_state on, pinned in a
+    background thread that `cleanup` stops, and the validation batches or None)."""
+    if tc.data != "synthetic":
+        # a resumed stream keeps the checkpoint's DataLoader workers: its data position is one per worker
+        saved = data_state.get("workers") if data_state else None
+        workers = min(tc.num_workers, worker_limit()) if saved is None else saved
+        if workers != tc.num_workers and rank == 0:
+            print(f"note: num_workers={tc.num_workers} -> {workers}: " + (
+                f"this process may use {worker_limit() + 1} CPU cores, one kept for training" if saved is None else
+                "the checkpoint's, whose data position is one per worker"))
+        tc = dataclasses.replace(tc, num_workers=workers)
+    pin = (lambda b: {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}) \
+        if device.type == "cuda" else (lambda b: b)
+    # closed however the run ends: the thread stops and closes the stream, whose DataLoader workers then exit
+    batches = cleanup.enter_context(contextlib.closing(Prefetcher(train_batches(cfg, tc, rank, world, data_state),
+                                                                  pin)))
+    return tc, batches, val_batches(cfg, tc, rank, world) if tc.eval_interval else None
+
+
+def describe_run(model, optimizer, task, tc, world, device):
+    n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    print(f"model {tc.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train:,} trainable in "
+          f"{len(optimizer.param_groups)} groups; {world} process(es) on {device.type}, {tc.dtype}, fsdp={world > 1}, "
+          f"{tc.batch_size * tc.grad_accum * world} rows per step")
+    outputs = ["metrics.jsonl"] + (["checkpoints ckpt_<step>/"] if tc.ckpt_interval >= 0 else [])
+    print(f"writing to {tc.out_dir}/: {', '.join(outputs + (['at the end ' + task.result] if tc.export else []))}")
+
+
+def step_numbers(bad, grad_norm, losses, work, device):
+    """What a step logs, in one float64 device tensor: the NaN flag, the grad norm, then summed over ranks the
+    losses (each summed over micro-batches), rows, tokens and FLOPs."""
+    work = torch.tensor(work, dtype=torch.float64)
+    work = work.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else work
+    sums = all_reduce(torch.cat([torch.stack(losses).double(), work]))
+    return torch.cat([bad.double().reshape(1), grad_norm.double().reshape(1), sums])
+
+
+class LateRead:
+    """A step's numbers are copied to pinned host memory as the step is queued, and read one step late, so that the
+    host never waits for the GPU mid-step: `send` queues the copy of this step's numbers and a mark after it, and
+    hands back the previous step's, whose read waits for that step's mark only, with the next step's work already
+    queued behind it (the host keeps a step ahead; its own work, FSDP's hooks and the update on sharded tensors,
+    overlaps the GPU's). `read_now` reads the step just sent at once. A read is (info, numbers, the step's seconds
+    on the device's clock from the previous read step's mark or `restart` to its own, when it was done on the
+    host's clock)."""
+
+    def __init__(self, device):
+        self.cuda, self.pending = device.type == "cuda", None
+        self.restart()
+
+    def mark(self):
+        """A point in the device's queue: a timed CUDA event; on a CPU, which works as it queues, the time now."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def restart(self):
+        """Step times start again here (what was queued before, evaluation or saving, is no step's)."""
+        self.last = self.mark()
+
+    def send(self, numbers, info):
+        host = numbers
+        if self.cuda:
+            host = torch.empty(numbers.shape, dtype=numbers.dtype, pin_memory=True)
+            host.copy_(numbers, non_blocking=True)
+        previous, self.pending = self.pending, (info, host, self.mark())
+        return previous and self._read(*previous)
+
+    def read_now(self):
+        pending, self.pending = self.pending, None
+        return self._read(*pending)
+
+    def _read(self, info, host, mark):
+        if self.cuda:
+            mark.synchronize()
+        seconds = self.last.elapsed_time(mark) / 1e3 if self.cuda else mark - self.last
+        self.last = mark
+        return info, host.tolist(), seconds, time.perf_counter() if self.cuda else mark
+
+
+class StepLog:
+    """Where a step's numbers go once read: metrics.jsonl (every log_interval steps, every skipped step and the
+    last), the progress bar, and the NaN guard's count of non-finite steps in a row, which stops the run at
+    nan_patience. Rank 0 writes; every rank counts."""
+
+    def __init__(self, tc, world, rank, device, step, nan_streak, cleanup):
+        self.tc, self.world, self.master, self.device = tc, world, rank == 0, device
+        self.first, self.nan_streak, self.losses = step + 1, nan_streak, {}
+        if self.master:
+            os.makedirs(tc.out_dir, exist_ok=True)
+            self.file = cleanup.enter_context(open(os.path.join(tc.out_dir, "metrics.jsonl"), "a"))
+        self.bar = tqdm(total=tc.max_steps, initial=step, disable=not (self.master and tc.progress), dynamic_ncols=True)
+        cleanup.callback(self.bar.close)
+
+    def write(self, record):
+        if self.master:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def record(self, info, numbers, seconds, done):
+        """A LateRead read -> the step's record; RuntimeError at nan_patience non-finite steps in a row."""
+        (step, lr, names), tc, n = info, self.tc, self.tc.grad_accum * self.world
+        bad, grad_norm, *sums = numbers
+        self.nan_streak = self.nan_streak + 1 if bad else 0
+        rec = {"step": step, **{k: v / n for k, v in zip(names, sums)}, "lr": lr, "grad_norm": grad_norm,
+               "samples_per_s": sums[-3] / seconds, "tokens_per_s": sums[-2] / seconds,
+               "mfu": sums[-1] / seconds / (tc.peak_flops * self.world), "time_s": seconds,
+               "wall_time": time.time() - (time.perf_counter() - done)}
+        self.losses[step] = rec["loss"]
+        if bad:
+            rec["skipped"] = f"non-finite loss or gradient ({self.nan_streak} in a row)"
+        if self.master:
+            if step == tc.max_steps:
+                self.bar.n = step                # close() draws the final state: drawn here too, logs show it twice
+            else:
+                self.bar.update(1)
+            self.bar.set_postfix(**{k: f"{rec[k]:.3f}" for k in names if k != "loss"}, lr=f"{lr:.2e}",
+                                 samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                 mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
+            if bad or step % tc.log_interval == 0 or step == tc.max_steps:
+                self.write(rec)
+            if bad:
+                tqdm.write(f"step {step}: {rec['skipped']}; update skipped")
+            left = tc.max_steps - step
+            if step == self.first and self.device.type == "cpu" and seconds * left > 3600:
+                tqdm.write(f"note: step {step} took {seconds:.1f} s on the CPU; the {left:,} steps left take about "
+                           f"{seconds * left / 3600:.1f} hours at this pace")
+        if self.nan_streak >= tc.nan_patience:
+            raise RuntimeError(f"step {step}: {self.nan_streak} non-finite steps in a row (nan_patience="
+                               f"{tc.nan_patience}); stopping. Resume from the last checkpoint in {tc.out_dir} with a "
+                               f"lower lr.")
+        return rec
+
+
+def freeze_long_lived():
+    """Everything made so far (model, optimizer, data pipeline, compiled code: millions of objects) out of the
+    garbage collector's sight: a full collection, which stops the process, then walks only what later steps make."""
+    gc.collect()
+    gc.freeze()
+
+
 def run(tc):
     """Train with config `tc`; returns {"losses": {step: loss}, "model": the (possibly sharded) model, "config":
     TrainConfig, "last_checkpoint": its step}. However it ends (done, an error, Ctrl-C), the data thread and the
@@ -1009,182 +1311,39 @@ def run(tc):
 
 def _run(tc, cleanup):
     check_inputs(tc)
-    cfg = model_config(tc)
-
-    # processes: torchrun sets RANK/WORLD_SIZE; otherwise one process
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = mmi.resolve_device(tc.device)
-    if distributed:
-        if not tc.fsdp:
-            raise mmi.InputError("several processes need fsdp=True (there is no DDP path)")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    master = rank == 0
-    if tc.dtype == "bfloat16" and device.type == "cpu" and master:
-        print("note: bfloat16 autocast on CPU is slow; use --dtype=float32 for CPU runs")
-    if tc.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    cfg, task = model_config(tc), TASKS[tc.task]
+    rank, world, device = start_processes(tc)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bfloat16")
-
-    # model: the same weights on every rank (same seed), then sharded; frozen parameters keep requires_grad=False
-    torch.manual_seed(tc.seed)
-    if tc.init_device == "cuda" and device.type != "cuda":
-        raise mmi.InputError(f"init_device 'cuda' needs device 'cuda', got {device.type!r}")
-    init_device = device if tc.init_device == "cuda" else torch.device("cpu")
-    if tc.task == "vae":
-        with init_device:
-            model = VAETraining(cfg, tc.kl_weight)
-    elif tc.init_from:
-        model = mmi.MMInterleaved.from_pretrained(tc.init_from)
-        saved = dataclasses.replace(model.cfg, gradient_checkpointing=cfg.gradient_checkpointing)
-        if saved != cfg:
-            raise mmi.InputError(f"init_from {tc.init_from}: its model config differs from preset {tc.preset!r} "
-                                 f"with model_overrides {tc.model_overrides}")
-        model.cfg = cfg
-    else:
-        with init_device:
-            model = mmi.MMInterleaved(cfg)
-    if tc.vae_from:
-        load_vae(model, tc.vae_from)
-    if tc.frozen_dtype == "bfloat16":
-        # frozen weights get no update, so a float32 master copy buys nothing: halve their memory (13B: 54 -> 27
-        # GB). The VAE stays float32: the image decoder runs it in float32 whatever the model's dtype.
-        keep = set(model.image_decoder.decoder.vae.parameters()) if model.image_decoder is not None else set()
-        for p in model.parameters():
-            if not p.requires_grad and p not in keep:
-                p.data = p.data.to(torch.bfloat16)
-        if init_device.type == "cuda":
-            torch.cuda.empty_cache()                 # the float32 copies' blocks, freed one weight at a time
-    mmi.speed_up(model)                         # training's fast forms: MMFS with its images' queries folded
-    if tc.compile:
-        compile_blocks(model, tc.activation_checkpointing)
-    raw_model = model
-    if distributed:
-        model = shard_model(model, tc, device)     # moves the shards to the device
-    else:
-        model.to(device)
-    model.train()
+    model = build_model(task, tc, cfg, device, world > 1)
     torch.manual_seed(tc.seed + rank)           # from here on each rank draws its own noise (CFG dropout, timesteps)
     random.seed(tc.seed + rank)
-
-    groups = param_groups(model, tc.param_groups)
-    base_lrs = [g["lr"] for g in groups]
-    trainable = [p for g in groups for p in g["params"]]
-    # fused: one kernel updates a group, and it can skip itself on the device (found_inf, see the NaN guard). The
-    # multi-tensor (foreach) AdamW runs ~10 ops over each group, and on FSDP's sharded parameters (DTensors) every op
-    # unwraps every tensor in Python (two CPU processes, tiny preset, 733 tensors: 0.48 s of a 1.47 s step; fused,
-    # 0.06 s)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                  betas=tc.betas, eps=tc.eps, fused=True)
-
-    # resume: newest complete checkpoint in out_dir
-    step, data_state, nan_streak = 0, None, 0
-    found = checkpoints(tc.out_dir) if tc.resume else []
-    if found:
-        state = load_checkpoint(found[-1], model, optimizer, tc, rank, device)
-        step, data_state, nan_streak = state["step"], state["data"], state["nan_streak"]
-        if master:
-            print(f"resumed from {found[-1]} at step {step}")
-    elif tc.resume and master:
-        print(f"resume: no checkpoint in {tc.out_dir}, starting from step 0")
-    if tc.data != "synthetic":
-        # a resumed stream keeps the checkpoint's DataLoader workers: its data position is one per worker
-        saved = data_state.get("workers") if data_state else None
-        workers = min(tc.num_workers, worker_limit()) if saved is None else saved
-        if workers != tc.num_workers and master:
-            print(f"note: num_workers={tc.num_workers} -> {workers}: " + (
-                f"this process may use {worker_limit() + 1} CPU cores, one kept for training" if saved is None else
-                "the checkpoint's, whose data position is one per worker"))
-        tc = dataclasses.replace(tc, num_workers=workers)
-    pin = (lambda b: {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}) \
-        if device.type == "cuda" else (lambda b: b)
-    # closed however the run ends: the thread stops and closes the stream, whose DataLoader workers then exit
-    batches = cleanup.enter_context(contextlib.closing(Prefetcher(train_batches(cfg, tc, rank, world, data_state),
-                                                                  pin)))
-    val = val_batches(cfg, tc, rank, world) if tc.eval_interval else None
-
-    if master:
-        os.makedirs(tc.out_dir, exist_ok=True)
-        n_total = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in trainable)
-        print(f"model {tc.preset}: {n_total:,} parameters, {n_train:,} trainable in {len(groups)} groups; "
-              f"{world} process(es) on {device.type}, {tc.dtype}, fsdp={distributed}, "
-              f"{tc.batch_size * tc.grad_accum * world} rows per step")
-        outputs = ["metrics.jsonl"] + (["checkpoints ckpt_<step>/"] if tc.ckpt_interval >= 0 else [])
-        if tc.export:
-            outputs.append("at the end " + ("vae.safetensors" if tc.task == "vae" else "the model in model/"))
-        print(f"writing to {tc.out_dir}/: {', '.join(outputs)}")
-    metrics_file = cleanup.enter_context(open(os.path.join(tc.out_dir, "metrics.jsonl"), "a")) if master else None
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not (master and tc.progress), dynamic_ncols=True)
-    cleanup.callback(bar.close)
+    optimizer, base_lrs = make_optimizer(model, tc)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    step, data_state, nan_streak = resume(tc, model, optimizer, rank, device)
+    tc, batches, val = open_data(cfg, tc, rank, world, data_state, device, cleanup)
+    if rank == 0:
+        describe_run(model, optimizer, task, tc, world, device)
+    log, late = StepLog(tc, world, rank, device, step, nan_streak, cleanup), LateRead(device)
     cleanup.callback(gc.unfreeze)                # back in the collector's sight: a caller may drop what it froze
-    losses, last_ckpt, last_ckpt_path, first_step = {}, step, None, step
-    pending = None                      # (step, lr, names, send_to_host copy): a step not read back yet
-    t_done = queue_mark(device)         # where the last step's work ended in the device's queue
-
-    def finish(pending):
-        """Read a queued step's numbers back (this waits for its work only), log it, count it for the NaN guard.
-        Its time runs from the previous step's end mark to its own, as the device saw them."""
-        nonlocal nan_streak, t_done
-        step, lr, names, (host, mark) = pending
-        bad, grad_norm, *sums = read_back(host, mark)
-        dt, t_done = seconds_between(t_done, mark), mark
-        # when it was done, on the host's clock: on a CPU, its mark; on a GPU, by the time the read returned
-        done = time.perf_counter() if isinstance(mark, torch.cuda.Event) else mark
-        nan_streak = nan_streak + 1 if bad else 0
-        rec = {"step": step, **{k: v / (tc.grad_accum * world) for k, v in zip(names, sums)},
-               "lr": lr, "grad_norm": grad_norm, "samples_per_s": sums[-3] / dt,
-               "tokens_per_s": sums[-2] / dt, "mfu": sums[-1] / dt / (tc.peak_flops * world), "time_s": dt,
-               "wall_time": time.time() - (time.perf_counter() - done)}
-        losses[step] = rec["loss"]
-        if bad:
-            rec["skipped"] = f"non-finite loss or gradient ({nan_streak} in a row)"
-        if master:
-            if step == tc.max_steps:
-                bar.n = step                     # close() draws the final state: drawn here too, logs show it twice
-            else:
-                bar.update(1)
-            bar.set_postfix(**{k: f"{rec[k]:.3f}" for k in names if k != "loss"}, lr=f"{rec['lr']:.2e}",
-                            samples_s=f"{rec['samples_per_s']:.1f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                            mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
-            if bad or step % tc.log_interval == 0 or step == tc.max_steps:
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-            if bad:
-                tqdm.write(f"step {step}: {rec['skipped']}; update skipped")
-        if nan_streak >= tc.nan_patience:
-            raise RuntimeError(f"step {step}: {nan_streak} non-finite steps in a row (nan_patience={tc.nan_patience}); "
-                               f"stopping. Resume from the last checkpoint in {tc.out_dir} with a lower lr.")
-        return rec
-
+    first_step, last_ckpt, last_ckpt_path = step, step, None
     while step < tc.max_steps:
         lr_mult = lr_multiplier(step, tc.warmup_steps, tc.max_steps)
         for g, base in zip(optimizer.param_groups, base_lrs):
             g["lr"] = base * lr_mult
 
         # forward/backward over grad_accum micro-batches; FSDP reduces gradients only after the last one
-        loss_sums = {}                                   # every loss* the model returns (no host sync here)
-        work = [0.0, 0.0, 0.0]                           # rows, tokens, FLOPs
+        loss_sums, work = {}, [0.0, 0.0, 0.0]       # every loss* the model returns (no host sync); rows, tokens, FLOPs
         for micro in range(tc.grad_accum):
-            host_batch = next(batches)
-            data_state = host_batch["meta"]["resume"]
-            batch = to_device(host_batch, device)
-            if distributed:
+            batch = next(batches)                   # on the host; task.loss sends it to the device
+            data_state = batch["meta"]["resume"]
+            if world > 1:
                 model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
             with autocast:
-                out = model(batch)
+                out = task.loss(model, batch, device)
             (out["loss"] / tc.grad_accum).backward()
             # counted from the host copy while the GPU works through what was just queued
-            work = [a + b for a, b in zip(work, (host_batch["text_ids"].shape[0],
-                                                 float(host_batch["attention_mask"].sum()),
-                                                 train_flops(raw_model, cfg, host_batch)))]
+            work = [a + b for a, b in zip(work, (len(batch["text_ids"]), float(batch["attention_mask"].sum()),
+                                                 task.flops(model, batch)))]
             for k, v in out.items():
                 if k.startswith("loss"):
                     loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
@@ -1198,72 +1357,47 @@ def _run(tc, cleanup):
         optimizer.found_inf = bad                                                         # 0-d, 0. or 1.
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # what the step logs, in one tensor: the flag, the norm, losses averaged over micro-batches and ranks; rows,
-        # tokens and FLOPs summed over ranks. Its copy to the host is queued now and read one step late, after the
-        # next step's work is queued: the read waits for this step's GPU work while the GPU already has the next
-        # step's (the host keeps a step ahead, and its own work, FSDP's hooks and the update's on sharded tensors,
-        # overlaps the GPU's)
-        names = sorted(loss_sums)
-        sums = torch.cat([torch.stack([loss_sums[k].double() for k in names]),
-                          mmi._to_device(torch.tensor(work, dtype=torch.float64), device)])
-        numbers = torch.cat([bad.double().reshape(1), grad_norm.double().reshape(1), all_reduce(sums)])
         step += 1
-        copy = send_to_host(numbers)
-        if pending is not None:
-            finish(pending)
-        pending = (step, max(base_lrs) * lr_mult, names, copy)
+        names = sorted(loss_sums)
+        previous = late.send(step_numbers(bad, grad_norm, [loss_sums[k] for k in names], work, device),
+                             (step, max(base_lrs) * lr_mult, names))
+        if previous:
+            log.record(*previous)
 
         evaluate_now = tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps)
         save_now = tc.ckpt_interval >= 0 and ((tc.ckpt_interval and step % tc.ckpt_interval == 0)
                                               or step == tc.max_steps)
         first = step == first_step + 1           # (with --compile, the step that compiles)
         if first or evaluate_now or save_now or step == tc.max_steps:
-            rec = finish(pending)                # read at once: a checkpoint keeps the NaN streak up to its step
-            pending = None
-            if first and device.type == "cpu" and master and rec["time_s"] * (tc.max_steps - step) > 3600:
-                tqdm.write(f"note: step {step} took {rec['time_s']:.1f} s on the CPU; the {tc.max_steps - step:,} "
-                           f"steps left take about {rec['time_s'] * (tc.max_steps - step) / 3600:.1f} hours at "
-                           f"this pace")
+            log.record(*late.read_now())         # at once: a checkpoint keeps the NaN streak up to its step
         if evaluate_now:
-            ev = evaluate(model, raw_model, cfg, tc, val, device, autocast)
-            if master and ev:
-                metrics_file.write(json.dumps({"step": step, **ev}) + "\n")
-                metrics_file.flush()
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            ev = evaluate(model, task, tc, val, device, autocast)
+            if ev:
+                log.write({"step": step, **ev})
+                if rank == 0:
+                    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         if save_now:
-            last_ckpt_path = save_checkpoint(model, optimizer, tc, cfg, step,
-                                             {"data": data_state, "nan_streak": nan_streak}, rank, device)
-            last_ckpt = step
+            last_ckpt, last_ckpt_path = step, save_checkpoint(model, optimizer, tc, cfg, step, {
+                "data": data_state, "nan_streak": log.nan_streak}, rank, device)
         if first:
-            # what exists now (model, optimizer, data pipeline and, with --compile, the compiled code: millions of
-            # objects) lives for the whole run: out of the garbage collector's sight, a full collection, which stops
-            # the process, walks only what later steps make (13B, two GPUs, eager: 0.3 s every few steps without this)
-            gc.collect()
-            gc.freeze()
+            freeze_long_lived()                  # what exists after the first step lives for the whole run
         if first or evaluate_now or save_now:
-            t_done = queue_mark(device)          # step times count training only, not evaluation, saving, collecting
-    bar.close()
+            late.restart()                       # step times count training only, not evaluation or saving
+    log.bar.close()
+    finish(model, task, tc, cfg, val, batches, rank, world, device, last_ckpt_path)
+    return {"losses": log.losses, "model": model, "config": tc, "last_checkpoint": last_ckpt}
+
+
+def finish(model, task, tc, cfg, val, batches, rank, world, device, last_ckpt_path):
+    """The end of a run: the data workers stop, then the export."""
     batches.close()                              # the DataLoader workers exit before the export
-    if master:
+    if rank == 0:
         print(f"metrics in {tc.out_dir}/metrics.jsonl" + (f", the last checkpoint in {last_ckpt_path}"
                                                             if last_ckpt_path else ""))
-    if tc.export and tc.task == "vae":
-        val = val or val_batches(cfg, dataclasses.replace(tc, eval_batches=max(tc.eval_batches, 1)), rank, world)
-        if master:
-            scale, exact = export_vae(raw_model.vae, val, os.path.join(tc.out_dir, "vae.safetensors"), device)
-            print(f"wrote {tc.out_dir}/vae.safetensors (latent scaling factor {scale:.5f}; {100 * exact:.1f}% of "
-                  f"validation reconstructions read back as their scene); train the demo model with "
-                  f"--vae_from={tc.out_dir}/vae.safetensors")
-    elif tc.export:
-        import data
-        tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data in ("demo", "pretrain") else None
-        path = export(model, cfg, os.path.join(tc.out_dir, "model"), rank, distributed, tokenizer,
-                      getattr(torch, tc.export_dtype) if tc.export_dtype else None)
-        if master:
-            print(f"wrote {path} (the trained model: python sample.py --init_from={path})")
-    if distributed:
+    if tc.export:
+        task.export(model, tc, cfg, val, rank, world, device)
+    if world > 1:
         dist.destroy_process_group()
-    return {"losses": losses, "model": model, "config": tc, "last_checkpoint": last_ckpt}
 
 
 if __name__ == "__main__":
