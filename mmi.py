@@ -373,7 +373,8 @@ def _preset_mmi_13b():
 def _preset_tiny():
     # Same architecture, every width and depth small: 64x64 images, patch 8 -> an 8x8 patch grid, so the
     # tokenizer's four maps are 32/16/8/4 and the LLM reads 16/8/4. Vocabulary: the demo tokenizer's 384 pieces
-    # + soi + image, in the LLaMA layout (pad = last ordinary piece). Dropout off so tiny runs are deterministic in train mode too.
+    # + soi + image, in the LLaMA layout (pad = last ordinary piece). Dropout off, so that tiny runs are
+    # deterministic in train mode too.
     return MMIConfig(
         vision=VisionConfig(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                             intermediate_size=128, conv_inplane=8, interaction_indexes=((0, 0), (1, 1), (2, 2), (3, 3)),
@@ -958,7 +959,8 @@ class SpatialPriorModule(nn.Module):
         c3 = self.conv3(c2)
         c4 = self.conv4(c3)
         # c1 stays a map; c2..c4 become token sequences (B, H*W, dim)
-        return self.fc1(c1), *(fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc2, c2), (self.fc3, c3), (self.fc4, c4)))
+        return self.fc1(c1), *(fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc2, c2), (self.fc3, c3),
+                                                                              (self.fc4, c4)))
 
 
 class ConvFFN(nn.Module):
