@@ -526,6 +526,131 @@ def test_repetition_penalty_matches_the_hf_rule():
     assert out.tolist() == [[2.0, -2.0, 1.5, 0.5]]                          # bos (1) and generated (2) penalised
 
 
+class TableLM:
+    """A language model given as a table, in the decoder protocol greedy_or_sample and beam_search drive:
+    table[prefix of new tokens] = {token: probability} (tokens not named: probability 0); a prefix not in the
+    table: uniform over the vocabulary. Logits are the log-probabilities."""
+
+    def __init__(self, table, vocab, prompts=1):
+        self.table, self.vocab, self.rows = table, vocab, [()] * prompts
+
+    def logits(self):
+        def row(prefix):
+            probs = self.table.get(prefix)
+            if probs is None:
+                return [-math.log(self.vocab)] * self.vocab
+            return [math.log(probs[t]) if probs.get(t, 0) > 0 else -math.inf for t in range(self.vocab)]
+        return torch.tensor([row(r) for r in self.rows])
+
+    def prefill(self):
+        return self.logits()
+
+    def select(self, index):
+        self.rows = [self.rows[i] for i in index.tolist()]
+
+    def step(self, tokens):
+        self.rows = [r + (t,) for r, t in zip(self.rows, tokens.tolist())]
+        return self.logits()
+
+
+# token ids of the hand-built tables: PAD, BOS, EOS, SOI as in the checkpoints' order, then ordinary words
+T_PAD, T_BOS, T_EOS, T_SOI, T_A, T_B, T_C, T_D = range(8)
+TABLE_OPTS = dict(min_new_tokens=0, repetition_penalty=1.0, stop_ids=(T_EOS, T_SOI), bos_id=T_BOS, pad_id=T_PAD)
+
+
+def test_sampling_warpers_are_temperature_then_top_k_then_top_p():
+    """HF generate's order against a float64 re-derivation, on a row where top-k alone keeps 4 tokens, top-p alone
+    6, top-p then top-k 4, and top-k then top-p (over the renormalised 4) 3; then 4,000 draws through
+    greedy_or_sample land exactly on those 3, at their probabilities (binomial bounds at 4.5 sigma)."""
+    probs = [0.30, 0.20, 0.15, 0.10, 0.08, 0.07, 0.05, 0.03, 0.01, 0.01]
+    temperature, top_k, top_p = 1.5, 4, 0.8
+    z = [math.log(p) / temperature for p in probs]
+    kth = sorted(z, reverse=True)[top_k - 1]
+    w = [math.exp(v) if v >= kth else 0.0 for v in z]
+    q = [x / sum(w) for x in w]
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(q)), key=lambda i: -q[i]):
+        if mass < top_p:
+            kept.add(i)
+        mass += q[i]
+    want = [q[i] / sum(q[j] for j in kept) if i in kept else 0.0 for i in range(len(q))]
+    assert kept == {0, 1, 2}
+
+    logits = torch.log(torch.tensor([probs]))
+    support = lambda **warp: set(torch.isfinite(mmi.warp_logits(logits, **warp))[0].nonzero()[:, 0].tolist())
+    assert support(temperature=temperature, top_k=top_k) == {0, 1, 2, 3}
+    assert support(temperature=temperature, top_p=top_p) == {0, 1, 2, 3, 4, 5}
+    got = mmi.warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).double().softmax(-1)[0]
+    assert set(got.nonzero()[:, 0].tolist()) == kept
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-6)
+
+    n = 4000
+    lm = TableLM({(): dict(enumerate(probs))}, vocab=len(probs))
+    seqs = mmi.greedy_or_sample(lm, n, dict(temperature=temperature, top_k=top_k, top_p=top_p),
+                                torch.Generator().manual_seed(0), max_new_tokens=1,
+                                **dict(TABLE_OPTS, stop_ids=(8, 9)))
+    counts = Counter(s[0] for s in seqs)
+    assert set(counts) == kept
+    for i in kept:
+        assert abs(counts[i] / n - want[i]) < 4.5 * math.sqrt(want[i] * (1 - want[i]) / n), (i, counts)
+
+
+def test_sampling_with_top_k_1_is_greedy_and_top_k_defaults_to_50():
+    model = tiny_model(seed=4)
+    batch = make_batch(model.cfg, [[BOS, 10, "img", 11], [BOS, 12, 13]], 14, left_pad=True)
+    kw = dict(max_new_tokens=6, min_new_tokens=0, num_beams=1)
+    greedy = model.generate_texts(batch, **kw)["text_ids"]
+    for seed in range(3):
+        top1 = model.generate_texts(batch, do_sample=True, top_k=1, top_p=1.0, temperature=2.0, seed=seed, **kw)
+        assert torch.equal(top1["text_ids"], greedy)
+    import inspect
+    assert inspect.signature(model.generate_texts).parameters["top_k"].default == 50   # HF's, as the original ran
+
+
+def test_beam_search_done_rule_normalises_by_step_plus_two():
+    """transformers 4.31 (the original's) marks a prompt done when the step's best candidate score, divided by
+    (tokens so far + 1 for its dummy bos + 1 for this step) ** length_penalty, cannot beat the worst of num_beams
+    finished hypotheses. Hand-built: eos and soi finish 2 hypotheses at step 0; at step 1 the best candidate
+    (A C) is cut by step + 1 but not by step + 2, and at step 2 it finishes best of all."""
+    A, B, C, D = T_A, T_B, T_C, T_D
+    table = {(): {T_EOS: .35, T_SOI: .30, A: .20, B: .10, C: .03, D: .02},
+             (A,): {C: .40, D: .35, B: .21, T_EOS: .02, T_SOI: .02},
+             (A, C): {T_EOS: .95, C: .05},
+             (A, D): {B: .40, C: .35, D: .25}}
+    worst = math.log(.30) / 1                                 # the soi hypothesis: dummy bos, no token before soi
+    best_step1 = math.log(.20) + math.log(.40)
+    assert best_step1 / (1 + 1) <= worst < best_step1 / (1 + 2)
+    finished = (best_step1 + math.log(.95)) / 3               # A C, then eos: dummy bos + 2 tokens
+    open_ab = (math.log(.20) + math.log(.35) + math.log(.40)) / 4
+    assert finished > open_ab > math.log(.35) > worst
+    seqs = mmi.beam_search(TableLM(table, 8), 2, 2, 1.0, max_new_tokens=3, **TABLE_OPTS)
+    assert seqs == [[A, C, T_EOS], [A, D, B]]
+    # with length_penalty 0 the rule is worst >= best candidate score, whatever the length
+    seqs = mmi.beam_search(TableLM(table, 8), 2, 2, 0.0, max_new_tokens=3, **TABLE_OPTS)
+    assert seqs == [[T_EOS], [T_EOS]]
+
+
+def test_beam_search_ends_finished_hypotheses_with_eos():
+    """As transformers 4.31: a hypothesis is stored without its stop token and ends with eos, so a beam ending on
+    soi comes back ending with eos (keep_stop_token=True keeps the soi); an open beam cut at max_new_tokens
+    ends without one. Hand-built: soi finishes at step 0, B D stays open and ends best."""
+    A, B, C, D = T_A, T_B, T_C, T_D
+    table = {(): {T_SOI: .5, A: .3, B: .2}, (A,): {T_EOS: .6, C: .4}, (B,): {D: 1.0}}
+    assert math.log(.2) / 3 > math.log(.5) > (math.log(.3) + math.log(.4)) / 3 > (math.log(.3) + math.log(.6)) / 2
+    seqs = mmi.beam_search(TableLM(table, 8), 2, 2, 1.0, max_new_tokens=2, **TABLE_OPTS)
+    assert seqs == [[B, D], [T_EOS]]
+    seqs = mmi.beam_search(TableLM(table, 8), 2, 2, 1.0, max_new_tokens=2, keep_stop_token=True, **TABLE_OPTS)
+    assert seqs == [[B, D], [T_SOI]]
+    model = tiny_model(seed=2)                                # generate_texts passes keep_stop_token through
+    cfg = model.cfg
+    with torch.no_grad():                                     # soi far ahead of every other token
+        model.text_decoder.head_new.bias[cfg.soi_token_id - (cfg.llm.vocab_size - 2)] = 400.0
+    batch = make_batch(cfg, [[BOS, 10, "img", 11]], 14)
+    kw = dict(max_new_tokens=2, min_new_tokens=0, num_beams=2)
+    assert model.generate_texts(batch, **kw)["text_ids"].tolist() == [[cfg.eos_token_id]]
+    assert model.generate_texts(batch, keep_stop_token=True, **kw)["text_ids"].tolist() == [[cfg.soi_token_id]]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Speed: the fast path's fixed-shape decoding step and its CUDA graph, against the plain path
 # ----------------------------------------------------------------------------------------------------------------
@@ -609,9 +734,9 @@ def test_beam_search_reorders_the_static_buffers_in_place():
                 bos_id=c.bos_token_id, pad_id=c.pad_token_id)
     with torch.no_grad():
         cached = _Recording(model, embeds, batch["attention_mask"], vision, xmask, 6)
-        seqs = mmi._beam_search(cached, 3, 3, 1.0, **opts)
+        seqs = mmi.beam_search(cached, 3, 3, 1.0, **opts)
         full = mmi._Decoder(model, embeds, batch["attention_mask"], vision, xmask, 6, use_cache=False)
-        ref = mmi._beam_search(full, 3, 3, 1.0, **opts)
+        ref = mmi.beam_search(full, 3, 3, 1.0, **opts)
     assert seqs == ref
     assert cached.sources[0] == [0, 0, 0, 1, 1, 1]                 # the expansion to beams: new buffers
     reorders = cached.sources[1:]
