@@ -5344,6 +5344,122 @@ def test_sample_with_no_arguments_runs_the_embedded_demo_model(tmp_path, monkeyp
     assert images and all(item["file"].endswith(".png") for item in images)
 
 
+class ScriptedStoryModel(torch.nn.Module):
+    """Stands in for MMInterleaved in sample.run_story: generate_texts returns the scripted token lists in turn,
+    generate_images grey images, the k-th of a call at level (k + 1) / 10; both record what they were given."""
+
+    def __init__(self, texts):
+        super().__init__()
+        self.cfg = mmi.MMIConfig.from_preset("tiny")
+        self.texts, self.calls = list(texts), []
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def generate_texts(self, batch, **kw):
+        self.calls.append(("text", batch["text_ids"][0].tolist(), kw))
+        ids = self.texts.pop(0)
+        return {"text_ids": torch.tensor([ids]), "lengths": torch.tensor([len(ids)])}
+
+    def generate_images(self, batch, target_image_idxs, num_images_per_context=1, **kw):
+        kw = dict(kw, num_images_per_context=num_images_per_context)
+        self.calls.append(("image", batch["text_ids"][0].tolist(), kw))
+        S = self.cfg.vision.image_size
+        return {"image": torch.stack([torch.full((3, S, S), (k + 1) / 10) for k in range(num_images_per_context)])}
+
+
+def scripted_story(tmp_path, model, change, *flags):
+    """run_story of one prompt (GOOD with `change`) on `model`, with sample.py's flags -> (results, batch, prompt
+    ids, tokenizer)."""
+    tok = data.Tokenizer(DEMO_TOK)
+    (s,) = sample.load_annt(_write_annt(tmp_path, [dict(GOOD, **change)]))
+    args = sample.parse_args(["--device=cpu", *flags])
+    batch = sample.prompt_batch(s, tok, model.cfg, args.num_total_token, args.device)
+    prompt = batch["text_ids"][0].tolist()
+    results = sample.run_story(model, tok, s, batch, 0, args, str(tmp_path), args.seed)
+    return results, batch, prompt, tok
+
+
+def test_sample_text_options_are_the_originals_and_reach_generate(tmp_path):
+    """The defaults are the original's inference config (nucleus sampling, HF's top-k 50, top-p 0.9, max_length
+    90 new tokens, min_length 8 counting a dummy bos, 1 beam); its names max_length / min_length are accepted;
+    each option reaches generate_texts."""
+    tok = data.Tokenizer(DEMO_TOK)
+    text = tok.encode("a red circle.", add_bos=False)
+    model = ScriptedStoryModel([text])
+    scripted_story(tmp_path, model, {"num_iter": 1})
+    kw = model.calls[0][2]
+    assert {k: kw[k] for k in ("do_sample", "num_beams", "top_k", "top_p", "temperature", "max_new_tokens",
+                               "min_new_tokens", "keep_stop_token")} == \
+        dict(do_sample=True, num_beams=1, top_k=50, top_p=0.9, temperature=1.0, max_new_tokens=90, min_new_tokens=7,
+             keep_stop_token=False)
+    model = ScriptedStoryModel([text])
+    scripted_story(tmp_path, model, {"num_iter": 1}, "--no-use_nucleus_sampling", "--num_beams=3", "--top_k=7",
+                   "--top_p=0.5", "--temperature=0.7", "--max_length=12", "--min_length=4", "--keep_stop_token")
+    kw = model.calls[0][2]
+    assert {k: kw[k] for k in ("do_sample", "num_beams", "top_k", "top_p", "temperature", "max_new_tokens",
+                               "min_new_tokens", "keep_stop_token")} == \
+        dict(do_sample=False, num_beams=3, top_k=7, top_p=0.5, temperature=0.7, max_new_tokens=12, min_new_tokens=3,
+             keep_stop_token=True)
+    for flags, message in ((["--num_beams=3"], "--num_beams=3 searches without sampling: add --no-use_nucleus"),
+                           (["--min_length=8", "--min_new_tokens=7"], "--min_length and --min_new_tokens"),
+                           (["--top_k=-1"], "--top_k=-1: expected >= 0"),
+                           (["--min_length=-1"], "--min_length=-1: expected >= 0"),
+                           (["--num_validation_images=0"], "--num_validation_images=0: expected >= 1")):
+        with pytest.raises(mmi.InputError, match=re.escape(message)):
+            sample.parse_args(["--device=cpu", *flags])
+
+
+def test_sample_force_replace_gen_text_puts_multiround_context_in(tmp_path):
+    """--force_replace_gen_text: round i's generated text is shown but multiround_context[i] (when not empty) goes
+    into the story instead, tokenized without bos; one ending in <|beginofimage|> asks for an image. Without the
+    flag the generated texts go in."""
+    tok = data.Tokenizer(DEMO_TOK)
+    said = [tok.encode(t, add_bos=False) for t in ("a red circle.", "it moves.", "it stays.")]
+    given = ["the blue square.<|beginofimage|>", "", ""]
+    change = {"num_iter": 3, "multiround_context": given}
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, change, "--force_replace_gen_text")
+    image = [tok.image_id] * model.cfg.num_img_token
+    replaced = tok.encode(given[0])[1:]
+    assert replaced[-1] == tok.soi_id
+    assert [r["type"] for r in results] == ["text", "image", "text"]
+    assert [r["text"] for r in results if r["type"] == "text"] == [tok.decode(said[0]), tok.decode(said[1])]
+    assert model.calls[1][1] == prompt + replaced + image                  # what the image was drawn from
+    assert batch["text_ids"][0].tolist() == prompt + replaced + image + said[1]
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, change)
+    assert [r["type"] for r in results] == ["text"] * 3
+    assert batch["text_ids"][0].tolist() == prompt + said[0] + said[1] + said[2]
+
+
+def test_sample_auto_end_stops_at_eos_and_ignores_num_iter(tmp_path):
+    """--auto_end: the rounds are --num_iter's (the prompt's num_iter is not read) and a text ending in eos ends
+    the story, its eos left out of the context; without it the prompt's num_iter rules."""
+    tok = data.Tokenizer(DEMO_TOK)
+    said = [tok.encode("a red circle.", add_bos=False), tok.encode("the end.", add_bos=False) + [tok.eos_id],
+            tok.encode("more.", add_bos=False)]
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, {"num_iter": 1}, "--auto_end", "--num_iter=3")
+    assert len(results) == 2 and batch["text_ids"][0].tolist() == prompt + said[0] + said[1][:-1]
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, {"num_iter": 1}, "--num_iter=3")
+    assert len(results) == 1 and batch["text_ids"][0].tolist() == prompt + said[0]
+
+
+def test_sample_draws_num_validation_images_and_keeps_the_first(tmp_path):
+    """--num_validation_images=3: one call draws 3 images of the slot, all are saved and listed in order, and the
+    first is the one the story continues from."""
+    tok = data.Tokenizer(DEMO_TOK)
+    model = ScriptedStoryModel([tok.encode("it moves.", add_bos=False)])
+    change = {"generate_mode": "generate_images", "num_iter": 2}
+    results, batch, _, _ = scripted_story(tmp_path, model, change, "--num_validation_images=3")
+    assert [c[0] for c in model.calls] == ["image", "text"] and model.calls[0][2]["num_images_per_context"] == 3
+    assert [r.get("file") for r in results[:3]] == ["0_0_0.png", "0_0_1.png", "0_0_2.png"]
+    levels = [np.unique(np.asarray(Image.open(tmp_path / f"0_0_{k}.png"))) for k in range(3)]
+    assert all(len(v) == 1 for v in levels) and levels[0] < levels[1] < levels[2]       # the 3 in drawing order
+    first = data.encoder_image(Image.open(tmp_path / "0_0_0.png"), model.cfg.vision.image_size)
+    assert torch.equal(batch["image_tensors"][-1], first)
+
+
 def _write_annt(tmp_path, samples):
     Image.fromarray(data.render_scene(data.make_story(5).scenes[0])).save(tmp_path / "a.png")
     (tmp_path / "not_an_image.png").write_text("hello")
@@ -5383,6 +5499,25 @@ def test_sample_rejects_missing_or_malformed_files_and_models(tmp_path, capsys):
     annt = _write_annt(tmp_path, [GOOD])
     assert mmi.run_script(sample.main, [f"--annt={annt}", f"--init_from={tmp_path}"]) == 2
     assert "is not a model folder (no config.json)" in capsys.readouterr().err
+
+
+def test_sample_finds_images_beside_the_annt_file_or_in_the_cwd(tmp_path, monkeypatch, capsys):
+    """A relative image path is looked for beside annt.json, then in the working directory (the original's
+    ./assets/... paths); a missing one names both places in its one-line error."""
+    (tmp_path / "prompts").mkdir()
+    annt = _write_annt(tmp_path / "prompts", [GOOD])                     # a.png beside the file
+    Image.open(tmp_path / "prompts" / "a.png").save(tmp_path / "b.png")  # b.png only in the working directory
+    monkeypatch.chdir(tmp_path)
+    samples = [dict(GOOD, images=["a.png"]), dict(GOOD, images=["./b.png"])]
+    (tmp_path / "prompts" / "annt.json").write_text(json.dumps(samples))
+    assert [s["paths"] for s in sample.load_annt(annt)] == [[str(tmp_path / "prompts" / "a.png")],
+                                                           [str(tmp_path / "b.png")]]
+    (tmp_path / "prompts" / "annt.json").write_text(json.dumps(samples + [dict(GOOD, images=["c.png"])]))
+    code = mmi.run_script(sample.main, [f"--annt={annt}", "--init_from=/nonexistent", f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert (f"sample 2: field 'images'[0]: 'c.png' does not exist (tried {tmp_path / 'prompts' / 'c.png'} and "
+            f"{tmp_path / 'c.png'})") in err, err
 
 
 def test_an_interrupted_sample_run_leaves_no_half_written_output(tmp_path, saved_tiny_model, monkeypatch):
