@@ -3034,6 +3034,29 @@ def test_text_to_image_task_prompts_saves_and_scores_fid(tmp_path, monkeypatch, 
     assert res["metrics"]["FID"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_text_to_image_prompt_drops_the_captions_leading_spaces(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    """The original strips its text-to-image prompt before tokenizing, so "  a red circle" is read as "a red
+    circle": bos, the caption's words, soi, the image tokens (no "▁" pieces for the spaces)."""
+    model, tok = copy.deepcopy(demo_model_and_tokenizer[0]), demo_model_and_tokenizer[1]   # patched below
+    _t2i_layout(tmp_path, {3: "  a red circle", 8: "two blue squares"})
+    seen = []
+
+    def generate_images(batch, steps, guidance_scale, sampler, seed, num_images_per_context):
+        seen.extend(row[m.bool()].tolist() for row, m in zip(batch["text_ids"], batch["attention_mask"]))
+        return {"image": torch.rand(len(batch["text_ids"]), 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+
+    monkeypatch.setattr(model, "generate_images", generate_images)
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    monkeypatch.setattr(ev, "inception_features", lambda net, images, device="cpu": images.flatten(1)[:, :4].numpy())
+    args = _args("lncoco", tmp_path, limit=2)
+    args.out = str(tmp_path / "r.json")
+    ev.evaluate(model, tok, args)
+    n = model.cfg.num_img_token
+    want = [tok.bos_id] + tok.encode("a red circle", add_bos=False) + [tok.soi_id] + [tok.image_id] * n
+    assert seen[0] == want
+    assert len(tok.encode("  a red circle " + data.image_placeholder(n))) > len(want)    # the spaces would add pieces
+
+
 def test_coco_text_to_image_keeps_the_clip_best_of_8(tmp_path, monkeypatch, demo_model_and_tokenizer):
     import tokenizers
     model, tok = copy.deepcopy(demo_model_and_tokenizer[0]), demo_model_and_tokenizer[1]   # patched below
