@@ -329,7 +329,9 @@ def build_mmc4_sample(doc, load, tokenizer, rng, stats, num_img_token=64, sim_th
     """An MMC4 document (parsed JSON) -> Sample, as the original's `preprocess_mmc4_data`: images with
     `matched_sim` >= threshold that load, at most `max_num_images` chosen at random and kept in sentence order,
     each placeholder before (p=img_first_prob) or after its sentence, sentences joined by spaces, "</s>" added.
-    `load(image_name)` returns (enc, dec) arrays or raises SkipSample; failed images are counted in `stats`."""
+    `load(image_name)` returns (enc, dec) arrays or raises SkipSample; failed images are counted in `stats`.
+    Every image needs a `matched_text_index`, but only a chosen image's must name a sentence (the original
+    places only those)."""
     try:
         sentences = [_strip_special_strings(s) for s in doc["text_list"]]
         infos = doc["image_info"]
@@ -337,12 +339,9 @@ def build_mmc4_sample(doc, load, tokenizer, rng, stats, num_img_token=64, sim_th
             infos = infos[:len(doc["similarity_matrix"])]
         candidates = []
         for info in infos:
-            ix, sim, name = int(info["matched_text_index"]), float(info["matched_sim"]), str(info["image_name"])
-            if not 0 <= ix < len(sentences):
-                raise SkipSample("malformed_line",
-                                 f"{where}: matched_text_index {ix} outside {len(sentences)} sentences")
+            ix, sim = info["matched_text_index"], float(info["matched_sim"])
             if sim >= sim_threshold:
-                candidates.append((ix, name))
+                candidates.append((ix, str(info["image_name"])))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SkipSample("malformed_line", f"{where}: {e!r}") from None
 
@@ -354,9 +353,14 @@ def build_mmc4_sample(doc, load, tokenizer, rng, stats, num_img_token=64, sim_th
         if len(chosen) == max_num_images:
             break
         try:
-            chosen.append((ix, name, *load(name)))
+            images = load(name)
         except SkipSample as e:
             stats[f"image:{e.reason}"] += 1
+            continue
+        if not (isinstance(ix, int) and not isinstance(ix, bool) and 0 <= ix < len(sentences)):
+            raise SkipSample("malformed_line", f"{where}: matched_text_index {ix!r} of {name} is not one of the "
+                                               f"{len(sentences)} sentences")
+        chosen.append((ix, name, *images))
     if not chosen:
         raise SkipSample("no_usable_image", where)
     chosen.sort(key=lambda c: c[0])  # stable: images of one sentence keep their drawn order, as dual_sort does

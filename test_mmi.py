@@ -1310,6 +1310,34 @@ def test_mmc4_placement_and_single_image_drop_probabilities(tmp_path):
     assert [s.text_ids.tolist() for s in again] == [s.text_ids.tolist() for s in kept]
 
 
+def test_mmc4_checks_matched_text_index_of_chosen_images_only(tmp_path):
+    """The original places only the images it keeps: an index outside the sentences on an image below the
+    threshold, or on one that fails to load, leaves the document whole; on a chosen image it drops it."""
+    imgs = make_images(tmp_path, 2)
+    tok = demo_tok()
+    load = data.ImageFolder(str(tmp_path), data.DualTransform(8, None))
+
+    def build(doc):
+        stats = Counter()
+        s = data.build_mmc4_sample(doc, load, tok, random.Random(0), stats, num_img_token=2, img_first_prob=1.0,
+                                   single_image_keep_prob=1.0)
+        return s.image_info, stats
+
+    doc = mmc4_doc(imgs, sims=[0.3, 0.1])
+    doc["image_info"][1]["matched_text_index"] = 99                        # below the threshold
+    assert build(doc) == (["img0.jpg"], Counter())
+    doc = mmc4_doc(imgs + [("missing.jpg", "red")])
+    doc["image_info"][2]["matched_text_index"] = -1                        # cannot load
+    assert build(doc) == (["img0.jpg", "img1.jpg"], Counter({"image:image_missing": 1}))
+    doc = mmc4_doc(imgs)
+    doc["image_info"][1]["matched_text_index"] = 2                         # chosen
+    with pytest.raises(data.SkipSample, match="matched_text_index 2 of img1.jpg is not one of the 2 sentences"):
+        build(doc)
+    del doc["image_info"][1]["matched_text_index"]                         # every image needs one, as the original
+    with pytest.raises(data.SkipSample, match="KeyError"):
+        build(doc)
+
+
 def test_pair_lines_json_and_python_literal_lowercase_and_overlong_cut(tmp_path):
     write_jpeg(str(tmp_path / "p.jpg"), "blue")
     tok = demo_tok()
