@@ -1659,9 +1659,9 @@ def test_laion_annotation_file_of_10000_lines(tmp_path):
             assert e.reason == "malformed_line"
             bad += 1
     assert (parsed, bad) == (9990, 10)
-    tok = demo_tok()  # the full builder on the file's last 100 lines (also proves starting mid-file)
+    tok = demo_tok()  # the full builder on the file's last 100 lines, in file order (also proves starting mid-file)
     src = data.pair_source("{0000000..0000000}.txt", str(tmp_path), str(tmp_path), tok, data.DualTransform(8, None),
-                           num_img_token=4)
+                           num_img_token=4, shuffle_buffer=0)
     reader = data.Reader()
     got = []
     for s in src.samples(reader, 0, 0, start_slot=0, start_line=9900):
@@ -1670,6 +1670,62 @@ def test_laion_annotation_file_of_10000_lines(tmp_path):
         got.append(j)
     assert got == [j for j in range(9900, 10_000) if j != 9999]
     assert reader.stats["doc:malformed_line"] == 1 and reader.stats["lines"] == 100
+
+
+def test_buffer_shuffle_follows_webdatasets_rule_by_hand():
+    """Size 3, first draw once 2 are in: reads two a step while the buffer is not full, draws rng.randint over
+    it, the last item takes the drawn one's place; then drains. The draws are scripted; the ranges are checked."""
+    class Scripted:
+        picks, ranges = [1, 0, 2, 0, 1, 0], []
+
+        def randint(self, a, b):
+            self.ranges.append((a, b))
+            return self.picks[len(self.ranges) - 1]
+
+    rng = Scripted()
+    # buf [0 1] -> 1 | [0 2 3] -> 0 | [3 2 4] -> 4 | [3 2 5] -> 3 | drain [5 2] -> 2, [5] -> 5
+    assert list(data.buffer_shuffle(range(6), 3, 2, rng)) == [1, 0, 4, 3, 2, 5]
+    assert rng.ranges == [(0, 1), (0, 2), (0, 2), (0, 2), (0, 1), (0, 0)]
+    assert list(data.buffer_shuffle(range(6), 0, 2, rng)) == list(range(6))
+
+
+def test_shard_shuffle_uses_the_originals_buffer_sizes():
+    """5,000 documents with 1,000 read before the first is given out: the first comes after 1,000 reads, and
+    later each comes with 5,000 more read than given out; every document comes out once."""
+    read = [0]
+
+    def lines():
+        for i in range(20_000):
+            read[0] += 1
+            yield i
+    (size, initial), = {(s.shuffle_buffer, s.shuffle_initial) for s in (data.mmc4_source("s", "", "", None),
+                                                                         data.pair_source("s", "", "", None))}
+    out = [(x, read[0]) for x in data.buffer_shuffle(lines(), size, initial, random.Random(0))]
+    assert out[0][1] == 1000 and out[10_000][1] == 15_000
+    assert sorted(x for x, _ in out) == list(range(20_000)) and [x for x, _ in out] != list(range(20_000))
+
+
+def test_shard_shuffle_buffer_resumes_at_any_document(tmp_path):
+    """A 40-line shard through a buffer of 8 (first draw at 3): every line once, not in file order, none more than
+    8 ahead of its place; starting at any document n of the read order gives exactly documents n.. again; the next
+    epoch draws another order."""
+    write_jpeg(str(tmp_path / "p.jpg"), "blue", size=(16, 16))
+    (tmp_path / "0.txt").write_text("".join(json.dumps({"image": "p.jpg", "caption": f"number {j}"}) + "\n"
+                                            for j in range(40)))
+    tok = demo_tok()
+    build = data.PairBuilder(data.ImageFolder(str(tmp_path), data.DualTransform(8, None)), tok, num_img_token=2)
+    src = data.ShardSource("pairs", ["0.txt"], str(tmp_path), build, seed=5, shuffle_buffer=8, shuffle_initial=3)
+    number = lambda s: int(tok.decode(s.text_ids).split()[-1])
+    full = list(src.samples(data.Reader(), 0, 0))
+    order = [number(s) for s in full]
+    assert sorted(order) == list(range(40)) and order != list(range(40))
+    assert all(j < n + 8 for n, j in enumerate(order))
+    assert [s.key for s in full] == [(0, 0, 0, n) for n in range(40)]
+    for n in (1, 2, 3, 9, 20, 39, 40):
+        rest = list(src.samples(data.Reader(), 0, 0, start_slot=0, start_line=n))
+        assert [s.key for s in rest] == [s.key for s in full[n:]]
+        assert [s.text_ids.tolist() for s in rest] == [s.text_ids.tolist() for s in full[n:]]
+    assert [number(s) for s in src.samples(data.Reader(), 1, 0)] != order
 
 
 def test_bad_data_is_skipped_counted_and_never_misaligns(tmp_path, capsys):
