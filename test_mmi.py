@@ -595,7 +595,7 @@ def test_sampling_warpers_are_temperature_then_top_k_then_top_p():
         assert abs(counts[i] / n - want[i]) < 4.5 * math.sqrt(want[i] * (1 - want[i]) / n), (i, counts)
 
 
-def test_sampling_with_top_k_1_is_greedy_and_top_k_defaults_to_50():
+def test_sampling_with_top_k_1_is_greedy_top_k_defaults_to_50():
     model = tiny_model(seed=4)
     batch = make_batch(model.cfg, [[BOS, 10, "img", 11], [BOS, 12, 13]], 14, left_pad=True)
     kw = dict(max_new_tokens=6, min_new_tokens=0, num_beams=1)
@@ -5485,7 +5485,7 @@ def scripted_story(tmp_path, model, change, *flags):
     return results, batch, prompt, tok
 
 
-def test_sample_text_options_are_the_originals_and_reach_generate(tmp_path):
+def test_sample_text_options_default_as_the_original_and_apply(tmp_path):
     """The defaults are the original's inference config (nucleus sampling, HF's top-k 50, top-p 0.9, max_length
     90 new tokens, min_length 8 counting a dummy bos, 1 beam); its names max_length / min_length are accepted;
     each option reaches generate_texts."""
@@ -5515,7 +5515,7 @@ def test_sample_text_options_are_the_originals_and_reach_generate(tmp_path):
             sample.parse_args(["--device=cpu", *flags])
 
 
-def test_sample_force_replace_gen_text_puts_multiround_context_in(tmp_path):
+def test_sample_force_replace_gen_text_uses_multiround_context(tmp_path):
     """--force_replace_gen_text: round i's generated text is shown but multiround_context[i] (when not empty) goes
     into the story instead, tokenized without bos; one ending in <|beginofimage|> asks for an image. Without the
     flag the generated texts go in."""
