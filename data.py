@@ -22,6 +22,7 @@ import ast
 import contextlib
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -280,7 +281,7 @@ class Sample:
     images: np.ndarray  # (n, 3, S_enc, S_enc) uint8
     images_dec: np.ndarray | None  # (n, 3, S_dec, S_dec) uint8
     image_info: list  # per image: its path, or its scene for the demo corpus
-    key: tuple = ()  # where it came from, for resuming: (epoch, pass, shard slot, line)
+    key: tuple = ()  # where it came from, for resuming: (epoch, pass, shard slot, document in read order)
 
 
 def _stack(arrs):
@@ -329,7 +330,9 @@ def build_mmc4_sample(doc, load, tokenizer, rng, stats, num_img_token=64, sim_th
     """An MMC4 document (parsed JSON) -> Sample, as the original's `preprocess_mmc4_data`: images with
     `matched_sim` >= threshold that load, at most `max_num_images` chosen at random and kept in sentence order,
     each placeholder before (p=img_first_prob) or after its sentence, sentences joined by spaces, "</s>" added.
-    `load(image_name)` returns (enc, dec) arrays or raises SkipSample; failed images are counted in `stats`."""
+    `load(image_name)` returns (enc, dec) arrays or raises SkipSample; failed images are counted in `stats`.
+    Every image needs a `matched_text_index`, but only a chosen image's must name a sentence (the original
+    places only those)."""
     try:
         sentences = [_strip_special_strings(s) for s in doc["text_list"]]
         infos = doc["image_info"]
@@ -337,12 +340,9 @@ def build_mmc4_sample(doc, load, tokenizer, rng, stats, num_img_token=64, sim_th
             infos = infos[:len(doc["similarity_matrix"])]
         candidates = []
         for info in infos:
-            ix, sim, name = int(info["matched_text_index"]), float(info["matched_sim"]), str(info["image_name"])
-            if not 0 <= ix < len(sentences):
-                raise SkipSample("malformed_line",
-                                 f"{where}: matched_text_index {ix} outside {len(sentences)} sentences")
+            ix, sim = info["matched_text_index"], float(info["matched_sim"])
             if sim >= sim_threshold:
-                candidates.append((ix, name))
+                candidates.append((ix, str(info["image_name"])))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SkipSample("malformed_line", f"{where}: {e!r}") from None
 
@@ -354,9 +354,14 @@ def build_mmc4_sample(doc, load, tokenizer, rng, stats, num_img_token=64, sim_th
         if len(chosen) == max_num_images:
             break
         try:
-            chosen.append((ix, name, *load(name)))
+            images = load(name)
         except SkipSample as e:
             stats[f"image:{e.reason}"] += 1
+            continue
+        if not (isinstance(ix, int) and not isinstance(ix, bool) and 0 <= ix < len(sentences)):
+            raise SkipSample("malformed_line", f"{where}: matched_text_index {ix!r} of {name} is not one of the "
+                                               f"{len(sentences)} sentences")
+        chosen.append((ix, name, *images))
     if not chosen:
         raise SkipSample("no_usable_image", where)
     chosen.sort(key=lambda c: c[0])  # stable: images of one sentence keep their drawn order, as dual_sort does
@@ -479,6 +484,37 @@ def worker_shard_slots(num_shards, seed, epoch, pass_idx, rank, world_size, work
     return order[reader::num_readers]
 
 
+# The original shuffles documents through webdataset's buffer: 5,000 documents, the first given out once 1,000
+# are in.
+DOC_SHUFFLE_BUFFER, DOC_SHUFFLE_INITIAL = 5000, 1000
+
+
+def buffer_shuffle(items, size, initial, rng):
+    """Shuffle a stream through a buffer of `size` items, as webdataset's shuffle stage does: each step reads
+    one item, and a second while the buffer is not full; once it holds `initial` (at most `size`) items each step
+    gives out one drawn uniformly (rng.randint), the last item taking its place; at the end the rest is drawn
+    out the same way. size <= 1 keeps the order."""
+    if size <= 1:
+        yield from items
+        return
+    items, buf, initial = iter(items), [], min(initial, size)
+
+    def draw():
+        k = rng.randint(0, len(buf) - 1)
+        item, buf[k] = buf[k], buf[-1]
+        buf.pop()
+        return item
+
+    for item in items:
+        buf.append(item)
+        if len(buf) < size:
+            buf.extend(itertools.islice(items, 1))
+        if len(buf) >= initial:
+            yield draw()
+    while buf:
+        yield draw()
+
+
 def sample_rng(seed, ident):
     # every document draws from its own generator, named by (epoch, pass, shard, line): a resumed run rebuilds
     # it identically, and each epoch places its images afresh
@@ -498,26 +534,36 @@ class Reader:
 class ShardSource:
     """A dataset stored as shard files of one record per line (MMC4 jsonl / jsonl.zip, LAION-style txt).
     `build(line, rng, where, stats)` turns a line into a Sample or raises SkipSample (per-image failures of
-    a document that survives are counted in `stats`)."""
+    a document that survives are counted in `stats`).
 
-    def __init__(self, name, shards, annt_root, build, seed=42):
+    A shard's non-empty lines are read through buffer_shuffle (the original's sizes by default; shuffle_buffer
+    0 = file order), seeded by (seed, epoch, pass, shard): resuming at the shard's n-th document reads the
+    shard again and draws the same order, building only from the n-th on. The original's buffer runs on over
+    a worker's next shards; here each shard drains its own, so a resume reads one shard again, not the pass."""
+
+    def __init__(self, name, shards, annt_root, build, seed=42, shuffle_buffer=DOC_SHUFFLE_BUFFER,
+                 shuffle_initial=DOC_SHUFFLE_INITIAL):
         self.name, self.annt_root, self.build, self.seed = name, annt_root, build, seed
         self.shards = expand_braces(shards) if isinstance(shards, str) else list(shards)
+        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
 
     def samples(self, reader, epoch, pass_idx, start_slot=0, start_line=0):
-        """Yield Samples of one pass for this reader, starting at (slot, line) of its shard list."""
+        """Yield Samples of one pass for this reader, starting at its shard list's slot `start_slot`, from that
+        shard's document `start_line` in read order (a Sample's key: (epoch, pass, slot, that number))."""
         slots = worker_shard_slots(len(self.shards), self.seed, epoch, pass_idx, reader.rank, reader.world_size,
                                    reader.worker, reader.num_workers)
         for slot in range(start_slot, len(slots)):
             shard = self.shards[slots[slot]]
             path = resolve_shard(self.annt_root, shard)
-            lines = iter_shard_lines(path)
+            lines = ((i, line) for i, line in enumerate(iter_shard_lines(path)) if line.strip())
+            order = random.Random(f"shuffle/{self.seed}/{epoch}/{pass_idx}/{shard}")
+            lines = buffer_shuffle(lines, self.shuffle_buffer, self.shuffle_initial, order)
             first = start_line if slot == start_slot else 0
             try:
-                for line_idx, line in enumerate(lines):
-                    if line_idx < first or not line.strip():
+                for n, (line_idx, line) in enumerate(lines):
+                    if n < first:
                         continue
-                    key = (epoch, pass_idx, slot, line_idx)
+                    key = (epoch, pass_idx, slot, n)
                     reader.stats["lines"] += 1
                     try:
                         rng = sample_rng(self.seed, (epoch, pass_idx, shard, line_idx))
@@ -563,19 +609,19 @@ class PairBuilder:
 
 
 def mmc4_source(shards, annt_root, data_root, tokenizer, transform=None, name="mmc4", seed=42, num_img_token=64,
-                sim_threshold=0.24, max_num_images=6, img_first_prob=0.5):
+                sim_threshold=0.24, max_num_images=6, img_first_prob=0.5, shuffle_buffer=DOC_SHUFFLE_BUFFER):
     """MMC4: shards `<annt_root>/<shard>` or `<shard>.zip`, images under `data_root`."""
     build = Mmc4Builder(ImageFolder(data_root, transform or DualTransform()), tokenizer, num_img_token=num_img_token,
                         sim_threshold=sim_threshold, max_num_images=max_num_images, img_first_prob=img_first_prob)
-    return ShardSource(name, shards, annt_root, build, seed)
+    return ShardSource(name, shards, annt_root, build, seed, shuffle_buffer)
 
 
 def pair_source(shards, annt_root, data_root, tokenizer, transform=None, name="laion", seed=42, num_img_token=64,
-                img_first_prob=0.5, num_total_token=2048):
+                img_first_prob=0.5, num_total_token=2048, shuffle_buffer=DOC_SHUFFLE_BUFFER):
     """LAION-style pairs: annotation files of one dict per line (`image`, `caption`), images under data_root."""
     build = PairBuilder(ImageFolder(data_root, transform or DualTransform()), tokenizer, num_img_token=num_img_token,
                         img_first_prob=img_first_prob, num_total_token=num_total_token)
-    return ShardSource(name, shards, annt_root, build, seed)
+    return ShardSource(name, shards, annt_root, build, seed, shuffle_buffer)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -995,6 +995,11 @@ def caption_prompt(num_img_token):
     return data.image_placeholder(num_img_token) + " a photo of"
 
 
+def t2i_prompt(caption, num_img_token):
+    # the original's collator strips the whole prompt, so a caption's leading spaces go
+    return (caption.lstrip() + " " + data.image_placeholder(num_img_token)).lstrip()
+
+
 def paragraph_prompt(num_img_token):
     return data.image_placeholder(num_img_token) + "Please describe the image in detail. The image depicts"
 
@@ -1376,7 +1381,7 @@ def _text_to_image_task(samples_per_caption):
             chunk = [s for i, s in enumerate(chunk) if i not in skips]
             if not chunk:
                 continue
-            prompts = [s["caption"] + " " + data.image_placeholder(cfg.num_img_token) for s in chunk]
+            prompts = [t2i_prompt(s["caption"], cfg.num_img_token) for s in chunk]
             batch = _to_device(text_batch(prompts, [grey] * len(chunk), tokenizer, pad_left=False), args.device)
             candidates = model.generate_images(batch, steps=args.steps, guidance_scale=args.guidance_scale,
                                                sampler="ddpm", seed=args.seed + chunk[0]["id"],

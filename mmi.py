@@ -2685,19 +2685,24 @@ class MMInterleaved(nn.Module):
 
     @torch.no_grad()
     def generate_texts(self, batch, max_new_tokens=30, min_new_tokens=7, num_beams=5, do_sample=False, top_p=0.9,
-                       temperature=1.0, repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1,
-                       seed=None, use_cache=True, fast=None, compile=False):
+                       top_k=50, temperature=1.0, repetition_penalty=1.0, length_penalty=1.0, num_return_sequences=1,
+                       keep_stop_token=False, seed=None, use_cache=True, fast=None, compile=False):
         """Continue each (left-padded) prompt of the batch; stop at eos or soi (the model asking for an image).
 
         Defaults are the original's (its min_length 8 counted a dummy bos, hence min_new_tokens 7). Greedy with
-        num_beams=1, do_sample=False; nucleus sampling with do_sample=True; beam search with num_beams > 1.
+        num_beams=1, do_sample=False; sampling with do_sample=True, through HF generate's warpers in its order:
+        temperature, then top-k (the original sets none, so HF's default 50 applies; 0 or None = off), then top-p
+        over what top-k kept; beam search with num_beams > 1. A greedy or sampled text ends with the stop token
+        that ended it. Beam search, as the original: a finished hypothesis ends with eos whichever stop token
+        ended it, so it never asks for an image; keep_stop_token=True ends it with its own stop token instead
+        (a beam that ended on soi then asks for an image, as a sampled text does).
         use_cache=False recomputes the whole sequence per token (slow, for checks). fast (None = on a GPU with
         kernels.cu, see use_fast): FastDecoder, whose cached step is replayed as one CUDA graph on a GPU.
         compile=True also runs that step through torch.compile, which fuses its small element-wise kernels (norms,
         rotary, residuals); the first call pays the compilation (2-3 minutes for 13B on an H100; a second prompt
         length compiles once more), later calls reuse it.
-        Returns {"text_ids": [B * num_return_sequences, T] new tokens (the stop token included), padded with
-        pad_token_id, "lengths": [B * num_return_sequences]}.
+        Returns {"text_ids": [B * num_return_sequences, T] new tokens (a finished text's last one its stop token
+        as above), padded with pad_token_id, "lengths": [B * num_return_sequences]}.
         """
         num = self.validate_batch(batch)
         text_ids = batch["text_ids"]
@@ -2716,10 +2721,12 @@ class MMInterleaved(nn.Module):
                     repetition_penalty=repetition_penalty, stop_ids=(self.cfg.eos_token_id, self.cfg.soi_token_id),
                     bos_id=self.cfg.bos_token_id, pad_id=self.cfg.pad_token_id)
         if num_beams > 1 and not do_sample:
-            seqs = _beam_search(decoder, num_beams, num_return_sequences, length_penalty, **opts)
+            seqs = beam_search(decoder, num_beams, num_return_sequences, length_penalty,
+                               keep_stop_token=keep_stop_token, **opts)
         else:
             gen = None if seed is None else torch.Generator(device=embeds.device).manual_seed(seed)
-            seqs = _sample(decoder, num_return_sequences, do_sample, top_p, temperature, gen, **opts)
+            warp = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else None
+            seqs = greedy_or_sample(decoder, num_return_sequences, warp, gen, **opts)
         T = max((len(s) for s in seqs), default=0)
         out = torch.full((len(seqs), T), self.cfg.pad_token_id, dtype=torch.long, device=text_ids.device)
         for i, s in enumerate(seqs):
@@ -3644,7 +3651,11 @@ def load_pretrained(path, dtype=None, device="cpu"):
 class _Decoder:
     """Runs the LLM for generation: one prefill over the prompts, then one token per step through the KV caches,
     or, with use_cache=False, the whole sequence again at every step (the slow path the cache must equal).
-    MMFS has no cache: each step the new token reads every image again, with the prompt's last mask row."""
+    MMFS has no cache: each step the new token reads every image again, with the prompt's last mask row.
+
+    greedy_or_sample and beam_search drive any object with this protocol: prefill() -> (B, V) logits of each
+    prompt's next token; select(index) keeps/repeats/reorders rows; step(tokens (n,)) appends one token to each
+    row -> (n, V) the next logits."""
 
     def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, use_cache):
         self.model, self.use_cache = model, use_cache
@@ -3716,9 +3727,30 @@ def _top_p_filter(logits, top_p):
     return logits.masked_fill(drop, -float("inf"))
 
 
-def _sample(decoder, n_return, do_sample, top_p, temperature, generator, max_new_tokens, min_new_tokens,
-            repetition_penalty, stop_ids, bos_id, pad_id):
-    """Greedy (do_sample False) or nucleus sampling; each row runs until a stop token or max_new_tokens."""
+def _top_k_filter(logits, top_k):
+    """Keep the top_k largest logits of each row (and any tied with the k-th); the rest get -inf."""
+    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, -float("inf"))
+
+
+def warp_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """HF generate's sampling warpers, in its order: temperature, then top-k (0 or None = off), then top-p over
+    the distribution top-k left (1.0 = off). -> logits whose softmax is the distribution sampled from."""
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r}, expected an int >= 0 (0 or None = off)")
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k:
+        logits = _top_k_filter(logits, top_k)
+    if top_p < 1.0:
+        logits = _top_p_filter(logits, top_p)
+    return logits
+
+
+def greedy_or_sample(decoder, n_return, warp, generator, max_new_tokens, min_new_tokens, repetition_penalty,
+                     stop_ids, bos_id, pad_id):
+    """Greedy (warp None) or sampling from warp_logits(logits, **warp); each row runs until a stop token (kept as
+    its last token) or max_new_tokens. -> a list of token lists, n_return per prompt."""
     logits = decoder.prefill()
     if n_return > 1:
         index = torch.arange(logits.shape[0], device=logits.device).repeat_interleave(n_return)
@@ -3730,8 +3762,8 @@ def _sample(decoder, n_return, do_sample, top_p, temperature, generator, max_new
     for step in range(max_new_tokens):
         padded = [s + [pad_id] * (step - len(s)) for s in seqs]
         logits = _process_logits(logits, padded, step, min_new_tokens, repetition_penalty, stop_ids, bos_id)
-        if do_sample:
-            logits = _top_p_filter(logits / temperature, top_p)
+        if warp is not None:
+            logits = warp_logits(logits, **warp)
             tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
         else:
             tokens = logits.argmax(-1)
@@ -3752,13 +3784,17 @@ def _sample(decoder, n_return, do_sample, top_p, temperature, generator, max_new
     return seqs
 
 
-def _beam_search(decoder, num_beams, n_return, length_penalty, max_new_tokens, min_new_tokens, repetition_penalty,
-                 stop_ids, bos_id, pad_id):
-    """Beam search as HF's, with the original's wider candidate list (max(2, 1 + #stop ids) * beams).
+def beam_search(decoder, num_beams, n_return, length_penalty, max_new_tokens, min_new_tokens, repetition_penalty,
+                stop_ids, bos_id, pad_id, keep_stop_token=False):
+    """Beam search as HF's (transformers 4.31, which the original runs), with the original's wider candidate list
+    (max(2, 1 + #stop ids) * beams). -> a list of token lists, n_return per prompt, best first.
 
     A hypothesis ending in a stop token is scored sum(logprob) / length ** length_penalty, where length counts
-    the original's dummy bos and the tokens before the stop; a prompt is done once it holds num_beams finished
-    hypotheses none of which the best open beam could still beat.
+    the original's dummy bos and the tokens before the stop, and ends with stop_ids[0] (eos) whichever stop
+    token ended it, or with that token if keep_stop_token. A prompt is done once it holds num_beams finished
+    hypotheses and the best candidate of the step, normalised by the current length (the dummy bos, the tokens
+    so far and this step's one), could not beat the worst of them. A prompt still open at max_new_tokens also
+    offers its open beams (length: the dummy bos and their tokens), which end without a stop token.
     """
     K = num_beams
     logits = decoder.prefill()
@@ -3794,7 +3830,8 @@ def _beam_search(decoder, num_beams, n_return, length_penalty, max_new_tokens, m
                 j, t = divmod(i, V)
                 if t in stop_ids:
                     if rank < K:
-                        add(b, s / (step + 1) ** length_penalty, beams[b * K + j] + [t])
+                        end = t if keep_stop_token else stop_ids[0]
+                        add(b, s / (step + 1) ** length_penalty, beams[b * K + j] + [end])
                     continue
                 src.append(b * K + j)
                 tok.append(t)
@@ -3802,7 +3839,7 @@ def _beam_search(decoder, num_beams, n_return, length_penalty, max_new_tokens, m
                 chosen += 1
                 if chosen == K:
                     break
-            if len(hyps[b]) == K and hyps[b][-1][0] >= top_s[b][0] / (step + 1) ** length_penalty:
+            if len(hyps[b]) == K and hyps[b][-1][0] >= top_s[b][0] / (step + 2) ** length_penalty:
                 done[b] = True
         beams = [beams[j] + [t] for j, t in zip(src, tok)]
         beam_scores = torch.tensor(new_scores, device=logits.device).view(B, K)

@@ -51,8 +51,9 @@ class AnntError(mmi.InputError):
 
 def load_annt(path):
     """Read and check an annt.json: a list of samples with `sentences`, `images`, `sentence_ixs`,
-    `image_first`, and optional `generate_mode`, `num_iter`, `multiround_context`. Image paths are relative to
-    the file's folder; every image is decoded. Raises AnntError naming the sample index and field at fault.
+    `image_first`, and optional `generate_mode`, `num_iter`, `multiround_context`. A relative image path is
+    looked for in the file's folder, then in the working directory (the original's `./assets/...` paths); every
+    image is decoded. Raises AnntError naming the sample index and field at fault.
     -> the samples, each with `paths` (its image files) and `where` (the file and sample index) added."""
     samples = data.read_annt(path)
     if not samples:
@@ -102,9 +103,11 @@ def _check_sample(s, where, base):
         raise AnntError(f"{where}: field 'num_iter' is {num_iter}, expected >= 0")
     paths = []
     for k, p in enumerate(images):
-        full = p if isinstance(p, str) and os.path.isabs(p) else os.path.join(base, str(p))
-        if not isinstance(p, str) or not os.path.isfile(full):
-            raise AnntError(f"{where}: field 'images'[{k}]: {p!r} does not exist")
+        tried = list(dict.fromkeys([os.path.join(base, str(p)), os.path.abspath(str(p))]))
+        full = next((t for t in tried if os.path.isfile(t)), None) if isinstance(p, str) else None
+        if full is None:
+            where_tried = f" (tried {tried[0]} and {tried[1]})" if len(tried) == 2 else ""
+            raise AnntError(f"{where}: field 'images'[{k}]: {p!r} does not exist{where_tried}")
         try:                                  # decoded in full: a truncated file fails here, not mid-run
             with warnings.catch_warnings():   # Pillow's decompression-bomb warning: load_image refuses those
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -200,9 +203,10 @@ def run_story(model, tokenizer, sample, batch, index, args, out_dir, seed):
     for it in range(num_iter):
         if mode == "generate_texts":
             out = model.generate_texts(batch, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                                       num_beams=1, do_sample=True, top_p=args.top_p, temperature=args.temperature,
-                                       repetition_penalty=args.repetition_penalty, seed=seed + it,
-                                       compile=args.compile)
+                                       num_beams=args.num_beams, do_sample=args.use_nucleus_sampling,
+                                       top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                                       repetition_penalty=args.repetition_penalty,
+                                       keep_stop_token=args.keep_stop_token, seed=seed + it, compile=args.compile)
             ids = out["text_ids"][0, :int(out["lengths"][0])].tolist()
             text = tokenizer.decode(ids)
             print(f"[{index}] {text}", flush=True)
@@ -222,15 +226,19 @@ def run_story(model, tokenizer, sample, batch, index, args, out_dir, seed):
             append_tokens(batch, ids)
             if args.auto_end and stopped:
                 break
-        else:
+        else:   # num_validation_images drawn and saved; the first goes back into the story
+            n = args.num_validation_images
             drawn = model.generate_images(batch, target_image_idxs=[target], steps=args.steps,
-                                          guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed)["image"]
-            name = f"{index}_{it}.png"
-            pil = mmi.images_to_pil(drawn)[0]
-            pil.save(os.path.join(out_dir, name))
-            results.append({"type": "image", "file": name})
-            print(f"[{index}] <image {name}>", flush=True)
-            batch["image_tensors"][target] = data.encoder_image(pil, cfg.vision.image_size).to(batch["image_tensors"])
+                                          guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed,
+                                          num_images_per_context=n)["image"]
+            pils = mmi.images_to_pil(drawn)
+            for k, pil in enumerate(pils):
+                name = f"{index}_{it}.png" if n == 1 else f"{index}_{it}_{k}.png"
+                pil.save(os.path.join(out_dir, name))
+                results.append({"type": "image", "file": name})
+                print(f"[{index}] <image {name}>", flush=True)
+            batch["image_tensors"][target] = data.encoder_image(pils[0], cfg.vision.image_size).to(
+                batch["image_tensors"])
             mode = "generate_texts"
     return results
 
@@ -395,17 +403,38 @@ def parse_args(argv):
                    help=f"classifier-free guidance of images (default: {o['guidance_scale']}; the demo model: "
                         f"{d['guidance_scale']})")
     p.add_argument("--seed", type=int, default=42, help="seed of text sampling and image noise (default: 42)")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling of text (default: 0.9)")
+    p.add_argument("--use_nucleus_sampling", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample texts: temperature, then top-k, then top-p, as the original through HF generate "
+                        "(default: on, as the original's inference config); off: greedy, or beam search with "
+                        "--num_beams > 1")
+    p.add_argument("--num_beams", type=int, default=1,
+                   help="beams of the text search (default: 1; more needs --no-use_nucleus_sampling)")
+    p.add_argument("--keep_stop_token", action="store_true",
+                   help="with --num_beams > 1, a beam ending on <|beginofimage|> asks for an image (the original's "
+                        "beam search ends every finished beam with eos, so it never does)")
+    p.add_argument("--top_k", type=int, default=50,
+                   help="sample among the k most likely tokens (default: 50, HF's, which the original ran with; "
+                        "0 = off)")
+    p.add_argument("--top_p", type=float, default=0.9,
+                   help="then among the most likely of those until their mass reaches p (default: 0.9)")
     p.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature (default: 1.0)")
     p.add_argument("--repetition_penalty", type=float, default=None,
                    help=f"text repetition penalty (default: {o['repetition_penalty']}; the demo model: "
                         f"{d['repetition_penalty']})")
-    p.add_argument("--max_new_tokens", type=int, default=90, help="the most tokens of one text (default: 90)")
+    p.add_argument("--max_new_tokens", "--max_length", type=int, default=90,
+                   help="the most tokens of one text (default: 90; max_length is the original's name: its "
+                        "generate_texts passes it as max_new_tokens)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the text decoding step (GPU, 13B: 1.3-1.4x the tokens/s; compiling "
                         "takes 2-3 minutes)")
-    p.add_argument("--min_new_tokens", type=int, default=7,
-                   help="the fewest tokens of one text (default: 7; the original's min_length 8 counts a dummy bos)")
+    p.add_argument("--min_new_tokens", type=int, default=None,
+                   help="the fewest tokens of one text (default: 7, the original's min_length 8)")
+    p.add_argument("--min_length", type=int, default=None,
+                   help="the original's name and count for the fewest tokens: it counts a dummy bos, so "
+                        "--min_length=N is --min_new_tokens=N-1")
+    p.add_argument("--num_validation_images", type=int, default=1,
+                   help="images drawn per image round, each saved and shown; the first goes back into the story "
+                        "(default: 1)")
     p.add_argument("--num_iter", type=int, default=4,
                    help="rounds (a text or an image each) per prompt when the prompt gives no num_iter (default: 4)")
     p.add_argument("--num_total_token", type=int, default=2048,
@@ -423,11 +452,24 @@ def parse_args(argv):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.min_length is not None:
+        if args.min_new_tokens is not None:
+            raise mmi.InputError("--min_length and --min_new_tokens set the same thing: pass one")
+        args.min_new_tokens = max(args.min_length - 1, 0)      # min_length counts the original's dummy bos
+    elif args.min_new_tokens is None:
+        args.min_new_tokens = 7
+    if args.num_beams > 1 and args.use_nucleus_sampling:
+        raise mmi.InputError(f"--num_beams={args.num_beams} searches without sampling: add "
+                             f"--no-use_nucleus_sampling (sampling several beams is not implemented)")
     for name, ok, expected in (("steps", args.steps >= 1, ">= 1"),
                                ("num_total_token", args.num_total_token >= 1, ">= 1"),
                                ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
                                ("min_new_tokens", args.min_new_tokens >= 0, ">= 0"),
+                               ("min_length", args.min_length is None or args.min_length >= 0, ">= 0"),
                                ("num_iter", args.num_iter >= 0, ">= 0"),
+                               ("num_beams", args.num_beams >= 1, ">= 1"),
+                               ("num_validation_images", args.num_validation_images >= 1, ">= 1"),
+                               ("top_k", args.top_k >= 0, ">= 0"),
                                ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
                                ("temperature", args.temperature > 0, "> 0"),
                                ("repetition_penalty", args.repetition_penalty > 0, "> 0")):
@@ -456,8 +498,10 @@ def main(argv=None):
             generated = run_story(model, tokenizer, s, batch, i, args, tmp, args.seed)
             stories.append({"prompt": prompt, "generated": generated})
         with open(os.path.join(tmp, "result.json"), "w", encoding="utf-8") as f:
+            text = {k: getattr(args, k) for k in ("use_nucleus_sampling", "num_beams", "top_k", "top_p", "temperature",
+                                                  "repetition_penalty", "max_new_tokens", "min_new_tokens")}
             json.dump({"init_from": args.init_from, "seed": args.seed, "sampler": args.sampler,
-                       "steps": args.steps, "stories": stories}, f, indent=1)
+                       "steps": args.steps, "text": text, "stories": stories}, f, indent=1)
         write_page(os.path.join(tmp, "index.html"), stories)
         final = move_into_place(tmp, os.path.join(args.out, run))
     except OSError as e:                      # a full disk: keep what was made, under a name no sweep removes

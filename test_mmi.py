@@ -526,6 +526,131 @@ def test_repetition_penalty_matches_the_hf_rule():
     assert out.tolist() == [[2.0, -2.0, 1.5, 0.5]]                          # bos (1) and generated (2) penalised
 
 
+class TableLM:
+    """A language model given as a table, in the decoder protocol greedy_or_sample and beam_search drive:
+    table[prefix of new tokens] = {token: probability} (tokens not named: probability 0); a prefix not in the
+    table: uniform over the vocabulary. Logits are the log-probabilities."""
+
+    def __init__(self, table, vocab, prompts=1):
+        self.table, self.vocab, self.rows = table, vocab, [()] * prompts
+
+    def logits(self):
+        def row(prefix):
+            probs = self.table.get(prefix)
+            if probs is None:
+                return [-math.log(self.vocab)] * self.vocab
+            return [math.log(probs[t]) if probs.get(t, 0) > 0 else -math.inf for t in range(self.vocab)]
+        return torch.tensor([row(r) for r in self.rows])
+
+    def prefill(self):
+        return self.logits()
+
+    def select(self, index):
+        self.rows = [self.rows[i] for i in index.tolist()]
+
+    def step(self, tokens):
+        self.rows = [r + (t,) for r, t in zip(self.rows, tokens.tolist())]
+        return self.logits()
+
+
+# token ids of the hand-built tables: PAD, BOS, EOS, SOI as in the checkpoints' order, then ordinary words
+T_PAD, T_BOS, T_EOS, T_SOI, T_A, T_B, T_C, T_D = range(8)
+TABLE_OPTS = dict(min_new_tokens=0, repetition_penalty=1.0, stop_ids=(T_EOS, T_SOI), bos_id=T_BOS, pad_id=T_PAD)
+
+
+def test_sampling_warpers_are_temperature_then_top_k_then_top_p():
+    """HF generate's order against a float64 re-derivation, on a row where top-k alone keeps 4 tokens, top-p alone
+    6, top-p then top-k 4, and top-k then top-p (over the renormalised 4) 3; then 4,000 draws through
+    greedy_or_sample land exactly on those 3, at their probabilities (binomial bounds at 4.5 sigma)."""
+    probs = [0.30, 0.20, 0.15, 0.10, 0.08, 0.07, 0.05, 0.03, 0.01, 0.01]
+    temperature, top_k, top_p = 1.5, 4, 0.8
+    z = [math.log(p) / temperature for p in probs]
+    kth = sorted(z, reverse=True)[top_k - 1]
+    w = [math.exp(v) if v >= kth else 0.0 for v in z]
+    q = [x / sum(w) for x in w]
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(q)), key=lambda i: -q[i]):
+        if mass < top_p:
+            kept.add(i)
+        mass += q[i]
+    want = [q[i] / sum(q[j] for j in kept) if i in kept else 0.0 for i in range(len(q))]
+    assert kept == {0, 1, 2}
+
+    logits = torch.log(torch.tensor([probs]))
+    support = lambda **warp: set(torch.isfinite(mmi.warp_logits(logits, **warp))[0].nonzero()[:, 0].tolist())
+    assert support(temperature=temperature, top_k=top_k) == {0, 1, 2, 3}
+    assert support(temperature=temperature, top_p=top_p) == {0, 1, 2, 3, 4, 5}
+    got = mmi.warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).double().softmax(-1)[0]
+    assert set(got.nonzero()[:, 0].tolist()) == kept
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-6)
+
+    n = 4000
+    lm = TableLM({(): dict(enumerate(probs))}, vocab=len(probs))
+    seqs = mmi.greedy_or_sample(lm, n, dict(temperature=temperature, top_k=top_k, top_p=top_p),
+                                torch.Generator().manual_seed(0), max_new_tokens=1,
+                                **dict(TABLE_OPTS, stop_ids=(8, 9)))
+    counts = Counter(s[0] for s in seqs)
+    assert set(counts) == kept
+    for i in kept:
+        assert abs(counts[i] / n - want[i]) < 4.5 * math.sqrt(want[i] * (1 - want[i]) / n), (i, counts)
+
+
+def test_sampling_with_top_k_1_is_greedy_top_k_defaults_to_50():
+    model = tiny_model(seed=4)
+    batch = make_batch(model.cfg, [[BOS, 10, "img", 11], [BOS, 12, 13]], 14, left_pad=True)
+    kw = dict(max_new_tokens=6, min_new_tokens=0, num_beams=1)
+    greedy = model.generate_texts(batch, **kw)["text_ids"]
+    for seed in range(3):
+        top1 = model.generate_texts(batch, do_sample=True, top_k=1, top_p=1.0, temperature=2.0, seed=seed, **kw)
+        assert torch.equal(top1["text_ids"], greedy)
+    import inspect
+    assert inspect.signature(model.generate_texts).parameters["top_k"].default == 50   # HF's, as the original ran
+
+
+def test_beam_search_done_rule_normalises_by_step_plus_two():
+    """transformers 4.31 (the original's) marks a prompt done when the step's best candidate score, divided by
+    (tokens so far + 1 for its dummy bos + 1 for this step) ** length_penalty, cannot beat the worst of num_beams
+    finished hypotheses. Hand-built: eos and soi finish 2 hypotheses at step 0; at step 1 the best candidate
+    (A C) is cut by step + 1 but not by step + 2, and at step 2 it finishes best of all."""
+    A, B, C, D = T_A, T_B, T_C, T_D
+    table = {(): {T_EOS: .35, T_SOI: .30, A: .20, B: .10, C: .03, D: .02},
+             (A,): {C: .40, D: .35, B: .21, T_EOS: .02, T_SOI: .02},
+             (A, C): {T_EOS: .95, C: .05},
+             (A, D): {B: .40, C: .35, D: .25}}
+    worst = math.log(.30) / 1                                 # the soi hypothesis: dummy bos, no token before soi
+    best_step1 = math.log(.20) + math.log(.40)
+    assert best_step1 / (1 + 1) <= worst < best_step1 / (1 + 2)
+    finished = (best_step1 + math.log(.95)) / 3               # A C, then eos: dummy bos + 2 tokens
+    open_ab = (math.log(.20) + math.log(.35) + math.log(.40)) / 4
+    assert finished > open_ab > math.log(.35) > worst
+    seqs = mmi.beam_search(TableLM(table, 8), 2, 2, 1.0, max_new_tokens=3, **TABLE_OPTS)
+    assert seqs == [[A, C, T_EOS], [A, D, B]]
+    # with length_penalty 0 the rule is worst >= best candidate score, whatever the length
+    seqs = mmi.beam_search(TableLM(table, 8), 2, 2, 0.0, max_new_tokens=3, **TABLE_OPTS)
+    assert seqs == [[T_EOS], [T_EOS]]
+
+
+def test_beam_search_ends_finished_hypotheses_with_eos():
+    """As transformers 4.31: a hypothesis is stored without its stop token and ends with eos, so a beam ending on
+    soi comes back ending with eos (keep_stop_token=True keeps the soi); an open beam cut at max_new_tokens
+    ends without one. Hand-built: soi finishes at step 0, B D stays open and ends best."""
+    A, B, C, D = T_A, T_B, T_C, T_D
+    table = {(): {T_SOI: .5, A: .3, B: .2}, (A,): {T_EOS: .6, C: .4}, (B,): {D: 1.0}}
+    assert math.log(.2) / 3 > math.log(.5) > (math.log(.3) + math.log(.4)) / 3 > (math.log(.3) + math.log(.6)) / 2
+    seqs = mmi.beam_search(TableLM(table, 8), 2, 2, 1.0, max_new_tokens=2, **TABLE_OPTS)
+    assert seqs == [[B, D], [T_EOS]]
+    seqs = mmi.beam_search(TableLM(table, 8), 2, 2, 1.0, max_new_tokens=2, keep_stop_token=True, **TABLE_OPTS)
+    assert seqs == [[B, D], [T_SOI]]
+    model = tiny_model(seed=2)                                # generate_texts passes keep_stop_token through
+    cfg = model.cfg
+    with torch.no_grad():                                     # soi far ahead of every other token
+        model.text_decoder.head_new.bias[cfg.soi_token_id - (cfg.llm.vocab_size - 2)] = 400.0
+    batch = make_batch(cfg, [[BOS, 10, "img", 11]], 14)
+    kw = dict(max_new_tokens=2, min_new_tokens=0, num_beams=2)
+    assert model.generate_texts(batch, **kw)["text_ids"].tolist() == [[cfg.eos_token_id]]
+    assert model.generate_texts(batch, keep_stop_token=True, **kw)["text_ids"].tolist() == [[cfg.soi_token_id]]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Speed: the fast path's fixed-shape decoding step and its CUDA graph, against the plain path
 # ----------------------------------------------------------------------------------------------------------------
@@ -609,9 +734,9 @@ def test_beam_search_reorders_the_static_buffers_in_place():
                 bos_id=c.bos_token_id, pad_id=c.pad_token_id)
     with torch.no_grad():
         cached = _Recording(model, embeds, batch["attention_mask"], vision, xmask, 6)
-        seqs = mmi._beam_search(cached, 3, 3, 1.0, **opts)
+        seqs = mmi.beam_search(cached, 3, 3, 1.0, **opts)
         full = mmi._Decoder(model, embeds, batch["attention_mask"], vision, xmask, 6, use_cache=False)
-        ref = mmi._beam_search(full, 3, 3, 1.0, **opts)
+        ref = mmi.beam_search(full, 3, 3, 1.0, **opts)
     assert seqs == ref
     assert cached.sources[0] == [0, 0, 0, 1, 1, 1]                 # the expansion to beams: new buffers
     reorders = cached.sources[1:]
@@ -1185,6 +1310,34 @@ def test_mmc4_placement_and_single_image_drop_probabilities(tmp_path):
     assert [s.text_ids.tolist() for s in again] == [s.text_ids.tolist() for s in kept]
 
 
+def test_mmc4_checks_matched_text_index_of_chosen_images_only(tmp_path):
+    """The original places only the images it keeps: an index outside the sentences on an image below the
+    threshold, or on one that fails to load, leaves the document whole; on a chosen image it drops it."""
+    imgs = make_images(tmp_path, 2)
+    tok = demo_tok()
+    load = data.ImageFolder(str(tmp_path), data.DualTransform(8, None))
+
+    def build(doc):
+        stats = Counter()
+        s = data.build_mmc4_sample(doc, load, tok, random.Random(0), stats, num_img_token=2, img_first_prob=1.0,
+                                   single_image_keep_prob=1.0)
+        return s.image_info, stats
+
+    doc = mmc4_doc(imgs, sims=[0.3, 0.1])
+    doc["image_info"][1]["matched_text_index"] = 99                        # below the threshold
+    assert build(doc) == (["img0.jpg"], Counter())
+    doc = mmc4_doc(imgs + [("missing.jpg", "red")])
+    doc["image_info"][2]["matched_text_index"] = -1                        # cannot load
+    assert build(doc) == (["img0.jpg", "img1.jpg"], Counter({"image:image_missing": 1}))
+    doc = mmc4_doc(imgs)
+    doc["image_info"][1]["matched_text_index"] = 2                         # chosen
+    with pytest.raises(data.SkipSample, match="matched_text_index 2 of img1.jpg is not one of the 2 sentences"):
+        build(doc)
+    del doc["image_info"][1]["matched_text_index"]                         # every image needs one, as the original
+    with pytest.raises(data.SkipSample, match="KeyError"):
+        build(doc)
+
+
 def test_pair_lines_json_and_python_literal_lowercase_and_overlong_cut(tmp_path):
     write_jpeg(str(tmp_path / "p.jpg"), "blue")
     tok = demo_tok()
@@ -1506,9 +1659,9 @@ def test_laion_annotation_file_of_10000_lines(tmp_path):
             assert e.reason == "malformed_line"
             bad += 1
     assert (parsed, bad) == (9990, 10)
-    tok = demo_tok()  # the full builder on the file's last 100 lines (also proves starting mid-file)
+    tok = demo_tok()  # the full builder on the file's last 100 lines, in file order (also proves starting mid-file)
     src = data.pair_source("{0000000..0000000}.txt", str(tmp_path), str(tmp_path), tok, data.DualTransform(8, None),
-                           num_img_token=4)
+                           num_img_token=4, shuffle_buffer=0)
     reader = data.Reader()
     got = []
     for s in src.samples(reader, 0, 0, start_slot=0, start_line=9900):
@@ -1517,6 +1670,62 @@ def test_laion_annotation_file_of_10000_lines(tmp_path):
         got.append(j)
     assert got == [j for j in range(9900, 10_000) if j != 9999]
     assert reader.stats["doc:malformed_line"] == 1 and reader.stats["lines"] == 100
+
+
+def test_buffer_shuffle_follows_webdatasets_rule_by_hand():
+    """Size 3, first draw once 2 are in: reads two a step while the buffer is not full, draws rng.randint over
+    it, the last item takes the drawn one's place; then drains. The draws are scripted; the ranges are checked."""
+    class Scripted:
+        picks, ranges = [1, 0, 2, 0, 1, 0], []
+
+        def randint(self, a, b):
+            self.ranges.append((a, b))
+            return self.picks[len(self.ranges) - 1]
+
+    rng = Scripted()
+    # buf [0 1] -> 1 | [0 2 3] -> 0 | [3 2 4] -> 4 | [3 2 5] -> 3 | drain [5 2] -> 2, [5] -> 5
+    assert list(data.buffer_shuffle(range(6), 3, 2, rng)) == [1, 0, 4, 3, 2, 5]
+    assert rng.ranges == [(0, 1), (0, 2), (0, 2), (0, 2), (0, 1), (0, 0)]
+    assert list(data.buffer_shuffle(range(6), 0, 2, rng)) == list(range(6))
+
+
+def test_shard_shuffle_uses_the_originals_buffer_sizes():
+    """5,000 documents with 1,000 read before the first is given out: the first comes after 1,000 reads, and
+    later each comes with 5,000 more read than given out; every document comes out once."""
+    read = [0]
+
+    def lines():
+        for i in range(20_000):
+            read[0] += 1
+            yield i
+    (size, initial), = {(s.shuffle_buffer, s.shuffle_initial) for s in (data.mmc4_source("s", "", "", None),
+                                                                         data.pair_source("s", "", "", None))}
+    out = [(x, read[0]) for x in data.buffer_shuffle(lines(), size, initial, random.Random(0))]
+    assert out[0][1] == 1000 and out[10_000][1] == 15_000
+    assert sorted(x for x, _ in out) == list(range(20_000)) and [x for x, _ in out] != list(range(20_000))
+
+
+def test_shard_shuffle_buffer_resumes_at_any_document(tmp_path):
+    """A 40-line shard through a buffer of 8 (first draw at 3): every line once, not in file order, none more than
+    8 ahead of its place; starting at any document n of the read order gives exactly documents n.. again; the next
+    epoch draws another order."""
+    write_jpeg(str(tmp_path / "p.jpg"), "blue", size=(16, 16))
+    (tmp_path / "0.txt").write_text("".join(json.dumps({"image": "p.jpg", "caption": f"number {j}"}) + "\n"
+                                            for j in range(40)))
+    tok = demo_tok()
+    build = data.PairBuilder(data.ImageFolder(str(tmp_path), data.DualTransform(8, None)), tok, num_img_token=2)
+    src = data.ShardSource("pairs", ["0.txt"], str(tmp_path), build, seed=5, shuffle_buffer=8, shuffle_initial=3)
+    number = lambda s: int(tok.decode(s.text_ids).split()[-1])
+    full = list(src.samples(data.Reader(), 0, 0))
+    order = [number(s) for s in full]
+    assert sorted(order) == list(range(40)) and order != list(range(40))
+    assert all(j < n + 8 for n, j in enumerate(order))
+    assert [s.key for s in full] == [(0, 0, 0, n) for n in range(40)]
+    for n in (1, 2, 3, 9, 20, 39, 40):
+        rest = list(src.samples(data.Reader(), 0, 0, start_slot=0, start_line=n))
+        assert [s.key for s in rest] == [s.key for s in full[n:]]
+        assert [s.text_ids.tolist() for s in rest] == [s.text_ids.tolist() for s in full[n:]]
+    assert [number(s) for s in src.samples(data.Reader(), 1, 0)] != order
 
 
 def test_bad_data_is_skipped_counted_and_never_misaligns(tmp_path, capsys):
@@ -2907,6 +3116,29 @@ def test_text_to_image_task_prompts_saves_and_scores_fid(tmp_path, monkeypatch, 
         assert row[:len(w)] == w and m == [1] * len(w) + [0] * (len(row) - len(w))       # right-padded
     assert [os.path.basename(o["generated"]) for o in res["samples"]] == ["00000.png", "00001.png"]
     assert res["metrics"]["FID"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_text_to_image_prompt_drops_the_captions_leading_spaces(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    """The original strips its text-to-image prompt before tokenizing, so "  a red circle" is read as "a red
+    circle": bos, the caption's words, soi, the image tokens (no "▁" pieces for the spaces)."""
+    model, tok = copy.deepcopy(demo_model_and_tokenizer[0]), demo_model_and_tokenizer[1]   # patched below
+    _t2i_layout(tmp_path, {3: "  a red circle", 8: "two blue squares"})
+    seen = []
+
+    def generate_images(batch, steps, guidance_scale, sampler, seed, num_images_per_context):
+        seen.extend(row[m.bool()].tolist() for row, m in zip(batch["text_ids"], batch["attention_mask"]))
+        return {"image": torch.rand(len(batch["text_ids"]), 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+
+    monkeypatch.setattr(model, "generate_images", generate_images)
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    monkeypatch.setattr(ev, "inception_features", lambda net, images, device="cpu": images.flatten(1)[:, :4].numpy())
+    args = _args("lncoco", tmp_path, limit=2)
+    args.out = str(tmp_path / "r.json")
+    ev.evaluate(model, tok, args)
+    n = model.cfg.num_img_token
+    want = [tok.bos_id] + tok.encode("a red circle", add_bos=False) + [tok.soi_id] + [tok.image_id] * n
+    assert seen[0] == want
+    assert len(tok.encode("  a red circle " + data.image_placeholder(n))) > len(want)    # the spaces would add pieces
 
 
 def test_coco_text_to_image_keeps_the_clip_best_of_8(tmp_path, monkeypatch, demo_model_and_tokenizer):
@@ -5219,6 +5451,122 @@ def test_sample_with_no_arguments_runs_the_embedded_demo_model(tmp_path, monkeyp
     assert images and all(item["file"].endswith(".png") for item in images)
 
 
+class ScriptedStoryModel(torch.nn.Module):
+    """Stands in for MMInterleaved in sample.run_story: generate_texts returns the scripted token lists in turn,
+    generate_images grey images, the k-th of a call at level (k + 1) / 10; both record what they were given."""
+
+    def __init__(self, texts):
+        super().__init__()
+        self.cfg = mmi.MMIConfig.from_preset("tiny")
+        self.texts, self.calls = list(texts), []
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def generate_texts(self, batch, **kw):
+        self.calls.append(("text", batch["text_ids"][0].tolist(), kw))
+        ids = self.texts.pop(0)
+        return {"text_ids": torch.tensor([ids]), "lengths": torch.tensor([len(ids)])}
+
+    def generate_images(self, batch, target_image_idxs, num_images_per_context=1, **kw):
+        kw = dict(kw, num_images_per_context=num_images_per_context)
+        self.calls.append(("image", batch["text_ids"][0].tolist(), kw))
+        S = self.cfg.vision.image_size
+        return {"image": torch.stack([torch.full((3, S, S), (k + 1) / 10) for k in range(num_images_per_context)])}
+
+
+def scripted_story(tmp_path, model, change, *flags):
+    """run_story of one prompt (GOOD with `change`) on `model`, with sample.py's flags -> (results, batch, prompt
+    ids, tokenizer)."""
+    tok = data.Tokenizer(DEMO_TOK)
+    (s,) = sample.load_annt(_write_annt(tmp_path, [dict(GOOD, **change)]))
+    args = sample.parse_args(["--device=cpu", *flags])
+    batch = sample.prompt_batch(s, tok, model.cfg, args.num_total_token, args.device)
+    prompt = batch["text_ids"][0].tolist()
+    results = sample.run_story(model, tok, s, batch, 0, args, str(tmp_path), args.seed)
+    return results, batch, prompt, tok
+
+
+def test_sample_text_options_default_as_the_original_and_apply(tmp_path):
+    """The defaults are the original's inference config (nucleus sampling, HF's top-k 50, top-p 0.9, max_length
+    90 new tokens, min_length 8 counting a dummy bos, 1 beam); its names max_length / min_length are accepted;
+    each option reaches generate_texts."""
+    tok = data.Tokenizer(DEMO_TOK)
+    text = tok.encode("a red circle.", add_bos=False)
+    model = ScriptedStoryModel([text])
+    scripted_story(tmp_path, model, {"num_iter": 1})
+    kw = model.calls[0][2]
+    assert {k: kw[k] for k in ("do_sample", "num_beams", "top_k", "top_p", "temperature", "max_new_tokens",
+                               "min_new_tokens", "keep_stop_token")} == \
+        dict(do_sample=True, num_beams=1, top_k=50, top_p=0.9, temperature=1.0, max_new_tokens=90, min_new_tokens=7,
+             keep_stop_token=False)
+    model = ScriptedStoryModel([text])
+    scripted_story(tmp_path, model, {"num_iter": 1}, "--no-use_nucleus_sampling", "--num_beams=3", "--top_k=7",
+                   "--top_p=0.5", "--temperature=0.7", "--max_length=12", "--min_length=4", "--keep_stop_token")
+    kw = model.calls[0][2]
+    assert {k: kw[k] for k in ("do_sample", "num_beams", "top_k", "top_p", "temperature", "max_new_tokens",
+                               "min_new_tokens", "keep_stop_token")} == \
+        dict(do_sample=False, num_beams=3, top_k=7, top_p=0.5, temperature=0.7, max_new_tokens=12, min_new_tokens=3,
+             keep_stop_token=True)
+    for flags, message in ((["--num_beams=3"], "--num_beams=3 searches without sampling: add --no-use_nucleus"),
+                           (["--min_length=8", "--min_new_tokens=7"], "--min_length and --min_new_tokens"),
+                           (["--top_k=-1"], "--top_k=-1: expected >= 0"),
+                           (["--min_length=-1"], "--min_length=-1: expected >= 0"),
+                           (["--num_validation_images=0"], "--num_validation_images=0: expected >= 1")):
+        with pytest.raises(mmi.InputError, match=re.escape(message)):
+            sample.parse_args(["--device=cpu", *flags])
+
+
+def test_sample_force_replace_gen_text_uses_multiround_context(tmp_path):
+    """--force_replace_gen_text: round i's generated text is shown but multiround_context[i] (when not empty) goes
+    into the story instead, tokenized without bos; one ending in <|beginofimage|> asks for an image. Without the
+    flag the generated texts go in."""
+    tok = data.Tokenizer(DEMO_TOK)
+    said = [tok.encode(t, add_bos=False) for t in ("a red circle.", "it moves.", "it stays.")]
+    given = ["the blue square.<|beginofimage|>", "", ""]
+    change = {"num_iter": 3, "multiround_context": given}
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, change, "--force_replace_gen_text")
+    image = [tok.image_id] * model.cfg.num_img_token
+    replaced = tok.encode(given[0])[1:]
+    assert replaced[-1] == tok.soi_id
+    assert [r["type"] for r in results] == ["text", "image", "text"]
+    assert [r["text"] for r in results if r["type"] == "text"] == [tok.decode(said[0]), tok.decode(said[1])]
+    assert model.calls[1][1] == prompt + replaced + image                  # what the image was drawn from
+    assert batch["text_ids"][0].tolist() == prompt + replaced + image + said[1]
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, change)
+    assert [r["type"] for r in results] == ["text"] * 3
+    assert batch["text_ids"][0].tolist() == prompt + said[0] + said[1] + said[2]
+
+
+def test_sample_auto_end_stops_at_eos_and_ignores_num_iter(tmp_path):
+    """--auto_end: the rounds are --num_iter's (the prompt's num_iter is not read) and a text ending in eos ends
+    the story, its eos left out of the context; without it the prompt's num_iter rules."""
+    tok = data.Tokenizer(DEMO_TOK)
+    said = [tok.encode("a red circle.", add_bos=False), tok.encode("the end.", add_bos=False) + [tok.eos_id],
+            tok.encode("more.", add_bos=False)]
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, {"num_iter": 1}, "--auto_end", "--num_iter=3")
+    assert len(results) == 2 and batch["text_ids"][0].tolist() == prompt + said[0] + said[1][:-1]
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, {"num_iter": 1}, "--num_iter=3")
+    assert len(results) == 1 and batch["text_ids"][0].tolist() == prompt + said[0]
+
+
+def test_sample_draws_num_validation_images_and_keeps_the_first(tmp_path):
+    """--num_validation_images=3: one call draws 3 images of the slot, all are saved and listed in order, and the
+    first is the one the story continues from."""
+    tok = data.Tokenizer(DEMO_TOK)
+    model = ScriptedStoryModel([tok.encode("it moves.", add_bos=False)])
+    change = {"generate_mode": "generate_images", "num_iter": 2}
+    results, batch, _, _ = scripted_story(tmp_path, model, change, "--num_validation_images=3")
+    assert [c[0] for c in model.calls] == ["image", "text"] and model.calls[0][2]["num_images_per_context"] == 3
+    assert [r.get("file") for r in results[:3]] == ["0_0_0.png", "0_0_1.png", "0_0_2.png"]
+    levels = [np.unique(np.asarray(Image.open(tmp_path / f"0_0_{k}.png"))) for k in range(3)]
+    assert all(len(v) == 1 for v in levels) and levels[0] < levels[1] < levels[2]       # the 3 in drawing order
+    first = data.encoder_image(Image.open(tmp_path / "0_0_0.png"), model.cfg.vision.image_size)
+    assert torch.equal(batch["image_tensors"][-1], first)
+
+
 def _write_annt(tmp_path, samples):
     Image.fromarray(data.render_scene(data.make_story(5).scenes[0])).save(tmp_path / "a.png")
     (tmp_path / "not_an_image.png").write_text("hello")
@@ -5258,6 +5606,25 @@ def test_sample_rejects_missing_or_malformed_files_and_models(tmp_path, capsys):
     annt = _write_annt(tmp_path, [GOOD])
     assert mmi.run_script(sample.main, [f"--annt={annt}", f"--init_from={tmp_path}"]) == 2
     assert "is not a model folder (no config.json)" in capsys.readouterr().err
+
+
+def test_sample_finds_images_beside_the_annt_file_or_in_the_cwd(tmp_path, monkeypatch, capsys):
+    """A relative image path is looked for beside annt.json, then in the working directory (the original's
+    ./assets/... paths); a missing one names both places in its one-line error."""
+    (tmp_path / "prompts").mkdir()
+    annt = _write_annt(tmp_path / "prompts", [GOOD])                     # a.png beside the file
+    Image.open(tmp_path / "prompts" / "a.png").save(tmp_path / "b.png")  # b.png only in the working directory
+    monkeypatch.chdir(tmp_path)
+    samples = [dict(GOOD, images=["a.png"]), dict(GOOD, images=["./b.png"])]
+    (tmp_path / "prompts" / "annt.json").write_text(json.dumps(samples))
+    assert [s["paths"] for s in sample.load_annt(annt)] == [[str(tmp_path / "prompts" / "a.png")],
+                                                           [str(tmp_path / "b.png")]]
+    (tmp_path / "prompts" / "annt.json").write_text(json.dumps(samples + [dict(GOOD, images=["c.png"])]))
+    code = mmi.run_script(sample.main, [f"--annt={annt}", "--init_from=/nonexistent", f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert (f"sample 2: field 'images'[0]: 'c.png' does not exist (tried {tmp_path / 'prompts' / 'c.png'} and "
+            f"{tmp_path / 'c.png'})") in err, err
 
 
 def test_an_interrupted_sample_run_leaves_no_half_written_output(tmp_path, saved_tiny_model, monkeypatch):
