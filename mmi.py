@@ -206,6 +206,12 @@ class ImageDecoderConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     steps_offset: int = 1
+    # what the UNet predicts: "epsilon", the noise (SD-2-base, the original), or "v_prediction", v = sqrt(abar) eps -
+    # sqrt(1 - abar) x0 (SD-2 at 768 px); the samplers turn either into eps
+    prediction_type: str = "epsilon"
+    # > 0: min-SNR-gamma loss weights, min(SNR_t, gamma) / SNR_t for eps (/ (SNR_t + 1) for v), which take weight off
+    # the nearly clean timesteps; 0: every timestep weighs the same, as the original trains
+    snr_gamma: float = 0.0
     vae_encode_mini_bs: int = 32
     generate_mini_bs: int = 8
 
@@ -364,6 +370,15 @@ def check_config_ranges(cfg):
         low = 0 if key in _MAY_BE_ZERO else 1
         if any(x < low for x in ints(value)):
             raise InputError(f"config key {key!r}: {value!r}, every integer must be >= {low}")
+    dec = cfg.image_decoder
+    if dec.prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"config key 'image_decoder.prediction_type': {dec.prediction_type!r}, expected one of "
+                         f"{', '.join(map(repr, PREDICTION_TYPES))}")
+    if dec.snr_gamma < 0:
+        raise InputError(f"config key 'image_decoder.snr_gamma': {dec.snr_gamma!r}, expected >= 0 (0 = off)")
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _preset_mmi_13b():
@@ -1865,6 +1880,26 @@ def add_noise(x0, noise, t, alphas_cumprod):
     return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise
 
 
+def v_target(x0, noise, t, alphas_cumprod):
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, what a v-prediction UNet learns, t (B,) long."""
+    abar = _to_device(alphas_cumprod, x0.device).to(x0.dtype)[t].reshape(-1, *[1] * (x0.dim() - 1))
+    return abar ** 0.5 * noise - (1 - abar) ** 0.5 * x0
+
+
+def eps_from_v(v, x_t, t: int, alphas_cumprod):
+    """The noise a v-prediction stands for at timestep t: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    abar = float(alphas_cumprod[t])
+    return abar ** 0.5 * v + (1 - abar) ** 0.5 * x_t
+
+
+def min_snr_weights(t, alphas_cumprod, gamma, prediction_type):
+    """Per-sample min-SNR-gamma loss weights (B,), SNR_t = abar_t / (1 - abar_t): min(SNR_t, gamma) / SNR_t on the
+    eps loss, / (SNR_t + 1) on the v loss (both are the same weight on the x0 error)."""
+    abar = _to_device(alphas_cumprod, t.device)[t]
+    snr = abar / (1 - abar)
+    return snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+
+
 def _check_steps(num_inference_steps: int, num_train_timesteps: int):
     if not 1 <= num_inference_steps <= num_train_timesteps:
         raise ValueError(f"steps={num_inference_steps}: expected 1 <= steps <= {num_train_timesteps}")
@@ -2052,11 +2087,12 @@ class StableDiffusion(nn.Module):
         chunks = [self.vae.sample(m, lv) for m, lv in zip(posterior[0].split(mb), posterior[1].split(mb))]
         return torch.cat(chunks) * self.vae.cfg.scaling_factor
 
-    def unet_eps(self, x, t, cond, mmfs_features, mmfs_mask, checkpoint=False):
+    def unet_prediction(self, x, t, cond, mmfs_features, mmfs_mask, checkpoint=False):
         return self.unet(x, t, cond, self.mmfs_module, mmfs_features, mmfs_mask, checkpoint)
 
     def forward(self, images, cond, mmfs_features, mmfs_mask, checkpoint=False, posterior=None):
-        """Per-element float32 loss (B, 4, S/8, S/8) of eps-prediction, t ~ U{0..T-1} (global RNG, as the original).
+        """Per-element float32 loss (B, 4, S/8, S/8): the squared error of the UNet's prediction of the noise (or of v,
+        see prediction_type) at t ~ U{0..T-1} (global RNG, as the original), min-SNR weighted with snr_gamma > 0.
         posterior: encode_posterior(images), where the caller ran the VAE earlier."""
         if posterior is None:
             posterior = self.encode_posterior(images)
@@ -2064,12 +2100,18 @@ class StableDiffusion(nn.Module):
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.cfg.num_train_timesteps, (latents.shape[0],), device=latents.device)
         x_t = add_noise(latents, noise, t, self.alphas_cumprod)
-        pred = self.unet_eps(x_t, t, cond, mmfs_features, mmfs_mask, checkpoint)
-        return F.mse_loss(pred.float(), noise.float(), reduction="none")
+        pred = self.unet_prediction(x_t, t, cond, mmfs_features, mmfs_mask, checkpoint)
+        c = self.cfg
+        target = noise if c.prediction_type == "epsilon" else v_target(latents, noise, t, self.alphas_cumprod)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if c.snr_gamma > 0:
+            loss = loss * min_snr_weights(t, self.alphas_cumprod, c.snr_gamma, c.prediction_type)[:, None, None, None]
+        return loss
 
-    def guided_eps(self, x, t, cond, uncond, mmfs_net, mmfs_features, mmfs_mask, guidance_scale):
-        """eps_u + g (eps_c - eps_u) from one UNet pass over (x; x) with the conditions (uncond; cond), both halves
-        seeing the previous image; mmfs_net is the UNet-MMFS net (self.mmfs_module, or its KeyedMMFSNet)."""
+    def guided_prediction(self, x, t, cond, uncond, mmfs_net, mmfs_features, mmfs_mask, guidance_scale):
+        """p_u + g (p_c - p_u) from one UNet pass over (x; x) with the conditions (uncond; cond), both halves
+        seeing the previous image, p the UNet's prediction (eps or v); mmfs_net is the UNet-MMFS net
+        (self.mmfs_module, or its KeyedMMFSNet)."""
         if guidance_scale <= 1.0:  # as the SD pipeline: no unconditional pass at all
             return self.unet(x, t, cond, mmfs_net, mmfs_features, mmfs_mask)
         feats, mask = [torch.cat([f, f]) for f in mmfs_features], torch.cat([mmfs_mask, mmfs_mask])
@@ -2118,11 +2160,14 @@ class StableDiffusion(nn.Module):
             guided = (lambda f, m: ([torch.cat([t, t]) for t in f], torch.cat([m, m]))) if guidance_scale > 1.0 \
                 else (lambda f, m: (f, m))
             net = KeyedMMFSNet(net, *guided(mmfs_features, mmfs_mask), cond.dtype)
-        eps_of = lambda x_t, t: self.guided_eps(x_t, t, cond, uncond, net, mmfs_features, mmfs_mask, guidance_scale)
+        predict = lambda x_t, t: self.guided_prediction(x_t, t, cond, uncond, net, mmfs_features, mmfs_mask,
+                                                        guidance_scale)
         if net is not self.mmfs_module and x.is_cuda and kernels_used(x.device):
-            eps_of = _GraphedEps(eps_of, x)
+            predict = _GraphedPrediction(predict, x)
         for i, t in enumerate(tqdm(timesteps.tolist(), desc=f"{sampler} steps", disable=not progress)):
-            eps = eps_of(x, t)
+            eps = predict(x, t)
+            if self.cfg.prediction_type == "v_prediction":    # guidance is linear, so it commutes with this
+                eps = eps_from_v(eps, x, t, ac)
             if sampler == "ddpm":
                 prev_t = timesteps[i + 1].item() if i + 1 < steps else -1
                 noise = draw() if t > 0 else None
@@ -4069,21 +4114,21 @@ def capture_cuda_graph(fn, warmup=1):
     return graph, out
 
 
-class _GraphedEps:
+class _GraphedPrediction:
     """A sampler's guided UNet pass recorded once as a CUDA graph and replayed at every step. Eagerly, one pass is
     thousands of small kernel launches and the GPU waits on the CPU issuing them; replayed, it is one launch.
     Each call copies x and t into the recorded inputs; the result is overwritten by the next call."""
 
-    def __init__(self, eps_of, x):
+    def __init__(self, predict, x):
         self.x = x.clone()                                                    # (B, 4, h, w), recorded input
         self.t = torch.zeros((), dtype=torch.long, device=x.device)          # the timestep, filled per step
-        self.graph, self.eps = capture_cuda_graph(lambda: eps_of(self.x, self.t))   # eps (B, 4, h, w)
+        self.graph, self.out = capture_cuda_graph(lambda: predict(self.x, self.t))   # (B, 4, h, w)
 
     def __call__(self, x, t):
         self.x.copy_(x)
         self.t.fill_(t)              # fill_: a kernel argument, no host-to-device copy
         self.graph.replay()
-        return self.eps
+        return self.out
 
 
 class FastDecoder(_Decoder):

@@ -2154,6 +2154,66 @@ def test_ddim_sampler_matches_diffusers_ddim(eta):
     assert (x - x_ref).abs().max() < 1e-5
 
 
+def test_v_prediction_target_and_ddim_steps_match_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    s = diffusers.DDIMScheduler(**{**SD_SCHED, "prediction_type": "v_prediction"}, clip_sample=False,
+                                set_alpha_to_one=False)
+    ac = mmi.alphas_cumprod_of(mmi.scaled_linear_betas())
+    x0, eps, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
+    assert torch.allclose(mmi.v_target(x0, eps, t, ac), s.get_velocity(x0, eps, t), atol=1e-6)
+    steps = 10
+    s.set_timesteps(steps)
+    x_ref = x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    for t in mmi.leading_timesteps(steps, 1000, 1).tolist():       # _fake_eps read as the model's v
+        x_ref = s.step(_fake_eps(x_ref, t), t, x_ref, eta=0.0).prev_sample
+        x = mmi.ddim_step(mmi.eps_from_v(_fake_eps(x, t), x, t, ac), t, t - 1000 // steps, x, ac, ac[0], 0.0, None)
+    assert (x - x_ref).abs().max() < 1e-5
+
+
+def test_min_snr_weights_by_hand():
+    ac = mmi.alphas_cumprod_of(mmi.scaled_linear_betas()).double()
+    t = torch.tensor([0, 300, 999])
+    got_eps = mmi.min_snr_weights(t, ac, 5.0, "epsilon")
+    got_v = mmi.min_snr_weights(t, ac, 5.0, "v_prediction")
+    for i, step in enumerate(t.tolist()):
+        snr = float(ac[step] / (1 - ac[step]))
+        assert math.isclose(got_eps[i], min(snr, 5.0) / snr, rel_tol=1e-12)
+        assert math.isclose(got_v[i], min(snr, 5.0) / (snr + 1), rel_tol=1e-12)
+    assert got_eps[0] < 0.01 and got_eps[2] == 1.0          # nearly clean steps weigh little, noisy ones fully
+
+
+def test_diffusion_loss_follows_prediction_type_and_snr_gamma():
+    """Same draws (seeded global RNG), three configs: the eps loss; the v loss against v_target of the same latents,
+    noise and timesteps; the eps loss times the min-SNR weights of those timesteps."""
+    cfg = mmi.MMIConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    sd = mmi.StableDiffusion(cfg.unet, cfg.vae, cfg.image_decoder).eval()
+    images = torch.rand(3, 3, 64, 64)
+    cond = torch.randn(3, cfg.image_decoder.resampler.num_queries, cfg.unet.cross_attention_dim)
+    feats = [torch.randn(3, 1, 64, s, s) for s in (32, 16, 8, 4)]
+    mask = torch.ones(3, 1, dtype=torch.long)
+
+    def loss_and_draws(**changes):
+        sd.cfg = dataclasses.replace(cfg.image_decoder, **changes)
+        torch.manual_seed(1)
+        loss = sd(images, cond, feats, mask)
+        torch.manual_seed(1)                        # the same draws again, as forward makes them
+        latents = sd.sample_posterior(sd.encode_posterior(images))
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (3,))
+        return loss, latents, noise, t
+
+    eps_loss, latents, noise, t = loss_and_draws()
+    x_t = mmi.add_noise(latents, noise, t, sd.alphas_cumprod)
+    pred = sd.unet_prediction(x_t, t, cond, feats, mask)
+    assert torch.allclose(eps_loss, (pred - noise) ** 2, atol=1e-6)
+    v_loss, *_ = loss_and_draws(prediction_type="v_prediction")
+    assert torch.allclose(v_loss, (pred - mmi.v_target(latents, noise, t, sd.alphas_cumprod)) ** 2, atol=1e-6)
+    weighted, *_ = loss_and_draws(snr_gamma=5.0)
+    w = mmi.min_snr_weights(t, sd.alphas_cumprod, 5.0, "epsilon")
+    assert torch.allclose(weighted, eps_loss * w[:, None, None, None], atol=1e-7)
+
+
 @pytest.mark.parametrize("steps", [20, 5])
 def test_dpm_solver_pp_2m_matches_diffusers(steps):
     diffusers = pytest.importorskip("diffusers")
@@ -4316,6 +4376,9 @@ def test_mmi_py_help_lists_presets_overrides_and_every_config_key(capsys):
     (["tiny", "llm.hidden_size"], r"override 'llm.hidden_size': expected key=value"),
     (["tiny", "--vision.patch_size=0"], r"config key 'vision.patch_size': 0, every integer must be >= 1"),
     (["tiny", "--llm.num_attention_heads=5"], r"llm.hidden_size 64 is not a multiple of llm.num_attention_heads 5"),
+    (["tiny", "--image_decoder.prediction_type=x0"],
+     r"'image_decoder.prediction_type': 'x0', expected one of 'epsilon', 'v_prediction'"),
+    (["tiny", "--image_decoder.snr_gamma=-1"], r"'image_decoder.snr_gamma': -1.0, expected >= 0 \(0 = off\)"),
 ])
 def test_mmi_py_bad_preset_or_override_is_one_line_and_exit_2(argv, message, capsys):
     assert mmi.run_script(mmi.main, argv) == 2
