@@ -3052,7 +3052,7 @@ def test_command_line_writes_config_metrics_and_samples(tmp_path, monkeypatch, d
                                                         short_generation):
     model, _ = demo_model_and_tokenizer
     # from_pretrained has its own tests; main() picks CUDA where there is one
-    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: copy.deepcopy(model).to(device))
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device, *_: copy.deepcopy(model).to(device))
     _json(tmp_path / "VizWiz/val.json", [{"image": "a.jpg", "question": "What is it?", "answers": ["red"] * 10},
                                          {"image": "b.jpg", "question": "Colour?", "answers": ["blue"] * 10}])
     _image(str(tmp_path / "VizWiz/val/a.jpg"), 0)
@@ -3393,7 +3393,7 @@ def test_malformed_records_of_other_sets_name_file_record_and_field(tmp_path):
 def test_missing_and_broken_images_are_counted_skips_in_the_results(tmp_path, monkeypatch, capsys,
                                                                     demo_model_and_tokenizer, short_generation):
     model = demo_model_and_tokenizer[0]
-    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: copy.deepcopy(model).to(device))
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device, *_: copy.deepcopy(model).to(device))
     _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], missing={"b.jpg"}, corrupt={"c.jpg"})
     monkeypatch.chdir(tmp_path)                                       # the results go under ./out by default
     assert mmi.run_script(ev.main, ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}",
@@ -3433,7 +3433,7 @@ def test_a_crash_mid_run_keeps_the_predictions_made_so_far(every, tmp_path, monk
         return generate(batch, **kw)
 
     monkeypatch.setattr(model, "generate_texts", generate_texts)
-    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: model)
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device, *_: model)
     monkeypatch.setattr(ev, "PARTIAL_EVERY_S", every)
     _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
     argv = ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}", "--device=cpu",
