@@ -292,7 +292,8 @@ def bench_sample(args):
     (tokens/s, prefill and graph capture excluded; the step compiled inside its CUDA graph, the CUDA graph alone and,
     to compare, eager), one 512x512 image with 30 DDPM steps and CFG including the LLM context pass and the
     UNet-MMFS (each step's UNet pass replayed from a CUDA graph, and eager), and peak memory over all of it.
-    `--preset=tiny` checks the plumbing on a CPU (eager only)."""
+    `--preset=tiny` checks the plumbing on a CPU (eager only); `--quantize=int8|int4` quantizes the weights of
+    mmi.quantize_targets after the model is built (mmi.quantize)."""
     import time
 
     cuda = torch.cuda.is_available()
@@ -308,6 +309,8 @@ def bench_sample(args):
     finally:
         torch.set_default_dtype(default)
     model.to(dtype)
+    if args.quantize != "none":
+        mmi.quantize(model, bits=int(args.quantize[3:]))
     if cuda:   # as sample.py: the UNet's convolutions in NHWC, cuDNN's layout for half precision
         model.image_decoder.decoder.unet.to(memory_format=torch.channels_last)
     S = cfg.vision.image_size
@@ -389,9 +392,9 @@ def bench_sample(args):
             f"{tok_s:.1f} tokens/s plain path (prefill + first step {1000 * t_first:.0f} ms excluded)")
     image = (f"{t_image:.2f} s fast path (each step's UNet pass a CUDA graph), {t_image_eager:.2f} s plain path"
              if cuda else f"{t_image:.2f} s")
-    print(f"sample, {args.preset}, {card}, {dtype}: text {text}, greedy, static KV cache, batch 1; "
-          f"one {cfg.image_decoder.image_size}px image, 30 DDPM steps with CFG, LLM pass and VAE included: {image}; "
-          f"peak memory {mem:.1f} GiB")
+    print(f"sample, {args.preset}, {card}, {dtype}, quantize {args.quantize}: text {text}, greedy, static KV "
+          f"cache, batch 1; one {cfg.image_decoder.image_size}px image, 30 DDPM steps with CFG, LLM pass and VAE "
+          f"included: {image}; peak memory {mem:.1f} GiB")
 
 
 def bench_data(args):
@@ -433,6 +436,8 @@ def main():
     parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps")
     parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")
     parser.add_argument("--new_tokens", type=int, default=128, help="sample: tokens to decode")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                        help="sample: weight-only quantization of the LLM's matmuls, text head and Q-Formers")
     parser.add_argument("--compile", action="store_true", help="train: torch.compile the repeated blocks")
     args = parser.parse_args()
     SECTIONS[args.section](args)

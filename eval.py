@@ -1501,9 +1501,10 @@ def partial_path(out, rank=0, world=1):
 # Model loading, the run, and the command line
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_model(init_from, dtype, device):
-    """A directory written by MMInterleaved.save_pretrained, loaded straight to `device` in `dtype`."""
-    return mmi.MMInterleaved.from_pretrained(init_from, dtype=dtype, device=device)
+def load_model(init_from, dtype, device, quantize=None):
+    """A directory written by MMInterleaved.save_pretrained, loaded straight to `device` in `dtype`, quantized
+    as it loads with quantize="int8" or "int4"."""
+    return mmi.MMInterleaved.from_pretrained(init_from, dtype=dtype, device=device, quantize=quantize)
 
 
 def find_tokenizer(path, init_from):
@@ -1634,6 +1635,11 @@ def parse_args(argv=None):
                         "takes cuda:LOCAL_RANK")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model is loaded in")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantization as the model loads: int8 (per output channel) or int4 (groups "
+                        "of 128 inputs) of the LLM's attention and MLP layers, its text head and the two Q-Former "
+                        "resamplers; the UNet, VAE, vision tower and the LLM's MMFS layers stay in --dtype "
+                        "(default: none)")
     p.add_argument("--inception", default=FID_WEIGHTS_NAME,
                    help=f"path to pytorch-fid's {FID_WEIGHTS_NAME} (FID tasks: coco_t2i, lncoco)")
     p.add_argument("--clip", default=None, help="folder with openai/clip-vit-large-patch14's model.safetensors and "
@@ -1680,7 +1686,8 @@ def main(argv=None):
         task.preflight(args)
     samples = load_samples(args)
     rank, world, args.device = init_distributed(device)
-    model = load_model(args.init_from, getattr(torch, args.dtype), args.device).eval()
+    model = load_model(args.init_from, getattr(torch, args.dtype), args.device,
+                       None if args.quantize == "none" else args.quantize).eval()
     tokenizer = load_tokenizer(tokenizer_path, args.init_from, model.cfg)
     results = evaluate(model, tokenizer, args, rank, world, samples)
     if rank == 0:

@@ -2512,16 +2512,18 @@ class MMInterleaved(nn.Module):
     # -- loading and saving (the work is done in the loading section below) -------------------------------------
 
     @classmethod
-    def from_original(cls, llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None):
+    def from_original(cls, llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None,
+                      quantize=None):
         """Build from the released files: llm = the Vicuna folder, clip = openai/clip-vit-large-patch14, sd = a
-        stable-diffusion-2(-1)-base folder, mmi = the MM-Interleaved checkpoint folder (overlaid last)."""
-        return load_original(llm, clip, sd, mmi, dtype, device, cfg)
+        stable-diffusion-2(-1)-base folder, mmi = the MM-Interleaved checkpoint folder (overlaid last).
+        quantize: None, "int8" or "int4": the layers of quantize_targets quantized as they load."""
+        return load_original(llm, clip, sd, mmi, dtype, device, cfg, quantize)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu"):
+    def from_pretrained(cls, path, dtype=None, device="cpu", quantize=None):
         """A model written by save_pretrained (safetensors + config.json); a broken folder is an InputError
-        naming the file."""
-        return load_pretrained(path, dtype, device)
+        naming the file. quantize: as from_original's."""
+        return load_pretrained(path, dtype, device, quantize)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2 ** 30, dtype=None, extra_files=None):
         """Safetensors shards + config.json, replacing what was at `path` so that a kill at any point leaves the
@@ -3305,8 +3307,9 @@ def _cast(t, dtype, device):
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
 
 
-def _load_plan(model, files, plan, skip, dtype, device, desc):
-    """Copy every planned tensor, one shard at a time; `skip` = our keys a later source overrides."""
+def _load_plan(model, files, plan, skip, dtype, device, desc, landed=None):
+    """Copy every planned tensor, one shard at a time; `skip` = our keys a later source overrides. landed(our key)
+    after each tensor that is whole (not a row-extended one's first rows)."""
     n = 0
     for path, tensors in files.shards():
         keys = [k for k in tensors.keys() if plan.get(k) and plan[k] not in skip]
@@ -3324,6 +3327,8 @@ def _load_plan(model, files, plan, skip, dtype, device, desc):
                     full[:t.shape[0]].copy_(t)
             else:
                 _set_tensor(model, ours, _cast(t, dtype, device))
+                if landed is not None:
+                    landed(ours)
             n += 1
         del tensors                                              # unmap this shard before opening the next
     return n
@@ -3344,12 +3349,12 @@ def _new_units(model):
     return units
 
 
-def _materialise_new_units(model, loaded, dtype, device):
+def _materialise_new_units(model, loaded, dtype, device, landed=None):
     """Build every tensor no file provides from its module's own init. Runs before the files are read, so the
-    float32 scratch copy of a unit never coexists with the loaded weights (peak memory)."""
+    float32 scratch copy of a unit never coexists with the loaded weights (peak memory). landed(name) after each."""
     names = set(_all_tensor_names(model)) - set(loaded) - {_POSITION_IDS}     # position_ids: _fill_derived
     for prefix, build in _new_units(model).items():
-        wanted = [n for n in names if n.startswith(prefix + ".")]
+        wanted = sorted(n for n in names if n.startswith(prefix + "."))     # a layer's tensors one after another
         if not wanted:
             continue
         unit = build()
@@ -3357,6 +3362,8 @@ def _materialise_new_units(model, loaded, dtype, device):
         own.update(unit.named_buffers())
         for n in wanted:
             _set_tensor(model, n, _cast(own[n[len(prefix) + 1:]], dtype, device))
+            if landed is not None:
+                landed(n)
         del unit, own
 
 
@@ -3481,7 +3488,7 @@ def _build_meta(cfg):
         return MMInterleaved(cfg)
 
 
-def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None):
+def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None, quantize=None):
     """Build the model from the files the original README downloads.
 
     llm: Vicuna folder (HF LLaMA); clip: openai/clip-vit-large-patch14 folder (HF CLIP); sd: a stable-diffusion-2
@@ -3490,15 +3497,18 @@ def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu
     parts keep their init). cfg: base config for the MM-Interleaved-specific values (default the `mmi-13b`
     preset); the shapes of the released parts always come from the files' config.json. Every file key is used or
     documented as ignored, every tensor of the model is loaded or documented as new; anything else raises InputError
-    naming the key, its file and the shapes.
+    naming the key, its file and the shapes. quantize: None, "int8" or "int4", each layer of quantize_targets
+    quantized as its tensors land (QuantizeOnLoad).
     """
     device = torch.device(device)
+    quantize_bits(quantize)
     for name, folder in (("llm", llm), ("clip", clip), ("sd", sd), ("mmi", mmi)):
         if folder is not None and not os.path.isdir(folder):
             raise InputError(f"{folder}: no such folder (given as the {name} folder)")
     cfg = config_from_original(llm, clip, sd, cfg)
     model = _build_meta(cfg)
     ours = _target_shapes(model)
+    quantizer = QuantizeOnLoad(model, quantize)
 
     sources = [("llm", WeightFiles(llm)), ("clip", WeightFiles(clip))]
     if sd is not None:
@@ -3515,7 +3525,7 @@ def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu
                 provider[our_key] = name
     new = check_accounting(list(ours), provider, ", ".join(f"{name}={files.folder}" for name, files in sources))
     # new parts and the text encoder's output first: their float32 scratch memory is gone before the big reads
-    _materialise_new_units(model, provider, dtype, device)
+    _materialise_new_units(model, provider, dtype, device, quantizer.landed)
     text_encoder_note = ""
     if "image_decoder.neg_prompt_embeds" not in provider:
         if sd is None:
@@ -3532,11 +3542,12 @@ def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu
     counts = {}
     for name, files in sources:
         skip = {k for k, src in provider.items() if src != name}
-        n = _load_plan(model, files, plans[name], skip, dtype, device, desc=name)
+        n = _load_plan(model, files, plans[name], skip, dtype, device, desc=name, landed=quantizer.landed)
         n_ignored = sum(v is None for v in plans[name].values())
         counts[name] = (n, n_ignored, len(plans[name]) - n - n_ignored)
     _fill_derived(model, provider, dtype, device)
     check_no_meta(model)
+    quantizer.finish()
     model.set_trainable()
     summary = "; ".join(f"{name} {n} read/{ig} ignored/{sup} superseded by mmi"
                         for name, (n, ig, sup) in counts.items())
@@ -3582,6 +3593,9 @@ def write_pretrained(model, path, max_shard_bytes=5 * 2 ** 30, dtype=None, extra
     `path` exists, so a `path.mmi-old` without `path` is complete. (Safe against a kill, not a power loss:
     nothing is fsync'd.)
     """
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError("save_pretrained: the model has quantized layers, which from_pretrained does not read; save "
+                         "it unquantized and pass quantize= when loading")
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{path}: exists and is not a folder; save_pretrained writes a folder")
@@ -3655,10 +3669,11 @@ def _write_folder(model, tmp, max_shard_bytes, dtype=None):
         json.dump(model.cfg.to_dict(), f, indent=1)
 
 
-def load_pretrained(path, dtype=None, device="cpu"):
+def load_pretrained(path, dtype=None, device="cpu", quantize=None):
     """A model written by save_pretrained: every tensor must be there with its shape, and nothing else.
-    dtype None keeps the stored dtypes."""
+    dtype None keeps the stored dtypes. quantize: as load_original's."""
     device = torch.device(device)
+    quantize_bits(quantize)
     path = _model_folder(path)
     cfg_path = os.path.join(path, _CONFIG_NAME)
     cfg = MMIConfig.from_dict(read_json(cfg_path), cfg_path)
@@ -3677,14 +3692,17 @@ def load_pretrained(path, dtype=None, device="cpu"):
     missing = [k for k in ours if k not in shapes]
     if missing:
         raise InputError(f"{path}: {len(missing)} tensors of the model are missing: {missing[:10]}")
+    quantizer = QuantizeOnLoad(model, quantize)
     for path_, tensors in tqdm(files.shards(), desc="from_pretrained", total=len(files.files),
                                disable=len(files.files) < 2):
         for k in tensors.keys():
             t = tensors[k]
             _check_kind(model, k, t, path_, k)
             _set_tensor(model, k, _cast(t, dtype or t.dtype, device))
+            quantizer.landed(k)
         del tensors
     check_no_meta(model)
+    quantizer.finish()
     return model
 
 
@@ -3970,7 +3988,10 @@ def _(x, weights, biases, glu, norm, eps, residual):
 
 def _gemv_fits(x, layers, norm):
     """Whether x goes through these layers by the gemv operator: a decoding step's few rows (<= 4) in 16-bit on
-    CUDA, outside autograd, weights (and norm weight) of x's dtype, one output size, at most three layers."""
+    CUDA, outside autograd, weights (and norm weight) of x's dtype, one output size, at most three layers. Only
+    nn.Linear layers: any other (a QuantizedLinear) runs its own forward."""
+    if not all(isinstance(layer, nn.Linear) for layer in layers):
+        return False
     weights = [layer.weight for layer in layers] + ([] if norm is None else [norm.weight])
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < x.numel() <= 4 * x.shape[-1]
             and x.shape[-1] % 8 == 0 and len(layers) <= 3 and (norm is None or isinstance(norm, RMSNorm))
@@ -4232,6 +4253,150 @@ class KeyedMMFSNet:
         ref = grid_centres(H, W, sample.device)[None]
         y = mmfs_fast(block.mmfs, q, ref, self.values[i], mask, check_mask=False, value_projected=True)
         return block.conv(y.transpose(1, 2).reshape(B, C, H, W))
+
+
+# -- weight-only quantization: int8 or int4 weights of the LLM and the Q-Formers, dequantized at each matmul ----
+#
+# Unlike the forms above, this changes what is computed: the layers run with rounded weights. Symmetric
+# round-to-nearest (ties to even, as torch.round) over groups of `group_size` inputs of one output row:
+# scale = max|w| / qmax over the group, q = clamp(round(w / scale), -qmax, qmax), w ~ q * scale, so that
+# |w - q * scale| <= scale / 2 for every weight. qmax = 127 for int8 (one group per row: per output channel), 7 for
+# int4 (the nibble value -8 is never made, so the range is symmetric). A group of zeros has scale 0 and q 0.
+
+QUANTIZED_LAYERS = ("mm_decoder.layers.*.self_attn.*", "mm_decoder.layers.*.mlp.*", "text_decoder.head",
+                    "visual_tokenizer.perceiver_resampler.*", "image_decoder.perceiver_resampler.*")
+
+
+def quantize_targets(model):
+    """Names of the nn.Linear layers `quantize` replaces: the LLM's attention (q/k/v/o) and MLP (gate/up/down)
+    matmuls, the text head, and every layer of the two Q-Former resamplers (the visual tokenizer's and the image
+    decoder's). Kept as they are: the LLM's MMFS layers (they predict where each image is sampled, so a rounding
+    error moves the sampling points, and mmfs_fast reads their weights), the text head's small head_new, the
+    embeddings, the vision tower, the UNet and the VAE."""
+    return [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and any(fnmatch.fnmatchcase(n, p) for p in QUANTIZED_LAYERS)]
+
+
+def quantize_bits(quantize):
+    """quantize= of the loaders: None, "int8" or "int4" -> None, 8 or 4."""
+    bits = {None: None, "int8": 8, "int4": 4}.get(quantize, 0)
+    if bits == 0:
+        raise InputError(f"quantize={quantize!r}: expected None, 'int8' or 'int4'")
+    return bits
+
+
+def quantize_weight(w, bits, group_size=None):
+    """w (N, K) -> q int8 (N, K') in [-qmax, qmax] and scales (N, K' / group_size) in w's dtype: groups of
+    group_size inputs (None: the whole row), K' = K padded with zero weights up to whole groups."""
+    qmax = 2 ** (bits - 1) - 1
+    N, K = w.shape
+    g = group_size or K
+    wg = F.pad(w.detach().float(), (0, -K % g)).view(N, -1, g)                 # (N, groups, g)
+    scales = (wg.abs().amax(-1) / qmax).to(w.dtype)                            # (N, groups)
+    s = scales.float()[..., None]
+    q = (wg / torch.where(s > 0, s, 1.0)).round_().clamp_(-qmax, qmax)
+    return q.to(torch.int8).view(N, -1), scales
+
+
+def pack_int4(q):
+    """q int8 (N, K) in [-8, 7], K even -> (N, K / 2) uint8: byte j holds input 2j in its low nibble and input
+    2j + 1 in its high nibble, each as the unsigned q + 8."""
+    u = (q + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed):
+    """pack_int4's inverse: (N, K / 2) uint8 -> (N, K) int8."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).to(torch.int8) - 8
+
+
+class QuantizedLinear(nn.Module):
+    """An nn.Linear whose weight is kept quantized and dequantized at each call: F.linear(x, dequantize(), bias),
+    the reference a quantized matmul kernel must equal. Buffers (the layout such a kernel reads):
+      qweight  bits 8: int8 (out, in), row-major, q in [-127, 127];
+               bits 4: uint8 (out, in' / 2), row-major, two inputs per byte as pack_int4 (input 2j low nibble,
+               2j + 1 high nibble, each q + 8 with q in [-7, 7]); in' = in rounded up to whole groups, the padding
+               inputs' q = 0
+      scales   (out, in' / group_size), the dtype of the weight quantized (the model's float dtype; model.to(dtype)
+               casts them with the rest): weight[o, i] = q[o, i] * scales[o, i // group_size]
+      bias     the Linear's (out,) Parameter, or None
+    bits 8 has one group per row (group_size = in_features: per output channel)."""
+
+    def __init__(self, in_features, out_features, bits, group_size, qweight, scales, bias):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_parameter("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear, bits, group_size=128):
+        """linear quantized to int8 (per output channel; group_size unused) or int4 (groups of group_size
+        inputs, an even number)."""
+        if bits not in (4, 8):
+            raise ValueError(f"quantize: bits={bits}, expected 8 or 4")
+        if bits == 4 and (type(group_size) is not int or group_size <= 0 or group_size % 2):
+            raise ValueError(f"quantize: group_size={group_size}, expected a positive even int (two inputs a byte)")
+        g = group_size if bits == 4 else linear.in_features
+        with torch.no_grad():
+            q, scales = quantize_weight(linear.weight, bits, g)
+        return cls(linear.in_features, linear.out_features, bits, g, pack_int4(q) if bits == 4 else q, scales,
+                   linear.bias)
+
+    def dequantize(self):
+        """The weight (out, in): each q * scale rounded once to the scales' dtype."""
+        q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight        # (out, in') int8
+        w = q.view(self.out_features, -1, self.group_size).to(self.scales.dtype) * self.scales[..., None]
+        return w.view(self.out_features, -1)[:, :self.in_features]
+
+    def forward(self, x):
+        return F.linear(x, self.dequantize(), self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def quantize_layer(model, name, bits, group_size=128):
+    """The nn.Linear at `name` replaced by its QuantizedLinear; its full-precision weight is freed with it."""
+    parent, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent)
+    setattr(parent, leaf, QuantizedLinear.from_linear(getattr(parent, leaf), bits, group_size))
+
+
+def quantize(model, bits=8, group_size=128):
+    """Weight-only quantization in place of the layers quantize_targets names, one layer at a time (never a
+    full-precision copy of them all): bits 8 per output channel, bits 4 in groups of group_size inputs. The
+    plain and fast paths both run the layers' forward (the gemv takes only nn.Linear). -> model"""
+    for name in quantize_targets(model):
+        quantize_layer(model, name, bits, group_size)
+    return model
+
+
+class QuantizeOnLoad:
+    """Quantization while a loader fills a meta-built model one tensor at a time: landed(name) after each tensor
+    is in place, and a target layer is quantized as soon as all its tensors have landed, so a load holds the
+    quantized layers plus those still arriving, never all of them in full precision. finish() quantizes those no
+    landing completed (a text head whose new rows the loader derives last). quantize: None (nothing), "int8" or
+    "int4" (groups of 128)."""
+
+    def __init__(self, model, quantize):
+        self.model, self.bits = model, quantize_bits(quantize)
+        names = [] if self.bits is None else quantize_targets(model)
+        self.waiting = {n: {f"{n}.{k}" for k, _ in model.get_submodule(n).named_parameters(recurse=False)}
+                        for n in names}                    # layer -> its tensors yet to land
+        self.layer_of = {t: n for n, ts in self.waiting.items() for t in ts}
+
+    def landed(self, name):
+        layer = self.layer_of.pop(name, None)
+        if layer is not None:
+            self.waiting[layer].discard(name)
+            if not self.waiting[layer]:
+                quantize_layer(self.model, layer, self.bits)
+
+    def finish(self):
+        if self.bits is not None:
+            quantize(self.model, self.bits)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def load_model(args):
         if not (args.llm and args.clip):
             raise mmi.InputError("--init_from=original needs --llm and --clip (and --sd, --mmi for the full model)")
         model = mmi.MMInterleaved.from_original(llm=args.llm, clip=args.clip, sd=args.sd, mmi=args.mmi,
-                                                dtype=args.dtype, device=args.device)
+                                                dtype=args.dtype, device=args.device, quantize=args.quantize)
         tok_path = args.tokenizer or os.path.join(args.llm, "tokenizer.model")
     else:
         path = evaluator.DEMO_MODEL if args.init_from == "demo" else args.init_from
@@ -141,7 +141,7 @@ def load_model(args):
             what = "the demo model (assets/demo) is not in this checkout" if args.init_from == "demo" else \
                 f"{path} is not a model folder (no config.json)"
             raise mmi.InputError(f"--init_from={args.init_from}: {what}")
-        model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device)
+        model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device, quantize=args.quantize)
         tok_path = args.tokenizer or next((p for p in (os.path.join(path, "tokenizer.model"), data.DEMO_TOKENIZER_PATH)
                                            if os.path.isfile(p)), None)
     if not tok_path or not os.path.isfile(tok_path):
@@ -392,6 +392,11 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="the weights' and computation's dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--quantize", default="none",
+                   help="weight-only quantization, layer by layer as the model loads: none (the default), int8 (per "
+                        "output channel) or int4 (groups of 128 inputs) of the LLM's attention and MLP layers, its "
+                        "text head and the two Q-Former resamplers; the UNet, VAE, vision tower and the LLM's MMFS "
+                        "layers stay in --dtype")
     # None = the original's setting, or for the demo model the one eval.py scores it with
     o, d = ORIGINAL_SETTINGS, DEMO_SETTINGS
     p.add_argument("--sampler", default=None, choices=list(mmi.SAMPLERS),
@@ -448,6 +453,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.device = mmi.resolve_device(args.device)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
+    if args.quantize not in ("none", "int8", "int4"):
+        raise mmi.InputError(f"--quantize={args.quantize}: expected none, int8 or int4")
+    args.quantize = None if args.quantize == "none" else args.quantize
     defaults = DEMO_SETTINGS if args.init_from == "demo" else ORIGINAL_SETTINGS
     for k, v in defaults.items():
         if getattr(args, k) is None:

@@ -851,6 +851,265 @@ def test_bf16_decoding_through_the_gemv_is_as_accurate_as_the_layers(monkeypatch
         assert rel_err(got, ref) <= 1.5 * rel_err(base, ref)
 
 
+# -- weight-only quantization: int8 / int4 layers by hand, the quantized model against the plain one ------------
+
+def _linear_of(weight, bias=None):
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def test_quantization_int8_and_int4_by_hand():
+    """scale = max|w| / qmax per (row, group), q = round(w / scale) with ties to even, a zero group scale 0 and
+    q 0: literal integers and scales, checked against float64 arithmetic (scales are powers of two, so every
+    step is exact), and the int4 bytes of the documented packing."""
+    w8 = torch.tensor([[127, -32, 1.5, 2.5, -3, 0.5], [0] * 6, [-127, 64.25, -0.5, 100.5, 101.5, 64.75]]) \
+        / torch.tensor([[64.0], [1.0], [128.0]])
+    q8 = [[127, -32, 2, 2, -3, 0], [0] * 6, [-127, 64, 0, 100, 102, 65]]
+    s8 = [[1 / 64], [0.0], [1 / 128]]
+    w4 = torch.tensor([[7, -3.5, 2.5, 0.25, 3.5, -1.5, 0.75, -0.25], [0, 0, 0, 0, -3.5, 3.25, 2.75, 0.5]]) / 4
+    q4 = [[7, -4, 2, 0, 7, -3, 2, 0], [0, 0, 0, 0, -7, 6, 6, 1]]
+    s4 = [[1 / 4, 1 / 8], [0.0, 1 / 8]]
+    for w, bits, g, q, s in ((w8, 8, None, q8, s8), (w4, 4, 4, q4, s4)):
+        qmax, w64 = 2 ** (bits - 1) - 1, w.double().numpy()
+        groups = w64.reshape(w64.shape[0], -1, g or w64.shape[1])
+        s64 = np.abs(groups).max(-1) / qmax                                   # float64, by hand
+        assert s64.tolist() == s
+        q64 = np.round(groups / np.where(s64 > 0, s64, 1)[..., None]).reshape(w64.shape)   # numpy: ties to even
+        assert q64.tolist() == q
+        layer = mmi.QuantizedLinear.from_linear(_linear_of(w), bits, group_size=g or 128)
+        assert layer.scales.dtype == torch.float32 and layer.scales.tolist() == s
+        unpacked = mmi.unpack_int4(layer.qweight) if bits == 4 else layer.qweight
+        assert unpacked.tolist() == q
+        dq = (q64.reshape(groups.shape) * s64[..., None]).reshape(w64.shape)
+        assert torch.equal(layer.dequantize(), torch.from_numpy(dq).float())
+        assert (np.abs(w64 - dq) <= np.repeat(s64, groups.shape[-1], axis=1) / 2).all()
+    # int4 bytes: input 2j in the low nibble, 2j + 1 in the high one, each as q + 8
+    packed = mmi.QuantizedLinear.from_linear(_linear_of(w4), 4, group_size=4).qweight
+    assert packed.dtype == torch.uint8
+    nibbles = [[(7, -4), (2, 0), (7, -3), (2, 0)], [(0, 0), (0, 0), (-7, 6), (6, 1)]]      # q4's pairs
+    assert packed.tolist() == [[(lo + 8) | (hi + 8) << 4 for lo, hi in row] for row in nibbles]
+
+
+def test_int4_packing_is_exact_for_every_nibble_and_byte():
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)[:, order]
+    packed = mmi.pack_int4(q)
+    assert packed.shape == (3, 16)
+    assert packed.tolist() == [[(int(a) + 8) | (int(b) + 8) << 4 for a, b in zip(row[0::2], row[1::2])] for row in q]
+    assert torch.equal(mmi.unpack_int4(packed), q)
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(2, 128)
+    assert torch.equal(mmi.pack_int4(mmi.unpack_int4(every)), every)
+
+
+def test_int4_pads_inputs_up_to_whole_groups():
+    """in_features not a multiple of group_size: the row is padded with zero weights (q 0, nibble 8) up to whole
+    groups; the last group's scale comes from its real inputs, and dequantize drops the padding. int8 (one group
+    per row) never pads. An odd group_size or other bits are refused."""
+    w = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
+    layer = mmi.QuantizedLinear.from_linear(_linear_of(w), 4, group_size=4)
+    assert layer.qweight.shape == (3, 6) and layer.scales.shape == (3, 3)
+    assert (layer.qweight[:, 5] >> 4).tolist() == [8] * 3 and (layer.qweight[:, 5] & 15).tolist() == [8] * 3
+    assert torch.equal(layer.scales[:, 2], w[:, 8:].abs().amax(-1) / 7)
+    assert layer.dequantize().shape == (3, 10)
+    assert (layer.dequantize() - w).abs().le(layer.scales.repeat_interleave(4, 1)[:, :10] / 2 + 1e-7).all()
+    layer8 = mmi.QuantizedLinear.from_linear(_linear_of(w), 8)
+    assert layer8.qweight.shape == (3, 10) and layer8.scales.shape == (3, 1) and layer8.group_size == 10
+    with pytest.raises(ValueError, match="group_size=5"):
+        mmi.QuantizedLinear.from_linear(_linear_of(w), 4, group_size=5)
+    with pytest.raises(ValueError, match="bits=3"):
+        mmi.QuantizedLinear.from_linear(_linear_of(w), 3)
+
+
+def _dequantize_by_hand(layer):
+    """The weight the buffers stand for, read by the layout QuantizedLinear documents, in float64."""
+    b = layer.qweight.to(torch.int64)
+    q = torch.stack([b & 15, b >> 4], -1).flatten(1) - 8 if layer.bits == 4 else b
+    group = torch.arange(q.shape[1]) // layer.group_size
+    return (q.double() * layer.scales.double()[:, group])[:, :layer.in_features]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linear_is_f_linear_of_its_dequantized_weight(bits, dtype):
+    """forward = F.linear(x, weight read from the documented layout, bias) exactly, in the layer's dtype; in
+    float32 each weight is within scale / 2 of the original, so each output within 0.5 * sum_i |x_i| scale_i."""
+    g = torch.Generator().manual_seed(2)
+    linear = _linear_of(torch.randn(20, 300, generator=g).to(dtype), torch.randn(20, generator=g).to(dtype))
+    layer = mmi.QuantizedLinear.from_linear(linear, bits)                    # int4: 300 inputs -> 3 groups of 128
+    assert layer.scales.dtype == dtype and layer.bias is linear.bias
+    assert layer.qweight.shape == ((20, 300) if bits == 8 else (20, 192))
+    x = torch.randn(5, 300, generator=g).to(dtype)
+    weight = _dequantize_by_hand(layer).to(dtype)                             # q * scale rounded once to dtype
+    assert torch.equal(layer.dequantize(), weight)
+    assert torch.equal(layer(x), F.linear(x, weight, linear.bias))
+    if dtype == torch.float32:
+        w, dq = linear.weight.double(), weight.double()
+        scale = layer.scales.double().repeat_interleave(layer.group_size, 1)[:, :300]
+        assert ((w - dq).abs() <= scale / 2 * (1 + 2 ** -20)).all()
+        bound = 0.5 * x.double().abs() @ scale.T * (1 + 2 ** -20)
+        assert ((F.linear(x.double(), w) - F.linear(x.double(), dq)).abs() <= bound).all()
+
+
+def _quantized_names(model):
+    return {n for n, m in model.named_modules() if isinstance(m, mmi.QuantizedLinear)}
+
+
+def test_quantize_replaces_exactly_the_listed_layers(tmp_path):
+    """The LLM's q/k/v/o and gate/up/down, the text head and every Linear of the two Q-Formers become
+    QuantizedLinear; every other module keeps its type and every other tensor its value. A quantized model is
+    not saved (from_pretrained could not read it)."""
+    model = tiny_model()
+    plain = copy.deepcopy(model)
+    q = mmi.quantize(model, bits=4)
+    L = model.cfg.llm.num_hidden_layers
+    listed = {f"mm_decoder.layers.{i}.self_attn.{p}_proj" for i in range(L) for p in "qkvo"}
+    listed |= {f"mm_decoder.layers.{i}.mlp.{p}_proj" for i in range(L) for p in ("gate", "up", "down")}
+    listed |= {"text_decoder.head"} | {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and
+                                       n.startswith(("visual_tokenizer.perceiver_resampler.",
+                                                     "image_decoder.perceiver_resampler."))}
+    assert q is model and _quantized_names(q) == listed and len(listed) == 7 * L + 1 + 26
+    assert [(n, type(m)) for n, m in q.named_modules() if n not in listed] == \
+        [(n, type(m)) for n, m in plain.named_modules() if n not in listed]
+    kept = q.state_dict()
+    assert all(torch.equal(kept[k], t) for k, t in plain.state_dict().items() if k.rpartition(".")[0] not in listed
+               or k.endswith(".bias"))
+    assert mmi.quantize_targets(q) == [] and _quantized_names(mmi.quantize(q, bits=8)) == listed   # nothing left
+    with pytest.raises(ValueError, match="quantized layers"):
+        q.save_pretrained(str(tmp_path / "q"))
+
+
+def _forced_logits(model, batch, tokens):
+    """Each step's next-token logits (B, T, V) with `tokens` (B, T) fed, recomputed over the whole sequence."""
+    full = _decoders(model, batch, tokens.shape[1])[1]
+    with torch.no_grad():
+        return torch.stack([full.prefill()] + [full.step(tokens[:, i]) for i in range(tokens.shape[1] - 1)], 1)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_greedy_text_differs_only_where_margins_allow(bits):
+    """Greedy decoding, quantized vs plain. The logits' relative error is within the sum of the layers' relative
+    weight errors (first order: each layer's error passes on once). A greedy token cannot change where the
+    plain model's top-two margin exceeds twice the largest logit change, so the texts are equal up to each row's
+    first step without that margin; with int8 those steps are most of them."""
+    model = tiny_model(seed=7)
+    q = mmi.quantize(copy.deepcopy(model), bits)
+    batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
+    T = 16
+    kw = dict(max_new_tokens=T, min_new_tokens=T, num_beams=1)                # no stop token: T steps each
+    ref, out = model.generate_texts(batch, **kw)["text_ids"], q.generate_texts(batch, **kw)["text_ids"]
+    plain, quant = _forced_logits(model, batch, ref), _forced_logits(q, batch, ref)
+    layer_errs = [rel_err(q.get_submodule(n).dequantize(), model.get_submodule(n).weight.detach())
+                  for n in _quantized_names(q)]
+    assert rel_err(quant, plain) <= sum(layer_errs)
+    allowed = plain.clone()
+    allowed[..., [model.cfg.eos_token_id, model.cfg.soi_token_id]] = -float("inf")   # min_new_tokens masks them
+    top2 = allowed.topk(2, dim=-1).values
+    decided = (top2[..., 0] - top2[..., 1] > 2 * (quant - plain).abs().amax(-1)).long().cumprod(1).sum(1)
+    for row, n in enumerate(decided.tolist()):
+        assert torch.equal(out[row, :n], ref[row, :n]), (row, n)
+    if bits == 8:
+        assert decided.sum() >= 0.5 * ref.numel(), decided
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_quantized_fast_decoding_equals_the_plain_path(device):
+    """The fast path's step (linear() with norms and residuals folded, a CUDA graph on CUDA) runs a
+    QuantizedLinear through its own forward: the tokens of the plain full recomputation, and images still come."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = mmi.quantize(tiny_model(seed=8), bits=4).to(device)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v
+             for k, v in make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True).items()}
+    for kw in (dict(num_beams=1), dict(num_beams=3, num_return_sequences=2)):
+        a = model.generate_texts(batch, max_new_tokens=6, min_new_tokens=2, fast=True, **kw)
+        b = model.generate_texts(batch, max_new_tokens=6, min_new_tokens=2, use_cache=False, **kw)
+        assert torch.equal(a["text_ids"], b["text_ids"]), kw
+    images = model.generate_images(batch, steps=2, progress=False)["image"]
+    assert images.shape == (3, 3, 64, 64) and images.isfinite().all() and 0 <= images.min() <= images.max() <= 1
+
+
+def _load_tiny(source, tmp_path, originals, **kw):
+    if source == "pretrained":
+        path = tmp_path / "tiny"
+        if not path.exists():
+            tiny_model(seed=3).save_pretrained(str(path))
+        return mmi.MMInterleaved.from_pretrained(str(path), **kw)
+    torch.manual_seed(0)                                   # the new parts' init draws
+    return _load(originals[0], **kw)
+
+
+@pytest.fixture
+def originals_if_needed(request):
+    return request.getfixturevalue("originals") if request.node.callspec.params["source"] == "original" else None
+
+
+@pytest.mark.parametrize("source", ["pretrained", "original"])
+def test_quantize_on_load_equals_quantize_after_load(source, tmp_path, originals_if_needed):
+    for quantize, bits in (("int8", 8), ("int4", 4)):
+        on_load = _load_tiny(source, tmp_path, originals_if_needed, quantize=quantize).state_dict()
+        after = mmi.quantize(_load_tiny(source, tmp_path, originals_if_needed), bits).state_dict()
+        assert list(on_load) == list(after)
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(on_load.values(), after.values()))
+    with pytest.raises(mmi.InputError, match="quantize='int3': expected None, 'int8' or 'int4'"):
+        _load_tiny(source, tmp_path, originals_if_needed, quantize="int3")
+
+
+def _float_target_bytes(model):
+    """Bytes of the full-precision weights and biases of quantize_targets' layers that hold values (not meta)."""
+    return sum(t.numel() * t.element_size() for n in mmi.quantize_targets(model)
+               for t in model.get_submodule(n).parameters() if not t.is_meta)
+
+
+@pytest.mark.parametrize("source", ["pretrained", "original"])
+def test_quantize_on_load_holds_one_float_layer_at_a_time(source, tmp_path, originals_if_needed):
+    """The memory measure: the bytes of full-precision target weights that hold values, counted just before each
+    layer is swapped for its QuantizedLinear (seen by torch's public module-registration hook); between swaps
+    that count only grows, so these are its peaks. From our own files it never exceeds the largest layer; from
+    the released files the text head (whose new rows are set after all files are read) waits beside it."""
+    plain = _load_tiny(source, tmp_path, originals_if_needed)
+    sizes = {n: sum(t.numel() * t.element_size() for t in plain.get_submodule(n).parameters())
+             for n in mmi.quantize_targets(plain)}
+    head = sizes["text_decoder.head"] if source == "original" else 0
+    roots, peaks = [], []
+
+    def on_register(module, name, child):
+        if not roots and isinstance(module, mmi.MMInterleaved):       # the model the loader builds on meta
+            roots.append(module)
+        if isinstance(child, mmi.QuantizedLinear):
+            peaks.append(_float_target_bytes(roots[0]))
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(on_register)
+    try:
+        model = _load_tiny(source, tmp_path, originals_if_needed, quantize="int4")
+    finally:
+        handle.remove()
+    assert roots[0] is model and len(peaks) == len(sizes) and _float_target_bytes(model) == 0
+    assert max(peaks) <= head + max(sizes.values()) < sum(sizes.values()) / 3
+
+
+def test_sample_quantize_runs_on_the_demo_and_bad_is_one_line(tmp_path, capsys):
+    """sample.py --quantize=int8 loads the demo quantized and writes a run; --quantize=bad is one line, exit 2,
+    before any model work (eval.py's too)."""
+    argv = ["--init_from=demo", f"--out={tmp_path / 'out'}", "--steps=2", "--max_new_tokens=4", "--min_new_tokens=0",
+            "--num_iter=2", "--device=cpu"]
+    model, _ = sample.load_model(sample.parse_args(argv + ["--quantize=int8"]))
+    assert _quantized_names(model) == set(mmi.quantize_targets(mmi.MMInterleaved.from_pretrained(ev.DEMO_MODEL)))
+    assert {m.bits for m in model.modules() if isinstance(m, mmi.QuantizedLinear)} == {8}
+    del model
+    assert sample.main(argv + ["--quantize=int8"]) == 0
+    _check_sample_run(tmp_path / "out", capsys)
+    for main, message in ((sample.main, "--quantize=bad: expected none, int8 or int4"),
+                          (ev.main, "argument --quantize: invalid choice: 'bad'")):
+        assert mmi.run_script(main, [f"--out={tmp_path / 'bad'}", "--quantize=bad"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not os.path.exists(tmp_path / "bad")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training signal
 # ----------------------------------------------------------------------------------------------------------------
@@ -3112,7 +3371,7 @@ def test_command_line_writes_config_metrics_and_samples(tmp_path, monkeypatch, d
                                                         short_generation):
     model, _ = demo_model_and_tokenizer
     # from_pretrained has its own tests; main() picks CUDA where there is one
-    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: copy.deepcopy(model).to(device))
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device, *_: copy.deepcopy(model).to(device))
     _json(tmp_path / "VizWiz/val.json", [{"image": "a.jpg", "question": "What is it?", "answers": ["red"] * 10},
                                          {"image": "b.jpg", "question": "Colour?", "answers": ["blue"] * 10}])
     _image(str(tmp_path / "VizWiz/val/a.jpg"), 0)
@@ -3453,7 +3712,7 @@ def test_malformed_records_of_other_sets_name_file_record_and_field(tmp_path):
 def test_missing_and_broken_images_are_counted_skips_in_the_results(tmp_path, monkeypatch, capsys,
                                                                     demo_model_and_tokenizer, short_generation):
     model = demo_model_and_tokenizer[0]
-    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: copy.deepcopy(model).to(device))
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device, *_: copy.deepcopy(model).to(device))
     _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], missing={"b.jpg"}, corrupt={"c.jpg"})
     monkeypatch.chdir(tmp_path)                                       # the results go under ./out by default
     assert mmi.run_script(ev.main, ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}",
@@ -3493,7 +3752,7 @@ def test_a_crash_mid_run_keeps_the_predictions_made_so_far(every, tmp_path, monk
         return generate(batch, **kw)
 
     monkeypatch.setattr(model, "generate_texts", generate_texts)
-    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device: model)
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device, *_: model)
     monkeypatch.setattr(ev, "PARTIAL_EVERY_S", every)
     _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
     argv = ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}", "--device=cpu",
