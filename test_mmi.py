@@ -3597,7 +3597,8 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
     entries = re.split(r"\n  (?=-)", out.split("options:")[1].split("Layout under --data_root")[0])[1:]
     assert [x.split()[0].rstrip(",") for x in entries] == [
         "-h", "--task", "--data_root", "--init_from", "--tokenizer", "--limit", "--out", "--batch_size", "--device",
-        "--dtype", "--inception", "--clip", "--image_dir", "--steps", "--guidance_scale", "--seed", "--readme"]
+        "--dtype", "--quantize", "--inception", "--clip", "--image_dir", "--steps", "--guidance_scale", "--seed",
+        "--readme"]
     for x in entries:                            # the flag, its value's name or choices, then words that explain it
         assert len(re.sub(r"\{[^}]*\}|\b[A-Z_]{2,}\b", "", x).split()) >= 4, x
     assert "default: out/eval/<task>.json" in " ".join(out.split())
