@@ -1003,15 +1003,17 @@ def load_vae(model, path):
 
 
 def build_mmi(tc, cfg, init_device):
-    """An MMInterleaved: random weights drawn on init_device, or init_from's (whose config must be this run's);
-    then vae_from's VAE; then with lora_rank > 0 LoRA on the LLM, all else frozen."""
+    """An MMInterleaved: random weights drawn on init_device, or init_from's (whose architecture must be this
+    run's; what trains is the run's: its trainable flags); then vae_from's VAE; then with lora_rank > 0 LoRA on
+    the LLM, all else frozen."""
     if tc.init_from:
         model = mmi.MMInterleaved.from_pretrained(tc.init_from)
         saved = dataclasses.replace(model.cfg, gradient_checkpointing=cfg.gradient_checkpointing)
-        if saved != cfg:
+        if architecture(saved.to_dict()) != architecture(cfg.to_dict()):
             raise mmi.InputError(f"init_from {tc.init_from}: its model config differs from preset {tc.preset!r} "
                                  f"with model_overrides {tc.model_overrides}")
         model.cfg = cfg
+        model.set_trainable()
     else:
         with init_device:
             model = mmi.MMInterleaved(cfg)
@@ -1024,6 +1026,11 @@ def build_mmi(tc, cfg, init_device):
         # fused and its convolutions kept channels-last instead of converted for cuDNN at every call
         model.image_decoder.decoder.vae.encoder.compile()
     return model
+
+
+def architecture(cfg_dict):
+    """A model config (as a dict) less its trainable flags, which say what a run trains, not what the model is."""
+    return {k: architecture(v) if isinstance(v, dict) else v for k, v in cfg_dict.items() if "trainable" not in k}
 
 
 def mmi_loss(model, batch, device):
