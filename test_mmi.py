@@ -3705,6 +3705,112 @@ def test_annt_json_inference_format(tmp_path):
     assert b["target_image_idxs"].tolist() == [1] and b["nearest_bos_idxs"].tolist() == [0, 0]
 
 
+# LLaVA-style records: a two-round question about one image, a question about two images at their marks
+LLAVA_RECORDS = [
+    {"id": "0", "image": "red.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "a square"}]},
+    {"id": "1", "image": ["red.jpg", "blue.jpg"], "conversations": [
+        {"from": "human", "value": "First <image> then <image>: which is blue?"},
+        {"from": "gpt", "value": "the second"}]},
+]
+LLAVA_PROMPT_START = "<s> Based on the image, please answer the question."
+LLAVA_PROMPT_END = " Please provide an accurate answer within one word. The answer is:"
+
+
+def write_llava(root, records=LLAVA_RECORDS):
+    write_jpeg(os.path.join(root, "red.jpg"), "red")
+    write_jpeg(os.path.join(root, "blue.jpg"), "blue")
+    path = os.path.join(root, "llava.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
+def llava_epoch(annt, **args):
+    """One pass of the llava reader on the tiny preset, one example a batch: (batches, the pass's counts)."""
+    ds = data.finetune_dataset("llava", demo_tok(), mmi.MMIConfig.from_preset("tiny"), "train", 0, 1, 0, annt=annt,
+                               batch_size=1, **args)
+    ds.verbose = False
+    return list(ds), ds.last_stats
+
+
+def test_llava_text_loss_is_on_the_answer_and_eos_only(tmp_path):
+    """Each round is an example: the original's prompt with the image at {image}, the question without its
+    <image> mark, then " " + the answer + "</s>"; gt_text_ids is -100 on every token of the prompt and padding
+    and the token itself on the answer's ("red", "</s>"); the image decoder is off (loss_img_weight 0)."""
+    tok = demo_tok()
+    batches, stats = llava_epoch(write_llava(tmp_path))
+    assert len(batches) == 3 and stats == Counter({"examples": 3, "used": 3})
+    texts = {tok.decode(b["text_ids"][0], skip_special=False): b for b in batches}
+    image = data.SOI_TOKEN + data.IMAGE_TOKEN * 8
+    b = texts[f"{LLAVA_PROMPT_START}{image} What colour is it?{LLAVA_PROMPT_END} red</s>"]
+    ids, labels = b["text_ids"][0].tolist(), b["gt_text_ids"][0].tolist()
+    pieces = [tok.decode([i], skip_special=False) for i in ids]
+    assert pieces[-3:] == [":", "red", "</s>"]
+    assert labels == [-100] * (len(ids) - 2) + ids[-2:]                     # token by token: only "red" and "</s>"
+    assert b["loss_img_weight"] == 0.0 and b["num_image_per_seq"].tolist() == [1]
+    assert colour_of(b["image_tensors"][0]) == "red" and b["image_tensors"].shape == (1, 3, 64, 64)
+    # the second round gets the record's image too (the original prepends the mark to every round)
+    assert f"{LLAVA_PROMPT_START}{image} And the shape?{LLAVA_PROMPT_END} a square</s>" in texts
+    # two images at their two marks, in order; {image} stays empty (text after an image is encoded on its own, with
+    # SentencePiece's "▁" in front, as the original's tokenizer does: the decoded " :")
+    b = texts[f"{LLAVA_PROMPT_START} First{image} then{image} : which is blue?{LLAVA_PROMPT_END} the second</s>"]
+    assert [colour_of(x) for x in b["image_tensors"]] == ["red", "blue"] and b["num_image_per_seq"].tolist() == [2]
+    learned = [t for t, l in zip(b["text_ids"][0].tolist(), b["gt_text_ids"][0].tolist()) if l != -100]
+    assert tok.decode(learned, skip_special=False) == "the second</s>"
+
+
+def test_llava_skips_bad_records_and_counts_each_reason(tmp_path):
+    good = LLAVA_RECORDS[0]["conversations"][:2]
+    records = [
+        {"image": "red.jpg", "conversations": good},
+        {"image": "gone.jpg", "conversations": good},                                           # image_missing
+        {"image": "red.jpg", "conversations": good[:1]},                                        # no_gpt_turn
+        {"image": "red.jpg", "conversations": [good[1], good[0]]},                              # malformed_record
+        {"image": "red.jpg", "conversations": "what?"},                                         # malformed_record
+        {"image": 7, "conversations": good},                                                    # malformed_record
+        {"conversations": good},                                                                # no_image
+        {"image": ["red.jpg", "blue.jpg"], "conversations": [{"from": "human", "value": "<image> x <image> y <image>"},
+                                                             good[1]]},                        # image_marks_mismatch
+        {"image": "red.jpg", "conversations": good + good[:1]},                  # one example, then no_gpt_turn
+    ]
+    batches, stats = llava_epoch(write_llava(tmp_path, records))
+    assert len(batches) == 2
+    assert stats == Counter({"examples": 10, "used": 2, "skip:image_missing": 1, "skip:no_gpt_turn": 2,
+                             "skip:malformed_record": 3, "skip:no_image": 1, "skip:image_marks_mismatch": 1})
+
+
+def test_llava_rows_cut_at_max_len_prompts_too_long_skipped(tmp_path):
+    """A row longer than max_len loses the answer's end (its "</s>" first); a prompt that leaves no answer token
+    within max_len is skipped as too_long."""
+    tok = demo_tok()
+    annt = write_llava(tmp_path, [{"image": "red.jpg", "conversations": LLAVA_RECORDS[0]["conversations"][:2]}])
+    full, _ = llava_epoch(annt)
+    n = len(full[0]["text_ids"][0])
+    cut, _ = llava_epoch(annt, max_len=n - 1)
+    assert cut[0]["text_ids"][0].tolist() == full[0]["text_ids"][0].tolist()[:-1]
+    assert tok.decode(cut[0]["text_ids"][0], skip_special=False).endswith("The answer is: red")
+    assert cut[0]["gt_text_ids"][0].tolist()[-1] == full[0]["text_ids"][0].tolist()[-2]
+    with pytest.raises(mmi.InputError, match=r"no usable example") as e:
+        llava_epoch(annt, max_len=n - 2)
+    assert "too_long=1" in str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"image": "red.jpg", "conversations": [', r"llava.json: not valid JSON \(Expecting value: line 1 column 41"),
+    ('{"data": []}', "llava.json: top level is dict, expected a list of records with 'image' and 'conversations'"),
+])
+def test_llava_malformed_file_is_one_line_naming_it(tmp_path, text, message):
+    (tmp_path / "llava.json").write_text(text)
+    with pytest.raises(mmi.InputError, match=message):
+        llava_epoch(str(tmp_path / "llava.json"))
+    with pytest.raises(mmi.InputError, match=r"finetune_args .*'bogus'"):
+        llava_epoch(str(tmp_path / "llava.json"), bogus=1)
+    with pytest.raises(mmi.InputError, match="finetune_dataset 'nope', expected one of 'llava'"):
+        data.finetune_dataset("nope", demo_tok(), mmi.MMIConfig.from_preset("tiny"), "train", 0, 1, 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # data.py: packing
 # ----------------------------------------------------------------------------------------------------------------
