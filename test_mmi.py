@@ -4789,6 +4789,102 @@ def test_loop_reads_a_step_back_without_waiting_for_next(tmp_path, config_file, 
     assert [r["step"] for r in read_metrics(str(tmp_path / "run"))] == [1, 2, 3, 4, 5]
 
 
+def lora_model(seed=0):
+    torch.manual_seed(seed)
+    return mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny")).double().eval()
+
+
+LORA_ROWS = [[BOS, 20, 21, "img", 22, 23, 24, "img", 25, EOS], [BOS, "img", 26, 27, 28, EOS]]
+
+
+def test_lora_starts_as_the_base_model_exactly():
+    """B starts at zero: the wrapped model's logits are the plain model's, bit for bit; only A and B train, on
+    the LLM's seven matmuls per layer, and nothing outside the LLM is wrapped (CLIP's q_proj stays)."""
+    model = lora_model()
+    batch = make_batch(model.cfg, LORA_ROWS, 28)
+    with torch.no_grad():
+        want = model.text_logits(batch)
+        mmi.add_lora(model, rank=4, alpha=8)
+        got = model.text_logits(batch)
+    assert torch.equal(got, want)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    layers = model.cfg.llm.num_hidden_layers
+    assert len(trainable) == 2 * 7 * layers and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    q = model.mm_decoder.layers[0].self_attn.q_proj
+    assert isinstance(q, mmi.LoRALinear) and q.lora_A.shape == (4, q.in_features) and q.scale == 2.0
+    assert not any(isinstance(m, mmi.LoRALinear) for m in model.visual_tokenizer.modules())
+
+
+def test_lora_merged_model_gives_the_unmerged_outputs():
+    """In float64, with A and B random: the LoRA model's logits, then merge_lora's plain nn.Linear layers with
+    W + B A * alpha / rank give the same logits to 1e-12, and the state_dict has the plain keys again."""
+    model = lora_model()
+    keys = set(model.state_dict())
+    batch = make_batch(model.cfg, LORA_ROWS, 28)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        base = model.text_logits(batch)
+        mmi.add_lora(model, rank=4, alpha=8)
+        for m in model.modules():
+            if isinstance(m, mmi.LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g, dtype=torch.float64) * 0.1)
+        want = model.text_logits(batch)
+        q = model.mm_decoder.layers[0].self_attn.q_proj
+        expected_q = q.weight + q.lora_B @ q.lora_A * 2.0
+        mmi.merge_lora(model)
+        got = model.text_logits(batch)
+    assert (want - base).abs().max() > 1e-3                        # the update changes the outputs ...
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()    # ... and the merged weights carry it
+    assert set(model.state_dict()) == keys and not any(isinstance(m, mmi.LoRALinear) for m in model.modules())
+    assert type(model.mm_decoder.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert torch.equal(model.mm_decoder.layers[0].self_attn.q_proj.weight, expected_q)
+
+
+def test_lora_run_trains_only_lora_and_exports_plain_model(tmp_path, config_file):
+    """--lora_rank=4: every weight but LoRA's is where it started after 3 steps; the export is a plain model
+    (no LoRA keys) that from_pretrained loads and that computes the trained model's logits."""
+    out = tmp_path / "lora"
+    result = run_train(config_file, str(out), "--lora_rank=4", "--lora_alpha=8", "--export=true")
+    model = result["model"]                                         # merged by the export
+    torch.manual_seed(32)
+    init = mmi.MMInterleaved(train.model_config(result["config"]))
+    ckpt = dcp_model_state(out / "ckpt_00000003")
+    lora = {k for k in ckpt if ".lora_" in k}
+    assert lora and all(k.startswith("mm_decoder.layers.") for k in lora)
+    for name, p in init.state_dict().items():
+        assert torch.equal(ckpt[name], p), name                     # the base weights never moved
+    assert any(not torch.equal(ckpt[k], torch.zeros_like(ckpt[k])) for k in lora if k.endswith("lora_B"))
+    loaded = mmi.MMInterleaved.from_pretrained(str(out / "model"))
+    assert not any("lora" in k for k in loaded.state_dict())
+    batch = make_batch(model.cfg, LORA_ROWS, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval().text_logits(batch), model.eval().text_logits(batch))
+    assert not torch.equal(loaded.mm_decoder.layers[0].mlp.up_proj.weight, init.mm_decoder.layers[0].mlp.up_proj.weight)
+
+
+def dcp_model_state(path):
+    """The model's tensors of a train.py checkpoint, read with DCP into plain tensors."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(path), str(path) + ".pt")
+    return torch.load(str(path) + ".pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_finetune_resume_gives_the_uninterrupted_losses_exactly(tmp_path, config_file, lora):
+    """data=finetune on the llava reader (3 examples, 2 a batch: 2 batches an epoch): a run resumed after step 1,
+    mid-epoch, gives steps 2 to 4 of the uninterrupted run bit for bit, into the next epoch, with and without
+    LoRA."""
+    annt = write_llava(str(tmp_path))
+    args = ["--data=finetune", "--finetune_dataset=llava", f"--finetune_args={{'annt': {annt!r}, 'batch_size': 2}}",
+            "--max_steps=4", "--ckpt_interval=1", "--warmup_steps=1", f"--lora_rank={lora}"]
+    full = run_train(config_file, str(tmp_path / "full"), *args)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full" / "ckpt_00000001", interrupted / "ckpt_00000001")
+    resumed = run_train(config_file, str(interrupted), *args, "--resume")
+    assert sorted(resumed["losses"]) == [2, 3, 4]
+    assert [resumed["losses"][s] for s in (2, 3, 4)] == [full["losses"][s] for s in (2, 3, 4)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # train.py: MFU: the FLOP count
 # ----------------------------------------------------------------------------------------------------------------
