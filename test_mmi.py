@@ -4885,6 +4885,39 @@ def test_finetune_resume_gives_the_uninterrupted_losses_exactly(tmp_path, config
     assert [resumed["losses"][s] for s in (2, 3, 4)] == [full["losses"][s] for s in (2, 3, 4)]
 
 
+def test_init_from_takes_the_runs_trainable_flags(tmp_path, config_file):
+    """A run from a saved model chooses what trains (--model.unet.trainable=false freezes the UNet it was saved
+    with); a different architecture is still refused."""
+    torch.manual_seed(0)
+    mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny")).save_pretrained(str(tmp_path / "m"))
+    tc = train.load_config([config_file, f"--init_from={tmp_path / 'm'}", "--model.unet.trainable=false"])
+    model = train.build_mmi(tc, train.model_config(tc), torch.device("cpu"))
+    unet = [p.requires_grad for n, p in model.named_parameters() if n.startswith("image_decoder.decoder.unet.")]
+    assert unet and not any(unet) and model.mm_decoder.layers[0].llama_cross_attn.gate.requires_grad
+    tc = train.load_config([config_file, f"--init_from={tmp_path / 'm'}", "--model.llm.num_hidden_layers=3"])
+    with pytest.raises(mmi.InputError, match="its model config differs from preset 'tiny'"):
+        train.build_mmi(tc, train.model_config(tc), torch.device("cpu"))
+
+
+def test_sft_vqa_13b_config_groups_what_it_says_trains():
+    """configs/sft_vqa_13b.py on the paper-size model (meta): llava fine-tuning data, the UNet frozen, the MMFS
+    layers and the visual tokenizer's trainable parts in the table's rows; with LoRA only the "lora_" row."""
+    tc = train.load_config([os.path.join(HERE, "configs", "sft_vqa_13b.py")])
+    assert (tc.data, tc.finetune_dataset, tc.lora_rank) == ("finetune", "llava", 0)
+    assert {"annt", "data_root", "batch_size"} <= set(tc.finetune_args)
+    with torch.device("meta"):
+        model = mmi.MMInterleaved(train.model_config(tc))
+    lr = {n: g["lr"] for g in train.param_groups(model, tc.param_groups) for n in g["names"]}
+    assert not any(n.startswith("image_decoder.decoder.unet.") for n in lr) and 2e-4 not in lr.values()
+    assert lr["mm_decoder.layers.0.llama_cross_attn.gate"] == 1e-5
+    assert lr["mm_decoder.layers.0.llama_cross_attn.attn.sampling_offsets.weight"] == 1e-6
+    assert not any(n.startswith("mm_decoder.layers.0.self_attn.") for n in lr)           # the LLM body: frozen
+    mmi.add_lora(model, 64, tc.lora_alpha)
+    groups = train.param_groups(model, tc.param_groups)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(2e-4, 0.0)]
+    assert len(groups[0]["names"]) == 2 * 7 * model.cfg.llm.num_hidden_layers
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # train.py: MFU: the FLOP count
 # ----------------------------------------------------------------------------------------------------------------
