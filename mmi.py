@@ -11,7 +11,7 @@ a few learned sampling points in the multi-scale feature maps of all images befo
 
 Sections, in the order data flows:
   config -> building blocks -> deformable attention -> vision -> LLM with MMFS -> image decoder ->
-  the MMInterleaved model -> loading -> generation
+  the MMInterleaved model -> loading -> generation; then fine-tuning's LoRA, and the speed forms beside the model
 Module attribute names follow the released checkpoints so that `state_dict()` keys match them.
 """
 
