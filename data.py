@@ -3,7 +3,9 @@ synthetic "shape stories" corpus the demo model learns from.
 
 Sections follow the data: text -> tokenizer; image file -> transform; one document or pair -> a Sample;
 shard files -> a stream of Samples per rank/worker; Samples -> packed rows -> the batch dict of the model's
-forward; several sources -> one mixed, resumable stream. The demo corpus plugs into the same packing code.
+forward; several sources -> one mixed, resumable stream; fine-tuning records (instructions and answers) -> rows
+whose text loss is on the answers, through a stream resumable in the same way. The demo corpus plugs into the same
+packing code.
 
 Use:
     tok = Tokenizer("assets/demo_tokenizer.model")             # or LLaMA's tokenizer.model / tokenizer.json
@@ -21,6 +23,7 @@ import argparse
 import ast
 import contextlib
 import functools
+import inspect
 import io
 import itertools
 import json
@@ -531,6 +534,17 @@ class Reader:
     stats: Counter = field(default_factory=Counter)
 
 
+def current_reader(rank=None, world_size=None, first_worker=0):
+    """The Reader of this process (rank and world_size None: RANK and WORLD_SIZE) and DataLoader worker: worker w
+    plays reader (w + first_worker) mod num_workers, so that a resumed loader starts with the one whose turn is
+    next."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    info = torch.utils.data.get_worker_info()
+    worker, num_workers = (0, 1) if info is None else ((info.id + first_worker) % info.num_workers, info.num_workers)
+    return Reader(rank, world, worker, num_workers)
+
+
 class ShardSource:
     """A dataset stored as shard files of one record per line (MMC4 jsonl / jsonl.zip, LAION-style txt).
     `build(line, rng, where, stats)` turns a line into a Sample or raises SkipSample (per-image failures of
@@ -885,12 +899,7 @@ class MixedDataset(torch.utils.data.IterableDataset):
 
     def _readers(self):
         """One Reader per source (its own skip counters) for this rank and DataLoader worker."""
-        rank = int(os.environ.get("RANK", 0)) if self.rank is None else self.rank
-        world = int(os.environ.get("WORLD_SIZE", 1)) if self.world_size is None else self.world_size
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (0, 1) if info is None else ((info.id + self.first_worker) % info.num_workers,
-                                                           info.num_workers)
-        return [Reader(rank, world, worker, num_workers) for _ in self.sources]
+        return [current_reader(self.rank, self.world_size, self.first_worker) for _ in self.sources]
 
     def __iter__(self):
         readers = self._readers()
@@ -952,6 +961,262 @@ def pretrain_mix(tokenizer, pairs, mmc4, enc_size=224, dec_size=512, num_total_t
     probs.append(2.0)
     cfgs.append(PackConfig(num_total_token, num_img_token, 15, "image", 4))
     return MixedDataset(sources, probs, cfgs, tokenizer, seed=seed, rank=rank, world_size=world_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning data: instruction records -> rows whose text loss is on the answers only
+# ---------------------------------------------------------------------------------------------------------------
+
+def finetune_dataset(name, tokenizer, cfg, split, rank, world, seed, **args):
+    """train.py's data="finetune": the dataset `name` (finetune_dataset) with its keyword arguments (finetune_args)
+    for split "train" or "val" -> an IterableDataset of collated batches, resumable as MixedDataset, or None where
+    it has no such split. cfg: the model's MMIConfig (image size, image tokens, row length)."""
+    if name == "llava":
+        build = llava_dataset
+    else:
+        raise mmi.InputError(f"finetune_dataset {name!r}, expected one of 'llava'")
+    try:
+        inspect.signature(build).bind(tokenizer, cfg, split, rank, world, seed, **args)
+    except TypeError as e:
+        raise mmi.InputError(f"finetune_args {args}: {e} (see data.{build.__name__})") from None
+    return build(tokenizer, cfg, split, rank, world, seed, **args)
+
+
+@dataclass
+class Example:
+    """One fine-tuning example, before batching."""
+    text_ids: np.ndarray  # (T,) int64, starts with bos
+    labels: np.ndarray  # (T,) int64: the token where it is learned, -100 where it is not
+    images: np.ndarray  # (n, 3, S, S) uint8, in the order of their placeholders
+
+
+def collate_examples(examples, pad_id, dataset_name, loss_img_weight=0.0):
+    """Examples -> the model's batch dict, right-padded: gt_text_ids carries the labels (-100 on padding), each
+    example is one document from position 0 (nearest_bos_idxs 0), and loss_img_weight 0 leaves the image decoder
+    out (a text-only loss, as the original's instruction tuning)."""
+    B, L = len(examples), max(len(e.text_ids) for e in examples)
+    text_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    for b, e in enumerate(examples):
+        text_ids[b, :len(e.text_ids)] = torch.from_numpy(e.text_ids)
+        labels[b, :len(e.labels)] = torch.from_numpy(e.labels)
+        attention_mask[b, :len(e.text_ids)] = 1
+    num = torch.tensor([len(e.images) for e in examples], dtype=torch.long)
+    return {"text_ids": text_ids,  # (B, L)
+            "attention_mask": attention_mask,  # (B, L)
+            "gt_text_ids": labels,  # (B, L)
+            "image_tensors": to_float01(np.concatenate([e.images for e in examples])),  # (B_I, 3, S, S)
+            "num_image_per_seq": num,  # (B,)
+            "nearest_bos_idxs": torch.zeros(int(num.sum()), dtype=torch.long),  # (B_I,)
+            "loss_img_weight": loss_img_weight,
+            "meta": {"dataset_name": dataset_name}}
+
+
+class ExampleDataset(torch.utils.data.IterableDataset):
+    """A fine-tuning dataset held in memory as a list of items (records read up front). An epoch gives every item
+    once, in an order shuffled by (seed, epoch); item k of that order goes to reader k mod num_readers (reader =
+    rank * num_workers + DataLoader worker), which builds its items in turn (`build(item, rng)` -> Example, or
+    SkipSample: counted by reason and passed over) and collates `batch_size` of them (`collate(examples)`); an
+    epoch's last batch may be smaller. Resumable as MixedDataset: every batch carries meta["position"] =
+    {"reader", "state": {"epoch", "next": the reader's next item}}. After a pass, `last_stats` holds its counts."""
+
+    def __init__(self, name, items, build, collate, batch_size, seed=0, rank=None, world_size=None, verbose=True):
+        if batch_size < 1:
+            raise mmi.InputError(f"{name}: batch_size {batch_size}, expected 1 or more")
+        self.name, self.items, self.build, self.collate = name, items, build, collate
+        self.batch_size, self.seed, self.verbose = batch_size, seed, verbose
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.resume, self.first_worker, self.last_stats = 0, {}, 0, Counter()
+
+    set_epoch = MixedDataset.set_epoch
+    record_position = staticmethod(MixedDataset.record_position)
+    load_state_dict = MixedDataset.load_state_dict
+
+    def __iter__(self):
+        reader = current_reader(self.rank, self.world_size, self.first_worker)
+        index, num_readers = reader.rank * reader.num_workers + reader.worker, reader.world_size * reader.num_workers
+        start = self.resume.get(index)
+        first = start["next"] if start is not None and start["epoch"] == self.epoch else 0
+        order = list(range(len(self.items)))
+        random.Random(f"finetune/{self.seed}/{self.epoch}").shuffle(order)
+        mine, batch = order[index::num_readers], []
+
+        def make(next_item):
+            out = self.collate(batch)
+            out["meta"]["position"] = {"reader": index, "state": {"epoch": self.epoch, "next": next_item}}
+            out["meta"]["stats"] = dict(reader.stats)
+            return out
+
+        for k in range(first, len(mine)):
+            reader.stats["examples"] += 1
+            try:
+                example = self.build(self.items[mine[k]], sample_rng(self.seed, (self.epoch, mine[k])))
+            except SkipSample as e:
+                reader.stats[f"skip:{e.reason}"] += 1
+                continue
+            reader.stats["used"] += 1
+            batch.append(example)
+            if len(batch) == self.batch_size:
+                yield make(k + 1)
+                batch = []
+        if batch:
+            yield make(len(mine))
+        self.last_stats = Counter(reader.stats)
+        line = (f"[data] {self.name} epoch {self.epoch} rank {reader.rank} worker {reader.worker}: examples "
+                f"{reader.stats['examples']}, used {reader.stats['used']}; skipped: "
+                + (", ".join(f"{k[5:]}={v}" for k, v in sorted(reader.stats.items()) if k.startswith("skip:"))
+                   or "none"))
+        if first == 0 and not reader.stats["used"] and (mine or reader.num_workers == 1):
+            raise mmi.InputError(line + "; no usable example")
+        if self.verbose:
+            print(line, flush=True)
+
+
+# The original's instruction format for its VQA-style fine-tuning (an empty system prompt, the user prompt, the
+# assistant prompt, joined by spaces): the answer follows after one space, then "</s>".
+LLAVA_PROMPT = ("Based on the image, please answer the question. {image}{question} Please provide an accurate answer "
+                "within one word. The answer is:")
+
+
+def llava_dataset(tokenizer, cfg, split, rank, world, seed, annt="", data_root="", val_annt="", val_data_root="",
+                  batch_size=4, max_len=0, prompt=LLAVA_PROMPT):
+    """LLaVA-style instruction data (the original's LLaVADataset read through its VQACollator in training mode).
+
+    annt: a .json file holding a list of records, or a .jsonl file of one record a line (or a list of such files);
+    data_root: the folder image paths are relative to (one per annt file; "" = the annotation file's folder).
+    val_annt / val_data_root: the same for split "val" ("" = no validation split). max_len: tokens per row
+    (0 = the model's seq_len). prompt: the template, with {image} and {question}. The original layout:
+
+        llava_instruct_150k.json            [{"id": "000000033471",
+                                              "image": "coco/train2017/000000033471.jpg",   (or a list of paths)
+                                              "conversations": [
+                                                {"from": "human", "value": "<image>\\nWhat are the colors ...?"},
+                                                {"from": "gpt",   "value": "The bus in the image is white ..."},
+                                                {"from": "human", "value": "What feature can be seen ...?"},
+                                                {"from": "gpt",   "value": "..."}]},
+                                             ...]
+        <data_root>/coco/train2017/000000033471.jpg
+
+    Rules, as the original: a conversation is cut into rounds (human, gpt), each its own example with all of the
+    record's images; a round's text is `prompt` with the images at {image} and the question (its <image> marks
+    removed) at {question}, then " " + the answer + "</s>"; the text loss is on the answer and "</s>" only (the
+    tokens after those of the prompt alone), -100 everywhere else; the image decoder does not run. Beyond the
+    original, which reads one image a record: with several images and as many <image> marks in a question, each
+    image goes at its own mark, in order, and {image} stays empty (a question without marks gets them all at
+    {image}). A row longer than max_len is cut at max_len, the answer's end first. Skipped, counted by reason: a
+    record or round of the wrong shape (malformed_record), a human turn with no gpt turn after it (no_gpt_turn),
+    no image (no_image), a missing or unreadable image (image_missing, image_unreadable), marks that do not number
+    the images (image_marks_mismatch), a prompt that leaves no answer token within max_len (too_long)."""
+    if split not in ("train", "val"):
+        raise mmi.InputError(f"llava: split {split!r}, expected 'train' or 'val'")
+    files, roots = (annt, data_root) if split == "train" else (val_annt, val_data_root)
+    if not files:
+        if split == "train":
+            raise mmi.InputError("finetune_args: llava needs annt, the path of its annotation file(s)")
+        return None
+    files = [files] if isinstance(files, str) else list(files)
+    roots = [roots] * len(files) if isinstance(roots, str) else list(roots)
+    if len(roots) != len(files):
+        raise mmi.InputError(f"finetune_args: {len(roots)} data_root for {len(files)} annt files, expected one each")
+    items = [item for path, root in zip(files, roots)
+             for item in llava_rounds(read_records(path), root or os.path.dirname(os.path.abspath(path)), path)]
+    build = LlavaBuilder(tokenizer, DualTransform(cfg.vision.image_size, None), cfg.num_img_token,
+                         max_len or cfg.seq_len, prompt)
+    collate = functools.partial(collate_examples, pad_id=tokenizer.pad_id, dataset_name="llava")
+    return ExampleDataset(f"llava_{split}", items, build, collate, batch_size, seed, rank, world)
+
+
+def read_records(path):
+    """The records of a .json list or a .jsonl file; a file that is missing or not of that form is an InputError
+    naming the file and where."""
+    if not os.path.isfile(path):
+        raise mmi.InputError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                return [json.loads(line) for line in f if line.strip()]
+            records = json.load(f)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of records with 'image' and "
+                             f"'conversations'") from None
+    except OSError as e:
+        raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(records, list):
+        raise mmi.InputError(f"{path}: top level is {type(records).__name__}, expected a list of records with "
+                             f"'image' and 'conversations'")
+    return records
+
+
+def llava_rounds(records, data_root, path):
+    """Records -> one item per round: {"images": paths, "question", "answer", "where"}, or {"skip": SkipSample}
+    for a record or round that cannot give an example (the reader counts it when its turn comes)."""
+    items = []
+    for n, record in enumerate(records):
+        where = f"{path}[{n}]"
+        try:
+            turns = record["conversations"]
+            if not isinstance(turns, list) or not turns:
+                raise ValueError("'conversations' must be a non-empty list")
+            roles = [t["from"] for t in turns]
+            values = [t["value"] for t in turns]
+            if not all(isinstance(v, str) for v in values) or not set(roles) <= {"human", "gpt"}:
+                raise ValueError("each turn needs 'from' 'human' or 'gpt' and a string 'value'")
+            image = record.get("image")
+            paths = [image] if isinstance(image, str) else list(image or [])
+            if not all(isinstance(p, str) for p in paths):
+                raise ValueError("'image' must be a path or a list of paths")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            items.append({"skip": SkipSample("malformed_record", f"{where}: {e}")})
+            continue
+        if not paths:
+            items.append({"skip": SkipSample("no_image", where)})
+            continue
+        for r in range(0, len(turns), 2):
+            at = f"{where} round {r // 2}"
+            if roles[r:r + 2] == ["human"]:
+                items.append({"skip": SkipSample("no_gpt_turn", at)})
+            elif roles[r:r + 2] != ["human", "gpt"]:
+                items.append({"skip": SkipSample("malformed_record", f"{at}: turns {roles[r:r + 2]}, expected "
+                                                                     f"['human', 'gpt']")})
+            else:
+                items.append({"images": [os.path.join(data_root, p) for p in paths], "question": values[r],
+                              "answer": values[r + 1], "where": at})
+    return items
+
+
+class LlavaBuilder:
+    """A round (see llava_rounds) -> Example; a class so that DataLoader workers started with "spawn" get it."""
+
+    def __init__(self, tokenizer, transform, num_img_token, max_len, prompt):
+        if "{image}" not in prompt or "{question}" not in prompt:
+            raise mmi.InputError(f"finetune_args: prompt {prompt!r} needs {{image}} and {{question}}")
+        self.tokenizer, self.transform, self.num_img_token = tokenizer, transform, num_img_token
+        self.max_len, self.prompt = max_len, prompt
+
+    def __call__(self, item, rng):
+        if "skip" in item:
+            raise item["skip"]
+        images, where, placeholder = item["images"], item["where"], image_placeholder(self.num_img_token)
+        parts = [_strip_special_strings(p) for p in item["question"].split("<image>")]
+        marks = len(parts) - 1
+        if len(images) > 1 and marks:
+            if marks != len(images):
+                raise SkipSample("image_marks_mismatch", f"{where}: {marks} <image> marks for {len(images)} images")
+            question, slot = placeholder.join(parts), ""
+        else:
+            question, slot = "".join(parts), placeholder * len(images)
+        question = question.strip()
+        text = clean_image_spaces(self.prompt.format(image=slot, question=question))
+        answer = _strip_special_strings(item["answer"]).strip()
+        n_prompt = len(self.tokenizer.encode(text))
+        ids = np.asarray(self.tokenizer.encode(f"{text} {answer}</s>"), dtype=np.int64)[:self.max_len]
+        if n_prompt >= len(ids):
+            raise SkipSample("too_long", f"{where}: the prompt alone has {n_prompt} tokens, max_len {self.max_len}")
+        arrays = np.stack([self.transform(load_image(p))[0] for p in images])
+        labels = ids.copy()
+        labels[:n_prompt] = -100
+        return Example(ids, labels, arrays)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ a few learned sampling points in the multi-scale feature maps of all images befo
 
 Sections, in the order data flows:
   config -> building blocks -> deformable attention -> vision -> LLM with MMFS -> image decoder ->
-  the MMInterleaved model -> loading -> generation
+  the MMInterleaved model -> loading -> generation; then fine-tuning's LoRA, and the speed forms beside the model
 Module attribute names follow the released checkpoints so that `state_dict()` keys match them.
 """
 
@@ -3915,6 +3915,72 @@ def beam_search(decoder, num_beams, n_return, length_penalty, max_new_tokens, mi
             for k in range(K):
                 add(b, beam_scores[b, k].item() / (len(beams[b * K + k]) + 1) ** length_penalty, beams[b * K + k])
     return [seq for b in range(B) for _, seq in hyps[b][:n_return]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning: LoRA, a trainable low-rank update beside the LLM's frozen matmuls (Hu et al., 2021)
+# ----------------------------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a low-rank update: y = x W^T + b + (x A^T) B^T * alpha / rank, A (rank, in) and
+    B (out, rank) trained. W and b keep the names weight and bias, so the layer's state_dict keys stay and
+    lora_A, lora_B join them. A starts small and random (nn.Linear's own init), B at zero: the layer starts as
+    the plain one, exactly. Not an nn.Linear, so that no fast path reads W alone (the decoding GEMV calls it)."""
+
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.scale = (linear.in_features, linear.out_features,
+                                                                      rank, alpha / rank)
+        self.weight, self.bias = linear.weight, linear.bias
+        w = linear.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def merged(self):
+        """The plain nn.Linear with W + B A * alpha / rank (summed in at least float32, stored in W's dtype)."""
+        w, dtype = self.weight, torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.no_grad():
+            delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scale        # (out, in)
+            weight = nn.Parameter((w.to(dtype) + delta).to(w.dtype), requires_grad=w.requires_grad)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = weight, self.bias
+        return linear
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, scale={self.scale}"
+
+
+def add_lora(model, rank=8, alpha=16, targets=LORA_TARGETS):
+    """In place: every nn.Linear of the LLM (model.mm_decoder; the model itself if it has none) whose name ends in
+    one of `targets` becomes a LoRALinear, and every other parameter of the model is frozen: only the A and B
+    matrices train. -> model"""
+    if rank < 1:
+        raise InputError(f"lora rank {rank}, expected 1 or more")
+    llm = getattr(model, "mm_decoder", model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, m in list(llm.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        if type(m) is nn.Linear and leaf in targets:
+            setattr(llm.get_submodule(parent), leaf, LoRALinear(m, rank, alpha))
+    return model
+
+
+def merge_lora(model):
+    """In place: every LoRALinear folded back into a plain nn.Linear (see LoRALinear.merged), so that the model is
+    the plain architecture again and save_pretrained writes no LoRA keys. -> model"""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, m.merged())
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3705,6 +3705,112 @@ def test_annt_json_inference_format(tmp_path):
     assert b["target_image_idxs"].tolist() == [1] and b["nearest_bos_idxs"].tolist() == [0, 0]
 
 
+# LLaVA-style records: a two-round question about one image, a question about two images at their marks
+LLAVA_RECORDS = [
+    {"id": "0", "image": "red.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "a square"}]},
+    {"id": "1", "image": ["red.jpg", "blue.jpg"], "conversations": [
+        {"from": "human", "value": "First <image> then <image>: which is blue?"},
+        {"from": "gpt", "value": "the second"}]},
+]
+LLAVA_PROMPT_START = "<s> Based on the image, please answer the question."
+LLAVA_PROMPT_END = " Please provide an accurate answer within one word. The answer is:"
+
+
+def write_llava(root, records=LLAVA_RECORDS):
+    write_jpeg(os.path.join(root, "red.jpg"), "red")
+    write_jpeg(os.path.join(root, "blue.jpg"), "blue")
+    path = os.path.join(root, "llava.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
+def llava_epoch(annt, **args):
+    """One pass of the llava reader on the tiny preset, one example a batch: (batches, the pass's counts)."""
+    ds = data.finetune_dataset("llava", demo_tok(), mmi.MMIConfig.from_preset("tiny"), "train", 0, 1, 0, annt=annt,
+                               batch_size=1, **args)
+    ds.verbose = False
+    return list(ds), ds.last_stats
+
+
+def test_llava_text_loss_is_on_the_answer_and_eos_only(tmp_path):
+    """Each round is an example: the original's prompt with the image at {image}, the question without its
+    <image> mark, then " " + the answer + "</s>"; gt_text_ids is -100 on every token of the prompt and padding
+    and the token itself on the answer's ("red", "</s>"); the image decoder is off (loss_img_weight 0)."""
+    tok = demo_tok()
+    batches, stats = llava_epoch(write_llava(tmp_path))
+    assert len(batches) == 3 and stats == Counter({"examples": 3, "used": 3})
+    texts = {tok.decode(b["text_ids"][0], skip_special=False): b for b in batches}
+    image = data.SOI_TOKEN + data.IMAGE_TOKEN * 8
+    b = texts[f"{LLAVA_PROMPT_START}{image} What colour is it?{LLAVA_PROMPT_END} red</s>"]
+    ids, labels = b["text_ids"][0].tolist(), b["gt_text_ids"][0].tolist()
+    pieces = [tok.decode([i], skip_special=False) for i in ids]
+    assert pieces[-3:] == [":", "red", "</s>"]
+    assert labels == [-100] * (len(ids) - 2) + ids[-2:]                     # token by token: only "red" and "</s>"
+    assert b["loss_img_weight"] == 0.0 and b["num_image_per_seq"].tolist() == [1]
+    assert colour_of(b["image_tensors"][0]) == "red" and b["image_tensors"].shape == (1, 3, 64, 64)
+    # the second round gets the record's image too (the original prepends the mark to every round)
+    assert f"{LLAVA_PROMPT_START}{image} And the shape?{LLAVA_PROMPT_END} a square</s>" in texts
+    # two images at their two marks, in order; {image} stays empty (text after an image is encoded on its own, with
+    # SentencePiece's "▁" in front, as the original's tokenizer does: the decoded " :")
+    b = texts[f"{LLAVA_PROMPT_START} First{image} then{image} : which is blue?{LLAVA_PROMPT_END} the second</s>"]
+    assert [colour_of(x) for x in b["image_tensors"]] == ["red", "blue"] and b["num_image_per_seq"].tolist() == [2]
+    learned = [t for t, l in zip(b["text_ids"][0].tolist(), b["gt_text_ids"][0].tolist()) if l != -100]
+    assert tok.decode(learned, skip_special=False) == "the second</s>"
+
+
+def test_llava_skips_bad_records_and_counts_each_reason(tmp_path):
+    good = LLAVA_RECORDS[0]["conversations"][:2]
+    records = [
+        {"image": "red.jpg", "conversations": good},
+        {"image": "gone.jpg", "conversations": good},                                           # image_missing
+        {"image": "red.jpg", "conversations": good[:1]},                                        # no_gpt_turn
+        {"image": "red.jpg", "conversations": [good[1], good[0]]},                              # malformed_record
+        {"image": "red.jpg", "conversations": "what?"},                                         # malformed_record
+        {"image": 7, "conversations": good},                                                    # malformed_record
+        {"conversations": good},                                                                # no_image
+        {"image": ["red.jpg", "blue.jpg"], "conversations": [{"from": "human", "value": "<image> x <image> y <image>"},
+                                                             good[1]]},                        # image_marks_mismatch
+        {"image": "red.jpg", "conversations": good + good[:1]},                  # one example, then no_gpt_turn
+    ]
+    batches, stats = llava_epoch(write_llava(tmp_path, records))
+    assert len(batches) == 2
+    assert stats == Counter({"examples": 10, "used": 2, "skip:image_missing": 1, "skip:no_gpt_turn": 2,
+                             "skip:malformed_record": 3, "skip:no_image": 1, "skip:image_marks_mismatch": 1})
+
+
+def test_llava_rows_cut_at_max_len_prompts_too_long_skipped(tmp_path):
+    """A row longer than max_len loses the answer's end (its "</s>" first); a prompt that leaves no answer token
+    within max_len is skipped as too_long."""
+    tok = demo_tok()
+    annt = write_llava(tmp_path, [{"image": "red.jpg", "conversations": LLAVA_RECORDS[0]["conversations"][:2]}])
+    full, _ = llava_epoch(annt)
+    n = len(full[0]["text_ids"][0])
+    cut, _ = llava_epoch(annt, max_len=n - 1)
+    assert cut[0]["text_ids"][0].tolist() == full[0]["text_ids"][0].tolist()[:-1]
+    assert tok.decode(cut[0]["text_ids"][0], skip_special=False).endswith("The answer is: red")
+    assert cut[0]["gt_text_ids"][0].tolist()[-1] == full[0]["text_ids"][0].tolist()[-2]
+    with pytest.raises(mmi.InputError, match=r"no usable example") as e:
+        llava_epoch(annt, max_len=n - 2)
+    assert "too_long=1" in str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"image": "red.jpg", "conversations": [', r"llava.json: not valid JSON \(Expecting value: line 1 column 41"),
+    ('{"data": []}', "llava.json: top level is dict, expected a list of records with 'image' and 'conversations'"),
+])
+def test_llava_malformed_file_is_one_line_naming_it(tmp_path, text, message):
+    (tmp_path / "llava.json").write_text(text)
+    with pytest.raises(mmi.InputError, match=message):
+        llava_epoch(str(tmp_path / "llava.json"))
+    with pytest.raises(mmi.InputError, match=r"finetune_args .*'bogus'"):
+        llava_epoch(str(tmp_path / "llava.json"), bogus=1)
+    with pytest.raises(mmi.InputError, match="finetune_dataset 'nope', expected one of 'llava'"):
+        data.finetune_dataset("nope", demo_tok(), mmi.MMIConfig.from_preset("tiny"), "train", 0, 1, 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # data.py: packing
 # ----------------------------------------------------------------------------------------------------------------
@@ -4681,6 +4787,135 @@ def test_loop_reads_a_step_back_without_waiting_for_next(tmp_path, config_file, 
                   "--ckpt_interval=-1", "--log_interval=1")
     assert [(step, f) for step, f in all_reads if step >= 2] == []
     assert [r["step"] for r in read_metrics(str(tmp_path / "run"))] == [1, 2, 3, 4, 5]
+
+
+def lora_model(seed=0):
+    torch.manual_seed(seed)
+    return mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny")).double().eval()
+
+
+LORA_ROWS = [[BOS, 20, 21, "img", 22, 23, 24, "img", 25, EOS], [BOS, "img", 26, 27, 28, EOS]]
+
+
+def test_lora_starts_as_the_base_model_exactly():
+    """B starts at zero: the wrapped model's logits are the plain model's, bit for bit; only A and B train, on
+    the LLM's seven matmuls per layer, and nothing outside the LLM is wrapped (CLIP's q_proj stays)."""
+    model = lora_model()
+    batch = make_batch(model.cfg, LORA_ROWS, 28)
+    with torch.no_grad():
+        want = model.text_logits(batch)
+        mmi.add_lora(model, rank=4, alpha=8)
+        got = model.text_logits(batch)
+    assert torch.equal(got, want)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    layers = model.cfg.llm.num_hidden_layers
+    assert len(trainable) == 2 * 7 * layers and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    q = model.mm_decoder.layers[0].self_attn.q_proj
+    assert isinstance(q, mmi.LoRALinear) and q.lora_A.shape == (4, q.in_features) and q.scale == 2.0
+    assert not any(isinstance(m, mmi.LoRALinear) for m in model.visual_tokenizer.modules())
+
+
+def test_lora_merged_model_gives_the_unmerged_outputs():
+    """In float64, with A and B random: the LoRA model's logits, then merge_lora's plain nn.Linear layers with
+    W + B A * alpha / rank give the same logits to 1e-12, and the state_dict has the plain keys again."""
+    model = lora_model()
+    keys = set(model.state_dict())
+    batch = make_batch(model.cfg, LORA_ROWS, 28)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        base = model.text_logits(batch)
+        mmi.add_lora(model, rank=4, alpha=8)
+        for m in model.modules():
+            if isinstance(m, mmi.LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g, dtype=torch.float64) * 0.1)
+        want = model.text_logits(batch)
+        q = model.mm_decoder.layers[0].self_attn.q_proj
+        expected_q = q.weight + q.lora_B @ q.lora_A * 2.0
+        mmi.merge_lora(model)
+        got = model.text_logits(batch)
+    assert (want - base).abs().max() > 1e-3                        # the update changes the outputs ...
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()    # ... and the merged weights carry it
+    assert set(model.state_dict()) == keys and not any(isinstance(m, mmi.LoRALinear) for m in model.modules())
+    assert type(model.mm_decoder.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert torch.equal(model.mm_decoder.layers[0].self_attn.q_proj.weight, expected_q)
+
+
+def test_lora_run_trains_only_lora_and_exports_plain_model(tmp_path, config_file):
+    """--lora_rank=4: every weight but LoRA's is where it started after 3 steps; the export is a plain model
+    (no LoRA keys) that from_pretrained loads and that computes the trained model's logits."""
+    out = tmp_path / "lora"
+    result = run_train(config_file, str(out), "--lora_rank=4", "--lora_alpha=8", "--export=true")
+    model = result["model"]                                         # merged by the export
+    torch.manual_seed(32)
+    init = mmi.MMInterleaved(train.model_config(result["config"]))
+    ckpt = dcp_model_state(out / "ckpt_00000003")
+    lora = {k for k in ckpt if ".lora_" in k}
+    assert lora and all(k.startswith("mm_decoder.layers.") for k in lora)
+    for name, p in init.state_dict().items():
+        assert torch.equal(ckpt[name], p), name                     # the base weights never moved
+    assert any(not torch.equal(ckpt[k], torch.zeros_like(ckpt[k])) for k in lora if k.endswith("lora_B"))
+    loaded = mmi.MMInterleaved.from_pretrained(str(out / "model"))
+    assert not any("lora" in k for k in loaded.state_dict())
+    batch = make_batch(model.cfg, LORA_ROWS, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval().text_logits(batch), model.eval().text_logits(batch))
+    assert not torch.equal(loaded.mm_decoder.layers[0].mlp.up_proj.weight, init.mm_decoder.layers[0].mlp.up_proj.weight)
+
+
+def dcp_model_state(path):
+    """The model's tensors of a train.py checkpoint, read with DCP into plain tensors."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(path), str(path) + ".pt")
+    return torch.load(str(path) + ".pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_finetune_resume_gives_the_uninterrupted_losses_exactly(tmp_path, config_file, lora):
+    """data=finetune on the llava reader (3 examples, 2 a batch: 2 batches an epoch): a run resumed after step 1,
+    mid-epoch, gives steps 2 to 4 of the uninterrupted run bit for bit, into the next epoch, with and without
+    LoRA."""
+    annt = write_llava(str(tmp_path))
+    args = ["--data=finetune", "--finetune_dataset=llava", f"--finetune_args={{'annt': {annt!r}, 'batch_size': 2}}",
+            "--max_steps=4", "--ckpt_interval=1", "--warmup_steps=1", f"--lora_rank={lora}"]
+    full = run_train(config_file, str(tmp_path / "full"), *args)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full" / "ckpt_00000001", interrupted / "ckpt_00000001")
+    resumed = run_train(config_file, str(interrupted), *args, "--resume")
+    assert sorted(resumed["losses"]) == [2, 3, 4]
+    assert [resumed["losses"][s] for s in (2, 3, 4)] == [full["losses"][s] for s in (2, 3, 4)]
+
+
+def test_init_from_takes_the_runs_trainable_flags(tmp_path, config_file):
+    """A run from a saved model chooses what trains (--model.unet.trainable=false freezes the UNet it was saved
+    with); a different architecture is still refused."""
+    torch.manual_seed(0)
+    mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny")).save_pretrained(str(tmp_path / "m"))
+    tc = train.load_config([config_file, f"--init_from={tmp_path / 'm'}", "--model.unet.trainable=false"])
+    model = train.build_mmi(tc, train.model_config(tc), torch.device("cpu"))
+    unet = [p.requires_grad for n, p in model.named_parameters() if n.startswith("image_decoder.decoder.unet.")]
+    assert unet and not any(unet) and model.mm_decoder.layers[0].llama_cross_attn.gate.requires_grad
+    tc = train.load_config([config_file, f"--init_from={tmp_path / 'm'}", "--model.llm.num_hidden_layers=3"])
+    with pytest.raises(mmi.InputError, match="its model config differs from preset 'tiny'"):
+        train.build_mmi(tc, train.model_config(tc), torch.device("cpu"))
+
+
+def test_sft_vqa_13b_config_groups_what_it_says_trains():
+    """configs/sft_vqa_13b.py on the paper-size model (meta): llava fine-tuning data, the UNet frozen, the MMFS
+    layers and the visual tokenizer's trainable parts in the table's rows; with LoRA only the "lora_" row."""
+    tc = train.load_config([os.path.join(HERE, "configs", "sft_vqa_13b.py")])
+    assert (tc.data, tc.finetune_dataset, tc.lora_rank) == ("finetune", "llava", 0)
+    assert {"annt", "data_root", "batch_size"} <= set(tc.finetune_args)
+    with torch.device("meta"):
+        model = mmi.MMInterleaved(train.model_config(tc))
+    lr = {n: g["lr"] for g in train.param_groups(model, tc.param_groups) for n in g["names"]}
+    assert not any(n.startswith("image_decoder.decoder.unet.") for n in lr) and 2e-4 not in lr.values()
+    assert lr["mm_decoder.layers.0.llama_cross_attn.gate"] == 1e-5
+    assert lr["mm_decoder.layers.0.llama_cross_attn.attn.sampling_offsets.weight"] == 1e-6
+    assert not any(n.startswith("mm_decoder.layers.0.self_attn.") for n in lr)           # the LLM body: frozen
+    mmi.add_lora(model, 64, tc.lora_alpha)
+    groups = train.param_groups(model, tc.param_groups)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(2e-4, 0.0)]
+    assert len(groups[0]["names"]) == 2 * 7 * model.cfg.llm.num_hidden_layers
 
 
 # ----------------------------------------------------------------------------------------------------------------

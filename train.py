@@ -69,21 +69,30 @@ class TrainConfig:
     kl_weight: float = 1e-6                      # task="vae": weight of the KL term
     # data
     data: str = "synthetic"                      # "demo" (shape stories) | "synthetic" (random rows) | "pretrain"
-    batch_size: int = 2                          # rows per micro-batch, per process
+                                                 # | "finetune" (finetune_dataset)
+    batch_size: int = 2                          # rows per micro-batch, per process (pretrain / finetune: set
+                                                 # per source / in finetune_args)
     grad_accum: int = 1                          # micro-batches per optimizer step
     seq_len: int = 256                           # tokens per row for demo / synthetic data
     images_per_row: int = 2                      # synthetic data
-    num_workers: int = 0                         # DataLoader workers (demo / pretrain), at most the CPU cores less one
+    num_workers: int = 0                         # DataLoader workers (all but synthetic), at most the CPU cores less
+                                                 # one
     demo_num_stories: int = 0                    # stories per demo epoch; 0 = the whole split
-    tokenizer_path: str = ""                     # demo / pretrain; "" = the demo tokenizer in assets/
+    tokenizer_path: str = ""                     # demo / pretrain / finetune; "" = the demo tokenizer in assets/
     pretrain_sources: tuple = ()                 # data="pretrain", one tuple per source: (name, "mmc4" | "pair",
                                                  # shard pattern, annt_root, data_root, probability, rows per batch)
+    finetune_dataset: str = ""                   # data="finetune": the reader in data.finetune_dataset ("llava")
+    finetune_args: dict = field(default_factory=dict)    # its keyword arguments: paths, rows per batch, options
+                                                 # (data.llava_dataset: annt, data_root, val_annt, batch_size, ...)
     # optimizer and schedule
     param_groups: tuple = PAPER_PARAM_GROUPS     # AdamW groups (substring of the parameter name, lr, weight decay),
                                                  # the first match wins; the default is the paper's table
     betas: tuple = (0.9, 0.995)                  # AdamW
     eps: float = 1e-6                            # AdamW
     grad_clip: float = 1.0                       # max global grad norm; 0 = no clipping (the norm is still logged)
+    lora_rank: int = 0                           # > 0: LoRA of this rank on the LLM's attention and MLP matmuls
+                                                 # (mmi.add_lora), everything else frozen; merged on export
+    lora_alpha: float = 16.0                     # LoRA's update is scaled by lora_alpha / lora_rank
     warmup_steps: int = 1000                     # linear from 0, then cosine to 0 at max_steps
     max_steps: int = 15000                       # optimizer steps
     # system
@@ -117,9 +126,9 @@ class TrainConfig:
 
 
 # the string fields that take one of a few values
-CHOICES = {"task": ("mmi", "vae"), "data": ("demo", "synthetic", "pretrain"), "dtype": ("bfloat16", "float32"),
-           "frozen_dtype": ("bfloat16", "float32"), "export_dtype": ("", "bfloat16", "float32"),
-           "init_device": ("cpu", "cuda")}
+CHOICES = {"task": ("mmi", "vae"), "data": ("demo", "synthetic", "pretrain", "finetune"),
+           "dtype": ("bfloat16", "float32"), "frozen_dtype": ("bfloat16", "float32"),
+           "export_dtype": ("", "bfloat16", "float32"), "init_device": ("cpu", "cuda")}
 
 USAGE = """\
 usage: python train.py CONFIG.py [--key=value ...] [--model.<key>=value ...]
@@ -238,9 +247,11 @@ def load_config(argv):
         if getattr(tc, key) not in allowed:
             raise mmi.InputError(f"{key} {getattr(tc, key)!r}, expected one of {', '.join(map(repr, allowed))}")
     for key, least in (("batch_size", 1), ("grad_accum", 1), ("keep_last", 1), ("nan_patience", 1),
-                       ("num_workers", 0), ("max_steps", 0)):
+                       ("num_workers", 0), ("max_steps", 0), ("lora_rank", 0)):
         if getattr(tc, key) < least:
             raise mmi.InputError(f"{key} {getattr(tc, key)}, expected {least} or more")
+    if tc.lora_rank and tc.task != "mmi":
+        raise mmi.InputError(f"lora_rank {tc.lora_rank}: LoRA adapts the LLM of task 'mmi', not task {tc.task!r}")
     model_keys = _model_keys(mmi.MMIConfig.from_preset(tc.preset))
     for key in model_overrides:
         if key not in model_keys and key in typed:
@@ -521,6 +532,8 @@ def mixed_dataset(cfg, tc, split, rank, world):
     if ids != want:
         raise mmi.InputError(f"tokenizer {tok.path}: (vocab, pad, soi, image, bos, eos) = {ids}, the model expects "
                              f"{want}")
+    if tc.data == "finetune":
+        return data.finetune_dataset(tc.finetune_dataset, tok, cfg, split, rank, world, tc.seed, **tc.finetune_args)
     if tc.data == "demo":
         return data.demo_dataset(tok, split, tc.seq_len, cfg.num_img_token, tc.batch_size,
                                  num_stories=tc.demo_num_stories or None, seed=tc.seed,
@@ -578,9 +591,12 @@ def val_batches(cfg, tc, rank, world):
     """The same `eval_batches` validation micro-batches at every evaluation; None where there is no split."""
     if tc.data == "synthetic":
         stream = synthetic_batches(cfg, dataclasses.replace(tc, seed=tc.seed + 1), rank, world, None)
-    elif tc.data == "demo":
-        stream = dataset_batches(mixed_dataset(cfg, dataclasses.replace(tc, num_workers=0), "val", rank, world),
-                                 dataclasses.replace(tc, num_workers=0), rank, None)
+    elif tc.data in ("demo", "finetune"):
+        tc = dataclasses.replace(tc, num_workers=0)
+        dataset = mixed_dataset(cfg, tc, "val", rank, world)
+        if dataset is None:
+            return None
+        stream = dataset_batches(dataset, tc, rank, None)
     else:
         return None
     return [next(stream) for _ in range(tc.eval_batches)]
@@ -813,22 +829,26 @@ def load_checkpoint(path, model, optimizer, tc, rank, device):
 def export_model(model, tc, cfg, val, rank, world, device):
     """out_dir/model: the trained model in mmi's own format (`MMInterleaved.save_pretrained`), for sample.py and
     eval.py, with its tokenizer inside (tokenizer.model / tokenizer.json) so the folder is self-contained; written
-    atomically. Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy."""
+    atomically. Under FSDP the full weights are gathered to rank 0 (on the CPU) and written from an unsharded copy.
+    LoRA layers are merged into their weights first: the folder holds the plain model."""
     import data
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     path = os.path.join(tc.out_dir, "model")
-    tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data in ("demo", "pretrain") else None
+    tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data in ("demo", "pretrain", "finetune") \
+        else None
     extra = {"tokenizer.json" if tokenizer.endswith(".json") else "tokenizer.model": tokenizer} if tokenizer else None
     dtype = getattr(torch, tc.export_dtype) if tc.export_dtype else None
     if world == 1:
-        model.save_pretrained(path, dtype=dtype, extra_files=extra)
+        mmi.merge_lora(model).save_pretrained(path, dtype=dtype, extra_files=extra)
     else:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             with torch.device("meta"):
                 plain = mmi.MMInterleaved(cfg)
+                if tc.lora_rank:
+                    mmi.add_lora(plain, tc.lora_rank, tc.lora_alpha)
             plain.load_state_dict(full, assign=True)
-            plain.save_pretrained(path, dtype=dtype, extra_files=extra)
+            mmi.merge_lora(plain).save_pretrained(path, dtype=dtype, extra_files=extra)
         _barrier()
     if rank == 0:
         print(f"wrote {path} (the trained model: python sample.py --init_from={path})")
@@ -983,25 +1003,34 @@ def load_vae(model, path):
 
 
 def build_mmi(tc, cfg, init_device):
-    """An MMInterleaved: random weights drawn on init_device, or init_from's (whose config must be this run's);
-    then vae_from's VAE."""
+    """An MMInterleaved: random weights drawn on init_device, or init_from's (whose architecture must be this
+    run's; what trains is the run's: its trainable flags); then vae_from's VAE; then with lora_rank > 0 LoRA on
+    the LLM, all else frozen."""
     if tc.init_from:
         model = mmi.MMInterleaved.from_pretrained(tc.init_from)
         saved = dataclasses.replace(model.cfg, gradient_checkpointing=cfg.gradient_checkpointing)
-        if saved != cfg:
+        if architecture(saved.to_dict()) != architecture(cfg.to_dict()):
             raise mmi.InputError(f"init_from {tc.init_from}: its model config differs from preset {tc.preset!r} "
                                  f"with model_overrides {tc.model_overrides}")
         model.cfg = cfg
+        model.set_trainable()
     else:
         with init_device:
             model = mmi.MMInterleaved(cfg)
     if tc.vae_from:
         load_vae(model, tc.vae_from)
+    if tc.lora_rank:
+        mmi.add_lora(model, tc.lora_rank, tc.lora_alpha)
     if tc.compile:
         # the frozen VAE's encoder (float32, no gradients, full decoder resolution): its GroupNorm + SiLU chains
         # fused and its convolutions kept channels-last instead of converted for cuDNN at every call
         model.image_decoder.decoder.vae.encoder.compile()
     return model
+
+
+def architecture(cfg_dict):
+    """A model config (as a dict) less its trainable flags, which say what a run trains, not what the model is."""
+    return {k: architecture(v) if isinstance(v, dict) else v for k, v in cfg_dict.items() if "trainable" not in k}
 
 
 def mmi_loss(model, batch, device):
@@ -1059,10 +1088,12 @@ def check_inputs(tc):
     if tc.init_from and not os.path.isdir(tc.init_from):
         raise mmi.InputError(f"init_from {tc.init_from}: no such folder; expected a model folder written by "
                              f"save_pretrained (a training run's out_dir/model)")
-    if tc.tokenizer_path and tc.data in ("demo", "pretrain") and not os.path.isfile(tc.tokenizer_path):
+    if tc.tokenizer_path and tc.data != "synthetic" and not os.path.isfile(tc.tokenizer_path):
         raise mmi.InputError(f"tokenizer_path {tc.tokenizer_path}: no such file")
     if tc.data == "pretrain" and not tc.pretrain_sources:
         raise mmi.InputError("data='pretrain' needs pretrain_sources (see configs/pretrain_13b.py)")
+    if tc.data == "finetune" and not tc.finetune_dataset:
+        raise mmi.InputError("data='finetune' needs finetune_dataset and finetune_args (see configs/sft_vqa_13b.py)")
     for source in tc.pretrain_sources if tc.data == "pretrain" else ():
         if len(source) != 7 or source[1] not in ("mmc4", "pair"):
             raise mmi.InputError(f"pretrain_sources: {source!r}, expected (name, 'mmc4' | 'pair', shard pattern, "
