@@ -1416,6 +1416,9 @@ class RecordDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.loss_weights, self.shuffle, self.verbose = loss_weights, shuffle, verbose
         self.read_stats = Counter(read_stats or {})
+        if not records:
+            skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.read_stats.items())) or "none"
+            raise mmi.InputError(f"{name}: no usable records (skipped: {skipped})")
         self.epoch, self.resume, self.first_worker = 0, {}, 0
 
     set_epoch = MixedDataset.set_epoch
