@@ -1425,6 +1425,12 @@ class RecordDataset(torch.utils.data.IterableDataset):
     load_state_dict = MixedDataset.load_state_dict
     record_position = staticmethod(MixedDataset.record_position)
 
+    def _batch(self, samples, reader, index, next_record):
+        batch = collate_targets(samples, self.tokenizer.pad_id, self.name, *self.loss_weights)
+        batch["meta"]["position"] = {"reader": index, "state": {"epoch": self.epoch, "next": next_record}}
+        batch["meta"]["stats"] = dict(reader.stats)
+        return batch
+
     def __iter__(self):
         reader = current_reader(self.rank, self.world_size, self.first_worker)
         index, num_readers = reader.rank * reader.num_workers + reader.worker, reader.world_size * reader.num_workers
@@ -1445,12 +1451,11 @@ class RecordDataset(torch.utils.data.IterableDataset):
                 continue
             reader.stats["docs_used"] += 1
             samples.append(sample)
-            if len(samples) == self.batch_size or n == len(mine) - 1:
-                batch = collate_targets(samples, self.tokenizer.pad_id, self.name, *self.loss_weights)
-                batch["meta"]["position"] = {"reader": index, "state": {"epoch": self.epoch, "next": n + 1}}
-                batch["meta"]["stats"] = dict(reader.stats)
+            if len(samples) == self.batch_size:
+                yield self._batch(samples, reader, index, n + 1)
                 samples = []
-                yield batch
+        if samples:
+            yield self._batch(samples, reader, index, len(mine))
         if self.verbose:
             stats = reader.stats + Counter({f"record:{k}": v for k, v in self.read_stats.items()})
             print(format_stats(self.name, stats, f"epoch {self.epoch} rank {reader.rank} worker {reader.worker}"),

@@ -3705,6 +3705,225 @@ def test_annt_json_inference_format(tmp_path):
     assert b["target_image_idxs"].tolist() == [1] and b["nearest_bos_idxs"].tolist() == [0, 0]
 
 
+# Fine-tuning sets, tiny, in the original layouts: frame k of a story has a caption naming its colour.
+STORY_COLOURS = ["red", "green", "blue", "yellow", "cyan", "magenta", "black", "white"]
+
+
+def write_png(path, colour, size=(40, 30)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, PALETTE[colour]).save(path)
+
+
+def write_strip(path, colours):
+    """A PororoSV / FlintstonesSV file: one 128x128 frame per colour, stacked vertically."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arr = np.concatenate([np.full((128, 128, 3), PALETTE[c], np.uint8) for c in colours])
+    Image.fromarray(arr).save(path)
+
+
+def write_vist(root, split, n_frames=3):
+    """Stories "s1" (frames given out of order) and "s0"; "bad" lacks an image_id."""
+    stories = {}
+    for sid in ["s1", "s0"]:                  # written in this order, read sorted
+        s, turns = int(sid[1]), []
+        for k in range(n_frames):
+            colour = STORY_COLOURS[(s + k) % len(STORY_COLOURS)]
+            turns.append({"sequence_index": k, "image_id": f"{sid}{k}", "caption": f"this is {colour} number {k}."})
+            write_png(os.path.join(root, "images", f"{split}_images", f"{sid}{k}.png"), colour)
+        stories[sid] = turns[::-1]
+    stories["bad"] = [{"sequence_index": 0, "caption": "x"}]
+    path = os.path.join(root, "annotations", f"{split}_formatted_filtered.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"annotations": stories}, f)
+
+
+def write_pororo(root):
+    """Stories 0 and 1 of five strips each (frame 0 of a strip in one colour, frame 1 in the next); split ids:
+    train [1, 0, 9] (9 out of range), val [0], test [1]. Captions mention "pororo" in lower case."""
+    names = [[f"ep{s}/{k}.png" for k in range(5)] for s in range(2)]
+    descriptions = {}
+    for s in range(2):
+        for k, name in enumerate(names[s]):
+            c0, c1 = STORY_COLOURS[(s + k) % 8], STORY_COLOURS[(s + k + 1) % 8]
+            write_strip(os.path.join(root, name), [c0, c1])
+            descriptions[name[:-4]] = [f"PORORO sees {c0}\tor {c1} {k}.\n", "second caption"]
+    np.save(os.path.join(root, "descriptions.npy"), np.array(descriptions, dtype=object), allow_pickle=True)
+    np.save(os.path.join(root, "img_cache4.npy"), np.array([n[0].encode() for n in names]))
+    np.save(os.path.join(root, "following_cache4.npy"), np.array([[x.encode() for x in n[1:]] for n in names]))
+    ids = np.empty(3, dtype=object)
+    ids[:] = [np.array([1, 0, 9]), np.array([0]), np.array([1])]
+    np.save(os.path.join(root, "train_seen_unseen_ids.npy"), ids, allow_pickle=True)
+
+
+def write_flintstones(root):
+    """Stories "a0" and "b0" of five strips; "c0" has three followings, "d0" a frame without a description."""
+    followings = {g: [f"{g[0]}{k}" for k in range(1, 5)] for g in ("a0", "b0", "d0")}
+    followings["c0"] = ["c1", "c2", "c3"]
+    anns = []
+    for s, g in enumerate("ab"):
+        for k in range(5):
+            c0, c1 = STORY_COLOURS[(s + k) % 8], STORY_COLOURS[(s + k + 1) % 8]
+            write_strip(os.path.join(root, "video_frames_sampled_png", f"{g}{k}.png"), [c0, c1])
+            anns.append({"globalID": f"{g}{k}", "description": f"fred sees {c0} or {c1} {k}."})
+    with open(os.path.join(root, "following_cache4.pkl"), "wb") as f:
+        pickle.dump(followings, f)
+    split = {"train": ["a0", "b0", "c0", "d0"], "val": ["a0"], "test": ["b0", "a0"]}
+    with open(os.path.join(root, "train-val-test_split.json"), "w") as f:
+        json.dump(split, f)
+    with open(os.path.join(root, "flintstones_annotations_v1-0.json"), "w") as f:
+        json.dump(anns, f)
+
+
+def decoded(tok, sample):
+    return tok.decode(sample.text_ids, skip_special=False).replace(data.IMAGE_TOKEN * 4, "")
+
+
+def test_story_text_per_context_type():
+    caps, img = ["a b.", "c.", "d e."], "<I>"
+    assert data.story_text(caps, "multi_modal", img) == ("a b.<I> c.<I> d e.<I>", [0, 1, 2])
+    assert data.story_text(caps, "multi_modal", img, [True, False, True]) == ("<I>a b. c.<I> d e.<I>", [0, 1, 2])
+    assert data.story_text(caps, "image_only", img) == ("<I><I><I>", [0, 1, 2])
+    assert data.story_text(caps, "text_only", img) == ("a b. c. d e.<I>", [2])
+    assert data.story_text(caps, "current", img) == ("d e.<I>", [2])
+    with pytest.raises(ValueError, match="context_type='both'"):
+        data.story_text(caps, "both", img)
+
+
+def test_vist_samples_targets_and_token_layout(tmp_path):
+    write_vist(str(tmp_path), "val")
+    tok, stats = demo_tok(), Counter()
+    stories = data.read_vist(str(tmp_path), str(tmp_path), "val", stats)
+    assert [s["id"] for s in stories] == ["s0", "s1"] and stats == Counter({"malformed_record": 1})
+    s1 = stories[1]
+    assert [f["caption"] for f in s1["frames"]] == [f"this is {STORY_COLOURS[1 + k]} number {k}." for k in range(3)]
+    tf, rng = data.DualTransform(16, 24), random.Random(0)
+    img = data.image_placeholder(4)
+    caps = [f["caption"] for f in s1["frames"]]
+    for context_type, text, colours, targets in [
+            ("multi_modal", f"{caps[0]}{img} {caps[1]}{img} {caps[2]}{img}", ["green", "blue", "yellow"],
+             [False, False, True]),
+            ("image_only", img * 3, ["green", "blue", "yellow"], [False, False, True]),
+            ("text_only", f"{caps[0]} {caps[1]} {caps[2]}{img}", ["yellow"], [True]),
+            ("current", f"{caps[2]}{img}", ["yellow"], [True])]:
+        s = data.build_story_sample(s1, tok, tf, rng, context_type, num_img_token=4)
+        assert s.text_ids.tolist() == tok.encode(text), context_type      # bos, no eos
+        assert [colour_of(x) for x in s.images] == colours and [colour_of(x) for x in s.images_dec] == colours
+        assert s.images.shape[-1] == 16 and s.images_dec.shape[-1] == 24
+        assert s.image_targets.tolist() == targets
+    s = data.build_story_sample(s1, tok, tf, rng, "multi_modal", target_image_idxs=(0, -2), num_img_token=4)
+    assert s.image_targets.tolist() == [True, True, False]
+    with pytest.raises(ValueError, match=r"target_image_idxs \[0\]"):
+        data.build_story_sample(s1, tok, tf, rng, "text_only", target_image_idxs=(0,), num_img_token=4)
+    rounds = data.story_rounds(stories, "all")
+    assert [(r["id"], len(r["frames"])) for r in rounds] == [("s0_1", 1), ("s0_2", 2), ("s1_1", 1), ("s1_2", 2)]
+
+
+def test_finetune_dataset_masks_image_loss_to_the_targets(tmp_path):
+    write_vist(str(tmp_path), "train")
+    write_vist(str(tmp_path), "val")
+    os.remove(tmp_path / "images/train_images/s01.png")
+    tok, cfg = demo_tok(), mmi.MMIConfig.from_preset("tiny")
+    args = dict(annt_root=str(tmp_path), data_root=str(tmp_path), batch_size=2)
+    ds = data.finetune_dataset("vist", tok, cfg, "train", 0, 1, 0, **args)
+    (batch,) = list(ds)                                   # s0 lost an image: one batch of one story
+    assert batch["meta"]["stats"] == {"lines": 2, "docs_used": 1, "doc:image_missing": 1}
+    assert batch["num_image_per_seq"].tolist() == [3] and batch["image_loss_mask"].tolist() == [1.0] * 3
+    assert batch["loss_txt_weight"] == 0.0 and "loss_img_weight" not in batch
+    assert batch["image_tensors_dec"].shape[-1] == cfg.image_decoder.image_size
+    val = list(data.finetune_dataset("vist", tok, cfg, "val", 0, 1, 0, **args))[0]
+    assert val["image_loss_mask"].tolist() == [0, 0, 1, 0, 0, 1] and val["target_image_idxs"].tolist() == [2, 5]
+    assert val["attention_mask"].sum(1).tolist() == [len(val["text_ids"][0])] * 2
+    assert (val["text_ids"][:, 0] == tok.bos_id).all() and val["nearest_bos_idxs"].tolist() == [0] * 6
+    cur = list(data.finetune_dataset("vist", tok, cfg, "val", 0, 1, 0, context_type="current", **args))[0]
+    assert cur["num_image_per_seq"].tolist() == [1, 1] and cur["image_loss_mask"].tolist() == [1, 1]
+
+
+def test_finetune_dataset_resumes_after_the_recorded_batch(tmp_path):
+    write_vist(str(tmp_path), "train")
+    tok, cfg = demo_tok(), mmi.MMIConfig.from_preset("tiny")
+    args = dict(annt_root=str(tmp_path), data_root=str(tmp_path), batch_size=1)
+    first = list(data.finetune_dataset("vist", tok, cfg, "train", 0, 1, 5, **args))
+    positions = data.MixedDataset.record_position({}, first[0])
+    ds = data.finetune_dataset("vist", tok, cfg, "train", 0, 1, 5, **args)
+    ds.load_state_dict(positions)
+    rest = list(ds)
+    assert len(first) == 2 and len(rest) == 1 and torch.equal(rest[0]["text_ids"], first[1]["text_ids"])
+    two = [list(data.finetune_dataset("vist", tok, cfg, "train", r, 2, 5, **args)) for r in range(2)]
+    assert sorted(len(b) for b in two) == [1, 1]          # one story per rank
+
+
+def test_pororo_and_flintstones_cut_the_drawn_strip_frame(tmp_path):
+    tok, tf = demo_tok(), data.DualTransform(16, None)
+    write_pororo(str(tmp_path / "p"))
+    write_flintstones(str(tmp_path / "f"))
+    stats_p, stats_f = Counter(), Counter()
+    pororo = data.read_pororo(str(tmp_path / "p"), str(tmp_path / "p"), "train", stats_p)
+    flint = data.read_flintstones(str(tmp_path / "f"), str(tmp_path / "f"), "train", stats_f)
+    assert [s["id"] for s in pororo] == ["0", "1"] and stats_p == Counter({"story_index_out_of_range": 1})
+    assert [s["id"] for s in flint] == ["a0", "b0"]
+    assert stats_f == Counter({"not_four_followings": 1, "no_description": 1})
+    assert pororo[0]["frames"][1]["caption"] == "Pororo sees greenor blue 1."     # the original's clean-up
+    assert flint[1]["frames"][0]["caption"] == "Fred sees green or blue 0."
+    for story, s in ((pororo[1], 1), (flint[1], 1)):
+        drawn = data.build_story_sample(story, tok, tf, random.Random(3), "multi_modal", target_image_idxs=(2, 4),
+                                        num_img_token=4)
+        assert drawn.image_targets.tolist() == [False, False, True, False, True]
+        for k, (x, info) in enumerate(zip(drawn.images, drawn.image_info)):
+            assert info["strip_frame"] in (0, 1) and info["frame"] == k
+            assert colour_of(x) == STORY_COLOURS[(s + k + info["strip_frame"]) % 8]
+        assert {i["strip_frame"] for i in drawn.image_info} == {0, 1}   # both frames occur with this seed
+
+
+def test_finetune_readers_name_the_malformed_file_and_field(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations/test_formatted_filtered.json").write_text(json.dumps({"stories": {}}))
+    with pytest.raises(ValueError, match=r"test_formatted_filtered.json: field 'annotations' missing"):
+        data.read_vist(str(tmp_path), str(tmp_path), "test", Counter())
+    write_flintstones(str(tmp_path))
+    (tmp_path / "flintstones_annotations_v1-0.json").write_text(json.dumps([{"globalID": "a0"}]))
+    with pytest.raises(ValueError, match=r"flintstones_annotations_v1-0.json\[0\]: field 'description' missing"):
+        data.read_flintstones(str(tmp_path), str(tmp_path), "test", Counter())
+    write_pororo(str(tmp_path))
+    np.save(tmp_path / "descriptions.npy", np.array(Counter(a=1), dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"descriptions.npy: Pororo descriptions is not readable \(collections.Counter"):
+        data.read_pororo(str(tmp_path), str(tmp_path), "test", Counter())
+    with pytest.raises(ValueError, match="finetune_dataset='coco'"):
+        data.finetune_dataset("coco", None, None, "train", 0, 1, 0)
+
+
+def test_ade20k_colours_and_segmentation_to_image_sample(tmp_path):
+    colours = data.ade20k_colours()
+    assert colours.shape == (151, 3) and len({tuple(c) for c in colours}) == 151
+    assert [tuple(colours[i]) for i in (0, 1, 2, 7, 37, 150)] == [(0, 0, 0), (255, 255, 255), (255, 255, 213),
+                                                                 (255, 213, 255), (213, 255, 255), (87, 255, 45)]
+    labels = np.zeros((30, 40), np.uint8)
+    labels[:, 20:] = 2                                    # right half class 2, left half "other"
+    photo = np.zeros((30, 40, 3), np.uint8)
+    photo[:, :20], photo[:, 20:] = PALETTE["red"], PALETTE["blue"]
+    os.makedirs(tmp_path / "images/training")
+    os.makedirs(tmp_path / "annotations/training")
+    Image.fromarray(photo).save(tmp_path / "images/training/ADE_1.jpg", quality=95)
+    Image.fromarray(labels).save(tmp_path / "annotations/training/ADE_1.png")
+    (tmp_path / "training.json").write_text(json.dumps([{"image_id": "ADE_1", "caption": "a wall"}, {"caption": 3}]))
+    stats = Counter()
+    (rec,) = data.read_ade20k(str(tmp_path), str(tmp_path), "training", stats)
+    assert stats == Counter({"malformed_record": 1})
+    tok, tf = demo_tok(), data.DualTransform(16, 24)
+    for flip in (0.0, 1.0):
+        s = data.build_ade20k_sample(rec, tok, tf, random.Random(0), num_img_token=4, flip_prob=flip)
+        assert s.text_ids.tolist() == tok.encode(f"{data.image_placeholder(4)}a wall.{data.image_placeholder(4)}")
+        assert s.image_targets.tolist() == [False, True] and np.array_equal(s.images_dec[0], s.images_dec[1])
+        seg, enc, dec = s.images[0], s.images[1], s.images_dec[1]
+        left, right = ("black", "white") if flip == 0 else ("white", "black")   # label 2 -> (255, 255, 213)
+        assert colour_of(seg[:, :, :6]) == left and colour_of(seg[:, :, -6:]) == right
+        want = ("red", "blue") if flip == 0 else ("blue", "red")
+        for x in (enc, dec):
+            assert (colour_of(x[:, :, :4]), colour_of(x[:, :, -4:])) == want
+    s = data.build_ade20k_sample(rec, tok, tf, random.Random(0), num_img_token=4, text_first=True)
+    assert s.text_ids.tolist() == tok.encode(f"a wall.{data.image_placeholder(4)}{data.image_placeholder(4)}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # data.py: packing
 # ----------------------------------------------------------------------------------------------------------------
