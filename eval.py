@@ -45,6 +45,7 @@ import pickle
 import re
 import sys
 import time
+import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -1562,17 +1563,20 @@ def read_ade20k(root):
 def check_segmenter_path(path):
     if path is None or not os.path.isfile(path):
         raise InputError(f"ade20k's mIoU needs a segmentation network for ADE20K's 150 classes (the original used "
-                         f"OneFormer ADE20K DiNAT-L); not found at {path!r}. Pass --segmenter=<TorchScript file> "
-                         f"mapping [1, 3, H, W] images in [0, 1] to [1, 150, h, w] class scores")
+                         f"OneFormer ADE20K DiNAT-L); not found at {path!r}. Pass --segmenter=<file.pt2> (torch.export.save "
+                         f"of a network mapping [1, 3, H, W] images in [0, 1], H and W dynamic, to [1, 150, h, w] "
+                         f"class scores)")
 
 
 def load_segmenter(path):
-    """A user-supplied TorchScript segmentation network (torch.jit.load runs no Python pickles)."""
+    """A user-supplied segmentation network saved with torch.export.save (a graph and its weights, no Python
+    code to run)."""
     check_segmenter_path(path)
     try:
-        return torch.jit.load(path, map_location="cpu").eval()
-    except (RuntimeError, ValueError, OSError) as e:
-        raise InputError(f"{path}: not a TorchScript file ({str(e).splitlines()[0]})") from None
+        return torch.export.load(path).module()
+    except (RuntimeError, ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a torch.export file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                         ) from None
 
 
 def predict_ade20k(model, tokenizer, samples, args):
@@ -1871,8 +1875,8 @@ def parse_args(argv=None):
     p.add_argument("--round_range", default="last", choices=["last", "all"],
                    help="storytelling tasks: draw each story's last frame, or every frame from its own prefix (all)")
     p.add_argument("--segmenter", default=None,
-                   help="ade20k: TorchScript segmentation network for ADE20K's 150 classes, [1, 3, H, W] in [0, 1] "
-                        "-> [1, 150, h, w] scores, for mIoU")
+                   help="ade20k: segmentation network for ADE20K's 150 classes, for mIoU: a torch.export.save file "
+                        "mapping [1, 3, H, W] in [0, 1] (H, W dynamic) to [1, 150, h, w] scores")
     p.add_argument("--readme", action="store_true",
                    help="demo: also write the scoreboard into README.md's scoreboard block")
     args = p.parse_args(argv)

@@ -3740,7 +3740,7 @@ def write_vist(root, split, n_frames=3):
 
 def write_pororo(root):
     """Stories 0 and 1 of five strips each (frame 0 of a strip in one colour, frame 1 in the next); split ids:
-    train [1, 0, 9] (9 out of range), val [0], test [1]. Captions mention "pororo" in lower case."""
+    train [1, 0, 9] (9 out of range), val [0], test [1, 0]. Captions mention "pororo" in lower case."""
     names = [[f"ep{s}/{k}.png" for k in range(5)] for s in range(2)]
     descriptions = {}
     for s in range(2):
@@ -3752,7 +3752,7 @@ def write_pororo(root):
     np.save(os.path.join(root, "img_cache4.npy"), np.array([n[0].encode() for n in names]))
     np.save(os.path.join(root, "following_cache4.npy"), np.array([[x.encode() for x in n[1:]] for n in names]))
     ids = np.empty(3, dtype=object)
-    ids[:] = [np.array([1, 0, 9]), np.array([0]), np.array([1])]
+    ids[:] = [np.array([1, 0, 9]), np.array([0]), np.array([1, 0])]
     np.save(os.path.join(root, "train_seen_unseen_ids.npy"), ids, allow_pickle=True)
 
 
@@ -6297,6 +6297,117 @@ def test_text_to_image_end_to_end_with_the_tiny_model(tmp_path, monkeypatch, dem
     assert math.isfinite(res["metrics"]["FID"]) and res["metrics"]["FID"] > 0
     with pytest.raises(ValueError, match="at least 2"):
         ev.feature_statistics(np.zeros((1, 4)))
+
+
+def _tiny_clip(monkeypatch):
+    """A tiny random CLIP in place of ViT-L/14 (its weights are not here; its module is tested above)."""
+    torch.manual_seed(0)
+    scorer = ev.CLIPScorer(image_size=28, patch=14, vision_dim=48, vision_layers=1, vision_heads=4, vision_hidden=40,
+                          vocab=10, text_dim=32, text_layers=1, text_heads=4, text_hidden=37, projection_dim=24).eval()
+    monkeypatch.setattr(ev, "load_clip", lambda path: (scorer, None))
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    monkeypatch.setattr(ev, "inception_features",
+                        lambda net, images, device="cpu": torch.nn.functional.adaptive_avg_pool2d(
+                            images, 2).flatten(1).double().numpy())
+    return scorer
+
+
+@pytest.mark.parametrize("task", ["vist", "pororo", "flintstones"])
+def test_storytelling_tasks_end_to_end(task, tmp_path, monkeypatch, demo_model_and_tokenizer):
+    """The test split's stories through the tiny model: one target frame per story (two rounds each with
+    round_range=all), drawn with and without MMFS, written as PNG with the ground-truth frame, then FID and CLIP
+    image similarity (tiny stand-ins for Inception and CLIP)."""
+    model, tok = demo_model_and_tokenizer
+    scorer = _tiny_clip(monkeypatch)
+    base = str(tmp_path / task)
+    {"vist": lambda: write_vist(base, "test"), "pororo": lambda: write_pororo(base),
+     "flintstones": lambda: write_flintstones(base)}[task]()
+    n_frames = 3 if task == "vist" else 5
+    for round_range, per_story in (("last", 1), ("all", n_frames - 1)):
+        args = _args(task, tmp_path)
+        args.round_range, args.out = round_range, str(tmp_path / f"{task}_{round_range}.json")
+        res = ev.evaluate(model, tok, args)
+        assert res["num_samples"] == 2 and all(len(o["targets"]) == per_story for o in res["samples"])
+        for o in res["samples"]:
+            for t in o["targets"]:
+                assert t["frame"] == (n_frames - 1 if round_range == "last" else int(t["round"].rsplit("_", 1)[1]) - 1)
+                for key in ("generated", "generated_without_mmfs"):
+                    with Image.open(t[key]) as im:
+                        assert im.size == (model.cfg.image_decoder.image_size,) * 2
+                with Image.open(t["image"]) as im:
+                    if task == "vist":
+                        assert t["strip_frame"] is None and im.size == (40, 30)
+                    else:                                     # the strip's drawn frame, cut out
+                        assert im.size == (128, 128) and t["strip_frame"] in (0, 1)
+        m = res["metrics"]
+        assert set(m) == {"FID", "FID_without_mmfs", "clip_image_similarity", "clip_image_similarity_without_mmfs"}
+        assert all(math.isfinite(v) for v in m.values())
+        t = res["samples"][0]["targets"][0]
+        with torch.no_grad():
+            a, b = (scorer.image_features(ev.clip_image_tensor(Image.open(p).convert("RGB"), 28)[None])
+                    for p in (t["image"], t["generated"]))
+        assert t["clip_similarity"] == pytest.approx(float((a * b).sum()), abs=1e-5)
+    args = _args(task, tmp_path)
+    args.context_type = "current"
+    samples = ev.load_samples(args)
+    rows = ev._story_rows(samples[0], tok, model.cfg, args)
+    assert len(rows) == 1 and rows[0].image_targets.tolist() == [True]
+
+
+def test_storytelling_draws_with_and_without_mmfs_in_one_call(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    model, tok = copy.deepcopy(demo_model_and_tokenizer[0]), demo_model_and_tokenizer[1]   # patched below
+    _tiny_clip(monkeypatch)
+    write_vist(str(tmp_path / "vist"), "test")
+    calls = []
+
+    def generate_images(batch, steps, guidance_scale, sampler, seed, progress, use_mmfs):
+        calls.append((batch["target_image_idxs"].tolist(), use_mmfs, len(seed)))
+        n = len(batch["target_image_idxs"])
+        return {"image": torch.stack([torch.full((3, 8, 8), v) for v in [0.2] * n + [0.8] * n])}
+
+    monkeypatch.setattr(model, "generate_images", generate_images)
+    res = ev.evaluate(model, tok, _args("vist", tmp_path))
+    assert calls == [([2, 5], "both", 2)]                  # both stories' last frames, one call
+    for o in res["samples"]:
+        (t,) = o["targets"]
+        assert np.asarray(Image.open(t["generated"])).max() == 51
+        assert np.asarray(Image.open(t["generated_without_mmfs"])).max() == 204
+
+
+class _ConstantSegmenter(torch.nn.Module):
+    def forward(self, x):                                 # every pixel: class index 0 (label 1)
+        scores = torch.zeros(x.shape[0], 150, 4, 4)
+        scores[:, 0] = 1.0
+        return scores + 0 * x.mean()
+
+
+def test_ade20k_task_needs_a_segmenter_then_scores_miou(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    model, tok = demo_model_and_tokenizer
+    base = tmp_path / "ADEChallengeData2016"
+    os.makedirs(base / "images/validation")
+    os.makedirs(base / "annotations/validation")
+    labels = np.zeros((30, 40), np.uint8)
+    labels[:, :10], labels[:, 10:30] = 1, 2               # 300 pixels of class 1, 600 of class 2, 300 "other"
+    for name in ("a", "b"):
+        Image.fromarray(labels).save(base / f"annotations/validation/{name}.png")
+    _json(base / "validation.json", [{"image_id": "a", "caption": "a wall"}, {"image_id": "b", "caption": "a door"}])
+    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("the model loads after the check"))
+    with pytest.raises(ValueError, match=r"ade20k's mIoU needs a segmentation network .* --segmenter="):
+        ev.main(["--task=ade20k", f"--data_root={tmp_path}", f"--init_from={tmp_path}",
+                 f"--tokenizer={data.DEMO_TOKENIZER_PATH}"])
+    path = str(tmp_path / "seg.pt2")
+    h, w = torch.export.Dim("h", min=8, max=4096), torch.export.Dim("w", min=8, max=4096)
+    torch.export.save(torch.export.export(_ConstantSegmenter(), (torch.zeros(1, 3, 30, 40),),
+                                          dynamic_shapes={"x": {2: h, 3: w}}), path)
+    args = _args("ade20k", tmp_path)
+    args.segmenter = path
+    res = ev.evaluate(model, tok, args)
+    assert [o["id"] for o in res["samples"]] == [0, 1]
+    for o in res["samples"]:
+        with Image.open(o["generated"]) as im:
+            assert im.size == (model.cfg.image_decoder.image_size,) * 2
+    # label 1 everywhere the truth is labelled: class 1 IoU 300 / 900, every other class 0, mean over 150
+    assert res["metrics"]["mIoU"] == pytest.approx((300 / 900) / 150)
 
 
 # ----------------------------------------------------------------------------------------------------------------
