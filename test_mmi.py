@@ -4902,6 +4902,23 @@ def test_loop_reads_a_step_back_without_waiting_for_next(tmp_path, config_file, 
     assert [r["step"] for r in read_metrics(str(tmp_path / "run"))] == [1, 2, 3, 4, 5]
 
 
+def test_loop_fine_tunes_on_a_storytelling_set(tmp_path, config_file):
+    """data="finetune" from a config file: VIST's training stories, every image a target, no text loss; the
+    loss is the image loss alone (loss_txt_weight 0 in the batch)."""
+    write_vist(str(tmp_path / "vist"), "train")
+    cfg = tmp_path / "sft.py"
+    cfg.write_text(TINY_CONFIG.replace('data = "synthetic"', 'data = "finetune"') +
+                   f'finetune_dataset = "vist"\nfinetune_args = dict(annt_root="{tmp_path / "vist"}", '
+                   f'data_root="{tmp_path / "vist"}", batch_size=1)\n')
+    out = str(tmp_path / "run")
+    result = run_train(str(cfg), out, "--log_interval=1")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["loss"] == pytest.approx(10.0 * r["loss_img"], rel=1e-5) and math.isfinite(r["loss_txt"])
+    assert all(math.isfinite(v) for v in result["losses"].values())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # train.py: MFU: the FLOP count
 # ----------------------------------------------------------------------------------------------------------------
