@@ -8,8 +8,9 @@
 Tasks (the original mm_eval.yaml's sets; its "coco" text-to-image set is `coco_t2i` here): coco_karpathy,
 flickr30k, nocaps, image2paragraph (BLEU-4, CIDEr); vqav2, okvqa, textvqa, vizwiz_vqa (VQA accuracy);
 visdial (NDCG); coco_t2i, lncoco (FID); after fine-tuning (train.py configs/sft_*_13b.py): vist, pororo,
-flintstones (FID and CLIP image similarity of the drawn frames, MMFS on and off), ade20k (mIoU); demo. Results JSON, out/eval/<task>.json by default (--out): the config,
-the metrics, every sample's output, and the samples skipped for a missing or unreadable image, counted by reason.
+flintstones (FID and CLIP image similarity of the drawn frames, MMFS on and off), ade20k (mIoU); demo.
+Results JSON, out/eval/<task>.json by default (--out): the config, the metrics, every sample's output, and the
+samples skipped for a missing or unreadable image, counted by reason.
 While a run goes, its predictions so far are kept in out/eval/<task>.partial.json; text-to-image tasks write their
 images to out/eval/<task>_images/.
 
@@ -1563,8 +1564,8 @@ def read_ade20k(root):
 def check_segmenter_path(path):
     if path is None or not os.path.isfile(path):
         raise InputError(f"ade20k's mIoU needs a segmentation network for ADE20K's 150 classes (the original used "
-                         f"OneFormer ADE20K DiNAT-L); not found at {path!r}. Pass --segmenter=<file.pt2> (torch.export.save "
-                         f"of a network mapping [1, 3, H, W] images in [0, 1], H and W dynamic, to [1, 150, h, w] "
+                         f"OneFormer ADE20K DiNAT-L); not found at {path!r}. Pass --segmenter=<file.pt2> "
+                         f"(torch.export.save of a network mapping [1, 3, H, W] images in [0, 1], H and W dynamic, to [1, 150, h, w] "
                          f"class scores)")
 
 

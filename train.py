@@ -120,7 +120,8 @@ class TrainConfig:
 
 
 # the string fields that take one of a few values
-CHOICES = {"task": ("mmi", "vae"), "data": ("demo", "synthetic", "pretrain", "finetune"), "dtype": ("bfloat16", "float32"),
+CHOICES = {"task": ("mmi", "vae"), "data": ("demo", "synthetic", "pretrain", "finetune"),
+           "dtype": ("bfloat16", "float32"),
            "frozen_dtype": ("bfloat16", "float32"), "export_dtype": ("", "bfloat16", "float32"),
            "init_device": ("cpu", "cuda")}
 

@@ -1,4 +1,5 @@
-# Story visualisation on FlintstonesSV: MM-Interleaved-13B fine-tuned to draw each image of a story from the story so far.
+# Story visualisation on FlintstonesSV: MM-Interleaved-13B fine-tuned to draw each image of a story from the
+# story so far.
 #   torchrun --nproc_per_node=8 train.py configs/sft_flintstones_13b.py
 # Paths are placeholders; the layout is data.read_flintstones's. Evaluate with eval.py --task=flintstones.
 preset = "mmi-13b"
