@@ -3,7 +3,8 @@ synthetic "shape stories" corpus the demo model learns from.
 
 Sections follow the data: text -> tokenizer; image file -> transform; one document or pair -> a Sample;
 shard files -> a stream of Samples per rank/worker; Samples -> packed rows -> the batch dict of the model's
-forward; several sources -> one mixed, resumable stream. The demo corpus plugs into the same packing code.
+forward; several sources -> one mixed, resumable stream. The demo corpus plugs into the same packing code. Fine-tuning sets
+(VIST, PororoSV, FlintstonesSV, ADE20K; `finetune_dataset`) give one sample a row, the image loss on its targets.
 
 Use:
     tok = Tokenizer("assets/demo_tokenizer.model")             # or LLaMA's tokenizer.model / tokenizer.json
