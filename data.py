@@ -3,9 +3,10 @@ synthetic "shape stories" corpus the demo model learns from.
 
 Sections follow the data: text -> tokenizer; image file -> transform; one document or pair -> a Sample;
 shard files -> a stream of Samples per rank/worker; Samples -> packed rows -> the batch dict of the model's
-forward; several sources -> one mixed, resumable stream; fine-tuning records (instructions and answers) -> rows
-whose text loss is on the answers, through a stream resumable in the same way. The demo corpus plugs into the same
-packing code.
+forward; several sources -> one mixed, resumable stream; fine-tuning records -> rows whose loss is on the
+answers (instructions: the text loss) or on the target images (VIST, PororoSV, FlintstonesSV, ADE20K: the image
+loss), through streams resumable in the same way (`finetune_dataset`). The demo corpus plugs into the same packing
+code.
 
 Use:
     tok = Tokenizer("assets/demo_tokenizer.model")             # or LLaMA's tokenizer.model / tokenizer.json
@@ -29,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import sys
@@ -973,12 +975,17 @@ def finetune_dataset(name, tokenizer, cfg, split, rank, world, seed, **args):
     it has no such split. cfg: the model's MMIConfig (image size, image tokens, row length)."""
     if name == "llava":
         build = llava_dataset
+    elif name in STORY_READERS:                          # vist, pororo, flintstones
+        build = functools.partial(story_dataset, name)
+    elif name == "ade20k":
+        build = ade20k_dataset
     else:
-        raise mmi.InputError(f"finetune_dataset {name!r}, expected one of 'llava'")
+        names = ", ".join(map(repr, ["llava", *sorted(STORY_READERS), "ade20k"]))
+        raise mmi.InputError(f"finetune_dataset {name!r}, expected one of {names}")
     try:
         inspect.signature(build).bind(tokenizer, cfg, split, rank, world, seed, **args)
     except TypeError as e:
-        raise mmi.InputError(f"finetune_args {args}: {e} (see data.{build.__name__})") from None
+        raise mmi.InputError(f"finetune_args {args}: {e} (see data.{getattr(build, 'func', build).__name__})") from None
     return build(tokenizer, cfg, split, rank, world, seed, **args)
 
 
@@ -1299,6 +1306,473 @@ def inference_sample(info, tokenizer, transform, num_img_token, num_total_token,
         "target_image_idxs": torch.tensor([n - 1]),
         "meta": {"dataset_name": "inference", **info},
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning data: visual storytelling and segmentation-to-image
+# ---------------------------------------------------------------------------------------------------------------
+# A story is a record {"id", "frames": [{"caption", "image", "strip"}]}: each frame a caption and an image file
+# ("strip": the file is a vertical strip of 128x128 video frames, one of which is drawn per sample). A sample
+# of a story is its text with the image placeholders the context type asks for, and its targets: the image slots
+# that take the image loss (image_loss_mask) and that evaluation draws (target_image_idxs).
+
+CONTEXT_TYPES = ("multi_modal", "image_only", "text_only", "current")
+STRIP_FRAME = 128  # PororoSV / FlintstonesSV frame height in their strip files
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: the annotation .npy / .pkl files of PororoSV and
+    FlintstonesSV are pickles, and an arbitrary pickle can run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"),
+               ("numpy", "dtype"), ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
+               ("__builtin__", "object"), ("builtins", "object")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array or plain container")
+        return super().find_class(module, name)
+
+
+def load_annotation_pickle(path, what):
+    """A .npy (object arrays included) or .pkl annotation file, read without running code -> its object."""
+    if not os.path.isfile(path):
+        raise mmi.InputError(f"{path}: {what} not found")
+    try:
+        with open(path, "rb") as f:
+            if not path.endswith(".npy"):
+                return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0)(f)
+            if dtype.hasobject:
+                return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+        return np.load(path, allow_pickle=False)
+    except (pickle.UnpicklingError, ValueError, EOFError, OSError, AttributeError, ImportError) as e:
+        raise mmi.InputError(f"{path}: {what} is not readable ({e})") from None
+
+
+def _annotation_json(path, what):
+    if not os.path.isfile(path):
+        raise mmi.InputError(f"{path}: {what} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise mmi.InputError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def _field(obj, key, kind, path):
+    """obj[key] of type `kind`, or an InputError naming the file and the field."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(value, kind):
+        raise mmi.InputError(f"{path}: field {key!r} missing or not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def story_caption(text, characters=()):
+    """The captions as the original cleans them: lower-cased, each main character's name capitalised again,
+    tabs and newlines dropped, stripped."""
+    text = text.lower()
+    for name in characters:
+        text = text.replace(name.lower(), name)
+    return text.replace("\n", "").replace("\t", "").strip()
+
+
+def read_vist(annt_root, data_root, split, stats):
+    """VIST (Visual Storytelling, SIS) as the original lays it out:
+
+        <annt_root>/annotations/{train,val,test}_formatted_filtered.json
+            {"annotations": {story_id: [{"sequence_index", "image_id", "caption"}, ...]}}
+        <data_root>/images/{train,val,test}_images/<image_id>.png
+
+    -> stories sorted by story_id, frames by sequence_index. A story with a malformed frame is skipped and
+    counted in `stats`."""
+    path = os.path.join(annt_root, "annotations", f"{split}_formatted_filtered.json")
+    stories = _field(_annotation_json(path, "VIST annotations"), "annotations", dict, path)
+    out = []
+    for story_id in sorted(stories):
+        turns = stories[story_id]
+        try:
+            turns = sorted(turns, key=lambda t: t["sequence_index"])
+            frames = [{"caption": _strip_special_strings(str(t["caption"])), "strip": False,
+                       "image": os.path.join(data_root, "images", f"{split}_images", f"{t['image_id']}.png")}
+                      for t in turns]
+        except (KeyError, TypeError):
+            stats["malformed_record"] += 1
+            continue
+        if not frames:
+            stats["empty_story"] += 1
+            continue
+        out.append({"id": str(story_id), "frames": frames})
+    return out
+
+
+PORORO_CHARACTERS = ("Pororo", "Loopy", "Eddy", "Harry", "Poby", "Tongtong", "Crong", "Rody", "Petty")
+FLINTSTONES_CHARACTERS = ("Fred", "Barney", "Wilma", "Betty", "Pebbles", "Dino", "Slate")
+
+
+def _text(x):
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def read_pororo(annt_root, data_root, split, stats):
+    """PororoSV (StoryGAN's files) as the original lays it out:
+
+        <annt_root>/descriptions.npy            {global id without ".png": [caption, ...]} (the first is used)
+        <annt_root>/img_cache4.npy              [N] the first frame of story N, e.g. "Pororo_ENGLISH1_1/ep1/12.png"
+        <annt_root>/following_cache4.npy        [N, 4] its four following frames
+        <annt_root>/train_seen_unseen_ids.npy   [train ids, val ids, test ids] (story indexes)
+        <data_root>/<global id>                 a PNG strip of 128x128 frames stacked vertically
+
+    -> five-frame stories in id order. A story whose index or description is missing is skipped and counted."""
+    descriptions = load_annotation_pickle(os.path.join(annt_root, "descriptions.npy"), "Pororo descriptions")
+    descriptions = descriptions.item() if isinstance(descriptions, np.ndarray) else descriptions
+    firsts = load_annotation_pickle(os.path.join(annt_root, "img_cache4.npy"), "Pororo img_cache4")
+    followings = load_annotation_pickle(os.path.join(annt_root, "following_cache4.npy"), "Pororo following_cache4")
+    ids_path = os.path.join(annt_root, "train_seen_unseen_ids.npy")
+    ids = load_annotation_pickle(ids_path, "Pororo split ids")
+    if not isinstance(descriptions, dict):
+        raise mmi.InputError(f"{os.path.join(annt_root, 'descriptions.npy')}: expected a dict of captions")
+    if len(ids) != 3:
+        raise mmi.InputError(f"{ids_path}: expected [train, val, test] id lists, got {len(ids)} entries")
+    out = []
+    for item in np.sort(np.asarray(ids[("train", "val", "test").index(split)]).astype(np.int64)):
+        if not 0 <= item < min(len(firsts), len(followings)):
+            stats["story_index_out_of_range"] += 1
+            continue
+        global_ids = [_text(firsts[item])] + [_text(x) for x in followings[item][:4]]
+        keys = [g.replace(".png", "") for g in global_ids]
+        if not all(k in descriptions and len(descriptions[k]) for k in keys):
+            stats["no_description"] += 1
+            continue
+        out.append({"id": str(int(item)), "frames": [
+            {"caption": _strip_special_strings(story_caption(str(descriptions[k][0]), PORORO_CHARACTERS)),
+             "image": os.path.join(data_root, g), "strip": True} for g, k in zip(global_ids, keys)]})
+    return out
+
+
+def read_flintstones(annt_root, data_root, split, stats):
+    """FlintstonesSV as the original lays it out:
+
+        <annt_root>/following_cache4.pkl                 {global id: [its four following global ids]}
+        <annt_root>/train-val-test_split.json            {"train": [global id, ...], "val": [...], "test": [...]}
+        <annt_root>/flintstones_annotations_v1-0.json    [{"globalID", "description", ...}, ...]
+        <data_root>/video_frames_sampled_png/<global id>.png   a strip of 128x128 frames stacked vertically
+
+    -> five-frame stories in split order. A story without four followings or a description is skipped and
+    counted."""
+    followings = load_annotation_pickle(os.path.join(annt_root, "following_cache4.pkl"), "Flintstones followings")
+    split_path = os.path.join(annt_root, "train-val-test_split.json")
+    ids = _field(_annotation_json(split_path, "Flintstones split"), split, list, split_path)
+    ann_path = os.path.join(annt_root, "flintstones_annotations_v1-0.json")
+    anns = _annotation_json(ann_path, "Flintstones annotations")
+    if not isinstance(followings, dict):
+        raise mmi.InputError(f"{os.path.join(annt_root, 'following_cache4.pkl')}: expected a dict of followings")
+    if not isinstance(anns, list):
+        raise mmi.InputError(f"{ann_path}: expected a list of annotations")
+    descriptions = {}
+    for n, a in enumerate(anns):
+        descriptions[_field(a, "globalID", str, f"{ann_path}[{n}]")] = _field(a, "description", str, f"{ann_path}[{n}]")
+    out = []
+    for gid in ids:
+        nxt = followings.get(gid)
+        if not isinstance(nxt, (list, tuple)) or len(nxt) != 4:
+            stats["not_four_followings"] += 1
+            continue
+        global_ids = [gid] + list(nxt)
+        if not all(g in descriptions for g in global_ids):
+            stats["no_description"] += 1
+            continue
+        out.append({"id": str(gid), "frames": [
+            {"caption": _strip_special_strings(story_caption(descriptions[g], FLINTSTONES_CHARACTERS)),
+             "image": os.path.join(data_root, "video_frames_sampled_png", f"{g}.png"), "strip": True}
+            for g in global_ids]})
+    return out
+
+
+def story_rounds(stories, round_range):
+    """round_range "last": each story as it is (its last frame the target); "all": one story per prefix
+    frames[:k], k = 1 .. n-1, as the original's evaluation builds them (id "<story>_<k>")."""
+    if round_range not in ("last", "all"):
+        raise mmi.InputError(f"round_range={round_range!r}, expected 'last' or 'all'")
+    if round_range == "last":
+        return list(stories)
+    return [{"id": f"{s['id']}_{k}", "frames": s["frames"][:k]} for s in stories for k in range(1, len(s["frames"]))]
+
+
+def story_text(captions, context_type, placeholder, image_first=None):
+    """The text of a story whose last frame is the target, as the original writes it (then stripped):
+    the history per context type ("multi_modal": "caption<image> " per frame, or "<image>caption " where
+    image_first; "image_only": "<image>" per frame; "text_only": "caption " per frame; "current": nothing), then the
+    target: its caption (not for "image_only") and its image. -> (text, the frame index of each image slot)."""
+    if context_type not in CONTEXT_TYPES:
+        raise mmi.InputError(f"context_type={context_type!r}, expected one of {CONTEXT_TYPES}")
+    image_first = image_first or [False] * len(captions)
+    text, slots = "", []
+    for k, caption in enumerate(captions[:-1]):
+        if context_type == "multi_modal":
+            text += (placeholder + caption if image_first[k] else caption + placeholder) + " "
+            slots.append(k)
+        elif context_type == "image_only":
+            text += placeholder
+            slots.append(k)
+        elif context_type == "text_only":
+            text += caption + " "
+    text += ("" if context_type == "image_only" else captions[-1]) + placeholder
+    return text.strip(), slots + [len(captions) - 1]
+
+
+def target_frames(num_frames, target_image_idxs, slots, where):
+    """The frames that are targets: the given indexes (negative from the end), each of which must have an image
+    slot in the text. None = the last frame."""
+    if target_image_idxs is None:
+        return [num_frames - 1]
+    frames = sorted({int(t) % num_frames for t in target_image_idxs})
+    if not all(-num_frames <= int(t) < num_frames for t in target_image_idxs) or not set(frames) <= set(slots):
+        raise mmi.InputError(f"{where}: target_image_idxs {list(target_image_idxs)} are not image slots of a "
+                             f"{num_frames}-frame sample (slots {slots})")
+    return frames
+
+
+def story_frame(frame, rng, frame_idx=None):
+    """A frame's PIL image; a strip gives its `frame_idx`-th 128-row frame (drawn with `rng` if None).
+    -> (image, frame index or None)."""
+    image = load_image(frame["image"])
+    if not frame["strip"]:
+        return image, None
+    count = image.height // STRIP_FRAME
+    if count < 1:
+        raise SkipSample("image_not_a_frame_strip", f"{frame['image']}: {image.width}x{image.height}, expected "
+                                                    f"frames of {STRIP_FRAME} rows stacked vertically")
+    frame_idx = rng.randint(0, count - 1) if frame_idx is None else frame_idx
+    return image.crop((0, frame_idx * STRIP_FRAME, image.width, (frame_idx + 1) * STRIP_FRAME)), frame_idx
+
+
+@dataclass
+class TargetSample(Sample):
+    """A fine-tuning sample: one row of its own, with the image slots that take the image loss."""
+    image_targets: np.ndarray = None  # (n,) bool
+
+
+def build_story_sample(story, tokenizer, transform, rng, context_type="multi_modal", target_image_idxs=None,
+                       num_img_token=64, img_first_prob=0.0, all_targets=False, where=""):
+    """A story -> TargetSample: story_text's text (no eos, as the original) and the images of its slots;
+    targets are `target_image_idxs` (frames), or every slot with all_targets (the original's training: each image
+    drawn from all before it), else the last frame. Strip frames are drawn with `rng`, recorded in image_info."""
+    captions = [f["caption"] for f in story["frames"]]
+    first = [rng.random() < img_first_prob for _ in captions]
+    text, slots = story_text(captions, context_type, image_placeholder(num_img_token), first)
+    targets = slots if all_targets else target_frames(len(captions), target_image_idxs, slots, where)
+    ids = tokenize_with_images(text, tokenizer, len(slots), num_img_token, where)
+    enc, dec, info = [], [], []
+    for k in slots:
+        image, frame_idx = story_frame(story["frames"][k], rng)
+        e, d = transform(image)
+        enc.append(e)
+        dec.append(d)
+        info.append({"story": story["id"], "frame": k, "image": story["frames"][k]["image"], "strip_frame": frame_idx})
+    return TargetSample(ids, np.stack(enc), _stack(dec), info, image_targets=np.array([k in targets for k in slots]))
+
+
+# ADE20K's 150 classes, coloured as the original prepares its maps: class c (1..150) gets the (c-1)-th point of
+# a 6x6x6 grid of channel values 255, 213, ..., 45 (R slowest); "other" (0) stays black.
+ADE20K_NUM_CLASSES = 150
+
+
+def ade20k_colours():
+    """(151, 3) uint8: the colour of every label 0..150 in the prepared segmentation maps."""
+    steps = int(ADE20K_NUM_CLASSES ** (1 / 3)) + 1
+    gap = 256 // steps
+    loc = np.arange(ADE20K_NUM_CLASSES)
+    rgb = np.stack([255 - (loc // steps ** 2) * gap, 255 - (loc % steps ** 2 // steps) * gap,
+                    255 - (loc % steps) * gap], 1)
+    return np.concatenate([np.zeros((1, 3), np.int64), rgb]).astype(np.uint8)
+
+
+def colour_segmentation(labels):
+    """(H, W) class labels (0 = other, 1..150; larger values count as other) -> (H, W, 3) uint8 colour map."""
+    labels = np.asarray(labels).astype(np.int64)
+    return ade20k_colours()[np.where((labels >= 0) & (labels <= ADE20K_NUM_CLASSES), labels, 0)]
+
+
+def read_ade20k(annt_root, data_root, split, stats):
+    """ADE20K (SceneParsing, ADEChallengeData2016) with the original's captions:
+
+        <annt_root>/{training,validation}.json                     [{"image_id", "caption"}, ...]
+        <data_root>/images/{training,validation}/<image_id>.jpg     the photos
+        <data_root>/annotations/{training,validation}/<image_id>.png  class labels 0..150
+        <data_root>/annotations_with_color/{training,validation}/<image_id>.png  the colour maps (optional here:
+                                                                      made from the labels when missing)
+
+    -> records {"id", "caption", "image", "map", "labels"}. A record without image_id or caption is skipped and
+    counted."""
+    path = os.path.join(annt_root, f"{split}.json")
+    items = _annotation_json(path, "ADE20K captions")
+    if not isinstance(items, list):
+        raise mmi.InputError(f"{path}: expected a list of {{'image_id', 'caption'}} records")
+    out = []
+    for n, it in enumerate(items):
+        if not isinstance(it, dict) or not isinstance(it.get("caption"), str) or "image_id" not in it:
+            stats["malformed_record"] += 1
+            continue
+        name = str(it["image_id"])
+        out.append({"id": n, "caption": _strip_special_strings(it["caption"]),
+                    "image": os.path.join(data_root, "images", split, f"{name}.jpg"),
+                    "map": os.path.join(data_root, "annotations_with_color", split, f"{name}.png"),
+                    "labels": os.path.join(data_root, "annotations", split, f"{name}.png")})
+    return out
+
+
+def load_segmentation_map(record):
+    """The colour map of an ADE20K record: the prepared file, else coloured from the label file."""
+    if os.path.exists(record["map"]):
+        return load_image(record["map"])
+    try:
+        with Image.open(record["labels"]) as im:
+            return Image.fromarray(colour_segmentation(np.asarray(im)))
+    except FileNotFoundError:
+        raise SkipSample("image_missing", f"{record['map']} (nor {record['labels']})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SkipSample("image_unreadable", f"{record['labels']}: {e}") from None
+
+
+def ade20k_text(caption, placeholder, text_first=False):
+    """The original's segmentation-to-image text: "<map>caption.<photo>", or "caption.<map><photo>"."""
+    return f"{caption}.{placeholder}{placeholder}" if text_first else f"{placeholder}{caption}.{placeholder}"
+
+
+def build_ade20k_sample(record, tokenizer, transform, rng, num_img_token=64, text_first=False, flip_prob=0.0,
+                        where=""):
+    """An ADE20K record -> TargetSample: slot 0 the colour map, slot 1 the photo, the target. Both slots' decoder
+    images are the photo (as the original pairs them); the map's slot takes no image loss. With flip_prob the map
+    and the photo are mirrored left-right together (every copy, so the map stays aligned with the target)."""
+    seg, photo = load_segmentation_map(record), load_image(record["image"])
+    if rng.random() < flip_prob:
+        seg, photo = seg.transpose(Image.FLIP_LEFT_RIGHT), photo.transpose(Image.FLIP_LEFT_RIGHT)
+    seg_enc, _ = transform(seg)
+    photo_enc, photo_dec = transform(photo)
+    text = ade20k_text(record["caption"], image_placeholder(num_img_token), text_first)
+    ids = tokenize_with_images(text, tokenizer, 2, num_img_token, where)
+    info = [{"record": record["id"], "image": record["map"]}, {"record": record["id"], "image": record["image"]}]
+    return TargetSample(ids, np.stack([seg_enc, photo_enc]), _stack([photo_dec, photo_dec]), info,
+                        image_targets=np.array([False, True]))
+
+
+def collate_targets(samples, pad_id, dataset_name, loss_txt_weight=None, loss_img_weight=None):
+    """TargetSamples -> the model's batch dict, one sample per row (right padding): image_loss_mask on the
+    targets only, target_image_idxs their flat indexes (what generation draws)."""
+    rows = [Row(s.text_ids, s.images, s.images_dec, s.image_info, np.zeros(len(s.images), np.int64), [s.key])
+            for s in samples]
+    batch = collate_rows(rows, pad_id, dataset_name, loss_img_weight, loss_txt_weight)
+    targets = np.concatenate([s.image_targets for s in samples])
+    batch["image_loss_mask"] = torch.from_numpy(targets.astype(np.float32))  # (B_I,)
+    batch["target_image_idxs"] = torch.from_numpy(np.flatnonzero(targets))
+    return batch
+
+
+class RecordDataset(torch.utils.data.IterableDataset):
+    """Records -> batches of `batch_size` samples, one a row. Each epoch shuffles the records (seed, epoch) and deals
+    them round-robin to the rank x worker readers; `build(record, rng, where)` makes a sample or raises SkipSample
+    (counted). Resumable as MixedDataset: meta["position"] = {"reader", "state": {"epoch", "next"}}."""
+
+    def __init__(self, name, records, build, tokenizer, batch_size=4, seed=0, rank=None, world_size=None,
+                 loss_weights=(None, None), shuffle=True, read_stats=None, verbose=True):
+        self.name, self.records, self.build, self.tokenizer = name, records, build, tokenizer
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.loss_weights, self.shuffle, self.verbose = loss_weights, shuffle, verbose
+        self.read_stats = Counter(read_stats or {})
+        if not records:
+            skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.read_stats.items())) or "none"
+            raise mmi.InputError(f"{name}: no usable records (skipped: {skipped})")
+        self.epoch, self.resume, self.first_worker = 0, {}, 0
+
+    set_epoch = MixedDataset.set_epoch
+    load_state_dict = MixedDataset.load_state_dict
+    record_position = staticmethod(MixedDataset.record_position)
+
+    def _batch(self, samples, reader, index, next_record):
+        batch = collate_targets(samples, self.tokenizer.pad_id, self.name, *self.loss_weights)
+        batch["meta"]["position"] = {"reader": index, "state": {"epoch": self.epoch, "next": next_record}}
+        batch["meta"]["stats"] = dict(reader.stats)
+        return batch
+
+    def __iter__(self):
+        reader = current_reader(self.rank, self.world_size, self.first_worker)
+        index, num_readers = reader.rank * reader.num_workers + reader.worker, reader.world_size * reader.num_workers
+        order = list(range(len(self.records)))
+        if self.shuffle:
+            random.Random(f"records/{self.seed}/{self.epoch}").shuffle(order)
+        mine = order[index::num_readers]
+        start = self.resume.get(index)
+        start = start["next"] if start is not None and start["epoch"] == self.epoch else 0
+        samples = []
+        for n in range(start, len(mine)):
+            reader.stats["lines"] += 1
+            try:
+                sample = self.build(self.records[mine[n]], sample_rng(self.seed, (self.epoch, mine[n])),
+                                    f"{self.name}[{mine[n]}]")
+            except SkipSample as e:
+                reader.stats[f"doc:{e.reason}"] += 1
+                continue
+            reader.stats["docs_used"] += 1
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                yield self._batch(samples, reader, index, n + 1)
+                samples = []
+        if samples:
+            yield self._batch(samples, reader, index, len(mine))
+        if self.verbose:
+            stats = reader.stats + Counter({f"record:{k}": v for k, v in self.read_stats.items()})
+            print(format_stats(self.name, stats, f"epoch {self.epoch} rank {reader.rank} worker {reader.worker}"),
+                  flush=True)
+
+
+def _story_builder(tokenizer, transform, context_type, target_image_idxs, num_img_token, img_first_prob, all_targets):
+    return functools.partial(_build_story, tokenizer=tokenizer, transform=transform, context_type=context_type,
+                             target_image_idxs=target_image_idxs, num_img_token=num_img_token,
+                             img_first_prob=img_first_prob, all_targets=all_targets)
+
+
+def _build_story(record, rng, where, **options):
+    return build_story_sample(record, rng=rng, where=where, **options)
+
+
+def _build_ade20k(record, rng, where, **options):
+    return build_ade20k_sample(record, rng=rng, where=where, **options)
+
+
+STORY_READERS = {"vist": read_vist, "pororo": read_pororo, "flintstones": read_flintstones}
+
+
+def story_dataset(name, tokenizer, cfg, split, rank, world, seed, annt_root, data_root, batch_size=4,
+                  context_type="multi_modal", round_range="last", target_image_idxs=None, img_first_prob=0.0,
+                  loss_txt_weight=0.0, loss_img_weight=None):
+    """A storytelling set (vist / pororo / flintstones) as a RecordDataset. In training with the default
+    multi_modal / last and no target_image_idxs, every image is a target, as the original trains; otherwise the
+    targets are target_image_idxs (default: the last frame). The text takes no loss unless loss_txt_weight says."""
+    stats = Counter()
+    stories = story_rounds(STORY_READERS[name](annt_root, data_root, split, stats), round_range)
+    all_targets = split == "train" and context_type == "multi_modal" and target_image_idxs is None
+    build = _story_builder(tokenizer, DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
+                           context_type, target_image_idxs, cfg.num_img_token, img_first_prob, all_targets)
+    return RecordDataset(name, stories, build, tokenizer, batch_size, seed, rank, world,
+                         (loss_txt_weight, loss_img_weight), shuffle=split == "train", read_stats=stats)
+
+
+def ade20k_dataset(tokenizer, cfg, split, rank, world, seed, annt_root, data_root, batch_size=4, text_first=False,
+                   flip_prob=None, loss_txt_weight=0.0, loss_img_weight=None):
+    """ADE20K segmentation-to-image as a RecordDataset (split train -> "training", else "validation"); training
+    mirrors half the pairs (flip_prob 0.5) unless told otherwise."""
+    stats = Counter()
+    phase = "training" if split == "train" else "validation"
+    records = read_ade20k(annt_root, data_root, phase, stats)
+    build = functools.partial(_build_ade20k, tokenizer=tokenizer,
+                              transform=DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
+                              num_img_token=cfg.num_img_token, text_first=text_first,
+                              flip_prob=(0.5 if split == "train" else 0.0) if flip_prob is None else flip_prob)
+    return RecordDataset("ade20k", records, build, tokenizer, batch_size, seed, rank, world,
+                         (loss_txt_weight, loss_img_weight), shuffle=split == "train", read_stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@
 
 Tasks (the original mm_eval.yaml's sets; its "coco" text-to-image set is `coco_t2i` here): coco_karpathy,
 flickr30k, nocaps, image2paragraph (BLEU-4, CIDEr); vqav2, okvqa, textvqa, vizwiz_vqa (VQA accuracy);
-visdial (NDCG); coco_t2i, lncoco (FID); demo. Results JSON, out/eval/<task>.json by default (--out): the config,
-the metrics, every sample's output, and the samples skipped for a missing or unreadable image, counted by reason.
+visdial (NDCG); coco_t2i, lncoco (FID); after fine-tuning (train.py configs/sft_*_13b.py): vist, pororo,
+flintstones (FID and CLIP image similarity of the drawn frames, MMFS on and off), ade20k (mIoU); demo.
+Results JSON, out/eval/<task>.json by default (--out): the config, the metrics, every sample's output, and the
+samples skipped for a missing or unreadable image, counted by reason.
 While a run goes, its predictions so far are kept in out/eval/<task>.partial.json; text-to-image tasks write their
 images to out/eval/<task>_images/.
 
@@ -23,6 +25,11 @@ Layout under --data_root (the original README's tree; the files each task reads)
     textvqa/textvqa_val_annotations.json, textvqa_val_questions.json, textvqa/train_images/
     VizWiz/val.json, VizWiz/val/
     visdial/visdial_1.0_val.json, visdial_1.0_val_dense_annotations.json, visdial/VisualDialog_val2018/
+    vist/annotations/test_formatted_filtered.json, vist/images/test_images/
+    pororo/descriptions.npy, img_cache4.npy, following_cache4.npy, train_seen_unseen_ids.npy, pororo/<frame strips>
+    flintstones/following_cache4.pkl, train-val-test_split.json, flintstones_annotations_v1-0.json,
+        flintstones/video_frames_sampled_png/
+    ADEChallengeData2016/validation.json, images/validation/, annotations/validation/ (+ annotations_with_color/)
 
 Sections follow the work: caption metrics (PTB-style tokenisation, BLEU, CIDEr-D) -> VQA accuracy -> VisDial NDCG
 -> FID (Inception-v3 with the FID weights, Frechet distance) -> CLIP ViT-L/14 for best-of-8 re-ranking -> one
@@ -39,6 +46,8 @@ import pickle
 import re
 import sys
 import time
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -1407,21 +1416,226 @@ def _text_to_image_task(samples_per_caption):
     return predict
 
 
+def _scored_image(path, what):
+    try:
+        return data.load_image(path)
+    except data.SkipSample as e:
+        raise InputError(f"{path}: cannot read the image for {what} ({e.reason})") from None
+
+
+def fid_of_paths(net, real_paths, fake_paths, device):
+    """FID between two lists of image files (the original's preprocessing of both)."""
+    def stats(paths):
+        tensors = torch.stack([fid_image_tensor(_scored_image(p, "FID")) for p in paths])
+        return feature_statistics(inception_features(net, tensors, device=device))
+    return frechet_distance(*stats(real_paths), *stats(fake_paths))
+
+
 def score_fid(root, outputs, args):
     net = load_inception(args.inception)
+    return {"FID": fid_of_paths(net, [o["image"] for o in outputs], [o["generated"] for o in outputs], args.device)}
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuned tasks: visual storytelling (VIST, PororoSV, FlintstonesSV) and segmentation-to-image (ADE20K)
+# ---------------------------------------------------------------------------------------------------------------
+
+STORY_FOLDERS = {"vist": "vist", "pororo": "pororo", "flintstones": "flintstones"}
+
+
+def _story_reader(name):
+    def read(root):
+        """The test split's stories (data.py's reader of the original layout under root/<name>)."""
+        stats = Counter()
+        base = os.path.join(root, STORY_FOLDERS[name])
+        stories = data.STORY_READERS[name](base, base, "test", stats)
+        if stats:
+            print(f"[eval] {name}: skipped stories {dict(stats)}", flush=True)
+        return [dict(s, image=s["frames"][-1]["image"]) for s in stories]
+    return read
+
+
+def _file_stem(text):
+    return re.sub(r"[^\w.-]", "_", str(text))
+
+
+def _save_png(path, image):
+    """A [3, H, W] tensor in [0, 1] or a PIL image -> PNG at `path` (atomically)."""
+    if torch.is_tensor(image):
+        image = Image.fromarray((image.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+    with data.replaced_on_success(path) as tmp:
+        image.save(tmp)
+    return path
+
+
+def _story_rows(sample, tokenizer, cfg, args):
+    """One row per round of a story (round_range), as data.build_story_sample builds it at the encoder size:
+    ground-truth images in every slot (a target's own image cannot reach its generation), targets per frame."""
+    rng = data.sample_rng(args.seed, ("eval", sample["id"]))
+    transform = data.DualTransform(cfg.vision.image_size, None)
+    return [data.build_story_sample(r, tokenizer, transform, rng, args.context_type, None, cfg.num_img_token,
+                                    where=r["id"]) for r in data.story_rounds([sample], args.round_range)]
+
+
+def _story_task(name):
+    def predict(model, tokenizer, samples, args):
+        """Draw each story's target frame (every round's, with round_range=all) from its context, with and without
+        the UNet's MMFS from the same noise; the drawn frames and the ground-truth frames (a strip's chosen frame
+        cut out) are written as PNG. The context frames are the ground truth."""
+        if getattr(model, "image_decoder", None) is None:
+            raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+        folder = images_folder(args)
+        os.makedirs(folder, exist_ok=True)
+        for chunk in _batches(samples, args.batch_size, name):
+            rows = []
+            for s in chunk:
+                try:
+                    rows.append((s, _story_rows(s, tokenizer, model.cfg, args)))
+                except data.SkipSample as e:
+                    yield skipped(s, e)
+            if not rows:
+                continue
+            built = [b for _, bs in rows for b in bs]
+            batch = data.collate_targets(built, tokenizer.pad_id, name)
+            targets = [info for b in built for info, t in zip(b.image_info, b.image_targets) if t]
+            seeds = [args.seed + zlib.crc32(f"{t['story']}/{t['frame']}".encode()) % 1_000_000 for t in targets]
+            drawn = model.generate_images(_to_device(batch, args.device), steps=args.steps,
+                                          guidance_scale=args.guidance_scale, sampler="ddpm", seed=seeds,
+                                          progress=False, use_mmfs="both")["image"]
+            k = 0
+            for s, bs in rows:
+                out = []
+                for b in bs:
+                    for info in [i for i, t in zip(b.image_info, b.image_targets) if t]:
+                        stem = os.path.join(folder, _file_stem(f"{info['story']}_{info['frame']}"))
+                        gt = info["image"]
+                        if info["strip_frame"] is not None:          # the strip's drawn frame, as the model saw it
+                            frame = s["frames"][info["frame"]]
+                            gt = _save_png(stem + "_gt.png", data.story_frame(frame, None, info["strip_frame"])[0])
+                        out.append({"round": info["story"], "frame": info["frame"], "image": gt,
+                                    "strip_frame": info["strip_frame"],
+                                    "generated": _save_png(stem + ".png", drawn[k]),
+                                    "generated_without_mmfs": _save_png(stem + "_without_mmfs.png",
+                                                                        drawn[len(targets) + k])})
+                        k += 1
+                yield {"id": s["id"], "targets": out}
+
+    return predict
+
+
+@torch.no_grad()
+def clip_image_similarity(scorer, real_paths, fake_paths, device):
+    """Cosine similarity of CLIP image features, per pair of image files."""
     def features(paths):
-        tensors = []
-        for p in paths:
-            try:
-                tensors.append(fid_image_tensor(data.load_image(p)))
-            except data.SkipSample as e:
-                raise InputError(f"{p}: cannot read the image for FID ({e.reason})") from None
-        return inception_features(net, torch.stack(tensors), device=args.device)
+        pixels = torch.stack([clip_image_tensor(_scored_image(p, "CLIP"), scorer.image_size) for p in paths])
+        return scorer.image_features(pixels.to(device))
+    return (features(real_paths) * features(fake_paths)).sum(-1).cpu().tolist()
 
-    real = feature_statistics(features([o["image"] for o in outputs]))
-    fake = feature_statistics(features([o["generated"] for o in outputs]))
-    return {"FID": frechet_distance(*real, *fake)}
+
+def score_story(root, outputs, args):
+    """FID of the drawn target frames against the ground truth, and their mean CLIP image-image similarity to
+    it, with and without MMFS."""
+    net, (scorer, _) = load_inception(args.inception), load_clip(args.clip)
+    scorer = scorer.to(args.device)
+    targets = [t for o in outputs for t in o["targets"]]
+    real = [t["image"] for t in targets]
+    metrics = {}
+    for key, suffix in (("generated", ""), ("generated_without_mmfs", "_without_mmfs")):
+        fake = [t[key] for t in targets]
+        sims = clip_image_similarity(scorer, real, fake, args.device)
+        for t, sim in zip(targets, sims):
+            t["clip_similarity" + suffix] = sim
+        metrics["FID" + suffix] = fid_of_paths(net, real, fake, args.device)
+        metrics["clip_image_similarity" + suffix] = float(np.mean(sims))
+    return metrics
+
+
+def read_ade20k(root):
+    """ADE20K's validation captions (data.read_ade20k under root/ADEChallengeData2016); "image" is the class-label
+    map mIoU compares with."""
+    stats = Counter()
+    base = os.path.join(root, "ADEChallengeData2016")
+    records = data.read_ade20k(base, base, "validation", stats)
+    if stats:
+        print(f"[eval] ade20k: skipped records {dict(stats)}", flush=True)
+    return [dict(r, image=r["labels"]) for r in records]
+
+
+def check_segmenter_path(path):
+    if path is None or not os.path.isfile(path):
+        raise InputError(f"ade20k's mIoU needs a segmentation network for ADE20K's 150 classes (the original used "
+                         f"OneFormer ADE20K DiNAT-L); not found at {path!r}. Pass --segmenter=<file.pt2> "
+                         f"(torch.export.save of a network mapping [1, 3, H, W] images in [0, 1], H and W dynamic, to [1, 150, h, w] "
+                         f"class scores)")
+
+
+def load_segmenter(path):
+    """A user-supplied segmentation network saved with torch.export.save (a graph and its weights, no Python
+    code to run)."""
+    check_segmenter_path(path)
+    try:
+        return torch.export.load(path).module()
+    except (RuntimeError, ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a torch.export file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                         ) from None
+
+
+def predict_ade20k(model, tokenizer, samples, args):
+    """Draw a photo from each colour map and caption ("<map>caption.<photo>", the original's prompt; the photo's
+    slot holds grey), written as PNG."""
+    if getattr(model, "image_decoder", None) is None:
+        raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+    cfg, folder = model.cfg, images_folder(args)
+    os.makedirs(folder, exist_ok=True)
+    grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)
+    for chunk in _batches(samples, args.batch_size, "ade20k"):
+        maps, skips = {}, {}
+        for i, s in enumerate(chunk):
+            try:
+                maps[i] = data.encoder_image(data.load_segmentation_map(s), cfg.vision.image_size)
+            except data.SkipSample as e:
+                skips[i] = skipped(s, e)
+        yield from skips.values()
+        chunk = [(s, maps[i]) for i, s in enumerate(chunk) if i not in skips]
+        if not chunk:
+            continue
+        prompts = [data.ade20k_text(s["caption"], data.image_placeholder(cfg.num_img_token)) for s, _ in chunk]
+        batch = text_batch(prompts, [x for _, m in chunk for x in (m, grey)], tokenizer, pad_left=False)
+        drawn = model.generate_images(_to_device(batch, args.device), target_image_idxs=[2 * b + 1 for b in
+                                                                                        range(len(chunk))],
+                                      steps=args.steps, guidance_scale=args.guidance_scale, sampler="ddpm",
+                                      seed=[args.seed + s["id"] for s, _ in chunk], progress=False)["image"]
+        for (s, _), img in zip(chunk, drawn):
+            yield {"id": s["id"], "caption": s["caption"], "labels": s["labels"],
+                   "generated": _save_png(os.path.join(folder, f"{s['id']:06d}.png"), img)}
+
+
+def segmentation_iou(pred, labels, num_classes=data.ADE20K_NUM_CLASSES):
+    """Per class 1..num_classes: (intersection, union) pixel counts of a predicted and a true label map; pixels
+    labelled 0 ("other") in the truth are left out."""
+    pred = np.where(labels > 0, pred, 0)
+    bins = lambda x: np.bincount(x[(x >= 1) & (x <= num_classes)].ravel(), minlength=num_classes + 1)[1:]
+    inter = bins(np.where(pred == labels, pred, 0))
+    return inter, bins(pred) + bins(labels) - inter
+
+
+@torch.no_grad()
+def score_ade20k(root, outputs, args):
+    """mIoU as the original: each drawn photo resized (bicubic) to its label map's size and segmented, class
+    intersections and unions summed over the set, IoU = intersection / union per class, averaged over all 150
+    (a class absent from every map counts as 0)."""
+    net = load_segmenter(args.segmenter).to(args.device)
+    inter = union = 0
+    for o in outputs:
+        with Image.open(o["labels"]) as im:
+            labels = np.asarray(im).astype(np.int64)
+        photo = _scored_image(o["generated"], "mIoU").resize(labels.shape[::-1], resample=Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(photo).transpose(2, 0, 1).copy()).float().div(255)[None].to(args.device)
+        scores = F.interpolate(net(x).float(), size=labels.shape, mode="bilinear", align_corners=False)
+        pred = scores.argmax(1)[0].cpu().numpy() + 1                                 # class k -> label k + 1
+        i, u = segmentation_iou(pred, labels)
+        inter, union = inter + i, union + u
+    return {"mIoU": float(np.mean(inter / (union + 1e-10)))}
 
 
 def _build_tasks():
@@ -1442,6 +1656,12 @@ def _build_tasks():
                              min_samples=2)
     tasks["lncoco"] = Task(read_lncoco, _text_to_image_task(1), score_fid, dict(t2i, samples_per_caption=1),
                            preflight=lambda args: check_inception_path(args.inception), min_samples=2)
+    story_checks = lambda args: (check_inception_path(args.inception), check_clip_path(args.clip))
+    for name in STORY_FOLDERS:
+        tasks[name] = Task(_story_reader(name), _story_task(name), score_story, dict(t2i, use_mmfs="both"),
+                           preflight=story_checks, min_samples=2)
+    tasks["ade20k"] = Task(read_ade20k, predict_ade20k, score_ade20k, dict(t2i),
+                           preflight=lambda args: check_segmenter_path(args.segmenter))
     tasks["demo"] = Task(read_demo, predict_demo, score_demo, dict(DEMO_GENERATION, **DEMO_IMAGES),
                          needs_data_root=False)
     return tasks
@@ -1651,6 +1871,13 @@ def parse_args(argv=None):
     p.add_argument("--guidance_scale", type=float, default=3.5,
                    help="classifier-free guidance scale (FID tasks; the original used 3.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sampling (FID tasks and demo)")
+    p.add_argument("--context_type", default="multi_modal", choices=data.CONTEXT_TYPES,
+                   help="storytelling tasks: what of the earlier frames the context holds (default: multi_modal)")
+    p.add_argument("--round_range", default="last", choices=["last", "all"],
+                   help="storytelling tasks: draw each story's last frame, or every frame from its own prefix (all)")
+    p.add_argument("--segmenter", default=None,
+                   help="ade20k: segmentation network for ADE20K's 150 classes, for mIoU: a torch.export.save file "
+                        "mapping [1, 3, H, W] in [0, 1] (H, W dynamic) to [1, 150, h, w] scores")
     p.add_argument("--readme", action="store_true",
                    help="demo: also write the scoreboard into README.md's scoreboard block")
     args = p.parse_args(argv)
@@ -1705,7 +1932,7 @@ def main(argv=None):
                 readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
                 write_readme_table(readme, table)
                 print(f"wrote the scoreboard into {readme}")
-        if task.score is score_fid:
+        if task.score in (score_fid, score_story, score_ade20k):
             print(f"wrote {results['num_samples']} generated images to {images_folder(args)}")
         print(f"wrote {args.out}")
     if world > 1:

@@ -3811,6 +3811,225 @@ def test_llava_malformed_file_is_one_line_naming_it(tmp_path, text, message):
         data.finetune_dataset("nope", demo_tok(), mmi.MMIConfig.from_preset("tiny"), "train", 0, 1, 0)
 
 
+# Fine-tuning sets, tiny, in the original layouts: frame k of a story has a caption naming its colour.
+STORY_COLOURS = ["red", "green", "blue", "yellow", "cyan", "magenta", "black", "white"]
+
+
+def write_png(path, colour, size=(40, 30)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, PALETTE[colour]).save(path)
+
+
+def write_strip(path, colours):
+    """A PororoSV / FlintstonesSV file: one 128x128 frame per colour, stacked vertically."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arr = np.concatenate([np.full((128, 128, 3), PALETTE[c], np.uint8) for c in colours])
+    Image.fromarray(arr).save(path)
+
+
+def write_vist(root, split, n_frames=3):
+    """Stories "s1" (frames given out of order) and "s0"; "bad" lacks an image_id."""
+    stories = {}
+    for sid in ["s1", "s0"]:                  # written in this order, read sorted
+        s, turns = int(sid[1]), []
+        for k in range(n_frames):
+            colour = STORY_COLOURS[(s + k) % len(STORY_COLOURS)]
+            turns.append({"sequence_index": k, "image_id": f"{sid}{k}", "caption": f"this is {colour} number {k}."})
+            write_png(os.path.join(root, "images", f"{split}_images", f"{sid}{k}.png"), colour)
+        stories[sid] = turns[::-1]
+    stories["bad"] = [{"sequence_index": 0, "caption": "x"}]
+    path = os.path.join(root, "annotations", f"{split}_formatted_filtered.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"annotations": stories}, f)
+
+
+def write_pororo(root):
+    """Stories 0 and 1 of five strips each (frame 0 of a strip in one colour, frame 1 in the next); split ids:
+    train [1, 0, 9] (9 out of range), val [0], test [1, 0]. Captions mention "pororo" in lower case."""
+    names = [[f"ep{s}/{k}.png" for k in range(5)] for s in range(2)]
+    descriptions = {}
+    for s in range(2):
+        for k, name in enumerate(names[s]):
+            c0, c1 = STORY_COLOURS[(s + k) % 8], STORY_COLOURS[(s + k + 1) % 8]
+            write_strip(os.path.join(root, name), [c0, c1])
+            descriptions[name[:-4]] = [f"PORORO sees {c0}\tor {c1} {k}.\n", "second caption"]
+    np.save(os.path.join(root, "descriptions.npy"), np.array(descriptions, dtype=object), allow_pickle=True)
+    np.save(os.path.join(root, "img_cache4.npy"), np.array([n[0].encode() for n in names]))
+    np.save(os.path.join(root, "following_cache4.npy"), np.array([[x.encode() for x in n[1:]] for n in names]))
+    ids = np.empty(3, dtype=object)
+    ids[:] = [np.array([1, 0, 9]), np.array([0]), np.array([1, 0])]
+    np.save(os.path.join(root, "train_seen_unseen_ids.npy"), ids, allow_pickle=True)
+
+
+def write_flintstones(root):
+    """Stories "a0" and "b0" of five strips; "c0" has three followings, "d0" a frame without a description."""
+    followings = {g: [f"{g[0]}{k}" for k in range(1, 5)] for g in ("a0", "b0", "d0")}
+    followings["c0"] = ["c1", "c2", "c3"]
+    anns = []
+    for s, g in enumerate("ab"):
+        for k in range(5):
+            c0, c1 = STORY_COLOURS[(s + k) % 8], STORY_COLOURS[(s + k + 1) % 8]
+            write_strip(os.path.join(root, "video_frames_sampled_png", f"{g}{k}.png"), [c0, c1])
+            anns.append({"globalID": f"{g}{k}", "description": f"fred sees {c0} or {c1} {k}."})
+    with open(os.path.join(root, "following_cache4.pkl"), "wb") as f:
+        pickle.dump(followings, f)
+    split = {"train": ["a0", "b0", "c0", "d0"], "val": ["a0"], "test": ["b0", "a0"]}
+    with open(os.path.join(root, "train-val-test_split.json"), "w") as f:
+        json.dump(split, f)
+    with open(os.path.join(root, "flintstones_annotations_v1-0.json"), "w") as f:
+        json.dump(anns, f)
+
+
+def decoded(tok, sample):
+    return tok.decode(sample.text_ids, skip_special=False).replace(data.IMAGE_TOKEN * 4, "")
+
+
+def test_story_text_per_context_type():
+    caps, img = ["a b.", "c.", "d e."], "<I>"
+    assert data.story_text(caps, "multi_modal", img) == ("a b.<I> c.<I> d e.<I>", [0, 1, 2])
+    assert data.story_text(caps, "multi_modal", img, [True, False, True]) == ("<I>a b. c.<I> d e.<I>", [0, 1, 2])
+    assert data.story_text(caps, "image_only", img) == ("<I><I><I>", [0, 1, 2])
+    assert data.story_text(caps, "text_only", img) == ("a b. c. d e.<I>", [2])
+    assert data.story_text(caps, "current", img) == ("d e.<I>", [2])
+    with pytest.raises(ValueError, match="context_type='both'"):
+        data.story_text(caps, "both", img)
+
+
+def test_vist_samples_targets_and_token_layout(tmp_path):
+    write_vist(str(tmp_path), "val")
+    tok, stats = demo_tok(), Counter()
+    stories = data.read_vist(str(tmp_path), str(tmp_path), "val", stats)
+    assert [s["id"] for s in stories] == ["s0", "s1"] and stats == Counter({"malformed_record": 1})
+    s1 = stories[1]
+    assert [f["caption"] for f in s1["frames"]] == [f"this is {STORY_COLOURS[1 + k]} number {k}." for k in range(3)]
+    tf, rng = data.DualTransform(16, 24), random.Random(0)
+    img = data.image_placeholder(4)
+    caps = [f["caption"] for f in s1["frames"]]
+    for context_type, text, colours, targets in [
+            ("multi_modal", f"{caps[0]}{img} {caps[1]}{img} {caps[2]}{img}", ["green", "blue", "yellow"],
+             [False, False, True]),
+            ("image_only", img * 3, ["green", "blue", "yellow"], [False, False, True]),
+            ("text_only", f"{caps[0]} {caps[1]} {caps[2]}{img}", ["yellow"], [True]),
+            ("current", f"{caps[2]}{img}", ["yellow"], [True])]:
+        s = data.build_story_sample(s1, tok, tf, rng, context_type, num_img_token=4)
+        assert s.text_ids.tolist() == tok.encode(text), context_type      # bos, no eos
+        assert [colour_of(x) for x in s.images] == colours and [colour_of(x) for x in s.images_dec] == colours
+        assert s.images.shape[-1] == 16 and s.images_dec.shape[-1] == 24
+        assert s.image_targets.tolist() == targets
+    s = data.build_story_sample(s1, tok, tf, rng, "multi_modal", target_image_idxs=(0, -2), num_img_token=4)
+    assert s.image_targets.tolist() == [True, True, False]
+    with pytest.raises(ValueError, match=r"target_image_idxs \[0\]"):
+        data.build_story_sample(s1, tok, tf, rng, "text_only", target_image_idxs=(0,), num_img_token=4)
+    rounds = data.story_rounds(stories, "all")
+    assert [(r["id"], len(r["frames"])) for r in rounds] == [("s0_1", 1), ("s0_2", 2), ("s1_1", 1), ("s1_2", 2)]
+
+
+def test_finetune_dataset_masks_image_loss_to_the_targets(tmp_path):
+    write_vist(str(tmp_path), "train")
+    write_vist(str(tmp_path), "val")
+    os.remove(tmp_path / "images/train_images/s01.png")
+    tok, cfg = demo_tok(), mmi.MMIConfig.from_preset("tiny")
+    args = dict(annt_root=str(tmp_path), data_root=str(tmp_path), batch_size=2)
+    ds = data.finetune_dataset("vist", tok, cfg, "train", 0, 1, 0, **args)
+    (batch,) = list(ds)                                   # s0 lost an image: one batch of one story
+    assert batch["meta"]["stats"] == {"lines": 2, "docs_used": 1, "doc:image_missing": 1}
+    assert batch["num_image_per_seq"].tolist() == [3] and batch["image_loss_mask"].tolist() == [1.0] * 3
+    assert batch["loss_txt_weight"] == 0.0 and "loss_img_weight" not in batch
+    assert batch["image_tensors_dec"].shape[-1] == cfg.image_decoder.image_size
+    val = list(data.finetune_dataset("vist", tok, cfg, "val", 0, 1, 0, **args))[0]
+    assert val["image_loss_mask"].tolist() == [0, 0, 1, 0, 0, 1] and val["target_image_idxs"].tolist() == [2, 5]
+    assert val["attention_mask"].sum(1).tolist() == [len(val["text_ids"][0])] * 2
+    assert (val["text_ids"][:, 0] == tok.bos_id).all() and val["nearest_bos_idxs"].tolist() == [0] * 6
+    cur = list(data.finetune_dataset("vist", tok, cfg, "val", 0, 1, 0, context_type="current", **args))[0]
+    assert cur["num_image_per_seq"].tolist() == [1, 1] and cur["image_loss_mask"].tolist() == [1, 1]
+
+
+def test_finetune_dataset_resumes_after_the_recorded_batch(tmp_path):
+    write_vist(str(tmp_path), "train")
+    tok, cfg = demo_tok(), mmi.MMIConfig.from_preset("tiny")
+    args = dict(annt_root=str(tmp_path), data_root=str(tmp_path), batch_size=1)
+    first = list(data.finetune_dataset("vist", tok, cfg, "train", 0, 1, 5, **args))
+    positions = data.MixedDataset.record_position({}, first[0])
+    ds = data.finetune_dataset("vist", tok, cfg, "train", 0, 1, 5, **args)
+    ds.load_state_dict(positions)
+    rest = list(ds)
+    assert len(first) == 2 and len(rest) == 1 and torch.equal(rest[0]["text_ids"], first[1]["text_ids"])
+    two = [list(data.finetune_dataset("vist", tok, cfg, "train", r, 2, 5, **args)) for r in range(2)]
+    assert sorted(len(b) for b in two) == [1, 1]          # one story per rank
+
+
+def test_pororo_and_flintstones_cut_the_drawn_strip_frame(tmp_path):
+    tok, tf = demo_tok(), data.DualTransform(16, None)
+    write_pororo(str(tmp_path / "p"))
+    write_flintstones(str(tmp_path / "f"))
+    stats_p, stats_f = Counter(), Counter()
+    pororo = data.read_pororo(str(tmp_path / "p"), str(tmp_path / "p"), "train", stats_p)
+    flint = data.read_flintstones(str(tmp_path / "f"), str(tmp_path / "f"), "train", stats_f)
+    assert [s["id"] for s in pororo] == ["0", "1"] and stats_p == Counter({"story_index_out_of_range": 1})
+    assert [s["id"] for s in flint] == ["a0", "b0"]
+    assert stats_f == Counter({"not_four_followings": 1, "no_description": 1})
+    assert pororo[0]["frames"][1]["caption"] == "Pororo sees greenor blue 1."     # the original's clean-up
+    assert flint[1]["frames"][0]["caption"] == "Fred sees green or blue 0."
+    for story, s in ((pororo[1], 1), (flint[1], 1)):
+        drawn = data.build_story_sample(story, tok, tf, random.Random(3), "multi_modal", target_image_idxs=(2, 4),
+                                        num_img_token=4)
+        assert drawn.image_targets.tolist() == [False, False, True, False, True]
+        for k, (x, info) in enumerate(zip(drawn.images, drawn.image_info)):
+            assert info["strip_frame"] in (0, 1) and info["frame"] == k
+            assert colour_of(x) == STORY_COLOURS[(s + k + info["strip_frame"]) % 8]
+        assert {i["strip_frame"] for i in drawn.image_info} == {0, 1}   # both frames occur with this seed
+
+
+def test_finetune_readers_name_the_malformed_file_and_field(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations/test_formatted_filtered.json").write_text(json.dumps({"stories": {}}))
+    with pytest.raises(ValueError, match=r"test_formatted_filtered.json: field 'annotations' missing"):
+        data.read_vist(str(tmp_path), str(tmp_path), "test", Counter())
+    write_flintstones(str(tmp_path))
+    (tmp_path / "flintstones_annotations_v1-0.json").write_text(json.dumps([{"globalID": "a0"}]))
+    with pytest.raises(ValueError, match=r"flintstones_annotations_v1-0.json\[0\]: field 'description' missing"):
+        data.read_flintstones(str(tmp_path), str(tmp_path), "test", Counter())
+    write_pororo(str(tmp_path))
+    np.save(tmp_path / "descriptions.npy", np.array(Counter(a=1), dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"descriptions.npy: Pororo descriptions is not readable \(collections"):
+        data.read_pororo(str(tmp_path), str(tmp_path), "test", Counter())
+    with pytest.raises(ValueError, match="finetune_dataset 'coco', expected one of 'llava', 'flintstones'"):
+        data.finetune_dataset("coco", None, None, "train", 0, 1, 0)
+
+
+def test_ade20k_colours_and_segmentation_to_image_sample(tmp_path):
+    colours = data.ade20k_colours()
+    assert colours.shape == (151, 3) and len({tuple(c) for c in colours}) == 151
+    assert [tuple(colours[i]) for i in (0, 1, 2, 7, 37, 150)] == [(0, 0, 0), (255, 255, 255), (255, 255, 213),
+                                                                 (255, 213, 255), (213, 255, 255), (87, 255, 45)]
+    labels = np.zeros((30, 40), np.uint8)
+    labels[:, 20:] = 2                                    # right half class 2, left half "other"
+    photo = np.zeros((30, 40, 3), np.uint8)
+    photo[:, :20], photo[:, 20:] = PALETTE["red"], PALETTE["blue"]
+    os.makedirs(tmp_path / "images/training")
+    os.makedirs(tmp_path / "annotations/training")
+    Image.fromarray(photo).save(tmp_path / "images/training/ADE_1.jpg", quality=95)
+    Image.fromarray(labels).save(tmp_path / "annotations/training/ADE_1.png")
+    (tmp_path / "training.json").write_text(json.dumps([{"image_id": "ADE_1", "caption": "a wall"}, {"caption": 3}]))
+    stats = Counter()
+    (rec,) = data.read_ade20k(str(tmp_path), str(tmp_path), "training", stats)
+    assert stats == Counter({"malformed_record": 1})
+    tok, tf = demo_tok(), data.DualTransform(16, 24)
+    for flip in (0.0, 1.0):
+        s = data.build_ade20k_sample(rec, tok, tf, random.Random(0), num_img_token=4, flip_prob=flip)
+        assert s.text_ids.tolist() == tok.encode(f"{data.image_placeholder(4)}a wall.{data.image_placeholder(4)}")
+        assert s.image_targets.tolist() == [False, True] and np.array_equal(s.images_dec[0], s.images_dec[1])
+        seg, enc, dec = s.images[0], s.images[1], s.images_dec[1]
+        left, right = ("black", "white") if flip == 0 else ("white", "black")   # label 2 -> (255, 255, 213)
+        assert colour_of(seg[:, :, :6]) == left and colour_of(seg[:, :, -6:]) == right
+        want = ("red", "blue") if flip == 0 else ("blue", "red")
+        for x in (enc, dec):
+            assert (colour_of(x[:, :, :4]), colour_of(x[:, :, -4:])) == want
+    s = data.build_ade20k_sample(rec, tok, tf, random.Random(0), num_img_token=4, text_first=True)
+    assert s.text_ids.tolist() == tok.encode(f"a wall.{data.image_placeholder(4)}{data.image_placeholder(4)}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # data.py: packing
 # ----------------------------------------------------------------------------------------------------------------
@@ -4916,6 +5135,23 @@ def test_sft_vqa_13b_config_groups_what_it_says_trains():
     groups = train.param_groups(model, tc.param_groups)
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(2e-4, 0.0)]
     assert len(groups[0]["names"]) == 2 * 7 * model.cfg.llm.num_hidden_layers
+
+
+def test_loop_fine_tunes_on_a_storytelling_set(tmp_path, config_file):
+    """data="finetune" from a config file: VIST's training stories, every image a target, no text loss; the
+    loss is the image loss alone (loss_txt_weight 0 in the batch)."""
+    write_vist(str(tmp_path / "vist"), "train")
+    cfg = tmp_path / "sft.py"
+    cfg.write_text(TINY_CONFIG.replace('data = "synthetic"', 'data = "finetune"') +
+                   f'finetune_dataset = "vist"\nfinetune_args = dict(annt_root="{tmp_path / "vist"}", '
+                   f'data_root="{tmp_path / "vist"}", batch_size=1)\n')
+    out = str(tmp_path / "run")
+    result = run_train(str(cfg), out, "--log_interval=1")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["loss"] == pytest.approx(10.0 * r["loss_img"], rel=1e-5) and math.isfinite(r["loss_txt"])
+    assert all(math.isfinite(v) for v in result["losses"].values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -6315,6 +6551,117 @@ def test_text_to_image_end_to_end_with_the_tiny_model(tmp_path, monkeypatch, dem
         ev.feature_statistics(np.zeros((1, 4)))
 
 
+def _tiny_clip(monkeypatch):
+    """A tiny random CLIP in place of ViT-L/14 (its weights are not here; its module is tested above)."""
+    torch.manual_seed(0)
+    scorer = ev.CLIPScorer(image_size=28, patch=14, vision_dim=48, vision_layers=1, vision_heads=4, vision_hidden=40,
+                          vocab=10, text_dim=32, text_layers=1, text_heads=4, text_hidden=37, projection_dim=24).eval()
+    monkeypatch.setattr(ev, "load_clip", lambda path: (scorer, None))
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    monkeypatch.setattr(ev, "inception_features",
+                        lambda net, images, device="cpu": torch.nn.functional.adaptive_avg_pool2d(
+                            images, 2).flatten(1).double().numpy())
+    return scorer
+
+
+@pytest.mark.parametrize("task", ["vist", "pororo", "flintstones"])
+def test_storytelling_tasks_end_to_end(task, tmp_path, monkeypatch, demo_model_and_tokenizer):
+    """The test split's stories through the tiny model: one target frame per story (two rounds each with
+    round_range=all), drawn with and without MMFS, written as PNG with the ground-truth frame, then FID and CLIP
+    image similarity (tiny stand-ins for Inception and CLIP)."""
+    model, tok = demo_model_and_tokenizer
+    scorer = _tiny_clip(monkeypatch)
+    base = str(tmp_path / task)
+    {"vist": lambda: write_vist(base, "test"), "pororo": lambda: write_pororo(base),
+     "flintstones": lambda: write_flintstones(base)}[task]()
+    n_frames = 3 if task == "vist" else 5
+    for round_range, per_story in (("last", 1), ("all", n_frames - 1)):
+        args = _args(task, tmp_path)
+        args.round_range, args.out = round_range, str(tmp_path / f"{task}_{round_range}.json")
+        res = ev.evaluate(model, tok, args)
+        assert res["num_samples"] == 2 and all(len(o["targets"]) == per_story for o in res["samples"])
+        for o in res["samples"]:
+            for t in o["targets"]:
+                assert t["frame"] == (n_frames - 1 if round_range == "last" else int(t["round"].rsplit("_", 1)[1]) - 1)
+                for key in ("generated", "generated_without_mmfs"):
+                    with Image.open(t[key]) as im:
+                        assert im.size == (model.cfg.image_decoder.image_size,) * 2
+                with Image.open(t["image"]) as im:
+                    if task == "vist":
+                        assert t["strip_frame"] is None and im.size == (40, 30)
+                    else:                                     # the strip's drawn frame, cut out
+                        assert im.size == (128, 128) and t["strip_frame"] in (0, 1)
+        m = res["metrics"]
+        assert set(m) == {"FID", "FID_without_mmfs", "clip_image_similarity", "clip_image_similarity_without_mmfs"}
+        assert all(math.isfinite(v) for v in m.values())
+        t = res["samples"][0]["targets"][0]
+        with torch.no_grad():
+            a, b = (scorer.image_features(ev.clip_image_tensor(Image.open(p).convert("RGB"), 28)[None])
+                    for p in (t["image"], t["generated"]))
+        assert t["clip_similarity"] == pytest.approx(float((a * b).sum()), abs=1e-5)
+    args = _args(task, tmp_path)
+    args.context_type = "current"
+    samples = ev.load_samples(args)
+    rows = ev._story_rows(samples[0], tok, model.cfg, args)
+    assert len(rows) == 1 and rows[0].image_targets.tolist() == [True]
+
+
+def test_storytelling_draws_with_and_without_mmfs_in_one_call(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    model, tok = copy.deepcopy(demo_model_and_tokenizer[0]), demo_model_and_tokenizer[1]   # patched below
+    _tiny_clip(monkeypatch)
+    write_vist(str(tmp_path / "vist"), "test")
+    calls = []
+
+    def generate_images(batch, steps, guidance_scale, sampler, seed, progress, use_mmfs):
+        calls.append((batch["target_image_idxs"].tolist(), use_mmfs, len(seed)))
+        n = len(batch["target_image_idxs"])
+        return {"image": torch.stack([torch.full((3, 8, 8), v) for v in [0.2] * n + [0.8] * n])}
+
+    monkeypatch.setattr(model, "generate_images", generate_images)
+    res = ev.evaluate(model, tok, _args("vist", tmp_path))
+    assert calls == [([2, 5], "both", 2)]                  # both stories' last frames, one call
+    for o in res["samples"]:
+        (t,) = o["targets"]
+        assert np.asarray(Image.open(t["generated"])).max() == 51
+        assert np.asarray(Image.open(t["generated_without_mmfs"])).max() == 204
+
+
+class _ConstantSegmenter(torch.nn.Module):
+    def forward(self, x):                                 # every pixel: class index 0 (label 1)
+        scores = torch.zeros(x.shape[0], 150, 4, 4)
+        scores[:, 0] = 1.0
+        return scores + 0 * x.mean()
+
+
+def test_ade20k_task_needs_a_segmenter_then_scores_miou(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    model, tok = demo_model_and_tokenizer
+    base = tmp_path / "ADEChallengeData2016"
+    os.makedirs(base / "images/validation")
+    os.makedirs(base / "annotations/validation")
+    labels = np.zeros((30, 40), np.uint8)
+    labels[:, :10], labels[:, 10:30] = 1, 2               # 300 pixels of class 1, 600 of class 2, 300 "other"
+    for name in ("a", "b"):
+        Image.fromarray(labels).save(base / f"annotations/validation/{name}.png")
+    _json(base / "validation.json", [{"image_id": "a", "caption": "a wall"}, {"image_id": "b", "caption": "a door"}])
+    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("the model loads after the check"))
+    with pytest.raises(ValueError, match=r"ade20k's mIoU needs a segmentation network .* --segmenter="):
+        ev.main(["--task=ade20k", f"--data_root={tmp_path}", f"--init_from={tmp_path}",
+                 f"--tokenizer={data.DEMO_TOKENIZER_PATH}"])
+    path = str(tmp_path / "seg.pt2")
+    h, w = torch.export.Dim("h", min=8, max=4096), torch.export.Dim("w", min=8, max=4096)
+    torch.export.save(torch.export.export(_ConstantSegmenter(), (torch.zeros(1, 3, 30, 40),),
+                                          dynamic_shapes={"x": {2: h, 3: w}}), path)
+    args = _args("ade20k", tmp_path)
+    args.segmenter = path
+    res = ev.evaluate(model, tok, args)
+    assert [o["id"] for o in res["samples"]] == [0, 1]
+    for o in res["samples"]:
+        with Image.open(o["generated"]) as im:
+            assert im.size == (model.cfg.image_decoder.image_size,) * 2
+    # label 1 everywhere the truth is labelled: class 1 IoU 300 / 900, every other class 0, mean over 150
+    assert res["metrics"]["mIoU"] == pytest.approx((300 / 900) / 150)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # eval.py: the command line: one line and exit 2 for a user mistake, before the model loads; skipped samples
 # counted; the predictions made before a crash kept
@@ -6342,7 +6689,7 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
     assert [x.split()[0].rstrip(",") for x in entries] == [
         "-h", "--task", "--data_root", "--init_from", "--tokenizer", "--limit", "--out", "--batch_size", "--device",
         "--dtype", "--quantize", "--inception", "--clip", "--image_dir", "--steps", "--guidance_scale", "--seed",
-        "--readme"]
+        "--context_type", "--round_range", "--segmenter", "--readme"]
     for x in entries:                            # the flag, its value's name or choices, then words that explain it
         assert len(re.sub(r"\{[^}]*\}|\b[A-Z_]{2,}\b", "", x).split()) >= 4, x
     assert "default: out/eval/<task>.json" in " ".join(out.split())
@@ -6358,7 +6705,7 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
     given = [f"--data_root={root}", f"--init_from={root}", f"--tokenizer={data.DEMO_TOKENIZER_PATH}"]
     _vizwiz_layout(tmp_path, ["a.jpg"])
     if case == "task":
-        argv, want = ["--task=vqa"], "argument --task: invalid choice: 'vqa' (choose from 'coco_karpathy'"
+        argv, want = ["--task=vqa"], "argument --task: invalid choice: 'vqa' (choose from 'ade20k', 'coco_karpathy'"
     elif case == "limit":
         argv = ["--task=vizwiz_vqa", "--limit=ten"] + given
         want = "argument --limit: expected a positive integer, got 'ten'"

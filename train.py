@@ -81,9 +81,10 @@ class TrainConfig:
     tokenizer_path: str = ""                     # demo / pretrain / finetune; "" = the demo tokenizer in assets/
     pretrain_sources: tuple = ()                 # data="pretrain", one tuple per source: (name, "mmc4" | "pair",
                                                  # shard pattern, annt_root, data_root, probability, rows per batch)
-    finetune_dataset: str = ""                   # data="finetune": the reader in data.finetune_dataset ("llava")
+    finetune_dataset: str = ""                   # data="finetune": the set in data.finetune_dataset ("llava",
+                                                 # "vist", "pororo", "flintstones", "ade20k")
     finetune_args: dict = field(default_factory=dict)    # its keyword arguments: paths, rows per batch, options
-                                                 # (data.llava_dataset: annt, data_root, val_annt, batch_size, ...)
+                                                 # (e.g. data.llava_dataset: annt, data_root, val_annt, batch_size)
     # optimizer and schedule
     param_groups: tuple = PAPER_PARAM_GROUPS     # AdamW groups (substring of the parameter name, lr, weight decay),
                                                  # the first match wins; the default is the paper's table
