@@ -1295,7 +1295,12 @@ class KVCache(nn.Module):
 def attention(q, k, v, attn_mask=None):
     """Queries (B, heads, L, D) over keys and values (B, heads, T, D) -> (B, L, heads * D). attn_mask None is
     causal (training: over the whole packed row, as the original's flash-attn), else bool (B, 1, L, T), True = may
-    attend."""
+    attend, applied as the original's LLaMA applies its mask at inference: the dtype's minimum added where False.
+    A score plus that minimum rounds to the minimum, so a query that may attend to no key (a left pad) attends
+    uniformly to all T keys."""
+    if attn_mask is not None:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~attn_mask, torch.finfo(q.dtype).min)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
@@ -2639,9 +2644,12 @@ class MMInterleaved(nn.Module):
         # resolution (3 GiB a tensor for 24 images at 512x512) never sit on top of the LLM's. Its random draw stays
         # where the original makes it, in the image decoder's forward.
         posterior = self.image_decoder.decoder.encode_posterior(self.decoder_images(batch)) if with_image_loss else None
-        # positions run 0..L-1 over the packed row and attention is causal over all of it, as the original trains
+        # positions run 0..L-1 over the packed row, as the original's forward; in training attention is causal over
+        # all of it (the original's flash-attn path), at inference the padding keys are hidden (see hidden_states)
         pos = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
-        h = self.mm_decoder(embeds, pos, vision, xmask, checkpoint=c.gradient_checkpointing)
+        mask = batch.get("attention_mask")
+        attn = None if self.training or mask is None else padding_attention_mask(mask)
+        h = self.mm_decoder(embeds, pos, vision, xmask, attn_mask=attn, checkpoint=c.gradient_checkpointing)
 
         logits = self.text_decoder(h).float()
         if batch.get("gt_text_ids") is not None:
@@ -2663,17 +2671,24 @@ class MMInterleaved(nn.Module):
         out["loss"] = loss
         return out
 
-    def text_logits(self, batch, attention_mask_aware=False):
-        """Full-sequence logits [B, L, V] in float32 (no cache): for scoring and for tests."""
+    def hidden_states(self, batch, attention_mask_aware=False):
+        """The LLM's last hidden states [B, L, d] at inference, as the original's LLaMA computes them in eval mode:
+        positions 0..L-1 and, with an attention_mask, every query attending causally to the real tokens only (a
+        query with none, a left pad, attends uniformly to all L keys; see attention). attention_mask_aware: positions
+        count the real tokens only (pads get 1), as generation's prompt pass. -> h, the tokenizer's maps or None."""
         num = self.validate_batch(batch)
         text_ids = batch["text_ids"]
-        embeds, vision, xmask, _ = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
+        embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
         mask = batch.get("attention_mask")
-        if attention_mask_aware and mask is not None:
-            pos, attn = _positions_and_mask(mask)
-        else:
-            pos, attn = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids), None
-        return self.text_decoder(self.mm_decoder(embeds, pos, vision, xmask, attn_mask=attn)).float()
+        pos, attn = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids), None
+        if mask is not None:
+            real_pos, attn = _positions_and_mask(mask)
+            pos = real_pos if attention_mask_aware else pos
+        return self.mm_decoder(embeds, pos, vision, xmask, attn_mask=attn), maps
+
+    def text_logits(self, batch, attention_mask_aware=False):
+        """Full-sequence logits [B, L, V] in float32 (no cache) of hidden_states: for scoring and for tests."""
+        return self.text_decoder(self.hidden_states(batch, attention_mask_aware)[0]).float()
 
     @staticmethod
     def decoder_images(batch):
@@ -2707,15 +2722,12 @@ class MMInterleaved(nn.Module):
         seed: an int, or a list with one per target image (each then draws as it would in a call of its own).
         fast: the sampler's fast form (None = on a GPU with kernels.cu; see StableDiffusion.sample_latents).
         -> {"image": [n, 3, S, S] in [0, 1]}, copy-major when num_images_per_context > 1."""
-        num = self.validate_batch(batch)
         text_ids = batch["text_ids"]
         if target_image_idxs is None:
             target_image_idxs = batch.get("target_image_idxs")
-        embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num)
+        h, maps = self.hidden_states(batch)
         if maps is None:
             raise ValueError("generate_images: the batch has no image slot (no <|beginofimage|> in text_ids)")
-        pos = torch.arange(text_ids.shape[1], device=text_ids.device).expand_as(text_ids)
-        h = self.mm_decoder(embeds, pos, vision, xmask)
         ctx, mask, feats, fmask = image_decoder_inputs(h, text_ids, maps, self.cfg.soi_token_id, self.context_feat_proj)
         if target_image_idxs is not None:
             ctx, mask, feats, fmask = select_target_images(target_image_idxs, ctx, mask, feats, fmask)
@@ -2781,15 +2793,17 @@ class MMInterleaved(nn.Module):
         return {"text_ids": out, "lengths": torch.tensor([len(s) for s in seqs])}
 
 
-def _positions_and_mask(mask):
-    """Left-padded prompts: positions count real tokens only (pads get 1, as HF does) and the attention mask
-    is causal over real keys. A padding query may attend to itself so its (unused) softmax row is not empty."""
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+def padding_attention_mask(mask):
+    """mask [B, L] (1 = a real token) -> bool [B, 1, L, L]: query i may attend to key j iff j <= i and j is a real
+    token, the original's causal mask plus padding mask at inference."""
     L = mask.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
-    attn = causal[None] & mask.bool()[:, None, :]
-    attn = attn | torch.eye(L, dtype=torch.bool, device=mask.device)[None]
-    return pos, attn[:, None]                                                  # (B, 1, L, L)
+    return (causal[None] & mask.bool()[:, None, :])[:, None]
+
+
+def _positions_and_mask(mask):
+    """Left-padded prompts: positions count real tokens only (pads get 1, as HF does), and padding_attention_mask."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1), padding_attention_mask(mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -822,6 +822,76 @@ def test_llama_matches_transformers(tmp_path):
     assert (ours[..., :V] - theirs)[mask.bool()].abs().max() < 1e-4
 
 
+def _original_llama_float64(model, ids, mask, pos):
+    """The original's LLaMA in eval mode, text only, re-derived in float64 from the weights: scores + causal mask +
+    padding mask (each the float64 minimum where it hides a key, so both sum to -inf), clamped at that minimum,
+    then softmax. -> the last hidden states (B, L, d)."""
+    c, W = model.mm_decoder.cfg, {k: v.double() for k, v in model.mm_decoder.state_dict().items()}
+    B, L = ids.shape
+    nh, hd, lo = c.num_attention_heads, c.hidden_size // c.num_attention_heads, torch.finfo(torch.float64).min
+    pad = torch.zeros(B, 1, 1, L, dtype=torch.float64).masked_fill(mask[:, None, None, :] == 0, lo)
+    bias = torch.full((L, L), lo, dtype=torch.float64).triu(1) + pad                    # (B, 1, L, L)
+    angles = pos.double()[..., None] * c.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    cos, sin = (torch.cat([f(angles)] * 2, -1)[:, None] for f in (torch.cos, torch.sin))     # (B, 1, L, hd)
+
+    def rope(x):
+        x1, x2 = x.chunk(2, -1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps) * w
+
+    h = W["embed_tokens.weight"][ids]
+    for i in range(c.num_hidden_layers):
+        w = {k[len(f"layers.{i}."):]: v for k, v in W.items() if k.startswith(f"layers.{i}.")}
+        x = rms(h, w["input_layernorm.weight"])
+        q, k, v = ((x @ w[f"self_attn.{n}_proj.weight"].T).view(B, L, nh, hd).transpose(1, 2) for n in "qkv")
+        scores = (rope(q) @ rope(k).transpose(-1, -2) / hd ** 0.5 + bias).clamp(min=lo)
+        h = h + (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, -1) @ w["self_attn.o_proj.weight"].T
+        x = rms(h, w["post_attention_layernorm.weight"])
+        gate, up = x @ w["mlp.gate_proj.weight"].T, x @ w["mlp.up_proj.weight"].T
+        h = h + (F.silu(gate) * up) @ w["mlp.down_proj.weight"].T
+    return rms(h, W["norm.weight"])
+
+
+def test_padded_positions_attend_as_the_originals_eval_llama():
+    """With an attention_mask, each query attends causally to the real tokens only; a left pad, which has none,
+    attends uniformly to all L keys (its row is the dtype's minimum throughout). Pads included, the hidden states
+    equal the original's masked softmax re-derived in float64, with positions 0..L-1 (the original's forward and
+    scoring) and counted over real tokens (generation's prompt pass)."""
+    model = tiny_model().double()
+    ids = torch.randint(3, 300, (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0                                       # left padding: pads 0..3 have no real key
+    mask[1, 7:] = 0                                       # right padding: pads see the real tokens before them
+    ids = ids.masked_fill(mask == 0, PAD)
+    batch = {"text_ids": ids, "attention_mask": mask}
+    real_pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    for aware, pos in ((False, torch.arange(11).expand_as(ids)), (True, real_pos)):
+        with torch.no_grad():
+            h, _ = model.hidden_states(batch, attention_mask_aware=aware)
+        # (our rotary tables are float32: 1e-6)
+        torch.testing.assert_close(h, _original_llama_float64(model, ids, mask, pos), rtol=0, atol=1e-6)
+
+
+def test_eval_forward_hides_padding_keys_and_training_does_not():
+    """The original's forward passes the attention_mask to its LLaMA: in eval mode real tokens of a left-padded row
+    do not see the pads (the text loss is that of text_logits); in training its flash-attn path is causal over the
+    whole row (the text loss is that of the logits without a mask)."""
+    model = tiny_model()
+    batch = make_batch(model.cfg, [[BOS, 10, "img", 11, 12, EOS], [BOS, 13, 14, "img", 15, 16, 17, 18, EOS]], 30,
+                       left_pad=True)
+    batch["loss_img_weight"] = 0.0
+    labels = mmi.text_labels(batch["text_ids"], batch["attention_mask"], model.cfg)
+    V = model.cfg.llm.vocab_size
+    with torch.no_grad():
+        unmasked = {k: v for k, v in batch.items() if k != "attention_mask"}
+        for train_mode, logits in ((False, model.text_logits(batch)), (True, model.text_logits(unmasked))):
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+            torch.testing.assert_close(model.train(train_mode)(batch)["loss_txt"], loss, rtol=0, atol=1e-5)
+    assert not torch.allclose(model.text_logits(batch)[0, -5:], logits[0, -5:], atol=1e-3)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image decoder: SD-2 UNet and VAE against diffusers, keys and shapes against the original manifest
 # ----------------------------------------------------------------------------------------------------------------
