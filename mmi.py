@@ -1809,10 +1809,11 @@ class AutoencoderKL(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     @staticmethod
-    def sample(mean, logvar, generator=None):
-        """latent_dist.sample(): mean + std * N(0, 1)."""
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + torch.exp(0.5 * logvar) * noise
+    def sample(mean, logvar, generator=None, noise=None):
+        """latent_dist.sample(): mean + std * noise, noise ~ N(0, 1) drawn from `generator` unless given."""
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
@@ -2086,24 +2087,32 @@ class StableDiffusion(nn.Module):
             mean, logvar = zip(*[self.vae.encode(c) for c in x.split(self.cfg.vae_encode_mini_bs)])
         return torch.cat(mean), torch.cat(logvar)
 
-    def sample_posterior(self, posterior):
-        """(mean, logvar) -> scaled latent samples, drawn chunk by chunk as the original encodes them."""
+    def sample_posterior(self, posterior, generator=None, noise=None):
+        """(mean, logvar) -> scaled latent samples, drawn chunk by chunk as the original encodes them (noise: the
+        draws (B, 4, h, w), given)."""
+        if noise is not None:
+            return self.vae.sample(*posterior, noise=noise) * self.vae.cfg.scaling_factor
         mb = self.cfg.vae_encode_mini_bs
-        chunks = [self.vae.sample(m, lv) for m, lv in zip(posterior[0].split(mb), posterior[1].split(mb))]
+        chunks = [self.vae.sample(m, lv, generator) for m, lv in zip(posterior[0].split(mb), posterior[1].split(mb))]
         return torch.cat(chunks) * self.vae.cfg.scaling_factor
 
     def unet_prediction(self, x, t, cond, mmfs_features, mmfs_mask, checkpoint=False):
         return self.unet(x, t, cond, self.mmfs_module, mmfs_features, mmfs_mask, checkpoint)
 
-    def forward(self, images, cond, mmfs_features, mmfs_mask, checkpoint=False, posterior=None):
+    def forward(self, images, cond, mmfs_features, mmfs_mask, checkpoint=False, posterior=None, generator=None,
+                posterior_noise=None, noise=None, timesteps=None):
         """Per-element float32 loss (B, 4, S/8, S/8): the squared error of the UNet's prediction of the noise (or of v,
-        see prediction_type) at t ~ U{0..T-1} (global RNG, as the original), min-SNR weighted with snr_gamma > 0.
-        posterior: encode_posterior(images), where the caller ran the VAE earlier."""
+        see prediction_type) at t ~ U{0..T-1}, min-SNR weighted with snr_gamma > 0. posterior: encode_posterior(images),
+        where the caller ran the VAE earlier. Draws, from `generator` (None: the global RNG, as the original) unless
+        given: the posterior's noise, then the diffusion noise, then the timesteps."""
         if posterior is None:
             posterior = self.encode_posterior(images)
-        latents = self.sample_posterior(posterior).to(cond.dtype)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, self.cfg.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        latents = self.sample_posterior(posterior, generator, posterior_noise).to(cond.dtype)
+        if noise is None:   # randn_like's draw (in the latents' memory format, which orders the draws)
+            noise = torch.empty_like(latents).normal_(generator=generator)
+        noise = noise.to(latents.dtype)
+        t = timesteps if timesteps is not None else torch.randint(
+            0, self.cfg.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
         x_t = add_noise(latents, noise, t, self.alphas_cumprod)
         pred = self.unet_prediction(x_t, t, cond, mmfs_features, mmfs_mask, checkpoint)
         c = self.cfg
@@ -2210,10 +2219,12 @@ class ImageDecoder(nn.Module):
         self.neg_prompt_embeds = nn.Parameter(torch.randn(1, r.num_queries, r.hidden_size) * 0.02)
 
     def forward(self, context, context_mask, image_tensors_dec, mmfs_features, mmfs_mask, is_cond_image=None,
-                image_loss_mask=None, checkpoint=False, posterior=None):
+                image_loss_mask=None, checkpoint=False, posterior=None, generator=None, uncond_mask=None, **draws):
         """context (B_I, L, D) projected + positions, context_mask (B_I, L) -> scalar loss: mean over ALL elements,
         with images lacking context (is_cond_image False) or masked out contributing zeros to the mean.
-        posterior: the VAE's (mean, logvar) of image_tensors_dec, if already encoded (StableDiffusion.forward)."""
+        posterior: the VAE's (mean, logvar) of image_tensors_dec, if already encoded (StableDiffusion.forward).
+        generator, uncond_mask [B_I] bool (the images whose condition is dropped) and draws (posterior_noise, noise,
+        timesteps): see MMInterleaved.forward."""
         B_I = context.shape[0]
         if image_tensors_dec.shape[0] != B_I or context_mask.shape[:2] != context.shape[:2]:
             raise ValueError(f"image_tensors_dec {tuple(image_tensors_dec.shape)}, context {tuple(context.shape)}, "
@@ -2224,12 +2235,20 @@ class ImageDecoder(nn.Module):
             raise ValueError(f"context_mask rows {torch.nonzero(context_mask.sum(1) == 0).flatten().tolist()} are "
                              f"empty; every image needs at least its soi token")
         self.decoder.check_images(image_tensors_dec)
+        u = self.decoder.unet.cfg
+        for k, v in dict(draws, uncond_mask=uncond_mask).items():
+            want = (B_I,) if k in ("uncond_mask", "timesteps") else (B_I, u.in_channels, u.sample_size, u.sample_size)
+            if v is not None and tuple(v.shape) != want:
+                raise ValueError(f"{k}: expected shape {list(want)} (one per image), got {list(v.shape)}")
         cond = self.perceiver_resampler(context, context_mask)  # (B_I, 77, 1024)
         # classifier-free-guidance dropout of the whole condition, per image; like the original, also in eval mode
-        if self.cfg.uncond_prob > 0:
-            drop = torch.rand_like(cond[:, :1, :1]) < self.cfg.uncond_prob
-            cond = torch.where(drop, self.neg_prompt_embeds.to(cond.dtype), cond)
-        loss = self.decoder(image_tensors_dec, cond, mmfs_features, mmfs_mask, checkpoint, posterior)  # (B_I, 4, h, w)
+        if uncond_mask is None and self.cfg.uncond_prob > 0:
+            draw = torch.rand(B_I, generator=generator, device=cond.device, dtype=cond.dtype)
+            uncond_mask = draw < self.cfg.uncond_prob
+        if uncond_mask is not None:
+            cond = torch.where(uncond_mask.reshape(B_I, 1, 1), self.neg_prompt_embeds.to(cond.dtype), cond)
+        loss = self.decoder(image_tensors_dec, cond, mmfs_features, mmfs_mask, checkpoint, posterior, generator,
+                            **draws)                                                          # (B_I, 4, h, w)
         if is_cond_image is None:
             is_cond_image = is_cond_image_of(context_mask)
         loss = loss * is_cond_image.to(loss.dtype)[:, None, None, None]
@@ -2442,6 +2461,8 @@ def pack_per_row(per_image, num_image_per_seq):
 # the batch's integer inputs that the training forward reads on the host (checks, shapes, positions): a caller whose
 # batch is on a GPU hands in host copies of them, forward(batch, host=...), so that the forward reads nothing back
 HOST_KEYS = ("text_ids", "num_image_per_seq", "nearest_bos_idxs")
+# the batch keys that give the image loss's random draws instead of drawing them (see MMInterleaved.forward)
+DRAW_KEYS = ("uncond_mask", "posterior_noise", "noise", "timesteps")
 
 
 class MMInterleaved(nn.Module):
@@ -2606,7 +2627,7 @@ class MMInterleaved(nn.Module):
 
     # -- training -------------------------------------------------------------------------------------------------
 
-    def forward(self, batch, host=None):
+    def forward(self, batch, host=None, generator=None):
         """The training losses of a batch of B rows of L tokens holding B_I images in all (row-major order) ->
         {"loss", "loss_txt", "loss_img" (when the image decoder ran)}. The batch's keys (all but text_ids optional):
 
@@ -2624,10 +2645,22 @@ class MMInterleaved(nn.Module):
             ignore_prompt_token_offset        int or [B]: positions before it take no text loss (default 0)
             meta["dataset_name"]              str: one in dataset_to_ignore_noimage_cond_loss takes no loss on text
                                               that no image precedes in its document
+            uncond_mask [B_I] bool            the images whose condition the image decoder drops (classifier-free
+                                              guidance training; default: drawn, each with uncond_prob)
+            posterior_noise [B_I, C, h, w]    the N(0, 1) draws of the VAE posterior's sample, latents = mean + std *
+                                              them (default: drawn); C, h, w: the UNet's in_channels, sample_size
+            noise [B_I, C, h, w]              the diffusion noise added to the latents (default: drawn)
+            timesteps [B_I] long              the diffusion timesteps in 0..num_train_timesteps-1 (default: drawn)
 
         host: {key: numpy array or CPU tensor}, host copies of the batch's HOST_KEYS for a batch on a GPU. The
         checks and the image and context positions are read from them; without them the forward makes its own
-        once, before it queues any work (on a GPU a read of the device waits for all work queued before it)."""
+        once, before it queues any work (on a GPU a read of the device waits for all work queued before it).
+
+        generator: a torch.Generator on the batch's device that makes the random draws, in place of the global RNG,
+        in the original's order: the condition drop (B_I uniforms, < uncond_prob drops), the posterior's noise (in
+        chunks of vae_encode_mini_bs images), the diffusion noise, the timesteps. A draw given as a batch key above
+        is not made; the others keep their order. So the same generator seed gives the same loss whatever the
+        global RNG holds (in training the visual Q-Former's dropout, resampler.dropout, still draws from that)."""
         c = self.cfg
         host = {k: torch.as_tensor((host or {}).get(k, batch[k])).cpu() for k in HOST_KEYS if batch.get(k) is not None}
         num = self.validate_batch({**batch, **host})
@@ -2665,7 +2698,7 @@ class MMInterleaved(nn.Module):
         loss = (c.loss_txt_weight if w_txt is None else w_txt) * loss_txt
         out = {"loss_txt": loss_txt.detach()}
         if with_image_loss:
-            loss_img = self.image_loss(batch, h, maps, posterior, host)
+            loss_img = self.image_loss(batch, h, maps, posterior, host, generator)
             loss = loss + w_img * loss_img
             out["loss_img"] = loss_img.detach()
         out["loss"] = loss
@@ -2696,18 +2729,21 @@ class MMInterleaved(nn.Module):
         images = batch.get("image_tensors_dec")
         return batch["image_tensors"] if images is None else images
 
-    def image_loss(self, batch, h, maps, posterior=None, host_batch=None):
+    def image_loss(self, batch, h, maps, posterior=None, host_batch=None, generator=None):
         """The diffusion loss of every image given its context. h: the LLM's last hidden
         state [B, L, d]; maps: the tokenizer's four maps of every image; posterior: the VAE's encoding of the
         decoder images (StableDiffusion.encode_posterior), if made already; host_batch: host copies of text_ids and
-        nearest_bos_idxs to work out the contexts' positions from (reading them on a GPU now would wait for the LLM)."""
+        nearest_bos_idxs to work out the contexts' positions from (reading them on a GPU now would wait for the LLM);
+        generator and the batch's draws: see forward."""
         c = self.cfg
         images = self.decoder_images(batch)
         where = host_batch or batch
         ctx, mask, feats, fmask = image_decoder_inputs(h, where["text_ids"], maps, c.soi_token_id, self.context_feat_proj,
                                                        where.get("nearest_bos_idxs"))
+        draws = {k: batch[k] for k in DRAW_KEYS if batch.get(k) is not None}
         return self.image_decoder(ctx, mask, images, feats, fmask, image_loss_mask=batch.get("image_loss_mask"),
-                                  checkpoint=c.gradient_checkpointing and self.training, posterior=posterior)
+                                  checkpoint=c.gradient_checkpointing and self.training, posterior=posterior,
+                                  generator=generator, **draws)
 
     # -- generation -----------------------------------------------------------------------------------------------
 

@@ -1563,6 +1563,60 @@ def test_vae_runs_before_the_llm_with_the_original_draws():
     torch.testing.assert_close(latents, torch.cat(chunks) * sd.vae.cfg.scaling_factor, rtol=0, atol=0)
 
 
+def _story_batch(cfg, first_word=20):
+    return make_batch(cfg, [[BOS, first_word, 21, "img", 22, 23, "img", 24, EOS], [BOS, "img", 25, 26, EOS]], 30)
+
+
+def test_forward_draws_from_the_generator_and_leaves_the_global_rng():
+    """Every random draw of the forward comes from the generator: the same seed gives the same losses whatever the
+    global RNG holds, the global RNG does not move, and the draws are those the global RNG seeded alike makes (the
+    original's order). A given uncond_mask replaces the condition drop: all dropped, the image loss cannot depend on
+    the text; none dropped, it does."""
+    model = tiny_model().train()
+    batch = _story_batch(model.cfg)
+    losses = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        losses.append(model(batch, generator=torch.Generator().manual_seed(5)))
+        assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(5)
+    losses.append(model(batch))
+    assert all(torch.equal(losses[0][k], x[k]) for x in losses[1:] for k in ("loss", "loss_txt", "loss_img"))
+    other = _story_batch(model.cfg, first_word=40)
+    for dropped in (True, False):
+        a, b = (model(dict(x, uncond_mask=torch.full((3,), dropped)), generator=torch.Generator().manual_seed(5))
+                for x in (batch, other))
+        assert torch.equal(a["loss_img"], b["loss_img"]) == dropped
+
+
+def test_forward_image_loss_is_the_mse_for_given_draws():
+    """Given the posterior's noise, the diffusion noise and the timesteps, the image loss is the mean squared v
+    target (the UNet's output zeroed), v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, x0 = (mean + std xi) * 0.18215,
+    the scaled-linear schedule written out here; image 2 (only <s><soi> as context) counts as zeros in the mean."""
+    torch.manual_seed(0)
+    model = mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny", **{"image_decoder.prediction_type": "v_prediction"}))
+    sd = model.image_decoder.decoder
+    with torch.no_grad():
+        sd.unet.conv_out.weight.zero_()
+        sd.unet.conv_out.bias.zero_()
+    batch = _story_batch(model.cfg)
+    g = torch.Generator().manual_seed(1)
+    xi, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 517, 999])
+    with torch.no_grad():
+        loss = model(dict(batch, posterior_noise=xi, noise=eps, timesteps=t))["loss_img"]
+        mean, logvar = sd.encode_posterior(batch["image_tensors"])
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)[t][:, None, None, None]
+    x0 = (mean.double() + (0.5 * logvar.double()).exp() * xi) * 0.18215
+    v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    want = (v ** 2 * torch.tensor([1.0, 1.0, 0.0])[:, None, None, None]).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match=r"timesteps: expected shape \[3\] \(one per image\), got \[2\]"):
+        model(dict(batch, timesteps=t[:2]))
+
+
 @cuda_only
 def test_a_training_step_reads_the_gpu_back_only_at_its_start():
     """A training forward and backward on a GPU waits for the device only where it copies text_ids and the image
