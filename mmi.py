@@ -2538,11 +2538,12 @@ class MMInterleaved(nn.Module):
     # -- loading and saving (the work is done in the loading section below) -------------------------------------
 
     @classmethod
-    def from_original(cls, llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None,
+    def from_original(cls, llm=None, clip=None, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None,
                       quantize=None):
         """Build from the released files: llm = the Vicuna folder, clip = openai/clip-vit-large-patch14, sd = a
-        stable-diffusion-2(-1)-base folder, mmi = the MM-Interleaved checkpoint folder (overlaid last).
-        quantize: None, "int8" or "int4": the layers of quantize_targets quantized as they load."""
+        stable-diffusion-2(-1)-base folder, mmi = the MM-Interleaved checkpoint folder (overlaid last). A
+        checkpoint holding every weight (the released one does) loads alone, mmi=..., shaped by cfg (default the
+        `mmi-13b` preset). quantize: None, "int8" or "int4": the layers of quantize_targets quantized as they load."""
         return load_original(llm, clip, sd, mmi, dtype, device, cfg, quantize)
 
     @classmethod
@@ -3165,12 +3166,20 @@ def config_from_original(llm, clip, sd=None, base: MMIConfig = None) -> MMIConfi
     """Our config from the files' configs: LLM, CLIP, UNet, VAE and noise schedule shapes from their config.json;
     what MM-Interleaved adds (adapter, both Q-Formers, MMFS) from `base` (the paper's `mmi-13b` preset by default),
     with its input widths following the files. New ids: soi and image after the LLM's vocabulary, pad = its last
-    ordinary piece (31999 for Vicuna, as the original forces). Without `sd`, UNet/VAE shapes are `base`'s."""
+    ordinary piece (31999 for Vicuna, as the original forces). A folder not given (None) leaves its part's shapes,
+    and for the LLM the token ids, as `base` has them."""
     base = base or MMIConfig.from_preset("mmi-13b")
-    lpath, cpath = os.path.join(llm, "config.json"), os.path.join(clip, "config.json")
-    lc, cc = read_json(lpath), read_json(cpath)
-    llm_cfg = dataclasses.replace(base.llm, **llm_config_from_hf(lc, lpath))
-    vision = dataclasses.replace(base.vision, **vision_config_from_hf(cc, cpath))
+    llm_cfg, vision, ids = base.llm, base.vision, {}
+    if llm is not None:
+        lpath = os.path.join(llm, "config.json")
+        lc = read_json(lpath)
+        llm_cfg = dataclasses.replace(base.llm, **llm_config_from_hf(lc, lpath))
+        V = llm_cfg.vocab_size - 2
+        ids = dict(bos_token_id=_get(lc, "bos_token_id", 1, lpath), eos_token_id=_get(lc, "eos_token_id", 2, lpath),
+                   pad_token_id=V - 1, soi_token_id=V, image_token_id=V + 1)
+    if clip is not None:
+        cpath = os.path.join(clip, "config.json")
+        vision = dataclasses.replace(base.vision, **vision_config_from_hf(read_json(cpath), cpath))
     unet, vae, dec = base.unet, base.vae, base.image_decoder
     if sd is not None:
         upath, vpath = os.path.join(sd, "unet", "config.json"), os.path.join(sd, "vae", "config.json")
@@ -3184,12 +3193,9 @@ def config_from_original(llm, clip, sd=None, base: MMIConfig = None) -> MMIConfi
         resampler=dataclasses.replace(dec.resampler, encoder_hidden_size=llm_cfg.hidden_size,
                                       hidden_size=unet.cross_attention_dim),
         mmfs_feat_dim=vision.hidden_size, mmfs_value_sizes=(4 * G, 2 * G, G, G // 2))
-    V = llm_cfg.vocab_size - 2
     return dataclasses.replace(base, llm=llm_cfg, vision=vision, unet=unet, vae=vae, image_decoder=dec,
                                resampler=dataclasses.replace(base.resampler, encoder_hidden_size=vision.hidden_size),
-                               bos_token_id=_get(lc, "bos_token_id", 1, lpath),
-                               eos_token_id=_get(lc, "eos_token_id", 2, lpath),
-                               pad_token_id=V - 1, soi_token_id=V, image_token_id=V + 1)
+                               **ids)
 
 
 def schedule_config_from_diffusers(path):
@@ -3296,17 +3302,30 @@ def plan_component(component, file_shapes, our_shapes, where):
     return plan
 
 
-def check_accounting(our_names, loaded, sources="the files"):
+# the folder that provides our tensors of a name prefix when the MM-Interleaved checkpoint does not
+FOLDER_OF_PREFIX = {"mm_decoder.": "llm (Vicuna)", "text_decoder.": "llm (Vicuna)",
+                    "visual_tokenizer.encoder.": "clip (CLIP ViT-L/14)",
+                    "image_decoder.decoder.": "sd (Stable Diffusion 2(.1) base)"}
+
+
+def check_accounting(our_names, loaded, sources="the files", absent=()):
     """Every tensor of ours is loaded or documented as new; returns the sorted list of new ones. `sources` names
-    the folders read, for the message."""
+    the folders read, `absent` the folders not given (llm, clip, sd), for the message."""
     new, missing = [], []
     for name in our_names:
         if name in loaded:
             continue
         (new if any(fnmatch.fnmatchcase(name, p) for p in NEW_TENSORS) else missing).append(name)
     if missing:
+        counts = {}                                                  # folder not given -> its tensors missing
+        for n in missing:
+            f = next((f for p, f in FOLDER_OF_PREFIX.items() if n.startswith(p)), None)
+            if f is not None and f.split()[0] in absent:
+                counts[f] = counts.get(f, 0) + 1
+        hint = "; the mmi checkpoint must hold those of the folders not given: " + \
+            ", ".join(f"{k} of {f}" for f, k in counts.items()) if counts else ""
         raise InputError(f"{len(missing)} tensors of the model are neither in {sources} nor documented as new: "
-                         f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+                         f"{missing[:10]}{' ...' if len(missing) > 10 else ''}{hint}")
     return new
 
 
@@ -3538,14 +3557,16 @@ def _build_meta(cfg):
         return MMInterleaved(cfg)
 
 
-def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None, quantize=None):
+def load_original(llm=None, clip=None, sd=None, mmi=None, dtype=torch.float32, device="cpu", cfg=None,
+                  quantize=None):
     """Build the model from the files the original README downloads.
 
     llm: Vicuna folder (HF LLaMA); clip: openai/clip-vit-large-patch14 folder (HF CLIP); sd: a stable-diffusion-2
-    (-1)-base folder (diffusers unet/, vae/, scheduler/, text_encoder/, tokenizer/), needed unless `mmi` holds
-    the UNet, VAE and neg_prompt_embeds; mmi: the MM-Interleaved checkpoint folder, overlaid last (None = the new
-    parts keep their init). cfg: base config for the MM-Interleaved-specific values (default the `mmi-13b`
-    preset); the shapes of the released parts always come from the files' config.json. Every file key is used or
+    (-1)-base folder (diffusers unet/, vae/, scheduler/, text_encoder/, tokenizer/); each needed unless `mmi` holds
+    its part's weights (sd: the UNet, VAE and neg_prompt_embeds); mmi: the MM-Interleaved checkpoint folder,
+    overlaid last (None = the new parts keep their init). cfg: base config for the MM-Interleaved-specific values
+    and the shapes of the parts whose folder is not given (default the `mmi-13b` preset); a given folder's shapes
+    always come from its config.json. Every file key is used or
     documented as ignored, every tensor of the model is loaded or documented as new; anything else raises InputError
     naming the key, its file and the shapes. quantize: None, "int8" or "int4", each layer of quantize_targets
     quantized as its tensors land (QuantizeOnLoad).
@@ -3555,12 +3576,15 @@ def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu
     for name, folder in (("llm", llm), ("clip", clip), ("sd", sd), ("mmi", mmi)):
         if folder is not None and not os.path.isdir(folder):
             raise InputError(f"{folder}: no such folder (given as the {name} folder)")
+    if mmi is None and (llm is None or clip is None):
+        raise InputError("from_original: give mmi= (an MM-Interleaved checkpoint folder), or llm= and clip= (the "
+                         "Vicuna and CLIP folders)")
     cfg = config_from_original(llm, clip, sd, cfg)
     model = _build_meta(cfg)
     ours = _target_shapes(model)
     quantizer = QuantizeOnLoad(model, quantize)
 
-    sources = [("llm", WeightFiles(llm)), ("clip", WeightFiles(clip))]
+    sources = [(name, WeightFiles(folder)) for name, folder in (("llm", llm), ("clip", clip)) if folder is not None]
     if sd is not None:
         sources += [("unet", WeightFiles(os.path.join(sd, "unet"), "diffusers")),
                     ("vae", WeightFiles(os.path.join(sd, "vae"), "diffusers"))]
@@ -3573,7 +3597,9 @@ def load_original(llm, clip, sd=None, mmi=None, dtype=torch.float32, device="cpu
         for our_key in plans[name].values():
             if our_key:
                 provider[our_key] = name
-    new = check_accounting(list(ours), provider, ", ".join(f"{name}={files.folder}" for name, files in sources))
+    absent = [name for name, folder in (("llm", llm), ("clip", clip), ("sd", sd)) if folder is None]
+    new = check_accounting(list(ours), provider, ", ".join(f"{name}={files.folder}" for name, files in sources),
+                           absent)
     # new parts and the text encoder's output first: their float32 scratch memory is gone before the big reads
     _materialise_new_units(model, provider, dtype, device, quantizer.landed)
     text_encoder_note = ""

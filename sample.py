@@ -130,11 +130,18 @@ def _check_sample(s, where, base):
 def load_model(args):
     """-> (model, tokenizer). `demo` (assets/demo), a save_pretrained folder, or `original` (the released files)."""
     if args.init_from == "original":
-        if not (args.llm and args.clip):
-            raise mmi.InputError("--init_from=original needs --llm and --clip (and --sd, --mmi for the full model)")
+        if not (args.mmi or args.llm and args.clip):
+            raise mmi.InputError("--init_from=original needs --mmi (the MM-Interleaved checkpoint, which holds every "
+                                 "weight), or --llm and --clip")
+        # before the minutes of loading: the tokenizer, from --tokenizer, else the Vicuna or checkpoint folder
+        found = [os.path.join(f, "tokenizer.model") for f in (args.llm, args.mmi) if f]
+        tok_path = args.tokenizer or next((p for p in found if os.path.isfile(p)), None)
+        if not (tok_path and os.path.isfile(tok_path)):
+            where = args.tokenizer or "no tokenizer.model in the --llm or --mmi folder"
+            raise mmi.InputError(f"--init_from=original: no tokenizer ({where}); pass --tokenizer (Vicuna's "
+                                 f"tokenizer.model)")
         model = mmi.MMInterleaved.from_original(llm=args.llm, clip=args.clip, sd=args.sd, mmi=args.mmi,
                                                 dtype=args.dtype, device=args.device, quantize=args.quantize)
-        tok_path = args.tokenizer or os.path.join(args.llm, "tokenizer.model")
     else:
         path = evaluator.DEMO_MODEL if args.init_from == "demo" else args.init_from
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -383,10 +390,13 @@ def parse_args(argv):
                    help="prompts in the original's annt.json format (default: the demo's, assets/examples/annt.json)")
     p.add_argument("--init_from", default="demo",
                    help="the model: demo (assets/demo, the default), a folder written by save_pretrained or "
-                        "train.py, or original (the released files: needs --llm and --clip)")
-    p.add_argument("--llm", help="with --init_from=original: the Vicuna/LLaMA folder (has tokenizer.model)")
-    p.add_argument("--clip", help="with --init_from=original: the CLIP ViT-L/14 folder")
-    p.add_argument("--sd", help="with --init_from=original: the Stable Diffusion 2.1 base folder (for images)")
+                        "train.py, or original (the released files: --mmi, or --llm and --clip)")
+    p.add_argument("--llm", help="with --init_from=original: the Vicuna/LLaMA folder (has tokenizer.model); not "
+                                 "needed when --mmi holds the LLM's weights and --tokenizer is given")
+    p.add_argument("--clip", help="with --init_from=original: the CLIP ViT-L/14 folder; not needed when --mmi "
+                                  "holds its weights")
+    p.add_argument("--sd", help="with --init_from=original: the Stable Diffusion 2.1 base folder (for images); not "
+                                "needed when --mmi holds the UNet, VAE and neg_prompt_embeds")
     p.add_argument("--mmi", help="with --init_from=original: the MM-Interleaved checkpoint folder")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the model folder's, or the demo's)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")

@@ -1862,6 +1862,29 @@ def test_mmi_checkpoint_overlays_everything(originals, tmp_path, tiny_mmi):
     assert model.load_report["new"] == []
 
 
+def test_mmi_checkpoint_alone_needs_no_vicuna_clip_or_sd_folder(tmp_path, tiny_mmi):
+    """A checkpoint holding every weight loads on its own, shaped by cfg: tensor for tensor and in its outputs the
+    model that wrote it. One that lacks the LLM's layers is an error naming them and the folder that would hold
+    them."""
+    src = tiny_mmi
+    _write_mmi_checkpoint(src, tmp_path / "mmi")
+    model = mmi.MMInterleaved.from_original(mmi=str(tmp_path / "mmi"), cfg=TINY).eval()
+    loaded = model.state_dict()
+    assert loaded.keys() == src.state_dict().keys()
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+    assert model.load_report["new"] == [] and set(model.load_report["counts"]) == {"mmi"}
+    with torch.no_grad():
+        assert torch.equal(model.text_logits(_batch()), src.text_logits(_batch()))
+    frozen = [k for k in src.state_dict() if k.startswith("mm_decoder.layers.1.")]
+    _write_mmi_checkpoint(src, tmp_path / "part", drop=frozen)
+    with pytest.raises(mmi.InputError, match=rf"^{len(frozen)} tensors of the model are neither in mmi=\S+part nor "
+                                             rf"documented as new: \['mm_decoder\.layers\.1\..*; the mmi checkpoint "
+                                             rf"must hold those of the folders not given: {len(frozen)} of llm "
+                                             rf"\(Vicuna\)$"):
+        mmi.MMInterleaved.from_original(mmi=str(tmp_path / "part"), cfg=TINY)
+
+
 def test_partial_checkpoint_keeps_frozen_parts_from_originals(originals, tmp_path, tiny_mmi):
     """A checkpoint holding only the trained parts: the LLM body and CLIP come from Vicuna/CLIP."""
     root, llama, _, _ = originals
@@ -5896,6 +5919,30 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_sample_original_needs_only_mmi_and_names_what_it_lacks(tmp_path, capsys):
+    """--init_from=original takes --mmi alone (the tokenizer from --tokenizer, --llm or the --mmi folder); a
+    checkpoint that lacks the LLM's, CLIP's and SD's weights is one line naming them and the folders (mmi-13b
+    shapes, built on the meta device: nothing is read)."""
+    from safetensors.torch import save_file
+    annt = _write_annt(tmp_path, [GOOD])
+    ckpt = tmp_path / "mmi"
+    ckpt.mkdir()
+    save_file({"soi_token": torch.zeros(1, 5120)}, str(ckpt / "model.safetensors"))
+    base = [f"--annt={annt}", f"--out={tmp_path / 'out'}", "--init_from=original", "--device=cpu"]
+    for extra, message in (
+            ([], "--init_from=original needs --mmi (the MM-Interleaved checkpoint, which holds every weight), or "
+                 "--llm and --clip"),
+            ([f"--mmi={ckpt}"], "--init_from=original: no tokenizer (no tokenizer.model in the --llm or --mmi folder); "
+                                "pass --tokenizer"),
+            ([f"--mmi={ckpt}", f"--tokenizer={data.DEMO_TOKENIZER_PATH}"],
+             "; the mmi checkpoint must hold those of the folders not given: ")):
+        code = mmi.run_script(sample.main, base + extra)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert f"neither in mmi={ckpt} nor" in err
+    assert re.search(r"given: \d+ of clip \(CLIP ViT-L/14\), \d+ of llm \(Vicuna\), \d+ of sd \(Stable Diffusion", err)
 
 
 def test_sample_script_error_is_one_line_and_exit_code_2(tmp_path):
