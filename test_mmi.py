@@ -1228,6 +1228,29 @@ def test_mmfs_block_residual_shapes_follow_the_sd2_skip_layout():
                                          (1280, 8), (1280, 8), (1280, 8)]
 
 
+@pytest.mark.parametrize("image_size", [512, 256])
+def test_mmfs_grids_and_offset_scales_equal_the_originals_rules(image_size):
+    """At the 13B shapes (SD-2's skips, the 224-px tokenizer's maps 64/32/16/8), and with the decoder at 256 px,
+    our rules give the original's: each UNet-MMFS block's base grid is sd_spatial_shapes[block // 3] (the mid block
+    [-1]) with sd_spatial_shapes = [64, 32, 16, 8] // (512 // image_size), offsets scale by [64, 32, 16, 8] / base,
+    the position table has side 64 // (512 // image_size); the LLM's MMFS scales by [32, 16, 8] / 16."""
+    cfg = mmi.MMIConfig.from_preset("mmi-13b", **{"image_decoder.image_size": image_size,
+                                                  "unet.sample_size": image_size // 8})
+    with torch.device("meta"):
+        net, llm_mmfs = mmi.MMFSNet(cfg.unet, cfg.image_decoder), mmi.LlamaMMFSAttention(cfg)
+    factor = 512 // image_size
+    sd_spatial_shapes = [s // factor for s in (64, 32, 16, 8)]
+    blocks = list(net.mmfs_down_blocks) + [net.mmfs_mid_block]
+    bases = [sd_spatial_shapes[i // 3] for i in range(len(net.mmfs_down_blocks))] + [sd_spatial_shapes[-1]]
+    assert len(blocks) == 13
+    assert [side for _, side in mmi.unet_skip_layout(cfg.unet)] == bases[:-1]       # our base: the skip's own side
+    for block, base in zip(blocks, bases):
+        assert block.mmfs.scale_ratios == tuple(s / base for s in (64, 32, 16, 8))
+        assert block.mmfs.spatial_shapes == (64, 32, 16, 8)                     # the maps the offsets normalise by
+        assert block.pos_embed.shape[0] == (64 // factor) ** 2
+    assert llm_mmfs.attn.scale_ratios == tuple(s / 16 for s in (32, 16, 8))
+
+
 def test_decoder_loss_masks_count_in_the_denominator():
     dec = _tiny_decoder(uncond_prob=0.0)
     ctx, mask, images, feats, fmask = _tiny_inputs(dec)
