@@ -69,6 +69,7 @@ class TrainConfig:
     kl_weight: float = 1e-6                      # task="vae": weight of the KL term
     # data
     data: str = "synthetic"                      # "demo" (shape stories) | "synthetic" (random rows) | "pretrain"
+                                                 # | "finetune" (finetune_dataset)
     batch_size: int = 2                          # rows per micro-batch, per process
     grad_accum: int = 1                          # micro-batches per optimizer step
     seq_len: int = 256                           # tokens per row for demo / synthetic data
@@ -78,6 +79,8 @@ class TrainConfig:
     tokenizer_path: str = ""                     # demo / pretrain; "" = the demo tokenizer in assets/
     pretrain_sources: tuple = ()                 # data="pretrain", one tuple per source: (name, "mmc4" | "pair",
                                                  # shard pattern, annt_root, data_root, probability, rows per batch)
+    finetune_dataset: str = ""                   # data="finetune": a name data.finetune_dataset knows ("demo_qa")
+    finetune_args: dict = field(default_factory=dict)     # data="finetune": that dataset's keyword arguments
     # optimizer and schedule
     param_groups: tuple = PAPER_PARAM_GROUPS     # AdamW groups (substring of the parameter name, lr, weight decay),
                                                  # the first match wins; the default is the paper's table
@@ -117,9 +120,9 @@ class TrainConfig:
 
 
 # the string fields that take one of a few values
-CHOICES = {"task": ("mmi", "vae"), "data": ("demo", "synthetic", "pretrain"), "dtype": ("bfloat16", "float32"),
-           "frozen_dtype": ("bfloat16", "float32"), "export_dtype": ("", "bfloat16", "float32"),
-           "init_device": ("cpu", "cuda")}
+CHOICES = {"task": ("mmi", "vae"), "data": ("demo", "synthetic", "pretrain", "finetune"),
+           "dtype": ("bfloat16", "float32"), "frozen_dtype": ("bfloat16", "float32"),
+           "export_dtype": ("", "bfloat16", "float32"), "init_device": ("cpu", "cuda")}
 
 USAGE = """\
 usage: python train.py CONFIG.py [--key=value ...] [--model.<key>=value ...]
@@ -189,7 +192,7 @@ def read_config_file(path):
         raise mmi.InputError(f"{path}: cannot read the config file ({e.strerror})") from None
     except (SyntaxError, ValueError) as e:                  # ValueError: null bytes
         raise mmi.InputError(f"{path}:{getattr(e, 'lineno', '?')}: not valid Python: {getattr(e, 'msg', e)}") from None
-    values = {}
+    values = {"__file__": os.path.abspath(path)}            # so a config can read files beside it
     try:
         exec(code, values)                                   # one namespace, so helpers see the file's names
     except Exception as e:                                   # the file is the user's code: its error is theirs
@@ -521,6 +524,9 @@ def mixed_dataset(cfg, tc, split, rank, world):
     if ids != want:
         raise mmi.InputError(f"tokenizer {tok.path}: (vocab, pad, soi, image, bos, eos) = {ids}, the model expects "
                              f"{want}")
+    if tc.data == "finetune":
+        return data.finetune_dataset(tc.finetune_dataset, tok, cfg, split, rank, world, tc.seed,
+                                     batch_size=tc.batch_size, **tc.finetune_args)
     if tc.data == "demo":
         return data.demo_dataset(tok, split, tc.seq_len, cfg.num_img_token, tc.batch_size,
                                  num_stories=tc.demo_num_stories or None, seed=tc.seed,
@@ -578,7 +584,7 @@ def val_batches(cfg, tc, rank, world):
     """The same `eval_batches` validation micro-batches at every evaluation; None where there is no split."""
     if tc.data == "synthetic":
         stream = synthetic_batches(cfg, dataclasses.replace(tc, seed=tc.seed + 1), rank, world, None)
-    elif tc.data == "demo":
+    elif tc.data in ("demo", "finetune"):
         stream = dataset_batches(mixed_dataset(cfg, dataclasses.replace(tc, num_workers=0), "val", rank, world),
                                  dataclasses.replace(tc, num_workers=0), rank, None)
     else:
@@ -817,7 +823,7 @@ def export_model(model, tc, cfg, val, rank, world, device):
     import data
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     path = os.path.join(tc.out_dir, "model")
-    tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data in ("demo", "pretrain") else None
+    tokenizer = (tc.tokenizer_path or data.DEMO_TOKENIZER_PATH) if tc.data != "synthetic" else None
     extra = {"tokenizer.json" if tokenizer.endswith(".json") else "tokenizer.model": tokenizer} if tokenizer else None
     dtype = getattr(torch, tc.export_dtype) if tc.export_dtype else None
     if world == 1:
@@ -1059,8 +1065,10 @@ def check_inputs(tc):
     if tc.init_from and not os.path.isdir(tc.init_from):
         raise mmi.InputError(f"init_from {tc.init_from}: no such folder; expected a model folder written by "
                              f"save_pretrained (a training run's out_dir/model)")
-    if tc.tokenizer_path and tc.data in ("demo", "pretrain") and not os.path.isfile(tc.tokenizer_path):
+    if tc.tokenizer_path and tc.data != "synthetic" and not os.path.isfile(tc.tokenizer_path):
         raise mmi.InputError(f"tokenizer_path {tc.tokenizer_path}: no such file")
+    if tc.data == "finetune" and not tc.finetune_dataset:
+        raise mmi.InputError("data='finetune' needs finetune_dataset (see configs/demo_sft.py)")
     if tc.data == "pretrain" and not tc.pretrain_sources:
         raise mmi.InputError("data='pretrain' needs pretrain_sources (see configs/pretrain_13b.py)")
     for source in tc.pretrain_sources if tc.data == "pretrain" else ():
