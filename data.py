@@ -8,6 +8,7 @@ forward; several sources -> one mixed, resumable stream. The demo corpus plugs i
 Use:
     tok = Tokenizer("assets/demo_tokenizer.model")             # or LLaMA's tokenizer.model / tokenizer.json
     ds = demo_dataset(tok, num_total_token=512, num_img_token=16)  # or pretrain_mix(tok, pairs, mmc4)
+    ds = finetune_dataset("demo_qa", tok, cfg, "train", 0, 1, 0)   # fine-tuning: one question a row, answer loss
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     for batch in loader:                                        # keys = the original forward's arguments
         MixedDataset.record_position(positions, batch)          # save `positions` with the checkpoint
