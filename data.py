@@ -11,6 +11,7 @@ code.
 Use:
     tok = Tokenizer("assets/demo_tokenizer.model")             # or LLaMA's tokenizer.model / tokenizer.json
     ds = demo_dataset(tok, num_total_token=512, num_img_token=16)  # or pretrain_mix(tok, pairs, mmc4)
+    ds = finetune_dataset("demo_qa", tok, cfg, "train", 0, 1, 0)   # fine-tuning: one question a row, answer loss
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     for batch in loader:                                        # keys = the original forward's arguments
         MixedDataset.record_position(positions, batch)          # save `positions` with the checkpoint
@@ -287,6 +288,7 @@ class Sample:
     images_dec: np.ndarray | None  # (n, 3, S_dec, S_dec) uint8
     image_info: list  # per image: its path, or its scene for the demo corpus
     key: tuple = ()  # where it came from, for resuming: (epoch, pass, shard slot, document in read order)
+    num_prompt_tokens: int = 0  # fine-tuning: the tokens before the answer, which take no loss
 
 
 def _stack(arrs):
@@ -979,8 +981,10 @@ def finetune_dataset(name, tokenizer, cfg, split, rank, world, seed, **args):
         build = functools.partial(story_dataset, name)
     elif name == "ade20k":
         build = ade20k_dataset
+    elif name == "demo_qa":
+        build = demo_qa_finetune
     else:
-        names = ", ".join(map(repr, ["llava", *sorted(STORY_READERS), "ade20k"]))
+        names = ", ".join(map(repr, ["llava", *sorted(STORY_READERS), "ade20k", "demo_qa"]))
         raise mmi.InputError(f"finetune_dataset {name!r}, expected one of {names}")
     try:
         inspect.signature(build).bind(tokenizer, cfg, split, rank, world, seed, **args)
@@ -2039,12 +2043,16 @@ class StorySource:
                 break
             key = (epoch, pass_idx, 0, i)
             reader.stats["lines"] += 1
-            story = make_story(SPLIT_SEED_BASE[self.split] + index)
-            rng = sample_rng(self.seed, (epoch, pass_idx, story.seed))
-            sample = story_sample(story, self.tokenizer, rng, self.num_img_token, self.transform, self.image_size)
+            seed = SPLIT_SEED_BASE[self.split] + index
+            sample = self.make(seed, sample_rng(self.seed, (epoch, pass_idx, seed)))
             sample.key = key
             reader.stats["docs_used"] += 1
             yield sample
+
+    def make(self, seed, rng):
+        """The Sample of the split's item `seed`."""
+        return story_sample(make_story(seed), self.tokenizer, rng, self.num_img_token, self.transform,
+                            self.image_size)
 
     def next_key(self, key):
         return (key[0], key[1], 0, key[3] + 1)
@@ -2086,6 +2094,120 @@ def train_demo_tokenizer(path, vocab_size=384, num_stories=5000):
 
 
 DEMO_TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo_tokenizer.model")
+
+
+# Questions about a scene, for the fine-tuning demo: "<image>what colour is the circle? red.</s>". They are made
+# of the story corpus's words (colours, shapes, cell names) and a few fixed question words, which the demo
+# tokenizer spells in small pieces; every answer is read off the scene, so it can be checked exactly.
+
+QA_KINDS = ("colour", "where", "count")
+COUNT_WORDS = ("one", "two", "three")
+
+
+@dataclass
+class Question:
+    seed: int
+    scene: tuple  # canonical tuple of Obj
+    kind: str  # one of QA_KINDS
+    question: str  # ends with "?"
+    answer: str  # without its full stop
+
+
+def make_question(seed):
+    """A question about a random scene of 1-3 objects, from its seed alone, and its answer from the scene:
+    colour: "what colour is the circle?" (with "at the <cell>" when the scene has two circles) -> a colour;
+    where: "where is the blue square?" -> its cell's name; count: "how many shapes are there?" -> one/two/three."""
+    rng = random.Random(f"qa/{seed}")
+    scene = random_scene(rng, rng.randint(1, 3))
+    kind, o = rng.choice(QA_KINDS), rng.choice(scene)
+    cell = CELL_NAMES[o.row][o.col]
+    if kind == "colour":
+        where = "" if sum(x.shape == o.shape for x in scene) == 1 else f" at the {cell}"
+        return Question(seed, scene, kind, f"what colour is the {o.shape}{where}?", o.colour)
+    if kind == "where":
+        return Question(seed, scene, kind, f"where is the {o.colour} {o.shape}?", cell)
+    return Question(seed, scene, kind, "how many shapes are there?", COUNT_WORDS[len(scene) - 1])
+
+
+def qa_prompt(question, num_img_token):
+    """What the model reads before it answers: the image, then the question."""
+    return image_placeholder(num_img_token) + question
+
+
+def question_sample(q, tokenizer, num_img_token=64, image_size=DEMO_IMAGE_SIZE):
+    """A question as one row: prompt, then the answer with its full stop and "</s>", the only tokens with a loss
+    (num_prompt_tokens before them). The answer is tokenised on its own, as it continues the prompt after a space."""
+    prompt = tokenize_with_images(qa_prompt(q.question, num_img_token), tokenizer, 1, num_img_token,
+                                  f"question {q.seed}")
+    answer = tokenizer.encode(q.answer + ".", add_bos=False) + [tokenizer.eos_id]
+    image = render_scene(q.scene, image_size).transpose(2, 0, 1)[None]  # (1, 3, S, S)
+    info = [{"question": q.seed, "scene": [o.as_dict() for o in q.scene]}]
+    return Sample(np.concatenate([prompt, answer]), image, None, info, num_prompt_tokens=len(prompt))
+
+
+class QuestionSource(StorySource):
+    """Questions about scenes of one split (make_question), dealt to the readers as StorySource deals stories."""
+
+    def __init__(self, tokenizer, split="train", num_questions=None, num_img_token=64, image_size=DEMO_IMAGE_SIZE,
+                 seed=0):
+        super().__init__(tokenizer, split, num_questions, num_img_token, None, image_size, seed, f"demo_qa_{split}")
+
+    def make(self, seed, rng):
+        return question_sample(make_question(seed), self.tokenizer, self.num_img_token, self.image_size)
+
+
+def demo_qa_dataset(tokenizer, split="train", num_img_token=16, batch_size=16, num_questions=None, seed=0,
+                    image_size=DEMO_IMAGE_SIZE, rank=None, world_size=None):
+    """The fine-tuning demo's stream: one question per row (AnswerDataset), text loss on the answer only, no image
+    loss (the image decoder is skipped)."""
+    source = QuestionSource(tokenizer, split, num_questions, num_img_token, image_size, seed)
+    return AnswerDataset([source], [1.0], [PackConfig(batch_size=batch_size, num_img_token=num_img_token)],
+                         tokenizer, seed=seed, rank=rank, world_size=world_size, loss_weights=[(0.0, None)])
+
+
+def demo_questions(split, num_questions):
+    """The first questions of an evaluation split, in order: the same ones on every call and machine."""
+    return [make_question(SPLIT_SEED_BASE[split] + i) for i in range(num_questions)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning data: one prompt and its answer per row, the loss on the answer only
+# ---------------------------------------------------------------------------------------------------------------
+
+def answer_batches(source, batch_size, tokenizer, reader, state, loss_weights=(None, None)):
+    """Whole batches of one pass of `source`, one Sample per row (not packed), each row's
+    ignore_prompt_token_offset at its num_prompt_tokens; each batch carries the source state to resume right after
+    it (as source_batches's). An incomplete last batch is dropped."""
+    epoch, pass_idx, key = state["epoch"], state["pass"], state.get("key")
+    start = {} if key is None else {"start_slot": key[2], "start_line": key[3]}
+    samples = []
+    for sample in source.samples(reader, epoch, pass_idx, **start):
+        samples.append(sample)
+        if len(samples) < batch_size:
+            continue
+        rows = [Row(s.text_ids, s.images, s.images_dec, s.image_info,
+                    nearest_bos_idxs(s.text_ids, tokenizer.bos_id, tokenizer.soi_id), [s.key]) for s in samples]
+        reader.stats["rows"] += len(rows)
+        batch = collate_rows(rows, tokenizer.pad_id, source.name, *loss_weights)
+        batch["ignore_prompt_token_offset"] = torch.tensor([s.num_prompt_tokens for s in samples])  # (B,)
+        batch["meta"]["position"] = {"epoch": epoch, "pass": pass_idx, "key": source.next_key(sample.key), "skip": 0}
+        yield batch
+        samples = []
+
+
+class AnswerDataset(MixedDataset):
+    """A MixedDataset whose sources' Samples are rows of their own (answer_batches), `batch_size` of its pack
+    configs to a batch: resumable, mixed and dealt to ranks and workers as the packed streams are."""
+
+    def _stream(self, i, reader, state):
+        return answer_batches(self.sources[i], self.pack_configs[i].batch_size, self.tokenizer, reader, state,
+                              self.loss_weights[i])
+
+
+def demo_qa_finetune(tokenizer, cfg, split, rank, world, seed, batch_size=16, num_questions=None):
+    """finetune_dataset "demo_qa": demo_qa_dataset for a model of config `cfg`."""
+    return demo_qa_dataset(tokenizer, split, cfg.num_img_token, batch_size, num_questions, seed=seed,
+                           image_size=cfg.vision.image_size, rank=rank, world_size=world)
 
 
 # ---------------------------------------------------------------------------------------------------------------

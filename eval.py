@@ -8,9 +8,9 @@
 Tasks (the original mm_eval.yaml's sets; its "coco" text-to-image set is `coco_t2i` here): coco_karpathy,
 flickr30k, nocaps, image2paragraph (BLEU-4, CIDEr); vqav2, okvqa, textvqa, vizwiz_vqa (VQA accuracy);
 visdial (NDCG); coco_t2i, lncoco (FID); after fine-tuning (train.py configs/sft_*_13b.py): vist, pororo,
-flintstones (FID and CLIP image similarity of the drawn frames, MMFS on and off), ade20k (mIoU); demo.
-Results JSON, out/eval/<task>.json by default (--out): the config, the metrics, every sample's output, and the
-samples skipped for a missing or unreadable image, counted by reason.
+flintstones (FID and CLIP image similarity of the drawn frames, MMFS on and off), ade20k (mIoU); demo; demo_qa
+(answers about shape scenes). Results JSON, out/eval/<task>.json by default (--out): the config, the metrics,
+every sample's output, and the samples skipped for a missing or unreadable image, counted by reason.
 While a run goes, its predictions so far are kept in out/eval/<task>.partial.json; text-to-image tasks write their
 images to out/eval/<task>_images/.
 
@@ -1237,6 +1237,43 @@ def demo_metrics(model, num_stories=16, seed=0, tokenizer_path=data.DEMO_TOKENIZ
     return score_demo(None, outputs, args)
 
 
+DEMO_QA_QUESTIONS = 300                      # test questions demo_qa scores (--limit takes fewer)
+DEMO_QA_GENERATION = dict(max_new_tokens=8, min_new_tokens=0, num_beams=1)      # greedy; answers are 1-2 words
+
+
+def read_demo_qa(data_root, num_questions=DEMO_QA_QUESTIONS):
+    """The test split's first questions about scenes (data.make_question; never seen in fine-tuning)."""
+    return [{"id": i, "seed": q.seed} for i, q in enumerate(data.demo_questions("test", num_questions))]
+
+
+def parse_demo_answer(text):
+    """A generated answer: the text up to its first full stop, lower case, spaces trimmed and single."""
+    return " ".join(text.split(".")[0].lower().split())
+
+
+@torch.no_grad()
+def predict_demo_qa(model, tokenizer, samples, args):
+    """Per question: the greedy continuation of its image and question (data.qa_prompt), and its parsed answer."""
+    S, n_img = model.cfg.vision.image_size, model.cfg.num_img_token
+    for chunk in _batches(samples, args.batch_size, "demo questions"):
+        questions = [data.make_question(s["seed"]) for s in chunk]
+        texts = _generate_texts(model, tokenizer, [data.qa_prompt(q.question, n_img) for q in questions],
+                                [demo_image(q.scene, S) for q in questions], DEMO_QA_GENERATION, args.device)
+        for s, q, text in zip(chunk, questions, texts):
+            yield {"id": s["id"], "seed": s["seed"], "kind": q.kind, "question": q.question, "answer": q.answer,
+                   "output": text, "predicted": parse_demo_answer(text)}
+
+
+def score_demo_qa(data_root, outputs, args):
+    """Exact-match accuracy of the parsed answers, over all questions and per kind of question."""
+    metrics = {"accuracy": sum(o["predicted"] == o["answer"] for o in outputs) / len(outputs)}
+    for kind in data.QA_KINDS:
+        mine = [o for o in outputs if o["kind"] == kind]
+        if mine:
+            metrics[f"accuracy_{kind}"] = sum(o["predicted"] == o["answer"] for o in mine) / len(mine)
+    return metrics
+
+
 def demo_table(metrics, num_stories):
     """The scoreboard as a Markdown table (printed, and written into README.md with --readme)."""
     rows = [("caption accuracy (exact scene)", metrics["caption_accuracy"], None, ">= 95%"),
@@ -1664,6 +1701,7 @@ def _build_tasks():
                            preflight=lambda args: check_segmenter_path(args.segmenter))
     tasks["demo"] = Task(read_demo, predict_demo, score_demo, dict(DEMO_GENERATION, **DEMO_IMAGES),
                          needs_data_root=False)
+    tasks["demo_qa"] = Task(read_demo_qa, predict_demo_qa, score_demo_qa, DEMO_QA_GENERATION, needs_data_root=False)
     return tasks
 
 
@@ -1839,9 +1877,10 @@ def parse_args(argv=None):
     p.add_argument("--task", default="demo", choices=sorted(TASKS),
                    help="what to score (default: demo, the embedded model's scoreboard on held-out shape stories)")
     p.add_argument("--data_root", default=None,
-                   help="folder holding the evaluation sets in the original layout (below); every task but demo")
+                   help="folder holding the evaluation sets in the original layout (below); every task but demo "
+                        "and demo_qa")
     p.add_argument("--init_from", default=None,
-                   help="model folder written by MMInterleaved.save_pretrained (demo: assets/demo by default)")
+                   help="model folder written by MMInterleaved.save_pretrained (demo, demo_qa: assets/demo by default)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.model or tokenizer.json (default: the one in --init_from)")
     p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N samples")
@@ -1898,7 +1937,7 @@ def main(argv=None):
                              f"layout is in eval.py --help)")
         if not os.path.isdir(args.data_root):
             raise InputError(f"--data_root={args.data_root}: no such folder")
-    if args.init_from is None and args.task == "demo":
+    if args.init_from is None and args.task in ("demo", "demo_qa"):
         args.init_from = DEMO_MODEL
         if not os.path.isfile(os.path.join(DEMO_MODEL, "config.json")):
             raise InputError(f"the embedded demo model ({DEMO_MODEL}) is not in this checkout: train it with "

@@ -4200,6 +4200,95 @@ def test_ade20k_colours_and_segmentation_to_image_sample(tmp_path):
     assert s.text_ids.tolist() == tok.encode(f"a wall.{data.image_placeholder(4)}{data.image_placeholder(4)}")
 
 
+def test_demo_questions_are_answered_by_their_scene():
+    """Questions of the first training seeds, checked by hand against their scenes; then, over many seeds, each
+    answer worked out again from the scene, and the render reading back as that scene."""
+    by_hand = {0: ("a purple square at the centre and a green triangle at the middle right.",
+                   "how many shapes are there?", "two"),
+               1: ("a purple triangle at the middle left.", "where is the purple triangle?", "middle left"),
+               4: ("a green square at the centre and an orange circle at the bottom right.",
+                   "what colour is the square?", "green"),
+               7: ("a blue triangle at the top right and an orange triangle at the bottom middle.",
+                   "what colour is the triangle at the bottom middle?", "orange")}
+    for seed, (scene, question, answer) in by_hand.items():
+        q = data.make_question(seed)
+        assert (data.describe_scene(q.scene), q.question, q.answer) == (scene, question, answer)
+    tok, kinds = demo_tok(), Counter()
+    for q in data.demo_questions("train", 300):
+        kinds[q.kind] += 1
+        assert data.read_scene(data.render_scene(q.scene)) == q.scene
+        words = q.question[:-1].split()
+        if q.kind == "count":
+            assert q.answer == ["one", "two", "three"][len(q.scene) - 1]
+        elif q.kind == "where":
+            (o,) = [o for o in q.scene if (o.colour, o.shape) == (words[3], words[4])]
+            assert q.answer == data.CELL_NAMES[o.row][o.col]
+        else:                                   # "what colour is the <shape>[ at the <cell>]?"
+            named = [o for o in q.scene if o.shape == words[4]
+                     and (len(words) == 5 or data.CELL_NAMES[o.row][o.col] == " ".join(words[7:]))]
+            assert len(named) == 1 and q.answer == named[0].colour
+        text = q.question + " " + q.answer + "."
+        assert tok.decode(tok.encode(text)) == text and tok.unk_id not in tok.encode(text)
+    assert set(kinds) == set(data.QA_KINDS) and min(kinds.values()) > 60
+    test_seeds = {q.seed for q in data.demo_questions("test", 50)}
+    assert not test_seeds & {q.seed for q in data.demo_questions("train", 300)}
+    assert not test_seeds & {data.SPLIT_SEED_BASE["val"] + i for i in range(50)}
+
+
+def test_demo_qa_loss_is_on_the_answer_tokens_only():
+    """Row by hand: bos, soi, image tokens, the question's tokens, then the answer, its full stop and eos; the
+    labels the model takes (mmi.text_labels with the batch's offsets) are exactly the last three parts."""
+    tok = demo_tok()
+    ds = data.demo_qa_dataset(tok, "train", num_img_token=4, batch_size=3, num_questions=6, seed=0)
+    ds.verbose = False
+    batch = next(iter(ds))
+    assert batch["loss_img_weight"] == 0.0 and "image_tensors_dec" not in batch
+    cfg = mmi.apply_overrides(mmi.MMIConfig.from_preset("tiny"), {
+        "llm.vocab_size": 386, "pad_token_id": 383, "soi_token_id": 384, "image_token_id": 385, "num_img_token": 4})
+    labels = mmi.text_labels(batch["text_ids"], batch["attention_mask"], cfg, batch["ignore_prompt_token_offset"])
+    for b, seed in enumerate(data.SPLIT_SEED_BASE["train"] + i for i in range(3)):
+        q = data.make_question(seed)
+        question = tok.encode(q.question, add_bos=False)
+        answer = tok.encode(q.answer + ".", add_bos=False) + [tok.eos_id]
+        row = [tok.bos_id, tok.soi_id] + [tok.image_id] * 4 + question + answer
+        n = len(row)
+        assert batch["text_ids"][b, :n].tolist() == row and batch["attention_mask"][b].sum() == n
+        assert batch["ignore_prompt_token_offset"][b] == n - len(answer)
+        taken = labels[b][labels[b] != -100].tolist()
+        assert taken == answer and tok.decode(taken, skip_special=False) == q.answer + ".</s>"
+        assert (labels[b, :n - 1 - len(answer)] == -100).all()              # nothing before the answer
+        assert data.read_scene(batch["image_tensors"][b].numpy()) == q.scene
+
+
+def test_demo_qa_stream_resumes_exactly_with_workers():
+    """From any batch's saved position, the stream (also with two DataLoader workers, whose turns it keeps) goes
+    on with exactly the batches that followed it."""
+    tok = demo_tok()
+
+    def make():
+        ds = data.demo_qa_dataset(tok, "train", num_img_token=4, batch_size=2, num_questions=12, seed=3)
+        ds.verbose = False
+        return ds
+    full = list(make())
+    assert len(full) == 6 and sorted(s for b in full for s in b["meta"]["doc_keys"]) == \
+        sorted([(0, 0, 0, i)] for i in range(12))
+    for k in range(len(full)):
+        ds = make()
+        ds.load_state_dict({0: full[k]["meta"]["position"]["state"]})
+        rest = list(ds)
+        assert [b["text_ids"].tolist() for b in rest] == [b["text_ids"].tolist() for b in full[k + 1:]]
+        assert all(torch.equal(a["ignore_prompt_token_offset"], b["ignore_prompt_token_offset"])
+                   for a, b in zip(rest, full[k + 1:]))
+    tc = train.TrainConfig(num_workers=2, seed=3)
+    stream = train.dataset_batches(make(), tc, 0, None)
+    seen = [next(stream) for _ in range(4)]
+    stream.close()
+    resumed = train.dataset_batches(make(), tc, 0, seen[1]["meta"]["resume"])
+    again = [next(resumed) for _ in range(2)]
+    resumed.close()
+    assert [b["text_ids"].tolist() for b in again] == [b["text_ids"].tolist() for b in seen[2:]]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # data.py: packing
 # ----------------------------------------------------------------------------------------------------------------
@@ -5322,6 +5411,24 @@ def test_loop_fine_tunes_on_a_storytelling_set(tmp_path, config_file):
     for r in rows:
         assert r["loss"] == pytest.approx(10.0 * r["loss_img"], rel=1e-5) and math.isfinite(r["loss_txt"])
     assert all(math.isfinite(v) for v in result["losses"].values())
+
+
+def test_demo_sft_config_fine_tunes_the_demo_model_on_cpu(tmp_path):
+    """configs/demo_sft.py, two steps on the CPU: it starts from assets/demo, learns from the answers alone (the
+    image decoder gets no gradient, so it is untouched), and exports a model eval.py can load with its tokenizer."""
+    out = str(tmp_path / "sft")
+    tc = train.load_config([os.path.join(HERE, "configs", "demo_sft.py"), "--max_steps=2", "--batch_size=2",
+                            "--device=cpu", "--dtype=float32", "--num_workers=0", "--eval_interval=0",
+                            "--progress=false", f"--out_dir={out}"])
+    assert (tc.data, tc.finetune_dataset) == ("finetune", "demo_qa")
+    result = train.run(tc)
+    assert sorted(result["losses"]) == [1, 2] and all(math.isfinite(v) for v in result["losses"].values())
+    shipped = mmi.MMInterleaved.from_pretrained(os.path.join(HERE, "assets", "demo"))
+    model = result["model"]
+    assert torch.equal(shipped.image_decoder.decoder.unet.conv_in.weight, model.image_decoder.decoder.unet.conv_in.weight)
+    assert not torch.equal(shipped.text_decoder.head.weight, model.text_decoder.head.weight)
+    assert os.path.isfile(os.path.join(out, "model", "tokenizer.model"))
+    assert ev.find_tokenizer(None, os.path.join(out, "model")) == os.path.join(out, "model", "tokenizer.model")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -6854,6 +6961,30 @@ def test_ade20k_task_needs_a_segmenter_then_scores_miou(tmp_path, monkeypatch, d
             assert im.size == (model.cfg.image_decoder.image_size,) * 2
     # label 1 everywhere the truth is labelled: class 1 IoU 300 / 900, every other class 0, mean over 150
     assert res["metrics"]["mIoU"] == pytest.approx((300 / 900) / 150)
+
+
+def test_demo_qa_scoring_parses_answers_up_to_the_full_stop():
+    assert [ev.parse_demo_answer(t) for t in ("red.", " Top  Left. the", "two", "a red circle at the centre.",
+                                               "", "bottom right.</s>")] == \
+        ["red", "top left", "two", "a red circle at the centre", "", "bottom right"]
+    outputs = [{"kind": "colour", "answer": "red", "predicted": ev.parse_demo_answer("red. blue.")},
+               {"kind": "colour", "answer": "red", "predicted": ev.parse_demo_answer("a red circle.")},
+               {"kind": "where", "answer": "top left", "predicted": ev.parse_demo_answer("top left")},
+               {"kind": "count", "answer": "three", "predicted": ev.parse_demo_answer("two.")}]
+    assert ev.score_demo_qa(None, outputs, None) == {"accuracy": 0.5, "accuracy_colour": 0.5, "accuracy_where": 1.0,
+                                                     "accuracy_count": 0.0}
+
+
+def test_demo_qa_task_asks_the_test_questions(tmp_path, saved_tiny_model):
+    out = tmp_path / "demo_qa.json"
+    ev.main(["--task=demo_qa", f"--init_from={saved_tiny_model}", f"--tokenizer={data.DEMO_TOKENIZER_PATH}",
+             "--limit=3", "--batch_size=2", f"--out={out}"])
+    res = json.loads(out.read_text())
+    assert res["num_samples"] == 3 and 0.0 <= res["metrics"]["accuracy"] <= 1.0
+    for i, o in enumerate(res["samples"]):
+        q = data.make_question(data.SPLIT_SEED_BASE["test"] + i)
+        assert (o["seed"], o["question"], o["answer"]) == (q.seed, q.question, q.answer)
+        assert o["predicted"] == ev.parse_demo_answer(o["output"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

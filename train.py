@@ -82,7 +82,7 @@ class TrainConfig:
     pretrain_sources: tuple = ()                 # data="pretrain", one tuple per source: (name, "mmc4" | "pair",
                                                  # shard pattern, annt_root, data_root, probability, rows per batch)
     finetune_dataset: str = ""                   # data="finetune": the set in data.finetune_dataset ("llava",
-                                                 # "vist", "pororo", "flintstones", "ade20k")
+                                                 # "vist", "pororo", "flintstones", "ade20k", "demo_qa")
     finetune_args: dict = field(default_factory=dict)    # its keyword arguments: paths, rows per batch, options
                                                  # (e.g. data.llava_dataset: annt, data_root, val_annt, batch_size)
     # optimizer and schedule
@@ -199,7 +199,7 @@ def read_config_file(path):
         raise mmi.InputError(f"{path}: cannot read the config file ({e.strerror})") from None
     except (SyntaxError, ValueError) as e:                  # ValueError: null bytes
         raise mmi.InputError(f"{path}:{getattr(e, 'lineno', '?')}: not valid Python: {getattr(e, 'msg', e)}") from None
-    values = {}
+    values = {"__file__": os.path.abspath(path)}            # so a config can read files beside it
     try:
         exec(code, values)                                   # one namespace, so helpers see the file's names
     except Exception as e:                                   # the file is the user's code: its error is theirs
