@@ -1602,8 +1602,8 @@ def check_segmenter_path(path):
     if path is None or not os.path.isfile(path):
         raise InputError(f"ade20k's mIoU needs a segmentation network for ADE20K's 150 classes (the original used "
                          f"OneFormer ADE20K DiNAT-L); not found at {path!r}. Pass --segmenter=<file.pt2> "
-                         f"(torch.export.save of a network mapping [1, 3, H, W] images in [0, 1], H and W dynamic, to [1, 150, h, w] "
-                         f"class scores)")
+                         f"(torch.export.save of a network mapping [1, 3, H, W] images in [0, 1], H and W dynamic, "
+                         f"to [1, 150, h, w] class scores)")
 
 
 def load_segmenter(path):

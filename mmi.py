@@ -2739,8 +2739,8 @@ class MMInterleaved(nn.Module):
         c = self.cfg
         images = self.decoder_images(batch)
         where = host_batch or batch
-        ctx, mask, feats, fmask = image_decoder_inputs(h, where["text_ids"], maps, c.soi_token_id, self.context_feat_proj,
-                                                       where.get("nearest_bos_idxs"))
+        ctx, mask, feats, fmask = image_decoder_inputs(h, where["text_ids"], maps, c.soi_token_id,
+                                                       self.context_feat_proj, where.get("nearest_bos_idxs"))
         draws = {k: batch[k] for k in DRAW_KEYS if batch.get(k) is not None}
         return self.image_decoder(ctx, mask, images, feats, fmask, image_loss_mask=batch.get("image_loss_mask"),
                                   checkpoint=c.gradient_checkpointing and self.training, posterior=posterior,
@@ -3953,7 +3953,8 @@ def beam_search(decoder, num_beams, n_return, length_penalty, max_new_tokens, mi
         del hyps[b][K:]
 
     for step in range(max_new_tokens):
-        logp = _process_logits(logits.log_softmax(-1), beams, step, min_new_tokens, repetition_penalty, stop_ids, bos_id)
+        logp = _process_logits(logits.log_softmax(-1), beams, step, min_new_tokens, repetition_penalty, stop_ids,
+                               bos_id)
         scores = (logp + beam_scores.view(-1, 1)).view(B, K * V)
         top_s, top_i = scores.topk(width, dim=1)
         top_s, top_i = top_s.tolist(), top_i.tolist()

@@ -1590,7 +1590,7 @@ def _story_batch(cfg, first_word=20):
     return make_batch(cfg, [[BOS, first_word, 21, "img", 22, 23, "img", 24, EOS], [BOS, "img", 25, 26, EOS]], 30)
 
 
-def test_forward_draws_from_the_generator_and_leaves_the_global_rng():
+def test_forward_draws_from_its_generator_not_the_global_rng():
     """Every random draw of the forward comes from the generator: the same seed gives the same losses whatever the
     global RNG holds, the global RNG does not move, and the draws are those the global RNG seeded alike makes (the
     original's order). A given uncond_mask replaces the condition drop: all dropped, the image loss cannot depend on

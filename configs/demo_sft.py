@@ -12,8 +12,9 @@ _here = os.path.dirname(__file__)
 init_from = os.path.join(_here, "..", "assets", "demo")
 # the model's config must be the one it was trained with: configs/demo.py's, with its VAE's latent scale
 preset = "tiny"
-model_overrides = {**runpy.run_path(os.path.join(_here, "demo.py"))["model_overrides"],
-                   "vae.scaling_factor": json.load(open(os.path.join(init_from, "config.json")))["vae"]["scaling_factor"]}
+with open(os.path.join(init_from, "config.json")) as _f:
+    _vae_scale = json.load(_f)["vae"]["scaling_factor"]
+model_overrides = {**runpy.run_path(os.path.join(_here, "demo.py"))["model_overrides"], "vae.scaling_factor": _vae_scale}
 data = "finetune"
 finetune_dataset = "demo_qa"
 finetune_args = dict(batch_size=64)   # questions per step, one a row (~30 tokens and one image each)
