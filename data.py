@@ -1024,66 +1024,6 @@ def collate_examples(examples, pad_id, dataset_name, loss_img_weight=0.0):
             "meta": {"dataset_name": dataset_name}}
 
 
-class ExampleDataset(torch.utils.data.IterableDataset):
-    """A fine-tuning dataset held in memory as a list of items (records read up front). An epoch gives every item
-    once, in an order shuffled by (seed, epoch); item k of that order goes to reader k mod num_readers (reader =
-    rank * num_workers + DataLoader worker), which builds its items in turn (`build(item, rng)` -> Example, or
-    SkipSample: counted by reason and passed over) and collates `batch_size` of them (`collate(examples)`); an
-    epoch's last batch may be smaller. Resumable as MixedDataset: every batch carries meta["position"] =
-    {"reader", "state": {"epoch", "next": the reader's next item}}. After a pass, `last_stats` holds its counts."""
-
-    def __init__(self, name, items, build, collate, batch_size, seed=0, rank=None, world_size=None, verbose=True):
-        if batch_size < 1:
-            raise mmi.InputError(f"{name}: batch_size {batch_size}, expected 1 or more")
-        self.name, self.items, self.build, self.collate = name, items, build, collate
-        self.batch_size, self.seed, self.verbose = batch_size, seed, verbose
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.resume, self.first_worker, self.last_stats = 0, {}, 0, Counter()
-
-    set_epoch = MixedDataset.set_epoch
-    record_position = staticmethod(MixedDataset.record_position)
-    load_state_dict = MixedDataset.load_state_dict
-
-    def __iter__(self):
-        reader = current_reader(self.rank, self.world_size, self.first_worker)
-        index, num_readers = reader.rank * reader.num_workers + reader.worker, reader.world_size * reader.num_workers
-        start = self.resume.get(index)
-        first = start["next"] if start is not None and start["epoch"] == self.epoch else 0
-        order = list(range(len(self.items)))
-        random.Random(f"finetune/{self.seed}/{self.epoch}").shuffle(order)
-        mine, batch = order[index::num_readers], []
-
-        def make(next_item):
-            out = self.collate(batch)
-            out["meta"]["position"] = {"reader": index, "state": {"epoch": self.epoch, "next": next_item}}
-            out["meta"]["stats"] = dict(reader.stats)
-            return out
-
-        for k in range(first, len(mine)):
-            reader.stats["examples"] += 1
-            try:
-                example = self.build(self.items[mine[k]], sample_rng(self.seed, (self.epoch, mine[k])))
-            except SkipSample as e:
-                reader.stats[f"skip:{e.reason}"] += 1
-                continue
-            reader.stats["used"] += 1
-            batch.append(example)
-            if len(batch) == self.batch_size:
-                yield make(k + 1)
-                batch = []
-        if batch:
-            yield make(len(mine))
-        self.last_stats = Counter(reader.stats)
-        line = (f"[data] {self.name} epoch {self.epoch} rank {reader.rank} worker {reader.worker}: examples "
-                f"{reader.stats['examples']}, used {reader.stats['used']}; skipped: "
-                + (", ".join(f"{k[5:]}={v}" for k, v in sorted(reader.stats.items()) if k.startswith("skip:"))
-                   or "none"))
-        if first == 0 and not reader.stats["used"] and (mine or reader.num_workers == 1):
-            raise mmi.InputError(line + "; no usable example")
-        if self.verbose:
-            print(line, flush=True)
-
-
 # The original's instruction format for its VQA-style fine-tuning (an empty system prompt, the user prompt, the
 # assistant prompt, joined by spaces): the answer follows after one space, then "</s>".
 LLAVA_PROMPT = ("Based on the image, please answer the question. {image}{question} Please provide an accurate answer "
@@ -1135,7 +1075,7 @@ def llava_dataset(tokenizer, cfg, split, rank, world, seed, annt="", data_root="
     build = LlavaBuilder(tokenizer, DualTransform(cfg.vision.image_size, None), cfg.num_img_token,
                          max_len or cfg.seq_len, prompt)
     collate = functools.partial(collate_examples, pad_id=tokenizer.pad_id, dataset_name="llava")
-    return ExampleDataset(f"llava_{split}", items, build, collate, batch_size, seed, rank, world)
+    return RecordDataset(f"llava_{split}", items, build, collate, batch_size, seed, rank, world)
 
 
 def read_records(path):
@@ -1205,7 +1145,7 @@ class LlavaBuilder:
         self.tokenizer, self.transform, self.num_img_token = tokenizer, transform, num_img_token
         self.max_len, self.prompt = max_len, prompt
 
-    def __call__(self, item, rng):
+    def __call__(self, item, rng, where=None):
         if "skip" in item:
             raise item["skip"]
         images, where, placeholder = item["images"], item["where"], image_placeholder(self.num_img_token)
@@ -1676,30 +1616,27 @@ def collate_targets(samples, pad_id, dataset_name, loss_txt_weight=None, loss_im
 
 
 class RecordDataset(torch.utils.data.IterableDataset):
-    """Records -> batches of `batch_size` samples, one a row. Each epoch shuffles the records (seed, epoch) and deals
-    them round-robin to the rank x worker readers; `build(record, rng, where)` makes a sample or raises SkipSample
-    (counted). Resumable as MixedDataset: meta["position"] = {"reader", "state": {"epoch", "next"}}."""
+    """A fine-tuning set held in memory as a list of records (read up front) -> batches of `batch_size` samples.
+    Each epoch deals the records, shuffled by (seed, epoch) unless shuffle=False, round-robin to the rank x worker
+    readers; a reader builds its records in turn (`build(record, rng, where)` -> a sample, or SkipSample: counted by
+    reason and passed over) and collates `batch_size` of them (`collate(samples)` -> the batch dict); an epoch's last
+    batch may be smaller. Resumable as MixedDataset: every batch carries meta["position"] = {"reader", "state":
+    {"epoch", "next": the reader's next record}}. After a pass, `last_stats` holds its counts; a pass from the start
+    that uses no record is an InputError naming the reasons."""
 
-    def __init__(self, name, records, build, tokenizer, batch_size=4, seed=0, rank=None, world_size=None,
-                 loss_weights=(None, None), shuffle=True, read_stats=None, verbose=True):
-        self.name, self.records, self.build, self.tokenizer = name, records, build, tokenizer
+    def __init__(self, name, records, build, collate, batch_size=4, seed=0, rank=None, world_size=None, shuffle=True,
+                 read_stats=None, verbose=True):
+        if batch_size < 1:
+            raise mmi.InputError(f"{name}: batch_size {batch_size}, expected 1 or more")
+        self.name, self.records, self.build, self.collate = name, records, build, collate
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.loss_weights, self.shuffle, self.verbose = loss_weights, shuffle, verbose
-        self.read_stats = Counter(read_stats or {})
-        if not records:
-            skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.read_stats.items())) or "none"
-            raise mmi.InputError(f"{name}: no usable records (skipped: {skipped})")
-        self.epoch, self.resume, self.first_worker = 0, {}, 0
+        self.shuffle, self.verbose = shuffle, verbose
+        self.read_stats = Counter({f"record:{k}": v for k, v in (read_stats or {}).items()})  # skipped when read
+        self.epoch, self.resume, self.first_worker, self.last_stats = 0, {}, 0, Counter()
 
     set_epoch = MixedDataset.set_epoch
     load_state_dict = MixedDataset.load_state_dict
     record_position = staticmethod(MixedDataset.record_position)
-
-    def _batch(self, samples, reader, index, next_record):
-        batch = collate_targets(samples, self.tokenizer.pad_id, self.name, *self.loss_weights)
-        batch["meta"]["position"] = {"reader": index, "state": {"epoch": self.epoch, "next": next_record}}
-        batch["meta"]["stats"] = dict(reader.stats)
-        return batch
 
     def __iter__(self):
         reader = current_reader(self.rank, self.world_size, self.first_worker)
@@ -1709,9 +1646,17 @@ class RecordDataset(torch.utils.data.IterableDataset):
             random.Random(f"records/{self.seed}/{self.epoch}").shuffle(order)
         mine = order[index::num_readers]
         start = self.resume.get(index)
-        start = start["next"] if start is not None and start["epoch"] == self.epoch else 0
+        first = start["next"] if start is not None and start["epoch"] == self.epoch else 0
         samples = []
-        for n in range(start, len(mine)):
+
+        def batch(next_record):
+            out = self.collate(samples)
+            reader.stats["rows"] += len(samples)
+            out["meta"]["position"] = {"reader": index, "state": {"epoch": self.epoch, "next": next_record}}
+            out["meta"]["stats"] = dict(reader.stats)
+            return out
+
+        for n in range(first, len(mine)):
             reader.stats["lines"] += 1
             try:
                 sample = self.build(self.records[mine[n]], sample_rng(self.seed, (self.epoch, mine[n])),
@@ -1722,14 +1667,17 @@ class RecordDataset(torch.utils.data.IterableDataset):
             reader.stats["docs_used"] += 1
             samples.append(sample)
             if len(samples) == self.batch_size:
-                yield self._batch(samples, reader, index, n + 1)
+                yield batch(n + 1)
                 samples = []
         if samples:
-            yield self._batch(samples, reader, index, len(mine))
+            yield batch(len(mine))
+        self.last_stats = Counter(reader.stats)
+        line = format_stats(self.name, reader.stats + self.read_stats,
+                            f"epoch {self.epoch} rank {reader.rank} worker {reader.worker}")
+        if first == 0 and not reader.stats["docs_used"] and (mine or reader.num_workers == 1):
+            raise mmi.InputError(line + "; no usable record")
         if self.verbose:
-            stats = reader.stats + Counter({f"record:{k}": v for k, v in self.read_stats.items()})
-            print(format_stats(self.name, stats, f"epoch {self.epoch} rank {reader.rank} worker {reader.worker}"),
-                  flush=True)
+            print(line, flush=True)
 
 
 def _story_builder(tokenizer, transform, context_type, target_image_idxs, num_img_token, img_first_prob, all_targets):
@@ -1760,8 +1708,9 @@ def story_dataset(name, tokenizer, cfg, split, rank, world, seed, annt_root, dat
     all_targets = split == "train" and context_type == "multi_modal" and target_image_idxs is None
     build = _story_builder(tokenizer, DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
                            context_type, target_image_idxs, cfg.num_img_token, img_first_prob, all_targets)
-    return RecordDataset(name, stories, build, tokenizer, batch_size, seed, rank, world,
-                         (loss_txt_weight, loss_img_weight), shuffle=split == "train", read_stats=stats)
+    collate = functools.partial(collate_targets, pad_id=tokenizer.pad_id, dataset_name=name,
+                                loss_txt_weight=loss_txt_weight, loss_img_weight=loss_img_weight)
+    return RecordDataset(name, stories, build, collate, batch_size, seed, rank, world, split == "train", stats)
 
 
 def ade20k_dataset(tokenizer, cfg, split, rank, world, seed, annt_root, data_root, batch_size=4, text_first=False,
@@ -1775,8 +1724,9 @@ def ade20k_dataset(tokenizer, cfg, split, rank, world, seed, annt_root, data_roo
                               transform=DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
                               num_img_token=cfg.num_img_token, text_first=text_first,
                               flip_prob=(0.5 if split == "train" else 0.0) if flip_prob is None else flip_prob)
-    return RecordDataset("ade20k", records, build, tokenizer, batch_size, seed, rank, world,
-                         (loss_txt_weight, loss_img_weight), shuffle=split == "train", read_stats=stats)
+    collate = functools.partial(collate_targets, pad_id=tokenizer.pad_id, dataset_name="ade20k",
+                                loss_txt_weight=loss_txt_weight, loss_img_weight=loss_img_weight)
+    return RecordDataset("ade20k", records, build, collate, batch_size, seed, rank, world, split == "train", stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------

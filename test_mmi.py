@@ -3911,7 +3911,7 @@ def test_llava_text_loss_is_on_the_answer_and_eos_only(tmp_path):
     and the token itself on the answer's ("red", "</s>"); the image decoder is off (loss_img_weight 0)."""
     tok = demo_tok()
     batches, stats = llava_epoch(write_llava(tmp_path))
-    assert len(batches) == 3 and stats == Counter({"examples": 3, "used": 3})
+    assert len(batches) == 3 and stats == Counter({"lines": 3, "docs_used": 3, "rows": 3})
     texts = {tok.decode(b["text_ids"][0], skip_special=False): b for b in batches}
     image = data.SOI_TOKEN + data.IMAGE_TOKEN * 8
     b = texts[f"{LLAVA_PROMPT_START}{image} What colour is it?{LLAVA_PROMPT_END} red</s>"]
@@ -3947,8 +3947,8 @@ def test_llava_skips_bad_records_and_counts_each_reason(tmp_path):
     ]
     batches, stats = llava_epoch(write_llava(tmp_path, records))
     assert len(batches) == 2
-    assert stats == Counter({"examples": 10, "used": 2, "skip:image_missing": 1, "skip:no_gpt_turn": 2,
-                             "skip:malformed_record": 3, "skip:no_image": 1, "skip:image_marks_mismatch": 1})
+    assert stats == Counter({"lines": 10, "docs_used": 2, "rows": 2, "doc:image_missing": 1, "doc:no_gpt_turn": 2,
+                             "doc:malformed_record": 3, "doc:no_image": 1, "doc:image_marks_mismatch": 1})
 
 
 def test_llava_rows_cut_at_max_len_prompts_too_long_skipped(tmp_path):
@@ -3962,9 +3962,9 @@ def test_llava_rows_cut_at_max_len_prompts_too_long_skipped(tmp_path):
     assert cut[0]["text_ids"][0].tolist() == full[0]["text_ids"][0].tolist()[:-1]
     assert tok.decode(cut[0]["text_ids"][0], skip_special=False).endswith("The answer is: red")
     assert cut[0]["gt_text_ids"][0].tolist()[-1] == full[0]["text_ids"][0].tolist()[-2]
-    with pytest.raises(mmi.InputError, match=r"no usable example") as e:
+    with pytest.raises(mmi.InputError, match=r"no usable record") as e:
         llava_epoch(annt, max_len=n - 2)
-    assert "too_long=1" in str(e.value)
+    assert "doc:too_long=1" in str(e.value)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -4103,7 +4103,7 @@ def test_finetune_dataset_masks_image_loss_to_the_targets(tmp_path):
     args = dict(annt_root=str(tmp_path), data_root=str(tmp_path), batch_size=2)
     ds = data.finetune_dataset("vist", tok, cfg, "train", 0, 1, 0, **args)
     (batch,) = list(ds)                                   # s0 lost an image: one batch of one story
-    assert batch["meta"]["stats"] == {"lines": 2, "docs_used": 1, "doc:image_missing": 1}
+    assert batch["meta"]["stats"] == {"lines": 2, "docs_used": 1, "doc:image_missing": 1, "rows": 1}
     assert batch["num_image_per_seq"].tolist() == [3] and batch["image_loss_mask"].tolist() == [1.0] * 3
     assert batch["loss_txt_weight"] == 0.0 and "loss_img_weight" not in batch
     assert batch["image_tensors_dec"].shape[-1] == cfg.image_decoder.image_size
