@@ -1295,10 +1295,10 @@ class KVCache(nn.Module):
 def attention(q, k, v, attn_mask=None):
     """Queries (B, heads, L, D) over keys and values (B, heads, T, D) -> (B, L, heads * D). attn_mask None is
     causal (training: over the whole packed row, as the original's flash-attn), else bool (B, 1, L, T), True = may
-    attend, applied as the original's LLaMA applies its mask at inference: the dtype's minimum added where False.
-    A score plus that minimum rounds to the minimum, so a query that may attend to no key (a left pad) attends
-    uniformly to all T keys."""
-    if attn_mask is not None:
+    attend, applied as the original's LLaMA applies its mask at inference: the dtype's minimum added where False
+    (a float mask is that sum's addend already). A score plus that minimum rounds to the minimum, so a query that
+    may attend to no key (a left pad) attends uniformly to all T keys."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
             ~attn_mask, torch.finfo(q.dtype).min)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
@@ -4316,8 +4316,11 @@ class FastDecoder(_Decoder):
     def prefill(self):
         logits = super().prefill()
         B, L = self.mask.shape
-        attn = self.mask.new_zeros((B, 1, 1, self.max_len), dtype=torch.bool)  # (B, 1, 1, max_len) slots to read
-        attn[:, 0, 0, :L] = self.mask.bool()
+        # (B, 1, 1, max_len): 0 on the slots to read, the dtype's minimum elsewhere (attention's additive form, made
+        # once here rather than in every layer of every step)
+        low = torch.finfo(self.embeds.dtype).min
+        attn = torch.full((B, 1, 1, self.max_len), low, dtype=self.embeds.dtype, device=self.mask.device)
+        attn[:, 0, 0, :L] = torch.where(self.mask.bool(), 0.0, low)
         self.buffers = {"token": self.mask.new_zeros(B),                         # (B,) the token fed
                         "pos": self.mask.sum(-1, keepdim=True),                  # (B, 1) its position
                         "attn": attn}
@@ -4339,7 +4342,7 @@ class FastDecoder(_Decoder):
     def step(self, tokens):
         b = self.buffers
         b["token"].copy_(tokens)
-        b["attn"][:, :, :, self.length].fill_(True)   # the new token sees itself (fill_: no host tensor copied in)
+        b["attn"][:, :, :, self.length].fill_(0)      # the new token sees itself (fill_: no host tensor copied in)
         self.slot.fill_(self.length)
         if not self.cuda_graph:
             logits = self.step_fn()
