@@ -5569,6 +5569,30 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
     assert torchrun(resumed, "--resume=true") == {3: losses[3]}
 
 
+def test_fsdp_lora_export_equals_the_one_process_export(tmp_path, config_file):
+    """LoRA under FSDP on two CPU processes, 1 row each, exports (LoRA gathered and merged on rank 0) the model that
+    one process with 2 rows exports: same text losses, same merged weights, no LoRA keys."""
+    common = ["--device=cpu", "--model.loss_img_weight=0", "--lora_rank=4", "--max_steps=2", "--export=true",
+              "--ckpt_interval=-1"]
+    run_train(config_file, str(tmp_path / "single"), "--batch_size=2", *common)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), config_file, f"--out_dir={tmp_path / 'fsdp'}", "--batch_size=1", *common]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = (mmi.MMInterleaved.from_pretrained(str(tmp_path / run / "model")).state_dict()
+                for run in ("single", "fsdp"))
+    assert set(one) == set(two) and not any("lora" in k for k in one)
+    tc = train.load_config([config_file])
+    torch.manual_seed(tc.seed)                                   # the runs' initial weights
+    base = mmi.MMInterleaved(train.model_config(tc)).state_dict()
+    changed = {k for k in one if not torch.equal(one[k], base[k])}
+    assert "mm_decoder.layers.0.self_attn.q_proj.weight" in changed      # the merged LoRA update
+    assert all(k.startswith("mm_decoder.layers.") and k.endswith("_proj.weight") for k in changed), changed
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), k
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # train.py: the demo's VAE (task="vae") and handing it to the demo model
 # ----------------------------------------------------------------------------------------------------------------
