@@ -217,32 +217,63 @@ def matmul_peak_tflops(n=8192, dtype=torch.bfloat16):
     return 2 * n ** 3 / ms / 1e9
 
 
+# Fine-tuning recipes, benched on synthetic rows of their shape: name -> (config file, images per row, text tokens
+# before each image). "storytelling" is configs/sft_vist_13b.py's run on VIST (data.story_dataset): a row is one
+# story, bos then 5 frames of "caption<soi><image>..." (multi_modal context), every image a target of the image loss,
+# no eos; the loss weights come from the config's finetune_args (or story_dataset's defaults: no text loss). The
+# caption length is an assumption: 20 tokens, one sentence per frame.
+RECIPES = {"storytelling": ("configs/sft_vist_13b.py", 5, 20)}
+
+
 def bench_train(args):
-    """Training throughput at paper size with random weights (issue 6): the paper's frozen set, rows of 2048 tokens,
-    4 rows per GPU with 6 images each (224 for the encoder, 512 for the decoder), activation checkpointing, bf16.
-    Runs train.py's own loop on synthetic rows; MFU against the matmul peak measured in the same run. Under
-    `torchrun --nproc_per_node=N bench.py train` it is FSDP over N GPUs (rows per GPU as given); rank 0 reports.
-    `--preset=tiny` checks the plumbing on a CPU."""
+    """Training throughput at paper size with random weights (issue 6): by default the pretraining recipe, the
+    paper's frozen set, rows of 2048 tokens, 4 rows per GPU with 6 images each (224 for the encoder, 512 for the
+    decoder), activation checkpointing, bf16. `--recipe=storytelling` runs its config file (trainable set, loss
+    weights, rows per GPU from finetune_args) on synthetic rows shaped as RECIPES says; `--lora_rank=N` adds LoRA
+    to the LLM with all else frozen (mmi.add_lora). Runs train.py's own loop on synthetic rows; MFU against the
+    matmul peak measured in the same run. Under `torchrun --nproc_per_node=N bench.py train` it is FSDP over N GPUs
+    (rows per GPU as given); rank 0 reports. `--preset=tiny` checks the plumbing on a CPU."""
+    import dataclasses
     import gc
+    import inspect
     import json
     import os
     import tempfile
     import time
 
+    import data
     import train
     cuda = torch.cuda.is_available()
-    peak = matmul_peak_tflops() if cuda else float("nan")
     out = tempfile.mkdtemp(prefix="bench_train_")
-    seq_len, images = (2048, 6) if args.preset == "mmi-13b" else (128, 2)
+    frozen_dtype = args.frozen_dtype if cuda else "float32"      # a CPU computes in float32, frozen weights too
+    if args.recipe == "pretrain":
+        config = os.path.join(out, "bench.py")
+        open(config, "w").close()                                  # an empty config file: all settings are flags
+        per_gpu, (seq_len, images) = args.rows or 4, (2048, 6) if args.preset == "mmi-13b" else (128, 2)
+        recipe_argv = []
+    else:
+        path, images, caption = RECIPES[args.recipe]
+        config = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+        finetune_args = train.load_config([config]).finetune_args
+        defaults = {k: p.default for k, p in inspect.signature(data.story_dataset).parameters.items()}
+        weights = {k: finetune_args.get(k, defaults[k]) for k in ("loss_txt_weight", "loss_img_weight")}
+        per_gpu = args.rows or finetune_args.get("batch_size", defaults["batch_size"])
+        seq_len = 1 + images * (caption + 1 + mmi.MMIConfig.from_preset(args.preset).num_img_token)
+        # random weights (no init_from); the loss weights that the dataset's batches would carry, as model defaults
+        recipe_argv = ["--init_from=", *(f"--model.{k}={v}" for k, v in weights.items() if v is not None)]
     argv = [f"--preset={args.preset}", "--data=synthetic", f"--seq_len={seq_len}", f"--images_per_row={images}",
-            f"--batch_size={args.rows}", f"--max_steps={args.steps}", "--warmup_steps=1", "--log_interval=1",
+            f"--batch_size={per_gpu}", f"--max_steps={args.steps}", "--warmup_steps=1", "--log_interval=1",
             "--eval_interval=0", "--ckpt_interval=-1", "--export=false", "--progress=false", f"--out_dir={out}",
-            "--activation_checkpointing=true", f"--frozen_dtype={args.frozen_dtype}", f"--compile={args.compile}",
-            f"--device={'cuda' if cuda else 'cpu'}", f"--init_device={'cuda' if cuda else 'cpu'}",
-            f"--dtype={'bfloat16' if cuda else 'float32'}",
-            f"--peak_flops={peak * 1e12 if cuda else 1.0}"]
-    config = os.path.join(out, "bench.py")
-    open(config, "w").close()                                      # an empty config file: all settings are flags
+            "--activation_checkpointing=true", f"--frozen_dtype={frozen_dtype}", f"--compile={args.compile}",
+            f"--lora_rank={args.lora_rank}", f"--device={'cuda' if cuda else 'cpu'}",
+            f"--init_device={'cuda' if cuda else 'cpu'}", f"--dtype={'bfloat16' if cuda else 'float32'}", *recipe_argv]
+    tc = train.load_config([config, *argv])
+    with torch.device("meta"):                                     # what trains, counted without drawing weights
+        model = train.build_mmi(dataclasses.replace(tc, compile=False), train.model_config(tc), torch.device("meta"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    del model
+    peak = matmul_peak_tflops() if cuda else float("nan")
+    argv.append(f"--peak_flops={peak * 1e12 if cuda else 1.0}")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     gc_passes = []                       # (end, seconds) of each full garbage collection: the whole process stops
@@ -271,12 +302,15 @@ def bench_train(args):
     mfu = sum(r["mfu"] * r["time_s"] for r in steady) / seconds
     card = torch.cuda.get_device_name() if cuda else "cpu"
     gpus = f"{world} x {card} (FSDP)" if world > 1 else card
-    print(f"train, {args.preset}, {gpus}: {args.rows} rows x {seq_len} tokens per {'GPU' if cuda else 'process'}, "
-          f"{images} images/row, activation checkpointing, frozen weights in {args.frozen_dtype}" +
-          (", blocks compiled" if args.compile else ""))
+    lora = f"LoRA rank {args.lora_rank}" if args.lora_rank else "no LoRA"
+    print(f"train {args.recipe}, {lora}, {args.preset}, {gpus}: {per_gpu} rows x {seq_len} tokens per "
+          f"{'GPU' if cuda else 'process'}, {images} images/row, {trainable:,} trainable parameters, activation "
+          f"checkpointing, frozen weights in {frozen_dtype}" + (", blocks compiled" if args.compile else ""))
     mfu_text = f"MFU {100 * mfu:.1f}% of the measured matmul peak {peak:.0f} TFLOP/s" if cuda else "MFU n/a on a CPU"
-    mem_text = f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB on rank 0" if cuda else ""
-    print(f"  step {step_s:.3f} s, {samples:.2f} samples/s in all, {mfu_text}{mem_text}, whole run {total:.0f} s")
+    mfu_text += " (LoRA's matmuls not counted)" if args.lora_rank and cuda else ""
+    mem_text = (f"peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB on rank 0" if cuda else
+                "peak memory n/a on a CPU")
+    print(f"  step {step_s:.3f} s, {samples:.2f} samples/s in all, {mfu_text}, {mem_text}, whole run {total:.0f} s")
     print("  step times (s): " + " ".join(f"{r['time_s']:.3f}" for r in rows)
           + f" (the mean is over the last {len(steady)})")
     # a step much slower than the rest: a full garbage collection in it, or the CUDA caching allocator flushing its
@@ -518,7 +552,11 @@ def main():
     parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
     parser.add_argument("--preset", default="mmi-13b",
                         help="train / sample / gemv / anchors: the model preset (tiny for a CPU check)")
-    parser.add_argument("--rows", type=int, default=4, help="train: rows per GPU (per process on a CPU)")
+    parser.add_argument("--recipe", default="pretrain", choices=["pretrain", *RECIPES],
+                        help="train: the recipe whose rows and trainable set are benched")
+    parser.add_argument("--lora_rank", type=int, default=0, help="train: LoRA of this rank on the LLM, all else frozen")
+    parser.add_argument("--rows", type=int, default=0,
+                        help="train: rows per GPU (per process on a CPU); 0 = the recipe's (pretrain: 4)")
     parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps")
     parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")
     parser.add_argument("--new_tokens", type=int, default=128, help="sample / anchors: tokens to decode")

@@ -7334,7 +7334,8 @@ def test_demo_stories_in_groups_equal_one_story_at_a_time(monkeypatch):
 def test_bench_train_on_cpu_speaks_of_processes_not_gpus(capsys):
     import argparse
     import bench
-    bench.bench_train(argparse.Namespace(preset="tiny", rows=1, steps=2, frozen_dtype="bfloat16", compile=False))
+    bench.bench_train(argparse.Namespace(preset="tiny", recipe="pretrain", lora_rank=0, rows=1, steps=2,
+                                         frozen_dtype="bfloat16", compile=False))
     out = capsys.readouterr().out
     assert "1 rows x 128 tokens per process" in out and "MFU n/a on a CPU" in out
     assert "GPU" not in out and "nan" not in out and "GiB" not in out
@@ -7351,6 +7352,32 @@ def test_bench_anchors_run_both_libraries_at_the_tiny_preset(capsys):
     assert re.search(r"LlamaForCausalLM .*4 new tokens: [\d.]+ tokens/s with a static cache, [\d.]+ tokens/s with a "
                      r"dynamic cache", out), out
     assert re.search(r"diffusers .* one image [\d.]+ s \(30 DDPM steps", out), out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the wording on a machine without CUDA")
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_bench_train_storytelling_reports_rows_and_trainable(capsys, lora_rank):
+    """The storytelling recipe on synthetic VIST-shaped rows: 5 frames of a 20-token caption, soi and 8 image tokens
+    (tiny) after bos; the image loss only; what trains counted before the run as the run's optimizer holds it (with
+    LoRA: rank x (in + out) of 7 matmuls in 4 layers of width 64, MLP 172)."""
+    import argparse
+    import bench
+    bench.bench_train(argparse.Namespace(preset="tiny", recipe="storytelling", lora_rank=lora_rank, rows=1, steps=2,
+                                         frozen_dtype="bfloat16", compile=False))
+    out = capsys.readouterr().out
+    head = re.search(r"train storytelling, (.+?), tiny, cpu: 1 rows x (\d+) tokens per process, (\d+) images/row, "
+                     r"([\d,]+) trainable parameters", out)
+    assert head, out
+    assert head.group(1) == (f"LoRA rank {lora_rank}" if lora_rank else "no LoRA")
+    assert (int(head.group(2)), int(head.group(3))) == (1 + 5 * (20 + 1 + 8), 5)
+    trainable = int(head.group(4).replace(",", ""))
+    assert f"{trainable:,} trainable in" in out                       # train.py's optimizer count
+    if lora_rank:
+        assert trainable == 4 * lora_rank * (4 * (64 + 64) + 3 * (64 + 172))
+    assert re.search(r"step [\d.]+ s, [\d.]+ samples/s in all, MFU n/a on a CPU, peak memory n/a on a CPU", out), out
+    metrics = re.search(r"metrics in (\S+)", out).group(1)
+    for row in map(json.loads, open(metrics)):
+        assert "loss_img" in row and row["loss"] == pytest.approx(10.0 * row["loss_img"], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
