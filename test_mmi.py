@@ -5677,6 +5677,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (TINY_CONFIG, ["--max_steps=many"], "config key 'max_steps': cannot read 'many' as int"),
     (TINY_CONFIG, ["--max_steps"], "--max_steps: expected --max_steps=<int>"),
     (TINY_CONFIG, ["--data=imagenet"], "data 'imagenet', expected one of 'demo', 'synthetic', 'pretrain'"),
+    (TINY_CONFIG, ["--frozen_dtype=bfloat16"], "frozen_dtype 'bfloat16' needs dtype 'bfloat16'"),
     (TINY_CONFIG, ["--max_steps=3", "more.py"], "'more.py': expected --key=value (a config file comes first)"),
     (TINY_CONFIG, ["--init_from=nowhere"], "init_from nowhere: no such folder"),
     (TINY_CONFIG, ["--vae_from=none.safetensors"], "vae_from none.safetensors: no such file"),
@@ -5685,7 +5686,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
      "pretrain_sources: blip2's annt_root /path/to/blip2/annotations: no such folder"),
     (TINY_CONFIG, ["--device=cuda:99"], "--device=cuda:99: "),
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
-        "choice", "second-file", "init_from", "vae_from", "tokenizer", "data-root", "device"])
+        "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "data-root", "device"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)
     if text is not None:

@@ -251,6 +251,9 @@ def load_config(argv):
                        ("num_workers", 0), ("max_steps", 0), ("lora_rank", 0)):
         if getattr(tc, key) < least:
             raise mmi.InputError(f"{key} {getattr(tc, key)}, expected {least} or more")
+    if tc.frozen_dtype == "bfloat16" and tc.dtype != "bfloat16":
+        raise mmi.InputError("frozen_dtype 'bfloat16' needs dtype 'bfloat16': without autocast a float32 input meets "
+                             "the bf16 frozen weights; use frozen_dtype=float32")
     if tc.lora_rank and tc.task != "mmi":
         raise mmi.InputError(f"lora_rank {tc.lora_rank}: LoRA adapts the LLM of task 'mmi', not task {tc.task!r}")
     model_keys = _model_keys(mmi.MMIConfig.from_preset(tc.preset))
