@@ -1,6 +1,5 @@
 """Benchmarks for mmi. `python bench.py kernel` times the deformable-attention kernel against grid_sample;
-`gemv` the decoding matmuls against cuBLAS; `train` and `sample` the programs at paper size; `anchors` transformers'
-and diffusers at the same shapes (they are not mmi's dependencies); `data` the corpus stream.
+`gemv` the decoding matmuls against cuBLAS; `train` and `sample` the programs at paper size; `data` the corpus stream.
 
 Each section is a function `bench_<name>(args)`, listed in SECTIONS.
 """
@@ -455,93 +454,8 @@ def bench_data(args):
           f"({n / wall:,.0f} stories/s wall)")
 
 
-@torch.no_grad()
-def bench_anchors(args):
-    """The libraries mmi's generation is measured against, at the same shapes, random weights, bf16 (the VAE and
-    UNet as diffusers runs SD in fp16), batch 1, on the same card: `transformers`' LlamaForCausalLM `generate`
-    (greedy, static and dynamic KV cache; tokens/s from the difference of two lengths, so prefill drops out) and
-    `diffusers`' UNet + VAE at the preset's image decoder shapes (30 DDPM steps with classifier-free guidance,
-    then the VAE decode). Each part runs where its library is installed; mmi itself never imports them."""
-    import time
-    import importlib.util
-    have = {m: importlib.util.find_spec(m) is not None for m in ("transformers", "diffusers")}
-    if not any(have.values()):
-        raise SystemExit("bench.py anchors: needs transformers or diffusers (neither is installed)")
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    cfg = mmi.MMIConfig.from_preset(args.preset)
-    c = cfg.llm
-
-    def timed(fn):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    card = torch.cuda.get_device_name() if cuda else "cpu"
-    if have["transformers"]:
-        import transformers
-        torch.manual_seed(0)
-        llama = transformers.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                                         num_attention_heads=c.num_attention_heads,
-                                         num_hidden_layers=c.num_hidden_layers, intermediate_size=c.intermediate_size,
-                                         rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
-                                         pad_token_id=0)
-        with torch.device(device):
-            lm = transformers.LlamaForCausalLM(llama).to(dtype).eval()
-        prompt = torch.arange(3, 43, device=device)[None]                    # 40 tokens
-        n, rows = args.new_tokens, []
-        for cache in ("static", "dynamic"):
-            gen = lambda k: lm.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                                        cache_implementation=cache if cache == "static" else None)
-            gen(n + 1), gen(1)                                               # warm-up (and compilation)
-            long = min(timed(lambda: gen(n + 1)) for _ in range(2))
-            short = min(timed(lambda: gen(1)) for _ in range(2))
-            rows.append(f"{n / (long - short):.1f} tokens/s with a {cache} cache")
-        del lm
-        print(f"anchors, {args.preset}, {card}: transformers {transformers.__version__} LlamaForCausalLM {dtype}, "
-              f"greedy, batch 1, {n} new tokens: " + ", ".join(rows))
-    if not have["diffusers"]:
-        return
-    import diffusers
-    u, v = cfg.unet, cfg.vae
-    down = ["CrossAttnDownBlock2D" if x else "DownBlock2D" for x in u.cross_attn_blocks]
-    up = ["CrossAttnUpBlock2D" if x else "UpBlock2D" for x in reversed(u.cross_attn_blocks)]
-    idtype = torch.float16 if cuda else torch.float32
-    with torch.device(device):
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=u.sample_size, in_channels=u.in_channels, out_channels=u.out_channels,
-            block_out_channels=u.block_out_channels, down_block_types=down, up_block_types=up,
-            attention_head_dim=u.num_attention_heads, layers_per_block=u.layers_per_block,
-            cross_attention_dim=u.cross_attention_dim, norm_num_groups=u.norm_num_groups,
-            use_linear_projection=True).to(idtype).eval()
-        vae = diffusers.AutoencoderKL(
-            in_channels=v.in_channels, out_channels=v.out_channels, latent_channels=v.latent_channels,
-            block_out_channels=v.block_out_channels, layers_per_block=v.layers_per_block,
-            norm_num_groups=v.norm_num_groups, down_block_types=["DownEncoderBlock2D"] * len(v.block_out_channels),
-            up_block_types=["UpDecoderBlock2D"] * len(v.block_out_channels)).to(idtype).eval()
-    sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    steps_offset=1, timestep_spacing="leading")
-    cond = torch.randn(2, cfg.image_decoder.resampler.num_queries, u.cross_attention_dim, device=device, dtype=idtype)
-
-    def image():
-        sched.set_timesteps(30)
-        x = torch.randn(1, u.in_channels, u.sample_size, u.sample_size, device=device, dtype=idtype)
-        for t in sched.timesteps:
-            eps_u, eps_c = unet(torch.cat([x, x]), t, cond).sample.chunk(2)
-            x = sched.step(eps_u + 7.5 * (eps_c - eps_u), t, x).prev_sample
-        return vae.decode(x / v.scaling_factor).sample
-
-    image()
-    print(f"anchors, {args.preset}, {card}: diffusers {diffusers.__version__} UNet + VAE {idtype}: one image "
-          f"{min(timed(image) for _ in range(2)):.2f} s (30 DDPM steps, guidance 7.5, VAE decode)")
-
-
 SECTIONS = {"kernel": bench_kernel, "gemv": bench_gemv, "data": bench_data, "train": bench_train,
-            "sample": bench_sample, "anchors": bench_anchors}
+            "sample": bench_sample}
 
 
 def main():
@@ -551,7 +465,7 @@ def main():
     parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
     parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
     parser.add_argument("--preset", default="mmi-13b",
-                        help="train / sample / gemv / anchors: the model preset (tiny for a CPU check)")
+                        help="train / sample / gemv: the model preset (tiny for a CPU check)")
     parser.add_argument("--recipe", default="pretrain", choices=["pretrain", *RECIPES],
                         help="train: the recipe whose rows and trainable set are benched")
     parser.add_argument("--lora_rank", type=int, default=0, help="train: LoRA of this rank on the LLM, all else frozen")
@@ -559,7 +473,7 @@ def main():
                         help="train: rows per GPU (per process on a CPU); 0 = the recipe's (pretrain: 4)")
     parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps")
     parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")
-    parser.add_argument("--new_tokens", type=int, default=128, help="sample / anchors: tokens to decode")
+    parser.add_argument("--new_tokens", type=int, default=128, help="sample: tokens to decode")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                         help="sample: weight-only quantization of the LLM's matmuls, text head and Q-Formers")
     parser.add_argument("--compile", action="store_true", help="train: torch.compile the repeated blocks")

@@ -7342,19 +7342,6 @@ def test_bench_train_on_cpu_speaks_of_processes_not_gpus(capsys):
     assert "GPU" not in out and "nan" not in out and "GiB" not in out
 
 
-def test_bench_anchors_run_both_libraries_at_the_tiny_preset(capsys):
-    """The anchors build transformers' LLaMA and diffusers' UNet + VAE from the preset's config and report both."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("diffusers")
-    import argparse
-    import bench
-    bench.bench_anchors(argparse.Namespace(preset="tiny", new_tokens=4))
-    out = capsys.readouterr().out
-    assert re.search(r"LlamaForCausalLM .*4 new tokens: [\d.]+ tokens/s with a static cache, [\d.]+ tokens/s with a "
-                     r"dynamic cache", out), out
-    assert re.search(r"diffusers .* one image [\d.]+ s \(30 DDPM steps", out), out
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the wording on a machine without CUDA")
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_bench_train_storytelling_reports_rows_and_trainable(capsys, lora_rank):
