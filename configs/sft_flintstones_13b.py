@@ -1,32 +1,12 @@
-# Story visualisation on FlintstonesSV: MM-Interleaved-13B fine-tuned to draw each image of a story from the
-# story so far.
+# Story visualisation on FlintstonesSV: configs/sft_vist_13b.py's recipe (model, what trains, rates, schedule) on
+# FlintstonesSV's stories.
 #   torchrun --nproc_per_node=8 train.py configs/sft_flintstones_13b.py
 # Paths are placeholders; the layout is data.read_flintstones's. Evaluate with eval.py --task=flintstones.
-preset = "mmi-13b"
-init_from = "/path/to/mm-interleaved-13b"        # a save_pretrained folder of the pretrained model
-tokenizer_path = "/path/to/mm-interleaved-13b/tokenizer.model"
-data = "finetune"
+import os
+import runpy
+
+_vist = runpy.run_path(os.path.join(os.path.dirname(__file__), "sft_vist_13b.py"))
+globals().update({k: v for k, v in _vist.items() if not k.startswith("_")})
 finetune_dataset = "flintstones"
-finetune_args = dict(annt_root="/path/to/flintstones", data_root="/path/to/flintstones", batch_size=4,
-                     context_type="multi_modal", round_range="last",
-                     loss_txt_weight=0.0)         # every image is a target (drawn from all before it); no text loss
-num_workers = 8
-# The images are what is learned: the LLM's MMFS cross-attention, the resamplers and the UNet train; the frozen
-# set (CLIP ViT, LLaMA body, text head, VAE) follows from the model's trainable flags.
-# Every rate is the pretraining table's divided by 10 (the original released no fine-tuning rates): the model
-# starts trained, and the UNet keeps its 10x lower rate relative to the rest.
-param_groups = (
-    ("llama_cross_attn.gate", 1e-5, 0.0),
-    ("sampling_offsets", 1e-6, 0.0),
-    ("llama_cross_attn", 1e-5, 0.05),
-    ("image_decoder.decoder.unet", 1e-6, 0.05),
-    ("", 1e-5, 0.05),
-)
-warmup_steps = 200
-max_steps = 4000
-dtype = "bfloat16"
-frozen_dtype = "bfloat16"
-activation_checkpointing = True
-eval_interval = 0                                # score with eval.py --task=flintstones on the exported model
-save_frozen = False
+finetune_args = dict(finetune_args, annt_root="/path/to/flintstones", data_root="/path/to/flintstones")
 out_dir = "out/sft_flintstones_13b"
