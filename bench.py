@@ -21,7 +21,7 @@ KERNEL_SHAPES = [
     ("adapter inject", 16, 256, 16, 32, [(32, 32), (16, 16), (8, 8)], 4, 0.113, 0.477, 0.79, 2.0),
     ("adapter extract", 16, 1344, 16, 32, [(16, 16)], 4, 0.211, 0.708, 0.94, 3.5),
 ]
-# forward+backward must beat the original by this factor (issue 8); 1 means 'faster than it'.
+# forward+backward must beat the original by this factor; 1 means 'faster than it'.
 KERNEL_TARGET_SPEEDUP = {"LLM-MMFS 8 img": 3.0, "LLM-MMFS 2 img": 3.0, "UNet-MMFS blk1": 3.0}
 
 
@@ -160,7 +160,7 @@ def bench_kernel(args):
 
 @torch.no_grad()
 def bench_gemv(args):
-    """A decoding step's matmuls at the preset's sizes (issue 9): kernels.cu's gemv, through mmi.linear as the model
+    """A decoding step's matmuls at the preset's sizes: kernels.cu's gemv, through mmi.linear as the model
     calls it, against F.linear (cuBLAS), one bf16 row. Each is timed inside a CUDA graph of 24 calls, as decoding
     replays them, cycling over 8 copies of the weights so that L2 never holds them; TB/s = weight bytes / time."""
     import torch.nn.functional as F
@@ -225,7 +225,7 @@ RECIPES = {"storytelling": ("configs/sft_vist_13b.py", 5, 20)}
 
 
 def bench_train(args):
-    """Training throughput at paper size with random weights (issue 6): by default the pretraining recipe, the
+    """Training throughput at paper size with random weights: by default the pretraining recipe, the
     paper's frozen set, rows of 2048 tokens, 4 rows per GPU with 6 images each (224 for the encoder, 512 for the
     decoder), activation checkpointing, bf16. `--recipe=storytelling` runs its config file (trainable set, loss
     weights, rows per GPU from finetune_args) on synthetic rows shaped as RECIPES says; `--lora_rank=N` adds LoRA
@@ -322,7 +322,7 @@ def bench_train(args):
 
 @torch.no_grad()
 def bench_sample(args):
-    """Generation at paper size with random weights (issue 9): greedy text decoding through the static KV cache
+    """Generation at paper size with random weights: greedy text decoding through the static KV cache
     (tokens/s, prefill and graph capture excluded; the step compiled inside its CUDA graph, the CUDA graph alone and,
     to compare, eager), one 512x512 image with 30 DDPM steps and CFG including the LLM context pass and the
     UNet-MMFS (each step's UNet pass replayed from a CUDA graph, and eager), and peak memory over all of it.
