@@ -152,7 +152,7 @@ def bench_kernel(args):
               f"{speedup:7.2f}{target:7.1f}{bytes_fb / t[torch.bfloat16, True] / 1e6:7.0f}{'yes' if ok else 'NO':>4}")
     print(f"\nGB/s = fewest bytes of fwd+bwd (inputs read once, outputs written once) / time; the card's copy rate "
           f"is {copy_gbs:.0f} GB/s (H100 SXM datasheet 3350). 'orig' = Deformable-DETR's op on an H100, fp32, "
-          f"from issue 8; 'gs' = the grid_sample reference, fp32, measured here.")
+          f"measured once (KERNEL_SHAPES); 'gs' = the grid_sample reference, fp32, measured here.")
     print("all targets met" if all_ok else "SOME TARGETS MISSED")
 
 
