@@ -4265,7 +4265,8 @@ def capture_cuda_graph(fn, warmup=1):
     """fn() recorded as a CUDA graph -> (graph, fn's output, which every replay rewrites in place). Warm-up runs
     first on the stream that then captures, so one-time work (cuBLAS's handle and workspace for that stream, cuDNN
     set-up, loading the kernel, cached tables, compilation) stays out of the capture. fn must read nothing back to
-    the host."""
+    the host. Only this thread's calls can spoil the capture ("thread_local"): another thread pinning host memory
+    meanwhile (a data loader's) is not part of the graph."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -4273,7 +4274,7 @@ def capture_cuda_graph(fn, warmup=1):
             fn()
     stream.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 
