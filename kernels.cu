@@ -15,13 +15,31 @@
 // points over a block instead.
 //
 // Also here: gemv, the decoding step's matmuls (a few rows of x times each weight), see "decoding matmuls".
+//
+// Compile units: MMI_PART picks one part of the module, so that a build compiles the parts in parallel:
+// 0 the Python bindings (torch's headers, plain C++, no kernel), 1 the forward kernels, 2 3 4 the backward kernels
+// for float32 and float64, float16, bfloat16 inputs, 5 gemv; the kernel parts include no torch header (parsing
+// those is most of a single unit's compile time).
+// Without MMI_PART the file is the whole module in one unit. The parts meet in the plain interface below.
 
-#include <torch/extension.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#ifdef MMI_PART
+#define MMI_HOST (MMI_PART == 0)
+#define MMI_FORWARD (MMI_PART == 1)
+#define MMI_BACKWARD_FLOAT (MMI_PART == 2)
+#define MMI_BACKWARD_HALF (MMI_PART == 3)
+#define MMI_BACKWARD_BFLOAT16 (MMI_PART == 4)
+#define MMI_GEMV (MMI_PART == 5)
+#else
+#define MMI_HOST 1
+#define MMI_FORWARD 1
+#define MMI_BACKWARD_FLOAT 1
+#define MMI_BACKWARD_HALF 1
+#define MMI_BACKWARD_BFLOAT16 1
+#define MMI_GEMV 1
+#endif
+#define MMI_BACKWARD (MMI_BACKWARD_FLOAT || MMI_BACKWARD_HALF || MMI_BACKWARD_BFLOAT16)
+
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <limits>
@@ -29,17 +47,75 @@
 #include <algorithm>
 #include <vector>
 
+// ------------------------------------------------------------------------------- the parts' interface
+
+namespace mmi {
+
+enum class DType { kFloat, kDouble, kHalf, kBFloat16 };
+
+struct Geometry {
+  int S, M, D, Q, L, P;
+  int64_t n_groups;  // B * Q * M
+};
+
+// One deformable attention call: checked, contiguous inputs and what the launch needs of the device.
+struct MsdaLaunch {
+  DType dtype;
+  const void* value;
+  const int64_t* shapes;
+  const int64_t* starts;
+  const void* loc;
+  const void* attn;
+  Geometry g;
+  int64_t B;
+  bool aligned;    // value and the output (forward) or grad_out (backward) start on 16 bytes
+  int sms;         // the device's multiprocessors
+  int max_shared;  // dynamic shared memory a block may use once the kernel opts in
+  cudaStream_t stream;
+};
+
+constexpr int kMaxMats = 3;
+
+// One gemv call (float16 or bfloat16): pointers as in GemvArgs below, R = rows of x.
+struct GemvLaunch {
+  DType dtype;
+  const void* w[kMaxMats];
+  const void* bias[kMaxMats];
+  const void* x;
+  const void* norm;
+  const void* residual;
+  void* y;
+  int R, N, K, n_mats;
+  bool glu;
+  float eps;
+  cudaStream_t stream;
+};
+
+// Each launches its kernel on the call's stream and returns the launch's error.
+cudaError_t msda_forward_launch(const MsdaLaunch& in, void* out);
+// The backward for float32 and float64, for float16, for bfloat16 inputs (a compile unit each).
+cudaError_t msda_backward_launch_float(const MsdaLaunch& in, const void* grad_out, void* grad_value_acc,
+                                       void* grad_loc, void* grad_attn);
+cudaError_t msda_backward_launch_half(const MsdaLaunch& in, const void* grad_out, void* grad_value_acc,
+                                      void* grad_loc, void* grad_attn);
+cudaError_t msda_backward_launch_bfloat16(const MsdaLaunch& in, const void* grad_out, void* grad_value_acc,
+                                          void* grad_loc, void* grad_attn);
+cudaError_t gemv_launch(const GemvLaunch& in);
+
+}  // namespace mmi
+
+#if MMI_FORWARD || MMI_BACKWARD || MMI_GEMV
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace mmi {
 namespace {
 
 constexpr int kThreads = 256;  // kernels declare __launch_bounds__(kThreads, 1): without the 1, nvcc 13 capped
                                 // the forward at 40 registers and spilled (the timed build had the 1)
 
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// torch's element types -> CUDA's own, so that conversions use the intrinsics.
-template <typename T> struct Native { using type = T; };
-template <> struct Native<at::Half> { using type = __half; };
-template <> struct Native<at::BFloat16> { using type = __nv_bfloat16; };
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -176,11 +252,6 @@ __device__ __forceinline__ A reduce_scatter(A (&v)[PB], int lane) {
   for (int off = PB; off < G; off *= 2) total += __shfl_xor_sync(kFullMask, total, off);
   return total;
 }
-
-struct Geometry {
-  int S, M, D, Q, L, P;
-  int64_t n_groups;  // B * Q * M
-};
 
 // Level table in shared memory: H, W, first pixel.
 __device__ __forceinline__ void load_levels(int* levels, const int64_t* shapes, const int64_t* starts, int L) {
@@ -709,7 +780,6 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_binned_kernel(
 // So a decoding step needs no separate add + norm kernel between its matmuls.
 constexpr int kGemvThreads = 256;
 constexpr int kGemvRows = 4;
-constexpr int kMaxMats = 3;
 
 template <typename T>
 struct GemvArgs {
@@ -840,12 +910,251 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
   a.y[at] = from_acc<T>(out);
 }
 
+// ----------------------------------------------------------------------------------------------- launchers
+
+// Threads per group for the 16-byte path (D = G * vec, or whole warps of passes), 0 where D does not split so.
+int group_size(int D, int vec) {
+  if (D % vec != 0) return 0;
+  const int need = D / vec;
+  if (need == 4 || need == 8 || need == 16) return need;
+  return need % 32 == 0 ? 32 : 0;
+}
+
+// The instantiation for T: 16 bytes per thread and corner (VEC = 16 / sizeof(T)) with G threads a group when D
+// and the pointers allow, else 0: one channel per thread over a warp-wide group (correct for any D, slower).
+// float64 (gradcheck only) always takes the latter.
+template <typename T>
+int wide_group(const MsdaLaunch& in) {
+  return std::is_same<T, double>::value || !in.aligned ? 0 : group_size(in.g.D, 16 / sizeof(T));
+}
+
+// Calls launch(std::integral_constant<int, G>{}) for G in {4, 8, 16, 32}.
+template <typename Launch>
+cudaError_t with_group(int G, Launch launch) {
+  if (G == 4) return launch(std::integral_constant<int, 4>{});
+  if (G == 8) return launch(std::integral_constant<int, 8>{});
+  if (G == 16) return launch(std::integral_constant<int, 16>{});
+  return launch(std::integral_constant<int, 32>{});
+}
+
+#if MMI_FORWARD
+template <typename T, int VEC, int G>
+cudaError_t launch_forward(const MsdaLaunch& in, void* out) {
+  const int64_t threads = in.g.n_groups * G;
+  const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
+  const size_t smem = 3 * sizeof(int) * in.g.L;
+  msda_forward_kernel<T, VEC, G><<<blocks, kThreads, smem, in.stream>>>(
+      static_cast<const T*>(in.value), in.shapes, in.starts, static_cast<const T*>(in.loc),
+      static_cast<const T*>(in.attn), static_cast<T*>(out), in.g);
+  return cudaGetLastError();
+}
+
+// Groups fewer than one block per SM (decoding) take the split kernel when the head is one channel chunk.
+template <typename T, int VEC, int G>
+cudaError_t launch_forward_split(const MsdaLaunch& in, void* out) {
+  using A = typename Acc<T>::type;
+  const size_t smem = (3 * in.g.L + 2) * sizeof(int) + sizeof(A) * (kThreads / G) * in.g.D;
+  msda_forward_split_kernel<T, VEC, G><<<static_cast<int>(in.g.n_groups), kThreads, smem, in.stream>>>(
+      static_cast<const T*>(in.value), in.shapes, in.starts, static_cast<const T*>(in.loc),
+      static_cast<const T*>(in.attn), static_cast<T*>(out), in.g);
+  return cudaGetLastError();
+}
+
+bool few_groups(const MsdaLaunch& in, int G) { return (in.g.n_groups * G + kThreads - 1) / kThreads < in.sms; }
+
+template <typename T>
+cudaError_t forward_typed(const MsdaLaunch& in, void* out) {
+  if constexpr (!std::is_same<T, double>::value) {
+    constexpr int vec = 16 / sizeof(T);
+    if (const int G = wide_group<T>(in)) {
+      const bool split = G * vec == in.g.D && few_groups(in, G);
+      return with_group(G, [&](auto group_size) {
+        constexpr int kG = decltype(group_size)::value;
+        return split ? launch_forward_split<T, vec, kG>(in, out) : launch_forward<T, vec, kG>(in, out);
+      });
+    }
+  }
+  return launch_forward<T, 1, 32>(in, out);
+}
+#endif  // MMI_FORWARD
+
+#if MMI_BACKWARD
+template <typename T, int VEC, int G>
+cudaError_t launch_backward(const MsdaLaunch& in, const void* grad_out, void* grad_value_acc, void* grad_loc,
+                            void* grad_attn) {
+  using A = typename Acc<T>::type;
+  const int64_t threads = in.g.n_groups * G;
+  const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
+  const size_t smem = 3 * sizeof(int) * in.g.L;
+  msda_backward_kernel<T, VEC, G><<<blocks, kThreads, smem, in.stream>>>(
+      static_cast<const T*>(in.value), in.shapes, in.starts, static_cast<const T*>(in.loc),
+      static_cast<const T*>(in.attn), static_cast<const T*>(grad_out), static_cast<A*>(grad_value_acc),
+      static_cast<T*>(grad_loc), static_cast<T*>(grad_attn), in.g);
+  return cudaGetLastError();
+}
+
+// Queries of one head per block (bin_queries), grid: every (b, m) times its query tiles.
+template <typename T, int VEC, int G>
+cudaError_t launch_backward_binned(const MsdaLaunch& in, int block_queries, const void* grad_out,
+                                   void* grad_value_acc, void* grad_loc, void* grad_attn) {
+  const int64_t q_tiles = (in.g.Q + block_queries - 1) / block_queries;
+  const int blocks = static_cast<int>(in.B * in.g.M * q_tiles);
+  const size_t smem = bin_smem_bytes(block_queries, in.g.D, in.g.L);
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (sm_90 allows 227 KiB). Always the device's limit,
+  // so that calls from several threads never lower it under one another's launch.
+  const cudaError_t err = cudaFuncSetAttribute(msda_backward_binned_kernel<T, VEC, G>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, in.max_shared);
+  if (err != cudaSuccess) return err;
+  msda_backward_binned_kernel<T, VEC, G><<<blocks, kThreads, smem, in.stream>>>(
+      static_cast<const T*>(in.value), in.shapes, in.starts, static_cast<const T*>(in.loc),
+      static_cast<const T*>(in.attn), static_cast<const T*>(grad_out), static_cast<float*>(grad_value_acc),
+      static_cast<T*>(grad_loc), static_cast<T*>(grad_attn), in.g, block_queries);
+  return cudaGetLastError();
+}
+
+// The binned backward where it applies: float accumulation, one channel chunk per group, few enough points, and
+// its shared memory within the device's limit.
+bool can_bin(const MsdaLaunch& in, int G, int vec, int block_queries) {
+  return G * vec == in.g.D && block_queries > 0 &&
+         bin_smem_bytes(block_queries, in.g.D, in.g.L) <= static_cast<size_t>(in.max_shared);
+}
+
+template <typename T>
+cudaError_t backward_typed(const MsdaLaunch& in, const void* grad_out, void* grad_value_acc, void* grad_loc,
+                           void* grad_attn) {
+  if constexpr (!std::is_same<T, double>::value) {
+    constexpr int vec = 16 / sizeof(T);
+    if (const int G = wide_group<T>(in)) {
+      const int block_queries = bin_queries(in.g.P, G);
+      const bool binned = can_bin(in, G, vec, block_queries);
+      return with_group(G, [&](auto group_size) {
+        constexpr int kG = decltype(group_size)::value;
+        return binned ? launch_backward_binned<T, vec, kG>(in, block_queries, grad_out, grad_value_acc, grad_loc,
+                                                           grad_attn)
+                      : launch_backward<T, vec, kG>(in, grad_out, grad_value_acc, grad_loc, grad_attn);
+      });
+    }
+  }
+  return launch_backward<T, 1, 32>(in, grad_out, grad_value_acc, grad_loc, grad_attn);
+}
+#endif  // MMI_BACKWARD
+
+#if MMI_GEMV
+template <typename T, int R, bool GLU>
+cudaError_t launch_gemv(const GemvArgs<T>& args, cudaStream_t stream) {
+  const int rows = GLU ? kGemvRows / 2 : kGemvRows;
+  const dim3 grid((args.N + rows - 1) / rows, GLU ? 1 : args.n_mats);
+  if (args.norm) gemv_kernel<T, R, GLU, true><<<grid, kGemvThreads, 0, stream>>>(args);
+  else gemv_kernel<T, R, GLU, false><<<grid, kGemvThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t gemv_typed(const GemvLaunch& in) {
+  GemvArgs<T> args{};
+  for (int i = 0; i < in.n_mats; ++i) {
+    args.w[i] = static_cast<const T*>(in.w[i]);
+    args.bias[i] = static_cast<const T*>(in.bias[i]);
+  }
+  args.x = static_cast<const T*>(in.x);
+  args.norm = static_cast<const T*>(in.norm);
+  args.residual = static_cast<const T*>(in.residual);
+  args.y = static_cast<T*>(in.y);
+  args.eps = in.eps;
+  args.N = in.N;
+  args.K = in.K;
+  args.n_mats = in.n_mats;
+  auto launch = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    return in.glu ? launch_gemv<T, R, true>(args, in.stream) : launch_gemv<T, R, false>(args, in.stream);
+  };
+  switch (in.R) {
+    case 1: return launch(std::integral_constant<int, 1>{});
+    case 2: return launch(std::integral_constant<int, 2>{});
+    case 3: return launch(std::integral_constant<int, 3>{});
+    default: return launch(std::integral_constant<int, 4>{});
+  }
+}
+#endif  // MMI_GEMV
+
+}  // namespace
+
+#if MMI_FORWARD
+cudaError_t msda_forward_launch(const MsdaLaunch& in, void* out) {
+  switch (in.dtype) {
+    case DType::kFloat: return forward_typed<float>(in, out);
+    case DType::kDouble: return forward_typed<double>(in, out);
+    case DType::kHalf: return forward_typed<__half>(in, out);
+    default: return forward_typed<__nv_bfloat16>(in, out);
+  }
+}
+#endif
+
+#if MMI_BACKWARD_FLOAT
+cudaError_t msda_backward_launch_float(const MsdaLaunch& in, const void* grad_out, void* grad_value_acc,
+                                       void* grad_loc, void* grad_attn) {
+  return in.dtype == DType::kDouble ? backward_typed<double>(in, grad_out, grad_value_acc, grad_loc, grad_attn)
+                                    : backward_typed<float>(in, grad_out, grad_value_acc, grad_loc, grad_attn);
+}
+#endif
+
+#if MMI_BACKWARD_HALF
+cudaError_t msda_backward_launch_half(const MsdaLaunch& in, const void* grad_out, void* grad_value_acc,
+                                      void* grad_loc, void* grad_attn) {
+  return backward_typed<__half>(in, grad_out, grad_value_acc, grad_loc, grad_attn);
+}
+#endif
+
+#if MMI_BACKWARD_BFLOAT16
+cudaError_t msda_backward_launch_bfloat16(const MsdaLaunch& in, const void* grad_out, void* grad_value_acc,
+                                          void* grad_loc, void* grad_attn) {
+  return backward_typed<__nv_bfloat16>(in, grad_out, grad_value_acc, grad_loc, grad_attn);
+}
+#endif
+
+#if MMI_GEMV
+cudaError_t gemv_launch(const GemvLaunch& in) {
+  return in.dtype == DType::kHalf ? gemv_typed<__half>(in) : gemv_typed<__nv_bfloat16>(in);
+}
+#endif
+
+}  // namespace mmi
+
+#endif  // MMI_FORWARD || MMI_BACKWARD || MMI_GEMV
+
 // ------------------------------------------------------------------------------------------------ host side
 
+#if MMI_HOST
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>
+
+namespace mmi {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "mmi kernels: float32, float64, float16 or bfloat16 only, got ", t.scalar_type());
+  }
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The checked, contiguous inputs (kept alive here) and the launch description pointing into them.
 struct Inputs {
   at::Tensor value, shapes, starts, loc, attn;
-  Geometry g;
-  int64_t B;
+  MsdaLaunch launch;
 };
 
 Inputs check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
@@ -881,117 +1190,21 @@ Inputs check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, c
   in.starts = level_start_index.to(value.device(), at::kLong).contiguous();
   in.loc = sampling_locations.contiguous();
   in.attn = attention_weights.contiguous();
-  in.g = Geometry{static_cast<int>(S), static_cast<int>(M), static_cast<int>(D), static_cast<int>(Q),
-                  static_cast<int>(L), static_cast<int>(P), B * Q * M};
-  in.B = B;
+  MsdaLaunch& l = in.launch;
+  l.dtype = dtype_of(value);
+  l.value = in.value.data_ptr();
+  l.shapes = in.shapes.data_ptr<int64_t>();
+  l.starts = in.starts.data_ptr<int64_t>();
+  l.loc = in.loc.data_ptr();
+  l.attn = in.attn.data_ptr();
+  l.g = Geometry{static_cast<int>(S), static_cast<int>(M), static_cast<int>(D), static_cast<int>(Q),
+                 static_cast<int>(L), static_cast<int>(P), B * Q * M};
+  l.B = B;
+  const int device = value.get_device();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l.max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  l.stream = c10::cuda::getCurrentCUDAStream();
   return in;
-}
-
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
-// Threads per group for the 16-byte path (D = G * vec, or whole warps of passes), 0 where D does not split so.
-int group_size(int D, int vec) {
-  if (D % vec != 0) return 0;
-  const int need = D / vec;
-  if (need == 4 || need == 8 || need == 16) return need;
-  return need % 32 == 0 ? 32 : 0;
-}
-
-template <typename T, int VEC, int G>
-void launch_forward(const Inputs& in, at::Tensor& out) {
-  using N = typename Native<T>::type;
-  const int64_t threads = in.g.n_groups * G;
-  const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
-  const size_t smem = 3 * sizeof(int) * in.g.L;
-  msda_forward_kernel<N, VEC, G><<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const N*>(in.value.data_ptr<T>()), in.shapes.data_ptr<int64_t>(),
-      in.starts.data_ptr<int64_t>(), reinterpret_cast<const N*>(in.loc.data_ptr<T>()),
-      reinterpret_cast<const N*>(in.attn.data_ptr<T>()), reinterpret_cast<N*>(out.data_ptr<T>()), in.g);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Groups fewer than one block per SM (decoding) take the split kernel when the head is one channel chunk.
-template <typename T, int VEC, int G>
-void launch_forward_split(const Inputs& in, at::Tensor& out) {
-  using N = typename Native<T>::type;
-  using A = typename Acc<N>::type;
-  const size_t smem = (3 * in.g.L + 2) * sizeof(int) + sizeof(A) * (kThreads / G) * in.g.D;
-  msda_forward_split_kernel<N, VEC, G><<<static_cast<int>(in.g.n_groups), kThreads, smem,
-                                         c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const N*>(in.value.data_ptr<T>()), in.shapes.data_ptr<int64_t>(),
-      in.starts.data_ptr<int64_t>(), reinterpret_cast<const N*>(in.loc.data_ptr<T>()),
-      reinterpret_cast<const N*>(in.attn.data_ptr<T>()), reinterpret_cast<N*>(out.data_ptr<T>()), in.g);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-bool few_groups(const Inputs& in, int G) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, in.value.get_device()));
-  return (in.g.n_groups * G + kThreads - 1) / kThreads < sms;
-}
-
-template <typename T, int VEC, int G>
-void launch_backward(const Inputs& in, const at::Tensor& grad_out, const at::Tensor& grad_value_acc, at::Tensor& grad_loc,
-                     at::Tensor& grad_attn) {
-  using N = typename Native<T>::type;
-  using A = typename Acc<N>::type;
-  const int64_t threads = in.g.n_groups * G;
-  const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
-  const size_t smem = 3 * sizeof(int) * in.g.L;
-  msda_backward_kernel<N, VEC, G><<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const N*>(in.value.data_ptr<T>()), in.shapes.data_ptr<int64_t>(),
-      in.starts.data_ptr<int64_t>(), reinterpret_cast<const N*>(in.loc.data_ptr<T>()),
-      reinterpret_cast<const N*>(in.attn.data_ptr<T>()), reinterpret_cast<const N*>(grad_out.data_ptr<T>()),
-      grad_value_acc.data_ptr<A>(), reinterpret_cast<N*>(grad_loc.data_ptr<T>()),
-      reinterpret_cast<N*>(grad_attn.data_ptr<T>()), in.g);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Dynamic shared memory a block may use on the inputs' device once the kernel opts in.
-int max_shared_bytes(const Inputs& in) {
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, in.value.get_device()));
-  return limit;
-}
-
-// Queries of one head per block (bin_queries), grid: every (b, m) times its query tiles.
-template <typename T, int VEC, int G>
-void launch_backward_binned(const Inputs& in, int block_queries, const at::Tensor& grad_out,
-                            const at::Tensor& grad_value_acc, at::Tensor& grad_loc, at::Tensor& grad_attn) {
-  using N = typename Native<T>::type;
-  const int64_t q_tiles = (in.g.Q + block_queries - 1) / block_queries;
-  const int blocks = static_cast<int>(in.B * in.g.M * q_tiles);
-  const size_t smem = bin_smem_bytes(block_queries, in.g.D, in.g.L);
-  // Above 48 KiB of dynamic shared memory a kernel must opt in (sm_90 allows 227 KiB). Always the device's limit,
-  // so that calls from several threads never lower it under one another's launch.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(msda_backward_binned_kernel<N, VEC, G>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, max_shared_bytes(in)));
-  msda_backward_binned_kernel<N, VEC, G><<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const N*>(in.value.data_ptr<T>()), in.shapes.data_ptr<int64_t>(),
-      in.starts.data_ptr<int64_t>(), reinterpret_cast<const N*>(in.loc.data_ptr<T>()),
-      reinterpret_cast<const N*>(in.attn.data_ptr<T>()), reinterpret_cast<const N*>(grad_out.data_ptr<T>()),
-      grad_value_acc.data_ptr<float>(), reinterpret_cast<N*>(grad_loc.data_ptr<T>()),
-      reinterpret_cast<N*>(grad_attn.data_ptr<T>()), in.g, block_queries);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The binned backward where it applies: float accumulation, one channel chunk per group, few enough points, and
-// its shared memory within the device's limit.
-bool can_bin(const Inputs& in, int G, int vec, int block_queries) {
-  return G * vec == in.g.D && block_queries > 0 &&
-         bin_smem_bytes(block_queries, in.g.D, in.g.L) <= static_cast<size_t>(max_shared_bytes(in));
-}
-
-// Picks the instantiation: 16 bytes per thread and corner when D and the pointers allow, else one channel per
-// thread over a warp-wide group (correct for any D, slower). float64 (gradcheck only) always takes the latter.
-template <typename T, typename Launch16, typename Launch1>
-void dispatch_width(int D, bool pointers_aligned, Launch16 launch16, Launch1 launch1) {
-  constexpr int vec = 16 / sizeof(T);
-  if (!std::is_same<T, double>::value && group_size(D, vec) != 0 && pointers_aligned) {
-    launch16(group_size(D, vec));
-  } else {
-    launch1();
-  }
 }
 
 at::Tensor msda_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -999,29 +1212,13 @@ at::Tensor msda_forward(const at::Tensor& value, const at::Tensor& spatial_shape
                         const at::Tensor& attention_weights, bool poison) {
   const c10::cuda::CUDAGuard guard(value.device());
   Inputs in = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  auto out = at::empty({in.B, in.g.Q, static_cast<int64_t>(in.g.M) * in.g.D}, in.value.options());
+  const Geometry& g = in.launch.g;
+  auto out = at::empty({in.launch.B, g.Q, static_cast<int64_t>(g.M) * g.D}, in.value.options());
   if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  if (in.g.n_groups == 0 || in.g.D == 0) return out;
-  if (in.g.L == 0 || in.g.P == 0) return out.zero_();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(), "msda_forward", [&] {
-    constexpr int vec = 16 / sizeof(scalar_t) < 1 ? 1 : 16 / sizeof(scalar_t);
-    dispatch_width<scalar_t>(
-        in.g.D, aligned16(in.value) && aligned16(out),
-        [&](int G) {
-          if constexpr (!std::is_same<scalar_t, double>::value) {
-            if (G * vec == in.g.D && few_groups(in, G)) {
-              if (G == 4) launch_forward_split<scalar_t, vec, 4>(in, out);
-              else if (G == 8) launch_forward_split<scalar_t, vec, 8>(in, out);
-              else if (G == 16) launch_forward_split<scalar_t, vec, 16>(in, out);
-              else launch_forward_split<scalar_t, vec, 32>(in, out);
-            } else if (G == 4) launch_forward<scalar_t, vec, 4>(in, out);
-            else if (G == 8) launch_forward<scalar_t, vec, 8>(in, out);
-            else if (G == 16) launch_forward<scalar_t, vec, 16>(in, out);
-            else launch_forward<scalar_t, vec, 32>(in, out);
-          }
-        },
-        [&] { launch_forward<scalar_t, 1, 32>(in, out); });
-  });
+  if (g.n_groups == 0 || g.D == 0) return out;
+  if (g.L == 0 || g.P == 0) return out.zero_();
+  in.launch.aligned = aligned16(in.value) && aligned16(out);
+  C10_CUDA_CHECK(msda_forward_launch(in.launch, out.data_ptr()));
   return out;
 }
 
@@ -1032,8 +1229,9 @@ std::vector<at::Tensor> msda_backward(const at::Tensor& value, const at::Tensor&
                                       bool poison) {
   const c10::cuda::CUDAGuard guard(value.device());
   Inputs in = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == in.B && grad_output.size(1) == in.g.Q &&
-                  grad_output.size(2) == static_cast<int64_t>(in.g.M) * in.g.D,
+  const Geometry& g = in.launch.g;
+  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == in.launch.B && grad_output.size(1) == g.Q &&
+                  grad_output.size(2) == static_cast<int64_t>(g.M) * g.D,
               "msda: grad_output must be [B, Q, M*D], got ", grad_output.sizes());
   const auto grad_out = grad_output.to(in.value.scalar_type()).contiguous();
   const auto dtype = in.value.scalar_type();
@@ -1044,78 +1242,20 @@ std::vector<at::Tensor> msda_backward(const at::Tensor& value, const at::Tensor&
     grad_loc.fill_(std::numeric_limits<double>::quiet_NaN());
     grad_attn.fill_(std::numeric_limits<double>::quiet_NaN());
   }
-  if (in.g.n_groups == 0 || in.g.L == 0 || in.g.P == 0 || in.g.D == 0) {
+  if (g.n_groups == 0 || g.L == 0 || g.P == 0 || g.D == 0) {
     grad_loc.zero_();
     grad_attn.zero_();
     return {at::zeros_like(in.value), grad_loc, grad_attn};
   }
   // float32 accumulation for the scattered value gradient (float64 for float64 inputs), cast at the end.
   auto grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "msda_backward", [&] {
-    constexpr int vec = 16 / sizeof(scalar_t) < 1 ? 1 : 16 / sizeof(scalar_t);
-    dispatch_width<scalar_t>(
-        in.g.D, aligned16(in.value) && aligned16(grad_out),
-        [&](int G) {
-          if constexpr (!std::is_same<scalar_t, double>::value) {
-            const int block_queries = bin_queries(in.g.P, G);
-            const bool binned = can_bin(in, G, vec, block_queries);
-            auto launch = [&](auto group_size) {
-              constexpr int kG = decltype(group_size)::value;
-              if (binned)
-                launch_backward_binned<scalar_t, vec, kG>(in, block_queries, grad_out, grad_value, grad_loc, grad_attn);
-              else
-                launch_backward<scalar_t, vec, kG>(in, grad_out, grad_value, grad_loc, grad_attn);
-            };
-            if (G == 4) launch(std::integral_constant<int, 4>{});
-            else if (G == 8) launch(std::integral_constant<int, 8>{});
-            else if (G == 16) launch(std::integral_constant<int, 16>{});
-            else launch(std::integral_constant<int, 32>{});
-          }
-        },
-        [&] { launch_backward<scalar_t, 1, 32>(in, grad_out, grad_value, grad_loc, grad_attn); });
-  });
+  in.launch.aligned = aligned16(in.value) && aligned16(grad_out);
+  const auto launch = dtype == at::kHalf       ? msda_backward_launch_half
+                      : dtype == at::kBFloat16 ? msda_backward_launch_bfloat16
+                                               : msda_backward_launch_float;
+  C10_CUDA_CHECK(launch(in.launch, grad_out.data_ptr(), grad_value.data_ptr(), grad_loc.data_ptr(),
+                        grad_attn.data_ptr()));
   return {grad_value.to(dtype), grad_loc, grad_attn};
-}
-
-template <typename T, int R, bool GLU>
-void launch_gemv(const GemvArgs<T>& args) {
-  const int rows = GLU ? kGemvRows / 2 : kGemvRows;
-  const dim3 grid((args.N + rows - 1) / rows, GLU ? 1 : args.n_mats);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (args.norm) gemv_kernel<T, R, GLU, true><<<grid, kGemvThreads, 0, stream>>>(args);
-  else gemv_kernel<T, R, GLU, false><<<grid, kGemvThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, int R>
-void launch_gemv(const GemvArgs<T>& args, bool glu) {
-  if (glu) launch_gemv<T, R, true>(args);
-  else launch_gemv<T, R, false>(args);
-}
-
-template <typename T>
-void run_gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
-              const std::vector<c10::optional<at::Tensor>>& biases, bool glu, const c10::optional<at::Tensor>& norm,
-              double eps, const c10::optional<at::Tensor>& residual, at::Tensor& y) {
-  GemvArgs<T> args{};
-  for (size_t i = 0; i < weights.size(); ++i) {
-    args.w[i] = reinterpret_cast<const T*>(weights[i].data_ptr());
-    args.bias[i] = biases[i].has_value() ? reinterpret_cast<const T*>(biases[i]->data_ptr()) : nullptr;
-  }
-  args.x = reinterpret_cast<const T*>(x.data_ptr());
-  args.norm = norm.has_value() ? reinterpret_cast<const T*>(norm->data_ptr()) : nullptr;
-  args.residual = residual.has_value() ? reinterpret_cast<const T*>(residual->data_ptr()) : nullptr;
-  args.y = reinterpret_cast<T*>(y.data_ptr());
-  args.eps = static_cast<float>(eps);
-  args.N = static_cast<int>(weights[0].size(0));
-  args.K = static_cast<int>(x.size(1));
-  args.n_mats = static_cast<int>(weights.size());
-  switch (x.size(0)) {
-    case 1: launch_gemv<T, 1>(args, glu); break;
-    case 2: launch_gemv<T, 2>(args, glu); break;
-    case 3: launch_gemv<T, 3>(args, glu); break;
-    default: launch_gemv<T, 4>(args, glu);
-  }
 }
 
 // x [R, K] (R <= 4) and matrices [N, K] of one 16-bit dtype -> [R, n_mats * N], or [R, N] with glu (two matrices).
@@ -1162,24 +1302,43 @@ at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                 res.sizes());
   }
   auto y = at::empty({x.size(0), glu ? N : n_mats * N}, x.options());
-  if (x.scalar_type() == at::kHalf) run_gemv<__half>(x, weights, biases, glu, norm, eps, residual, y);
-  else run_gemv<__nv_bfloat16>(x, weights, biases, glu, norm, eps, residual, y);
+  GemvLaunch launch{};
+  launch.dtype = dtype_of(x);
+  for (int64_t i = 0; i < n_mats; ++i) {
+    launch.w[i] = weights[i].data_ptr();
+    launch.bias[i] = biases[i].has_value() ? biases[i]->data_ptr() : nullptr;
+  }
+  launch.x = x.data_ptr();
+  launch.norm = norm.has_value() ? norm->data_ptr() : nullptr;
+  launch.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+  launch.y = y.data_ptr();
+  launch.R = static_cast<int>(x.size(0));
+  launch.N = static_cast<int>(N);
+  launch.K = static_cast<int>(K);
+  launch.n_mats = static_cast<int>(n_mats);
+  launch.glu = glu;
+  launch.eps = static_cast<float>(eps);
+  launch.stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(gemv_launch(launch));
   return y;
 }
 
 }  // namespace
+}  // namespace mmi
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &msda_forward, "multi-scale deformable attention, forward -> [B, Q, M*D]",
+  m.def("forward", &mmi::msda_forward, "multi-scale deformable attention, forward -> [B, Q, M*D]",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("poison") = false);
-  m.def("backward", &msda_backward,
+  m.def("backward", &mmi::msda_backward,
         "multi-scale deformable attention, backward -> (grad_value, grad_sampling_locations, grad_attention_weights)",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("grad_output"), py::arg("poison") = false);
-  m.def("gemv", &gemv,
+  m.def("gemv", &mmi::gemv,
         "x [R<=4, K] times each weight [N, K] (+ bias) -> [R, n*N]; glu: silu(gate)*up -> [R, N]; "
         "norm: RMSNorm of x first; residual: added to the output",
         py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("glu") = false, py::arg("norm") = py::none(),
         py::arg("eps") = 1e-6, py::arg("residual") = py::none());
 }
+
+#endif  // MMI_HOST

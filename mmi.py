@@ -570,6 +570,11 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
 
 
 _KERNELS_SOURCE = Path(__file__).with_name("kernels.cu")   # compiled on first CUDA use
+# kernels.cu's compile units (MMI_PART there): file name in the build folder -> (MMI_PART, seconds one core spends
+# compiling it with nvcc 13 for sm_90). The kernel parts include no torch header; ninja builds the units in parallel
+# and links one module.
+_KERNELS_UNITS = {"bindings.cpp": (0, 10), "forward.cu": (1, 5), "backward_float.cu": (2, 7),
+                  "backward_half.cu": (3, 9), "backward_bfloat16.cu": (4, 9), "gemv.cu": (5, 5)}
 
 
 def _kernels_build_dir():
@@ -594,6 +599,35 @@ def _kernels_unavailable_reason():
     return None
 
 
+def kernels_build_seconds(cores):
+    """About how long building kernels.cu takes on `cores` cores: its longest unit, or all of them shared out."""
+    seconds = [s for _, s in _KERNELS_UNITS.values()]
+    return math.ceil(max(max(seconds), sum(seconds) / max(cores, 1))) + 3   # + linking
+
+
+def build_kernels(build_directory, load=None):
+    """kernels.cu compiled into build_directory, or the build there reused when it is up to date; the module.
+    Before a build that is not cached, one line on stderr says it is coming. load: torch.utils.cpp_extension.load
+    (the default) or a stand-in taking its keywords."""
+    if load is None:
+        from torch.utils import cpp_extension
+
+        load = cpp_extension.load
+    build = Path(build_directory)
+    sources = []
+    for file, (part, _) in _KERNELS_UNITS.items():   # one file a unit, rewritten only when it changes
+        unit, text = build / file, f'#define MMI_PART {part}\n#include "{_KERNELS_SOURCE.resolve()}"\n'
+        if not unit.is_file() or unit.read_text() != text:
+            unit.write_text(text)
+        sources.append(str(unit))
+    module = build / "mmi_kernels.so"
+    if not module.is_file() or module.stat().st_mtime < _KERNELS_SOURCE.stat().st_mtime:
+        print(f"mmi: compiling kernels.cu (first use, about {kernels_build_seconds(os.cpu_count() or 1)} s)",
+              file=sys.stderr, flush=True)
+    return load(name="mmi_kernels", sources=sources, build_directory=str(build),
+                extra_cflags=["-O2"], extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
+
+
 @functools.lru_cache(maxsize=None)
 def load_kernels():
     """The compiled kernels.cu module, built on the first call; None where it cannot be had, with one warning that
@@ -601,15 +635,7 @@ def load_kernels():
     reason = _kernels_unavailable_reason()
     if reason is None:
         try:
-            from torch.utils import cpp_extension
-
-            return cpp_extension.load(
-                name="mmi_kernels",
-                sources=[str(_KERNELS_SOURCE)],
-                build_directory=_kernels_build_dir(),
-                extra_cuda_cflags=["-O3", "-std=c++17"],
-                verbose=False,
-            )
+            return build_kernels(_kernels_build_dir())
         except Exception as err:  # any build or load failure: fall back, and say why
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             reason = f"build of {_KERNELS_SOURCE.name} failed ({type(err).__name__}: {first_line})"

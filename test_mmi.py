@@ -725,6 +725,29 @@ def test_loader_build_failure_warns_with_reason(monkeypatch, tmp_path, fresh_ker
         assert fresh_kernel_loader() is None
 
 
+def test_kernel_build_announced_once_then_reused(tmp_path, capsys):
+    """build_kernels prints one stderr line before a build, none once the folder holds an up-to-date module; the
+    units it hands the compiler each include kernels.cu under a different MMI_PART."""
+    calls = []
+
+    def fake_load(name, sources, build_directory, **kwargs):  # what cpp_extension.load leaves: the linked module
+        calls.append(sources)
+        (tmp_path / f"{name}.so").write_bytes(b"")
+        return "module"
+
+    assert mmi.build_kernels(tmp_path, load=fake_load) == "module"
+    first = capsys.readouterr()
+    assert re.fullmatch(r"mmi: compiling kernels\.cu \(first use, about \d+ s\)\n", first.err) and first.out == ""
+    assert mmi.build_kernels(tmp_path, load=fake_load) == "module"
+    assert capsys.readouterr().err == ""
+    assert calls[0] == calls[1] and len(calls[0]) > 1
+    kernels = os.path.realpath(os.path.join(os.path.dirname(mmi.__file__), "kernels.cu"))
+    units = [open(source).read() for source in calls[0]]
+    assert all(f'#include "{kernels}"' in unit for unit in units)
+    parts = [re.search(r"#define MMI_PART (\d+)", unit).group(1) for unit in units]
+    assert len(set(parts)) == len(parts)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Vision: CLIP ViT-L/14 and the Q-Former resampler against transformers
 # ----------------------------------------------------------------------------------------------------------------
