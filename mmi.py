@@ -1318,15 +1318,21 @@ class KVCache(nn.Module):
         self.kv = self.kv.index_select(1, index)
 
 
+def additive_mask(attn_mask, dtype):
+    """A bool mask (True = may attend) as the original's LLaMA applies it at inference: 0 where True, the dtype's
+    minimum where False, added to the scores. A score plus that minimum rounds to the minimum, so a query that may
+    attend to no key (a left pad) attends uniformly to all keys. None (causal) and float masks pass through."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(
+        ~attn_mask, torch.finfo(dtype).min)
+
+
 def attention(q, k, v, attn_mask=None):
     """Queries (B, heads, L, D) over keys and values (B, heads, T, D) -> (B, L, heads * D). attn_mask None is
     causal (training: over the whole packed row, as the original's flash-attn), else bool (B, 1, L, T), True = may
-    attend, applied as the original's LLaMA applies its mask at inference: the dtype's minimum added where False
-    (a float mask is that sum's addend already). A score plus that minimum rounds to the minimum, so a query that
-    may attend to no key (a left pad) attends uniformly to all T keys."""
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~attn_mask, torch.finfo(q.dtype).min)
+    attend, or that mask made additive already (additive_mask)."""
+    attn_mask = additive_mask(attn_mask, q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
@@ -1418,6 +1424,7 @@ class LlamaModel(nn.Module):
         when cache_start is a tensor of cache slots (see KVCache.update). -> [B, L, d]"""
         cos, sin = rope_cos_sin(position_ids, self.cfg.hidden_size // self.cfg.num_attention_heads,
                                 self.cfg.rope_theta, inputs_embeds.dtype)
+        attn_mask = additive_mask(attn_mask, inputs_embeds.dtype)              # once, not in every layer
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             args = (h, cos, sin, vision_hidden_states, cross_attention_mask, attn_mask,
@@ -4094,7 +4101,7 @@ def merge_lora(model):
 # What the fast forms below were written for: a digest of the plain forms' source. An edited plain form changes
 # it, and then the fast path is not taken (fast=None) or refused (fast=True) until its form is brought in line,
 # checked by the tests, and this digest renewed, so that the fast path never computes something else.
-PLAIN_FORMS_DIGEST = "b783d8ecb6da6221"
+PLAIN_FORMS_DIGEST = "17902fdfba448cee"
 
 
 def _plain_forms_digest():
@@ -4343,11 +4350,10 @@ class FastDecoder(_Decoder):
     def prefill(self):
         logits = super().prefill()
         B, L = self.mask.shape
-        # (B, 1, 1, max_len): 0 on the slots to read, the dtype's minimum elsewhere (attention's additive form, made
-        # once here rather than in every layer of every step)
-        low = torch.finfo(self.embeds.dtype).min
-        attn = torch.full((B, 1, 1, self.max_len), low, dtype=self.embeds.dtype, device=self.mask.device)
-        attn[:, 0, 0, :L] = torch.where(self.mask.bool(), 0.0, low)
+        # (B, 1, 1, max_len): the slots to read, in additive form (made once here, not in every step)
+        attn = additive_mask(torch.zeros(B, 1, 1, self.max_len, dtype=torch.bool, device=self.mask.device),
+                             self.embeds.dtype)
+        attn[:, 0, 0, :L] = additive_mask(self.mask.bool(), self.embeds.dtype)
         self.buffers = {"token": self.mask.new_zeros(B),                         # (B,) the token fed
                         "pos": self.mask.sum(-1, keepdim=True),                  # (B, 1) its position
                         "attn": attn}
