@@ -160,9 +160,10 @@ def bench_kernel(args):
 
 @torch.no_grad()
 def bench_gemv(args):
-    """A decoding step's matmuls at the preset's sizes: kernels.cu's gemv, through mmi.linear as the model
-    calls it, against F.linear (cuBLAS), one bf16 row. Each is timed inside a CUDA graph of 24 calls, as decoding
-    replays them, cycling over 8 copies of the weights so that L2 never holds them; TB/s = weight bytes / time."""
+    """A decoding step's matmuls at the preset's sizes: kernels.cu's gemv on bf16, int8 and int4 weights (groups
+    of 128), through mmi.linear as the model calls it, against F.linear (cuBLAS) on bf16, one bf16 row. Each is
+    timed inside a CUDA graph of 24 calls, as decoding replays them, cycling over 8 copies of the weights so that L2
+    never holds them; TB/s = bytes of the weights (and scales) read / time."""
     import torch.nn.functional as F
 
     if not torch.cuda.is_available():
@@ -190,21 +191,27 @@ def bench_gemv(args):
         return cuda_time_ms(graph.replay, warmup=3, reps=20) / calls
 
     card = torch.cuda.get_device_name()
-    print(f"decoding matmuls, {args.preset}, {card}, bf16, 1 row, us per call (TB/s of weights)")
-    print(f"{'matmul':<16}{'N x K':>14}{'gemv':>18}{'F.linear':>18}{'x':>6}")
-    token = {"gemv": 0.0, "F.linear": 0.0}
+    print(f"decoding matmuls, {args.preset}, {card}, 1 bf16 row, us per call (TB/s of weights)")
+    columns = ("gemv bf16", "gemv int8", "gemv int4", "F.linear")
+    print(f"{'matmul':<16}{'N x K':>14}" + "".join(f"{k:>18}" for k in columns))
+    token = dict.fromkeys(columns, 0.0)
+    nbytes = lambda layers: sum(b.numel() * b.element_size() for l in layers for b in l.buffers() if b.dim() == 2) \
+        or sum(l.weight.numel() * 2 for l in layers)
     for name, N, K, n, bias, glu, per_token in cases:
         copies = [[torch.nn.Linear(K, N, bias=bias, device="cuda", dtype=dtype) for _ in range(n)] for _ in range(8)]
         x = torch.randn(1, K, device="cuda", dtype=dtype)
-        t = {"gemv": graphed_ms(ours, x, copies, glu), "F.linear": graphed_ms(cublas, x, copies, glu)}
-        tb = n * N * K * 2 / 1e9
-        for k in t:
+        t, tb = {}, {}
+        for k, bits in zip(columns, (None, 8, 4, None)):
+            layers = copies if bits is None else [[mmi.QuantizedLinear.from_linear(l, bits) for l in c] for c in copies]
+            t[k] = graphed_ms(cublas if k == "F.linear" else ours, x, layers, glu)
+            tb[k] = nbytes(layers[0]) / 1e9
             token[k] += per_token * t[k]
-        print(f"{name:<16}{f'{n} x {N} x {K}':>14}" + "".join(f"{1000 * t[k]:10.1f} ({tb / t[k]:4.2f})" for k in t)
-              + f"{t['F.linear'] / t['gemv']:6.2f}")
+            del layers
+        print(f"{name:<16}{f'{n} x {N} x {K}':>14}" + "".join(f"{1000 * t[k]:10.1f} ({tb[k] / t[k]:4.2f})"
+                                                              for k in columns))
         del copies
-    print(f"the LLM's matmuls for one token ({c.num_hidden_layers} layers + head): gemv {token['gemv']:.2f} ms, "
-          f"F.linear {token['F.linear']:.2f} ms")
+    print(f"the LLM's matmuls for one token ({c.num_hidden_layers} layers + head), ms: "
+          + ", ".join(f"{k} {token[k]:.2f}" for k in columns))
 
 
 

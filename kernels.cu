@@ -18,8 +18,8 @@
 //
 // Compile units: MMI_PART picks one part of the module, so that a build compiles the parts in parallel:
 // 0 the Python bindings (torch's headers, plain C++, no kernel), 1 the forward kernels, 2 3 4 the backward kernels
-// for float32 and float64, float16, bfloat16 inputs, 5 gemv; the kernel parts include no torch header (parsing
-// those is most of a single unit's compile time).
+// for float32 and float64, float16, bfloat16 inputs, 5 gemv on 16-bit weights, 6 gemv on int8 and int4 weights;
+// the kernel parts include no torch header (parsing those is most of a single unit's compile time).
 // Without MMI_PART the file is the whole module in one unit. The parts meet in the plain interface below.
 
 #ifdef MMI_PART
@@ -28,16 +28,19 @@
 #define MMI_BACKWARD_FLOAT (MMI_PART == 2)
 #define MMI_BACKWARD_HALF (MMI_PART == 3)
 #define MMI_BACKWARD_BFLOAT16 (MMI_PART == 4)
-#define MMI_GEMV (MMI_PART == 5)
+#define MMI_GEMV16 (MMI_PART == 5)
+#define MMI_GEMVQ (MMI_PART == 6)
 #else
 #define MMI_HOST 1
 #define MMI_FORWARD 1
 #define MMI_BACKWARD_FLOAT 1
 #define MMI_BACKWARD_HALF 1
 #define MMI_BACKWARD_BFLOAT16 1
-#define MMI_GEMV 1
+#define MMI_GEMV16 1
+#define MMI_GEMVQ 1
 #endif
 #define MMI_BACKWARD (MMI_BACKWARD_FLOAT || MMI_BACKWARD_HALF || MMI_BACKWARD_BFLOAT16)
+#define MMI_GEMV (MMI_GEMV16 || MMI_GEMVQ)
 
 #include <cuda_runtime_api.h>
 
@@ -76,10 +79,13 @@ struct MsdaLaunch {
 
 constexpr int kMaxMats = 3;
 
-// One gemv call (float16 or bfloat16): pointers as in GemvArgs below, R = rows of x.
+// One gemv call (x float16 or bfloat16): pointers as in GemvArgs below, R = rows of x. bits 16: the weights are
+// x's dtype; bits 8 or 4: quantized, with scales (see GemvArgs).
 struct GemvLaunch {
   DType dtype;
+  int bits, group_size;
   const void* w[kMaxMats];
+  const void* scales[kMaxMats];
   const void* bias[kMaxMats];
   const void* x;
   const void* norm;
@@ -100,7 +106,8 @@ cudaError_t msda_backward_launch_half(const MsdaLaunch& in, const void* grad_out
                                       void* grad_loc, void* grad_attn);
 cudaError_t msda_backward_launch_bfloat16(const MsdaLaunch& in, const void* grad_out, void* grad_value_acc,
                                           void* grad_loc, void* grad_attn);
-cudaError_t gemv_launch(const GemvLaunch& in);
+cudaError_t gemv_launch(const GemvLaunch& in);   // bits 16
+cudaError_t gemvq_launch(const GemvLaunch& in);  // bits 8 or 4
 
 }  // namespace mmi
 
@@ -778,18 +785,23 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_binned_kernel(
 // A pre-norm block's RMSNorm and residual add fold in: with a norm weight g, W (g * x) / rms(x) is summed as
 // W (g * x) while each block also sums x^2 (it reads all of x anyway), then scaled; a residual is added last.
 // So a decoding step needs no separate add + norm kernel between its matmuls.
+// Quantized weights (BITS 8 or 4) are read the same way, 16 bytes a load (16 or 32 inputs), and turned into floats
+// in registers: y = sum over groups of scale * (sum of q * x), exact products q * scale, never rounded to T.
 constexpr int kGemvThreads = 256;
 constexpr int kGemvRows = 4;
 
 template <typename T>
 struct GemvArgs {
-  const T* w[kMaxMats];
+  const void* w[kMaxMats];  // [N, K] of T (BITS 16); int8 [N, K] (BITS 8); [N, K / 2] bytes of two int4 (BITS 4):
+                            // input 2j in byte j's low nibble, 2j + 1 in its high nibble, each stored as q + 8
+  const T* scales[kMaxMats];  // quantized: [N, K / group_size], weight[n, k] = q[n, k] * scales[n, k / group_size]
   const T* bias[kMaxMats];  // nullptr: none
   const T* x;
   const T* norm;      // RMSNorm weight [K]: x's rows are normalised first (nullptr: not)
   const T* residual;  // [R, N] added to the output (nullptr: none); one matrix or glu
   T* y;
   int N, K, n_mats;
+  int group_size;     // quantized: inputs per scale, a multiple of the inputs a load holds (the whole row for int8)
   float eps;          // the RMSNorm's
 };
 
@@ -824,6 +836,31 @@ __device__ __forceinline__ void dot8(const uint4& w, const float (&x)[R][8], flo
   }
 }
 
+// The 8 quantized inputs c * 8 .. c * 8 + 7 of a 16-byte load w, dotted with x's R rows into acc. An int8 or a
+// 4-bit value n becomes a float without a conversion instruction: the bits 0x4B000000 | n are the float 2^23 + n.
+template <int BITS, int R>
+__device__ __forceinline__ void dotq8(const uint4& w, int c, const float (&x)[R][8], float (&acc)[R]) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(&w);
+  float q[8];
+  if constexpr (BITS == 8) {  // two words of four int8; q + 128 is their bytes with the top bit flipped
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t biased = u[2 * c + h] ^ 0x80808080u;
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        q[4 * h + b] = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540 | b)) - 8388736.f;  // 2^23 + 128
+    }
+  } else {  // one word of eight nibbles, input i at bits 4i, each q + 8
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] = __uint_as_float(((u[c] >> (4 * i)) & 0xFu) | 0x4B000000u) - 8388616.f;
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[r] += q[i] * x[r][i];
+  }
+}
+
 // Sums each v[i] over the block; every thread gets the totals. red: V * kGemvThreads / 32 floats of shared memory.
 template <int V>
 __device__ __forceinline__ void block_sum(float (&v)[V], float* red) {
@@ -845,39 +882,68 @@ __device__ __forceinline__ void block_sum(float (&v)[V], float* red) {
   }
 }
 
-template <typename T, int R, bool GLU, bool NORM>
+template <typename T, int R, bool GLU, bool NORM, int BITS>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
   constexpr int MATS = GLU ? 2 : 1;  // matrices read per block
   constexpr int ROWS = kGemvRows / MATS;
   constexpr int OUTS = MATS * ROWS * R;        // dot products per thread
   constexpr int SUMS = OUTS + (NORM ? R : 0);  // and each row's sum of squares
+  constexpr int KI = 128 / BITS;               // inputs a 16-byte weight load holds
   __shared__ float red[kGemvThreads / 32 * SUMS];
   const int mat = GLU ? 0 : blockIdx.y;
   // selects rather than a.w[mat]: a dynamic index into the parameter struct would copy it to local memory
-  const T* first = mat == 0 ? a.w[0] : mat == 1 ? a.w[1] : a.w[2];
+  const void* first = mat == 0 ? a.w[0] : mat == 1 ? a.w[1] : a.w[2];
+  const T* first_scales = mat == 0 ? a.scales[0] : mat == 1 ? a.scales[1] : a.scales[2];
   const T* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
   const int n0 = blockIdx.x * ROWS;
-  const T* w[MATS][ROWS];
+  const int groups = BITS == 16 ? 0 : a.K / a.group_size;  // scales per row
+  const char* w[MATS][ROWS];
+  const T* scales[MATS][ROWS];
 #pragma unroll
   for (int j = 0; j < MATS; ++j)
 #pragma unroll
-    for (int i = 0; i < ROWS; ++i)  // rows past N reread row N-1 and are not written
-      w[j][i] = (j == 0 ? first : a.w[1]) + static_cast<int64_t>(min(n0 + i, a.N - 1)) * a.K;
+    for (int i = 0; i < ROWS; ++i) {  // rows past N reread row N-1 and are not written
+      const int64_t n = min(n0 + i, a.N - 1);
+      w[j][i] = static_cast<const char*>(j == 0 ? first : a.w[1]) + n * a.K * BITS / 8;
+      scales[j][i] = (j == 0 ? first_scales : a.scales[1]) + n * groups;
+    }
 
   float acc[OUTS] = {}, ss[R] = {};
-  for (int k = threadIdx.x * 8; k < a.K; k += kGemvThreads * 8) {
+  for (int k = threadIdx.x * KI; k < a.K; k += kGemvThreads * KI) {
     uint4 wv[MATS][ROWS];
 #pragma unroll
     for (int j = 0; j < MATS; ++j)
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i) wv[j][i] = __ldcs(reinterpret_cast<const uint4*>(w[j][i] + k));
-    float xf[R][8];
-    load_x8<T, R, NORM>(a, k, xf, ss);
+      for (int i = 0; i < ROWS; ++i) wv[j][i] = __ldcs(reinterpret_cast<const uint4*>(w[j][i] + k * BITS / 8));
+    if constexpr (BITS == 16) {
+      float xf[R][8];
+      load_x8<T, R, NORM>(a, k, xf, ss);
 #pragma unroll
-    for (int j = 0; j < MATS; ++j)
+      for (int j = 0; j < MATS; ++j)
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i)
-        dot8<T, R>(wv[j][i], xf, reinterpret_cast<float(&)[R]>(acc[(j * ROWS + i) * R]));
+        for (int i = 0; i < ROWS; ++i)
+          dot8<T, R>(wv[j][i], xf, reinterpret_cast<float(&)[R]>(acc[(j * ROWS + i) * R]));
+    } else {
+      float part[OUTS] = {};  // this load's sums of q * x; its KI inputs lie in one scale group
+#pragma unroll
+      for (int c = 0; c < KI / 8; ++c) {
+        float xf[R][8];
+        load_x8<T, R, NORM>(a, k + 8 * c, xf, ss);
+#pragma unroll
+        for (int j = 0; j < MATS; ++j)
+#pragma unroll
+          for (int i = 0; i < ROWS; ++i)
+            dotq8<BITS, R>(wv[j][i], c, xf, reinterpret_cast<float(&)[R]>(part[(j * ROWS + i) * R]));
+      }
+#pragma unroll
+      for (int j = 0; j < MATS; ++j)
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+          const float scale = to_acc(scales[j][i][k / a.group_size]);
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[(j * ROWS + i) * R + r] += scale * part[(j * ROWS + i) * R + r];
+        }
+    }
   }
   float sums[SUMS];  // the dot products, then (NORM) each row's sum of squares
 #pragma unroll
@@ -1040,22 +1106,24 @@ cudaError_t backward_typed(const MsdaLaunch& in, const void* grad_out, void* gra
 #endif  // MMI_BACKWARD
 
 #if MMI_GEMV
-template <typename T, int R, bool GLU>
+template <typename T, int R, bool GLU, int BITS>
 cudaError_t launch_gemv(const GemvArgs<T>& args, cudaStream_t stream) {
   const int rows = GLU ? kGemvRows / 2 : kGemvRows;
   const dim3 grid((args.N + rows - 1) / rows, GLU ? 1 : args.n_mats);
-  if (args.norm) gemv_kernel<T, R, GLU, true><<<grid, kGemvThreads, 0, stream>>>(args);
-  else gemv_kernel<T, R, GLU, false><<<grid, kGemvThreads, 0, stream>>>(args);
+  if (args.norm) gemv_kernel<T, R, GLU, true, BITS><<<grid, kGemvThreads, 0, stream>>>(args);
+  else gemv_kernel<T, R, GLU, false, BITS><<<grid, kGemvThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, int BITS>
 cudaError_t gemv_typed(const GemvLaunch& in) {
   GemvArgs<T> args{};
   for (int i = 0; i < in.n_mats; ++i) {
-    args.w[i] = static_cast<const T*>(in.w[i]);
+    args.w[i] = in.w[i];
+    args.scales[i] = static_cast<const T*>(in.scales[i]);
     args.bias[i] = static_cast<const T*>(in.bias[i]);
   }
+  args.group_size = in.group_size;
   args.x = static_cast<const T*>(in.x);
   args.norm = static_cast<const T*>(in.norm);
   args.residual = static_cast<const T*>(in.residual);
@@ -1066,7 +1134,7 @@ cudaError_t gemv_typed(const GemvLaunch& in) {
   args.n_mats = in.n_mats;
   auto launch = [&](auto rows) {
     constexpr int R = decltype(rows)::value;
-    return in.glu ? launch_gemv<T, R, true>(args, in.stream) : launch_gemv<T, R, false>(args, in.stream);
+    return in.glu ? launch_gemv<T, R, true, BITS>(args, in.stream) : launch_gemv<T, R, false, BITS>(args, in.stream);
   };
   switch (in.R) {
     case 1: return launch(std::integral_constant<int, 1>{});
@@ -1112,9 +1180,17 @@ cudaError_t msda_backward_launch_bfloat16(const MsdaLaunch& in, const void* grad
 }
 #endif
 
-#if MMI_GEMV
+#if MMI_GEMV16
 cudaError_t gemv_launch(const GemvLaunch& in) {
-  return in.dtype == DType::kHalf ? gemv_typed<__half>(in) : gemv_typed<__nv_bfloat16>(in);
+  return in.dtype == DType::kHalf ? gemv_typed<__half, 16>(in) : gemv_typed<__nv_bfloat16, 16>(in);
+}
+#endif
+
+#if MMI_GEMVQ
+cudaError_t gemvq_launch(const GemvLaunch& in) {
+  if (in.bits == 8)
+    return in.dtype == DType::kHalf ? gemv_typed<__half, 8>(in) : gemv_typed<__nv_bfloat16, 8>(in);
+  return in.dtype == DType::kHalf ? gemv_typed<__half, 4>(in) : gemv_typed<__nv_bfloat16, 4>(in);
 }
 #endif
 
@@ -1260,9 +1336,12 @@ std::vector<at::Tensor> msda_backward(const at::Tensor& value, const at::Tensor&
 
 // x [R, K] (R <= 4) and matrices [N, K] of one 16-bit dtype -> [R, n_mats * N], or [R, N] with glu (two matrices).
 // norm [K]: x's rows through RMSNorm(weight norm, eps) first; residual [R, N]: added to the one output.
+// Quantized matrices (one scales tensor each, of x's dtype): int8 [N, K] with scales [N, 1] (group_size K), or
+// uint8 [N, K / 2] holding two int4 a byte with scales [N, K / group_size], group_size a multiple of 32.
 at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                 const std::vector<c10::optional<at::Tensor>>& biases, bool glu,
-                const c10::optional<at::Tensor>& norm, double eps, const c10::optional<at::Tensor>& residual) {
+                const c10::optional<at::Tensor>& norm, double eps, const c10::optional<at::Tensor>& residual,
+                const std::vector<at::Tensor>& scales, int64_t group_size) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n_mats = static_cast<int64_t>(weights.size());
   TORCH_CHECK(n_mats >= 1 && n_mats <= kMaxMats && (!glu || n_mats == 2),
@@ -1271,16 +1350,30 @@ at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4 && x.is_contiguous() && aligned16(x),
               "gemv: x must be a contiguous, 16-byte aligned CUDA [R <= 4, K] tensor, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "gemv: bfloat16 or float16 only");
+  const auto wtype = weights[0].scalar_type();
+  const int bits = wtype == at::kChar ? 8 : wtype == at::kByte ? 4 : 16;
   const int64_t K = x.size(1), N = weights[0].size(0);
-  TORCH_CHECK(K % 8 == 0, "gemv: K must be a multiple of 8, got ", K);
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == (bits == 16 ? 0 : n_mats),
+              "gemv: one scales tensor per quantized matrix, none for ", x.scalar_type(), " ones");
+  TORCH_CHECK(K % (128 / bits) == 0, "gemv: K must be a multiple of ", 128 / bits, ", got ", K);
+  if (bits == 8) TORCH_CHECK(group_size == K, "gemv: int8 weights have one scale per row (group_size ", K, ")");
+  if (bits == 4) TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
+                             "gemv: int4 group_size must be a multiple of 32 dividing K = ", K, ", got ", group_size);
   TORCH_CHECK(N >= 1 && N * n_mats < std::numeric_limits<int>::max() && K < std::numeric_limits<int>::max(),
               "gemv: sizes out of range");
+  const int64_t row_items = bits == 4 ? K / 2 : K;
   for (int64_t i = 0; i < n_mats; ++i) {
     const auto& w = weights[i];
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous() && aligned16(w) &&
-                    w.scalar_type() == x.scalar_type() && w.device() == x.device(),
-                "gemv: matrix ", i, " must be a contiguous, aligned [", N, ", ", K, "] of x's dtype and device, got ",
-                w.sizes());
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == row_items && w.is_contiguous() && aligned16(w) &&
+                    w.scalar_type() == (bits == 16 ? x.scalar_type() : wtype) && w.device() == x.device(),
+                "gemv: matrix ", i, " must be a contiguous, aligned [", N, ", ", row_items, "] of ",
+                bits == 16 ? x.scalar_type() : wtype, " on x's device, got ", w.sizes(), " ", w.scalar_type());
+    if (bits != 16) {
+      const auto& sc = scales[i];
+      TORCH_CHECK(sc.dim() == 2 && sc.size(0) == N && sc.size(1) == K / group_size && sc.is_contiguous() &&
+                      sc.scalar_type() == x.scalar_type() && sc.device() == x.device(),
+                  "gemv: scales ", i, " must be a contiguous [", N, ", ", K / group_size, "] of x's dtype and device");
+    }
     if (biases[i].has_value()) {
       const auto& b = *biases[i];
       TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.scalar_type() == x.scalar_type() &&
@@ -1304,8 +1397,11 @@ at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
   auto y = at::empty({x.size(0), glu ? N : n_mats * N}, x.options());
   GemvLaunch launch{};
   launch.dtype = dtype_of(x);
+  launch.bits = bits;
+  launch.group_size = static_cast<int>(bits == 16 ? 0 : group_size);
   for (int64_t i = 0; i < n_mats; ++i) {
     launch.w[i] = weights[i].data_ptr();
+    launch.scales[i] = bits == 16 ? nullptr : scales[i].data_ptr();
     launch.bias[i] = biases[i].has_value() ? biases[i]->data_ptr() : nullptr;
   }
   launch.x = x.data_ptr();
@@ -1319,7 +1415,7 @@ at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
   launch.glu = glu;
   launch.eps = static_cast<float>(eps);
   launch.stream = c10::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(gemv_launch(launch));
+  C10_CUDA_CHECK(bits == 16 ? gemv_launch(launch) : gemvq_launch(launch));
   return y;
 }
 
@@ -1336,9 +1432,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("attention_weights"), py::arg("grad_output"), py::arg("poison") = false);
   m.def("gemv", &mmi::gemv,
         "x [R<=4, K] times each weight [N, K] (+ bias) -> [R, n*N]; glu: silu(gate)*up -> [R, N]; "
-        "norm: RMSNorm of x first; residual: added to the output",
+        "norm: RMSNorm of x first; residual: added to the output; scales, group_size: of int8 or int4 weights",
         py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("glu") = false, py::arg("norm") = py::none(),
-        py::arg("eps") = 1e-6, py::arg("residual") = py::none());
+        py::arg("eps") = 1e-6, py::arg("residual") = py::none(), py::arg("scales") = std::vector<at::Tensor>{},
+        py::arg("group_size") = 0);
 }
 
 #endif  // MMI_HOST

@@ -574,7 +574,8 @@ _KERNELS_SOURCE = Path(__file__).with_name("kernels.cu")   # compiled on first C
 # compiling it with nvcc 13 for sm_90). The kernel parts include no torch header; ninja builds the units in parallel
 # and links one module.
 _KERNELS_UNITS = {"bindings.cpp": (0, 10), "forward.cu": (1, 5), "backward_float.cu": (2, 7),
-                  "backward_half.cu": (3, 9), "backward_bfloat16.cu": (4, 9), "gemv.cu": (5, 5)}
+                  "backward_half.cu": (3, 9), "backward_bfloat16.cu": (4, 9), "gemv.cu": (5, 6),
+                  "gemv_quantized.cu": (6, 13)}
 
 
 def _kernels_build_dir():
@@ -4141,14 +4142,18 @@ def use_fast(fast, device):
 
 @torch.library.custom_op("mmi::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]], glu: bool,
-         norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor]) -> torch.Tensor:
+         norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor],
+         scales: list[torch.Tensor], group_size: int) -> torch.Tensor:
     """kernels.cu's gemv, which reads 16 bytes at a time: x is copied to a fresh buffer if it does not start on a
     16-byte boundary, and weights that do not (views into a larger buffer, as FSDP's gathered weights, may not) go
     through F.linear. Checked here, when the op runs: torch.compile cannot read an intermediate tensor's storage
-    offset while it traces (it would split the compiled graph at every linear)."""
+    offset while it traces (it would split the compiled graph at every linear). With scales (else []), the weights
+    are QuantizedLinear's qweight (int8 or packed int4) and these its scales and group_size."""
     if all(w.data_ptr() % 16 == 0 for w in (*weights, *([] if norm is None else [norm]))):
         return load_kernels().gemv(x if x.data_ptr() % 16 == 0 else x.clone(), weights, biases, glu, norm, eps,
-                                   residual)
+                                   residual, scales, group_size)
+    if scales:
+        weights = [dequantize_weight(q, s, group_size)[:, :x.shape[-1]] for q, s in zip(weights, scales)]
     if norm is not None:
         x = rms_norm(x, norm, eps)
     ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]
@@ -4157,23 +4162,42 @@ def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[tor
 
 
 @gemv.register_fake
-def _(x, weights, biases, glu, norm, eps, residual):
+def _(x, weights, biases, glu, norm, eps, residual, scales, group_size):
     N = weights[0].shape[0]
     return x.new_empty(x.shape[0], N if glu else N * len(weights))
 
 
+def _gemv_weights(layers, x):
+    """(weights, scales, group_size) as the gemv operator reads them, or None where it cannot: nn.Linear layers
+    with weights of x's dtype, or QuantizedLinear layers of one format with scales of x's dtype and no padded
+    inputs, whose loads of 16 or 32 inputs each lie in one scale group."""
+    if all(isinstance(l, nn.Linear) for l in layers):
+        weights = [l.weight for l in layers]
+        return (weights, [], 0) if all(w.dtype == x.dtype for w in weights) else None
+    first, K = layers[0], x.shape[-1]
+    if not all(isinstance(l, QuantizedLinear) and (l.bits, l.group_size) == (first.bits, first.group_size)
+               for l in layers):
+        return None
+    if first.in_features != K or K % first.group_size or first.group_size % (128 // first.bits) \
+            or any(l.scales.dtype != x.dtype or not l.scales.is_contiguous() for l in layers):
+        return None
+    return [l.qweight for l in layers], [l.scales for l in layers], first.group_size
+
+
 def _gemv_fits(x, layers, norm):
     """Whether x goes through these layers by the gemv operator: a decoding step's few rows (<= 4) in 16-bit on
-    CUDA, outside autograd, weights (and norm weight) of x's dtype, one output size, at most three layers. Only
-    nn.Linear layers: any other (a QuantizedLinear) runs its own forward."""
-    if not all(isinstance(layer, nn.Linear) for layer in layers):
+    CUDA, outside autograd, weights the operator reads (_gemv_weights) and a norm weight of x's dtype, one output
+    size, at most three layers."""
+    read = _gemv_weights(layers, x)
+    if read is None:
         return False
-    weights = [layer.weight for layer in layers] + ([] if norm is None else [norm.weight])
+    weights = read[0] + ([] if norm is None else [norm.weight])
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < x.numel() <= 4 * x.shape[-1]
             and x.shape[-1] % 8 == 0 and len(layers) <= 3 and (norm is None or isinstance(norm, RMSNorm))
-            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
-            and all(w.dtype == x.dtype and w.is_contiguous() for w in weights)
-            and all(layer.weight.shape == layers[0].weight.shape for layer in layers)
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for l in layers
+                                                                        for p in l.parameters())))
+            and (norm is None or norm.weight.dtype == x.dtype)
+            and all(w.is_contiguous() and w.shape == weights[0].shape for w in read[0])
             and kernels_used(x.device))
 
 
@@ -4187,9 +4211,10 @@ def linear(x, *layers, glu=False, norm=None, residual=None):
     if residual is not None and len(layers) > 1 and not glu:
         raise ValueError(f"linear: a residual needs one output, got {len(layers)} layers without glu")
     if _gemv_fits(x, layers, norm):
+        weights, scales, group_size = _gemv_weights(layers, x)
         res = None if residual is None else residual.reshape(-1, residual.shape[-1]).contiguous()
-        y = gemv(x.reshape(-1, x.shape[-1]).contiguous(), [l.weight for l in layers], [l.bias for l in layers],
-                 glu, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, res)
+        y = gemv(x.reshape(-1, x.shape[-1]).contiguous(), weights, [l.bias for l in layers], glu,
+                 None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, res, scales, group_size)
         y = y.view(*x.shape[:-1], -1)                                            # (..., n_layers * N) or (..., N)
         return y if glu or len(layers) == 1 else y.chunk(len(layers), dim=-1)
     if norm is not None:
@@ -4489,6 +4514,14 @@ def unpack_int4(packed):
     return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).to(torch.int8) - 8
 
 
+def dequantize_weight(qweight, scales, group_size):
+    """QuantizedLinear's qweight (int8, or uint8 of packed int4) and scales -> the weight (out, in') in the scales'
+    dtype, each q * scale rounded once."""
+    q = unpack_int4(qweight) if qweight.dtype == torch.uint8 else qweight      # (out, in') int8
+    w = q.view(q.shape[0], -1, group_size).to(scales.dtype) * scales[..., None]
+    return w.view(q.shape[0], -1)
+
+
 class QuantizedLinear(nn.Module):
     """An nn.Linear whose weight is kept quantized and dequantized at each call: F.linear(x, dequantize(), bias),
     the reference a quantized matmul kernel must equal. Buffers (the layout such a kernel reads):
@@ -4524,9 +4557,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self):
         """The weight (out, in): each q * scale rounded once to the scales' dtype."""
-        q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight        # (out, in') int8
-        w = q.view(self.out_features, -1, self.group_size).to(self.scales.dtype) * self.scales[..., None]
-        return w.view(self.out_features, -1)[:, :self.in_features]
+        return dequantize_weight(self.qweight, self.scales, self.group_size)[:, :self.in_features]
 
     def forward(self, x):
         return F.linear(x, self.dequantize(), self.bias)
@@ -4545,8 +4576,9 @@ def quantize_layer(model, name, bits, group_size=128):
 
 def quantize(model, bits=8, group_size=128):
     """Weight-only quantization in place of the layers quantize_targets names, one layer at a time (never a
-    full-precision copy of them all): bits 8 per output channel, bits 4 in groups of group_size inputs. The
-    plain and fast paths both run the layers' forward (the gemv takes only nn.Linear). -> model"""
+    full-precision copy of them all): bits 8 per output channel, bits 4 in groups of group_size inputs. The plain
+    path runs the layers' forward (dequantize, then matmul); a decoding step's gemv reads the quantized weights.
+    -> model"""
     for name in quantize_targets(model):
         quantize_layer(model, name, bits, group_size)
     return model

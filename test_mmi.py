@@ -560,6 +560,62 @@ def test_gemv_matches_float64(dtype, R, N, K, n_layers, bias, glu, norm, residua
     assert rel_err(got, expected) < unit_roundoff
 
 
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 128), (4, 32)])
+@pytest.mark.parametrize("R,N,K,n_layers,bias,glu,norm,residual", [
+    (1, 5120, 5120, 3, False, False, False, False), (4, 37, 256, 1, True, False, False, False),
+    (2, 1000, 2048, 2, False, True, False, False), (1, 13, 128, 2, True, True, True, False),
+    (4, 1000, 2048, 2, True, True, True, True), (3, 300, 384, 1, True, False, True, True)])
+def test_quantized_gemv_matches_float64(dtype, bits, group_size, R, N, K, n_layers, bias, glu, norm, residual):
+    """The gemv on int8 (one scale per row) and int4 (one scale per group) weights against float64 of x times
+    q * scale, the stored scales taken exactly: within the dtype's unit roundoff, as on 16-bit weights."""
+    kernel = mmi.load_kernels()
+    assert kernel is not None
+    g = torch.Generator(device="cuda").manual_seed(N + K + bits)
+    x = (torch.randn(R, K, device="cuda", generator=g) * torch.tensor([[0.3], [2.0], [1.0], [7.0]], device="cuda")[:R]
+         ).to(dtype)
+    layers = [mmi.QuantizedLinear.from_linear(torch.nn.Linear(K, N, bias=bias).to("cuda", dtype), bits,
+                                              group_size or 128) for _ in range(n_layers)]
+    bs = [layer.bias.detach() if bias else None for layer in layers]
+    gain = (1 + torch.randn(K, device="cuda", generator=g) / 4).to(dtype) if norm else None
+    res = torch.randn(R, N, device="cuda", generator=g).to(dtype) if residual else None
+    x64 = x.double()
+    if norm:
+        x64 = gain.double() * x64 / (x64.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    exact = [mmi.dequantize_weight(l.qweight, l.scales.double(), l.group_size) for l in layers]   # q * s in float64
+    outs = [F.linear(x64, w, None if b is None else b.double()) for w, b in zip(exact, bs)]
+    expected = F.silu(outs[0]) * outs[1] if glu else torch.cat(outs, dim=-1)
+    if residual:
+        expected = expected + res.double()
+    got = kernel.gemv(x, [l.qweight for l in layers], bs, glu, gain, 1e-5, res, [l.scales for l in layers],
+                      layers[0].group_size)
+    unit_roundoff = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert rel_err(got, expected) < unit_roundoff
+
+
+def test_gemv_reads_quantized_layers_whose_groups_fit_its_loads():
+    """The gemv reads nn.Linear weights of x's dtype, or QuantizedLinear layers of one format with scales of x's
+    dtype, no padded inputs, and groups holding whole 16-byte loads (16 int8 or 32 int4 inputs)."""
+    x = torch.zeros(1, 128, dtype=torch.bfloat16)
+    linear = lambda k=128: torch.nn.Linear(k, 64).to(torch.bfloat16)
+    q = lambda bits, g=128, k=128: mmi.QuantizedLinear.from_linear(linear(k), bits, g)
+    int4 = q(4)
+    weights, scales, group = mmi._gemv_weights([int4, q(4)], x)
+    assert weights[0] is int4.qweight and scales[0] is int4.scales and group == 128
+    assert mmi._gemv_weights([q(8)], x)[2] == 128                             # int8: the whole row is one group
+    assert mmi._gemv_weights([linear()], x)[1:] == ([], 0)
+    assert mmi._gemv_weights([q(4, 32)], x)[2] == 32
+    for layers, xx in [([q(4, 16)], x),                                       # a 32-input load spans two groups
+                       ([q(4, 128, 96)], x[:, :96]),                          # 96 inputs padded to 128
+                       ([q(4), q(8)], x),                                     # two formats
+                       ([q(4), linear()], x),
+                       ([q(4)], x.float()),                                   # scales of another dtype
+                       ([linear()], x.half())]:
+        assert mmi._gemv_weights(layers, xx) is None
+
+
 def test_linear_on_cpu_calls_the_layers():
     """Off the GEMV path mmi.linear is the layers themselves (hooks run), and glu is silu(gate(x)) * up(x)."""
     torch.manual_seed(0)
@@ -3193,16 +3249,19 @@ def test_compiled_decoding_step_equals_the_eager_step():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_gemv_decoding_is_as_accurate_as_the_layers(monkeypatch):
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_bf16_gemv_decoding_is_as_accurate_as_the_layers(bits, monkeypatch):
     """In bf16 on CUDA a decoding step's matmuls go through kernels.cu's gemv, with the LLaMA blocks' and MMFS's
-    RMSNorms and the residual adds folded in. Against a float32 recomputation of the whole sequence, its logits are
-    no further off than a bf16 recomputation through the layers themselves (many rows: no norm folded into a gemv)."""
+    RMSNorms and the residual adds folded in, on 16-bit or quantized weights (int4 in groups of 32, the tiny width
+    being 64). Against a float32 recomputation of the whole sequence, its logits are no further off than a bf16
+    recomputation through the layers themselves (many rows: no norm folded into a gemv)."""
     if not mmi.kernels_used("cuda"):
         pytest.skip("kernels.cu is not available")
     normed = []
     real = mmi.gemv
     monkeypatch.setattr(mmi, "gemv", lambda *a: normed.append(a[4] is not None) or real(*a))
-    model = tiny_model(seed=9).cuda().eval()
+    model = tiny_model(seed=9)
+    model = (model if bits is None else mmi.quantize(model, bits, group_size=32)).cuda().eval()
     batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
     forced = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]], device="cuda")
