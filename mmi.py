@@ -707,7 +707,8 @@ def _check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locati
     if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
         raise ValueError(f"ms_deform_attn: value, sampling_locations, attention_weights have dtypes {value.dtype}, "
                          f"{sampling_locations.dtype}, {attention_weights.dtype}; expected one dtype")
-    if spatial_shapes.device.type == "cpu":  # checking device-side shapes would cost a sync on every call
+    # checking device-side shapes would cost a sync on every call; a compiled graph may hold S symbolically
+    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
         sizes = spatial_shapes.prod(1)
         if int(sizes.sum()) != S:
             raise ValueError(f"ms_deform_attn: spatial_shapes cover {int(sizes.sum())} pixels, value has S={S}")
