@@ -4192,13 +4192,13 @@ def _gemv_fits(x, layers, norm):
     read = _gemv_weights(layers, x)
     if read is None:
         return False
-    weights = read[0] + ([] if norm is None else [norm.weight])
+    weights = read[0]
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < x.numel() <= 4 * x.shape[-1]
             and x.shape[-1] % 8 == 0 and len(layers) <= 3 and (norm is None or isinstance(norm, RMSNorm))
             and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for l in layers
                                                                         for p in l.parameters())))
-            and (norm is None or norm.weight.dtype == x.dtype)
-            and all(w.is_contiguous() and w.shape == weights[0].shape for w in read[0])
+            and (norm is None or (norm.weight.dtype == x.dtype and norm.weight.is_contiguous()))
+            and all(w.is_contiguous() and w.shape == weights[0].shape for w in weights)
             and kernels_used(x.device))
 
 
