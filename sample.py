@@ -36,10 +36,12 @@ import mmi
 
 DEMO_ANNT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples", "annt.json")
 MODES = ("generate_texts", "generate_images")
-ORIGINAL_SETTINGS = dict(sampler="ddpm", steps=30, guidance_scale=7.5, repetition_penalty=1.3)
-# The demo model gets the image settings eval.py scores it with, and no repetition penalty: its stories repeat
-# colour and shape words on purpose ("a red circle ... the red circle turns blue"), which a penalty would garble.
-DEMO_SETTINGS = dict(evaluator.DEMO_IMAGES, repetition_penalty=1.0)
+ORIGINAL_SETTINGS = dict(sampler="ddpm", steps=30, guidance_scale=7.5, repetition_penalty=1.3, min_new_tokens=7)
+# The demo model gets the image settings eval.py scores it with; no repetition penalty, since its stories repeat
+# colour and shape words on purpose ("a red circle ... the red circle turns blue"), which a penalty would garble;
+# and a minimum of one token, not 7: its sentences are 5-9 tokens, and 7 forces words past a short one's full stop
+# ("the blue circle turns yellow. right."), while one keeps a round from ending before its first word.
+DEMO_SETTINGS = dict(evaluator.DEMO_IMAGES, repetition_penalty=1.0, min_new_tokens=1)
 
 
 class AnntError(mmi.InputError):
@@ -443,7 +445,8 @@ def parse_args(argv):
                    help="torch.compile the text decoding step (GPU, 13B: 1.3-1.4x the tokens/s; compiling "
                         "takes 2-3 minutes)")
     p.add_argument("--min_new_tokens", type=int, default=None,
-                   help="the fewest tokens of one text (default: 7, the original's min_length 8)")
+                   help=f"the fewest tokens of one text (default: {o['min_new_tokens']}, the original's min_length "
+                        f"8; the demo model: {d['min_new_tokens']})")
     p.add_argument("--min_length", type=int, default=None,
                    help="the original's name and count for the fewest tokens: it counts a dummy bos, so "
                         "--min_length=N is --min_new_tokens=N-1")
@@ -466,16 +469,14 @@ def parse_args(argv):
     if args.quantize not in ("none", "int8", "int4"):
         raise mmi.InputError(f"--quantize={args.quantize}: expected none, int8 or int4")
     args.quantize = None if args.quantize == "none" else args.quantize
-    defaults = DEMO_SETTINGS if args.init_from == "demo" else ORIGINAL_SETTINGS
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     if args.min_length is not None:
         if args.min_new_tokens is not None:
             raise mmi.InputError("--min_length and --min_new_tokens set the same thing: pass one")
         args.min_new_tokens = max(args.min_length - 1, 0)      # min_length counts the original's dummy bos
-    elif args.min_new_tokens is None:
-        args.min_new_tokens = 7
+    defaults = DEMO_SETTINGS if args.init_from == "demo" else ORIGINAL_SETTINGS
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.num_beams > 1 and args.use_nucleus_sampling:
         raise mmi.InputError(f"--num_beams={args.num_beams} searches without sampling: add "
                              f"--no-use_nucleus_sampling (sampling several beams is not implemented)")
