@@ -1130,6 +1130,11 @@ def option_log_likelihoods(model, tokenizer, context_ids, image, options, rows_p
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 DEMO_GENERATION = dict(max_new_tokens=40, min_new_tokens=0, num_beams=1)      # greedy captions
+# A story's next sentence, sampled as sample.py writes the demo's stories: the original's nucleus sampling, but at
+# least one new token where the original asks for 7: the demo's sentences are 5-9 tokens, and a minimum of 7 forces
+# words past a short one's full stop ("the blue circle turns yellow. right."), while one keeps a text from ending
+# before its first word.
+DEMO_TEXT = dict(max_new_tokens=40, min_new_tokens=1, num_beams=1, do_sample=True, top_k=50, top_p=0.9)
 DEMO_IMAGES = dict(steps=25, guidance_scale=3.0, sampler="ddim")
 DEMO_STORIES_PER_CALL = 8   # stories whose captions, then whose images, share one generate call (speed only)
 
@@ -1170,8 +1175,9 @@ def demo_draws(model, tokenizer, steps, device):
 
 @torch.no_grad()
 def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_PER_CALL):
-    """Per story: a greedy caption of its first image (the image-first direction of training), then every later
-    image drawn from the story so far, with and without the UNet's MMFS (the previous image's features).
+    """Per story: a greedy caption of its first image (the image-first direction of training), the next sentence
+    sampled after its opening sentence and image (DEMO_TEXT, one story a call: each keeps its own seed), then every
+    later image drawn from the story so far, with and without the UNet's MMFS (the previous image's features).
     `stories_per_call` stories share each generate call; the results do not depend on it. Yields one output per
     story as each group finishes."""
     S = model.cfg.vision.image_size
@@ -1181,10 +1187,14 @@ def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_
         # greedy captions of the first images in one generate call (batched greedy = one at a time)
         captions = _generate_texts(model, tokenizer, [data.image_placeholder(model.cfg.num_img_token)] * len(group),
                                    [imgs[0] for imgs in images], DEMO_GENERATION, args.device)
-        steps = [(story, imgs, k, args.seed + s["seed"] % 100000)
-                 for s, story, imgs in zip(group, stories, images) for k in range(1, len(story.scenes))]
+        seeds = [args.seed + s["seed"] % 100000 for s in group]
+        nexts = [_generate_texts(model, tokenizer, [demo_story_prompt(story.texts, model.cfg.num_img_token, 0)],
+                                 [imgs[0]], dict(DEMO_TEXT, seed=seed), args.device)[0]
+                 for story, imgs, seed in zip(stories, images, seeds)]
+        steps = [(story, imgs, k, seed)
+                 for seed, story, imgs in zip(seeds, stories, images) for k in range(1, len(story.scenes))]
         drawn = iter(demo_draws(model, tokenizer, steps, args.device))
-        for s, story, caption in zip(group, stories, captions):
+        for s, story, caption, next_text in zip(group, stories, captions, nexts):
             story_steps = []
             for k in range(1, len(story.scenes)):
                 with_mmfs, without_mmfs = next(drawn)
@@ -1193,16 +1203,19 @@ def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_
                                     "read": [o.as_dict() for o in with_mmfs],
                                     "read_without_mmfs": [o.as_dict() for o in without_mmfs]})
             yield {"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
-                   "caption": caption, "steps": story_steps}
+                   "caption": caption, "next_sentence": next_text, "steps": story_steps}
 
 
 def demo_scores(outputs, read_key="read"):
-    """caption accuracy, per-object and whole-scene image accuracy, and story consistency (the objects an edit
-    does not touch keep their shape, colour and cell in the drawn image)."""
+    """caption accuracy, next sentences that are one edit of the opening scene and nothing more, per-object and
+    whole-scene image accuracy, and story consistency (the objects an edit does not touch keep their shape, colour
+    and cell in the drawn image)."""
     as_set = lambda objs: {(o["shape"], o["colour"], tuple(o["cell"])) for o in objs}
     captions = [data.parse_scene(o["caption"].split(".")[0] + ".") for o in outputs]
     caption_ok = [c is not None and as_set(o.as_dict() for o in c) == as_set(out["scene"])
                   for c, out in zip(captions, outputs)]
+    scene = lambda objs: [data.Obj(*o["cell"], o["shape"], o["colour"]) for o in objs]
+    edits_ok = [data.parse_edit(o["next_sentence"], scene(o["scene"])) is not None for o in outputs]
     objects = found = scenes = exact = kept = untouched = 0
     for out in outputs:
         for st in out["steps"]:
@@ -1215,14 +1228,15 @@ def demo_scores(outputs, read_key="read"):
             untouched += len(same)
             kept += len(same & read)
     ratio = lambda a, b: a / b if b else float("nan")
-    return {"caption_accuracy": ratio(sum(caption_ok), len(caption_ok)), "image_object_accuracy": ratio(found, objects),
+    return {"caption_accuracy": ratio(sum(caption_ok), len(caption_ok)),
+            "next_sentence_validity": ratio(sum(edits_ok), len(edits_ok)), "image_object_accuracy": ratio(found, objects),
             "image_scene_accuracy": ratio(exact, scenes), "story_consistency": ratio(kept, untouched)}
 
 
 def score_demo(data_root, outputs, args):
     metrics = demo_scores(outputs, "read")
     without = demo_scores(outputs, "read_without_mmfs")
-    metrics.update({f"{k}_without_mmfs": v for k, v in without.items() if k != "caption_accuracy"})
+    metrics.update({f"{k}_without_mmfs": v for k, v in without.items() if k.startswith(("image", "story"))})
     return metrics
 
 
@@ -1277,6 +1291,7 @@ def score_demo_qa(data_root, outputs, args):
 def demo_table(metrics, num_stories):
     """The scoreboard as a Markdown table (printed, and written into README.md with --readme)."""
     rows = [("caption accuracy (exact scene)", metrics["caption_accuracy"], None, ">= 95%"),
+            ("next sentence: one valid edit, nothing after it", metrics["next_sentence_validity"], None, "100%"),
             ("image accuracy, per object", metrics["image_object_accuracy"],
              metrics["image_object_accuracy_without_mmfs"], ""),
             ("image accuracy, whole scene", metrics["image_scene_accuracy"],

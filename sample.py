@@ -39,9 +39,9 @@ MODES = ("generate_texts", "generate_images")
 ORIGINAL_SETTINGS = dict(sampler="ddpm", steps=30, guidance_scale=7.5, repetition_penalty=1.3, min_new_tokens=7)
 # The demo model gets the image settings eval.py scores it with; no repetition penalty, since its stories repeat
 # colour and shape words on purpose ("a red circle ... the red circle turns blue"), which a penalty would garble;
-# and a minimum of one token, not 7: its sentences are 5-9 tokens, and 7 forces words past a short one's full stop
-# ("the blue circle turns yellow. right."), while one keeps a round from ending before its first word.
-DEMO_SETTINGS = dict(evaluator.DEMO_IMAGES, repetition_penalty=1.0, min_new_tokens=1)
+# and the minimum text length eval.py samples its stories' sentences with (see DEMO_TEXT there).
+DEMO_SETTINGS = dict(evaluator.DEMO_IMAGES, repetition_penalty=1.0,
+                     min_new_tokens=evaluator.DEMO_TEXT["min_new_tokens"])
 
 
 class AnntError(mmi.InputError):

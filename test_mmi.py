@@ -7313,16 +7313,24 @@ def test_demo_scores_by_hand():
     red_c, blue_s, green_t = _obj(0, 0, "circle", "red"), _obj(1, 1, "square", "blue"), _obj(2, 2, "triangle", "green")
     moved_c = _obj(0, 2, "circle", "red")
     out = [{"scene": [red_c, blue_s], "caption": "a red circle at the top left and a blue square at the centre.",
-            "steps": [
+            "next_sentence": "the blue square turns red.", "steps": [
                 # edit: the red circle moves; the blue square is untouched. Drawn: square right, circle wrong cell
                 {"previous": [red_c, blue_s], "target": [moved_c, blue_s], "read": [red_c, blue_s],
                  "read_without_mmfs": [green_t]},
                 # edit: a green triangle appears; both old objects untouched. Drawn exactly
                 {"previous": [moved_c, blue_s], "target": [moved_c, blue_s, green_t],
                  "read": [moved_c, blue_s, green_t], "read_without_mmfs": [moved_c]}]},
-           {"scene": [green_t], "caption": "a green circle at the bottom right.", "steps": []}]
+           {"scene": [green_t], "caption": "a green circle at the bottom right.", "steps": [],
+            "next_sentence": "the green triangle turns red. right."}]           # a stray word after the full stop
     s = ev.demo_scores(out)
     assert s["caption_accuracy"] == 0.5                       # the second caption names the wrong shape
+    assert s["next_sentence_validity"] == 0.5
+    for bad in ("the red circle turns blue.",                # no red circle in that scene
+                "the green triangle moves to the bottom right.",  # already there: no change
+                "the green triangle turns green.", "the green triangle"):
+        assert ev.demo_scores([dict(out[1], next_sentence=bad)])["next_sentence_validity"] == 0.0
+    assert ev.demo_scores([dict(out[1], next_sentence=" The green triangle turns red. ")])[
+        "next_sentence_validity"] == 1.0
     assert s["image_object_accuracy"] == 4 / 5                # 1 of 2, then 3 of 3 target objects drawn
     assert s["image_scene_accuracy"] == 1 / 2
     assert s["story_consistency"] == 3 / 3                    # untouched: square; then circle and square -> all kept
@@ -7376,17 +7384,22 @@ def _demo_story_at_a_time(model, tokenizer, samples, args):
             steps.append({"target": [o.as_dict() for o in story.scenes[k]],
                           "previous": [o.as_dict() for o in story.scenes[k - 1]],
                           "read": read[0], "read_without_mmfs": read[1]})
+        prompt = ev.demo_story_prompt(story.texts, model.cfg.num_img_token, 0)
+        nxt = model.generate_texts(ev.text_batch([prompt], [images[0]], tokenizer),
+                                   **dict(ev.DEMO_TEXT, seed=args.seed + s["seed"] % 100000))
+        decode = lambda o: tokenizer.decode(o["text_ids"][0, :int(o["lengths"][0])].tolist()).strip()
         outputs.append({"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
-                        "caption": tokenizer.decode(out["text_ids"][0, :int(out["lengths"][0])].tolist()).strip(),
-                        "steps": steps})
+                        "caption": decode(out), "next_sentence": decode(nxt), "steps": steps})
     return outputs, pairs
 
 
 def test_demo_stories_in_groups_equal_one_story_at_a_time(monkeypatch):
     """Batching stories (captions in one call, every step's images in one call with a seed each) changes no
-    caption, no drawn image and no read scene: 3 stories in groups of 2 against the story-at-a-time loop."""
+    caption, no sampled sentence, no drawn image and no read scene: 3 stories in groups of 2 against the
+    story-at-a-time loop."""
     monkeypatch.setattr(ev, "DEMO_IMAGES", dict(steps=2, guidance_scale=3.0, sampler="ddim"))
     monkeypatch.setattr(ev, "DEMO_GENERATION", dict(max_new_tokens=6, min_new_tokens=0, num_beams=1))
+    monkeypatch.setattr(ev, "DEMO_TEXT", dict(ev.DEMO_TEXT, max_new_tokens=6))
     tok = data.Tokenizer(data.DEMO_TOKENIZER_PATH)
     cfg = mmi.MMIConfig.from_preset("tiny", **{"llm.vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id,
                                                "soi_token_id": tok.soi_id, "image_token_id": tok.image_id})
