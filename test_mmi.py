@@ -575,6 +575,7 @@ def test_quantized_gemv_matches_float64(dtype, bits, group_size, R, N, K, n_laye
     g = torch.Generator(device="cuda").manual_seed(N + K + bits)
     x = (torch.randn(R, K, device="cuda", generator=g) * torch.tensor([[0.3], [2.0], [1.0], [7.0]], device="cuda")[:R]
          ).to(dtype)
+    torch.manual_seed(N + K)
     layers = [mmi.QuantizedLinear.from_linear(torch.nn.Linear(K, N, bias=bias).to("cuda", dtype), bits,
                                               group_size or 128) for _ in range(n_layers)]
     bs = [layer.bias.detach() if bias else None for layer in layers]
