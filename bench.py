@@ -1,5 +1,6 @@
 """Benchmarks for mmi. `python bench.py kernel` times the deformable-attention kernel against grid_sample;
-`gemv` the decoding matmuls against cuBLAS; `train` and `sample` the programs at paper size; `data` the corpus stream.
+`gemv` the decoding matmuls against cuBLAS; `train` and `sample` the programs at paper size; `data` the corpus stream;
+`quant` the accuracy of weight-only quantization.
 
 Each section is a function `bench_<name>(args)`, listed in SECTIONS.
 """
@@ -438,6 +439,116 @@ def bench_sample(args):
           f"included: {image}; peak memory {mem:.1f} GiB")
 
 
+def quant_matmul_error(weight, x, bits, group_size=128, rows_per_chunk=4096):
+    """||x Wq^T - x W^T|| / ||x W^T|| in float64 for one weight W (N, K) and activation rows x (B, K), Wq the
+    weight of mmi.QuantizedLinear at `bits` (int8 per output row, int4 in groups of group_size) as it computes
+    with it, dequantize(); W's rows taken rows_per_chunk at a time in float64 (a 13B text head is 1.3 GB so)."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    wq = mmi.QuantizedLinear.from_linear(linear, bits, group_size).dequantize()
+    x = x.to(weight.device, torch.float64)
+    diff = ref = 0.0
+    for i in range(0, weight.shape[0], rows_per_chunk):
+        y = x @ weight[i:i + rows_per_chunk].double().T
+        diff += (x @ wq[i:i + rows_per_chunk].double().T - y).square().sum().item()
+        ref += y.square().sum().item()
+    return (diff / ref) ** 0.5
+
+
+# Short names of quantize_targets' layers in `bench.py quant`'s table: a layer's name after its block's index
+QUANT_LAYER_NAMES = {
+    "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down", "text_decoder.head": "text head",
+    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
+    "attention.output.dense": "o", "crossattention.attention.query": "cross q", "crossattention.attention.key":
+    "cross k", "crossattention.attention.value": "cross v", "crossattention.output.dense": "cross o",
+    "intermediate_query.dense": "mlp in", "output_query.dense": "mlp out"}
+
+
+def quant_shapes(cfg):
+    """The layers of mmi.quantize_targets at cfg, one row per distinct (part of the model, N x K): (part, the
+    layers' short names, N, K, how many layers)."""
+    import re
+    parts = {"mm_decoder": "LLM", "text_decoder": "LLM", "visual_tokenizer": "visual tokenizer Q-Former",
+             "image_decoder": "image decoder Q-Former"}
+    with torch.device("meta"):
+        model = mmi.MMInterleaved(cfg)
+    rows = {}
+    for name in mmi.quantize_targets(model):
+        layer = model.get_submodule(name)
+        key = (parts[name.split(".")[0]], layer.out_features, layer.in_features)
+        short = re.split(r"\.\d+\.", name)[-1]
+        short = QUANT_LAYER_NAMES.get(short, short)
+        names, count = rows.get(key, ([], 0))
+        rows[key] = (names + [short] * (short not in names), count + 1)
+    return [(part, ", ".join(names), N, K, count) for (part, N, K), (names, count) in rows.items()]
+
+
+def quant_layer_errors(cfg, device, dtype, rows=4, seed=0):
+    """quant_matmul_error at int8 and int4 for each of quant_shapes(cfg): weights N(0, 0.02) in `dtype` (the
+    dtype the model runs in: its scales are rounded to it too) and `rows` activation rows N(0, 1), drawn on the
+    CPU from fixed seeds (the same on any device), one layer at a time. -> [(*quant_shapes row, err8, err4)]"""
+    out = []
+    for part, leaves, N, K, count in quant_shapes(cfg):
+        gen = torch.Generator().manual_seed(seed)
+        weight = (0.02 * torch.randn(N, K, generator=gen)).to(device, dtype)
+        x = torch.randn(rows, K, generator=gen)
+        out.append((part, leaves, N, K, count, *(quant_matmul_error(weight, x, bits) for bits in (8, 4))))
+        del weight
+    return out
+
+
+def token_agreement(ref, got):
+    """Token id lists, position by position against the reference -> (the fraction of the reference's tokens
+    before each list's first difference, the fraction of lists equal to theirs)."""
+    same = 0
+    for a, b in zip(ref, got):
+        same += next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
+    return same / sum(len(a) for a in ref), sum(a == b for a, b in zip(ref, got)) / len(ref)
+
+
+@torch.no_grad()
+def bench_quant(args):
+    """Accuracy of weight-only quantization (mmi.quantize): each quantized matmul's relative error at the preset's
+    shapes with random weights, and the embedded demo model's greedy captions (eval.py's demo task: the first
+    image of its 40 test stories) quantized against unquantized. On a GPU in bf16, on a CPU in float32."""
+    import datetime
+
+    import data
+    import eval as ev
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    machine = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
+    dtype_name = str(dtype).replace("torch.", "")
+    print(f"quant, {args.preset}, {machine}, {dtype_name}, {datetime.date.today().isoformat()}")
+    print(f"\nrelative error of each quantized matmul, ||x Wq^T - x W^T|| / ||x W^T|| in float64; W ~ N(0, 0.02) in "
+          f"{dtype_name}, 4 rows x ~ N(0, 1)\n")
+    print("| layers | count | N x K | int8 (per row) | int4 (groups of 128) |\n|---|---:|---:|---:|---:|")
+    for part, leaves, N, K, count, err8, err4 in quant_layer_errors(mmi.MMIConfig.from_preset(args.preset), device,
+                                                                     dtype):
+        print(f"| {part} {leaves} | {count} | {N} x {K} | {err8:.2e} | {err4:.2e} |")
+
+    tokenizer = data.Tokenizer(data.DEMO_TOKENIZER_PATH)
+    stories = [data.make_story(s["seed"]) for s in ev.read_demo(None)]
+    captions = {}
+    for quantize in ("none", "int8", "int4"):
+        model = ev.load_model(ev.DEMO_MODEL, dtype, device, None if quantize == "none" else quantize).eval()
+        S = model.cfg.vision.image_size
+        captions[quantize] = [ids for i in range(0, len(stories), ev.DEMO_STORIES_PER_CALL)
+                              for ids in ev.demo_caption_ids(model, tokenizer, [ev.demo_image(s.scenes[0], S) for s in
+                                                             stories[i:i + ev.DEMO_STORIES_PER_CALL]], device)]
+    ref = captions["none"]
+    print(f"\nthe demo model's greedy captions of the first image of {len(stories)} test stories (eval.py's demo "
+          f"task), against the unquantized model's {sum(map(len, ref))} tokens\n")
+    print("| quantize | tokens equal up to the first difference | captions equal | first sentences equal (what "
+          "the scoreboard parses) |\n|---|---:|---:|---:|")
+    first = lambda ids: tokenizer.decode(ids).split(".")[0]
+    for quantize in ("int8", "int4"):
+        tokens, exact = token_agreement(ref, captions[quantize])
+        same_first = sum(first(a) == first(b) for a, b in zip(ref, captions[quantize])) / len(ref)
+        print(f"| {quantize} | {100 * tokens:.1f}% | {100 * exact:.1f}% | {100 * same_first:.1f}% |")
+
+
 def bench_data(args):
     """The demo corpus stream (generate, render, tokenise, pack, collate) on one CPU core, in stories/s, as
     train.py consumes it: rows of 512 tokens, 16 image tokens per image, 64x64 images."""
@@ -462,7 +573,7 @@ def bench_data(args):
 
 
 SECTIONS = {"kernel": bench_kernel, "gemv": bench_gemv, "data": bench_data, "train": bench_train,
-            "sample": bench_sample}
+            "sample": bench_sample, "quant": bench_quant}
 
 
 def main():
@@ -472,7 +583,7 @@ def main():
     parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
     parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
     parser.add_argument("--preset", default="mmi-13b",
-                        help="train / sample / gemv: the model preset (tiny for a CPU check)")
+                        help="train / sample / gemv / quant: the model preset (tiny for a CPU check)")
     parser.add_argument("--recipe", default="pretrain", choices=["pretrain", *RECIPES],
                         help="train: the recipe whose rows and trainable set are benched")
     parser.add_argument("--lora_rank", type=int, default=0, help="train: LoRA of this rank on the LLM, all else frozen")

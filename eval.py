@@ -1078,10 +1078,16 @@ def _batches(samples, batch_size, desc):
         yield samples[i:i + batch_size]
 
 
+def generate_ids(model, tokenizer, prompts, images, generation, device):
+    """One generate call over left-padded prompts -> each one's new token ids (its stop token last, if any)."""
+    out = model.generate_texts(_to_device(text_batch(prompts, images, tokenizer), device), **generation)
+    return [ids[:n] for ids, n in zip(out["text_ids"].tolist(), out["lengths"].tolist())]
+
+
 def _generate_texts(model, tokenizer, prompts, images, generation, device):
     """One generate call over left-padded prompts -> their texts (special tokens skipped, stripped)."""
-    out = model.generate_texts(_to_device(text_batch(prompts, images, tokenizer), device), **generation)
-    return [tokenizer.decode(ids[:n]).strip() for ids, n in zip(out["text_ids"].tolist(), out["lengths"].tolist())]
+    ids = generate_ids(model, tokenizer, prompts, images, generation, device)
+    return [tokenizer.decode(x).strip() for x in ids]
 
 
 @torch.no_grad()
@@ -1174,6 +1180,14 @@ def demo_draws(model, tokenizer, steps, device):
 
 
 @torch.no_grad()
+def demo_caption_ids(model, tokenizer, first_images, device):
+    """The greedy captions (DEMO_GENERATION) of stories' first images [3, S, S], in one generate call (batched
+    greedy = one at a time) -> each caption's token ids."""
+    prompts = [data.image_placeholder(model.cfg.num_img_token)] * len(first_images)
+    return generate_ids(model, tokenizer, prompts, first_images, DEMO_GENERATION, device)
+
+
+@torch.no_grad()
 def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_PER_CALL):
     """Per story: a greedy caption of its first image (the image-first direction of training), the next sentence
     sampled after its opening sentence and image (DEMO_TEXT, one story a call: each keeps its own seed), then every
@@ -1184,9 +1198,8 @@ def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_
     for group in _batches(samples, stories_per_call, "demo stories"):
         stories = [data.make_story(s["seed"]) for s in group]
         images = [[demo_image(scene, S) for scene in story.scenes] for story in stories]
-        # greedy captions of the first images in one generate call (batched greedy = one at a time)
-        captions = _generate_texts(model, tokenizer, [data.image_placeholder(model.cfg.num_img_token)] * len(group),
-                                   [imgs[0] for imgs in images], DEMO_GENERATION, args.device)
+        captions = [tokenizer.decode(ids).strip()
+                    for ids in demo_caption_ids(model, tokenizer, [imgs[0] for imgs in images], args.device)]
         seeds = [args.seed + s["seed"] % 100000 for s in group]
         nexts = [_generate_texts(model, tokenizer, [demo_story_prompt(story.texts, model.cfg.num_img_token, 0)],
                                  [imgs[0]], dict(DEMO_TEXT, seed=seed), args.device)[0]

@@ -3590,6 +3590,31 @@ def test_quantize_on_load_holds_one_float_layer_at_a_time(source, tmp_path, orig
     assert max(peaks) <= head + max(sizes.values()) < sum(sizes.values()) / 3
 
 
+def test_bench_quant_error_is_zero_on_the_grid_and_int4_worse():
+    """bench.py quant's measures. Weights on the quantization grid (integers times a power of two, each row (int8)
+    or group of 128 (int4) reaching qmax) are kept exactly: error 0; int8's 255 levels are not int4's 15. At the
+    tiny preset's shapes, one row per (part, N x K) covering every target, random weights lose more to int4 than
+    to int8. Tokens agree up to each list's first difference."""
+    import bench
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 256, generator=g)
+    w8 = torch.randint(-127, 128, (6, 256), generator=g).float()
+    w8[:, 5] = 127
+    w4 = torch.randint(-7, 8, (6, 256), generator=g).float()
+    w4[:, [3, 200]] = -7
+    assert bench.quant_matmul_error(w8 / 64, x, 8) == 0 and bench.quant_matmul_error(w4 / 8, x, 4) == 0
+    assert bench.quant_matmul_error(w8 / 64, x, 4) > 0
+    assert bench.quant_matmul_error(w4 / 8, x, 4, rows_per_chunk=4) == 0          # chunks of rows: the same sums
+    cfg = mmi.MMIConfig.from_preset("tiny")
+    rows = bench.quant_layer_errors(cfg, "cpu", torch.float32)
+    with torch.device("meta"):
+        targets = mmi.quantize_targets(mmi.MMInterleaved(cfg))
+    assert sum(r[4] for r in rows) == len(targets) and len({r[:4] for r in rows}) == len(rows)
+    assert ("LLM", "q, k, v, o", 64, 64, 4 * cfg.llm.num_hidden_layers) in [r[:5] for r in rows]
+    assert all(0 < err8 < err4 < 1 for *_, err8, err4 in rows)
+    assert bench.token_agreement([[1, 2, 3], [4, 5], [6]], [[1, 2, 9], [4, 5], [6, 7]]) == (5 / 6, 1 / 3)
+
+
 def test_sample_quantize_runs_on_the_demo_and_bad_is_one_line(tmp_path, capsys):
     """sample.py --quantize=int8 loads the demo quantized and writes a run; --quantize=bad is one line, exit 2,
     before any model work (eval.py's too)."""
