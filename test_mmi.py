@@ -7350,11 +7350,13 @@ def test_demo_scores_by_hand():
             "next_sentence": "the green triangle turns red. right."}]           # a stray word after the full stop
     s = ev.demo_scores(out)
     assert s["caption_accuracy"] == 0.5                       # the second caption names the wrong shape
-    assert s["next_sentence_validity"] == 0.5
+    assert s["next_sentence_validity"] == 0.5 and s["next_sentence_ends_at_full_stop"] == 0.5
     for bad in ("the red circle turns blue.",                # no red circle in that scene
                 "the green triangle moves to the bottom right.",  # already there: no change
                 "the green triangle turns green.", "the green triangle"):
         assert ev.demo_scores([dict(out[1], next_sentence=bad)])["next_sentence_validity"] == 0.0
+    assert ev.demo_scores([dict(out[1], next_sentence="the red circle turns blue.")])[
+        "next_sentence_ends_at_full_stop"] == 1.0                            # not an edit of it, but ends cleanly
     assert ev.demo_scores([dict(out[1], next_sentence=" The green triangle turns red. ")])[
         "next_sentence_validity"] == 1.0
     assert s["image_object_accuracy"] == 4 / 5                # 1 of 2, then 3 of 3 target objects drawn
