@@ -1245,8 +1245,9 @@ def demo_scores(outputs, read_key="read"):
     ratio = lambda a, b: a / b if b else float("nan")
     return {"caption_accuracy": ratio(sum(caption_ok), len(caption_ok)),
             "next_sentence_ends_at_full_stop": ratio(sum(ended), len(ended)),
-            "next_sentence_validity": ratio(sum(edits_ok), len(edits_ok)), "image_object_accuracy": ratio(found, objects),
-            "image_scene_accuracy": ratio(exact, scenes), "story_consistency": ratio(kept, untouched)}
+            "next_sentence_validity": ratio(sum(edits_ok), len(edits_ok)),
+            "image_object_accuracy": ratio(found, objects), "image_scene_accuracy": ratio(exact, scenes),
+            "story_consistency": ratio(kept, untouched)}
 
 
 def score_demo(data_root, outputs, args):
