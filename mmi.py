@@ -851,8 +851,10 @@ class MMFS(nn.Module):
         return m[:, -1:] if m.dim() == 3 and m.shape[1] != Lq else m
 
     def check_image_count(self, rel):
-        """ValueError if a query sees more images than query_relpos has rows."""
-        if int(rel.max()) >= self.max_num_image_per_seq:
+        """ValueError if a query sees more images than query_relpos has rows. rel (.., n) counts at most n images,
+        so only n >= max_num_image_per_seq can overflow: fewer skip the device read (a host sync, and a graph
+        break in a compiled block)."""
+        if rel.shape[-1] >= self.max_num_image_per_seq and int(rel.max()) >= self.max_num_image_per_seq:
             raise ValueError(f"MMFS: {int(rel.max())} images visible to one query, "
                              f"max_num_image_per_seq is {self.max_num_image_per_seq}")
 

@@ -18,6 +18,7 @@ is queued (LateRead), so that the GPU is not left idle between steps.
 import contextlib
 import dataclasses
 import difflib
+import functools
 import gc
 import json
 import math
@@ -701,17 +702,24 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
     checkpointing inside the compiled function: compile around checkpoint, so that the backward pass's
     recomputation is compiled too (checkpoint around a compiled block recompiles or breaks). The forward is
     replaced, not the module: state_dict keys stay, and FSDP's hooks, which run around forward, stay outside.
-    The block is an argument of the compiled function, so blocks of one structure share one compiled graph."""
-    run = torch.compile(_checkpointed_block_forward if checkpoint else _block_forward, backend=backend)
-    # every block goes through this one function: each distinct structure (a CLIP layer, a LLaMA layer with and
-    # without MMFS, each UNet block's shapes) is one entry of its cache, more than dynamo's default limit of 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
-
-    def forward(block, *args, **kwargs):
-        return (run if torch.is_grad_enabled() else _block_forward)(block, *args, **kwargs)
-
+    The block is an argument of the compiled function, so blocks of one structure (class and weight shapes) share
+    one compiled graph. Each structure gets a function of its own: dynamo remembers the shapes a function has seen
+    and makes every size that changed between calls symbolic, so one function for all would compile a UNet
+    block's channels and resolution as dynamic sizes (slower to compile and to run); per structure, only what
+    really changes between steps (the number of images) becomes dynamic."""
+    body = _checkpointed_block_forward if checkpoint else _block_forward
+    compiled = {}
     for block in blocks:
-        block.forward = types.MethodType(forward, block)
+        structure = (type(block), tuple((n, p.shape) for n, p in block.named_parameters()))
+        if structure not in compiled:
+            # a copy of body with its own name: dynamo keys its compiled code and shape history by the code object
+            code = body.__code__.replace(co_name=f"{body.__name__}_{len(compiled)}")
+            compiled[structure] = torch.compile(types.FunctionType(code, body.__globals__), backend=backend)
+        block.forward = types.MethodType(functools.partial(_forward_when_training, compiled[structure]), block)
+
+
+def _forward_when_training(run, block, *args, **kwargs):
+    return (run if torch.is_grad_enabled() else _block_forward)(block, *args, **kwargs)
 
 
 def shard_model(model, units, tc, device):
