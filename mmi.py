@@ -670,7 +670,9 @@ def _msda_backward_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_s
 
 @_msda_backward_op.register_fake
 def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+    # contiguous, as the kernel writes them whatever its inputs' strides (a compiled graph relies on these)
+    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape))
 
 
 def _msda_setup_context(ctx, inputs, output):

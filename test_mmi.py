@@ -709,6 +709,20 @@ def test_kernel_gradcheck_float64(D):
 
 
 @cuda_only
+def test_kernel_ops_fakes_give_the_kernels_shapes_and_strides():
+    """torch.library.opcheck of both operators with non-contiguous inputs: what their fakes promise a compiled
+    graph (shapes, strides, dtypes) is what the kernel returns (its outputs are contiguous whatever the inputs)."""
+    assert mmi.load_kernels() is not None
+    value, shapes, starts, loc, attn = make_inputs(2, 6, 2, 8, [(3, 4), (2, 2)], 3, torch.float32, "cuda", seed=2)
+    loc, attn = loc.transpose(0, 1).contiguous().transpose(0, 1), attn.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not loc.is_contiguous() and not attn.is_contiguous()
+    grad_out = torch.randn(2, 6, 16, device="cuda")
+    torch.library.opcheck(mmi._msda_op, (value, shapes, starts, loc, attn), test_utils="test_faketensor")
+    torch.library.opcheck(mmi._msda_backward_op, (value, shapes, starts, loc, attn, grad_out),
+                          test_utils="test_faketensor")
+
+
+@cuda_only
 def test_dispatch_routes_cuda_to_kernel_and_env_forces_reference(monkeypatch):
     """CUDA tensors go through the kernel's operator (mmi::msda_forward); MMI_KERNELS=reference sends them to
     grid_sample."""
