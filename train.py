@@ -705,14 +705,14 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
     The block is an argument of the compiled function, so blocks of one structure (class and weight shapes) share
     one compiled graph. Each structure gets a function of its own: dynamo remembers the shapes a function has seen
     and makes every size that changed between calls symbolic, so one function for all would compile a UNet
-    block's channels and resolution as dynamic sizes (slower to compile and to run); per structure, only what
-    really changes between steps (the number of images) becomes dynamic."""
+    block's channels and resolution as dynamic sizes, which take longer to compile;
+    per structure, only what really changes between steps (the number of images) becomes dynamic."""
     body = _checkpointed_block_forward if checkpoint else _block_forward
     compiled = {}
     for block in blocks:
         structure = (type(block), tuple((n, p.shape) for n, p in block.named_parameters()))
         if structure not in compiled:
-            # a copy of body with its own name: dynamo keys its compiled code and shape history by the code object
+            # a copy of body under its own name: dynamo keeps compiled code and shape history per code and name
             code = body.__code__.replace(co_name=f"{body.__name__}_{len(compiled)}")
             compiled[structure] = torch.compile(types.FunctionType(code, body.__globals__), backend=backend)
         block.forward = types.MethodType(functools.partial(_forward_when_training, compiled[structure]), block)
