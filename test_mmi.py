@@ -3324,6 +3324,18 @@ def test_keyed_mmfs_net_equals_the_plain_mmfs_net():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_keyed_mmfs_net_refuses_more_images_than_its_table():
+    """KeyedMMFSNet checks the image count once for the sampler's steps, as MMFS does per call: a row with as many
+    images as the UNet-MMFS's max_num_image_per_seq is an error."""
+    dec = _tiny_decoder().eval()
+    _, _, _, feats, fmask = _tiny_inputs(dec, B=1)
+    net = dec.decoder.mmfs_module
+    limit = net.mmfs_mid_block.mmfs.max_num_image_per_seq
+    feats = [f.expand(1, limit, *f.shape[2:]) for f in feats]                 # (1, limit images, C, s, s) a level
+    with torch.no_grad(), pytest.raises(ValueError, match=f"{limit} images visible to one query"):
+        mmi.KeyedMMFSNet(net, feats, torch.ones(1, limit, dtype=fmask.dtype), torch.float32)
+
+
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 def test_fast_sampling_equals_the_plain_sampling(guidance_scale):
     dec = _tiny_decoder().eval()
