@@ -526,7 +526,7 @@ def bench_quant(args):
     print("| layers | count | N x K | int8 (per row) | int4 (groups of 128) |\n|---|---:|---:|---:|---:|")
     for part, leaves, N, K, count, err8, err4 in quant_layer_errors(mmi.MMIConfig.from_preset(args.preset), device,
                                                                      dtype):
-        print(f"| {part} {leaves} | {count} | {N} x {K} | {err8:.2e} | {err4:.2e} |")
+        print(f"| {part} {leaves} | {count} | {N} x {K} | {100 * err8:.2f}% | {100 * err4:.2f}% |")
 
     tokenizer = data.Tokenizer(data.DEMO_TOKENIZER_PATH)
     stories = [data.make_story(s["seed"]) for s in ev.read_demo(None)]
