@@ -724,8 +724,12 @@ def kernels_used(device):
     """Whether kernels.cu runs for tensors on `device` (ms_deform_attn's kernel, linear's GEMV). The deformable
     attention reference reads the level shapes back to the host (a GPU sync per call), so a CUDA graph can hold MMFS
     only where the kernel runs. MMI_KERNELS=reference turns both kernels off."""
-    return (torch.device(device).type == "cuda" and os.environ.get("MMI_KERNELS", "").lower() != "reference"
-            and load_kernels() is not None)
+    return torch.device(device).type == "cuda" and _kernels_on()
+
+
+@torch.compiler.assume_constant_result   # a constant for torch.compile: tracing load_kernels would break the graph
+def _kernels_on():
+    return os.environ.get("MMI_KERNELS", "").lower() != "reference" and load_kernels() is not None
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):

@@ -747,6 +747,13 @@ def test_dispatch_cpu_uses_reference_without_warning():
     assert torch.equal(out, mmi.ms_deform_attn_reference(*inputs))
 
 
+def test_kernels_used_traces_as_a_constant_under_torch_compile():
+    """Compiled blocks ask kernels_used which MMFS path to take; the answer (which builds or loads kernels.cu, file
+    work dynamo cannot trace) must not break their graph."""
+    f = torch.compile(lambda x: x + mmi.kernels_used("cuda"), backend="eager", fullgraph=True)
+    assert torch.equal(f(torch.zeros(2)), torch.full((2,), float(mmi.kernels_used("cuda"))))
+
+
 def test_dispatch_rejects_bad_inputs():
     """Mismatched dtypes or shapes that do not cover value's S raise ValueError naming the problem."""
     value, shapes, starts, loc, attn = make_inputs(1, 4, 2, 8, LEVELS_MIXED, 2, torch.float32, "cpu")
