@@ -1618,7 +1618,7 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
-        return h + x
+        return x + h                  # x first: the sum keeps x's (contiguous) layout
 
 
 class UNetDownBlock(nn.Module):
@@ -1759,7 +1759,7 @@ class VAEAttention(nn.Module):
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
         h = self.to_out[0](_heads_attention(self.to_q(h), self.to_k(h), self.to_v(h), 1))
-        return h.transpose(1, 2).reshape(B, C, H, W) + x
+        return x + h.transpose(1, 2).reshape(B, C, H, W)   # x first: the sum keeps x's layout
 
 
 class VAEMidBlock(nn.Module):

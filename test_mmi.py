@@ -5211,13 +5211,16 @@ def _compiled_blocks_match_eager(device, backend):
     blocks = train.repeated_blocks(compiled)
     train.compile_blocks(blocks, checkpoint=True, backend=noting_symbolic_sizes)
     input_sizes = defaultdict(set)                # block structure -> the input sizes its blocks run at
+    layouts = set()                               # whether each block input is contiguous (another layout: a graph)
     for block in train.repeated_blocks(eager):
         structure = (type(block), tuple(p.shape for p in block.parameters()))
         if not mmi.kernels_used(device) and any(isinstance(m, mmi.MMFS) for m in block.modules()):
             continue   # the reference deformable attention reads the level shapes back: such blocks run uncompiled
         block.register_forward_hook(lambda m, args, out, s=structure: input_sizes[s].add(args[0].shape))
+        block.register_forward_hook(lambda m, args, out: layouts.add(args[0].is_contiguous()))
     assert list(compiled.state_dict()) == keys
     want, want_grads = loss_and_grads(eager)
+    assert layouts == {True}
     got, got_grads = loss_and_grads(compiled)
     # aot_eager runs the very same ops (the loss is exact); Inductor fuses them and sums in another order
     assert (torch.equal(got, want) if backend == "aot_eager" else abs(got - want) <= 1e-6 * abs(want))
