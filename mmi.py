@@ -20,6 +20,7 @@ import ctypes
 import dataclasses
 import fnmatch
 import functools
+import gc
 import hashlib
 import inspect
 import json
@@ -4332,16 +4333,23 @@ def capture_cuda_graph(fn, warmup=1):
     first on the stream that then captures, so one-time work (cuBLAS's handle and workspace for that stream, cuDNN
     set-up, loading the kernel, cached tables, compilation) stays out of the capture. fn must read nothing back to
     the host. Only this thread's calls can spoil the capture ("thread_local"): another thread pinning host memory
-    meanwhile (a data loader's) is not part of the graph."""
+    meanwhile (a data loader's) is not part of the graph. Nor may this thread free a graph during the capture, so
+    the garbage collector runs before it and is off during it (an earlier decoder's graphs die in a collection)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
             fn()
     stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-        out = fn()
+    graph, collecting = torch.cuda.CUDAGraph(), gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            out = fn()
+    finally:
+        if collecting:
+            gc.enable()
     return graph, out
 
 

@@ -7,6 +7,7 @@ modules at tiny random configs. Tests that need CUDA skip without it.
 import contextlib
 import copy
 import dataclasses
+import gc
 import html
 import io
 import json
@@ -3214,6 +3215,22 @@ def test_cuda_graph_and_compile_need_the_fast_path_on_cuda():
         _decoders(model, batch, 2, cuda_graph=True)
     with pytest.raises(ValueError, match="compile=True compiles the fast path's cached step"):
         model.generate_texts(batch, max_new_tokens=2, num_beams=1, compile=True, fast=False)
+
+
+@cuda_only
+def test_capture_holds_off_the_garbage_collector():
+    """CUDA forbids destroying a graph while another is being captured (the capture fails), and the cyclic garbage
+    collector frees dead decoders' graphs at any allocation: capture_cuda_graph collects first, keeps the collector
+    off during the capture only, then turns it back on."""
+    x, seen = torch.ones(4, device="cuda"), []
+
+    def fn():
+        seen.append((torch.cuda.is_current_stream_capturing(), gc.isenabled()))
+        return x + 1
+
+    graph, out = mmi.capture_cuda_graph(fn)
+    graph.replay()
+    assert torch.equal(out, x + 1) and seen == [(False, True), (True, False)] and gc.isenabled()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
