@@ -5173,9 +5173,10 @@ def test_param_groups_and_weight_decay_match_spec_on_meta_13b():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_loop_runs_three_steps_from_a_config_file(tmp_path, config_file):
+def test_loop_runs_three_steps_from_a_config_file(tmp_path, config_file, capsys):
     out = str(tmp_path / "run")
     result = run_train(config_file, out, "--log_interval=1")
+    assert re.search(r"^steps 1-3 took \d+\.\d min$", capsys.readouterr().out, re.M)
     model = result["model"]
     torch.manual_seed(32)                                 # the loop's seed: the same initial weights
     init = mmi.MMInterleaved(train.model_config(result["config"]))

@@ -1369,6 +1369,7 @@ def _run(tc, cleanup):
     log, late = StepLog(tc, world, rank, device, step, nan_streak, cleanup), LateRead(device)
     cleanup.callback(gc.unfreeze)                # back in the collector's sight: a caller may drop what it froze
     first_step, last_ckpt, last_ckpt_path = step, step, None
+    started = time.perf_counter()
     while step < tc.max_steps:
         lr_mult = lr_multiplier(step, tc.warmup_steps, tc.max_steps)
         for g, base in zip(optimizer.param_groups, base_lrs):
@@ -1427,6 +1428,8 @@ def _run(tc, cleanup):
         if first or evaluate_now or save_now:
             late.restart()                       # step times count training only, not evaluation or saving
     log.bar.close()
+    if rank == 0:   # the wall time of this run's steps, with its evaluations and checkpoints
+        print(f"steps {first_step + 1}-{step} took {(time.perf_counter() - started) / 60:.1f} min")
     finish(model, task, tc, cfg, val, batches, rank, world, device, last_ckpt_path)
     return {"losses": log.losses, "model": model, "config": tc, "last_checkpoint": last_ckpt}
 
