@@ -1619,7 +1619,7 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
-        return x + h                  # x first: the sum keeps x's (contiguous) layout
+        return x + h                  # x first: the sum takes x's layout, so blocks meet one layout
 
 
 class UNetDownBlock(nn.Module):
