@@ -5255,6 +5255,17 @@ def _compiled_blocks_match_eager(device, backend):
     assert len(graphs) == len(input_sizes) + several                     # nothing compiled without gradients
 
 
+def test_compile_leaves_mmfs_blocks_eager_where_the_kernel_does_not_run(config_file):
+    """--compile on a CPU: the MMFS blocks stay eager (the reference deformable attention reads the level shapes
+    back to the host, splitting their graph, which Inductor then fails to compile); every other block compiles."""
+    tc = train.load_config([config_file, "--compile", "--device=cpu"])
+    model = train.build_model(train.TASKS[tc.task], tc, train.model_config(tc), torch.device("cpu"), False)
+    # (has an MMFS, forward replaced by the compiled one) over all blocks
+    seen = {(any(isinstance(m, mmi.MMFS) for m in b.modules()), "forward" in vars(b))
+            for b in train.repeated_blocks(model)}
+    assert seen == {(True, False), (False, True)}
+
+
 def test_compiled_blocks_give_the_eager_losses_and_gradients():
     """compile=True: the repeated blocks run through torch.compile with their activation checkpointing inside.
     Here with the aot_eager backend: dynamo's tracing, the checkpoint region and AOTAutograd's recomputation,

@@ -1166,8 +1166,9 @@ def build_model(task, tc, cfg, device, distributed):
         if init_device.type == "cuda":
             torch.cuda.empty_cache()                 # the float32 copies' blocks, freed one weight at a time
     mmi.speed_up(model)
-    if tc.compile:
-        compile_blocks(task.blocks(model), tc.activation_checkpointing)
+    if tc.compile:   # MMFS blocks only where kernels.cu runs: the reference reads level shapes back, splitting graphs
+        compile_blocks([b for b in task.blocks(model) if mmi.kernels_used(device)
+                        or not any(isinstance(m, mmi.MMFS) for m in b.modules())], tc.activation_checkpointing)
     if distributed:
         shard_model(model, task.units(model), tc, device)     # moves the shards to the device
     else:
