@@ -4334,15 +4334,15 @@ def capture_cuda_graph(fn, warmup=1):
     set-up, loading the kernel, cached tables, compilation) stays out of the capture. fn must read nothing back to
     the host. Only this thread's calls can spoil the capture ("thread_local"): another thread pinning host memory
     meanwhile (a data loader's) is not part of the graph. Nor may this thread free a graph during the capture, so
-    the garbage collector runs before it and is off during it (an earlier decoder's graphs die in a collection)."""
+    the garbage collector, which frees an earlier decoder's graphs (they sit in reference cycles), is off then."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
             fn()
     stream.synchronize()
-    graph, collecting = torch.cuda.CUDAGraph(), gc.isenabled()
-    gc.collect()
+    graph = torch.cuda.CUDAGraph()
+    collecting = gc.isenabled()
     gc.disable()
     try:
         with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):

@@ -3220,8 +3220,8 @@ def test_cuda_graph_and_compile_need_the_fast_path_on_cuda():
 @cuda_only
 def test_capture_holds_off_the_garbage_collector():
     """CUDA forbids destroying a graph while another is being captured (the capture fails), and the cyclic garbage
-    collector frees dead decoders' graphs at any allocation: capture_cuda_graph collects first, keeps the collector
-    off during the capture only, then turns it back on."""
+    collector frees dead decoders' graphs at any allocation: capture_cuda_graph keeps the collector off during the
+    capture only, then turns it back on."""
     x, seen = torch.ones(4, device="cuda"), []
 
     def fn():
