@@ -1311,11 +1311,11 @@ def demo_table(metrics, num_stories):
             ("next sentence: ends at its full stop", metrics["next_sentence_ends_at_full_stop"], None, "100%"),
             ("next sentence: one valid edit of the scene", metrics["next_sentence_validity"], None, ""),
             ("image accuracy, per object", metrics["image_object_accuracy"],
-             metrics["image_object_accuracy_without_mmfs"], ""),
+             metrics["image_object_accuracy_without_mmfs"], ">= 90%"),
             ("image accuracy, whole scene", metrics["image_scene_accuracy"],
              metrics["image_scene_accuracy_without_mmfs"], ">= 80%"),
             ("story consistency", metrics["story_consistency"], metrics["story_consistency_without_mmfs"],
-             ">= 70%, and above MMFS off")]
+             ">= 80%, and 20 points above MMFS off")]
     pct = lambda v: "" if v is None else f"{100 * v:.1f}%"
     lines = [f"Demo scoreboard on {num_stories} held-out shape stories (`python eval.py`):", "",
              "| metric | MMFS on | MMFS off | target |", "|---|---:|---:|---|"]

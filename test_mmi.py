@@ -5907,7 +5907,8 @@ def test_demo_recipe_on_a_machine_without_cuda_takes_cpu_sizes(monkeypatch):
     cpu = train.load_config([demo, "--vae_from="])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = train.load_config([demo, "--vae_from="])
-    assert (cpu.batch_size, cpu.dtype, gpu.batch_size, gpu.dtype) == (2, "float32", 32, "bfloat16")
+    assert (cpu.batch_size, cpu.dtype, cpu.compile) == (2, "float32", False)
+    assert (gpu.batch_size, gpu.dtype, gpu.compile) == (32, "bfloat16", True)
     assert train.load_config([demo, "--vae_from=", "--batch_size=4"]).batch_size == 4   # the command line wins
 
 
