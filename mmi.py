@@ -866,10 +866,12 @@ class MMFS(nn.Module):
 
     def level_tables(self, n, dtype, device):
         """Offset scales (1, 1, 1, 1, Lv, 1, 1), the (H, W) of the n*Lv image-levels (images act as extra levels)
-        and their start indexes."""
-        scale = torch.tensor(self.scale_ratios, dtype=dtype, device=device).view(1, 1, 1, 1, -1, 1, 1)
-        shapes = torch.tensor([(s, s) for s in self.spatial_shapes] * n, dtype=torch.long, device=device)
-        return scale, shapes, level_start_index(shapes)
+        and their start indexes. Filled in by ops, not torch.tensor(list): a compiled graph then holds no tensor
+        constant and keeps the image count n symbolic (one graph serves every n)."""
+        sizes = torch.stack([torch.full((n,), s, dtype=torch.long, device=device) for s in self.spatial_shapes], 1)
+        shapes = torch.stack([sizes, sizes], -1).reshape(-1, 2)                     # (n, Lv) -> (n*Lv, 2) as (H, W)
+        scale = torch.stack([torch.full((), r, dtype=dtype, device=device) for r in self.scale_ratios])
+        return scale.view(1, 1, 1, 1, -1, 1, 1), shapes, level_start_index(shapes)
 
     def attend(self, offsets, logits, m, reference_points, v, scale, shapes, starts):
         """Every image's offsets (B, n, Lq, H*P*2) and logits (B, n, Lq, H*Lv*(P+1)), the mask m (B, n) or

@@ -1353,6 +1353,33 @@ def test_mmfs_grids_and_offset_scales_equal_the_originals_rules(image_size):
     assert llm_mmfs.attn.scale_ratios == tuple(s / 16 for s in (32, 16, 8))
 
 
+def test_mmfs_level_tables_compile_to_one_graph_for_any_image_count():
+    """The tables by hand (levels 8 and 4 on a base of 8), and under torch.compile: no tensor constant in the
+    graph (torch 2.11's compile cache cannot store one) and no new graph per image count n."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    mmfs = mmi.MMFS(8, 8, 8, 8, 2, 2, (8, 4), 8, 4, 1.0)
+    scale, shapes, starts = mmfs.level_tables(2, torch.float32, "cpu")
+    assert scale.flatten().tolist() == [1.0, 0.5] and scale.shape == (1, 1, 1, 1, 2, 1, 1)
+    assert shapes.tolist() == [[8, 8], [4, 4], [8, 8], [4, 4]] and starts.tolist() == [0, 64, 80, 144]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def forward_graph(fx, inputs):
+            graphs.append([n.target for n in fx.graph.nodes if n.op == "get_attr"])
+            return fx
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_graph)
+
+    def tables(v):
+        scale, shapes, starts = mmfs.level_tables(v.shape[1], v.dtype, v.device)
+        return v.sum() * scale.sum() + shapes.sum() + starts.sum()
+
+    compiled = torch.compile(tables, backend=backend)
+    for n in range(2, 7):
+        v = torch.randn(1, n, 3)
+        assert torch.equal(compiled(v), tables(v))
+    assert len(graphs) == 2 and graphs == [[], []]          # n = 2 static, then one graph with n symbolic
+
+
 def test_decoder_loss_masks_count_in_the_denominator():
     dec = _tiny_decoder(uncond_prob=0.0)
     ctx, mask, images, feats, fmask = _tiny_inputs(dec)
