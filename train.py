@@ -1166,9 +1166,11 @@ def build_model(task, tc, cfg, device, distributed):
         if init_device.type == "cuda":
             torch.cuda.empty_cache()                 # the float32 copies' blocks, freed one weight at a time
     mmi.speed_up(model)
-    if tc.compile:   # MMFS blocks only where kernels.cu runs: the reference reads level shapes back, splitting graphs
-        compile_blocks([b for b in task.blocks(model) if mmi.kernels_used(device)
-                        or not any(isinstance(m, mmi.MMFS) for m in b.modules())], tc.activation_checkpointing)
+    if tc.compile:
+        # MMFS blocks only where kernels.cu runs: the reference reads the level shapes back, splitting their graph
+        kernel = mmi.kernels_used(device)
+        blocks = [b for b in task.blocks(model) if kernel or not any(isinstance(m, mmi.MMFS) for m in b.modules())]
+        compile_blocks(blocks, tc.activation_checkpointing)
     if distributed:
         shard_model(model, task.units(model), tc, device)     # moves the shards to the device
     else:
@@ -1429,7 +1431,7 @@ def _run(tc, cleanup):
         if first or evaluate_now or save_now:
             late.restart()                       # step times count training only, not evaluation or saving
     log.bar.close()
-    if rank == 0:   # the wall time of this run's steps, with its evaluations and checkpoints
+    if rank == 0 and step > first_step:   # the wall time of this run's steps, with evaluations and checkpoints
         print(f"steps {first_step + 1}-{step} took {(time.perf_counter() - started) / 60:.1f} min")
     finish(model, task, tc, cfg, val, batches, rank, world, device, last_ckpt_path)
     return {"losses": log.losses, "model": model, "config": tc, "last_checkpoint": last_ckpt}
