@@ -2180,7 +2180,9 @@ class StableDiffusion(nn.Module):
     @torch.no_grad()
     def sample_latents(self, cond, uncond, mmfs_features, mmfs_mask, steps, guidance_scale, sampler, generator,
                        eta=0.0, progress=True, variants=1, fast=None):
-        """Latents drawn from `generator` first, then (ddpm, or ddim with eta > 0) one noise draw per step.
+        """Latents drawn from `generator` first, then (ddpm, or ddim with eta > 0) one noise draw per step, each in
+        float32 on the generator's device and then moved to cond's device and dtype (so a CPU generator gives the
+        same noise to a CPU float32 run and a GPU bf16 one).
         generator: one torch.Generator for all images, or a list with one per image (each image then draws only
         from its own, so it samples as it would alone, whatever else is in the batch).
         variants > 1: the rows are that many variant-major copies of the same B / variants images (e.g. with and
@@ -2201,10 +2203,11 @@ class StableDiffusion(nn.Module):
 
         def draw():
             if per_image:   # (1, C, h, w) per image from its own generator -> (B / variants, C, h, w)
-                z = torch.cat([torch.randn((1,) + draw_shape[1:], generator=g, device=cond.device, dtype=cond.dtype)
+                z = torch.cat([torch.randn((1,) + draw_shape[1:], generator=g, device=g.device).to(cond.device)
                                for g in generator])
             else:
-                z = torch.randn(draw_shape, generator=generator, device=cond.device, dtype=cond.dtype)
+                z = torch.randn(draw_shape, generator=generator, device=generator.device).to(cond.device)
+            z = z.to(cond.dtype)
             return z.repeat(variants, 1, 1, 1) if variants > 1 else z
 
         x = draw()
@@ -2326,9 +2329,9 @@ class ImageDecoder(nn.Module):
         mb, images = self.cfg.generate_mini_bs, []
         for k in range(num_images_per_context):
             if per_image:   # each context's own generator
-                own = [torch.Generator(device=cond.device).manual_seed(int(x) + k) for x in seed]
+                own = [torch.Generator().manual_seed(int(x) + k) for x in seed]
             else:           # one generator that runs on across the mini-batches
-                shared = torch.Generator(device=cond.device).manual_seed(seed + k)
+                shared = torch.Generator().manual_seed(seed + k)
             for s in range(0, cond.shape[0], mb):
                 generator = own[s:s + mb] if per_image else shared
                 c, u, m = cond[s:s + mb], uncond[s:s + mb], mmfs_mask[s:s + mb]

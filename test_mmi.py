@@ -2980,6 +2980,22 @@ def test_fast_samplers_are_seeded(sampler):
     assert (a - dec.generate_images(ctx, mask, feats, fmask, seed=2, **kw)).abs().max() > 1e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_seed_draws_the_same_picture_on_the_cpu_and_a_gpu():
+    """The noise is drawn on the CPU and moved, so a seed gives a CPU run and a CUDA run (fast path) the same
+    pictures up to float rounding; another seed gives other pictures."""
+    dec = _tiny_decoder().eval()
+    _perturb_mmfs_convs(dec)
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    kw = {"steps": 3, "guidance_scale": 3.0, "sampler": "ddpm", "progress": False}
+    cpu = dec.generate_images(ctx, mask, feats, fmask, seed=5, **kw)
+    gpu_dec, to = copy.deepcopy(dec).cuda(), lambda t: t.cuda()
+    gpu = lambda seed: gpu_dec.generate_images(to(ctx), to(mask), [to(f) for f in feats], to(fmask), seed=seed,
+                                               **kw).cpu()
+    assert (gpu(5) - cpu).abs().max() < 1e-2
+    assert (gpu(6) - cpu).abs().max() > 0.1
+
+
 def test_model_generate_images_is_seeded_and_checks_the_slot():
     model = tiny_model()
     cfg = model.cfg
