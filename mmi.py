@@ -2203,11 +2203,10 @@ class StableDiffusion(nn.Module):
 
         def draw():
             if per_image:   # (1, C, h, w) per image from its own generator -> (B / variants, C, h, w)
-                z = torch.cat([torch.randn((1,) + draw_shape[1:], generator=g, device=g.device).to(cond.device)
-                               for g in generator])
+                z = torch.cat([torch.randn((1,) + draw_shape[1:], generator=g, device=g.device) for g in generator])
             else:
-                z = torch.randn(draw_shape, generator=generator, device=generator.device).to(cond.device)
-            z = z.to(cond.dtype)
+                z = torch.randn(draw_shape, generator=generator, device=generator.device)
+            z = z.to(cond.device, cond.dtype)
             return z.repeat(variants, 1, 1, 1) if variants > 1 else z
 
         x = draw()
