@@ -5269,11 +5269,10 @@ def _compiled_blocks_match_eager(device, backend):
                           for x in (t.shape if torch.is_tensor(t) else [t])))
         return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
 
-    blocks = train.repeated_blocks(compiled)
-    train.compile_blocks(blocks, checkpoint=True, backend=noting_symbolic_sizes)
+    train.compile_blocks(train.compile_units(compiled), checkpoint=True, backend=noting_symbolic_sizes)
     input_sizes = defaultdict(set)                # block structure -> the input sizes its blocks run at
     layouts = set()                               # whether each block input is contiguous (another layout: a graph)
-    for block in train.repeated_blocks(eager):
+    for block in train.compile_units(eager):
         structure = (type(block), tuple(p.shape for p in block.parameters()))
         if not mmi.kernels_used(device) and any(isinstance(m, mmi.MMFS) for m in block.modules()):
             continue   # the reference deformable attention reads the level shapes back: such blocks run uncompiled
@@ -5305,8 +5304,27 @@ def test_compile_leaves_mmfs_blocks_eager_where_the_kernel_does_not_run(config_f
     model = train.build_model(train.TASKS[tc.task], tc, train.model_config(tc), torch.device("cpu"), False)
     # (has an MMFS, forward replaced by the compiled one) over all blocks
     seen = {(any(isinstance(m, mmi.MMFS) for m in b.modules()), "forward" in vars(b))
-            for b in train.repeated_blocks(model)}
+            for b in train.compile_units(model)}
     assert seen == {(True, False), (False, True)}
+
+
+def test_compile_units_are_the_blocks_with_the_unet_blocks_in_parts():
+    """At 13B the UNet's 9 blocks are 9 structures; as parts (22 resnets, 16 transformers, 3 down- and 3
+    upsamplers: SD-2's layout) they are 44 units of 20 structures. Every other repeated block stays whole, and the
+    units cover each weight once."""
+    with torch.device("meta"):
+        model = mmi.MMInterleaved(mmi.MMIConfig.from_preset("mmi-13b"))
+    unet = model.image_decoder.decoder.unet
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    units = train.compile_units(model)
+    structure = lambda m: (type(m), tuple(p.shape for p in m.parameters()))
+    parts = [u for u in units if any(u is m for b in blocks for m in b.modules())]
+    kinds = Counter(type(u).__name__ for u in parts)
+    assert kinds == {"ResnetBlock2D": 22, "Transformer2DModel": 16, "Downsample2D": 3, "Upsample2D": 3}
+    assert len({structure(b) for b in blocks}) == 9 and len({structure(u) for u in parts}) == 20
+    assert [u for u in units if u not in parts] == [b for b in train.repeated_blocks(model) if b not in blocks]
+    ids = [id(p) for u in units for p in u.parameters()]
+    assert len(ids) == len(set(ids)) == len([p for b in train.repeated_blocks(model) for p in b.parameters()])
 
 
 def test_compiled_blocks_give_the_eager_losses_and_gradients():

@@ -671,6 +671,22 @@ def repeated_blocks(model):
             sd.mmfs_module.mmfs_mid_block]
 
 
+def compile_units(model):
+    """What --compile puts through torch.compile (compile_blocks): the repeated blocks, but each UNet block as its
+    parts (resnets, transformers, down- and upsamplers). Blocks of one structure share a graph; the UNet's blocks
+    all differ, their parts repeat (at 13B: 9 blocks of 9 structures, 44 parts of 20), so the parts compile less."""
+    unet = model.image_decoder.decoder.unet
+    whole = {id(b) for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks)}
+    units = []
+    for block in repeated_blocks(model):
+        if id(block) not in whole:
+            units.append(block)
+            continue
+        for part in block.children():
+            units += list(part) if isinstance(part, torch.nn.ModuleList) else [part]
+    return units
+
+
 def fsdp_blocks(model):
     """The modules of an MMInterleaved that FSDP shards as units: every block whose forward the model calls (a
     unit's weights are gathered by its forward hook, so containers that are only iterated cannot be units): the
@@ -705,8 +721,8 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
     The block is an argument of the compiled function, so blocks of one structure (class and weight shapes) share
     one compiled graph. Each structure gets a function of its own: dynamo remembers the shapes a function has seen
     and makes every size that changed between calls symbolic, so one function for all would compile a UNet
-    block's channels and resolution as dynamic sizes, which take longer to compile;
-    per structure, only what really changes between steps (the number of images) becomes dynamic."""
+    resnet's channels and resolution as dynamic sizes, which take longer to compile; per structure, only the sizes
+    that do vary become dynamic (the number of images, the resolution of a part the UNet runs at two)."""
     body = _checkpointed_block_forward if checkpoint else _block_forward
     compiled = {}
     for block in blocks:
@@ -1059,13 +1075,13 @@ class Task:
     build: object          # (tc, cfg, init_device) -> the model, its weights drawn or loaded
     loss: object           # (model, host batch, device) -> {"loss", other "loss_*"}
     flops: object          # (model, host batch) -> the micro-batch's training FLOPs
-    blocks: object         # model -> the blocks run one after another (activation checkpointing, torch.compile)
+    blocks: object         # model -> what torch.compile compiles, with activation checkpointing inside
     units: object          # model -> FSDP's units
     export: object         # (model, tc, cfg, val batches, rank, world, device): writes the result, says where
     result: str            # what export writes, for the start of the run
 
 
-TASKS = {"mmi": Task(build_mmi, mmi_loss, train_flops, repeated_blocks, fsdp_blocks, export_model,
+TASKS = {"mmi": Task(build_mmi, mmi_loss, train_flops, compile_units, fsdp_blocks, export_model,
                      "the model in model/"),
          "vae": Task(build_vae, vae_loss, vae_train_flops, vae_blocks, vae_blocks, export_vae, "vae.safetensors")}
 
