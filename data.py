@@ -1973,16 +1973,18 @@ def story_sample(story, tokenizer, rng, num_img_token=64, transform=None, image_
 
 class StorySource:
     """Shape stories of one split as a source: story i of the split goes to reader i mod num_readers.
-    A pass covers `num_stories` stories (default: the whole split)."""
+    A pass covers `num_stories` stories (default: the whole split). pairs: each story's opening alone, its
+    description then its image: an image-text pair for drawing from text (like the paper's LAION pairs beside
+    MMC4; in a story only an opening told before its image is one)."""
 
     def __init__(self, tokenizer, split="train", num_stories=None, num_img_token=64, transform=None,
-                 image_size=DEMO_IMAGE_SIZE, seed=0, name=None):
+                 image_size=DEMO_IMAGE_SIZE, seed=0, name=None, pairs=False):
         if split not in SPLIT_SEED_BASE:
             raise ValueError(f"split {split!r}, expected one of {list(SPLIT_SEED_BASE)}")
-        self.tokenizer, self.split, self.seed = tokenizer, split, seed
+        self.tokenizer, self.split, self.seed, self.pairs = tokenizer, split, seed, pairs
         self.num_stories = min(num_stories or SPLIT_SIZE[split], SPLIT_SIZE[split])
         self.num_img_token, self.transform, self.image_size = num_img_token, transform, image_size
-        self.name = name or f"shape_stories_{split}"
+        self.name = name or f"shape_{'pairs' if pairs else 'stories'}_{split}"
 
     def samples(self, reader, epoch, pass_idx, start_slot=0, start_line=0):
         num_readers = reader.world_size * reader.num_workers
@@ -2001,20 +2003,29 @@ class StorySource:
 
     def make(self, seed, rng):
         """The Sample of the split's item `seed`."""
-        return story_sample(make_story(seed), self.tokenizer, rng, self.num_img_token, self.transform,
-                            self.image_size)
+        story = make_story(seed)
+        if self.pairs:
+            story = Story(story.seed, story.texts[:1], story.scenes[:1], [])
+        return story_sample(story, self.tokenizer, rng, self.num_img_token, self.transform, self.image_size,
+                            img_first_prob=0.0 if self.pairs else 0.5)
 
     def next_key(self, key):
         return (key[0], key[1], 0, key[3] + 1)
 
 
 def demo_dataset(tokenizer, split="train", num_total_token=512, num_img_token=16, batch_size=8, max_num_images=15,
-                 num_stories=None, seed=0, image_size=DEMO_IMAGE_SIZE, transform=None, rank=None, world_size=None):
-    """The demo training stream: shape stories packed into rows like MMC4, as a MixedDataset of one source
-    (one epoch = one pass over `num_stories`). Use with DataLoader(batch_size=None, num_workers=...)."""
-    source = StorySource(tokenizer, split, num_stories, num_img_token, transform, image_size, seed)
+                 num_stories=None, seed=0, image_size=DEMO_IMAGE_SIZE, transform=None, rank=None, world_size=None,
+                 pairs=0.0):
+    """The demo training stream: shape stories packed into rows like MMC4, as a MixedDataset (one epoch = one pass
+    over `num_stories`); pairs > 0: that share of the batches are rows of the stories' openings as image-text pairs
+    (StorySource(pairs=True)). Use with DataLoader(batch_size=None, num_workers=...)."""
+    if not 0.0 <= pairs < 1.0:
+        raise ValueError(f"pairs={pairs}: expected a share of the batches, 0 <= pairs < 1")
+    kinds, probs = ([False, True], [1.0 - pairs, pairs]) if pairs > 0 else ([False], [1.0])
+    sources = [StorySource(tokenizer, split, num_stories, num_img_token, transform, image_size, seed, pairs=p)
+               for p in kinds]
     cfg = PackConfig(num_total_token, num_img_token, max_num_images, "sample", batch_size)
-    return MixedDataset([source], [1.0], [cfg], tokenizer, seed=seed, rank=rank, world_size=world_size)
+    return MixedDataset(sources, probs, [cfg] * len(sources), tokenizer, seed=seed, rank=rank, world_size=world_size)
 
 
 def demo_stories(split, num_stories):

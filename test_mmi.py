@@ -4931,6 +4931,44 @@ def test_demo_batches_carry_scenes_that_match_images_and_text():
     assert val_seeds == set(range(data.SPLIT_SEED_BASE["val"], data.SPLIT_SEED_BASE["val"] + 5))
 
 
+def test_demo_pairs_are_story_openings_told_before_their_image():
+    """demo_dataset(pairs=p): a share p of the batches hold image-text pairs, each a story's opening sentence then
+    its image (one image a pair, read back as the story's first scene); the other batches hold whole stories."""
+    tok = demo_tok()
+    ds = data.demo_dataset(tok, "train", num_total_token=160, num_img_token=4, batch_size=2, num_stories=40, seed=1,
+                           pairs=0.5)
+    ds.verbose, ds.flush_last = False, True
+    kinds = Counter()
+    for b in ds:
+        name = b["meta"]["dataset_name"]
+        kinds[name] += 1
+        if name != "shape_pairs_train":
+            continue
+        for row in b["text_ids"].tolist():   # (a row may start or end inside a pair: rows are packed like MMC4)
+            for j in (j for j, t in enumerate(row) if t == tok.soi_id):
+                # the sentence right before the image, which ends its pair
+                assert j > 0 and row[j - 1] not in (tok.bos_id, tok.eos_id, tok.image_id, tok.pad_id)
+                assert row[j + 1:j + 6] == [tok.image_id] * 4 + [tok.eos_id]
+        for img, info in zip(b["image_tensors"], b["meta"]["image_info"]):
+            assert info["step"] == 0
+            assert data.read_scene(img.numpy()) == data.make_story(info["story"]).scenes[0]
+    assert set(kinds) == {"shape_stories_train", "shape_pairs_train"}
+    with pytest.raises(ValueError, match="0 <= pairs < 1"):
+        data.demo_dataset(tok, pairs=1.0)
+
+
+def test_train_demo_pairs_mix_the_training_stream_only():
+    demo = os.path.join(HERE, "configs", "demo.py")
+    tc = train.load_config([demo, "--vae_from=", "--demo_pairs=0.25"])
+    cfg = train.model_config(tc)
+    train_set, val_set = (train.mixed_dataset(cfg, tc, split, 0, 1) for split in ("train", "val"))
+    assert [s.name for s in train_set.sources] == ["shape_stories_train", "shape_pairs_train"]
+    assert train_set.probs == [0.75, 0.25]
+    assert [s.name for s in val_set.sources] == ["shape_stories_val"]
+    with pytest.raises(mmi.InputError, match="demo_pairs 1.0: expected a share"):
+        train.check_inputs(train.load_config([demo, "--vae_from=", "--demo_pairs=1.0"]))
+
+
 def test_show_cli_writes_sheet_and_text(tmp_path):
     assert data.main(["--demo", "--show", "3", "--out", str(tmp_path)]) == 0
     sheet = Image.open(tmp_path / "demo_sheet.png")
