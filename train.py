@@ -679,15 +679,9 @@ def compile_units(model):
     parts (resnets, transformers, down- and upsamplers). Blocks of one structure share a graph; the UNet's blocks
     all differ, their parts repeat (at 13B: 9 blocks of 9 structures, 44 parts of 20), so the parts compile less."""
     unet = model.image_decoder.decoder.unet
-    whole = {id(b) for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks)}
-    units = []
-    for block in repeated_blocks(model):
-        if id(block) not in whole:
-            units.append(block)
-            continue
-        for part in block.children():
-            units += list(part) if isinstance(part, torch.nn.ModuleList) else [part]
-    return units
+    split = {id(b) for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks)}
+    parts = lambda block: [m for p in block.children() for m in (p if isinstance(p, torch.nn.ModuleList) else [p])]
+    return [u for block in repeated_blocks(model) for u in (parts(block) if id(block) in split else [block])]
 
 
 def fsdp_blocks(model):
