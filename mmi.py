@@ -2206,7 +2206,7 @@ class StableDiffusion(nn.Module):
                 z = torch.cat([torch.randn((1,) + draw_shape[1:], generator=g, device=g.device) for g in generator])
             else:
                 z = torch.randn(draw_shape, generator=generator, device=generator.device)
-            z = z.to(cond.device, cond.dtype)
+            z = z.to(cond.device, cond.dtype, non_blocking=True)   # no wait on the GPU's queued steps
             return z.repeat(variants, 1, 1, 1) if variants > 1 else z
 
         x = draw()
