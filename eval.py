@@ -1190,8 +1190,9 @@ def demo_caption_ids(model, tokenizer, first_images, device):
 @torch.no_grad()
 def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_PER_CALL):
     """Per story: a greedy caption of its first image (the image-first direction of training), the next sentence
-    sampled after its opening sentence and image (DEMO_TEXT, one story a call: each keeps its own seed), then every
-    later image drawn from the story so far, with and without the UNet's MMFS (the previous image's features).
+    sampled after its opening sentence and image (DEMO_TEXT, one story a call: each keeps its own seed), the first
+    image drawn from the opening sentence alone, then every later image drawn from the story so far, with and
+    without the UNet's MMFS (the previous image's features).
     `stories_per_call` stories share each generate call; the results do not depend on it. Yields one output per
     story as each group finishes."""
     S = model.cfg.vision.image_size
@@ -1205,9 +1206,10 @@ def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_
                                  [imgs[0]], dict(DEMO_TEXT, seed=seed), args.device)[0]
                  for story, imgs, seed in zip(stories, images, seeds)]
         steps = [(story, imgs, k, seed)
-                 for seed, story, imgs in zip(seeds, stories, images) for k in range(1, len(story.scenes))]
+                 for seed, story, imgs in zip(seeds, stories, images) for k in range(len(story.scenes))]
         drawn = iter(demo_draws(model, tokenizer, steps, args.device))
         for s, story, caption, next_text in zip(group, stories, captions, nexts):
+            first, _ = next(drawn)          # no image before it: drawn alike with and without MMFS
             story_steps = []
             for k in range(1, len(story.scenes)):
                 with_mmfs, without_mmfs = next(drawn)
@@ -1216,13 +1218,16 @@ def predict_demo(model, tokenizer, samples, args, stories_per_call=DEMO_STORIES_
                                     "read": [o.as_dict() for o in with_mmfs],
                                     "read_without_mmfs": [o.as_dict() for o in without_mmfs]})
             yield {"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
-                   "caption": caption, "next_sentence": next_text, "steps": story_steps}
+                   "caption": caption, "next_sentence": next_text,
+                   "first": {"target": [o.as_dict() for o in story.scenes[0]], "read": [o.as_dict() for o in first]},
+                   "steps": story_steps}
 
 
 def demo_scores(outputs, read_key="read"):
     """caption accuracy; the sampled next sentences that end at their full stop, and that are one valid edit of
-    the opening scene and nothing more; per-object and whole-scene image accuracy; story consistency (the objects
-    an edit does not touch keep their shape, colour and cell in the drawn image)."""
+    the opening scene and nothing more; per-object and whole-scene image accuracy of the edited images; story
+    consistency (the objects an edit does not touch keep their shape, colour and cell in the drawn image); the
+    same two accuracies for the first images, drawn from their sentence alone."""
     as_set = lambda objs: {(o["shape"], o["colour"], tuple(o["cell"])) for o in objs}
     captions = [data.parse_scene(o["caption"].split(".")[0] + ".") for o in outputs]
     caption_ok = [c is not None and as_set(o.as_dict() for o in c) == as_set(out["scene"])
@@ -1232,6 +1237,7 @@ def demo_scores(outputs, read_key="read"):
     ended = [o["next_sentence"].strip().count(".") == 1 and o["next_sentence"].strip().endswith(".")
              for o in outputs]
     objects = found = scenes = exact = kept = untouched = 0
+    firsts = [(as_set(o["first"]["target"]), as_set(o["first"]["read"])) for o in outputs if "first" in o]
     for out in outputs:
         for st in out["steps"]:
             target, read, prev = as_set(st["target"]), as_set(st[read_key]), as_set(st["previous"])
@@ -1247,7 +1253,9 @@ def demo_scores(outputs, read_key="read"):
             "next_sentence_ends_at_full_stop": ratio(sum(ended), len(ended)),
             "next_sentence_validity": ratio(sum(edits_ok), len(edits_ok)),
             "image_object_accuracy": ratio(found, objects), "image_scene_accuracy": ratio(exact, scenes),
-            "story_consistency": ratio(kept, untouched)}
+            "story_consistency": ratio(kept, untouched),
+            "first_image_object_accuracy": ratio(sum(len(t & r) for t, r in firsts), sum(len(t) for t, _ in firsts)),
+            "first_image_scene_accuracy": ratio(sum(t == r for t, r in firsts), len(firsts))}
 
 
 def score_demo(data_root, outputs, args):
@@ -1315,7 +1323,9 @@ def demo_table(metrics, num_stories):
             ("image accuracy, whole scene", metrics["image_scene_accuracy"],
              metrics["image_scene_accuracy_without_mmfs"], ">= 80%"),
             ("story consistency", metrics["story_consistency"], metrics["story_consistency_without_mmfs"],
-             ">= 80%, and 20 points above MMFS off")]
+             ">= 80%, and 20 points above MMFS off"),
+            ("first image from its sentence alone, per object", metrics["first_image_object_accuracy"], None, ""),
+            ("first image from its sentence alone, whole scene", metrics["first_image_scene_accuracy"], None, "")]
     pct = lambda v: "" if v is None else f"{100 * v:.1f}%"
     lines = [f"Demo scoreboard on {num_stories} held-out shape stories (`python eval.py`):", "",
              "| metric | MMFS on | MMFS off | target |", "|---|---:|---:|---|"]

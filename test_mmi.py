@@ -5648,15 +5648,17 @@ def test_finetune_resume_gives_the_uninterrupted_losses_exactly(tmp_path, config
     assert [resumed["losses"][s] for s in (2, 3, 4)] == [full["losses"][s] for s in (2, 3, 4)]
 
 
-def test_init_from_takes_the_runs_trainable_flags(tmp_path, config_file):
+def test_init_from_takes_the_runs_trainable_flags_and_loss_weights(tmp_path, config_file):
     """A run from a saved model chooses what trains (--model.unet.trainable=false freezes the UNet it was saved
-    with); a different architecture is still refused."""
+    with) and its loss weights; a different architecture is still refused."""
     torch.manual_seed(0)
     mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny")).save_pretrained(str(tmp_path / "m"))
-    tc = train.load_config([config_file, f"--init_from={tmp_path / 'm'}", "--model.unet.trainable=false"])
+    tc = train.load_config([config_file, f"--init_from={tmp_path / 'm'}", "--model.unet.trainable=false",
+                            "--model.loss_img_weight=40"])
     model = train.build_mmi(tc, train.model_config(tc), torch.device("cpu"))
     unet = [p.requires_grad for n, p in model.named_parameters() if n.startswith("image_decoder.decoder.unet.")]
     assert unet and not any(unet) and model.mm_decoder.layers[0].llama_cross_attn.gate.requires_grad
+    assert model.cfg.loss_img_weight == 40.0
     tc = train.load_config([config_file, f"--init_from={tmp_path / 'm'}", "--model.llm.num_hidden_layers=3"])
     with pytest.raises(mmi.InputError, match="its model config differs from preset 'tiny'"):
         train.build_mmi(tc, train.model_config(tc), torch.device("cpu"))
@@ -7526,7 +7528,11 @@ def test_demo_scores_by_hand():
                  "read": [moved_c, blue_s, green_t], "read_without_mmfs": [moved_c]}]},
            {"scene": [green_t], "caption": "a green circle at the bottom right.", "steps": [],
             "next_sentence": "the green triangle turns red. right."}]           # a stray word after the full stop
+    # first images from their sentence alone: 1 of 2 objects (the square's colour wrong), then 1 of 1
+    out[0]["first"] = {"target": [red_c, blue_s], "read": [red_c, _obj(1, 1, "square", "red")]}
+    out[1]["first"] = {"target": [green_t], "read": [green_t]}
     s = ev.demo_scores(out)
+    assert s["first_image_object_accuracy"] == 2 / 3 and s["first_image_scene_accuracy"] == 1 / 2
     assert s["caption_accuracy"] == 0.5                       # the second caption names the wrong shape
     assert s["next_sentence_validity"] == 0.5 and s["next_sentence_ends_at_full_stop"] == 0.5
     for bad in ("the red circle turns blue.",                # no red circle in that scene
@@ -7580,13 +7586,16 @@ def _demo_story_at_a_time(model, tokenizer, samples, args):
         out = model.generate_texts(ev.text_batch([data.image_placeholder(model.cfg.num_img_token)], [images[0]],
                                                  tokenizer), **ev.DEMO_GENERATION)
         steps = []
-        for k in range(1, len(story.scenes)):
+        for k in range(len(story.scenes)):
             prompt = ev.demo_story_prompt(story.texts, model.cfg.num_img_token, k)
             batch = ev.text_batch([prompt], images[:k] + [torch.full_like(images[k], 0.5)], tokenizer, pad_left=False)
             pair = model.generate_images(batch, target_image_idxs=[k], seed=args.seed + s["seed"] % 100000,
                                          progress=False, use_mmfs="both", **ev.DEMO_IMAGES)["image"]
             pairs.append(pair)
             read = [[o.as_dict() for o in data.read_scene(img.numpy())] for img in pair]
+            if k == 0:                              # the first image, from its sentence alone
+                first = {"target": [o.as_dict() for o in story.scenes[0]], "read": read[0]}
+                continue
             steps.append({"target": [o.as_dict() for o in story.scenes[k]],
                           "previous": [o.as_dict() for o in story.scenes[k - 1]],
                           "read": read[0], "read_without_mmfs": read[1]})
@@ -7595,7 +7604,7 @@ def _demo_story_at_a_time(model, tokenizer, samples, args):
                                    **dict(ev.DEMO_TEXT, seed=args.seed + s["seed"] % 100000))
         decode = lambda o: tokenizer.decode(o["text_ids"][0, :int(o["lengths"][0])].tolist()).strip()
         outputs.append({"id": s["id"], "seed": s["seed"], "scene": [o.as_dict() for o in story.scenes[0]],
-                        "caption": decode(out), "next_sentence": decode(nxt), "steps": steps})
+                        "caption": decode(out), "next_sentence": decode(nxt), "first": first, "steps": steps})
     return outputs, pairs
 
 
@@ -7622,7 +7631,7 @@ def test_demo_stories_in_groups_equal_one_story_at_a_time(monkeypatch):
         got = list(ev.predict_demo(model, tok, samples, args, stories_per_call=2))
     assert got == want
     # each call reads all its images with MMFS, then all without; stories 0-1 share a call, story 2 has its own
-    first_call = sum(len(data.make_story(s["seed"]).scenes) - 1 for s in samples[:2])
+    first_call = sum(len(data.make_story(s["seed"]).scenes) for s in samples[:2])
     expected = [p[0] for p in pairs[:first_call]] + [p[1] for p in pairs[:first_call]] + \
                [p[0] for p in pairs[first_call:]] + [p[1] for p in pairs[first_call:]]
     assert len(drawn) == len(expected) == 2 * len(pairs)
