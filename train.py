@@ -1033,8 +1033,7 @@ def build_mmi(tc, cfg, init_device):
     the LLM, all else frozen."""
     if tc.init_from:
         model = mmi.MMInterleaved.from_pretrained(tc.init_from)
-        saved = dataclasses.replace(model.cfg, gradient_checkpointing=cfg.gradient_checkpointing)
-        if architecture(saved.to_dict()) != architecture(cfg.to_dict()):
+        if architecture(model.cfg.to_dict()) != architecture(cfg.to_dict()):
             raise mmi.InputError(f"init_from {tc.init_from}: its model config differs from preset {tc.preset!r} "
                                  f"with model_overrides {tc.model_overrides}")
         model.cfg = cfg
@@ -1053,9 +1052,16 @@ def build_mmi(tc, cfg, init_device):
     return model
 
 
+# model config keys that say how a run trains, not what the model is, read from the model's top config (build_mmi
+# sets it): a run from a saved model may change them
+TRAINING_KNOBS = ("trainable", "loss_txt_weight", "loss_img_weight", "dataset_to_ignore_noimage_cond_loss",
+                  "gradient_checkpointing")
+
+
 def architecture(cfg_dict):
-    """A model config (as a dict) less its trainable flags, which say what a run trains, not what the model is."""
-    return {k: architecture(v) if isinstance(v, dict) else v for k, v in cfg_dict.items() if "trainable" not in k}
+    """A model config (as a dict) less its TRAINING_KNOBS."""
+    return {k: architecture(v) if isinstance(v, dict) else v for k, v in cfg_dict.items()
+            if not any(knob in k for knob in TRAINING_KNOBS)}
 
 
 def mmi_loss(model, batch, device):
