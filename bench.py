@@ -1,6 +1,6 @@
 """Benchmarks for mmi. `python bench.py kernel` times the deformable-attention kernel against grid_sample;
-`gemv` the decoding matmuls against cuBLAS; `train` and `sample` the programs at paper size; `data` the corpus stream;
-`quant` the accuracy of weight-only quantization.
+`gemv` the decoding matmuls against cuBLAS; `train` and `sample` the programs at paper size; `decode` where a decoding
+step's time goes; `data` the corpus stream; `quant` the accuracy of weight-only quantization.
 
 Each section is a function `bench_<name>(args)`, listed in SECTIONS.
 """
@@ -329,19 +329,16 @@ def bench_train(args):
 
 
 @torch.no_grad()
-def bench_sample(args):
-    """Generation at paper size with random weights: greedy text decoding through the static KV cache
-    (tokens/s, prefill and graph capture excluded; the step compiled inside its CUDA graph, the CUDA graph alone and,
-    to compare, eager), one 512x512 image with 30 DDPM steps and CFG including the LLM context pass and the
-    UNet-MMFS (each step's UNet pass replayed from a CUDA graph, and eager), and peak memory: of the fast path's
-    text and image together (the loop sample.py runs on a GPU), and of the plain path's apart.
-    `--preset=tiny` checks the plumbing on a CPU (eager only); `--quantize=int8|int4` quantizes the weights of
-    mmi.quantize_targets after the model is built (mmi.quantize)."""
-    import time
-
+def device_and_dtype():
+    """-> (cuda, device, dtype): bf16 on a GPU, float32 on a CPU."""
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    return cuda, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32
+
+
+def random_model_and_prompts(args):
+    """The --preset model with random weights (--quantize applied) as device_and_dtype() says, and two prompts: text
+    and an image (for images), then the same with ten more text tokens after the image (for text)."""
+    cuda, device, dtype = device_and_dtype()
     cfg = mmi.MMIConfig.from_preset(args.preset)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -360,7 +357,22 @@ def bench_sample(args):
     ids = [cfg.bos_token_id] + list(range(3, 33)) + [cfg.soi_token_id] + [cfg.image_token_id] * cfg.num_img_token
     prompt = {"text_ids": torch.tensor([ids], device=device), "image_tensors": torch.rand(1, 3, S, S, device=device),
               "num_image_per_seq": torch.tensor([1], device=device)}
-    text_prompt = dict(prompt, text_ids=torch.tensor([ids + list(range(40, 50))], device=device))
+    return model, prompt, dict(prompt, text_ids=torch.tensor([ids + list(range(40, 50))], device=device))
+
+
+def bench_sample(args):
+    """Generation at paper size with random weights: greedy text decoding through the static KV cache
+    (tokens/s, prefill and graph capture excluded; the step compiled inside its CUDA graph, the CUDA graph alone and,
+    to compare, eager), one 512x512 image with 30 DDPM steps and CFG including the LLM context pass and the
+    UNet-MMFS (each step's UNet pass replayed from a CUDA graph, and eager), and peak memory: of the fast path's
+    text and image together (the loop sample.py runs on a GPU), and of the plain path's apart.
+    `--preset=tiny` checks the plumbing on a CPU (eager only); `--quantize=int8|int4` quantizes the weights of
+    mmi.quantize_targets after the model is built (mmi.quantize)."""
+    import time
+
+    cuda, _, dtype = device_and_dtype()
+    model, prompt, text_prompt = random_model_and_prompts(args)
+    cfg = model.cfg
 
     def timed(fn):
         if cuda:
@@ -445,6 +457,47 @@ def bench_sample(args):
           f"cache, batch 1; one {cfg.image_decoder.image_size}px image, 30 DDPM steps with CFG, LLM pass and VAE "
           f"included: {image}; " + (f"peak memory {mem:.1f} GiB fast path, {mem_plain:.1f} GiB plain path" if cuda else
                                    "peak memory n/a on a CPU"))
+
+
+def bench_decode(args):
+    """Where a decoding step's time goes: bench.py sample's text prompt, then --steps steps of the fast path's
+    cached step (compiled on a GPU) without its CUDA graph, so that torch.profiler sees each kernel (inside the
+    graph they are the same kernels, launched at once). -> the kernels by device time per step, on a CPU the ops
+    by CPU time; with the sum per step beside the step's wall time."""
+    import time
+
+    cuda, _, dtype = device_and_dtype()
+    model, _, prompt = random_model_and_prompts(args)
+    num = model.validate_batch(prompt)
+    embeds, vision, xmask, _ = model.prepare_mm_embeds(prompt["text_ids"], prompt["image_tensors"], num)
+    n = args.steps
+    decoder = mmi.FastDecoder(model, embeds, torch.ones_like(prompt["text_ids"]), vision, xmask, n + 4,
+                              cuda_graph=False, compile=cuda)
+    token = prompt["text_ids"][:, -1]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU]
+    with torch.no_grad():
+        decoder.prefill()
+        for _ in range(3):                                                     # warm-up (and compilation)
+            decoder.step(token)
+        sync()
+        with torch.profiler.profile(activities=activities) as prof:
+            t = time.perf_counter()
+            for _ in range(n):
+                decoder.step(token)
+            sync()
+            wall = (time.perf_counter() - t) / n
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted((e for e in events if own(e) > 0), key=own, reverse=True)
+    total = sum(own(e) for e in events) / n                                   # microseconds per step
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"decode, {args.preset}, {card}, {dtype}, quantize {args.quantize}: one step {1000 * wall:.2f} ms wall "
+          f"without its CUDA graph (profiled), {total / 1000:.2f} ms in {'kernels' if cuda else 'ops'}")
+    print(f"| {'kernel' if cuda else 'op'} | per step | us per step | share |\n|---|---:|---:|---:|")
+    for e in events[:args.top]:
+        print(f"| {e.key[:90]} | {e.count / n:g} | {own(e) / n:.1f} | {100 * own(e) / n / total:.1f}% |")
 
 
 def quant_matmul_error(weight, x, bits, group_size=128, rows_per_chunk=4096):
@@ -581,7 +634,7 @@ def bench_data(args):
 
 
 SECTIONS = {"kernel": bench_kernel, "gemv": bench_gemv, "data": bench_data, "train": bench_train,
-            "sample": bench_sample, "quant": bench_quant}
+            "sample": bench_sample, "decode": bench_decode, "quant": bench_quant}
 
 
 def main():
@@ -591,17 +644,18 @@ def main():
     parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
     parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
     parser.add_argument("--preset", default="mmi-13b",
-                        help="train / sample / gemv / quant: the model preset (tiny for a CPU check)")
+                        help="train / sample / decode / gemv / quant: the model preset (tiny for a CPU check)")
     parser.add_argument("--recipe", default="pretrain", choices=["pretrain", *RECIPES],
                         help="train: the recipe whose rows and trainable set are benched")
     parser.add_argument("--lora_rank", type=int, default=0, help="train: LoRA of this rank on the LLM, all else frozen")
     parser.add_argument("--rows", type=int, default=0,
                         help="train: rows per GPU (per process on a CPU); 0 = the recipe's (pretrain: 4)")
-    parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps")
+    parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps; decode: steps profiled")
+    parser.add_argument("--top", type=int, default=25, help="decode: kernels listed")
     parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")
     parser.add_argument("--new_tokens", type=int, default=128, help="sample: tokens to decode")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                        help="sample: weight-only quantization of the LLM's matmuls, text head and Q-Formers")
+                        help="sample, decode: weight-only quantization of the LLM's matmuls, text head and Q-Formers")
     parser.add_argument("--compile", action="store_true", help="train: torch.compile the repeated blocks")
     args = parser.parse_args()
     SECTIONS[args.section](args)

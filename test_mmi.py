@@ -7656,6 +7656,21 @@ def test_bench_train_on_cpu_speaks_of_processes_not_gpus(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the wording on a machine without CUDA")
+def test_bench_decode_on_cpu_lists_the_ops_of_one_step(capsys):
+    """bench.py decode at the tiny preset: a header, then the top ops of a decoding step, each with a whole number
+    of calls a step, their shares of the step's op time adding up to at most 100%, the matmuls among them."""
+    import argparse
+    import bench
+    bench.bench_decode(argparse.Namespace(preset="tiny", quantize="none", steps=3, top=40))
+    out = capsys.readouterr().out
+    assert re.search(r"decode, tiny, cpu, torch.float32, quantize none: one step [\d.]+ ms wall", out), out
+    rows = re.findall(r"^\| (\S+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \|$", out, re.M)
+    assert 10 <= len(rows) <= 40 and all(float(calls).is_integer() for _, calls, _, _ in rows)
+    assert 50 < sum(float(share) for *_, share in rows) <= 100.5
+    assert any(op in ("aten::mm", "aten::addmm") for op, *_ in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the wording on a machine without CUDA")
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_bench_train_storytelling_reports_rows_and_trainable(capsys, lora_rank):
     """The storytelling recipe on synthetic VIST-shaped rows: 5 frames of a 20-token caption, soi and 8 image tokens
