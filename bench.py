@@ -461,8 +461,8 @@ def bench_sample(args):
 
 def bench_decode(args):
     """Where a decoding step's time goes: bench.py sample's text prompt, then --steps steps of the fast path's
-    cached step (compiled on a GPU) without its CUDA graph, so that torch.profiler sees each kernel (inside the
-    graph they are the same kernels, launched at once). -> the kernels by device time per step, on a CPU the ops
+    cached step (compiled with --compile) without its CUDA graph, so that torch.profiler sees each kernel (inside
+    the graph they are the same kernels, launched at once). -> the kernels by device time per step, on a CPU the ops
     by CPU time; with the sum per step beside the step's wall time."""
     import time
 
@@ -472,7 +472,7 @@ def bench_decode(args):
     embeds, vision, xmask, _ = model.prepare_mm_embeds(prompt["text_ids"], prompt["image_tensors"], num)
     n = args.steps
     decoder = mmi.FastDecoder(model, embeds, torch.ones_like(prompt["text_ids"]), vision, xmask, n + 4,
-                              cuda_graph=False, compile=cuda)
+                              cuda_graph=False, compile=args.compile)
     token = prompt["text_ids"][:, -1]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU]
@@ -493,7 +493,8 @@ def bench_decode(args):
     events = sorted((e for e in events if own(e) > 0), key=own, reverse=True)
     total = sum(own(e) for e in events) / n                                   # microseconds per step
     card = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"decode, {args.preset}, {card}, {dtype}, quantize {args.quantize}: one step {1000 * wall:.2f} ms wall "
+    print(f"decode, {args.preset}, {card}, {dtype}, quantize {args.quantize}, "
+          f"{'compiled' if args.compile else 'eager'}: one step {1000 * wall:.2f} ms wall "
           f"without its CUDA graph (profiled), {total / 1000:.2f} ms in {'kernels' if cuda else 'ops'}")
     print(f"| {'kernel' if cuda else 'op'} | per step | us per step | share |\n|---|---:|---:|---:|")
     for e in events[:args.top]:
@@ -656,7 +657,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=128, help="sample: tokens to decode")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                         help="sample, decode: weight-only quantization of the LLM's matmuls, text head and Q-Formers")
-    parser.add_argument("--compile", action="store_true", help="train: torch.compile the repeated blocks")
+    parser.add_argument("--compile", action="store_true", help="train: torch.compile the repeated blocks; decode: the step")
     args = parser.parse_args()
     SECTIONS[args.section](args)
 
