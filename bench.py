@@ -328,7 +328,6 @@ def bench_train(args):
            f"{torch.cuda.max_memory_reserved() / 2 ** 30:.1f} GiB on rank 0" if cuda else ""))
 
 
-@torch.no_grad()
 def device_and_dtype():
     """-> (cuda, device, dtype): bf16 on a GPU, float32 on a CPU."""
     cuda = torch.cuda.is_available()
@@ -360,6 +359,7 @@ def random_model_and_prompts(args):
     return model, prompt, dict(prompt, text_ids=torch.tensor([ids + list(range(40, 50))], device=device))
 
 
+@torch.no_grad()
 def bench_sample(args):
     """Generation at paper size with random weights: greedy text decoding through the static KV cache
     (tokens/s, prefill and graph capture excluded; the step compiled inside its CUDA graph, the CUDA graph alone and,
@@ -459,6 +459,7 @@ def bench_sample(args):
                                    "peak memory n/a on a CPU"))
 
 
+@torch.no_grad()
 def bench_decode(args):
     """Where a decoding step's time goes: bench.py sample's text prompt, then --steps steps of the fast path's
     cached step (compiled with --compile) without its CUDA graph, so that torch.profiler sees each kernel (inside
@@ -476,17 +477,16 @@ def bench_decode(args):
     token = prompt["text_ids"][:, -1]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU]
-    with torch.no_grad():
-        decoder.prefill()
-        for _ in range(3):                                                     # warm-up (and compilation)
+    decoder.prefill()
+    for _ in range(3):                                                         # warm-up (and compilation)
+        decoder.step(token)
+    sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for _ in range(n):
             decoder.step(token)
         sync()
-        with torch.profiler.profile(activities=activities) as prof:
-            t = time.perf_counter()
-            for _ in range(n):
-                decoder.step(token)
-            sync()
-            wall = (time.perf_counter() - t) / n
+        wall = (time.perf_counter() - t) / n
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     events = [e for e in prof.key_averages() if e.device_type == kind]
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
@@ -657,7 +657,8 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=128, help="sample: tokens to decode")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                         help="sample, decode: weight-only quantization of the LLM's matmuls, text head and Q-Formers")
-    parser.add_argument("--compile", action="store_true", help="train: torch.compile the repeated blocks; decode: the step")
+    parser.add_argument("--compile", action="store_true",
+                        help="train: torch.compile the repeated blocks; decode: the step")
     args = parser.parse_args()
     SECTIONS[args.section](args)
 
