@@ -2028,9 +2028,10 @@ def demo_dataset(tokenizer, split="train", num_total_token=512, num_img_token=16
     return MixedDataset(sources, probs, [cfg] * len(sources), tokenizer, seed=seed, rank=rank, world_size=world_size)
 
 
-def demo_stories(split, num_stories):
-    """The first stories of an evaluation split, in order: the same ones on every call and machine."""
-    return [make_story(SPLIT_SEED_BASE[split] + i) for i in range(num_stories)]
+def demo_stories(split, num_stories, start=0):
+    """Stories start .. start + num_stories - 1 of an evaluation split, in order: the same ones on every call and
+    machine."""
+    return [make_story(SPLIT_SEED_BASE[split] + i) for i in range(start, start + num_stories)]
 
 
 def demo_corpus_text(num_stories=5000):
@@ -2126,9 +2127,10 @@ def demo_qa_dataset(tokenizer, split="train", num_img_token=16, batch_size=16, n
                          tokenizer, seed=seed, rank=rank, world_size=world_size, loss_weights=[(0.0, None)])
 
 
-def demo_questions(split, num_questions):
-    """The first questions of an evaluation split, in order: the same ones on every call and machine."""
-    return [make_question(SPLIT_SEED_BASE[split] + i) for i in range(num_questions)]
+def demo_questions(split, num_questions, start=0):
+    """Questions start .. start + num_questions - 1 of an evaluation split, in order: the same ones on every call
+    and machine."""
+    return [make_question(SPLIT_SEED_BASE[split] + i) for i in range(start, start + num_questions)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

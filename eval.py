@@ -1145,9 +1145,9 @@ DEMO_IMAGES = dict(steps=25, guidance_scale=3.0, sampler="ddim")
 DEMO_STORIES_PER_CALL = 8   # stories whose captions, then whose images, share one generate call (speed only)
 
 
-def read_demo(data_root, num_stories=40):
-    """The test split's first stories (never seen in training: the splits use disjoint seeds)."""
-    return [{"id": i, "seed": s.seed} for i, s in enumerate(data.demo_stories("test", num_stories))]
+def read_demo(data_root, num_stories=40, start=0):
+    """The test split's stories from `start` on (never seen in training: the splits use disjoint seeds)."""
+    return [{"id": start + i, "seed": s.seed} for i, s in enumerate(data.demo_stories("test", num_stories, start))]
 
 
 def demo_image(scene, size):
@@ -1280,9 +1280,10 @@ DEMO_QA_QUESTIONS = 300                      # test questions demo_qa scores (--
 DEMO_QA_GENERATION = dict(max_new_tokens=8, min_new_tokens=0, num_beams=1)      # greedy; answers are 1-2 words
 
 
-def read_demo_qa(data_root, num_questions=DEMO_QA_QUESTIONS):
-    """The test split's first questions about scenes (data.make_question; never seen in fine-tuning)."""
-    return [{"id": i, "seed": q.seed} for i, q in enumerate(data.demo_questions("test", num_questions))]
+def read_demo_qa(data_root, num_questions=DEMO_QA_QUESTIONS, start=0):
+    """The test split's questions about scenes from `start` on (data.make_question; never seen in fine-tuning)."""
+    return [{"id": start + i, "seed": q.seed}
+            for i, q in enumerate(data.demo_questions("test", num_questions, start))]
 
 
 def parse_demo_answer(text):
@@ -1313,7 +1314,7 @@ def score_demo_qa(data_root, outputs, args):
     return metrics
 
 
-def demo_table(metrics, num_stories):
+def demo_table(metrics, num_stories, offset=0):
     """The scoreboard as a Markdown table (printed, and written into README.md with --readme)."""
     rows = [("caption accuracy (exact scene)", metrics["caption_accuracy"], None, ">= 95%"),
             ("next sentence: ends at its full stop", metrics["next_sentence_ends_at_full_stop"], None, "100%"),
@@ -1327,7 +1328,8 @@ def demo_table(metrics, num_stories):
             ("first image from its sentence alone, per object", metrics["first_image_object_accuracy"], None, ""),
             ("first image from its sentence alone, whole scene", metrics["first_image_scene_accuracy"], None, "")]
     pct = lambda v: "" if v is None else f"{100 * v:.1f}%"
-    lines = [f"Demo scoreboard on {num_stories} held-out shape stories (`python eval.py`):", "",
+    command = "python eval.py" + (f" --offset={offset}" if offset else "")
+    lines = [f"Demo scoreboard on {num_stories} held-out shape stories (`{command}`):", "",
              "| metric | MMFS on | MMFS off | target |", "|---|---:|---:|---|"]
     lines += [f"| {name} | {pct(on)} | {pct(off)} | {target} |" for name, on, off, target in rows]
     return "\n".join(lines)
@@ -1354,7 +1356,8 @@ def write_readme_table(path, table):
 
 @dataclass
 class Task:
-    read: object                 # (data_root) -> list of sample dicts
+    read: object                 # (data_root) -> list of sample dicts; (data_root, start=) for a task that
+                                 # makes its own samples
     predict: object              # (model, tokenizer, samples, args) -> iterable of per-sample output dicts, or
                                  # skip records (`skipped`); a generator yields them as each batch finishes
     score: object                # (data_root, outputs, args) -> {metric: value}; outputs without skip records
@@ -1838,10 +1841,13 @@ def check_tokenizer(tok, path, cfg):
 
 
 def load_samples(args):
-    """The task's samples (the first --limit), with every annotation file the run and its score read checked,
+    """The task's samples (the first --limit after the first --offset), with every annotation file the run and its score read checked,
     and at least one image in place: main runs this before the model loads, so a wrong path costs seconds."""
     task = TASKS[args.task]
-    samples = task.read(args.data_root)
+    if task.needs_data_root:
+        samples = task.read(args.data_root)[args.offset:]
+    else:                                    # a task that makes its samples makes the ones after the offset
+        samples = task.read(args.data_root, start=args.offset)
     if args.limit is not None:
         samples = samples[:args.limit]
     if len(samples) < task.min_samples:
@@ -1903,6 +1909,16 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise InputError(message)
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -1927,6 +1943,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.model or tokenizer.json (default: the one in --init_from)")
     p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N samples")
+    p.add_argument("--offset", type=_non_negative_int, default=0,
+                   help="skip the first N samples (the demo tasks: score another slice of the test split)")
     p.add_argument("--out", default=None,
                    help="results JSON (default: out/eval/<task>.json); while the run goes, the predictions made so "
                         "far are kept in <out>.partial.json")
@@ -2008,7 +2026,7 @@ def main(argv=None):
             print(f"skipped {len(results['skipped_samples'])} of {len(samples)} samples {results['skipped']}; "
                   f"each is listed under skipped_samples in {args.out}")
         if args.task == "demo":
-            table = demo_table(results["metrics"], results["num_samples"])
+            table = demo_table(results["metrics"], results["num_samples"], args.offset)
             print(table)
             if args.readme:
                 readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")

@@ -7550,6 +7550,25 @@ def test_demo_scores_by_hand():
     assert (s["image_object_accuracy"], s["image_scene_accuracy"], s["story_consistency"]) == (1 / 5, 0.0, 1 / 3)
 
 
+def test_offset_scores_another_slice_of_the_test_split(tmp_path):
+    """--offset skips samples: the demo tasks make the test split's stories (questions) from there on, a dataset
+    task drops the first ones it read; a negative offset is refused by the command line."""
+    args = ev.parse_args(["--task=demo", "--offset=40", "--limit=3"])
+    got = ev.load_samples(args)
+    assert [s["id"] for s in got] == [40, 41, 42]
+    assert [s["seed"] for s in got] == [s.seed for s in data.demo_stories("test", 43)[40:]]
+    assert not {s["seed"] for s in got} & {s["seed"] for s in ev.read_demo(None)}       # none of the 40 scored
+    got = ev.load_samples(ev.parse_args(["--task=demo_qa", "--offset=300", "--limit=2"]))
+    assert [s["seed"] for s in got] == [q.seed for q in data.demo_questions("test", 302)[300:]]
+    _coco_captions(str(tmp_path), "nocaps", "nocaps_val_4500_captions.json", "images", ["a.jpg", "b.jpg", "c.jpg"])
+    full = ev.load_samples(_args("nocaps", str(tmp_path)))
+    args = _args("nocaps", str(tmp_path))
+    args.offset = 1
+    assert len(full) == 3 and ev.load_samples(args) == full[1:]
+    with pytest.raises(mmi.InputError, match="--offset: expected an integer >= 0, got '-1'"):
+        ev.parse_args(["--task=demo", "--offset=-1"])
+
+
 def test_demo_image_analysis_is_exact_on_clean_renders():
     for story in data.demo_stories("test", 30):
         for scene in story.scenes:
