@@ -2867,7 +2867,7 @@ class MMInterleaved(nn.Module):
             seqs = beam_search(decoder, num_beams, num_return_sequences, length_penalty,
                                keep_stop_token=keep_stop_token, **opts)
         else:
-            gen = None if seed is None else torch.Generator(device=embeds.device).manual_seed(seed)
+            gen = None if seed is None else torch.Generator().manual_seed(seed)
             warp = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else None
             seqs = greedy_or_sample(decoder, num_return_sequences, warp, gen, **opts)
         T = max((len(s) for s in seqs), default=0)
@@ -3936,7 +3936,10 @@ def warp_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
 def greedy_or_sample(decoder, n_return, warp, generator, max_new_tokens, min_new_tokens, repetition_penalty,
                      stop_ids, bos_id, pad_id):
     """Greedy (warp None) or sampling from warp_logits(logits, **warp); each row runs until a stop token (kept as
-    its last token) or max_new_tokens. -> a list of token lists, n_return per prompt."""
+    its last token) or max_new_tokens. -> a list of token lists, n_return per prompt. Sampling draws one uniform a
+    row and step from `generator`, a CPU generator (None: the global one), all before the first step, and takes
+    the token where the cumulative probability passes it: so a seed samples the same text on any device, up to
+    the logits' rounding."""
     logits = decoder.prefill()
     if n_return > 1:
         index = torch.arange(logits.shape[0], device=logits.device).repeat_interleave(n_return)
@@ -3945,12 +3948,14 @@ def greedy_or_sample(decoder, n_return, warp, generator, max_new_tokens, min_new
     n = logits.shape[0]
     seqs = [[] for _ in range(n)]
     done = [False] * n
+    if warp is not None:                     # (max_new_tokens, n, 1), moved once
+        uniforms = torch.rand(max_new_tokens, n, 1, generator=generator).to(logits.device, non_blocking=True)
     for step in range(max_new_tokens):
         padded = [s + [pad_id] * (step - len(s)) for s in seqs]
         logits = _process_logits(logits, padded, step, min_new_tokens, repetition_penalty, stop_ids, bos_id)
         if warp is not None:
-            logits = warp_logits(logits, **warp)
-            tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+            cdf = warp_logits(logits, **warp).softmax(-1).cumsum(-1)                           # (n, V)
+            tokens = (cdf < uniforms[step] * cdf[:, -1:]).sum(-1)      # the first token whose cdf reaches u
         else:
             tokens = logits.argmax(-1)
         ahead = tokens.is_cuda and step < max_new_tokens - 1

@@ -2996,6 +2996,20 @@ def test_a_seed_draws_the_same_picture_on_the_cpu_and_a_gpu():
     assert (gpu(6) - cpu).abs().max() > 0.1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_seed_samples_the_same_text_on_the_cpu_and_a_gpu():
+    """Sampling draws its uniforms on the CPU, so a seed gives a CPU run and a CUDA run (float32, plain path) the
+    same tokens; another seed gives other tokens."""
+    model = tiny_model(seed=4)
+    batch = make_batch(model.cfg, [[BOS, 10, "img", 11], [BOS, 12, 13]], 14, left_pad=True)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, num_beams=1, do_sample=True, top_p=0.95, fast=False)
+    cpu = model.generate_texts(batch, seed=3, **kw)["text_ids"]
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = lambda seed: gpu_model.generate_texts({k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()},
+                                                seed=seed, **kw)["text_ids"].cpu()
+    assert torch.equal(gpu(3), cpu) and not torch.equal(gpu(4), cpu)
+
+
 def test_model_generate_images_is_seeded_and_checks_the_slot():
     model = tiny_model()
     cfg = model.cfg
