@@ -1841,8 +1841,9 @@ def check_tokenizer(tok, path, cfg):
 
 
 def load_samples(args):
-    """The task's samples (the first --limit after the first --offset), with every annotation file the run and its score read checked,
-    and at least one image in place: main runs this before the model loads, so a wrong path costs seconds."""
+    """The task's samples (the first --limit after the first --offset), with every annotation file the run and its
+    score read checked, and at least one image in place: main runs this before the model loads, so a wrong path
+    costs seconds."""
     task = TASKS[args.task]
     if task.needs_data_root:
         samples = task.read(args.data_root)[args.offset:]

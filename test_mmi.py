@@ -7342,7 +7342,8 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
     assert e.value.code == 0
     entries = re.split(r"\n  (?=-)", out.split("options:")[1].split("Layout under --data_root")[0])[1:]
     assert [x.split()[0].rstrip(",") for x in entries] == [
-        "-h", "--task", "--data_root", "--init_from", "--tokenizer", "--limit", "--out", "--batch_size", "--device",
+        "-h", "--task", "--data_root", "--init_from", "--tokenizer", "--limit", "--offset", "--out", "--batch_size",
+        "--device",
         "--dtype", "--quantize", "--inception", "--clip", "--image_dir", "--steps", "--guidance_scale", "--seed",
         "--context_type", "--round_range", "--segmenter", "--readme"]
     for x in entries:                            # the flag, its value's name or choices, then words that explain it
