@@ -787,6 +787,7 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_binned_kernel(
 // So a decoding step needs no separate add + norm kernel between its matmuls.
 // Quantized weights (BITS 8 or 4) are read the same way, 16 bytes a load (16 or 32 inputs), and turned into floats
 // in registers: y = sum over groups of scale * (sum of q * x), exact products q * scale, never rounded to T.
+// int4 in groups of a multiple of 128 inputs goes to tensor cores instead (gemv_int4_mma_kernel below).
 constexpr int kGemvThreads = 256;
 constexpr int kGemvRows = 4;
 
@@ -976,6 +977,223 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
   a.y[at] = from_acc<T>(out);
 }
 
+#if MMI_GEMVQ
+// int4 weights whose scale groups hold whole 128-input chunks, on tensor cores (sm_80 on): an int4 weight's share
+// of the memory bandwidth leaves time for about one instruction per weight, less than the loop above's float
+// conversion and FMA per weight take. Here a warp multiplies 16-row tiles of W by x's rows with mma.sync m16n8k16
+// (A = W, B = x with the columns past R zero, float32 sums), after 11 instructions per 8 weights to unpack them.
+// A dot product may visit k in any order, as long as W and x visit it in the same one: so the 4 lanes that share a
+// row each own 32 consecutive inputs of a 128-input chunk (one 16-byte load a row), and a lane's mma slots take its
+// inputs in the order the nibbles come apart. A 32-bit word holds inputs i = 0..7 at bits 4i; (word >> 4i) &
+// 0x000F000F puts inputs i and i + 4 in the two 16-bit halves, and OR-ing the exponent bits of 2^7 (bf16) or 2^10
+// (fp16) makes them the numbers 2^7 + q + 8 or 2^10 + q + 8, exact, from which one subtraction gives q. A chunk lies
+// in one scale group, so its sums are scaled once per row, as in the loop above (q * x exact, scaled in float32).
+// A block is kMmaWarps warps over 32 outputs (glu: 16 outputs of gate and of up), warp w taking chunks w, w +
+// kMmaWarps, ... with the next two in flight; the warps' sums meet in shared memory.
+constexpr int kMmaWarps = 8;
+constexpr int kMmaChunk = 128;
+
+template <typename T> struct Nibble;  // the bits that make a 16-bit float of 2^e + n from a nibble n, and 2^e + 8
+template <> struct Nibble<__nv_bfloat16> { static constexpr uint32_t magic = 0x43004300u; };
+template <> struct Nibble<__half> { static constexpr uint32_t magic = 0x64006400u; };
+
+template <typename T>
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int i) {  // inputs i and i + 4 as q, two T
+  const uint32_t biased = ((word >> (4 * i)) & 0x000F000Fu) | Nibble<T>::magic;
+  const uint32_t offset = Nibble<T>::magic | 0x00080008u;  // 2^e + 8 in both halves
+  uint32_t out;
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half2 d = __hsub2(*reinterpret_cast<const __half2*>(&biased), *reinterpret_cast<const __half2*>(&offset));
+    out = *reinterpret_cast<const uint32_t*>(&d);
+  } else {
+    const __nv_bfloat162 d = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&offset));
+    out = *reinterpret_cast<const uint32_t*>(&d);
+  }
+  return out;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __half>::value)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// x * g rounded to T would cost up to ~2 units of roundoff on a small glu output, so with a norm each product p
+// (exact in float32) goes in as two T, hi + lo = p: bf16 splits exactly (hi = p's top 16 bits, the rest has at most
+// 8 significant bits), fp16 to within 2^-22 of p.
+template <typename T>
+__device__ __forceinline__ void split_pair(float p0, float p1, uint32_t& hi, uint32_t& lo) {
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half2 h = __floats2half2_rn(p0, p1);
+    const float2 back = __half22float2(h);
+    const __half2 l = __floats2half2_rn(p0 - back.x, p1 - back.y);
+    hi = *reinterpret_cast<const uint32_t*>(&h);
+    lo = *reinterpret_cast<const uint32_t*>(&l);
+  } else {
+    const uint32_t u0 = __float_as_uint(p0), u1 = __float_as_uint(p1);
+    hi = __byte_perm(u0, u1, 0x7632);
+    lo = __byte_perm(__float_as_uint(p0 - __uint_as_float(u0 & 0xFFFF0000u)),
+                     __float_as_uint(p1 - __uint_as_float(u1 & 0xFFFF0000u)), 0x7632);
+  }
+}
+
+// Lane (g, t)'s B fragments for its 32 inputs at k of x's row g (zeros past R): word m of the inputs (8 of them)
+// gives two mma steps, the first taking inputs (0, 4) and (1, 5), the second (2, 6) and (3, 7), as nibble_pair.
+// With NORM, b holds the hi and bl the lo parts of x * g, and the squares of x are summed into ss.
+template <typename T, int R, bool NORM>
+__device__ __forceinline__ void x_fragments(const GemvArgs<T>& a, int g, int k, uint32_t (&b)[4][2][2],
+                                            uint32_t (&bl)[4][2][2], float& ss) {
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    uint32_t* hi = &b[m][0][0];  // (x0, x4), (x1, x5), (x2, x6), (x3, x7)
+    uint32_t* lo = &bl[m][0][0];
+    if (g >= R) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) hi[e] = lo[e] = 0u;
+      continue;
+    }
+    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(g) * a.K + k + 8 * m));
+    const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv);
+    if constexpr (NORM) {
+      const uint4 gv = __ldg(reinterpret_cast<const uint4*>(a.norm + k + 8 * m));
+      const T* xt = reinterpret_cast<const T*>(&xv);
+      const T* gt = reinterpret_cast<const T*>(&gv);
+      float p[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float xf = to_acc(xt[i]);
+        ss += xf * xf;
+        p[i] = xf * to_acc(gt[i]);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) split_pair<T>(p[e], p[e + 4], hi[e], lo[e]);
+    } else {
+      hi[0] = __byte_perm(xw[0], xw[2], 0x5410);
+      hi[1] = __byte_perm(xw[0], xw[2], 0x7632);
+      hi[2] = __byte_perm(xw[1], xw[3], 0x5410);
+      hi[3] = __byte_perm(xw[1], xw[3], 0x7632);
+    }
+  }
+}
+
+template <typename T, int R, bool GLU, bool NORM>
+__global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<T> a) {
+  constexpr int OUTS = GLU ? 16 : 32;  // outputs per block; tiles 0 and 1 are gate and up (glu) or rows 0-15, 16-31
+  __shared__ float red[kMmaWarps][32][R];
+  __shared__ float red_ss[kMmaWarps][R];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int mat = GLU ? 0 : blockIdx.y;
+  const void* first = mat == 0 ? a.w[0] : mat == 1 ? a.w[1] : a.w[2];
+  const T* first_scales = mat == 0 ? a.scales[0] : mat == 1 ? a.scales[1] : a.scales[2];
+  const T* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
+  const int n0 = blockIdx.x * OUTS, groups = a.K / a.group_size;
+  const uint8_t* w[2][2];  // tile j's rows g and g + 8 (rows past N reread row N - 1 and are not written)
+  const T* s[2][2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = min(n0 + (GLU ? 0 : 16 * j) + g + 8 * h, a.N - 1);
+      w[j][h] = static_cast<const uint8_t*>(GLU && j == 1 ? a.w[1] : first) + n * (a.K / 2);
+      s[j][h] = (GLU && j == 1 ? a.scales[1] : first_scales) + n * groups;
+    }
+
+  float acc[2][4] = {}, ss = 0.f;
+  const int chunks = a.K / kMmaChunk;
+  uint4 next[2][2], after[2][2];  // the warp's next two chunks, in flight while one is summed
+  auto load = [&](int c, uint4 (&wv)[2][2]) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        wv[j][h] = __ldcs(reinterpret_cast<const uint4*>(w[j][h] + (c * kMmaChunk + 32 * t) / 2));
+  };
+  if (warp < chunks) load(warp, next);
+  if (warp + kMmaWarps < chunks) load(warp + kMmaWarps, after);
+  for (int c = warp; c < chunks; c += kMmaWarps) {
+    uint4 wv[2][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wv[j][h] = next[j][h];
+        next[j][h] = after[j][h];
+      }
+    if (c + 2 * kMmaWarps < chunks) load(c + 2 * kMmaWarps, after);
+    const int k = c * kMmaChunk + 32 * t;
+    uint32_t b[4][2][2], bl[4][2][2];
+    x_fragments<T, R, NORM>(a, g, k, b, bl, ss);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float part[4] = {};
+      const uint32_t* lo = reinterpret_cast<const uint32_t*>(&wv[j][0]);  // row g
+      const uint32_t* hi = reinterpret_cast<const uint32_t*>(&wv[j][1]);  // row g + 8
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+#pragma unroll
+        for (int step = 0; step < 2; ++step) {
+          const uint32_t frag[4] = {nibble_pair<T>(lo[m], 2 * step), nibble_pair<T>(hi[m], 2 * step),
+                                    nibble_pair<T>(lo[m], 2 * step + 1), nibble_pair<T>(hi[m], 2 * step + 1)};
+          mma16816<T>(part, frag, b[m][step][0], b[m][step][1]);
+          if constexpr (NORM) mma16816<T>(part, frag, bl[m][step][0], bl[m][step][1]);
+        }
+      }
+      const int group = c * kMmaChunk / a.group_size;
+      const float s_lo = to_acc(s[j][0][group]), s_hi = to_acc(s[j][1][group]);
+      acc[j][0] += s_lo * part[0];
+      acc[j][1] += s_lo * part[1];
+      acc[j][2] += s_hi * part[2];
+      acc[j][3] += s_hi * part[3];
+    }
+  }
+
+  // lane (g, t) holds rows g and g + 8 of each tile for x's rows 2t and 2t + 1
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * j + g + 8 * (e / 2), col = 2 * t + e % 2;
+      if (col < R) red[warp][row][col] = acc[j][e];
+    }
+  if constexpr (NORM) {
+    ss += __shfl_xor_sync(kFullMask, ss, 1);
+    ss += __shfl_xor_sync(kFullMask, ss, 2);
+    if (t == 0 && g < R) red_ss[warp][g] = ss;
+  }
+  __syncthreads();
+
+  const int i = threadIdx.x / R, r = threadIdx.x % R;  // thread (i, r) writes output n0 + i of x's row r
+  if (i >= OUTS || n0 + i >= a.N) return;
+  float dot = 0.f, up = 0.f, sq = 0.f;
+  for (int v = 0; v < kMmaWarps; ++v) {
+    dot += red[v][i][r];
+    if constexpr (GLU) up += red[v][16 + i][r];
+    if constexpr (NORM) sq += red_ss[v][r];
+  }
+  const float scale = NORM ? rsqrtf(sq / a.K + a.eps) : 1.f;
+  float out = dot * scale;
+  if (bias) out += to_acc(bias[n0 + i]);
+  if constexpr (GLU) {
+    up *= scale;
+    if (a.bias[1]) up += to_acc(a.bias[1][n0 + i]);
+    out = out / (1.f + __expf(-out)) * up;
+  }
+  const int64_t width = static_cast<int64_t>(a.N) * (GLU ? 1 : a.n_mats);
+  const int64_t at = r * width + static_cast<int64_t>(mat) * a.N + n0 + i;
+  if (a.residual) out += to_acc(a.residual[at]);
+  a.y[at] = from_acc<T>(out);
+}
+#endif  // MMI_GEMVQ
+
 // ----------------------------------------------------------------------------------------------- launchers
 
 // Threads per group for the 16-byte path (D = G * vec, or whole warps of passes), 0 where D does not split so.
@@ -1106,8 +1324,29 @@ cudaError_t backward_typed(const MsdaLaunch& in, const void* grad_out, void* gra
 #endif  // MMI_BACKWARD
 
 #if MMI_GEMV
+#if MMI_GEMVQ
+// Whether the current device runs mma.sync on 16-bit floats (compute capability 8.0 on).
+bool has_mma() {
+  static int major[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
+  if (major[device] == 0) cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device);
+  return major[device] >= 8;
+}
+#endif
+
 template <typename T, int R, bool GLU, int BITS>
 cudaError_t launch_gemv(const GemvArgs<T>& args, cudaStream_t stream) {
+#if MMI_GEMVQ
+  if constexpr (BITS == 4) {
+    if (args.group_size % kMmaChunk == 0 && has_mma()) {
+      const dim3 grid((args.N + (GLU ? 15 : 31)) / (GLU ? 16 : 32), GLU ? 1 : args.n_mats);
+      if (args.norm) gemv_int4_mma_kernel<T, R, GLU, true><<<grid, kMmaWarps * 32, 0, stream>>>(args);
+      else gemv_int4_mma_kernel<T, R, GLU, false><<<grid, kMmaWarps * 32, 0, stream>>>(args);
+      return cudaGetLastError();
+    }
+  }
+#endif
   const int rows = GLU ? kGemvRows / 2 : kGemvRows;
   const dim3 grid((args.N + rows - 1) / rows, GLU ? 1 : args.n_mats);
   if (args.norm) gemv_kernel<T, R, GLU, true, BITS><<<grid, kGemvThreads, 0, stream>>>(args);
