@@ -989,7 +989,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
 // (fp16) makes them the numbers 2^7 + q + 8 or 2^10 + q + 8, exact, from which one subtraction gives q. A chunk lies
 // in one scale group, so its sums are scaled once per row, as in the loop above (q * x exact, scaled in float32).
 // A block is kMmaWarps warps over 32 outputs (glu: 16 outputs of gate and of up), warp w taking chunks w, w +
-// kMmaWarps, ... with the next two in flight; the warps' sums meet in shared memory.
+// kMmaWarps, ... with the next two in flight; x is staged in shared memory first; the warps' sums meet there too.
 constexpr int kMmaWarps = 8;
 constexpr int kMmaChunk = 128;
 
@@ -999,7 +999,8 @@ template <> struct Nibble<__half> { static constexpr uint32_t magic = 0x64006400
 
 template <typename T>
 __device__ __forceinline__ uint32_t nibble_pair(uint32_t word, int i) {  // inputs i and i + 4 as q, two T
-  const uint32_t biased = ((word >> (4 * i)) & 0x000F000Fu) | Nibble<T>::magic;
+  uint32_t biased;  // (word >> 4i) & 0x000F000F | magic in one LOP3 (the compiler makes it two)
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(biased) : "r"(word >> (4 * i)), "r"(0x000F000Fu), "r"(Nibble<T>::magic));
   const uint32_t offset = Nibble<T>::magic | 0x00080008u;  // 2^e + 8 in both halves
   uint32_t out;
   if constexpr (std::is_same<T, __half>::value) {
@@ -1046,48 +1047,51 @@ __device__ __forceinline__ void split_pair(float p0, float p1, uint32_t& hi, uin
   }
 }
 
-// Lane (g, t)'s B fragments for its 32 inputs at k of x's row g (zeros past R): word m of the inputs (8 of them)
-// gives two mma steps, the first taking inputs (0, 4) and (1, 5), the second (2, 6) and (3, 7), as nibble_pair.
-// With NORM, b holds the hi and bl the lo parts of x * g, and the squares of x are summed into ss.
+// x's B fragments, staged in shared memory by the whole block before the loop: per row of x and 8 inputs j..j+7,
+// one 16-byte entry of the pairs (x_j, x_j+4), (x_j+1, x_j+5), (x_j+2, x_j+6), (x_j+3, x_j+7), the order nibble_pair
+// unpacks W in. Lane t reads the 4 entries of its 32 inputs of a chunk; entries are stored so that the 4 lanes of a
+// row read 4 consecutive ones (no bank conflict). With NORM the entries hold x * g's hi parts, and a second table
+// its lo parts; the block sums x^2 per row on the way.
 template <typename T, int R, bool NORM>
-__device__ __forceinline__ void x_fragments(const GemvArgs<T>& a, int g, int k, uint32_t (&b)[4][2][2],
-                                            uint32_t (&bl)[4][2][2], float& ss) {
-#pragma unroll
-  for (int m = 0; m < 4; ++m) {
-    uint32_t* hi = &b[m][0][0];  // (x0, x4), (x1, x5), (x2, x6), (x3, x7)
-    uint32_t* lo = &bl[m][0][0];
-    if (g >= R) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) hi[e] = lo[e] = 0u;
-      continue;
-    }
-    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(g) * a.K + k + 8 * m));
+__device__ __forceinline__ void stage_x(const GemvArgs<T>& a, uint4* xs, float (&ss)[R]) {
+  const int entries = a.K / 8;
+  for (int idx = threadIdx.x; idx < R * entries; idx += kMmaWarps * 32) {
+    const int r = idx / entries, j = idx % entries;
+    const int chunk = j / 16, lane_t = (j % 16) / 4, m = j % 4;
+    const int at = r * entries + chunk * 16 + m * 4 + lane_t;
+    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(a.x + static_cast<int64_t>(r) * a.K) + j);
     const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv);
+    uint4 hi, lo;
     if constexpr (NORM) {
-      const uint4 gv = __ldg(reinterpret_cast<const uint4*>(a.norm + k + 8 * m));
+      const uint4 gv = __ldg(reinterpret_cast<const uint4*>(a.norm) + j);
       const T* xt = reinterpret_cast<const T*>(&xv);
       const T* gt = reinterpret_cast<const T*>(&gv);
-      float p[8];
+      float p[8], sq = 0.f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const float xf = to_acc(xt[i]);
-        ss += xf * xf;
+        sq += xf * xf;
         p[i] = xf * to_acc(gt[i]);
       }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) split_pair<T>(p[e], p[e + 4], hi[e], lo[e]);
+      for (int rr = 0; rr < R; ++rr) ss[rr] += rr == r ? sq : 0.f;  // selects: ss stays in registers
+      split_pair<T>(p[0], p[4], hi.x, lo.x);
+      split_pair<T>(p[1], p[5], hi.y, lo.y);
+      split_pair<T>(p[2], p[6], hi.z, lo.z);
+      split_pair<T>(p[3], p[7], hi.w, lo.w);
+      xs[R * entries + at] = lo;
     } else {
-      hi[0] = __byte_perm(xw[0], xw[2], 0x5410);
-      hi[1] = __byte_perm(xw[0], xw[2], 0x7632);
-      hi[2] = __byte_perm(xw[1], xw[3], 0x5410);
-      hi[3] = __byte_perm(xw[1], xw[3], 0x7632);
+      hi = make_uint4(__byte_perm(xw[0], xw[2], 0x5410), __byte_perm(xw[0], xw[2], 0x7632),
+                      __byte_perm(xw[1], xw[3], 0x5410), __byte_perm(xw[1], xw[3], 0x7632));
     }
+    xs[at] = hi;
   }
 }
 
 template <typename T, int R, bool GLU, bool NORM>
 __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<T> a) {
   constexpr int OUTS = GLU ? 16 : 32;  // outputs per block; tiles 0 and 1 are gate and up (glu) or rows 0-15, 16-31
+  extern __shared__ uint4 xs[];        // staged x: R * K / 8 entries (NORM: twice, hi then lo)
   __shared__ float red[kMmaWarps][32][R];
   __shared__ float red_ss[kMmaWarps][R];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -1095,7 +1099,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
   const void* first = mat == 0 ? a.w[0] : mat == 1 ? a.w[1] : a.w[2];
   const T* first_scales = mat == 0 ? a.scales[0] : mat == 1 ? a.scales[1] : a.scales[2];
   const T* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
-  const int n0 = blockIdx.x * OUTS, groups = a.K / a.group_size;
+  const int n0 = blockIdx.x * OUTS, groups = a.K / a.group_size, entries = a.K / 8;
   const uint8_t* w[2][2];  // tile j's rows g and g + 8 (rows past N reread row N - 1 and are not written)
   const T* s[2][2];
 #pragma unroll
@@ -1107,31 +1111,57 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
       s[j][h] = (GLU && j == 1 ? a.scales[1] : first_scales) + n * groups;
     }
 
-  float acc[2][4] = {}, ss = 0.f;
+  // the warp's next two chunks (weights and scales) are in flight while one is summed, the first two while x is
+  // staged
   const int chunks = a.K / kMmaChunk;
-  uint4 next[2][2], after[2][2];  // the warp's next two chunks, in flight while one is summed
-  auto load = [&](int c, uint4 (&wv)[2][2]) {
+  uint4 next[2][2], after[2][2];
+  T next_s[2][2], after_s[2][2];
+  auto load = [&](int c, uint4 (&wv)[2][2], T (&sv)[2][2]) {
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h) {
         wv[j][h] = __ldcs(reinterpret_cast<const uint4*>(w[j][h] + (c * kMmaChunk + 32 * t) / 2));
+        sv[j][h] = s[j][h][c * kMmaChunk / a.group_size];
+      }
   };
-  if (warp < chunks) load(warp, next);
-  if (warp + kMmaWarps < chunks) load(warp + kMmaWarps, after);
+  if (warp < chunks) load(warp, next, next_s);
+  if (warp + kMmaWarps < chunks) load(warp + kMmaWarps, after, after_s);
+
+  float ss[R] = {};
+  stage_x<T, R, NORM>(a, xs, ss);
+  if constexpr (NORM) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int off = 16; off >= 1; off /= 2) ss[r] += __shfl_xor_sync(kFullMask, ss[r], off);
+      if (lane == 0) red_ss[warp][r] = ss[r];
+    }
+  }
+  __syncthreads();
+
+  float acc[2][4] = {};
+  const uint4* x_hi = xs + g * entries + t;  // this lane's entries: chunk c's word m at c * 16 + 4 * m
+  const uint4* x_lo = x_hi + R * entries;
   for (int c = warp; c < chunks; c += kMmaWarps) {
     uint4 wv[2][2];
+    T sv[2][2];
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         wv[j][h] = next[j][h];
         next[j][h] = after[j][h];
+        sv[j][h] = next_s[j][h];
+        next_s[j][h] = after_s[j][h];
       }
-    if (c + 2 * kMmaWarps < chunks) load(c + 2 * kMmaWarps, after);
-    const int k = c * kMmaChunk + 32 * t;
-    uint32_t b[4][2][2], bl[4][2][2];
-    x_fragments<T, R, NORM>(a, g, k, b, bl, ss);
+    if (c + 2 * kMmaWarps < chunks) load(c + 2 * kMmaWarps, after, after_s);
+    uint4 b[4], bl[4];  // word m's fragments: x, y for its first mma step, z, w for its second
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      b[m] = g < R ? x_hi[c * 16 + 4 * m] : make_uint4(0u, 0u, 0u, 0u);
+      if constexpr (NORM) bl[m] = g < R ? x_lo[c * 16 + 4 * m] : make_uint4(0u, 0u, 0u, 0u);
+    }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       float part[4] = {};
@@ -1139,16 +1169,18 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
       const uint32_t* hi = reinterpret_cast<const uint32_t*>(&wv[j][1]);  // row g + 8
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
-#pragma unroll
-        for (int step = 0; step < 2; ++step) {
-          const uint32_t frag[4] = {nibble_pair<T>(lo[m], 2 * step), nibble_pair<T>(hi[m], 2 * step),
-                                    nibble_pair<T>(lo[m], 2 * step + 1), nibble_pair<T>(hi[m], 2 * step + 1)};
-          mma16816<T>(part, frag, b[m][step][0], b[m][step][1]);
-          if constexpr (NORM) mma16816<T>(part, frag, bl[m][step][0], bl[m][step][1]);
+        const uint32_t f0[4] = {nibble_pair<T>(lo[m], 0), nibble_pair<T>(hi[m], 0), nibble_pair<T>(lo[m], 1),
+                                nibble_pair<T>(hi[m], 1)};
+        const uint32_t f1[4] = {nibble_pair<T>(lo[m], 2), nibble_pair<T>(hi[m], 2), nibble_pair<T>(lo[m], 3),
+                                nibble_pair<T>(hi[m], 3)};
+        mma16816<T>(part, f0, b[m].x, b[m].y);
+        mma16816<T>(part, f1, b[m].z, b[m].w);
+        if constexpr (NORM) {
+          mma16816<T>(part, f0, bl[m].x, bl[m].y);
+          mma16816<T>(part, f1, bl[m].z, bl[m].w);
         }
       }
-      const int group = c * kMmaChunk / a.group_size;
-      const float s_lo = to_acc(s[j][0][group]), s_hi = to_acc(s[j][1][group]);
+      const float s_lo = to_acc(sv[j][0]), s_hi = to_acc(sv[j][1]);
       acc[j][0] += s_lo * part[0];
       acc[j][1] += s_lo * part[1];
       acc[j][2] += s_hi * part[2];
@@ -1164,11 +1196,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
       const int row = 16 * j + g + 8 * (e / 2), col = 2 * t + e % 2;
       if (col < R) red[warp][row][col] = acc[j][e];
     }
-  if constexpr (NORM) {
-    ss += __shfl_xor_sync(kFullMask, ss, 1);
-    ss += __shfl_xor_sync(kFullMask, ss, 2);
-    if (t == 0 && g < R) red_ss[warp][g] = ss;
-  }
   __syncthreads();
 
   const int i = threadIdx.x / R, r = threadIdx.x % R;  // thread (i, r) writes output n0 + i of x's row r
@@ -1325,13 +1352,37 @@ cudaError_t backward_typed(const MsdaLaunch& in, const void* grad_out, void* gra
 
 #if MMI_GEMV
 #if MMI_GEMVQ
-// Whether the current device runs mma.sync on 16-bit floats (compute capability 8.0 on).
-bool has_mma() {
-  static int major[64] = {};
+// The current device's compute capability major and the shared memory a block may opt in to.
+struct DeviceLimits { int major = 0, max_shared = 0; };
+DeviceLimits device_limits() {
+  static DeviceLimits limits[64];
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return false;
-  if (major[device] == 0) cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device);
-  return major[device] >= 8;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return {};
+  DeviceLimits& d = limits[device];
+  if (d.major == 0) {
+    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&d.max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
+  return d;
+}
+
+// int4 in groups of whole chunks on tensor cores, where the device has them and x fits in shared memory; else -1.
+template <typename T, int R, bool GLU, bool NORM>
+int launch_gemv_int4_mma(const GemvArgs<T>& args, cudaStream_t stream) {
+  const DeviceLimits d = device_limits();
+  static int fixed = -1;  // the kernel's static shared memory; then it may take the rest as dynamic
+  if (fixed < 0 && d.major >= 8) {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, gemv_int4_mma_kernel<T, R, GLU, NORM>) != cudaSuccess) return -1;
+    fixed = static_cast<int>(attr.sharedSizeBytes);
+    cudaFuncSetAttribute(gemv_int4_mma_kernel<T, R, GLU, NORM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         d.max_shared - fixed);
+  }
+  const int bytes = R * args.K * 2 * (NORM ? 2 : 1);  // staged x
+  if (args.group_size % kMmaChunk != 0 || d.major < 8 || bytes + fixed > d.max_shared) return -1;
+  const dim3 grid((args.N + (GLU ? 15 : 31)) / (GLU ? 16 : 32), GLU ? 1 : args.n_mats);
+  gemv_int4_mma_kernel<T, R, GLU, NORM><<<grid, kMmaWarps * 32, bytes, stream>>>(args);
+  return 0;
 }
 #endif
 
@@ -1339,12 +1390,9 @@ template <typename T, int R, bool GLU, int BITS>
 cudaError_t launch_gemv(const GemvArgs<T>& args, cudaStream_t stream) {
 #if MMI_GEMVQ
   if constexpr (BITS == 4) {
-    if (args.group_size % kMmaChunk == 0 && has_mma()) {
-      const dim3 grid((args.N + (GLU ? 15 : 31)) / (GLU ? 16 : 32), GLU ? 1 : args.n_mats);
-      if (args.norm) gemv_int4_mma_kernel<T, R, GLU, true><<<grid, kMmaWarps * 32, 0, stream>>>(args);
-      else gemv_int4_mma_kernel<T, R, GLU, false><<<grid, kMmaWarps * 32, 0, stream>>>(args);
-      return cudaGetLastError();
-    }
+    const int done = args.norm ? launch_gemv_int4_mma<T, R, GLU, true>(args, stream)
+                               : launch_gemv_int4_mma<T, R, GLU, false>(args, stream);
+    if (done == 0) return cudaGetLastError();
   }
 #endif
   const int rows = GLU ? kGemvRows / 2 : kGemvRows;
