@@ -789,6 +789,8 @@ __global__ void __launch_bounds__(kThreads, 1) msda_backward_binned_kernel(
 // in registers: y = sum over groups of scale * (sum of q * x), exact products q * scale, never rounded to T.
 // int4 in groups of a multiple of 128 inputs goes to tensor cores instead (gemv_int4_mma_kernel below).
 constexpr int kGemvThreads = 256;
+// int8 rows are half as long: half the threads give each thread as many 16-byte loads a row as bf16's have
+template <int BITS> __host__ __device__ constexpr int gemv_threads() { return BITS == 8 ? kGemvThreads / 2 : kGemvThreads; }
 constexpr int kGemvRows = 4;
 
 template <typename T>
@@ -862,8 +864,8 @@ __device__ __forceinline__ void dotq8(const uint4& w, int c, const float (&x)[R]
   }
 }
 
-// Sums each v[i] over the block; every thread gets the totals. red: V * kGemvThreads / 32 floats of shared memory.
-template <int V>
+// Sums each v[i] over the block; every thread gets the totals. red: V * THREADS / 32 floats of shared memory.
+template <int THREADS, int V>
 __device__ __forceinline__ void block_sum(float (&v)[V], float* red) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
@@ -879,18 +881,19 @@ __device__ __forceinline__ void block_sum(float (&v)[V], float* red) {
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     v[i] = 0.f;
-    for (int w = 0; w < kGemvThreads / 32; ++w) v[i] += red[w * V + i];
+    for (int w = 0; w < THREADS / 32; ++w) v[i] += red[w * V + i];
   }
 }
 
 template <typename T, int R, bool GLU, bool NORM, int BITS>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
+__global__ void __launch_bounds__(gemv_threads<BITS>()) gemv_kernel(GemvArgs<T> a) {
+  constexpr int THREADS = gemv_threads<BITS>();
   constexpr int MATS = GLU ? 2 : 1;  // matrices read per block
   constexpr int ROWS = kGemvRows / MATS;
   constexpr int OUTS = MATS * ROWS * R;        // dot products per thread
   constexpr int SUMS = OUTS + (NORM ? R : 0);  // and each row's sum of squares
   constexpr int KI = 128 / BITS;               // inputs a 16-byte weight load holds
-  __shared__ float red[kGemvThreads / 32 * SUMS];
+  __shared__ float red[THREADS / 32 * SUMS];
   const int mat = GLU ? 0 : blockIdx.y;
   // selects rather than a.w[mat]: a dynamic index into the parameter struct would copy it to local memory
   const void* first = mat == 0 ? a.w[0] : mat == 1 ? a.w[1] : a.w[2];
@@ -910,7 +913,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
     }
 
   float acc[OUTS] = {}, ss[R] = {};
-  for (int k = threadIdx.x * KI; k < a.K; k += kGemvThreads * KI) {
+  for (int k = threadIdx.x * KI; k < a.K; k += THREADS * KI) {
     uint4 wv[MATS][ROWS];
 #pragma unroll
     for (int j = 0; j < MATS; ++j)
@@ -949,7 +952,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs<T> a) {
   float sums[SUMS];  // the dot products, then (NORM) each row's sum of squares
 #pragma unroll
   for (int t = 0; t < SUMS; ++t) sums[t] = t < OUTS ? acc[t] : ss[(t - OUTS) % R];
-  block_sum(sums, red);
+  block_sum<THREADS>(sums, red);
 
   const int i = threadIdx.x / R, r = threadIdx.x % R;  // thread (i, r) writes row n0 + i of output row r
   if (threadIdx.x >= ROWS * R || n0 + i >= a.N) return;
@@ -1397,8 +1400,8 @@ cudaError_t launch_gemv(const GemvArgs<T>& args, cudaStream_t stream) {
 #endif
   const int rows = GLU ? kGemvRows / 2 : kGemvRows;
   const dim3 grid((args.N + rows - 1) / rows, GLU ? 1 : args.n_mats);
-  if (args.norm) gemv_kernel<T, R, GLU, true, BITS><<<grid, kGemvThreads, 0, stream>>>(args);
-  else gemv_kernel<T, R, GLU, false, BITS><<<grid, kGemvThreads, 0, stream>>>(args);
+  if (args.norm) gemv_kernel<T, R, GLU, true, BITS><<<grid, gemv_threads<BITS>(), 0, stream>>>(args);
+  else gemv_kernel<T, R, GLU, false, BITS><<<grid, gemv_threads<BITS>(), 0, stream>>>(args);
   return cudaGetLastError();
 }
 
