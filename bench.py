@@ -162,7 +162,8 @@ def bench_kernel(args):
 @torch.no_grad()
 def bench_gemv(args):
     """A decoding step's matmuls at the preset's sizes: kernels.cu's gemv on bf16, int8 and int4 weights (groups
-    of 128), through mmi.linear as the model calls it, against F.linear (cuBLAS) on bf16, one bf16 row. Each is
+    of 128), through mmi.linear as the model calls it (q, k, v and gate, up with their block's RMSNorm folded in),
+    against the RMSNorm and F.linear (cuBLAS) on bf16, one bf16 row. Each is
     timed inside a CUDA graph of 24 calls, as decoding replays them, cycling over 8 copies of the weights so that L2
     never holds them; TB/s = bytes of the weights (and scales) read / time."""
     import torch.nn.functional as F
@@ -173,22 +174,23 @@ def bench_gemv(args):
         raise SystemExit("bench.py gemv: kernels.cu unavailable (the warning above says why)")
     c = mmi.MMIConfig.from_preset(args.preset).llm
     d, f, V, dtype = c.hidden_size, c.intermediate_size, c.vocab_size, torch.bfloat16
-    # (name, N, K, layers sharing the input, bias, glu, calls per token)
-    cases = [("q, k, v", d, d, 3, False, False, c.num_hidden_layers),
-             ("o_proj", d, d, 1, False, False, c.num_hidden_layers),
-             ("gate, up (glu)", f, d, 2, False, True, c.num_hidden_layers),
-             ("down_proj", d, f, 1, False, False, c.num_hidden_layers),
-             ("text head", V, d, 1, True, False, 1)]
+    # (name, N, K, layers sharing the input, bias, glu, pre-norm, calls per token)
+    cases = [("q, k, v + norm", d, d, 3, False, False, True, c.num_hidden_layers),
+             ("o_proj", d, d, 1, False, False, False, c.num_hidden_layers),
+             ("gate, up + norm", f, d, 2, False, True, True, c.num_hidden_layers),
+             ("down_proj", d, f, 1, False, False, False, c.num_hidden_layers),
+             ("text head", V, d, 1, True, False, False, 1)]
 
-    def ours(x, layers, glu):
-        return mmi.linear(x, *layers, glu=glu)
+    def ours(x, layers, glu, norm):
+        return mmi.linear(x, *layers, glu=glu, norm=norm)
 
-    def cublas(x, layers, glu):
+    def cublas(x, layers, glu, norm):
+        x = x if norm is None else norm(x)
         outs = [F.linear(x, layer.weight, layer.bias) for layer in layers]
         return F.silu(outs[0]) * outs[1] if glu else outs
 
-    def graphed_ms(fn, x, copies, glu, calls=24):
-        graph, _ = mmi.capture_cuda_graph(lambda: [fn(x, copies[i % len(copies)], glu) for i in range(calls)])
+    def graphed_ms(fn, x, copies, glu, norm, calls=24):
+        graph, _ = mmi.capture_cuda_graph(lambda: [fn(x, copies[i % len(copies)], glu, norm) for i in range(calls)])
         return cuda_time_ms(graph.replay, warmup=3, reps=20) / calls
 
     card = torch.cuda.get_device_name()
@@ -198,13 +200,14 @@ def bench_gemv(args):
     token = dict.fromkeys(columns, 0.0)
     nbytes = lambda layers: sum(b.numel() * b.element_size() for l in layers for b in l.buffers() if b.dim() == 2) \
         or sum(l.weight.numel() * 2 for l in layers)
-    for name, N, K, n, bias, glu, per_token in cases:
+    for name, N, K, n, bias, glu, prenorm, per_token in cases:
         copies = [[torch.nn.Linear(K, N, bias=bias, device="cuda", dtype=dtype) for _ in range(n)] for _ in range(8)]
         x = torch.randn(1, K, device="cuda", dtype=dtype)
+        norm = mmi.RMSNorm(K).to("cuda", dtype) if prenorm else None
         t, tb = {}, {}
         for k, bits in zip(columns, (None, 8, 4, None)):
             layers = copies if bits is None else [[mmi.QuantizedLinear.from_linear(l, bits) for l in c] for c in copies]
-            t[k] = graphed_ms(cublas if k == "F.linear" else ours, x, layers, glu)
+            t[k] = graphed_ms(cublas if k == "F.linear" else ours, x, layers, glu, norm)
             tb[k] = nbytes(layers[0]) / 1e9
             token[k] += per_token * t[k]
             del layers
