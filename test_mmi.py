@@ -7610,6 +7610,26 @@ def test_demo_task_end_to_end_and_its_readme_table(tmp_path, saved_tiny_model, m
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "| metric |" in text
 
 
+def test_the_embedded_demo_draws_the_colour_its_sentence_names(demo_model_and_tokenizer):
+    """Test story 6 ends "the yellow circle turns red." beside a red triangle: told each other colour instead, the
+    shipped model draws the circle in that colour and keeps the triangle (read back from the drawn pixels)."""
+    model, tokenizer = demo_model_and_tokenizer
+    story = data.demo_stories("test", 7)[6]
+    assert story.texts[1] == "the yellow circle turns red."
+    images = [ev.demo_image(scene, model.cfg.vision.image_size) for scene in story.scenes[:2]]
+    circle, triangle = sorted(story.scenes[1], key=lambda o: o.shape)
+    colours = [c for c in data.COLOURS if c != "yellow"]
+    prompts = [ev.demo_story_prompt([story.texts[0], f"the yellow circle turns {c}."], model.cfg.num_img_token, 1)
+               for c in colours]
+    batch = ev.text_batch(prompts, [images[0], torch.full_like(images[1], 0.5)] * len(colours), tokenizer,
+                          pad_left=False)
+    with torch.no_grad():
+        drawn = model.generate_images(batch, target_image_idxs=[2 * i + 1 for i in range(len(colours))], seed=0,
+                                      progress=False, **ev.DEMO_IMAGES)["image"]
+    for colour, img in zip(colours, drawn):
+        assert set(data.read_scene(img.numpy())) == {dataclasses.replace(circle, colour=colour), triangle}, colour
+
+
 def _demo_story_at_a_time(model, tokenizer, samples, args):
     """eval.predict_demo as it was before batching: one caption call and one image call per story and step.
     -> the outputs and, per story step, its (with, without) MMFS images."""

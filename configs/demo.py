@@ -23,6 +23,10 @@ model_overrides = {
     "image_decoder.resampler.encoder_hidden_size": 256,
     "image_decoder.mmfs_feat_dim": 128, "image_decoder.mmfs_attn_dim": 128, "image_decoder.mmfs_heads": 4,
     "image_decoder.mmfs_points": 4,
+    # a shape's colour changes the VAE latent ~10x less than its place, and only the image loss needs the colour
+    # word kept in the LLM's last layer (the next token never asks for it again): the image loss weighs 40 (the
+    # paper's 10 leaves recolours drawn in one colour whatever the word), min-SNR-5 weighting of the timesteps
+    "loss_img_weight": 40.0, "image_decoder.snr_gamma": 5.0,
 }
 vae_from = "out/demo_vae/vae.safetensors"                 # written by configs/demo_vae.py (run it first); frozen
 data = "demo"
