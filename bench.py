@@ -163,9 +163,9 @@ def bench_kernel(args):
 def bench_gemv(args):
     """A decoding step's matmuls at the preset's sizes: kernels.cu's gemv on bf16, int8 and int4 weights (groups
     of 128), through mmi.linear as the model calls it (q, k, v and gate, up with their block's RMSNorm folded in),
-    against the RMSNorm and F.linear (cuBLAS) on bf16, one bf16 row. Each is
-    timed inside a CUDA graph of 24 calls, as decoding replays them, cycling over 8 copies of the weights so that L2
-    never holds them; TB/s = bytes of the weights (and scales) read / time."""
+    against the RMSNorm and F.linear (cuBLAS) on bf16, one bf16 row. Each is timed inside a CUDA graph of 24 calls,
+    as decoding replays them, cycling over 8 copies of the weights so that L2 never holds them; TB/s = bytes of the
+    weights (and scales) read / time."""
     import torch.nn.functional as F
 
     if not torch.cuda.is_available():
