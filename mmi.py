@@ -4388,7 +4388,9 @@ class FastDecoder(_Decoder):
 
     def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, cuda_graph=None, compile=False):
         super().__init__(model, embeds, mask, vision, xmask, max_new_tokens, use_cache=True)
-        self.step_fn = torch.compile(self._step) if compile else self._step
+        # the class's function, called with self: a bound method kept on self would make the decoder a reference
+        # cycle, alive (its caches, its CUDA graph's memory) after generation until the garbage collector runs
+        self.step_fn = torch.compile(FastDecoder._step) if compile else FastDecoder._step
         # the graph holds MMFS only where our kernel runs (the reference reads level shapes back to the host)
         can_graph = embeds.is_cuda and (vision is None or kernels_used(embeds.device))
         if cuda_graph and not can_graph:
@@ -4428,10 +4430,10 @@ class FastDecoder(_Decoder):
         b["attn"][:, :, :, self.length].fill_(0)      # the new token sees itself (fill_: no host tensor copied in)
         self.slot.fill_(self.length)
         if not self.cuda_graph:
-            logits = self.step_fn()
+            logits = self.step_fn(self)
         else:
             if self.graph is None:   # each warm-up run rewrites the same cache slot with the same K/V
-                self.graph, self.graph_logits = capture_cuda_graph(self.step_fn, warmup=2)
+                self.graph, self.graph_logits = capture_cuda_graph(lambda: self.step_fn(self), warmup=2)
             self.graph.replay()
             logits = self.graph_logits.clone()        # the next replay overwrites graph_logits
         b["pos"] += 1

@@ -21,6 +21,7 @@ import sys
 import subprocess
 import traceback
 import warnings
+import weakref
 import zipfile
 from collections import Counter, defaultdict
 
@@ -3320,6 +3321,36 @@ def test_cuda_graph_decoding_equals_eager_token_for_token(with_images):
         a = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, fast=True, **kw)
         b = model.generate_texts(batch, max_new_tokens=8, min_new_tokens=2, fast=False, **kw)
         assert torch.equal(a["text_ids"], b["text_ids"]), kw
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_text_generation_frees_its_decoder_when_it_returns(device, monkeypatch):
+    """generate_texts lets go of its decoder (KV caches, buffers, on a GPU the step's CUDA graph) as it returns,
+    with the garbage collector off: in an interleaved loop the image drawn next may use that memory."""
+    model = tiny_model(seed=3).to(device)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v
+             for k, v in make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True).items()}
+    made, init = [], mmi.FastDecoder.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(mmi.FastDecoder, "__init__", recorded)
+    generate = lambda: model.generate_texts(batch, max_new_tokens=4, min_new_tokens=4, fast=True)
+    with torch.no_grad():
+        generate()                                              # one-time tables, the kernels loaded
+        allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
+        gc.disable()
+        try:
+            out = generate()
+            freed = made[1]() is None                           # before the collector may run again
+        finally:
+            gc.enable()
+    assert len(made) == 2 and freed
+    if device == "cuda":
+        del out
+        assert torch.cuda.memory_allocated() == allocated
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
