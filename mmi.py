@@ -4248,27 +4248,37 @@ def linear(x, *layers, glu=False, norm=None, residual=None):
 
 # -- MMFS with the images' queries folded: one matmul per layer whatever the image count ------------------------
 
-def mmfs_fast(mmfs, query, reference_points, value, mask, check_mask=True, value_projected=False, query_norm=None):
+def mmfs_fast(mmfs, query, reference_points, value, mask, check_mask=True, value_projected=False, query_norm=None,
+              relpos=None):
     """MMFS.forward, faster. Each image's query is q + query_relpos[rel], read by two linear layers; since
-    W(q + r) + b = (Wq + b) + Wr, the layers run on q once and each image adds W r, a row of a (max images, out)
-    table picked by a one-hot matmul (whose backward is a matmul too; an indexed read's backward piles atomic adds
-    onto a few rows). The level tables are made once per (n, dtype, device). value_projected: `value` is already
-    value_proj(...) (made once where the images do not change: decoding steps, a sampler's steps); query_norm: an
-    RMSNorm folded into the first matmul; check_mask=False skips the image-count check (a host sync)."""
+    W(q + r) + b = (Wq + b) + Wr, the layers run on q once and each image adds W r (mmfs_relpos_terms). The level
+    tables are made once per (n, dtype, device). value_projected: `value` is already value_proj(...) (made once
+    where the images do not change: decoding steps, a sampler's steps); relpos: mmfs_relpos_terms(...) made once
+    the same way; query_norm: an RMSNorm folded into the first matmul; check_mask=False skips the image-count check
+    (a host sync)."""
     B, Lq, _ = query.shape
     m = mmfs.query_mask(mask, Lq)
-    rel = relative_image_index(m)
     if check_mask and m.shape[-1] >= mmfs.max_num_image_per_seq:   # rel <= the image count: fewer cannot overflow
-        mmfs.check_image_count(rel)
-    rel = rel[:, :, None] if m.dim() == 2 else rel.transpose(1, 2)               # (B, n, Lq or 1)
+        mmfs.check_image_count(relative_image_index(m))
     q = linear(query, mmfs.dynamic_offset_mask, norm=query_norm)                 # (B, Lq, d_query)
-    pick = (rel[..., None] == torch.arange(mmfs.max_num_image_per_seq, device=rel.device)).to(q.dtype)
-    table = lambda layer: F.linear(mmfs.query_relpos.weight, layer.weight)       # (max images, out)
-    offsets = linear(q, mmfs.sampling_offsets)[:, None] + pick @ table(mmfs.sampling_offsets)   # (B, n, Lq, out)
-    logits = linear(q, mmfs.attention_weights)[:, None] + pick @ table(mmfs.attention_weights)
+    add_offsets, add_logits = mmfs_relpos_terms(mmfs, m, q.dtype) if relpos is None else relpos
+    offsets = linear(q, mmfs.sampling_offsets)[:, None] + add_offsets            # (B, n, Lq, out)
+    logits = linear(q, mmfs.attention_weights)[:, None] + add_logits
     v = value if value_projected else mmfs.value_proj(value)
     out = mmfs.attend(offsets, logits, m, reference_points, v, *_level_tables(mmfs, v.shape[1], q.dtype, q.device))
     return linear(out, mmfs.output_proj)
+
+
+def mmfs_relpos_terms(mmfs, m, dtype):
+    """What each image's relative position adds to the sampling offsets and attention logits of the queries, from
+    their mask m (B, n) or (B, Lq, n): W r for the query_relpos row r the image is read with, a row of a (max images,
+    out) table picked by a one-hot matmul (whose backward is a matmul too; an indexed read's backward piles atomic
+    adds onto a few rows). -> (B, n, Lq or 1, out) for sampling_offsets and for attention_weights."""
+    rel = relative_image_index(m)
+    rel = rel[:, :, None] if m.dim() == 2 else rel.transpose(1, 2)               # (B, n, Lq or 1)
+    pick = (rel[..., None] == torch.arange(mmfs.max_num_image_per_seq, device=rel.device)).to(dtype)
+    table = lambda layer: F.linear(mmfs.query_relpos.weight, layer.weight)       # (max images, out)
+    return pick @ table(mmfs.sampling_offsets), pick @ table(mmfs.attention_weights)
 
 
 def _level_tables(mmfs, n, dtype, device):
@@ -4311,17 +4321,23 @@ def _select_rows(t, index, dim=0):
     return t.index_select(dim, index)
 
 
-def mmfs_values(llm, vision_hidden_states):
-    """Each MMFS layer's values of the images (B, N, S, d_v) -> [(B, N, S, d_attn)]: norm2 then value_proj, made
-    once for all decoding steps (the images do not change)."""
-    return [layer.llama_cross_attn.attn.value_proj(layer.llama_cross_attn.norm2(vision_hidden_states))
-            for layer in llm.layers if layer.llama_cross_attn is not None]
+def mmfs_step_inputs(llm, vision_hidden_states, xmask, dtype):
+    """What each MMFS layer reads in every decoding step and no step changes, made once: the images' values
+    (norm2, then value_proj) and, for the new tokens' mask xmask (B, 1, N), their relative positions' terms
+    (mmfs_relpos_terms). -> per MMFS layer (values (B, N, S, d_attn), offsets' terms, logits' terms)"""
+    made = []
+    for x in (layer.llama_cross_attn for layer in llm.layers):
+        if x is not None:
+            values = x.attn.value_proj(x.norm2(vision_hidden_states))
+            made.append((values, *mmfs_relpos_terms(x.attn, x.attn.query_mask(xmask, 1), dtype)))
+    return made
 
 
-def fast_layer_step(layer, h, cos, sin, values, xmask, attn_mask, kv_cache, slot):
+def fast_layer_step(layer, h, cos, sin, values, relpos, xmask, attn_mask, kv_cache, slot):
     """LlamaDecoderLayer.forward for a decoding step: its matmuls through linear() with the norms and residuals
     folded in, the new K/V written into cache slot `slot` (a device tensor) and attention over all max_len slots
-    (attn_mask hides the empty ones), MMFS over values made once (mmfs_values). h (B, 1, d) -> (B, 1, d)."""
+    (attn_mask hides the empty ones), MMFS over values and relpos terms made once (mmfs_step_inputs).
+    h (B, 1, d) -> (B, 1, d)."""
     a, B, L = layer.self_attn, h.shape[0], h.shape[1]
     q, k, v = (t.view(B, L, a.n_heads, -1).transpose(1, 2)
                for t in linear(h, a.q_proj, a.k_proj, a.v_proj, norm=layer.input_layernorm))
@@ -4331,7 +4347,8 @@ def fast_layer_step(layer, h, cos, sin, values, xmask, attn_mask, kv_cache, slot
     x = layer.llama_cross_attn
     if x is not None and values is not None:
         ref = h.new_full((1, L, 2), 0.5)
-        h = h + mmfs_fast(x.attn, h, ref, values, xmask, False, True, query_norm=x.norm1) * x.gate.tanh()
+        h = h + mmfs_fast(x.attn, h, ref, values, xmask, False, True, query_norm=x.norm1, relpos=relpos) * \
+            x.gate.tanh()
     m = layer.mlp
     return linear(linear(h, m.gate_proj, m.up_proj, glu=True, norm=layer.post_attention_layernorm), m.down_proj,
                   residual=h)
@@ -4379,12 +4396,15 @@ class _GraphedPrediction:
         return self.out
 
 
+MMFS_STEP_BUFFERS = ("mmfs_values", "mmfs_offsets", "mmfs_logits")      # FastDecoder's, from mmfs_step_inputs
+
+
 class FastDecoder(_Decoder):
     """_Decoder with a cached step of the same shapes every time: the new token's K/V go into cache slot `slot` (a
     device tensor), attention runs over all max_len slots with a mask that hides the empty ones, every input sits in
-    a buffer rewritten in place, and each MMFS layer's values are made once at prefill. So on CUDA one step is
-    captured into a CUDA graph and replayed per token: one launch instead of hundreds. compile: the step goes
-    through torch.compile (inside the graph, when there is one)."""
+    a buffer rewritten in place, and what each MMFS layer reads of the images is made once at prefill
+    (mmfs_step_inputs). So on CUDA one step is captured into a CUDA graph and replayed per token: one launch
+    instead of hundreds. compile: the step goes through torch.compile (inside the graph, when there is one)."""
 
     def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, cuda_graph=None, compile=False):
         super().__init__(model, embeds, mask, vision, xmask, max_new_tokens, use_cache=True)
@@ -4410,8 +4430,11 @@ class FastDecoder(_Decoder):
                         "pos": self.mask.sum(-1, keepdim=True),                  # (B, 1) its position
                         "attn": attn}
         if self.vision is not None:   # fresh tensors: beam search reorders the buffers in place
-            self.buffers["mmfs_values"] = torch.stack(mmfs_values(self.model.mm_decoder, self.vision), dim=1)
-            self.buffers["xmask"] = self.xmask[:, -1:].clone()                   # (B, 1, N) the prompt's last row
+            xmask = self.xmask[:, -1:].clone()                                   # (B, 1, N) the prompt's last row
+            made = mmfs_step_inputs(self.model.mm_decoder, self.vision, xmask, self.embeds.dtype)
+            self.buffers["xmask"] = xmask
+            for name, per_layer in zip(MMFS_STEP_BUFFERS, zip(*made)):
+                self.buffers[name] = torch.stack(per_layer, dim=1)               # (B, MMFS layers, ...)
         self.length = L                               # slots filled so far (the same in every row: left padding)
         self.slot = self.mask.new_full((1,), L)       # (1,) the slot the next token's K/V go to, on the device
         return logits
@@ -4445,11 +4468,11 @@ class FastDecoder(_Decoder):
         llm, b = self.model.mm_decoder, self.buffers
         c = llm.cfg
         cos, sin = rope_cos_sin(b["pos"], c.hidden_size // c.num_attention_heads, c.rope_theta, self.embeds.dtype)
-        values = iter(b["mmfs_values"].unbind(1)) if "mmfs_values" in b else None
+        mmfs = zip(*(b[k].unbind(1) for k in MMFS_STEP_BUFFERS)) if "xmask" in b else None   # per MMFS layer
         h = llm.embed_tokens(b["token"])[:, None]                                 # (B, 1, d)
         for layer, cache in zip(llm.layers, self.caches):
-            v = next(values) if values is not None and layer.llama_cross_attn is not None else None
-            h = fast_layer_step(layer, h, cos, sin, v, b.get("xmask"), b["attn"], cache, self.slot)
+            v, *relpos = next(mmfs) if mmfs is not None and layer.llama_cross_attn is not None else (None,)
+            h = fast_layer_step(layer, h, cos, sin, v, relpos, b.get("xmask"), b["attn"], cache, self.slot)
         h, head = llm.norm(h[:, -1]), self.model.text_decoder                    # (B, d)
         logits = linear(h, head.head)
         return torch.cat([logits[..., :-head.n_new], logits[..., -head.n_new:] + head.head_new(h)], dim=-1).float()
