@@ -1089,6 +1089,9 @@ class CLIPVisionAdapter(nn.Module):
         super().__init__()
         if cfg.grid_size % 2:
             raise InputError(f"vision: image_size/patch_size = {cfg.grid_size} must be even for the adapter pyramid")
+        if len(cfg.interaction_indexes) != 4:   # one per level of the pyramid the adapter adds the ViT's output to
+            raise InputError(f"vision: interaction_indexes has {len(cfg.interaction_indexes)} blocks "
+                             f"{cfg.interaction_indexes}, expected 4 (first, last ViT layer) pairs")
         last = max(i1 for _, i1 in cfg.interaction_indexes)
         if last >= cfg.num_hidden_layers:
             raise InputError(f"vision: interaction_indexes reach layer {last}, the ViT has {cfg.num_hidden_layers}")
@@ -2577,6 +2580,8 @@ class MMInterleaved(nn.Module):
                 p.requires_grad_(c.mmfs.trainable if "llama_cross_attn" in name else c.llm.trainable)
             elif name.startswith("text_decoder.head."):
                 p.requires_grad_(c.llm.trainable)
+            elif name.startswith("image_decoder.perceiver_resampler."):
+                p.requires_grad_(c.image_decoder.resampler.trainable)
             elif name.startswith("image_decoder.decoder.unet."):
                 p.requires_grad_(c.unet.trainable)
             # the VAE, the UNet-MMFS position tables and ignore tokens stay frozen as constructed

@@ -1959,6 +1959,23 @@ def test_dtype_and_trainable_flags(originals):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == \
         {n: p.requires_grad for n, p in fresh.named_parameters()}
 
+def test_every_trainable_flag_freezes_its_own_component():
+    """Each config flag saying whether a component trains freezes some weights when set false, and only weights
+    no other flag governs: no flag is ignored, no weight answers to two flags."""
+    flags = [key for key, _ in mmi._config_rows(TINY) if key.split(".")[-1].endswith("trainable")]
+    assert len(flags) == 7
+    all_on = mmi.apply_overrides(TINY, {f: True for f in flags})
+
+    def trains(cfg):
+        with torch.device("meta"):
+            return {n for n, p in mmi.MMInterleaved(cfg).named_parameters() if p.requires_grad}
+
+    on, seen = trains(all_on), set()
+    for flag in flags:
+        frozen = on - trains(mmi.apply_overrides(all_on, {flag: False}))
+        assert frozen and not frozen & seen, flag
+        seen |= frozen
+
 
 def _tiny_mmi(seed=3):
     """A tiny MM-Interleaved with every tensor random (nothing left at a zero init), as a released one would be."""
@@ -2696,6 +2713,8 @@ def test_mmi_py_help_lists_presets_and_every_config_key(capsys):
     (["tiny", "--image_decoder.prediction_type=x0"],
      r"'image_decoder.prediction_type': 'x0', expected one of 'epsilon', 'v_prediction'"),
     (["tiny", "--image_decoder.snr_gamma=-1"], r"'image_decoder.snr_gamma': -1.0, expected >= 0 \(0 = off\)"),
+    (["tiny", "--vision.interaction_indexes=((0, 0), (1, 1))"],
+     r"vision: interaction_indexes has 2 blocks \(\(0, 0\), \(1, 1\)\), expected 4 \(first, last ViT layer\) pairs"),
 ])
 def test_mmi_py_bad_preset_or_override_is_one_line_and_exit_2(argv, message, capsys):
     assert mmi.run_script(mmi.main, argv) == 2
