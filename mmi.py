@@ -363,6 +363,9 @@ _MAY_BE_ZERO = {"vision.interaction_indexes", "vision.num_extra_extractors", "un
                 "image_decoder.steps_offset", "bos_token_id", "eos_token_id", "pad_token_id"}
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 def check_config_ranges(cfg):
     """InputError naming the first config key whose int is negative, or 0 where that makes no model."""
     def ints(v):
@@ -378,8 +381,6 @@ def check_config_ranges(cfg):
     if dec.snr_gamma < 0:
         raise InputError(f"config key 'image_decoder.snr_gamma': {dec.snr_gamma!r}, expected >= 0 (0 = off)")
 
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _preset_mmi_13b():
@@ -1273,7 +1274,6 @@ class VisualTokenizer(nn.Module):
         super().__init__()
         v = cfg.vision
         d = v.hidden_size
-        self.image_size = v.image_size
         self.encoder = nn.ModuleDict({"vision_model": CLIPVisionAdapter(v)})    # checkpoint name
         self.pos_proj = nn.Linear(d, d)
         self.pos_ln = nn.LayerNorm(d, eps=1e-6)
@@ -1435,8 +1435,8 @@ class LlamaModel(nn.Module):
     def forward(self, inputs_embeds, position_ids, vision_hidden_states=None, cross_attention_mask=None,
                 attn_mask=None, kv_caches=None, cache_start=0, checkpoint=False):
         """inputs_embeds [B, L, d]; position_ids [B, L]; vision_hidden_states [B, N, S, d_v]; cross_attention_mask
-        [B, L', N]; attn_mask None (causal) or a bool [B, 1, L, start+L] (True = may attend), [B, 1, L, max_len]
-        when cache_start is a tensor of cache slots (see KVCache.update). -> [B, L, d]"""
+        [B, L', N]; attn_mask None (causal) or a bool [B, 1, L, cache_start + L] (True = may attend); kv_caches: one
+        KVCache a layer, this call's keys and values written from position cache_start on. -> [B, L, d]"""
         cos, sin = rope_cos_sin(position_ids, self.cfg.hidden_size // self.cfg.num_attention_heads,
                                 self.cfg.rope_theta, inputs_embeds.dtype)
         attn_mask = additive_mask(attn_mask, inputs_embeds.dtype)              # once, not in every layer
@@ -1725,7 +1725,8 @@ class UNet2DConditionModel(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, mmfs_module=None, mmfs_features=None,
                 mmfs_mask=None, checkpoint=False):
-        """sample (B, 4, h, w), timestep int or (B,) / (), encoder_hidden_states (B, 77, 1024) -> eps (B, 4, h, w).
+        """sample (B, 4, h, w), timestep int or (B,) / (), encoder_hidden_states (B, 77, 1024) -> (B, 4, h, w): the
+        noise eps, or v with the image decoder's prediction_type "v_prediction".
         checkpoint: recompute each down/mid/up block (and MMFS block) in the backward pass (training only)."""
         ckpt = checkpoint and self.training
         run = (lambda m, *a: torch.utils.checkpoint.checkpoint(m, *a, use_reentrant=False)) if ckpt else \
@@ -1915,7 +1916,7 @@ def vae_config_from_diffusers(d: dict, where="vae config") -> VAEConfig:
     return VAEConfig(**get, scaling_factor=_get(d, "scaling_factor", 0.18215, where))
 
 
-# ---- Noise schedule and samplers (pure functions over tensors; ε-prediction) ----
+# ---- Noise schedule and samplers (pure functions over tensors; a step takes the predicted noise ε) ----
 
 def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
     """SD's "scaled_linear" schedule: betas linear in sqrt-space, float32 like diffusers."""
@@ -2177,8 +2178,8 @@ class StableDiffusion(nn.Module):
         if guidance_scale <= 1.0:  # as the SD pipeline: no unconditional pass at all
             return self.unet(x, t, cond, mmfs_net, mmfs_features, mmfs_mask)
         feats, mask = [torch.cat([f, f]) for f in mmfs_features], torch.cat([mmfs_mask, mmfs_mask])
-        eps_u, eps_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), mmfs_net, feats, mask).chunk(2)
-        return eps_u + guidance_scale * (eps_c - eps_u)
+        p_u, p_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), mmfs_net, feats, mask).chunk(2)
+        return p_u + guidance_scale * (p_c - p_u)
 
     @torch.no_grad()
     def sample_latents(self, cond, uncond, mmfs_features, mmfs_mask, steps, guidance_scale, sampler, generator,
@@ -2229,9 +2230,8 @@ class StableDiffusion(nn.Module):
         if net is not self.mmfs_module and x.is_cuda and kernels_used(x.device):
             predict = _GraphedPrediction(predict, x)
         for i, t in enumerate(tqdm(timesteps.tolist(), desc=f"{sampler} steps", disable=not progress)):
-            eps = predict(x, t)
-            if self.cfg.prediction_type == "v_prediction":    # guidance is linear, so it commutes with this
-                eps = eps_from_v(eps, x, t, ac)
+            p = predict(x, t)                                 # guided eps or v; guidance is linear, so v -> eps after
+            eps = eps_from_v(p, x, t, ac) if self.cfg.prediction_type == "v_prediction" else p
             if sampler == "ddpm":
                 prev_t = timesteps[i + 1].item() if i + 1 < steps else -1
                 noise = draw() if t > 0 else None
@@ -2540,7 +2540,7 @@ class MMInterleaved(nn.Module):
         if (cfg.soi_token_id, cfg.image_token_id) != (cfg.llm.vocab_size - 2, cfg.llm.vocab_size - 1):
             raise InputError(f"soi/image ids {cfg.soi_token_id}/{cfg.image_token_id} must be the last two of "
                              f"vocab_size {cfg.llm.vocab_size}")
-        if cfg.llm.num_attention_heads <= 0 or cfg.llm.hidden_size % cfg.llm.num_attention_heads:
+        if cfg.llm.hidden_size % cfg.llm.num_attention_heads:
             raise InputError(f"llm.hidden_size {cfg.llm.hidden_size} is not a multiple of llm.num_attention_heads "
                              f"{cfg.llm.num_attention_heads}")
         self.cfg = cfg
@@ -3252,16 +3252,17 @@ def config_from_original(llm, clip, sd=None, base: MMIConfig = None) -> MMIConfi
 
 def schedule_config_from_diffusers(path):
     """The noise schedule fields of ImageDecoderConfig from SD's scheduler_config.json (diffusers' defaults when
-    absent); only the scaled-linear, epsilon-predicting schedule of SD-2 base is supported."""
+    absent): SD-2's scaled-linear schedule, predicting eps (SD-2 base) or v (SD-2 at 768)."""
     sc = _json_object(read_json(path), path)
-    # (expected, diffusers' default when the key is absent)
-    for key, (expected, default) in {"beta_schedule": ("scaled_linear", "linear"),
-                                     "prediction_type": ("epsilon", "epsilon")}.items():
-        if sc.get(key, default) != expected:
-            raise InputError(f"{path}: {key} is {sc.get(key, default)!r}, the decoder supports only {expected!r}")
+    if sc.get("beta_schedule", "linear") != "scaled_linear":
+        raise InputError(f"{path}: beta_schedule is {sc.get('beta_schedule', 'linear')!r}, the decoder supports only "
+                         f"'scaled_linear'")
+    if sc.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise InputError(f"{path}: prediction_type is {sc['prediction_type']!r}, expected one of "
+                         f"{', '.join(map(repr, PREDICTION_TYPES))}")
     return dict(num_train_timesteps=_get(sc, "num_train_timesteps", 1000, path),
                 beta_start=_get(sc, "beta_start", 0.0001, path), beta_end=_get(sc, "beta_end", 0.02, path),
-                steps_offset=_get(sc, "steps_offset", 0, path))
+                steps_offset=_get(sc, "steps_offset", 0, path), prediction_type=sc.get("prediction_type", "epsilon"))
 
 
 # -- key maps: file key -> our key, and what is deliberately left out --------------------------------------------
@@ -3886,9 +3887,10 @@ class _Decoder:
             pos, attn = self.mask.sum(-1, keepdim=True) - 1, self.mask.bool()[:, None, None, :]
             h = llm(llm.embed_tokens(tokens)[:, None], pos, self.vision, self.xmask, attn_mask=attn,
                     kv_caches=self.caches, cache_start=self.mask.shape[1] - 1)
-        else:                # the prompt and every new token through the whole LLM again; new tokens see the images
-            pos, attn = _positions_and_mask(self.mask)              # the prompt's last token sees
+        else:                # the prompt and every new token through the whole LLM again
+            pos, attn = _positions_and_mask(self.mask)
             embeds = torch.cat([self.embeds, llm.embed_tokens(self.new_tokens)], dim=1)
+            # new tokens see the images the prompt's last token sees
             xmask = None if self.xmask is None else \
                 torch.cat([self.xmask, self.xmask[:, -1:].expand(-1, self.new_tokens.shape[1], -1)], dim=1)
             h = llm(embeds, pos, self.vision, xmask, attn_mask=attn)
@@ -4125,7 +4127,7 @@ def merge_lora(model):
 # What the fast forms below were written for: a digest of the plain forms' source. An edited plain form changes
 # it, and then the fast path is not taken (fast=None) or refused (fast=True) until its form is brought in line,
 # checked by the tests, and this digest renewed, so that the fast path never computes something else.
-PLAIN_FORMS_DIGEST = "5f753daa6a49bd4e"
+PLAIN_FORMS_DIGEST = "066b4dcbe86e854e"
 
 
 def _plain_forms_digest():
@@ -4365,7 +4367,7 @@ def capture_cuda_graph(fn, warmup=1):
     set-up, loading the kernel, cached tables, compilation) stays out of the capture. fn must read nothing back to
     the host. Only this thread's calls can spoil the capture ("thread_local"): another thread pinning host memory
     meanwhile (a data loader's) is not part of the graph. Nor may this thread free a graph during the capture, so
-    the garbage collector, which frees an earlier decoder's graphs (they sit in reference cycles), is off then."""
+    the garbage collector, which may free a graph kept in a reference cycle, is off then."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -4673,8 +4675,6 @@ class QuantizeOnLoad:
 def parameter_table(model):
     rows = []
     for name, module in model.named_children():
-        if module is None:
-            continue
         params = list(module.parameters())
         rows.append((name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
     for name, p in model.named_parameters(recurse=False):

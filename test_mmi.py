@@ -2455,7 +2455,13 @@ def test_scheduler_config_is_checked(tmp_path):
     path.write_text(json.dumps({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                                 "steps_offset": 1}))
     assert mmi.schedule_config_from_diffusers(str(path)) == dict(num_train_timesteps=1000, beta_start=0.00085,
-                                                               beta_end=0.012, steps_offset=1)
+                                                               beta_end=0.012, steps_offset=1,
+                                                               prediction_type="epsilon")
+    path.write_text(json.dumps({"beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}))
+    assert mmi.schedule_config_from_diffusers(str(path))["prediction_type"] == "v_prediction"
+    path.write_text(json.dumps({"beta_schedule": "scaled_linear", "prediction_type": "sample"}))
+    with pytest.raises(ValueError, match=r"prediction_type is 'sample', expected one of 'epsilon', 'v_prediction'$"):
+        mmi.schedule_config_from_diffusers(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
