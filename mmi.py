@@ -11,7 +11,8 @@ a few learned sampling points in the multi-scale feature maps of all images befo
 
 Sections, in the order data flows:
   config -> building blocks -> deformable attention -> vision -> LLM with MMFS -> image decoder ->
-  the MMInterleaved model -> loading -> generation; then fine-tuning's LoRA, and the speed forms beside the model
+  the MMInterleaved model -> loading -> generation; then fine-tuning's LoRA, the speed forms beside the model,
+  weight-only quantization, and `python mmi.py`'s parameter table
 Module attribute names follow the released checkpoints so that `state_dict()` keys match them.
 """
 
@@ -744,6 +745,13 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
+def sampling_locations(reference_points, offsets, spatial_shapes):
+    """Where each point samples: reference_points (1 or B, Lq, 2) in [0, 1] (x, y) plus offsets (B, Lq, H, L, P, 2)
+    in pixels of each level, spatial_shapes (L, 2) as (h, w). -> (B, Lq, H, L, P, 2) in [0, 1]"""
+    normalizer = spatial_shapes.flip(-1).to(offsets.dtype)                      # (L, 2) as (w, h)
+    return reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+
+
 class MSDeformAttn(nn.Module):
     """Deformable-DETR attention as the ViT-Adapter uses it: one offset and weight per head, level and point."""
 
@@ -776,8 +784,7 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(feat).view(B, feat.shape[1], H, -1)                  # (B, S, H, D)
         offsets = self.sampling_offsets(query).view(B, Lq, H, L, P, 2)
         weights = self.attention_weights(query).view(B, Lq, H, L * P).softmax(-1).view(B, Lq, H, L, P)
-        normalizer = spatial_shapes.flip(-1).to(offsets.dtype)                      # (L, 2) as (W, H)
-        loc = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        loc = sampling_locations(reference_points, offsets, spatial_shapes)
         # under autocast the softmax comes out in float32: the op takes one dtype, the value's
         out = ms_deform_attn(value, spatial_shapes, level_start_index(spatial_shapes), loc.to(value.dtype),
                              weights.to(value.dtype))
@@ -893,8 +900,7 @@ class MMFS(nn.Module):
         weights = logits.softmax(-1).view(B, Lq, H, n * Lv, P + 1)
         w_points, w_ignore = weights[..., :P].contiguous(), weights[..., P].sum(-1)      # (B,Lq,H,nLv,P), (B,Lq,H)
 
-        normalizer = shapes.flip(-1).to(offsets.dtype)                           # (n*Lv, 2) as (W, H)
-        loc = reference_points[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        loc = sampling_locations(reference_points, offsets, shapes)
         out = ms_deform_attn(v, shapes, starts, loc.to(v.dtype), w_points.to(v.dtype))
         return out + (self.ignore_token.view(H, -1) * w_ignore[..., None]).reshape(B, Lq, -1).to(out.dtype)
 
@@ -1929,15 +1935,20 @@ def alphas_cumprod_of(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def _abar_per_row(alphas_cumprod, t, x):
+    """abar at each row's timestep t (B,), in x's dtype and device, shaped (B, 1, ...) to broadcast over x."""
+    return _to_device(alphas_cumprod, x.device).to(x.dtype)[t].reshape(-1, *[1] * (x.dim() - 1))
+
+
 def add_noise(x0, noise, t, alphas_cumprod):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t (B,) long."""
-    abar = _to_device(alphas_cumprod, x0.device).to(x0.dtype)[t].reshape(-1, *[1] * (x0.dim() - 1))
+    abar = _abar_per_row(alphas_cumprod, t, x0)
     return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise
 
 
 def v_target(x0, noise, t, alphas_cumprod):
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, what a v-prediction UNet learns, t (B,) long."""
-    abar = _to_device(alphas_cumprod, x0.device).to(x0.dtype)[t].reshape(-1, *[1] * (x0.dim() - 1))
+    abar = _abar_per_row(alphas_cumprod, t, x0)
     return abar ** 0.5 * noise - (1 - abar) ** 0.5 * x0
 
 
@@ -2099,6 +2110,11 @@ class MMFSNet(nn.Module):
 
 # ---- StableDiffusion: VAE + UNet + MMFSNet, the diffusion loss and the sampling loop ----
 
+def guidance_doubled(mmfs_features, mmfs_mask):
+    """The UNet-MMFS inputs of a guided pass, whose rows are (uncond; cond): both halves see the same images."""
+    return [torch.cat([f, f]) for f in mmfs_features], torch.cat([mmfs_mask, mmfs_mask])
+
+
 class StableDiffusion(nn.Module):
     def __init__(self, unet_cfg: UNetConfig, vae_cfg: VAEConfig, cfg: ImageDecoderConfig):
         super().__init__()
@@ -2177,7 +2193,7 @@ class StableDiffusion(nn.Module):
         (self.mmfs_module, or its KeyedMMFSNet)."""
         if guidance_scale <= 1.0:  # as the SD pipeline: no unconditional pass at all
             return self.unet(x, t, cond, mmfs_net, mmfs_features, mmfs_mask)
-        feats, mask = [torch.cat([f, f]) for f in mmfs_features], torch.cat([mmfs_mask, mmfs_mask])
+        feats, mask = guidance_doubled(mmfs_features, mmfs_mask)
         p_u, p_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), mmfs_net, feats, mask).chunk(2)
         return p_u + guidance_scale * (p_c - p_u)
 
@@ -2220,14 +2236,13 @@ class StableDiffusion(nn.Module):
         else:
             timesteps = leading_timesteps(steps, T, self.cfg.steps_offset)
         x0_prev = None
-        net = self.mmfs_module
-        if use_fast(fast, x.device):
-            guided = (lambda f, m: ([torch.cat([t, t]) for t in f], torch.cat([m, m]))) if guidance_scale > 1.0 \
-                else (lambda f, m: (f, m))
-            net = KeyedMMFSNet(net, *guided(mmfs_features, mmfs_mask), cond.dtype)
+        net, fast = self.mmfs_module, use_fast(fast, x.device)
+        if fast:
+            seen = guidance_doubled(mmfs_features, mmfs_mask) if guidance_scale > 1.0 else (mmfs_features, mmfs_mask)
+            net = KeyedMMFSNet(net, *seen, cond.dtype)
         predict = lambda x_t, t: self.guided_prediction(x_t, t, cond, uncond, net, mmfs_features, mmfs_mask,
                                                         guidance_scale)
-        if net is not self.mmfs_module and x.is_cuda and kernels_used(x.device):
+        if fast and x.is_cuda and kernels_used(x.device):
             predict = _GraphedPrediction(predict, x)
         for i, t in enumerate(tqdm(timesteps.tolist(), desc=f"{sampler} steps", disable=not progress)):
             p = predict(x, t)                                 # guided eps or v; guidance is linear, so v -> eps after
@@ -2847,8 +2862,8 @@ class MMInterleaved(nn.Module):
         use_cache=False recomputes the whole sequence per token (slow, for checks). fast (None = on a GPU with
         kernels.cu, see use_fast): FastDecoder, whose cached step is replayed as one CUDA graph on a GPU.
         compile=True also runs that step through torch.compile, which fuses its small element-wise kernels (norms,
-        rotary, residuals); the first call pays the compilation (2-3 minutes for 13B on an H100; a second prompt
-        length compiles once more), later calls reuse it.
+        rotary, residuals); the first call pays the compilation (minutes at 13B; a second prompt length
+        compiles once more), later calls reuse it.
         Returns {"text_ids": [B * num_return_sequences, T] new tokens (a finished text's last one its stop token
         as above), padded with pad_token_id, "lengths": [B * num_return_sequences]}.
         """
@@ -3120,7 +3135,7 @@ class _SafetensorsShard:
     """dict-like view of an open safetensors file. Tensors are read with plain file I/O, not memory-mapped: mapped
     pages would stay resident (and count in RSS) until the whole shard is closed. Each is read into one buffer
     reused for the whole shard, so a tensor is valid only until the next one is asked for: copy it. (A fresh buffer
-    per tensor, freed between the model's own allocations, stayed with the allocator: +7% of the model, measured.)"""
+    per tensor, freed between the model's own allocations, would stay with the allocator as unusable gaps.)"""
 
     def __init__(self, path, f):
         self.path, self.f, self.header = path, f, read_safetensors_header(path)
@@ -4127,7 +4142,7 @@ def merge_lora(model):
 # What the fast forms below were written for: a digest of the plain forms' source. An edited plain form changes
 # it, and then the fast path is not taken (fast=None) or refused (fast=True) until its form is brought in line,
 # checked by the tests, and this digest renewed, so that the fast path never computes something else.
-PLAIN_FORMS_DIGEST = "066b4dcbe86e854e"
+PLAIN_FORMS_DIGEST = "7cea72ec789c61cd"
 
 
 def _plain_forms_digest():
@@ -4516,10 +4531,12 @@ class KeyedMMFSNet:
         return block.conv(y.transpose(1, 2).reshape(B, C, H, W))
 
 
-# -- weight-only quantization: int8 or int4 weights of the LLM and the Q-Formers, dequantized at each matmul ----
-#
-# Unlike the forms above, this changes what is computed: the layers run with rounded weights. Symmetric
-# round-to-nearest (ties to even, as torch.round) over groups of `group_size` inputs of one output row:
+# ----------------------------------------------------------------------------------------------------------------
+# Weight-only quantization: int8 or int4 weights of the LLM and the Q-Formers, dequantized at each matmul. Unlike
+# the speed forms, this changes what is computed: the layers run with rounded weights.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Symmetric round-to-nearest (ties to even, as torch.round) over groups of `group_size` inputs of one output row:
 # scale = max|w| / qmax over the group, q = clamp(round(w / scale), -qmax, qmax), w ~ q * scale, so that
 # |w - q * scale| <= scale / 2 for every weight. qmax = 127 for int8 (one group per row: per output channel), 7 for
 # int4 (the nibble value -8 is never made, so the range is symmetric). A group of zeros has scale 0 and q 0.
