@@ -424,6 +424,10 @@ PRESETS = {"mmi-13b": _preset_mmi_13b, "tiny": _preset_tiny}
 # Building blocks: norms, RoPE, sin-cos tables
 # ----------------------------------------------------------------------------------------------------------------
 
+def run_block(block, *args, checkpoint=False):
+    """block(*args); checkpoint: its activations are dropped and recomputed in the backward pass (training)."""
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False) if checkpoint else block(*args)
+
 
 def rms_norm(x, weight, eps):
     # the variance is taken in float32 whatever the activation dtype, as LLaMA does
@@ -1137,7 +1141,7 @@ class CLIPVisionAdapter(nn.Module):
             x = block.injector(x, ref_patches, c, pyramid)
             x = torch.cat([cls, x], dim=1)
             for layer in self.encoder["layers"][i0:i1 + 1]:
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if checkpoint else layer(x)
+                x = run_block(layer, x, checkpoint=checkpoint)
             cls, x = x[:, :1], x[:, 1:]
             c = block.extractor(c, ref_pyramid, x, patch_grid, G)
             for extractor in block.extra_extractors or ():
@@ -1446,14 +1450,10 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.cfg.hidden_size // self.cfg.num_attention_heads,
                                 self.cfg.rope_theta, inputs_embeds.dtype)
         attn_mask = additive_mask(attn_mask, inputs_embeds.dtype)              # once, not in every layer
-        h = inputs_embeds
+        h, checkpoint = inputs_embeds, checkpoint and self.training
         for i, layer in enumerate(self.layers):
-            args = (h, cos, sin, vision_hidden_states, cross_attention_mask, attn_mask,
-                    None if kv_caches is None else kv_caches[i], cache_start)
-            if checkpoint and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-            else:
-                h = layer(*args)
+            h = run_block(layer, h, cos, sin, vision_hidden_states, cross_attention_mask, attn_mask,
+                          None if kv_caches is None else kv_caches[i], cache_start, checkpoint=checkpoint)
         return self.norm(h)
 
 
@@ -1735,8 +1735,7 @@ class UNet2DConditionModel(nn.Module):
         noise eps, or v with the image decoder's prediction_type "v_prediction".
         checkpoint: recompute each down/mid/up block (and MMFS block) in the backward pass (training only)."""
         ckpt = checkpoint and self.training
-        run = (lambda m, *a: torch.utils.checkpoint.checkpoint(m, *a, use_reentrant=False)) if ckpt else \
-            (lambda m, *a: m(*a))
+        run = functools.partial(run_block, checkpoint=ckpt)
         B = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
         t_emb = timestep_embedding(t, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos, self.cfg.freq_shift)
@@ -2098,8 +2097,7 @@ class MMFSNet(nn.Module):
 
     def forward(self, sample, skips, mmfs_features, mmfs_mask, checkpoint=False):
         """mmfs_features: list of levels (B, n, C_v, H_l, W_l); mmfs_mask (B, n). -> (sample, skips) + residuals."""
-        run = (lambda m, *a: torch.utils.checkpoint.checkpoint(m, *a, use_reentrant=False)) if checkpoint else \
-            (lambda m, *a: m(*a))
+        run = functools.partial(run_block, checkpoint=checkpoint)
         if len(skips) != len(self.mmfs_down_blocks):
             raise ValueError(f"MMFSNet: {len(skips)} UNet skips, expected {len(self.mmfs_down_blocks)}")
         # training normalises inside each (checkpointed) block, so only the one flattened copy is kept for backward
@@ -4142,7 +4140,7 @@ def merge_lora(model):
 # What the fast forms below were written for: a digest of the plain forms' source. An edited plain form changes
 # it, and then the fast path is not taken (fast=None) or refused (fast=True) until its form is brought in line,
 # checked by the tests, and this digest renewed, so that the fast path never computes something else.
-PLAIN_FORMS_DIGEST = "7cea72ec789c61cd"
+PLAIN_FORMS_DIGEST = "be9e0bc83dc9da83"
 
 
 def _plain_forms_digest():
