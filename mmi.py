@@ -1872,24 +1872,16 @@ class AutoencoderKL(nn.Module):
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
 
-    def conv_in_dtype(self):
-        return self.encoder.conv_in.weight.dtype
-
 
 _LEGACY_VAE_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def rename_legacy_vae_keys(state_dict: dict) -> dict:
+def legacy_vae_key(k):
     """SD-2's released VAE files name the mid-block attention query/key/value/proj_attn; ours (and diffusers
     >= 0.20 in memory) use to_q/to_k/to_v/to_out.0."""
-    out = {}
-    for k, v in state_dict.items():
-        head, _, last = k.rpartition(".")                    # e.g. "...attentions.0.query", "weight"
-        prefix, _, name = head.rpartition(".")
-        if ".attentions." in k and name in _LEGACY_VAE_ATTN:
-            k = f"{prefix}.{_LEGACY_VAE_ATTN[name]}.{last}"
-        out[k] = v
-    return out
+    head, _, last = k.rpartition(".")                        # e.g. "...attentions.0.query", "weight"
+    prefix, _, name = head.rpartition(".")
+    return f"{prefix}.{_LEGACY_VAE_ATTN[name]}.{last}" if ".attentions." in k and name in _LEGACY_VAE_ATTN else k
 
 
 def unet_config_from_diffusers(d: dict, where="unet config") -> UNetConfig:
@@ -2136,7 +2128,7 @@ class StableDiffusion(nn.Module):
 
     def _vae_fp32(self):
         """The VAE always runs in float32 (as the original), even inside a half-precision model or autocast."""
-        if self.vae.conv_in_dtype() != torch.float32:
+        if self.vae.encoder.conv_in.weight.dtype != torch.float32:
             self.vae.float()
         return torch.autocast(self.vae.encoder.conv_in.weight.device.type, enabled=False)
 
@@ -2159,9 +2151,6 @@ class StableDiffusion(nn.Module):
         chunks = [self.vae.sample(m, lv, generator) for m, lv in zip(posterior[0].split(mb), posterior[1].split(mb))]
         return torch.cat(chunks) * self.vae.cfg.scaling_factor
 
-    def unet_prediction(self, x, t, cond, mmfs_features, mmfs_mask, checkpoint=False):
-        return self.unet(x, t, cond, self.mmfs_module, mmfs_features, mmfs_mask, checkpoint)
-
     def forward(self, images, cond, mmfs_features, mmfs_mask, checkpoint=False, posterior=None, generator=None,
                 posterior_noise=None, noise=None, timesteps=None):
         """Per-element float32 loss (B, 4, S/8, S/8): the squared error of the UNet's prediction of the noise (or of v,
@@ -2177,7 +2166,7 @@ class StableDiffusion(nn.Module):
         t = timesteps if timesteps is not None else torch.randint(
             0, self.cfg.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
         x_t = add_noise(latents, noise, t, self.alphas_cumprod)
-        pred = self.unet_prediction(x_t, t, cond, mmfs_features, mmfs_mask, checkpoint)
+        pred = self.unet(x_t, t, cond, self.mmfs_module, mmfs_features, mmfs_mask, checkpoint)
         c = self.cfg
         target = noise if c.prediction_type == "epsilon" else v_target(latents, noise, t, self.alphas_cumprod)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none")
@@ -3329,14 +3318,9 @@ def _prefixed(prefix):
 KEY_MAPS = {
     "llm": _vicuna_key, "clip": _clip_key,
     "unet": _prefixed("image_decoder.decoder.unet."),
-    "vae": lambda k: "image_decoder.decoder.vae." + _legacy_vae_name(k),
-    "mmi": lambda k: _legacy_vae_name(k) if ".vae." in k else k,
+    "vae": lambda k: "image_decoder.decoder.vae." + legacy_vae_key(k),
+    "mmi": lambda k: legacy_vae_key(k) if ".vae." in k else k,
 }
-
-
-def _legacy_vae_name(k):
-    """SD-2's VAE files name the mid-block attention query/key/value/proj_attn; ours are to_q/to_k/to_v/to_out.0."""
-    return next(iter(rename_legacy_vae_keys({k: None})))
 
 
 def _ignored(component, key):

@@ -1074,7 +1074,7 @@ def test_vae_keys_and_shapes_match_sd2_base_manifest():
 def test_legacy_vae_attention_names_are_renamed_to_ours():
     # sd2_base_vae.json: the key names of SD-2's released vae/diffusion_pytorch_model.* files
     legacy, ours = _manifest("sd2_base_vae.json"), _manifest("mm_interleaved_13b.json", "image_decoder.decoder.vae.")
-    assert mmi.rename_legacy_vae_keys(legacy) == ours
+    assert {mmi.legacy_vae_key(k): v for k, v in legacy.items()} == ours
 
 
 def test_configs_read_from_diffusers_config_dicts(tmp_path):
@@ -1241,7 +1241,7 @@ def test_diffusion_loss_follows_prediction_type_and_snr_gamma():
 
     eps_loss, latents, noise, t = loss_and_draws()
     x_t = mmi.add_noise(latents, noise, t, sd.alphas_cumprod)
-    pred = sd.unet_prediction(x_t, t, cond, feats, mask)
+    pred = sd.unet(x_t, t, cond, sd.mmfs_module, feats, mask)
     assert torch.allclose(eps_loss, (pred - noise) ** 2, atol=1e-6)
     v_loss, *_ = loss_and_draws(prediction_type="v_prediction")
     assert torch.allclose(v_loss, (pred - mmi.v_target(latents, noise, t, sd.alphas_cumprod)) ** 2, atol=1e-6)
