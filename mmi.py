@@ -2720,9 +2720,6 @@ class MMInterleaved(nn.Module):
         host = {k: torch.as_tensor((host or {}).get(k, batch[k])).cpu() for k in HOST_KEYS if batch.get(k) is not None}
         num = self.validate_batch({**batch, **host})
         text_ids = batch["text_ids"]
-        attention_mask = batch.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(text_ids)
         embeds, vision, xmask, maps = self.prepare_mm_embeds(text_ids, batch.get("image_tensors"), num,
                                                              host["text_ids"])
         w_img = batch.get("loss_img_weight")
@@ -2739,16 +2736,7 @@ class MMInterleaved(nn.Module):
         attn = None if self.training or mask is None else padding_attention_mask(mask)
         h = self.mm_decoder(embeds, pos, vision, xmask, attn_mask=attn, checkpoint=c.gradient_checkpointing)
 
-        logits = self.text_decoder(h).float()
-        if batch.get("gt_text_ids") is not None:
-            labels = batch["gt_text_ids"][:, 1:]
-        else:
-            meta = batch.get("meta") or {}
-            labels = text_labels(text_ids, attention_mask, c, batch.get("ignore_prompt_token_offset", 0),
-                                 meta.get("dataset_name") in c.dataset_to_ignore_noimage_cond_loss)
-        loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-        loss_txt = loss_sum / (labels != -100).sum().clamp(min=1)   # a batch with no text target gives 0, not NaN
+        loss_txt = self.text_loss(batch, h)
         w_txt = batch.get("loss_txt_weight")
         loss = (c.loss_txt_weight if w_txt is None else w_txt) * loss_txt
         out = {"loss_txt": loss_txt.detach()}
@@ -2758,6 +2746,22 @@ class MMInterleaved(nn.Module):
             out["loss_img"] = loss_img.detach()
         out["loss"] = loss
         return out
+
+    def text_loss(self, batch, h):
+        """The mean next-token cross-entropy of the text head on h [B, L, d] over the text targets: gt_text_ids, or
+        text_labels of text_ids. A batch with no target gives 0, not NaN."""
+        c, text_ids, mask = self.cfg, batch["text_ids"], batch.get("attention_mask")
+        logits = self.text_decoder(h).float()
+        if batch.get("gt_text_ids") is not None:
+            labels = batch["gt_text_ids"][:, 1:]
+        else:
+            meta = batch.get("meta") or {}
+            labels = text_labels(text_ids, torch.ones_like(text_ids) if mask is None else mask, c,
+                                 batch.get("ignore_prompt_token_offset", 0),
+                                 meta.get("dataset_name") in c.dataset_to_ignore_noimage_cond_loss)
+        loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+        return loss_sum / (labels != -100).sum().clamp(min=1)
 
     def hidden_states(self, batch, attention_mask_aware=False):
         """The LLM's last hidden states [B, L, d] at inference, as the original's LLaMA computes them in eval mode:
