@@ -6,6 +6,7 @@ Each section is a function `bench_<name>(args)`, listed in SECTIONS.
 """
 import argparse
 import statistics
+import sys
 
 import torch
 
@@ -115,9 +116,9 @@ def accuracy_rows():
 
 def bench_kernel(args):
     if not torch.cuda.is_available():
-        raise SystemExit("bench.py kernel: needs a CUDA device")
+        raise mmi.InputError("kernel: needs a CUDA device")
     if mmi.load_kernels() is None:
-        raise SystemExit("bench.py kernel: kernels.cu unavailable (the warning above says why)")
+        raise mmi.InputError("kernel: kernels.cu unavailable (the warning above says why)")
     card = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
     print(f"card: {card}; device-to-device copy {copy_gbs:.0f} GB/s (read+write)")
@@ -169,9 +170,9 @@ def bench_gemv(args):
     import torch.nn.functional as F
 
     if not torch.cuda.is_available():
-        raise SystemExit("bench.py gemv: needs a CUDA device")
+        raise mmi.InputError("gemv: needs a CUDA device")
     if mmi.load_kernels() is None:
-        raise SystemExit("bench.py gemv: kernels.cu unavailable (the warning above says why)")
+        raise mmi.InputError("gemv: kernels.cu unavailable (the warning above says why)")
     c = mmi.MMIConfig.from_preset(args.preset).llm
     d, f, V, dtype = c.hidden_size, c.intermediate_size, c.vocab_size, torch.bfloat16
     # (name, N, K, layers sharing the input, bias, glu, pre-norm, calls per token)
@@ -242,12 +243,14 @@ def bench_train(args):
     weights, rows per GPU from finetune_args) on synthetic rows shaped as RECIPES says; `--lora_rank=N` adds LoRA
     to the LLM with all else frozen (mmi.add_lora). Runs train.py's own loop on synthetic rows; MFU against the
     matmul peak measured in the same run. Under `torchrun --nproc_per_node=N bench.py train` it is FSDP over N GPUs
-    (rows per GPU as given); rank 0 reports. `--preset=tiny` checks the plumbing on a CPU."""
+    (rows per GPU as given); rank 0 reports. `--preset=tiny` checks the plumbing on a CPU. -> the run's metrics rows
+    (rank 0; the run's folder is removed)."""
     import dataclasses
     import gc
     import inspect
     import json
     import os
+    import shutil
     import tempfile
     import time
 
@@ -296,15 +299,16 @@ def bench_train(args):
                 gc_passes.append((time.time(), time.time() - time_gc.start))
     gc.callbacks.append(time_gc)
     t = time.perf_counter()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         train.main([config, *argv])
+        total = time.perf_counter() - t
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))] if rank == 0 else None
     finally:
         gc.callbacks.remove(time_gc)
-    total = time.perf_counter() - t
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if int(os.environ.get("RANK", "0")) != 0:                     # rank 0 wrote the metrics
+        shutil.rmtree(out, ignore_errors=True)
+    if rank != 0:                                                  # rank 0 wrote the metrics and reports
         return
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steady = rows[2 if args.compile else 1:] or rows               # the first steps include warm-up (compilation)
     seconds = sum(r["time_s"] for r in steady)     # rates are work / time over all these steps together: a mean of
     step_s = seconds / len(steady)                 # per-step rates would make light of one slow step
@@ -329,6 +333,7 @@ def bench_train(args):
     print("  of which full garbage collections (s): " + " ".join(f"{s:.3f}" for s in in_gc) +
           (f"; CUDA allocator retries: {torch.cuda.memory_stats().get('num_alloc_retries', 0)}, most reserved "
            f"{torch.cuda.max_memory_reserved() / 2 ** 30:.1f} GiB on rank 0" if cuda else ""))
+    return rows
 
 
 def device_and_dtype():
@@ -641,8 +646,8 @@ SECTIONS = {"kernel": bench_kernel, "gemv": bench_gemv, "data": bench_data, "tra
             "sample": bench_sample, "decode": bench_decode, "quant": bench_quant}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = mmi.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", choices=sorted(SECTIONS))
     parser.add_argument("--only", default="", help="kernel: run only shapes whose name contains this")
     parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
@@ -662,9 +667,12 @@ def main():
                         help="sample, decode: weight-only quantization of the LLM's matmuls, text head and Q-Formers")
     parser.add_argument("--compile", action="store_true",
                         help="train: torch.compile the repeated blocks; decode: the step")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.section in ("train", "sample", "decode") and args.preset == "mmi-13b" and not torch.cuda.is_available():
+        raise mmi.InputError(f"{args.section}: the mmi-13b preset runs on a GPU (in float32 on a CPU it needs about "
+                             f"60 GB of memory); --preset=tiny checks the plumbing on a CPU")
     SECTIONS[args.section](args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(mmi.run_script(main))

@@ -2203,7 +2203,7 @@ def show_demo(n, out_dir, split="train", tokenizer_path=DEMO_TOKENIZER_PATH, sca
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="mmi data: look at the demo corpus, build its tokenizer")
+    p = mmi.ArgumentParser(description="mmi data: look at the demo corpus, build its tokenizer")
     p.add_argument("--demo", action="store_true", help="use the synthetic shape-stories corpus")
     p.add_argument("--show", type=int, default=0, help="write a PNG sheet and the text of N samples")
     p.add_argument("--split", default="train", choices=list(SPLIT_SEED_BASE))

@@ -1904,12 +1904,6 @@ def evaluate(model, tokenizer, args, rank=0, world=1, samples=None):
             "skipped": reasons, "samples": scored, "skipped_samples": skipped}
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # a mistyped flag or value is one line and exit 2 (mmi.run_script), like every other user mistake
-        raise InputError(message)
-
-
 def _int_at_least(low, what):
     """An argparse type: an integer >= low, else one line saying that `what` was expected."""
     def parse(text):
@@ -1930,7 +1924,7 @@ _non_negative_int = _int_at_least(0, "an integer >= 0")
 def parse_args(argv=None):
     usage, _, rest = __doc__.partition("\nLayout under --data_root")
     layout = "Layout under --data_root" + rest.split("\n\n")[0]
-    p = _ArgumentParser(description=usage, epilog=layout, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = mmi.ArgumentParser(description=usage, epilog=layout, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="demo", choices=sorted(TASKS),
                    help="what to score (default: demo, the embedded model's scoreboard on held-out shape stories)")
     p.add_argument("--data_root", default=None,

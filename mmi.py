@@ -16,6 +16,7 @@ Sections, in the order data flows:
 Module attribute names follow the released checkpoints so that `state_dict()` keys match them.
 """
 
+import argparse
 import ast
 import ctypes
 import dataclasses
@@ -54,6 +55,13 @@ class InputError(ValueError):
     """A mistake in what the user gave (a file, a flag, a config key, a record): every script prints its message as
     one line and exits with code 2. The message names the file, key or index at fault and what was expected.
     Anything else that goes wrong is a bug and keeps its traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts: a mistyped flag or value is an InputError (one line, exit 2), not the usage text."""
+
+    def error(self, message):
+        raise InputError(message)
 
 
 def run_script(main, argv=None):

@@ -385,7 +385,7 @@ def shown(path):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = mmi.ArgumentParser(
         description="Write interleaved stories, text and images, with an MM-Interleaved model. Each run writes "
                     "<out>/<date>-<time>/index.html (open it in a browser), the images and result.json.")
     p.add_argument("--annt", default=DEMO_ANNT,

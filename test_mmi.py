@@ -6425,7 +6425,8 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
             (["--device=tpu"], "--device=tpu: expected auto, cpu, cuda or cuda:N"),
             (["--device=cuda:99"], "--device=cuda:99: "),
             (["--steps=0"], "--steps=0: expected >= 1"),
-            (["--top_p=1.5"], "--top_p=1.5: expected in (0, 1]")):
+            (["--top_p=1.5"], "--top_p=1.5: expected in (0, 1]"),
+            (["--sampler=foo"], "argument --sampler: invalid choice: 'foo' (choose from 'ddpm', 'ddim', 'dpm++2m')")):
         code = mmi.run_script(sample.main, [f"--annt={annt}", f"--out={tmp_path / 'out'}", *extra])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
@@ -7749,6 +7750,24 @@ def test_demo_stories_in_groups_equal_one_story_at_a_time(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA answers")
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench", ["decode"], r"decode: the mmi-13b preset runs on a GPU \(in float32 on a CPU it needs about 60 GB of "
+                          r"memory\); --preset=tiny checks the plumbing on a CPU"),
+    ("bench", ["sample", "--quantize=int8"], r"sample: the mmi-13b preset runs on a GPU"),
+    ("bench", ["kernel"], r"kernel: needs a CUDA device"),
+    ("bench", ["gemv", "--steps=x"], r"argument --steps: invalid int value: 'x'"),
+    ("data", ["--nope"], r"unrecognized arguments: --nope"),
+])
+def test_bench_and_data_mistakes_are_one_line_and_exit_2(script, argv, message, capsys):
+    """What cannot run here (the paper-size model or a kernel on a CPU) or a mistyped flag: one line, exit 2,
+    before any model is built."""
+    import bench
+    assert mmi.run_script({"bench": bench, "data": data}[script].main, argv) == 2
+    out, err = capsys.readouterr()
+    assert not out and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the wording on a machine without CUDA")
 def test_bench_train_on_cpu_speaks_of_processes_not_gpus(capsys):
     import argparse
@@ -7783,8 +7802,8 @@ def test_bench_train_storytelling_reports_rows_and_trainable(capsys, lora_rank):
     LoRA: rank x (in + out) of 7 matmuls in 4 layers of width 64, MLP 172)."""
     import argparse
     import bench
-    bench.bench_train(argparse.Namespace(preset="tiny", recipe="storytelling", lora_rank=lora_rank, rows=1, steps=2,
-                                         frozen_dtype="bfloat16", compile=False))
+    rows = bench.bench_train(argparse.Namespace(preset="tiny", recipe="storytelling", lora_rank=lora_rank, rows=1,
+                                                steps=2, frozen_dtype="bfloat16", compile=False))
     out = capsys.readouterr().out
     head = re.search(r"train storytelling, (.+?), tiny, cpu: 1 rows x (\d+) tokens per process, (\d+) images/row, "
                      r"([\d,]+) trainable parameters", out)
@@ -7796,8 +7815,8 @@ def test_bench_train_storytelling_reports_rows_and_trainable(capsys, lora_rank):
     if lora_rank:
         assert trainable == 4 * lora_rank * (4 * (64 + 64) + 3 * (64 + 172))
     assert re.search(r"step [\d.]+ s, [\d.]+ samples/s in all, MFU n/a on a CPU, peak memory n/a on a CPU", out), out
-    metrics = re.search(r"metrics in (\S+)", out).group(1)
-    for row in map(json.loads, open(metrics)):
+    assert len(rows) == 2
+    for row in rows:
         assert "loss_img" in row and row["loss"] == pytest.approx(10.0 * row["loss_img"], rel=1e-6)
 
 
