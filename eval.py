@@ -1314,8 +1314,12 @@ def score_demo_qa(data_root, outputs, args):
     return metrics
 
 
-def demo_table(metrics, num_stories, offset=0):
-    """The scoreboard as a Markdown table (printed, and written into README.md with --readme)."""
+DEMO_SCORED_WITH = ("init_from", "tokenizer", "limit", "offset", "seed", "dtype", "quantize")
+
+
+def demo_table(metrics, num_stories, flags=()):
+    """The scoreboard as a Markdown table (printed, and written into README.md with --readme); flags: what
+    `python eval.py` was given that changes it."""
     rows = [("caption accuracy (exact scene)", metrics["caption_accuracy"], None, ">= 95%"),
             ("next sentence: ends at its full stop", metrics["next_sentence_ends_at_full_stop"], None, "100%"),
             ("next sentence: one valid edit of the scene", metrics["next_sentence_validity"], None, ""),
@@ -1328,7 +1332,7 @@ def demo_table(metrics, num_stories, offset=0):
             ("first image from its sentence alone, per object", metrics["first_image_object_accuracy"], None, ""),
             ("first image from its sentence alone, whole scene", metrics["first_image_scene_accuracy"], None, "")]
     pct = lambda v: "" if v is None else f"{100 * v:.1f}%"
-    command = "python eval.py" + (f" --offset={offset}" if offset else "")
+    command = " ".join(["python eval.py", *flags])
     lines = [f"Demo scoreboard on {num_stories} held-out shape stories (`{command}`):", "",
              "| metric | MMFS on | MMFS off | target |", "|---|---:|---:|---|"]
     lines += [f"| {name} | {pct(on)} | {pct(off)} | {target} |" for name, on, off, target in rows]
@@ -1975,6 +1979,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.out is None:
         args.out = os.path.join("out", "eval", f"{args.task}.json")
+    # the flags given that change what the demo scoreboard scores, as its command line shows them
+    args.scored_with = [f"--{k}={getattr(args, k)}" for k in DEMO_SCORED_WITH if getattr(args, k) != p.get_default(k)]
     return args
 
 
@@ -1984,6 +1990,9 @@ def main(argv=None):
     # every flag and file is checked before the model loads (a 13B load takes minutes)
     if args.readme and args.task != "demo":
         raise InputError(f"--readme writes the demo scoreboard; it needs --task=demo, not --task={args.task}")
+    if args.readme and args.scored_with:
+        raise InputError(f"--readme writes README's scoreboard of `python eval.py` as it stands; it takes none of "
+                         f"--{', --'.join(DEMO_SCORED_WITH)} (given: {' '.join(args.scored_with)})")
     if task.needs_data_root:
         if args.data_root is None:
             raise InputError(f"--task={args.task} needs --data_root (the folder holding the evaluation sets; its "
@@ -2018,7 +2027,7 @@ def main(argv=None):
             print(f"skipped {len(results['skipped_samples'])} of {len(samples)} samples {results['skipped']}; "
                   f"each is listed under skipped_samples in {args.out}")
         if args.task == "demo":
-            table = demo_table(results["metrics"], results["num_samples"], args.offset)
+            table = demo_table(results["metrics"], results["num_samples"], args.scored_with)
             print(table)
             if args.readme:
                 readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")

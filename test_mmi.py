@@ -7405,7 +7405,7 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
 
 
 @pytest.mark.parametrize("case", ["task", "limit", "device", "no_data_root", "no_init_from", "no_annotations",
-                                  "no_references", "no_images", "no_inception", "string_answers"])
+                                  "no_references", "no_images", "no_inception", "string_answers", "readme_slice"])
 def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
     loads = []
     monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
@@ -7439,6 +7439,8 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
     elif case == "no_inception":
         _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
         argv, want = ["--task=lncoco", "--inception=nowhere.pth"] + given, "not found at 'nowhere.pth'"
+    elif case == "readme_slice":                     # README's scoreboard is the one of `python eval.py` alone
+        argv, want = ["--readme", "--limit=4", "--seed=0", "--offset=3"], "(given: --limit=4 --offset=3)"
     else:
         _vizwiz_layout(tmp_path, ["a.jpg"], answers="red")
         argv = ["--task=vizwiz_vqa"] + given
@@ -7654,7 +7656,10 @@ def test_demo_task_end_to_end_and_its_readme_table(tmp_path, saved_tiny_model, m
     for k in ("caption_accuracy", "image_object_accuracy", "image_scene_accuracy", "story_consistency",
               "story_consistency_without_mmfs"):
         assert 0.0 <= res["metrics"][k] <= 1.0 or math.isnan(res["metrics"][k])
-    assert "| story consistency |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| story consistency |" in printed     # the command shown is the one that scored it
+    assert (f"Demo scoreboard on 2 held-out shape stories (`python eval.py --init_from={saved_tiny_model} "
+            f"--tokenizer={data.DEMO_TOKENIZER_PATH} --limit=2`):") in printed
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{ev.README_BEGIN}\nold\n{ev.README_END}\noutro\n")
     ev.write_readme_table(str(readme), ev.demo_table(res["metrics"], 2))
