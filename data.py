@@ -971,21 +971,25 @@ def pretrain_mix(tokenizer, pairs, mmc4, enc_size=224, dec_size=512, num_total_t
 # Fine-tuning data: instruction records -> rows whose text loss is on the answers only
 # ---------------------------------------------------------------------------------------------------------------
 
+def finetune_builder(name):
+    """The function that builds fine-tuning dataset `name` (train.py's finetune_dataset)."""
+    if name == "llava":
+        return llava_dataset
+    if name in STORY_READERS:                            # vist, pororo, flintstones
+        return functools.partial(story_dataset, name)
+    if name == "ade20k":
+        return ade20k_dataset
+    if name == "demo_qa":
+        return demo_qa_finetune
+    names = ", ".join(map(repr, ["llava", *sorted(STORY_READERS), "ade20k", "demo_qa"]))
+    raise mmi.InputError(f"finetune_dataset {name!r}, expected one of {names}")
+
+
 def finetune_dataset(name, tokenizer, cfg, split, rank, world, seed, **args):
     """train.py's data="finetune": the dataset `name` (finetune_dataset) with its keyword arguments (finetune_args)
     for split "train" or "val" -> an IterableDataset of collated batches, resumable as MixedDataset, or None where
     it has no such split. cfg: the model's MMIConfig (image size, image tokens, row length)."""
-    if name == "llava":
-        build = llava_dataset
-    elif name in STORY_READERS:                          # vist, pororo, flintstones
-        build = functools.partial(story_dataset, name)
-    elif name == "ade20k":
-        build = ade20k_dataset
-    elif name == "demo_qa":
-        build = demo_qa_finetune
-    else:
-        names = ", ".join(map(repr, ["llava", *sorted(STORY_READERS), "ade20k", "demo_qa"]))
-        raise mmi.InputError(f"finetune_dataset {name!r}, expected one of {names}")
+    build = finetune_builder(name)
     try:
         inspect.signature(build).bind(tokenizer, cfg, split, rank, world, seed, **args)
     except TypeError as e:

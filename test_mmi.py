@@ -5986,6 +5986,16 @@ def test_demo_configs_parse():
     assert (vae.task, vae.data) == ("vae", "demo")
 
 
+def test_rows_per_step_are_the_ones_the_data_makes():
+    """train.py's header counts the rows a micro-batch really has: a fine-tuning set's finetune_args batch_size
+    (else its reader's default), each pretraining source's own, batch_size for the demo and synthetic rows."""
+    config = lambda name, *flags: train.load_config([os.path.join(HERE, "configs", name), *flags])
+    assert train.rows_per_batch(config("demo_sft.py")) == [16]                  # batch_size 2 is not used there
+    assert train.rows_per_batch(dataclasses.replace(config("demo_sft.py"), finetune_dataset="llava",
+                                                    finetune_args={})) == [4]  # data.llava_dataset's default
+    assert train.rows_per_batch(config("pretrain_13b.py")) == [2, 4]           # the pair sources' 2, mmc4's 4
+    assert train.rows_per_batch(config("demo.py", "--vae_from=", "--batch_size=5")) == [5]
+
 # ----------------------------------------------------------------------------------------------------------------
 # train.py: the command line: usage, --help, user mistakes as one line, where outputs go; CPU runs, workers
 # that end with the run, exact resume on the demo data

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import functools
 import gc
+import inspect
 import json
 import math
 import os
@@ -1244,11 +1245,24 @@ def open_data(cfg, tc, rank, world, data_state, device, cleanup):
     return tc, batches, val_batches(cfg, tc, rank, world) if tc.eval_interval else None
 
 
+def rows_per_batch(tc):
+    """The rows of a micro-batch per process, where the data sets them: each pretraining source its own, a
+    fine-tuning set in finetune_args (or its reader's default), batch_size otherwise. -> sorted list"""
+    if tc.data == "pretrain":
+        return sorted({source[-1] for source in tc.pretrain_sources})
+    if tc.data == "finetune":
+        import data
+        default = inspect.signature(data.finetune_builder(tc.finetune_dataset)).parameters["batch_size"].default
+        return [tc.finetune_args.get("batch_size", default)]
+    return [tc.batch_size]
+
+
 def describe_run(model, optimizer, task, tc, world, device):
     n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    rows = " or ".join(str(n * tc.grad_accum * world) for n in rows_per_batch(tc))
     print(f"model {tc.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train:,} trainable in "
           f"{len(optimizer.param_groups)} groups; {world} process(es) on {device.type}, {tc.dtype}, fsdp={world > 1}, "
-          f"{tc.batch_size * tc.grad_accum * world} rows per step")
+          f"{rows} rows per step")
     outputs = ["metrics.jsonl"] + (["checkpoints ckpt_<step>/"] if tc.ckpt_interval >= 0 else [])
     print(f"writing to {tc.out_dir}/: {', '.join(outputs + (['at the end ' + task.result] if tc.export else []))}")
 
