@@ -131,17 +131,21 @@ def _check_sample(s, where, base):
 
 def load_model(args):
     """-> (model, tokenizer). `demo` (assets/demo), a save_pretrained folder, or `original` (the released files)."""
+    if args.tokenizer and not os.path.isfile(args.tokenizer):
+        raise mmi.InputError(f"--tokenizer={args.tokenizer}: no such file")
     if args.init_from == "original":
         if not (args.mmi or args.llm and args.clip):
             raise mmi.InputError("--init_from=original needs --mmi (the MM-Interleaved checkpoint, which holds every "
                                  "weight), or --llm and --clip")
+        for flag in ("llm", "clip", "sd", "mmi"):
+            if getattr(args, flag) and not os.path.isdir(getattr(args, flag)):
+                raise mmi.InputError(f"--{flag}={getattr(args, flag)}: no such folder")
         # before the minutes of loading: the tokenizer, from --tokenizer, else the Vicuna or checkpoint folder
         found = [os.path.join(f, "tokenizer.model") for f in (args.llm, args.mmi) if f]
         tok_path = args.tokenizer or next((p for p in found if os.path.isfile(p)), None)
-        if not (tok_path and os.path.isfile(tok_path)):
-            where = args.tokenizer or "no tokenizer.model in the --llm or --mmi folder"
-            raise mmi.InputError(f"--init_from=original: no tokenizer ({where}); pass --tokenizer (Vicuna's "
-                                 f"tokenizer.model)")
+        if tok_path is None:
+            raise mmi.InputError("--init_from=original: no tokenizer.model in the --llm or --mmi folder; pass "
+                                 "--tokenizer (Vicuna's tokenizer.model)")
         model = mmi.MMInterleaved.from_original(llm=args.llm, clip=args.clip, sd=args.sd, mmi=args.mmi,
                                                 dtype=args.dtype, device=args.device, quantize=args.quantize)
     else:

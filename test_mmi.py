@@ -6456,8 +6456,11 @@ def test_sample_original_needs_only_mmi_and_names_what_it_lacks(tmp_path, capsys
     for extra, message in (
             ([], "--init_from=original needs --mmi (the MM-Interleaved checkpoint, which holds every weight), or "
                  "--llm and --clip"),
-            ([f"--mmi={ckpt}"], "--init_from=original: no tokenizer (no tokenizer.model in the --llm or --mmi folder); "
-                                "pass --tokenizer"),
+            ([f"--mmi={ckpt}"], "--init_from=original: no tokenizer.model in the --llm or --mmi folder; pass "
+                                "--tokenizer"),
+            ([f"--mmi={ckpt}", f"--llm={tmp_path / 'vicuna'}"], f"--llm={tmp_path / 'vicuna'}: no such folder"),
+            ([f"--mmi={ckpt}", f"--tokenizer={tmp_path / 'tok.model'}"],
+             f"--tokenizer={tmp_path / 'tok.model'}: no such file"),
             ([f"--mmi={ckpt}", f"--tokenizer={data.DEMO_TOKENIZER_PATH}"],
              "; the mmi checkpoint must hold those of the folders not given: ")):
         code = mmi.run_script(sample.main, base + extra)
