@@ -3702,6 +3702,15 @@ _CONFIG_NAME = "config.json"
 _INDEX_NAME = "model.safetensors.index.json"
 
 
+def save_safetensors(tensors, path, metadata=None):
+    """safetensors' save_file, the file then readable as any other this process writes (save_file leaves it to
+    its owner alone, mode 0600, whatever the umask)."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _shard_groups(state, max_shard_bytes):
     groups, size = [[]], 0
     for k, t in state.items():
@@ -3796,8 +3805,8 @@ def _write_folder(model, tmp, max_shard_bytes, dtype=None):
         [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map = {}
     for name, keys in zip(tqdm(names, desc="save_pretrained", disable=len(names) < 2), groups):
-        save_file({k: state[k].detach().contiguous().cpu() for k in keys}, os.path.join(tmp, name),
-                  metadata={"format": "pt"})
+        save_safetensors({k: state[k].detach().contiguous().cpu() for k in keys}, os.path.join(tmp, name),
+                         metadata={"format": "pt"})
         weight_map.update((k, name) for k in keys)
     if len(groups) > 1:
         with open(os.path.join(tmp, _INDEX_NAME), "w") as f:

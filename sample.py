@@ -523,8 +523,10 @@ def main(argv=None):
         with open(os.path.join(tmp, "result.json"), "w", encoding="utf-8") as f:
             text = {k: getattr(args, k) for k in ("use_nucleus_sampling", "num_beams", "top_k", "top_p", "temperature",
                                                   "repetition_penalty", "max_new_tokens", "min_new_tokens")}
-            json.dump({"init_from": args.init_from, "seed": args.seed, "sampler": args.sampler,
-                       "steps": args.steps, "text": text, "stories": stories}, f, indent=1)
+            json.dump({"init_from": args.init_from, "device": str(args.device), "dtype": str(args.dtype)[6:],
+                       "quantize": args.quantize or "none", "seed": args.seed, "sampler": args.sampler,
+                       "steps": args.steps, "guidance_scale": args.guidance_scale, "text": text, "stories": stories},
+                      f, indent=1)
         write_page(os.path.join(tmp, "index.html"), stories)
         final = move_into_place(tmp, os.path.join(args.out, run))
     except OSError as e:                      # a full disk: keep what was made, under a name no sweep removes

@@ -2265,6 +2265,8 @@ def test_save_pretrained_round_trip_is_exact(tmp_path, tiny_mmi):
     assert "model.safetensors.index.json" in files and "config.json" in files and "stale.txt" not in files
     assert sum(f.endswith(".safetensors") for f in files) > 1
     assert not [f for f in os.listdir(tmp_path) if f != "ckpt"]          # no temp folder left behind
+    # every file as readable as any this process writes (safetensors alone would leave its files 0600)
+    assert {os.stat(out / f).st_mode & 0o777 for f in files} == {os.stat(out / "config.json").st_mode & 0o777}
     back = mmi.MMInterleaved.from_pretrained(str(out)).eval()
     assert back.cfg == src.cfg
     sd_src, sd_back = src.state_dict(), back.state_dict()
@@ -3783,7 +3785,10 @@ def test_sample_quantize_runs_on_the_demo_and_bad_is_one_line(tmp_path, capsys):
     assert {m.bits for m in model.modules() if isinstance(m, mmi.QuantizedLinear)} == {8}
     del model
     assert sample.main(argv + ["--quantize=int8"]) == 0
-    _check_sample_run(tmp_path / "out", capsys)
+    result = _check_sample_run(tmp_path / "out", capsys)       # what made the run is kept with it
+    assert {k: result[k] for k in ("init_from", "device", "dtype", "quantize", "sampler", "steps", "guidance_scale")} \
+        == {"init_from": "demo", "device": "cpu", "dtype": "float32", "quantize": "int8", "sampler": "ddim",
+            "steps": 2, "guidance_scale": sample.DEMO_SETTINGS["guidance_scale"]}
     for main, message in ((sample.main, "--quantize=bad: expected none, int8 or int4"),
                           (ev.main, "argument --quantize: invalid choice: 'bad'")):
         assert mmi.run_script(main, [f"--out={tmp_path / 'bad'}", "--quantize=bad"]) == 2

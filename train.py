@@ -970,7 +970,6 @@ def export_vae(model, tc, cfg, val, rank, world, device):
     """out_dir/vae.safetensors, with the scaling factor that gives the validation latents unit variance (SD's recipe
     for its 0.18215) in the metadata; written atomically by rank 0, which also says what fraction of validation
     images reconstruct as the same scene (data.read_scene: the VAE's ceiling for the demo)."""
-    from safetensors.torch import save_file
     import data
     val = val or val_batches(cfg, dataclasses.replace(tc, eval_batches=max(tc.eval_batches, 1)), rank, world)
     if rank != 0:
@@ -987,8 +986,8 @@ def export_vae(model, tc, cfg, val, rank, world, device):
                 same += data.read_scene(a) == data.read_scene(r)
                 total += 1
     scale = 1.0 / torch.cat(latents).float().std().item()
-    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, path + ".tmp",
-              metadata={"scaling_factor": repr(scale)})
+    mmi.save_safetensors({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, path + ".tmp",
+                         metadata={"scaling_factor": repr(scale)})
     os.replace(path + ".tmp", path)
     print(f"wrote {path} (latent scaling factor {scale:.5f}; {100 * same / max(total, 1):.1f}% of validation "
           f"reconstructions read back as their scene); train the demo model with --vae_from={path}")
