@@ -2181,8 +2181,9 @@ def demo_qa_finetune(tokenizer, cfg, split, rank, world, seed, batch_size=16, nu
 # Command line: look at the data
 # ---------------------------------------------------------------------------------------------------------------
 
-def show_demo(n, out_dir, split="train", tokenizer_path=DEMO_TOKENIZER_PATH, scale=2):
-    """Write a PNG sheet (one story per line) and the text of `n` stories, so a reader can look at the data."""
+def show_demo(n, out_dir, split="train", tokenizer_path=DEMO_TOKENIZER_PATH, scale=2, num_img_token=16):
+    """Write a PNG sheet (one story per line) and the text of `n` stories, so a reader can look at the data; token
+    counts with the demo model's num_img_token image tokens an image."""
     tok = Tokenizer(tokenizer_path)
     os.makedirs(out_dir, exist_ok=True)
     size, pad = DEMO_IMAGE_SIZE * scale, 4
@@ -2190,13 +2191,14 @@ def show_demo(n, out_dir, split="train", tokenizer_path=DEMO_TOKENIZER_PATH, sca
     lines = []
     for k in range(n):
         story = make_story(SPLIT_SEED_BASE[split] + k)
-        sample = story_sample(story, tok, random.Random(k), num_img_token=4)
+        sample = story_sample(story, tok, random.Random(k), num_img_token=num_img_token)
         for j, scene in enumerate(story.scenes):
             img = np.kron(render_scene(scene), np.ones((scale, scale, 1), dtype=np.uint8))
             y, x = pad + k * (size + pad), pad + j * (size + pad)
             sheet[y:y + size, x:x + size] = img
-        lines.append(f"story {story.seed} ({len(sample.text_ids)} tokens with 4 image tokens per image): "
-                     + tok.decode(sample.text_ids, skip_special=False).replace(IMAGE_TOKEN * 4, IMAGE_TOKEN + "x4"))
+        text = tok.decode(sample.text_ids, skip_special=False)
+        lines.append(f"story {story.seed} ({len(sample.text_ids)} tokens with {num_img_token} image tokens per "
+                     f"image): " + text.replace(IMAGE_TOKEN * num_img_token, f"{IMAGE_TOKEN}x{num_img_token}"))
     png, txt = os.path.join(out_dir, "demo_sheet.png"), os.path.join(out_dir, "demo_samples.txt")
     with replaced_on_success(png) as tmp:
         Image.fromarray(sheet).save(tmp)

@@ -5045,6 +5045,10 @@ def test_show_cli_writes_sheet_and_text(tmp_path):
     assert sheet.size[1] > 3 * 64
     lines = (tmp_path / "demo_samples.txt").read_text().splitlines()
     assert len(lines) == 3 and all("story" in l and "</s>" in l for l in lines)
+    assert "16 image tokens per image" in lines[0] and "<|image|>x16" in lines[0]   # as the demo model reads them
+    assert int(re.search(r"\((\d+) tokens", lines[0]).group(1)) == \
+        len(data.story_sample(data.make_story(data.SPLIT_SEED_BASE["train"]), demo_tok(), random.Random(0),
+                              num_img_token=16).text_ids)
 
 
 def test_annotations_nested_too_deeply_are_an_input_error(tmp_path):
