@@ -3983,14 +3983,9 @@ def greedy_or_sample(decoder, n_return, warp, generator, max_new_tokens, min_new
             tokens = (cdf < uniforms[step] * cdf[:, -1:]).sum(-1)      # the first token whose cdf reaches u
         else:
             tokens = logits.argmax(-1)
-        ahead = tokens.is_cuda and step < max_new_tokens - 1
-        if ahead:   # queue the next step before the host reads these tokens, so the GPU never waits for the host's
-            tokens_host = tokens.to("cpu", non_blocking=True)       # bookkeeping; unused if every row stops here
-            copied = torch.cuda.Event()
-            copied.record()
-            next_logits = decoder.step(tokens)
-            copied.synchronize()
-        for i, t in enumerate((tokens_host if ahead else tokens).tolist()):
+        ahead = tokens.is_cuda and step < max_new_tokens - 1        # on a GPU, the next step queued first
+        tokens_host, next_logits = step_ahead(decoder, tokens) if ahead else (tokens, None)
+        for i, t in enumerate(tokens_host.tolist()):
             if not done[i]:
                 seqs[i].append(t)
                 done[i] = t in stop_ids
@@ -4377,6 +4372,17 @@ def fast_layer_step(layer, h, cos, sin, values, relpos, xmask, attn_mask, kv_cac
     m = layer.mlp
     return linear(linear(h, m.gate_proj, m.up_proj, glu=True, norm=layer.post_attention_layernorm), m.down_proj,
                   residual=h)
+
+
+def step_ahead(decoder, tokens):
+    """decoder.step(tokens) queued before the host reads the tokens, so the GPU never waits for the host's
+    bookkeeping between steps (the step is wasted if every row stops here). -> (tokens on the host, next logits)"""
+    tokens_host = tokens.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    next_logits = decoder.step(tokens)
+    copied.synchronize()
+    return tokens_host, next_logits
 
 
 def capture_cuda_graph(fn, warmup=1):
