@@ -6056,8 +6056,26 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (None, [os.path.join(HERE, "configs", "pretrain_13b.py"), f"--tokenizer_path={data.DEMO_TOKENIZER_PATH}"],
      "pretrain_sources: blip2's annt_root /path/to/blip2/annotations: no such folder"),
     (TINY_CONFIG, ["--device=cuda:99"], "--device=cuda:99: "),
+    (TINY_CONFIG, ["--log_interval=0"], "log_interval 0, expected 1 or more"),
+    (TINY_CONFIG, ["--warmup_steps=-10"], "warmup_steps -10, expected 0 or more"),
+    (TINY_CONFIG, ["--eval_interval=-1"], "eval_interval -1, expected 0 or more"),
+    (TINY_CONFIG, ["--ckpt_interval=-5"], "ckpt_interval -5, expected -1 or more"),
+    (TINY_CONFIG, ["--images_per_row=-1"], "images_per_row -1, expected 0 or more"),
+    (TINY_CONFIG, ["--grad_clip=-1"], "grad_clip -1.0, expected 0.0 or more"),
+    (TINY_CONFIG, ["--kl_weight=nan"], "kl_weight nan, expected 0.0 or more"),
+    (TINY_CONFIG, ["--eps=nan"], "eps nan, expected 0.0 or more"),
+    (TINY_CONFIG, ["--peak_flops=0"], "peak_flops 0.0, expected the device's peak FLOP/s (more than 0)"),
+    (TINY_CONFIG, ["--betas=(0.9, 2.0)"], "betas (0.9, 2.0), expected two numbers 0 <= beta < 1"),
+    (TINY_CONFIG + "betas = (0.9,)\n", [], "betas (0.9,), expected two numbers 0 <= beta < 1"),
+    (TINY_CONFIG + "param_groups = (('', 'fast', 0.0),)\n", [], "param_groups: row ('', 'fast', 0.0), expected rows"),
+    (TINY_CONFIG + "param_groups = (('', float('nan'), 0.0),)\n", [], "param_groups: row ('', nan, 0.0), expected"),
+    (TINY_CONFIG, ["--param_groups=('', 1e-3, 0.0)"], "param_groups: row '', expected rows (substring of the"),
+    (TINY_CONFIG, ["--param_groups=(('llm', 1e-3, 0.0),)"], "param_groups: no row matches the trainable weight"),
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
-        "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "data-root", "device"])
+        "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "data-root", "device",
+        "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip", "kl_weight",
+        "eps", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan", "param_groups-flat",
+        "param_groups-unmatched"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)
     if text is not None:

@@ -213,6 +213,10 @@ def read_config_file(path):
             if not (k.startswith("_") or callable(v) or isinstance(v, types.ModuleType))}
 
 
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def load_config(argv):
     """argv = [config.py] [--key=value ...] -> TrainConfig. Config files set fields by plain assignment; their
     values and the command line's strings are checked (and strings parsed) by mmi.parse_value."""
@@ -252,9 +256,21 @@ def load_config(argv):
         if getattr(tc, key) not in allowed:
             raise mmi.InputError(f"{key} {getattr(tc, key)!r}, expected one of {', '.join(map(repr, allowed))}")
     for key, least in (("batch_size", 1), ("grad_accum", 1), ("keep_last", 1), ("nan_patience", 1),
-                       ("num_workers", 0), ("max_steps", 0), ("lora_rank", 0)):
-        if getattr(tc, key) < least:
+                       ("num_workers", 0), ("max_steps", 0), ("lora_rank", 0), ("log_interval", 1),
+                       ("warmup_steps", 0), ("eval_interval", 0), ("ckpt_interval", -1), ("images_per_row", 0),
+                       ("eval_batches", 0), ("eval_demo_stories", 0), ("demo_num_stories", 0),
+                       ("eps", 0.0), ("kl_weight", 0.0), ("grad_clip", 0.0)):
+        if not (math.isfinite(getattr(tc, key)) and getattr(tc, key) >= least):
             raise mmi.InputError(f"{key} {getattr(tc, key)}, expected {least} or more")
+    if not (math.isfinite(tc.peak_flops) and tc.peak_flops > 0):
+        raise mmi.InputError(f"peak_flops {tc.peak_flops}, expected the device's peak FLOP/s (more than 0), for MFU")
+    if len(tc.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in tc.betas):
+        raise mmi.InputError(f"betas {tc.betas!r}, expected two numbers 0 <= beta < 1, e.g. (0.9, 0.995)")
+    for row in tc.param_groups:
+        if not (isinstance(row, tuple) and len(row) == 3 and isinstance(row[0], str)
+                and all(_is_number(x) and math.isfinite(x) and x >= 0 for x in row[1:])):
+            raise mmi.InputError(f"param_groups: row {row!r}, expected rows (substring of the parameter name, lr, "
+                                 f"weight decay) with lr and weight decay 0 or more, e.g. ((\"\", 1e-4, 0.05),)")
     if tc.frozen_dtype == "bfloat16" and tc.dtype != "bfloat16":
         raise mmi.InputError("frozen_dtype 'bfloat16' needs dtype 'bfloat16': without autocast a float32 input meets "
                              "the bf16 frozen weights; use frozen_dtype=float32")
@@ -304,7 +320,10 @@ def param_groups(model, table):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        row = next(i for i, (sub, _, _) in enumerate(table) if sub in name)
+        row = next((i for i, (sub, _, _) in enumerate(table) if sub in name), None)
+        if row is None:
+            raise mmi.InputError(f"param_groups: no row matches the trainable weight {name!r}; a last row for \"\" "
+                                 f"matches every weight")
         key = (row, decay[name])
         if key not in groups:
             _, lr, wd = table[row]
