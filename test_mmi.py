@@ -6087,6 +6087,27 @@ def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys
     assert not os.path.exists(tmp_path / "run")                                # it stopped before any work
 
 
+def test_train_out_dir_is_writable_and_holds_no_earlier_run_unless_resumed(tmp_path, config_file, capsys):
+    """An out_dir that is a file, lies under one or cannot be made, or that holds an earlier run's checkpoints or
+    metrics while --resume is not given, is one line before any work; with --resume the earlier run goes on."""
+    (tmp_path / "file").write_text("")
+    for out, message in [(tmp_path / "file", f"out_dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file"),
+                         (tmp_path / "file" / "run", "is a file, expected a folder"),
+                         ("/proc/mmi_run", "out_dir /proc/mmi_run: cannot write in /proc")]:
+        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    out = tmp_path / "run"
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
+    for earlier in ("checkpoints", "metrics.jsonl"):
+        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2"]) == 2
+        err = capsys.readouterr().err
+        assert f"out_dir {out} holds an earlier run's {earlier}; pass --resume to continue it" in err
+        assert err.count("\n") == 1 and [r["step"] for r in read_metrics(out)] == [1]
+        shutil.rmtree(out / "ckpt_00000001", ignore_errors=True)
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2", "--resume"]) == 0
+
+
 def test_train_prints_where_it_wrote_model_ckpt_and_metrics(tmp_path, config_file, capsys):
     out = tmp_path / "run"
     assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1", "--export=true"]) == 0

@@ -28,6 +28,7 @@ import queue
 import random
 import shutil
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -122,7 +123,8 @@ class TrainConfig:
     ckpt_interval: int = 1000                    # steps between checkpoints; 0 = only at the end; -1 = never
     keep_last: int = 5                           # checkpoints kept in out_dir
     save_frozen: bool = True                     # False: frozen weights are not written (they come from init_from)
-    resume: bool = False                         # continue from the newest checkpoint in out_dir
+    resume: bool = False                         # continue from the newest checkpoint in out_dir (without it, an
+                                                 # out_dir holding an earlier run's checkpoints or metrics is an error)
     export: bool = True                          # at the end: out_dir/model (save_pretrained) or vae.safetensors
     export_dtype: str = ""                       # "" keeps each weight's dtype; "bfloat16" halves it (VAE: float32)
     nan_patience: int = 5                        # stop after this many non-finite steps in a row
@@ -1153,6 +1155,27 @@ def check_inputs(tc):
         for what, folder in (("annt_root", source[3]), ("data_root", source[4])):
             if not os.path.isdir(folder):
                 raise mmi.InputError(f"pretrain_sources: {source[0]}'s {what} {folder}: no such folder")
+    check_out_dir(tc)
+
+
+def check_out_dir(tc):
+    """out_dir is a folder this process can write in, or make; it holds no earlier run's checkpoints or metrics
+    unless resume=True."""
+    parent = os.path.abspath(tc.out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise mmi.InputError(f"out_dir {tc.out_dir}: {parent} is a file, expected a folder")
+    try:                           # the test is making a folder: os.access says yes to root even in /proc
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise mmi.InputError(f"out_dir {tc.out_dir}: cannot write in {parent} ({e.strerror})") from None
+    found = checkpoints(tc.out_dir)
+    metrics = os.path.join(tc.out_dir, "metrics.jsonl")
+    if not tc.resume and (found or os.path.isfile(metrics) and os.path.getsize(metrics)):
+        earlier = "checkpoints" if found else "metrics.jsonl"
+        raise mmi.InputError(f"out_dir {tc.out_dir} holds an earlier run's {earlier}; pass --resume to continue it, "
+                             f"or another --out_dir (or remove it)")
 
 
 def worker_limit():
