@@ -6108,6 +6108,42 @@ def test_train_out_dir_is_writable_and_holds_no_earlier_run_unless_resumed(tmp_p
     assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2", "--resume"]) == 0
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished one-step run of TINY_CONFIG (c.py): its out_dir run/ holds ckpt_00000001 and metrics.jsonl."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    (root / "c.py").write_text(TINY_CONFIG)
+    run_train(str(root / "c.py"), str(root / "run"), "--max_steps=1")
+    return root
+
+
+@pytest.mark.parametrize("args, damage, message", [
+    (["--model.llm.num_hidden_layers=1"], None, "saved for another model: model.llm.num_hidden_layers is 4 there, "
+                                                "1 in this run; resume with the settings in its config.json"),
+    (["--model.llm.intermediate_size=64"], None, "model.llm.intermediate_size is 172 there, 64 in this run"),
+    (["--lora_rank=2"], None, "saved for another model: lora_rank is 0 there, 2 in this run"),
+    ([], ("rank0.pt", 100), "rank0.pt: unreadable (RuntimeError); the checkpoint is damaged or incomplete: remove"),
+    ([], ("__0_0.distcp", None), "__0_0.distcp: missing; the checkpoint is damaged or incomplete"),
+    ([], ("__0_0.distcp", 1000), "__0_0.distcp: cut short; the checkpoint is damaged or incomplete"),
+    ([], (".metadata", None), ".metadata: missing; the checkpoint is damaged or incomplete"),
+    ([], ("config.json", 5), "config.json: unreadable (JSONDecodeError); the checkpoint is damaged"),
+], ids=["layers", "shape", "lora", "rank-file-cut", "shard-missing", "shard-cut", "index-missing", "config-cut"])
+def test_resume_from_another_models_or_a_damaged_checkpoint_is_one_line(tiny_run, tmp_path, capsys, args, damage,
+                                                                        message):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", out)
+    if damage:
+        file, size = out / "ckpt_00000001" / damage[0], damage[1]
+        if size is None:
+            file.unlink()
+        else:
+            os.truncate(file, size)
+    argv = [str(tiny_run / "c.py"), f"--out_dir={out}", "--max_steps=2", "--resume", *args]
+    assert mmi.run_script(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out / 'ckpt_00000001'}" in err and message in err and err.count("\n") == 1
+
+
 def test_train_prints_where_it_wrote_model_ckpt_and_metrics(tmp_path, config_file, capsys):
     out = tmp_path / "run"
     assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1", "--export=true"]) == 0

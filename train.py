@@ -848,13 +848,73 @@ def save_checkpoint(model, optimizer, tc, cfg, step, rank_state, rank, device):
     return final
 
 
+def damaged_checkpoint(path, name, problem):
+    """The error for checkpoint file `name` that is missing, cut short or unreadable (`problem`: those words, or the
+    exception reading it raised)."""
+    if isinstance(problem, Exception):
+        problem = "missing" if isinstance(problem, FileNotFoundError) else f"unreadable ({type(problem).__name__})"
+    return mmi.InputError(f"{os.path.join(path, name)}: {problem}; the checkpoint is damaged or incomplete: remove "
+                          f"{path} to resume from the one before it, or train into another --out_dir")
+
+
+def first_difference(a, b, prefix=""):
+    """(dotted key, a's value, b's value) of the first key whose value differs between nested dicts, or None."""
+    for key in [*a, *(k for k in b if k not in a)]:
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = first_difference(x, y, f"{prefix}{key}.")
+            if found:
+                return found
+        elif x != y:
+            return prefix + key, x, y
+    return None
+
+
+def check_checkpoint(path, tc):
+    """The checkpoint that resume=True reads, checked before the model is built: this rank's state file, the
+    config, the index and every file it names (none shorter than the index says) are there and readable, and the
+    checkpoint was saved for this run's model (architecture, task and lora_rank alike)."""
+    import pickle
+    import torch.distributed.checkpoint as dcp
+    rank_file = f"rank{os.environ.get('RANK', '0')}.pt"
+    if not os.path.exists(os.path.join(path, rank_file)):
+        raise mmi.InputError(f"{path}: no {rank_file}; was it written by a run with fewer processes?")
+    unreadable = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)
+        saved_train, saved_model = dict(saved["train"]), dict(saved["model"])
+    except (*unreadable, KeyError, TypeError) as e:
+        raise damaged_checkpoint(path, "config.json", e) from None
+    try:
+        storage = dcp.FileSystemReader(path).read_metadata().storage_data.values()
+    except unreadable as e:
+        raise damaged_checkpoint(path, ".metadata", e) from None
+    for info in storage:
+        file = os.path.join(path, info.relative_path)
+        if not os.path.isfile(file):
+            raise damaged_checkpoint(path, info.relative_path, "missing")
+        if os.path.getsize(file) < info.offset + info.length:
+            raise damaged_checkpoint(path, info.relative_path, "cut short")
+    try:
+        torch.load(os.path.join(path, rank_file), weights_only=True)
+    except unreadable as e:
+        raise damaged_checkpoint(path, rank_file, e) from None
+    ours = json.loads(json.dumps({"task": tc.task, "lora_rank": tc.lora_rank, "model": model_config(tc).to_dict()}))
+    theirs = {"task": saved_train.get("task"), "lora_rank": saved_train.get("lora_rank"), "model": saved_model}
+    differs = first_difference(architecture(theirs), architecture(ours))
+    if differs:
+        raise mmi.InputError(f"{path}: saved for another model: {differs[0]} is {differs[1]!r} there, {differs[2]!r} "
+                             f"in this run; resume with the settings in its config.json, or train into another "
+                             f"--out_dir")
+
+
 def load_checkpoint(path, model, optimizer, tc, rank, device):
-    """Model, optimizer and this rank's state (step, data position, RNG) from a checkpoint directory."""
+    """Model, optimizer and this rank's state (step, data position, RNG) from a checkpoint directory (checked by
+    check_checkpoint)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     rank_file = os.path.join(path, f"rank{rank}.pt")
-    if not os.path.exists(rank_file):
-        raise mmi.InputError(f"{path}: no {os.path.basename(rank_file)}; was it written by a run with fewer processes?")
     opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen, strict=tc.save_frozen)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
@@ -1160,7 +1220,7 @@ def check_inputs(tc):
 
 def check_out_dir(tc):
     """out_dir is a folder this process can write in, or make; it holds no earlier run's checkpoints or metrics
-    unless resume=True."""
+    unless resume=True, and then its newest checkpoint is whole and of this run's model."""
     parent = os.path.abspath(tc.out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -1172,7 +1232,9 @@ def check_out_dir(tc):
         raise mmi.InputError(f"out_dir {tc.out_dir}: cannot write in {parent} ({e.strerror})") from None
     found = checkpoints(tc.out_dir)
     metrics = os.path.join(tc.out_dir, "metrics.jsonl")
-    if not tc.resume and (found or os.path.isfile(metrics) and os.path.getsize(metrics)):
+    if tc.resume and found:
+        check_checkpoint(found[-1], tc)
+    elif not tc.resume and (found or os.path.isfile(metrics) and os.path.getsize(metrics)):
         earlier = "checkpoints" if found else "metrics.jsonl"
         raise mmi.InputError(f"out_dir {tc.out_dir} holds an earlier run's {earlier}; pass --resume to continue it, "
                              f"or another --out_dir (or remove it)")
