@@ -6144,6 +6144,28 @@ def test_resume_from_another_models_or_a_damaged_checkpoint_is_one_line(tiny_run
     assert f"error: {out / 'ckpt_00000001'}" in err and message in err and err.count("\n") == 1
 
 
+def test_train_on_data_that_fills_no_batch_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    """data=pretrain whose one pair shard is missing and whose MMC4 shard is a broken zip: the first whole pass
+    makes no batch, and the run stops with one line counting what each source skipped."""
+    (tmp_path / "docs_0.jsonl.zip").write_bytes(b"not a zip")
+    sources = (("laion", "pair", "part_0.txt", str(tmp_path), str(tmp_path), 1.0, 2),
+               ("mmc4", "mmc4", "docs_0.jsonl", str(tmp_path), str(tmp_path), 2.0, 2))
+    (tmp_path / "c.py").write_text(TINY_CONFIG + f"data = 'pretrain'\npretrain_sources = {sources!r}\n")
+    set_epoch = data.MixedDataset.set_epoch
+
+    def bounded(self, epoch):                    # a stream that never fills a batch would read epochs forever
+        assert epoch < 3, "no batch in 3 epochs, and still reading"
+        set_epoch(self, epoch)
+
+    monkeypatch.setattr(data.MixedDataset, "set_epoch", bounded)
+    assert mmi.run_script(train.main, [str(tmp_path / "c.py"), f"--out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: pretrain_sources: a whole pass over laion, mmc4 made no batch of rows (" in err
+    assert "laion: 0 lines, 0 documents used, 0 rows, skipped shard:shard_missing=1" in err
+    assert "mmc4: 0 lines, 0 documents used, 0 rows, skipped shard:shard_unreadable=1" in err
+    assert err.count("\n") == 1
+
+
 def test_train_prints_where_it_wrote_model_ckpt_and_metrics(tmp_path, config_file, capsys):
     out = tmp_path / "run"
     assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1", "--export=true"]) == 0

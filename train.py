@@ -588,10 +588,12 @@ def dataset_batches(dataset, tc, rank, state):
     "workers"}. A DataLoader's workers hand out batches in turns (worker w at turns w, w + n, ...; one that has run
     out drops out), so a loader resumed mid-epoch starts with the worker whose turn was next (the dataset's
     `first_worker`): the batches come in the uninterrupted run's order. Each loader seeds its workers from its own
-    generator (seed, rank, epoch), never from the global RNG that the training loop's noise comes from."""
+    generator (seed, rank, epoch), never from the global RNG that the training loop's noise comes from. A whole
+    epoch that gives no batch is an InputError: the data cannot fill one."""
     epoch, positions = (state["epoch"], dict(state["positions"])) if state else (0, {})
     turn, workers = (state.get("turn", 0), state.get("workers", tc.num_workers)) if state else (0, tc.num_workers)
     while True:
+        whole, batches = not positions, 0            # whole: the epoch is read from its start
         dataset.set_epoch(epoch)
         dataset.load_state_dict(positions)
         dataset.first_worker = turn
@@ -600,6 +602,7 @@ def dataset_batches(dataset, tc, rank, state):
                                                   persistent_workers=False, generator=seed))
         try:
             for batch in stream:
+                batches += 1
                 dataset.record_position(positions, batch)
                 turn = (batch["meta"]["position"]["reader"] + 1) % max(workers, 1)   # readers rank * n + w
                 batch["meta"]["resume"] = {"epoch": epoch, "positions": dict(positions), "turn": turn,
@@ -608,7 +611,27 @@ def dataset_batches(dataset, tc, rank, state):
         finally:
             if workers:
                 stream._shutdown_workers()           # now, also when the stream is closed mid-epoch
+        if whole and not batches:
+            raise no_batch_error(dataset, tc, rank)
         epoch, positions, turn = epoch + 1, {}, 0
+
+
+def no_batch_error(dataset, tc, rank):
+    """The error for an epoch of `dataset` that gave no batch: its sources, each with what it read, used and skipped
+    by reason (counted in this process when no DataLoader worker read them, else in the workers' [data] lines)."""
+    where = {"pretrain": "pretrain_sources", "finetune": f"finetune_dataset {tc.finetune_dataset!r}"}.get(
+        tc.data, f"data {tc.data!r}")
+    counts = []
+    for name, stats in getattr(dataset, "last_stats", {}).items():
+        if isinstance(stats, dict):
+            skipped = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if ":" in k) or "nothing"
+            counts.append(f"{name}: {stats.get('lines', 0)} lines, {stats.get('docs_used', 0)} documents used, "
+                          f"{stats.get('rows', 0)} rows, skipped {skipped}")
+    names = [s.name for s in getattr(dataset, "sources", ())] or [getattr(dataset, "name", tc.data)]
+    return mmi.InputError(f"{where}: a whole pass over {', '.join(names)}"
+                          + (f" on rank {rank}" if dist.is_initialized() else "") + " made no batch of rows ("
+                          + ("; ".join(counts) or "the [data] lines above count what each DataLoader worker skipped")
+                          + "); expected enough usable documents to fill one")
 
 
 def train_batches(cfg, tc, rank, world, state=None):
