@@ -6056,8 +6056,26 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (None, [os.path.join(HERE, "configs", "pretrain_13b.py"), f"--tokenizer_path={data.DEMO_TOKENIZER_PATH}"],
      "pretrain_sources: blip2's annt_root /path/to/blip2/annotations: no such folder"),
     (TINY_CONFIG, ["--device=cuda:99"], "--device=cuda:99: "),
+    (TINY_CONFIG, ["--log_interval=0"], "log_interval 0, expected 1 or more"),
+    (TINY_CONFIG, ["--warmup_steps=-10"], "warmup_steps -10, expected 0 or more"),
+    (TINY_CONFIG, ["--eval_interval=-1"], "eval_interval -1, expected 0 or more"),
+    (TINY_CONFIG, ["--ckpt_interval=-5"], "ckpt_interval -5, expected -1 or more"),
+    (TINY_CONFIG, ["--images_per_row=-1"], "images_per_row -1, expected 0 or more"),
+    (TINY_CONFIG, ["--grad_clip=-1"], "grad_clip -1.0, expected 0.0 or more"),
+    (TINY_CONFIG, ["--kl_weight=nan"], "kl_weight nan, expected 0.0 or more"),
+    (TINY_CONFIG, ["--eps=nan"], "eps nan, expected 0.0 or more"),
+    (TINY_CONFIG, ["--peak_flops=0"], "peak_flops 0.0, expected the device's peak FLOP/s (more than 0)"),
+    (TINY_CONFIG, ["--betas=(0.9, 2.0)"], "betas (0.9, 2.0), expected two numbers 0 <= beta < 1"),
+    (TINY_CONFIG + "betas = (0.9,)\n", [], "betas (0.9,), expected two numbers 0 <= beta < 1"),
+    (TINY_CONFIG + "param_groups = (('', 'fast', 0.0),)\n", [], "param_groups: row ('', 'fast', 0.0), expected rows"),
+    (TINY_CONFIG + "param_groups = (('', float('nan'), 0.0),)\n", [], "param_groups: row ('', nan, 0.0), expected"),
+    (TINY_CONFIG, ["--param_groups=('', 1e-3, 0.0)"], "param_groups: row '', expected rows (substring of the"),
+    (TINY_CONFIG, ["--param_groups=(('llm', 1e-3, 0.0),)"], "param_groups: no row matches the trainable weight"),
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
-        "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "data-root", "device"])
+        "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "data-root", "device",
+        "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip", "kl_weight",
+        "eps", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan", "param_groups-flat",
+        "param_groups-unmatched"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)
     if text is not None:
@@ -6067,6 +6085,85 @@ def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert message in err and ": error: " in err and err.count("\n") == 1 and "Traceback" not in err
     assert not os.path.exists(tmp_path / "run")                                # it stopped before any work
+
+
+def test_train_out_dir_is_writable_and_holds_no_earlier_run_unless_resumed(tmp_path, config_file, capsys):
+    """An out_dir that is a file, lies under one or cannot be made, or that holds an earlier run's checkpoints or
+    metrics while --resume is not given, is one line before any work; with --resume the earlier run goes on."""
+    (tmp_path / "file").write_text("")
+    for out, message in [(tmp_path / "file", f"out_dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file"),
+                         (tmp_path / "file" / "run", "is a file, expected a folder"),
+                         ("/proc/mmi_run", "out_dir /proc/mmi_run: cannot write in /proc")]:
+        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    out = tmp_path / "run"
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
+    for earlier in ("checkpoints", "metrics.jsonl"):
+        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2"]) == 2
+        err = capsys.readouterr().err
+        assert f"out_dir {out} holds an earlier run's {earlier}; pass --resume to continue it" in err
+        assert err.count("\n") == 1 and [r["step"] for r in read_metrics(out)] == [1]
+        shutil.rmtree(out / "ckpt_00000001", ignore_errors=True)
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2", "--resume"]) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished one-step run of TINY_CONFIG (c.py): its out_dir run/ holds ckpt_00000001 and metrics.jsonl."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    (root / "c.py").write_text(TINY_CONFIG)
+    run_train(str(root / "c.py"), str(root / "run"), "--max_steps=1")
+    return root
+
+
+@pytest.mark.parametrize("args, damage, message", [
+    (["--model.llm.num_hidden_layers=1"], None, "saved for another model: model.llm.num_hidden_layers is 4 there, "
+                                                "1 in this run; resume with the settings in its config.json"),
+    (["--model.llm.intermediate_size=64"], None, "model.llm.intermediate_size is 172 there, 64 in this run"),
+    (["--lora_rank=2"], None, "saved for another model: lora_rank is 0 there, 2 in this run"),
+    ([], ("rank0.pt", 100), "rank0.pt: unreadable (RuntimeError); the checkpoint is damaged or incomplete: remove"),
+    ([], ("__0_0.distcp", None), "__0_0.distcp: missing; the checkpoint is damaged or incomplete"),
+    ([], ("__0_0.distcp", 1000), "__0_0.distcp: cut short; the checkpoint is damaged or incomplete"),
+    ([], (".metadata", None), ".metadata: missing; the checkpoint is damaged or incomplete"),
+    ([], ("config.json", 5), "config.json: unreadable (JSONDecodeError); the checkpoint is damaged"),
+], ids=["layers", "shape", "lora", "rank-file-cut", "shard-missing", "shard-cut", "index-missing", "config-cut"])
+def test_resume_from_another_models_or_a_damaged_checkpoint_is_one_line(tiny_run, tmp_path, capsys, args, damage,
+                                                                        message):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", out)
+    if damage:
+        file, size = out / "ckpt_00000001" / damage[0], damage[1]
+        if size is None:
+            file.unlink()
+        else:
+            os.truncate(file, size)
+    argv = [str(tiny_run / "c.py"), f"--out_dir={out}", "--max_steps=2", "--resume", *args]
+    assert mmi.run_script(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out / 'ckpt_00000001'}" in err and message in err and err.count("\n") == 1
+
+
+def test_train_on_data_that_fills_no_batch_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    """data=pretrain whose one pair shard is missing and whose MMC4 shard is a broken zip: the first whole pass
+    makes no batch, and the run stops with one line counting what each source skipped."""
+    (tmp_path / "docs_0.jsonl.zip").write_bytes(b"not a zip")
+    sources = (("laion", "pair", "part_0.txt", str(tmp_path), str(tmp_path), 1.0, 2),
+               ("mmc4", "mmc4", "docs_0.jsonl", str(tmp_path), str(tmp_path), 2.0, 2))
+    (tmp_path / "c.py").write_text(TINY_CONFIG + f"data = 'pretrain'\npretrain_sources = {sources!r}\n")
+    set_epoch = data.MixedDataset.set_epoch
+
+    def bounded(self, epoch):                    # a stream that never fills a batch would read epochs forever
+        assert epoch < 3, "no batch in 3 epochs, and still reading"
+        set_epoch(self, epoch)
+
+    monkeypatch.setattr(data.MixedDataset, "set_epoch", bounded)
+    assert mmi.run_script(train.main, [str(tmp_path / "c.py"), f"--out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: pretrain_sources: a whole pass over laion, mmc4 made no batch of rows (" in err
+    assert "laion: 0 lines, 0 documents used, 0 rows, skipped shard:shard_missing=1" in err
+    assert "mmc4: 0 lines, 0 documents used, 0 rows, skipped shard:shard_unreadable=1" in err
+    assert err.count("\n") == 1
 
 
 def test_train_prints_where_it_wrote_model_ckpt_and_metrics(tmp_path, config_file, capsys):

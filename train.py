@@ -28,6 +28,7 @@ import queue
 import random
 import shutil
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -122,7 +123,8 @@ class TrainConfig:
     ckpt_interval: int = 1000                    # steps between checkpoints; 0 = only at the end; -1 = never
     keep_last: int = 5                           # checkpoints kept in out_dir
     save_frozen: bool = True                     # False: frozen weights are not written (they come from init_from)
-    resume: bool = False                         # continue from the newest checkpoint in out_dir
+    resume: bool = False                         # continue from the newest checkpoint in out_dir (without it, an
+                                                 # out_dir holding an earlier run's checkpoints or metrics is an error)
     export: bool = True                          # at the end: out_dir/model (save_pretrained) or vae.safetensors
     export_dtype: str = ""                       # "" keeps each weight's dtype; "bfloat16" halves it (VAE: float32)
     nan_patience: int = 5                        # stop after this many non-finite steps in a row
@@ -213,6 +215,10 @@ def read_config_file(path):
             if not (k.startswith("_") or callable(v) or isinstance(v, types.ModuleType))}
 
 
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def load_config(argv):
     """argv = [config.py] [--key=value ...] -> TrainConfig. Config files set fields by plain assignment; their
     values and the command line's strings are checked (and strings parsed) by mmi.parse_value."""
@@ -252,9 +258,21 @@ def load_config(argv):
         if getattr(tc, key) not in allowed:
             raise mmi.InputError(f"{key} {getattr(tc, key)!r}, expected one of {', '.join(map(repr, allowed))}")
     for key, least in (("batch_size", 1), ("grad_accum", 1), ("keep_last", 1), ("nan_patience", 1),
-                       ("num_workers", 0), ("max_steps", 0), ("lora_rank", 0)):
-        if getattr(tc, key) < least:
+                       ("num_workers", 0), ("max_steps", 0), ("lora_rank", 0), ("log_interval", 1),
+                       ("warmup_steps", 0), ("eval_interval", 0), ("ckpt_interval", -1), ("images_per_row", 0),
+                       ("eval_batches", 0), ("eval_demo_stories", 0), ("demo_num_stories", 0),
+                       ("eps", 0.0), ("kl_weight", 0.0), ("grad_clip", 0.0)):
+        if not (math.isfinite(getattr(tc, key)) and getattr(tc, key) >= least):
             raise mmi.InputError(f"{key} {getattr(tc, key)}, expected {least} or more")
+    if not (math.isfinite(tc.peak_flops) and tc.peak_flops > 0):
+        raise mmi.InputError(f"peak_flops {tc.peak_flops}, expected the device's peak FLOP/s (more than 0), for MFU")
+    if len(tc.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in tc.betas):
+        raise mmi.InputError(f"betas {tc.betas!r}, expected two numbers 0 <= beta < 1, e.g. (0.9, 0.995)")
+    for row in tc.param_groups:
+        if not (isinstance(row, tuple) and len(row) == 3 and isinstance(row[0], str)
+                and all(_is_number(x) and math.isfinite(x) and x >= 0 for x in row[1:])):
+            raise mmi.InputError(f"param_groups: row {row!r}, expected rows (substring of the parameter name, lr, "
+                                 f"weight decay) with lr and weight decay 0 or more, e.g. ((\"\", 1e-4, 0.05),)")
     if tc.frozen_dtype == "bfloat16" and tc.dtype != "bfloat16":
         raise mmi.InputError("frozen_dtype 'bfloat16' needs dtype 'bfloat16': without autocast a float32 input meets "
                              "the bf16 frozen weights; use frozen_dtype=float32")
@@ -304,7 +322,10 @@ def param_groups(model, table):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        row = next(i for i, (sub, _, _) in enumerate(table) if sub in name)
+        row = next((i for i, (sub, _, _) in enumerate(table) if sub in name), None)
+        if row is None:
+            raise mmi.InputError(f"param_groups: no row matches the trainable weight {name!r}; a last row for \"\" "
+                                 f"matches every weight")
         key = (row, decay[name])
         if key not in groups:
             _, lr, wd = table[row]
@@ -567,10 +588,12 @@ def dataset_batches(dataset, tc, rank, state):
     "workers"}. A DataLoader's workers hand out batches in turns (worker w at turns w, w + n, ...; one that has run
     out drops out), so a loader resumed mid-epoch starts with the worker whose turn was next (the dataset's
     `first_worker`): the batches come in the uninterrupted run's order. Each loader seeds its workers from its own
-    generator (seed, rank, epoch), never from the global RNG that the training loop's noise comes from."""
+    generator (seed, rank, epoch), never from the global RNG that the training loop's noise comes from. A whole
+    epoch that gives no batch is an InputError: the data cannot fill one."""
     epoch, positions = (state["epoch"], dict(state["positions"])) if state else (0, {})
     turn, workers = (state.get("turn", 0), state.get("workers", tc.num_workers)) if state else (0, tc.num_workers)
     while True:
+        whole, batches = not positions, 0            # whole: the epoch is read from its start
         dataset.set_epoch(epoch)
         dataset.load_state_dict(positions)
         dataset.first_worker = turn
@@ -579,6 +602,7 @@ def dataset_batches(dataset, tc, rank, state):
                                                   persistent_workers=False, generator=seed))
         try:
             for batch in stream:
+                batches += 1
                 dataset.record_position(positions, batch)
                 turn = (batch["meta"]["position"]["reader"] + 1) % max(workers, 1)   # readers rank * n + w
                 batch["meta"]["resume"] = {"epoch": epoch, "positions": dict(positions), "turn": turn,
@@ -587,7 +611,27 @@ def dataset_batches(dataset, tc, rank, state):
         finally:
             if workers:
                 stream._shutdown_workers()           # now, also when the stream is closed mid-epoch
+        if whole and not batches:
+            raise no_batch_error(dataset, tc, rank)
         epoch, positions, turn = epoch + 1, {}, 0
+
+
+def no_batch_error(dataset, tc, rank):
+    """The error for an epoch of `dataset` that gave no batch: its sources, each with what it read, used and skipped
+    by reason (counted in this process when no DataLoader worker read them, else in the workers' [data] lines)."""
+    where = {"pretrain": "pretrain_sources", "finetune": f"finetune_dataset {tc.finetune_dataset!r}"}.get(
+        tc.data, f"data {tc.data!r}")
+    counts = []
+    for name, stats in getattr(dataset, "last_stats", {}).items():
+        if isinstance(stats, dict):
+            skipped = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if ":" in k) or "nothing"
+            counts.append(f"{name}: {stats.get('lines', 0)} lines, {stats.get('docs_used', 0)} documents used, "
+                          f"{stats.get('rows', 0)} rows, skipped {skipped}")
+    names = [s.name for s in getattr(dataset, "sources", ())] or [getattr(dataset, "name", tc.data)]
+    return mmi.InputError(f"{where}: a whole pass over {', '.join(names)}"
+                          + (f" on rank {rank}" if dist.is_initialized() else "") + " made no batch of rows ("
+                          + ("; ".join(counts) or "the [data] lines above count what each DataLoader worker skipped")
+                          + "); expected enough usable documents to fill one")
 
 
 def train_batches(cfg, tc, rank, world, state=None):
@@ -827,13 +871,73 @@ def save_checkpoint(model, optimizer, tc, cfg, step, rank_state, rank, device):
     return final
 
 
+def damaged_checkpoint(path, name, problem):
+    """The error for checkpoint file `name` that is missing, cut short or unreadable (`problem`: those words, or the
+    exception reading it raised)."""
+    if isinstance(problem, Exception):
+        problem = "missing" if isinstance(problem, FileNotFoundError) else f"unreadable ({type(problem).__name__})"
+    return mmi.InputError(f"{os.path.join(path, name)}: {problem}; the checkpoint is damaged or incomplete: remove "
+                          f"{path} to resume from the one before it, or train into another --out_dir")
+
+
+def first_difference(a, b, prefix=""):
+    """(dotted key, a's value, b's value) of the first key whose value differs between nested dicts, or None."""
+    for key in [*a, *(k for k in b if k not in a)]:
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = first_difference(x, y, f"{prefix}{key}.")
+            if found:
+                return found
+        elif x != y:
+            return prefix + key, x, y
+    return None
+
+
+def check_checkpoint(path, tc):
+    """The checkpoint that resume=True reads, checked before the model is built: this rank's state file, the
+    config, the index and every file it names (none shorter than the index says) are there and readable, and the
+    checkpoint was saved for this run's model (architecture, task and lora_rank alike)."""
+    import pickle
+    import torch.distributed.checkpoint as dcp
+    rank_file = f"rank{os.environ.get('RANK', '0')}.pt"
+    if not os.path.exists(os.path.join(path, rank_file)):
+        raise mmi.InputError(f"{path}: no {rank_file}; was it written by a run with fewer processes?")
+    unreadable = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)
+        saved_train, saved_model = dict(saved["train"]), dict(saved["model"])
+    except (*unreadable, KeyError, TypeError) as e:
+        raise damaged_checkpoint(path, "config.json", e) from None
+    try:
+        storage = dcp.FileSystemReader(path).read_metadata().storage_data.values()
+    except unreadable as e:
+        raise damaged_checkpoint(path, ".metadata", e) from None
+    for info in storage:
+        file = os.path.join(path, info.relative_path)
+        if not os.path.isfile(file):
+            raise damaged_checkpoint(path, info.relative_path, "missing")
+        if os.path.getsize(file) < info.offset + info.length:
+            raise damaged_checkpoint(path, info.relative_path, "cut short")
+    try:
+        torch.load(os.path.join(path, rank_file), weights_only=True)
+    except unreadable as e:
+        raise damaged_checkpoint(path, rank_file, e) from None
+    ours = json.loads(json.dumps({"task": tc.task, "lora_rank": tc.lora_rank, "model": model_config(tc).to_dict()}))
+    theirs = {"task": saved_train.get("task"), "lora_rank": saved_train.get("lora_rank"), "model": saved_model}
+    differs = first_difference(architecture(theirs), architecture(ours))
+    if differs:
+        raise mmi.InputError(f"{path}: saved for another model: {differs[0]} is {differs[1]!r} there, {differs[2]!r} "
+                             f"in this run; resume with the settings in its config.json, or train into another "
+                             f"--out_dir")
+
+
 def load_checkpoint(path, model, optimizer, tc, rank, device):
-    """Model, optimizer and this rank's state (step, data position, RNG) from a checkpoint directory."""
+    """Model, optimizer and this rank's state (step, data position, RNG) from a checkpoint directory (checked by
+    check_checkpoint)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     rank_file = os.path.join(path, f"rank{rank}.pt")
-    if not os.path.exists(rank_file):
-        raise mmi.InputError(f"{path}: no {os.path.basename(rank_file)}; was it written by a run with fewer processes?")
     opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen, strict=tc.save_frozen)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
@@ -1134,6 +1238,29 @@ def check_inputs(tc):
         for what, folder in (("annt_root", source[3]), ("data_root", source[4])):
             if not os.path.isdir(folder):
                 raise mmi.InputError(f"pretrain_sources: {source[0]}'s {what} {folder}: no such folder")
+    check_out_dir(tc)
+
+
+def check_out_dir(tc):
+    """out_dir is a folder this process can write in, or make; it holds no earlier run's checkpoints or metrics
+    unless resume=True, and then its newest checkpoint is whole and of this run's model."""
+    parent = os.path.abspath(tc.out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise mmi.InputError(f"out_dir {tc.out_dir}: {parent} is a file, expected a folder")
+    try:                           # the test is making a folder: os.access says yes to root even in /proc
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise mmi.InputError(f"out_dir {tc.out_dir}: cannot write in {parent} ({e.strerror})") from None
+    found = checkpoints(tc.out_dir)
+    metrics = os.path.join(tc.out_dir, "metrics.jsonl")
+    if tc.resume and found:
+        check_checkpoint(found[-1], tc)
+    elif not tc.resume and (found or os.path.isfile(metrics) and os.path.getsize(metrics)):
+        earlier = "checkpoints" if found else "metrics.jsonl"
+        raise mmi.InputError(f"out_dir {tc.out_dir} holds an earlier run's {earlier}; pass --resume to continue it, "
+                             f"or another --out_dir (or remove it)")
 
 
 def worker_limit():
