@@ -77,21 +77,32 @@ class Tokenizer:
 
     def __init__(self, path):
         self.path = str(path)
-        if self.path.endswith(".json"):
-            import tokenizers
-            self._tok = tokenizers.Tokenizer.from_file(self.path)
-            self._sp = None
+        is_json = self.path.endswith(".json")
+        expected = "a tokenizers tokenizer.json" if is_json else "a SentencePiece tokenizer.model"
+        if not os.path.isfile(self.path):
+            found = "is a folder" if os.path.isdir(self.path) else "no such file"
+            raise mmi.InputError(f"{self.path}: {found}, expected {expected}")
+        try:
+            if is_json:
+                import tokenizers
+                self._tok, self._sp = tokenizers.Tokenizer.from_file(self.path), None
+            else:
+                import sentencepiece
+                self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        except Exception as e:  # tokenizers raises a bare Exception; sentencepiece RuntimeError or OSError
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise mmi.InputError(f"{self.path}: cannot be read as {expected} ({reason})") from None
+        if is_json:
             num_base = self._tok.get_vocab_size(with_added_tokens=False)
             piece_id = self._tok.token_to_id
         else:
-            import sentencepiece
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
             num_base = self._sp.get_piece_size()
             piece_id = self._sp_piece_id
         ids = {piece: piece_id(piece) for piece in ("<unk>", "<s>", "</s>")}
         for piece, i in ids.items():
             if i is None:
-                raise ValueError(f"{self.path}: piece {piece!r} not in vocabulary, expected a LLaMA-layout tokenizer")
+                raise mmi.InputError(f"{self.path}: piece {piece!r} not in vocabulary, expected a LLaMA-layout "
+                                     f"tokenizer")
         self.unk_id, self.bos_id, self.eos_id = ids["<unk>"], ids["<s>"], ids["</s>"]
         self.pad_id = num_base - 1
         self.soi_id, self.image_id = num_base, num_base + 1
@@ -100,7 +111,7 @@ class Tokenizer:
             for piece, want in ((SOI_TOKEN, self.soi_id), (IMAGE_TOKEN, self.image_id)):
                 have = self._tok.token_to_id(piece)
                 if have is not None and have != want:
-                    raise ValueError(f"{self.path}: {piece} has id {have}, expected {want}")
+                    raise mmi.InputError(f"{self.path}: {piece} has id {have}, expected {want}")
         self._special_ids = {SOI_TOKEN: self.soi_id, IMAGE_TOKEN: self.image_id, "</s>": self.eos_id,
                              "<s>": self.bos_id, "<unk>": self.unk_id}
         self._skip_ids = {self.unk_id, self.bos_id, self.eos_id, self.pad_id, self.soi_id, self.image_id}

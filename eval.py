@@ -1822,8 +1822,8 @@ def find_tokenizer(path, init_from):
         if not os.path.isfile(path):
             raise InputError(f"--tokenizer={path}: no such file")
         return path
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if init_from and os.path.isfile(os.path.join(init_from, name)):
+    for name in ("tokenizer.model", "tokenizer.json"):  # one that is there but no file: data.Tokenizer refuses it
+        if init_from and os.path.exists(os.path.join(init_from, name)):
             return os.path.join(init_from, name)
     if os.path.abspath(init_from or "") == DEMO_MODEL:
         return data.DEMO_TOKENIZER_PATH
@@ -2009,6 +2009,7 @@ def main(argv=None):
     if not os.path.isdir(args.init_from):
         raise InputError(f"--init_from={args.init_from}: no such folder (expected one written by save_pretrained)")
     tokenizer_path = find_tokenizer(args.tokenizer, args.init_from)
+    tokenizer = data.Tokenizer(tokenizer_path)       # its ids are checked against the model's once it has loaded
     device = mmi.resolve_device(args.device)
     if task.preflight is not None:
         task.preflight(args)
@@ -2016,7 +2017,7 @@ def main(argv=None):
     rank, world, args.device = init_distributed(device)
     model = load_model(args.init_from, getattr(torch, args.dtype), args.device,
                        None if args.quantize == "none" else args.quantize).eval()
-    tokenizer = load_tokenizer(tokenizer_path, args.init_from, model.cfg)
+    tokenizer = check_tokenizer(tokenizer, tokenizer_path, model.cfg)
     results = evaluate(model, tokenizer, args, rank, world, samples)
     if rank == 0:
         write_json_atomic(args.out, results)

@@ -141,11 +141,13 @@ def load_model(args):
             if getattr(args, flag) and not os.path.isdir(getattr(args, flag)):
                 raise mmi.InputError(f"--{flag}={getattr(args, flag)}: no such folder")
         # before the minutes of loading: the tokenizer, from --tokenizer, else the Vicuna or checkpoint folder
+        # a tokenizer.model that is there but is no file is refused by data.Tokenizer, not passed over
         found = [os.path.join(f, "tokenizer.model") for f in (args.llm, args.mmi) if f]
-        tok_path = args.tokenizer or next((p for p in found if os.path.isfile(p)), None)
+        tok_path = args.tokenizer or next((p for p in found if os.path.exists(p)), None)
         if tok_path is None:
             raise mmi.InputError("--init_from=original: no tokenizer.model in the --llm or --mmi folder; pass "
                                  "--tokenizer (Vicuna's tokenizer.model)")
+        tokenizer = data.Tokenizer(tok_path)
         model = mmi.MMInterleaved.from_original(llm=args.llm, clip=args.clip, sd=args.sd, mmi=args.mmi,
                                                 dtype=args.dtype, device=args.device, quantize=args.quantize)
     else:
@@ -154,12 +156,13 @@ def load_model(args):
             what = "the demo model (assets/demo) is not in this checkout" if args.init_from == "demo" else \
                 f"{path} is not a model folder (no config.json)"
             raise mmi.InputError(f"--init_from={args.init_from}: {what}")
-        model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device, quantize=args.quantize)
         tok_path = args.tokenizer or next((p for p in (os.path.join(path, "tokenizer.model"), data.DEMO_TOKENIZER_PATH)
-                                           if os.path.isfile(p)), None)
-    if not tok_path or not os.path.isfile(tok_path):
-        raise mmi.InputError(f"tokenizer {tok_path!r} not found; pass --tokenizer")
-    tokenizer = evaluator.check_tokenizer(data.Tokenizer(tok_path), tok_path, model.cfg)
+                                           if os.path.exists(p)), None)
+        if tok_path is None:
+            raise mmi.InputError(f"--init_from={args.init_from}: no tokenizer.model in {path}; pass --tokenizer")
+        tokenizer = data.Tokenizer(tok_path)
+        model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    tokenizer = evaluator.check_tokenizer(tokenizer, tok_path, model.cfg)
     if model.image_decoder is not None and args.device.type == "cuda":
         # cuDNN runs half-precision convolutions in NHWC: NCHW weights cost a transpose in every UNet call
         model.image_decoder.decoder.unet.to(memory_format=torch.channels_last)

@@ -3885,6 +3885,25 @@ def test_tokenizer_json_gives_the_sentencepiece_model_ids(tmp_path):
         assert a.decode(a.encode(s), skip_special=False) == b.decode(b.encode(s), skip_special=False), s
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.model", b"garbage", "cannot be read as a SentencePiece tokenizer.model (INTERNAL: could not parse"),
+    ("tokenizer.model", b"", "cannot be read as a SentencePiece tokenizer.model"),
+    ("tokenizer.json", b'{"model": {"type": "Nope"}}', "cannot be read as a tokenizers tokenizer.json (data did not"),
+    ("tokenizer.json", b"[", "cannot be read as a tokenizers tokenizer.json"),
+    ("tokenizer.model", None, "is a folder, expected a SentencePiece tokenizer.model"),
+    ("nowhere.model", False, "no such file, expected a SentencePiece tokenizer.model"),
+], ids=["garbage", "empty", "json_no_variant", "json_cut", "folder", "missing"])
+def test_a_broken_tokenizer_file_is_an_input_error_naming_it(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif content is not False:
+        path.write_bytes(content)
+    with pytest.raises(mmi.InputError) as e:
+        data.Tokenizer(str(path))
+    assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value), str(e.value)
+
+
 def test_clean_image_spaces_removes_one_space_each_side():
     t = "a " + data.SOI_TOKEN + " " + data.IMAGE_TOKEN + " " + data.IMAGE_TOKEN + " b  c"
     assert data.clean_image_spaces(t) == "a" + data.SOI_TOKEN + data.IMAGE_TOKEN * 2 + "b  c"
@@ -6053,11 +6072,13 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (TINY_CONFIG, ["--init_from=nowhere"], "init_from nowhere: no such folder"),
     (TINY_CONFIG, ["--vae_from=none.safetensors"], "vae_from none.safetensors: no such file"),
     (TINY_CONFIG, ["--data=demo", "--tokenizer_path=no.model"], "tokenizer_path no.model: no such file"),
+    (TINY_CONFIG, ["--data=demo", "--tokenizer_path=c.py"], "c.py: cannot be read as a SentencePiece tokenizer.model"),
     (None, [os.path.join(HERE, "configs", "pretrain_13b.py"), f"--tokenizer_path={data.DEMO_TOKENIZER_PATH}"],
      "pretrain_sources: blip2's annt_root /path/to/blip2/annotations: no such folder"),
     (TINY_CONFIG, ["--device=cuda:99"], "--device=cuda:99: "),
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
-        "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "data-root", "device"])
+        "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "tokenizer-corrupt", "data-root",
+        "device"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)
     if text is not None:
@@ -6438,9 +6459,16 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "unknown_key").mkdir()
     (tmp_path / "unknown_key" / "config.json").write_text(json.dumps({"bogus": 1}))
+    (tmp_path / "garbage.model").write_bytes(b"garbage")
+    (tmp_path / "tokenizer_folder" / "tokenizer.model").mkdir(parents=True)   # read before the model: no weights
+    (tmp_path / "tokenizer_folder" / "config.json").write_text("{}")
     for extra, message in (
             ([f"--init_from={tmp_path / 'empty'}"], "is not a model folder (no config.json)"),
             ([f"--init_from={tmp_path / 'unknown_key'}"], "unknown config key 'bogus'"),
+            ([f"--tokenizer={tmp_path / 'garbage.model'}"],
+             f"{tmp_path / 'garbage.model'}: cannot be read as a SentencePiece tokenizer.model"),
+            ([f"--init_from={tmp_path / 'tokenizer_folder'}"],
+             f"{tmp_path / 'tokenizer_folder' / 'tokenizer.model'}: is a folder, expected a SentencePiece"),
             (["--device=tpu"], "--device=tpu: expected auto, cpu, cuda or cuda:N"),
             (["--device=cuda:99"], "--device=cuda:99: "),
             (["--steps=0"], "--steps=0: expected >= 1"),
@@ -7427,7 +7455,8 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
 
 
 @pytest.mark.parametrize("case", ["task", "limit", "device", "no_data_root", "no_init_from", "no_annotations",
-                                  "no_references", "no_images", "no_inception", "string_answers", "readme_slice"])
+                                  "no_references", "no_images", "no_inception", "string_answers", "readme_slice",
+                                  "bad_tokenizer", "tokenizer_folder"])
 def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
     loads = []
     monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
@@ -7463,6 +7492,14 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
         argv, want = ["--task=lncoco", "--inception=nowhere.pth"] + given, "not found at 'nowhere.pth'"
     elif case == "readme_slice":                     # README's scoreboard is the one of `python eval.py` alone
         argv, want = ["--readme", "--limit=4", "--seed=0", "--offset=3"], "(given: --limit=4 --offset=3)"
+    elif case == "bad_tokenizer":
+        (tmp_path / "tokenizer.model").write_bytes(b"garbage")
+        argv = ["--task=vizwiz_vqa", f"--data_root={root}", f"--init_from={root}"]
+        want = f"{root}/tokenizer.model: cannot be read as a SentencePiece tokenizer.model"
+    elif case == "tokenizer_folder":                 # not passed over for another tokenizer
+        (tmp_path / "tokenizer.model").mkdir()
+        argv = ["--task=vizwiz_vqa", f"--data_root={root}", f"--init_from={root}"]
+        want = f"{root}/tokenizer.model: is a folder, expected a SentencePiece tokenizer.model"
     else:
         _vizwiz_layout(tmp_path, ["a.jpg"], answers="red")
         argv = ["--task=vizwiz_vqa"] + given
