@@ -35,6 +35,7 @@ import pickle
 import random
 import re
 import sys
+import tempfile
 import zipfile
 import zlib
 from collections import Counter
@@ -229,11 +230,32 @@ def replaced_on_success(path):
     tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
     try:
         yield tmp
+        os.replace(tmp, path)       # inside the try: a rename that fails (onto a folder) removes the temporary too
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    os.replace(tmp, path)
+
+
+def check_writable(path, flag, folder=False):
+    """Before the work: an InputError naming `flag` unless a file (folder=True: files in a folder) can be written at
+    `path`, the folders missing on the way made. Nothing is left behind."""
+    if not path:
+        raise mmi.InputError(f"{flag} is empty, expected a path")
+    if os.path.isdir(path) and not folder:
+        raise mmi.InputError(f"{flag}={path}: is a folder, expected the path of a file to write")
+    if os.path.exists(path) and not os.path.isdir(path) and folder:
+        raise mmi.InputError(f"{flag}={path}: is a file, expected a folder to write into")
+    base = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise mmi.InputError(f"{flag}={path}: {base} is a file, expected a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise mmi.InputError(f"{flag}={path}: cannot create a file in {base} ({e.strerror})") from None
 
 
 # An image whose long side exceeds this many times its short side loses the ends of its long side before

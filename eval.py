@@ -1993,6 +1993,9 @@ def main(argv=None):
     if args.readme and args.scored_with:
         raise InputError(f"--readme writes README's scoreboard of `python eval.py` as it stands; it takes none of "
                          f"--{', --'.join(DEMO_SCORED_WITH)} (given: {' '.join(args.scored_with)})")
+    data.check_writable(args.out, "--out")
+    if task.score in (score_fid, score_story, score_ade20k):
+        data.check_writable(images_folder(args), "--image_dir", folder=True)
     if task.needs_data_root:
         if args.data_root is None:
             raise InputError(f"--task={args.task} needs --data_root (the folder holding the evaluation sets; its "

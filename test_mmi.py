@@ -5181,6 +5181,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["scores.json"]
 
 
+def test_data_atomic_write_whose_rename_fails_leaves_no_temporary(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError):
+        ev.write_json_atomic(str(tmp_path / "folder"), {"a": 1})
+    assert os.listdir(tmp_path) == ["folder"] and os.listdir(tmp_path / "folder") == []
+
+
 def test_inference_sample_keeps_only_whole_image_placeholders(tmp_path):
     """Truncation at num_total_token keeps an image only if its whole placeholder fits; a prompt whose first
     image does not fit is a SkipSample naming the numbers, not a crash."""
@@ -7456,7 +7463,8 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
 
 @pytest.mark.parametrize("case", ["task", "limit", "device", "no_data_root", "no_init_from", "no_annotations",
                                   "no_references", "no_images", "no_inception", "string_answers", "readme_slice",
-                                  "bad_tokenizer", "tokenizer_folder"])
+                                  "bad_tokenizer", "tokenizer_folder", "out_in_a_file", "out_a_folder", "out_in_proc",
+                                  "image_dir_in_proc"])
 def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
     loads = []
     monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
@@ -7500,6 +7508,19 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
         (tmp_path / "tokenizer.model").mkdir()
         argv = ["--task=vizwiz_vqa", f"--data_root={root}", f"--init_from={root}"]
         want = f"{root}/tokenizer.model: is a folder, expected a SentencePiece tokenizer.model"
+    elif case == "out_in_a_file":
+        argv, want = ["--task=vizwiz_vqa", f"--out={root}/VizWiz/val.json/x.json"] + given, \
+            f"--out={root}/VizWiz/val.json/x.json: {root}/VizWiz/val.json is a file, expected a folder"
+    elif case == "out_a_folder":
+        argv, want = ["--task=vizwiz_vqa", f"--out={root}"] + given, \
+            f"--out={root}: is a folder, expected the path of a file to write"
+    elif case == "out_in_proc":
+        argv, want = ["--task=vizwiz_vqa", "--out=/proc/x.json"] + given, \
+            "--out=/proc/x.json: cannot create a file in /proc"
+    elif case == "image_dir_in_proc":
+        _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
+        argv, want = ["--task=lncoco", "--image_dir=/proc/images"] + given, \
+            "--image_dir=/proc/images: cannot create a file in /proc"
     else:
         _vizwiz_layout(tmp_path, ["a.jpg"], answers="red")
         argv = ["--task=vizwiz_vqa"] + given
