@@ -1093,9 +1093,10 @@ def llava_dataset(tokenizer, cfg, split, rank, world, seed, annt="", data_root="
     original, which reads one image a record: with several images and as many <image> marks in a question, each
     image goes at its own mark, in order, and {image} stays empty (a question without marks gets them all at
     {image}). A row longer than max_len is cut at max_len, the answer's end first. Skipped, counted by reason: a
-    record or round of the wrong shape (malformed_record), a human turn with no gpt turn after it (no_gpt_turn),
-    no image (no_image), a missing or unreadable image (image_missing, image_unreadable), marks that do not number
-    the images (image_marks_mismatch), a prompt that leaves no answer token within max_len (too_long)."""
+    .jsonl line that is not JSON (malformed_line), a record or round of the wrong shape (malformed_record), a human
+    turn with no gpt turn after it (no_gpt_turn), no image (no_image), a missing or unreadable image (image_missing,
+    image_unreadable), marks that do not number the images (image_marks_mismatch), a prompt that leaves no answer
+    token within max_len (too_long)."""
     if split not in ("train", "val"):
         raise mmi.InputError(f"llava: split {split!r}, expected 'train' or 'val'")
     files, roots = (annt, data_root) if split == "train" else (val_annt, val_data_root)
@@ -1117,16 +1118,21 @@ def llava_dataset(tokenizer, cfg, split, rank, world, seed, annt="", data_root="
 
 def read_records(path):
     """The records of a .json list or a .jsonl file; a file that is missing or not of that form is an InputError
-    naming the file and where."""
+    naming the file and where. A .jsonl line that is not JSON becomes a SkipSample("malformed_line") in its place,
+    which llava_rounds passes on to be counted."""
     if not os.path.isfile(path):
         raise mmi.InputError(f"{path}: no such file")
     try:
+        if path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                return [_jsonl_record(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
         with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
             records = json.load(f)
     except ValueError as e:  # UnicodeDecodeError included
         raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of records with 'image' and "
+                             f"'conversations'") from None
+    except RecursionError:
+        raise mmi.InputError(f"{path}: nested too deeply to read; expected a list of records with 'image' and "
                              f"'conversations'") from None
     except OSError as e:
         raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
@@ -1136,12 +1142,24 @@ def read_records(path):
     return records
 
 
+def _jsonl_record(line, where):
+    try:
+        return json.loads(line)                  # bytes: UTF-8 checked per line
+    except ValueError as e:                      # UnicodeDecodeError included
+        return SkipSample("malformed_line", f"{where}: not valid JSON ({e})")
+    except RecursionError:
+        return SkipSample("malformed_line", f"{where}: nested too deeply to read")
+
+
 def llava_rounds(records, data_root, path):
     """Records -> one item per round: {"images": paths, "question", "answer", "where"}, or {"skip": SkipSample}
     for a record or round that cannot give an example (the reader counts it when its turn comes)."""
     items = []
     for n, record in enumerate(records):
         where = f"{path}[{n}]"
+        if isinstance(record, SkipSample):
+            items.append({"skip": record})
+            continue
         try:
             turns = record["conversations"]
             if not isinstance(turns, list) or not turns:

@@ -4257,6 +4257,22 @@ def test_llava_rows_cut_at_max_len_prompts_too_long_skipped(tmp_path):
     assert "doc:too_long=1" in str(e.value)
 
 
+def test_llava_jsonl_skips_and_counts_broken_lines(tmp_path):
+    """A .jsonl line that is not JSON (cut, not UTF-8, nested too deeply) is skipped and counted as malformed_line;
+    a file of nothing else has no usable record."""
+    write_llava(tmp_path)
+    good = json.dumps({"image": "red.jpg", "conversations": LLAVA_RECORDS[0]["conversations"][:2]})
+    broken = ['{"image": "red.jpg", "conver', b"\xff\xfe{}".decode("latin-1"), "[" * 100_000]
+    path = tmp_path / "llava.jsonl"
+    path.write_text("\n".join([good, "", *broken, good]) + "\n", encoding="latin-1")
+    batches, stats = llava_epoch(str(path))
+    assert len(batches) == 2 and stats["doc:malformed_line"] == 3 and stats["docs_used"] == 2
+    path.write_text(broken[0] + "\n")
+    with pytest.raises(mmi.InputError, match=r"doc:malformed_line=1.*; no usable record"):
+        llava_epoch(str(path))
+    assert str(data.read_records(str(path))[0]).startswith(f"malformed_line: {path}:1: not valid JSON")
+
+
 @pytest.mark.parametrize("text, message", [
     ('[{"image": "red.jpg", "conversations": [', r"llava.json: not valid JSON \(Expecting value: line 1 column 41"),
     ('{"data": []}', "llava.json: top level is dict, expected a list of records with 'image' and 'conversations'"),
