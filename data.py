@@ -421,7 +421,7 @@ def parse_pair_line(line, where=""):
     text = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
     try:
         info = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         try:
             info = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -641,7 +641,7 @@ class Mmc4Builder:
     def __call__(self, line, rng, where, stats):
         try:
             doc = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise SkipSample("malformed_line", f"{where}: not JSON") from None
         if not isinstance(doc, dict):
             raise SkipSample("malformed_line", f"{where}: expected a JSON object")
@@ -1359,6 +1359,8 @@ def _annotation_json(path, what):
             return json.load(f)
     except ValueError as e:
         raise mmi.InputError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise mmi.InputError(f"{path}: {what} is nested too deeply to read") from None
 
 
 def _field(obj, key, kind, path):

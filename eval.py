@@ -706,6 +706,8 @@ def _load_json(path, what):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: {what} is nested too deeply to read") from None
 
 
 def _short(value):
@@ -979,6 +981,8 @@ def read_lncoco(root, total_length=30_000, seed=0):
                     it = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"{path}:{n + 1}: not a JSON line ({e})") from None
+                except RecursionError:
+                    raise InputError(f"{path}:{n + 1}: nested too deeply to read") from None
                 _require(it, {"image_id": (int, str), "caption": str}, f"{path}:{n + 1}")
                 if isinstance(it["image_id"], str) and not it["image_id"].isdigit():
                     raise InputError(f"{path}:{n + 1}: field 'image_id' is {_short(it['image_id'])}, expected a "

@@ -6576,6 +6576,26 @@ def test_sample_refuses_a_deeply_nested_prompt_file(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "annt.json: nested too deeply" in err, err
 
 
+def test_data_and_eval_json_readers_refuse_a_file_nested_too_deeply(tmp_path):
+    """json's RecursionError is an InputError naming the file (or line); a shard's line is skipped as malformed."""
+    deep = "[" * 200_000
+    path = tmp_path / "deep.json"
+    path.write_text(deep)
+    for read in (lambda p: ev._load_json(p, "annotations"), lambda p: data._annotation_json(p, "annotations"),
+                 data.read_records, data.read_annt, mmi.read_json):
+        with pytest.raises(mmi.InputError, match=re.escape(str(path)) + ": .*nested too deeply"):
+            read(str(path))
+    (tmp_path / "lncoco").mkdir()
+    (tmp_path / "lncoco" / "coco_val_captions.jsonl").write_text(deep + "\n")
+    with pytest.raises(mmi.InputError, match="coco_val_captions.jsonl:1: nested too deeply"):
+        ev.read_lncoco(str(tmp_path))
+    for parse in (lambda line: data.Mmc4Builder(None, None)(line, None, "shard:1", Counter()),
+                  lambda line: data.parse_pair_line(line, "shard:1")):
+        with pytest.raises(data.SkipSample) as e:
+            parse(deep)
+        assert e.value.reason == "malformed_line"
+
+
 def test_sample_refuses_images_beyond_the_token_budget(tmp_path, saved_tiny_model, capsys):
     """A sentence longer than --num_total_token before an image would cut the image off: one line naming the
     sample and the field, before any story is written."""
@@ -7480,7 +7500,7 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
 @pytest.mark.parametrize("case", ["task", "limit", "device", "no_data_root", "no_init_from", "no_annotations",
                                   "no_references", "no_images", "no_inception", "string_answers", "readme_slice",
                                   "bad_tokenizer", "tokenizer_folder", "out_in_a_file", "out_a_folder", "out_in_proc",
-                                  "image_dir_in_proc"])
+                                  "image_dir_in_proc", "nested_json"])
 def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
     loads = []
     monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
@@ -7537,6 +7557,11 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
         _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
         argv, want = ["--task=lncoco", "--image_dir=/proc/images"] + given, \
             "--image_dir=/proc/images: cannot create a file in /proc"
+    elif case == "nested_json":
+        (tmp_path / "coco/annotations").mkdir(parents=True)
+        (tmp_path / "coco/annotations/coco_karpathy_test.json").write_text("[" * 200_000)
+        argv = ["--task=coco_karpathy"] + given
+        want = f"{root}/coco/annotations/coco_karpathy_test.json: Karpathy test split is nested too deeply"
     else:
         _vizwiz_layout(tmp_path, ["a.jpg"], answers="red")
         argv = ["--task=vizwiz_vqa"] + given
