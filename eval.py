@@ -1047,6 +1047,15 @@ def skipped(sample, e):
     return {"id": sample["id"], "skipped": e.reason, "detail": e.detail}
 
 
+def check_prompt_length(num_tokens, new_tokens, cfg):
+    """A prompt whose tokens and the `new_tokens` after them exceed the model's positions is skipped (SkipSample
+    "prompt_too_long"): the model never saw such positions, and the attention mask grows as the length squared."""
+    limit = cfg.llm.max_position_embeddings
+    if num_tokens + new_tokens > limit:
+        raise data.SkipSample("prompt_too_long", f"{num_tokens} prompt tokens + {new_tokens} new, more than "
+                                                 f"max_position_embeddings {limit}")
+
+
 def _load_images(chunk, load):
     """-> ({index in chunk: load(image path)} for the images that load, {index: skip record} for the others)."""
     images, skips = {}, {}
@@ -1097,14 +1106,21 @@ def _generate_texts(model, tokenizer, prompts, images, generation, device):
 @torch.no_grad()
 def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_size, device, desc, make_output):
     """Generate a text for every sample; yields make_output(sample, text) per sample, in order, as each batch
-    finishes, or a skip record for a sample whose image cannot be read."""
+    finishes, or a skip record for a sample whose image cannot be read or whose prompt is too long for the model
+    (check_prompt_length)."""
     for chunk in _batches(samples, batch_size, desc):
         images, skips = _load_images(chunk, lambda path: load_eval_image(path, model.cfg.vision.image_size))
+        prompts = {i: make_prompt(chunk[i]) for i in images}
+        for i, prompt in prompts.items():
+            try:
+                check_prompt_length(len(tokenizer.encode(prompt)), generation["max_new_tokens"], model.cfg)
+            except data.SkipSample as e:
+                skips[i] = skipped(chunk[i], e)
+                del images[i]
         texts = {}
         if images:
-            prompts = [make_prompt(chunk[i]) for i in images]
-            texts = dict(zip(images, _generate_texts(model, tokenizer, prompts, list(images.values()), generation,
-                                                     device)))
+            texts = dict(zip(images, _generate_texts(model, tokenizer, [prompts[i] for i in images],
+                                                     list(images.values()), generation, device)))
         for i, s in enumerate(chunk):
             yield skips[i] if i in skips else make_output(s, texts[i])
 
@@ -1434,6 +1450,12 @@ def predict_visdial(model, tokenizer, samples, args):
             yield skipped(s, e)
             continue
         context = tokenizer.encode(visdial_context(s, model.cfg.num_img_token))
+        try:
+            longest = max((len(tokenizer.encode(o, add_bos=False)) for o in s["options"]), default=0)
+            check_prompt_length(len(context) + longest, 0, model.cfg)
+        except data.SkipSample as e:
+            yield skipped(s, e)
+            continue
         scores = option_log_likelihoods(model, tokenizer, context, image, s["options"])
         ranks = scores_to_ranks(torch.tensor([scores]))
         yield {"id": s["id"], "ranks": ranks[0].tolist(),
@@ -1477,6 +1499,11 @@ def _text_to_image_task(samples_per_caption):
         grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)   # the slot of the image to draw
         for chunk in _batches(samples, args.batch_size, "text-to-image"):
             _, skips = _load_images(chunk, data.load_image)
+            for i, s in enumerate(chunk):
+                try:
+                    check_prompt_length(len(tokenizer.encode(t2i_prompt(s["caption"], cfg.num_img_token))), 0, cfg)
+                except data.SkipSample as e:
+                    skips.setdefault(i, skipped(s, e))
             yield from skips.values()
             chunk = [s for i, s in enumerate(chunk) if i not in skips]
             if not chunk:

@@ -7651,6 +7651,27 @@ def test_missing_or_broken_images_are_counted_skips(tmp_path, monkeypatch, capsy
     assert sorted(os.listdir(tmp_path / "out/eval")) == ["vizwiz_vqa.json"]
 
 
+def test_eval_skips_and_counts_a_prompt_beyond_the_models_positions(tmp_path, demo_model_and_tokenizer,
+                                                                     short_generation):
+    """A question (or a VisDial caption) whose prompt has more tokens than max_position_embeddings is skipped as
+    prompt_too_long, not run (its attention mask grows as the length squared)."""
+    model, tok = demo_model_and_tokenizer
+    long_text = "red " * model.cfg.llm.max_position_embeddings
+    _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg"])
+    records = json.loads((tmp_path / "VizWiz/val.json").read_text())
+    records[1]["question"] = long_text
+    _json(tmp_path / "VizWiz/val.json", records)
+    res = ev.evaluate(model, tok, _args("vizwiz_vqa", tmp_path))
+    assert [o["id"] for o in res["samples"]] == ["a.jpg"] and res["skipped"] == {"prompt_too_long": 1}
+    assert "new, more than max_position_embeddings 1024" in res["skipped_samples"][0]["detail"]
+    _visdial_layout(tmp_path)
+    meta = json.loads((tmp_path / "visdial/visdial_1.0_val.json").read_text())
+    meta["data"]["dialogs"][0]["caption"] = long_text
+    _json(tmp_path / "visdial/visdial_1.0_val.json", meta)
+    with pytest.raises(mmi.InputError, match=r"skipped \{'prompt_too_long': 1\}"):
+        ev.evaluate(model, tok, _args("visdial", tmp_path))
+
+
 def test_no_usable_sample_is_an_input_error_not_a_zero_division(tmp_path, demo_model_and_tokenizer):
     model, tok = demo_model_and_tokenizer                 # never called: no image can be read
     _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg"], corrupt={"a.jpg", "b.jpg"})
