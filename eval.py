@@ -1955,6 +1955,31 @@ def _int_at_least(low, what):
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
+# Seeds are in [0, SEED_LIMIT): torch.Generator takes less than 2**64, and the runs add offsets to the seed given.
+SEED_LIMIT = 2 ** 63
+
+
+def seed_int(text):
+    """An argparse type: a seed, an integer in [0, SEED_LIMIT)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
+def finite_float(text):
+    """An argparse type: a float that is neither nan nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
 
 def parse_args(argv=None):
     usage, _, rest = __doc__.partition("\nLayout under --data_root")
@@ -1995,9 +2020,10 @@ def parse_args(argv=None):
                    help="where generated images go (FID tasks; default: <out without .json>_images)")
     p.add_argument("--steps", type=_positive_int, default=250,
                    help="diffusion sampling steps (FID tasks; the original used 250)")
-    p.add_argument("--guidance_scale", type=float, default=3.5,
+    p.add_argument("--guidance_scale", type=finite_float, default=3.5,
                    help="classifier-free guidance scale (FID tasks; the original used 3.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image sampling (FID tasks and demo)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the image sampling (FID tasks and demo), in [0, 2**63)")
     p.add_argument("--context_type", default="multi_modal", choices=data.CONTEXT_TYPES,
                    help="storytelling tasks: what of the earlier frames the context holds (default: multi_modal)")
     p.add_argument("--round_range", default="last", choices=["last", "all"],

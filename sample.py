@@ -423,10 +423,11 @@ def parse_args(argv):
                         f"{d['sampler']})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"diffusion steps per image (default: {o['steps']}; the demo model: {d['steps']})")
-    p.add_argument("--guidance_scale", type=float, default=None,
+    p.add_argument("--guidance_scale", type=evaluator.finite_float, default=None,
                    help=f"classifier-free guidance of images (default: {o['guidance_scale']}; the demo model: "
                         f"{d['guidance_scale']})")
-    p.add_argument("--seed", type=int, default=42, help="seed of text sampling and image noise (default: 42)")
+    p.add_argument("--seed", type=evaluator.seed_int, default=42,
+                   help="seed of text sampling and image noise, in [0, 2**63) (default: 42)")
     p.add_argument("--use_nucleus_sampling", action=argparse.BooleanOptionalAction, default=True,
                    help="sample texts: temperature, then top-k, then top-p, as the original through HF generate "
                         "(default: on, as the original's inference config); off: greedy, or beam search with "
@@ -439,10 +440,11 @@ def parse_args(argv):
     p.add_argument("--top_k", type=int, default=50,
                    help="sample among the k most likely tokens (default: 50, HF's, which the original ran with; "
                         "0 = off)")
-    p.add_argument("--top_p", type=float, default=0.9,
+    p.add_argument("--top_p", type=evaluator.finite_float, default=0.9,
                    help="then among the most likely of those until their mass reaches p (default: 0.9)")
-    p.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature (default: 1.0)")
-    p.add_argument("--repetition_penalty", type=float, default=None,
+    p.add_argument("--temperature", type=evaluator.finite_float, default=1.0,
+                   help="text sampling temperature (default: 1.0)")
+    p.add_argument("--repetition_penalty", type=evaluator.finite_float, default=None,
                    help=f"text repetition penalty (default: {o['repetition_penalty']}; the demo model: "
                         f"{d['repetition_penalty']})")
     p.add_argument("--max_new_tokens", "--max_length", type=int, default=90,

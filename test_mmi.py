@@ -6496,6 +6496,12 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
             (["--device=cuda:99"], "--device=cuda:99: "),
             (["--steps=0"], "--steps=0: expected >= 1"),
             (["--top_p=1.5"], "--top_p=1.5: expected in (0, 1]"),
+            (["--top_p=nan"], "argument --top_p: expected a finite number, got 'nan'"),
+            (["--temperature=nan"], "argument --temperature: expected a finite number, got 'nan'"),
+            (["--guidance_scale=nan"], "argument --guidance_scale: expected a finite number, got 'nan'"),
+            (["--guidance_scale=inf"], "argument --guidance_scale: expected a finite number, got 'inf'"),
+            (["--seed=99999999999999999999999"], "argument --seed: expected an integer in [0, 2**63), got '9999"),
+            (["--seed=-1"], "argument --seed: expected an integer in [0, 2**63), got '-1'"),
             (["--sampler=foo"], "argument --sampler: invalid choice: 'foo' (choose from 'ddpm', 'ddim', 'dpm++2m')")):
         code = mmi.run_script(sample.main, [f"--annt={annt}", f"--out={tmp_path / 'out'}", *extra])
         err = capsys.readouterr().err.strip()
@@ -7500,7 +7506,7 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
 @pytest.mark.parametrize("case", ["task", "limit", "device", "no_data_root", "no_init_from", "no_annotations",
                                   "no_references", "no_images", "no_inception", "string_answers", "readme_slice",
                                   "bad_tokenizer", "tokenizer_folder", "out_in_a_file", "out_a_folder", "out_in_proc",
-                                  "image_dir_in_proc", "nested_json"])
+                                  "image_dir_in_proc", "nested_json", "seed", "guidance_nan"])
 def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
     loads = []
     monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
@@ -7557,6 +7563,10 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
         _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
         argv, want = ["--task=lncoco", "--image_dir=/proc/images"] + given, \
             "--image_dir=/proc/images: cannot create a file in /proc"
+    elif case == "seed":
+        argv, want = ["--seed=99999999999999999999999"], "argument --seed: expected an integer in [0, 2**63)"
+    elif case == "guidance_nan":
+        argv, want = ["--guidance_scale=nan"], "argument --guidance_scale: expected a finite number, got 'nan'"
     elif case == "nested_json":
         (tmp_path / "coco/annotations").mkdir(parents=True)
         (tmp_path / "coco/annotations/coco_karpathy_test.json").write_text("[" * 200_000)
