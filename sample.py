@@ -51,17 +51,17 @@ class AnntError(mmi.InputError):
 # -- the prompt file: checked completely before any model work -------------------------------------------------
 
 
-def load_annt(path):
+def load_annt(path, max_iter=None):
     """Read and check an annt.json: a list of samples with `sentences`, `images`, `sentence_ixs`,
-    `image_first`, and optional `generate_mode`, `num_iter`, `multiround_context`. A relative image path is
-    looked for in the file's folder, then in the working directory (the original's `./assets/...` paths); every
-    image is decoded. Raises AnntError naming the sample index and field at fault.
+    `image_first`, and optional `generate_mode`, `num_iter` (at most `max_iter`), `multiround_context`. A relative
+    image path is looked for in the file's folder, then in the working directory (the original's `./assets/...`
+    paths); every image is decoded. Raises AnntError naming the sample index and field at fault.
     -> the samples, each with `paths` (its image files) and `where` (the file and sample index) added."""
     samples = data.read_annt(path)
     if not samples:
         raise AnntError(f"{path}: expected a non-empty list of samples, got an empty list")
     base = os.path.dirname(os.path.abspath(path))
-    return [_check_sample(s, f"{path}: sample {i}", base) for i, s in enumerate(samples)]
+    return [_check_sample(s, f"{path}: sample {i}", base, max_iter) for i, s in enumerate(samples)]
 
 
 # load_image's reasons as the prompt check words them
@@ -69,7 +69,7 @@ IMAGE_REFUSALS = {"image_missing": "does not exist", "image_unreadable": "is not
                   "image_too_large": "is too large"}
 
 
-def _check_sample(s, where, base):
+def _check_sample(s, where, base, max_iter=None):
     if not isinstance(s, dict):
         raise AnntError(f"{where}: expected an object, got {type(s).__name__}")
 
@@ -103,6 +103,9 @@ def _check_sample(s, where, base):
         raise AnntError(f"{where}: field 'generate_mode' is {mode!r}, expected one of {list(MODES)}")
     if num_iter < 0:
         raise AnntError(f"{where}: field 'num_iter' is {num_iter}, expected >= 0")
+    if max_iter is not None and num_iter > max_iter:
+        raise AnntError(f"{where}: field 'num_iter' is {num_iter}, expected at most {max_iter} (no more rounds than "
+                        f"--num_total_token)")
     paths = []
     for k, p in enumerate(images):
         tried = list(dict.fromkeys([os.path.join(base, str(p)), os.path.abspath(str(p))]))
@@ -494,7 +497,8 @@ def parse_args(argv):
                                ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
                                ("min_new_tokens", args.min_new_tokens >= 0, ">= 0"),
                                ("min_length", args.min_length is None or args.min_length >= 0, ">= 0"),
-                               ("num_iter", args.num_iter >= 0, ">= 0"),
+                               ("num_iter", 0 <= args.num_iter <= args.num_total_token,
+                                f"0..{args.num_total_token}, no more rounds than --num_total_token"),
                                ("num_beams", args.num_beams >= 1, ">= 1"),
                                ("num_validation_images", args.num_validation_images >= 1, ">= 1"),
                                ("top_k", args.top_k >= 0, ">= 0"),
@@ -508,7 +512,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    samples = load_annt(args.annt)
+    samples = load_annt(args.annt, args.num_total_token)
     model, tokenizer = load_model(args)
     batches = [prompt_batch(s, tokenizer, model.cfg, args.num_total_token, args.device) for s in samples]
     run = run_name()

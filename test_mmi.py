@@ -6410,6 +6410,7 @@ GOOD = {"sentences": ["a red circle at the centre."], "images": ["a.png"], "sent
     ({"generate_mode": "generate_video"}, "sample 1: field 'generate_mode' is 'generate_video'"),
     ({"images": [], "sentence_ixs": [], "image_first": []}, "sample 1: field 'images' is empty"),
     ({"sentences": None}, "sample 1: field 'sentences' must be list"),
+    ({"num_iter": 10 ** 30}, f"sample 1: field 'num_iter' is {10 ** 30}, expected at most 2048 \\(no more rounds"),
 ])
 def test_sample_rejects_bad_prompts_before_any_model_work(tmp_path, change, message, capsys):
     annt = _write_annt(tmp_path, [GOOD, dict(GOOD, **change)])
@@ -6502,6 +6503,7 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
             (["--guidance_scale=inf"], "argument --guidance_scale: expected a finite number, got 'inf'"),
             (["--seed=99999999999999999999999"], "argument --seed: expected an integer in [0, 2**63), got '9999"),
             (["--seed=-1"], "argument --seed: expected an integer in [0, 2**63), got '-1'"),
+            (["--num_iter=100000"], "--num_iter=100000: expected 0..2048, no more rounds than --num_total_token"),
             (["--sampler=foo"], "argument --sampler: invalid choice: 'foo' (choose from 'ddpm', 'ddim', 'dpm++2m')")):
         code = mmi.run_script(sample.main, [f"--annt={annt}", f"--out={tmp_path / 'out'}", *extra])
         err = capsys.readouterr().err.strip()
