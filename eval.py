@@ -945,6 +945,8 @@ def read_visdial(root):
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in relevance) or not any(relevance):
             raise InputError(f"{dense_path}[{j}]: gt_relevance must be numbers, not all zero (NDCG is undefined "
                              f"without a relevant option); got {_short(relevance)}")
+        if not all(math.isfinite(x) and x >= 0 for x in relevance):      # NaN would make NDCG, and the JSON, NaN
+            raise InputError(f"{dense_path}[{j}]: gt_relevance must be finite numbers >= 0; got {_short(relevance)}")
         out.append({"id": dlg["image_id"], "context": text, "options": options, "relevance": relevance,
                     "image": os.path.join(base, "VisualDialog_val2018",
                                           f"VisualDialog_val2018_{dlg['image_id']:012d}.jpg")})

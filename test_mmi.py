@@ -7644,6 +7644,17 @@ def test_malformed_other_records_name_file_record_and_field(tmp_path):
         ev.read_visdial(str(tmp_path))
 
 
+@pytest.mark.parametrize("first", [math.nan, math.inf, -1.0])
+def test_visdial_relevance_that_would_make_ndcg_nan_is_one_line(tmp_path, first):
+    """NaN, an infinity or a negative relevance would make NDCG NaN, and the results file invalid JSON."""
+    _visdial_layout(tmp_path)
+    _json(tmp_path / "visdial/visdial_1.0_val_dense_annotations.json",
+          [{"image_id": 77, "round_id": 3, "gt_relevance": [first, 1.0, 0.5]}])
+    with pytest.raises(mmi.InputError, match=r"dense_annotations.json\[0\]: gt_relevance must be finite numbers >= 0; "
+                                             rf"got \[{first}, 1.0, 0.5\]"):
+        ev.read_visdial(str(tmp_path))
+
+
 def test_missing_or_broken_images_are_counted_skips(tmp_path, monkeypatch, capsys,
                                                                     demo_model_and_tokenizer, short_generation):
     model = demo_model_and_tokenizer[0]
