@@ -7928,6 +7928,10 @@ def test_demo_stories_in_groups_equal_one_story_at_a_time(monkeypatch):
     ("bench", ["kernel"], r"kernel: needs a CUDA device"),
     ("bench", ["gemv", "--steps=x"], r"argument --steps: invalid int value: 'x'"),
     ("data", ["--nope"], r"unrecognized arguments: --nope"),
+    ("data", ["--demo", "--show=-3"], r"--show=-3: expected 1 to 1000 stories"),
+    ("data", ["--demo", "--show=100000000"], r"--show=100000000: expected 1 to 1000 stories"),
+    ("data", ["--demo", "--show=2", f"--out={__file__}"], r"test_mmi.py: is a file, expected a folder to write into"),
+    ("data", ["--demo", "--show=2", "--out=/proc/xx"], r"--out=/proc/xx: cannot create a file in /proc"),
 ])
 def test_bench_and_data_mistakes_are_one_line_and_exit_2(script, argv, message, capsys):
     """What cannot run here (the paper-size model or a kernel on a CPU) or a mistyped flag: one line, exit 2,
