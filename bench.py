@@ -651,8 +651,8 @@ def main(argv=None):
     parser.add_argument("section", choices=sorted(SECTIONS))
     parser.add_argument("--only", default="", help="kernel: run only shapes whose name contains this")
     parser.add_argument("--skip-reference", action="store_true", help="kernel: do not time grid_sample")
-    parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream")
-    parser.add_argument("--preset", default="mmi-13b",
+    parser.add_argument("--stories", type=int, default=2000, help="data: stories to stream (1 or more)")
+    parser.add_argument("--preset", default="mmi-13b", choices=sorted(mmi.PRESETS),
                         help="train / sample / decode / gemv / quant: the model preset (tiny for a CPU check)")
     parser.add_argument("--recipe", default="pretrain", choices=["pretrain", *RECIPES],
                         help="train: the recipe whose rows and trainable set are benched")
@@ -661,13 +661,17 @@ def main(argv=None):
                         help="train: rows per GPU (per process on a CPU); 0 = the recipe's (pretrain: 4)")
     parser.add_argument("--steps", type=int, default=6, help="train: optimizer steps; decode: steps profiled")
     parser.add_argument("--top", type=int, default=25, help="decode: kernels listed")
-    parser.add_argument("--frozen_dtype", default="bfloat16", help="train: storage dtype of the frozen weights")
+    parser.add_argument("--frozen_dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="train: storage dtype of the frozen weights (on a CPU always float32)")
     parser.add_argument("--new_tokens", type=int, default=128, help="sample: tokens to decode")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                         help="sample, decode: weight-only quantization of the LLM's matmuls, text head and Q-Formers")
     parser.add_argument("--compile", action="store_true",
                         help="train: torch.compile the repeated blocks; decode: the step")
     args = parser.parse_args(argv)
+    for name, low in (("stories", 1), ("lora_rank", 0), ("rows", 0), ("steps", 1), ("top", 1), ("new_tokens", 1)):
+        if getattr(args, name) < low:
+            raise mmi.InputError(f"--{name}={getattr(args, name)}: expected an integer >= {low}")
     if args.section in ("train", "sample", "decode") and args.preset == "mmi-13b" and not torch.cuda.is_available():
         raise mmi.InputError(f"{args.section}: the mmi-13b preset runs on a GPU (in float32 on a CPU it needs about "
                              f"60 GB of memory); --preset=tiny checks the plumbing on a CPU")

@@ -35,6 +35,7 @@ import pickle
 import random
 import re
 import sys
+import tempfile
 import zipfile
 import zlib
 from collections import Counter
@@ -77,21 +78,32 @@ class Tokenizer:
 
     def __init__(self, path):
         self.path = str(path)
-        if self.path.endswith(".json"):
-            import tokenizers
-            self._tok = tokenizers.Tokenizer.from_file(self.path)
-            self._sp = None
+        is_json = self.path.endswith(".json")
+        expected = "a tokenizers tokenizer.json" if is_json else "a SentencePiece tokenizer.model"
+        if not os.path.isfile(self.path):
+            found = "is a folder" if os.path.isdir(self.path) else "no such file"
+            raise mmi.InputError(f"{self.path}: {found}, expected {expected}")
+        try:
+            if is_json:
+                import tokenizers
+                self._tok, self._sp = tokenizers.Tokenizer.from_file(self.path), None
+            else:
+                import sentencepiece
+                self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        except Exception as e:  # tokenizers raises a bare Exception; sentencepiece RuntimeError or OSError
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise mmi.InputError(f"{self.path}: cannot be read as {expected} ({reason})") from None
+        if is_json:
             num_base = self._tok.get_vocab_size(with_added_tokens=False)
             piece_id = self._tok.token_to_id
         else:
-            import sentencepiece
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
             num_base = self._sp.get_piece_size()
             piece_id = self._sp_piece_id
         ids = {piece: piece_id(piece) for piece in ("<unk>", "<s>", "</s>")}
         for piece, i in ids.items():
             if i is None:
-                raise ValueError(f"{self.path}: piece {piece!r} not in vocabulary, expected a LLaMA-layout tokenizer")
+                raise mmi.InputError(f"{self.path}: piece {piece!r} not in vocabulary, expected a LLaMA-layout "
+                                     f"tokenizer")
         self.unk_id, self.bos_id, self.eos_id = ids["<unk>"], ids["<s>"], ids["</s>"]
         self.pad_id = num_base - 1
         self.soi_id, self.image_id = num_base, num_base + 1
@@ -100,7 +112,7 @@ class Tokenizer:
             for piece, want in ((SOI_TOKEN, self.soi_id), (IMAGE_TOKEN, self.image_id)):
                 have = self._tok.token_to_id(piece)
                 if have is not None and have != want:
-                    raise ValueError(f"{self.path}: {piece} has id {have}, expected {want}")
+                    raise mmi.InputError(f"{self.path}: {piece} has id {have}, expected {want}")
         self._special_ids = {SOI_TOKEN: self.soi_id, IMAGE_TOKEN: self.image_id, "</s>": self.eos_id,
                              "<s>": self.bos_id, "<unk>": self.unk_id}
         self._skip_ids = {self.unk_id, self.bos_id, self.eos_id, self.pad_id, self.soi_id, self.image_id}
@@ -218,11 +230,32 @@ def replaced_on_success(path):
     tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
     try:
         yield tmp
+        os.replace(tmp, path)       # inside the try: a rename that fails (onto a folder) removes the temporary too
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    os.replace(tmp, path)
+
+
+def check_writable(path, flag, folder=False):
+    """Before the work: an InputError naming `flag` unless a file (folder=True: files in a folder) can be written at
+    `path`, the folders missing on the way made. Nothing is left behind."""
+    if not path:
+        raise mmi.InputError(f"{flag} is empty, expected a path")
+    if os.path.isdir(path) and not folder:
+        raise mmi.InputError(f"{flag}={path}: is a folder, expected the path of a file to write")
+    if os.path.exists(path) and not os.path.isdir(path) and folder:
+        raise mmi.InputError(f"{flag}={path}: is a file, expected a folder to write into")
+    base = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise mmi.InputError(f"{flag}={path}: {base} is a file, expected a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise mmi.InputError(f"{flag}={path}: cannot create a file in {base} ({e.strerror})") from None
 
 
 # An image whose long side exceeds this many times its short side loses the ends of its long side before
@@ -388,7 +421,7 @@ def parse_pair_line(line, where=""):
     text = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
     try:
         info = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         try:
             info = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -608,7 +641,7 @@ class Mmc4Builder:
     def __call__(self, line, rng, where, stats):
         try:
             doc = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise SkipSample("malformed_line", f"{where}: not JSON") from None
         if not isinstance(doc, dict):
             raise SkipSample("malformed_line", f"{where}: expected a JSON object")
@@ -1060,9 +1093,10 @@ def llava_dataset(tokenizer, cfg, split, rank, world, seed, annt="", data_root="
     original, which reads one image a record: with several images and as many <image> marks in a question, each
     image goes at its own mark, in order, and {image} stays empty (a question without marks gets them all at
     {image}). A row longer than max_len is cut at max_len, the answer's end first. Skipped, counted by reason: a
-    record or round of the wrong shape (malformed_record), a human turn with no gpt turn after it (no_gpt_turn),
-    no image (no_image), a missing or unreadable image (image_missing, image_unreadable), marks that do not number
-    the images (image_marks_mismatch), a prompt that leaves no answer token within max_len (too_long)."""
+    .jsonl line that is not JSON (malformed_line), a record or round of the wrong shape (malformed_record), a human
+    turn with no gpt turn after it (no_gpt_turn), no image (no_image), a missing or unreadable image (image_missing,
+    image_unreadable), marks that do not number the images (image_marks_mismatch), a prompt that leaves no answer
+    token within max_len (too_long)."""
     if split not in ("train", "val"):
         raise mmi.InputError(f"llava: split {split!r}, expected 'train' or 'val'")
     files, roots = (annt, data_root) if split == "train" else (val_annt, val_data_root)
@@ -1084,16 +1118,21 @@ def llava_dataset(tokenizer, cfg, split, rank, world, seed, annt="", data_root="
 
 def read_records(path):
     """The records of a .json list or a .jsonl file; a file that is missing or not of that form is an InputError
-    naming the file and where."""
+    naming the file and where. A .jsonl line that is not JSON becomes a SkipSample("malformed_line") in its place,
+    which llava_rounds passes on to be counted."""
     if not os.path.isfile(path):
         raise mmi.InputError(f"{path}: no such file")
     try:
+        if path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                return [_jsonl_record(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
         with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
             records = json.load(f)
     except ValueError as e:  # UnicodeDecodeError included
         raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of records with 'image' and "
+                             f"'conversations'") from None
+    except RecursionError:
+        raise mmi.InputError(f"{path}: nested too deeply to read; expected a list of records with 'image' and "
                              f"'conversations'") from None
     except OSError as e:
         raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
@@ -1103,12 +1142,24 @@ def read_records(path):
     return records
 
 
+def _jsonl_record(line, where):
+    try:
+        return json.loads(line)                  # bytes: UTF-8 checked per line
+    except ValueError as e:                      # UnicodeDecodeError included
+        return SkipSample("malformed_line", f"{where}: not valid JSON ({e})")
+    except RecursionError:
+        return SkipSample("malformed_line", f"{where}: nested too deeply to read")
+
+
 def llava_rounds(records, data_root, path):
     """Records -> one item per round: {"images": paths, "question", "answer", "where"}, or {"skip": SkipSample}
     for a record or round that cannot give an example (the reader counts it when its turn comes)."""
     items = []
     for n, record in enumerate(records):
         where = f"{path}[{n}]"
+        if isinstance(record, SkipSample):
+            items.append({"skip": record})
+            continue
         try:
             turns = record["conversations"]
             if not isinstance(turns, list) or not turns:
@@ -1308,6 +1359,8 @@ def _annotation_json(path, what):
             return json.load(f)
     except ValueError as e:
         raise mmi.InputError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise mmi.InputError(f"{path}: {what} is nested too deeply to read") from None
 
 
 def _field(obj, key, kind, path):
@@ -2208,14 +2261,22 @@ def show_demo(n, out_dir, split="train", tokenizer_path=DEMO_TOKENIZER_PATH, sca
     return png, txt
 
 
+MAX_SHOW = 1000   # stories on one sheet, a row of pictures each: 1000 make it 132,004 pixels tall (200 MB to draw)
+
+
 def main(argv=None):
     p = mmi.ArgumentParser(description="mmi data: look at the demo corpus, build its tokenizer")
     p.add_argument("--demo", action="store_true", help="use the synthetic shape-stories corpus")
-    p.add_argument("--show", type=int, default=0, help="write a PNG sheet and the text of N samples")
+    p.add_argument("--show", type=int, default=0,
+                   help=f"write a PNG sheet and the text of N samples (1 to {MAX_SHOW})")
     p.add_argument("--split", default="train", choices=list(SPLIT_SEED_BASE))
     p.add_argument("--out", default=os.path.join("out", "demo_show"), help="folder for the sheet and the text")
     p.add_argument("--train-tokenizer", action="store_true", help=f"(re)build {DEMO_TOKENIZER_PATH}")
     args = p.parse_args(argv)
+    if not 0 <= args.show <= MAX_SHOW:
+        raise mmi.InputError(f"--show={args.show}: expected 1 to {MAX_SHOW} stories")
+    if args.demo and args.show:
+        check_writable(args.out, "--out", folder=True)
     if args.train_tokenizer:
         print("wrote", train_demo_tokenizer(DEMO_TOKENIZER_PATH))
     if args.demo and args.show:

@@ -706,6 +706,8 @@ def _load_json(path, what):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: {what} is nested too deeply to read") from None
 
 
 def _short(value):
@@ -943,6 +945,8 @@ def read_visdial(root):
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in relevance) or not any(relevance):
             raise InputError(f"{dense_path}[{j}]: gt_relevance must be numbers, not all zero (NDCG is undefined "
                              f"without a relevant option); got {_short(relevance)}")
+        if not all(math.isfinite(x) and x >= 0 for x in relevance):      # NaN would make NDCG, and the JSON, NaN
+            raise InputError(f"{dense_path}[{j}]: gt_relevance must be finite numbers >= 0; got {_short(relevance)}")
         out.append({"id": dlg["image_id"], "context": text, "options": options, "relevance": relevance,
                     "image": os.path.join(base, "VisualDialog_val2018",
                                           f"VisualDialog_val2018_{dlg['image_id']:012d}.jpg")})
@@ -979,6 +983,8 @@ def read_lncoco(root, total_length=30_000, seed=0):
                     it = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"{path}:{n + 1}: not a JSON line ({e})") from None
+                except RecursionError:
+                    raise InputError(f"{path}:{n + 1}: nested too deeply to read") from None
                 _require(it, {"image_id": (int, str), "caption": str}, f"{path}:{n + 1}")
                 if isinstance(it["image_id"], str) and not it["image_id"].isdigit():
                     raise InputError(f"{path}:{n + 1}: field 'image_id' is {_short(it['image_id'])}, expected a "
@@ -1043,6 +1049,15 @@ def skipped(sample, e):
     return {"id": sample["id"], "skipped": e.reason, "detail": e.detail}
 
 
+def check_prompt_length(num_tokens, new_tokens, cfg):
+    """A prompt whose tokens and the `new_tokens` after them exceed the model's positions is skipped (SkipSample
+    "prompt_too_long"): the model never saw such positions, and the attention mask grows as the length squared."""
+    limit = cfg.llm.max_position_embeddings
+    if num_tokens + new_tokens > limit:
+        raise data.SkipSample("prompt_too_long", f"{num_tokens} prompt tokens + {new_tokens} new, more than "
+                                                 f"max_position_embeddings {limit}")
+
+
 def _load_images(chunk, load):
     """-> ({index in chunk: load(image path)} for the images that load, {index: skip record} for the others)."""
     images, skips = {}, {}
@@ -1093,14 +1108,21 @@ def _generate_texts(model, tokenizer, prompts, images, generation, device):
 @torch.no_grad()
 def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_size, device, desc, make_output):
     """Generate a text for every sample; yields make_output(sample, text) per sample, in order, as each batch
-    finishes, or a skip record for a sample whose image cannot be read."""
+    finishes, or a skip record for a sample whose image cannot be read or whose prompt is too long for the model
+    (check_prompt_length)."""
     for chunk in _batches(samples, batch_size, desc):
         images, skips = _load_images(chunk, lambda path: load_eval_image(path, model.cfg.vision.image_size))
+        prompts = {i: make_prompt(chunk[i]) for i in images}
+        for i, prompt in prompts.items():
+            try:
+                check_prompt_length(len(tokenizer.encode(prompt)), generation["max_new_tokens"], model.cfg)
+            except data.SkipSample as e:
+                skips[i] = skipped(chunk[i], e)
+                del images[i]
         texts = {}
         if images:
-            prompts = [make_prompt(chunk[i]) for i in images]
-            texts = dict(zip(images, _generate_texts(model, tokenizer, prompts, list(images.values()), generation,
-                                                     device)))
+            texts = dict(zip(images, _generate_texts(model, tokenizer, [prompts[i] for i in images],
+                                                     list(images.values()), generation, device)))
         for i, s in enumerate(chunk):
             yield skips[i] if i in skips else make_output(s, texts[i])
 
@@ -1430,6 +1452,12 @@ def predict_visdial(model, tokenizer, samples, args):
             yield skipped(s, e)
             continue
         context = tokenizer.encode(visdial_context(s, model.cfg.num_img_token))
+        try:
+            longest = max((len(tokenizer.encode(o, add_bos=False)) for o in s["options"]), default=0)
+            check_prompt_length(len(context) + longest, 0, model.cfg)
+        except data.SkipSample as e:
+            yield skipped(s, e)
+            continue
         scores = option_log_likelihoods(model, tokenizer, context, image, s["options"])
         ranks = scores_to_ranks(torch.tensor([scores]))
         yield {"id": s["id"], "ranks": ranks[0].tolist(),
@@ -1473,6 +1501,11 @@ def _text_to_image_task(samples_per_caption):
         grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)   # the slot of the image to draw
         for chunk in _batches(samples, args.batch_size, "text-to-image"):
             _, skips = _load_images(chunk, data.load_image)
+            for i, s in enumerate(chunk):
+                try:
+                    check_prompt_length(len(tokenizer.encode(t2i_prompt(s["caption"], cfg.num_img_token))), 0, cfg)
+                except data.SkipSample as e:
+                    skips.setdefault(i, skipped(s, e))
             yield from skips.values()
             chunk = [s for i, s in enumerate(chunk) if i not in skips]
             if not chunk:
@@ -1822,8 +1855,8 @@ def find_tokenizer(path, init_from):
         if not os.path.isfile(path):
             raise InputError(f"--tokenizer={path}: no such file")
         return path
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if init_from and os.path.isfile(os.path.join(init_from, name)):
+    for name in ("tokenizer.model", "tokenizer.json"):  # one that is there but no file: data.Tokenizer refuses it
+        if init_from and os.path.exists(os.path.join(init_from, name)):
             return os.path.join(init_from, name)
     if os.path.abspath(init_from or "") == DEMO_MODEL:
         return data.DEMO_TOKENIZER_PATH
@@ -1924,6 +1957,31 @@ def _int_at_least(low, what):
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
+# Seeds are in [0, SEED_LIMIT): torch.Generator takes less than 2**64, and the runs add offsets to the seed given.
+SEED_LIMIT = 2 ** 63
+
+
+def seed_int(text):
+    """An argparse type: a seed, an integer in [0, SEED_LIMIT)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
+def finite_float(text):
+    """An argparse type: a float that is neither nan nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
 
 def parse_args(argv=None):
     usage, _, rest = __doc__.partition("\nLayout under --data_root")
@@ -1964,9 +2022,10 @@ def parse_args(argv=None):
                    help="where generated images go (FID tasks; default: <out without .json>_images)")
     p.add_argument("--steps", type=_positive_int, default=250,
                    help="diffusion sampling steps (FID tasks; the original used 250)")
-    p.add_argument("--guidance_scale", type=float, default=3.5,
+    p.add_argument("--guidance_scale", type=finite_float, default=3.5,
                    help="classifier-free guidance scale (FID tasks; the original used 3.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image sampling (FID tasks and demo)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the image sampling (FID tasks and demo), in [0, 2**63)")
     p.add_argument("--context_type", default="multi_modal", choices=data.CONTEXT_TYPES,
                    help="storytelling tasks: what of the earlier frames the context holds (default: multi_modal)")
     p.add_argument("--round_range", default="last", choices=["last", "all"],
@@ -1993,6 +2052,9 @@ def main(argv=None):
     if args.readme and args.scored_with:
         raise InputError(f"--readme writes README's scoreboard of `python eval.py` as it stands; it takes none of "
                          f"--{', --'.join(DEMO_SCORED_WITH)} (given: {' '.join(args.scored_with)})")
+    data.check_writable(args.out, "--out")
+    if task.score in (score_fid, score_story, score_ade20k):
+        data.check_writable(images_folder(args), "--image_dir", folder=True)
     if task.needs_data_root:
         if args.data_root is None:
             raise InputError(f"--task={args.task} needs --data_root (the folder holding the evaluation sets; its "
@@ -2009,6 +2071,7 @@ def main(argv=None):
     if not os.path.isdir(args.init_from):
         raise InputError(f"--init_from={args.init_from}: no such folder (expected one written by save_pretrained)")
     tokenizer_path = find_tokenizer(args.tokenizer, args.init_from)
+    tokenizer = data.Tokenizer(tokenizer_path)       # its ids are checked against the model's once it has loaded
     device = mmi.resolve_device(args.device)
     if task.preflight is not None:
         task.preflight(args)
@@ -2016,7 +2079,7 @@ def main(argv=None):
     rank, world, args.device = init_distributed(device)
     model = load_model(args.init_from, getattr(torch, args.dtype), args.device,
                        None if args.quantize == "none" else args.quantize).eval()
-    tokenizer = load_tokenizer(tokenizer_path, args.init_from, model.cfg)
+    tokenizer = check_tokenizer(tokenizer, tokenizer_path, model.cfg)
     results = evaluate(model, tokenizer, args, rank, world, samples)
     if rank == 0:
         write_json_atomic(args.out, results)

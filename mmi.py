@@ -2935,6 +2935,8 @@ def read_json(path):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to read") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
 

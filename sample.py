@@ -51,17 +51,17 @@ class AnntError(mmi.InputError):
 # -- the prompt file: checked completely before any model work -------------------------------------------------
 
 
-def load_annt(path):
+def load_annt(path, max_iter=None):
     """Read and check an annt.json: a list of samples with `sentences`, `images`, `sentence_ixs`,
-    `image_first`, and optional `generate_mode`, `num_iter`, `multiround_context`. A relative image path is
-    looked for in the file's folder, then in the working directory (the original's `./assets/...` paths); every
-    image is decoded. Raises AnntError naming the sample index and field at fault.
+    `image_first`, and optional `generate_mode`, `num_iter` (at most `max_iter`), `multiround_context`. A relative
+    image path is looked for in the file's folder, then in the working directory (the original's `./assets/...`
+    paths); every image is decoded. Raises AnntError naming the sample index and field at fault.
     -> the samples, each with `paths` (its image files) and `where` (the file and sample index) added."""
     samples = data.read_annt(path)
     if not samples:
         raise AnntError(f"{path}: expected a non-empty list of samples, got an empty list")
     base = os.path.dirname(os.path.abspath(path))
-    return [_check_sample(s, f"{path}: sample {i}", base) for i, s in enumerate(samples)]
+    return [_check_sample(s, f"{path}: sample {i}", base, max_iter) for i, s in enumerate(samples)]
 
 
 # load_image's reasons as the prompt check words them
@@ -69,7 +69,7 @@ IMAGE_REFUSALS = {"image_missing": "does not exist", "image_unreadable": "is not
                   "image_too_large": "is too large"}
 
 
-def _check_sample(s, where, base):
+def _check_sample(s, where, base, max_iter=None):
     if not isinstance(s, dict):
         raise AnntError(f"{where}: expected an object, got {type(s).__name__}")
 
@@ -103,6 +103,9 @@ def _check_sample(s, where, base):
         raise AnntError(f"{where}: field 'generate_mode' is {mode!r}, expected one of {list(MODES)}")
     if num_iter < 0:
         raise AnntError(f"{where}: field 'num_iter' is {num_iter}, expected >= 0")
+    if max_iter is not None and num_iter > max_iter:
+        raise AnntError(f"{where}: field 'num_iter' is {num_iter}, expected at most {max_iter} (no more rounds than "
+                        f"--num_total_token)")
     paths = []
     for k, p in enumerate(images):
         tried = list(dict.fromkeys([os.path.join(base, str(p)), os.path.abspath(str(p))]))
@@ -141,11 +144,13 @@ def load_model(args):
             if getattr(args, flag) and not os.path.isdir(getattr(args, flag)):
                 raise mmi.InputError(f"--{flag}={getattr(args, flag)}: no such folder")
         # before the minutes of loading: the tokenizer, from --tokenizer, else the Vicuna or checkpoint folder
+        # a tokenizer.model that is there but is no file is refused by data.Tokenizer, not passed over
         found = [os.path.join(f, "tokenizer.model") for f in (args.llm, args.mmi) if f]
-        tok_path = args.tokenizer or next((p for p in found if os.path.isfile(p)), None)
+        tok_path = args.tokenizer or next((p for p in found if os.path.exists(p)), None)
         if tok_path is None:
             raise mmi.InputError("--init_from=original: no tokenizer.model in the --llm or --mmi folder; pass "
                                  "--tokenizer (Vicuna's tokenizer.model)")
+        tokenizer = data.Tokenizer(tok_path)
         model = mmi.MMInterleaved.from_original(llm=args.llm, clip=args.clip, sd=args.sd, mmi=args.mmi,
                                                 dtype=args.dtype, device=args.device, quantize=args.quantize)
     else:
@@ -154,12 +159,13 @@ def load_model(args):
             what = "the demo model (assets/demo) is not in this checkout" if args.init_from == "demo" else \
                 f"{path} is not a model folder (no config.json)"
             raise mmi.InputError(f"--init_from={args.init_from}: {what}")
-        model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device, quantize=args.quantize)
         tok_path = args.tokenizer or next((p for p in (os.path.join(path, "tokenizer.model"), data.DEMO_TOKENIZER_PATH)
-                                           if os.path.isfile(p)), None)
-    if not tok_path or not os.path.isfile(tok_path):
-        raise mmi.InputError(f"tokenizer {tok_path!r} not found; pass --tokenizer")
-    tokenizer = evaluator.check_tokenizer(data.Tokenizer(tok_path), tok_path, model.cfg)
+                                           if os.path.exists(p)), None)
+        if tok_path is None:
+            raise mmi.InputError(f"--init_from={args.init_from}: no tokenizer.model in {path}; pass --tokenizer")
+        tokenizer = data.Tokenizer(tok_path)
+        model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    tokenizer = evaluator.check_tokenizer(tokenizer, tok_path, model.cfg)
     if model.image_decoder is not None and args.device.type == "cuda":
         # cuDNN runs half-precision convolutions in NHWC: NCHW weights cost a transpose in every UNet call
         model.image_decoder.decoder.unet.to(memory_format=torch.channels_last)
@@ -420,10 +426,11 @@ def parse_args(argv):
                         f"{d['sampler']})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"diffusion steps per image (default: {o['steps']}; the demo model: {d['steps']})")
-    p.add_argument("--guidance_scale", type=float, default=None,
+    p.add_argument("--guidance_scale", type=evaluator.finite_float, default=None,
                    help=f"classifier-free guidance of images (default: {o['guidance_scale']}; the demo model: "
                         f"{d['guidance_scale']})")
-    p.add_argument("--seed", type=int, default=42, help="seed of text sampling and image noise (default: 42)")
+    p.add_argument("--seed", type=evaluator.seed_int, default=42,
+                   help="seed of text sampling and image noise, in [0, 2**63) (default: 42)")
     p.add_argument("--use_nucleus_sampling", action=argparse.BooleanOptionalAction, default=True,
                    help="sample texts: temperature, then top-k, then top-p, as the original through HF generate "
                         "(default: on, as the original's inference config); off: greedy, or beam search with "
@@ -436,10 +443,11 @@ def parse_args(argv):
     p.add_argument("--top_k", type=int, default=50,
                    help="sample among the k most likely tokens (default: 50, HF's, which the original ran with; "
                         "0 = off)")
-    p.add_argument("--top_p", type=float, default=0.9,
+    p.add_argument("--top_p", type=evaluator.finite_float, default=0.9,
                    help="then among the most likely of those until their mass reaches p (default: 0.9)")
-    p.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature (default: 1.0)")
-    p.add_argument("--repetition_penalty", type=float, default=None,
+    p.add_argument("--temperature", type=evaluator.finite_float, default=1.0,
+                   help="text sampling temperature (default: 1.0)")
+    p.add_argument("--repetition_penalty", type=evaluator.finite_float, default=None,
                    help=f"text repetition penalty (default: {o['repetition_penalty']}; the demo model: "
                         f"{d['repetition_penalty']})")
     p.add_argument("--max_new_tokens", "--max_length", type=int, default=90,
@@ -489,7 +497,8 @@ def parse_args(argv):
                                ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
                                ("min_new_tokens", args.min_new_tokens >= 0, ">= 0"),
                                ("min_length", args.min_length is None or args.min_length >= 0, ">= 0"),
-                               ("num_iter", args.num_iter >= 0, ">= 0"),
+                               ("num_iter", 0 <= args.num_iter <= args.num_total_token,
+                                f"0..{args.num_total_token}, no more rounds than --num_total_token"),
                                ("num_beams", args.num_beams >= 1, ">= 1"),
                                ("num_validation_images", args.num_validation_images >= 1, ">= 1"),
                                ("top_k", args.top_k >= 0, ">= 0"),
@@ -503,7 +512,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    samples = load_annt(args.annt)
+    samples = load_annt(args.annt, args.num_total_token)
     model, tokenizer = load_model(args)
     batches = [prompt_batch(s, tokenizer, model.cfg, args.num_total_token, args.device) for s in samples]
     run = run_name()

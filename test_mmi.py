@@ -3885,6 +3885,25 @@ def test_tokenizer_json_gives_the_sentencepiece_model_ids(tmp_path):
         assert a.decode(a.encode(s), skip_special=False) == b.decode(b.encode(s), skip_special=False), s
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.model", b"garbage", "cannot be read as a SentencePiece tokenizer.model (INTERNAL: could not parse"),
+    ("tokenizer.model", b"", "cannot be read as a SentencePiece tokenizer.model"),
+    ("tokenizer.json", b'{"model": {"type": "Nope"}}', "cannot be read as a tokenizers tokenizer.json (data did not"),
+    ("tokenizer.json", b"[", "cannot be read as a tokenizers tokenizer.json"),
+    ("tokenizer.model", None, "is a folder, expected a SentencePiece tokenizer.model"),
+    ("nowhere.model", False, "no such file, expected a SentencePiece tokenizer.model"),
+], ids=["garbage", "empty", "json_no_variant", "json_cut", "folder", "missing"])
+def test_a_broken_tokenizer_file_is_an_input_error_naming_it(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif content is not False:
+        path.write_bytes(content)
+    with pytest.raises(mmi.InputError) as e:
+        data.Tokenizer(str(path))
+    assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value), str(e.value)
+
+
 def test_clean_image_spaces_removes_one_space_each_side():
     t = "a " + data.SOI_TOKEN + " " + data.IMAGE_TOKEN + " " + data.IMAGE_TOKEN + " b  c"
     assert data.clean_image_spaces(t) == "a" + data.SOI_TOKEN + data.IMAGE_TOKEN * 2 + "b  c"
@@ -4236,6 +4255,22 @@ def test_llava_rows_cut_at_max_len_prompts_too_long_skipped(tmp_path):
     with pytest.raises(mmi.InputError, match=r"no usable record") as e:
         llava_epoch(annt, max_len=n - 2)
     assert "doc:too_long=1" in str(e.value)
+
+
+def test_llava_jsonl_skips_and_counts_broken_lines(tmp_path):
+    """A .jsonl line that is not JSON (cut, not UTF-8, nested too deeply) is skipped and counted as malformed_line;
+    a file of nothing else has no usable record."""
+    write_llava(tmp_path)
+    good = json.dumps({"image": "red.jpg", "conversations": LLAVA_RECORDS[0]["conversations"][:2]})
+    broken = ['{"image": "red.jpg", "conver', b"\xff\xfe{}".decode("latin-1"), "[" * 100_000]
+    path = tmp_path / "llava.jsonl"
+    path.write_text("\n".join([good, "", *broken, good]) + "\n", encoding="latin-1")
+    batches, stats = llava_epoch(str(path))
+    assert len(batches) == 2 and stats["doc:malformed_line"] == 3 and stats["docs_used"] == 2
+    path.write_text(broken[0] + "\n")
+    with pytest.raises(mmi.InputError, match=r"doc:malformed_line=1.*; no usable record"):
+        llava_epoch(str(path))
+    assert str(data.read_records(str(path))[0]).startswith(f"malformed_line: {path}:1: not valid JSON")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -5162,6 +5197,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["scores.json"]
 
 
+def test_data_atomic_write_whose_rename_fails_leaves_no_temporary(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError):
+        ev.write_json_atomic(str(tmp_path / "folder"), {"a": 1})
+    assert os.listdir(tmp_path) == ["folder"] and os.listdir(tmp_path / "folder") == []
+
+
 def test_inference_sample_keeps_only_whole_image_placeholders(tmp_path):
     """Truncation at num_total_token keeps an image only if its whole placeholder fits; a prompt whose first
     image does not fit is a SkipSample naming the numbers, not a crash."""
@@ -6053,6 +6095,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (TINY_CONFIG, ["--init_from=nowhere"], "init_from nowhere: no such folder"),
     (TINY_CONFIG, ["--vae_from=none.safetensors"], "vae_from none.safetensors: no such file"),
     (TINY_CONFIG, ["--data=demo", "--tokenizer_path=no.model"], "tokenizer_path no.model: no such file"),
+    (TINY_CONFIG, ["--data=demo", "--tokenizer_path=c.py"], "c.py: cannot be read as a SentencePiece tokenizer.model"),
     (None, [os.path.join(HERE, "configs", "pretrain_13b.py"), f"--tokenizer_path={data.DEMO_TOKENIZER_PATH}"],
      "pretrain_sources: blip2's annt_root /path/to/blip2/annotations: no such folder"),
     (TINY_CONFIG, ["--device=cuda:99"], "--device=cuda:99: "),
@@ -6072,10 +6115,10 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (TINY_CONFIG, ["--param_groups=('', 1e-3, 0.0)"], "param_groups: row '', expected rows (substring of the"),
     (TINY_CONFIG, ["--param_groups=(('llm', 1e-3, 0.0),)"], "param_groups: no row matches the trainable weight"),
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
-        "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "data-root", "device",
-        "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip", "kl_weight",
-        "eps", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan", "param_groups-flat",
-        "param_groups-unmatched"])
+        "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "tokenizer-corrupt", "data-root",
+        "device", "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip",
+        "kl_weight", "eps", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
+        "param_groups-flat", "param_groups-unmatched"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)
     if text is not None:
@@ -6463,6 +6506,7 @@ GOOD = {"sentences": ["a red circle at the centre."], "images": ["a.png"], "sent
     ({"generate_mode": "generate_video"}, "sample 1: field 'generate_mode' is 'generate_video'"),
     ({"images": [], "sentence_ixs": [], "image_first": []}, "sample 1: field 'images' is empty"),
     ({"sentences": None}, "sample 1: field 'sentences' must be list"),
+    ({"num_iter": 10 ** 30}, f"sample 1: field 'num_iter' is {10 ** 30}, expected at most 2048 \\(no more rounds"),
 ])
 def test_sample_rejects_bad_prompts_before_any_model_work(tmp_path, change, message, capsys):
     annt = _write_annt(tmp_path, [GOOD, dict(GOOD, **change)])
@@ -6535,13 +6579,27 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "unknown_key").mkdir()
     (tmp_path / "unknown_key" / "config.json").write_text(json.dumps({"bogus": 1}))
+    (tmp_path / "garbage.model").write_bytes(b"garbage")
+    (tmp_path / "tokenizer_folder" / "tokenizer.model").mkdir(parents=True)   # read before the model: no weights
+    (tmp_path / "tokenizer_folder" / "config.json").write_text("{}")
     for extra, message in (
             ([f"--init_from={tmp_path / 'empty'}"], "is not a model folder (no config.json)"),
             ([f"--init_from={tmp_path / 'unknown_key'}"], "unknown config key 'bogus'"),
+            ([f"--tokenizer={tmp_path / 'garbage.model'}"],
+             f"{tmp_path / 'garbage.model'}: cannot be read as a SentencePiece tokenizer.model"),
+            ([f"--init_from={tmp_path / 'tokenizer_folder'}"],
+             f"{tmp_path / 'tokenizer_folder' / 'tokenizer.model'}: is a folder, expected a SentencePiece"),
             (["--device=tpu"], "--device=tpu: expected auto, cpu, cuda or cuda:N"),
             (["--device=cuda:99"], "--device=cuda:99: "),
             (["--steps=0"], "--steps=0: expected >= 1"),
             (["--top_p=1.5"], "--top_p=1.5: expected in (0, 1]"),
+            (["--top_p=nan"], "argument --top_p: expected a finite number, got 'nan'"),
+            (["--temperature=nan"], "argument --temperature: expected a finite number, got 'nan'"),
+            (["--guidance_scale=nan"], "argument --guidance_scale: expected a finite number, got 'nan'"),
+            (["--guidance_scale=inf"], "argument --guidance_scale: expected a finite number, got 'inf'"),
+            (["--seed=99999999999999999999999"], "argument --seed: expected an integer in [0, 2**63), got '9999"),
+            (["--seed=-1"], "argument --seed: expected an integer in [0, 2**63), got '-1'"),
+            (["--num_iter=100000"], "--num_iter=100000: expected 0..2048, no more rounds than --num_total_token"),
             (["--sampler=foo"], "argument --sampler: invalid choice: 'foo' (choose from 'ddpm', 'ddim', 'dpm++2m')")):
         code = mmi.run_script(sample.main, [f"--annt={annt}", f"--out={tmp_path / 'out'}", *extra])
         err = capsys.readouterr().err.strip()
@@ -6620,6 +6678,26 @@ def test_sample_refuses_a_deeply_nested_prompt_file(tmp_path, capsys):
     code = mmi.run_script(sample.main, [f"--annt={tmp_path / 'annt.json'}", f"--out={tmp_path / 'out'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "annt.json: nested too deeply" in err, err
+
+
+def test_data_and_eval_json_readers_refuse_a_file_nested_too_deeply(tmp_path):
+    """json's RecursionError is an InputError naming the file (or line); a shard's line is skipped as malformed."""
+    deep = "[" * 200_000
+    path = tmp_path / "deep.json"
+    path.write_text(deep)
+    for read in (lambda p: ev._load_json(p, "annotations"), lambda p: data._annotation_json(p, "annotations"),
+                 data.read_records, data.read_annt, mmi.read_json):
+        with pytest.raises(mmi.InputError, match=re.escape(str(path)) + ": .*nested too deeply"):
+            read(str(path))
+    (tmp_path / "lncoco").mkdir()
+    (tmp_path / "lncoco" / "coco_val_captions.jsonl").write_text(deep + "\n")
+    with pytest.raises(mmi.InputError, match="coco_val_captions.jsonl:1: nested too deeply"):
+        ev.read_lncoco(str(tmp_path))
+    for parse in (lambda line: data.Mmc4Builder(None, None)(line, None, "shard:1", Counter()),
+                  lambda line: data.parse_pair_line(line, "shard:1")):
+        with pytest.raises(data.SkipSample) as e:
+            parse(deep)
+        assert e.value.reason == "malformed_line"
 
 
 def test_sample_refuses_images_beyond_the_token_budget(tmp_path, saved_tiny_model, capsys):
@@ -7524,7 +7602,9 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
 
 
 @pytest.mark.parametrize("case", ["task", "limit", "device", "no_data_root", "no_init_from", "no_annotations",
-                                  "no_references", "no_images", "no_inception", "string_answers", "readme_slice"])
+                                  "no_references", "no_images", "no_inception", "string_answers", "readme_slice",
+                                  "bad_tokenizer", "tokenizer_folder", "out_in_a_file", "out_a_folder", "out_in_proc",
+                                  "image_dir_in_proc", "nested_json", "seed", "guidance_nan"])
 def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
     loads = []
     monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
@@ -7560,6 +7640,36 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
         argv, want = ["--task=lncoco", "--inception=nowhere.pth"] + given, "not found at 'nowhere.pth'"
     elif case == "readme_slice":                     # README's scoreboard is the one of `python eval.py` alone
         argv, want = ["--readme", "--limit=4", "--seed=0", "--offset=3"], "(given: --limit=4 --offset=3)"
+    elif case == "bad_tokenizer":
+        (tmp_path / "tokenizer.model").write_bytes(b"garbage")
+        argv = ["--task=vizwiz_vqa", f"--data_root={root}", f"--init_from={root}"]
+        want = f"{root}/tokenizer.model: cannot be read as a SentencePiece tokenizer.model"
+    elif case == "tokenizer_folder":                 # not passed over for another tokenizer
+        (tmp_path / "tokenizer.model").mkdir()
+        argv = ["--task=vizwiz_vqa", f"--data_root={root}", f"--init_from={root}"]
+        want = f"{root}/tokenizer.model: is a folder, expected a SentencePiece tokenizer.model"
+    elif case == "out_in_a_file":
+        argv, want = ["--task=vizwiz_vqa", f"--out={root}/VizWiz/val.json/x.json"] + given, \
+            f"--out={root}/VizWiz/val.json/x.json: {root}/VizWiz/val.json is a file, expected a folder"
+    elif case == "out_a_folder":
+        argv, want = ["--task=vizwiz_vqa", f"--out={root}"] + given, \
+            f"--out={root}: is a folder, expected the path of a file to write"
+    elif case == "out_in_proc":
+        argv, want = ["--task=vizwiz_vqa", "--out=/proc/x.json"] + given, \
+            "--out=/proc/x.json: cannot create a file in /proc"
+    elif case == "image_dir_in_proc":
+        _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
+        argv, want = ["--task=lncoco", "--image_dir=/proc/images"] + given, \
+            "--image_dir=/proc/images: cannot create a file in /proc"
+    elif case == "seed":
+        argv, want = ["--seed=99999999999999999999999"], "argument --seed: expected an integer in [0, 2**63)"
+    elif case == "guidance_nan":
+        argv, want = ["--guidance_scale=nan"], "argument --guidance_scale: expected a finite number, got 'nan'"
+    elif case == "nested_json":
+        (tmp_path / "coco/annotations").mkdir(parents=True)
+        (tmp_path / "coco/annotations/coco_karpathy_test.json").write_text("[" * 200_000)
+        argv = ["--task=coco_karpathy"] + given
+        want = f"{root}/coco/annotations/coco_karpathy_test.json: Karpathy test split is nested too deeply"
     else:
         _vizwiz_layout(tmp_path, ["a.jpg"], answers="red")
         argv = ["--task=vizwiz_vqa"] + given
@@ -7630,6 +7740,17 @@ def test_malformed_other_records_name_file_record_and_field(tmp_path):
         ev.read_visdial(str(tmp_path))
 
 
+@pytest.mark.parametrize("first", [math.nan, math.inf, -1.0])
+def test_visdial_relevance_that_would_make_ndcg_nan_is_one_line(tmp_path, first):
+    """NaN, an infinity or a negative relevance would make NDCG NaN, and the results file invalid JSON."""
+    _visdial_layout(tmp_path)
+    _json(tmp_path / "visdial/visdial_1.0_val_dense_annotations.json",
+          [{"image_id": 77, "round_id": 3, "gt_relevance": [first, 1.0, 0.5]}])
+    with pytest.raises(mmi.InputError, match=r"dense_annotations.json\[0\]: gt_relevance must be finite numbers >= 0; "
+                                             rf"got \[{first}, 1.0, 0.5\]"):
+        ev.read_visdial(str(tmp_path))
+
+
 def test_missing_or_broken_images_are_counted_skips(tmp_path, monkeypatch, capsys,
                                                                     demo_model_and_tokenizer, short_generation):
     model = demo_model_and_tokenizer[0]
@@ -7647,6 +7768,27 @@ def test_missing_or_broken_images_are_counted_skips(tmp_path, monkeypatch, capsy
     assert res["metrics"]["overall_accuracy"] == pytest.approx(100 * np.mean([o["accuracy"] for o in res["samples"]]))
     assert "skipped 2 of 4 samples" in out and f"wrote {os.path.join('out', 'eval', 'vizwiz_vqa.json')}\n" in out
     assert sorted(os.listdir(tmp_path / "out/eval")) == ["vizwiz_vqa.json"]
+
+
+def test_eval_skips_and_counts_a_prompt_beyond_the_models_positions(tmp_path, demo_model_and_tokenizer,
+                                                                     short_generation):
+    """A question (or a VisDial caption) whose prompt has more tokens than max_position_embeddings is skipped as
+    prompt_too_long, not run (its attention mask grows as the length squared)."""
+    model, tok = demo_model_and_tokenizer
+    long_text = "red " * model.cfg.llm.max_position_embeddings
+    _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg"])
+    records = json.loads((tmp_path / "VizWiz/val.json").read_text())
+    records[1]["question"] = long_text
+    _json(tmp_path / "VizWiz/val.json", records)
+    res = ev.evaluate(model, tok, _args("vizwiz_vqa", tmp_path))
+    assert [o["id"] for o in res["samples"]] == ["a.jpg"] and res["skipped"] == {"prompt_too_long": 1}
+    assert "new, more than max_position_embeddings 1024" in res["skipped_samples"][0]["detail"]
+    _visdial_layout(tmp_path)
+    meta = json.loads((tmp_path / "visdial/visdial_1.0_val.json").read_text())
+    meta["data"]["dialogs"][0]["caption"] = long_text
+    _json(tmp_path / "visdial/visdial_1.0_val.json", meta)
+    with pytest.raises(mmi.InputError, match=r"skipped \{'prompt_too_long': 1\}"):
+        ev.evaluate(model, tok, _args("visdial", tmp_path))
 
 
 def test_no_usable_sample_is_an_input_error_not_a_zero_division(tmp_path, demo_model_and_tokenizer):
@@ -7881,7 +8023,16 @@ def test_demo_stories_in_groups_equal_one_story_at_a_time(monkeypatch):
     ("bench", ["sample", "--quantize=int8"], r"sample: the mmi-13b preset runs on a GPU"),
     ("bench", ["kernel"], r"kernel: needs a CUDA device"),
     ("bench", ["gemv", "--steps=x"], r"argument --steps: invalid int value: 'x'"),
+    ("bench", ["train", "--preset=tiny", "--steps=0"], r"--steps=0: expected an integer >= 1"),
+    ("bench", ["sample", "--preset=tiny", "--new_tokens=-5"], r"--new_tokens=-5: expected an integer >= 1"),
+    ("bench", ["train", "--preset=tiny", "--frozen_dtype=float8"], r"--frozen_dtype: invalid choice: 'float8'"),
+    ("bench", ["data", "--stories=-1"], r"--stories=-1: expected an integer >= 1"),
+    ("bench", ["train", "--preset=mmi-14b"], r"argument --preset: invalid choice: 'mmi-14b'"),
     ("data", ["--nope"], r"unrecognized arguments: --nope"),
+    ("data", ["--demo", "--show=-3"], r"--show=-3: expected 1 to 1000 stories"),
+    ("data", ["--demo", "--show=100000000"], r"--show=100000000: expected 1 to 1000 stories"),
+    ("data", ["--demo", "--show=2", f"--out={__file__}"], r"test_mmi.py: is a file, expected a folder to write into"),
+    ("data", ["--demo", "--show=2", "--out=/proc/xx"], r"--out=/proc/xx: cannot create a file in /proc"),
 ])
 def test_bench_and_data_mistakes_are_one_line_and_exit_2(script, argv, message, capsys):
     """What cannot run here (the paper-size model or a kernel on a CPU) or a mistyped flag: one line, exit 2,
