@@ -1579,6 +1579,9 @@ def _run(tc, cleanup):
         if first or evaluate_now or save_now or step == tc.max_steps:
             log.record(*late.read_now())         # at once: a checkpoint keeps the NaN streak up to its step
         if evaluate_now:
+            if rank == 0 and tc.progress and tc.data == "demo" and tc.eval_demo_stories and tc.task == "mmi":
+                tqdm.write(f"step {step}: validation, then the demo scoreboard on {tc.eval_demo_stories} test stories "
+                           f"(text and images, MMFS on and off)")
             ev = evaluate(model, task, tc, val, device, autocast)
             if ev:
                 log.write({"step": step, **ev})
