@@ -1089,7 +1089,7 @@ def _to_device(batch, device):
 
 
 def _batches(samples, batch_size, desc):
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=None):
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=False):
         yield samples[i:i + batch_size]
 
 
@@ -1445,7 +1445,7 @@ def visdial_context(sample, num_img_token):
 
 
 def predict_visdial(model, tokenizer, samples, args):
-    for s in tqdm(samples, desc="visdial", disable=None):
+    for s in tqdm(samples, desc="visdial", disable=False):
         try:
             image = load_eval_image(s["image"], model.cfg.vision.image_size).to(args.device)
         except data.SkipSample as e:
