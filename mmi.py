@@ -3825,7 +3825,11 @@ def load_pretrained(path, dtype=None, device="cpu", quantize=None):
     quantize_bits(quantize)
     path = _model_folder(path)
     cfg_path = os.path.join(path, _CONFIG_NAME)
-    cfg = MMIConfig.from_dict(read_json(cfg_path), cfg_path)
+    raw = read_json(cfg_path)
+    if isinstance(raw, dict) and {"train", "model"} <= raw.keys():
+        raise InputError(f"{path}: a training checkpoint of train.py, not a model folder: continue training from it "
+                         f"with --resume, or load the model the run exported into its out_dir's model/")
+    cfg = MMIConfig.from_dict(raw, cfg_path)
     try:
         model = _build_meta(cfg)
     except InputError as e:                     # the model's own checks of the config's consistency

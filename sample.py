@@ -89,6 +89,9 @@ def _check_sample(s, where, base, max_iter=None):
         raise AnntError(f"{where}: field 'images' is empty; at least one image is required")
     if not all(isinstance(t, str) for t in sentences):
         raise AnntError(f"{where}: field 'sentences' must be a list of strings")
+    for k, p in enumerate(images):
+        if not isinstance(p, str):
+            raise AnntError(f"{where}: field 'images'[{k}] is {p!r}, expected an image file's path (a string)")
     for name, values in (("sentence_ixs", ixs), ("image_first", first)):
         if len(values) != len(images):
             raise AnntError(f"{where}: field '{name}' has {len(values)} entries, 'images' has {len(images)}")

@@ -2646,6 +2646,11 @@ def test_from_pretrained_names_a_missing_or_non_folder_path(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'file'}: not a folder")):
         mmi.MMInterleaved.from_pretrained(str(tmp_path / "file"))
+    (tmp_path / "ckpt_00000002").mkdir()                           # what train.py's checkpoints hold
+    (tmp_path / "ckpt_00000002" / "config.json").write_text(json.dumps({"train": {}, "model": {}}))
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'ckpt_00000002'}: a training checkpoint of "
+                                                       f"train.py, not a model folder: continue training from it")):
+        mmi.MMInterleaved.from_pretrained(str(tmp_path / "ckpt_00000002"))
 
 
 def test_sample_on_a_broken_model_ends_with_one_line_and_exit_2(pretrained_tiny, tmp_path, capsys):
@@ -6507,6 +6512,7 @@ GOOD = {"sentences": ["a red circle at the centre."], "images": ["a.png"], "sent
     ({"images": [], "sentence_ixs": [], "image_first": []}, "sample 1: field 'images' is empty"),
     ({"sentences": None}, "sample 1: field 'sentences' must be list"),
     ({"num_iter": 10 ** 30}, f"sample 1: field 'num_iter' is {10 ** 30}, expected at most 2048 \\(no more rounds"),
+    ({"images": [5]}, r"sample 1: field 'images'\[0\] is 5, expected an image file's path \(a string\)"),
 ])
 def test_sample_rejects_bad_prompts_before_any_model_work(tmp_path, change, message, capsys):
     annt = _write_annt(tmp_path, [GOOD, dict(GOOD, **change)])
