@@ -1351,9 +1351,11 @@ def load_annotation_pickle(path, what):
         raise mmi.InputError(f"{path}: {what} is not readable ({e})") from None
 
 
-def _annotation_json(path, what):
+def annotation_json(path, what, hint=""):
+    """The JSON in annotation file `path`, which holds `what`; anything wrong is one InputError naming the file
+    (hint: added where the file is missing)."""
     if not os.path.isfile(path):
-        raise mmi.InputError(f"{path}: {what} not found")
+        raise mmi.InputError(f"{path}: {what} not found{hint}")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -1390,7 +1392,7 @@ def read_vist(annt_root, data_root, split, stats):
     -> stories sorted by story_id, frames by sequence_index. A story with a malformed frame is skipped and
     counted in `stats`."""
     path = os.path.join(annt_root, "annotations", f"{split}_formatted_filtered.json")
-    stories = _field(_annotation_json(path, "VIST annotations"), "annotations", dict, path)
+    stories = _field(annotation_json(path, "VIST annotations"), "annotations", dict, path)
     out = []
     for story_id in sorted(stories):
         turns = stories[story_id]
@@ -1465,9 +1467,9 @@ def read_flintstones(annt_root, data_root, split, stats):
     counted."""
     followings = load_annotation_pickle(os.path.join(annt_root, "following_cache4.pkl"), "Flintstones followings")
     split_path = os.path.join(annt_root, "train-val-test_split.json")
-    ids = _field(_annotation_json(split_path, "Flintstones split"), split, list, split_path)
+    ids = _field(annotation_json(split_path, "Flintstones split"), split, list, split_path)
     ann_path = os.path.join(annt_root, "flintstones_annotations_v1-0.json")
-    anns = _annotation_json(ann_path, "Flintstones annotations")
+    anns = annotation_json(ann_path, "Flintstones annotations")
     if not isinstance(followings, dict):
         raise mmi.InputError(f"{os.path.join(annt_root, 'following_cache4.pkl')}: expected a dict of followings")
     if not isinstance(anns, list):
@@ -1609,7 +1611,7 @@ def read_ade20k(annt_root, data_root, split, stats):
     -> records {"id", "caption", "image", "map", "labels"}. A record without image_id or caption is skipped and
     counted."""
     path = os.path.join(annt_root, f"{split}.json")
-    items = _annotation_json(path, "ADE20K captions")
+    items = annotation_json(path, "ADE20K captions")
     if not isinstance(items, list):
         raise mmi.InputError(f"{path}: expected a list of {{'image_id', 'caption'}} records")
     out = []

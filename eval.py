@@ -698,16 +698,8 @@ def clip_best_of(scorer, text_ids, images, num_candidates):
 # A malformed annotation file is an InputError naming the file, the record and the field; a missing image is not
 # (the run skips and counts it).
 
-def _load_json(path, what):
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: {what} not found (expected the original evaluation layout, see eval.py --help)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: {what} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise InputError(f"{path}: {what} is nested too deeply to read") from None
+def _annotation_json(path, what):
+    return data.annotation_json(path, what, " (expected the original evaluation layout, see eval.py --help)")
 
 
 def _short(value):
@@ -757,7 +749,7 @@ def _first_per_image(samples):
 
 def read_coco_karpathy(root):
     path = os.path.join(root, "coco", "annotations", "coco_karpathy_test.json")
-    items = _require_list(_load_json(path, "Karpathy test split"), path)
+    items = _require_list(_annotation_json(path, "Karpathy test split"), path)
     samples = []
     for i, it in enumerate(items):
         _require(it, {"image": str}, f"{path}[{i}]")
@@ -767,7 +759,7 @@ def read_coco_karpathy(root):
 
 
 def _coco_format_captions(path, image_dir, what):
-    meta = _require(_load_json(path, what), {"images": list, "annotations": list}, path)
+    meta = _require(_annotation_json(path, what), {"images": list, "annotations": list}, path)
     names = {}
     for i, im in enumerate(meta["images"]):
         _require(im, {"id": (int, str), "file_name": str}, f"{path}: images[{i}]")
@@ -794,9 +786,9 @@ def read_nocaps(root):
 def read_image2paragraph(root):
     base = os.path.join(root, "image2paragraph")
     path = os.path.join(base, "annotations", "paragraphs_coco.json")
-    anns = _require(_load_json(path, "Stanford paragraphs (COCO format)"), {"annotations": list}, path)
+    anns = _require(_annotation_json(path, "Stanford paragraphs (COCO format)"), {"annotations": list}, path)
     split_path = os.path.join(base, "annotations", "test_split.json")
-    split = _require_list(_load_json(split_path, "paragraph test split"), split_path)
+    split = _require_list(_annotation_json(split_path, "paragraph test split"), split_path)
     for i, x in enumerate(split):
         if not isinstance(x, (int, str)) or isinstance(x, bool):
             raise InputError(f"{split_path}[{i}]: {_short(x)} is not an image id")
@@ -819,7 +811,7 @@ _CAPTION_REFERENCES = {"coco_karpathy": ("coco", "annotations", "coco_karpathy_t
 def caption_references(task, root):
     """{image id: [reference captions]} from the file the original scores against."""
     path = os.path.join(root, *_CAPTION_REFERENCES[task])
-    meta = _require(_load_json(path, "caption references"), {"annotations": list}, path)
+    meta = _require(_annotation_json(path, "caption references"), {"annotations": list}, path)
     refs = {}
     for i, a in enumerate(meta["annotations"]):
         _require(a, {"image_id": (int, str), "caption": str}, f"{path}: annotations[{i}]")
@@ -844,8 +836,8 @@ def _read_vqa(root, folder, ann_name, q_name, what, image_path, image_id=(int, s
     """VQA-format annotation and question files under root/folder, both checked -> samples in annotation order;
     image_path(question) is the image file."""
     ann_path, q_path = os.path.join(root, folder, ann_name), os.path.join(root, folder, q_name)
-    anns = _require(_load_json(ann_path, f"{what} annotations"), {"annotations": list}, ann_path)
-    qs = _require(_load_json(q_path, f"{what} questions"), {"questions": list}, q_path)
+    anns = _require(_annotation_json(ann_path, f"{what} annotations"), {"annotations": list}, ann_path)
+    qs = _require(_annotation_json(q_path, f"{what} questions"), {"questions": list}, q_path)
     by_id = {}
     for i, a in enumerate(anns["annotations"]):
         where = f"{ann_path}: annotations[{i}]"
@@ -887,7 +879,7 @@ def read_textvqa(root):
 
 def read_vizwiz(root):
     path = os.path.join(root, "VizWiz", "val.json")
-    items = _require_list(_load_json(path, "VizWiz val"), path)
+    items = _require_list(_annotation_json(path, "VizWiz val"), path)
     out = []
     for i, it in enumerate(items):
         _require(it, {"image": str, "question": str, "answers": list}, f"{path}[{i}]")
@@ -910,11 +902,11 @@ def read_visdial(root):
     where (as in the original) the round just before the asked one is left out, then "question: ...? answer:"."""
     base = os.path.join(root, "visdial")
     path = os.path.join(base, "visdial_1.0_val.json")
-    meta = _require(_load_json(path, "VisDial v1.0 val"), {"data": dict}, path)
+    meta = _require(_annotation_json(path, "VisDial v1.0 val"), {"data": dict}, path)
     d = _require(meta["data"], {"dialogs": list, "questions": list, "answers": list}, f"{path}: data")
     dense_path = os.path.join(base, "visdial_1.0_val_dense_annotations.json")
     dense = {}
-    for j, x in enumerate(_require_list(_load_json(dense_path, "VisDial dense annotations"), dense_path)):
+    for j, x in enumerate(_require_list(_annotation_json(dense_path, "VisDial dense annotations"), dense_path)):
         _require(x, {"image_id": int, "round_id": int, "gt_relevance": list}, f"{dense_path}[{j}]")
         dense[x["image_id"]] = (j, x)
     out = []
@@ -956,7 +948,7 @@ def read_visdial(root):
 def read_coco_t2i(root, total_length=30_000):
     """MS-COCO val2014 text-to-image: the first caption of each image, the first `total_length` images."""
     path = os.path.join(root, "coco", "annotations", "captions_val2014.json")
-    meta = _require(_load_json(path, "COCO val2014 captions"), {"annotations": list}, path)
+    meta = _require(_annotation_json(path, "COCO val2014 captions"), {"annotations": list}, path)
     out, seen = [], set()
     for i, a in enumerate(meta["annotations"]):
         _require(a, {"image_id": int, "caption": str}, f"{path}: annotations[{i}]")

@@ -6691,8 +6691,7 @@ def test_data_and_eval_json_readers_refuse_a_file_nested_too_deeply(tmp_path):
     deep = "[" * 200_000
     path = tmp_path / "deep.json"
     path.write_text(deep)
-    for read in (lambda p: ev._load_json(p, "annotations"), lambda p: data._annotation_json(p, "annotations"),
-                 data.read_records, data.read_annt, mmi.read_json):
+    for read in (lambda p: ev._annotation_json(p, "annotations"), data.read_records, data.read_annt, mmi.read_json):
         with pytest.raises(mmi.InputError, match=re.escape(str(path)) + ": .*nested too deeply"):
             read(str(path))
     (tmp_path / "lncoco").mkdir()
