@@ -2087,9 +2087,16 @@ def demo_dataset(tokenizer, split="train", num_total_token=512, num_img_token=16
     return MixedDataset(sources, probs, [cfg] * len(sources), tokenizer, seed=seed, rank=rank, world_size=world_size)
 
 
+def _check_in_split(split, start, count, what):
+    if start + count > SPLIT_SIZE[split]:
+        raise mmi.InputError(f"{what} {start}..{start + count - 1} of the demo's {split} split, which holds "
+                             f"{SPLIT_SIZE[split]:,}: expected start + count <= {SPLIT_SIZE[split]:,}")
+
+
 def demo_stories(split, num_stories, start=0):
     """Stories start .. start + num_stories - 1 of an evaluation split, in order: the same ones on every call and
     machine."""
+    _check_in_split(split, start, num_stories, "stories")
     return [make_story(SPLIT_SEED_BASE[split] + i) for i in range(start, start + num_stories)]
 
 
@@ -2189,6 +2196,7 @@ def demo_qa_dataset(tokenizer, split="train", num_img_token=16, batch_size=16, n
 def demo_questions(split, num_questions, start=0):
     """Questions start .. start + num_questions - 1 of an evaluation split, in order: the same ones on every call
     and machine."""
+    _check_in_split(split, start, num_questions, "questions")
     return [make_question(SPLIT_SEED_BASE[split] + i) for i in range(start, start + num_questions)]
 
 

@@ -1159,8 +1159,10 @@ DEMO_IMAGES = dict(steps=25, guidance_scale=3.0, sampler="ddim")
 DEMO_STORIES_PER_CALL = 8   # stories whose captions, then whose images, share one generate call (speed only)
 
 
-def read_demo(data_root, num_stories=40, start=0):
-    """The test split's stories from `start` on (never seen in training: the splits use disjoint seeds)."""
+def read_demo(data_root, num_stories=40, start=0, limit=None):
+    """The test split's stories from `start` on (never seen in training: the splits use disjoint seeds), the
+    first `limit` of them."""
+    num_stories = num_stories if limit is None else min(num_stories, limit)
     return [{"id": start + i, "seed": s.seed} for i, s in enumerate(data.demo_stories("test", num_stories, start))]
 
 
@@ -1294,8 +1296,10 @@ DEMO_QA_QUESTIONS = 300                      # test questions demo_qa scores (--
 DEMO_QA_GENERATION = dict(max_new_tokens=8, min_new_tokens=0, num_beams=1)      # greedy; answers are 1-2 words
 
 
-def read_demo_qa(data_root, num_questions=DEMO_QA_QUESTIONS, start=0):
-    """The test split's questions about scenes from `start` on (data.make_question; never seen in fine-tuning)."""
+def read_demo_qa(data_root, num_questions=DEMO_QA_QUESTIONS, start=0, limit=None):
+    """The test split's questions about scenes from `start` on (data.make_question; never seen in fine-tuning), the
+    first `limit` of them."""
+    num_questions = num_questions if limit is None else min(num_questions, limit)
     return [{"id": start + i, "seed": q.seed}
             for i, q in enumerate(data.demo_questions("test", num_questions, start))]
 
@@ -1877,7 +1881,7 @@ def load_samples(args):
     if task.needs_data_root:
         samples = task.read(args.data_root)[args.offset:]
     else:                                    # a task that makes its samples makes the ones after the offset
-        samples = task.read(args.data_root, start=args.offset)
+        samples = task.read(args.data_root, start=args.offset, limit=args.limit)
     if args.limit is not None:
         samples = samples[:args.limit]
     if len(samples) < task.min_samples:

@@ -7608,8 +7608,9 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
 
 @pytest.mark.parametrize("case", ["task", "limit", "device", "no_data_root", "no_init_from", "no_annotations",
                                   "no_references", "no_images", "no_inception", "string_answers", "readme_slice",
-                                  "bad_tokenizer", "tokenizer_folder", "out_in_a_file", "out_a_folder", "out_in_proc",
-                                  "image_dir_in_proc", "nested_json", "seed", "guidance_nan"])
+                                  "offset_past_split", "bad_tokenizer", "tokenizer_folder", "out_in_a_file",
+                                  "out_a_folder", "out_in_proc", "image_dir_in_proc", "nested_json", "seed",
+                                  "guidance_nan"])
 def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, monkeypatch, capsys):
     loads = []
     monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
@@ -7643,6 +7644,8 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
     elif case == "no_inception":
         _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
         argv, want = ["--task=lncoco", "--inception=nowhere.pth"] + given, "not found at 'nowhere.pth'"
+    elif case == "offset_past_split":               # the demo's test split holds 10,000 stories
+        argv, want = ["--offset=9999", "--limit=2"], "stories 9999..10000 of the demo's test split, which holds 10,000"
     elif case == "readme_slice":                     # README's scoreboard is the one of `python eval.py` alone
         argv, want = ["--readme", "--limit=4", "--seed=0", "--offset=3"], "(given: --limit=4 --offset=3)"
     elif case == "bad_tokenizer":
