@@ -278,12 +278,18 @@ def load_config(argv):
                              "the bf16 frozen weights; use frozen_dtype=float32")
     if tc.lora_rank and tc.task != "mmi":
         raise mmi.InputError(f"lora_rank {tc.lora_rank}: LoRA adapts the LLM of task 'mmi', not task {tc.task!r}")
-    model_keys = _model_keys(mmi.MMIConfig.from_preset(tc.preset))
-    for key in model_overrides:
+    preset = mmi.MMIConfig.from_preset(tc.preset)
+    model_keys = _model_keys(preset)
+    for key, value in model_overrides.items():
         if key not in model_keys and key in typed:
             raise _unknown(f"model.{key}", [f"model.{k}" for k in model_keys], "command line", "--")
         if key not in model_keys:
             raise _unknown(key, model_keys, f"{path}: model_overrides")
+        if key not in typed:                                  # a config file's value: its type, naming the file
+            try:
+                mmi.apply_overrides(preset, {key: value})
+            except mmi.InputError as e:
+                raise mmi.InputError(f"{path}: model_overrides: {e}") from None
     cfg = model_config(tc)                                    # bad model values fail here, before anything starts
     if tc.data == "synthetic" and tc.task == "mmi" and tc.seq_len < 2 + tc.images_per_row * (cfg.num_img_token + 2):
         raise mmi.InputError(f"seq_len {tc.seq_len} cannot hold images_per_row={tc.images_per_row} images of "
