@@ -6119,13 +6119,14 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (TINY_CONFIG + "param_groups = (('', float('nan'), 0.0),)\n", [], "param_groups: row ('', nan, 0.0), expected"),
     (TINY_CONFIG, ["--param_groups=('', 1e-3, 0.0)"], "param_groups: row '', expected rows (substring of the"),
     (TINY_CONFIG, ["--param_groups=(('llm', 1e-3, 0.0),)"], "param_groups: no row matches the trainable weight"),
+    (TINY_CONFIG + "\0", [], "c.py:?: not valid Python: source code string cannot contain null bytes"),
     (TINY_CONFIG + "model_overrides = {'llm.hidden_size': 'big'}\n", [],
      "c.py: model_overrides: config key 'llm.hidden_size': cannot read 'big' as int"),
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
         "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "tokenizer-corrupt", "data-root",
         "device", "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip",
         "kl_weight", "eps", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
-        "param_groups-flat", "param_groups-unmatched", "model-override-type"])
+        "param_groups-flat", "param_groups-unmatched", "null-byte", "model-override-type"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)
     if text is not None:

@@ -204,7 +204,8 @@ def read_config_file(path):
     except OSError as e:
         raise mmi.InputError(f"{path}: cannot read the config file ({e.strerror})") from None
     except (SyntaxError, ValueError) as e:                  # ValueError: null bytes
-        raise mmi.InputError(f"{path}:{getattr(e, 'lineno', '?')}: not valid Python: {getattr(e, 'msg', e)}") from None
+        raise mmi.InputError(f"{path}:{getattr(e, 'lineno', None) or '?'}: not valid Python: {getattr(e, 'msg', e)}") \
+            from None
     values = {"__file__": os.path.abspath(path)}            # so a config can read files beside it
     try:
         exec(code, values)                                   # one namespace, so helpers see the file's names
