@@ -1856,6 +1856,8 @@ def find_tokenizer(path, init_from):
             return os.path.join(init_from, name)
     if os.path.abspath(init_from or "") == DEMO_MODEL:
         return data.DEMO_TOKENIZER_PATH
+    if init_from and os.path.isfile(os.path.join(init_from, "rank0.pt")):     # train.py's checkpoint folder
+        raise mmi.training_checkpoint_error(init_from)
     raise InputError(f"no tokenizer: pass --tokenizer, or put tokenizer.model / tokenizer.json in {init_from}")
 
 

@@ -3818,6 +3818,13 @@ def _write_folder(model, tmp, max_shard_bytes, dtype=None):
         json.dump(model.cfg.to_dict(), f, indent=1)
 
 
+def training_checkpoint_error(path):
+    """What to say of a folder holding one of train.py's checkpoints (config.json with 'train' and 'model') where a
+    model folder is expected."""
+    return InputError(f"{path}: a training checkpoint of train.py, not a model folder: continue training from it with "
+                      f"--resume, or load what the run exported into its out_dir (model/; a VAE run: vae.safetensors)")
+
+
 def load_pretrained(path, dtype=None, device="cpu", quantize=None):
     """A model written by save_pretrained: every tensor must be there with its shape, and nothing else.
     dtype None keeps the stored dtypes. quantize: as load_original's."""
@@ -3827,8 +3834,7 @@ def load_pretrained(path, dtype=None, device="cpu", quantize=None):
     cfg_path = os.path.join(path, _CONFIG_NAME)
     raw = read_json(cfg_path)
     if isinstance(raw, dict) and {"train", "model"} <= raw.keys():
-        raise InputError(f"{path}: a training checkpoint of train.py, not a model folder: continue training from it "
-                         f"with --resume, or load the model the run exported into its out_dir's model/")
+        raise training_checkpoint_error(path)
     cfg = MMIConfig.from_dict(raw, cfg_path)
     try:
         model = _build_meta(cfg)

@@ -2648,9 +2648,11 @@ def test_from_pretrained_names_a_missing_or_non_folder_path(tmp_path):
         mmi.MMInterleaved.from_pretrained(str(tmp_path / "file"))
     (tmp_path / "ckpt_00000002").mkdir()                           # what train.py's checkpoints hold
     (tmp_path / "ckpt_00000002" / "config.json").write_text(json.dumps({"train": {}, "model": {}}))
-    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'ckpt_00000002'}: a training checkpoint of "
-                                                       f"train.py, not a model folder: continue training from it")):
-        mmi.MMInterleaved.from_pretrained(str(tmp_path / "ckpt_00000002"))
+    (tmp_path / "ckpt_00000002" / "rank0.pt").write_bytes(b"")
+    for load in (mmi.MMInterleaved.from_pretrained, lambda p: ev.find_tokenizer(None, p)):   # eval.py looks first
+        with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'ckpt_00000002'}: a training checkpoint of "
+                                                           f"train.py, not a model folder: continue training from")):
+            load(str(tmp_path / "ckpt_00000002"))
 
 
 def test_sample_on_a_broken_model_ends_with_one_line_and_exit_2(pretrained_tiny, tmp_path, capsys):
@@ -5505,6 +5507,13 @@ def test_compiled_blocks_on_cuda_give_eager_loss_and_grads():
         _compiled_blocks_match_eager("cuda", "inductor")
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_resume_of_a_finished_run_says_there_is_no_step_to_run(tmp_path, config_file, capsys):
+    run_train(config_file, str(tmp_path / "run"), "--max_steps=2", "--ckpt_interval=2")
+    capsys.readouterr()
+    run_train(config_file, str(tmp_path / "run"), "--max_steps=2", "--resume=true")
+    assert "at step 2; max_steps is 2: no step to run" in capsys.readouterr().out
 
 
 def test_resume_continues_exactly_and_keeps_the_last_checkpoints(tmp_path, config_file):

@@ -1354,7 +1354,8 @@ def resume(tc, model, optimizer, rank, device):
         return 0, None, 0
     state = load_checkpoint(found[-1], model, optimizer, tc, rank, device)
     if rank == 0:
-        print(f"resumed from {found[-1]} at step {state['step']}")
+        done = f"; max_steps is {tc.max_steps}: no step to run" if state["step"] >= tc.max_steps else ""
+        print(f"resumed from {found[-1]} at step {state['step']}{done}")
     return state["step"], state["data"], state["nan_streak"]
 
 
