@@ -3078,6 +3078,9 @@ class WeightFiles:
             if os.path.isfile(single):
                 self.key_file = {k: single for k in self._keys_of(single)}
                 break
+            for name in (index, single):
+                if os.path.exists(name):
+                    raise InputError(f"{name}: not a file, expected the weights")
         else:
             wanted = ", ".join(n for pair in _LAYOUTS[layout] for n in pair)
             raise InputError(f"{folder}: no weights found (looked for {wanted})")

@@ -2625,10 +2625,12 @@ ST = "model.safetensors"
     ("model.safetensors.index.json", _index_naming_a_missing_shard,
      r"names shard 'model-00002-of-00002.safetensors', which is missing"),
     ("", lambda f: os.remove(f / ST), r"no weights found \(looked for model.safetensors.index.json"),
+    (ST, lambda f: (os.remove(f / ST), os.mkdir(f / ST)), r"model.safetensors: not a file, expected the weights$"),
 ], ids=["truncated", "truncated_into_the_length", "absurd_header_length", "header_not_json", "offsets_beyond_file",
         "shape_not_offsets", "shape_not_the_models", "integer_dtype", "unknown_key", "mistyped_value",
         "missing_section", "unknown_config_key", "section_not_an_object", "inconsistent_config", "zero_size",
-        "config_not_json", "no_config", "pickled_object", "missing_shard", "no_weights"])
+        "config_not_json", "no_config", "pickled_object", "missing_shard", "no_weights",
+        "weights_a_folder"])
 def test_broken_model_folder_is_one_line_naming_the_file(pretrained_tiny, tmp_path, file, corrupt, message):
     folder = tmp_path / "model"
     shutil.copytree(pretrained_tiny, folder)
