@@ -3430,11 +3430,14 @@ def _set_tensor(model, name, value):
 
 def _check_kind(model, name, t, path, key):
     """A floating-point tensor of ours takes a floating-point file tensor (of any width), an integer one an
-    integer one."""
+    integer one; a weight (a parameter) is finite: a NaN would spread to every output without a word."""
     want = _get_tensor(model, name)
     if t.is_floating_point() != want.is_floating_point():
         expected = "a floating-point" if want.is_floating_point() else "an integer"
         raise InputError(f"{path}: key {key!r} holds {t.dtype}, expected {expected} tensor for {name!r}")
+    if isinstance(want, nn.Parameter) and t.is_floating_point() and not torch.isfinite(t).all():
+        raise InputError(f"{path}: key {key!r} holds NaN or infinite values; expected finite weights (a damaged "
+                         f"file?)")
 
 
 def _cast(t, dtype, device):

@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import data
 import eval as ev
@@ -2147,7 +2147,6 @@ def _all_dtypes_state():
 
 
 def test_safetensors_reader_equals_load_file_bit_for_bit(tmp_path):
-    from safetensors.torch import save_file
     os.makedirs(tmp_path / "w")
     save_file(_all_dtypes_state(), str(tmp_path / "w" / "model.safetensors"), metadata={"format": "pt"})
     want = load_file(str(tmp_path / "w" / "model.safetensors"))
@@ -2176,7 +2175,6 @@ def _rewrite_safetensors_header(path, key, **changes):
     ({"dtype": "F8_E4M3"}, r"key 'i\.torch\.int16': dtype 'F8_E4M3', expected one of BF16"),
 ], ids=["offset_out_of_range", "wrong_byte_count", "unknown_dtype"])
 def test_safetensors_reader_refuses_a_corrupt_header(tmp_path, change, message):
-    from safetensors.torch import save_file
     os.makedirs(tmp_path / "w")
     path = str(tmp_path / "w" / "model.safetensors")
     save_file(_all_dtypes_state(), path)
@@ -2626,11 +2624,13 @@ ST = "model.safetensors"
      r"names shard 'model-00002-of-00002.safetensors', which is missing"),
     ("", lambda f: os.remove(f / ST), r"no weights found \(looked for model.safetensors.index.json"),
     (ST, lambda f: (os.remove(f / ST), os.mkdir(f / ST)), r"model.safetensors: not a file, expected the weights$"),
+    (ST, lambda f: save_file({**load_file(f / ST), "soi_token": torch.full((1, 64), math.nan)}, f / ST),
+     r"key 'soi_token' holds NaN or infinite values; expected finite weights"),
 ], ids=["truncated", "truncated_into_the_length", "absurd_header_length", "header_not_json", "offsets_beyond_file",
         "shape_not_offsets", "shape_not_the_models", "integer_dtype", "unknown_key", "mistyped_value",
         "missing_section", "unknown_config_key", "section_not_an_object", "inconsistent_config", "zero_size",
         "config_not_json", "no_config", "pickled_object", "missing_shard", "no_weights",
-        "weights_a_folder"])
+        "weights_a_folder", "nan_weight"])
 def test_broken_model_folder_is_one_line_naming_the_file(pretrained_tiny, tmp_path, file, corrupt, message):
     folder = tmp_path / "model"
     shutil.copytree(pretrained_tiny, folder)
@@ -6631,7 +6631,6 @@ def test_sample_original_needs_only_mmi_and_names_what_it_lacks(tmp_path, capsys
     """--init_from=original takes --mmi alone (the tokenizer from --tokenizer, --llm or the --mmi folder); a
     checkpoint that lacks the LLM's, CLIP's and SD's weights is one line naming them and the folders (mmi-13b
     shapes, built on the meta device: nothing is read)."""
-    from safetensors.torch import save_file
     annt = _write_annt(tmp_path, [GOOD])
     ckpt = tmp_path / "mmi"
     ckpt.mkdir()
