@@ -3430,12 +3430,17 @@ def _set_tensor(model, name, value):
 
 def _check_kind(model, name, t, path, key):
     """A floating-point tensor of ours takes a floating-point file tensor (of any width), an integer one an
-    integer one; a weight (a parameter) is finite: a NaN would spread to every output without a word."""
+    integer one."""
     want = _get_tensor(model, name)
     if t.is_floating_point() != want.is_floating_point():
         expected = "a floating-point" if want.is_floating_point() else "an integer"
         raise InputError(f"{path}: key {key!r} holds {t.dtype}, expected {expected} tensor for {name!r}")
-    if isinstance(want, nn.Parameter) and t.is_floating_point() and not torch.isfinite(t).all():
+
+
+def _check_finite(model, name, t, path, key):
+    """A weight (a parameter) as it lands, on its device: finite, or a NaN would spread to every output without
+    a word."""
+    if isinstance(_get_tensor(model, name), nn.Parameter) and t.is_floating_point() and not torch.isfinite(t).all():
         raise InputError(f"{path}: key {key!r} holds NaN or infinite values; expected finite weights (a damaged "
                          f"file?)")
 
@@ -3464,8 +3469,11 @@ def _load_plan(model, files, plan, skip, dtype, device, desc, landed=None):
                     full = _get_tensor(model, ours)
                 with torch.no_grad():
                     full[:t.shape[0]].copy_(t)
+                _check_finite(model, ours, full[:t.shape[0]], path, k)
             else:
-                _set_tensor(model, ours, _cast(t, dtype, device))
+                value = _cast(t, dtype, device)
+                _check_finite(model, ours, value, path, k)
+                _set_tensor(model, ours, value)
                 if landed is not None:
                     landed(ours)
             n += 1
@@ -3863,7 +3871,9 @@ def load_pretrained(path, dtype=None, device="cpu", quantize=None):
         for k in tensors.keys():
             t = tensors[k]
             _check_kind(model, k, t, path_, k)
-            _set_tensor(model, k, _cast(t, dtype or t.dtype, device))
+            value = _cast(t, dtype or t.dtype, device)
+            _check_finite(model, k, value, path_, k)
+            _set_tensor(model, k, value)
             quantizer.landed(k)
         del tensors
     check_no_meta(model)
