@@ -162,10 +162,9 @@ def load_model(args):
             what = "the demo model (assets/demo) is not in this checkout" if args.init_from == "demo" else \
                 f"{path} is not a model folder (no config.json)"
             raise mmi.InputError(f"--init_from={args.init_from}: {what}")
-        tok_path = args.tokenizer or next((p for p in (os.path.join(path, "tokenizer.model"), data.DEMO_TOKENIZER_PATH)
-                                           if os.path.exists(p)), None)
-        if tok_path is None:
-            raise mmi.InputError(f"--init_from={args.init_from}: no tokenizer.model in {path}; pass --tokenizer")
+        # the folder's own (train.py exports a tokenizer.model or tokenizer.json beside the model), else the demo's
+        own = [os.path.join(path, name) for name in ("tokenizer.model", "tokenizer.json")]
+        tok_path = args.tokenizer or next((p for p in own if os.path.exists(p)), data.DEMO_TOKENIZER_PATH)
         tokenizer = data.Tokenizer(tok_path)
         model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device, quantize=args.quantize)
     tokenizer = evaluator.check_tokenizer(tokenizer, tok_path, model.cfg)
@@ -413,7 +412,8 @@ def parse_args(argv):
     p.add_argument("--sd", help="with --init_from=original: the Stable Diffusion 2.1 base folder (for images); not "
                                 "needed when --mmi holds the UNet, VAE and neg_prompt_embeds")
     p.add_argument("--mmi", help="with --init_from=original: the MM-Interleaved checkpoint folder")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: the model folder's, or the demo's)")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the model folder's, or the "
+                                       "demo's)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="the weights' and computation's dtype (default: bfloat16 on a GPU, float32 on the CPU)")

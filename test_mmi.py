@@ -6123,6 +6123,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (TINY_CONFIG, ["--grad_clip=-1"], "grad_clip -1.0, expected 0.0 or more"),
     (TINY_CONFIG, ["--kl_weight=nan"], "kl_weight nan, expected 0.0 or more"),
     (TINY_CONFIG, ["--eps=nan"], "eps nan, expected 0.0 or more"),
+    (TINY_CONFIG, ["--eps=inf"], "eps inf, expected 0.0 or more"),
     (TINY_CONFIG, ["--peak_flops=0"], "peak_flops 0.0, expected the device's peak FLOP/s (more than 0)"),
     (TINY_CONFIG, ["--betas=(0.9, 2.0)"], "betas (0.9, 2.0), expected two numbers 0 <= beta < 1"),
     (TINY_CONFIG + "betas = (0.9,)\n", [], "betas (0.9,), expected two numbers 0 <= beta < 1"),
@@ -6136,7 +6137,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
         "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "tokenizer-corrupt", "data-root",
         "device", "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip",
-        "kl_weight", "eps", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
+        "kl_weight", "eps", "eps-inf", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
         "param_groups-flat", "param_groups-unmatched", "null-byte", "model-override-type"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)
@@ -6161,13 +6162,18 @@ def test_train_out_dir_is_writable_and_holds_no_earlier_run_unless_resumed(tmp_p
         assert message in err and err.count("\n") == 1
     out = tmp_path / "run"
     assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
-    for earlier in ("checkpoints", "metrics.jsonl"):
-        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2"]) == 2
-        err = capsys.readouterr().err
-        assert f"out_dir {out} holds an earlier run's {earlier}; pass --resume to continue it" in err
-        assert err.count("\n") == 1 and [r["step"] for r in read_metrics(out)] == [1]
-        shutil.rmtree(out / "ckpt_00000001", ignore_errors=True)
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"out_dir {out} holds an earlier run's checkpoints; pass --resume to continue it" in err
     assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+    shutil.rmtree(out / "ckpt_00000001")
+    shutil.rmtree(out / "ckpt_00000002")
+    for resume in ([], ["--resume"]):        # metrics and no checkpoint: a resume would start over and append
+        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2", *resume]) == 2
+        err = capsys.readouterr().err
+        assert f"out_dir {out} holds an earlier run's metrics.jsonl and no checkpoint to resume from" in err
+        assert err.count("\n") == 1
 
 
 @pytest.fixture(scope="module")
@@ -6625,6 +6631,17 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_sample_reads_the_model_folders_tokenizer_json(saved_tiny_model, tmp_path, capsys):
+    """A model folder's own tokenizer.json (as train.py may export one) is the tokenizer sample.py reads, not the
+    demo's: a broken one is reported, not passed over."""
+    folder = tmp_path / "model"
+    shutil.copytree(saved_tiny_model, folder)
+    (folder / "tokenizer.json").write_text("[")
+    annt = _write_annt(tmp_path, [GOOD])
+    assert mmi.run_script(sample.main, [f"--annt={annt}", f"--init_from={folder}", "--device=cpu"]) == 2
+    assert f"{folder / 'tokenizer.json'}: cannot be read as a tokenizers tokenizer.json" in capsys.readouterr().err
 
 
 def test_sample_original_needs_only_mmi_and_names_what_it_lacks(tmp_path, capsys):

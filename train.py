@@ -120,6 +120,7 @@ class TrainConfig:
     eval_interval: int = 1000                    # steps between evaluations; 0 = never
     eval_batches: int = 4                        # validation micro-batches per evaluation
     eval_demo_stories: int = 16                  # data="demo": test stories of eval.py's demo scoreboard per evaluation
+                                                 # (0: no scoreboard)
     ckpt_interval: int = 1000                    # steps between checkpoints; 0 = only at the end; -1 = never
     keep_last: int = 5                           # checkpoints kept in out_dir
     save_frozen: bool = True                     # False: frozen weights are not written (they come from init_from)
@@ -151,7 +152,6 @@ def config_help():
     """--help: the usage, how values are given, then every TrainConfig field with its default and meaning, read
     from the class's source: a field's meaning is the comment after it and the comment lines under it indented
     further; a comment line at the fields' own indentation heads a section."""
-    import inspect
     import re
     cfg = mmi.MMIConfig()
     sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
@@ -263,8 +263,9 @@ def load_config(argv):
                        ("warmup_steps", 0), ("eval_interval", 0), ("ckpt_interval", -1), ("images_per_row", 0),
                        ("eval_batches", 0), ("eval_demo_stories", 0), ("demo_num_stories", 0),
                        ("eps", 0.0), ("kl_weight", 0.0), ("grad_clip", 0.0)):
-        if not (math.isfinite(getattr(tc, key)) and getattr(tc, key) >= least):
-            raise mmi.InputError(f"{key} {getattr(tc, key)}, expected {least} or more")
+        value = getattr(tc, key)
+        if not (value >= least and value != math.inf):          # a NaN compares false: refused too
+            raise mmi.InputError(f"{key} {value}, expected {least} or more")
     if not (math.isfinite(tc.peak_flops) and tc.peak_flops > 0):
         raise mmi.InputError(f"peak_flops {tc.peak_flops}, expected the device's peak FLOP/s (more than 0), for MFU")
     if len(tc.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in tc.betas):
@@ -578,8 +579,6 @@ def mixed_dataset(cfg, tc, split, rank, world):
     sources, probs, packs = [], [], []
     transform = data.DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size)
     for name, kind, shards, annt_root, data_root, prob, rows in tc.pretrain_sources:
-        if kind not in ("mmc4", "pair"):
-            raise mmi.InputError(f"pretrain_sources: {name} has kind {kind!r}, expected 'mmc4' or 'pair'")
         make = data.mmc4_source if kind == "mmc4" else data.pair_source
         sources.append(make(shards, annt_root, data_root, tok, transform, name=name, seed=tc.seed,
                             num_img_token=cfg.num_img_token))
@@ -1001,6 +1000,11 @@ def _barrier():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def scores_demo(tc):
+    """Whether an evaluation also runs eval.py's demo scoreboard: an MM-Interleaved on the demo data, with stories."""
+    return tc.data == "demo" and tc.task == "mmi" and tc.eval_demo_stories > 0
+
+
 @torch.no_grad()
 def evaluate(model, task, tc, batches, device, autocast):
     """Validation loss over fixed batches (averaged over ranks); on the demo, for a model that writes stories,
@@ -1019,7 +1023,7 @@ def evaluate(model, task, tc, batches, device, autocast):
         means = all_reduce(torch.stack([sums[k] for k in names])) / (len(batches) * (dist.get_world_size()
                                                                                    if dist.is_initialized() else 1))
         metrics = {f"val_{k}": v for k, v in zip(names, means.tolist())}
-    if tc.data == "demo" and isinstance(model, mmi.MMInterleaved):
+    if scores_demo(tc):
         import eval as evaluator                   # eval.py, beside this file
         # generation reads root weights directly: gather them for the duration (a no-op without FSDP)
         if hasattr(model, "unshard"):
@@ -1264,10 +1268,12 @@ def check_out_dir(tc):
     metrics = os.path.join(tc.out_dir, "metrics.jsonl")
     if tc.resume and found:
         check_checkpoint(found[-1], tc)
-    elif not tc.resume and (found or os.path.isfile(metrics) and os.path.getsize(metrics)):
-        earlier = "checkpoints" if found else "metrics.jsonl"
-        raise mmi.InputError(f"out_dir {tc.out_dir} holds an earlier run's {earlier}; pass --resume to continue it, "
+    elif found and not tc.resume:
+        raise mmi.InputError(f"out_dir {tc.out_dir} holds an earlier run's checkpoints; pass --resume to continue it, "
                              f"or another --out_dir (or remove it)")
+    elif os.path.isfile(metrics) and os.path.getsize(metrics):   # resume=True with no checkpoint would start over
+        raise mmi.InputError(f"out_dir {tc.out_dir} holds an earlier run's metrics.jsonl and no checkpoint to resume "
+                             f"from; use another --out_dir (or remove it)")
 
 
 def worker_limit():
@@ -1393,10 +1399,10 @@ def rows_per_batch(tc):
 
 def describe_run(model, optimizer, task, tc, world, device):
     n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    rows = " or ".join(str(n * tc.grad_accum * world) for n in rows_per_batch(tc))
+    rows = " or ".join(map(str, rows_per_batch(tc)))         # a pretraining mix draws a source per micro-batch
     print(f"model {tc.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train:,} trainable in "
           f"{len(optimizer.param_groups)} groups; {world} process(es) on {device.type}, {tc.dtype}, fsdp={world > 1}, "
-          f"{rows} rows per step")
+          f"{rows} rows a micro-batch, {tc.grad_accum * world} micro-batches a step")
     outputs = ["metrics.jsonl"] + (["checkpoints ckpt_<step>/"] if tc.ckpt_interval >= 0 else [])
     print(f"writing to {tc.out_dir}/: {', '.join(outputs + (['at the end ' + task.result] if tc.export else []))}")
 
@@ -1587,7 +1593,7 @@ def _run(tc, cleanup):
         if first or evaluate_now or save_now or step == tc.max_steps:
             log.record(*late.read_now())         # at once: a checkpoint keeps the NaN streak up to its step
         if evaluate_now:
-            if rank == 0 and tc.progress and tc.data == "demo" and tc.eval_demo_stories and tc.task == "mmi":
+            if rank == 0 and scores_demo(tc):
                 tqdm.write(f"step {step}: validation, then the demo scoreboard on {tc.eval_demo_stories} test stories "
                            f"(text and images, MMFS on and off)")
             ev = evaluate(model, task, tc, val, device, autocast)
