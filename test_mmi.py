@@ -6124,6 +6124,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (TINY_CONFIG, ["--kl_weight=nan"], "kl_weight nan, expected 0.0 or more"),
     (TINY_CONFIG, ["--eps=nan"], "eps nan, expected 0.0 or more"),
     (TINY_CONFIG, ["--eps=inf"], "eps inf, expected 0.0 or more"),
+    (TINY_CONFIG, ["--seq_len=8"], "seq_len 8 cannot hold images_per_row=1 images of"),
     (TINY_CONFIG, ["--peak_flops=0"], "peak_flops 0.0, expected the device's peak FLOP/s (more than 0)"),
     (TINY_CONFIG, ["--betas=(0.9, 2.0)"], "betas (0.9, 2.0), expected two numbers 0 <= beta < 1"),
     (TINY_CONFIG + "betas = (0.9,)\n", [], "betas (0.9,), expected two numbers 0 <= beta < 1"),
@@ -6137,7 +6138,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
         "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "tokenizer-corrupt", "data-root",
         "device", "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip",
-        "kl_weight", "eps", "eps-inf", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
+        "kl_weight", "eps", "eps-inf", "seq_len", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
         "param_groups-flat", "param_groups-unmatched", "null-byte", "model-override-type"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)

@@ -293,7 +293,7 @@ def load_config(argv):
             except mmi.InputError as e:
                 raise mmi.InputError(f"{path}: model_overrides: {e}") from None
     cfg = model_config(tc)                                    # bad model values fail here, before anything starts
-    if tc.data == "synthetic" and tc.task == "mmi" and tc.seq_len < 2 + tc.images_per_row * (cfg.num_img_token + 2):
+    if tc.data == "synthetic" and tc.seq_len < 2 + tc.images_per_row * (cfg.num_img_token + 2):   # synthetic_row
         raise mmi.InputError(f"seq_len {tc.seq_len} cannot hold images_per_row={tc.images_per_row} images of "
                              f"{cfg.num_img_token + 1} tokens each plus text")
     return tc
@@ -528,9 +528,7 @@ def synthetic_row(cfg, index, seed, length, n_images):
     """Row `index` of a random corpus: bos, then text and images in a fixed layout; the same on every machine."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     image_len = 1 + cfg.num_img_token
-    text_len = length - 1 - n_images * image_len
-    if text_len < n_images + 1:
-        raise mmi.InputError(f"seq_len {length} cannot hold {n_images} images of {image_len} tokens plus text")
+    text_len = length - 1 - n_images * image_len          # at least a word before each image and after the last
     words = torch.randint(3, cfg.pad_token_id, (text_len,), generator=g).tolist()
     cut = text_len // (n_images + 1)
     ids = [cfg.bos_token_id]
