@@ -111,8 +111,8 @@ def _check_sample(s, where, base, max_iter=None):
                         f"--num_total_token)")
     paths = []
     for k, p in enumerate(images):
-        tried = list(dict.fromkeys([os.path.join(base, str(p)), os.path.abspath(str(p))]))
-        full = next((t for t in tried if os.path.isfile(t)), None) if isinstance(p, str) else None
+        tried = list(dict.fromkeys([os.path.join(base, p), os.path.abspath(p)]))
+        full = next((t for t in tried if os.path.isfile(t)), None)
         if full is None:
             where_tried = f" (tried {tried[0]} and {tried[1]})" if len(tried) == 2 else ""
             raise AnntError(f"{where}: field 'images'[{k}]: {p!r} does not exist{where_tried}")
