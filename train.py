@@ -1146,9 +1146,10 @@ def build_mmi(tc, cfg, init_device):
     the LLM, all else frozen."""
     if tc.init_from:
         model = mmi.MMInterleaved.from_pretrained(tc.init_from)
-        if architecture(model.cfg.to_dict()) != architecture(cfg.to_dict()):
-            raise mmi.InputError(f"init_from {tc.init_from}: its model config differs from preset {tc.preset!r} "
-                                 f"with model_overrides {tc.model_overrides}")
+        differs = first_difference(architecture(model.cfg.to_dict()), architecture(cfg.to_dict()))
+        if differs:
+            raise mmi.InputError(f"init_from {tc.init_from}: saved for another model: {differs[0]} is {differs[1]!r} "
+                                 f"there, {differs[2]!r} in this run (preset {tc.preset!r}, model_overrides)")
         model.cfg = cfg
         model.set_trainable()
     else:
