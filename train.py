@@ -1229,7 +1229,8 @@ def main(argv=None):
 
 
 def check_inputs(tc):
-    """The files and folders the run reads exist: a missing one is one line naming it, before any work starts."""
+    """Before any work starts, one line for what the run cannot go on with: a file or folder it reads that is not
+    there, the data's settings it lacks, an out_dir it cannot write or that holds another run (check_out_dir)."""
     if tc.init_from and not os.path.isdir(tc.init_from):
         raise mmi.InputError(f"init_from {tc.init_from}: no such folder; expected a model folder written by "
                              f"save_pretrained (a training run's out_dir/model)")
