@@ -211,7 +211,7 @@ def add_placeholder_image(batch, cfg):
     batch["num_image_per_seq"] = batch["num_image_per_seq"] + 1
 
 
-def run_story(model, tokenizer, sample, batch, index, args, out_dir, seed):
+def run_story(model, tokenizer, sample, batch, index, args, out_dir):
     """The original's interleaved loop for one prompt, from its prompt_batch (extended in place).
     -> list of {"type": "text"|"image", ...} in order."""
     cfg = model.cfg
@@ -227,7 +227,7 @@ def run_story(model, tokenizer, sample, batch, index, args, out_dir, seed):
                                        num_beams=args.num_beams, do_sample=args.use_nucleus_sampling,
                                        top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                                        repetition_penalty=args.repetition_penalty,
-                                       keep_stop_token=args.keep_stop_token, seed=seed + it, compile=args.compile)
+                                       keep_stop_token=args.keep_stop_token, seed=args.seed + it, compile=args.compile)
             ids = out["text_ids"][0, :int(out["lengths"][0])].tolist()
             text = tokenizer.decode(ids)
             print(f"[{index}] {text}", flush=True)
@@ -250,7 +250,7 @@ def run_story(model, tokenizer, sample, batch, index, args, out_dir, seed):
         else:   # num_validation_images drawn and saved; the first goes back into the story
             n = args.num_validation_images
             drawn = model.generate_images(batch, target_image_idxs=[target], steps=args.steps,
-                                          guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed,
+                                          guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
                                           num_images_per_context=n)["image"]
             pils = mmi.images_to_pil(drawn)
             for k, pil in enumerate(pils):
@@ -530,7 +530,7 @@ def main(argv=None):
         for i, (s, batch) in enumerate(zip(samples, batches)):
             prompt = {k: s[k] for k in ("sentences", "images", "sentence_ixs", "image_first", "generate_mode")}
             prompt["image_files"] = copy_inputs(s, i, tmp)
-            generated = run_story(model, tokenizer, s, batch, i, args, tmp, args.seed)
+            generated = run_story(model, tokenizer, s, batch, i, args, tmp)
             stories.append({"prompt": prompt, "generated": generated})
         with open(os.path.join(tmp, "result.json"), "w", encoding="utf-8") as f:
             text = {k: getattr(args, k) for k in ("use_nucleus_sampling", "num_beams", "top_k", "top_p", "temperature",

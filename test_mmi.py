@@ -6422,7 +6422,7 @@ def scripted_story(tmp_path, model, change, *flags):
     args = sample.parse_args(["--device=cpu", *flags])
     batch = sample.prompt_batch(s, tok, model.cfg, args.num_total_token, args.device)
     prompt = batch["text_ids"][0].tolist()
-    results = sample.run_story(model, tok, s, batch, 0, args, str(tmp_path), args.seed)
+    results = sample.run_story(model, tok, s, batch, 0, args, str(tmp_path))
     return results, batch, prompt, tok
 
 
