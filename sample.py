@@ -469,10 +469,12 @@ def parse_args(argv):
                    help="images drawn per image round, each saved and shown; the first goes back into the story "
                         "(default: 1)")
     p.add_argument("--num_iter", type=int, default=4,
-                   help="rounds (a text or an image each) per prompt when the prompt gives no num_iter (default: 4)")
+                   help="rounds (a text or an image each) per prompt when the prompt gives no num_iter, or with "
+                        "--auto_end (default: 4)")
     p.add_argument("--num_total_token", type=int, default=2048,
                    help="the most tokens of a prompt; every prompt image must fit within it (default: 2048)")
-    p.add_argument("--auto_end", action="store_true", help="stop a story at a text ending in eos")
+    p.add_argument("--auto_end", action="store_true",
+                   help="stop a story at a text ending in eos, after at most --num_iter rounds")
     p.add_argument("--force_gen_image_next", action="store_true",
                    help="after each text, draw an image even if the model did not ask for one")
     p.add_argument("--force_replace_gen_text", action="store_true",
