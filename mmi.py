@@ -69,7 +69,10 @@ def run_script(main, argv=None):
     try:
         return main(argv)
     except InputError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        message = str(e)
+        if "\nOriginal Traceback" in message:   # raised in a DataLoader worker: the main process gets the traceback
+            message = message.rstrip().splitlines()[-1].partition(": ")[2]     # "mmi.InputError: <the message>"
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -2739,6 +2739,22 @@ def test_mmi_py_bad_preset_or_override_is_one_line_and_exit_2(argv, message, cap
     assert not out and len(err.strip().splitlines()) == 1 and re.search(message, err), err
 
 
+class _RefusingDataset(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise mmi.InputError("annt.json[3]: field 'image' is missing")
+
+
+def test_a_mistake_found_in_a_data_loader_worker_is_one_line(capsys):
+    """An InputError raised in a DataLoader worker reaches the main process wrapped with the worker's traceback;
+    run_script still prints the worker's one line."""
+    def main(argv):
+        for _ in torch.utils.data.DataLoader(_RefusingDataset(), batch_size=None, num_workers=1):
+            pass
+    assert mmi.run_script(main, []) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(": error: annt.json[3]: field 'image' is missing\n") and err.count("\n") == 1, err
+
+
 def test_mmi_py_bad_override_as_a_process_is_one_line_and_exit_2():
     """The script as run: a bad override is one line on stderr, exit 2, no traceback."""
     run = subprocess.run([sys.executable, os.path.join(HERE, "mmi.py"), "tiny", "--llm.hidden_size=abc"],
