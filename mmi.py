@@ -65,7 +65,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_script(main, argv=None):
-    """`sys.exit(mmi.run_script(main))` at the bottom of each script: an InputError becomes one line and exit 2."""
+    """`sys.exit(mmi.run_script(main))` at the bottom of each script: an InputError, or settings that ask for more
+    memory than the machine has, become one line and exit 2."""
     try:
         return main(argv)
     except InputError as e:
@@ -73,6 +74,15 @@ def run_script(main, argv=None):
         if "\nOriginal Traceback" in message:   # raised in a DataLoader worker: the main process gets the traceback
             message = message.rstrip().splitlines()[-1].partition(": ")[2]     # "mmi.InputError: <the message>"
         print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+        return 2
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        text = " ".join(str(e).split())
+        cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+        if not (cpu or isinstance(e, torch.OutOfMemoryError)):
+            raise
+        what = f"tried to allocate {int(cpu[1]) / 2**30:.1f} GiB on the CPU" if cpu else text.split(" Including")[0]
+        print(f"{os.path.basename(sys.argv[0])}: error: out of memory ({what}); expected settings that fit this "
+              "machine: fewer or smaller rows, images, beams or tokens, or a smaller model", file=sys.stderr)
         return 2
 
 

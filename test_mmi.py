@@ -2755,6 +2755,25 @@ def test_a_mistake_found_in_a_data_loader_worker_is_one_line(capsys):
     assert err.endswith(": error: annt.json[3]: field 'image' is missing\n") and err.count("\n") == 1, err
 
 
+def test_running_out_of_memory_is_one_line_naming_the_size(capsys):
+    """Settings too big for the machine (e.g. --num_beams=100000) fail at an allocation: one line with what was asked
+    for, exit 2; any other RuntimeError is a bug and keeps its traceback."""
+    assert mmi.run_script(lambda argv: torch.empty(2**61, dtype=torch.uint8), []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: out of memory (tried to allocate 2147483648.0 GiB on the CPU);" in err, err
+
+    def cuda_oom(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "23.5 GiB of which 1.1 GiB is free. Including non-PyTorch memory, this process\n"
+                                     "has 22.4 GiB memory in use.")
+    assert mmi.run_script(cuda_oom, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                     "capacity of 23.5 GiB of which 1.1 GiB is free.);") in err, err
+    with pytest.raises(RuntimeError, match="must match the size of tensor b"):
+        mmi.run_script(lambda argv: torch.zeros(2) + torch.zeros(3), [])
+
+
 def test_mmi_py_bad_override_as_a_process_is_one_line_and_exit_2():
     """The script as run: a bad override is one line on stderr, exit 2, no traceback."""
     run = subprocess.run([sys.executable, os.path.join(HERE, "mmi.py"), "tiny", "--llm.hidden_size=abc"],
