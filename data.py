@@ -704,10 +704,10 @@ def nearest_bos_idxs(text_ids, bos_id, soi_id):
     return padded[k].astype(np.int64)
 
 
-def row_cut(ids, cfg, bos_id, soi_id, image_id):
-    """Length of the next row cut from the front of `ids` (len(ids) >= L), following the original's
-    `extract_seq` + `check_image_truncate`, computed as one cut instead of cut-then-give-back."""
-    L, n_tok = cfg.num_total_token, cfg.num_img_token
+def row_cut(ids, L, cfg, bos_id, soi_id, image_id):
+    """Length of the next row of at most L tokens cut from the front of `ids` (len(ids) >= L), following the
+    original's `extract_seq` + `check_image_truncate`, computed as one cut instead of cut-then-give-back."""
+    n_tok = cfg.num_img_token
     cut = L
     num_images = int((ids[:L] == image_id).sum()) // n_tok
     if 0 < cfg.max_num_images < num_images:
@@ -782,9 +782,10 @@ class Packer:
                 self.segments.pop(0)
         return keys
 
-    def next_row(self):
-        """Cut one row (needs len(self) >= L). Returns a Row, or None if the row held no image (dropped)."""
-        cut = row_cut(self.ids, self.cfg, self.bos_id, self.soi_id, self.image_id)
+    def next_row(self, length=None):
+        """Cut one row of at most `length` tokens (default L; needs len(self) >= length). Returns a Row, or None
+        if the row held no image (dropped)."""
+        cut = row_cut(self.ids, length or self.cfg.num_total_token, self.cfg, self.bos_id, self.soi_id, self.image_id)
         row_ids, self.ids = self.ids[:cut], self.ids[cut:]
         n = int((row_ids == self.soi_id).sum())
         if int((row_ids == self.image_id).sum()) != n * self.cfg.num_img_token:
@@ -800,14 +801,7 @@ class Packer:
 
     def flush(self):
         """The leftover (< L tokens) as a last row, or None (the original drops it; tests use it)."""
-        if len(self.ids) == 0:
-            return None
-        saved, self.cfg = self.cfg, PackConfig(len(self.ids), self.cfg.num_img_token, self.cfg.max_num_images,
-                                               self.cfg.truncation_level)
-        try:
-            return self.next_row()
-        finally:
-            self.cfg = saved
+        return self.next_row(len(self.ids)) if len(self.ids) else None
 
 
 def collate_rows(rows, pad_id, dataset_name, loss_img_weight=None, loss_txt_weight=None):

@@ -4654,6 +4654,17 @@ def test_packing_image_level_cuts_before_a_truncated_image():
     assert last.text_ids.tolist() == [S, I, I, I, I, E] and last.nearest_bos_idxs.tolist() == [0]
 
 
+def test_packing_flush_keeps_a_leftover_shorter_than_one_image():
+    """The last row is the leftover whatever its length, even one no longer than an image's soi + tokens: a whole
+    image in it makes a row, none makes no row."""
+    p = data.Packer(data.PackConfig(num_total_token=20, num_img_token=4), Ids)
+    p.add(hand_sample([S, I, I, I, I], 1))
+    last = p.flush()
+    assert last.text_ids.tolist() == [S, I, I, I, I] and last.image_info == ["1:0"]
+    p.add(hand_sample([B, 5, E], 2))
+    assert p.flush() is None
+
+
 def test_packing_sample_level_cuts_at_the_last_bos():
     cfg = data.PackConfig(num_total_token=20, num_img_token=4, truncation_level="sample")
     p = data.Packer(cfg, Ids)
