@@ -1265,8 +1265,11 @@ def read_annt(path):
 def inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):
     """One annt.json sample -> its batch dict (B = 1); a sample it cannot use raises SkipSample."""
     try:
-        sentences = [_strip_special_strings(s) for s in info["sentences"]]
-        paths, sentence_ixs, image_first = list(info["images"]), list(info["sentence_ixs"]), list(info["image_first"])
+        sentences, paths = list(info["sentences"]), list(info["images"])
+        sentence_ixs, image_first = list(info["sentence_ixs"]), list(info["image_first"])
+        if not all(isinstance(x, str) for x in sentences + paths):
+            raise ValueError("sentences and images must be strings")
+        sentences = [_strip_special_strings(x) for x in sentences]
         if not paths or len(paths) != len(sentence_ixs) or len(paths) != len(image_first):
             raise ValueError("images, sentence_ixs and image_first must be non-empty and of equal length")
         if not all(0 <= int(ix) < len(sentences) for ix in sentence_ixs):

@@ -4190,6 +4190,17 @@ def test_annt_json_inference_format(tmp_path):
     assert b["target_image_idxs"].tolist() == [1] and b["nearest_bos_idxs"].tolist() == [0, 0]
 
 
+def test_annt_json_sample_with_a_non_string_sentence_or_path_is_skipped(tmp_path):
+    """A sentence or image path that is not a string is a malformed sample, skipped and counted like the others."""
+    write_jpeg(str(tmp_path / "a.jpg"), "red")
+    good = {"sentences": ["a red thing."], "images": ["a.jpg"], "sentence_ixs": [0], "image_first": [True]}
+    annt = [good, dict(good, images=[5]), dict(good, sentences=[7]), dict(good, images=[None])]
+    (tmp_path / "annt.json").write_text(json.dumps(annt))
+    stats = Counter()
+    out = data.load_inference_annotations(str(tmp_path / "annt.json"), demo_tok(), num_img_token=4, stats=stats)
+    assert len(out) == 1 and stats == Counter({"malformed_sample": 3})
+
+
 # LLaVA-style records: a two-round question about one image, a question about two images at their marks
 LLAVA_RECORDS = [
     {"id": "0", "image": "red.jpg", "conversations": [
