@@ -733,7 +733,7 @@ def _require_list(value, where):
 def _coco_id_from_name(name, where):
     # "val2014/COCO_val2014_000000391895.jpg" -> 391895
     digits = os.path.splitext(name)[0].split("_")[-1]
-    if not digits.isdigit():
+    if not digits.isdecimal():               # "²" is a digit that int() refuses
         raise InputError(f"{where}: field 'image' is {name!r}, expected a COCO file name ending in its image id "
                          f"(e.g. val2014/COCO_val2014_000000391895.jpg)")
     return int(digits)
@@ -978,7 +978,7 @@ def read_lncoco(root, total_length=30_000, seed=0):
                 except RecursionError:
                     raise InputError(f"{path}:{n + 1}: nested too deeply to read") from None
                 _require(it, {"image_id": (int, str), "caption": str}, f"{path}:{n + 1}")
-                if isinstance(it["image_id"], str) and not it["image_id"].isdigit():
+                if isinstance(it["image_id"], str) and not it["image_id"].isdecimal():
                     raise InputError(f"{path}:{n + 1}: field 'image_id' is {_short(it['image_id'])}, expected a "
                                      f"COCO image id")
                 items.append(it)

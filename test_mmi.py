@@ -7817,6 +7817,17 @@ def test_malformed_other_records_name_file_record_and_field(tmp_path):
         ev.read_visdial(str(tmp_path))
 
 
+def test_coco_and_lncoco_image_ids_that_int_refuses_are_one_line(tmp_path):
+    """An image id of characters str.isdigit accepts but int() refuses ("²") is an InputError naming the record."""
+    _json(tmp_path / "coco/annotations/coco_karpathy_test.json", [{"image": "val2014/COCO_val2014_\u00b2.jpg"}])
+    with pytest.raises(mmi.InputError, match=r"coco_karpathy_test.json\[0\]: field 'image' is .*expected a COCO"):
+        ev.read_coco_karpathy(str(tmp_path))
+    (tmp_path / "lncoco").mkdir()
+    (tmp_path / "lncoco" / "coco_val_captions.jsonl").write_text('{"image_id": "\u00b2", "caption": "x"}\n')
+    with pytest.raises(mmi.InputError, match=r"coco_val_captions.jsonl:1: field 'image_id' is .*expected a COCO"):
+        ev.read_lncoco(str(tmp_path))
+
+
 @pytest.mark.parametrize("first", [math.nan, math.inf, -1.0])
 def test_visdial_relevance_that_would_make_ndcg_nan_is_one_line(tmp_path, first):
     """NaN, an infinity or a negative relevance would make NDCG NaN, and the results file invalid JSON."""
