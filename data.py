@@ -1114,26 +1114,34 @@ def read_records(path):
     """The records of a .json list or a .jsonl file; a file that is missing or not of that form is an InputError
     naming the file and where. A .jsonl line that is not JSON becomes a SkipSample("malformed_line") in its place,
     which llava_rounds passes on to be counted."""
+    if not path.endswith(".jsonl"):
+        return read_json_list(path, "a list of records with 'image' and 'conversations'")
     if not os.path.isfile(path):
         raise mmi.InputError(f"{path}: no such file")
     try:
-        if path.endswith(".jsonl"):
-            with open(path, "rb") as f:
-                return [_jsonl_record(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except ValueError as e:  # UnicodeDecodeError included
-        raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of records with 'image' and "
-                             f"'conversations'") from None
-    except RecursionError:
-        raise mmi.InputError(f"{path}: nested too deeply to read; expected a list of records with 'image' and "
-                             f"'conversations'") from None
+        with open(path, "rb") as f:
+            return [_jsonl_record(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
     except OSError as e:
         raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
-    if not isinstance(records, list):
-        raise mmi.InputError(f"{path}: top level is {type(records).__name__}, expected a list of records with "
-                             f"'image' and 'conversations'")
-    return records
+
+
+def read_json_list(path, expected):
+    """The list a JSON file holds; a file that is missing, unreadable or not a JSON list is an InputError naming
+    the file and what was `expected`."""
+    if not os.path.isfile(path):
+        raise mmi.InputError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise mmi.InputError(f"{path}: not valid JSON ({e}); expected {expected}") from None
+    except RecursionError:
+        raise mmi.InputError(f"{path}: nested too deeply to read; expected {expected}") from None
+    except OSError as e:
+        raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(items, list):
+        raise mmi.InputError(f"{path}: top level is {type(items).__name__}, expected {expected}")
+    return items
 
 
 def _jsonl_record(line, where):
@@ -1246,20 +1254,7 @@ def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64
 
 def read_annt(path):
     """The list of samples in an annt.json; a file that is missing, unreadable or not a JSON list is an InputError."""
-    if not os.path.isfile(path):
-        raise mmi.InputError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            infos = json.load(f)
-    except ValueError as e:                      # UnicodeDecodeError included
-        raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of samples") from None
-    except RecursionError:
-        raise mmi.InputError(f"{path}: nested too deeply; expected a list of samples") from None
-    except OSError as e:
-        raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
-    if not isinstance(infos, list):
-        raise mmi.InputError(f"{path}: top level is {type(infos).__name__}, expected a list of samples")
-    return infos
+    return read_json_list(path, "a list of samples")
 
 
 def inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):
