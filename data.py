@@ -1669,7 +1669,7 @@ def collate_targets(samples, pad_id, dataset_name, loss_txt_weight=None, loss_im
 class RecordDataset(torch.utils.data.IterableDataset):
     """A fine-tuning set held in memory as a list of records (read up front) -> batches of `batch_size` samples.
     Each epoch deals the records, shuffled by (seed, epoch) unless shuffle=False, round-robin to the rank x worker
-    readers; a reader builds its records in turn (`build(record, rng, where)` -> a sample, or SkipSample: counted by
+    readers; a reader builds its records in turn (`build(record, rng=, where=)` -> a sample, or SkipSample: counted by
     reason and passed over) and collates `batch_size` of them (`collate(samples)` -> the batch dict); an epoch's last
     batch may be smaller. Resumable as MixedDataset: every batch carries meta["position"] = {"reader", "state":
     {"epoch", "next": the reader's next record}}. After a pass, `last_stats` holds its counts; a pass from the start
@@ -1710,8 +1710,8 @@ class RecordDataset(torch.utils.data.IterableDataset):
         for n in range(first, len(mine)):
             reader.stats["lines"] += 1
             try:
-                sample = self.build(self.records[mine[n]], sample_rng(self.seed, (self.epoch, mine[n])),
-                                    f"{self.name}[{mine[n]}]")
+                sample = self.build(self.records[mine[n]], rng=sample_rng(self.seed, (self.epoch, mine[n])),
+                                    where=f"{self.name}[{mine[n]}]")
             except SkipSample as e:
                 reader.stats[f"doc:{e.reason}"] += 1
                 continue
@@ -1731,20 +1731,6 @@ class RecordDataset(torch.utils.data.IterableDataset):
             print(line, flush=True)
 
 
-def _story_builder(tokenizer, transform, context_type, target_image_idxs, num_img_token, img_first_prob, all_targets):
-    return functools.partial(_build_story, tokenizer=tokenizer, transform=transform, context_type=context_type,
-                             target_image_idxs=target_image_idxs, num_img_token=num_img_token,
-                             img_first_prob=img_first_prob, all_targets=all_targets)
-
-
-def _build_story(record, rng, where, **options):
-    return build_story_sample(record, rng=rng, where=where, **options)
-
-
-def _build_ade20k(record, rng, where, **options):
-    return build_ade20k_sample(record, rng=rng, where=where, **options)
-
-
 STORY_READERS = {"vist": read_vist, "pororo": read_pororo, "flintstones": read_flintstones}
 
 
@@ -1757,8 +1743,10 @@ def story_dataset(name, tokenizer, cfg, split, rank, world, seed, annt_root, dat
     stats = Counter()
     stories = story_rounds(STORY_READERS[name](annt_root, data_root, split, stats), round_range)
     all_targets = split == "train" and context_type == "multi_modal" and target_image_idxs is None
-    build = _story_builder(tokenizer, DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
-                           context_type, target_image_idxs, cfg.num_img_token, img_first_prob, all_targets)
+    build = functools.partial(build_story_sample, tokenizer=tokenizer,
+                              transform=DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
+                              context_type=context_type, target_image_idxs=target_image_idxs,
+                              num_img_token=cfg.num_img_token, img_first_prob=img_first_prob, all_targets=all_targets)
     collate = functools.partial(collate_targets, pad_id=tokenizer.pad_id, dataset_name=name,
                                 loss_txt_weight=loss_txt_weight, loss_img_weight=loss_img_weight)
     return RecordDataset(name, stories, build, collate, batch_size, seed, rank, world, split == "train", stats)
@@ -1771,7 +1759,7 @@ def ade20k_dataset(tokenizer, cfg, split, rank, world, seed, annt_root, data_roo
     stats = Counter()
     phase = "training" if split == "train" else "validation"
     records = read_ade20k(annt_root, data_root, phase, stats)
-    build = functools.partial(_build_ade20k, tokenizer=tokenizer,
+    build = functools.partial(build_ade20k_sample, tokenizer=tokenizer,
                               transform=DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
                               num_img_token=cfg.num_img_token, text_first=text_first,
                               flip_prob=(0.5 if split == "train" else 0.0) if flip_prob is None else flip_prob)
