@@ -804,17 +804,22 @@ class Packer:
         return self.next_row(len(self.ids)) if len(self.ids) else None
 
 
+def pad_rows(seqs, value, left=False):
+    """Id sequences -> a (B, L) long tensor, L the longest, each padded with `value` on its right (left: its left).
+    The attention mask of the same rows is pad_rows([[1] * len(x) for x in seqs], 0, left)."""
+    L = max(len(x) for x in seqs)
+    out = torch.full((len(seqs), L), value, dtype=torch.long)
+    for b, x in enumerate(seqs):
+        start = L - len(x) if left else 0
+        out[b, start:start + len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return out
+
+
 def collate_rows(rows, pad_id, dataset_name, loss_img_weight=None, loss_txt_weight=None):
     """Rows -> the model's batch dict (keys = the original forward's argument names); right padding."""
-    B, L = len(rows), max(len(r.text_ids) for r in rows)
-    text_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
-    for b, r in enumerate(rows):
-        text_ids[b, :len(r.text_ids)] = torch.from_numpy(r.text_ids)
-        attention_mask[b, :len(r.text_ids)] = 1
     batch = {
-        "text_ids": text_ids,  # (B, L)
-        "attention_mask": attention_mask,  # (B, L)
+        "text_ids": pad_rows([r.text_ids for r in rows], pad_id),  # (B, L)
+        "attention_mask": pad_rows([[1] * len(r.text_ids) for r in rows], 0),  # (B, L)
         "image_tensors": to_float01(np.concatenate([r.images for r in rows])),  # (B_I, 3, S_enc, S_enc)
         "num_image_per_seq": torch.tensor([len(r.images) for r in rows], dtype=torch.long),  # (B,)
         "nearest_bos_idxs": torch.from_numpy(np.concatenate([r.nearest_bos_idxs for r in rows])),  # (B_I,)
@@ -1036,18 +1041,10 @@ def collate_examples(examples, pad_id, dataset_name, loss_img_weight=0.0):
     """Examples -> the model's batch dict, right-padded: gt_text_ids carries the labels (-100 on padding), each
     example is one document from position 0 (nearest_bos_idxs 0), and loss_img_weight 0 leaves the image decoder
     out (a text-only loss, as the original's instruction tuning)."""
-    B, L = len(examples), max(len(e.text_ids) for e in examples)
-    text_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    labels = torch.full((B, L), -100, dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
-    for b, e in enumerate(examples):
-        text_ids[b, :len(e.text_ids)] = torch.from_numpy(e.text_ids)
-        labels[b, :len(e.labels)] = torch.from_numpy(e.labels)
-        attention_mask[b, :len(e.text_ids)] = 1
     num = torch.tensor([len(e.images) for e in examples], dtype=torch.long)
-    return {"text_ids": text_ids,  # (B, L)
-            "attention_mask": attention_mask,  # (B, L)
-            "gt_text_ids": labels,  # (B, L)
+    return {"text_ids": pad_rows([e.text_ids for e in examples], pad_id),  # (B, L)
+            "attention_mask": pad_rows([[1] * len(e.text_ids) for e in examples], 0),  # (B, L)
+            "gt_text_ids": pad_rows([e.labels for e in examples], -100),  # (B, L)
             "image_tensors": to_float01(np.concatenate([e.images for e in examples])),  # (B_I, 3, S, S)
             "num_image_per_seq": num,  # (B,)
             "nearest_bos_idxs": torch.zeros(int(num.sum()), dtype=torch.long),  # (B_I,)

@@ -678,12 +678,8 @@ def clip_best_of(scorer, text_ids, images, num_candidates):
     """Index of the best candidate per caption. text_ids: one id list per caption (bos ... eos, as CLIP's
     tokenizer gives them); images: [num_candidates * B, 3, S, S] in [0, 1], copy-major (all captions' first
     candidate, then the second, ...), as the original's generator returns them. -> [B] candidate indices."""
-    B = len(text_ids)
-    L = max(len(t) for t in text_ids)
-    device = images.device
-    ids = torch.zeros((B, L), dtype=torch.long, device=device)      # after eos: masked by causality, never read
-    for i, t in enumerate(text_ids):
-        ids[i, :len(t)] = torch.tensor(t)
+    B, device = len(text_ids), images.device
+    ids = data.pad_rows(text_ids, 0).to(device)                     # after eos: masked by causality, never read
     text = scorer.text_features(ids, torch.tensor([len(t) - 1 for t in text_ids], device=device))
     image = scorer.image_features(images)
     scores = (image.view(num_candidates, B, -1) * text[None]).sum(-1)                 # (num_candidates, B)
@@ -1065,14 +1061,9 @@ def text_batch(prompts, images, tokenizer, pad_left=True):
     """Prompts (each with one image placeholder) and their [3, S, S] images -> the model's batch dict,
     padded with pad ids on the left (generation) or right (scoring), mask 0 on padding."""
     ids = [tokenizer.encode(p) for p in prompts]
-    L = max(len(x) for x in ids)
-    text_ids = torch.full((len(ids), L), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), L), dtype=torch.long)
-    for i, x in enumerate(ids):
-        sl = slice(L - len(x), L) if pad_left else slice(0, len(x))
-        text_ids[i, sl] = torch.tensor(x)
-        mask[i, sl] = 1
-    return dict(text_ids=text_ids, attention_mask=mask, image_tensors=torch.stack(images),
+    return dict(text_ids=data.pad_rows(ids, tokenizer.pad_id, pad_left),
+                attention_mask=data.pad_rows([[1] * len(x) for x in ids], 0, pad_left),
+                image_tensors=torch.stack(images),
                 num_image_per_seq=torch.tensor([p.count(data.SOI_TOKEN) for p in prompts]))
 
 
@@ -1129,10 +1120,7 @@ def option_log_likelihoods(model, tokenizer, context_ids, image, options, rows_p
     c = len(context_ids)
     for i in range(0, len(options), rows_per_pass):
         opts = [tokenizer.encode(o, add_bos=False) for o in options[i:i + rows_per_pass]]
-        L = c + max(len(o) for o in opts)
-        text_ids = torch.full((len(opts), L), tokenizer.pad_id, dtype=torch.long)
-        for r, o in enumerate(opts):
-            text_ids[r, :c + len(o)] = torch.tensor(context_ids + o)
+        text_ids = data.pad_rows([context_ids + o for o in opts], tokenizer.pad_id)
         batch = dict(text_ids=text_ids.to(image.device), image_tensors=image[None].expand(len(opts), -1, -1, -1),
                      num_image_per_seq=torch.ones(len(opts), dtype=torch.long, device=image.device))
         logp = model.text_logits(batch)[:, c - 1:-1].log_softmax(-1)                    # (n, L - c, V)
