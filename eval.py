@@ -1047,11 +1047,11 @@ def check_prompt_length(num_tokens, new_tokens, cfg):
 
 
 def _load_images(chunk, load):
-    """-> ({index in chunk: load(image path)} for the images that load, {index: skip record} for the others)."""
+    """-> ({index in chunk: load(sample)} for the samples whose images load, {index: skip record} for the others)."""
     images, skips = {}, {}
     for i, s in enumerate(chunk):
         try:
-            images[i] = load(s["image"])
+            images[i] = load(s)
         except data.SkipSample as e:
             skips[i] = skipped(s, e)
     return images, skips
@@ -1094,7 +1094,7 @@ def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_s
     finishes, or a skip record for a sample whose image cannot be read or whose prompt is too long for the model
     (check_prompt_length)."""
     for chunk in _batches(samples, batch_size, desc):
-        images, skips = _load_images(chunk, lambda path: load_eval_image(path, model.cfg.vision.image_size))
+        images, skips = _load_images(chunk, lambda s: load_eval_image(s["image"], model.cfg.vision.image_size))
         prompts = {i: make_prompt(chunk[i]) for i in images}
         for i, prompt in prompts.items():
             try:
@@ -1484,7 +1484,7 @@ def _text_to_image_task(samples_per_caption):
         os.makedirs(folder, exist_ok=True)
         grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)   # the slot of the image to draw
         for chunk in _batches(samples, args.batch_size, "text-to-image"):
-            _, skips = _load_images(chunk, data.load_image)
+            _, skips = _load_images(chunk, lambda s: data.load_image(s["image"]))
             for i, s in enumerate(chunk):
                 try:
                     check_prompt_length(len(tokenizer.encode(t2i_prompt(s["caption"], cfg.num_img_token))), 0, cfg)
@@ -1693,12 +1693,8 @@ def predict_ade20k(model, tokenizer, samples, args):
     os.makedirs(folder, exist_ok=True)
     grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)
     for chunk in _batches(samples, args.batch_size, "ade20k"):
-        maps, skips = {}, {}
-        for i, s in enumerate(chunk):
-            try:
-                maps[i] = data.encoder_image(data.load_segmentation_map(s), cfg.vision.image_size)
-            except data.SkipSample as e:
-                skips[i] = skipped(s, e)
+        maps, skips = _load_images(chunk, lambda s: data.encoder_image(data.load_segmentation_map(s),
+                                                                       cfg.vision.image_size))
         yield from skips.values()
         chunk = [(s, maps[i]) for i, s in enumerate(chunk) if i not in skips]
         if not chunk:
