@@ -1462,9 +1462,28 @@ def clip_text_ids(clip_tokenizer, caption):
     return ids
 
 
+def check_image_decoder(model, task):
+    if getattr(model, "image_decoder", None) is None:
+        raise InputError(f"{task}: the model has no image decoder, so it cannot draw images")
+
+
 def images_folder(args):
-    """Where a text-to-image task writes its images: --image_dir, else next to the results file."""
+    """Where a task that draws images writes them: --image_dir, else next to the results file."""
     return args.image_dir or os.path.splitext(args.out)[0] + "_images"
+
+
+def _to_pil(image):
+    """A [3, H, W] tensor in [0, 1] -> the 8-bit PIL image it rounds to."""
+    return Image.fromarray((image.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+
+
+def _save_png(path, image):
+    """A [3, H, W] tensor in [0, 1] or a PIL image -> PNG at `path` (atomically)."""
+    if torch.is_tensor(image):
+        image = _to_pil(image)
+    with data.replaced_on_success(path) as tmp:
+        image.save(tmp)
+    return path
 
 
 def _text_to_image_task(samples_per_caption):
@@ -1473,8 +1492,7 @@ def _text_to_image_task(samples_per_caption):
         with several, keep the one CLIP ViT-L/14 rates closest to the caption, as the original does for COCO.
         Each kept image is written as PNG. A caption whose real image cannot be read is skipped (FID compares
         the two sets)."""
-        if getattr(model, "image_decoder", None) is None:
-            raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+        check_image_decoder(model, args.task)
         load_inception(args.inception)          # fail now, not after hours of sampling, if the file is missing
         if samples_per_caption > 1:
             scorer, clip_tokenizer = load_clip(args.clip)
@@ -1503,17 +1521,12 @@ def _text_to_image_task(samples_per_caption):
             best = torch.zeros(len(chunk), dtype=torch.long)
             if samples_per_caption > 1:
                 # the original scores the 8-bit images the generator's output rounds to
-                u8 = (candidates * 255 + 0.5).to(torch.uint8).cpu()
-                pixels = torch.stack([clip_image_tensor(Image.fromarray(x.permute(1, 2, 0).numpy()), scorer.image_size)
-                                      for x in u8]).to(args.device)
+                pixels = torch.stack([clip_image_tensor(_to_pil(x), scorer.image_size)
+                                      for x in candidates]).to(args.device)
                 text_ids = [clip_text_ids(clip_tokenizer, s["caption"]) for s in chunk]
                 best = clip_best_of(scorer, text_ids, pixels, samples_per_caption).cpu()
             for b, s in enumerate(chunk):
-                img = candidates[int(best[b]) * len(chunk) + b]
-                path = os.path.join(folder, f"{s['id']:05d}.png")
-                arr = (img * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-                with data.replaced_on_success(path) as tmp:
-                    Image.fromarray(arr).save(tmp)
+                path = _save_png(os.path.join(folder, f"{s['id']:05d}.png"), candidates[int(best[b]) * len(chunk) + b])
                 yield {"id": s["id"], "caption": s["caption"], "image": s["image"], "generated": path,
                        "candidate": int(best[b])}
 
@@ -1563,15 +1576,6 @@ def _file_stem(text):
     return re.sub(r"[^\w.-]", "_", str(text))
 
 
-def _save_png(path, image):
-    """A [3, H, W] tensor in [0, 1] or a PIL image -> PNG at `path` (atomically)."""
-    if torch.is_tensor(image):
-        image = Image.fromarray((image.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy())
-    with data.replaced_on_success(path) as tmp:
-        image.save(tmp)
-    return path
-
-
 def _story_rows(sample, tokenizer, cfg, args):
     """One row per round of a story (round_range), as data.build_story_sample builds it at the encoder size:
     ground-truth images in every slot (a target's own image cannot reach its generation), targets per frame."""
@@ -1586,8 +1590,7 @@ def _story_task(name):
         """Draw each story's target frame (every round's, with round_range=all) from its context, with and without
         the UNet's MMFS from the same noise; the drawn frames and the ground-truth frames (a strip's chosen frame
         cut out) are written as PNG. The context frames are the ground truth."""
-        if getattr(model, "image_decoder", None) is None:
-            raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+        check_image_decoder(model, args.task)
         folder = images_folder(args)
         os.makedirs(folder, exist_ok=True)
         for chunk in _batches(samples, args.batch_size, name):
@@ -1687,8 +1690,7 @@ def load_segmenter(path):
 def predict_ade20k(model, tokenizer, samples, args):
     """Draw a photo from each colour map and caption ("<map>caption.<photo>", the original's prompt; the photo's
     slot holds grey), written as PNG."""
-    if getattr(model, "image_decoder", None) is None:
-        raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+    check_image_decoder(model, args.task)
     cfg, folder = model.cfg, images_folder(args)
     os.makedirs(folder, exist_ok=True)
     grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)
