@@ -1557,14 +1557,11 @@ def score_fid(root, outputs, args):
 # Fine-tuned tasks: visual storytelling (VIST, PororoSV, FlintstonesSV) and segmentation-to-image (ADE20K)
 # ---------------------------------------------------------------------------------------------------------------
 
-STORY_FOLDERS = {"vist": "vist", "pororo": "pororo", "flintstones": "flintstones"}
-
-
 def _story_reader(name):
     def read(root):
         """The test split's stories (data.py's reader of the original layout under root/<name>)."""
         stats = Counter()
-        base = os.path.join(root, STORY_FOLDERS[name])
+        base = os.path.join(root, name)
         stories = data.STORY_READERS[name](base, base, "test", stats)
         if stats:
             print(f"[eval] {name}: skipped stories {dict(stats)}", flush=True)
@@ -1759,7 +1756,7 @@ def _build_tasks():
     tasks["lncoco"] = Task(read_lncoco, _text_to_image_task(1), score_fid, dict(t2i, samples_per_caption=1),
                            preflight=lambda args: check_inception_path(args.inception), min_samples=2)
     story_checks = lambda args: (check_inception_path(args.inception), check_clip_path(args.clip))
-    for name in STORY_FOLDERS:
+    for name in data.STORY_READERS:
         tasks[name] = Task(_story_reader(name), _story_task(name), score_story, dict(t2i, use_mmfs="both"),
                            preflight=story_checks, min_samples=2)
     tasks["ade20k"] = Task(read_ade20k, predict_ade20k, score_ade20k, dict(t2i),
