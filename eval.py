@@ -1377,6 +1377,7 @@ class Task:
                                  # before the model loads (raises InputError)
     preflight: object = None     # (args) -> None: the files named by flags, checked before the model loads
     min_samples: int = 1         # fewer scored samples than this leave the metric undefined
+    draws_images: bool = False   # writes the images it draws into images_folder(args)
 
 
 def _caption_task(name, read, make_prompt, generation, first_sentence):
@@ -1750,17 +1751,17 @@ def _build_tasks():
     tasks["visdial"] = Task(read_visdial, predict_visdial, score_visdial)
     # the original config names the COCO text-to-image set "coco"; 8 CLIP-ranked samples there, 1 for LN-COCO
     t2i = dict(steps=250, guidance_scale=3.5, sampler="ddpm")
+    inception_and_clip = lambda args: (check_inception_path(args.inception), check_clip_path(args.clip))
     tasks["coco_t2i"] = Task(read_coco_t2i, _text_to_image_task(8), score_fid, dict(t2i, samples_per_caption=8),
-                             preflight=lambda args: (check_inception_path(args.inception), check_clip_path(args.clip)),
-                             min_samples=2)
+                             preflight=inception_and_clip, min_samples=2, draws_images=True)
     tasks["lncoco"] = Task(read_lncoco, _text_to_image_task(1), score_fid, dict(t2i, samples_per_caption=1),
-                           preflight=lambda args: check_inception_path(args.inception), min_samples=2)
-    story_checks = lambda args: (check_inception_path(args.inception), check_clip_path(args.clip))
+                           preflight=lambda args: check_inception_path(args.inception), min_samples=2,
+                           draws_images=True)
     for name in data.STORY_READERS:
         tasks[name] = Task(_story_reader(name), _story_task(name), score_story, dict(t2i, use_mmfs="both"),
-                           preflight=story_checks, min_samples=2)
+                           preflight=inception_and_clip, min_samples=2, draws_images=True)
     tasks["ade20k"] = Task(read_ade20k, predict_ade20k, score_ade20k, dict(t2i),
-                           preflight=lambda args: check_segmenter_path(args.segmenter))
+                           preflight=lambda args: check_segmenter_path(args.segmenter), draws_images=True)
     tasks["demo"] = Task(read_demo, predict_demo, score_demo, dict(DEMO_GENERATION, **DEMO_IMAGES),
                          needs_data_root=False)
     tasks["demo_qa"] = Task(read_demo_qa, predict_demo_qa, score_demo_qa, DEMO_QA_GENERATION, needs_data_root=False)
@@ -2034,7 +2035,7 @@ def main(argv=None):
         raise InputError(f"--readme writes README's scoreboard of `python eval.py` as it stands; it takes none of "
                          f"--{', --'.join(DEMO_SCORED_WITH)} (given: {' '.join(args.scored_with)})")
     data.check_writable(args.out, "--out")
-    if task.score in (score_fid, score_story, score_ade20k):
+    if task.draws_images:
         data.check_writable(images_folder(args), "--image_dir", folder=True)
     if task.needs_data_root:
         if args.data_root is None:
@@ -2077,7 +2078,7 @@ def main(argv=None):
                 readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
                 write_readme_table(readme, table)
                 print(f"wrote the scoreboard into {readme}")
-        if task.score in (score_fid, score_story, score_ade20k):
+        if task.draws_images:
             print(f"wrote {results['num_samples']} generated images to {images_folder(args)}")
         print(f"wrote {args.out}")
     if world > 1:
