@@ -1058,8 +1058,8 @@ def _load_images(chunk, load):
 
 
 def text_batch(prompts, images, tokenizer, pad_left=True):
-    """Prompts (each with one image placeholder) and their [3, S, S] images -> the model's batch dict,
-    padded with pad ids on the left (generation) or right (scoring), mask 0 on padding."""
+    """Prompts and their [3, S, S] images (one per image placeholder, in order) -> the model's batch dict, padded
+    with pad ids on the left (generation) or right (drawing), mask 0 on padding."""
     ids = [tokenizer.encode(p) for p in prompts]
     return dict(text_ids=data.pad_rows(ids, tokenizer.pad_id, pad_left),
                 attention_mask=data.pad_rows([[1] * len(x) for x in ids], 0, pad_left),
@@ -1366,8 +1366,8 @@ def write_readme_table(path, table):
 
 @dataclass
 class Task:
-    read: object                 # (data_root) -> list of sample dicts; (data_root, start=) for a task that
-                                 # makes its own samples
+    read: object                 # (data_root) -> list of sample dicts; (data_root, start=, limit=) for a task
+                                 # that makes its own samples
     predict: object              # (model, tokenizer, samples, args) -> iterable of per-sample output dicts, or
                                  # skip records (`skipped`); a generator yields them as each batch finishes
     score: object                # (data_root, outputs, args) -> {metric: value}; outputs without skip records
@@ -1908,11 +1908,11 @@ def evaluate(model, tokenizer, args, rank=0, world=1, samples=None):
                 os.remove(partial)
             return None
         scored = [o for o in outputs if "skipped" not in o]
-        skipped = [o for o in outputs if "skipped" in o]
-        reasons = dict(Counter(o["skipped"] for o in skipped))
+        skips = [o for o in outputs if "skipped" in o]
+        reasons = dict(Counter(o["skipped"] for o in skips))
         if len(scored) < task.min_samples:
             raise InputError(f"--task={args.task}: {len(scored)} of {len(outputs)} samples could be used, the metric "
-                             f"needs at least {task.min_samples}; skipped {reasons}, e.g. {skipped[0]['detail']}")
+                             f"needs at least {task.min_samples}; skipped {reasons}, e.g. {skips[0]['detail']}")
         metrics = task.score(args.data_root, scored, args)
     except BaseException:
         if outputs:
@@ -1920,7 +1920,7 @@ def evaluate(model, tokenizer, args, rank=0, world=1, samples=None):
             print(f"eval.py: kept the {len(outputs)} predictions made so far in {partial}", file=sys.stderr)
         raise
     return {"task": args.task, "config": config, "metrics": metrics, "num_samples": len(scored),
-            "skipped": reasons, "samples": scored, "skipped_samples": skipped}
+            "skipped": reasons, "samples": scored, "skipped_samples": skips}
 
 
 def _int_at_least(low, what):
