@@ -1093,18 +1093,16 @@ def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_s
     """Generate a text for every sample; yields make_output(sample, text) per sample, in order, as each batch
     finishes, or a skip record for a sample whose image cannot be read or whose prompt is too long for the model
     (check_prompt_length)."""
+    def load(s):
+        image = load_eval_image(s["image"], model.cfg.vision.image_size)
+        check_prompt_length(len(tokenizer.encode(make_prompt(s))), generation["max_new_tokens"], model.cfg)
+        return image
+
     for chunk in _batches(samples, batch_size, desc):
-        images, skips = _load_images(chunk, lambda s: load_eval_image(s["image"], model.cfg.vision.image_size))
-        prompts = {i: make_prompt(chunk[i]) for i in images}
-        for i, prompt in prompts.items():
-            try:
-                check_prompt_length(len(tokenizer.encode(prompt)), generation["max_new_tokens"], model.cfg)
-            except data.SkipSample as e:
-                skips[i] = skipped(chunk[i], e)
-                del images[i]
+        images, skips = _load_images(chunk, load)
         texts = {}
         if images:
-            texts = dict(zip(images, _generate_texts(model, tokenizer, [prompts[i] for i in images],
+            texts = dict(zip(images, _generate_texts(model, tokenizer, [make_prompt(chunk[i]) for i in images],
                                                      list(images.values()), generation, device)))
         for i, s in enumerate(chunk):
             yield skips[i] if i in skips else make_output(s, texts[i])
@@ -1502,13 +1500,12 @@ def _text_to_image_task(samples_per_caption):
         folder = images_folder(args)
         os.makedirs(folder, exist_ok=True)
         grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)   # the slot of the image to draw
+        def check(s):                           # the real image must load: FID compares the two sets
+            data.load_image(s["image"])
+            check_prompt_length(len(tokenizer.encode(t2i_prompt(s["caption"], cfg.num_img_token))), 0, cfg)
+
         for chunk in _batches(samples, args.batch_size, "text-to-image"):
-            _, skips = _load_images(chunk, lambda s: data.load_image(s["image"]))
-            for i, s in enumerate(chunk):
-                try:
-                    check_prompt_length(len(tokenizer.encode(t2i_prompt(s["caption"], cfg.num_img_token))), 0, cfg)
-                except data.SkipSample as e:
-                    skips.setdefault(i, skipped(s, e))
+            _, skips = _load_images(chunk, check)
             yield from skips.values()
             chunk = [s for i, s in enumerate(chunk) if i not in skips]
             if not chunk:
