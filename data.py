@@ -5,8 +5,8 @@ Sections follow the data: text -> tokenizer; image file -> transform; one docume
 shard files -> a stream of Samples per rank/worker; Samples -> packed rows -> the batch dict of the model's
 forward; several sources -> one mixed, resumable stream; fine-tuning records -> rows whose loss is on the
 answers (instructions: the text loss) or on the target images (VIST, PororoSV, FlintstonesSV, ADE20K: the image
-loss), through streams resumable in the same way (`finetune_dataset`). The demo corpus plugs into the same packing
-code.
+loss), through streams resumable in the same way (`finetune_dataset`); an annt.json of prompts -> one batch each
+(sample.py). The demo corpus plugs into the same packing code. Last, the atomic file writes the scripts share.
 
 Use:
     tok = Tokenizer("assets/demo_tokenizer.model")             # or LLaMA's tokenizer.model / tokenizer.json
@@ -221,41 +221,6 @@ def load_image(path):
         raise SkipSample("image_too_large", f"{path}: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise SkipSample("image_unreadable", f"{path}: {e}") from None
-
-
-@contextlib.contextmanager
-def replaced_on_success(path):
-    """A temporary path beside `path` (same extension) to write, renamed onto `path` when the block ends without
-    an error: a crash leaves the old file or the new one, never half of one (and no temporary file)."""
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-        yield tmp
-        os.replace(tmp, path)       # inside the try: a rename that fails (onto a folder) removes the temporary too
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def check_writable(path, flag, folder=False):
-    """Before the work: an InputError naming `flag` unless a file (folder=True: files in a folder) can be written at
-    `path`, the folders missing on the way made. Nothing is left behind."""
-    if not path:
-        raise mmi.InputError(f"{flag} is empty, expected a path")
-    if os.path.isdir(path) and not folder:
-        raise mmi.InputError(f"{flag}={path}: is a folder, expected the path of a file to write")
-    if os.path.exists(path) and not os.path.isdir(path) and folder:
-        raise mmi.InputError(f"{flag}={path}: is a file, expected a folder to write into")
-    base = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(base):
-        base = os.path.dirname(base)
-    if not os.path.isdir(base):
-        raise mmi.InputError(f"{flag}={path}: {base} is a file, expected a folder")
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as e:
-        raise mmi.InputError(f"{flag}={path}: cannot create a file in {base} ({e.strerror})") from None
 
 
 # An image whose long side exceeds this many times its short side loses the ends of its long side before
@@ -1000,6 +965,46 @@ def pretrain_mix(tokenizer, pairs, mmc4, enc_size=224, dec_size=512, num_total_t
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning data: one prompt and its answer per row, the loss on the answer only
+# ---------------------------------------------------------------------------------------------------------------
+
+def answer_batches(source, batch_size, tokenizer, reader, state, loss_weights=(None, None)):
+    """Whole batches of one pass of `source`, one Sample per row (not packed), each row's
+    ignore_prompt_token_offset at its num_prompt_tokens; each batch carries the source state to resume right after
+    it (as source_batches's). An incomplete last batch is dropped."""
+    epoch, pass_idx, key = state["epoch"], state["pass"], state.get("key")
+    start = {} if key is None else {"start_slot": key[2], "start_line": key[3]}
+    samples = []
+    for sample in source.samples(reader, epoch, pass_idx, **start):
+        samples.append(sample)
+        if len(samples) < batch_size:
+            continue
+        rows = [Row(s.text_ids, s.images, s.images_dec, s.image_info,
+                    nearest_bos_idxs(s.text_ids, tokenizer.bos_id, tokenizer.soi_id), [s.key]) for s in samples]
+        reader.stats["rows"] += len(rows)
+        batch = collate_rows(rows, tokenizer.pad_id, source.name, *loss_weights)
+        batch["ignore_prompt_token_offset"] = torch.tensor([s.num_prompt_tokens for s in samples])  # (B,)
+        batch["meta"]["position"] = {"epoch": epoch, "pass": pass_idx, "key": source.next_key(sample.key), "skip": 0}
+        yield batch
+        samples = []
+
+
+class AnswerDataset(MixedDataset):
+    """A MixedDataset whose sources' Samples are rows of their own (answer_batches), `batch_size` of its pack
+    configs to a batch: resumable, mixed and dealt to ranks and workers as the packed streams are."""
+
+    def _stream(self, i, reader, state):
+        return answer_batches(self.sources[i], self.pack_configs[i].batch_size, self.tokenizer, reader, state,
+                              self.loss_weights[i])
+
+
+def demo_qa_finetune(tokenizer, cfg, split, rank, world, seed, batch_size=16, num_questions=None):
+    """finetune_dataset "demo_qa": demo_qa_dataset for a model of config `cfg`."""
+    return demo_qa_dataset(tokenizer, split, cfg.num_img_token, batch_size, num_questions, seed=seed,
+                           image_size=cfg.vision.image_size, rank=rank, world_size=world)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Fine-tuning data: instruction records -> rows whose text loss is on the answers only
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1222,78 +1227,6 @@ class LlavaBuilder:
         labels = ids.copy()
         labels[:n_prompt] = -100
         return Example(ids, labels, arrays)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inference input: annt.json
-# ---------------------------------------------------------------------------------------------------------------
-
-def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64, num_total_token=2048, stats=None):
-    """annt.json (a list of samples with sentences / images / sentence_ixs / image_first / generate_mode...)
-    -> one batch dict per usable sample (B = 1), as the original's `load_annt_data`: placeholders placed per
-    image, sentences joined by spaces, no eos, truncated at num_total_token, images at the encoder size.
-    Broken samples are skipped and counted in `stats`; a summary line is printed."""
-    transform = transform or DualTransform(224, None)
-    stats = Counter() if stats is None else stats
-    infos = read_annt(path)
-    base = os.path.dirname(os.path.abspath(path))
-    out = []
-    for n, info in enumerate(infos):
-        where = f"{path}[{n}]"
-        try:
-            out.append(inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where))
-        except SkipSample as e:
-            stats[e.reason] += 1
-    print(f"[data] {path}: {len(out)} of {len(infos)} samples usable; skipped: "
-          + (", ".join(f"{k}={v}" for k, v in sorted(stats.items())) or "none"), flush=True)
-    return out
-
-
-def read_annt(path):
-    """The list of samples in an annt.json; a file that is missing, unreadable or not a JSON list is an InputError."""
-    return read_json_list(path, "a list of samples")
-
-
-def inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):
-    """One annt.json sample -> its batch dict (B = 1); a sample it cannot use raises SkipSample."""
-    try:
-        sentences, paths = list(info["sentences"]), list(info["images"])
-        sentence_ixs, image_first = list(info["sentence_ixs"]), list(info["image_first"])
-        if not all(isinstance(x, str) for x in sentences + paths):
-            raise ValueError("sentences and images must be strings")
-        sentences = [_strip_special_strings(x) for x in sentences]
-        if not paths or len(paths) != len(sentence_ixs) or len(paths) != len(image_first):
-            raise ValueError("images, sentence_ixs and image_first must be non-empty and of equal length")
-        if not all(0 <= int(ix) < len(sentences) for ix in sentence_ixs):
-            raise ValueError(f"sentence_ixs {sentence_ixs} outside {len(sentences)} sentences")
-    except (KeyError, TypeError, ValueError) as e:
-        raise SkipSample("malformed_sample", f"{where}: {e}") from None
-    images = []
-    for p in paths:
-        img = load_image(p if os.path.isabs(p) or os.path.exists(p) else os.path.join(base, p))
-        images.append(transform(img)[0])
-    text, order = place_images(sentences, [int(i) for i in sentence_ixs], [bool(f) for f in image_first],
-                               image_placeholder(num_img_token))
-    images = [images[k] for k in order]
-    ids = np.asarray(tokenizer.encode(clean_image_spaces(text)), dtype=np.int64)
-    # truncation at num_total_token drops the images whose placeholder does not fit whole
-    soi = np.flatnonzero(ids == tokenizer.soi_id)
-    n = int((soi + num_img_token < num_total_token).sum())
-    if n == 0:
-        end = int(soi[0]) + num_img_token + 1
-        raise SkipSample("image_beyond_budget", f"{where}: {len(ids)} tokens; the first image's placeholder ends "
-                                                f"at token {end}, beyond num_total_token={num_total_token}")
-    ids = ids[:num_total_token if n == len(soi) else min(num_total_token, int(soi[n]))]
-    return {
-        "text_ids": torch.from_numpy(ids)[None],  # (1, l)
-        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
-        "image_tensors": to_float01(np.stack(images[:n])),  # (n, 3, 224, 224)
-        "num_image_per_seq": torch.tensor([n]),
-        "nearest_bos_idxs": torch.from_numpy(nearest_bos_idxs(ids, tokenizer.bos_id, tokenizer.soi_id)),
-        "ignore_prompt_token_offset": 0,
-        "target_image_idxs": torch.tensor([n - 1]),
-        "meta": {"dataset_name": "inference", **info},
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1766,6 +1699,78 @@ def ade20k_dataset(tokenizer, cfg, split, rank, world, seed, annt_root, data_roo
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Inference input: annt.json
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64, num_total_token=2048, stats=None):
+    """annt.json (a list of samples with sentences / images / sentence_ixs / image_first / generate_mode...)
+    -> one batch dict per usable sample (B = 1), as the original's `load_annt_data`: placeholders placed per
+    image, sentences joined by spaces, no eos, truncated at num_total_token, images at the encoder size.
+    Broken samples are skipped and counted in `stats`; a summary line is printed."""
+    transform = transform or DualTransform(224, None)
+    stats = Counter() if stats is None else stats
+    infos = read_annt(path)
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for n, info in enumerate(infos):
+        where = f"{path}[{n}]"
+        try:
+            out.append(inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where))
+        except SkipSample as e:
+            stats[e.reason] += 1
+    print(f"[data] {path}: {len(out)} of {len(infos)} samples usable; skipped: "
+          + (", ".join(f"{k}={v}" for k, v in sorted(stats.items())) or "none"), flush=True)
+    return out
+
+
+def read_annt(path):
+    """The list of samples in an annt.json; a file that is missing, unreadable or not a JSON list is an InputError."""
+    return read_json_list(path, "a list of samples")
+
+
+def inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):
+    """One annt.json sample -> its batch dict (B = 1); a sample it cannot use raises SkipSample."""
+    try:
+        sentences, paths = list(info["sentences"]), list(info["images"])
+        sentence_ixs, image_first = list(info["sentence_ixs"]), list(info["image_first"])
+        if not all(isinstance(x, str) for x in sentences + paths):
+            raise ValueError("sentences and images must be strings")
+        sentences = [_strip_special_strings(x) for x in sentences]
+        if not paths or len(paths) != len(sentence_ixs) or len(paths) != len(image_first):
+            raise ValueError("images, sentence_ixs and image_first must be non-empty and of equal length")
+        if not all(0 <= int(ix) < len(sentences) for ix in sentence_ixs):
+            raise ValueError(f"sentence_ixs {sentence_ixs} outside {len(sentences)} sentences")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SkipSample("malformed_sample", f"{where}: {e}") from None
+    images = []
+    for p in paths:
+        img = load_image(p if os.path.isabs(p) or os.path.exists(p) else os.path.join(base, p))
+        images.append(transform(img)[0])
+    text, order = place_images(sentences, [int(i) for i in sentence_ixs], [bool(f) for f in image_first],
+                               image_placeholder(num_img_token))
+    images = [images[k] for k in order]
+    ids = np.asarray(tokenizer.encode(clean_image_spaces(text)), dtype=np.int64)
+    # truncation at num_total_token drops the images whose placeholder does not fit whole
+    soi = np.flatnonzero(ids == tokenizer.soi_id)
+    n = int((soi + num_img_token < num_total_token).sum())
+    if n == 0:
+        end = int(soi[0]) + num_img_token + 1
+        raise SkipSample("image_beyond_budget", f"{where}: {len(ids)} tokens; the first image's placeholder ends "
+                                                f"at token {end}, beyond num_total_token={num_total_token}")
+    ids = ids[:num_total_token if n == len(soi) else min(num_total_token, int(soi[n]))]
+    return {
+        "text_ids": torch.from_numpy(ids)[None],  # (1, l)
+        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+        "image_tensors": to_float01(np.stack(images[:n])),  # (n, 3, 224, 224)
+        "num_image_per_seq": torch.tensor([n]),
+        "nearest_bos_idxs": torch.from_numpy(nearest_bos_idxs(ids, tokenizer.bos_id, tokenizer.soi_id)),
+        "ignore_prompt_token_offset": 0,
+        "target_image_idxs": torch.tensor([n - 1]),
+        "meta": {"dataset_name": "inference", **info},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Demo corpus: "shape stories"
 # ---------------------------------------------------------------------------------------------------------------
 # A scene is 1-3 objects on a 3x3 grid, at most one per cell and no two with the same (colour, shape), so a
@@ -2178,43 +2183,42 @@ def demo_questions(split, num_questions, start=0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fine-tuning data: one prompt and its answer per row, the loss on the answer only
+# Writing files: checked before the work, replaced whole
 # ---------------------------------------------------------------------------------------------------------------
 
-def answer_batches(source, batch_size, tokenizer, reader, state, loss_weights=(None, None)):
-    """Whole batches of one pass of `source`, one Sample per row (not packed), each row's
-    ignore_prompt_token_offset at its num_prompt_tokens; each batch carries the source state to resume right after
-    it (as source_batches's). An incomplete last batch is dropped."""
-    epoch, pass_idx, key = state["epoch"], state["pass"], state.get("key")
-    start = {} if key is None else {"start_slot": key[2], "start_line": key[3]}
-    samples = []
-    for sample in source.samples(reader, epoch, pass_idx, **start):
-        samples.append(sample)
-        if len(samples) < batch_size:
-            continue
-        rows = [Row(s.text_ids, s.images, s.images_dec, s.image_info,
-                    nearest_bos_idxs(s.text_ids, tokenizer.bos_id, tokenizer.soi_id), [s.key]) for s in samples]
-        reader.stats["rows"] += len(rows)
-        batch = collate_rows(rows, tokenizer.pad_id, source.name, *loss_weights)
-        batch["ignore_prompt_token_offset"] = torch.tensor([s.num_prompt_tokens for s in samples])  # (B,)
-        batch["meta"]["position"] = {"epoch": epoch, "pass": pass_idx, "key": source.next_key(sample.key), "skip": 0}
-        yield batch
-        samples = []
+@contextlib.contextmanager
+def replaced_on_success(path):
+    """A temporary path beside `path` (same extension) to write, renamed onto `path` when the block ends without
+    an error: a crash leaves the old file or the new one, never half of one (and no temporary file)."""
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    try:
+        yield tmp
+        os.replace(tmp, path)       # inside the try: a rename that fails (onto a folder) removes the temporary too
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-class AnswerDataset(MixedDataset):
-    """A MixedDataset whose sources' Samples are rows of their own (answer_batches), `batch_size` of its pack
-    configs to a batch: resumable, mixed and dealt to ranks and workers as the packed streams are."""
-
-    def _stream(self, i, reader, state):
-        return answer_batches(self.sources[i], self.pack_configs[i].batch_size, self.tokenizer, reader, state,
-                              self.loss_weights[i])
-
-
-def demo_qa_finetune(tokenizer, cfg, split, rank, world, seed, batch_size=16, num_questions=None):
-    """finetune_dataset "demo_qa": demo_qa_dataset for a model of config `cfg`."""
-    return demo_qa_dataset(tokenizer, split, cfg.num_img_token, batch_size, num_questions, seed=seed,
-                           image_size=cfg.vision.image_size, rank=rank, world_size=world)
+def check_writable(path, flag, folder=False):
+    """Before the work: an InputError naming `flag` unless a file (folder=True: files in a folder) can be written at
+    `path`, the folders missing on the way made. Nothing is left behind."""
+    if not path:
+        raise mmi.InputError(f"{flag} is empty, expected a path")
+    if os.path.isdir(path) and not folder:
+        raise mmi.InputError(f"{flag}={path}: is a folder, expected the path of a file to write")
+    if os.path.exists(path) and not os.path.isdir(path) and folder:
+        raise mmi.InputError(f"{flag}={path}: is a file, expected a folder to write into")
+    base = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise mmi.InputError(f"{flag}={path}: {base} is a file, expected a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise mmi.InputError(f"{flag}={path}: cannot create a file in {base} ({e.strerror})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
