@@ -1337,7 +1337,8 @@ PORORO_CHARACTERS = ("Pororo", "Loopy", "Eddy", "Harry", "Poby", "Tongtong", "Cr
 FLINTSTONES_CHARACTERS = ("Fred", "Barney", "Wilma", "Betty", "Pebbles", "Dino", "Slate")
 
 
-def _text(x):
+def _as_str(x):
+    """A frame id of StoryGAN's pickles (bytes or str) as a str."""
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
@@ -1366,7 +1367,7 @@ def read_pororo(annt_root, data_root, split, stats):
         if not 0 <= item < min(len(firsts), len(followings)):
             stats["story_index_out_of_range"] += 1
             continue
-        global_ids = [_text(firsts[item])] + [_text(x) for x in followings[item][:4]]
+        global_ids = [_as_str(firsts[item])] + [_as_str(x) for x in followings[item][:4]]
         keys = [g.replace(".png", "") for g in global_ids]
         if not all(k in descriptions and len(descriptions[k]) for k in keys):
             stats["no_description"] += 1
