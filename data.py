@@ -1391,6 +1391,9 @@ def read_flintstones(annt_root, data_root, split, stats):
     followings = load_annotation_pickle(os.path.join(annt_root, "following_cache4.pkl"), "Flintstones followings")
     split_path = os.path.join(annt_root, "train-val-test_split.json")
     ids = _field(annotation_json(split_path, "Flintstones split"), split, list, split_path)
+    for n, gid in enumerate(ids):
+        if not isinstance(gid, str):
+            raise mmi.InputError(f"{split_path}: {split}[{n}] is {gid!r}, expected a global id (a string)")
     ann_path = os.path.join(annt_root, "flintstones_annotations_v1-0.json")
     anns = annotation_json(ann_path, "Flintstones annotations")
     if not isinstance(followings, dict):

@@ -4502,6 +4502,10 @@ def test_finetune_readers_name_the_malformed_file_and_field(tmp_path):
     (tmp_path / "flintstones_annotations_v1-0.json").write_text(json.dumps([{"globalID": "a0"}]))
     with pytest.raises(ValueError, match=r"flintstones_annotations_v1-0.json\[0\]: field 'description' missing"):
         data.read_flintstones(str(tmp_path), str(tmp_path), "test", Counter())
+    write_flintstones(str(tmp_path))
+    (tmp_path / "train-val-test_split.json").write_text(json.dumps({"test": ["b0", ["a0"]]}))
+    with pytest.raises(ValueError, match=r"train-val-test_split.json: test\[1\] is \['a0'\], expected a global id"):
+        data.read_flintstones(str(tmp_path), str(tmp_path), "test", Counter())
     write_pororo(str(tmp_path))
     np.save(tmp_path / "descriptions.npy", np.array(Counter(a=1), dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"descriptions.npy: Pororo descriptions is not readable \(collections"):
