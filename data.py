@@ -5,8 +5,8 @@ Sections follow the data: text -> tokenizer; image file -> transform; one docume
 shard files -> a stream of Samples per rank/worker; Samples -> packed rows -> the batch dict of the model's
 forward; several sources -> one mixed, resumable stream; fine-tuning records -> rows whose loss is on the
 answers (instructions: the text loss) or on the target images (VIST, PororoSV, FlintstonesSV, ADE20K: the image
-loss), through streams resumable in the same way (`finetune_dataset`). The demo corpus plugs into the same packing
-code.
+loss), through streams resumable in the same way (`finetune_dataset`); an annt.json of prompts -> one batch each
+(sample.py). The demo corpus plugs into the same packing code. Last, the atomic file writes the scripts share.
 
 Use:
     tok = Tokenizer("assets/demo_tokenizer.model")             # or LLaMA's tokenizer.model / tokenizer.json
@@ -221,41 +221,6 @@ def load_image(path):
         raise SkipSample("image_too_large", f"{path}: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise SkipSample("image_unreadable", f"{path}: {e}") from None
-
-
-@contextlib.contextmanager
-def replaced_on_success(path):
-    """A temporary path beside `path` (same extension) to write, renamed onto `path` when the block ends without
-    an error: a crash leaves the old file or the new one, never half of one (and no temporary file)."""
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-        yield tmp
-        os.replace(tmp, path)       # inside the try: a rename that fails (onto a folder) removes the temporary too
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def check_writable(path, flag, folder=False):
-    """Before the work: an InputError naming `flag` unless a file (folder=True: files in a folder) can be written at
-    `path`, the folders missing on the way made. Nothing is left behind."""
-    if not path:
-        raise mmi.InputError(f"{flag} is empty, expected a path")
-    if os.path.isdir(path) and not folder:
-        raise mmi.InputError(f"{flag}={path}: is a folder, expected the path of a file to write")
-    if os.path.exists(path) and not os.path.isdir(path) and folder:
-        raise mmi.InputError(f"{flag}={path}: is a file, expected a folder to write into")
-    base = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(base):
-        base = os.path.dirname(base)
-    if not os.path.isdir(base):
-        raise mmi.InputError(f"{flag}={path}: {base} is a file, expected a folder")
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as e:
-        raise mmi.InputError(f"{flag}={path}: cannot create a file in {base} ({e.strerror})") from None
 
 
 # An image whose long side exceeds this many times its short side loses the ends of its long side before
@@ -704,10 +669,10 @@ def nearest_bos_idxs(text_ids, bos_id, soi_id):
     return padded[k].astype(np.int64)
 
 
-def row_cut(ids, cfg, bos_id, soi_id, image_id):
-    """Length of the next row cut from the front of `ids` (len(ids) >= L), following the original's
-    `extract_seq` + `check_image_truncate`, computed as one cut instead of cut-then-give-back."""
-    L, n_tok = cfg.num_total_token, cfg.num_img_token
+def row_cut(ids, L, cfg, bos_id, soi_id, image_id):
+    """Length of the next row of at most L tokens cut from the front of `ids` (len(ids) >= L), following the
+    original's `extract_seq` + `check_image_truncate`, computed as one cut instead of cut-then-give-back."""
+    n_tok = cfg.num_img_token
     cut = L
     num_images = int((ids[:L] == image_id).sum()) // n_tok
     if 0 < cfg.max_num_images < num_images:
@@ -782,9 +747,10 @@ class Packer:
                 self.segments.pop(0)
         return keys
 
-    def next_row(self):
-        """Cut one row (needs len(self) >= L). Returns a Row, or None if the row held no image (dropped)."""
-        cut = row_cut(self.ids, self.cfg, self.bos_id, self.soi_id, self.image_id)
+    def next_row(self, length=None):
+        """Cut one row of at most `length` tokens (default L; needs len(self) >= length). Returns a Row, or None
+        if the row held no image (dropped)."""
+        cut = row_cut(self.ids, length or self.cfg.num_total_token, self.cfg, self.bos_id, self.soi_id, self.image_id)
         row_ids, self.ids = self.ids[:cut], self.ids[cut:]
         n = int((row_ids == self.soi_id).sum())
         if int((row_ids == self.image_id).sum()) != n * self.cfg.num_img_token:
@@ -800,27 +766,25 @@ class Packer:
 
     def flush(self):
         """The leftover (< L tokens) as a last row, or None (the original drops it; tests use it)."""
-        if len(self.ids) == 0:
-            return None
-        saved, self.cfg = self.cfg, PackConfig(len(self.ids), self.cfg.num_img_token, self.cfg.max_num_images,
-                                               self.cfg.truncation_level)
-        try:
-            return self.next_row()
-        finally:
-            self.cfg = saved
+        return self.next_row(len(self.ids)) if len(self.ids) else None
+
+
+def pad_rows(seqs, value, left=False):
+    """Id sequences -> a (B, L) long tensor, L the longest, each padded with `value` on its right (left: its left).
+    The attention mask of the same rows is pad_rows([[1] * len(x) for x in seqs], 0, left)."""
+    L = max(len(x) for x in seqs)
+    out = torch.full((len(seqs), L), value, dtype=torch.long)
+    for b, x in enumerate(seqs):
+        start = L - len(x) if left else 0
+        out[b, start:start + len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return out
 
 
 def collate_rows(rows, pad_id, dataset_name, loss_img_weight=None, loss_txt_weight=None):
     """Rows -> the model's batch dict (keys = the original forward's argument names); right padding."""
-    B, L = len(rows), max(len(r.text_ids) for r in rows)
-    text_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
-    for b, r in enumerate(rows):
-        text_ids[b, :len(r.text_ids)] = torch.from_numpy(r.text_ids)
-        attention_mask[b, :len(r.text_ids)] = 1
     batch = {
-        "text_ids": text_ids,  # (B, L)
-        "attention_mask": attention_mask,  # (B, L)
+        "text_ids": pad_rows([r.text_ids for r in rows], pad_id),  # (B, L)
+        "attention_mask": pad_rows([[1] * len(r.text_ids) for r in rows], 0),  # (B, L)
         "image_tensors": to_float01(np.concatenate([r.images for r in rows])),  # (B_I, 3, S_enc, S_enc)
         "num_image_per_seq": torch.tensor([len(r.images) for r in rows], dtype=torch.long),  # (B,)
         "nearest_bos_idxs": torch.from_numpy(np.concatenate([r.nearest_bos_idxs for r in rows])),  # (B_I,)
@@ -1001,6 +965,46 @@ def pretrain_mix(tokenizer, pairs, mmc4, enc_size=224, dec_size=512, num_total_t
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning data: one prompt and its answer per row, the loss on the answer only
+# ---------------------------------------------------------------------------------------------------------------
+
+def answer_batches(source, batch_size, tokenizer, reader, state, loss_weights=(None, None)):
+    """Whole batches of one pass of `source`, one Sample per row (not packed), each row's
+    ignore_prompt_token_offset at its num_prompt_tokens; each batch carries the source state to resume right after
+    it (as source_batches's). An incomplete last batch is dropped."""
+    epoch, pass_idx, key = state["epoch"], state["pass"], state.get("key")
+    start = {} if key is None else {"start_slot": key[2], "start_line": key[3]}
+    samples = []
+    for sample in source.samples(reader, epoch, pass_idx, **start):
+        samples.append(sample)
+        if len(samples) < batch_size:
+            continue
+        rows = [Row(s.text_ids, s.images, s.images_dec, s.image_info,
+                    nearest_bos_idxs(s.text_ids, tokenizer.bos_id, tokenizer.soi_id), [s.key]) for s in samples]
+        reader.stats["rows"] += len(rows)
+        batch = collate_rows(rows, tokenizer.pad_id, source.name, *loss_weights)
+        batch["ignore_prompt_token_offset"] = torch.tensor([s.num_prompt_tokens for s in samples])  # (B,)
+        batch["meta"]["position"] = {"epoch": epoch, "pass": pass_idx, "key": source.next_key(sample.key), "skip": 0}
+        yield batch
+        samples = []
+
+
+class AnswerDataset(MixedDataset):
+    """A MixedDataset whose sources' Samples are rows of their own (answer_batches), `batch_size` of its pack
+    configs to a batch: resumable, mixed and dealt to ranks and workers as the packed streams are."""
+
+    def _stream(self, i, reader, state):
+        return answer_batches(self.sources[i], self.pack_configs[i].batch_size, self.tokenizer, reader, state,
+                              self.loss_weights[i])
+
+
+def demo_qa_finetune(tokenizer, cfg, split, rank, world, seed, batch_size=16, num_questions=None):
+    """finetune_dataset "demo_qa": demo_qa_dataset for a model of config `cfg`."""
+    return demo_qa_dataset(tokenizer, split, cfg.num_img_token, batch_size, num_questions, seed=seed,
+                           image_size=cfg.vision.image_size, rank=rank, world_size=world)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Fine-tuning data: instruction records -> rows whose text loss is on the answers only
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1042,18 +1046,10 @@ def collate_examples(examples, pad_id, dataset_name, loss_img_weight=0.0):
     """Examples -> the model's batch dict, right-padded: gt_text_ids carries the labels (-100 on padding), each
     example is one document from position 0 (nearest_bos_idxs 0), and loss_img_weight 0 leaves the image decoder
     out (a text-only loss, as the original's instruction tuning)."""
-    B, L = len(examples), max(len(e.text_ids) for e in examples)
-    text_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    labels = torch.full((B, L), -100, dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
-    for b, e in enumerate(examples):
-        text_ids[b, :len(e.text_ids)] = torch.from_numpy(e.text_ids)
-        labels[b, :len(e.labels)] = torch.from_numpy(e.labels)
-        attention_mask[b, :len(e.text_ids)] = 1
     num = torch.tensor([len(e.images) for e in examples], dtype=torch.long)
-    return {"text_ids": text_ids,  # (B, L)
-            "attention_mask": attention_mask,  # (B, L)
-            "gt_text_ids": labels,  # (B, L)
+    return {"text_ids": pad_rows([e.text_ids for e in examples], pad_id),  # (B, L)
+            "attention_mask": pad_rows([[1] * len(e.text_ids) for e in examples], 0),  # (B, L)
+            "gt_text_ids": pad_rows([e.labels for e in examples], -100),  # (B, L)
             "image_tensors": to_float01(np.concatenate([e.images for e in examples])),  # (B_I, 3, S, S)
             "num_image_per_seq": num,  # (B,)
             "nearest_bos_idxs": torch.zeros(int(num.sum()), dtype=torch.long),  # (B_I,)
@@ -1120,26 +1116,34 @@ def read_records(path):
     """The records of a .json list or a .jsonl file; a file that is missing or not of that form is an InputError
     naming the file and where. A .jsonl line that is not JSON becomes a SkipSample("malformed_line") in its place,
     which llava_rounds passes on to be counted."""
+    if not path.endswith(".jsonl"):
+        return read_json_list(path, "a list of records with 'image' and 'conversations'")
     if not os.path.isfile(path):
         raise mmi.InputError(f"{path}: no such file")
     try:
-        if path.endswith(".jsonl"):
-            with open(path, "rb") as f:
-                return [_jsonl_record(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except ValueError as e:  # UnicodeDecodeError included
-        raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of records with 'image' and "
-                             f"'conversations'") from None
-    except RecursionError:
-        raise mmi.InputError(f"{path}: nested too deeply to read; expected a list of records with 'image' and "
-                             f"'conversations'") from None
+        with open(path, "rb") as f:
+            return [_jsonl_record(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
     except OSError as e:
         raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
-    if not isinstance(records, list):
-        raise mmi.InputError(f"{path}: top level is {type(records).__name__}, expected a list of records with "
-                             f"'image' and 'conversations'")
-    return records
+
+
+def read_json_list(path, expected):
+    """The list a JSON file holds; a file that is missing, unreadable or not a JSON list is an InputError naming
+    the file and what was `expected`."""
+    if not os.path.isfile(path):
+        raise mmi.InputError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise mmi.InputError(f"{path}: not valid JSON ({e}); expected {expected}") from None
+    except RecursionError:
+        raise mmi.InputError(f"{path}: nested too deeply to read; expected {expected}") from None
+    except OSError as e:
+        raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(items, list):
+        raise mmi.InputError(f"{path}: top level is {type(items).__name__}, expected {expected}")
+    return items
 
 
 def _jsonl_record(line, where):
@@ -1223,88 +1227,6 @@ class LlavaBuilder:
         labels = ids.copy()
         labels[:n_prompt] = -100
         return Example(ids, labels, arrays)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inference input: annt.json
-# ---------------------------------------------------------------------------------------------------------------
-
-def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64, num_total_token=2048, stats=None):
-    """annt.json (a list of samples with sentences / images / sentence_ixs / image_first / generate_mode...)
-    -> one batch dict per usable sample (B = 1), as the original's `load_annt_data`: placeholders placed per
-    image, sentences joined by spaces, no eos, truncated at num_total_token, images at the encoder size.
-    Broken samples are skipped and counted in `stats`; a summary line is printed."""
-    transform = transform or DualTransform(224, None)
-    stats = Counter() if stats is None else stats
-    infos = read_annt(path)
-    base = os.path.dirname(os.path.abspath(path))
-    out = []
-    for n, info in enumerate(infos):
-        where = f"{path}[{n}]"
-        try:
-            out.append(inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where))
-        except SkipSample as e:
-            stats[e.reason] += 1
-    print(f"[data] {path}: {len(out)} of {len(infos)} samples usable; skipped: "
-          + (", ".join(f"{k}={v}" for k, v in sorted(stats.items())) or "none"), flush=True)
-    return out
-
-
-def read_annt(path):
-    """The list of samples in an annt.json; a file that is missing, unreadable or not a JSON list is an InputError."""
-    if not os.path.isfile(path):
-        raise mmi.InputError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            infos = json.load(f)
-    except ValueError as e:                      # UnicodeDecodeError included
-        raise mmi.InputError(f"{path}: not valid JSON ({e}); expected a list of samples") from None
-    except RecursionError:
-        raise mmi.InputError(f"{path}: nested too deeply; expected a list of samples") from None
-    except OSError as e:
-        raise mmi.InputError(f"{path}: cannot read it ({e.strerror})") from None
-    if not isinstance(infos, list):
-        raise mmi.InputError(f"{path}: top level is {type(infos).__name__}, expected a list of samples")
-    return infos
-
-
-def inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):
-    """One annt.json sample -> its batch dict (B = 1); a sample it cannot use raises SkipSample."""
-    try:
-        sentences = [_strip_special_strings(s) for s in info["sentences"]]
-        paths, sentence_ixs, image_first = list(info["images"]), list(info["sentence_ixs"]), list(info["image_first"])
-        if not paths or len(paths) != len(sentence_ixs) or len(paths) != len(image_first):
-            raise ValueError("images, sentence_ixs and image_first must be non-empty and of equal length")
-        if not all(0 <= int(ix) < len(sentences) for ix in sentence_ixs):
-            raise ValueError(f"sentence_ixs {sentence_ixs} outside {len(sentences)} sentences")
-    except (KeyError, TypeError, ValueError) as e:
-        raise SkipSample("malformed_sample", f"{where}: {e}") from None
-    images = []
-    for p in paths:
-        img = load_image(p if os.path.isabs(p) or os.path.exists(p) else os.path.join(base, p))
-        images.append(transform(img)[0])
-    text, order = place_images(sentences, [int(i) for i in sentence_ixs], [bool(f) for f in image_first],
-                               image_placeholder(num_img_token))
-    images = [images[k] for k in order]
-    ids = np.asarray(tokenizer.encode(clean_image_spaces(text)), dtype=np.int64)
-    # truncation at num_total_token drops the images whose placeholder does not fit whole
-    soi = np.flatnonzero(ids == tokenizer.soi_id)
-    n = int((soi + num_img_token < num_total_token).sum())
-    if n == 0:
-        end = int(soi[0]) + num_img_token + 1
-        raise SkipSample("image_beyond_budget", f"{where}: {len(ids)} tokens; the first image's placeholder ends "
-                                                f"at token {end}, beyond num_total_token={num_total_token}")
-    ids = ids[:num_total_token if n == len(soi) else min(num_total_token, int(soi[n]))]
-    return {
-        "text_ids": torch.from_numpy(ids)[None],  # (1, l)
-        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
-        "image_tensors": to_float01(np.stack(images[:n])),  # (n, 3, 224, 224)
-        "num_image_per_seq": torch.tensor([n]),
-        "nearest_bos_idxs": torch.from_numpy(nearest_bos_idxs(ids, tokenizer.bos_id, tokenizer.soi_id)),
-        "ignore_prompt_token_offset": 0,
-        "target_image_idxs": torch.tensor([n - 1]),
-        "meta": {"dataset_name": "inference", **info},
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1415,7 +1337,8 @@ PORORO_CHARACTERS = ("Pororo", "Loopy", "Eddy", "Harry", "Poby", "Tongtong", "Cr
 FLINTSTONES_CHARACTERS = ("Fred", "Barney", "Wilma", "Betty", "Pebbles", "Dino", "Slate")
 
 
-def _text(x):
+def _as_str(x):
+    """A frame id of StoryGAN's pickles (bytes or str) as a str."""
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
@@ -1444,7 +1367,7 @@ def read_pororo(annt_root, data_root, split, stats):
         if not 0 <= item < min(len(firsts), len(followings)):
             stats["story_index_out_of_range"] += 1
             continue
-        global_ids = [_text(firsts[item])] + [_text(x) for x in followings[item][:4]]
+        global_ids = [_as_str(firsts[item])] + [_as_str(x) for x in followings[item][:4]]
         keys = [g.replace(".png", "") for g in global_ids]
         if not all(k in descriptions and len(descriptions[k]) for k in keys):
             stats["no_description"] += 1
@@ -1468,6 +1391,9 @@ def read_flintstones(annt_root, data_root, split, stats):
     followings = load_annotation_pickle(os.path.join(annt_root, "following_cache4.pkl"), "Flintstones followings")
     split_path = os.path.join(annt_root, "train-val-test_split.json")
     ids = _field(annotation_json(split_path, "Flintstones split"), split, list, split_path)
+    for n, gid in enumerate(ids):
+        if not isinstance(gid, str):
+            raise mmi.InputError(f"{split_path}: {split}[{n}] is {gid!r}, expected a global id (a string)")
     ann_path = os.path.join(annt_root, "flintstones_annotations_v1-0.json")
     anns = annotation_json(ann_path, "Flintstones annotations")
     if not isinstance(followings, dict):
@@ -1677,7 +1603,7 @@ def collate_targets(samples, pad_id, dataset_name, loss_txt_weight=None, loss_im
 class RecordDataset(torch.utils.data.IterableDataset):
     """A fine-tuning set held in memory as a list of records (read up front) -> batches of `batch_size` samples.
     Each epoch deals the records, shuffled by (seed, epoch) unless shuffle=False, round-robin to the rank x worker
-    readers; a reader builds its records in turn (`build(record, rng, where)` -> a sample, or SkipSample: counted by
+    readers; a reader builds its records in turn (`build(record, rng=, where=)` -> a sample, or SkipSample: counted by
     reason and passed over) and collates `batch_size` of them (`collate(samples)` -> the batch dict); an epoch's last
     batch may be smaller. Resumable as MixedDataset: every batch carries meta["position"] = {"reader", "state":
     {"epoch", "next": the reader's next record}}. After a pass, `last_stats` holds its counts; a pass from the start
@@ -1718,8 +1644,8 @@ class RecordDataset(torch.utils.data.IterableDataset):
         for n in range(first, len(mine)):
             reader.stats["lines"] += 1
             try:
-                sample = self.build(self.records[mine[n]], sample_rng(self.seed, (self.epoch, mine[n])),
-                                    f"{self.name}[{mine[n]}]")
+                sample = self.build(self.records[mine[n]], rng=sample_rng(self.seed, (self.epoch, mine[n])),
+                                    where=f"{self.name}[{mine[n]}]")
             except SkipSample as e:
                 reader.stats[f"doc:{e.reason}"] += 1
                 continue
@@ -1739,20 +1665,6 @@ class RecordDataset(torch.utils.data.IterableDataset):
             print(line, flush=True)
 
 
-def _story_builder(tokenizer, transform, context_type, target_image_idxs, num_img_token, img_first_prob, all_targets):
-    return functools.partial(_build_story, tokenizer=tokenizer, transform=transform, context_type=context_type,
-                             target_image_idxs=target_image_idxs, num_img_token=num_img_token,
-                             img_first_prob=img_first_prob, all_targets=all_targets)
-
-
-def _build_story(record, rng, where, **options):
-    return build_story_sample(record, rng=rng, where=where, **options)
-
-
-def _build_ade20k(record, rng, where, **options):
-    return build_ade20k_sample(record, rng=rng, where=where, **options)
-
-
 STORY_READERS = {"vist": read_vist, "pororo": read_pororo, "flintstones": read_flintstones}
 
 
@@ -1765,8 +1677,10 @@ def story_dataset(name, tokenizer, cfg, split, rank, world, seed, annt_root, dat
     stats = Counter()
     stories = story_rounds(STORY_READERS[name](annt_root, data_root, split, stats), round_range)
     all_targets = split == "train" and context_type == "multi_modal" and target_image_idxs is None
-    build = _story_builder(tokenizer, DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
-                           context_type, target_image_idxs, cfg.num_img_token, img_first_prob, all_targets)
+    build = functools.partial(build_story_sample, tokenizer=tokenizer,
+                              transform=DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
+                              context_type=context_type, target_image_idxs=target_image_idxs,
+                              num_img_token=cfg.num_img_token, img_first_prob=img_first_prob, all_targets=all_targets)
     collate = functools.partial(collate_targets, pad_id=tokenizer.pad_id, dataset_name=name,
                                 loss_txt_weight=loss_txt_weight, loss_img_weight=loss_img_weight)
     return RecordDataset(name, stories, build, collate, batch_size, seed, rank, world, split == "train", stats)
@@ -1779,13 +1693,85 @@ def ade20k_dataset(tokenizer, cfg, split, rank, world, seed, annt_root, data_roo
     stats = Counter()
     phase = "training" if split == "train" else "validation"
     records = read_ade20k(annt_root, data_root, phase, stats)
-    build = functools.partial(_build_ade20k, tokenizer=tokenizer,
+    build = functools.partial(build_ade20k_sample, tokenizer=tokenizer,
                               transform=DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size),
                               num_img_token=cfg.num_img_token, text_first=text_first,
                               flip_prob=(0.5 if split == "train" else 0.0) if flip_prob is None else flip_prob)
     collate = functools.partial(collate_targets, pad_id=tokenizer.pad_id, dataset_name="ade20k",
                                 loss_txt_weight=loss_txt_weight, loss_img_weight=loss_img_weight)
     return RecordDataset("ade20k", records, build, collate, batch_size, seed, rank, world, split == "train", stats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference input: annt.json
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_inference_annotations(path, tokenizer, transform=None, num_img_token=64, num_total_token=2048, stats=None):
+    """annt.json (a list of samples with sentences / images / sentence_ixs / image_first / generate_mode...)
+    -> one batch dict per usable sample (B = 1), as the original's `load_annt_data`: placeholders placed per
+    image, sentences joined by spaces, no eos, truncated at num_total_token, images at the encoder size.
+    Broken samples are skipped and counted in `stats`; a summary line is printed."""
+    transform = transform or DualTransform(224, None)
+    stats = Counter() if stats is None else stats
+    infos = read_annt(path)
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for n, info in enumerate(infos):
+        where = f"{path}[{n}]"
+        try:
+            out.append(inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where))
+        except SkipSample as e:
+            stats[e.reason] += 1
+    print(f"[data] {path}: {len(out)} of {len(infos)} samples usable; skipped: "
+          + (", ".join(f"{k}={v}" for k, v in sorted(stats.items())) or "none"), flush=True)
+    return out
+
+
+def read_annt(path):
+    """The list of samples in an annt.json; a file that is missing, unreadable or not a JSON list is an InputError."""
+    return read_json_list(path, "a list of samples")
+
+
+def inference_sample(info, tokenizer, transform, num_img_token, num_total_token, base, where):
+    """One annt.json sample -> its batch dict (B = 1); a sample it cannot use raises SkipSample."""
+    try:
+        sentences, paths = list(info["sentences"]), list(info["images"])
+        sentence_ixs, image_first = list(info["sentence_ixs"]), list(info["image_first"])
+        if not all(isinstance(x, str) for x in sentences + paths):
+            raise ValueError("sentences and images must be strings")
+        sentences = [_strip_special_strings(x) for x in sentences]
+        if not paths or len(paths) != len(sentence_ixs) or len(paths) != len(image_first):
+            raise ValueError("images, sentence_ixs and image_first must be non-empty and of equal length")
+        if not all(0 <= int(ix) < len(sentences) for ix in sentence_ixs):
+            raise ValueError(f"sentence_ixs {sentence_ixs} outside {len(sentences)} sentences")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SkipSample("malformed_sample", f"{where}: {e}") from None
+    images = []
+    for p in paths:
+        img = load_image(p if os.path.isabs(p) or os.path.exists(p) else os.path.join(base, p))
+        images.append(transform(img)[0])
+    text, order = place_images(sentences, [int(i) for i in sentence_ixs], [bool(f) for f in image_first],
+                               image_placeholder(num_img_token))
+    images = [images[k] for k in order]
+    ids = np.asarray(tokenizer.encode(clean_image_spaces(text)), dtype=np.int64)
+    # truncation at num_total_token drops the images whose placeholder does not fit whole
+    soi = np.flatnonzero(ids == tokenizer.soi_id)
+    n = int((soi + num_img_token < num_total_token).sum())
+    if n == 0:
+        end = int(soi[0]) + num_img_token + 1
+        raise SkipSample("image_beyond_budget", f"{where}: {len(ids)} tokens; the first image's placeholder ends "
+                                                f"at token {end}, beyond num_total_token={num_total_token}")
+    ids = ids[:num_total_token if n == len(soi) else min(num_total_token, int(soi[n]))]
+    return {
+        "text_ids": torch.from_numpy(ids)[None],  # (1, l)
+        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+        "image_tensors": to_float01(np.stack(images[:n])),  # (n, 3, 224, 224)
+        "num_image_per_seq": torch.tensor([n]),
+        "nearest_bos_idxs": torch.from_numpy(nearest_bos_idxs(ids, tokenizer.bos_id, tokenizer.soi_id)),
+        "ignore_prompt_token_offset": 0,
+        "target_image_idxs": torch.tensor([n - 1]),
+        "meta": {"dataset_name": "inference", **info},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2201,43 +2187,42 @@ def demo_questions(split, num_questions, start=0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fine-tuning data: one prompt and its answer per row, the loss on the answer only
+# Writing files: checked before the work, replaced whole
 # ---------------------------------------------------------------------------------------------------------------
 
-def answer_batches(source, batch_size, tokenizer, reader, state, loss_weights=(None, None)):
-    """Whole batches of one pass of `source`, one Sample per row (not packed), each row's
-    ignore_prompt_token_offset at its num_prompt_tokens; each batch carries the source state to resume right after
-    it (as source_batches's). An incomplete last batch is dropped."""
-    epoch, pass_idx, key = state["epoch"], state["pass"], state.get("key")
-    start = {} if key is None else {"start_slot": key[2], "start_line": key[3]}
-    samples = []
-    for sample in source.samples(reader, epoch, pass_idx, **start):
-        samples.append(sample)
-        if len(samples) < batch_size:
-            continue
-        rows = [Row(s.text_ids, s.images, s.images_dec, s.image_info,
-                    nearest_bos_idxs(s.text_ids, tokenizer.bos_id, tokenizer.soi_id), [s.key]) for s in samples]
-        reader.stats["rows"] += len(rows)
-        batch = collate_rows(rows, tokenizer.pad_id, source.name, *loss_weights)
-        batch["ignore_prompt_token_offset"] = torch.tensor([s.num_prompt_tokens for s in samples])  # (B,)
-        batch["meta"]["position"] = {"epoch": epoch, "pass": pass_idx, "key": source.next_key(sample.key), "skip": 0}
-        yield batch
-        samples = []
+@contextlib.contextmanager
+def replaced_on_success(path):
+    """A temporary path beside `path` (same extension) to write, renamed onto `path` when the block ends without
+    an error: a crash leaves the old file or the new one, never half of one (and no temporary file)."""
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    try:
+        yield tmp
+        os.replace(tmp, path)       # inside the try: a rename that fails (onto a folder) removes the temporary too
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-class AnswerDataset(MixedDataset):
-    """A MixedDataset whose sources' Samples are rows of their own (answer_batches), `batch_size` of its pack
-    configs to a batch: resumable, mixed and dealt to ranks and workers as the packed streams are."""
-
-    def _stream(self, i, reader, state):
-        return answer_batches(self.sources[i], self.pack_configs[i].batch_size, self.tokenizer, reader, state,
-                              self.loss_weights[i])
-
-
-def demo_qa_finetune(tokenizer, cfg, split, rank, world, seed, batch_size=16, num_questions=None):
-    """finetune_dataset "demo_qa": demo_qa_dataset for a model of config `cfg`."""
-    return demo_qa_dataset(tokenizer, split, cfg.num_img_token, batch_size, num_questions, seed=seed,
-                           image_size=cfg.vision.image_size, rank=rank, world_size=world)
+def check_writable(path, flag, folder=False):
+    """Before the work: an InputError naming `flag` unless a file (folder=True: files in a folder) can be written at
+    `path`, the folders missing on the way made. Nothing is left behind."""
+    if not path:
+        raise mmi.InputError(f"{flag} is empty, expected a path")
+    if os.path.isdir(path) and not folder:
+        raise mmi.InputError(f"{flag}={path}: is a folder, expected the path of a file to write")
+    if os.path.exists(path) and not os.path.isdir(path) and folder:
+        raise mmi.InputError(f"{flag}={path}: is a file, expected a folder to write into")
+    base = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise mmi.InputError(f"{flag}={path}: {base} is a file, expected a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise mmi.InputError(f"{flag}={path}: cannot create a file in {base} ({e.strerror})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,9 +31,10 @@ Layout under --data_root (the original README's tree; the files each task reads)
         flintstones/video_frames_sampled_png/
     ADEChallengeData2016/validation.json, images/validation/, annotations/validation/ (+ annotations_with_color/)
 
-Sections follow the work: caption metrics (PTB-style tokenisation, BLEU, CIDEr-D) -> VQA accuracy -> VisDial NDCG
--> FID (Inception-v3 with the FID weights, Frechet distance) -> CLIP ViT-L/14 for best-of-8 re-ranking -> one
-reader per evaluation set -> prompts and batches -> the task runners -> distribution over ranks -> command line.
+Sections follow the work: one reader per evaluation set -> prompts, batches and generation -> the metrics (caption
+metrics: PTB-style tokenisation, BLEU, CIDEr-D; VQA accuracy; VisDial NDCG; FID: Inception-v3 with the FID weights,
+Frechet distance; CLIP ViT-L/14 for best-of-8 re-ranking) -> the demo scoreboard -> the task runners, pre-trained
+then fine-tuned -> distribution over ranks -> model loading, the run and the command line.
 Every metric is implemented here with numpy/torch; the tests check them against pycocoevalcap, scipy,
 transformers' CLIP and hand-computed cases.
 """
@@ -61,6 +62,448 @@ from tqdm import tqdm
 import data
 import mmi
 from mmi import InputError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers: one per evaluation set, each reading the original layout under --data_root
+# ---------------------------------------------------------------------------------------------------------------
+# Every reader returns a list of plain dicts (JSON-serialisable): "id" (the key the original scores by),
+# "image" (a path) and the task's fields. References for scoring are read separately (`*_references`).
+# A malformed annotation file is an InputError naming the file, the record and the field; a missing image is not
+# (the run skips and counts it).
+
+def _annotation_json(path, what):
+    return data.annotation_json(path, what, " (expected the original evaluation layout, see eval.py --help)")
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_TYPE_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
+
+
+def _require(record, fields, where):
+    """`record` must be an object with `fields`: names, or {name: expected type or tuple of types}. -> record"""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected an object with fields {list(fields)}, got {_short(record)}")
+    for k in fields:
+        if k not in record:
+            raise InputError(f"{where}: missing field {k!r} (expected fields {list(fields)})")
+        want = fields[k] if isinstance(fields, dict) else object
+        if want is not object and (not isinstance(record[k], want) or isinstance(record[k], bool)):
+            names = " or ".join(_TYPE_NAMES[t] for t in (want if isinstance(want, tuple) else (want,)))
+            raise InputError(f"{where}: field {k!r} is {_short(record[k])}, expected {names}")
+    return record
+
+
+def _require_list(value, where):
+    if not isinstance(value, list):
+        raise InputError(f"{where}: expected a list of records, got {_short(value)}")
+    return value
+
+
+def _coco_id_from_name(name, where):
+    # "val2014/COCO_val2014_000000391895.jpg" -> 391895
+    digits = os.path.splitext(name)[0].split("_")[-1]
+    if not digits.isdecimal():               # "²" is a digit that int() refuses
+        raise InputError(f"{where}: field 'image' is {name!r}, expected a COCO file name ending in its image id "
+                         f"(e.g. val2014/COCO_val2014_000000391895.jpg)")
+    return int(digits)
+
+
+def _first_per_image(samples):
+    """Keep the first sample of every image id (the original evaluates each image once)."""
+    first = {}
+    for s in samples:
+        first.setdefault(s["id"], s)
+    return list(first.values())
+
+
+def read_coco_karpathy(root):
+    path = os.path.join(root, "coco", "annotations", "coco_karpathy_test.json")
+    items = _require_list(_annotation_json(path, "Karpathy test split"), path)
+    samples = []
+    for i, it in enumerate(items):
+        _require(it, {"image": str}, f"{path}[{i}]")
+        samples.append({"id": _coco_id_from_name(it["image"], f"{path}[{i}]"),
+                        "image": os.path.join(root, "coco", it["image"])})
+    return _first_per_image(samples)
+
+
+def _coco_format_captions(path, image_dir, what):
+    meta = _require(_annotation_json(path, what), {"images": list, "annotations": list}, path)
+    names = {}
+    for i, im in enumerate(meta["images"]):
+        _require(im, {"id": (int, str), "file_name": str}, f"{path}: images[{i}]")
+        names[im["id"]] = im["file_name"]
+    samples = []
+    for i, ann in enumerate(meta["annotations"]):
+        _require(ann, {"image_id": (int, str), "caption": str}, f"{path}: annotations[{i}]")
+        if ann["image_id"] not in names:
+            raise InputError(f"{path}: annotations[{i}] has image_id {ann['image_id']!r} not listed in 'images'")
+        samples.append({"id": ann["image_id"], "image": os.path.join(image_dir, names[ann["image_id"]])})
+    return _first_per_image(samples)
+
+
+def read_flickr30k(root):
+    return _coco_format_captions(os.path.join(root, "flickr30k", "test1k.token.coco_format"),
+                                 os.path.join(root, "flickr30k", "flickr30k-images"), "Flickr30k test-1k captions")
+
+
+def read_nocaps(root):
+    return _coco_format_captions(os.path.join(root, "nocaps", "nocaps_val_4500_captions.json"),
+                                 os.path.join(root, "nocaps", "images"), "NoCaps validation captions")
+
+
+def read_image2paragraph(root):
+    base = os.path.join(root, "image2paragraph")
+    path = os.path.join(base, "annotations", "paragraphs_coco.json")
+    anns = _require(_annotation_json(path, "Stanford paragraphs (COCO format)"), {"annotations": list}, path)
+    split_path = os.path.join(base, "annotations", "test_split.json")
+    split = _require_list(_annotation_json(split_path, "paragraph test split"), split_path)
+    for i, x in enumerate(split):
+        if not isinstance(x, (int, str)) or isinstance(x, bool):
+            raise InputError(f"{split_path}[{i}]: {_short(x)} is not an image id")
+    split = set(split)
+    by_image = {}
+    for i, a in enumerate(anns["annotations"]):
+        _require(a, {"image_id": (int, str), "url": str}, f"{path}: annotations[{i}]")
+        by_image[a["image_id"]] = a                       # the original keeps the last record per image
+    # image path = the last two parts of the url (e.g. ".../VG_100K_2/123.jpg")
+    return [{"id": k, "image": os.path.join(base, "images", *a["url"].split("/")[-2:])}
+            for k, a in by_image.items() if k in split]
+
+
+_CAPTION_REFERENCES = {"coco_karpathy": ("coco", "annotations", "coco_karpathy_test_gt.json"),
+                       "flickr30k": ("flickr30k", "test1k.token.coco_format"),
+                       "nocaps": ("nocaps", "nocaps_val_4500_captions.json"),
+                       "image2paragraph": ("image2paragraph", "annotations", "paragraphs_coco.json")}
+
+
+def caption_references(task, root):
+    """{image id: [reference captions]} from the file the original scores against."""
+    path = os.path.join(root, *_CAPTION_REFERENCES[task])
+    meta = _require(_annotation_json(path, "caption references"), {"annotations": list}, path)
+    refs = {}
+    for i, a in enumerate(meta["annotations"]):
+        _require(a, {"image_id": (int, str), "caption": str}, f"{path}: annotations[{i}]")
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    return refs
+
+
+def _answers(record, where):
+    """The human answers of a checked VQA record: VQA-format {"answer": ...} dicts, or plain strings."""
+    if not record["answers"]:
+        raise InputError(f"{where}: field 'answers' is empty (VQA accuracy needs the human answers)")
+    out = []
+    for j, x in enumerate(record["answers"]):
+        answer = x.get("answer") if isinstance(x, dict) else x
+        if not isinstance(answer, str):
+            raise InputError(f"{where}: answers[{j}] is {_short(x)}, expected a string or {{'answer': string}}")
+        out.append(answer)
+    return out
+
+
+def _read_vqa(root, folder, ann_name, q_name, what, image_path, image_id=(int, str), question_fields=None):
+    """VQA-format annotation and question files under root/folder, both checked -> samples in annotation order;
+    image_path(question) is the image file."""
+    ann_path, q_path = os.path.join(root, folder, ann_name), os.path.join(root, folder, q_name)
+    anns = _require(_annotation_json(ann_path, f"{what} annotations"), {"annotations": list}, ann_path)
+    qs = _require(_annotation_json(q_path, f"{what} questions"), {"questions": list}, q_path)
+    by_id = {}
+    for i, a in enumerate(anns["annotations"]):
+        where = f"{ann_path}: annotations[{i}]"
+        _require(a, {"question_id": (int, str), "image_id": image_id, "answers": list}, where)
+        by_id[a["question_id"]] = dict(a, answers=_answers(a, where))
+    fields = {"question_id": (int, str), "image_id": image_id, "question": str, **(question_fields or {})}
+    for i, q in enumerate(qs["questions"]):
+        _require(q, fields, f"{q_path}: questions[{i}]")
+        a = by_id.get(q["question_id"])
+        if a is None:
+            raise InputError(f"{q_path}: questions[{i}] has question_id {q['question_id']} without an annotation "
+                             f"in {ann_path}")
+        if a["image_id"] != q["image_id"]:
+            raise InputError(f"{q_path}: questions[{i}] image_id {q['image_id']} != annotation's {a['image_id']}")
+    questions = {q["question_id"]: q for q in qs["questions"]}
+    return [{"id": qid, "image": image_path(questions[qid]), "question": questions[qid]["question"],
+             "answers": a["answers"]} for qid, a in by_id.items() if qid in questions]
+
+
+def _coco_val2014(root, image_id):
+    return os.path.join(root, "coco", "val2014", f"COCO_val2014_{image_id:012d}.jpg")
+
+
+def read_vqav2(root):
+    return _read_vqa(root, "VQAv2", "v2_mscoco_val2014_annotations.json", "v2_OpenEnded_mscoco_val2014_questions.json",
+                     "VQAv2 val", lambda q: _coco_val2014(root, q["image_id"]), image_id=int)
+
+
+def read_okvqa(root):
+    return _read_vqa(root, "OK-VQA", "mscoco_val2014_annotations.json", "OpenEnded_mscoco_val2014_questions.json",
+                     "OK-VQA val", lambda q: _coco_val2014(root, q["image_id"]), image_id=int)
+
+
+def read_textvqa(root):
+    return _read_vqa(root, "textvqa", "textvqa_val_annotations.json", "textvqa_val_questions.json", "TextVQA val",
+                     lambda q: os.path.join(root, "textvqa", "train_images", q["image"]),
+                     question_fields={"image": str})
+
+
+def read_vizwiz(root):
+    path = os.path.join(root, "VizWiz", "val.json")
+    items = _require_list(_annotation_json(path, "VizWiz val"), path)
+    out = []
+    for i, it in enumerate(items):
+        _require(it, {"image": str, "question": str, "answers": list}, f"{path}[{i}]")
+        out.append({"id": it["image"], "image": os.path.join(root, "VizWiz", "val", it["image"]),
+                    "question": it["question"], "answers": _answers(it, f"{path}[{i}]")})
+    return out
+
+
+def _pick(table, index, where, what):
+    """table[index], where `index` must be an index into the `what` list of VisDial's data."""
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(table):
+        raise InputError(f"{where} is {_short(index)}, expected an index into data's {len(table)} {what}")
+    return table[index]
+
+
+def read_visdial(root):
+    """VisDial v1.0 val with dense annotations: one sample per dialog, asking the densely annotated round.
+
+    "context" is the text the original puts after the image (see `visdial_context`): "caption: ...", the history,
+    where (as in the original) the round just before the asked one is left out, then "question: ...? answer:"."""
+    base = os.path.join(root, "visdial")
+    path = os.path.join(base, "visdial_1.0_val.json")
+    meta = _require(_annotation_json(path, "VisDial v1.0 val"), {"data": dict}, path)
+    d = _require(meta["data"], {"dialogs": list, "questions": list, "answers": list}, f"{path}: data")
+    dense_path = os.path.join(base, "visdial_1.0_val_dense_annotations.json")
+    dense = {}
+    for j, x in enumerate(_require_list(_annotation_json(dense_path, "VisDial dense annotations"), dense_path)):
+        _require(x, {"image_id": int, "round_id": int, "gt_relevance": list}, f"{dense_path}[{j}]")
+        dense[x["image_id"]] = (j, x)
+    out = []
+    for i, dlg in enumerate(d["dialogs"]):
+        where = f"{path}: dialogs[{i}]"
+        _require(dlg, {"image_id": int, "caption": str, "dialog": list}, where)
+        if dlg["image_id"] not in dense:
+            raise InputError(f"{dense_path}: no dense annotation for image_id {dlg['image_id']} (dialogs[{i}])")
+        j, rel = dense[dlg["image_id"]]
+        rounds, asked = dlg["dialog"], rel["round_id"] - 1
+        if not 0 <= asked < len(rounds):
+            raise InputError(f"{dense_path}[{j}]: round_id {rel['round_id']} is not one of dialogs[{i}]'s "
+                             f"{len(rounds)} rounds")
+        text = f" caption: {dlg['caption']}. "
+        for k, r in enumerate(rounds[:max(asked - 1, 0)]):
+            _require(r, ("question", "answer"), f"{where}.dialog[{k}]")
+            text += (f"question: {_pick(d['questions'], r['question'], f'{where}.dialog[{k}].question', 'questions')}"
+                     f"? answer: {_pick(d['answers'], r['answer'], f'{where}.dialog[{k}].answer', 'answers')}. ")
+        r = _require(rounds[asked], {"question": object, "answer_options": list}, f"{where}.dialog[{asked}]")
+        text += f"question: {_pick(d['questions'], r['question'], f'{where}.dialog[{asked}].question', 'questions')}"
+        text += "? answer:"
+        options = [_pick(d["answers"], o, f"{where}.dialog[{asked}].answer_options[{n}]", "answers")
+                   for n, o in enumerate(r["answer_options"])]
+        relevance = rel["gt_relevance"]
+        if len(options) != len(relevance):
+            raise InputError(f"{dense_path}: image_id {dlg['image_id']} has {len(relevance)} relevances "
+                             f"for {len(options)} answer options")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in relevance) or not any(relevance):
+            raise InputError(f"{dense_path}[{j}]: gt_relevance must be numbers, not all zero (NDCG is undefined "
+                             f"without a relevant option); got {_short(relevance)}")
+        if not all(math.isfinite(x) and x >= 0 for x in relevance):      # NaN would make NDCG, and the JSON, NaN
+            raise InputError(f"{dense_path}[{j}]: gt_relevance must be finite numbers >= 0; got {_short(relevance)}")
+        out.append({"id": dlg["image_id"], "context": text, "options": options, "relevance": relevance,
+                    "image": os.path.join(base, "VisualDialog_val2018",
+                                          f"VisualDialog_val2018_{dlg['image_id']:012d}.jpg")})
+    return out
+
+
+def read_coco_t2i(root, total_length=30_000):
+    """MS-COCO val2014 text-to-image: the first caption of each image, the first `total_length` images."""
+    path = os.path.join(root, "coco", "annotations", "captions_val2014.json")
+    meta = _require(_annotation_json(path, "COCO val2014 captions"), {"annotations": list}, path)
+    out, seen = [], set()
+    for i, a in enumerate(meta["annotations"]):
+        _require(a, {"image_id": int, "caption": str}, f"{path}: annotations[{i}]")
+        if a["image_id"] in seen:
+            continue
+        seen.add(a["image_id"])
+        out.append({"id": len(out), "caption": a["caption"].lower(), "image": _coco_val2014(root, a["image_id"])})
+    return out[:total_length]
+
+
+def read_lncoco(root, total_length=30_000, seed=0):
+    """LN-COCO: every caption of coco_val_captions.jsonl; when there are fewer than `total_length`, extra
+    captions are drawn with probability inversely proportional to their image's caption count (the original
+    draws unseeded; here the draw is seeded)."""
+    path = os.path.join(root, "lncoco", "coco_val_captions.jsonl")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: LN-COCO captions not found (expected the original evaluation layout, see "
+                         f"eval.py --help)")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if line.strip():
+                try:
+                    it = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n + 1}: not a JSON line ({e})") from None
+                except RecursionError:
+                    raise InputError(f"{path}:{n + 1}: nested too deeply to read") from None
+                _require(it, {"image_id": (int, str), "caption": str}, f"{path}:{n + 1}")
+                if isinstance(it["image_id"], str) and not it["image_id"].isdecimal():
+                    raise InputError(f"{path}:{n + 1}: field 'image_id' is {_short(it['image_id'])}, expected a "
+                                     f"COCO image id")
+                items.append(it)
+    if len(items) >= total_length:
+        items = items[:total_length]
+    elif items:
+        per_image = Counter(it["image_id"] for it in items)
+        w = np.array([1.0 / per_image[it["image_id"]] for it in items])
+        extra = np.random.default_rng(seed).choice(len(items), total_length - len(items), p=w / w.sum())
+        items = items + [items[j] for j in extra]
+    return [{"id": i, "caption": it["caption"],
+             "image": os.path.join(root, "coco", "val2017", f"{int(it['image_id']):012d}.jpg")}
+            for i, it in enumerate(items)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts (the original collators' strings) and batches
+# ---------------------------------------------------------------------------------------------------------------
+
+def caption_prompt(num_img_token):
+    return data.image_placeholder(num_img_token) + " a photo of"
+
+
+def t2i_prompt(caption, num_img_token):
+    # the original's collator strips the whole prompt, so a caption's leading spaces go
+    return (caption.lstrip() + " " + data.image_placeholder(num_img_token)).lstrip()
+
+
+def paragraph_prompt(num_img_token):
+    return data.image_placeholder(num_img_token) + "Please describe the image in detail. The image depicts"
+
+
+def vqa_prompt(question, num_img_token):
+    return (f"Based on the image, please answer the question. {data.image_placeholder(num_img_token)}{question} "
+            f"Please provide an accurate answer within one word. The answer is:")
+
+
+def vizwiz_prompt(question, num_img_token):
+    return (f"Based on the image, please answer the question. {data.image_placeholder(num_img_token)}{question} "
+            f"When the provided information is insufficient, respond with 'Unanswerable'. Please provide an "
+            f"accurate answer within one word. The answer is:")
+
+
+# The original generation settings per prompt kind. Its min_length counted a dummy bos, hence
+# min_new_tokens = min_length - 1; its max_length was the number of new tokens.
+CAPTION_GENERATION = dict(max_new_tokens=20, min_new_tokens=7, num_beams=5, length_penalty=1.0)
+PARAGRAPH_GENERATION = dict(max_new_tokens=90, min_new_tokens=89, num_beams=5, length_penalty=1.0,
+                            repetition_penalty=1.2)
+VQA_GENERATION = dict(max_new_tokens=10, min_new_tokens=0, num_beams=3, length_penalty=0.0)
+
+
+def load_eval_image(path, size):
+    """An evaluation image through the 224-style centre crop (at the model's image size) -> float [3, S, S].
+    A missing or unreadable file raises data.SkipSample."""
+    return data.encoder_image(data.load_image(path), size)
+
+
+def skipped(sample, e):
+    """The output of a sample the run could not use (a data.SkipSample): counted by reason, left out of the score."""
+    return {"id": sample["id"], "skipped": e.reason, "detail": e.detail}
+
+
+def check_prompt_length(num_tokens, new_tokens, cfg):
+    """A prompt whose tokens and the `new_tokens` after them exceed the model's positions is skipped (SkipSample
+    "prompt_too_long"): the model never saw such positions, and the attention mask grows as the length squared."""
+    limit = cfg.llm.max_position_embeddings
+    if num_tokens + new_tokens > limit:
+        raise data.SkipSample("prompt_too_long", f"{num_tokens} prompt tokens + {new_tokens} new, more than "
+                                                 f"max_position_embeddings {limit}")
+
+
+def _load_images(chunk, load):
+    """-> ({index in chunk: load(sample)} for the samples whose images load, {index: skip record} for the others)."""
+    images, skips = {}, {}
+    for i, s in enumerate(chunk):
+        try:
+            images[i] = load(s)
+        except data.SkipSample as e:
+            skips[i] = skipped(s, e)
+    return images, skips
+
+
+def text_batch(prompts, images, tokenizer, pad_left=True):
+    """Prompts and their [3, S, S] images (one per image placeholder, in order) -> the model's batch dict, padded
+    with pad ids on the left (generation) or right (drawing), mask 0 on padding."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    return dict(text_ids=data.pad_rows(ids, tokenizer.pad_id, pad_left),
+                attention_mask=data.pad_rows([[1] * len(x) for x in ids], 0, pad_left),
+                image_tensors=torch.stack(images),
+                num_image_per_seq=torch.tensor([p.count(data.SOI_TOKEN) for p in prompts]))
+
+
+def _to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _batches(samples, batch_size, desc):
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=False):
+        yield samples[i:i + batch_size]
+
+
+def generate_ids(model, tokenizer, prompts, images, generation, device):
+    """One generate call over left-padded prompts -> each one's new token ids (its stop token last, if any)."""
+    out = model.generate_texts(_to_device(text_batch(prompts, images, tokenizer), device), **generation)
+    return [ids[:n] for ids, n in zip(out["text_ids"].tolist(), out["lengths"].tolist())]
+
+
+def _generate_texts(model, tokenizer, prompts, images, generation, device):
+    """One generate call over left-padded prompts -> their texts (special tokens skipped, stripped)."""
+    ids = generate_ids(model, tokenizer, prompts, images, generation, device)
+    return [tokenizer.decode(x).strip() for x in ids]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_size, device, desc, make_output):
+    """Generate a text for every sample; yields make_output(sample, text) per sample, in order, as each batch
+    finishes, or a skip record for a sample whose image cannot be read or whose prompt is too long for the model
+    (check_prompt_length)."""
+    def load(s):
+        image = load_eval_image(s["image"], model.cfg.vision.image_size)
+        check_prompt_length(len(tokenizer.encode(make_prompt(s))), generation["max_new_tokens"], model.cfg)
+        return image
+
+    for chunk in _batches(samples, batch_size, desc):
+        images, skips = _load_images(chunk, load)
+        texts = {}
+        if images:
+            texts = dict(zip(images, _generate_texts(model, tokenizer, [make_prompt(chunk[i]) for i in images],
+                                                     list(images.values()), generation, device)))
+        for i, s in enumerate(chunk):
+            yield skips[i] if i in skips else make_output(s, texts[i])
+
+
+@torch.no_grad()
+def option_log_likelihoods(model, tokenizer, context_ids, image, options, rows_per_pass=8):
+    """Summed log-probability of each option's tokens after the context (VisDial ranking).
+
+    Rows are context + option, right-padded: with causal attention the padding after an option cannot change
+    its tokens' logits, so no mask is needed. Options are tokenised without bos."""
+    scores = []
+    c = len(context_ids)
+    for i in range(0, len(options), rows_per_pass):
+        opts = [tokenizer.encode(o, add_bos=False) for o in options[i:i + rows_per_pass]]
+        text_ids = data.pad_rows([context_ids + o for o in opts], tokenizer.pad_id)
+        batch = dict(text_ids=text_ids.to(image.device), image_tensors=image[None].expand(len(opts), -1, -1, -1),
+                     num_image_per_seq=torch.ones(len(opts), dtype=torch.long, device=image.device))
+        logp = model.text_logits(batch)[:, c - 1:-1].log_softmax(-1)                    # (n, L - c, V)
+        for r, o in enumerate(opts):
+            picked = logp[r, torch.arange(len(o)), torch.tensor(o, device=logp.device)]
+            scores.append(float(picked.sum()))
+    return scores
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Caption metrics: PTB-style tokenisation, BLEU-1..4, CIDEr-D (as pycocoevalcap computes them)
@@ -678,468 +1121,12 @@ def clip_best_of(scorer, text_ids, images, num_candidates):
     """Index of the best candidate per caption. text_ids: one id list per caption (bos ... eos, as CLIP's
     tokenizer gives them); images: [num_candidates * B, 3, S, S] in [0, 1], copy-major (all captions' first
     candidate, then the second, ...), as the original's generator returns them. -> [B] candidate indices."""
-    B = len(text_ids)
-    L = max(len(t) for t in text_ids)
-    device = images.device
-    ids = torch.zeros((B, L), dtype=torch.long, device=device)      # after eos: masked by causality, never read
-    for i, t in enumerate(text_ids):
-        ids[i, :len(t)] = torch.tensor(t)
+    B, device = len(text_ids), images.device
+    ids = data.pad_rows(text_ids, 0).to(device)                     # after eos: masked by causality, never read
     text = scorer.text_features(ids, torch.tensor([len(t) - 1 for t in text_ids], device=device))
     image = scorer.image_features(images)
     scores = (image.view(num_candidates, B, -1) * text[None]).sum(-1)                 # (num_candidates, B)
     return scores.argmax(0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Readers: one per evaluation set, each reading the original layout under --data_root
-# ---------------------------------------------------------------------------------------------------------------
-# Every reader returns a list of plain dicts (JSON-serialisable): "id" (the key the original scores by),
-# "image" (a path) and the task's fields. References for scoring are read separately (`*_references`).
-# A malformed annotation file is an InputError naming the file, the record and the field; a missing image is not
-# (the run skips and counts it).
-
-def _annotation_json(path, what):
-    return data.annotation_json(path, what, " (expected the original evaluation layout, see eval.py --help)")
-
-
-def _short(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-_TYPE_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
-
-
-def _require(record, fields, where):
-    """`record` must be an object with `fields`: names, or {name: expected type or tuple of types}. -> record"""
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected an object with fields {list(fields)}, got {_short(record)}")
-    for k in fields:
-        if k not in record:
-            raise InputError(f"{where}: missing field {k!r} (expected fields {list(fields)})")
-        want = fields[k] if isinstance(fields, dict) else object
-        if want is not object and (not isinstance(record[k], want) or isinstance(record[k], bool)):
-            names = " or ".join(_TYPE_NAMES[t] for t in (want if isinstance(want, tuple) else (want,)))
-            raise InputError(f"{where}: field {k!r} is {_short(record[k])}, expected {names}")
-    return record
-
-
-def _require_list(value, where):
-    if not isinstance(value, list):
-        raise InputError(f"{where}: expected a list of records, got {_short(value)}")
-    return value
-
-
-def _coco_id_from_name(name, where):
-    # "val2014/COCO_val2014_000000391895.jpg" -> 391895
-    digits = os.path.splitext(name)[0].split("_")[-1]
-    if not digits.isdigit():
-        raise InputError(f"{where}: field 'image' is {name!r}, expected a COCO file name ending in its image id "
-                         f"(e.g. val2014/COCO_val2014_000000391895.jpg)")
-    return int(digits)
-
-
-def _first_per_image(samples):
-    """Keep the first sample of every image id (the original evaluates each image once)."""
-    first = {}
-    for s in samples:
-        first.setdefault(s["id"], s)
-    return list(first.values())
-
-
-def read_coco_karpathy(root):
-    path = os.path.join(root, "coco", "annotations", "coco_karpathy_test.json")
-    items = _require_list(_annotation_json(path, "Karpathy test split"), path)
-    samples = []
-    for i, it in enumerate(items):
-        _require(it, {"image": str}, f"{path}[{i}]")
-        samples.append({"id": _coco_id_from_name(it["image"], f"{path}[{i}]"),
-                        "image": os.path.join(root, "coco", it["image"])})
-    return _first_per_image(samples)
-
-
-def _coco_format_captions(path, image_dir, what):
-    meta = _require(_annotation_json(path, what), {"images": list, "annotations": list}, path)
-    names = {}
-    for i, im in enumerate(meta["images"]):
-        _require(im, {"id": (int, str), "file_name": str}, f"{path}: images[{i}]")
-        names[im["id"]] = im["file_name"]
-    samples = []
-    for i, ann in enumerate(meta["annotations"]):
-        _require(ann, {"image_id": (int, str), "caption": str}, f"{path}: annotations[{i}]")
-        if ann["image_id"] not in names:
-            raise InputError(f"{path}: annotations[{i}] has image_id {ann['image_id']!r} not listed in 'images'")
-        samples.append({"id": ann["image_id"], "image": os.path.join(image_dir, names[ann["image_id"]])})
-    return _first_per_image(samples)
-
-
-def read_flickr30k(root):
-    return _coco_format_captions(os.path.join(root, "flickr30k", "test1k.token.coco_format"),
-                                 os.path.join(root, "flickr30k", "flickr30k-images"), "Flickr30k test-1k captions")
-
-
-def read_nocaps(root):
-    return _coco_format_captions(os.path.join(root, "nocaps", "nocaps_val_4500_captions.json"),
-                                 os.path.join(root, "nocaps", "images"), "NoCaps validation captions")
-
-
-def read_image2paragraph(root):
-    base = os.path.join(root, "image2paragraph")
-    path = os.path.join(base, "annotations", "paragraphs_coco.json")
-    anns = _require(_annotation_json(path, "Stanford paragraphs (COCO format)"), {"annotations": list}, path)
-    split_path = os.path.join(base, "annotations", "test_split.json")
-    split = _require_list(_annotation_json(split_path, "paragraph test split"), split_path)
-    for i, x in enumerate(split):
-        if not isinstance(x, (int, str)) or isinstance(x, bool):
-            raise InputError(f"{split_path}[{i}]: {_short(x)} is not an image id")
-    split = set(split)
-    by_image = {}
-    for i, a in enumerate(anns["annotations"]):
-        _require(a, {"image_id": (int, str), "url": str}, f"{path}: annotations[{i}]")
-        by_image[a["image_id"]] = a                       # the original keeps the last record per image
-    # image path = the last two parts of the url (e.g. ".../VG_100K_2/123.jpg")
-    return [{"id": k, "image": os.path.join(base, "images", *a["url"].split("/")[-2:])}
-            for k, a in by_image.items() if k in split]
-
-
-_CAPTION_REFERENCES = {"coco_karpathy": ("coco", "annotations", "coco_karpathy_test_gt.json"),
-                       "flickr30k": ("flickr30k", "test1k.token.coco_format"),
-                       "nocaps": ("nocaps", "nocaps_val_4500_captions.json"),
-                       "image2paragraph": ("image2paragraph", "annotations", "paragraphs_coco.json")}
-
-
-def caption_references(task, root):
-    """{image id: [reference captions]} from the file the original scores against."""
-    path = os.path.join(root, *_CAPTION_REFERENCES[task])
-    meta = _require(_annotation_json(path, "caption references"), {"annotations": list}, path)
-    refs = {}
-    for i, a in enumerate(meta["annotations"]):
-        _require(a, {"image_id": (int, str), "caption": str}, f"{path}: annotations[{i}]")
-        refs.setdefault(a["image_id"], []).append(a["caption"])
-    return refs
-
-
-def _answers(record, where):
-    """The human answers of a checked VQA record: VQA-format {"answer": ...} dicts, or plain strings."""
-    if not record["answers"]:
-        raise InputError(f"{where}: field 'answers' is empty (VQA accuracy needs the human answers)")
-    out = []
-    for j, x in enumerate(record["answers"]):
-        answer = x.get("answer") if isinstance(x, dict) else x
-        if not isinstance(answer, str):
-            raise InputError(f"{where}: answers[{j}] is {_short(x)}, expected a string or {{'answer': string}}")
-        out.append(answer)
-    return out
-
-
-def _read_vqa(root, folder, ann_name, q_name, what, image_path, image_id=(int, str), question_fields=None):
-    """VQA-format annotation and question files under root/folder, both checked -> samples in annotation order;
-    image_path(question) is the image file."""
-    ann_path, q_path = os.path.join(root, folder, ann_name), os.path.join(root, folder, q_name)
-    anns = _require(_annotation_json(ann_path, f"{what} annotations"), {"annotations": list}, ann_path)
-    qs = _require(_annotation_json(q_path, f"{what} questions"), {"questions": list}, q_path)
-    by_id = {}
-    for i, a in enumerate(anns["annotations"]):
-        where = f"{ann_path}: annotations[{i}]"
-        _require(a, {"question_id": (int, str), "image_id": image_id, "answers": list}, where)
-        by_id[a["question_id"]] = dict(a, answers=_answers(a, where))
-    fields = {"question_id": (int, str), "image_id": image_id, "question": str, **(question_fields or {})}
-    for i, q in enumerate(qs["questions"]):
-        _require(q, fields, f"{q_path}: questions[{i}]")
-        a = by_id.get(q["question_id"])
-        if a is None:
-            raise InputError(f"{q_path}: questions[{i}] has question_id {q['question_id']} without an annotation "
-                             f"in {ann_path}")
-        if a["image_id"] != q["image_id"]:
-            raise InputError(f"{q_path}: questions[{i}] image_id {q['image_id']} != annotation's {a['image_id']}")
-    questions = {q["question_id"]: q for q in qs["questions"]}
-    return [{"id": qid, "image": image_path(questions[qid]), "question": questions[qid]["question"],
-             "answers": a["answers"]} for qid, a in by_id.items() if qid in questions]
-
-
-def _coco_val2014(root, image_id):
-    return os.path.join(root, "coco", "val2014", f"COCO_val2014_{image_id:012d}.jpg")
-
-
-def read_vqav2(root):
-    return _read_vqa(root, "VQAv2", "v2_mscoco_val2014_annotations.json", "v2_OpenEnded_mscoco_val2014_questions.json",
-                     "VQAv2 val", lambda q: _coco_val2014(root, q["image_id"]), image_id=int)
-
-
-def read_okvqa(root):
-    return _read_vqa(root, "OK-VQA", "mscoco_val2014_annotations.json", "OpenEnded_mscoco_val2014_questions.json",
-                     "OK-VQA val", lambda q: _coco_val2014(root, q["image_id"]), image_id=int)
-
-
-def read_textvqa(root):
-    return _read_vqa(root, "textvqa", "textvqa_val_annotations.json", "textvqa_val_questions.json", "TextVQA val",
-                     lambda q: os.path.join(root, "textvqa", "train_images", q["image"]),
-                     question_fields={"image": str})
-
-
-def read_vizwiz(root):
-    path = os.path.join(root, "VizWiz", "val.json")
-    items = _require_list(_annotation_json(path, "VizWiz val"), path)
-    out = []
-    for i, it in enumerate(items):
-        _require(it, {"image": str, "question": str, "answers": list}, f"{path}[{i}]")
-        out.append({"id": it["image"], "image": os.path.join(root, "VizWiz", "val", it["image"]),
-                    "question": it["question"], "answers": _answers(it, f"{path}[{i}]")})
-    return out
-
-
-def _pick(table, index, where, what):
-    """table[index], where `index` must be an index into the `what` list of VisDial's data."""
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(table):
-        raise InputError(f"{where} is {_short(index)}, expected an index into data's {len(table)} {what}")
-    return table[index]
-
-
-def read_visdial(root):
-    """VisDial v1.0 val with dense annotations: one sample per dialog, asking the densely annotated round.
-
-    "context" is the text the original puts after the image (see `visdial_context`): "caption: ...", the history,
-    where (as in the original) the round just before the asked one is left out, then "question: ...? answer:"."""
-    base = os.path.join(root, "visdial")
-    path = os.path.join(base, "visdial_1.0_val.json")
-    meta = _require(_annotation_json(path, "VisDial v1.0 val"), {"data": dict}, path)
-    d = _require(meta["data"], {"dialogs": list, "questions": list, "answers": list}, f"{path}: data")
-    dense_path = os.path.join(base, "visdial_1.0_val_dense_annotations.json")
-    dense = {}
-    for j, x in enumerate(_require_list(_annotation_json(dense_path, "VisDial dense annotations"), dense_path)):
-        _require(x, {"image_id": int, "round_id": int, "gt_relevance": list}, f"{dense_path}[{j}]")
-        dense[x["image_id"]] = (j, x)
-    out = []
-    for i, dlg in enumerate(d["dialogs"]):
-        where = f"{path}: dialogs[{i}]"
-        _require(dlg, {"image_id": int, "caption": str, "dialog": list}, where)
-        if dlg["image_id"] not in dense:
-            raise InputError(f"{dense_path}: no dense annotation for image_id {dlg['image_id']} (dialogs[{i}])")
-        j, rel = dense[dlg["image_id"]]
-        rounds, asked = dlg["dialog"], rel["round_id"] - 1
-        if not 0 <= asked < len(rounds):
-            raise InputError(f"{dense_path}[{j}]: round_id {rel['round_id']} is not one of dialogs[{i}]'s "
-                             f"{len(rounds)} rounds")
-        text = f" caption: {dlg['caption']}. "
-        for k, r in enumerate(rounds[:max(asked - 1, 0)]):
-            _require(r, ("question", "answer"), f"{where}.dialog[{k}]")
-            text += (f"question: {_pick(d['questions'], r['question'], f'{where}.dialog[{k}].question', 'questions')}"
-                     f"? answer: {_pick(d['answers'], r['answer'], f'{where}.dialog[{k}].answer', 'answers')}. ")
-        r = _require(rounds[asked], {"question": object, "answer_options": list}, f"{where}.dialog[{asked}]")
-        text += f"question: {_pick(d['questions'], r['question'], f'{where}.dialog[{asked}].question', 'questions')}"
-        text += "? answer:"
-        options = [_pick(d["answers"], o, f"{where}.dialog[{asked}].answer_options[{n}]", "answers")
-                   for n, o in enumerate(r["answer_options"])]
-        relevance = rel["gt_relevance"]
-        if len(options) != len(relevance):
-            raise InputError(f"{dense_path}: image_id {dlg['image_id']} has {len(relevance)} relevances "
-                             f"for {len(options)} answer options")
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in relevance) or not any(relevance):
-            raise InputError(f"{dense_path}[{j}]: gt_relevance must be numbers, not all zero (NDCG is undefined "
-                             f"without a relevant option); got {_short(relevance)}")
-        if not all(math.isfinite(x) and x >= 0 for x in relevance):      # NaN would make NDCG, and the JSON, NaN
-            raise InputError(f"{dense_path}[{j}]: gt_relevance must be finite numbers >= 0; got {_short(relevance)}")
-        out.append({"id": dlg["image_id"], "context": text, "options": options, "relevance": relevance,
-                    "image": os.path.join(base, "VisualDialog_val2018",
-                                          f"VisualDialog_val2018_{dlg['image_id']:012d}.jpg")})
-    return out
-
-
-def read_coco_t2i(root, total_length=30_000):
-    """MS-COCO val2014 text-to-image: the first caption of each image, the first `total_length` images."""
-    path = os.path.join(root, "coco", "annotations", "captions_val2014.json")
-    meta = _require(_annotation_json(path, "COCO val2014 captions"), {"annotations": list}, path)
-    out, seen = [], set()
-    for i, a in enumerate(meta["annotations"]):
-        _require(a, {"image_id": int, "caption": str}, f"{path}: annotations[{i}]")
-        if a["image_id"] in seen:
-            continue
-        seen.add(a["image_id"])
-        out.append({"id": len(out), "caption": a["caption"].lower(), "image": _coco_val2014(root, a["image_id"])})
-    return out[:total_length]
-
-
-def read_lncoco(root, total_length=30_000, seed=0):
-    """LN-COCO: every caption of coco_val_captions.jsonl; when there are fewer than `total_length`, extra
-    captions are drawn with probability inversely proportional to their image's caption count (the original
-    draws unseeded; here the draw is seeded)."""
-    path = os.path.join(root, "lncoco", "coco_val_captions.jsonl")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: LN-COCO captions not found (expected the original evaluation layout, see "
-                         f"eval.py --help)")
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if line.strip():
-                try:
-                    it = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n + 1}: not a JSON line ({e})") from None
-                except RecursionError:
-                    raise InputError(f"{path}:{n + 1}: nested too deeply to read") from None
-                _require(it, {"image_id": (int, str), "caption": str}, f"{path}:{n + 1}")
-                if isinstance(it["image_id"], str) and not it["image_id"].isdigit():
-                    raise InputError(f"{path}:{n + 1}: field 'image_id' is {_short(it['image_id'])}, expected a "
-                                     f"COCO image id")
-                items.append(it)
-    if len(items) >= total_length:
-        items = items[:total_length]
-    elif items:
-        per_image = Counter(it["image_id"] for it in items)
-        w = np.array([1.0 / per_image[it["image_id"]] for it in items])
-        extra = np.random.default_rng(seed).choice(len(items), total_length - len(items), p=w / w.sum())
-        items = items + [items[j] for j in extra]
-    return [{"id": i, "caption": it["caption"],
-             "image": os.path.join(root, "coco", "val2017", f"{int(it['image_id']):012d}.jpg")}
-            for i, it in enumerate(items)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompts (the original collators' strings) and batches
-# ---------------------------------------------------------------------------------------------------------------
-
-def caption_prompt(num_img_token):
-    return data.image_placeholder(num_img_token) + " a photo of"
-
-
-def t2i_prompt(caption, num_img_token):
-    # the original's collator strips the whole prompt, so a caption's leading spaces go
-    return (caption.lstrip() + " " + data.image_placeholder(num_img_token)).lstrip()
-
-
-def paragraph_prompt(num_img_token):
-    return data.image_placeholder(num_img_token) + "Please describe the image in detail. The image depicts"
-
-
-def vqa_prompt(question, num_img_token):
-    return (f"Based on the image, please answer the question. {data.image_placeholder(num_img_token)}{question} "
-            f"Please provide an accurate answer within one word. The answer is:")
-
-
-def vizwiz_prompt(question, num_img_token):
-    return (f"Based on the image, please answer the question. {data.image_placeholder(num_img_token)}{question} "
-            f"When the provided information is insufficient, respond with 'Unanswerable'. Please provide an "
-            f"accurate answer within one word. The answer is:")
-
-
-# The original generation settings per prompt kind. Its min_length counted a dummy bos, hence
-# min_new_tokens = min_length - 1; its max_length was the number of new tokens.
-CAPTION_GENERATION = dict(max_new_tokens=20, min_new_tokens=7, num_beams=5, length_penalty=1.0)
-PARAGRAPH_GENERATION = dict(max_new_tokens=90, min_new_tokens=89, num_beams=5, length_penalty=1.0,
-                            repetition_penalty=1.2)
-VQA_GENERATION = dict(max_new_tokens=10, min_new_tokens=0, num_beams=3, length_penalty=0.0)
-
-
-def load_eval_image(path, size):
-    """An evaluation image through the 224-style centre crop (at the model's image size) -> float [3, S, S].
-    A missing or unreadable file raises data.SkipSample."""
-    return data.encoder_image(data.load_image(path), size)
-
-
-def skipped(sample, e):
-    """The output of a sample the run could not use (a data.SkipSample): counted by reason, left out of the score."""
-    return {"id": sample["id"], "skipped": e.reason, "detail": e.detail}
-
-
-def check_prompt_length(num_tokens, new_tokens, cfg):
-    """A prompt whose tokens and the `new_tokens` after them exceed the model's positions is skipped (SkipSample
-    "prompt_too_long"): the model never saw such positions, and the attention mask grows as the length squared."""
-    limit = cfg.llm.max_position_embeddings
-    if num_tokens + new_tokens > limit:
-        raise data.SkipSample("prompt_too_long", f"{num_tokens} prompt tokens + {new_tokens} new, more than "
-                                                 f"max_position_embeddings {limit}")
-
-
-def _load_images(chunk, load):
-    """-> ({index in chunk: load(image path)} for the images that load, {index: skip record} for the others)."""
-    images, skips = {}, {}
-    for i, s in enumerate(chunk):
-        try:
-            images[i] = load(s["image"])
-        except data.SkipSample as e:
-            skips[i] = skipped(s, e)
-    return images, skips
-
-
-def text_batch(prompts, images, tokenizer, pad_left=True):
-    """Prompts (each with one image placeholder) and their [3, S, S] images -> the model's batch dict,
-    padded with pad ids on the left (generation) or right (scoring), mask 0 on padding."""
-    ids = [tokenizer.encode(p) for p in prompts]
-    L = max(len(x) for x in ids)
-    text_ids = torch.full((len(ids), L), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), L), dtype=torch.long)
-    for i, x in enumerate(ids):
-        sl = slice(L - len(x), L) if pad_left else slice(0, len(x))
-        text_ids[i, sl] = torch.tensor(x)
-        mask[i, sl] = 1
-    return dict(text_ids=text_ids, attention_mask=mask, image_tensors=torch.stack(images),
-                num_image_per_seq=torch.tensor([p.count(data.SOI_TOKEN) for p in prompts]))
-
-
-def _to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _batches(samples, batch_size, desc):
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=False):
-        yield samples[i:i + batch_size]
-
-
-def generate_ids(model, tokenizer, prompts, images, generation, device):
-    """One generate call over left-padded prompts -> each one's new token ids (its stop token last, if any)."""
-    out = model.generate_texts(_to_device(text_batch(prompts, images, tokenizer), device), **generation)
-    return [ids[:n] for ids, n in zip(out["text_ids"].tolist(), out["lengths"].tolist())]
-
-
-def _generate_texts(model, tokenizer, prompts, images, generation, device):
-    """One generate call over left-padded prompts -> their texts (special tokens skipped, stripped)."""
-    ids = generate_ids(model, tokenizer, prompts, images, generation, device)
-    return [tokenizer.decode(x).strip() for x in ids]
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, samples, make_prompt, generation, batch_size, device, desc, make_output):
-    """Generate a text for every sample; yields make_output(sample, text) per sample, in order, as each batch
-    finishes, or a skip record for a sample whose image cannot be read or whose prompt is too long for the model
-    (check_prompt_length)."""
-    for chunk in _batches(samples, batch_size, desc):
-        images, skips = _load_images(chunk, lambda path: load_eval_image(path, model.cfg.vision.image_size))
-        prompts = {i: make_prompt(chunk[i]) for i in images}
-        for i, prompt in prompts.items():
-            try:
-                check_prompt_length(len(tokenizer.encode(prompt)), generation["max_new_tokens"], model.cfg)
-            except data.SkipSample as e:
-                skips[i] = skipped(chunk[i], e)
-                del images[i]
-        texts = {}
-        if images:
-            texts = dict(zip(images, _generate_texts(model, tokenizer, [prompts[i] for i in images],
-                                                     list(images.values()), generation, device)))
-        for i, s in enumerate(chunk):
-            yield skips[i] if i in skips else make_output(s, texts[i])
-
-
-@torch.no_grad()
-def option_log_likelihoods(model, tokenizer, context_ids, image, options, rows_per_pass=8):
-    """Summed log-probability of each option's tokens after the context (VisDial ranking).
-
-    Rows are context + option, right-padded: with causal attention the padding after an option cannot change
-    its tokens' logits, so no mask is needed. Options are tokenised without bos."""
-    scores = []
-    c = len(context_ids)
-    for i in range(0, len(options), rows_per_pass):
-        opts = [tokenizer.encode(o, add_bos=False) for o in options[i:i + rows_per_pass]]
-        L = c + max(len(o) for o in opts)
-        text_ids = torch.full((len(opts), L), tokenizer.pad_id, dtype=torch.long)
-        for r, o in enumerate(opts):
-            text_ids[r, :c + len(o)] = torch.tensor(context_ids + o)
-        batch = dict(text_ids=text_ids.to(image.device), image_tensors=image[None].expand(len(opts), -1, -1, -1),
-                     num_image_per_seq=torch.ones(len(opts), dtype=torch.long, device=image.device))
-        logp = model.text_logits(batch)[:, c - 1:-1].log_softmax(-1)                    # (n, L - c, V)
-        for r, o in enumerate(opts):
-            picked = logp[r, torch.arange(len(o)), torch.tensor(o, device=logp.device)]
-            scores.append(float(picked.sum()))
-    return scores
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1378,8 +1365,8 @@ def write_readme_table(path, table):
 
 @dataclass
 class Task:
-    read: object                 # (data_root) -> list of sample dicts; (data_root, start=) for a task that
-                                 # makes its own samples
+    read: object                 # (data_root) -> list of sample dicts; (data_root, start=, limit=) for a task
+                                 # that makes its own samples
     predict: object              # (model, tokenizer, samples, args) -> iterable of per-sample output dicts, or
                                  # skip records (`skipped`); a generator yields them as each batch finishes
     score: object                # (data_root, outputs, args) -> {metric: value}; outputs without skip records
@@ -1389,6 +1376,7 @@ class Task:
                                  # before the model loads (raises InputError)
     preflight: object = None     # (args) -> None: the files named by flags, checked before the model loads
     min_samples: int = 1         # fewer scored samples than this leave the metric undefined
+    draws_images: bool = False   # writes the images it draws into images_folder(args)
 
 
 def _caption_task(name, read, make_prompt, generation, first_sentence):
@@ -1474,9 +1462,28 @@ def clip_text_ids(clip_tokenizer, caption):
     return ids
 
 
+def check_image_decoder(model, task):
+    if getattr(model, "image_decoder", None) is None:
+        raise InputError(f"{task}: the model has no image decoder, so it cannot draw images")
+
+
 def images_folder(args):
-    """Where a text-to-image task writes its images: --image_dir, else next to the results file."""
+    """Where a task that draws images writes them: --image_dir, else next to the results file."""
     return args.image_dir or os.path.splitext(args.out)[0] + "_images"
+
+
+def _to_pil(image):
+    """A [3, H, W] tensor in [0, 1] -> the 8-bit PIL image it rounds to."""
+    return Image.fromarray((image.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+
+
+def _save_png(path, image):
+    """A [3, H, W] tensor in [0, 1] or a PIL image -> PNG at `path` (atomically)."""
+    if torch.is_tensor(image):
+        image = _to_pil(image)
+    with data.replaced_on_success(path) as tmp:
+        image.save(tmp)
+    return path
 
 
 def _text_to_image_task(samples_per_caption):
@@ -1485,8 +1492,7 @@ def _text_to_image_task(samples_per_caption):
         with several, keep the one CLIP ViT-L/14 rates closest to the caption, as the original does for COCO.
         Each kept image is written as PNG. A caption whose real image cannot be read is skipped (FID compares
         the two sets)."""
-        if getattr(model, "image_decoder", None) is None:
-            raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+        check_image_decoder(model, args.task)
         load_inception(args.inception)          # fail now, not after hours of sampling, if the file is missing
         if samples_per_caption > 1:
             scorer, clip_tokenizer = load_clip(args.clip)
@@ -1495,13 +1501,12 @@ def _text_to_image_task(samples_per_caption):
         folder = images_folder(args)
         os.makedirs(folder, exist_ok=True)
         grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)   # the slot of the image to draw
+        def check(s):                           # the real image must load: FID compares the two sets
+            data.load_image(s["image"])
+            check_prompt_length(len(tokenizer.encode(t2i_prompt(s["caption"], cfg.num_img_token))), 0, cfg)
+
         for chunk in _batches(samples, args.batch_size, "text-to-image"):
-            _, skips = _load_images(chunk, data.load_image)
-            for i, s in enumerate(chunk):
-                try:
-                    check_prompt_length(len(tokenizer.encode(t2i_prompt(s["caption"], cfg.num_img_token))), 0, cfg)
-                except data.SkipSample as e:
-                    skips.setdefault(i, skipped(s, e))
+            _, skips = _load_images(chunk, check)
             yield from skips.values()
             chunk = [s for i, s in enumerate(chunk) if i not in skips]
             if not chunk:
@@ -1515,17 +1520,12 @@ def _text_to_image_task(samples_per_caption):
             best = torch.zeros(len(chunk), dtype=torch.long)
             if samples_per_caption > 1:
                 # the original scores the 8-bit images the generator's output rounds to
-                u8 = (candidates * 255 + 0.5).to(torch.uint8).cpu()
-                pixels = torch.stack([clip_image_tensor(Image.fromarray(x.permute(1, 2, 0).numpy()), scorer.image_size)
-                                      for x in u8]).to(args.device)
+                pixels = torch.stack([clip_image_tensor(_to_pil(x), scorer.image_size)
+                                      for x in candidates]).to(args.device)
                 text_ids = [clip_text_ids(clip_tokenizer, s["caption"]) for s in chunk]
                 best = clip_best_of(scorer, text_ids, pixels, samples_per_caption).cpu()
             for b, s in enumerate(chunk):
-                img = candidates[int(best[b]) * len(chunk) + b]
-                path = os.path.join(folder, f"{s['id']:05d}.png")
-                arr = (img * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-                with data.replaced_on_success(path) as tmp:
-                    Image.fromarray(arr).save(tmp)
+                path = _save_png(os.path.join(folder, f"{s['id']:05d}.png"), candidates[int(best[b]) * len(chunk) + b])
                 yield {"id": s["id"], "caption": s["caption"], "image": s["image"], "generated": path,
                        "candidate": int(best[b])}
 
@@ -1556,14 +1556,11 @@ def score_fid(root, outputs, args):
 # Fine-tuned tasks: visual storytelling (VIST, PororoSV, FlintstonesSV) and segmentation-to-image (ADE20K)
 # ---------------------------------------------------------------------------------------------------------------
 
-STORY_FOLDERS = {"vist": "vist", "pororo": "pororo", "flintstones": "flintstones"}
-
-
 def _story_reader(name):
     def read(root):
         """The test split's stories (data.py's reader of the original layout under root/<name>)."""
         stats = Counter()
-        base = os.path.join(root, STORY_FOLDERS[name])
+        base = os.path.join(root, name)
         stories = data.STORY_READERS[name](base, base, "test", stats)
         if stats:
             print(f"[eval] {name}: skipped stories {dict(stats)}", flush=True)
@@ -1573,15 +1570,6 @@ def _story_reader(name):
 
 def _file_stem(text):
     return re.sub(r"[^\w.-]", "_", str(text))
-
-
-def _save_png(path, image):
-    """A [3, H, W] tensor in [0, 1] or a PIL image -> PNG at `path` (atomically)."""
-    if torch.is_tensor(image):
-        image = Image.fromarray((image.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy())
-    with data.replaced_on_success(path) as tmp:
-        image.save(tmp)
-    return path
 
 
 def _story_rows(sample, tokenizer, cfg, args):
@@ -1598,8 +1586,7 @@ def _story_task(name):
         """Draw each story's target frame (every round's, with round_range=all) from its context, with and without
         the UNet's MMFS from the same noise; the drawn frames and the ground-truth frames (a strip's chosen frame
         cut out) are written as PNG. The context frames are the ground truth."""
-        if getattr(model, "image_decoder", None) is None:
-            raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+        check_image_decoder(model, args.task)
         folder = images_folder(args)
         os.makedirs(folder, exist_ok=True)
         for chunk in _batches(samples, args.batch_size, name):
@@ -1699,18 +1686,13 @@ def load_segmenter(path):
 def predict_ade20k(model, tokenizer, samples, args):
     """Draw a photo from each colour map and caption ("<map>caption.<photo>", the original's prompt; the photo's
     slot holds grey), written as PNG."""
-    if getattr(model, "image_decoder", None) is None:
-        raise InputError(f"{args.task}: the model has no image decoder, so it cannot draw images")
+    check_image_decoder(model, args.task)
     cfg, folder = model.cfg, images_folder(args)
     os.makedirs(folder, exist_ok=True)
     grey = torch.full((3, cfg.vision.image_size, cfg.vision.image_size), 0.5)
     for chunk in _batches(samples, args.batch_size, "ade20k"):
-        maps, skips = {}, {}
-        for i, s in enumerate(chunk):
-            try:
-                maps[i] = data.encoder_image(data.load_segmentation_map(s), cfg.vision.image_size)
-            except data.SkipSample as e:
-                skips[i] = skipped(s, e)
+        maps, skips = _load_images(chunk, lambda s: data.encoder_image(data.load_segmentation_map(s),
+                                                                       cfg.vision.image_size))
         yield from skips.values()
         chunk = [(s, maps[i]) for i, s in enumerate(chunk) if i not in skips]
         if not chunk:
@@ -1767,17 +1749,17 @@ def _build_tasks():
     tasks["visdial"] = Task(read_visdial, predict_visdial, score_visdial)
     # the original config names the COCO text-to-image set "coco"; 8 CLIP-ranked samples there, 1 for LN-COCO
     t2i = dict(steps=250, guidance_scale=3.5, sampler="ddpm")
+    inception_and_clip = lambda args: (check_inception_path(args.inception), check_clip_path(args.clip))
     tasks["coco_t2i"] = Task(read_coco_t2i, _text_to_image_task(8), score_fid, dict(t2i, samples_per_caption=8),
-                             preflight=lambda args: (check_inception_path(args.inception), check_clip_path(args.clip)),
-                             min_samples=2)
+                             preflight=inception_and_clip, min_samples=2, draws_images=True)
     tasks["lncoco"] = Task(read_lncoco, _text_to_image_task(1), score_fid, dict(t2i, samples_per_caption=1),
-                           preflight=lambda args: check_inception_path(args.inception), min_samples=2)
-    story_checks = lambda args: (check_inception_path(args.inception), check_clip_path(args.clip))
-    for name in STORY_FOLDERS:
+                           preflight=lambda args: check_inception_path(args.inception), min_samples=2,
+                           draws_images=True)
+    for name in data.STORY_READERS:
         tasks[name] = Task(_story_reader(name), _story_task(name), score_story, dict(t2i, use_mmfs="both"),
-                           preflight=story_checks, min_samples=2)
+                           preflight=inception_and_clip, min_samples=2, draws_images=True)
     tasks["ade20k"] = Task(read_ade20k, predict_ade20k, score_ade20k, dict(t2i),
-                           preflight=lambda args: check_segmenter_path(args.segmenter))
+                           preflight=lambda args: check_segmenter_path(args.segmenter), draws_images=True)
     tasks["demo"] = Task(read_demo, predict_demo, score_demo, dict(DEMO_GENERATION, **DEMO_IMAGES),
                          needs_data_root=False)
     tasks["demo_qa"] = Task(read_demo_qa, predict_demo_qa, score_demo_qa, DEMO_QA_GENERATION, needs_data_root=False)
@@ -1924,11 +1906,11 @@ def evaluate(model, tokenizer, args, rank=0, world=1, samples=None):
                 os.remove(partial)
             return None
         scored = [o for o in outputs if "skipped" not in o]
-        skipped = [o for o in outputs if "skipped" in o]
-        reasons = dict(Counter(o["skipped"] for o in skipped))
+        skips = [o for o in outputs if "skipped" in o]
+        reasons = dict(Counter(o["skipped"] for o in skips))
         if len(scored) < task.min_samples:
             raise InputError(f"--task={args.task}: {len(scored)} of {len(outputs)} samples could be used, the metric "
-                             f"needs at least {task.min_samples}; skipped {reasons}, e.g. {skipped[0]['detail']}")
+                             f"needs at least {task.min_samples}; skipped {reasons}, e.g. {skips[0]['detail']}")
         metrics = task.score(args.data_root, scored, args)
     except BaseException:
         if outputs:
@@ -1936,7 +1918,7 @@ def evaluate(model, tokenizer, args, rank=0, world=1, samples=None):
             print(f"eval.py: kept the {len(outputs)} predictions made so far in {partial}", file=sys.stderr)
         raise
     return {"task": args.task, "config": config, "metrics": metrics, "num_samples": len(scored),
-            "skipped": reasons, "samples": scored, "skipped_samples": skipped}
+            "skipped": reasons, "samples": scored, "skipped_samples": skips}
 
 
 def _int_at_least(low, what):
@@ -2051,7 +2033,7 @@ def main(argv=None):
         raise InputError(f"--readme writes README's scoreboard of `python eval.py` as it stands; it takes none of "
                          f"--{', --'.join(DEMO_SCORED_WITH)} (given: {' '.join(args.scored_with)})")
     data.check_writable(args.out, "--out")
-    if task.score in (score_fid, score_story, score_ade20k):
+    if task.draws_images:
         data.check_writable(images_folder(args), "--image_dir", folder=True)
     if task.needs_data_root:
         if args.data_root is None:
@@ -2094,7 +2076,7 @@ def main(argv=None):
                 readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
                 write_readme_table(readme, table)
                 print(f"wrote the scoreboard into {readme}")
-        if task.score in (score_fid, score_story, score_ade20k):
+        if task.draws_images:
             print(f"wrote {results['num_samples']} generated images to {images_folder(args)}")
         print(f"wrote {args.out}")
     if world > 1:

@@ -4209,6 +4209,17 @@ def test_annt_json_inference_format(tmp_path):
     assert b["target_image_idxs"].tolist() == [1] and b["nearest_bos_idxs"].tolist() == [0, 0]
 
 
+def test_annt_json_sample_with_a_non_string_sentence_or_path_is_skipped(tmp_path):
+    """A sentence or image path that is not a string is a malformed sample, skipped and counted like the others."""
+    write_jpeg(str(tmp_path / "a.jpg"), "red")
+    good = {"sentences": ["a red thing."], "images": ["a.jpg"], "sentence_ixs": [0], "image_first": [True]}
+    annt = [good, dict(good, images=[5]), dict(good, sentences=[7]), dict(good, images=[None])]
+    (tmp_path / "annt.json").write_text(json.dumps(annt))
+    stats = Counter()
+    out = data.load_inference_annotations(str(tmp_path / "annt.json"), demo_tok(), num_img_token=4, stats=stats)
+    assert len(out) == 1 and stats == Counter({"malformed_sample": 3})
+
+
 # LLaVA-style records: a two-round question about one image, a question about two images at their marks
 LLAVA_RECORDS = [
     {"id": "0", "image": "red.jpg", "conversations": [
@@ -4510,6 +4521,10 @@ def test_finetune_readers_name_the_malformed_file_and_field(tmp_path):
     (tmp_path / "flintstones_annotations_v1-0.json").write_text(json.dumps([{"globalID": "a0"}]))
     with pytest.raises(ValueError, match=r"flintstones_annotations_v1-0.json\[0\]: field 'description' missing"):
         data.read_flintstones(str(tmp_path), str(tmp_path), "test", Counter())
+    write_flintstones(str(tmp_path))
+    (tmp_path / "train-val-test_split.json").write_text(json.dumps({"test": ["b0", ["a0"]]}))
+    with pytest.raises(ValueError, match=r"train-val-test_split.json: test\[1\] is \['a0'\], expected a global id"):
+        data.read_flintstones(str(tmp_path), str(tmp_path), "test", Counter())
     write_pororo(str(tmp_path))
     np.save(tmp_path / "descriptions.npy", np.array(Counter(a=1), dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"descriptions.npy: Pororo descriptions is not readable \(collections"):
@@ -4671,6 +4686,17 @@ def test_packing_image_level_cuts_before_a_truncated_image():
     assert p.ids.tolist() == [S, I, I, I, I, E] and p.image_info == ["2:0"] and p.position() == ((0, 0, 0, 2), 6)
     last = p.flush()  # a row starting mid-document: no bos, nearest bos 0
     assert last.text_ids.tolist() == [S, I, I, I, I, E] and last.nearest_bos_idxs.tolist() == [0]
+
+
+def test_packing_flush_keeps_a_leftover_shorter_than_one_image():
+    """The last row is the leftover whatever its length, even one no longer than an image's soi + tokens: a whole
+    image in it makes a row, none makes no row."""
+    p = data.Packer(data.PackConfig(num_total_token=20, num_img_token=4), Ids)
+    p.add(hand_sample([S, I, I, I, I], 1))
+    last = p.flush()
+    assert last.text_ids.tolist() == [S, I, I, I, I] and last.image_info == ["1:0"]
+    p.add(hand_sample([B, 5, E], 2))
+    assert p.flush() is None
 
 
 def test_packing_sample_level_cuts_at_the_last_bos():
@@ -7812,6 +7838,17 @@ def test_malformed_other_records_name_file_record_and_field(tmp_path):
     with pytest.raises(mmi.InputError, match=r"dense_annotations.json\[0\]: round_id 9 is not one of dialogs\[0\]'s "
                                              r"3 rounds"):
         ev.read_visdial(str(tmp_path))
+
+
+def test_coco_and_lncoco_image_ids_that_int_refuses_are_one_line(tmp_path):
+    """An image id of characters str.isdigit accepts but int() refuses ("²") is an InputError naming the record."""
+    _json(tmp_path / "coco/annotations/coco_karpathy_test.json", [{"image": "val2014/COCO_val2014_\u00b2.jpg"}])
+    with pytest.raises(mmi.InputError, match=r"coco_karpathy_test.json\[0\]: field 'image' is .*expected a COCO"):
+        ev.read_coco_karpathy(str(tmp_path))
+    (tmp_path / "lncoco").mkdir()
+    (tmp_path / "lncoco" / "coco_val_captions.jsonl").write_text('{"image_id": "\u00b2", "caption": "x"}\n')
+    with pytest.raises(mmi.InputError, match=r"coco_val_captions.jsonl:1: field 'image_id' is .*expected a COCO"):
+        ev.read_lncoco(str(tmp_path))
 
 
 @pytest.mark.parametrize("first", [math.nan, math.inf, -1.0])
