@@ -1285,6 +1285,8 @@ def annotation_json(path, what, hint=""):
         raise mmi.InputError(f"{path}: {what} is not valid JSON ({e})") from None
     except RecursionError:
         raise mmi.InputError(f"{path}: {what} is nested too deeply to read") from None
+    except OSError as e:
+        raise mmi.InputError(f"{path}: {what} cannot be read ({e.strerror})") from None
 
 
 def _field(obj, key, kind, path):

@@ -6778,6 +6778,14 @@ def test_sample_refuses_a_deeply_nested_prompt_file(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "annt.json: nested too deeply" in err, err
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/self/mem"), reason="needs Linux's /proc/self/mem")
+def test_data_and_eval_json_readers_name_a_file_that_fails_to_read():
+    """A file that exists but whose read fails (here /proc/self/mem: EIO) is an InputError naming it."""
+    for read in (lambda p: ev._annotation_json(p, "annotations"), data.read_records, data.read_annt, mmi.read_json):
+        with pytest.raises(mmi.InputError, match=r"^/proc/self/mem: .*(cannot|could not) .*Input/output error"):
+            read("/proc/self/mem")
+
+
 def test_data_and_eval_json_readers_refuse_a_file_nested_too_deeply(tmp_path):
     """json's RecursionError is an InputError naming the file (or line); a shard's line is skipped as malformed."""
     deep = "[" * 200_000
