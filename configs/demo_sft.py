@@ -33,9 +33,7 @@ grad_clip = 1.0
 
 seed = 0
 out_dir = "out/demo_sft"
-log_interval = 10
-eval_interval = 100              # validation loss on eval_batches batches of held-out questions
-eval_batches = 4
+eval_interval = 100              # validation loss on held-out questions
 ckpt_interval = 0                # a checkpoint at the end only
 keep_last = 1
 export_dtype = "bfloat16"

@@ -25,6 +25,4 @@ seed = 0
 out_dir = "out/demo_vae"
 log_interval = 50
 eval_interval = 500
-eval_batches = 4
-ckpt_interval = 1000
 keep_last = 1

@@ -29,7 +29,6 @@ lora_rank = 0                                    # 0 = off; --lora_rank=64 (with
 lora_alpha = 16.0
 warmup_steps = 200
 max_steps = 4000
-dtype = "bfloat16"
 frozen_dtype = "bfloat16"
 activation_checkpointing = True
 eval_interval = 0                                # score with eval.py --task=vist on the exported model

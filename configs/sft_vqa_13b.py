@@ -31,7 +31,8 @@ model_overrides = {"unet.trainable": False}
 
 # AdamW groups: (substring, lr, weight decay), first match wins; biases and nn.LayerNorm weights get no decay.
 # The paper's pretraining table at a tenth of its rates (a fine-tuning choice made here: the original publishes
-# no fine-tuning recipe), and a row for LoRA, used only with lora_rank > 0.
+# no fine-tuning recipe), and a row for LoRA, used only with lora_rank > 0. AdamW's betas and eps and the gradient
+# clipping are the pretraining's, train.py's defaults.
 param_groups = (
     ("lora_", 2e-4, 0.0),
     ("llama_cross_attn.gate", 1e-5, 0.0),
@@ -41,19 +42,12 @@ param_groups = (
 )
 lora_rank = 0                    # 0 = off; --lora_rank=64 (with lora_alpha 16: updates scaled by 1/4)
 lora_alpha = 16.0
-betas = (0.9, 0.995)
-eps = 1e-6
-grad_clip = 1.0
 warmup_steps = 200
 max_steps = 5000
 
-dtype = "bfloat16"
 frozen_dtype = "bfloat16"        # frozen weights in bf16: 27 GB, whole on every GPU
-fsdp = True
 activation_checkpointing = True
-seed = 32
 out_dir = "out/sft_vqa_13b"
-log_interval = 10
 eval_interval = 500
 eval_batches = 8
 ckpt_interval = 500
