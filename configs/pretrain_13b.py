@@ -17,7 +17,6 @@ pretrain_sources = (
      1.0, 2),
     ("mmc4", "mmc4", "docs_shard_{0..23099}_v2.jsonl", "/path/to/mmc4/annotations", "/path/to/mmc4/images", 2.0, 4),
 )
-batch_size = 4                   # unused by the pretrain mix (each source sets its rows per batch)
 grad_accum = 1
 num_workers = 8
 
