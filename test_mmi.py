@@ -5365,6 +5365,21 @@ def test_train_config_files_and_overrides_are_type_checked(tmp_path, config_file
     assert (tc.warmup_steps, tc.eps, tc.betas) == (6, 1.0, (0.5, 0.6)) and isinstance(tc.eps, float)
 
 
+def test_configs_that_freeze_pretrained_parts_name_their_weights():
+    """A config that freezes CLIP or the LLM body starts from init_from: until its placeholder is set, the run stops
+    with one line naming init_from, never trains on random frozen weights."""
+    folder = os.path.join(HERE, "configs")
+    frozen = []
+    for name in sorted(os.listdir(folder)):
+        tc = train.load_config([os.path.join(folder, name), "--vae_from="])
+        cfg = train.model_config(tc)
+        if tc.task == "mmi" and not (cfg.llm.trainable and cfg.vision.trainable):
+            frozen.append(name)
+            with pytest.raises(mmi.InputError, match=rf"^init_from {re.escape(tc.init_from)}: no such folder"):
+                train.check_inputs(tc)
+    assert "pretrain_13b.py" in frozen and "sft_vqa_13b.py" in frozen and "demo.py" not in frozen
+
+
 def test_pretrain_13b_config_is_the_papers_recipe():
     tc = train.load_config([os.path.join(HERE, "configs", "pretrain_13b.py")])
     assert tc.preset == "mmi-13b" and tc.param_groups == train.PAPER_PARAM_GROUPS

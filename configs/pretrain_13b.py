@@ -1,9 +1,10 @@
 # The paper's pretraining recipe: MM-Interleaved-13B from Vicuna-13B v1.3, CLIP ViT-L/14 and SD-2.1-base.
-#   torchrun --nproc_per_node=8 train.py configs/pretrain_13b.py --init_from=<mmi model dir>
-# Data paths are placeholders: point them at your MMC4 / LAION-style copies.
+#   torchrun --nproc_per_node=8 train.py configs/pretrain_13b.py
+# Paths are placeholders: point init_from and the data at your copies.
 preset = "mmi-13b"
 model_overrides = {"loss_txt_weight": 1.0, "loss_img_weight": 10.0}
-init_from = ""                   # a save_pretrained directory holding the pretrained LLM, CLIP and SD weights
+init_from = "/path/to/mmi_13b_init"   # the pretrained LLM, CLIP and SD: MMInterleaved.from_original(llm=...,
+                                     # clip=..., sd=...).save_pretrained(...); the new parts keep their init
 
 # per step one batch from one source, drawn with probabilities 1:1:1:2 (rows of 2048 tokens: 2 per LAION-style
 # batch, 4 per MMC4 batch); the original has no gradient accumulation
