@@ -5,10 +5,21 @@ step's time goes; `data` the corpus stream; `quant` the accuracy of weight-only 
 Each section is a function `bench_<name>(args)`, listed in SECTIONS.
 """
 import argparse
+import dataclasses
+import datetime
+import gc
+import inspect
+import json
+import os
+import re
+import shutil
 import statistics
 import sys
+import tempfile
+import time
 
 import torch
+import torch.nn.functional as F
 
 import mmi
 from mmi import ms_deform_attn, ms_deform_attn_reference
@@ -158,8 +169,6 @@ def bench_kernel(args):
     print("all targets met" if all_ok else "SOME TARGETS MISSED")
 
 
-
-
 @torch.no_grad()
 def bench_gemv(args):
     """A decoding step's matmuls at the preset's sizes: kernels.cu's gemv on bf16, int8 and int4 weights (groups
@@ -167,8 +176,6 @@ def bench_gemv(args):
     against the RMSNorm and F.linear (cuBLAS) on bf16, one bf16 row. Each is timed inside a CUDA graph of 24 calls,
     as decoding replays them, cycling over 8 copies of the weights so that L2 never holds them; TB/s = bytes of the
     weights (and scales) read / time."""
-    import torch.nn.functional as F
-
     if not torch.cuda.is_available():
         raise mmi.InputError("gemv: needs a CUDA device")
     if mmi.load_kernels() is None:
@@ -219,7 +226,6 @@ def bench_gemv(args):
           + ", ".join(f"{k} {token[k]:.2f}" for k in columns))
 
 
-
 def matmul_peak_tflops(n=8192, dtype=torch.bfloat16):
     """The card's practical bf16 peak: a large square matmul, timed here (the MFU denominator)."""
     a = torch.randn(n, n, device="cuda", dtype=dtype)
@@ -245,15 +251,6 @@ def bench_train(args):
     matmul peak measured in the same run. Under `torchrun --nproc_per_node=N bench.py train` it is FSDP over N GPUs
     (rows per GPU as given); rank 0 reports. `--preset=tiny` checks the plumbing on a CPU. -> the run's metrics rows
     (rank 0; the run's folder is removed)."""
-    import dataclasses
-    import gc
-    import inspect
-    import json
-    import os
-    import shutil
-    import tempfile
-    import time
-
     import data
     import train
     cuda = torch.cuda.is_available()
@@ -376,8 +373,6 @@ def bench_sample(args):
     text and image together (the loop sample.py runs on a GPU), and of the plain path's apart.
     `--preset=tiny` checks the plumbing on a CPU (eager only); `--quantize=int8|int4` quantizes the weights of
     mmi.quantize_targets after the model is built (mmi.quantize)."""
-    import time
-
     cuda, _, dtype = device_and_dtype()
     model, prompt, text_prompt = random_model_and_prompts(args)
     cfg = model.cfg
@@ -473,8 +468,6 @@ def bench_decode(args):
     cached step (compiled with --compile) without its CUDA graph, so that torch.profiler sees each kernel (inside
     the graph they are the same kernels, launched at once). -> the kernels by device time per step, on a CPU the ops
     by CPU time; with the sum per step beside the step's wall time."""
-    import time
-
     cuda, _, dtype = device_and_dtype()
     model, _, prompt = random_model_and_prompts(args)
     num = model.validate_batch(prompt)
@@ -538,7 +531,6 @@ QUANT_LAYER_NAMES = {
 def quant_shapes(cfg):
     """The layers of mmi.quantize_targets at cfg, one row per distinct (part of the model, N x K): (part, the
     layers' short names, N, K, how many layers)."""
-    import re
     parts = {"mm_decoder": "LLM", "text_decoder": "LLM", "visual_tokenizer": "visual tokenizer Q-Former",
              "image_decoder": "image decoder Q-Former"}
     with torch.device("meta"):
@@ -582,8 +574,6 @@ def bench_quant(args):
     """Accuracy of weight-only quantization (mmi.quantize): each quantized matmul's relative error at the preset's
     shapes with random weights, and the embedded demo model's greedy captions (eval.py's demo task: the first
     image of its 40 test stories) quantized against unquantized. On a GPU in bf16, on a CPU in float32."""
-    import datetime
-
     import data
     import eval as ev
     cuda = torch.cuda.is_available()
@@ -622,8 +612,6 @@ def bench_quant(args):
 def bench_data(args):
     """The demo corpus stream (generate, render, tokenise, pack, collate) on one CPU core, in stories/s, as
     train.py consumes it: rows of 512 tokens, 16 image tokens per image, 64x64 images."""
-    import time
-
     import data
     torch.set_num_threads(1)
     tok = data.Tokenizer(data.DEMO_TOKENIZER_PATH)
