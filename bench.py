@@ -1,8 +1,15 @@
-"""Benchmarks for mmi. `python bench.py kernel` times the deformable-attention kernel against grid_sample;
-`gemv` the decoding matmuls against cuBLAS; `train` and `sample` the programs at paper size; `decode` where a decoding
-step's time goes; `data` the corpus stream; `quant` the accuracy of weight-only quantization.
+"""Benchmarks for mmi, one section a command, in this order in the file:
 
-Each section is a function `bench_<name>(args)`, listed in SECTIONS.
+    kernel   kernels.cu's deformable attention against the grid_sample reference and the original's op (CUDA)
+    gemv     the decoding matmuls, kernels.cu's GEMV (bf16, int8, int4) against cuBLAS (CUDA)
+    train    train.py's loop at paper size with random weights: step time, samples/s, MFU, memory
+    sample   generation at paper size with random weights: tokens/s, one image's time, memory
+    decode   where a decoding step's time goes (torch.profiler)
+    quant    the rounding error of weight-only quantization, and the demo model's captions quantized
+    data     the demo corpus stream on one CPU core
+
+train, sample and decode take --preset=tiny to check the plumbing on a CPU. Each section is a function
+`bench_<name>(args)`, listed in SECTIONS.
 """
 import argparse
 import dataclasses
@@ -630,8 +637,8 @@ def bench_data(args):
           f"({n / wall:,.0f} stories/s wall)")
 
 
-SECTIONS = {"kernel": bench_kernel, "gemv": bench_gemv, "data": bench_data, "train": bench_train,
-            "sample": bench_sample, "decode": bench_decode, "quant": bench_quant}
+SECTIONS = {"kernel": bench_kernel, "gemv": bench_gemv, "train": bench_train, "sample": bench_sample,
+            "decode": bench_decode, "quant": bench_quant, "data": bench_data}
 
 
 def main(argv=None):
