@@ -132,11 +132,16 @@ def accuracy_rows():
     return rows
 
 
-def bench_kernel(args):
+def require_kernels(section):
+    """kernels.cu built and a GPU to run it on, or one line naming the section."""
     if not torch.cuda.is_available():
-        raise mmi.InputError("kernel: needs a CUDA device")
+        raise mmi.InputError(f"{section}: needs a CUDA device")
     if mmi.load_kernels() is None:
-        raise mmi.InputError("kernel: kernels.cu unavailable (the warning above says why)")
+        raise mmi.InputError(f"{section}: kernels.cu unavailable (the warning above says why)")
+
+
+def bench_kernel(args):
+    require_kernels("kernel")
     card = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
     print(f"card: {card}; device-to-device copy {copy_gbs:.0f} GB/s (read+write)")
@@ -183,10 +188,7 @@ def bench_gemv(args):
     against the RMSNorm and F.linear (cuBLAS) on bf16, one bf16 row. Each is timed inside a CUDA graph of 24 calls,
     as decoding replays them, cycling over 8 copies of the weights so that L2 never holds them; TB/s = bytes of the
     weights (and scales) read / time."""
-    if not torch.cuda.is_available():
-        raise mmi.InputError("gemv: needs a CUDA device")
-    if mmi.load_kernels() is None:
-        raise mmi.InputError("gemv: kernels.cu unavailable (the warning above says why)")
+    require_kernels("gemv")
     c = mmi.MMIConfig.from_preset(args.preset).llm
     d, f, V, dtype = c.hidden_size, c.intermediate_size, c.vocab_size, torch.bfloat16
     # (name, N, K, layers sharing the input, bias, glu, pre-norm, calls per token)
