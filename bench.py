@@ -585,8 +585,7 @@ def bench_quant(args):
     image of its 40 test stories) quantized against unquantized. On a GPU in bf16, on a CPU in float32."""
     import data
     import eval as ev
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    cuda, device, dtype = device_and_dtype()
     machine = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     dtype_name = str(dtype).replace("torch.", "")
     print(f"quant, {args.preset}, {machine}, {dtype_name}, {datetime.date.today().isoformat()}")
