@@ -189,13 +189,13 @@ def bench_gemv(args):
     as decoding replays them, cycling over 8 copies of the weights so that L2 never holds them; TB/s = bytes of the
     weights (and scales) read / time."""
     require_kernels("gemv")
-    c = mmi.MMIConfig.from_preset(args.preset).llm
-    d, f, V, dtype = c.hidden_size, c.intermediate_size, c.vocab_size, torch.bfloat16
+    llm = mmi.MMIConfig.from_preset(args.preset).llm
+    d, f, V, dtype = llm.hidden_size, llm.intermediate_size, llm.vocab_size, torch.bfloat16
     # (name, N, K, layers sharing the input, bias, glu, pre-norm, calls per token)
-    cases = [("q, k, v + norm", d, d, 3, False, False, True, c.num_hidden_layers),
-             ("o_proj", d, d, 1, False, False, False, c.num_hidden_layers),
-             ("gate, up + norm", f, d, 2, False, True, True, c.num_hidden_layers),
-             ("down_proj", d, f, 1, False, False, False, c.num_hidden_layers),
+    cases = [("q, k, v + norm", d, d, 3, False, False, True, llm.num_hidden_layers),
+             ("o_proj", d, d, 1, False, False, False, llm.num_hidden_layers),
+             ("gate, up + norm", f, d, 2, False, True, True, llm.num_hidden_layers),
+             ("down_proj", d, f, 1, False, False, False, llm.num_hidden_layers),
              ("text head", V, d, 1, True, False, False, 1)]
 
     def ours(x, layers, glu, norm):
@@ -206,6 +206,11 @@ def bench_gemv(args):
         outs = [F.linear(x, layer.weight, layer.bias) for layer in layers]
         return F.silu(outs[0]) * outs[1] if glu else outs
 
+    def weight_bytes(layers):
+        """What one call reads of its weights: a QuantizedLinear's int8/int4 weight and scales, else bf16."""
+        return (sum(b.numel() * b.element_size() for layer in layers for b in layer.buffers() if b.dim() == 2)
+                or sum(layer.weight.numel() * 2 for layer in layers))
+
     def graphed_ms(fn, x, copies, glu, norm, calls=24):
         graph, _ = mmi.capture_cuda_graph(lambda: [fn(x, copies[i % len(copies)], glu, norm) for i in range(calls)])
         return cuda_time_ms(graph.replay, warmup=3, reps=20) / calls
@@ -215,23 +220,22 @@ def bench_gemv(args):
     columns = ("gemv bf16", "gemv int8", "gemv int4", "F.linear")
     print(f"{'matmul':<16}{'N x K':>14}" + "".join(f"{k:>18}" for k in columns))
     token = dict.fromkeys(columns, 0.0)
-    nbytes = lambda layers: sum(b.numel() * b.element_size() for l in layers for b in l.buffers() if b.dim() == 2) \
-        or sum(l.weight.numel() * 2 for l in layers)
     for name, N, K, n, bias, glu, prenorm, per_token in cases:
         copies = [[torch.nn.Linear(K, N, bias=bias, device="cuda", dtype=dtype) for _ in range(n)] for _ in range(8)]
         x = torch.randn(1, K, device="cuda", dtype=dtype)
         norm = mmi.RMSNorm(K).to("cuda", dtype) if prenorm else None
-        t, tb = {}, {}
+        t, gb = {}, {}
         for k, bits in zip(columns, (None, 8, 4, None)):
-            layers = copies if bits is None else [[mmi.QuantizedLinear.from_linear(l, bits) for l in c] for c in copies]
+            layers = copies if bits is None else [[mmi.QuantizedLinear.from_linear(layer, bits) for layer in group]
+                                                   for group in copies]
             t[k] = graphed_ms(cublas if k == "F.linear" else ours, x, layers, glu, norm)
-            tb[k] = nbytes(layers[0]) / 1e9
+            gb[k] = weight_bytes(layers[0]) / 1e9
             token[k] += per_token * t[k]
             del layers
-        print(f"{name:<16}{f'{n} x {N} x {K}':>14}" + "".join(f"{1000 * t[k]:10.1f} ({tb[k] / t[k]:4.2f})"
+        print(f"{name:<16}{f'{n} x {N} x {K}':>14}" + "".join(f"{1000 * t[k]:10.1f} ({gb[k] / t[k]:4.2f})"
                                                               for k in columns))
         del copies
-    print(f"the LLM's matmuls for one token ({c.num_hidden_layers} layers + head), ms: "
+    print(f"the LLM's matmuls for one token ({llm.num_hidden_layers} layers + head), ms: "
           + ", ".join(f"{k} {token[k]:.2f}" for k in columns))
 
 
