@@ -337,8 +337,9 @@ def bench_train(args):
     print(f"  step {step_s:.3f} s, {samples:.2f} samples/s in all, {mfu_text}, {mem_text}, whole run {total:.0f} s")
     print("  step times (s): " + " ".join(f"{r['time_s']:.3f}" for r in rows)
           + f" (the mean is over the last {len(steady)})")
-    # a step much slower than the rest: a full garbage collection in it, or the CUDA caching allocator flushing its
-    # cache to retry a failed cudaMalloc (fragmentation)?
+    # the two causes of a step much slower than the rest, shown beside the step times: the full garbage collections
+    # inside it (they stop the whole process) and, on CUDA, the caching allocator's retries (it frees its cache and
+    # tries again when a cudaMalloc fails: fragmentation)
     in_gc = [sum(s for end, s in gc_passes if r["wall_time"] - r["time_s"] < end <= r["wall_time"]) for r in rows]
     print("  of which full garbage collections (s): " + " ".join(f"{s:.3f}" for s in in_gc) +
           (f"; CUDA allocator retries: {torch.cuda.memory_stats().get('num_alloc_retries', 0)}, most reserved "
