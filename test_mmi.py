@@ -6319,6 +6319,31 @@ def test_a_run_stopped_midway_leaves_no_data_loader_workers(tmp_path, config_fil
     assert not any(t.name == "prefetch" for t in threading.enumerate())
 
 
+@pytest.mark.parametrize("where", ["dcp.save", "rank file"])
+def test_ctrl_c_during_a_checkpoint_save_is_one_line_and_leaves_no_part_of_it(tmp_path, config_file, monkeypatch,
+                                                                              capsys, where):
+    """Ctrl-C while checkpoint 2 is written (inside dcp.save, which wraps it in its own exception, or after it):
+    exit 130 with the one interrupted line naming checkpoint 1, and out_dir holds no ckpt_00000002.tmp."""
+    import torch.distributed.checkpoint as dcp
+    write_data, save = dcp.FileSystemWriter.write_data, torch.save
+
+    def interrupt_checkpoint_2(path):
+        if "ckpt_00000002.tmp" in str(path):
+            raise KeyboardInterrupt
+    if where == "dcp.save":
+        monkeypatch.setattr(dcp.FileSystemWriter, "write_data", lambda self, plan, planner: (
+            interrupt_checkpoint_2(self.path) or write_data(self, plan, planner)))
+    else:
+        monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: (
+            interrupt_checkpoint_2(f) or save(obj, f, *args, **kwargs)))
+    out = tmp_path / "run"
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=3", "--ckpt_interval=1"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"interrupted; --resume=true goes on from {out / 'ckpt_00000001'}" in err
+    assert sorted(os.listdir(out)) == ["ckpt_00000001", "metrics.jsonl"]
+
+
 def test_resumed_demo_stream_keeps_the_order_with_workers(config_file):
     """Two DataLoader workers hand out 7 stories' batches as readers 0, 1, 0, 1, 0, 0 (reader 1 runs out first). A
     stream resumed after the 3rd batch goes on with reader 1's, as the uninterrupted one does, through the end of

@@ -858,13 +858,20 @@ def save_checkpoint(model, optimizer, tc, cfg, step, rank_state, rank, device):
     _barrier()
     opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    with warnings.catch_warnings():      # DCP warns that it runs in one process when there is no process group
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"step": step, **rank_state, "rng": rng_state(device)}, os.path.join(tmp, f"rank{rank}.pt"))
-    if rank == 0:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"train": dataclasses.asdict(tc), "model": cfg.to_dict()}, f, indent=1)
+    try:
+        with warnings.catch_warnings():  # DCP warns that it runs in one process when there is no process group
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        torch.save({"step": step, **rank_state, "rng": rng_state(device)}, os.path.join(tmp, f"rank{rank}.pt"))
+        if rank == 0:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"train": dataclasses.asdict(tc), "model": cfg.to_dict()}, f, indent=1)
+    except BaseException as e:           # a save that stops (Ctrl-C, a full disk) leaves no part of itself
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if any(isinstance(exc, KeyboardInterrupt) for exc, _ in getattr(e, "failures", {}).values()):
+            raise KeyboardInterrupt from None        # Ctrl-C inside dcp.save, which wraps it in a CheckpointException
+        raise
     _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
