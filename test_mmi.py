@@ -5527,6 +5527,24 @@ def test_compiled_blocks_on_cuda_give_eager_loss_and_grads():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
+def test_a_second_run_into_an_out_dir_in_use_is_one_line(tmp_path, config_file, capsys):
+    """While another run holds out_dir (its lock taken, as a training in another process holds it), a run into the
+    same out_dir stops with one line and exit 2 and writes nothing there; once it is free, the run goes."""
+    import fcntl
+    out = tmp_path / "run"
+    os.makedirs(out)
+    other = os.open(out, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 2
+    finally:
+        os.close(other)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: out_dir {out} is in use by another training run" in err
+    assert os.listdir(out) == []
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
+
+
 def test_resume_of_a_finished_run_says_there_is_no_step_to_run(tmp_path, config_file, capsys):
     run_train(config_file, str(tmp_path / "run"), "--max_steps=2", "--ckpt_interval=2")
     capsys.readouterr()

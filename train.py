@@ -1283,6 +1283,24 @@ def check_out_dir(tc):
                              f"from; use another --out_dir (or remove it)")
 
 
+def hold_out_dir(tc, cleanup):
+    """out_dir, made and locked for this run until it ends (or its process dies): a second run into the same
+    out_dir stops with one line instead of writing checkpoints and metrics over this one's. Checked again under
+    the lock, for a run that finished between check_out_dir and here."""
+    if os.name != "posix":                       # flock is POSIX
+        return
+    import fcntl
+    os.makedirs(tc.out_dir, exist_ok=True)
+    fd = os.open(tc.out_dir, os.O_RDONLY)
+    cleanup.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise mmi.InputError(f"out_dir {tc.out_dir} is in use by another training run; wait for it to end, or use "
+                             f"another --out_dir") from None
+    check_out_dir(tc)
+
+
 def worker_limit():
     """DataLoader workers this process may start: its CPU cores (shared by the processes torchrun starts on this
     machine) less one, which the training loop keeps."""
@@ -1539,6 +1557,8 @@ def run(tc):
 
 def _run(tc, cleanup):
     check_inputs(tc)
+    if os.environ.get("RANK", "0") == "0":
+        hold_out_dir(tc, cleanup)
     cfg, task = model_config(tc), TASKS[tc.task]
     rank, world, device = start_processes(tc)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bfloat16")
