@@ -1387,7 +1387,31 @@ def resume(tc, model, optimizer, rank, device):
     if rank == 0:
         done = f"; max_steps is {tc.max_steps}: no step to run" if state["step"] >= tc.max_steps else ""
         print(f"resumed from {found[-1]} at step {state['step']}{done}")
+        dropped = drop_metrics_after(tc.out_dir, state["step"])
+        if dropped:
+            print(f"metrics.jsonl: dropped {dropped} line(s) of the steps after {state['step']}, which run again")
     return state["step"], state["data"], state["nan_streak"]
+
+
+def drop_metrics_after(out_dir, step):
+    """metrics.jsonl keeps only the lines of steps up to `step`, where a resumed run goes on from: the steps after
+    it run again, and a line cut short by a killed run is no record. Rewritten atomically. -> lines dropped"""
+    def step_of(line):
+        try:
+            return json.loads(line)["step"] if line.endswith("\n") else None
+        except (ValueError, KeyError, TypeError):
+            return None
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if isinstance(step_of(line), int) and step_of(line) <= step]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
 
 
 def open_data(cfg, tc, rank, world, data_state, device, cleanup):
