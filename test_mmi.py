@@ -2732,6 +2732,23 @@ def test_mmi_py_help_lists_presets_and_every_config_key(capsys):
     (["tiny", "--image_decoder.snr_gamma=-1"], r"'image_decoder.snr_gamma': -1.0, expected >= 0 \(0 = off\)"),
     (["tiny", "--vision.interaction_indexes=((0, 0), (1, 1))"],
      r"vision: interaction_indexes has 2 blocks \(\(0, 0\), \(1, 1\)\), expected 4 \(first, last ViT layer\) pairs"),
+    (["tiny", "--image_decoder.beta_start=2.0"], r"'image_decoder.beta_start': 2.0, expected 0 < beta < 1"),
+    (["tiny", "--image_decoder.beta_end=0"], r"'image_decoder.beta_end': 0.0, expected 0 < beta < 1"),
+    # widths that do not split into their heads or groups (each a shape error or NaN deep inside a step before)
+    (["tiny", "--vision.num_attention_heads=5"],
+     r"vision.hidden_size is 64, not a multiple of vision.num_attention_heads 5$"),
+    (["tiny", "--vision.deform_ratio=0.3"],
+     r"vision.hidden_size x vision.deform_ratio 0.3 is 19, not a multiple of vision.adapter_num_heads 4"),
+    (["tiny", "--vision.cffn_ratio=0.001"],
+     r"vision.hidden_size 64 x vision.cffn_ratio 0.001 is the ConvFFN's width, expected at least 1"),
+    (["tiny", "--resampler.num_attention_heads=5"],
+     r"resampler.hidden_size is 48, not a multiple of resampler.num_attention_heads 5"),
+    (["tiny", "--image_decoder.resampler.num_attention_heads=5"],
+     r"image_decoder.resampler.hidden_size is 32, not a multiple of image_decoder.resampler.num_attention_heads 5"),
+    (["tiny", "--unet.norm_num_groups=7"], r"unet.block_out_channels\[0\] is 32, not a multiple of unet.norm_num_groups 7"),
+    (["tiny", "--vae.norm_num_groups=7"], r"vae.block_out_channels\[0\] is 16, not a multiple of vae.norm_num_groups 7"),
+    (["tiny", "--vae.latent_channels=3"],
+     r"unet.in_channels 4 and unet.out_channels 4 must equal vae.latent_channels 3"),
 ])
 def test_mmi_py_bad_preset_or_override_is_one_line_and_exit_2(argv, message, capsys):
     assert mmi.run_script(mmi.main, argv) == 2
