@@ -1286,11 +1286,14 @@ def check_out_dir(tc):
 def hold_out_dir(tc, cleanup):
     """out_dir, made and locked for this run until it ends (or its process dies): a second run into the same
     out_dir stops with one line instead of writing checkpoints and metrics over this one's. Checked again under
-    the lock, for a run that finished between check_out_dir and here."""
+    the lock, for a run that finished between check_out_dir and here. A run that stops before writing anything
+    leaves no out_dir that it made."""
     if os.name != "posix":                       # flock is POSIX
         return
     import fcntl
-    os.makedirs(tc.out_dir, exist_ok=True)
+    if not os.path.isdir(tc.out_dir):
+        os.makedirs(tc.out_dir)
+        cleanup.callback(lambda: os.listdir(tc.out_dir) or os.rmdir(tc.out_dir))
     fd = os.open(tc.out_dir, os.O_RDONLY)
     cleanup.callback(os.close, fd)
     try:
