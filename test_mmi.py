@@ -6186,6 +6186,8 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (TINY_CONFIG, ["--ckpt_interval=-5"], "ckpt_interval -5, expected -1 or more"),
     (TINY_CONFIG, ["--images_per_row=-1"], "images_per_row -1, expected 0 or more"),
     (TINY_CONFIG, ["--grad_clip=-1"], "grad_clip -1.0, expected 0.0 or more"),
+    (TINY_CONFIG, ["--seed=-1"], "seed -1, expected an integer in [0, 2**32)"),
+    (TINY_CONFIG, [f"--seed={2 ** 70}"], "seed 1180591620717411303424, expected an integer in [0, 2**32)"),
     (TINY_CONFIG, ["--kl_weight=nan"], "kl_weight nan, expected 0.0 or more"),
     (TINY_CONFIG, ["--eps=nan"], "eps nan, expected 0.0 or more"),
     (TINY_CONFIG, ["--eps=inf"], "eps inf, expected 0.0 or more"),
@@ -6203,7 +6205,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
         "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "tokenizer-corrupt", "data-root",
         "device", "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip",
-        "kl_weight", "eps", "eps-inf", "seq_len", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
+        "seed-negative", "seed-huge", "kl_weight", "eps", "eps-inf", "seq_len", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
         "param_groups-flat", "param_groups-unmatched", "null-byte", "model-override-type"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)

@@ -266,6 +266,8 @@ def load_config(argv):
         value = getattr(tc, key)
         if not (value >= least and value != math.inf):          # a NaN compares false: refused too
             raise mmi.InputError(f"{key} {value}, expected {least} or more")
+    if not 0 <= tc.seed < 2 ** 32:        # the seeds derived from it (seed * 1_000_003 + ...) stay below torch's 2**64
+        raise mmi.InputError(f"seed {tc.seed}, expected an integer in [0, 2**32)")
     if not (math.isfinite(tc.peak_flops) and tc.peak_flops > 0):
         raise mmi.InputError(f"peak_flops {tc.peak_flops}, expected the device's peak FLOP/s (more than 0), for MFU")
     if len(tc.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in tc.betas):
