@@ -5226,6 +5226,17 @@ def test_undecodable_or_oversized_images_are_skipped_by_reason(tmp_path, monkeyp
         assert e.value.reason == "image_too_large" and "x.png" in e.value.detail
 
 
+def test_a_16_bit_grey_png_reads_as_its_high_byte(tmp_path):
+    """A 16-bit greyscale PNG (values 0..65535) reads as value >> 8 in each of R, G, B, as Pillow reads a 16-bit
+    colour PNG, rather than clipped at 255 (which read every value above 255 as white)."""
+    values = np.array([[0x0000, 0x00ff, 0x1234], [0x8000, 0xabcd, 0xffff]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"          # what the file holds
+    got = np.asarray(data.load_image(tmp_path / "grey16.png"))
+    want = np.array([[0x00, 0x00, 0x12], [0x80, 0xab, 0xff]], dtype=np.uint8)
+    assert got.shape == (2, 3, 3) and all(np.array_equal(got[..., c], want) for c in range(3))
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "scores.json"
     path.write_text("old")
