@@ -5600,17 +5600,18 @@ def test_resume_continues_exactly_and_keeps_the_last_checkpoints(tmp_path, confi
 
 
 def test_resume_drops_the_metrics_of_the_steps_it_runs_again(tmp_path, config_file, capsys):
-    """A run killed after step 5 (its last checkpoint at step 3, a metrics line cut short) and resumed leaves
-    metrics.jsonl with each step once, steps 4 and 5 from the resumed run."""
+    """A run killed after step 5 (its last checkpoint at step 3, the step-5 save and a metrics line cut short) and
+    resumed leaves metrics.jsonl with each step once, steps 4 and 5 from the resumed run, and no unfinished save."""
     out = tmp_path / "run"
     run_train(config_file, str(out), "--max_steps=5", "--ckpt_interval=3", "--log_interval=1")
-    shutil.rmtree(out / "ckpt_00000005")                     # killed before the step-5 checkpoint was complete
+    os.rename(out / "ckpt_00000005", out / "ckpt_00000005.tmp")   # killed before the step-5 save was complete
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')                            # and while writing a line
     capsys.readouterr()
     run_train(config_file, str(out), "--max_steps=6", "--ckpt_interval=3", "--log_interval=1", "--resume")
     assert "metrics.jsonl: dropped 3 line(s) of the steps after 3, which run again" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(out)) == ["ckpt_00000003", "ckpt_00000006", "metrics.jsonl"]   # the .tmp is gone
 
 
 def test_export_writes_a_model_that_from_pretrained_reads_back(tmp_path, config_file):

@@ -1383,6 +1383,8 @@ def make_optimizer(model, tc):
 def resume(tc, model, optimizer, rank, device):
     """With resume=True, model, optimizer and RNG from the newest complete checkpoint in out_dir.
     -> (step, the data stream's position, the NaN streak) to go on from"""
+    if tc.resume and rank == 0:
+        remove_unfinished_saves(tc.out_dir)
     found = checkpoints(tc.out_dir) if tc.resume else []
     if not found:
         if tc.resume and rank == 0:
@@ -1396,6 +1398,14 @@ def resume(tc, model, optimizer, rank, device):
         if dropped:
             print(f"metrics.jsonl: dropped {dropped} line(s) of the steps after {state['step']}, which run again")
     return state["step"], state["data"], state["nan_streak"]
+
+
+def remove_unfinished_saves(out_dir):
+    """The ckpt_<step>.tmp folders of saves that a killed run (SIGTERM, SIGKILL, the OOM killer) never finished:
+    no run reads them, and at 13B each holds gigabytes. The out_dir lock keeps a live run's save out of reach."""
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else ():
+        if name.startswith("ckpt_") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
 def drop_metrics_after(out_dir, step):
