@@ -6382,10 +6382,10 @@ def test_a_run_stopped_midway_leaves_no_data_loader_workers(tmp_path, config_fil
     assert not any(t.name == "prefetch" for t in threading.enumerate())
 
 
-@pytest.mark.parametrize("where", ["dcp.save", "rank file"])
+@pytest.mark.parametrize("where", ["state dict", "dcp.save", "rank file"])
 def test_ctrl_c_during_a_checkpoint_save_is_one_line_and_leaves_no_part_of_it(tmp_path, config_file, monkeypatch,
                                                                               capsys, where):
-    """Ctrl-C while checkpoint 2 is written (inside dcp.save, which wraps it in its own exception, or after it):
+    """Ctrl-C while checkpoint 2 is written (before, inside dcp.save, which wraps it in its own exception, or after):
     exit 130 with the one interrupted line naming checkpoint 1, and out_dir holds no ckpt_00000002.tmp."""
     import torch.distributed.checkpoint as dcp
     write_data, save = dcp.FileSystemWriter.write_data, torch.save
@@ -6393,7 +6393,16 @@ def test_ctrl_c_during_a_checkpoint_save_is_one_line_and_leaves_no_part_of_it(tm
     def interrupt_checkpoint_2(path):
         if "ckpt_00000002.tmp" in str(path):
             raise KeyboardInterrupt
-    if where == "dcp.save":
+    if where == "state dict":                 # the first thing done after the .tmp folder is made
+        import torch.distributed.checkpoint.state_dict as dcp_state_dict
+        get_state_dict, calls = dcp_state_dict.get_state_dict, []
+
+        def interrupted_second_call(*args, **kwargs):
+            calls.append(1)
+            interrupt_checkpoint_2("ckpt_00000002.tmp" if len(calls) == 2 else "")
+            return get_state_dict(*args, **kwargs)
+        monkeypatch.setattr(dcp_state_dict, "get_state_dict", interrupted_second_call)
+    elif where == "dcp.save":
         monkeypatch.setattr(dcp.FileSystemWriter, "write_data", lambda self, plan, planner: (
             interrupt_checkpoint_2(self.path) or write_data(self, plan, planner)))
     else:

@@ -857,10 +857,10 @@ def save_checkpoint(model, optimizer, tc, cfg, step, rank_state, rank, device):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
-    opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     try:
+        _barrier()
+        opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
         with warnings.catch_warnings():  # DCP warns that it runs in one process when there is no process group
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
