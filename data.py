@@ -214,6 +214,8 @@ def load_image(path):
                 raise SkipSample("image_too_large", f"{path}: {im.width}x{im.height} pixels, more than "
                                                     f"{Image.MAX_IMAGE_PIXELS}")
             im.load()  # decode now: a truncated file fails here, not later inside the transform
+            if im.mode.startswith("I;16"):  # 16-bit grey: its high byte, as Pillow reads 16-bit colour (convert clips)
+                return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
     except FileNotFoundError:
         raise SkipSample("image_missing", str(path)) from None

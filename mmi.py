@@ -402,6 +402,34 @@ def check_config_ranges(cfg):
                          f"{', '.join(map(repr, PREDICTION_TYPES))}")
     if dec.snr_gamma < 0:
         raise InputError(f"config key 'image_decoder.snr_gamma': {dec.snr_gamma!r}, expected >= 0 (0 = off)")
+    for key in ("beta_start", "beta_end"):          # every beta of the schedule lies between these two
+        if not 0 < getattr(dec, key) < 1:
+            raise InputError(f"config key 'image_decoder.{key}': {getattr(dec, key)!r}, expected 0 < beta < 1")
+
+
+def check_config_widths(cfg):
+    """InputError naming the first config width that does not split into its attention heads or norm groups, or
+    channels that do not meet (the VAE's latents are the UNet's input and output)."""
+    v, r, dr, u, vae = cfg.vision, cfg.resampler, cfg.image_decoder.resampler, cfg.unet, cfg.vae
+    if int(v.hidden_size * v.cffn_ratio) < 1:
+        raise InputError(f"vision.hidden_size {v.hidden_size} x vision.cffn_ratio {v.cffn_ratio} is the ConvFFN's "
+                         f"width, expected at least 1")
+    splits = [("vision.hidden_size", v.hidden_size, "vision.num_attention_heads", v.num_attention_heads),
+              (f"vision.hidden_size x vision.deform_ratio {v.deform_ratio}", int(v.hidden_size * v.deform_ratio),
+               "vision.adapter_num_heads", v.adapter_num_heads),
+              ("resampler.hidden_size", r.hidden_size, "resampler.num_attention_heads", r.num_attention_heads),
+              ("image_decoder.resampler.hidden_size", dr.hidden_size, "image_decoder.resampler.num_attention_heads",
+               dr.num_attention_heads),
+              *[(f"unet.block_out_channels[{i}]", c, "unet.norm_num_groups", u.norm_num_groups)
+                for i, c in enumerate(u.block_out_channels)],
+              *[(f"vae.block_out_channels[{i}]", c, "vae.norm_num_groups", vae.norm_num_groups)
+                for i, c in enumerate(vae.block_out_channels)]]
+    for width_key, width, parts_key, parts in splits:
+        if width < 1 or width % parts:
+            raise InputError(f"{width_key} is {width}, not a multiple of {parts_key} {parts}")
+    if not u.in_channels == u.out_channels == vae.latent_channels:
+        raise InputError(f"unet.in_channels {u.in_channels} and unet.out_channels {u.out_channels} must equal "
+                         f"vae.latent_channels {vae.latent_channels}")
 
 
 
@@ -2542,6 +2570,7 @@ class MMInterleaved(nn.Module):
     def __init__(self, cfg: MMIConfig):
         super().__init__()
         check_config_ranges(cfg)
+        check_config_widths(cfg)
         grid = cfg.vision.grid_size
         map_sides = (4 * grid, 2 * grid, grid, grid // 2)
         if not set(cfg.mmfs.spatial_shapes) <= set(map_sides):

@@ -2732,6 +2732,23 @@ def test_mmi_py_help_lists_presets_and_every_config_key(capsys):
     (["tiny", "--image_decoder.snr_gamma=-1"], r"'image_decoder.snr_gamma': -1.0, expected >= 0 \(0 = off\)"),
     (["tiny", "--vision.interaction_indexes=((0, 0), (1, 1))"],
      r"vision: interaction_indexes has 2 blocks \(\(0, 0\), \(1, 1\)\), expected 4 \(first, last ViT layer\) pairs"),
+    (["tiny", "--image_decoder.beta_start=2.0"], r"'image_decoder.beta_start': 2.0, expected 0 < beta < 1"),
+    (["tiny", "--image_decoder.beta_end=0"], r"'image_decoder.beta_end': 0.0, expected 0 < beta < 1"),
+    # widths that do not split into their heads or groups (each a shape error or NaN deep inside a step before)
+    (["tiny", "--vision.num_attention_heads=5"],
+     r"vision.hidden_size is 64, not a multiple of vision.num_attention_heads 5$"),
+    (["tiny", "--vision.deform_ratio=0.3"],
+     r"vision.hidden_size x vision.deform_ratio 0.3 is 19, not a multiple of vision.adapter_num_heads 4"),
+    (["tiny", "--vision.cffn_ratio=0.001"],
+     r"vision.hidden_size 64 x vision.cffn_ratio 0.001 is the ConvFFN's width, expected at least 1"),
+    (["tiny", "--resampler.num_attention_heads=5"],
+     r"resampler.hidden_size is 48, not a multiple of resampler.num_attention_heads 5"),
+    (["tiny", "--image_decoder.resampler.num_attention_heads=5"],
+     r"image_decoder.resampler.hidden_size is 32, not a multiple of image_decoder.resampler.num_attention_heads 5"),
+    (["tiny", "--unet.norm_num_groups=7"], r"unet.block_out_channels\[0\] is 32, not a multiple of unet.norm_num_groups 7"),
+    (["tiny", "--vae.norm_num_groups=7"], r"vae.block_out_channels\[0\] is 16, not a multiple of vae.norm_num_groups 7"),
+    (["tiny", "--vae.latent_channels=3"],
+     r"unet.in_channels 4 and unet.out_channels 4 must equal vae.latent_channels 3"),
 ])
 def test_mmi_py_bad_preset_or_override_is_one_line_and_exit_2(argv, message, capsys):
     assert mmi.run_script(mmi.main, argv) == 2
@@ -5254,6 +5271,17 @@ def test_undecodable_or_oversized_images_are_skipped_by_reason(tmp_path, monkeyp
         assert e.value.reason == "image_too_large" and "x.png" in e.value.detail
 
 
+def test_a_16_bit_grey_png_reads_as_its_high_byte(tmp_path):
+    """A 16-bit greyscale PNG (values 0..65535) reads as value >> 8 in each of R, G, B, as Pillow reads a 16-bit
+    colour PNG, rather than clipped at 255 (which read every value above 255 as white)."""
+    values = np.array([[0x0000, 0x00ff, 0x1234], [0x8000, 0xabcd, 0xffff]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"          # what the file holds
+    got = np.asarray(data.load_image(tmp_path / "grey16.png"))
+    want = np.array([[0x00, 0x00, 0x12], [0x80, 0xab, 0xff]], dtype=np.uint8)
+    assert got.shape == (2, 3, 3) and all(np.array_equal(got[..., c], want) for c in range(3))
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "scores.json"
     path.write_text("old")
@@ -5587,6 +5615,24 @@ def test_compiled_blocks_on_cuda_give_eager_loss_and_grads():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
+def test_a_second_run_into_an_out_dir_in_use_is_one_line(tmp_path, config_file, capsys):
+    """While another run holds out_dir (its lock taken, as a training in another process holds it), a run into the
+    same out_dir stops with one line and exit 2 and writes nothing there; once it is free, the run goes."""
+    import fcntl
+    out = tmp_path / "run"
+    os.makedirs(out)
+    other = os.open(out, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 2
+    finally:
+        os.close(other)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: out_dir {out} is in use by another training run" in err
+    assert os.listdir(out) == []
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
+
+
 def test_resume_of_a_finished_run_says_there_is_no_step_to_run(tmp_path, config_file, capsys):
     run_train(config_file, str(tmp_path / "run"), "--max_steps=2", "--ckpt_interval=2")
     capsys.readouterr()
@@ -5611,6 +5657,21 @@ def test_resume_continues_exactly_and_keeps_the_last_checkpoints(tmp_path, confi
     assert sorted(n for n in os.listdir(interrupted) if n.startswith("ckpt")) == ["ckpt_00000010"]
     files = set(os.listdir(interrupted / "ckpt_00000010"))
     assert {".metadata", "config.json", "rank0.pt"} <= files and any(f.endswith(".distcp") for f in files)
+
+
+def test_resume_drops_the_metrics_of_the_steps_it_runs_again(tmp_path, config_file, capsys):
+    """A run killed after step 5 (its last checkpoint at step 3, the step-5 save and a metrics line cut short) and
+    resumed leaves metrics.jsonl with each step once, steps 4 and 5 from the resumed run, and no unfinished save."""
+    out = tmp_path / "run"
+    run_train(config_file, str(out), "--max_steps=5", "--ckpt_interval=3", "--log_interval=1")
+    os.rename(out / "ckpt_00000005", out / "ckpt_00000005.tmp")   # killed before the step-5 save was complete
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')                            # and while writing a line
+    capsys.readouterr()
+    run_train(config_file, str(out), "--max_steps=6", "--ckpt_interval=3", "--log_interval=1", "--resume")
+    assert "metrics.jsonl: dropped 3 line(s) of the steps after 3, which run again" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(out)) == ["ckpt_00000003", "ckpt_00000006", "metrics.jsonl"]   # the .tmp is gone
 
 
 def test_export_writes_a_model_that_from_pretrained_reads_back(tmp_path, config_file):
@@ -6197,6 +6258,8 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
     (TINY_CONFIG, ["--ckpt_interval=-5"], "ckpt_interval -5, expected -1 or more"),
     (TINY_CONFIG, ["--images_per_row=-1"], "images_per_row -1, expected 0 or more"),
     (TINY_CONFIG, ["--grad_clip=-1"], "grad_clip -1.0, expected 0.0 or more"),
+    (TINY_CONFIG, ["--seed=-1"], "seed -1, expected an integer in [0, 2**32)"),
+    (TINY_CONFIG, [f"--seed={2 ** 70}"], "seed 1180591620717411303424, expected an integer in [0, 2**32)"),
     (TINY_CONFIG, ["--kl_weight=nan"], "kl_weight nan, expected 0.0 or more"),
     (TINY_CONFIG, ["--eps=nan"], "eps nan, expected 0.0 or more"),
     (TINY_CONFIG, ["--eps=inf"], "eps inf, expected 0.0 or more"),
@@ -6214,7 +6277,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
         "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "tokenizer-corrupt", "data-root",
         "device", "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip",
-        "kl_weight", "eps", "eps-inf", "seq_len", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
+        "seed-negative", "seed-huge", "kl_weight", "eps", "eps-inf", "seq_len", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
         "param_groups-flat", "param_groups-unmatched", "null-byte", "model-override-type"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
     monkeypatch.chdir(tmp_path)
@@ -6377,6 +6440,40 @@ def test_a_run_stopped_midway_leaves_no_data_loader_workers(tmp_path, config_fil
         assert "interrupted; " in capsys.readouterr().err
     assert set(multiprocessing.active_children()) <= before
     assert not any(t.name == "prefetch" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("where", ["state dict", "dcp.save", "rank file"])
+def test_ctrl_c_during_a_checkpoint_save_is_one_line_and_leaves_no_part_of_it(tmp_path, config_file, monkeypatch,
+                                                                              capsys, where):
+    """Ctrl-C while checkpoint 2 is written (before, inside dcp.save, which wraps it in its own exception, or after):
+    exit 130 with the one interrupted line naming checkpoint 1, and out_dir holds no ckpt_00000002.tmp."""
+    import torch.distributed.checkpoint as dcp
+    write_data, save = dcp.FileSystemWriter.write_data, torch.save
+
+    def interrupt_checkpoint_2(path):
+        if "ckpt_00000002.tmp" in str(path):
+            raise KeyboardInterrupt
+    if where == "state dict":                 # the first thing done after the .tmp folder is made
+        import torch.distributed.checkpoint.state_dict as dcp_state_dict
+        get_state_dict, calls = dcp_state_dict.get_state_dict, []
+
+        def interrupted_second_call(*args, **kwargs):
+            calls.append(1)
+            interrupt_checkpoint_2("ckpt_00000002.tmp" if len(calls) == 2 else "")
+            return get_state_dict(*args, **kwargs)
+        monkeypatch.setattr(dcp_state_dict, "get_state_dict", interrupted_second_call)
+    elif where == "dcp.save":
+        monkeypatch.setattr(dcp.FileSystemWriter, "write_data", lambda self, plan, planner: (
+            interrupt_checkpoint_2(self.path) or write_data(self, plan, planner)))
+    else:
+        monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: (
+            interrupt_checkpoint_2(f) or save(obj, f, *args, **kwargs)))
+    out = tmp_path / "run"
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=3", "--ckpt_interval=1"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"interrupted; --resume=true goes on from {out / 'ckpt_00000001'}" in err
+    assert sorted(os.listdir(out)) == ["ckpt_00000001", "metrics.jsonl"]
 
 
 def test_resumed_demo_stream_keeps_the_order_with_workers(config_file):

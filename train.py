@@ -266,6 +266,8 @@ def load_config(argv):
         value = getattr(tc, key)
         if not (value >= least and value != math.inf):          # a NaN compares false: refused too
             raise mmi.InputError(f"{key} {value}, expected {least} or more")
+    if not 0 <= tc.seed < 2 ** 32:        # the seeds derived from it (seed * 1_000_003 + ...) stay below torch's 2**64
+        raise mmi.InputError(f"seed {tc.seed}, expected an integer in [0, 2**32)")
     if not (math.isfinite(tc.peak_flops) and tc.peak_flops > 0):
         raise mmi.InputError(f"peak_flops {tc.peak_flops}, expected the device's peak FLOP/s (more than 0), for MFU")
     if len(tc.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in tc.betas):
@@ -855,16 +857,23 @@ def save_checkpoint(model, optimizer, tc, cfg, step, rank_state, rank, device):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
-    opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    with warnings.catch_warnings():      # DCP warns that it runs in one process when there is no process group
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"step": step, **rank_state, "rng": rng_state(device)}, os.path.join(tmp, f"rank{rank}.pt"))
-    if rank == 0:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"train": dataclasses.asdict(tc), "model": cfg.to_dict()}, f, indent=1)
+    try:
+        _barrier()
+        opts = StateDictOptions(ignore_frozen_params=not tc.save_frozen)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+        with warnings.catch_warnings():  # DCP warns that it runs in one process when there is no process group
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        torch.save({"step": step, **rank_state, "rng": rng_state(device)}, os.path.join(tmp, f"rank{rank}.pt"))
+        if rank == 0:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"train": dataclasses.asdict(tc), "model": cfg.to_dict()}, f, indent=1)
+    except BaseException as e:           # a save that stops (Ctrl-C, a full disk) leaves no part of itself
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if any(isinstance(exc, KeyboardInterrupt) for exc, _ in getattr(e, "failures", {}).values()):
+            raise KeyboardInterrupt from None        # Ctrl-C inside dcp.save, which wraps it in a CheckpointException
+        raise
     _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -1276,6 +1285,27 @@ def check_out_dir(tc):
                              f"from; use another --out_dir (or remove it)")
 
 
+def hold_out_dir(tc, cleanup):
+    """out_dir, made and locked for this run until it ends (or its process dies): a second run into the same
+    out_dir stops with one line instead of writing checkpoints and metrics over this one's. Checked again under
+    the lock, for a run that finished between check_out_dir and here. A run that stops before writing anything
+    leaves no out_dir that it made."""
+    if os.name != "posix":                       # flock is POSIX
+        return
+    import fcntl
+    if not os.path.isdir(tc.out_dir):
+        os.makedirs(tc.out_dir)
+        cleanup.callback(lambda: os.listdir(tc.out_dir) or os.rmdir(tc.out_dir))
+    fd = os.open(tc.out_dir, os.O_RDONLY)
+    cleanup.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise mmi.InputError(f"out_dir {tc.out_dir} is in use by another training run; wait for it to end, or use "
+                             f"another --out_dir") from None
+    check_out_dir(tc)
+
+
 def worker_limit():
     """DataLoader workers this process may start: its CPU cores (shared by the processes torchrun starts on this
     machine) less one, which the training loop keeps."""
@@ -1353,6 +1383,8 @@ def make_optimizer(model, tc):
 def resume(tc, model, optimizer, rank, device):
     """With resume=True, model, optimizer and RNG from the newest complete checkpoint in out_dir.
     -> (step, the data stream's position, the NaN streak) to go on from"""
+    if tc.resume and rank == 0:
+        remove_unfinished_saves(tc.out_dir)
     found = checkpoints(tc.out_dir) if tc.resume else []
     if not found:
         if tc.resume and rank == 0:
@@ -1362,7 +1394,39 @@ def resume(tc, model, optimizer, rank, device):
     if rank == 0:
         done = f"; max_steps is {tc.max_steps}: no step to run" if state["step"] >= tc.max_steps else ""
         print(f"resumed from {found[-1]} at step {state['step']}{done}")
+        dropped = drop_metrics_after(tc.out_dir, state["step"])
+        if dropped:
+            print(f"metrics.jsonl: dropped {dropped} line(s) of the steps after {state['step']}, which run again")
     return state["step"], state["data"], state["nan_streak"]
+
+
+def remove_unfinished_saves(out_dir):
+    """The ckpt_<step>.tmp folders of saves that a killed run (SIGTERM, SIGKILL, the OOM killer) never finished:
+    no run reads them, and at 13B each holds gigabytes. The out_dir lock keeps a live run's save out of reach."""
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else ():
+        if name.startswith("ckpt_") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+def drop_metrics_after(out_dir, step):
+    """metrics.jsonl keeps only the lines of steps up to `step`, where a resumed run goes on from: the steps after
+    it run again, and a line cut short by a killed run is no record. Rewritten atomically. -> lines dropped"""
+    def step_of(line):
+        try:
+            return json.loads(line)["step"] if line.endswith("\n") else None
+        except (ValueError, KeyError, TypeError):
+            return None
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if isinstance(step_of(line), int) and step_of(line) <= step]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
 
 
 def open_data(cfg, tc, rank, world, data_state, device, cleanup):
@@ -1532,6 +1596,8 @@ def run(tc):
 
 def _run(tc, cleanup):
     check_inputs(tc)
+    if os.environ.get("RANK", "0") == "0":
+        hold_out_dir(tc, cleanup)
     cfg, task = model_config(tc), TASKS[tc.task]
     rank, world, device = start_processes(tc)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bfloat16")
