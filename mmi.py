@@ -32,7 +32,9 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,24 +68,41 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_script(main, argv=None):
     """`sys.exit(mmi.run_script(main))` at the bottom of each script: an InputError, or settings that ask for more
-    memory than the machine has, become one line and exit 2."""
+    memory than the machine has, become one line and exit 2; Ctrl-C and SIGTERM become "interrupted" and exit 130
+    (outside torchrun SIGTERM raises KeyboardInterrupt, so a script's cleanup for Ctrl-C runs for both)."""
+    name = os.path.basename(sys.argv[0])
+    # under torchrun SIGTERM keeps its default action: the launcher stops ranks with it, even ranks in a collective
+    catch_sigterm = threading.current_thread() is threading.main_thread() and "LOCAL_RANK" not in os.environ
+    if catch_sigterm:
+        on_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
     except InputError as e:
         message = str(e)
         if "\nOriginal Traceback" in message:   # raised in a DataLoader worker: the main process gets the traceback
             message = message.rstrip().splitlines()[-1].partition(": ")[2]     # "mmi.InputError: <the message>"
-        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+        print(f"{name}: error: {message}", file=sys.stderr)
         return 2
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         text = " ".join(str(e).split())
         cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
-        if not (cpu or isinstance(e, torch.OutOfMemoryError)):
+        if not (cpu or isinstance(e, (torch.OutOfMemoryError, MemoryError))):
             raise
-        what = f"tried to allocate {int(cpu[1]) / 2**30:.1f} GiB on the CPU" if cpu else text.split(" Including")[0]
-        print(f"{os.path.basename(sys.argv[0])}: error: out of memory ({what}); expected settings that fit this "
-              "machine: fewer or smaller rows, images, beams or tokens, or a smaller model", file=sys.stderr)
+        what = (f"tried to allocate {int(cpu[1]) / 2**30:.1f} GiB on the CPU" if cpu else
+                text.split(" Including")[0] or "a Python allocation failed")
+        print(f"{name}: error: out of memory ({what}); expected settings that fit this machine: fewer or smaller "
+              "rows, images, beams or tokens, or a smaller model", file=sys.stderr)
         return 2
+    finally:
+        if catch_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if on_sigterm is None else on_sigterm)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def resolve_device(name):
@@ -414,7 +433,8 @@ def check_config_widths(cfg):
     if int(v.hidden_size * v.cffn_ratio) < 1:
         raise InputError(f"vision.hidden_size {v.hidden_size} x vision.cffn_ratio {v.cffn_ratio} is the ConvFFN's "
                          f"width, expected at least 1")
-    splits = [("vision.hidden_size", v.hidden_size, "vision.num_attention_heads", v.num_attention_heads),
+    splits = [("llm.hidden_size", cfg.llm.hidden_size, "llm.num_attention_heads", cfg.llm.num_attention_heads),
+              ("vision.hidden_size", v.hidden_size, "vision.num_attention_heads", v.num_attention_heads),
               (f"vision.hidden_size x vision.deform_ratio {v.deform_ratio}", int(v.hidden_size * v.deform_ratio),
                "vision.adapter_num_heads", v.adapter_num_heads),
               ("resampler.hidden_size", r.hidden_size, "resampler.num_attention_heads", r.num_attention_heads),
@@ -2592,9 +2612,6 @@ class MMInterleaved(nn.Module):
         if (cfg.soi_token_id, cfg.image_token_id) != (cfg.llm.vocab_size - 2, cfg.llm.vocab_size - 1):
             raise InputError(f"soi/image ids {cfg.soi_token_id}/{cfg.image_token_id} must be the last two of "
                              f"vocab_size {cfg.llm.vocab_size}")
-        if cfg.llm.hidden_size % cfg.llm.num_attention_heads:
-            raise InputError(f"llm.hidden_size {cfg.llm.hidden_size} is not a multiple of llm.num_attention_heads "
-                             f"{cfg.llm.num_attention_heads}")
         self.cfg = cfg
         d = cfg.llm.hidden_size
         self.visual_tokenizer = VisualTokenizer(cfg)

@@ -17,8 +17,10 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import sys
 import subprocess
+import time
 import traceback
 import warnings
 import weakref
@@ -2726,7 +2728,7 @@ def test_mmi_py_help_lists_presets_and_every_config_key(capsys):
     (["tiny", "--llm.hidden_size=abc"], r"config key 'llm.hidden_size': cannot read 'abc' as int"),
     (["tiny", "llm.hidden_size"], r"override 'llm.hidden_size': expected key=value"),
     (["tiny", "--vision.patch_size=0"], r"config key 'vision.patch_size': 0, every integer must be >= 1"),
-    (["tiny", "--llm.num_attention_heads=5"], r"llm.hidden_size 64 is not a multiple of llm.num_attention_heads 5"),
+    (["tiny", "--llm.num_attention_heads=5"], r"llm.hidden_size is 64, not a multiple of llm.num_attention_heads 5"),
     (["tiny", "--image_decoder.prediction_type=x0"],
      r"'image_decoder.prediction_type': 'x0', expected one of 'epsilon', 'v_prediction'"),
     (["tiny", "--image_decoder.snr_gamma=-1"], r"'image_decoder.snr_gamma': -1.0, expected >= 0 \(0 = off\)"),
@@ -2789,6 +2791,25 @@ def test_running_out_of_memory_is_one_line_naming_the_size(capsys):
                                      "capacity of 23.5 GiB of which 1.1 GiB is free.);") in err, err
     with pytest.raises(RuntimeError, match="must match the size of tensor b"):
         mmi.run_script(lambda argv: torch.zeros(2) + torch.zeros(3), [])
+
+
+def test_ctrl_c_and_sigterm_are_one_line_exit_130_after_the_scripts_cleanup(capsys):
+    """Ctrl-C and SIGTERM both end a script with "interrupted" and exit code 130, after its `finally` blocks ran (where
+    eval.py keeps its predictions so far); run_script puts the SIGTERM handler it found back."""
+    cleaned, before = [], signal.getsignal(signal.SIGTERM)
+
+    def main(sig):
+        try:
+            if sig is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), sig)
+            time.sleep(10)                      # the handler interrupts this
+        finally:
+            cleaned.append(sig)
+    for sig in (None, signal.SIGTERM):
+        assert mmi.run_script(main, sig) == 130
+        assert capsys.readouterr().err.endswith(": interrupted\n")
+    assert cleaned == [None, signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_mmi_py_bad_override_as_a_process_is_one_line_and_exit_2():
