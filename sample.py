@@ -267,22 +267,16 @@ def run_story(model, tokenizer, sample, batch, index, args, out_dir):
 # -- the page -------------------------------------------------------------------------------------------------
 
 PAGE_IMAGE_WIDTH = 256   # the page shows images this large; smaller ones grow by a whole factor, nearest neighbour
-WEB_IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 
 
 def copy_inputs(sample, index, folder):
-    """The prompt's own images, copied into the run folder so that the page needs no other file (a format
-    browsers may not show is saved as PNG). -> their names relative to the folder."""
+    """The prompt's own images as the model reads them (first frame, RGB, EXIF orientation not applied), saved as
+    PNGs in the run folder, so that the page shows what the model saw and needs no other file. -> their names
+    relative to the folder."""
     os.makedirs(os.path.join(folder, "inputs"), exist_ok=True)
-    names = []
-    for k, path in enumerate(sample["paths"]):
-        ext = os.path.splitext(path)[1].lower()
-        name = f"inputs/{index}_{k}{ext if ext in WEB_IMAGE_TYPES else '.png'}"
-        if ext in WEB_IMAGE_TYPES:
-            shutil.copyfile(path, os.path.join(folder, name))
-        else:
-            data.load_image(path).save(os.path.join(folder, name))
-        names.append(name)
+    names = [f"inputs/{index}_{k}.png" for k in range(len(sample["paths"]))]
+    for path, name in zip(sample["paths"], names):
+        data.load_image(path).save(os.path.join(folder, name))
     return names
 
 

@@ -7010,7 +7010,7 @@ def test_a_full_disk_keeps_the_generated_work_and_says_where(tmp_path, saved_tin
 
 
 def test_sample_page_is_self_contained_and_records_given_paths(tmp_path, saved_tiny_model, capsys):
-    """The prompt's own images are copied into the run folder and shown; result.json keeps annt.json's relative
+    """The prompt's own images are saved into the run folder and shown; result.json keeps annt.json's relative
     paths, never this machine's absolute ones; 64 px images are shown 256 px wide with visible pixels."""
     annt = _one_image_annt(tmp_path)
     assert mmi.run_script(sample.main, sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}")) == 0
@@ -7019,12 +7019,27 @@ def test_sample_page_is_self_contained_and_records_given_paths(tmp_path, saved_t
     prompt = result["stories"][0]["prompt"]
     assert prompt["images"] == ["a.png"] and prompt["image_files"] == ["inputs/0_0.png"]
     assert str(tmp_path) not in (run / "result.json").read_text()
-    assert (run / "inputs" / "0_0.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    with Image.open(run / "inputs" / "0_0.png") as shown:
+        assert np.array_equal(np.asarray(shown), np.asarray(data.load_image(str(tmp_path / "a.png"))))
     page = (run / "index.html").read_text()
     for name in ("inputs/0_0.png", "0_0.png"):
         assert f"<img src='{name}' alt='{name}' width='256' height='256' class='px'>" in page
     assert page.index("inputs/0_0.png") < page.index("<div class='generated'>") < page.index("src='0_0.png'")
     assert ".px{image-rendering:pixelated}" in page
+
+
+def test_sample_page_shows_prompt_images_as_the_model_reads_them(tmp_path):
+    """A phone JPEG whose EXIF says "rotate 90" is read unrotated, as the original reads it; the page's copy is that
+    reading, a PNG without EXIF, not the file that a browser would show turned."""
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                       # Orientation: rotate 90 to display
+    im.save(tmp_path / "phone.jpg", exif=exif)
+    names = sample.copy_inputs({"paths": [str(tmp_path / "phone.jpg")]}, 3, str(tmp_path))
+    assert names == ["inputs/3_0.png"]
+    with Image.open(tmp_path / names[0]) as shown:
+        assert shown.format == "PNG" and shown.size == (64, 32) and not shown.getexif()
+        assert np.array_equal(np.asarray(shown), np.asarray(data.load_image(str(tmp_path / "phone.jpg"))))
 
 
 def find_exactly(shot, tmpl):
