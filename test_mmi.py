@@ -2859,6 +2859,11 @@ def test_nucleus_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     assert kept.tolist() == [[True, True, False, False]]                   # 0.5 + 0.3 reaches 0.8
     kept = torch.isfinite(mmi._top_p_filter(logits, 0.81))
     assert kept.tolist() == [[True, True, True, False]]
+    # at the boundary itself (float32 0.5 + 0.3 rounds above 0.8, so above it cannot tell): powers of two, where the
+    # mass before the third token is exactly 0.75 = top_p; reaching top_p ends the nucleus (HF: cumsum <= 1 - top_p)
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    kept = torch.isfinite(mmi._top_p_filter(logits, 0.75))
+    assert kept.tolist() == [[True, True, False, False]]
 
 
 def test_repetition_penalty_matches_the_hf_rule():
