@@ -85,6 +85,19 @@ def make_batch(cfg, rows, length, seed=0, left_pad=False):
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def global_rng_seeded_per_test():
+    """Each test starts with the global RNGs (torch's on every device, Python's) seeded 0 and leaves them as it found
+    them: draws from them are the same whatever ran before, and the seeds that tests and train.run set reach no
+    other test."""
+    python_state = random.getstate()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        random.seed(0)
+        yield
+    random.setstate(python_state)
+
+
 # the tiny preset's special token ids
 BOS, EOS, PAD, SOI, IMG = 1, 2, 383, 384, 385
 
