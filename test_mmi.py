@@ -3976,7 +3976,8 @@ def test_demo_tokenizer_has_llama_layout_and_is_reproducible(tmp_path):
 
 
 def test_center_crop_is_box_halving_bicubic_then_crop():
-    """300x200 -> 64: BOX halving once (200 >= 128) to 150x100, bicubic to 96x64, crop columns 16..80."""
+    """300x200 -> 64: BOX halving once (200 >= 128) to 150x100, bicubic to 96x64, crop columns 16..80; 256x128:
+    halved once (128 >= 128), then cropped."""
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
     want = np.asarray(img.resize((150, 100), Image.BOX).resize((96, 64), Image.BICUBIC))[:, 16:80]
@@ -3988,6 +3989,11 @@ def test_center_crop_is_box_halving_bicubic_then_crop():
     f = data.to_float01(enc)
     assert f.dtype == torch.float32
     assert torch.equal(f, torch.from_numpy(want.astype(np.float32) / 255.0).permute(2, 0, 1))
+    # a short side of exactly twice the target is halved too (the original's >=): 256x128 -> BOX 128x64, then only
+    # the crop (columns 32..96)
+    img = Image.fromarray(rng.integers(0, 256, (128, 256, 3), dtype=np.uint8))
+    want = np.asarray(img.resize((128, 64), Image.BOX))[:, 32:96]
+    assert np.array_equal(data.center_crop_arr(img, 64), want)
 
 
 # ----------------------------------------------------------------------------------------------------------------
