@@ -4687,6 +4687,16 @@ def test_packing_sample_level_cuts_at_the_last_bos():
     assert row.text_ids.tolist() == [B, 5, 5, S, I, I, I, I, 5, E] and p.ids[0] == B and len(p) == 12
 
 
+def test_packing_sample_level_with_no_bos_but_the_first_cuts_before_the_image():
+    """L=10, 4 image tokens, one document [bos t t t t t t soi I I I I eos]: the image would lose tokens and the
+    only bos is at 0 (cutting there would make no progress, and the original loops forever), so the row ends before
+    the soi; it holds no image and is dropped, and the image waits in the buffer."""
+    cfg = data.PackConfig(num_total_token=10, num_img_token=4, truncation_level="sample")
+    p = data.Packer(cfg, Ids)
+    p.add(hand_sample([B, 5, 5, 5, 5, 5, 5, S, I, I, I, I, E], 1))
+    assert p.next_row() is None and p.ids.tolist() == [S, I, I, I, I, E] and p.image_info == ["1:0"]
+
+
 def test_packing_max_images_per_row_image_and_sample_level():
     """Three 1-image samples of 7 tokens [bos S I I I I eos] (+ text), max 2 images per row, L=24."""
     def samples():
