@@ -87,6 +87,19 @@ def make_batch(cfg, rows, length, seed=0, left_pad=False):
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def global_rng_seeded_per_test():
+    """Each test starts with the global RNGs (torch's on every device, Python's) seeded 0 and leaves them as it found
+    them: draws from them are the same whatever ran before, and the seeds that tests and train.run set reach no
+    other test."""
+    python_state = random.getstate()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        random.seed(0)
+        yield
+    random.setstate(python_state)
+
+
 # the tiny preset's special token ids
 BOS, EOS, PAD, SOI, IMG = 1, 2, 383, 384, 385
 
@@ -2916,6 +2929,11 @@ def test_nucleus_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     assert kept.tolist() == [[True, True, False, False]]                   # 0.5 + 0.3 reaches 0.8
     kept = torch.isfinite(mmi._top_p_filter(logits, 0.81))
     assert kept.tolist() == [[True, True, True, False]]
+    # at the boundary itself (float32 0.5 + 0.3 rounds above 0.8, so above it cannot tell): powers of two, where the
+    # mass before the third token is exactly 0.75 = top_p; reaching top_p ends the nucleus (HF: cumsum <= 1 - top_p)
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    kept = torch.isfinite(mmi._top_p_filter(logits, 0.75))
+    assert kept.tolist() == [[True, True, False, False]]
 
 
 def test_repetition_penalty_matches_the_hf_rule():
@@ -4015,7 +4033,8 @@ def test_demo_tokenizer_has_llama_layout_and_is_reproducible(tmp_path):
 
 
 def test_center_crop_is_box_halving_bicubic_then_crop():
-    """300x200 -> 64: BOX halving once (200 >= 128) to 150x100, bicubic to 96x64, crop columns 16..80."""
+    """300x200 -> 64: BOX halving once (200 >= 128) to 150x100, bicubic to 96x64, crop columns 16..80; 256x128:
+    halved once (128 >= 128), then cropped."""
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
     want = np.asarray(img.resize((150, 100), Image.BOX).resize((96, 64), Image.BICUBIC))[:, 16:80]
@@ -4027,6 +4046,11 @@ def test_center_crop_is_box_halving_bicubic_then_crop():
     f = data.to_float01(enc)
     assert f.dtype == torch.float32
     assert torch.equal(f, torch.from_numpy(want.astype(np.float32) / 255.0).permute(2, 0, 1))
+    # a short side of exactly twice the target is halved too (the original's >=): 256x128 -> BOX 128x64, then only
+    # the crop (columns 32..96)
+    img = Image.fromarray(rng.integers(0, 256, (128, 256, 3), dtype=np.uint8))
+    want = np.asarray(img.resize((128, 64), Image.BOX))[:, 32:96]
+    assert np.array_equal(data.center_crop_arr(img, 64), want)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -4744,6 +4768,16 @@ def test_packing_sample_level_cuts_at_the_last_bos():
     p.add(hand_sample([B, 6, 6, 6, 6, 6, S, I, I, I, I, E], 2))
     row = p.next_row()
     assert row.text_ids.tolist() == [B, 5, 5, S, I, I, I, I, 5, E] and p.ids[0] == B and len(p) == 12
+
+
+def test_packing_sample_level_with_no_bos_but_the_first_cuts_before_the_image():
+    """L=10, 4 image tokens, one document [bos t t t t t t soi I I I I eos]: the image would lose tokens and the
+    only bos is at 0 (cutting there would make no progress, and the original loops forever), so the row ends before
+    the soi; it holds no image and is dropped, and the image waits in the buffer."""
+    cfg = data.PackConfig(num_total_token=10, num_img_token=4, truncation_level="sample")
+    p = data.Packer(cfg, Ids)
+    p.add(hand_sample([B, 5, 5, 5, 5, 5, 5, S, I, I, I, I, E], 1))
+    assert p.next_row() is None and p.ids.tolist() == [S, I, I, I, I, E] and p.image_info == ["1:0"]
 
 
 def test_packing_max_images_per_row_image_and_sample_level():
