@@ -1513,8 +1513,11 @@ def _text_to_image_task(samples_per_caption):
                 continue
             prompts = [t2i_prompt(s["caption"], cfg.num_img_token) for s in chunk]
             batch = _to_device(text_batch(prompts, [grey] * len(chunk), tokenizer, pad_left=False), args.device)
+            # a seed per caption, so its images do not depend on the captions beside it (--resume relies on
+            # it); copy k draws from seed + k, so the captions' seeds are samples_per_caption apart
+            seeds = [args.seed + samples_per_caption * s["id"] for s in chunk]
             candidates = model.generate_images(batch, steps=args.steps, guidance_scale=args.guidance_scale,
-                                               sampler="ddpm", seed=args.seed + chunk[0]["id"],
+                                               sampler="ddpm", seed=seeds,
                                                num_images_per_context=samples_per_caption)["image"]
             candidates = candidates.float().clamp(0, 1)                  # (copies * B, 3, H, W), copy-major
             best = torch.zeros(len(chunk), dtype=torch.long)

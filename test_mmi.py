@@ -7642,8 +7642,9 @@ def test_coco_text_to_image_keeps_the_clip_best_of_8(tmp_path, monkeypatch, demo
     drawn = []
 
     def generate_images(batch, steps, guidance_scale, sampler, seed, num_images_per_context):
-        g = torch.Generator().manual_seed(seed)
-        drawn.extend(torch.rand(num_images_per_context, batch["text_ids"].shape[0], 3, 40, 40, generator=g))
+        assert len(seed) == batch["text_ids"].shape[0]                   # one seed per caption
+        drawn.extend(torch.stack([torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(s + k))
+                                  for s in seed]) for k in range(num_images_per_context))
         return {"image": torch.cat(drawn[-num_images_per_context:])}                 # copy-major
 
     monkeypatch.setattr(model, "generate_images", generate_images)
@@ -7682,6 +7683,25 @@ def test_text_to_image_end_to_end_with_the_tiny_model(tmp_path, monkeypatch, dem
     assert math.isfinite(res["metrics"]["FID"]) and res["metrics"]["FID"] > 0
     with pytest.raises(ValueError, match="at least 2"):
         ev.feature_statistics(np.zeros((1, 4)))
+
+
+def test_text_to_image_draws_depend_on_the_caption_not_its_batch(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    """Each caption draws from its own seed (--seed and its id), so its image is the same drawn beside another
+    caption or alone."""
+    model, tok = demo_model_and_tokenizer
+    _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    args, drawn = _args("lncoco", tmp_path, limit=2), {}
+    samples = ev.load_samples(args)
+    for start in (0, 1):
+        args.image_dir = str(tmp_path / f"from{start}")
+        for s in ev.TASKS["lncoco"].predict(model, tok, samples[start:], args):
+            drawn.setdefault(s["id"], []).append(np.asarray(Image.open(s["generated"])))
+    first, alone = (x.astype(int) for x in drawn[1])
+    # the same noise; a batch of two rounds its float32 sums otherwise, which can move a pixel one 8-bit level
+    # (hence --resume redoes a batch whole)
+    assert np.abs(first - alone).max() <= 1
+    assert np.abs(drawn[0][0].astype(int) - first).max() > 16     # two captions, two seeds: not one image twice
 
 
 def _tiny_clip(monkeypatch):
