@@ -1834,6 +1834,14 @@ def partial_path(out, rank=0, world=1):
     return f"{stem}.partial{'' if world == 1 else f'.rank{rank}'}{ext or '.json'}"
 
 
+def remove_partial_files(out, world):
+    """Every rank's partial file of --out, once the results are written (by rank 0; ranks on other hosts that do
+    not share its file system keep theirs, which the next run refuses)."""
+    for r in range(world):
+        if os.path.exists(partial_path(out, r, world)):
+            os.remove(partial_path(out, r, world))
+
+
 def run_config(args, world):
     """The config a results (and partial) file stores: the settings (--resume left out: a resumed run's results are
     the uninterrupted run's), the task's generation settings and the number of ranks."""
@@ -2040,16 +2048,18 @@ def evaluate(model, tokenizer, args, rank=0, world=1, samples=None, kept=()):
             if time.monotonic() - kept_at >= PARTIAL_EVERY_S:
                 keep()
                 kept_at = time.monotonic()
-        outputs = gather_outputs(outputs, rank, world)
-        if rank != 0:                                     # rank 0 holds (and keeps) them all from here
-            if os.path.exists(partial):
-                os.remove(partial)
+        # every rank's partial file holds its own predictions, from before the gather until rank 0 has written the
+        # results (remove_partial_files): a failing score loses none, and --resume finds each rank's where it looks
+        if world > 1:
+            keep()
+        gathered = gather_outputs(outputs, rank, world)
+        if rank != 0:
             return None
-        scored = [o for o in outputs if "skipped" not in o]
-        skips = [o for o in outputs if "skipped" in o]
+        scored = [o for o in gathered if "skipped" not in o]
+        skips = [o for o in gathered if "skipped" in o]
         reasons = dict(Counter(o["skipped"] for o in skips))
         if len(scored) < task.min_samples:
-            raise InputError(f"--task={args.task}: {len(scored)} of {len(outputs)} samples could be used, the metric "
+            raise InputError(f"--task={args.task}: {len(scored)} of {len(gathered)} samples could be used, the metric "
                              f"needs at least {task.min_samples}; skipped {reasons}, e.g. {skips[0]['detail']}")
         metrics = task.score(args.data_root, scored, args)
     except BaseException:
@@ -2208,8 +2218,7 @@ def main(argv=None):
     results = evaluate(model, tokenizer, args, rank, world, samples, kept)
     if rank == 0:
         write_json_atomic(args.out, results)
-        if os.path.exists(partial_path(args.out, rank, world)):
-            os.remove(partial_path(args.out, rank, world))
+        remove_partial_files(args.out, world)
         print(json.dumps({"task": args.task, "num_samples": results["num_samples"], **results["metrics"]}))
         if results["skipped"]:
             print(f"skipped {len(results['skipped_samples'])} of {len(samples)} samples {results['skipped']}; "

@@ -7501,14 +7501,25 @@ def test_readers_name_the_missing_file(tmp_path):
         ev.read_vizwiz(str(tmp_path))
 
 
-def _rank_worker(rank, world, root, port, result_path):
+def _rank_worker(rank, world, root, port, result_path, score_fails=False):
     # a cheap task in place of a model: each rank reports which samples it was given
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+    def score(root, outputs, args):
+        if score_fails:
+            raise RuntimeError("the score failed")
+        return {"n": len(outputs)}
+
     ev.TASKS["rank_probe"] = ev.Task(ev.read_vizwiz, lambda m, t, samples, a: [{"id": s["id"], "rank": rank}
-                                                                           for s in samples],
-                                   lambda r, outputs, a: {"n": len(outputs)})
-    res = ev.evaluate(None, None, _args("rank_probe", root, limit=5), rank, world)
+                                                                           for s in samples], score)
+    args = _args("rank_probe", root, limit=5)
+    args.out = result_path
+    try:
+        res = ev.evaluate(None, None, args, rank, world)
+    except RuntimeError:
+        assert score_fails and rank == 0
+        return
     if rank == 0:
         ev.write_json_atomic(result_path, res)
     else:
@@ -7528,6 +7539,20 @@ def test_torchrun_split_is_rank_strided_and_gathered_on_rank_0(tmp_path):
     # rank 0 took samples 0, 2, 4 and rank 1 took 1, 3 (the limit applies before the split)
     assert [(o["id"], o["rank"]) for o in res["samples"]] == [("0.jpg", 0), ("2.jpg", 0), ("4.jpg", 0),
                                                               ("1.jpg", 1), ("3.jpg", 1)]
+
+
+def test_a_failing_score_under_torchrun_keeps_each_ranks_predictions_in_its_partial_file(tmp_path):
+    """Rank 0 gathers every rank's predictions, then its score fails: each rank's partial file holds that rank's
+    predictions (the ones --resume on that rank matches to its samples), none removed."""
+    _json(tmp_path / "VizWiz/val.json", [{"image": f"{i}.jpg", "question": "q", "answers": ["a"]} for i in range(7)])
+    _image(str(tmp_path / "VizWiz/val/0.jpg"), 0)
+    port = 29500 + (os.getpid() + 500) % 1000
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, str(tmp_path), port, str(tmp_path / "r.json"), True),
+                                          nprocs=2, start_method="fork")
+    for rank, ids in ((0, ["0.jpg", "2.jpg", "4.jpg"]), (1, ["1.jpg", "3.jpg"])):
+        kept = json.loads((tmp_path / f"r.partial.rank{rank}.json").read_text())
+        assert [o["id"] for o in kept["samples"]] == ids
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_command_line_writes_config_metrics_and_samples(tmp_path, monkeypatch, demo_model_and_tokenizer,
