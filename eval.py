@@ -11,8 +11,9 @@ visdial (NDCG); coco_t2i, lncoco (FID); after fine-tuning (train.py configs/sft_
 flintstones (FID and CLIP image similarity of the drawn frames, MMFS on and off), ade20k (mIoU); demo; demo_qa
 (answers about shape scenes). Results JSON, out/eval/<task>.json by default (--out): the config, the metrics,
 every sample's output, and the samples skipped for a missing or unreadable image, counted by reason.
-While a run goes, its predictions so far are kept in out/eval/<task>.partial.json; text-to-image tasks write their
-images to out/eval/<task>_images/.
+While a run goes, its predictions so far are kept in out/eval/<task>.partial.json; after a crash the same command
+with --resume predicts only the other samples and writes the results an uninterrupted run would. Text-to-image tasks
+write their images to out/eval/<task>_images/.
 
 Layout under --data_root (the original README's tree; the files each task reads):
     coco/annotations/coco_karpathy_test.json, coco_karpathy_test_gt.json, captions_val2014.json; coco/val2014/
@@ -40,6 +41,7 @@ transformers' CLIP and hand-computed cases.
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -1377,6 +1379,9 @@ class Task:
     preflight: object = None     # (args) -> None: the files named by flags, checked before the model loads
     min_samples: int = 1         # fewer scored samples than this leave the metric undefined
     draws_images: bool = False   # writes the images it draws into images_folder(args)
+    batch: object = None         # (args) -> how many consecutive samples of a rank share one model call, whose
+                                 # float rounding can depend on which samples it holds; --resume reuses a batch's
+                                 # kept predictions only whole (None: --batch_size)
 
 
 def _caption_task(name, read, make_prompt, generation, first_sentence):
@@ -1513,8 +1518,11 @@ def _text_to_image_task(samples_per_caption):
                 continue
             prompts = [t2i_prompt(s["caption"], cfg.num_img_token) for s in chunk]
             batch = _to_device(text_batch(prompts, [grey] * len(chunk), tokenizer, pad_left=False), args.device)
+            # a seed per caption, so its images do not depend on the captions beside it (--resume relies on
+            # it); copy k draws from seed + k, so the captions' seeds are samples_per_caption apart
+            seeds = [args.seed + samples_per_caption * s["id"] for s in chunk]
             candidates = model.generate_images(batch, steps=args.steps, guidance_scale=args.guidance_scale,
-                                               sampler="ddpm", seed=args.seed + chunk[0]["id"],
+                                               sampler="ddpm", seed=seeds,
                                                num_images_per_context=samples_per_caption)["image"]
             candidates = candidates.float().clamp(0, 1)                  # (copies * B, 3, H, W), copy-major
             best = torch.zeros(len(chunk), dtype=torch.long)
@@ -1746,7 +1754,7 @@ def _build_tasks():
     for name, read in (("vqav2", read_vqav2), ("okvqa", read_okvqa), ("textvqa", read_textvqa)):
         tasks[name] = _vqa_task(name, read, vqa_prompt, vqa_accuracy)
     tasks["vizwiz_vqa"] = _vqa_task("vizwiz_vqa", read_vizwiz, vizwiz_prompt, vizwiz_accuracy)
-    tasks["visdial"] = Task(read_visdial, predict_visdial, score_visdial)
+    tasks["visdial"] = Task(read_visdial, predict_visdial, score_visdial, batch=lambda args: 1)   # its own calls
     # the original config names the COCO text-to-image set "coco"; 8 CLIP-ranked samples there, 1 for LN-COCO
     t2i = dict(steps=250, guidance_scale=3.5, sampler="ddpm")
     inception_and_clip = lambda args: (check_inception_path(args.inception), check_clip_path(args.clip))
@@ -1760,8 +1768,10 @@ def _build_tasks():
                            preflight=inception_and_clip, min_samples=2, draws_images=True)
     tasks["ade20k"] = Task(read_ade20k, predict_ade20k, score_ade20k, dict(t2i),
                            preflight=lambda args: check_segmenter_path(args.segmenter), draws_images=True)
+    # a demo story's outputs are tokens and scenes read from its images: the stories sharing its calls change none
+    # of them (test_demo_stories_in_groups_equal_one_story_at_a_time), so --resume reuses stories one by one
     tasks["demo"] = Task(read_demo, predict_demo, score_demo, dict(DEMO_GENERATION, **DEMO_IMAGES),
-                         needs_data_root=False)
+                         needs_data_root=False, batch=lambda args: 1)
     tasks["demo_qa"] = Task(read_demo_qa, predict_demo_qa, score_demo_qa, DEMO_QA_GENERATION, needs_data_root=False)
     return tasks
 
@@ -1806,14 +1816,145 @@ def write_json_atomic(path, obj):
 
 
 # A long run keeps what it has predicted: every PARTIAL_EVERY_S seconds, and when it stops on an error, each rank
-# rewrites its predictions so far into partial_path(--out); the finished results file replaces it.
+# rewrites its predictions so far into partial_path(--out); the finished results file replaces it. --resume reads
+# it back (read_partial) and predicts only the rest (resume_plan).
 PARTIAL_EVERY_S = 60
+
+# The settings a kept prediction does not depend on, left out when --resume compares a partial file's config with
+# the run's: where the results go (out), the demo's README table (readme, scored_with), and the networks only the
+# score uses (inception, segmenter), which runs over all predictions at the end. Every other setting counts, even
+# one the task does not read: a resumed run is the interrupted command again. The device counts by its kind only
+# (cuda:0 and cuda:1 compute alike, a CPU rounds otherwise).
+RESUME_IGNORES = ("out", "readme", "scored_with", "inception", "segmenter")
 
 
 def partial_path(out, rank=0, world=1):
     """out/eval/vqav2.json -> out/eval/vqav2.partial.json (.partial.rank<N>.json under torchrun)."""
     stem, ext = os.path.splitext(out)
     return f"{stem}.partial{'' if world == 1 else f'.rank{rank}'}{ext or '.json'}"
+
+
+def remove_partial_files(out, world):
+    """Every rank's partial file of --out, once the results are written (by rank 0; ranks on other hosts that do
+    not share its file system keep theirs, which the next run refuses)."""
+    for r in range(world):
+        if os.path.exists(partial_path(out, r, world)):
+            os.remove(partial_path(out, r, world))
+
+
+def run_config(args, world):
+    """The config a results (and partial) file stores: the settings (--resume left out: a resumed run's results are
+    the uninterrupted run's), the task's generation settings and the number of ranks."""
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    return dict(settings, generation=TASKS[args.task].generation, world_size=world)
+
+
+def prediction_settings(config):
+    """A run's config less RESUME_IGNORES, the device by its kind (cpu, cuda)."""
+    settings = {k: v for k, v in config.items() if k not in RESUME_IGNORES}
+    if isinstance(settings.get("device"), str):
+        settings["device"] = settings["device"].split(":")[0]
+    return settings
+
+
+def _written_files(output, folder):
+    """The paths under `folder` (the images the run wrote) that an output refers to, at any depth."""
+    if isinstance(output, dict):
+        return [p for v in output.values() for p in _written_files(v, folder)]
+    if isinstance(output, list):
+        return [p for v in output for p in _written_files(v, folder)]
+    return [output] if isinstance(output, str) and output.startswith(os.path.join(folder, "")) else []
+
+
+def _other_partial_files(out, world):
+    """Partial files of --out that a run on `world` ranks does not write (an earlier run's on another number)."""
+    stem, ext = os.path.splitext(out)
+    found = {p for pattern in (".partial", ".partial.rank[0-9]*")
+             for p in glob.glob(glob.escape(stem) + pattern + (ext or ".json"))}
+    return sorted(found - {partial_path(out, r, world) for r in range(world)})
+
+
+def load_partial(path):
+    """A partial file -> its dict, checked to be of evaluate's shape: task, config, and samples each with an id."""
+    kept = _require(data.annotation_json(path, "eval.py's partial file"),
+                    {"task": str, "config": dict, "samples": list}, path)
+    for i, o in enumerate(kept["samples"]):
+        _require(o, {"id": (int, str)}, f"{path}: samples[{i}]")
+    return kept
+
+
+def check_partial_ids(path, outputs, samples, task):
+    """The kept outputs match this rank's samples one to one: the samples' ids are unique, and every output's id is
+    one of them, once."""
+    ids = set()
+    for s in samples:
+        if s["id"] in ids:
+            raise InputError(f"--resume: sample id {s['id']!r} comes twice in --task={task}'s samples, so the "
+                             f"predictions kept in {path} cannot be matched to them; remove the file to start over")
+        ids.add(s["id"])
+    seen = set()
+    for i, o in enumerate(outputs):
+        if o["id"] not in ids:
+            raise InputError(f"{path}: samples[{i}] has id {o['id']!r}, which is none of this run's samples (were "
+                             f"the data under --data_root changed?); remove the file to start over")
+        if o["id"] in seen:
+            raise InputError(f"{path}: samples[{i}] repeats id {o['id']!r}, expected one prediction per sample")
+        seen.add(o["id"])
+
+
+def read_partial(args, rank, world, samples):
+    """This rank's partial file, read before the model loads -> the predictions it keeps ([] when there is none).
+    A partial file is an earlier run's work: without --resume it is refused, as is one of a run on another number
+    of ranks. With --resume it must be this run's: made with the settings its predictions depend on
+    (prediction_settings), its ids this rank's samples' (check_partial_ids). A prediction whose images (under
+    images_folder) are gone is dropped, to be drawn again."""
+    path = partial_path(args.out, rank, world)
+    data.check_writable(path, "--out's partial file")
+    others = _other_partial_files(args.out, world)
+    if others:
+        raise InputError(f"{others[0]}: kept by a run on another number of ranks than this run's {world}; resume "
+                         f"with that number (or remove the file to start over)")
+    if not os.path.exists(path):
+        if args.resume:
+            print(f"eval.py: --resume: no {path}, starting from the first sample", flush=True)
+        return []
+    kept = load_partial(path)
+    if not args.resume:
+        raise InputError(f"{path} holds {len(kept['samples'])} predictions of an earlier run: --resume goes on from "
+                         f"them (or remove the file to start over)")
+    ours = json.loads(json.dumps(run_config(args, world)))
+    differs = mmi.first_difference(prediction_settings(kept["config"]), prediction_settings(ours))
+    if differs:
+        key, theirs, mine = differs
+        raise InputError(f"{path}: kept by a run with {key}={theirs!r}, this run has {key}={mine!r}; resume with "
+                         f"that run's settings (or remove the file to start over)")
+    check_partial_ids(path, kept["samples"], samples[rank::world], args.task)
+    folder = images_folder(args)
+    return [o for o in kept["samples"] if all(os.path.isfile(p) for p in _written_files(o, folder))]
+
+
+def resume_plan(samples, kept, batch):
+    """[(a batch of `batch` consecutive samples, its kept outputs in their order, or None to predict it)]: the kept
+    outputs (by sample id) of a batch are reused only when they cover it whole, so every predicted sample shares
+    its model call with the samples it shares it with in an uninterrupted run."""
+    batches = [samples[i:i + batch] for i in range(0, len(samples), batch)]
+    where = {s["id"]: n for n, b in enumerate(batches) for s in b}
+    reused = [[] for _ in batches]
+    for o in kept:
+        reused[where[o["id"]]].append(o)
+    return [(b, r if len(r) == len(b) else None) for b, r in zip(batches, reused)]
+
+
+def resume_outputs(predict, plan):
+    """The outputs of the plan's samples in the order an uninterrupted run yields them: the reused batches' kept
+    outputs, and predict(the other batches' samples), which yields one output per sample, batch by batch."""
+    new = iter(predict([s for b, reused in plan if reused is None for s in b]))
+    for b, reused in plan:
+        if reused is None:
+            for _ in b:
+                yield next(new)
+        else:
+            yield from reused
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1880,36 +2021,45 @@ def load_samples(args):
     return samples
 
 
-def evaluate(model, tokenizer, args, rank=0, world=1, samples=None):
+def evaluate(model, tokenizer, args, rank=0, world=1, samples=None, kept=()):
     """Run one task on this rank's share of the (limited) set; rank 0 returns the results dict. `samples`: what
-    load_samples returns (read here when None). Samples whose image cannot be read are skipped and counted;
-    the predictions made so far are kept in partial_path(args.out) (see PARTIAL_EVERY_S)."""
+    load_samples returns (read here when None); `kept`: what read_partial returns, the predictions reused (see
+    resume_plan). Samples whose image cannot be read are skipped and counted; the predictions made so far are kept
+    in partial_path(args.out) (see PARTIAL_EVERY_S)."""
     task = TASKS[args.task]
     if samples is None:
         samples = load_samples(args)
-    config = dict(vars(args), generation=task.generation, world_size=world)
+    config = run_config(args, world)
     partial, outputs, kept_at = partial_path(args.out, rank, world), [], time.monotonic()
+    mine = samples[rank::world]
+    plan = resume_plan(mine, kept, args.batch_size if task.batch is None else task.batch(args))
+    if kept:
+        reused = sum(len(r) for _, r in plan if r is not None)
+        print(f"eval.py: --resume: reusing {reused} of the {len(kept)} predictions kept in {partial} (a batch's only "
+              f"whole); predicting the other {len(mine) - reused} samples", flush=True)
 
     def keep():
         write_json_atomic(partial, {"task": args.task, "config": config, "partial": True,
                                     "num_predictions": len(outputs), "samples": outputs})
 
     try:
-        for o in task.predict(model, tokenizer, samples[rank::world], args):
+        for o in resume_outputs(lambda rest: task.predict(model, tokenizer, rest, args), plan):
             outputs.append(o)
             if time.monotonic() - kept_at >= PARTIAL_EVERY_S:
                 keep()
                 kept_at = time.monotonic()
-        outputs = gather_outputs(outputs, rank, world)
-        if rank != 0:                                     # rank 0 holds (and keeps) them all from here
-            if os.path.exists(partial):
-                os.remove(partial)
+        # every rank's partial file holds its own predictions, from before the gather until rank 0 has written the
+        # results (remove_partial_files): a failing score loses none, and --resume finds each rank's where it looks
+        if world > 1:
+            keep()
+        gathered = gather_outputs(outputs, rank, world)
+        if rank != 0:
             return None
-        scored = [o for o in outputs if "skipped" not in o]
-        skips = [o for o in outputs if "skipped" in o]
+        scored = [o for o in gathered if "skipped" not in o]
+        skips = [o for o in gathered if "skipped" in o]
         reasons = dict(Counter(o["skipped"] for o in skips))
         if len(scored) < task.min_samples:
-            raise InputError(f"--task={args.task}: {len(scored)} of {len(outputs)} samples could be used, the metric "
+            raise InputError(f"--task={args.task}: {len(scored)} of {len(gathered)} samples could be used, the metric "
                              f"needs at least {task.min_samples}; skipped {reasons}, e.g. {skips[0]['detail']}")
         metrics = task.score(args.data_root, scored, args)
     except BaseException:
@@ -1981,7 +2131,11 @@ def parse_args(argv=None):
                    help="skip the first N samples (the demo tasks: score another slice of the test split)")
     p.add_argument("--out", default=None,
                    help="results JSON (default: out/eval/<task>.json); while the run goes, the predictions made so "
-                        "far are kept in <out>.partial.json")
+                        "far are kept in <out>.partial.json (see --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the predictions an interrupted run (the same command) kept in "
+                        "<out>.partial.json: only the other samples are predicted, and the results are those of a "
+                        "run never interrupted. Without it, a run refuses to start over such a file")
     p.add_argument("--batch_size", type=_positive_int, default=2,
                    help="prompts per generate call (the original used 2)")
     p.add_argument("--device", default="auto",
@@ -2057,14 +2211,14 @@ def main(argv=None):
         task.preflight(args)
     samples = load_samples(args)
     rank, world, args.device = init_distributed(device)
+    kept = read_partial(args, rank, world, samples)
     model = load_model(args.init_from, getattr(torch, args.dtype), args.device,
                        None if args.quantize == "none" else args.quantize).eval()
     tokenizer = check_tokenizer(tokenizer, tokenizer_path, model.cfg)
-    results = evaluate(model, tokenizer, args, rank, world, samples)
+    results = evaluate(model, tokenizer, args, rank, world, samples, kept)
     if rank == 0:
         write_json_atomic(args.out, results)
-        if os.path.exists(partial_path(args.out, rank, world)):
-            os.remove(partial_path(args.out, rank, world))
+        remove_partial_files(args.out, world)
         print(json.dumps({"task": args.task, "num_samples": results["num_samples"], **results["metrics"]}))
         if results["skipped"]:
             print(f"skipped {len(results['skipped_samples'])} of {len(samples)} samples {results['skipped']}; "

@@ -105,6 +105,19 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def first_difference(a, b, prefix=""):
+    """(dotted key, a's value, b's value) of the first key whose value differs between nested dicts, or None."""
+    for key in [*a, *(k for k in b if k not in a)]:
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = first_difference(x, y, f"{prefix}{key}.")
+            if found:
+                return found
+        elif x != y:
+            return prefix + key, x, y
+    return None
+
+
 def resolve_device(name):
     """`--device` as given (auto, cpu, cuda, cuda:N) -> torch.device; InputError where this machine has none such."""
     if name == "auto":

@@ -7535,14 +7535,25 @@ def test_readers_name_the_missing_file(tmp_path):
         ev.read_vizwiz(str(tmp_path))
 
 
-def _rank_worker(rank, world, root, port, result_path):
+def _rank_worker(rank, world, root, port, result_path, score_fails=False):
     # a cheap task in place of a model: each rank reports which samples it was given
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+    def score(root, outputs, args):
+        if score_fails:
+            raise RuntimeError("the score failed")
+        return {"n": len(outputs)}
+
     ev.TASKS["rank_probe"] = ev.Task(ev.read_vizwiz, lambda m, t, samples, a: [{"id": s["id"], "rank": rank}
-                                                                           for s in samples],
-                                   lambda r, outputs, a: {"n": len(outputs)})
-    res = ev.evaluate(None, None, _args("rank_probe", root, limit=5), rank, world)
+                                                                           for s in samples], score)
+    args = _args("rank_probe", root, limit=5)
+    args.out = result_path
+    try:
+        res = ev.evaluate(None, None, args, rank, world)
+    except RuntimeError:
+        assert score_fails and rank == 0
+        return
     if rank == 0:
         ev.write_json_atomic(result_path, res)
     else:
@@ -7562,6 +7573,20 @@ def test_torchrun_split_is_rank_strided_and_gathered_on_rank_0(tmp_path):
     # rank 0 took samples 0, 2, 4 and rank 1 took 1, 3 (the limit applies before the split)
     assert [(o["id"], o["rank"]) for o in res["samples"]] == [("0.jpg", 0), ("2.jpg", 0), ("4.jpg", 0),
                                                               ("1.jpg", 1), ("3.jpg", 1)]
+
+
+def test_a_failing_score_under_torchrun_keeps_each_ranks_predictions_in_its_partial_file(tmp_path):
+    """Rank 0 gathers every rank's predictions, then its score fails: each rank's partial file holds that rank's
+    predictions (the ones --resume on that rank matches to its samples), none removed."""
+    _json(tmp_path / "VizWiz/val.json", [{"image": f"{i}.jpg", "question": "q", "answers": ["a"]} for i in range(7)])
+    _image(str(tmp_path / "VizWiz/val/0.jpg"), 0)
+    port = 29500 + (os.getpid() + 500) % 1000
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, str(tmp_path), port, str(tmp_path / "r.json"), True),
+                                          nprocs=2, start_method="fork")
+    for rank, ids in ((0, ["0.jpg", "2.jpg", "4.jpg"]), (1, ["1.jpg", "3.jpg"])):
+        kept = json.loads((tmp_path / f"r.partial.rank{rank}.json").read_text())
+        assert [o["id"] for o in kept["samples"]] == ids
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_command_line_writes_config_metrics_and_samples(tmp_path, monkeypatch, demo_model_and_tokenizer,
@@ -7676,8 +7701,9 @@ def test_coco_text_to_image_keeps_the_clip_best_of_8(tmp_path, monkeypatch, demo
     drawn = []
 
     def generate_images(batch, steps, guidance_scale, sampler, seed, num_images_per_context):
-        g = torch.Generator().manual_seed(seed)
-        drawn.extend(torch.rand(num_images_per_context, batch["text_ids"].shape[0], 3, 40, 40, generator=g))
+        assert len(seed) == batch["text_ids"].shape[0]                   # one seed per caption
+        drawn.extend(torch.stack([torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(s + k))
+                                  for s in seed]) for k in range(num_images_per_context))
         return {"image": torch.cat(drawn[-num_images_per_context:])}                 # copy-major
 
     monkeypatch.setattr(model, "generate_images", generate_images)
@@ -7716,6 +7742,25 @@ def test_text_to_image_end_to_end_with_the_tiny_model(tmp_path, monkeypatch, dem
     assert math.isfinite(res["metrics"]["FID"]) and res["metrics"]["FID"] > 0
     with pytest.raises(ValueError, match="at least 2"):
         ev.feature_statistics(np.zeros((1, 4)))
+
+
+def test_text_to_image_draws_depend_on_the_caption_not_its_batch(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    """Each caption draws from its own seed (--seed and its id), so its image is the same drawn beside another
+    caption or alone."""
+    model, tok = demo_model_and_tokenizer
+    _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    args, drawn = _args("lncoco", tmp_path, limit=2), {}
+    samples = ev.load_samples(args)
+    for start in (0, 1):
+        args.image_dir = str(tmp_path / f"from{start}")
+        for s in ev.TASKS["lncoco"].predict(model, tok, samples[start:], args):
+            drawn.setdefault(s["id"], []).append(np.asarray(Image.open(s["generated"])))
+    first, alone = (x.astype(int) for x in drawn[1])
+    # the same noise; a batch of two rounds its float32 sums otherwise, which can move a pixel one 8-bit level
+    # (hence --resume redoes a batch whole)
+    assert np.abs(first - alone).max() <= 1
+    assert np.abs(drawn[0][0].astype(int) - first).max() > 16     # two captions, two seeds: not one image twice
 
 
 def _tiny_clip(monkeypatch):
@@ -7878,8 +7923,8 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
     assert e.value.code == 0
     entries = re.split(r"\n  (?=-)", out.split("options:")[1].split("Layout under --data_root")[0])[1:]
     assert [x.split()[0].rstrip(",") for x in entries] == [
-        "-h", "--task", "--data_root", "--init_from", "--tokenizer", "--limit", "--offset", "--out", "--batch_size",
-        "--device",
+        "-h", "--task", "--data_root", "--init_from", "--tokenizer", "--limit", "--offset", "--out", "--resume",
+        "--batch_size", "--device",
         "--dtype", "--quantize", "--inception", "--clip", "--image_dir", "--steps", "--guidance_scale", "--seed",
         "--context_type", "--round_range", "--segmenter", "--readme"]
     for x in entries:                            # the flag, its value's name or choices, then words that explain it
@@ -8130,11 +8175,183 @@ def test_a_crash_mid_run_keeps_the_predictions_made_so_far(every, tmp_path, monk
     kept = json.loads(partial.read_text())
     assert kept["partial"] and kept["num_predictions"] == 2 and not out.exists()
     assert f"kept the 2 predictions made so far in {partial}" in capsys.readouterr().err
-    # a rerun makes the same predictions, writes the results and removes the partial file
+    # a rerun does not start over them; with --resume it predicts the third sample only, writes the results and
+    # removes the partial file
     monkeypatch.setattr(model, "generate_texts", generate)
-    assert mmi.run_script(ev.main, argv) == 0
+    assert mmi.run_script(ev.main, argv) == 2 and partial.exists()
+    assert capsys.readouterr().err.endswith(f": error: {partial} holds 2 predictions of an earlier run: --resume "
+                                            f"goes on from them (or remove the file to start over)\n")
+    assert mmi.run_script(ev.main, argv + ["--resume"]) == 0
     res = json.loads(out.read_text())
     assert res["num_samples"] == 3 and res["samples"][:2] == kept["samples"] and not partial.exists()
+    assert f"reusing 2 of the 2 predictions kept in {partial}" in capsys.readouterr().out
+
+
+def _vizwiz_partial(tmp_path, argv, outputs, **config):
+    """A partial file as a run of `argv` keeps it (its config, `config` changed), holding `outputs`."""
+    kept = dict(ev.run_config(ev.parse_args(argv), 1), **config)
+    partial = tmp_path / "r.partial.json"
+    partial.write_text(json.dumps({"task": "vizwiz_vqa", "config": kept, "partial": True, "samples": outputs}))
+    return partial
+
+
+def test_resume_reuses_a_batch_only_whole(tmp_path, monkeypatch, capsys, demo_model_and_tokenizer,
+                                          short_generation):
+    """--resume reuses kept predictions by sample id (their text is not made again), but a batch's only when the
+    file holds all of it: a batch predicted again holds the samples it held in the run never interrupted, so their
+    float rounding is the same."""
+    model = copy.deepcopy(demo_model_and_tokenizer[0])                  # patched below
+    generate, asked = model.generate_texts, []
+
+    def generate_texts(batch, **kw):
+        asked.append(batch["text_ids"].shape[0])
+        return generate(batch, **kw)
+
+    monkeypatch.setattr(model, "generate_texts", generate_texts)
+    monkeypatch.setattr(ev, "load_model", lambda init_from, dtype, device, *_: model)
+    _vizwiz_layout(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    out = tmp_path / "r.json"
+    argv = ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}", "--device=cpu",
+            f"--tokenizer={data.DEMO_TOKENIZER_PATH}", "--batch_size=2", f"--out={out}", "--resume"]
+    made = lambda n: {"id": n, "question": f"What is {n}?", "generated": "kept", "answer": "kept", "accuracy": 0.0}
+    partial = _vizwiz_partial(tmp_path, argv, [made("a.jpg")])           # half of the batch a, b
+    assert mmi.run_script(ev.main, argv) == 0
+    res = json.loads(out.read_text())
+    assert [o["id"] for o in res["samples"]] == ["a.jpg", "b.jpg", "c.jpg"] and asked == [2, 1]
+    assert res["samples"][0]["generated"] != "kept" and not partial.exists()
+    assert "reusing 0 of the 1 predictions kept" in capsys.readouterr().out
+    asked.clear()
+    _vizwiz_partial(tmp_path, argv, [made("b.jpg"), made("a.jpg")])      # the batch a, b whole, in the order kept
+    assert mmi.run_script(ev.main, argv) == 0
+    res = json.loads(out.read_text())
+    assert res["samples"][:2] == [made("b.jpg"), made("a.jpg")] and res["samples"][2]["id"] == "c.jpg"
+    assert asked == [1] and "reusing 2 of the 2 predictions kept" in capsys.readouterr().out
+    assert "resume" not in res["config"]                 # the results are those of a run never interrupted
+
+
+@pytest.mark.parametrize("case", ["not_json", "not_an_object", "no_id", "other_seed", "other_generation", "unknown_id",
+                                  "repeated_id", "without_resume", "a_folder", "twice_in_the_data",
+                                  "other_ranks"])
+def test_resume_refuses_a_partial_file_not_of_this_run_in_one_line(case, tmp_path, monkeypatch, capsys):
+    """A partial file that is no JSON, not eval.py's shape, made with other settings or on another number of ranks,
+    holding ids that are not the run's samples (or twice), or there without --resume, or a folder: one line naming
+    it, before the model loads. Another --out or --inception is no other setting (every file here has them changed)."""
+    loads = []
+    monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
+    _vizwiz_layout(tmp_path, ["a.jpg", "a.jpg" if case == "twice_in_the_data" else "b.jpg"])
+    out, partial = tmp_path / "r.json", tmp_path / "r.partial.json"
+    argv = ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}", "--device=cpu",
+            f"--tokenizer={data.DEMO_TOKENIZER_PATH}", f"--out={out}", "--resume"]
+    made = lambda n: {"id": n, "question": "?", "generated": "x", "answer": "x", "accuracy": 0.0}
+    same = dict(out="elsewhere.json", inception="other.pth")
+    _vizwiz_partial(tmp_path, argv, [made("a.jpg")], **same)
+    if case == "not_json":
+        partial.write_text('{"task": "vizwiz_vqa", ')
+        want = f"{partial}: eval.py's partial file is not valid JSON"
+    elif case == "not_an_object":
+        partial.write_text("[1, 2]")
+        want = f"{partial}: expected an object with fields ['task', 'config', 'samples'], got [1, 2]"
+    elif case == "no_id":
+        _vizwiz_partial(tmp_path, argv, [{"generated": "x"}])
+        want = f"{partial}: samples[0]: missing field 'id'"
+    elif case == "other_seed":
+        _vizwiz_partial(tmp_path, argv, [made("a.jpg")], seed=7, **same)
+        want = f"{partial}: kept by a run with seed=7, this run has seed=0; resume with that run's settings"
+    elif case == "other_generation":
+        _vizwiz_partial(tmp_path, argv, [made("a.jpg")], generation=dict(ev.VQA_GENERATION, num_beams=1), **same)
+        want = "kept by a run with generation.num_beams=1, this run has generation.num_beams=3"
+    elif case == "unknown_id":
+        _vizwiz_partial(tmp_path, argv, [made("a.jpg"), made("z.jpg")], **same)
+        want = f"{partial}: samples[1] has id 'z.jpg', which is none of this run's samples"
+    elif case == "repeated_id":
+        _vizwiz_partial(tmp_path, argv, [made("a.jpg"), made("a.jpg")], **same)
+        want = f"{partial}: samples[1] repeats id 'a.jpg', expected one prediction per sample"
+    elif case == "without_resume":
+        argv.remove("--resume")
+        want = f"{partial} holds 1 predictions of an earlier run: --resume goes on from them"
+    elif case == "a_folder":
+        partial.unlink()
+        partial.mkdir()
+        want = f"--out's partial file={partial}: is a folder, expected the path of a file to write"
+    elif case == "other_ranks":
+        partial.rename(tmp_path / "r.partial.rank1.json")
+        want = f"{tmp_path}/r.partial.rank1.json: kept by a run on another number of ranks than this run's 1"
+        partial = tmp_path / "r.partial.rank1.json"
+    else:
+        want = f"--resume: sample id 'a.jpg' comes twice in --task=vizwiz_vqa's samples"
+    assert mmi.run_script(ev.main, argv) == 2
+    captured = capsys.readouterr()
+    assert ": error: " in captured.err and want in captured.err, captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert loads == [] and (partial.is_dir() if case == "a_folder" else partial.is_file())     # nothing removed
+
+
+def test_resume_refers_to_the_images_kept_and_draws_only_the_missing(tmp_path, monkeypatch, demo_model_and_tokenizer):
+    """LN-COCO stopped by Ctrl-C after its first caption's image, then resumed: the kept prediction names the PNG
+    the first run wrote, which is not drawn (nor written) again; once that PNG is gone, it is drawn again."""
+    model, tok = copy.deepcopy(demo_model_and_tokenizer[0]), demo_model_and_tokenizer[1]   # patched below
+    _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares", 9: "a green triangle"})
+    drawn, stop = [], [True]
+
+    def generate_images(batch, steps, guidance_scale, sampler, seed, num_images_per_context):
+        if stop[0] and drawn:
+            raise KeyboardInterrupt
+        drawn.extend(seed)
+        return {"image": torch.stack([torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seed])}
+
+    monkeypatch.setattr(model, "generate_images", generate_images)
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    monkeypatch.setattr(ev, "inception_features", lambda net, images, device="cpu": images.flatten(1)[:, :4].numpy())
+    args = _args("lncoco", tmp_path, limit=3)
+    args.batch_size, args.out = 1, str(tmp_path / "r.json")
+    samples = ev.load_samples(args)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(model, tok, args, samples=samples)
+    png = os.path.join(ev.images_folder(args), "00000.png")
+    written = os.stat(png).st_mtime_ns
+    stop[0], args.resume, drawn[:] = False, True, []
+    kept = ev.read_partial(args, 0, 1, samples)
+    res = ev.evaluate(model, tok, args, samples=samples, kept=kept)
+    assert [o["generated"] for o in kept] == [png] and res["samples"][0] == kept[0]
+    assert drawn == [1, 2] and os.stat(png).st_mtime_ns == written            # the seeds of ids 1 and 2 only
+    os.remove(png)
+    drawn[:] = []
+    assert ev.read_partial(args, 0, 1, samples) == []
+    ev.evaluate(model, tok, args, samples=samples)
+    assert drawn == [0, 1, 2] and os.path.isfile(png)
+
+
+def test_resume_after_an_interrupt_writes_the_uninterrupted_results(tmp_path, saved_tiny_model, monkeypatch,
+                                                                     capsys):
+    """The demo task stopped by Ctrl-C after 1 of 3 stories, then run again with --resume: it predicts the other 2
+    only and writes a results file byte for byte the uninterrupted run's (same samples, order and metrics)."""
+    monkeypatch.setattr(ev, "DEMO_IMAGES", dict(steps=2, guidance_scale=3.0, sampler="ddim"))
+    monkeypatch.setattr(ev, "DEMO_GENERATION", dict(max_new_tokens=6, min_new_tokens=0, num_beams=1))
+    monkeypatch.setattr(ev, "DEMO_TEXT", dict(ev.DEMO_TEXT, max_new_tokens=6))
+    out = tmp_path / "demo.json"
+    argv = ["--task=demo", f"--init_from={saved_tiny_model}", f"--tokenizer={data.DEMO_TOKENIZER_PATH}",
+            "--limit=3", "--seed=3", f"--out={out}"]
+    assert mmi.run_script(ev.main, argv) == 0
+    uninterrupted = out.read_bytes()
+    out.unlink()
+    predict, asked = ev.TASKS["demo"].predict, []
+
+    def stopped_after(k):
+        def run(model, tokenizer, samples, args):
+            asked.append([s["id"] for s in samples])
+            for n, o in enumerate(predict(model, tokenizer, samples, args)):
+                if n == k:
+                    raise KeyboardInterrupt
+                yield o
+        return run
+
+    monkeypatch.setattr(ev.TASKS["demo"], "predict", stopped_after(1))
+    assert mmi.run_script(ev.main, argv) == 130 and not out.exists()
+    monkeypatch.setattr(ev.TASKS["demo"], "predict", stopped_after(None))
+    assert mmi.run_script(ev.main, argv + ["--resume"]) == 0
+    assert asked == [[0, 1, 2], [1, 2]]
+    assert out.read_bytes() == uninterrupted
+    assert "reusing 1 of the 1 predictions kept" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -893,19 +893,6 @@ def damaged_checkpoint(path, name, problem):
                           f"{path} to resume from the one before it, or train into another --out_dir")
 
 
-def first_difference(a, b, prefix=""):
-    """(dotted key, a's value, b's value) of the first key whose value differs between nested dicts, or None."""
-    for key in [*a, *(k for k in b if k not in a)]:
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            found = first_difference(x, y, f"{prefix}{key}.")
-            if found:
-                return found
-        elif x != y:
-            return prefix + key, x, y
-    return None
-
-
 def check_checkpoint(path, tc):
     """The checkpoint that resume=True reads, checked before the model is built: this rank's state file, the
     config, the index and every file it names (none shorter than the index says) are there and readable, and the
@@ -938,7 +925,7 @@ def check_checkpoint(path, tc):
         raise damaged_checkpoint(path, rank_file, e) from None
     ours = json.loads(json.dumps({"task": tc.task, "lora_rank": tc.lora_rank, "model": model_config(tc).to_dict()}))
     theirs = {"task": saved_train.get("task"), "lora_rank": saved_train.get("lora_rank"), "model": saved_model}
-    differs = first_difference(architecture(theirs), architecture(ours))
+    differs = mmi.first_difference(architecture(theirs), architecture(ours))
     if differs:
         raise mmi.InputError(f"{path}: saved for another model: {differs[0]} is {differs[1]!r} there, {differs[2]!r} "
                              f"in this run; resume with the settings in its config.json, or train into another "
@@ -1155,7 +1142,7 @@ def build_mmi(tc, cfg, init_device):
     the LLM, all else frozen."""
     if tc.init_from:
         model = mmi.MMInterleaved.from_pretrained(tc.init_from)
-        differs = first_difference(architecture(model.cfg.to_dict()), architecture(cfg.to_dict()))
+        differs = mmi.first_difference(architecture(model.cfg.to_dict()), architecture(cfg.to_dict()))
         if differs:
             raise mmi.InputError(f"init_from {tc.init_from}: saved for another model: {differs[0]} is {differs[1]!r} "
                                  f"there, {differs[2]!r} in this run (preset {tc.preset!r}, model_overrides)")
