@@ -6,14 +6,14 @@
     python eval.py --task=coco_t2i ... --inception=pt_inception-2015-12-05-6726825d.pth --clip=clip-vit-large-patch14/
 
 Tasks (the original mm_eval.yaml's sets; its "coco" text-to-image set is `coco_t2i` here): coco_karpathy,
-flickr30k, nocaps, image2paragraph (BLEU-4, CIDEr); vqav2, okvqa, textvqa, vizwiz_vqa (VQA accuracy);
-visdial (NDCG); coco_t2i, lncoco (FID); after fine-tuning (train.py configs/sft_*_13b.py): vist, pororo,
-flintstones (FID and CLIP image similarity of the drawn frames, MMFS on and off), ade20k (mIoU); demo; demo_qa
-(answers about shape scenes). Results JSON, out/eval/<task>.json by default (--out): the config, the metrics,
-every sample's output, and the samples skipped for a missing or unreadable image, counted by reason.
-While a run goes, its predictions so far are kept in out/eval/<task>.partial.json; after a crash the same command
-with --resume predicts only the other samples and writes the results an uninterrupted run would. Text-to-image tasks
-write their images to out/eval/<task>_images/.
+flickr30k, nocaps, image2paragraph (BLEU-4, CIDEr); vqav2, okvqa, textvqa, vizwiz_vqa (VQA accuracy); visdial (NDCG);
+coco_t2i, lncoco (FID); after fine-tuning (train.py configs/sft_*_13b.py): vist, pororo, flintstones (FID and CLIP
+image similarity of the drawn frames, MMFS on and off), ade20k (mIoU); demo; demo_qa (answers about shape scenes).
+Results JSON, out/eval/<task>.json by default (<task>-2.json, ... where it exists; --out), never written over an
+earlier file: the config, the metrics, every sample's output, and the samples skipped for a missing or unreadable
+image, counted by reason. While a run goes, its predictions so far are kept in out/eval/<task>.partial.json; after a
+crash the same command with --resume predicts only the other samples and writes the results an uninterrupted run
+would. Text-to-image tasks write their images to out/eval/<task>_images/.
 
 Layout under --data_root (the original README's tree; the files each task reads):
     coco/annotations/coco_karpathy_test.json, coco_karpathy_test_gt.json, captions_val2014.json; coco/val2014/
@@ -42,6 +42,7 @@ transformers' CLIP and hand-computed cases.
 
 import argparse
 import glob
+import itertools
 import json
 import math
 import os
@@ -2130,8 +2131,9 @@ def parse_args(argv=None):
     p.add_argument("--offset", type=_non_negative_int, default=0,
                    help="skip the first N samples (the demo tasks: score another slice of the test split)")
     p.add_argument("--out", default=None,
-                   help="results JSON (default: out/eval/<task>.json); while the run goes, the predictions made so "
-                        "far are kept in <out>.partial.json (see --resume)")
+                   help="results JSON, a file that does not exist yet (default: out/eval/<task>.json, or "
+                        "<task>-2.json, ... where that exists); while the run goes, the predictions made so far are "
+                        "kept in <out>.partial.json (see --resume)")
     p.add_argument("--resume", action="store_true",
                    help="go on from the predictions an interrupted run (the same command) kept in "
                         "<out>.partial.json: only the other samples are predicted, and the results are those of a "
@@ -2170,11 +2172,22 @@ def parse_args(argv=None):
     p.add_argument("--readme", action="store_true",
                    help="demo: also write the scoreboard into README.md's scoreboard block")
     args = p.parse_args(argv)
-    if args.out is None:
-        args.out = os.path.join("out", "eval", f"{args.task}.json")
+    args.out = results_path(args.out, args.task)
     # the flags given that change what the demo scoreboard scores, as its command line shows them
     args.scored_with = [f"--{k}={getattr(args, k)}" for k in DEMO_SCORED_WITH if getattr(args, k) != p.get_default(k)]
     return args
+
+
+def results_path(out, task):
+    """Where the results go, never over an earlier file: --out, which must not exist, or the first of
+    out/eval/<task>.json, <task>-2.json, ... that does not (a resumed run finds its own again: it wrote none)."""
+    if out is None:
+        names = (f"{task}.json" if n == 1 else f"{task}-{n}.json" for n in itertools.count(1))
+        return next(p for p in (os.path.join("out", "eval", name) for name in names) if not os.path.exists(p))
+    if os.path.isfile(out):
+        raise InputError(f"--out={out}: the file exists; eval.py writes new results, never over a file (remove it, "
+                         f"or choose another --out)")
+    return out
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ out/<run>-incomplete.
 import argparse
 import datetime
 import errno
+import filecmp
 import html
 import itertools
 import json
@@ -37,9 +38,10 @@ import mmi
 DEMO_ANNT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples", "annt.json")
 MODES = ("generate_texts", "generate_images")
 ORIGINAL_SETTINGS = dict(sampler="ddpm", steps=30, guidance_scale=7.5, repetition_penalty=1.3, min_new_tokens=7)
-# The demo model gets the image settings eval.py scores it with; no repetition penalty, since its stories repeat
-# colour and shape words on purpose ("a red circle ... the red circle turns blue"), which a penalty would garble;
-# and the minimum text length eval.py samples its stories' sentences with (see DEMO_TEXT there).
+# The demo model, and any model of its vocabulary (speaks_the_demo), gets the image settings eval.py scores it with;
+# no repetition penalty, since its stories repeat colour and shape words on purpose ("a red circle ... the red circle
+# turns blue"), which a penalty would garble; and the minimum text length eval.py samples its stories' sentences with
+# (see DEMO_TEXT there).
 DEMO_SETTINGS = dict(evaluator.DEMO_IMAGES, repetition_penalty=1.0,
                      min_new_tokens=evaluator.DEMO_TEXT["min_new_tokens"])
 
@@ -135,6 +137,25 @@ def _check_sample(s, where, base, max_iter=None):
 # -- the model ------------------------------------------------------------------------------------------------
 
 
+def model_folder(args):
+    return evaluator.DEMO_MODEL if args.init_from == "demo" else args.init_from
+
+
+def tokenizer_path(args):
+    """--tokenizer, else the model folder's own (train.py exports a tokenizer.model or tokenizer.json beside the
+    model), else the demo's."""
+    own = [os.path.join(model_folder(args), name) for name in ("tokenizer.model", "tokenizer.json")]
+    return args.tokenizer or next((p for p in own if os.path.exists(p)), data.DEMO_TOKENIZER_PATH)
+
+
+def speaks_the_demo(args):
+    """A model that reads the demo's vocabulary (the demo model, one trained by its configs) gets DEMO_SETTINGS."""
+    if args.init_from == "original":
+        return False
+    path = tokenizer_path(args)
+    return os.path.isfile(path) and filecmp.cmp(path, data.DEMO_TOKENIZER_PATH, shallow=False)
+
+
 def load_model(args):
     """-> (model, tokenizer). `demo` (assets/demo), a save_pretrained folder, or `original` (the released files)."""
     if args.tokenizer and not os.path.isfile(args.tokenizer):
@@ -157,14 +178,12 @@ def load_model(args):
         model = mmi.MMInterleaved.from_original(llm=args.llm, clip=args.clip, sd=args.sd, mmi=args.mmi,
                                                 dtype=args.dtype, device=args.device, quantize=args.quantize)
     else:
-        path = evaluator.DEMO_MODEL if args.init_from == "demo" else args.init_from
+        path = model_folder(args)
         if not os.path.isfile(os.path.join(path, "config.json")):
             what = "the demo model (assets/demo) is not in this checkout" if args.init_from == "demo" else \
-                f"{path} is not a model folder (no config.json)"
+                f"{path} is not a model folder (no config.json)" if os.path.isdir(path) else "no such folder"
             raise mmi.InputError(f"--init_from={args.init_from}: {what}")
-        # the folder's own (train.py exports a tokenizer.model or tokenizer.json beside the model), else the demo's
-        own = [os.path.join(path, name) for name in ("tokenizer.model", "tokenizer.json")]
-        tok_path = args.tokenizer or next((p for p in own if os.path.exists(p)), data.DEMO_TOKENIZER_PATH)
+        tok_path = tokenizer_path(args)
         tokenizer = data.Tokenizer(tok_path)
         model = mmi.MMInterleaved.from_pretrained(path, dtype=args.dtype, device=args.device, quantize=args.quantize)
     tokenizer = evaluator.check_tokenizer(tokenizer, tok_path, model.cfg)
@@ -416,7 +435,7 @@ def parse_args(argv):
                         "output channel) or int4 (groups of 128 inputs) of the LLM's attention and MLP layers, its "
                         "text head and the two Q-Former resamplers; the UNet, VAE, vision tower and the LLM's MMFS "
                         "layers stay in --dtype")
-    # None = the original's setting, or for the demo model the one eval.py scores it with
+    # None = the original's setting, or for a model of the demo's vocabulary the one eval.py scores it with
     o, d = ORIGINAL_SETTINGS, DEMO_SETTINGS
     p.add_argument("--sampler", default=None, choices=list(mmi.SAMPLERS),
                    help=f"the diffusion sampler (default: {o['sampler']}, the original's; the demo model: "
@@ -484,7 +503,7 @@ def parse_args(argv):
         if args.min_new_tokens is not None:
             raise mmi.InputError("--min_length and --min_new_tokens set the same thing: pass one")
         args.min_new_tokens = max(args.min_length - 1, 0)      # min_length counts the original's dummy bos
-    defaults = DEMO_SETTINGS if args.init_from == "demo" else ORIGINAL_SETTINGS
+    defaults = DEMO_SETTINGS if speaks_the_demo(args) else ORIGINAL_SETTINGS
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

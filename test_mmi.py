@@ -6670,7 +6670,9 @@ def test_sample_text_options_default_as_the_original_and_apply(tmp_path):
         dict(do_sample=True, num_beams=1, top_k=50, top_p=0.9, temperature=1.0, max_new_tokens=90, min_new_tokens=1,
              keep_stop_token=False)
     assert len(tok.encode("the blue circle disappears.", add_bos=False)) < 7         # a demo sentence under 7
-    assert sample.parse_args(["--device=cpu", f"--init_from={tmp_path}"]).min_new_tokens == 7
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")      # a model of another vocabulary: the original's 7
+    assert sample.parse_args(["--device=cpu", f"--init_from={tmp_path / 'm'}"]).min_new_tokens == 7
     model = ScriptedStoryModel([text])
     scripted_story(tmp_path, model, {"num_iter": 1}, "--no-use_nucleus_sampling", "--num_beams=3", "--top_k=7",
                    "--top_p=0.5", "--temperature=0.7", "--max_length=12", "--min_length=4", "--keep_stop_token")
@@ -7061,6 +7063,21 @@ def test_sample_page_is_self_contained_and_records_given_paths(tmp_path, saved_t
         assert f"<img src='{name}' alt='{name}' width='256' height='256' class='px'>" in page
     assert page.index("inputs/0_0.png") < page.index("<div class='generated'>") < page.index("src='0_0.png'")
     assert ".px{image-rendering:pixelated}" in page
+
+
+def test_sample_gives_every_model_of_the_demo_vocabulary_the_demo_settings(tmp_path):
+    """The demo's settings go with its vocabulary: the demo by name or path, and a folder holding the demo tokenizer
+    (train.py exports it for the demo configs) get them; a folder with another tokenizer gets the original's."""
+    trained, other = tmp_path / "trained", tmp_path / "other"
+    trained.mkdir()
+    shutil.copyfile(data.DEMO_TOKENIZER_PATH, trained / "tokenizer.model")
+    other.mkdir()
+    (other / "tokenizer.json").write_text("{}")          # another vocabulary's file (read only when the model loads)
+    for init_from, settings in (("demo", sample.DEMO_SETTINGS), (ev.DEMO_MODEL, sample.DEMO_SETTINGS),
+                                (trained, sample.DEMO_SETTINGS), (other, sample.ORIGINAL_SETTINGS)):
+        args = sample.parse_args([f"--init_from={init_from}", "--device=cpu"])
+        assert {k: getattr(args, k) for k in settings} == settings, init_from
+    assert sample.DEMO_SETTINGS != sample.ORIGINAL_SETTINGS
 
 
 def test_sample_page_shows_prompt_images_as_the_model_reads_them(tmp_path):
@@ -8188,6 +8205,22 @@ def test_a_crash_mid_run_keeps_the_predictions_made_so_far(every, tmp_path, monk
     assert f"reusing 2 of the 2 predictions kept in {partial}" in capsys.readouterr().out
 
 
+def test_eval_writes_no_results_over_an_earlier_file(tmp_path, monkeypatch, capsys):
+    """Results go to out/eval/<task>.json, else the first free <task>-N.json, so a "before" score survives the
+    "after" run; an --out that exists (README.md was written over) is refused in one line before any work."""
+    monkeypatch.chdir(tmp_path)
+    assert ev.results_path(None, "demo_qa") == os.path.join("out", "eval", "demo_qa.json")
+    os.makedirs(os.path.join("out", "eval"))
+    for name in ("demo_qa.json", "demo_qa-2.json"):
+        (tmp_path / "out" / "eval" / name).write_text("{}")
+    assert ev.results_path(None, "demo_qa") == os.path.join("out", "eval", "demo_qa-3.json")
+    (tmp_path / "README.md").write_text("mine")
+    assert mmi.run_script(ev.main, ["--task=demo_qa", "--out=README.md", "--limit=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out=README.md: the file exists;" in err, err
+    assert (tmp_path / "README.md").read_text() == "mine"
+
+
 def _vizwiz_partial(tmp_path, argv, outputs, **config):
     """A partial file as a run of `argv` keeps it (its config, `config` changed), holding `outputs`."""
     kept = dict(ev.run_config(ev.parse_args(argv), 1), **config)
@@ -8222,6 +8255,7 @@ def test_resume_reuses_a_batch_only_whole(tmp_path, monkeypatch, capsys, demo_mo
     assert res["samples"][0]["generated"] != "kept" and not partial.exists()
     assert "reusing 0 of the 1 predictions kept" in capsys.readouterr().out
     asked.clear()
+    out.unlink()                                          # eval.py writes no results over earlier ones
     _vizwiz_partial(tmp_path, argv, [made("b.jpg"), made("a.jpg")])      # the batch a, b whole, in the order kept
     assert mmi.run_script(ev.main, argv) == 0
     res = json.loads(out.read_text())
