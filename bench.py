@@ -8,7 +8,7 @@
     quant    the rounding error of weight-only quantization, and the demo model's captions quantized
     data     the demo corpus stream on one CPU core
 
-train, sample and decode take --preset=tiny to check the plumbing on a CPU. Each section is a function
+train, sample, decode and quant take --preset=tiny to check the plumbing on a CPU. Each section is a function
 `bench_<name>(args)`, listed in SECTIONS.
 """
 import argparse
@@ -311,7 +311,9 @@ def bench_train(args):
     t = time.perf_counter()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        train.main([config, *argv])
+        code = train.main([config, *argv])
+        if code:                            # interrupted: train.py said so; no figures from part of a run
+            sys.exit(code)
         total = time.perf_counter() - t
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))] if rank == 0 else None
     finally:

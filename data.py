@@ -2266,23 +2266,25 @@ MAX_SHOW = 1000   # stories on one sheet, a row of pictures each: 1000 make it 1
 def main(argv=None):
     p = mmi.ArgumentParser(description="mmi data: look at the demo corpus, build its tokenizer")
     p.add_argument("--demo", action="store_true", help="use the synthetic shape-stories corpus")
-    p.add_argument("--show", type=int, default=0,
+    p.add_argument("--show", type=int, default=None,
                    help=f"write a PNG sheet and the text of N samples (1 to {MAX_SHOW})")
     p.add_argument("--split", default="train", choices=list(SPLIT_SEED_BASE))
     p.add_argument("--out", default=os.path.join("out", "demo_show"), help="folder for the sheet and the text")
     p.add_argument("--train-tokenizer", action="store_true", help=f"(re)build {DEMO_TOKENIZER_PATH}")
     args = p.parse_args(argv)
-    if not 0 <= args.show <= MAX_SHOW:
+    if args.show is not None and not 1 <= args.show <= MAX_SHOW:
         raise mmi.InputError(f"--show={args.show}: expected 1 to {MAX_SHOW} stories")
-    if args.demo and args.show:
+    if args.demo != (args.show is not None):
+        raise mmi.InputError("--demo --show N writes N samples of the demo corpus: give both")
+    if not args.demo and not args.train_tokenizer:
+        p.print_usage(sys.stderr)
+        raise mmi.InputError("nothing to do: give --demo --show N or --train-tokenizer")
+    if args.demo:
         check_writable(args.out, "--out", folder=True)
     if args.train_tokenizer:
         print("wrote", train_demo_tokenizer(DEMO_TOKENIZER_PATH))
-    if args.demo and args.show:
+    if args.demo:
         show_demo(args.show, args.out, args.split)
-    elif not args.train_tokenizer:
-        p.print_usage(sys.stderr)
-        raise mmi.InputError("nothing to do: give --demo --show N or --train-tokenizer")
     return 0
 
 

@@ -5242,6 +5242,18 @@ def test_data_cli_with_nothing_to_do_is_usage_and_exit_2(capsys):
     assert err[0].startswith("usage: ") and err[-1].endswith("give --demo --show N or --train-tokenizer")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--demo", "--show=0"], "--show=0: expected 1 to 1000 stories"),
+    (["--show=8"], "--demo --show N writes N samples of the demo corpus: give both"),
+    (["--demo"], "--demo --show N writes N samples of the demo corpus: give both"),
+])
+def test_data_cli_show_without_its_other_half_is_one_line(argv, message, tmp_path, capsys):
+    assert mmi.run_script(data.main, argv + [f"--out={tmp_path / 'show'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(f": error: {message}\n"), err
+    assert not (tmp_path / "show").exists()
+
+
 def test_demo_stream_resumes_exactly():
     """The demo stream resumes from a saved position like the real sources (same code path)."""
     tok = demo_tok()
@@ -8605,6 +8617,15 @@ def test_bench_train_on_cpu_speaks_of_processes_not_gpus(capsys):
     out = capsys.readouterr().out
     assert "1 rows x 128 tokens per process" in out and "MFU n/a on a CPU" in out
     assert "GPU" not in out and "nan" not in out and "GiB" not in out
+
+
+def test_bench_train_interrupted_reports_no_figures_and_exits_130(monkeypatch, capsys):
+    """Ctrl-C during bench.py train ends it with train.py's exit code 130, not a summary of part of a run (exit 0)."""
+    import bench
+    monkeypatch.setattr(train, "main", lambda argv: 130)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["train", "--preset=tiny", "--steps=2"])
+    assert stop.value.code == 130 and "step times" not in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the wording on a machine without CUDA")

@@ -117,7 +117,7 @@ class TrainConfig:
     # logging, evaluation, checkpoints
     out_dir: str = "out"                         # metrics.jsonl, checkpoints ckpt_<step>/, the exported model
     log_interval: int = 10                       # steps between metrics.jsonl lines
-    eval_interval: int = 1000                    # steps between evaluations; 0 = never
+    eval_interval: int = 1000                    # steps between evaluations, and one after the last; 0 = never
     eval_batches: int = 4                        # validation micro-batches per evaluation
     eval_demo_stories: int = 16                  # data="demo": test stories of eval.py's demo scoreboard per evaluation
                                                  # (0: no scoreboard)

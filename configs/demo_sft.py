@@ -25,8 +25,8 @@ if not torch.cuda.is_available():
     # a CPU try: fewer rows a step, float32 (bf16 autocast is slow on CPUs)
     finetune_args, dtype, max_steps = dict(batch_size=16), "float32", 300
 
-# every part keeps training (the model was trained from scratch, nothing in it is frozen), at half the
-# learning rate it was trained with
+# every weight that configs/demo.py trained keeps training (all but the VAE and the fixed position tables), at
+# half the learning rate it was trained with
 param_groups = (("llama_cross_attn.gate", 5e-4, 0.0), ("", 5e-4, 0.05))
 warmup_steps = 20
 grad_clip = 1.0
