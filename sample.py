@@ -182,6 +182,8 @@ def load_model(args):
         if not os.path.isfile(os.path.join(path, "config.json")):
             what = "the demo model (assets/demo) is not in this checkout" if args.init_from == "demo" else \
                 f"{path} is not a model folder (no config.json)" if os.path.isdir(path) else "no such folder"
+            if os.path.isfile(os.path.join(path, "model", "config.json")):      # a training run's out_dir
+                what += f"; the model the run exported is {os.path.join(path, 'model')}"
             raise mmi.InputError(f"--init_from={args.init_from}: {what}")
         tok_path = tokenizer_path(args)
         tokenizer = data.Tokenizer(tok_path)

@@ -6847,6 +6847,8 @@ def test_sample_help_explains_every_option(capsys):
 def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
     annt = _write_annt(tmp_path, [GOOD])
     (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "model").mkdir(parents=True)                   # a training run's out_dir
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
     (tmp_path / "unknown_key").mkdir()
     (tmp_path / "unknown_key" / "config.json").write_text(json.dumps({"bogus": 1}))
     (tmp_path / "garbage.model").write_bytes(b"garbage")
@@ -6854,6 +6856,9 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
     (tmp_path / "tokenizer_folder" / "config.json").write_text("{}")
     for extra, message in (
             ([f"--init_from={tmp_path / 'empty'}"], "is not a model folder (no config.json)"),
+            ([f"--init_from={tmp_path / 'nowhere'}"], f"--init_from={tmp_path / 'nowhere'}: no such folder"),
+            ([f"--init_from={tmp_path / 'run'}"],
+             f"(no config.json); the model the run exported is {tmp_path / 'run' / 'model'}"),
             ([f"--init_from={tmp_path / 'unknown_key'}"], "unknown config key 'bogus'"),
             ([f"--tokenizer={tmp_path / 'garbage.model'}"],
              f"{tmp_path / 'garbage.model'}: cannot be read as a SentencePiece tokenizer.model"),
