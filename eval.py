@@ -1875,12 +1875,27 @@ def _other_partial_files(out, world):
     return sorted(found - {partial_path(out, r, world) for r in range(world)})
 
 
+def predictions_crc(outputs):
+    """The CRC-32 of predictions as their JSON text: a partial file stores its own, so --resume reuses only
+    predictions as eval.py wrote them (the score reads fields a hand edit may have dropped or changed)."""
+    return zlib.crc32(json.dumps(outputs).encode())
+
+
+def write_partial(path, task, config, outputs):
+    write_json_atomic(path, {"task": task, "config": config, "partial": True, "num_predictions": len(outputs),
+                             "crc32": predictions_crc(outputs), "samples": outputs})
+
+
 def load_partial(path):
-    """A partial file -> its dict, checked to be of evaluate's shape: task, config, and samples each with an id."""
+    """A partial file -> its dict, checked to be of evaluate's shape (task, config, and samples each with an id)
+    and to hold the samples write_partial wrote."""
     kept = _require(data.annotation_json(path, "eval.py's partial file"),
                     {"task": str, "config": dict, "samples": list}, path)
     for i, o in enumerate(kept["samples"]):
         _require(o, {"id": (int, str)}, f"{path}: samples[{i}]")
+    if kept.get("crc32") != predictions_crc(kept["samples"]):
+        raise InputError(f"{path}: its samples are not those eval.py wrote (their crc32 differs: edited?); remove "
+                         f"the file to start over")
     return kept
 
 
@@ -2040,8 +2055,7 @@ def evaluate(model, tokenizer, args, rank=0, world=1, samples=None, kept=()):
               f"whole); predicting the other {len(mine) - reused} samples", flush=True)
 
     def keep():
-        write_json_atomic(partial, {"task": args.task, "config": config, "partial": True,
-                                    "num_predictions": len(outputs), "samples": outputs})
+        write_partial(partial, args.task, config, outputs)
 
     try:
         for o in resume_outputs(lambda rest: task.predict(model, tokenizer, rest, args), plan):

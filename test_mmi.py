@@ -8242,7 +8242,7 @@ def _vizwiz_partial(tmp_path, argv, outputs, **config):
     """A partial file as a run of `argv` keeps it (its config, `config` changed), holding `outputs`."""
     kept = dict(ev.run_config(ev.parse_args(argv), 1), **config)
     partial = tmp_path / "r.partial.json"
-    partial.write_text(json.dumps({"task": "vizwiz_vqa", "config": kept, "partial": True, "samples": outputs}))
+    ev.write_partial(str(partial), "vizwiz_vqa", kept, outputs)
     return partial
 
 
@@ -8283,11 +8283,11 @@ def test_resume_reuses_a_batch_only_whole(tmp_path, monkeypatch, capsys, demo_mo
 
 @pytest.mark.parametrize("case", ["not_json", "not_an_object", "no_id", "other_seed", "other_generation", "unknown_id",
                                   "repeated_id", "without_resume", "a_folder", "twice_in_the_data",
-                                  "other_ranks"])
+                                  "other_ranks", "field_dropped", "field_added", "value_changed"])
 def test_resume_refuses_a_partial_file_not_of_this_run_in_one_line(case, tmp_path, monkeypatch, capsys):
     """A partial file that is no JSON, not eval.py's shape, made with other settings or on another number of ranks,
-    holding ids that are not the run's samples (or twice), or there without --resume, or a folder: one line naming
-    it, before the model loads. Another --out or --inception is no other setting (every file here has them changed)."""
+    holding ids that are not the run's samples (or twice), or predictions edited since eval.py wrote them, or there
+    without --resume, or a folder: one line naming it, before the model loads. Another --out or --inception is no other setting (every file here has them changed)."""
     loads = []
     monkeypatch.setattr(ev, "load_model", lambda *a: loads.append(a))
     _vizwiz_layout(tmp_path, ["a.jpg", "a.jpg" if case == "twice_in_the_data" else "b.jpg"])
@@ -8329,6 +8329,13 @@ def test_resume_refuses_a_partial_file_not_of_this_run_in_one_line(case, tmp_pat
         partial.rename(tmp_path / "r.partial.rank1.json")
         want = f"{tmp_path}/r.partial.rank1.json: kept by a run on another number of ranks than this run's 1"
         partial = tmp_path / "r.partial.rank1.json"
+    elif case in ("field_dropped", "field_added", "value_changed"):
+        edited = json.loads(partial.read_text())
+        edit = {"field_dropped": lambda o: o.pop("answer"), "field_added": lambda o: o.update(note="mine"),
+                "value_changed": lambda o: o.update(accuracy="high")}[case]
+        edit(edited["samples"][0])
+        partial.write_text(json.dumps(edited))
+        want = f"{partial}: its samples are not those eval.py wrote (their crc32 differs: edited?)"
     else:
         want = f"--resume: sample id 'a.jpg' comes twice in --task=vizwiz_vqa's samples"
     assert mmi.run_script(ev.main, argv) == 2
