@@ -5701,6 +5701,23 @@ def test_a_second_run_into_an_out_dir_in_use_is_one_line(tmp_path, config_file, 
     assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
 
 
+def test_a_run_stopped_in_its_first_step_leaves_out_dir_as_it_found_it(tmp_path, config_file, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) during step 1, before any metrics line: the out_dir the run made is gone, one the user
+    made is left empty (no empty metrics.jsonl), and the same command runs again."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", interrupt)
+        for out in (tmp_path / "made_by_the_run", tmp_path / "made_by_the_user"):
+            if out.name == "made_by_the_user":
+                out.mkdir()
+            assert train.main([config_file, f"--out_dir={out}", "--max_steps=1"]) == 130
+            assert "interrupted; no checkpoint written yet" in capsys.readouterr().err
+        assert not (tmp_path / "made_by_the_run").exists() and os.listdir(tmp_path / "made_by_the_user") == []
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={tmp_path / 'made_by_the_run'}", "--max_steps=1"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "made_by_the_run")] == [1]
+
+
 def test_resume_of_a_finished_run_says_there_is_no_step_to_run(tmp_path, config_file, capsys):
     run_train(config_file, str(tmp_path / "run"), "--max_steps=2", "--ckpt_interval=2")
     capsys.readouterr()

@@ -1520,14 +1520,15 @@ class StepLog:
     def __init__(self, tc, world, rank, device, step, nan_streak, cleanup):
         self.tc, self.world, self.master, self.device = tc, world, rank == 0, device
         self.first, self.nan_streak, self.losses = step + 1, nan_streak, {}
-        if self.master:
-            os.makedirs(tc.out_dir, exist_ok=True)
-            self.file = cleanup.enter_context(open(os.path.join(tc.out_dir, "metrics.jsonl"), "a"))
+        self.cleanup, self.file = cleanup, None
         self.bar = tqdm(total=tc.max_steps, initial=step, disable=not (self.master and tc.progress), dynamic_ncols=True)
         cleanup.callback(self.bar.close)
 
     def write(self, record):
         if self.master:
+            if self.file is None:      # opened at its first line: a run stopped before one leaves no metrics.jsonl
+                os.makedirs(self.tc.out_dir, exist_ok=True)
+                self.file = self.cleanup.enter_context(open(os.path.join(self.tc.out_dir, "metrics.jsonl"), "a"))
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
