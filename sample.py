@@ -292,12 +292,15 @@ PAGE_IMAGE_WIDTH = 256   # the page shows images this large; smaller ones grow b
 
 def copy_inputs(sample, index, folder):
     """The prompt's own images as the model reads them (first frame, RGB, EXIF orientation not applied), saved as
-    PNGs in the run folder, so that the page shows what the model saw and needs no other file. -> their names
-    relative to the folder."""
+    PNGs in the run folder, so that the page shows what the model saw and needs no other file; a photo is scaled
+    down to 4 times the width the page shows (a 3000 px JPEG would be a 26 MB PNG). -> their names relative to the
+    folder."""
     os.makedirs(os.path.join(folder, "inputs"), exist_ok=True)
     names = [f"inputs/{index}_{k}.png" for k in range(len(sample["paths"]))]
     for path, name in zip(sample["paths"], names):
-        data.load_image(path).save(os.path.join(folder, name))
+        image = data.load_image(path)
+        image.thumbnail((4 * PAGE_IMAGE_WIDTH, 4 * PAGE_IMAGE_WIDTH))         # keeps the aspect; never enlarges
+        image.save(os.path.join(folder, name))
     return names
 
 

@@ -7126,6 +7126,10 @@ def test_sample_page_shows_prompt_images_as_the_model_reads_them(tmp_path):
     with Image.open(tmp_path / names[0]) as shown:
         assert shown.format == "PNG" and shown.size == (64, 32) and not shown.getexif()
         assert np.array_equal(np.asarray(shown), np.asarray(data.load_image(str(tmp_path / "phone.jpg"))))
+    Image.new("RGB", (3000, 1500)).save(tmp_path / "photo.jpg")           # a photo: at most 4 x 256 px on the page
+    sample.copy_inputs({"paths": [str(tmp_path / "photo.jpg")]}, 4, str(tmp_path))
+    with Image.open(tmp_path / "inputs" / "4_0.png") as shown:
+        assert shown.size == (1024, 512)
 
 
 def find_exactly(shot, tmpl):
