@@ -1383,7 +1383,8 @@ def resume(tc, model, optimizer, rank, device):
         print(f"resumed from {found[-1]} at step {state['step']}{done}")
         dropped = drop_metrics_after(tc.out_dir, state["step"])
         if dropped:
-            print(f"metrics.jsonl: dropped {dropped} line(s) of the steps after {state['step']}, which run again")
+            print(f"metrics.jsonl: dropped {dropped} line(s), of the steps after {state['step']} (they run "
+                  "again) or cut short")
     return state["step"], state["data"], state["nan_streak"]
 
 
