@@ -405,6 +405,20 @@ def move_into_place(tmp, path):
                 raise
 
 
+def write_run(tmp, path, stories, args):
+    """result.json (the settings and every finished story) and index.html into tmp, then tmp moved to path.
+    -> the folder's final name."""
+    with open(os.path.join(tmp, "result.json"), "w", encoding="utf-8") as f:
+        text = {k: getattr(args, k) for k in ("use_nucleus_sampling", "num_beams", "top_k", "top_p", "temperature",
+                                              "repetition_penalty", "max_new_tokens", "min_new_tokens")}
+        json.dump({"init_from": args.init_from, "device": str(args.device), "dtype": str(args.dtype)[6:],
+                   "quantize": args.quantize or "none", "seed": args.seed, "sampler": args.sampler,
+                   "steps": args.steps, "guidance_scale": args.guidance_scale, "text": text, "stories": stories},
+                  f, indent=1)
+    write_page(os.path.join(tmp, "index.html"), stories)
+    return move_into_place(tmp, path)
+
+
 def shown(path):
     """A path as printed: relative to the working directory when inside it."""
     rel = os.path.relpath(path)
@@ -545,22 +559,14 @@ def main(argv=None):
         tmp = make_temp_folder(args.out, run)
     except OSError as e:
         raise mmi.InputError(f"--out={args.out}: cannot write there ({e.strerror})") from None
+    stories = []
     try:
-        stories = []
         for i, (s, batch) in enumerate(zip(samples, batches)):
             prompt = {k: s[k] for k in ("sentences", "images", "sentence_ixs", "image_first", "generate_mode")}
             prompt["image_files"] = copy_inputs(s, i, tmp)
             generated = run_story(model, tokenizer, s, batch, i, args, tmp)
             stories.append({"prompt": prompt, "generated": generated})
-        with open(os.path.join(tmp, "result.json"), "w", encoding="utf-8") as f:
-            text = {k: getattr(args, k) for k in ("use_nucleus_sampling", "num_beams", "top_k", "top_p", "temperature",
-                                                  "repetition_penalty", "max_new_tokens", "min_new_tokens")}
-            json.dump({"init_from": args.init_from, "device": str(args.device), "dtype": str(args.dtype)[6:],
-                       "quantize": args.quantize or "none", "seed": args.seed, "sampler": args.sampler,
-                       "steps": args.steps, "guidance_scale": args.guidance_scale, "text": text, "stories": stories},
-                      f, indent=1)
-        write_page(os.path.join(tmp, "index.html"), stories)
-        final = move_into_place(tmp, os.path.join(args.out, run))
+        final = write_run(tmp, os.path.join(args.out, run), stories, args)
     except OSError as e:                      # a full disk: keep what was made, under a name no sweep removes
         try:
             kept = move_into_place(tmp, os.path.join(args.out, run + "-incomplete"))
@@ -569,6 +575,14 @@ def main(argv=None):
         print(f"{os.path.basename(sys.argv[0])}: error: {e}; what this run made so far is in {shown(kept)}",
               file=sys.stderr)
         return 1
+    except KeyboardInterrupt:                 # Ctrl-C or SIGTERM: the stories already finished keep their page
+        if not stories:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        kept = write_run(tmp, os.path.join(args.out, run + "-incomplete"), stories, args)
+        print(f"{os.path.basename(sys.argv[0])}: interrupted; the {len(stories)} of {len(samples)} stories finished "
+              f"are in {shown(os.path.join(kept, 'index.html'))}", file=sys.stderr)
+        return 130
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

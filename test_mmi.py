@@ -6834,16 +6834,35 @@ def test_sample_finds_images_beside_the_annt_file_or_in_the_cwd(tmp_path, monkey
             f"{tmp_path / 'c.png'})") in err, err
 
 
-def test_an_interrupted_sample_run_leaves_no_half_written_output(tmp_path, saved_tiny_model, monkeypatch):
-    annt = _write_annt(tmp_path, [dict(GOOD, generate_mode="generate_images")])
+def test_an_interrupted_sample_run_keeps_only_its_finished_stories(tmp_path, saved_tiny_model, monkeypatch, capsys):
+    """Ctrl-C in the first story leaves nothing; in the second, the first keeps its page in <run>-incomplete."""
+    story = dict(GOOD, generate_mode="generate_images", num_iter=1)
+    annt = _write_annt(tmp_path, [story, dict(story, sentences=["a blue square at the top left."])])
+    draw = mmi.MMInterleaved.generate_images
+    for calls_before_the_interrupt, kept in ((0, 0), (1, 1)):
+        calls = []
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > calls_before_the_interrupt:
+                raise KeyboardInterrupt
+            return draw(*args, **kwargs)
 
-    monkeypatch.setattr(mmi.MMInterleaved, "generate_images", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        sample.main(sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}"))
-    assert os.listdir(tmp_path / "out") == []
+        monkeypatch.setattr(mmi.MMInterleaved, "generate_images", interrupted)
+        out = tmp_path / f"out{kept}"
+        code = mmi.run_script(sample.main, sample_argv(saved_tiny_model, out, f"--annt={annt}"))
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 130
+        if not kept:
+            assert os.listdir(out) == [] and err.endswith(": interrupted"), err
+            continue
+        [run] = os.listdir(out)
+        assert run.endswith("-incomplete") and sorted(os.listdir(out / run)) == ["0_0.png", "index.html", "inputs",
+                                                                                    "result.json"]
+        assert err.endswith(f": interrupted; the 1 of 2 stories finished are in {out / run / 'index.html'}"), err
+        result = json.loads((out / run / "result.json").read_text())
+        assert [s["prompt"]["sentences"] for s in result["stories"]] == [story["sentences"]]
+        assert "src='0_0.png'" in (out / run / "index.html").read_text()
 
 
 def test_sample_help_explains_every_option(capsys):
