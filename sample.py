@@ -232,6 +232,12 @@ def add_placeholder_image(batch, cfg):
     batch["num_image_per_seq"] = batch["num_image_per_seq"] + 1
 
 
+def terminal_safe(text):
+    """Generated text as printed: control characters (an untrained model makes any token, escape sequences too)
+    are shown as escapes such as \\x1b rather than obeyed by the terminal; newlines stay."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+
+
 def run_story(model, tokenizer, sample, batch, index, args, out_dir):
     """The original's interleaved loop for one prompt, from its prompt_batch (extended in place).
     -> list of {"type": "text"|"image", ...} in order."""
@@ -251,7 +257,7 @@ def run_story(model, tokenizer, sample, batch, index, args, out_dir):
                                        keep_stop_token=args.keep_stop_token, seed=args.seed + it, compile=args.compile)
             ids = out["text_ids"][0, :int(out["lengths"][0])].tolist()
             text = tokenizer.decode(ids)
-            print(f"[{index}] {text}", flush=True)
+            print(f"[{index}] {terminal_safe(text)}", flush=True)
             results.append({"type": "text", "text": text})
             context = sample.get("multiround_context")
             if args.force_replace_gen_text and context and it < len(context) and context[it]:
