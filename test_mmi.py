@@ -8,6 +8,7 @@ import ast
 import contextlib
 import copy
 import dataclasses
+import errno
 import gc
 import html
 import io
@@ -5699,6 +5700,19 @@ def test_a_second_run_into_an_out_dir_in_use_is_one_line(tmp_path, config_file, 
     assert err.count("\n") == 1 and f"error: out_dir {out} is in use by another training run" in err
     assert os.listdir(out) == []
     assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, config_file, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))    # as some NFS mounts answer
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
+    assert f"out_dir {out} cannot be locked (No locks available); make sure no other run writes there" in \
+        capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out)] == [1]
 
 
 def test_a_run_stopped_in_its_first_step_leaves_out_dir_as_it_found_it(tmp_path, config_file, monkeypatch, capsys):

@@ -1290,6 +1290,9 @@ def hold_out_dir(tc, cleanup):
     except BlockingIOError:
         raise mmi.InputError(f"out_dir {tc.out_dir} is in use by another training run; wait for it to end, or use "
                              f"another --out_dir") from None
+    except OSError as e:                         # a file system without locks (some NFS mounts): run unguarded
+        print(f"train.py: out_dir {tc.out_dir} cannot be locked ({e.strerror}); make sure no other run writes there",
+              file=sys.stderr)
     check_out_dir(tc)
 
 
