@@ -586,8 +586,8 @@ def main(argv=None):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         kept = write_run(tmp, os.path.join(args.out, run + "-incomplete"), stories, args)
-        print(f"{os.path.basename(sys.argv[0])}: interrupted; the {len(stories)} of {len(samples)} stories finished "
-              f"are in {shown(os.path.join(kept, 'index.html'))}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: interrupted after {len(stories)} of {len(samples)} stories; their "
+              f"page is {shown(os.path.join(kept, 'index.html'))}", file=sys.stderr)
         return 130
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
