@@ -2242,6 +2242,9 @@ def main(argv=None):
     model = load_model(args.init_from, getattr(torch, args.dtype), args.device,
                        None if args.quantize == "none" else args.quantize).eval()
     tokenizer = check_tokenizer(tokenizer, tokenizer_path, model.cfg)
+    if task.draws_images and args.steps > model.cfg.image_decoder.num_train_timesteps:
+        raise InputError(f"--steps={args.steps}: expected at most {model.cfg.image_decoder.num_train_timesteps}, "
+                         f"the model's diffusion timesteps")
     results = evaluate(model, tokenizer, args, rank, world, samples, kept)
     if rank == 0:
         write_json_atomic(args.out, results)

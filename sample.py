@@ -553,10 +553,21 @@ def parse_args(argv):
     return args
 
 
+def check_model_bounds(args, cfg):
+    """The flags a model bounds, checked once it has loaded and before any generation: no more diffusion steps than
+    its schedule's timesteps, no more beams than its vocabulary has tokens (each beam keeps a distinct
+    continuation; more would only allocate)."""
+    for name, most in (("steps", cfg.image_decoder.num_train_timesteps), ("num_beams", cfg.llm.vocab_size)):
+        if getattr(args, name) > most:
+            raise mmi.InputError(f"--{name}={getattr(args, name)}: expected at most {most}, the model's "
+                                 + ("diffusion timesteps" if name == "steps" else "vocabulary size"))
+
+
 def main(argv=None):
     args = parse_args(argv)
     samples = load_annt(args.annt, args.num_total_token)
     model, tokenizer = load_model(args)
+    check_model_bounds(args, model.cfg)
     batches = [prompt_batch(s, tokenizer, model.cfg, args.num_total_token, args.device) for s in samples]
     run = run_name()
     try:

@@ -6946,6 +6946,21 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_sample_steps_and_beams_beyond_the_models_bounds_are_one_line(saved_tiny_model, tmp_path, capsys):
+    """More diffusion steps than the model's schedule has timesteps, or more beams than its vocabulary has tokens,
+    is one line naming the flag and the bound, exit 2, before any generation (no run folder)."""
+    cfg = mmi.MMInterleaved.from_pretrained(saved_tiny_model).cfg
+    steps, vocab = cfg.image_decoder.num_train_timesteps, cfg.llm.vocab_size
+    for extra, message in ((["--steps=1001"], f"--steps=1001: expected at most {steps}, the model's diffusion"),
+                           ([f"--num_beams={vocab + 1}", "--no-use_nucleus_sampling"],
+                            f"--num_beams={vocab + 1}: expected at most {vocab}, the model's vocabulary size")):
+        argv = sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={_write_annt(tmp_path, [GOOD])}", *extra)
+        code = mmi.run_script(sample.main, argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_sample_reads_the_model_folders_tokenizer_json(saved_tiny_model, tmp_path, capsys):
     """A model folder's own tokenizer.json (as train.py may export one) is the tokenizer sample.py reads, not the
     demo's: a broken one is reported, not passed over."""
@@ -8117,6 +8132,20 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
     assert ": error: " in captured.err and want in captured.err, captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert loads == []
+
+
+def test_eval_steps_beyond_the_models_timesteps_is_one_line(tmp_path, capsys):
+    """A drawing task asked for more sampling steps than the model's schedule has timesteps stops with one line
+    naming --steps and the bound, exit 2, before any image or result is written."""
+    _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
+    (tmp_path / ev.FID_WEIGHTS_NAME).write_bytes(b"")        # read only once images are drawn
+    argv = ["--task=lncoco", f"--data_root={tmp_path}", f"--inception={tmp_path / ev.FID_WEIGHTS_NAME}",
+            f"--init_from={ev.DEMO_MODEL}", f"--out={tmp_path / 'r.json'}", "--steps=1001", "--device=cpu"]
+    assert mmi.run_script(ev.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "error: --steps=1001: expected at most 1000, the model's diffusion timesteps" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "r.json") and not os.path.exists(tmp_path / "r_images")
 
 
 def test_eval_script_reports_a_malformed_file_in_one_line_exit_2(tmp_path):
