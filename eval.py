@@ -999,15 +999,29 @@ def load_inception(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise InputError(f"{path}: not a readable PyTorch weights file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable PyTorch weights file ({first_line(e)})") from None
     if not isinstance(state, dict):
         raise InputError(f"{path}: not the FID Inception weights (holds a {type(state).__name__}, not a state dict)")
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise InputError(f"{path}: not the FID Inception weights; missing keys {missing[:5]}, unexpected keys "
-                         f"{unexpected[:5]}")
+    load_by_key(net, state, path, "the FID Inception weights", derived="num_batches_tracked")
     return net.eval()
+
+
+def first_line(e):
+    """An exception's message in one line: its first, or its type's name where it has none."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_by_key(net, state, path, what, derived):
+    """Load `state` into `net`; a key missing (but those ending in `derived`), unexpected, not a tensor or of
+    another shape is an InputError saying the file at `path` is not `what`."""
+    own = net.state_dict()
+    wrong = [k for k, v in state.items() if k in own and not (torch.is_tensor(v) and v.shape == own[k].shape)]
+    missing = [k for k in own if k not in state and not k.endswith(derived)]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or wrong:
+        raise InputError(f"{path}: not {what}; missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, keys "
+                         f"of another shape or type {wrong[:5]}")
+    net.load_state_dict(state, strict=False)
 
 
 def fid_image_tensor(pil_image, size=64, round_offset=round):
@@ -1109,14 +1123,16 @@ def load_clip(path):
     weights, tok_file = check_clip_path(path)
     import safetensors.torch
     import tokenizers
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(tok_file)
+    except Exception as e:                        # tokenizers raises a bare Exception
+        raise InputError(f"{tok_file}: not a tokenizers tokenizer.json ({first_line(e)})") from None
+    mmi.read_safetensors_header(weights)        # a damaged file is an InputError naming what is wrong
     state = {k: v for k, v in safetensors.torch.load_file(weights).items()
              if not k.endswith("position_ids") and k != "logit_scale"}
     net = CLIPScorer()
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]       # derived, not in every release file
-    if missing or unexpected:
-        raise InputError(f"{weights}: not CLIP ViT-L/14; missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    return net.eval(), tokenizers.Tokenizer.from_file(tok_file)
+    load_by_key(net, state, weights, "CLIP ViT-L/14", derived="position_ids")   # not in every release file
+    return net.eval(), tokenizer
 
 
 @torch.no_grad()

@@ -7388,6 +7388,28 @@ def test_fid_inception_loads_by_key_and_gives_2048_features(tmp_path):
         ev.load_inception(str(path))
 
 
+def test_damaged_inception_or_clip_files_are_one_input_error(tmp_path):
+    """An empty or wrongly shaped Inception weights file, and a CLIP folder whose tokenizer.json or
+    model.safetensors is garbage, are each an InputError naming the file and what is wrong, not a traceback."""
+    path = tmp_path / ev.FID_WEIGHTS_NAME
+    path.write_bytes(b"")
+    with pytest.raises(mmi.InputError, match=re.escape(f"{path}: not a readable PyTorch weights file (")):
+        ev.load_inception(str(path))
+    state = ev.FIDInceptionV3().state_dict()
+    state["fc.weight"] = state["fc.weight"][:10]
+    torch.save(state, path)
+    with pytest.raises(mmi.InputError, match=re.escape("keys of another shape or type ['fc.weight']")):
+        ev.load_inception(str(path))
+    (tmp_path / "model.safetensors").write_bytes(b"garbage!" * 4)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: not a tokenizers tokenizer")):
+        ev.load_clip(str(tmp_path))
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, "[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'model.safetensors'}: not a safetensors file")):
+        ev.load_clip(str(tmp_path))
+
+
 def test_clip_scorer_equals_transformers_clip_at_a_tiny_config(tmp_path):
     transformers = oracle_transformers()
     import safetensors.torch
