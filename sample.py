@@ -565,6 +565,7 @@ def check_model_bounds(args, cfg):
 
 def main(argv=None):
     args = parse_args(argv)
+    data.check_writable(args.out, "--out", folder=True)       # before minutes of loading, as every input
     samples = load_annt(args.annt, args.num_total_token)
     model, tokenizer = load_model(args)
     check_model_bounds(args, model.cfg)

@@ -6961,6 +6961,20 @@ def test_sample_steps_and_beams_beyond_the_models_bounds_are_one_line(saved_tiny
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_sample_unwritable_out_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """--out that is a file, or lies under one, is refused before the model loads (a 13B load takes minutes)."""
+    loads = []
+    monkeypatch.setattr(sample, "load_model", lambda args: loads.append(args))
+    annt = _write_annt(tmp_path, [GOOD])
+    (tmp_path / "file").write_text("mine")
+    for out, message in ((tmp_path / "file", f"--out={tmp_path / 'file'}: is a file, expected a folder"),
+                         (tmp_path / "file" / "x", f"--out={tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file")):
+        code = mmi.run_script(sample.main, [f"--annt={annt}", f"--out={out}"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert loads == [] and (tmp_path / "file").read_text() == "mine"
+
+
 def test_sample_reads_the_model_folders_tokenizer_json(saved_tiny_model, tmp_path, capsys):
     """A model folder's own tokenizer.json (as train.py may export one) is the tokenizer sample.py reads, not the
     demo's: a broken one is reported, not passed over."""
