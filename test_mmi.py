@@ -5462,6 +5462,17 @@ def test_train_config_files_and_overrides_are_type_checked(tmp_path, config_file
     assert (tc.warmup_steps, tc.eps, tc.betas) == (6, 1.0, (0.5, 0.6)) and isinstance(tc.eps, float)
 
 
+def test_train_micro_batch_beyond_the_machines_memory_is_refused_before_it_is_made(config_file, monkeypatch):
+    """A micro-batch whose token ids and mask alone (int64, batch_size x seq_len each) exceed the memory the process
+    may count on is an InputError from the config check, before any row is made; one that fits passes."""
+    monkeypatch.setattr(train, "host_memory", lambda: 2 ** 30, raising=False)
+    rows = 2 ** 30 // (2 * 8 * 32) + 1                            # seq_len 32: 512 bytes a row, 1 GiB = 2**21 rows
+    for flag in (f"--batch_size={rows}", f"--seq_len={2 ** 30 // (2 * 8 * 2) + 1}"):
+        with pytest.raises(mmi.InputError, match=r"a micro-batch's inputs alone take 1\.0 GiB, more than .* 1\.0 GiB"):
+            train.load_config([config_file, flag, "--images_per_row=0"])
+    assert train.load_config([config_file, f"--batch_size={rows - 1}", "--images_per_row=0"]).batch_size == rows - 1
+
+
 def test_configs_that_freeze_pretrained_parts_name_their_weights():
     """A config that freezes CLIP or the LLM body starts from init_from: until its placeholder is set, the run stops
     with one line naming init_from, never trains on random frozen weights."""

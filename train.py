@@ -298,7 +298,30 @@ def load_config(argv):
     if tc.data == "synthetic" and tc.seq_len < 2 + tc.images_per_row * (cfg.num_img_token + 2):   # synthetic_row
         raise mmi.InputError(f"seq_len {tc.seq_len} cannot hold images_per_row={tc.images_per_row} images of "
                              f"{cfg.num_img_token + 1} tokens each plus text")
+    memory = host_memory()
+    if tc.data in ("synthetic", "demo") and memory and micro_batch_bytes(tc, cfg) > memory:
+        raise mmi.InputError(f"batch_size {tc.batch_size} x seq_len {tc.seq_len}: a micro-batch's inputs alone take "
+                             f"{micro_batch_bytes(tc, cfg) / 2 ** 30:,.1f} GiB, more than this process's share of "
+                             f"the machine's memory, {memory / 2 ** 30:.1f} GiB; expected fewer rows or tokens")
     return tc
+
+
+def micro_batch_bytes(tc, cfg):
+    """A lower bound on the bytes of one micro-batch's inputs where batch_size and seq_len size the rows (synthetic,
+    demo data): token ids and attention mask in int64, and a synthetic row's images at both sizes in float32."""
+    images = tc.images_per_row if tc.data == "synthetic" else 0
+    S, S_dec = cfg.vision.image_size, cfg.image_decoder.image_size
+    return tc.batch_size * (2 * 8 * tc.seq_len + images * 3 * (S * S + S_dec * S_dec) * 4)
+
+
+def host_memory():
+    """Bytes of physical memory this process may count on: the machine's, shared by the processes torchrun starts
+    on it; None where the system does not say."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return total // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def model_config(tc):
