@@ -6463,9 +6463,11 @@ def test_resume_from_another_models_or_a_damaged_checkpoint_is_one_line(tiny_run
     assert f"error: {out / 'ckpt_00000001'}" in err and message in err and err.count("\n") == 1
 
 
-def test_train_on_data_that_fills_no_batch_stops_with_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_train_on_data_that_fills_no_batch_stops_with_one_line(tmp_path, monkeypatch, capsys, workers):
     """data=pretrain whose one pair shard is missing and whose MMC4 shard is a broken zip: the first whole pass
-    makes no batch, and the run stops with one line counting what each source skipped."""
+    makes no batch, and the run stops with one line counting what each source skipped, also where a DataLoader
+    worker read the pass (its counts are not this process's)."""
     (tmp_path / "docs_0.jsonl.zip").write_bytes(b"not a zip")
     sources = (("laion", "pair", "part_0.txt", str(tmp_path), str(tmp_path), 1.0, 2),
                ("mmc4", "mmc4", "docs_0.jsonl", str(tmp_path), str(tmp_path), 2.0, 2))
@@ -6477,7 +6479,9 @@ def test_train_on_data_that_fills_no_batch_stops_with_one_line(tmp_path, monkeyp
         set_epoch(self, epoch)
 
     monkeypatch.setattr(data.MixedDataset, "set_epoch", bounded)
-    assert mmi.run_script(train.main, [str(tmp_path / "c.py"), f"--out_dir={tmp_path / 'run'}"]) == 2
+    monkeypatch.setattr(train, "worker_limit", lambda: 1)            # a worker even on a machine of one core
+    argv = [str(tmp_path / "c.py"), f"--out_dir={tmp_path / 'run'}", f"--num_workers={workers}"]
+    assert mmi.run_script(train.main, argv) == 2
     err = capsys.readouterr().err
     assert "error: pretrain_sources: a whole pass over laion, mmc4 made no batch of rows (" in err
     assert "laion: 0 lines, 0 documents used, 0 rows, skipped shard:shard_missing=1" in err

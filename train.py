@@ -641,13 +641,25 @@ def dataset_batches(dataset, tc, rank, state):
             if workers:
                 stream._shutdown_workers()           # now, also when the stream is closed mid-epoch
         if whole and not batches:
+            if workers:                              # their counts stayed in their processes: count again here
+                read_quietly(dataset)
             raise no_batch_error(dataset, tc, rank)
         epoch, positions, turn = epoch + 1, {}, 0
 
 
+def read_quietly(dataset):
+    """A pass over `dataset` in this process, without its [data] lines, for the counts it keeps (`last_stats`)."""
+    verbose, dataset.verbose = dataset.verbose, False
+    try:
+        for _ in dataset:
+            pass
+    finally:
+        dataset.verbose = verbose
+
+
 def no_batch_error(dataset, tc, rank):
     """The error for an epoch of `dataset` that gave no batch: its sources, each with what it read, used and skipped
-    by reason (counted in this process when no DataLoader worker read them, else in the workers' [data] lines)."""
+    by reason, as this process counted them (read_quietly, where DataLoader workers read the epoch)."""
     where = {"pretrain": "pretrain_sources", "finetune": f"finetune_dataset {tc.finetune_dataset!r}"}.get(
         tc.data, f"data {tc.data!r}")
     counts = []
@@ -659,7 +671,7 @@ def no_batch_error(dataset, tc, rank):
     names = [s.name for s in getattr(dataset, "sources", ())] or [getattr(dataset, "name", tc.data)]
     return mmi.InputError(f"{where}: a whole pass over {', '.join(names)}"
                           + (f" on rank {rank}" if dist.is_initialized() else "") + " made no batch of rows ("
-                          + ("; ".join(counts) or "the [data] lines above count what each DataLoader worker skipped")
+                          + ("; ".join(counts) or "nothing read")
                           + "); expected enough usable documents to fill one")
 
 
