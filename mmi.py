@@ -421,13 +421,17 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def check_config_ranges(cfg):
-    """InputError naming the first config key whose int is negative, or 0 where that makes no model."""
-    def ints(v):
-        return [x for item in v for x in ints(item)] if isinstance(v, tuple) else [v] if type(v) is int else []
+    """InputError naming the first config key whose int is negative, or 0 where that makes no model, or whose float
+    is NaN or infinite (an eps, a ratio of widths, a loss weight: none makes a model)."""
+    def numbers(v, kind):
+        return [x for item in v for x in numbers(item, kind)] if isinstance(v, tuple) else \
+            [v] if type(v) is kind else []
     for key, value in _config_rows(cfg):
         low = 0 if key in _MAY_BE_ZERO else 1
-        if any(x < low for x in ints(value)):
+        if any(x < low for x in numbers(value, int)):
             raise InputError(f"config key {key!r}: {value!r}, every integer must be >= {low}")
+        if not all(math.isfinite(x) for x in numbers(value, float)):
+            raise InputError(f"config key {key!r}: {value!r}, expected a finite number")
     dec = cfg.image_decoder
     if dec.prediction_type not in PREDICTION_TYPES:
         raise InputError(f"config key 'image_decoder.prediction_type': {dec.prediction_type!r}, expected one of "
