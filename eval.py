@@ -1832,6 +1832,31 @@ def write_json_atomic(path, obj):
         json.dump(obj, f, indent=1)
 
 
+def write_json_new(path, obj):
+    """Write a new file at `path`, or at <path>-2.json, -3, ... where another run wrote one there since this run
+    chose it (two runs started together choose the same): never over a file, never half of one. -> the path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    stem, ext = os.path.splitext(path)
+    tmp = f"{path}.tmp{os.getpid()}{ext}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        for k in itertools.count(1):
+            dst = path if k == 1 else f"{stem}-{k}{ext}"
+            try:
+                os.link(tmp, dst)                # fails where dst exists, unlike a rename
+                return dst
+            except FileExistsError:
+                continue
+            except OSError:                      # a file system without hard links
+                if not os.path.lexists(dst):
+                    os.replace(tmp, dst)
+                    return dst
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # A long run keeps what it has predicted: every PARTIAL_EVERY_S seconds, and when it stops on an error, each rank
 # rewrites its predictions so far into partial_path(--out); the finished results file replaces it. --resume reads
 # it back (read_partial) and predicts only the rest (resume_plan).
@@ -2263,12 +2288,12 @@ def main(argv=None):
                          f"the model's diffusion timesteps")
     results = evaluate(model, tokenizer, args, rank, world, samples, kept)
     if rank == 0:
-        write_json_atomic(args.out, results)
+        out = write_json_new(args.out, results)
         remove_partial_files(args.out, world)
         print(json.dumps({"task": args.task, "num_samples": results["num_samples"], **results["metrics"]}))
         if results["skipped"]:
             print(f"skipped {len(results['skipped_samples'])} of {len(samples)} samples {results['skipped']}; "
-                  f"each is listed under skipped_samples in {args.out}")
+                  f"each is listed under skipped_samples in {out}")
         if args.task == "demo":
             table = demo_table(results["metrics"], results["num_samples"], args.scored_with)
             print(table)
@@ -2278,7 +2303,7 @@ def main(argv=None):
                 print(f"wrote the scoreboard into {readme}")
         if task.draws_images:
             print(f"wrote {results['num_samples']} generated images to {images_folder(args)}")
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0

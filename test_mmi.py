@@ -8202,6 +8202,23 @@ def test_eval_steps_beyond_the_models_timesteps_is_one_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "r.json") and not os.path.exists(tmp_path / "r_images")
 
 
+def test_eval_runs_started_together_keep_both_results(tmp_path, monkeypatch, capsys):
+    """Two runs that chose the same results file (both started before either finished) both keep their results:
+    the one that finishes second writes <out>-2.json and says so, never over the other's."""
+    out = tmp_path / "r.json"
+
+    def evaluate(model, tokenizer, args, rank, world, samples, kept):
+        out.write_text("the other run's results")          # written while this run predicted
+        return {"num_samples": 1, "metrics": {"accuracy": 1.0}, "skipped": {}, "skipped_samples": []}
+
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    assert ev.main(["--task=demo_qa", "--limit=1", f"--out={out}", "--device=cpu"]) == 0
+    assert out.read_text() == "the other run's results"
+    assert json.loads((tmp_path / "r-2.json").read_text())["metrics"] == {"accuracy": 1.0}
+    assert sorted(os.listdir(tmp_path)) == ["r-2.json", "r.json"]              # no temporary left
+    assert capsys.readouterr().out.endswith(f"wrote {tmp_path / 'r-2.json'}\n")
+
+
 def test_eval_script_reports_a_malformed_file_in_one_line_exit_2(tmp_path):
     _vizwiz_layout(tmp_path, ["a.jpg"], answers=[])
     argv = ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}",
