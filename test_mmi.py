@@ -6405,10 +6405,11 @@ def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys
 
 
 def test_train_out_dir_is_writable_and_holds_no_earlier_run_unless_resumed(tmp_path, config_file, capsys):
-    """An out_dir that is a file, lies under one or cannot be made, or that holds an earlier run's checkpoints or
-    metrics while --resume is not given, is one line before any work; with --resume the earlier run goes on."""
+    """An out_dir that is empty, a file, lies under one or cannot be made, or that holds an earlier run's checkpoints
+    or metrics while --resume is not given, is one line before any work; with --resume the earlier run goes on."""
     (tmp_path / "file").write_text("")
-    for out, message in [(tmp_path / "file", f"out_dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file"),
+    for out, message in [("", "out_dir is empty, expected a folder"),
+                         (tmp_path / "file", f"out_dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file"),
                          (tmp_path / "file" / "run", "is a file, expected a folder"),
                          ("/proc/mmi_run", "out_dir /proc/mmi_run: cannot write in /proc")]:
         assert mmi.run_script(train.main, [config_file, f"--out_dir={out}"]) == 2

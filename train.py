@@ -1286,6 +1286,8 @@ def check_inputs(tc):
 def check_out_dir(tc):
     """out_dir is a folder this process can write in, or make; it holds no earlier run's checkpoints or metrics
     unless resume=True, and then its newest checkpoint is whole and of this run's model."""
+    if not tc.out_dir:
+        raise mmi.InputError("out_dir is empty, expected a folder for the run's metrics and checkpoints")
     parent = os.path.abspath(tc.out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
