@@ -1318,6 +1318,37 @@ def test_sampling_loop_draws_like_the_sd_pipeline_with_ddpm():
     assert (ours - x).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0)])
+def test_sampling_loop_steps_like_diffusers_ddim_and_dpm_solver(sampler, eta):
+    """sample_latents' own loop (its timesteps, each step's previous timestep, DPM-Solver's x0 history and, with
+    eta > 0, one noise draw per step after the initial latents) walks diffusers' DDIMScheduler (SD's
+    set_alpha_to_one=False) and DPMSolverMultistepScheduler(dpmsolver++, order 2) step for step."""
+    diffusers = pytest.importorskip("diffusers")
+    dec = _tiny_decoder().eval()
+    _perturb_mmfs_convs(dec)
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    sd = dec.decoder
+    with torch.no_grad():
+        cond = dec.perceiver_resampler(ctx, mask)
+        uncond = dec.neg_prompt_embeds.expand_as(cond)
+        ours = sd.sample_latents(cond, uncond, feats, fmask, 6, 4.0, sampler, torch.Generator().manual_seed(11),
+                                 eta=eta, progress=False, fast=False)
+        if sampler == "ddim":
+            s = diffusers.DDIMScheduler(**SD_SCHED, clip_sample=False, set_alpha_to_one=False)
+        else:
+            s = diffusers.DPMSolverMultistepScheduler(**SD_SCHED, algorithm_type="dpmsolver++", solver_order=2)
+        s.set_timesteps(6)
+        g = torch.Generator().manual_seed(11)
+        x = torch.randn(2, 4, 8, 8, generator=g) * s.init_noise_sigma
+        for t in s.timesteps:
+            eps_u, eps_c = sd.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), sd.mmfs_module,
+                                   [torch.cat([f, f]) for f in feats], torch.cat([fmask, fmask])).chunk(2)
+            eps = eps_u + 4.0 * (eps_c - eps_u)
+            x = s.step(eps, t, x, eta=eta, generator=g) if sampler == "ddim" else s.step(eps, t, x)
+            x = x.prev_sample
+    assert (ours - x).abs().max() < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image decoder: UNet-MMFS, the context and previous-image rules, the diffusion loss
 # ----------------------------------------------------------------------------------------------------------------
