@@ -324,6 +324,44 @@ def test_ms_deform_attn_reference_equals_float64_loop():
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
+def test_adapter_deformable_attention_equals_float64_loop():
+    """The ViT-Adapter's MSDeformAttn, step by step in float64: per head ONE softmax over all its levels and points
+    together; a point samples at the reference plus its offset in pixels of its level (x over the width, y over the
+    height); value_proj before, output_proj after. Non-square levels, so that x and y cannot be confused."""
+    torch.manual_seed(0)
+    H, L, P = 2, 2, 3
+    mod = mmi.MSDeformAttn(d_model=8, n_levels=L, n_heads=H, n_points=P, ratio=0.5).double()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(torch.randn_like(p) * 0.3)          # offsets and weights start at 0: make every one matter
+    shapes = [(3, 4), (2, 5)]
+    B, Lq = 2, 3
+    query = torch.randn(B, Lq, 8, dtype=torch.float64)
+    feat = torch.randn(B, 3 * 4 + 2 * 5, 8, dtype=torch.float64)
+    ref = torch.rand(B, Lq, 2, dtype=torch.float64)
+    lin = lambda layer, x: x @ layer.weight.T + layer.bias
+    with torch.no_grad():
+        out = mod(query, ref, feat, torch.tensor(shapes))
+        v = lin(mod.value_proj, feat)                                           # (B, S, H * Dh)
+        Dh = v.shape[-1] // H
+        expected = torch.zeros(B, Lq, H * Dh, dtype=torch.float64)
+        for b in range(B):
+            for q in range(Lq):
+                off = lin(mod.sampling_offsets, query[b, q]).view(H, L, P, 2)
+                aw = lin(mod.attention_weights, query[b, q]).view(H, L * P).softmax(-1).view(H, L, P)
+                start = 0
+                for l, (h, w) in enumerate(shapes):
+                    img = v[b, start:start + h * w].view(h, w, H, Dh)
+                    start += h * w
+                    for m in range(H):
+                        for p in range(P):
+                            x = (ref[b, q, 0] + off[m, l, p, 0] / w).item() * w - 0.5
+                            y = (ref[b, q, 1] + off[m, l, p, 1] / h).item() * h - 0.5
+                            expected[b, q, m * Dh:(m + 1) * Dh] += aw[m, l, p] * bilinear_loop(img[:, :, m], x, y)
+        expected = lin(mod.output_proj, expected)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
 def mmfs_loop(mod, query, ref, value, mask):
     """MMFS as the original states it, step by step in float64, with explicit loops over images, levels, heads and points."""
     B, Lq, _ = query.shape
