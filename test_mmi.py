@@ -1541,6 +1541,24 @@ def test_context_and_previous_image_rule_by_hand():
     assert ctx_g[2, :10, 0].tolist() == list(range(9, -1, -1))
 
 
+def test_previous_image_whose_soi_is_the_context_start_is_seen():
+    """An image sees the previous one when that image's soi lies at or after its context start, the start itself
+    included: a row that opens with an image, or a training context start placed on that soi (the original compares
+    nearest_bos <= soi)."""
+    soi = 9
+    text_ids = torch.tensor([[9, 7, 5, 9, 7, 5],
+                             [1, 5, 9, 7, 9, 7]])
+    ms = [torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 2, s, s) + 1 for s in (2, 1)]
+    # images (row, soi): (0,0) (0,3) (1,2) (1,4)
+    _, fmask = mmi.prepare_mmfs_features_for_image_decoder(ms, text_ids, soi, None)
+    assert fmask.tolist() == [[0], [1], [0], [1]]                   # image 1: soi 0 >= row start 0
+    feats, fmask = mmi.prepare_mmfs_features_for_image_decoder(ms, text_ids, soi, torch.tensor([0, 0, 0, 2]))
+    assert fmask.tolist() == [[0], [1], [0], [1]]                   # image 3: soi 2 >= its start 2
+    assert [float(feats[1][i].unique()[0]) for i in range(4)] == [0.0, 1.0, 0.0, 3.0]
+    _, fmask = mmi.prepare_mmfs_features_for_image_decoder(ms, text_ids, soi, torch.tensor([0, 1, 0, 3]))
+    assert fmask.tolist() == [[0], [0], [0], [0]]                   # starts one past those soi: unseen
+
+
 def test_decoder_inputs_project_then_add_distance_positions():
     soi = 9
     text_ids = torch.tensor([[1, 5, 9, 7, 1, 9, 7]])
