@@ -3159,6 +3159,17 @@ def test_beam_search_ends_finished_hypotheses_with_eos():
     assert model.generate_texts(batch, keep_stop_token=True, **kw)["text_ids"].tolist() == [[cfg.soi_token_id]]
 
 
+def test_beam_search_finishes_only_stop_tokens_ranked_within_num_beams():
+    """As transformers 4.31: a stop token finishes a hypothesis only when it ranks among the step's first num_beams
+    candidates. Hand-built, 2 beams: at step 0 eos ranks second and finishes, soi ranks third and is dropped, though
+    its score (no length penalty) beats the beam A C that takes the second place at max_new_tokens."""
+    A, B, C, D = T_A, T_B, T_C, T_D
+    table = {(): {A: .30, T_EOS: .29, T_SOI: .28, B: .12, C: .01}, (A,): {C: .6, D: .4}, (B,): {C: .7, D: .3}}
+    assert math.log(.29) > math.log(.28) > math.log(.30) + math.log(.6) > math.log(.30) + math.log(.4)
+    seqs = mmi.beam_search(TableLM(table, 8), 2, 2, 0.0, max_new_tokens=2, keep_stop_token=True, **TABLE_OPTS)
+    assert seqs == [[T_EOS], [A, C]]
+
+
 def test_cached_decoding_in_bf16_autocast_equals_recomputation():
     """Training's periodic evaluation decodes under bf16 autocast: the step's bf16 keys/values go into the float32
     cache (index_copy_ does not cast by itself; this crashed at the first evaluation) and the tokens are those of
