@@ -433,6 +433,31 @@ def test_mmfs_equals_float64_loop(mask_kind, fast):
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
 
 
+def test_llm_mmfs_branch_is_tanh_gate_times_mmfs_of_the_normed_inputs_at_the_centre():
+    """The LLM's `llama_cross_attn`: tanh(gate) * MMFS(RMSNorm_1(h), reference (0.5, 0.5) for every token,
+    RMSNorm_2(vision), mask), against the float64 MMFS loop above on norms written here."""
+    torch.manual_seed(0)
+    cfg = mmi.MMIConfig.from_preset("tiny")
+    mod = mmi.LlamaMMFSAttention(cfg).double()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(torch.randn_like(p) * 0.3)          # gate, norms, ignore token: every weight matters
+    B, Lq, n = 1, 2, 2
+    S = sum(s * s for s in cfg.mmfs.spatial_shapes)
+    h = torch.randn(B, Lq, cfg.llm.hidden_size, dtype=torch.float64)
+    vision = torch.randn(B, n, S, cfg.vision.hidden_size, dtype=torch.float64)
+    mask = torch.tensor([[[1, 0], [1, 1]]])
+    eps = cfg.llm.rms_norm_eps
+    rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    with torch.no_grad():
+        out = mod(h, vision, mask)
+        centre = torch.full((1, Lq, 2), 0.5, dtype=torch.float64)
+        expected = torch.tanh(mod.gate.double()) * mmfs_loop(mod.attn, rms(h, mod.norm1.weight), centre,
+                                                             rms(vision, mod.norm2.weight), mask)
+    # RMSNorm takes its variance in float32 whatever the input dtype (as LLaMA does)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_mmfs_too_many_images_is_an_error():
     mod = mmi.MMFS(d_query=4, d_value=4, d_out=4, d_attn=4, n_heads=1, n_points=1, spatial_shapes=[1],
                    base_spatial_shape=1, max_num_image_per_seq=3, offset_init_magnitude=1.0)
