@@ -1712,6 +1712,43 @@ def test_forward_uses_the_dataset_rule_and_loss_weights():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def test_mm_embeds_put_each_images_tokens_in_place_and_soi_token_on_soi():
+    """The LLM's input, as the original assembles it: the token embeddings; the k-th image (row-major) gives the
+    num_img_token embeddings of the k-th run of <|image|> tokens; soi_token is added on every soi and nowhere else.
+    An image's embeddings: the Q-Former reads post_ln(pos_ln(pos_proj(h)) + table) of the CLIP-normalised pixels'
+    last hidden states h, the 2-D sin-cos table with a zero row for the class token; each map gets that table
+    without its class row, bicubically resized to the map's side."""
+    model = tiny_model(perturb=False)
+    cfg, vt = model.cfg, model.visual_tokenizer
+    with torch.no_grad():
+        model.soi_token.normal_()                      # zero at init: give it a value to find
+    batch = make_batch(cfg, [[BOS, 10, "img", 11, "img"], [BOS, "img", 12]], 24)
+    ids, images = batch["text_ids"], batch["image_tensors"]
+    with torch.no_grad():
+        embeds, _, _, maps = model.prepare_mm_embeds(ids, images, batch["num_image_per_seq"])
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        h, raw_maps = vt.encoder["vision_model"]((images - mean) / std)
+        G, d = cfg.vision.grid_size, cfg.vision.hidden_size
+        table = torch.cat([torch.zeros(1, d), mmi.get_2d_sincos_pos_embed(d, G)])
+        vis = vt.proj(vt.perceiver_resampler(vt.post_ln(vt.pos_ln(vt.pos_proj(h)) + table)))  # (3, n_tok, d_llm)
+        grid = table[1:].T.reshape(1, d, G, G)
+        for got, m in zip(maps, raw_maps):
+            s = m.shape[-1]
+            pe = grid if s == G else F.interpolate(grid, size=(s, s), mode="bicubic", align_corners=False)
+            torch.testing.assert_close(got, m + pe, rtol=1e-5, atol=1e-5)
+        expected = model.mm_decoder.embed_tokens(ids).clone()
+        k = 0
+        for r, row in enumerate(ids.tolist()):
+            for p, t in enumerate(row):
+                if t == cfg.soi_token_id:
+                    expected[r, p] += model.soi_token[0]
+                    expected[r, p + 1:p + 1 + cfg.num_img_token] = vis[k]
+                    k += 1
+    assert k == 3
+    torch.testing.assert_close(embeds, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_zero_initialised_branches_add_nothing_until_perturbed():
     model = tiny_model(perturb=False)
     cfg = model.cfg
