@@ -1465,6 +1465,13 @@ def test_mmfs_grids_and_offset_scales_equal_the_originals_rules(image_size):
     assert llm_mmfs.attn.scale_ratios == tuple(s / 16 for s in (32, 16, 8))
 
 
+def test_unet_mmfs_reference_points_are_the_pixel_centres():
+    """A UNet-MMFS query at latent pixel (i, j) of an h x w map starts from ((j + 0.5) / w, (i + 0.5) / h), as x, y,
+    row-major: the centres in the sampler's convention, so zero offsets read each pixel's own value."""
+    assert mmi.grid_centres(2, 4).tolist() == [[0.125, 0.25], [0.375, 0.25], [0.625, 0.25], [0.875, 0.25],
+                                               [0.125, 0.75], [0.375, 0.75], [0.625, 0.75], [0.875, 0.75]]
+
+
 def test_mmfs_level_tables_compile_to_one_graph_for_any_image_count():
     """The tables by hand (levels 8 and 4 on a base of 8), and under torch.compile: no tensor constant in the
     graph (torch 2.11's compile cache cannot store one) and no new graph per image count n."""
