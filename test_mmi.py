@@ -1197,7 +1197,18 @@ def test_vae_matches_diffusers_oracle(tmp_path):
         assert (ours.decode(z) - oracle.decode(z).sample).abs().max() < 1e-4
 
 
-def test_image_decoder_matches_the_manifest_and_counts():
+def test_decode_latents_is_the_sd_pipelines_decode(tmp_path):
+    """A sampler's latents become pixels as SD's pipeline makes them: the VAE decodes latents / scaling_factor,
+    then [-1, 1] maps to [0, 1], clamped."""
+    dec = _tiny_decoder()
+    oracle = _diffusers_vae(dec.decoder.vae.cfg).eval()
+    _randomise(oracle, 3)
+    _save_and_load(oracle, dec.decoder.vae, tmp_path)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = (oracle.decode(z / oracle.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        assert 0 < (expected == 0).sum() + (expected == 1).sum() < expected.numel()     # the clamp takes part
+        assert (dec.decoder.decode_latents(z) - expected).abs().max() < 1e-5
     manifest = _manifest("mm_interleaved_13b.json", "image_decoder.")
     with torch.device("meta"):
         dec = mmi.ImageDecoder(*DECODER_PRESETS["mmi-13b"])
