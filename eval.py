@@ -1002,7 +1002,9 @@ def load_inception(path):
         raise InputError(f"{path}: not a readable PyTorch weights file ({first_line(e)})") from None
     if not isinstance(state, dict):
         raise InputError(f"{path}: not the FID Inception weights (holds a {type(state).__name__}, not a state dict)")
-    load_by_key(net, state, path, "the FID Inception weights", derived="num_batches_tracked")
+    shapes = {k: v.shape if torch.is_tensor(v) else None for k, v in state.items()}
+    check_by_key(net, shapes, path, "the FID Inception weights", derived="num_batches_tracked")
+    net.load_state_dict(state, strict=False)
     return net.eval()
 
 
@@ -1011,17 +1013,16 @@ def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_by_key(net, state, path, what, derived):
-    """Load `state` into `net`; a key missing (but those ending in `derived`), unexpected, not a tensor or of
-    another shape is an InputError saying the file at `path` is not `what`."""
-    own = net.state_dict()
-    wrong = [k for k, v in state.items() if k in own and not (torch.is_tensor(v) and v.shape == own[k].shape)]
-    missing = [k for k in own if k not in state and not k.endswith(derived)]
-    unexpected = [k for k in state if k not in own]
+def check_by_key(net, shapes, path, what, derived):
+    """InputError saying the file at `path` is not `what` where `shapes` ({key: shape, or None for what is not a
+    tensor}) lacks a key of `net` (but those ending in `derived`), has one more, or one of another shape."""
+    own = {k: v.shape for k, v in net.state_dict().items()}
+    wrong = [k for k, shape in shapes.items() if k in own and shape != own[k]]
+    missing = [k for k in own if k not in shapes and not k.endswith(derived)]
+    unexpected = [k for k in shapes if k not in own]
     if missing or unexpected or wrong:
         raise InputError(f"{path}: not {what}; missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, keys "
                          f"of another shape or type {wrong[:5]}")
-    net.load_state_dict(state, strict=False)
 
 
 def fid_image_tensor(pil_image, size=64, round_offset=round):
@@ -1117,21 +1118,33 @@ def check_clip_path(path):
     return weights, tok_file
 
 
-def load_clip(path):
-    """(CLIPScorer, tokenizers.Tokenizer) from a folder holding openai/clip-vit-large-patch14's model.safetensors
-    and tokenizer.json (never downloaded here)."""
+def check_clip_files(path):
+    """The --clip folder checked without reading its weights: its tokenizer.json loads and its model.safetensors
+    holds CLIP ViT-L/14's tensors by key and shape. -> (the weights' path, tokenizers.Tokenizer)"""
     weights, tok_file = check_clip_path(path)
-    import safetensors.torch
     import tokenizers
     try:
         tokenizer = tokenizers.Tokenizer.from_file(tok_file)
     except Exception as e:                        # tokenizers raises a bare Exception
         raise InputError(f"{tok_file}: not a tokenizers tokenizer.json ({first_line(e)})") from None
-    mmi.read_safetensors_header(weights)        # a damaged file is an InputError naming what is wrong
-    state = {k: v for k, v in safetensors.torch.load_file(weights).items()
-             if not k.endswith("position_ids") and k != "logit_scale"}
+    shapes = {k: torch.Size(v[1]) for k, v in mmi.read_safetensors_header(weights).items() if clip_key(k)}
+    with torch.device("meta"):
+        check_by_key(CLIPScorer(), shapes, weights, "CLIP ViT-L/14", derived="position_ids")  # not in every file
+    return weights, tokenizer
+
+
+def clip_key(k):
+    """Whether the scorer reads this key of a CLIP file (not the derived position ids, nor the logit scale)."""
+    return not k.endswith("position_ids") and k != "logit_scale"
+
+
+def load_clip(path):
+    """(CLIPScorer, tokenizers.Tokenizer) from a folder holding openai/clip-vit-large-patch14's model.safetensors
+    and tokenizer.json (never downloaded here)."""
+    weights, tokenizer = check_clip_files(path)
+    import safetensors.torch
     net = CLIPScorer()
-    load_by_key(net, state, weights, "CLIP ViT-L/14", derived="position_ids")   # not in every release file
+    net.load_state_dict({k: v for k, v in safetensors.torch.load_file(weights).items() if clip_key(k)}, strict=False)
     return net.eval(), tokenizer
 
 
@@ -1515,7 +1528,6 @@ def _text_to_image_task(samples_per_caption):
         Each kept image is written as PNG. A caption whose real image cannot be read is skipped (FID compares
         the two sets)."""
         check_image_decoder(model, args.task)
-        load_inception(args.inception)          # fail now, not after hours of sampling, if the file is missing
         if samples_per_caption > 1:
             scorer, clip_tokenizer = load_clip(args.clip)
             scorer = scorer.to(args.device)
@@ -1774,11 +1786,12 @@ def _build_tasks():
     tasks["visdial"] = Task(read_visdial, predict_visdial, score_visdial, batch=lambda args: 1)   # its own calls
     # the original config names the COCO text-to-image set "coco"; 8 CLIP-ranked samples there, 1 for LN-COCO
     t2i = dict(steps=250, guidance_scale=3.5, sampler="ddpm")
-    inception_and_clip = lambda args: (check_inception_path(args.inception), check_clip_path(args.clip))
+    # the files the score reads, checked whole before the model loads, not after hours of sampling
+    inception_and_clip = lambda args: (load_inception(args.inception), check_clip_files(args.clip))
     tasks["coco_t2i"] = Task(read_coco_t2i, _text_to_image_task(8), score_fid, dict(t2i, samples_per_caption=8),
                              preflight=inception_and_clip, min_samples=2, draws_images=True)
     tasks["lncoco"] = Task(read_lncoco, _text_to_image_task(1), score_fid, dict(t2i, samples_per_caption=1),
-                           preflight=lambda args: check_inception_path(args.inception), min_samples=2,
+                           preflight=lambda args: load_inception(args.inception), min_samples=2,
                            draws_images=True)
     for name in data.STORY_READERS:
         tasks[name] = Task(_story_reader(name), _story_task(name), score_story, dict(t2i, use_mmfs="both"),

@@ -7994,10 +7994,7 @@ def test_text_to_image_task_prompts_saves_and_scores_fid(tmp_path, monkeypatch, 
     monkeypatch.setattr(model, "generate_images", generate_images)
     args = _args("lncoco", tmp_path, limit=2)
     args.out = str(tmp_path / "r.json")
-    with pytest.raises(ValueError, match=ev.FID_WEIGHTS_NAME):         # before any sampling
-        ev.evaluate(model, tok, args)
-    assert not seen
-    monkeypatch.setattr(ev, "load_inception", lambda path: None)
+    monkeypatch.setattr(ev, "load_inception", lambda path: None)    # main checks it before the model loads
     monkeypatch.setattr(ev, "inception_features",
                         lambda net, images, device="cpu": torch.nn.functional.adaptive_avg_pool2d(
                             images, 2).flatten(1).double().numpy())
@@ -8285,7 +8282,8 @@ def test_eval_help_gives_every_option_a_meaning(capsys):
 
 
 @pytest.mark.parametrize("case", ["task", "limit", "device", "no_data_root", "no_init_from", "no_annotations",
-                                  "no_references", "no_images", "no_inception", "string_answers", "readme_slice",
+                                  "no_references", "no_images", "no_inception", "damaged_inception", "not_clip",
+                                  "string_answers", "readme_slice",
                                   "offset_past_split", "bad_tokenizer", "tokenizer_folder", "out_in_a_file",
                                   "out_a_folder", "out_in_proc", "image_dir_in_proc", "nested_json", "seed",
                                   "guidance_nan"])
@@ -8322,6 +8320,19 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
     elif case == "no_inception":
         _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
         argv, want = ["--task=lncoco", "--inception=nowhere.pth"] + given, "not found at 'nowhere.pth'"
+    elif case == "damaged_inception":                # read at the end, by the score: checked whole before
+        _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
+        (tmp_path / "i.pth").write_bytes(b"")
+        argv, want = ["--task=lncoco", f"--inception={tmp_path / 'i.pth'}"] + given, \
+            f"{tmp_path / 'i.pth'}: not a readable PyTorch weights file"
+    elif case == "not_clip":
+        _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
+        torch.save(ev.FIDInceptionV3().state_dict(), tmp_path / "i.pth")
+        tokenizers = pytest.importorskip("tokenizers")
+        tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, "[UNK]")).save(str(tmp_path / "tokenizer.json"))
+        save_file({"text_projection.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+        argv = ["--task=coco_t2i", f"--inception={tmp_path / 'i.pth'}", f"--clip={tmp_path}"] + given
+        want = f"{tmp_path / 'model.safetensors'}: not CLIP ViT-L/14; missing keys ['"
     elif case == "offset_past_split":               # the demo's test split holds 10,000 stories
         argv, want = ["--offset=9999", "--limit=2"], "stories 9999..10000 of the demo's test split, which holds 10,000"
     elif case == "readme_slice":                     # README's scoreboard is the one of `python eval.py` alone
@@ -8371,7 +8382,7 @@ def test_eval_steps_beyond_the_models_timesteps_is_one_line(tmp_path, capsys):
     """A drawing task asked for more sampling steps than the model's schedule has timesteps stops with one line
     naming --steps and the bound, exit 2, before any image or result is written."""
     _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
-    (tmp_path / ev.FID_WEIGHTS_NAME).write_bytes(b"")        # read only once images are drawn
+    torch.save(ev.FIDInceptionV3().state_dict(), tmp_path / ev.FID_WEIGHTS_NAME)    # random weights: read, not used
     argv = ["--task=lncoco", f"--data_root={tmp_path}", f"--inception={tmp_path / ev.FID_WEIGHTS_NAME}",
             f"--init_from={ev.DEMO_MODEL}", f"--out={tmp_path / 'r.json'}", "--steps=1001", "--device=cpu"]
     assert mmi.run_script(ev.main, argv) == 2
