@@ -519,6 +519,8 @@ def parse_args(argv):
                    help="put the prompt's multiround_context texts in place of the generated ones")
     p.add_argument("--out", default="out", help="folder of the runs (default: out)")
     args = p.parse_args(argv)
+    if not args.annt:
+        raise mmi.InputError("--annt is empty, expected an annt.json file of prompts")
     args.device = mmi.resolve_device(args.device)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     if args.quantize not in ("none", "int8", "int4"):

@@ -7125,6 +7125,7 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
              f"{tmp_path / 'garbage.model'}: cannot be read as a SentencePiece tokenizer.model"),
             ([f"--init_from={tmp_path / 'tokenizer_folder'}"],
              f"{tmp_path / 'tokenizer_folder' / 'tokenizer.model'}: is a folder, expected a SentencePiece"),
+            (["--annt="], "--annt is empty, expected an annt.json file of prompts"),
             (["--device=tpu"], "--device=tpu: expected auto, cpu, cuda or cuda:N"),
             (["--device=cuda:99"], "--device=cuda:99: "),
             (["--steps=0"], "--steps=0: expected >= 1"),
