@@ -18,6 +18,7 @@ import argparse
 import datetime
 import errno
 import filecmp
+import glob
 import html
 import itertools
 import json
@@ -411,6 +412,14 @@ def move_into_place(tmp, path):
                 raise
 
 
+def remove_story_files(folder, index):
+    """The images story `index` wrote into the run folder (its inputs, what it drew): a story interrupted before it
+    finished has no place on the page, so it leaves nothing behind."""
+    for pattern in (f"{index}_*.png", f"inputs/{index}_*.png"):
+        for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
+            os.remove(path)
+
+
 def write_run(tmp, path, stories, args):
     """result.json (the settings and every finished story) and index.html into tmp, then tmp moved to path.
     -> the folder's final name."""
@@ -599,6 +608,7 @@ def main(argv=None):
         if not stories:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        remove_story_files(tmp, len(stories))
         kept = write_run(tmp, os.path.join(args.out, run + "-incomplete"), stories, args)
         print(f"{os.path.basename(sys.argv[0])}: interrupted after {len(stories)} of {len(samples)} stories; their "
               f"page is {shown(os.path.join(kept, 'index.html'))}", file=sys.stderr)

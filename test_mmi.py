@@ -7071,6 +7071,7 @@ def test_an_interrupted_sample_run_keeps_only_its_finished_stories(tmp_path, sav
         assert run.endswith("-incomplete") and sorted(os.listdir(out / run)) == ["0_0.png", "index.html", "inputs",
                                                                                     "result.json"]
         assert err.endswith(f": interrupted after 1 of 2 stories; their page is {out / run / 'index.html'}"), err
+        assert os.listdir(out / run / "inputs") == ["0_0.png"]           # nothing of the unfinished story
         result = json.loads((out / run / "result.json").read_text())
         assert [s["prompt"]["sentences"] for s in result["stories"]] == [story["sentences"]]
         assert "src='0_0.png'" in (out / run / "index.html").read_text()
