@@ -7531,9 +7531,19 @@ def test_vqa_accuracy_is_leave_one_out_min_matches_over_3(k, want):
     ("1.5", ["1.5"] * 2 + ["2"] * 8, 0.6),                             # a period before a digit stays
     ("Yes", ["yes"] * 10, 0.0),                                        # humans agree: nothing is normalised
     ("yes ", ["yes"] * 10, 1.0),                                       # ... but both sides are stripped
+    ("yes", ["yes\t"] * 10, 1.0),
+    ("3.", ["3"] * 3 + ["2"] * 7, 0.9),                                # the no-op lookbehind: "3." loses its period
+    ("yes!", ["yes"] * 3 + ["no"] * 7, 0.9),                           # "!" is official punctuation
+    ("t-shirt -", ["tshirt"] * 3 + ["shirt"] * 7, 0.9),                # one "-" next to a space: every "-" vanishes
+    ("eleven", ["11"] * 3 + ["eleven"] + ["12"] * 6, 0.3),             # number words stop at ten
 ])
 def test_vqa_accuracy_official_normalisation(pred, gts, want):
     assert ev.vqa_accuracy(pred, gts) == pytest.approx(want, abs=1e-12)
+
+
+def test_vqa_accuracy_averages_over_every_human_left_out_not_over_10():
+    # 3 humans: leaving out either "red" leaves 1 red (1/3), leaving out "blue" leaves 2 (2/3); mean 4/9
+    assert ev.vqa_accuracy("red", ["red", "red", "blue"]) == pytest.approx(4 / 9, abs=1e-12)
 
 
 def test_vizwiz_accuracy_normalises_the_prediction_only():
