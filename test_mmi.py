@@ -7561,6 +7561,9 @@ def test_vizwiz_accuracy_normalises_the_prediction_only():
     ("top of the table\nmore", "table"),    # "the " is looked for before " of"
     ("kind of blue\nmore", "kind"),
     ("cats or dogs", "cats"),
+    ("Yes! it is", "yes"),                  # cut at the first "!"
+    ("they are red", "red"),                # "are " is a lead too
+    ("the top office", "top"),              # " of" is cut even inside a word
 ])
 def test_extract_answer_follows_the_original_post_processing(text, want):
     assert ev.extract_answer(text) == want
