@@ -7517,6 +7517,25 @@ def test_ptb_tokenize_equals_stanford_ptbtokenizer():
     assert [ev.ptb_tokenize(c) for c in RAW_CAPTIONS] == [want[i][0] for i in range(len(RAW_CAPTIONS))]
 
 
+def test_caption_metrics_score_both_sides_after_ptb_tokenisation():
+    """The scores pycocoevalcap gives the hand-tokenised captions: references and candidates alike are
+    lower-cased and their punctuation split off and dropped before BLEU and CIDEr-D (brackets stay, as
+    "-lrb-"/"-rrb-": pycocoevalcap drops only their upper-case forms)."""
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    refs = {1: ["A man, riding a wave.", "The surfer's board!"], 2: ["Two dogs (playing).", "Dogs play."]}
+    cands = {1: "A man riding a wave.", 2: "Two dogs, playing!"}
+    refs_t = {1: ["a man riding a wave", "the surfer 's board"], 2: ["two dogs -lrb- playing -rrb-", "dogs play"]}
+    cands_t = {1: ["a man riding a wave"], 2: ["two dogs playing"]}
+    bleu, _ = Bleu(4).compute_score(refs_t, cands_t, verbose=0)
+    cider, cider_per = Cider().compute_score(refs_t, cands_t)
+    got, got_per = ev.caption_metrics(refs, cands)
+    assert [got[f"Bleu_{k}"] for k in (1, 2, 3, 4)] == pytest.approx(bleu, rel=1e-12)
+    assert got["CIDEr"] == pytest.approx(cider, rel=1e-12)
+    assert [got_per[1], got_per[2]] == pytest.approx(list(cider_per), rel=1e-12)
+
+
 @pytest.mark.parametrize("k, want", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
 def test_vqa_accuracy_is_leave_one_out_min_matches_over_3(k, want):
     # k of 10 humans gave the answer: each left-out subset of 9 holds k-1 or k of them
