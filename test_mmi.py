@@ -7616,6 +7616,22 @@ def test_frechet_distance_equals_scipy_and_zero_on_itself():
         ev.frechet_distance(m1, s1, m2[:5], s2[:5, :5])
 
 
+def test_feature_statistics_are_the_mean_and_unbiased_covariance():
+    # deviations from the mean (1, 1): (-1, -1), (1, -1), (0, 2); their outer products sum to [[2, 0], [0, 6]], / (3 - 1)
+    mean, cov = ev.feature_statistics([[0, 0], [2, 0], [1, 3]])
+    assert mean.tolist() == [1.0, 1.0] and cov.tolist() == [[1.0, 0.0], [0.0, 3.0]]
+
+
+def test_fid_image_tensor_rounds_the_centre_crop_offset_as_torchvision():
+    # 64 x 67: the short side is already 64 (no resize); the crop drops (67 - 64) / 2 = 1.5 -> round() = 2 rows on top
+    # (torchvision's CenterCrop; CLIP's processor floors it to 1)
+    arr = np.random.default_rng(0).integers(0, 256, (67, 64, 3), dtype=np.uint8)
+    want = torch.from_numpy(arr[2:66].transpose(2, 0, 1).astype(np.float32) / 255)
+    assert torch.equal(ev.fid_image_tensor(Image.fromarray(arr)), want)
+    assert torch.equal(ev.clip_image_tensor(Image.fromarray(arr), 64),
+                       torch.from_numpy(arr[1:65].transpose(2, 0, 1).astype(np.float32) / 255))
+
+
 def test_fid_inception_loads_by_key_and_gives_2048_features(tmp_path):
     with pytest.raises(ValueError, match=ev.FID_WEIGHTS_NAME):
         ev.load_inception(str(tmp_path / ev.FID_WEIGHTS_NAME))
