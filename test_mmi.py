@@ -7652,6 +7652,37 @@ def test_fid_inception_loads_by_key_and_gives_2048_features(tmp_path):
         ev.load_inception(str(path))
 
 
+def test_fid_inception_scales_to_minus_1_1_max_pools_twice_and_averages_the_grid():
+    """The network's glue with every convolution block an identity: [0, 1] -> [-1, 1], two 3x3 stride-2 max
+    pools, then the mean over the grid (pool3), counted by hand on a half-black, half-white 299 x 299 image."""
+    net = ev.FIDInceptionV3().eval()
+    for name, _ in list(net.named_children()):
+        if name != "fc":
+            setattr(net, name, torch.nn.Identity())
+    images = torch.zeros(1, 3, 299, 299)
+    images[..., 150:] = 1.0                       # columns 150..298 white: +1 after scaling, 0..149 -1
+    # pool 1 (299 -> 149): output column j sees 2j..2j+2, white from j = 74 on (75 of 149); pool 2 (149 -> 74):
+    # white from j = 36 on (38 of 74); the mean is (38 - 36) / 74
+    with torch.no_grad():
+        got = net(images)
+    torch.testing.assert_close(got, torch.full((1, 3), 2 / 74), rtol=0, atol=1e-6)
+
+
+def test_fid_inception_pool_branches_average_valid_pixels_then_max_pool_in_the_last_block():
+    """TensorFlow's FID graph: the pool branch averages over the pixels inside the image (a 2 x 2 map gives its
+    mean, 2.5, everywhere), except in the last block (Mixed_7c), which max-pools (4 everywhere)."""
+    net = ev.FIDInceptionV3().eval()
+    bn_scale = 1 / math.sqrt(1 + 1e-3)            # a fresh BatchNorm in eval mode: x / sqrt(1 + eps)
+    for block, pooled in ((net.Mixed_7b, 2.5), (net.Mixed_7c, 4.0)):
+        conv = block.branch_pool.conv
+        cin = conv.in_channels
+        with torch.no_grad():
+            conv.weight.fill_(1 / cin)              # the 1x1 conv averages the (identical) channels
+            x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).expand(1, cin, 2, 2)
+            got = block(x)[:, -192:]
+        torch.testing.assert_close(got, torch.full_like(got, pooled * bn_scale), rtol=1e-6, atol=1e-6)
+
+
 def test_damaged_inception_or_clip_files_are_one_input_error(tmp_path):
     """An empty or wrongly shaped Inception weights file, and a CLIP folder whose tokenizer.json or
     model.safetensors is garbage, are each an InputError naming the file and what is wrong, not a traceback."""
