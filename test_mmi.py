@@ -8897,6 +8897,32 @@ def test_demo_scores_by_hand():
     assert s["story_consistency"] == 3 / 3                    # untouched: square; then circle and square -> all kept
     s = ev.demo_scores(out, "read_without_mmfs")
     assert (s["image_object_accuracy"], s["image_scene_accuracy"], s["story_consistency"]) == (1 / 5, 0.0, 1 / 3)
+    # a caption is scored up to its first full stop: an object named after it is not part of the scene read
+    more = dict(out[0], caption=out[0]["caption"] + " a green triangle at the bottom right.")
+    assert ev.demo_scores([more])["caption_accuracy"] == 1.0
+    # a drawn image with an extra object has every target object, but is not the target scene
+    step = dict(out[0]["steps"][1], read=[moved_c, blue_s, green_t, _obj(0, 0, "square", "yellow")])
+    s = ev.demo_scores([dict(out[0], steps=[step])])
+    assert (s["image_object_accuracy"], s["image_scene_accuracy"]) == (1.0, 0.0)
+
+
+def test_score_demo_and_its_table_give_mmfs_off_its_own_column():
+    """score_demo's *_without_mmfs scores come from the images drawn without MMFS, and demo_table prints them in
+    the MMFS off column: here a blue square appears; with MMFS both objects are drawn, without it only the square."""
+    red_c, blue_s = _obj(0, 0, "circle", "red"), _obj(1, 1, "square", "blue")
+    out = [{"scene": [red_c], "caption": "a red circle at the top left.", "next_sentence": "the red circle turns blue.",
+            "first": {"target": [red_c], "read": [red_c]},
+            "steps": [{"previous": [red_c], "target": [red_c, blue_s], "read": [red_c, blue_s],
+                       "read_without_mmfs": [blue_s]}]}]
+    m = ev.score_demo(None, out, None)
+    assert (m["image_object_accuracy"], m["image_scene_accuracy"], m["story_consistency"]) == (1.0, 1.0, 1.0)
+    assert (m["image_object_accuracy_without_mmfs"], m["image_scene_accuracy_without_mmfs"],
+            m["story_consistency_without_mmfs"]) == (0.5, 0.0, 0.0)
+    table = ev.demo_table(m, 1)
+    assert "| image accuracy, per object | 100.0% | 50.0% | >= 90% |" in table
+    assert "| image accuracy, whole scene | 100.0% | 0.0% | >= 80% |" in table
+    assert "| story consistency | 100.0% | 0.0% | >= 80%, and 20 points above MMFS off |" in table
+    assert "| caption accuracy (exact scene) | 100.0% |  | >= 95% |" in table
 
 
 def test_offset_scores_another_slice_of_the_test_split(tmp_path):
