@@ -7847,6 +7847,18 @@ def test_caption_readers_end_to_end(task, tmp_path, demo_model_and_tokenizer, sh
         assert all("." not in o["caption"] for o in res["samples"])
 
 
+def test_karpathy_captions_are_scored_up_to_the_first_full_stop_only(tmp_path, monkeypatch,
+                                                                    demo_model_and_tokenizer):
+    """coco_karpathy keeps a generated caption's first sentence (the original's rule); the other caption sets keep
+    the whole text."""
+    model, tok = demo_model_and_tokenizer
+    _image(str(tmp_path / "a.jpg"), 0)
+    monkeypatch.setattr(ev, "_generate_texts", lambda model, tok, prompts, *a: ["A dog. On grass"] * len(prompts))
+    for task, want in (("coco_karpathy", "A dog"), ("flickr30k", "A dog. On grass")):
+        (o,) = ev.TASKS[task].predict(model, tok, [{"id": 1, "image": str(tmp_path / "a.jpg")}], _args(task, tmp_path))
+        assert o == {"id": 1, "caption": want}
+
+
 def test_caption_prompts_are_the_original_strings(demo_model_and_tokenizer):
     _, tok = demo_model_and_tokenizer
     soi_img = [tok.soi_id] + [tok.image_id] * 8
