@@ -8799,6 +8799,23 @@ def test_resume_refuses_a_partial_file_not_of_this_run_in_one_line(case, tmp_pat
     assert loads == [] and (partial.is_dir() if case == "a_folder" else partial.is_file())     # nothing removed
 
 
+def test_resume_under_torchrun_keeps_only_the_ranks_own_samples(tmp_path):
+    """Rank 1 of 2 resumes from its own partial file: a prediction there of a sample that is rank 0's share (the
+    rank-strided split gives rank 1 only b.jpg of a, b, c) is refused, as it would be scored twice."""
+    argv = ["--task=vizwiz_vqa", f"--data_root={tmp_path}", f"--init_from={tmp_path}", "--device=cpu",
+            f"--out={tmp_path / 'r.json'}", "--resume"]
+    args = ev.parse_args(argv)
+    samples = [{"id": n} for n in ("a.jpg", "b.jpg", "c.jpg")]
+    made = lambda n: {"id": n, "question": "?", "generated": "x", "answer": "x", "accuracy": 0.0}
+    partial = ev.partial_path(args.out, 1, 2)
+    ev.write_partial(partial, "vizwiz_vqa", ev.run_config(args, 2), [made("b.jpg")])
+    assert ev.read_partial(args, 1, 2, samples) == [made("b.jpg")]
+    ev.write_partial(partial, "vizwiz_vqa", ev.run_config(args, 2), [made("a.jpg")])
+    with pytest.raises(mmi.InputError, match=re.escape(f"{partial}: samples[0] has id 'a.jpg', which is none of "
+                                                       f"this run's samples")):
+        ev.read_partial(args, 1, 2, samples)
+
+
 def test_resume_refers_to_the_images_kept_and_draws_only_the_missing(tmp_path, monkeypatch, demo_model_and_tokenizer):
     """LN-COCO stopped by Ctrl-C after its first caption's image, then resumed: the kept prediction names the PNG
     the first run wrote, which is not drawn (nor written) again; once that PNG is gone, it is drawn again."""
