@@ -7471,11 +7471,14 @@ REFS = {
         "a dinner plate with meat broccoli and rice", "food on a plate with a fork"],
     4: ["a cat", "a cat sitting on a couch", "the cat is sleeping on the sofa"],
     5: ["a dog on a dog bed", "the dog sleeps on a bed"],
+    6: ["a red bus", "the red bus is parked"],
 }
 # 5 repeats n-grams more often than any one reference: BLEU clips at the per-reference maximum (not the sum), and
-# CIDEr-D clips the candidate's tf-idf weights at the reference's
+# CIDEr-D clips the candidate's tf-idf weights at the reference's; 6 is as close to a 3-word reference as to a
+# 5-word one, and BLEU's "closest" length takes the shorter
 CANDS = {1: "a man riding a wave on a surfboard", 2: "two dogs running in a park with a frisbee",
-         3: "a plate of rice and broccoli", 4: "cat", 5: "a dog a dog a dog on a bed"}
+         3: "a plate of rice and broccoli", 4: "cat", 5: "a dog a dog a dog on a bed",
+         6: "a big red bus"}
 
 
 def test_bleu_equals_pycocoevalcap_corpus_and_per_sample():
