@@ -7571,6 +7571,11 @@ def test_vqa_accuracy_averages_over_every_human_left_out_not_over_10():
     assert ev.vqa_accuracy("red", ["red", "red", "blue"]) == pytest.approx(4 / 9, abs=1e-12)
 
 
+def test_vqa_tasks_report_the_mean_accuracy_in_percent():
+    for task in ("vqav2", "okvqa", "textvqa", "vizwiz_vqa"):
+        assert ev.TASKS[task].score(None, [{"accuracy": 1.0}, {"accuracy": 0.3}], None) == {"overall_accuracy": 65.0}
+
+
 def test_vizwiz_accuracy_normalises_the_prediction_only():
     assert ev.vizwiz_accuracy("Unanswerable.", ["unanswerable"] * 5 + ["blue"] * 5) == 1.0
     assert ev.vizwiz_accuracy("an apple", ["apple"] * 2 + ["pear"] * 8) == pytest.approx(0.6)
@@ -7625,7 +7630,7 @@ def test_feature_statistics_are_the_mean_and_unbiased_covariance():
     assert mean.tolist() == [1.0, 1.0] and cov.tolist() == [[1.0, 0.0], [0.0, 3.0]]
 
 
-def test_fid_image_tensor_rounds_the_centre_crop_offset_as_torchvision():
+def test_fid_image_tensor_sizes_and_crops_as_torchvision():
     # 64 x 67: the short side is already 64 (no resize); the crop drops (67 - 64) / 2 = 1.5 -> round() = 2 rows on top
     # (torchvision's CenterCrop; CLIP's processor floors it to 1)
     arr = np.random.default_rng(0).integers(0, 256, (67, 64, 3), dtype=np.uint8)
@@ -7633,6 +7638,12 @@ def test_fid_image_tensor_rounds_the_centre_crop_offset_as_torchvision():
     assert torch.equal(ev.fid_image_tensor(Image.fromarray(arr)), want)
     assert torch.equal(ev.clip_image_tensor(Image.fromarray(arr), 64),
                        torch.from_numpy(arr[1:65].transpose(2, 0, 1).astype(np.float32) / 255))
+    # 80 x 101: the short side goes to 64 and the long one to int(64 * 101 / 80) = int(80.8) = 80, as torchvision
+    # truncates; then rows (80 - 64) / 2 = 8.. are kept
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (101, 80, 3), dtype=np.uint8))
+    resized = np.asarray(img.resize((64, 80), resample=Image.BICUBIC))
+    want = torch.from_numpy(resized[8:72].transpose(2, 0, 1).astype(np.float32) / 255)
+    assert torch.equal(ev.fid_image_tensor(img), want)
 
 
 def test_fid_inception_loads_by_key_and_gives_2048_features(tmp_path):
