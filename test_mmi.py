@@ -7581,6 +7581,7 @@ def test_vizwiz_accuracy_normalises_the_prediction_only():
     assert ev.vizwiz_accuracy("an apple", ["apple"] * 2 + ["pear"] * 8) == pytest.approx(0.6)
     assert ev.vizwiz_accuracy("blue", ["Blue"] * 10) == 0.0                 # human answers are taken as given
     assert ev.vizwiz_accuracy("dont", ["don't"] * 10) == 0.0                # VizWiz's table writes "don’t"
+    assert ev.vizwiz_accuracy("cant", ["can't"] * 10) == 1.0                # ... but keeps "can't" straight
 
 
 @pytest.mark.parametrize("text, want", [
