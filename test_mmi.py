@@ -8277,6 +8277,28 @@ def test_storytelling_tasks_end_to_end(task, tmp_path, monkeypatch, demo_model_a
     assert len(rows) == 1 and rows[0].image_targets.tolist() == [True]
 
 
+def test_score_story_scores_the_frames_drawn_with_and_without_mmfs_each_against_the_truth(tmp_path, monkeypatch):
+    """With MMFS every drawn frame here is its ground truth (FID 0, CLIP similarity 1); without, another image: its
+    FID is positive and its similarity the mean of the pairs' cosine similarities (tiny stand-in networks)."""
+    scorer = _tiny_clip(monkeypatch)
+    real, other = [], []
+    for i in range(3):
+        _image(str(tmp_path / f"real{i}.png"), i)
+        _image(str(tmp_path / f"other{i}.png"), 10 + i)
+        real.append(str(tmp_path / f"real{i}.png"))
+        other.append(str(tmp_path / f"other{i}.png"))
+    outputs = [{"id": 0, "targets": [{"image": r, "generated": r, "generated_without_mmfs": o}
+                                     for r, o in zip(real, other)]}]
+    m = ev.score_story(None, outputs, _args("vist", tmp_path))
+    feature = lambda p: scorer.image_features(ev.clip_image_tensor(Image.open(p).convert("RGB"), 28)[None])
+    with torch.no_grad():
+        sims = [float((feature(r) * feature(o)).sum()) for r, o in zip(real, other)]
+    assert abs(m["FID"]) < 1e-6 and m["clip_image_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert m["FID_without_mmfs"] > 1e-3
+    assert m["clip_image_similarity_without_mmfs"] == pytest.approx(sum(sims) / 3, abs=1e-5)
+    assert [t["clip_similarity_without_mmfs"] for t in outputs[0]["targets"]] == pytest.approx(sims, abs=1e-5)
+
+
 def test_storytelling_draws_with_and_without_mmfs_in_one_call(tmp_path, monkeypatch, demo_model_and_tokenizer):
     model, tok = copy.deepcopy(demo_model_and_tokenizer[0]), demo_model_and_tokenizer[1]   # patched below
     _tiny_clip(monkeypatch)
