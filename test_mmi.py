@@ -7855,6 +7855,8 @@ def test_caption_readers_end_to_end(task, tmp_path, demo_model_and_tokenizer, sh
     res = ev.evaluate(model, tok, _args(task, root))
     assert [o["id"] for o in res["samples"]] == want_ids
     refs = ev.caption_references(task, str(root))
+    if task == "coco_karpathy":                   # every reference of an image, in file order
+        assert refs == {42: ["A red circle."], 7: ["Two", "two squares"]}
     cands = {o["id"]: o["caption"] for o in res["samples"]}
     want, _ = ev.caption_metrics({k: refs[k] for k in cands}, cands)
     assert res["metrics"] == want and set(want) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
@@ -7980,6 +7982,7 @@ def test_text_to_image_readers(tmp_path):
     with open(root / "lncoco/coco_val_captions.jsonl", "w") as f:
         for image_id, cap in ((1, "a"), (1, "b"), (1, "c"), (2, "d")):
             f.write(json.dumps({"image_id": image_id, "caption": cap}) + "\n")
+    assert [s["caption"] for s in ev.read_lncoco(str(root), total_length=2)] == ["a", "b"]     # the first ones
     got = ev.read_lncoco(str(root), total_length=4000)
     assert [s["caption"] for s in got[:4]] == ["a", "b", "c", "d"] and len(got) == 4000
     assert got[3]["image"] == str(root / "coco/val2017/000000000002.jpg")
