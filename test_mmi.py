@@ -9020,6 +9020,25 @@ def test_demo_image_analysis_is_exact_on_clean_renders():
             assert data.read_scene(img.numpy()) == scene
 
 
+def test_demo_draws_pairs_each_step_with_its_mmfs_on_then_off_image():
+    """generate_images(use_mmfs="both") returns every image drawn with MMFS, then every one without: demo_draws
+    pairs step i with images i and N + i, in that order (a stand-in model draws known scenes)."""
+    stories = [data.make_story(s) for s in (1, 2)]
+    steps = [(st, [ev.demo_image(sc, 64) for sc in st.scenes], 1, 0) for st in stories]
+    on = [st.scenes[1] for st in stories]
+    off = [st.scenes[0] for st in stories]
+
+    class Drawer:
+        cfg = type("cfg", (), {"num_img_token": 2})
+
+        def generate_images(self, batch, use_mmfs, **kw):
+            assert use_mmfs == "both"
+            return {"image": torch.stack([ev.demo_image(sc, 64) for sc in on + off])}
+
+    tok = data.Tokenizer(data.DEMO_TOKENIZER_PATH)
+    assert ev.demo_draws(Drawer(), tok, steps, "cpu") == list(zip(on, off))
+
+
 def test_demo_task_end_to_end_and_its_readme_table(tmp_path, saved_tiny_model, monkeypatch, capsys):
     monkeypatch.setattr(ev, "DEMO_IMAGES", dict(steps=2, guidance_scale=3.0, sampler="ddim"))
     monkeypatch.setattr(ev, "DEMO_GENERATION", dict(max_new_tokens=6, min_new_tokens=0, num_beams=1))
