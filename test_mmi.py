@@ -5123,6 +5123,20 @@ def test_ranks_and_workers_read_each_document_once(tmp_path):
     assert sorted(seen) == sorted(mmc4_images) and set(seen.values()) == {1}
 
 
+def test_shard_order_is_dealt_afresh_each_epoch_and_pass():
+    """worker_shard_slots: in every (epoch, pass) the 2 ranks x 2 workers together hold each of 12 shards exactly
+    once, and the order is reshuffled per epoch and per pass (a fixed order would give every epoch the same
+    shard-to-reader assignment and the same document sequence)."""
+    orders = {}
+    for epoch, pass_idx in ((0, 0), (0, 1), (1, 0), (2, 0)):
+        dealt = [data.worker_shard_slots(12, 42, epoch, pass_idx, rank, 2, worker, 2)
+                 for rank in range(2) for worker in range(2)]
+        assert sorted(s for slots in dealt for s in slots) == list(range(12))
+        assert [len(slots) for slots in dealt] == [3, 3, 3, 3]
+        orders[epoch, pass_idx] = tuple(tuple(slots) for slots in dealt)
+    assert len(set(orders.values())) == 4
+
+
 def test_resume_from_any_batch_continues_exactly(tmp_path):
     """Restarting from the position stored in batch k's meta yields exactly batches k+1.. of the
     uninterrupted run (same ids, same images), including across a source's restart."""
