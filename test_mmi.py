@@ -5137,6 +5137,23 @@ def test_shard_order_is_dealt_afresh_each_epoch_and_pass():
     assert len(set(orders.values())) == 4
 
 
+def test_mix_draws_sources_by_weight_from_each_readers_own_generator():
+    """Each batch's source is drawn with probability proportional to its weight, by the generator seeded with
+    seed + reader index (rank * num_workers + worker): reader r's k-th batch comes from stories iff the k-th
+    uniform of torch.Generator().manual_seed(seed + r) is below 0.75 (weights 3 : 1)."""
+    tok = demo_tok()
+    for rank in range(2):
+        ds = data.demo_dataset(tok, num_total_token=64, num_img_token=4, batch_size=1, seed=5, rank=rank,
+                               world_size=2, pairs=0.25)
+        ds.probs = [3.0, 1.0]  # unnormalised: the mix divides by their sum
+        ds.verbose = False
+        got = [b["meta"]["dataset_name"] for _, b in zip(range(40), ds)]
+        g = torch.Generator().manual_seed(5 + rank)
+        want = ["shape_stories_train" if torch.rand(1, generator=g).item() <= 0.75 else "shape_pairs_train"
+                for _ in range(40)]
+        assert got == want
+
+
 def test_resume_from_any_batch_continues_exactly(tmp_path):
     """Restarting from the position stored in batch k's meta yields exactly batches k+1.. of the
     uninterrupted run (same ids, same images), including across a source's restart."""
