@@ -4234,6 +4234,11 @@ def test_center_crop_is_box_halving_bicubic_then_crop():
     img = Image.fromarray(rng.integers(0, 256, (128, 256, 3), dtype=np.uint8))
     want = np.asarray(img.resize((128, 64), Image.BOX))[:, 32:96]
     assert np.array_equal(data.center_crop_arr(img, 64), want)
+    # 201x100 -> 64: no halving, bicubic to 129x64 (201 * 0.64 = 128.64 rounds up), then an odd margin of 65
+    # leaves 32 columns on the left, 33 on the right (columns 32..96)
+    img = Image.fromarray(rng.integers(0, 256, (100, 201, 3), dtype=np.uint8))
+    want = np.asarray(img.resize((129, 64), Image.BICUBIC))[:, 32:96]
+    assert np.array_equal(data.center_crop_arr(img, 64), want)
 
 
 # ----------------------------------------------------------------------------------------------------------------
