@@ -6014,12 +6014,17 @@ def test_export_writes_a_model_that_from_pretrained_reads_back(tmp_path, config_
 def test_accumulating_k_micro_batches_equals_one_of_k_rows(tmp_path, config_file):
     # synthetic rows of equal length and layout, so the mean over each micro-batch's targets averages exactly.
     # The diffusion loss draws its noise and timesteps per micro-batch, so it agrees only in distribution: its
-    # weight is 0 here (the image decoder still runs and gets zero gradients in both runs)
+    # weight is 0 here (the image decoder still runs and gets zero gradients in both runs). The gradient norms
+    # must agree too: AdamW's update barely changes when the gradients are scaled, so the losses alone would not
+    # show micro-batch losses summed instead of averaged
     no_img = "--model.loss_img_weight=0"
-    one = run_train(config_file, str(tmp_path / "one"), "--max_steps=3", "--batch_size=2", "--grad_accum=1", no_img)
-    acc = run_train(config_file, str(tmp_path / "acc"), "--max_steps=3", "--batch_size=1", "--grad_accum=2", no_img)
+    args = ("--max_steps=3", "--log_interval=1", no_img)
+    one = run_train(config_file, str(tmp_path / "one"), "--batch_size=2", "--grad_accum=1", *args)
+    acc = run_train(config_file, str(tmp_path / "acc"), "--batch_size=1", "--grad_accum=2", *args)
     for step in (1, 2, 3):
         assert acc["losses"][step] == pytest.approx(one["losses"][step], rel=1e-6, abs=1e-6)
+    norms = [[r["grad_norm"] for r in read_metrics(tmp_path / run)] for run in ("one", "acc")]
+    assert len(norms[0]) == 3 and norms[1] == pytest.approx(norms[0], rel=1e-6)
     a, b = dict(one["model"].named_parameters()), dict(acc["model"].named_parameters())
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
