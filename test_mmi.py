@@ -6030,6 +6030,28 @@ def test_accumulating_k_micro_batches_equals_one_of_k_rows(tmp_path, config_file
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_gradients_reach_the_update_clipped_to_grad_clip(tmp_path, config_file, monkeypatch):
+    """Before the optimizer step the trainable gradients' global norm, recomputed here in float64, is
+    min(norm, grad_clip) (to clip_grad_norm_'s 1e-6 guard); grad_clip=0 leaves it as it was. The losses alone
+    barely show clipping: AdamW's first steps are nearly invariant to the gradients' scale."""
+    real = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        norm = real(params, max_norm, *args, **kwargs)
+        after = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None))
+        seen.append((float(norm), after))
+        return norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    for grad_clip in (1e-3, 0):
+        seen.clear()
+        run_train(config_file, str(tmp_path / f"clip{grad_clip}"), "--max_steps=1", "--ckpt_interval=-1",
+                  f"--grad_clip={grad_clip}")
+        [(norm, after)] = seen
+        assert norm > 1e-2 and after == pytest.approx(grad_clip or norm, rel=1e-6)
+
+
 def test_prefetcher_keeps_order_raises_errors_and_stops():
     def stream():
         yield from range(5)
