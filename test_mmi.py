@@ -6052,6 +6052,29 @@ def test_gradients_reach_the_update_clipped_to_grad_clip(tmp_path, config_file, 
         assert norm > 1e-2 and after == pytest.approx(grad_clip or norm, rel=1e-6)
 
 
+def test_every_param_group_follows_the_schedule_with_the_runs_betas(tmp_path, config_file, monkeypatch):
+    """The optimizer is AdamW with the run's betas and eps, and the warm-up scales every group's lr (the tiny model
+    has several): with warmup_steps=2 the multiplier is 0/2 at step 0 and 1/2 at step 1, so after one step every
+    group's lr is 0 and no trainable weight has moved, after two every group's lr is half its base lr."""
+    made = []
+
+    def make_optimizer(model, tc):
+        optimizer, base_lrs = real(model, tc)
+        made.append((optimizer, base_lrs, [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]))
+        return optimizer, base_lrs
+    real = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
+    for steps, multiplier in ((1, 0.0), (2, 0.5)):
+        run_train(config_file, str(tmp_path / f"s{steps}"), f"--max_steps={steps}", "--ckpt_interval=-1",
+                  "--warmup_steps=2", "--betas=[0.8, 0.9]", "--eps=1e-7")
+        optimizer, base_lrs, before = made[-1]
+        groups = optimizer.param_groups
+        assert len(groups) >= 2 and all((g["betas"], g["eps"]) == ((0.8, 0.9), 1e-7) for g in groups)
+        assert [g["lr"] for g in groups] == [multiplier * lr for lr in base_lrs]
+        after = [p for g in groups for p in g["params"]]
+        assert all(torch.equal(a, b) for a, b in zip(after, before)) == (steps == 1)
+
+
 def test_prefetcher_keeps_order_raises_errors_and_stops():
     def stream():
         yield from range(5)
