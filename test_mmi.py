@@ -4375,6 +4375,11 @@ def test_mmc4_placement_and_single_image_drop_probabilities(tmp_path):
     assert 0.3 * len(kept) <= first <= 0.7 * len(kept)
     again = list(src.samples(data.Reader(), 0, 0))  # per-document generators: the same choices again
     assert [s.text_ids.tolist() for s in again] == [s.text_ids.tolist() for s in kept]
+    # the generators are named by epoch too: epoch 1 drops and places afresh (400 copies of one document, so only
+    # the choices, not the read order, can tell the epochs apart)
+    epoch1 = list(src.samples(data.Reader(), 1, 0))
+    assert 155 <= len(epoch1) <= 245
+    assert sorted(s.text_ids.tolist() for s in epoch1) != sorted(s.text_ids.tolist() for s in kept)
 
 
 def test_mmc4_checks_matched_text_index_of_chosen_images_only(tmp_path):
