@@ -4382,6 +4382,19 @@ def test_mmc4_placement_and_single_image_drop_probabilities(tmp_path):
     assert sorted(s.text_ids.tolist() for s in epoch1) != sorted(s.text_ids.tolist() for s in kept)
 
 
+def test_text_whose_placeholders_do_not_match_its_images_is_skipped():
+    """tokenize_with_images keeps images and placeholders aligned: a text must hold exactly one soi and
+    num_img_token image tokens per image, else the sample is skipped as placeholder_mismatch."""
+    tok, ph = demo_tok(), data.image_placeholder(4)
+    ids = data.tokenize_with_images(f"a red{ph} and a blue{ph}.", tok, 2, 4, "doc 0")
+    assert (int((ids == tok.soi_id).sum()), int((ids == tok.image_id).sum())) == (2, 8)
+    short, long = data.SOI_TOKEN + data.IMAGE_TOKEN * 3, ph + data.IMAGE_TOKEN
+    for text in (f"a red{ph} and a blue.", f"a red{short} and a blue{ph}.", f"a red{long} and a blue{ph}."):
+        with pytest.raises(data.SkipSample, match="doc 0: ") as e:
+            data.tokenize_with_images(text, tok, 2, 4, "doc 0")
+        assert e.value.reason == "placeholder_mismatch", text
+
+
 def test_mmc4_checks_matched_text_index_of_chosen_images_only(tmp_path):
     """The original places only the images it keeps: an index outside the sentences on an image below the
     threshold, or on one that fails to load, leaves the document whole; on a chosen image it drops it."""
