@@ -1368,35 +1368,12 @@ def test_bad_step_counts_raise():
         mmi.linspace_timesteps(1001)
 
 
-def test_sampling_loop_draws_like_the_sd_pipeline_with_ddpm():
-    """Initial latents then one noise draw per step from the same generator, CFG on [uncond; cond]: the loop the
-    original ran through diffusers' pipeline with its DDPMScheduler."""
-    diffusers = pytest.importorskip("diffusers")
-    dec = _tiny_decoder().eval()
-    _perturb_mmfs_convs(dec)
-    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
-    sd = dec.decoder
-    with torch.no_grad():
-        cond = dec.perceiver_resampler(ctx, mask)
-        uncond = dec.neg_prompt_embeds.expand_as(cond)
-        ours = sd.sample_latents(cond, uncond, feats, fmask, 6, 4.0, "ddpm", torch.Generator().manual_seed(11),
-                                 progress=False)
-        s = diffusers.DDPMScheduler(**SD_SCHED, clip_sample=False, timestep_spacing="leading")
-        s.set_timesteps(6)
-        g = torch.Generator().manual_seed(11)
-        x = torch.randn(2, 4, 8, 8, generator=g)
-        for t in s.timesteps:
-            eps_u, eps_c = sd.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), sd.mmfs_module,
-                                   [torch.cat([f, f]) for f in feats], torch.cat([fmask, fmask])).chunk(2)
-            x = s.step(eps_u + 4.0 * (eps_c - eps_u), t, x, generator=g).prev_sample
-    assert (ours - x).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0)])
-def test_sampling_loop_steps_like_diffusers_ddim_and_dpm_solver(sampler, eta):
-    """sample_latents' own loop (its timesteps, each step's previous timestep, DPM-Solver's x0 history and, with
-    eta > 0, one noise draw per step after the initial latents) walks diffusers' DDIMScheduler (SD's
-    set_alpha_to_one=False) and DPMSolverMultistepScheduler(dpmsolver++, order 2) step for step."""
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0)])
+def test_sampling_loop_steps_like_diffusers(sampler, eta):
+    """sample_latents' own loop walks diffusers' scheduler step for step: its timesteps, each step's previous
+    timestep, CFG on [uncond; cond], initial latents then one noise draw per step from the same generator (DDPM, and
+    DDIM with eta > 0), DPM-Solver's x0 history. DDPM with leading timesteps is the loop the original ran through
+    diffusers' pipeline; DDIM as SD configures it (set_alpha_to_one=False); DPM-Solver++ of order 2."""
     diffusers = pytest.importorskip("diffusers")
     dec = _tiny_decoder().eval()
     _perturb_mmfs_convs(dec)
@@ -1407,19 +1384,20 @@ def test_sampling_loop_steps_like_diffusers_ddim_and_dpm_solver(sampler, eta):
         uncond = dec.neg_prompt_embeds.expand_as(cond)
         ours = sd.sample_latents(cond, uncond, feats, fmask, 6, 4.0, sampler, torch.Generator().manual_seed(11),
                                  eta=eta, progress=False, fast=False)
-        if sampler == "ddim":
+        g = torch.Generator().manual_seed(11)
+        if sampler == "ddpm":
+            s = diffusers.DDPMScheduler(**SD_SCHED, clip_sample=False, timestep_spacing="leading")
+        elif sampler == "ddim":
             s = diffusers.DDIMScheduler(**SD_SCHED, clip_sample=False, set_alpha_to_one=False)
         else:
             s = diffusers.DPMSolverMultistepScheduler(**SD_SCHED, algorithm_type="dpmsolver++", solver_order=2)
+        kw = {"ddpm": dict(generator=g), "ddim": dict(eta=eta, generator=g), "dpm++2m": {}}[sampler]
         s.set_timesteps(6)
-        g = torch.Generator().manual_seed(11)
         x = torch.randn(2, 4, 8, 8, generator=g) * s.init_noise_sigma
         for t in s.timesteps:
             eps_u, eps_c = sd.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), sd.mmfs_module,
                                    [torch.cat([f, f]) for f in feats], torch.cat([fmask, fmask])).chunk(2)
-            eps = eps_u + 4.0 * (eps_c - eps_u)
-            x = s.step(eps, t, x, eta=eta, generator=g) if sampler == "ddim" else s.step(eps, t, x)
-            x = x.prev_sample
+            x = s.step(eps_u + 4.0 * (eps_c - eps_u), t, x, **kw).prev_sample
     assert (ours - x).abs().max() < 1e-5
 
 
