@@ -568,10 +568,10 @@ def check_model_bounds(args, cfg):
     """The flags a model bounds, checked once it has loaded and before any generation: no more diffusion steps than
     its schedule's timesteps, no more beams than its vocabulary has tokens (each beam keeps a distinct
     continuation; more would only allocate)."""
-    for name, most in (("steps", cfg.image_decoder.num_train_timesteps), ("num_beams", cfg.llm.vocab_size)):
+    for name, most, what in (("steps", cfg.image_decoder.num_train_timesteps, "diffusion timesteps"),
+                             ("num_beams", cfg.llm.vocab_size, "vocabulary size")):
         if getattr(args, name) > most:
-            raise mmi.InputError(f"--{name}={getattr(args, name)}: expected at most {most}, the model's "
-                                 + ("diffusion timesteps" if name == "steps" else "vocabulary size"))
+            raise mmi.InputError(f"--{name}={getattr(args, name)}: expected at most {most}, the model's {what}")
 
 
 def main(argv=None):
