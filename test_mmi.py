@@ -9,6 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
 import gc
 import html
 import io
@@ -7800,6 +7801,28 @@ def test_damaged_inception_or_clip_files_are_one_input_error(tmp_path):
     tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, "[UNK]")).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'model.safetensors'}: not a safetensors file")):
         ev.load_clip(str(tmp_path))
+
+
+def test_a_clip_folder_is_checked_by_its_header_then_loaded(tmp_path, monkeypatch):
+    """A --clip folder in openai's layout (a tiny CLIP standing in for ViT-L/14): its safetensors header passes the
+    check key by key, the file's logit scale and position ids are not read, and every scorer weight is the file's;
+    one tensor of another shape is found from the header alone."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tiny = functools.partial(ev.CLIPScorer, image_size=28, patch=14, vision_dim=48, vision_layers=1, vision_heads=4,
+                             vision_hidden=40, vocab=10, text_dim=32, text_layers=1, text_heads=4, text_hidden=37,
+                             projection_dim=24)
+    monkeypatch.setattr(ev, "CLIPScorer", tiny)
+    torch.manual_seed(0)
+    state = {k: v for k, v in tiny().state_dict().items() if not k.endswith("position_ids")}
+    extra = {"logit_scale": torch.ones(()), "text_model.embeddings.position_ids": torch.arange(77)[None]}
+    save_file({**state, **extra}, tmp_path / "model.safetensors")
+    tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, "[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    net, tok = ev.load_clip(str(tmp_path))
+    assert tok.get_vocab() == {"[UNK]": 0}
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items() if not k.endswith("position_ids"))
+    save_file({**state, "visual_projection.weight": torch.zeros(24, 47)}, tmp_path / "model.safetensors")
+    with pytest.raises(mmi.InputError, match=re.escape("keys of another shape or type ['visual_projection.weight']")):
+        ev.check_clip_files(str(tmp_path))
 
 
 def test_clip_scorer_equals_transformers_clip_at_a_tiny_config(tmp_path):
