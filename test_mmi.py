@@ -7781,6 +7781,17 @@ def test_fid_inception_pool_branches_average_valid_pixels_then_max_pool_in_the_l
         torch.testing.assert_close(got, torch.full_like(got, pooled * bn_scale), rtol=1e-6, atol=1e-6)
 
 
+# a CLIP small enough to build in a test, in place of ViT-L/14 (whose weights are not here)
+TINY_CLIP = dict(image_size=28, patch=14, vision_dim=48, vision_layers=1, vision_heads=4, vision_hidden=40, text_dim=32,
+                 text_layers=1, text_heads=4, text_hidden=37, projection_dim=24)
+
+
+def _save_unk_tokenizer(path):
+    """A tokenizers tokenizer.json of one token, at path."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, "[UNK]")).save(str(path))
+
+
 def test_damaged_inception_or_clip_files_are_one_input_error(tmp_path):
     """An empty or wrongly shaped Inception weights file, and a CLIP folder whose tokenizer.json or
     model.safetensors is garbage, are each an InputError naming the file and what is wrong, not a traceback."""
@@ -7797,8 +7808,7 @@ def test_damaged_inception_or_clip_files_are_one_input_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: not a tokenizers tokenizer")):
         ev.load_clip(str(tmp_path))
-    tokenizers = pytest.importorskip("tokenizers")
-    tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, "[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    _save_unk_tokenizer(tmp_path / "tokenizer.json")
     with pytest.raises(mmi.InputError, match=re.escape(f"{tmp_path / 'model.safetensors'}: not a safetensors file")):
         ev.load_clip(str(tmp_path))
 
@@ -7807,16 +7817,13 @@ def test_a_clip_folder_is_checked_by_its_header_then_loaded(tmp_path, monkeypatc
     """A --clip folder in openai's layout (a tiny CLIP standing in for ViT-L/14): its safetensors header passes the
     check key by key, the file's logit scale and position ids are not read, and every scorer weight is the file's;
     one tensor of another shape is found from the header alone."""
-    tokenizers = pytest.importorskip("tokenizers")
-    tiny = functools.partial(ev.CLIPScorer, image_size=28, patch=14, vision_dim=48, vision_layers=1, vision_heads=4,
-                             vision_hidden=40, vocab=10, text_dim=32, text_layers=1, text_heads=4, text_hidden=37,
-                             projection_dim=24)
+    tiny = functools.partial(ev.CLIPScorer, vocab=10, **TINY_CLIP)
     monkeypatch.setattr(ev, "CLIPScorer", tiny)
     torch.manual_seed(0)
     state = {k: v for k, v in tiny().state_dict().items() if not k.endswith("position_ids")}
     extra = {"logit_scale": torch.ones(()), "text_model.embeddings.position_ids": torch.arange(77)[None]}
     save_file({**state, **extra}, tmp_path / "model.safetensors")
-    tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, "[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    _save_unk_tokenizer(tmp_path / "tokenizer.json")
     net, tok = ev.load_clip(str(tmp_path))
     assert tok.get_vocab() == {"[UNK]": 0}
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items() if not k.endswith("position_ids"))
@@ -8258,9 +8265,7 @@ def test_coco_text_to_image_keeps_the_clip_best_of_8(tmp_path, monkeypatch, demo
     clip_tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, "[UNK]"))
     clip_tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     torch.manual_seed(0)
-    scorer = ev.CLIPScorer(image_size=28, patch=14, vision_dim=48, vision_layers=1, vision_heads=4, vision_hidden=40,
-                          vocab=len(words), text_dim=32, text_layers=1, text_heads=4, text_hidden=37,
-                          projection_dim=24).eval()
+    scorer = ev.CLIPScorer(vocab=len(words), **TINY_CLIP).eval()
     monkeypatch.setattr(ev, "load_clip", lambda path: (scorer, clip_tok))
     monkeypatch.setattr(ev, "load_inception", lambda path: None)
     monkeypatch.setattr(ev, "inception_features",
@@ -8333,8 +8338,7 @@ def test_text_to_image_draws_depend_on_the_caption_not_its_batch(tmp_path, monke
 def _tiny_clip(monkeypatch):
     """A tiny random CLIP in place of ViT-L/14 (its weights are not here; its module is tested above)."""
     torch.manual_seed(0)
-    scorer = ev.CLIPScorer(image_size=28, patch=14, vision_dim=48, vision_layers=1, vision_heads=4, vision_hidden=40,
-                          vocab=10, text_dim=32, text_layers=1, text_heads=4, text_hidden=37, projection_dim=24).eval()
+    scorer = ev.CLIPScorer(vocab=10, **TINY_CLIP).eval()
     monkeypatch.setattr(ev, "load_clip", lambda path: (scorer, None))
     monkeypatch.setattr(ev, "load_inception", lambda path: None)
     monkeypatch.setattr(ev, "inception_features",
@@ -8569,8 +8573,7 @@ def test_eval_user_mistake_is_one_line_before_the_model_loads(case, tmp_path, mo
     elif case == "not_clip":
         _t2i_layout(tmp_path, {3: "a red circle", 8: "two blue squares"})
         torch.save(ev.FIDInceptionV3().state_dict(), tmp_path / "i.pth")
-        tokenizers = pytest.importorskip("tokenizers")
-        tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, "[UNK]")).save(str(tmp_path / "tokenizer.json"))
+        _save_unk_tokenizer(tmp_path / "tokenizer.json")
         save_file({"text_projection.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
         argv = ["--task=coco_t2i", f"--inception={tmp_path / 'i.pth'}", f"--clip={tmp_path}"] + given
         want = f"{tmp_path / 'model.safetensors'}: not CLIP ViT-L/14; missing keys ['"
