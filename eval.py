@@ -999,7 +999,7 @@ def load_inception(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise InputError(f"{path}: not a readable PyTorch weights file ({first_line(e)})") from None
+        raise InputError(f"{path}: not a readable PyTorch weights file ({mmi.torch_load_reason(e)})") from None
     if not isinstance(state, dict):
         raise InputError(f"{path}: not the FID Inception weights (holds a {type(state).__name__}, not a state dict)")
     shapes = {k: v.shape if torch.is_tensor(v) else None for k, v in state.items()}
@@ -1716,8 +1716,7 @@ def load_segmenter(path):
     try:
         return torch.export.load(path).module()
     except (RuntimeError, ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
-        raise InputError(f"{path}: not a torch.export file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                         ) from None
+        raise InputError(f"{path}: not a torch.export file ({first_line(e)})") from None
 
 
 def predict_ade20k(model, tokenizer, samples, args):

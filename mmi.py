@@ -3023,7 +3023,7 @@ def _load_bin(path):
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         # UnpicklingError: a non-tensor object; RuntimeError: not a zip-format torch.save file (pre-zip, truncated)
-        raise InputError(f"{path}: refused by torch.load(weights_only=True, mmap=True): {_torch_load_reason(e)}. "
+        raise InputError(f"{path}: refused by torch.load(weights_only=True, mmap=True): {torch_load_reason(e)}. "
                          f"Only zip-format files holding a flat dict of tensors are read") from None
     if not isinstance(sd, dict):
         raise InputError(f"{path}: holds a {type(sd).__name__}, expected a dict of tensors")
@@ -3033,7 +3033,7 @@ def _load_bin(path):
     return sd
 
 
-def _torch_load_reason(e):
+def torch_load_reason(e):
     """What torch.load's error says is wrong, in one sentence (its text is several lines, with terminal escapes)."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
     lines = [line for line in lines if line] or [type(e).__name__]
