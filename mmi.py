@@ -4373,13 +4373,14 @@ def linear(x, *layers, glu=False, norm=None, residual=None):
 # -- MMFS with the images' queries folded: one matmul per layer whatever the image count ------------------------
 
 def mmfs_fast(mmfs, query, reference_points, value, mask, check_mask=True, value_projected=False, query_norm=None,
-              relpos=None):
+              relpos=None, tables=None):
     """MMFS.forward, faster. Each image's query is q + query_relpos[rel], read by two linear layers; since
     W(q + r) + b = (Wq + b) + Wr, the layers run on q once and each image adds W r (mmfs_relpos_terms). The level
     tables are made once per (n, dtype, device). value_projected: `value` is already value_proj(...) (made once
     where the images do not change: decoding steps, a sampler's steps); relpos: mmfs_relpos_terms(...) made once
-    the same way; query_norm: an RMSNorm folded into the first matmul; check_mask=False skips the image-count check
-    (a host sync)."""
+    the same way; tables: _level_tables(...) made once outside a compiled step (inside, they would be made at every
+    call); query_norm: an RMSNorm folded into the first matmul; check_mask=False skips the image-count check (a host
+    sync)."""
     B, Lq, _ = query.shape
     m = mmfs.query_mask(mask, Lq)
     if check_mask and m.shape[-1] >= mmfs.max_num_image_per_seq:   # rel <= the image count: fewer cannot overflow
@@ -4389,8 +4390,8 @@ def mmfs_fast(mmfs, query, reference_points, value, mask, check_mask=True, value
     offsets = linear(q, mmfs.sampling_offsets)[:, None] + add_offsets            # (B, n, Lq, out)
     logits = linear(q, mmfs.attention_weights)[:, None] + add_logits
     v = value if value_projected else mmfs.value_proj(value)
-    out = mmfs.attend(offsets, logits, m, reference_points, v, *_level_tables(mmfs, v.shape[1], q.dtype, q.device))
-    return linear(out, mmfs.output_proj)
+    tables = _level_tables(mmfs, v.shape[1], q.dtype, q.device) if tables is None else tables
+    return linear(mmfs.attend(offsets, logits, m, reference_points, v, *tables), mmfs.output_proj)
 
 
 def mmfs_relpos_terms(mmfs, m, dtype):
@@ -4448,19 +4449,21 @@ def _select_rows(t, index, dim=0):
 def mmfs_step_inputs(llm, vision_hidden_states, xmask, dtype):
     """What each MMFS layer reads in every decoding step and no step changes, made once: the images' values
     (norm2, then value_proj) and, for the new tokens' mask xmask (B, 1, N), their relative positions' terms
-    (mmfs_relpos_terms). -> per MMFS layer (values (B, N, S, d_attn), offsets' terms, logits' terms)"""
+    (mmfs_relpos_terms), and the level tables (_level_tables). -> per MMFS layer (values (B, N, S, d_attn), offsets'
+    terms, logits' terms, tables)"""
     made = []
     for x in (layer.llama_cross_attn for layer in llm.layers):
         if x is not None:
             values = x.attn.value_proj(x.norm2(vision_hidden_states))
-            made.append((values, *mmfs_relpos_terms(x.attn, x.attn.query_mask(xmask, 1), dtype)))
+            made.append((values, *mmfs_relpos_terms(x.attn, x.attn.query_mask(xmask, 1), dtype),
+                         _level_tables(x.attn, values.shape[1], dtype, values.device)))
     return made
 
 
-def fast_layer_step(layer, h, cos, sin, values, relpos, xmask, attn_mask, kv_cache, slot):
+def fast_layer_step(layer, h, cos, sin, values, relpos, tables, xmask, attn_mask, kv_cache, slot):
     """LlamaDecoderLayer.forward for a decoding step: its matmuls through linear() with the norms and residuals
     folded in, the new K/V written into cache slot `slot` (a device tensor) and attention over all max_len slots
-    (attn_mask hides the empty ones), MMFS over values and relpos terms made once (mmfs_step_inputs).
+    (attn_mask hides the empty ones), MMFS over values, relpos terms and level tables made once (mmfs_step_inputs).
     h (B, 1, d) -> (B, 1, d)."""
     a, B, L = layer.self_attn, h.shape[0], h.shape[1]
     q, k, v = (t.view(B, L, a.n_heads, -1).transpose(1, 2)
@@ -4471,8 +4474,8 @@ def fast_layer_step(layer, h, cos, sin, values, relpos, xmask, attn_mask, kv_cac
     x = layer.llama_cross_attn
     if x is not None and values is not None:
         ref = h.new_full((1, L, 2), 0.5)
-        h = h + mmfs_fast(x.attn, h, ref, values, xmask, False, True, query_norm=x.norm1, relpos=relpos) * \
-            x.gate.tanh()
+        h = h + mmfs_fast(x.attn, h, ref, values, xmask, False, True, query_norm=x.norm1, relpos=relpos,
+                          tables=tables) * x.gate.tanh()
     m = layer.mlp
     return linear(linear(h, m.gate_proj, m.up_proj, glu=True, norm=layer.post_attention_layernorm), m.down_proj,
                   residual=h)
@@ -4568,7 +4571,8 @@ class FastDecoder(_Decoder):
             xmask = self.xmask[:, -1:].clone()                                   # (B, 1, N) the prompt's last row
             made = mmfs_step_inputs(self.model.mm_decoder, self.vision, xmask, self.embeds.dtype)
             self.buffers["xmask"] = xmask
-            for name, per_layer in zip(MMFS_STEP_BUFFERS, zip(*made)):
+            *per_kind, self.mmfs_tables = zip(*made)
+            for name, per_layer in zip(MMFS_STEP_BUFFERS, per_kind):
                 self.buffers[name] = torch.stack(per_layer, dim=1)               # (B, MMFS layers, ...)
         self.length = L                               # slots filled so far (the same in every row: left padding)
         self.slot = self.mask.new_full((1,), L)       # (1,) the slot the next token's K/V go to, on the device
@@ -4603,11 +4607,12 @@ class FastDecoder(_Decoder):
         llm, b = self.model.mm_decoder, self.buffers
         c = llm.cfg
         cos, sin = rope_cos_sin(b["pos"], c.hidden_size // c.num_attention_heads, c.rope_theta, self.embeds.dtype)
-        mmfs = zip(*(b[k].unbind(1) for k in MMFS_STEP_BUFFERS)) if "xmask" in b else None   # per MMFS layer
+        mmfs = None if "xmask" not in b else \
+            zip(*(b[k].unbind(1) for k in MMFS_STEP_BUFFERS), self.mmfs_tables)     # per MMFS layer
         h = llm.embed_tokens(b["token"])[:, None]                                 # (B, 1, d)
         for layer, cache in zip(llm.layers, self.caches):
-            v, *relpos = next(mmfs) if mmfs is not None and layer.llama_cross_attn is not None else (None,)
-            h = fast_layer_step(layer, h, cos, sin, v, relpos, b.get("xmask"), b["attn"], cache, self.slot)
+            v, *relpos, tables = next(mmfs) if mmfs is not None and layer.llama_cross_attn is not None else [None] * 4
+            h = fast_layer_step(layer, h, cos, sin, v, relpos, tables, b.get("xmask"), b["attn"], cache, self.slot)
         h, head = llm.norm(h[:, -1]), self.model.text_decoder                    # (B, d)
         logits = linear(h, head.head)
         return torch.cat([logits[..., :-head.n_new], logits[..., -head.n_new:] + head.head_new(h)], dim=-1).float()

@@ -3505,6 +3505,33 @@ def test_fixed_shape_step_equals_recomputation_in_place():
     assert cached.buffers["pos"][:, 0].tolist() == [len(interleaved_row(model.cfg, r)) + 4 for r in DECODE_ROWS]
 
 
+def test_compiled_step_is_one_graph_reading_level_tables_made_at_prefill(monkeypatch):
+    """Under torch.compile the decoding step is one graph (the deformable attention an opaque operator, as kernels.cu's
+    is on CUDA; here a stand-in running the reference) that reads each MMFS layer's level tables, made once at
+    prefill, instead of making them in every step (their prefix sum of level areas would be in the graph). Its
+    logits are the eager step's."""
+    class Kernels:
+        forward = staticmethod(mmi.ms_deform_attn_reference)
+
+    monkeypatch.setattr(mmi, "load_kernels", lambda: Kernels)
+    monkeypatch.setattr(mmi, "kernels_used", lambda device: True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")])
+        return gm
+
+    model = tiny_model(seed=9)
+    batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
+    (eager, _), (compiled, _) = _decoders(model, batch, 4), _decoders(model, batch, 4)
+    compiled.step_fn = torch.compile(mmi.FastDecoder._step, backend=backend)
+    tokens = torch.tensor([20, 30, 40])
+    with torch.no_grad():
+        eager.prefill(), compiled.prefill()
+        torch.testing.assert_close(compiled.step(tokens), eager.step(tokens), rtol=0, atol=0)
+    assert len(graphs) == 1 and not any("cumsum" in target for target in graphs[0])
+
+
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("mode", ["greedy", "sampling", "beam"])
 def test_cached_generation_equals_full_recomputation(mode, fast):
