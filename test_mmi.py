@@ -2282,6 +2282,44 @@ def test_refuses_a_vicuna_with_the_wrong_shape(tmp_path, originals):
         mmi.MMInterleaved.from_original(llm=str(tmp_path / "llm"), clip=str(root / "clip-bin"), cfg=TINY)
 
 
+def _vicuna_with_a_nan_row(root, folder):
+    """The tiny Vicuna with one NaN in a row of embed_tokens that the model keeps (a row below its vocabulary)."""
+    shutil.copytree(root / "llm-safetensors", folder)
+    sd = load_file(folder / "model.safetensors")
+    sd["model.embed_tokens.weight"][5, 3] = math.nan
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case, message", [
+    ("float_where_integer", r"pytorch_model-0000\d-of-00002\.bin: key '([\w.]+position_ids)' holds torch\.float32, "
+                            r"expected an integer tensor for '\1'$"),
+    ("integer_where_float", r"pytorch_model-0000\d-of-00002\.bin: key 'soi_token' holds torch\.int32, expected a "
+                            r"floating-point tensor for 'soi_token'$"),
+    ("mmi_without_the_new_rows", r"pytorch_model-0000\d-of-00002\.bin: key 'mm_decoder\.embed_tokens\.weight' has "
+                                 r"shape \[384, 64\], expected \[386, 64\] for 'mm_decoder\.embed_tokens\.weight'$"),
+    ("nan_in_vicuna_rows", r"llm\S*model\.safetensors: key 'model\.embed_tokens\.weight' holds NaN or infinite "
+                           r"values; expected finite weights"),
+], ids=["float_where_integer", "integer_where_float", "mmi_without_the_new_rows", "nan_in_vicuna_rows"])
+def test_from_original_refuses_a_tensor_of_the_wrong_kind_rows_or_values(originals, tmp_path, tiny_mmi, case, message):
+    """Each file tensor is checked as it lands, in one line naming its file and key: an integer tensor for a
+    floating one of ours or the reverse, an MM-Interleaved checkpoint's vocabulary rows without the two new tokens
+    (only Vicuna's files lack them), and NaN in the rows of a Vicuna tensor the model extends by the new tokens."""
+    root = originals[0]
+    sd = tiny_mmi.state_dict()
+    pos = "visual_tokenizer.encoder.vision_model.embeddings.position_ids"
+    extra = {"float_where_integer": {pos: sd[pos].float()},
+             "integer_where_float": {"soi_token": torch.zeros(1, 64, dtype=torch.int32)},
+             "mmi_without_the_new_rows": {"mm_decoder.embed_tokens.weight": sd["mm_decoder.embed_tokens.weight"][:-2]}}
+    if case == "nan_in_vicuna_rows":
+        _vicuna_with_a_nan_row(root, tmp_path / "llm")
+        kw = dict(llm=str(tmp_path / "llm"), clip=str(root / "clip-safetensors"), sd=str(root / "sd"))
+    else:
+        _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi", extra=extra[case])
+        kw = dict(mmi=str(tmp_path / "mmi"))
+    with pytest.raises(mmi.InputError, match=message):
+        mmi.MMInterleaved.from_original(cfg=TINY, **kw)
+
+
 def test_index_and_shard_must_agree(tmp_path, tiny_mmi):
     _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi")
     idx = tmp_path / "mmi" / "pytorch_model.bin.index.json"
