@@ -2101,6 +2101,17 @@ def test_vocab_resize_and_text_head_init(originals, loaded):
     assert (model.cfg.pad_token_id, model.cfg.soi_token_id, model.cfg.image_token_id) == (V - 1, V, V + 1)
 
 
+def test_tensors_no_file_holds_take_their_documented_values(loaded):
+    """soi_token starts at zeros (the original's init) and CLIP's position_ids, which the CLIP files of
+    transformers >= 4.31 no longer hold, are 0 .. n-1 over the class token and every patch."""
+    model = loaded
+    assert "soi_token" in model.load_report["new"]
+    assert model.soi_token.shape == (1, 64) and not model.soi_token.any()
+    n = (TINY.vision.image_size // TINY.vision.patch_size) ** 2 + 1
+    position_ids = model.visual_tokenizer.encoder["vision_model"].embeddings.position_ids
+    assert torch.equal(position_ids, torch.arange(n)[None])
+
+
 def test_config_is_derived_from_the_files(originals):
     """The released parts' shapes come from their config.json files, MM-Interleaved's own values from the base."""
     root, _, _, _ = originals
