@@ -2623,6 +2623,31 @@ def test_sd_folder_loads_and_matches_diffusers(originals, loaded):
     assert not mmfs.conv.weight.any() and mmfs.pos_embed.abs().sum() > 0      # new: zero conv, sin-cos table
 
 
+@pytest.mark.parametrize("change", ["missing_tensor", "other_width"])
+def test_sd_text_encoder_that_does_not_fit_is_one_line(originals, tmp_path, change):
+    """neg_prompt_embeds is SD's text encoder output for "": an encoder lacking a tensor (it would run with its
+    init), or one whose width is not the UNet's cross-attention width (its output would not fit
+    neg_prompt_embeds), is refused in one line naming the folder, before the other folders' weights are read."""
+    root, _, _, (sd, _, _, text, _) = originals
+    shutil.copytree(sd, tmp_path / "sd")
+    folder = tmp_path / "sd" / "text_encoder"
+    if change == "missing_tensor":
+        weights = load_file(folder / "model.safetensors")
+        del weights["text_model.final_layer_norm.weight"]
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        message = rf"^{re.escape(str(folder))}: not a CLIP text encoder: missing \['final_layer_norm\.weight'\]"
+    else:
+        config = copy.deepcopy(text.config)
+        config.hidden_size = 16
+        torch.manual_seed(0)
+        oracle_transformers().CLIPTextModel(config).save_pretrained(folder)
+        message = rf"^{re.escape(str(folder))}: output for the empty prompt has shape \[1, 8, 16\], expected " \
+                  rf"\[1, 8, 32\] \(neg_prompt_embeds\)$"
+    with pytest.raises(mmi.InputError, match=message):
+        mmi.MMInterleaved.from_original(llm=str(root / "llm-safetensors"), clip=str(root / "clip-safetensors"),
+                                        sd=str(tmp_path / "sd"), cfg=TINY)
+
+
 def test_mmi_checkpoint_overlays_the_image_decoder_too(originals, tmp_path):
     """With the decoder, a full checkpoint (neg_prompt_embeds included) wins everywhere and the text encoder is
     not needed; the round trip through our format keeps the decoder."""
