@@ -2339,6 +2339,28 @@ def test_index_and_shard_must_agree(tmp_path, tiny_mmi):
     idx.write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"key 'ghost\.weight' is named by the index but not in the file"):
         mmi.WeightFiles(str(tmp_path / "mmi")).shapes()
+    del d["weight_map"]["ghost.weight"], d["weight_map"]["soi_token"]
+    idx.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"mmi: key 'soi_token' is in a shard but not in the index$"):
+        mmi.WeightFiles(str(tmp_path / "mmi")).shapes()
+
+
+def test_index_names_shards_in_its_own_folder_only(tmp_path, tiny_mmi):
+    """A shard named by a path ('../x.bin', 'sub/x.bin') is refused even where that file exists: the index names
+    files of its folder, nothing else is read."""
+    _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi")
+    idx = tmp_path / "mmi" / "pytorch_model.bin.index.json"
+    d = json.loads(idx.read_text())
+    shutil.move(tmp_path / "mmi" / "pytorch_model-00002-of-00002.bin", tmp_path / "outside.bin")
+    os.makedirs(tmp_path / "mmi" / "sub")
+    shutil.copy(tmp_path / "outside.bin", tmp_path / "mmi" / "sub" / "x.bin")
+    moved = {k for k, f in d["weight_map"].items() if f == "pytorch_model-00002-of-00002.bin"}
+    for name in ("../outside.bin", "sub/x.bin"):
+        d["weight_map"].update((k, name) for k in moved)
+        idx.write_text(json.dumps(d))
+        with pytest.raises(mmi.InputError, match=rf"index\.json: shard name '{re.escape(name)}' is not a plain file "
+                                                 rf"name in this folder$"):
+            mmi.WeightFiles(str(tmp_path / "mmi"))
 
 
 def test_refuses_a_legacy_pickle(tmp_path):
