@@ -2954,6 +2954,16 @@ def test_from_original_names_a_missing_folder(tmp_path):
         mmi.MMInterleaved.from_original(llm=str(tmp_path / "llm"), clip=str(tmp_path / "clip"), cfg=TINY)
 
 
+def test_from_original_without_a_checkpoint_needs_both_vicuna_and_clip(tmp_path):
+    """Without mmi=, llm= and clip= are both needed: one alone is one line saying what to give, before any file
+    of it is read."""
+    os.makedirs(tmp_path / "folder")
+    for given in ("llm", "clip"):
+        with pytest.raises(mmi.InputError, match=r"^from_original: give mmi= \(an MM-Interleaved checkpoint folder\), "
+                                                 r"or llm= and clip= \(the Vicuna and CLIP folders\)$"):
+            mmi.MMInterleaved.from_original(cfg=TINY, **{given: str(tmp_path / "folder")})
+
+
 def test_config_from_dict_checks_types_sections_and_keys():
     d = TINY.to_dict()
     assert mmi.MMIConfig.from_dict(d, "c.json") == TINY
