@@ -2822,6 +2822,13 @@ def _truncate(path, size):
         f.truncate(size if size >= 0 else os.path.getsize(path) + size)
 
 
+def _set_header_length(path, n):
+    """The 8-byte little-endian header length of a safetensors file set to n, the rest kept."""
+    raw = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(n.to_bytes(8, "little") + raw[8:])
+
+
 def _rename_key(path, old, new):
     header, data = _safetensors_parts(path)
     header[new] = header.pop(old)
@@ -2852,6 +2859,8 @@ ST = "model.safetensors"
 @pytest.mark.parametrize("file, corrupt, message", [
     (ST, lambda f: _truncate(f / ST, -1000), r"key '[\w.]+': data_offsets \[\d+, \d+\] outside the \d+ data bytes"),
     (ST, lambda f: _truncate(f / ST, 5), r"not a safetensors file \(header length -1, file size 5 bytes"),
+    (ST, lambda f: _set_header_length(f / ST, os.path.getsize(f / ST) - 7),     # 1 byte past the end of the file
+     r"not a safetensors file \(header length \d+, file size \d+ bytes"),
     (ST, lambda f: (f / ST).write_bytes((2 ** 40).to_bytes(8, "little") + (f / ST).read_bytes()[8:]),
      r"not a safetensors file \(header length 1099511627776"),
     (ST, lambda f: (f / ST).write_bytes((f / ST).read_bytes()[:8] + b"\xff" * 9 + (f / ST).read_bytes()[17:]),
@@ -2885,7 +2894,8 @@ ST = "model.safetensors"
     (ST, lambda f: (os.remove(f / ST), os.mkdir(f / ST)), r"model.safetensors: not a file, expected the weights$"),
     (ST, lambda f: save_file({**load_file(f / ST), "soi_token": torch.full((1, 64), math.nan)}, f / ST),
      r"key 'soi_token' holds NaN or infinite values; expected finite weights"),
-], ids=["truncated", "truncated_into_the_length", "absurd_header_length", "header_not_json", "offsets_beyond_file",
+], ids=["truncated", "truncated_into_the_length", "header_length_past_the_end", "absurd_header_length",
+        "header_not_json", "offsets_beyond_file",
         "shape_not_offsets", "shape_not_the_models", "integer_dtype", "unknown_key", "mistyped_value",
         "missing_section", "unknown_config_key", "section_not_an_object", "inconsistent_config", "zero_size",
         "config_not_json", "no_config", "pickled_object", "missing_shard", "no_weights",
