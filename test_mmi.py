@@ -2525,6 +2525,35 @@ def test_save_pretrained_in_bfloat16_keeps_the_vae_in_float32(tmp_path, tiny_mmi
             assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], t.to(torch.bfloat16)), k
 
 
+class _Parts(torch.nn.Module):
+    """float32 tensors of the given element counts, in this order, and the tiny config save_pretrained writes."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.cfg = TINY
+        for name, n in counts.items():
+            self.register_parameter(name, torch.nn.Parameter(torch.arange(n, dtype=torch.float32)))
+
+
+def test_save_pretrained_fills_each_shard_up_to_the_limit_in_order(tmp_path):
+    """Tensors go into shards in state-dict order, a new shard starting only where the next tensor would take the
+    shard past max_shard_bytes (one larger than that sits alone): bytes 1200 | 400 200 100 (700, the limit
+    exactly) | 40 40. The shards are named model-0000i-of-0000n as transformers names them; the index maps
+    each key to its shard and gives the total size in bytes; the folder holds nothing else."""
+    parts = _Parts({"d": 300, "a": 100, "b": 50, "c": 25, "e": 10, "f": 10})
+    mmi.write_pretrained(parts, str(tmp_path / "out"), max_shard_bytes=700)
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(names + ["config.json", "model.safetensors.index.json"])
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"total_size": 4 * (300 + 100 + 50 + 25 + 10 + 10)}
+    assert index["weight_map"] == {"d": names[0], "a": names[1], "b": names[1], "c": names[1], "e": names[2],
+                                   "f": names[2]}
+    for name in names:
+        tensors = load_file(tmp_path / "out" / name)
+        assert sorted(tensors) == sorted(k for k, f in index["weight_map"].items() if f == name)
+        assert all(torch.equal(t, getattr(parts, k)) for k, t in tensors.items())
+
+
 def test_from_pretrained_refuses_missing_tensors(tmp_path, tiny_mmi):
     src = tiny_mmi
     src.save_pretrained(str(tmp_path / "ckpt"))
