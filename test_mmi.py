@@ -2554,6 +2554,15 @@ def test_save_pretrained_fills_each_shard_up_to_the_limit_in_order(tmp_path):
         assert all(torch.equal(t, getattr(parts, k)) for k, t in tensors.items())
 
 
+def test_save_pretrained_copies_extra_files_under_their_given_names(tmp_path, tiny_mmi):
+    """extra_files {name: source}: each source's bytes saved as `name` in the model folder (the tokenizer files
+    train.py exports beside the weights), whatever the source is called."""
+    (tmp_path / "spm.bin").write_bytes(b"\x00tokenizer\xff")
+    tiny_mmi.save_pretrained(str(tmp_path / "out"), extra_files={"tokenizer.model": str(tmp_path / "spm.bin")})
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"\x00tokenizer\xff"
+    assert not (tmp_path / "out" / "spm.bin").exists()
+
+
 def test_from_pretrained_refuses_missing_tensors(tmp_path, tiny_mmi):
     src = tiny_mmi
     src.save_pretrained(str(tmp_path / "ckpt"))
