@@ -2563,6 +2563,25 @@ def test_save_pretrained_copies_extra_files_under_their_given_names(tmp_path, ti
     assert not (tmp_path / "out" / "spm.bin").exists()
 
 
+def test_a_save_that_fails_leaves_the_previous_model_and_nothing_else(tmp_path, tiny_mmi, monkeypatch):
+    """A save that stops while writing (a full disk, Ctrl-C) passes its error on and leaves the folder as it was:
+    the previous model, no half-written folder beside it."""
+    path = tmp_path / "model"
+    tiny_mmi.save_pretrained(str(path))
+    before = {f: (path / f).read_bytes() for f in os.listdir(path)}
+    for error in (OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()):
+        def fail(tensors, file, metadata=None):
+            with open(file, "wb") as f:
+                f.write(b"\0" * 100)                            # half written
+            raise error
+        with monkeypatch.context() as m:
+            m.setattr(mmi, "save_file", fail)
+            with pytest.raises(type(error)):
+                tiny_mmi.save_pretrained(str(path))
+        assert os.listdir(tmp_path) == ["model"], error
+        assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
+
+
 def test_from_pretrained_refuses_missing_tensors(tmp_path, tiny_mmi):
     src = tiny_mmi
     src.save_pretrained(str(tmp_path / "ckpt"))
