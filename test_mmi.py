@@ -2582,6 +2582,25 @@ def test_a_save_that_fails_leaves_the_previous_model_and_nothing_else(tmp_path, 
         assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
 
 
+def test_a_save_after_one_killed_between_its_renames_keeps_a_whole_model(tmp_path, monkeypatch):
+    """A save killed between its two renames leaves path.mmi-old (the previous model) and a complete
+    path.mmi-new. The next save first puts the previous model back at path: killed before each of those first
+    steps in turn (renaming it back, removing mmi-new), it leaves the previous model at path; not killed, its
+    own model and nothing else."""
+    torch.manual_seed(0)
+    model = mmi.MMInterleaved(TINY)
+    state = tmp_path / "state"
+    assert _save_killed_at(model, str(state / "model"), 1, 10 ** 6, monkeypatch)
+    assert not _save_killed_at(model, str(state / "model"), 2, 2, monkeypatch)   # a shard, one rename, killed
+    assert sorted(os.listdir(state)) == ["model.mmi-new", "model.mmi-old"]
+    for k in (0, 1, 2, 10 ** 6):
+        path = tmp_path / f"killed_at_{k}" / "model"
+        shutil.copytree(state, path.parent)
+        finished = _save_killed_at(model, str(path), 3, k, monkeypatch)
+        assert finished == (k == 10 ** 6) and _saved_version(str(path)) == (3 if finished else 1), k
+    assert os.listdir(path.parent) == ["model"]
+
+
 def test_from_pretrained_refuses_missing_tensors(tmp_path, tiny_mmi):
     src = tiny_mmi
     src.save_pretrained(str(tmp_path / "ckpt"))
