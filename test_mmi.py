@@ -700,6 +700,49 @@ def test_gemv_reads_quantized_layers_whose_groups_fit_its_loads():
         assert mmi._gemv_weights(layers, xx) is None
 
 
+def _off_16_bytes(t):
+    """t's values in a view that starts one element past a 16-byte boundary (as a view into a larger buffer)."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t)
+    assert view.data_ptr() % 16
+    return view
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_gemv_on_weights_off_its_alignment_equals_float64(bits):
+    """The gemv operator on weights off a 16-byte boundary (FSDP's views may be) computes, without the kernel,
+    what the kernel computes: x through an RMSNorm of its own eps, then 1-3 layers with their biases (outputs
+    side by side, or silu(gate) * up), plus a residual; quantized weights read with each layer's own scales.
+    Against float64 of the same float32 inputs; the operator's fake gives the same shape and dtype."""
+    g = torch.Generator().manual_seed(0)
+    R, N, K, eps = 3, 24, 64, 0.01
+    x = torch.randn(R, K, generator=g) * 0.05                   # mean square 0.0025: the eps matters
+    gain = 1 + torch.randn(K, generator=g) / 4
+    for n_layers, glu, norm, residual in [(3, False, False, False), (2, True, True, True), (1, False, True, True),
+                                          (2, False, False, False)]:
+        torch.manual_seed(n_layers)
+        linears = [torch.nn.Linear(K, N) for _ in range(n_layers)]
+        if bits is None:
+            weights, scales, group_size = [_off_16_bytes(l.weight.detach()) for l in linears], [], 0
+            exact = [l.weight.double() for l in linears]
+        else:
+            layers = [mmi.QuantizedLinear.from_linear(l, bits, 32) for l in linears]
+            weights, scales = [_off_16_bytes(l.qweight) for l in layers], [l.scales for l in layers]
+            group_size, exact = layers[0].group_size, [_dequantize_by_hand(l) for l in layers]
+        biases = [l.bias.detach() for l in linears]
+        res = torch.randn(R, N, generator=g) if residual else None
+        x64 = gain.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + eps).sqrt() if norm \
+            else x.double()
+        outs = [F.linear(x64, w, b.double()) for w, b in zip(exact, biases)]
+        expected = F.silu(outs[0]) * outs[1] if glu else torch.cat(outs, dim=-1)
+        if residual:
+            expected = expected + res.double()
+        args = (x, weights, biases, glu, gain if norm else None, eps, res, scales, group_size)
+        got = mmi.gemv(*args)
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        assert rel_err(got, expected) < 1e-6, (n_layers, glu, norm, residual)
+        torch.library.opcheck(mmi.gemv, args, test_utils="test_faketensor")
+
+
 def test_linear_on_cpu_calls_the_layers():
     """Off the GEMV path mmi.linear is the layers themselves (hooks run), and glu is silu(gate(x)) * up(x)."""
     torch.manual_seed(0)
