@@ -4077,6 +4077,25 @@ def test_quantization_int8_and_int4_by_hand():
     assert packed.tolist() == [[(lo + 8) | (hi + 8) << 4 for lo, hi in row] for row in nibbles]
 
 
+def test_quantized_values_are_rounded_against_the_stored_scales():
+    """In 16-bit weights q = clamp(round(w / s), -qmax, qmax), ties to even, with s the scale as stored (rounded
+    to the weight's dtype), the one a matmul multiplies q by: float64 arithmetic on bf16 and fp16 weights. Where
+    the stored scale rounds below max|w| / qmax (an fp16 subnormal), q is still clamped to [-qmax, qmax]."""
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = (torch.randn(16, 256, generator=g) * 0.02).to(dtype)
+        for bits, group_size in ((8, None), (4, 32)):
+            q, s = mmi.quantize_weight(w, bits, group_size)
+            qmax, groups = 2 ** (bits - 1) - 1, w.double().numpy().reshape(16, -1, group_size or 256)
+            assert s.dtype == dtype and s.shape == groups.shape[:2]
+            expected = np.clip(np.round(groups / s.double().numpy()[..., None]), -qmax, qmax)
+            assert q.tolist() == expected.reshape(16, 256).astype(int).tolist(), (dtype, bits)
+    u = 2.0 ** -24                                              # fp16's smallest subnormal
+    for bits, w, q_expected in ((4, [-8, 3, 8, 0], [-7, 3, 7, 0]), (8, [-128, 5, 128, 0], [-127, 5, 127, 0])):
+        q, s = mmi.quantize_weight(torch.tensor([w], dtype=torch.float16) * u, bits)
+        assert s.tolist() == [[u]] and q.tolist() == [q_expected]          # 8u / 7 and 128u / 127 round to u
+
+
 def test_int4_packing_is_exact_for_every_nibble_and_byte():
     order = torch.randperm(32, generator=torch.Generator().manual_seed(0))
     q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)[:, order]
