@@ -2807,6 +2807,21 @@ def test_mmi_checkpoint_overlays_the_image_decoder_too(originals, tmp_path):
         assert torch.equal(back_sd[k], v), k
 
 
+@cuda_only
+def test_our_files_and_a_checkpoint_load_straight_onto_cuda(tmp_path, tiny_mmi):
+    """from_pretrained and from_original (a checkpoint alone) with device='cuda' and bf16: every parameter and
+    buffer on the GPU, each equal to the saved one cast to bf16 (integers keep their dtype)."""
+    tiny_mmi.save_pretrained(str(tmp_path / "ours"))
+    _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi")
+    for model in (mmi.MMInterleaved.from_pretrained(str(tmp_path / "ours"), torch.bfloat16, "cuda"),
+                  mmi.MMInterleaved.from_original(mmi=str(tmp_path / "mmi"), dtype=torch.bfloat16, device="cuda",
+                                                  cfg=TINY)):
+        assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"cuda"}
+        state = model.state_dict()
+        for k, t in tiny_mmi.state_dict().items():
+            assert torch.equal(state[k].cpu(), t.to(torch.bfloat16) if t.is_floating_point() else t), k
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_loads_straight_onto_cuda_in_bfloat16(originals, loaded):
     """Tensors go from the mapped files to the GPU in the target dtype; nothing is left on the CPU or on meta
