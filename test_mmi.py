@@ -2285,6 +2285,27 @@ def test_partial_checkpoint_keeps_frozen_parts_from_originals(originals, tmp_pat
     assert model.load_report["counts"]["llm"][0] == len([k for k in frozen])
 
 
+@pytest.mark.parametrize("held", ["head_new", "head_new_and_head_bias"])
+def test_partial_checkpoint_of_the_text_head_gets_the_papers_new_rows(originals, tmp_path, tiny_mmi, held):
+    """A checkpoint holding head_new (trained while the head is frozen) and maybe the head's bias, not its
+    weight: the head's weight is Vicuna's plus two new rows of 0, its bias the checkpoint's or 0 with -100 on
+    the new rows, head_new the checkpoint's. Quantized on load, the head waits for those rows: the model equals
+    the plain one quantized after loading."""
+    root, llama, _, _ = originals
+    drop = ["text_decoder.head.weight"] + (["text_decoder.head.bias"] if held == "head_new" else [])
+    _write_mmi_checkpoint(tiny_mmi, tmp_path / "mmi", drop=drop)
+    model = _load(root, mmi=str(tmp_path / "mmi"))
+    V, head, src = llama.config.vocab_size, model.text_decoder.head, tiny_mmi.text_decoder
+    assert torch.equal(head.weight, torch.cat([llama.lm_head.weight, torch.zeros(2, 64)]))
+    bias = src.head.bias if held != "head_new" else torch.cat([torch.zeros(V), torch.full((2,), -100.0)])
+    assert torch.equal(head.bias, bias)
+    assert all(torch.equal(a, b) for a, b in zip(model.text_decoder.head_new.parameters(), src.head_new.parameters()))
+    if held != "head_new":
+        on_load = _load(root, mmi=str(tmp_path / "mmi"), quantize="int8").state_dict()
+        after = mmi.quantize(model, 8).state_dict()
+        assert on_load.keys() == after.keys() and all(torch.equal(on_load[k], t) for k, t in after.items())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: refusals
 # ----------------------------------------------------------------------------------------------------------------
