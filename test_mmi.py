@@ -7331,6 +7331,23 @@ def test_sample_text_options_default_as_the_original_and_apply(tmp_path):
             sample.parse_args(["--device=cpu", *flags])
 
 
+def test_sample_flags_and_prompts_accept_the_ends_of_their_ranges(tmp_path):
+    """Each range's end is a valid value: --top_p=1 (off), --top_k=0 (off), --num_iter=0, --min_length=0 (min_new_tokens
+    0, not -1), --max_new_tokens=0, --steps=1; --num_iter and a prompt's num_iter equal to --num_total_token; --steps
+    and --num_beams equal to the model's timesteps and vocabulary size."""
+    args = sample.parse_args(["--device=cpu", "--top_p=1", "--top_k=0", "--num_iter=0", "--min_length=0",
+                              "--max_new_tokens=0", "--steps=1", "--num_total_token=1"])
+    assert (args.top_p, args.top_k, args.num_iter, args.min_new_tokens, args.max_new_tokens, args.steps) == \
+        (1.0, 0, 0, 0, 0, 1)
+    assert sample.parse_args(["--device=cpu", "--num_iter=5", "--num_total_token=5"]).num_iter == 5
+    (s,) = sample.load_annt(_write_annt(tmp_path, [dict(GOOD, num_iter=5)]), max_iter=5)
+    assert s["num_iter"] == 5
+    cfg = mmi.MMIConfig.from_preset("tiny")
+    args = sample.parse_args(["--device=cpu", f"--steps={cfg.image_decoder.num_train_timesteps}",
+                              f"--num_beams={cfg.llm.vocab_size}", "--no-use_nucleus_sampling"])
+    sample.check_model_bounds(args, cfg)                          # raises on a flag beyond its bound
+
+
 def test_sample_force_replace_gen_text_uses_multiround_context(tmp_path):
     """--force_replace_gen_text: round i's generated text is shown but multiround_context[i] (when not empty) goes
     into the story instead, tokenized without bos; one ending in <|beginofimage|> asks for an image. Without the
