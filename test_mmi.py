@@ -7298,30 +7298,31 @@ def scripted_story(tmp_path, model, change, *flags):
 
 def test_sample_text_options_default_as_the_original_and_apply(tmp_path):
     """The defaults are the original's inference config (nucleus sampling, HF's top-k 50, top-p 0.9, max_length
-    90 new tokens, min_length 8 counting a dummy bos, 1 beam), but a minimum of one token for the demo model,
-    whose sentences can be shorter; its names max_length / min_length are accepted; each option reaches
-    generate_texts."""
+    90 new tokens, min_length 8 counting a dummy bos, 1 beam), but a minimum of one token and no repetition penalty
+    for the demo model, whose sentences can be shorter; its names max_length / min_length are accepted; each option
+    (--repetition_penalty and --compile too) reaches generate_texts."""
     tok = data.Tokenizer(DEMO_TOK)
     text = tok.encode("a red circle.", add_bos=False)
     model = ScriptedStoryModel([text])
     scripted_story(tmp_path, model, {"num_iter": 1})
     kw = model.calls[0][2]
     assert {k: kw[k] for k in ("do_sample", "num_beams", "top_k", "top_p", "temperature", "max_new_tokens",
-                               "min_new_tokens", "keep_stop_token")} == \
+                               "min_new_tokens", "keep_stop_token", "repetition_penalty", "compile")} == \
         dict(do_sample=True, num_beams=1, top_k=50, top_p=0.9, temperature=1.0, max_new_tokens=90, min_new_tokens=1,
-             keep_stop_token=False)
+             keep_stop_token=False, repetition_penalty=1.0, compile=False)
     assert len(tok.encode("the blue circle disappears.", add_bos=False)) < 7         # a demo sentence under 7
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "tokenizer.json").write_text("{}")      # a model of another vocabulary: the original's 7
     assert sample.parse_args(["--device=cpu", f"--init_from={tmp_path / 'm'}"]).min_new_tokens == 7
     model = ScriptedStoryModel([text])
     scripted_story(tmp_path, model, {"num_iter": 1}, "--no-use_nucleus_sampling", "--num_beams=3", "--top_k=7",
-                   "--top_p=0.5", "--temperature=0.7", "--max_length=12", "--min_length=4", "--keep_stop_token")
+                   "--top_p=0.5", "--temperature=0.7", "--max_length=12", "--min_length=4", "--keep_stop_token",
+                   "--repetition_penalty=1.3", "--compile")
     kw = model.calls[0][2]
     assert {k: kw[k] for k in ("do_sample", "num_beams", "top_k", "top_p", "temperature", "max_new_tokens",
-                               "min_new_tokens", "keep_stop_token")} == \
+                               "min_new_tokens", "keep_stop_token", "repetition_penalty", "compile")} == \
         dict(do_sample=False, num_beams=3, top_k=7, top_p=0.5, temperature=0.7, max_new_tokens=12, min_new_tokens=3,
-             keep_stop_token=True)
+             keep_stop_token=True, repetition_penalty=1.3, compile=True)
     for flags, message in ((["--num_beams=3"], "--num_beams=3 searches without sampling: add --no-use_nucleus"),
                            (["--min_length=8", "--min_new_tokens=7"], "--min_length and --min_new_tokens"),
                            (["--top_k=-1"], "--top_k=-1: expected >= 0"),
