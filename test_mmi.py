@@ -7401,6 +7401,32 @@ def test_sample_draws_num_validation_images_and_keeps_the_first(tmp_path):
     assert torch.equal(batch["image_tensors"][-1], first)
 
 
+def test_sample_rounds_are_the_prompts_num_iter_else_the_flags(tmp_path):
+    """A prompt without num_iter runs --num_iter rounds; one with num_iter runs its own number."""
+    tok = data.Tokenizer(DEMO_TOK)
+    said = [tok.encode(t, add_bos=False) for t in ("a red circle.", "it moves.", "it stays.")]
+    model = ScriptedStoryModel(said)
+    results, _, _, _ = scripted_story(tmp_path, model, {}, "--num_iter=3")
+    assert [c[0] for c in model.calls] == ["text"] * 3 and len(results) == 3
+    model = ScriptedStoryModel(said)
+    results, _, _, _ = scripted_story(tmp_path, model, {"num_iter": 2}, "--num_iter=3")
+    assert [c[0] for c in model.calls] == ["text"] * 2 and len(results) == 2
+
+
+def test_sample_text_rounds_sample_with_distinct_seeds_set_by_seed(tmp_path):
+    """Each text round of a story samples from its own seed, all set by --seed: a round never reuses another's
+    uniforms (the same draws every round would start every text at the same quantile), and --seed changes them."""
+    tok = data.Tokenizer(DEMO_TOK)
+    said = [tok.encode(t, add_bos=False) for t in ("a red circle.", "it moves.", "it stays.")]
+    seeds = {}
+    for seed in (5, 5, 6):
+        model = ScriptedStoryModel(said)
+        scripted_story(tmp_path, model, {"num_iter": 3}, f"--seed={seed}")
+        got = [kw["seed"] for kind, _, kw in model.calls]
+        assert len(set(got)) == 3 and seeds.setdefault(seed, got) == got
+    assert seeds[5] != seeds[6]
+
+
 def _write_annt(tmp_path, samples):
     Image.fromarray(data.render_scene(data.make_story(5).scenes[0])).save(tmp_path / "a.png")
     (tmp_path / "not_an_image.png").write_text("hello")
