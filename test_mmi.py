@@ -7427,6 +7427,57 @@ def test_sample_text_rounds_sample_with_distinct_seeds_set_by_seed(tmp_path):
     assert seeds[5] != seeds[6]
 
 
+def test_sample_force_replace_gen_text_past_the_given_context(tmp_path):
+    """--force_replace_gen_text with a multiround_context shorter than the story: the rounds it does not cover put
+    their generated text into the story."""
+    tok = data.Tokenizer(DEMO_TOK)
+    said = [tok.encode(t, add_bos=False) for t in ("a red circle.", "it moves.", "it stays.")]
+    given = ["the blue square."]
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, {"num_iter": 3, "multiround_context": given},
+                                               "--force_replace_gen_text")
+    assert [r["type"] for r in results] == ["text"] * 3
+    assert batch["text_ids"][0].tolist() == prompt + tok.encode(given[0])[1:] + said[1] + said[2]
+
+
+def test_sample_without_auto_end_a_text_ending_in_eos_goes_on_without_it(tmp_path):
+    """Without --auto_end a text ending in eos does not end the story: the next round continues from the text
+    without its eos (as with --auto_end, eos never goes into the context)."""
+    tok = data.Tokenizer(DEMO_TOK)
+    said = [tok.encode("the end.", add_bos=False) + [tok.eos_id], tok.encode("more.", add_bos=False)]
+    model = ScriptedStoryModel(said)
+    results, batch, prompt, _ = scripted_story(tmp_path, model, {"num_iter": 2})
+    assert [r["type"] for r in results] == ["text", "text"]
+    assert model.calls[1][1] == prompt + said[0][:-1]
+    assert batch["text_ids"][0].tolist() == prompt + said[0][:-1] + said[1]
+
+
+def test_sample_force_gen_image_next_draws_one_image_after_every_text(tmp_path):
+    """--force_gen_image_next: a text the model ended with <|beginofimage|> gets its image (one soi, not two); a text
+    that asked for none, an empty one (eos alone) included, gets one too."""
+    tok = data.Tokenizer(DEMO_TOK)
+    asked = tok.encode("a red circle.", add_bos=False) + [tok.soi_id]
+    model = ScriptedStoryModel([asked, [tok.eos_id]])
+    results, batch, prompt, _ = scripted_story(tmp_path, model, {"num_iter": 4}, "--force_gen_image_next")
+    image = [tok.image_id] * model.cfg.num_img_token
+    assert [c[0] for c in model.calls] == ["text", "image", "text", "image"]
+    assert [r["type"] for r in results] == ["text", "image", "text", "image"]
+    assert batch["text_ids"][0].tolist() == prompt + asked + image + [tok.soi_id] + image
+    assert batch["num_image_per_seq"].tolist() == [3] and batch["image_tensors"].shape[0] == 3
+
+
+def test_sample_auto_end_still_draws_the_images_a_text_asks_for(tmp_path):
+    """--auto_end ends a story at a text ending in eos, not at one ending in <|beginofimage|>: that one gets its
+    image, and the story goes on."""
+    tok = data.Tokenizer(DEMO_TOK)
+    said = [tok.encode("a red circle.", add_bos=False) + [tok.soi_id],
+            tok.encode("the end.", add_bos=False) + [tok.eos_id], tok.encode("more.", add_bos=False)]
+    model = ScriptedStoryModel(said)
+    results, _, _, _ = scripted_story(tmp_path, model, {}, "--auto_end", "--num_iter=5")
+    assert [c[0] for c in model.calls] == ["text", "image", "text"]
+    assert [r["type"] for r in results] == ["text", "image", "text"]
+
+
 def _write_annt(tmp_path, samples):
     Image.fromarray(data.render_scene(data.make_story(5).scenes[0])).save(tmp_path / "a.png")
     (tmp_path / "not_an_image.png").write_text("hello")
