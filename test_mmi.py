@@ -7478,6 +7478,22 @@ def test_sample_auto_end_still_draws_the_images_a_text_asks_for(tmp_path):
     assert [r["type"] for r in results] == ["text", "image", "text"]
 
 
+def test_sample_image_options_reach_generate_images(tmp_path):
+    """--steps, --guidance_scale, --sampler and --seed are what an image round draws with; without them a model of
+    the demo's vocabulary draws with the settings eval.py scores it with."""
+    change = {"generate_mode": "generate_images", "num_iter": 1}
+    model = ScriptedStoryModel([])
+    scripted_story(tmp_path, model, change, "--steps=7", "--guidance_scale=2.5", "--sampler=dpm++2m", "--seed=9")
+    kw = model.calls[0][2]
+    assert {k: kw[k] for k in ("steps", "guidance_scale", "sampler", "seed")} == \
+        dict(steps=7, guidance_scale=2.5, sampler="dpm++2m", seed=9)
+    model = ScriptedStoryModel([])
+    scripted_story(tmp_path, model, change)
+    kw = model.calls[0][2]
+    assert {k: kw[k] for k in ("steps", "guidance_scale", "sampler")} == \
+        {k: ev.DEMO_IMAGES[k] for k in ("steps", "guidance_scale", "sampler")}
+
+
 def _write_annt(tmp_path, samples):
     Image.fromarray(data.render_scene(data.make_story(5).scenes[0])).save(tmp_path / "a.png")
     (tmp_path / "not_an_image.png").write_text("hello")
