@@ -7250,6 +7250,10 @@ def test_sample_writes_page_images_results_in_both_modes(tmp_path, saved_tiny_mo
     kinds = [[item["type"] for item in s["generated"]] for s in result["stories"]]
     # generate_texts first: text, image, text, image; generate_images first: image, text, image
     assert kinds == [["text", "image", "text", "image"], ["image", "text", "image"]]
+    with open(annt) as f:                                       # each story records its prompt as annt.json gave it
+        given = [{k: s[k] for k in ("sentences", "images", "sentence_ixs", "image_first", "generate_mode")}
+                 for s in json.load(f)]
+    assert [{k: v for k, v in s["prompt"].items() if k != "image_files"} for s in result["stories"]] == given
 
 
 def test_sample_with_no_arguments_runs_the_embedded_demo_model(tmp_path, monkeypatch, capsys):
@@ -7867,6 +7871,22 @@ def test_a_full_disk_keeps_the_generated_work_and_says_where(tmp_path, saved_tin
     assert sorted(os.listdir(kept)) == ["0_0.png", "inputs", "result.json"]
     with Image.open(os.path.join(kept, "0_0.png")) as im:
         assert im.size == (64, 64)
+
+
+def test_sample_result_json_records_the_settings_of_the_run(tmp_path):
+    """result.json holds every setting the stories were made with, as given on the command line."""
+    args = sample.parse_args(["--device=cpu", "--no-use_nucleus_sampling", "--num_beams=3", "--top_k=7", "--top_p=0.5",
+                              "--temperature=0.7", "--repetition_penalty=1.2", "--max_new_tokens=12",
+                              "--min_new_tokens=2", "--seed=9", "--sampler=dpm++2m", "--steps=4",
+                              "--guidance_scale=2.5"])
+    (tmp_path / "run.tmp").mkdir()
+    final = sample.write_run(str(tmp_path / "run.tmp"), str(tmp_path / "run"), [], args)
+    with open(os.path.join(final, "result.json")) as f:
+        result = json.load(f)
+    assert result == {"init_from": "demo", "device": "cpu", "dtype": "float32", "quantize": "none", "seed": 9,
+                      "sampler": "dpm++2m", "steps": 4, "guidance_scale": 2.5, "stories": [],
+                      "text": dict(use_nucleus_sampling=False, num_beams=3, top_k=7, top_p=0.5, temperature=0.7,
+                                   repetition_penalty=1.2, max_new_tokens=12, min_new_tokens=2)}
 
 
 def test_sample_page_is_self_contained_and_records_given_paths(tmp_path, saved_tiny_model, capsys):
