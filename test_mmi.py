@@ -7941,6 +7941,16 @@ def test_sample_page_shows_prompt_images_as_the_model_reads_them(tmp_path):
         assert shown.size == (1024, 512)
 
 
+def test_sample_page_shows_prompt_images_before_or_after_their_sentences():
+    """The page's prompt is in the order the model reads it: an image_first image before its sentence, the others
+    after it, and of two images before one sentence the later given first (the original inserts each in front of
+    the sentence in turn)."""
+    prompt = {"sentences": ["s0", "s1"], "sentence_ixs": [0, 0, 1, 0], "image_first": [True, False, True, True],
+              "image_files": ["f0", "f1", "f2", "f3"]}
+    items = sample.prompt_items(prompt)
+    assert [item.get("file", item.get("text")) for item in items] == ["f3", "f0", "s0", "f1", "f2", "s1"]
+
+
 def find_exactly(shot, tmpl):
     """Top-left corners where the array `tmpl` appears pixel for pixel in `shot`."""
     H, W = tmpl.shape[:2]
