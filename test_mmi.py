@@ -7596,13 +7596,15 @@ def test_an_interrupted_sample_run_keeps_only_its_finished_stories(tmp_path, sav
 
 
 def test_sample_prints_generated_control_characters_as_escapes(tmp_path, saved_tiny_model, monkeypatch, capsys):
-    """An escape sequence a model writes is shown, not obeyed by the terminal; result.json keeps the text as made."""
+    """An escape sequence a model writes is shown, not obeyed by the terminal (a newline stays one); result.json keeps
+    the text as made."""
     annt = _write_annt(tmp_path, [dict(GOOD, num_iter=1)])
     made = "red\x1b[2J\x07 circle\u202e."
     monkeypatch.setattr(data.Tokenizer, "decode", lambda self, ids, skip_special=True: made)
     assert mmi.run_script(sample.main, sample_argv(saved_tiny_model, tmp_path / "out", f"--annt={annt}")) == 0
     out = capsys.readouterr().out
     assert "[0] red\\x1b[2J\\x07 circle\\u202e.\n" in out and "\x1b" not in out
+    assert sample.terminal_safe("one\ntwo\r\t.") == "one\ntwo\\r\\t."          # newlines stay, other controls do not
     [run] = os.listdir(tmp_path / "out")
     assert json.loads((tmp_path / "out" / run / "result.json").read_text())["stories"][0]["generated"] == [
         {"type": "text", "text": made}]
