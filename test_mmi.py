@@ -3445,6 +3445,23 @@ def test_sampling_with_top_k_1_is_greedy_top_k_defaults_to_50():
     assert inspect.signature(model.generate_texts).parameters["top_k"].default == 50   # HF's, as the original ran
 
 
+def test_sampling_temperature_divides_the_logits():
+    """generate_texts(temperature=T) samples as the same model at temperature 1 with its text head scaled by 1/T
+    (T a power of two, so the scaling is exact), for T below and above 1."""
+    model = tiny_model(seed=4)
+    batch = make_batch(model.cfg, [[BOS, 10, "img", 11], [BOS, 12, 13]], 14, left_pad=True)
+    kw = dict(max_new_tokens=8, min_new_tokens=0, num_beams=1, do_sample=True, top_k=0, top_p=1.0, seed=3)
+    plain = model.generate_texts(batch, **kw)["text_ids"]
+    for T in (0.5, 2.0):
+        scaled = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in scaled.text_decoder.parameters():
+                p.mul_(1 / T)
+        want = scaled.generate_texts(batch, **kw)["text_ids"]
+        assert not torch.equal(want, plain)                     # the temperature changes these draws
+        assert torch.equal(model.generate_texts(batch, temperature=T, **kw)["text_ids"], want)
+
+
 def test_beam_search_done_rule_normalises_by_step_plus_two():
     """transformers 4.31 (the original's) marks a prompt done when the step's best candidate score, divided by
     (tokens so far + 1 for its dummy bos + 1 for this step) ** length_penalty, cannot beat the worst of num_beams
