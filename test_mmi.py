@@ -3362,6 +3362,8 @@ def test_repetition_penalty_matches_the_hf_rule():
     logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
     out = mmi._process_logits(logits, [[2]], step=5, min_new_tokens=0, repetition_penalty=2.0, stop_ids=(3,), bos_id=1)
     assert out.tolist() == [[2.0, -2.0, 1.5, 0.5]]                          # bos (1) and generated (2) penalised
+    out = mmi._process_logits(logits, [[2]], step=5, min_new_tokens=0, repetition_penalty=0.5, stop_ids=(3,), bos_id=1)
+    assert out.tolist() == [[2.0, -0.5, 6.0, 0.5]]                          # below 1 the same rule favours them
 
 
 class TableLM:
@@ -3460,6 +3462,19 @@ def test_sampling_temperature_divides_the_logits():
         want = scaled.generate_texts(batch, **kw)["text_ids"]
         assert not torch.equal(want, plain)                     # the temperature changes these draws
         assert torch.equal(model.generate_texts(batch, temperature=T, **kw)["text_ids"], want)
+
+
+def test_sampling_warpers_at_the_ends_of_their_ranges():
+    """top_k=0 and top_p=1 are off: every token of nonzero probability stays, one of 1e-10 too (float32's cumulative
+    sum reaches 1 before it); top_k beyond the vocabulary keeps all (as HF, which clamps it); top_p=0 keeps the most
+    likely token alone (at least one is kept, as HF's min_tokens_to_keep)."""
+    logits = torch.log(torch.tensor([[1e-10, 0.5, 0.5]]))
+    p = logits.softmax(-1)[0]
+    assert p[0] > 0 and p[1] + p[2] == 1.0                      # the mass before the smallest is 1 in float32
+    assert torch.isfinite(mmi.warp_logits(logits, top_k=0, top_p=1.0)).all()
+    assert torch.isfinite(mmi.warp_logits(logits, top_k=10)).all()
+    logits = torch.log(torch.tensor([[0.2, 0.7, 0.1]]))
+    assert torch.isfinite(mmi.warp_logits(logits, top_p=0.0)).tolist() == [[False, True, False]]
 
 
 def test_beam_search_done_rule_normalises_by_step_plus_two():
