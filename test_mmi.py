@@ -3477,6 +3477,57 @@ def test_sampling_warpers_at_the_ends_of_their_ranges():
     assert torch.isfinite(mmi.warp_logits(logits, top_p=0.0)).tolist() == [[False, True, False]]
 
 
+def test_returned_sequences_are_prompt_major():
+    """num_return_sequences=n: rows i*n .. i*n+n-1 continue prompt i (greedy: each its prompt's greedy text), the
+    order beam search returns them in."""
+    model = tiny_model(seed=1)
+    batch = make_batch(model.cfg, [[BOS, 10, "img", 11], [BOS, 14, 15, 16]], 14, left_pad=True)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, num_beams=1)
+    one = model.generate_texts(batch, **kw)["text_ids"]
+    assert not torch.equal(one[0], one[1])
+    two = model.generate_texts(batch, num_return_sequences=2, **kw)["text_ids"]
+    assert torch.equal(two, one.repeat_interleave(2, dim=0))
+
+
+def test_sampled_rows_stop_each_at_its_own_stop_token():
+    """Rows sampled together stop independently: a row that drew a stop token ends with it while the others run on,
+    with a repetition penalty too (its rows are then of different lengths). Hand-built: eos or A (1/2 each), then
+    A B C for certain."""
+    table = {(): {T_EOS: .5, T_A: .5}, (T_A,): {T_B: 1.0}, (T_A, T_B): {T_C: 1.0}}
+    for penalty in (1.0, 1.3):
+        seqs = mmi.greedy_or_sample(TableLM(table, 8), 64, {}, torch.Generator().manual_seed(0), max_new_tokens=3,
+                                    **dict(TABLE_OPTS, repetition_penalty=penalty))
+        assert {tuple(s) for s in seqs} == {(T_EOS,), (T_A, T_B, T_C)}
+
+
+def test_sampling_draws_a_new_uniform_at_every_step():
+    """Each step samples with its own uniform: where every next token is uniform over 8, two consecutive tokens are
+    equal 1/8 of the time (binomial bounds at 4.5 sigma over 2,000 rows), not always."""
+    n = 2000
+    seqs = mmi.greedy_or_sample(TableLM({}, 8), n, {}, torch.Generator().manual_seed(0), max_new_tokens=2,
+                                **dict(TABLE_OPTS, stop_ids=(8, 9)))
+    same = sum(s[0] == s[1] for s in seqs) / n
+    assert abs(same - 1 / 8) < 4.5 * math.sqrt(1 / 8 * 7 / 8 / n), same
+
+
+def test_generated_rows_end_at_their_stop_token_then_pad():
+    """generate_texts' rows: lengths[i] tokens, the last a stop token (eos or soi) unless the row ran to
+    max_new_tokens, none before it; then pad_token_id up to the longest row."""
+    model = tiny_model(seed=2)
+    cfg = model.cfg
+    with torch.no_grad():                                     # soi likely enough that rows stop at different steps
+        model.text_decoder.head_new.bias[cfg.soi_token_id - (cfg.llm.vocab_size - 2)] = 104.0
+    batch = make_batch(cfg, [[BOS, 10, "img", 11]], 14)
+    out = model.generate_texts(batch, max_new_tokens=6, min_new_tokens=0, num_beams=1, do_sample=True, top_k=0,
+                               top_p=1.0, seed=0, num_return_sequences=8)
+    ids, lengths = out["text_ids"].tolist(), out["lengths"].tolist()
+    stops = {cfg.eos_token_id, cfg.soi_token_id}
+    assert len(ids) == 8 and all(len(row) == max(lengths) for row in ids) and min(lengths) < max(lengths)
+    for row, n in zip(ids, lengths):
+        assert not stops & set(row[:n - 1]) and (row[n - 1] in stops or n == 6)
+        assert row[n:] == [cfg.pad_token_id] * (len(row) - n)
+
+
 def test_beam_search_done_rule_normalises_by_step_plus_two():
     """transformers 4.31 (the original's) marks a prompt done when the step's best candidate score, divided by
     (tokens so far + 1 for its dummy bos + 1 for this step) ** length_penalty, cannot beat the worst of num_beams
