@@ -3680,6 +3680,42 @@ def test_model_generate_images_is_seeded_and_checks_the_slot():
         model.generate_images(batch, target_image_idxs=[3], **kw)
 
 
+def test_model_generate_images_passes_copies_and_eta_through():
+    """MMInterleaved.generate_images(num_images_per_context=2) draws 2 copies, copy k as a call with seed + k; eta
+    reaches the DDIM sampler (eta > 0 adds fresh noise at every step, so it changes the picture)."""
+    model = tiny_model()
+    batch = make_batch(model.cfg, [[BOS, 20, "img", 21, 22, "img"]], 24)
+    kw = dict(target_image_idxs=[1], steps=2, progress=False)
+    two = model.generate_images(batch, seed=5, num_images_per_context=2, **kw)["image"]
+    assert two.shape == (2, 3, 64, 64)
+    for k in range(2):
+        torch.testing.assert_close(two[k:k + 1], model.generate_images(batch, seed=5 + k, **kw)["image"], rtol=0,
+                                   atol=1e-5)
+    ddim = dict(kw, sampler="ddim", seed=5)
+    eta0, eta1 = (model.generate_images(batch, eta=eta, **ddim)["image"] for eta in (0.0, 1.0))
+    assert (eta1 - eta0).abs().max() > 1e-3
+
+
+def test_one_generator_runs_on_across_generate_mini_bs():
+    """An int seed draws from one generator that runs on from one mini-batch of generate_mini_bs contexts to the
+    next (the original's draw order): one context a mini-batch, DDIM with eta 0 (one draw an image), the second
+    image starts from the draw after the first image's."""
+    dec = _tiny_decoder(generate_mini_bs=1).eval()
+    _perturb_mmfs_convs(dec)
+    ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    with torch.no_grad():
+        got = dec.generate_images(ctx, mask, feats, fmask, steps=3, guidance_scale=3.0, sampler="ddim", seed=5,
+                                  progress=False)
+        cond = dec.perceiver_resampler(ctx, mask)
+        uncond = dec.neg_prompt_embeds.expand_as(cond)
+        g, want = torch.Generator().manual_seed(5), []
+        for i in range(2):
+            latents = dec.decoder.sample_latents(cond[i:i + 1], uncond[i:i + 1], [f[i:i + 1] for f in feats],
+                                                 fmask[i:i + 1], 3, 3.0, "ddim", g, progress=False)
+            want.append(dec.decoder.decode_latents(latents))
+    torch.testing.assert_close(got, torch.cat(want), rtol=0, atol=1e-5)
+
+
 def test_sampling_variants_draw_the_noise_of_separate_runs():
     """Two variants (rows with and without MMFS) in one ddpm sampling == each sampled alone from the same seed:
     the initial latents and every step's noise are shared, the batched UNet only changes float rounding. Run in float64:
