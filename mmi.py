@@ -4084,7 +4084,7 @@ def greedy_or_sample(decoder, n_return, warp, generator, max_new_tokens, min_new
         logits = _process_logits(logits, padded, step, min_new_tokens, repetition_penalty, stop_ids, bos_id)
         if warp is not None:
             cdf = warp_logits(logits, **warp).softmax(-1).cumsum(-1)                           # (n, V)
-            tokens = (cdf < uniforms[step] * cdf[:, -1:]).sum(-1)      # the first token whose cdf reaches u
+            tokens = (cdf <= uniforms[step] * cdf[:, -1:]).sum(-1)     # the first token whose cdf exceeds u
         else:
             tokens = logits.argmax(-1)
         ahead = tokens.is_cuda and step < max_new_tokens - 1        # on a GPU, the next step queued first

@@ -3510,6 +3510,16 @@ def test_sampling_draws_a_new_uniform_at_every_step():
     assert abs(same - 1 / 8) < 4.5 * math.sqrt(1 / 8 * 7 / 8 / n), same
 
 
+@pytest.mark.parametrize("u, token", [(0.0, T_A), (1 - 2 ** -24, T_B)])
+def test_sampling_never_draws_a_token_of_probability_zero(u, token, monkeypatch):
+    """A uniform u of torch.rand's range [0, 1) takes the first token whose cumulative probability passes u: at
+    either end of the range, one of nonzero probability (here A or B, 1/2 each), never token 0 (pad) or one after
+    B, which the model gave probability 0."""
+    monkeypatch.setattr(torch, "rand", lambda *shape, generator=None: torch.full(shape, u))
+    seqs = mmi.greedy_or_sample(TableLM({(): {T_A: .5, T_B: .5}}, 8), 1, {}, None, max_new_tokens=1, **TABLE_OPTS)
+    assert seqs == [[token]]
+
+
 def test_generated_rows_end_at_their_stop_token_then_pad():
     """generate_texts' rows: lengths[i] tokens, the last a stop token (eos or soi) unless the row ran to
     max_new_tokens, none before it; then pad_token_id up to the longest row."""
