@@ -7411,7 +7411,7 @@ class ScriptedStoryModel(torch.nn.Module):
         return {"text_ids": torch.tensor([ids]), "lengths": torch.tensor([len(ids)])}
 
     def generate_images(self, batch, target_image_idxs, num_images_per_context=1, **kw):
-        kw = dict(kw, num_images_per_context=num_images_per_context)
+        kw = dict(kw, target_image_idxs=target_image_idxs, num_images_per_context=num_images_per_context)
         self.calls.append(("image", batch["text_ids"][0].tolist(), kw))
         S = self.cfg.vision.image_size
         return {"image": torch.stack([torch.full((3, S, S), (k + 1) / 10) for k in range(num_images_per_context)])}
@@ -7532,6 +7532,22 @@ def test_sample_draws_num_validation_images_and_keeps_the_first(tmp_path):
     assert all(len(v) == 1 for v in levels) and levels[0] < levels[1] < levels[2]       # the 3 in drawing order
     first = data.encoder_image(Image.open(tmp_path / "0_0_0.png"), model.cfg.vision.image_size)
     assert torch.equal(batch["image_tensors"][-1], first)
+
+
+def test_sample_generate_images_mode_draws_the_prompts_last_image(tmp_path):
+    """generate_mode generate_images: the first round draws the image the prompt ends on (its last slot) and puts it
+    in that slot; the prompt's earlier images stay as given."""
+    tok = data.Tokenizer(DEMO_TOK)
+    model = ScriptedStoryModel([tok.encode("it moves.", add_bos=False)])
+    change = {"sentences": ["a red circle.", "it moves."], "images": ["a.png", "a.png"], "sentence_ixs": [0, 1],
+              "image_first": [False, False], "generate_mode": "generate_images", "num_iter": 2}
+    (s,) = sample.load_annt(_write_annt(tmp_path, [dict(GOOD, **change)]))
+    given = sample.prompt_batch(s, tok, model.cfg, 2048, "cpu")["image_tensors"].clone()
+    results, batch, _, _ = scripted_story(tmp_path, model, change)
+    assert [c[0] for c in model.calls] == ["image", "text"] and model.calls[0][2]["target_image_idxs"] == [1]
+    drawn = data.encoder_image(Image.open(tmp_path / results[0]["file"]), model.cfg.vision.image_size)
+    assert torch.equal(batch["image_tensors"][0], given[0]) and torch.equal(batch["image_tensors"][1], drawn)
+    assert not torch.equal(given[1], drawn)
 
 
 def test_sample_rounds_are_the_prompts_num_iter_else_the_flags(tmp_path):
