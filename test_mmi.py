@@ -7740,6 +7740,18 @@ def test_an_interrupted_sample_run_keeps_only_its_finished_stories(tmp_path, sav
         assert "src='0_0.png'" in (out / run / "index.html").read_text()
 
 
+def test_an_unexpected_error_in_a_sample_run_leaves_no_temporary_folder(tmp_path, saved_tiny_model, monkeypatch):
+    """An error that is not the user's (here the sampler raising) propagates, and the run's temporary folder goes
+    with it: --out is left as it was."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampler failed")
+    monkeypatch.setattr(mmi.MMInterleaved, "generate_images", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        sample.main(sample_argv(saved_tiny_model, out, f"--annt={_one_image_annt(tmp_path)}"))
+    assert os.listdir(out) == []
+
+
 def test_sample_prints_generated_control_characters_as_escapes(tmp_path, saved_tiny_model, monkeypatch, capsys):
     """An escape sequence a model writes is shown, not obeyed by the terminal (a newline stays one); result.json keeps
     the text as made."""
