@@ -7752,6 +7752,18 @@ def test_an_unexpected_error_in_a_sample_run_leaves_no_temporary_folder(tmp_path
     assert os.listdir(out) == []
 
 
+def test_remove_story_files_in_a_folder_named_like_a_glob_pattern(tmp_path):
+    """An interrupted story's images go, also in an --out whose name glob would read as a pattern; other stories'
+    images stay (story 10's too)."""
+    folder = tmp_path / "out[1]" / "run.tmp"
+    (folder / "inputs").mkdir(parents=True)
+    for name in ("1_0.png", "1_2_0.png", "10_0.png", "0_1.png", "inputs/1_0.png", "inputs/0_0.png"):
+        (folder / name).write_bytes(b"png")
+    sample.remove_story_files(str(folder), 1)
+    assert sorted(os.listdir(folder)) == ["0_1.png", "10_0.png", "inputs"]
+    assert os.listdir(folder / "inputs") == ["0_0.png"]
+
+
 def test_sample_prints_generated_control_characters_as_escapes(tmp_path, saved_tiny_model, monkeypatch, capsys):
     """An escape sequence a model writes is shown, not obeyed by the terminal (a newline stays one); result.json keeps
     the text as made."""
