@@ -8112,6 +8112,12 @@ def test_sample_page_shows_prompt_images_as_the_model_reads_them(tmp_path):
         assert shown.size == (1024, 512)
 
 
+def test_sample_page_shows_generated_text_as_text():
+    """Text on the page is escaped: a model's (or a prompt's) <, > and & are shown, never read as markup."""
+    assert sample.item_html({"type": "text", "text": "<b>red</b> & 'blue'"}, "unused") == \
+        "<p>&lt;b&gt;red&lt;/b&gt; &amp; &#x27;blue&#x27;</p>"
+
+
 def test_sample_page_shows_prompt_images_before_or_after_their_sentences():
     """The page's prompt is in the order the model reads it: an image_first image before its sentence, the others
     after it, and of two images before one sentence the later given first (the original inserts each in front of
