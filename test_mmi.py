@@ -7467,13 +7467,14 @@ def test_sample_text_options_default_as_the_original_and_apply(tmp_path):
 
 def test_sample_flags_and_prompts_accept_the_ends_of_their_ranges(tmp_path):
     """Each range's end is a valid value: --top_p=1 (off), --top_k=0 (off), --num_iter=0, --min_length=0 (min_new_tokens
-    0, not -1), --max_new_tokens=0, --steps=1; --num_iter and a prompt's num_iter equal to --num_total_token; --steps
-    and --num_beams equal to the model's timesteps and vocabulary size."""
+    0, not -1), --max_new_tokens=0, --steps=1; --num_iter and a prompt's num_iter equal to --num_total_token; --seed 0
+    and 2**63 - 1; --steps and --num_beams equal to the model's timesteps and vocabulary size."""
     args = sample.parse_args(["--device=cpu", "--top_p=1", "--top_k=0", "--num_iter=0", "--min_length=0",
                               "--max_new_tokens=0", "--steps=1", "--num_total_token=1"])
     assert (args.top_p, args.top_k, args.num_iter, args.min_new_tokens, args.max_new_tokens, args.steps) == \
         (1.0, 0, 0, 0, 0, 1)
     assert sample.parse_args(["--device=cpu", "--num_iter=5", "--num_total_token=5"]).num_iter == 5
+    assert [sample.parse_args(["--device=cpu", f"--seed={seed}"]).seed for seed in (0, 2 ** 63 - 1)] == [0, 2 ** 63 - 1]
     (s,) = sample.load_annt(_write_annt(tmp_path, [dict(GOOD, num_iter=5)]), max_iter=5)
     assert s["num_iter"] == 5
     cfg = mmi.MMIConfig.from_preset("tiny")
@@ -7826,6 +7827,7 @@ def test_sample_bad_model_folder_device_or_flag_is_one_line(tmp_path, capsys):
             (["--guidance_scale=inf"], "argument --guidance_scale: expected a finite number, got 'inf'"),
             (["--seed=99999999999999999999999"], "argument --seed: expected an integer in [0, 2**63), got '9999"),
             (["--seed=-1"], "argument --seed: expected an integer in [0, 2**63), got '-1'"),
+            ([f"--seed={2 ** 63}"], f"argument --seed: expected an integer in [0, 2**63), got '{2 ** 63}'"),
             (["--num_iter=100000"], "--num_iter=100000: expected 0..2048, no more rounds than --num_total_token"),
             (["--sampler=foo"], "argument --sampler: invalid choice: 'foo' (choose from 'ddpm', 'ddim', 'dpm++2m')")):
         code = mmi.run_script(sample.main, [f"--annt={annt}", f"--out={tmp_path / 'out'}", *extra])
