@@ -4375,12 +4375,11 @@ def linear(x, *layers, glu=False, norm=None, residual=None):
 def mmfs_fast(mmfs, query, reference_points, value, mask, check_mask=True, value_projected=False, query_norm=None,
               relpos=None, tables=None):
     """MMFS.forward, faster. Each image's query is q + query_relpos[rel], read by two linear layers; since
-    W(q + r) + b = (Wq + b) + Wr, the layers run on q once and each image adds W r (mmfs_relpos_terms). The level
-    tables are made once per (n, dtype, device). value_projected: `value` is already value_proj(...) (made once
-    where the images do not change: decoding steps, a sampler's steps); relpos: mmfs_relpos_terms(...) made once
-    the same way; tables: _level_tables(...) made once outside a compiled step (inside, they would be made at every
-    call); query_norm: an RMSNorm folded into the first matmul; check_mask=False skips the image-count check (a host
-    sync)."""
+    W(q + r) + b = (Wq + b) + Wr, the layers run on q once and each image adds W r (mmfs_relpos_terms).
+    value_projected: `value` is already value_proj(...) (made once where the images do not change: decoding steps,
+    a sampler's steps); relpos: mmfs_relpos_terms(...) made once the same way; tables: _level_tables(...) made once
+    (else kept per (n, dtype, device), but made at every call inside torch.compile); query_norm: an RMSNorm folded
+    into the first matmul; check_mask=False skips the image-count check (a host sync)."""
     B, Lq, _ = query.shape
     m = mmfs.query_mask(mask, Lq)
     if check_mask and m.shape[-1] >= mmfs.max_num_image_per_seq:   # rel <= the image count: fewer cannot overflow
