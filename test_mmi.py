@@ -1728,6 +1728,10 @@ def test_text_labels_by_hand():
     ids = HAND_IDS.clone()
     ids[0, 12] = PAD
     assert mmi.text_labels(ids, HAND_MASK, cfg)[0, 11] == X
+    # and padding positions are ignored whatever their ids: row 1's padding filled with eos instead of pad
+    ids = HAND_IDS.clone()
+    ids[1, 7:] = EOS
+    assert mmi.text_labels(ids, HAND_MASK, cfg)[1].tolist() == [X, X, X, 15, 16, EOS, X, X, X, X, X, X, X]
 
 
 def test_forward_uses_the_dataset_rule_and_loss_weights():
