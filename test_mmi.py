@@ -1699,6 +1699,13 @@ def test_cross_attention_mask_by_hand():
     assert mmi.nearest_bos(HAND_IDS, BOS).tolist() == [[0] * 11 + [11] * 3, [0] * 14]
 
 
+def test_pack_per_row_puts_each_image_in_its_rows_next_slot():
+    # images come row-major: row 0 has image 1, row 1 none, row 2 images 2, 3, 4; empty slots are zeros
+    per_image = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    out = mmi.pack_per_row(per_image, torch.tensor([1, 0, 3]))
+    assert out.tolist() == [[[1.0], [0.0], [0.0]], [[0.0], [0.0], [0.0]], [[2.0], [3.0], [4.0]]]
+
+
 def test_mmfs_relative_image_index_by_hand():
     # the relative index is the query_relpos row each image is read with: latest visible image 1, older 2, unseen 0
     # (test_mmfs_equals_float64_loop checks that MMFS reads those rows)
