@@ -1758,6 +1758,18 @@ def test_forward_uses_the_dataset_rule_and_loss_weights():
     torch.testing.assert_close(out2["loss"], 0.5 * expected2)
 
 
+def test_gt_text_ids_give_the_target_of_each_position_from_the_one_before():
+    """gt_text_ids[b, p] is what logits[b, p - 1] learns; -100 elsewhere: the loss is the mean over the two targets."""
+    model = tiny_model()
+    batch = make_batch(model.cfg, [[BOS, 10, 11, "img", 12, EOS], [BOS, "img", 13, 14, EOS]], 24)
+    gt = torch.full_like(batch["text_ids"], -100)
+    gt[0, 5], gt[1, 3] = 42, 7
+    out = model(dict(batch, gt_text_ids=gt, loss_img_weight=0.0))
+    logits = model.text_logits(batch)
+    expected = (F.cross_entropy(logits[0, 4], torch.tensor(42)) + F.cross_entropy(logits[1, 2], torch.tensor(7))) / 2
+    torch.testing.assert_close(out["loss_txt"], expected)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model: zero-initialised branches, both losses, the training signal, bad batches
 # ----------------------------------------------------------------------------------------------------------------
