@@ -1918,6 +1918,8 @@ def test_forward_gives_both_losses_image_grads_reach_the_llm():
     assert model.image_decoder.perceiver_resampler.queries.grad.abs().sum() > 0
     out = model(dict(batch, loss_img_weight=0.0, loss_txt_weight=2.0))
     torch.testing.assert_close(out["loss"], 2.0 * out["loss_txt"])
+    out = model(dict(batch, loss_img_weight=2.5))          # the batch's weight, not the config's 10
+    torch.testing.assert_close(out["loss"], out["loss_txt"] + 2.5 * out["loss_img"])
 
 
 def test_vae_runs_before_the_llm_with_the_original_draws():
