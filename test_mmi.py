@@ -982,6 +982,41 @@ def test_clip_vision_matches_transformers(tmp_path):
     assert [tuple(m.shape) for m in maps] == [(2, 64, 32, 32), (2, 64, 16, 16), (2, 64, 8, 8), (2, 64, 4, 4)]
 
 
+def test_adapter_injector_and_extractor_follow_the_vit_adapter_formulas():
+    """In float64: injector x + gamma * attn(LN_q(x), ref, LN_f(c)); extractor c' = c + attn(LN_q(c), ref, LN_f(x)),
+    then c' + fc2(GELU(dwconv(fc1(LN_ffn(c'))))), the 3x3 depth-wise conv (zero padding) run on each of the pyramid's
+    grids (2G, G, G/2 per side, in that order) separately. MSDeformAttn itself: the float64 loop above."""
+    torch.manual_seed(0)
+    cfg = mmi.MMIConfig.from_preset("tiny").vision
+    inj, ext = mmi.Injector(cfg).double(), mmi.Extractor(cfg).double()
+    with torch.no_grad():
+        for p in [*inj.parameters(), *ext.parameters()]:
+            p.add_(torch.randn_like(p) * 0.3)          # gamma, norms, offsets: every weight matters
+    G, B, d = 4, 2, cfg.hidden_size
+    sides = (2 * G, G, G // 2)
+    x = torch.randn(B, G * G, d, dtype=torch.float64)
+    c = torch.randn(B, sum(s * s for s in sides), d, dtype=torch.float64)
+    pyramid, patches = torch.tensor([(s, s) for s in sides]), torch.tensor([(G, G)])
+    ref_x = mmi.grid_centres(G, G)[None].double()
+    ref_c = torch.cat([mmi.grid_centres(s, s) for s in sides])[None].double()
+    ln = lambda norm, t: F.layer_norm(t, (d,), norm.weight, norm.bias, norm.eps)
+    lin = lambda layer, t: t @ layer.weight.T + layer.bias
+    with torch.no_grad():
+        want = x + inj.gamma * inj.attn(ln(inj.query_norm, x), ref_x, ln(inj.feat_norm, c), pyramid)
+        torch.testing.assert_close(inj(x, ref_x, c, pyramid), want, rtol=1e-9, atol=1e-9)
+        c1 = c + ext.attn(ln(ext.query_norm, c), ref_c, ln(ext.feat_norm, x), patches)
+        h = lin(ext.ffn.fc1, ln(ext.ffn_norm, c1))
+        conv, parts, start = ext.ffn.dwconv["dwconv"], [], 0
+        for s in sides:
+            grid = F.pad(h[:, start:start + s * s].reshape(B, s, s, -1), (0, 0, 1, 1, 1, 1))   # (B, s+2, s+2, C)
+            start += s * s
+            taps = (conv.weight[:, 0, i, j] * grid[:, i:i + s, j:j + s] for i in range(3) for j in range(3))
+            out = conv.bias + sum(taps)
+            parts.append(out.reshape(B, s * s, -1))
+        want = c1 + lin(ext.ffn.fc2, F.gelu(torch.cat(parts, 1)))
+        torch.testing.assert_close(ext(c, ref_c, x, patches, G), want, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("frequency", [1, 2])
 def test_qformer_matches_transformers_blip2(frequency):
     transformers = oracle_transformers()
