@@ -1017,6 +1017,46 @@ def test_adapter_injector_and_extractor_follow_the_vit_adapter_formulas():
         torch.testing.assert_close(ext(c, ref_c, x, patches, G), want, rtol=1e-9, atol=1e-9)
 
 
+def test_adapter_queries_and_fuses_the_pyramid_as_the_vit_adapter():
+    """The adapter's wiring: injectors query the G x G patch tokens at their pixel centres over the pyramid of sides
+    2G, G, G/2; extractors query the pyramid's tokens (2G, then G, then G/2, row-major) at their own pixel centres
+    over the patches. Map k adds ViT group k's patch tokens to pyramid level k: group 1 up 4x (onto the stem's map
+    plus the 2G level up-convolved), group 2 up 2x, group 3 as is, group 4 down 2x."""
+    torch.manual_seed(0)
+    cfg = mmi.MMIConfig.from_preset("tiny").vision
+    vision = mmi.CLIPVisionAdapter(cfg).eval()
+    G, B = cfg.grid_size, 2
+    seen = defaultdict(list)
+    record = lambda key, f: (lambda m, *args: seen[key].append(f(*args)))
+    for block in vision.adapter_interactions:
+        block.injector.register_forward_pre_hook(record("injector", lambda a: a))
+        for e in [block.extractor, *(block.extra_extractors or ())]:
+            e.register_forward_pre_hook(record("extractor", lambda a: a))
+            e.register_forward_hook(record("c", lambda a, out: out))
+    for _, last in cfg.interaction_indexes:
+        vision.encoder["layers"][last].register_forward_hook(record("x", lambda a, out: out[:, 1:]))
+    vision.adapter_spm.register_forward_hook(record("stem", lambda a, out: out[0]))
+    with torch.no_grad():
+        _, maps = vision(torch.randn(B, 3, cfg.image_size, cfg.image_size))
+    sides = (2 * G, G, G // 2)
+    for x, ref, c, shapes in seen["injector"]:
+        assert x.shape[1] == G * G and torch.equal(ref[0], mmi.grid_centres(G, G))
+        assert shapes.tolist() == [[s, s] for s in sides] and c.shape[1] == sum(s * s for s in sides)
+    assert len(seen["extractor"]) == 4 + cfg.num_extra_extractors
+    for c, ref, x, shapes, grid in seen["extractor"]:
+        assert torch.equal(ref[0], torch.cat([mmi.grid_centres(s, s) for s in sides]))
+        assert shapes.tolist() == [[G, G]] and grid == G
+    as_map = lambda t, s: t.transpose(1, 2).reshape(B, -1, s, s)
+    x1, x2, x3, x4 = (as_map(x, G) for x in seen["x"])
+    c2, c3, c4 = (as_map(t, s) for t, s in zip(seen["c"][-1].split([s * s for s in sides], 1), sides))
+    resize = lambda t, f: F.interpolate(t, scale_factor=f, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        want = [vision.adapter_up(c2) + seen["stem"][0] + resize(x1, 4), c2 + resize(x2, 2), c3 + x3,
+                c4 + resize(x4, 0.5)]
+    for got, w in zip(maps, want):
+        torch.testing.assert_close(got, w, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("frequency", [1, 2])
 def test_qformer_matches_transformers_blip2(frequency):
     transformers = oracle_transformers()
