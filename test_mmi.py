@@ -1573,6 +1573,28 @@ def test_mmfs_grids_and_offset_scales_equal_the_originals_rules(image_size):
     assert llm_mmfs.attn.scale_ratios == tuple(s / 16 for s in (32, 16, 8))
 
 
+def test_unet_mmfs_block_is_a_conv_of_mmfs_from_the_normed_latent_plus_its_table():
+    """A UNet-MMFS block: conv(MMFS(LN_q(pixel) + 2-D sin-cos table, pixel centres, LN_f(the previous image's
+    maps), mask)), against the float64 MMFS loop above (a mask of 0 leaves only the ignore slot)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(DECODER_PRESETS["tiny"][2], mmfs_feat_dim=6, mmfs_attn_dim=4, mmfs_value_sizes=(4, 2))
+    C, side = 8, 4
+    block = mmi.MMFSBlock(C, cfg, grid_size=side, base_spatial_shape=side).double()
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name != "pos_embed":                    # the zero conv and the ignore token included
+                p.add_(torch.randn_like(p) * 0.3)
+    sample = torch.randn(2, C, side, side, dtype=torch.float64)
+    feats = torch.randn(2, 1, 16 + 4, 6, dtype=torch.float64)
+    mask = torch.tensor([[1], [0]])
+    ln = lambda norm, t: F.layer_norm(t, t.shape[-1:], norm.weight, norm.bias, norm.eps)
+    q = ln(block.query_norm, sample.flatten(2).transpose(1, 2)) + mmi.get_2d_sincos_pos_embed(C, side).double()
+    with torch.no_grad():
+        y = mmfs_loop(block.mmfs, q, mmi.grid_centres(side, side)[None].double(), ln(block.feat_norm, feats), mask)
+        want = block.conv(y.transpose(1, 2).reshape(2, C, side, side))
+        torch.testing.assert_close(block(sample, feats, mask), want, rtol=1e-9, atol=1e-9)
+
+
 def test_unet_mmfs_reference_points_are_the_pixel_centres():
     """A UNet-MMFS query at latent pixel (i, j) of an h x w map starts from ((j + 0.5) / w, (i + 0.5) / h), as x, y,
     row-major: the centres in the sampler's convention, so zero offsets read each pixel's own value."""
