@@ -5557,6 +5557,19 @@ def test_packing_max_images_per_row_image_and_sample_level():
     assert p.next_row().text_ids.tolist() == [B, S, I, I, I, I, S, I, I, I, I, 5]
 
 
+def test_packing_a_row_with_exactly_max_images_is_cut_at_L():
+    """max_num_images caps a row's images; a row holding exactly that many is cut at L like any other (only a
+    surplus image moves the cut), at either truncation level."""
+    for level in ("image", "sample"):
+        p = data.Packer(data.PackConfig(num_total_token=16, num_img_token=4, max_num_images=2,
+                                        truncation_level=level), Ids)
+        p.add(hand_sample([B, S, I, I, I, I, S, I, I, I, I, 5, 5, 5, 5, 5, 5, E], 1))
+        p.add(hand_sample([B, S, I, I, I, I, E], 2))
+        row = p.next_row()
+        assert row.text_ids.tolist() == [B, S, I, I, I, I, S, I, I, I, I, 5, 5, 5, 5, 5], level
+        assert row.image_info == ["1:0", "1:1"] and p.ids.tolist()[:3] == [5, E, B]
+
+
 def test_packing_drops_rows_without_images_and_keeps_counts():
     cfg = data.PackConfig(num_total_token=10, num_img_token=4)
     p = data.Packer(cfg, Ids)
