@@ -5570,6 +5570,20 @@ def test_packing_a_row_with_exactly_max_images_is_cut_at_L():
         assert row.image_info == ["1:0", "1:1"] and p.ids.tolist()[:3] == [5, E, B]
 
 
+def test_packer_position_counts_the_tokens_of_every_row_cut_from_a_long_document():
+    """A document spanning three rows of L=10: after two rows its position is 20 tokens consumed, and re-adding it
+    with those 20 skipped rebuilds the same buffer (the resume rule)."""
+    doc = hand_sample([B, 5, S, I, I, I, I, 5, 5, 5, 5, S, I, I, I, I, 5, 5, 5, 5, S, I, I, I, I, E], 1)
+    cfg = data.PackConfig(num_total_token=10, num_img_token=4)
+    p = data.Packer(cfg, Ids)
+    p.add(doc)
+    assert [p.next_row().image_info for _ in range(2)] == [["1:0"], ["1:1"]]
+    assert p.position() == ((0, 0, 0, 1), 20)
+    q = data.Packer(cfg, Ids)
+    q.add(doc, skip_tokens=20)
+    assert q.ids.tolist() == p.ids.tolist() == [S, I, I, I, I, E] and q.image_info == p.image_info == ["1:2"]
+
+
 def test_packing_drops_rows_without_images_and_keeps_counts():
     cfg = data.PackConfig(num_total_token=10, num_img_token=4)
     p = data.Packer(cfg, Ids)
