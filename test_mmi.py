@@ -5954,6 +5954,20 @@ def test_scene_text_round_trip_and_edits():
     assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
 
 
+def test_scenes_hold_at_most_three_objects_when_read_back():
+    """A demo scene has 1-3 objects: a description of four does not parse, nor does an object appearing in a
+    scene of three (each would be a valid scene or edit under a looser rule)."""
+    three = data.parse_scene("a red circle at the top left, a blue square at the centre and a green triangle at "
+                             "the bottom right.")
+    assert len(three) == 3
+    assert data.parse_scene("a red circle at the top left, a blue square at the centre, a green triangle at the "
+                            "bottom right and a red square at the top right.") is None
+    assert data.parse_edit("a red square appears at the top right.", three) is None
+    two = three[:2]
+    assert data.parse_edit("a red square appears at the top right.", two) == {
+        "kind": "appear", "obj": data.Obj(0, 2, "square", "red")}
+
+
 def test_render_and_read_scene_round_trip():
     rng = random.Random(0)
     for _ in range(300):
