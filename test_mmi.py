@@ -6774,6 +6774,30 @@ def test_a_skipped_step_leaves_no_trace_in_the_optimizer(tmp_path, config_file, 
     assert skipped == [2]
 
 
+def poison_calls(monkeypatch, bad_calls):
+    """From now on the model's forward calls numbered in `bad_calls` (1-based) give a NaN loss."""
+    forward, calls = mmi.MMInterleaved.forward, [0]
+
+    def poisoned(self, batch, host=None):
+        calls[0] += 1
+        out = forward(self, batch, host)
+        if calls[0] in bad_calls:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(mmi.MMInterleaved, "forward", poisoned)
+
+
+def test_nan_patience_counts_non_finite_steps_in_a_row_only(tmp_path, config_file, monkeypatch):
+    """Steps 2, 4 and 6 non-finite, each after a finite one: the streak starts again at each, so nan_patience=2
+    never stops the run (three non-finite steps in all)."""
+    poison_calls(monkeypatch, {2, 4, 6})
+    out = str(tmp_path / "nan")
+    result = run_train(config_file, out, "--max_steps=7", "--nan_patience=2", "--warmup_steps=0")
+    assert sorted(result["losses"]) == [1, 2, 3, 4, 5, 6, 7]
+    skipped = [(r["step"], r["skipped"]) for r in read_metrics(out) if "skipped" in r]
+    assert [s for s, _ in skipped] == [2, 4, 6] and all("(1 in a row)" in why for _, why in skipped)
+
+
 def test_frozen_weights_in_bf16_trainable_ones_in_float32(tmp_path, config_file):
     result = run_train(config_file, str(tmp_path / "bf16"), "--dtype=bfloat16", "--frozen_dtype=bfloat16", "--max_steps=1",
                  "--model.llm.trainable=false")
