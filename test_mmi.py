@@ -6798,6 +6798,16 @@ def test_nan_patience_counts_non_finite_steps_in_a_row_only(tmp_path, config_fil
     assert [s for s, _ in skipped] == [2, 4, 6] and all("(1 in a row)" in why for _, why in skipped)
 
 
+def test_a_resumed_run_keeps_the_checkpoints_nan_streak(tmp_path, config_file, monkeypatch):
+    """A checkpoint saved right after a non-finite step keeps the streak: resumed, one more non-finite step makes
+    two in a row, and nan_patience=2 stops the run there."""
+    out = str(tmp_path / "run")
+    poison_calls(monkeypatch, {2, 3})                      # steps 2 and 3: call 3 is the resumed run's first step
+    run_train(config_file, out, "--max_steps=2", "--nan_patience=2", "--warmup_steps=0")
+    with pytest.raises(RuntimeError, match="step 3: 2 non-finite steps in a row"):
+        run_train(config_file, out, "--max_steps=4", "--nan_patience=2", "--warmup_steps=0", "--resume")
+
+
 def test_frozen_weights_in_bf16_trainable_ones_in_float32(tmp_path, config_file):
     result = run_train(config_file, str(tmp_path / "bf16"), "--dtype=bfloat16", "--frozen_dtype=bfloat16", "--max_steps=1",
                  "--model.llm.trainable=false")
