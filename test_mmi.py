@@ -6592,6 +6592,17 @@ def test_resume_continues_exactly_and_keeps_the_last_checkpoints(tmp_path, confi
     assert {".metadata", "config.json", "rank0.pt"} <= files and any(f.endswith(".distcp") for f in files)
 
 
+def test_resume_reads_the_newest_checkpoint_only(tmp_path, config_file, capsys):
+    """An older checkpoint beside the newest (here an empty folder, which no load could read) is not read."""
+    out = tmp_path / "run"
+    run_train(config_file, str(out), "--max_steps=1")
+    os.makedirs(out / "ckpt_00000000")
+    capsys.readouterr()
+    resumed = run_train(config_file, str(out), "--max_steps=2", "--ckpt_interval=-1", "--resume")
+    assert f"resumed from {out / 'ckpt_00000001'} at step 1" in capsys.readouterr().out
+    assert sorted(resumed["losses"]) == [2]
+
+
 def test_resume_drops_the_metrics_of_the_steps_it_runs_again(tmp_path, config_file, capsys):
     """A run killed after step 5 (its last checkpoint at step 3, the step-5 save and a metrics line cut short) and
     resumed leaves metrics.jsonl with each step once, steps 4 and 5 from the resumed run, and no unfinished save."""
