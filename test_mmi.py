@@ -6603,6 +6603,13 @@ def test_resume_reads_the_newest_checkpoint_only(tmp_path, config_file, capsys):
     assert sorted(resumed["losses"]) == [2]
 
 
+def test_a_checkpoint_with_grad_accum_resumes_after_the_steps_last_micro_batch(tmp_path, config_file):
+    """With 2 micro-batches a step, the data position saved after step 1 is after micro-batch 2 (not 1: a resumed
+    run would read micro-batch 2 again)."""
+    run_train(config_file, str(tmp_path / "run"), "--max_steps=1", "--batch_size=1", "--grad_accum=2")
+    assert torch.load(tmp_path / "run" / "ckpt_00000001" / "rank0.pt")["data"] == {"micro_batch": 2}
+
+
 def test_resume_drops_the_metrics_of_the_steps_it_runs_again(tmp_path, config_file, capsys):
     """A run killed after step 5 (its last checkpoint at step 3, the step-5 save and a metrics line cut short) and
     resumed leaves metrics.jsonl with each step once, steps 4 and 5 from the resumed run, and no unfinished save."""
