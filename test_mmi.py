@@ -6635,6 +6635,11 @@ def test_export_writes_a_model_that_from_pretrained_reads_back(tmp_path, config_
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_metrics_hold_every_log_interval_th_step_and_the_last(tmp_path, config_file):
+    run_train(config_file, str(tmp_path / "r"), "--max_steps=5", "--log_interval=2", "--ckpt_interval=-1")
+    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [2, 4, 5]
+
+
 def test_accumulating_k_micro_batches_equals_one_of_k_rows(tmp_path, config_file):
     # synthetic rows of equal length and layout, so the mean over each micro-batch's targets averages exactly.
     # The diffusion loss draws its noise and timesteps per micro-batch, so it agrees only in distribution: its
