@@ -6640,6 +6640,15 @@ def test_metrics_hold_every_log_interval_th_step_and_the_last(tmp_path, config_f
     assert [r["step"] for r in read_metrics(tmp_path / "r")] == [2, 4, 5]
 
 
+def test_export_dtype_bfloat16_stores_the_trained_weights_cast_to_bf16(tmp_path, config_file):
+    out = tmp_path / "e"
+    result = run_train(config_file, str(out), "--max_steps=1", "--export=true", "--export_dtype=bfloat16")
+    theirs = mmi.MMInterleaved.from_pretrained(str(out / "model")).state_dict()
+    for k, t in result["model"].state_dict().items():
+        if t.is_floating_point() and not k.startswith("image_decoder.decoder.vae."):   # the VAE stays float32
+            assert theirs[k].dtype == torch.bfloat16 and torch.equal(theirs[k], t.to(torch.bfloat16)), k
+
+
 def test_accumulating_k_micro_batches_equals_one_of_k_rows(tmp_path, config_file):
     # synthetic rows of equal length and layout, so the mean over each micro-batch's targets averages exactly.
     # The diffusion loss draws its noise and timesteps per micro-batch, so it agrees only in distribution: its
