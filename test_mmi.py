@@ -6285,6 +6285,10 @@ def test_train_config_files_and_overrides_are_type_checked(tmp_path, config_file
     assert (tc.warmup_steps, tc.eps, tc.betas) == (6, 1.0, (0.5, 0.6)) and isinstance(tc.eps, float)
 
 
+def test_a_command_line_value_keeps_the_equals_signs_after_the_first(config_file):
+    assert train.load_config([config_file, "--out_dir=runs/lr=1e-4"]).out_dir == "runs/lr=1e-4"
+
+
 def test_train_micro_batch_beyond_the_machines_memory_is_refused_before_it_is_made(config_file, monkeypatch):
     """A micro-batch whose token ids and mask alone (int64, batch_size x seq_len each) exceed the memory the process
     may count on is an InputError from the config check, before any row is made; one that fits passes."""
