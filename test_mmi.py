@@ -7307,6 +7307,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
             "--init_from="], "pretrain_sources: blip2's annt_root /path/to/blip2/annotations: no such folder"),
     (TINY_CONFIG, ["--device=cuda:99"], "--device=cuda:99: "),
     (TINY_CONFIG, ["--log_interval=0"], "log_interval 0, expected 1 or more"),
+    (TINY_CONFIG, ["--keep_last=0"], "keep_last 0, expected 1 or more"),
     (TINY_CONFIG, ["--warmup_steps=-10"], "warmup_steps -10, expected 0 or more"),
     (TINY_CONFIG, ["--eval_interval=-1"], "eval_interval -1, expected 0 or more"),
     (TINY_CONFIG, ["--ckpt_interval=-5"], "ckpt_interval -5, expected -1 or more"),
@@ -7330,7 +7331,7 @@ def test_train_without_arguments_prints_the_usage_and_exits_2(tmp_path, monkeypa
      "c.py: model_overrides: config key 'llm.hidden_size': cannot read 'big' as int"),
 ], ids=["missing-file", "syntax-error", "file-raises", "file-key", "flag-key", "model-key", "value", "bare-flag",
         "choice", "frozen-bf16", "second-file", "init_from", "vae_from", "tokenizer", "tokenizer-corrupt", "data-root",
-        "device", "log_interval", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip",
+        "device", "log_interval", "keep_last", "warmup_steps", "eval_interval", "ckpt_interval", "images_per_row", "grad_clip",
         "seed-negative", "seed-huge", "kl_weight", "eps", "eps-inf", "seq_len", "peak_flops", "betas-range", "betas-length", "param_groups-lr", "param_groups-nan",
         "param_groups-flat", "param_groups-unmatched", "null-byte", "model-override-type"])
 def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, text, args, message):
