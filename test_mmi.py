@@ -5111,6 +5111,14 @@ def test_llava_skips_bad_records_and_counts_each_reason(tmp_path):
                              "doc:malformed_record": 3, "doc:no_image": 1, "doc:image_marks_mismatch": 1})
 
 
+def test_llava_skips_a_record_with_fewer_image_marks_than_images(tmp_path):
+    good = LLAVA_RECORDS[0]["conversations"][:2]
+    records = [{"image": "red.jpg", "conversations": good},
+               {"image": ["red.jpg", "blue.jpg"], "conversations": [{"from": "human", "value": "<image> x y"}, good[1]]}]
+    batches, stats = llava_epoch(write_llava(tmp_path, records))
+    assert len(batches) == 1 and stats["doc:image_marks_mismatch"] == 1 and stats["docs_used"] == 1
+
+
 def test_llava_rows_cut_at_max_len_prompts_too_long_skipped(tmp_path):
     """A row longer than max_len loses the answer's end (its "</s>" first); a prompt that leaves no answer token
     within max_len is skipped as too_long."""
