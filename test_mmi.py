@@ -4995,6 +4995,17 @@ def test_pair_lines_parse_lowercase_and_cut_overlong_text(tmp_path):
             assert s.text_ids.tolist() == full[:35] + full[-5:]
 
 
+def test_special_strings_in_a_caption_are_removed_not_read_as_an_image(tmp_path):
+    """A caption that spells out the soi or image token gets neither: the pair keeps its one image's tokens."""
+    write_jpeg(str(tmp_path / "p.jpg"), "blue")
+    tok = demo_tok()
+    info = {"image": "p.jpg", "caption": f"a {data.SOI_TOKEN}blue{data.IMAGE_TOKEN} square"}
+    s = data.build_pair_sample(info, data.ImageFolder(str(tmp_path), data.DualTransform(8, None)), tok,
+                               random.Random(0), num_img_token=3)
+    assert (s.text_ids == tok.soi_id).sum() == 1 and (s.text_ids == tok.image_id).sum() == 3
+    assert "a blue square" in tok.decode(s.text_ids)
+
+
 def test_place_images_orders_tensors_by_the_original_text():
     """Images 0,1 before sentence 0 and image 2 after it: the original prepends one by one, giving
     [1][0] s [2]; the tensors must follow that order."""
