@@ -5905,6 +5905,25 @@ def test_shard_shuffle_buffer_resumes_at_any_document(tmp_path):
     assert [number(s) for s in src.samples(data.Reader(), 1, 0)] != order
 
 
+def pair_shard_source(root, captions, **options):
+    """A one-shard pair source over `captions` (None: a malformed line) in file order, one blue image for all."""
+    write_jpeg(os.path.join(root, "p.jpg"), "blue", size=(16, 16))
+    lines = ["{not json" if c is None else json.dumps({"image": "p.jpg", "caption": c}) for c in captions]
+    with open(os.path.join(root, "0.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    build = data.PairBuilder(data.ImageFolder(root, data.DualTransform(8, None)), demo_tok(), num_img_token=2,
+                             **options)
+    return data.ShardSource("pairs", ["0.txt"], root, build, seed=5, shuffle_buffer=0)
+
+
+def test_a_resumed_shard_counts_only_the_documents_it_reads_again(tmp_path):
+    """Resuming at document 4 of 10 (line 7 malformed), the counts cover documents 4-9: 6 lines, 5 used, 1 skipped."""
+    src = pair_shard_source(str(tmp_path), [f"number {j}" if j != 7 else None for j in range(10)])
+    reader = data.Reader()
+    assert len(list(src.samples(reader, 0, 0, start_slot=0, start_line=4))) == 5
+    assert reader.stats == Counter({"lines": 6, "docs_used": 5, "doc:malformed_line": 1})
+
+
 def test_bad_data_is_skipped_counted_and_never_misaligns(tmp_path, capsys):
     """Unreadable / truncated / missing images, malformed lines, documents without a usable image, a missing
     and a corrupt shard: each is skipped and counted under its reason, the summary line reports them, and
