@@ -5924,6 +5924,16 @@ def test_a_resumed_shard_counts_only_the_documents_it_reads_again(tmp_path):
     assert reader.stats == Counter({"lines": 6, "docs_used": 5, "doc:malformed_line": 1})
 
 
+def test_the_rows_count_leaves_out_rows_dropped_without_an_image(tmp_path):
+    """Three long captions, each with its image last, packed into rows of 10 tokens: most rows hold text only and
+    are dropped; the count is of the 3 rows handed out, one per image."""
+    src = pair_shard_source(str(tmp_path), ["word " * 12] * 3, img_first_prob=0.0)
+    cfg = data.PackConfig(num_total_token=10, num_img_token=2, batch_size=1)
+    reader = data.Reader()
+    batches = list(data.source_batches(src, cfg, demo_tok(), reader, {"epoch": 0, "pass": 0}))
+    assert len(batches) == 3 and reader.stats["rows"] == 3
+
+
 def test_bad_data_is_skipped_counted_and_never_misaligns(tmp_path, capsys):
     """Unreadable / truncated / missing images, malformed lines, documents without a usable image, a missing
     and a corrupt shard: each is skipped and counted under its reason, the summary line reports them, and
