@@ -5615,6 +5615,16 @@ def test_packing_drops_rows_without_images_and_keeps_counts():
     assert data.nearest_bos_idxs(np.array([S, I, 5, S, I]), B, S).tolist() == [0, 0]
 
 
+def test_collate_examples_pads_labels_with_minus_100_so_padding_takes_no_loss():
+    examples = [data.Example(np.array([B, 5, 6]), np.array([-100, 5, 6]), np.zeros((1, 3, 2, 2), np.uint8)),
+                data.Example(np.array([B, 7]), np.array([-100, 7]), np.zeros((0, 3, 2, 2), np.uint8))]
+    batch = data.collate_examples(examples, pad_id=77, dataset_name="llava")
+    assert batch["text_ids"].tolist() == [[B, 5, 6], [B, 7, 77]]
+    assert batch["gt_text_ids"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["num_image_per_seq"].tolist() == [1, 0] and batch["nearest_bos_idxs"].tolist() == [0]
+
+
 def test_collate_batch_dict_right_padding_and_keys():
     rows = [data.Row(np.array([B, 5, S, I], np.int64), np.full((1, 3, 4, 4), 255, np.uint8), None, ["a"],
                      np.array([0]), []),
