@@ -5310,6 +5310,17 @@ def test_finetune_dataset_masks_image_loss_to_the_targets(tmp_path):
     assert cur["num_image_per_seq"].tolist() == [1, 1] and cur["image_loss_mask"].tolist() == [1, 1]
 
 
+def test_record_dataset_deals_every_record_once_in_a_new_order_each_epoch():
+    ds = data.RecordDataset("r", list(range(20)), lambda r, rng, where: r, lambda rows: {"rows": rows, "meta": {}},
+                            batch_size=20, seed=3, rank=0, world_size=1, verbose=False)
+    orders = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        [batch] = list(ds)
+        orders.append(batch["rows"])
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(20)) and orders[0] != orders[1]
+
+
 def test_finetune_dataset_resumes_after_the_recorded_batch(tmp_path):
     write_vist(str(tmp_path), "train")
     tok, cfg = demo_tok(), mmi.MMIConfig.from_preset("tiny")
