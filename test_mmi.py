@@ -6147,6 +6147,15 @@ def test_data_cli_show_without_its_other_half_is_one_line(argv, message, tmp_pat
     assert not (tmp_path / "show").exists()
 
 
+def test_a_story_source_resumed_at_the_key_after_a_story_reads_the_next_story_on():
+    tok = demo_tok()
+    src = data.StorySource(tok, "val", num_stories=6, num_img_token=4)
+    full = list(src.samples(data.Reader(), 0, 0))
+    after = src.next_key(full[2].key)
+    rest = list(src.samples(data.Reader(), 0, 0, start_slot=after[2], start_line=after[3]))
+    assert [s.key for s in rest] == [s.key for s in full[3:]] and len(rest) == 3
+
+
 def test_demo_stream_resumes_exactly():
     """The demo stream resumes from a saved position like the real sources (same code path)."""
     tok = demo_tok()
