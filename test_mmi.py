@@ -1497,6 +1497,10 @@ def test_sampling_loop_steps_like_diffusers(sampler, eta):
     dec = _tiny_decoder().eval()
     _perturb_mmfs_convs(dec)
     ctx, mask, _, feats, fmask = _tiny_inputs(dec, B=2)
+    # deterministic loops in float64, so that only diffusers' float32 schedule constants differ, not the two loops'
+    # float32 rounding; the noisy ones in float32, where both draw the same noise
+    dtype = torch.float32 if sampler == "ddpm" or eta > 0 else torch.float64
+    dec, ctx, feats = dec.to(dtype), ctx.to(dtype), [f.to(dtype) for f in feats]
     sd = dec.decoder
     with torch.no_grad():
         cond = dec.perceiver_resampler(ctx, mask)
@@ -1512,7 +1516,7 @@ def test_sampling_loop_steps_like_diffusers(sampler, eta):
             s = diffusers.DPMSolverMultistepScheduler(**SD_SCHED, algorithm_type="dpmsolver++", solver_order=2)
         kw = {"ddpm": dict(generator=g), "ddim": dict(eta=eta, generator=g), "dpm++2m": {}}[sampler]
         s.set_timesteps(6)
-        x = torch.randn(2, 4, 8, 8, generator=g) * s.init_noise_sigma
+        x = (torch.randn(2, 4, 8, 8, generator=g) * s.init_noise_sigma).to(dtype)
         for t in s.timesteps:
             eps_u, eps_c = sd.unet(torch.cat([x, x]), t, torch.cat([uncond, cond]), sd.mmfs_module,
                                    [torch.cat([f, f]) for f in feats], torch.cat([fmask, fmask])).chunk(2)
