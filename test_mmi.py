@@ -5907,16 +5907,25 @@ def test_shard_shuffle_uses_the_originals_buffer_sizes():
     assert sorted(x for x, _ in out) == list(range(20_000)) and [x for x, _ in out] != list(range(20_000))
 
 
+def pair_shard_source(root, captions, shuffle_buffer=0, shuffle_initial=0, **options):
+    """A one-shard pair source over `captions` (None: a malformed line), one blue image for all; in file order
+    unless given a shuffle buffer."""
+    write_jpeg(os.path.join(root, "p.jpg"), "blue", size=(16, 16))
+    lines = ["{not json" if c is None else json.dumps({"image": "p.jpg", "caption": c}) for c in captions]
+    with open(os.path.join(root, "0.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    build = data.PairBuilder(data.ImageFolder(root, data.DualTransform(8, None)), demo_tok(), num_img_token=2,
+                             **options)
+    return data.ShardSource("pairs", ["0.txt"], root, build, seed=5, shuffle_buffer=shuffle_buffer,
+                            shuffle_initial=shuffle_initial)
+
+
 def test_shard_shuffle_buffer_resumes_at_any_document(tmp_path):
     """A 40-line shard through a buffer of 8 (first draw at 3): every line once, not in file order, none more than
     8 ahead of its place; starting at any document n of the read order gives exactly documents n.. again; the next
     epoch draws another order."""
-    write_jpeg(str(tmp_path / "p.jpg"), "blue", size=(16, 16))
-    (tmp_path / "0.txt").write_text("".join(json.dumps({"image": "p.jpg", "caption": f"number {j}"}) + "\n"
-                                            for j in range(40)))
+    src = pair_shard_source(str(tmp_path), [f"number {j}" for j in range(40)], shuffle_buffer=8, shuffle_initial=3)
     tok = demo_tok()
-    build = data.PairBuilder(data.ImageFolder(str(tmp_path), data.DualTransform(8, None)), tok, num_img_token=2)
-    src = data.ShardSource("pairs", ["0.txt"], str(tmp_path), build, seed=5, shuffle_buffer=8, shuffle_initial=3)
     number = lambda s: int(tok.decode(s.text_ids).split()[-1])
     full = list(src.samples(data.Reader(), 0, 0))
     order = [number(s) for s in full]
@@ -5928,17 +5937,6 @@ def test_shard_shuffle_buffer_resumes_at_any_document(tmp_path):
         assert [s.key for s in rest] == [s.key for s in full[n:]]
         assert [s.text_ids.tolist() for s in rest] == [s.text_ids.tolist() for s in full[n:]]
     assert [number(s) for s in src.samples(data.Reader(), 1, 0)] != order
-
-
-def pair_shard_source(root, captions, **options):
-    """A one-shard pair source over `captions` (None: a malformed line) in file order, one blue image for all."""
-    write_jpeg(os.path.join(root, "p.jpg"), "blue", size=(16, 16))
-    lines = ["{not json" if c is None else json.dumps({"image": "p.jpg", "caption": c}) for c in captions]
-    with open(os.path.join(root, "0.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    build = data.PairBuilder(data.ImageFolder(root, data.DualTransform(8, None)), demo_tok(), num_img_token=2,
-                             **options)
-    return data.ShardSource("pairs", ["0.txt"], root, build, seed=5, shuffle_buffer=0)
 
 
 def test_a_resumed_shard_counts_only_the_documents_it_reads_again(tmp_path):
@@ -6834,18 +6832,23 @@ def test_late_read_hands_back_a_step_while_the_next_runs():
     assert (info, numbers) == (2, [2.0, 2.0]) and torch.cuda.current_stream().query()
 
 
-def test_nan_guard_skips_logs_and_stops_after_nan_patience(tmp_path, config_file, monkeypatch):
-    forward = mmi.MMInterleaved.forward
-    seen = []
+def poison_calls(monkeypatch, bad_calls):
+    """From now on the model's forward calls numbered in `bad_calls` (1-based) give a NaN loss (and NaN gradients).
+    -> the list that gets, at each call, a copy of one LLM weight as that call found it."""
+    forward, seen = mmi.MMInterleaved.forward, []
 
-    def poisoned(self, batch, host=None):        # from the 2nd call on the loss is NaN (so are its gradients)
+    def poisoned(self, batch, host=None):
         seen.append(self.mm_decoder.layers[0].mlp.up_proj.weight.detach().clone())
         out = forward(self, batch, host)
-        if len(seen) >= 2:
+        if len(seen) in bad_calls:
             out["loss"] = out["loss"] * float("nan")
         return out
-
     monkeypatch.setattr(mmi.MMInterleaved, "forward", poisoned)
+    return seen
+
+
+def test_nan_guard_skips_logs_and_stops_after_nan_patience(tmp_path, config_file, monkeypatch):
+    seen = poison_calls(monkeypatch, range(2, 100))        # from the 2nd call on
     out = str(tmp_path / "nan")
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
         run_train(config_file, out, "--max_steps=10", "--nan_patience=3", "--warmup_steps=0")
@@ -6862,18 +6865,7 @@ def test_a_skipped_step_leaves_no_trace_in_the_optimizer(tmp_path, config_file, 
     """The update is queued before the host reads the NaN flag (the fused AdamW skips itself on the device): one
     NaN step in the middle changes neither weights nor Adam's moments, so the steps after it train on finite
     numbers, exactly as a run in which that step's update never happened."""
-    forward = mmi.MMInterleaved.forward
-    seen, calls = [], [0]
-
-    def poisoned(self, batch, host=None):        # only the 2nd call's loss is NaN
-        calls[0] += 1
-        seen.append(self.mm_decoder.layers[0].mlp.up_proj.weight.detach().clone())
-        out = forward(self, batch, host)
-        if calls[0] == 2:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(mmi.MMInterleaved, "forward", poisoned)
+    seen = poison_calls(monkeypatch, {2})
     result = run_train(config_file, str(tmp_path / "nan"), "--max_steps=4", "--warmup_steps=0")
     assert torch.equal(seen[1], seen[2]) and not torch.equal(seen[2], seen[3])   # step 2 skipped, step 3 updated
     assert all(math.isfinite(result["losses"][s]) for s in (1, 3, 4))
@@ -6881,19 +6873,6 @@ def test_a_skipped_step_leaves_no_trace_in_the_optimizer(tmp_path, config_file, 
     assert all(torch.isfinite(p).all() for p in result["model"].parameters())
     skipped = [r["step"] for r in read_metrics(str(tmp_path / "nan")) if "skipped" in r]
     assert skipped == [2]
-
-
-def poison_calls(monkeypatch, bad_calls):
-    """From now on the model's forward calls numbered in `bad_calls` (1-based) give a NaN loss."""
-    forward, calls = mmi.MMInterleaved.forward, [0]
-
-    def poisoned(self, batch, host=None):
-        calls[0] += 1
-        out = forward(self, batch, host)
-        if calls[0] in bad_calls:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-    monkeypatch.setattr(mmi.MMInterleaved, "forward", poisoned)
 
 
 def test_nan_patience_counts_non_finite_steps_in_a_row_only(tmp_path, config_file, monkeypatch):
