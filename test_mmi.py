@@ -7079,10 +7079,10 @@ def test_demo_sft_config_fine_tunes_the_demo_model_on_cpu(tmp_path):
     """configs/demo_sft.py, two steps on the CPU: it starts from assets/demo, learns from the answers alone (the
     image decoder gets no gradient, so it is untouched), and exports a model eval.py can load with its tokenizer."""
     out = str(tmp_path / "sft")
-    tc = train.load_config([os.path.join(HERE, "configs", "demo_sft.py"), "--max_steps=2", "--batch_size=2",
-                            "--device=cpu", "--dtype=float32", "--num_workers=0", "--eval_interval=0",
-                            "--progress=false", f"--out_dir={out}"])
-    assert (tc.data, tc.finetune_dataset) == ("finetune", "demo_qa")
+    tc = train.load_config([os.path.join(HERE, "configs", "demo_sft.py"), "--max_steps=2",
+                            "--finetune_args={'batch_size': 2}", "--device=cpu", "--dtype=float32",
+                            "--num_workers=0", "--eval_interval=0", "--progress=false", f"--out_dir={out}"])
+    assert (tc.data, tc.finetune_dataset, train.rows_per_batch(tc)) == ("finetune", "demo_qa", [2])
     result = train.run(tc)
     assert sorted(result["losses"]) == [1, 2] and all(math.isfinite(v) for v in result["losses"].values())
     shipped = mmi.MMInterleaved.from_pretrained(os.path.join(HERE, "assets", "demo"))
