@@ -6611,13 +6611,13 @@ def test_a_second_run_into_an_out_dir_in_use_is_one_line(tmp_path, config_file, 
     other = os.open(out, os.O_RDONLY)
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
-        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 2
+        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1", "--ckpt_interval=-1"]) == 2
     finally:
         os.close(other)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: out_dir {out} is in use by another training run" in err
     assert os.listdir(out) == []
-    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1", "--ckpt_interval=-1"]) == 0
 
 
 def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, config_file, monkeypatch, capsys):
@@ -6627,7 +6627,7 @@ def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, config_file, 
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))    # as some NFS mounts answer
     monkeypatch.setattr(fcntl, "flock", no_locks)
     out = tmp_path / "run"
-    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
+    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1", "--ckpt_interval=-1"]) == 0
     assert f"out_dir {out} cannot be locked (No locks available); make sure no other run writes there" in \
         capsys.readouterr().err
     assert [r["step"] for r in read_metrics(out)] == [1]
@@ -6703,7 +6703,7 @@ def test_resume_drops_the_metrics_of_the_steps_it_runs_again(tmp_path, config_fi
 
 def test_export_writes_a_model_that_from_pretrained_reads_back(tmp_path, config_file):
     out = tmp_path / "e"
-    result = run_train(config_file, str(out), "--max_steps=1", "--export=true")
+    result = run_train(config_file, str(out), "--max_steps=1", "--ckpt_interval=-1", "--export=true")
     loaded = mmi.MMInterleaved.from_pretrained(str(out / "model"))
     ours = result["model"].state_dict()
     theirs = loaded.state_dict()
@@ -6717,7 +6717,8 @@ def test_metrics_hold_every_log_interval_th_step_and_the_last(tmp_path, config_f
 
 def test_export_dtype_bfloat16_stores_the_trained_weights_cast_to_bf16(tmp_path, config_file):
     out = tmp_path / "e"
-    result = run_train(config_file, str(out), "--max_steps=1", "--export=true", "--export_dtype=bfloat16")
+    result = run_train(config_file, str(out), "--max_steps=1", "--ckpt_interval=-1", "--export=true",
+                       "--export_dtype=bfloat16")
     theirs = mmi.MMInterleaved.from_pretrained(str(out / "model")).state_dict()
     for k, t in result["model"].state_dict().items():
         if t.is_floating_point() and not k.startswith("image_decoder.decoder.vae."):   # the VAE stays float32
@@ -6731,7 +6732,7 @@ def test_accumulating_k_micro_batches_equals_one_of_k_rows(tmp_path, config_file
     # must agree too: AdamW's update barely changes when the gradients are scaled, so the losses alone would not
     # show micro-batch losses summed instead of averaged
     no_img = "--model.loss_img_weight=0"
-    args = ("--max_steps=3", "--log_interval=1", no_img)
+    args = ("--max_steps=3", "--log_interval=1", "--ckpt_interval=-1", no_img)
     one = run_train(config_file, str(tmp_path / "one"), "--batch_size=2", "--grad_accum=1", *args)
     acc = run_train(config_file, str(tmp_path / "acc"), "--batch_size=1", "--grad_accum=2", *args)
     for step in (1, 2, 3):
@@ -6866,7 +6867,7 @@ def test_a_skipped_step_leaves_no_trace_in_the_optimizer(tmp_path, config_file, 
     NaN step in the middle changes neither weights nor Adam's moments, so the steps after it train on finite
     numbers, exactly as a run in which that step's update never happened."""
     seen = poison_calls(monkeypatch, {2})
-    result = run_train(config_file, str(tmp_path / "nan"), "--max_steps=4", "--warmup_steps=0")
+    result = run_train(config_file, str(tmp_path / "nan"), "--max_steps=4", "--warmup_steps=0", "--ckpt_interval=-1")
     assert torch.equal(seen[1], seen[2]) and not torch.equal(seen[2], seen[3])   # step 2 skipped, step 3 updated
     assert all(math.isfinite(result["losses"][s]) for s in (1, 3, 4))
     # the moments: had step 2's NaN gradients reached them, every later update would be NaN
@@ -6880,7 +6881,7 @@ def test_nan_patience_counts_non_finite_steps_in_a_row_only(tmp_path, config_fil
     never stops the run (three non-finite steps in all)."""
     poison_calls(monkeypatch, {2, 4, 6})
     out = str(tmp_path / "nan")
-    result = run_train(config_file, out, "--max_steps=7", "--nan_patience=2", "--warmup_steps=0")
+    result = run_train(config_file, out, "--max_steps=7", "--nan_patience=2", "--warmup_steps=0", "--ckpt_interval=-1")
     assert sorted(result["losses"]) == [1, 2, 3, 4, 5, 6, 7]
     skipped = [(r["step"], r["skipped"]) for r in read_metrics(out) if "skipped" in r]
     assert [s for s, _ in skipped] == [2, 4, 6] and all("(1 in a row)" in why for _, why in skipped)
@@ -7067,7 +7068,7 @@ def test_loop_fine_tunes_on_a_storytelling_set(tmp_path, config_file):
                    f'finetune_dataset = "vist"\nfinetune_args = dict(annt_root="{tmp_path / "vist"}", '
                    f'data_root="{tmp_path / "vist"}", batch_size=1)\n')
     out = str(tmp_path / "run")
-    result = run_train(str(cfg), out, "--log_interval=1")
+    result = run_train(str(cfg), out, "--log_interval=1", "--ckpt_interval=-1")
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
@@ -7520,7 +7521,8 @@ def test_data_loader_workers_are_capped_by_the_cpu_cores(tmp_path, config_file, 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert train.worker_limit() == 0
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    result = run_train(config_file, str(tmp_path / "run"), *DEMO_ROWS, "--num_workers=6", "--max_steps=1")
+    result = run_train(config_file, str(tmp_path / "run"), *DEMO_ROWS, "--num_workers=6", "--max_steps=1",
+                       "--ckpt_interval=-1")
     assert result["config"].num_workers == 1
     assert "num_workers=6 -> 1: this process may use 2 CPU cores" in capsys.readouterr().out
 
