@@ -6650,29 +6650,42 @@ def test_a_run_stopped_in_its_first_step_leaves_out_dir_as_it_found_it(tmp_path,
     assert [r["step"] for r in read_metrics(tmp_path / "made_by_the_run")] == [1]
 
 
-def test_resume_of_a_finished_run_says_there_is_no_step_to_run(tmp_path, config_file, capsys):
-    run_train(config_file, str(tmp_path / "run"), "--max_steps=2", "--ckpt_interval=2")
-    capsys.readouterr()
-    run_train(config_file, str(tmp_path / "run"), "--max_steps=2", "--resume=true")
-    assert "at step 2; max_steps is 2: no step to run" in capsys.readouterr().out
+def test_resume_of_a_finished_run_says_there_is_no_step_to_run(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", out)
+    run_train(str(tiny_run / "c.py"), str(out), "--max_steps=1", "--resume=true")
+    assert "at step 1; max_steps is 1: no step to run" in capsys.readouterr().out
 
 
-def test_resume_continues_exactly_and_keeps_the_last_checkpoints(tmp_path, config_file):
-    """A run interrupted after step 5 and resumed gives bit-identical losses at steps 6..10 (data position, RNG,
-    optimizer moments and step all restored); only the newest `keep_last` complete checkpoints stay."""
-    args = ["--max_steps=10", "--ckpt_interval=5", "--batch_size=1", "--warmup_steps=1"]
-    full = run_train(config_file, str(tmp_path / "full"), *args)
-    assert sorted(os.listdir(tmp_path / "full")) == ["ckpt_00000005", "ckpt_00000010", "metrics.jsonl"]
+FOUR_STEPS = ["--max_steps=4", "--ckpt_interval=2", "--batch_size=1", "--warmup_steps=1", "--log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory):
+    """A finished run of TINY_CONFIG (c.py) with FOUR_STEPS: its out_dir run/ holds ckpt_00000002, ckpt_00000004
+    and metrics.jsonl (every step). -> (root, its losses, its final weights); tests copy run/, never change it."""
+    root = tmp_path_factory.mktemp("four_step_run")
+    (root / "c.py").write_text(TINY_CONFIG)
+    result = run_train(str(root / "c.py"), str(root / "run"), *FOUR_STEPS)
+    return root, result["losses"], {k: p.detach().clone() for k, p in result["model"].named_parameters()}
+
+
+def test_resume_continues_exactly_and_keeps_the_last_checkpoints(four_step_run, tmp_path):
+    """A run interrupted after step 2 and resumed gives bit-identical losses at steps 3 and 4 and the same final
+    weights (data position, RNG, optimizer moments and step all restored); only the newest `keep_last` complete
+    checkpoints stay."""
+    root, losses, weights = four_step_run
+    assert sorted(os.listdir(root / "run")) == ["ckpt_00000002", "ckpt_00000004", "metrics.jsonl"]
     interrupted = tmp_path / "interrupted"
     os.makedirs(interrupted)
-    shutil.copytree(tmp_path / "full" / "ckpt_00000005", interrupted / "ckpt_00000005")
-    resumed = run_train(config_file, str(interrupted), *args, "--resume=true", "--keep_last=1")
-    assert sorted(resumed["losses"]) == [6, 7, 8, 9, 10]
-    assert [resumed["losses"][s] for s in range(6, 11)] == [full["losses"][s] for s in range(6, 11)]
-    a, b = dict(full["model"].named_parameters()), dict(resumed["model"].named_parameters())
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(n for n in os.listdir(interrupted) if n.startswith("ckpt")) == ["ckpt_00000010"]
-    files = set(os.listdir(interrupted / "ckpt_00000010"))
+    shutil.copytree(root / "run" / "ckpt_00000002", interrupted / "ckpt_00000002")
+    resumed = run_train(str(root / "c.py"), str(interrupted), *FOUR_STEPS, "--resume=true", "--keep_last=1")
+    assert sorted(resumed["losses"]) == [3, 4]
+    assert [resumed["losses"][s] for s in (3, 4)] == [losses[s] for s in (3, 4)]
+    b = dict(resumed["model"].named_parameters())
+    assert all(torch.equal(weights[k], b[k]) for k in weights)
+    assert sorted(n for n in os.listdir(interrupted) if n.startswith("ckpt")) == ["ckpt_00000004"]
+    files = set(os.listdir(interrupted / "ckpt_00000004"))
     assert {".metadata", "config.json", "rank0.pt"} <= files and any(f.endswith(".distcp") for f in files)
 
 
@@ -6683,22 +6696,24 @@ def test_a_checkpoint_with_grad_accum_resumes_after_the_steps_last_micro_batch(t
     assert torch.load(tmp_path / "run" / "ckpt_00000001" / "rank0.pt")["data"] == {"micro_batch": 2}
 
 
-def test_resume_drops_the_metrics_of_the_steps_it_runs_again(tmp_path, config_file, capsys):
-    """A run killed after step 5 (its last checkpoint at step 3, the step-5 save and a metrics line cut short) and
-    resumed leaves metrics.jsonl with each step once, steps 4 and 5 from the resumed run, and no unfinished save."""
+def test_resume_drops_the_metrics_of_the_steps_it_runs_again(four_step_run, tmp_path, capsys):
+    """A run killed after step 4 (its last checkpoint at step 2, the step-4 save and a metrics line cut short) and
+    resumed leaves metrics.jsonl with each step once, steps 3 and 4 from the resumed run, and no unfinished save."""
+    root, _, _ = four_step_run
     out = tmp_path / "run"
-    run_train(config_file, str(out), "--max_steps=5", "--ckpt_interval=3", "--log_interval=1")
-    os.rename(out / "ckpt_00000005", out / "ckpt_00000005.tmp")   # killed before the step-5 save was complete
+    shutil.copytree(root / "run", out)
+    os.rename(out / "ckpt_00000004", out / "ckpt_00000004.tmp")   # killed before the step-4 save was complete
     with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"step": 6, "lo')                            # and while writing a line
+        f.write('{"step": 5, "lo')                            # and while writing a line
     os.makedirs(out / "ckpt_00000001")                         # an older checkpoint no load could read: not read
     capsys.readouterr()
-    run_train(config_file, str(out), "--max_steps=6", "--ckpt_interval=3", "--log_interval=1", "--resume")
+    # checkpoints at the end only: the resumed run writes no ckpt_00000004 (.tmp) of its own
+    run_train(str(root / "c.py"), str(out), *FOUR_STEPS, "--max_steps=5", "--ckpt_interval=0", "--resume")
     printed = capsys.readouterr().out
-    assert f"resumed from {out / 'ckpt_00000003'} at step 3" in printed
-    assert "metrics.jsonl: dropped 3 line(s), of the steps after 3 (they run again) or cut short" in printed
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
-    assert sorted(os.listdir(out)) == ["ckpt_00000001", "ckpt_00000003", "ckpt_00000006", "metrics.jsonl"]   # no .tmp
+    assert f"resumed from {out / 'ckpt_00000002'} at step 2" in printed
+    assert "metrics.jsonl: dropped 3 line(s), of the steps after 2 (they run again) or cut short" in printed
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+    assert sorted(os.listdir(out)) == ["ckpt_00000001", "ckpt_00000002", "ckpt_00000005", "metrics.jsonl"]   # no .tmp
 
 
 def test_export_writes_a_model_that_from_pretrained_reads_back(tmp_path, config_file):
@@ -7398,7 +7413,7 @@ def test_train_user_mistake_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys
     assert not os.path.exists(tmp_path / "run")                                # it stopped before any work
 
 
-def test_train_out_dir_is_writable_and_holds_no_earlier_run_unless_resumed(tmp_path, config_file, capsys):
+def test_train_out_dir_is_writable_and_holds_no_earlier_run_unless_resumed(tiny_run, tmp_path, config_file, capsys):
     """An out_dir that is empty, a file, lies under one or cannot be made, or that holds an earlier run's checkpoints
     or metrics while --resume is not given, is one line before any work; with --resume the earlier run goes on."""
     (tmp_path / "file").write_text("")
@@ -7410,7 +7425,7 @@ def test_train_out_dir_is_writable_and_holds_no_earlier_run_unless_resumed(tmp_p
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     out = tmp_path / "run"
-    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=1"]) == 0
+    shutil.copytree(tiny_run / "run", out)                                     # a finished one-step run
     assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2"]) == 2
     err = capsys.readouterr().err
     assert f"out_dir {out} holds an earlier run's checkpoints; pass --resume to continue it" in err
