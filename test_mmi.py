@@ -3328,8 +3328,12 @@ def test_a_mistake_found_in_a_data_loader_worker_is_one_line(capsys):
     """An InputError raised in a DataLoader worker reaches the main process wrapped with the worker's traceback;
     run_script still prints the worker's one line."""
     def main(argv):
-        for _ in torch.utils.data.DataLoader(_RefusingDataset(), batch_size=None, num_workers=1):
-            pass
+        batches = iter(torch.utils.data.DataLoader(_RefusingDataset(), batch_size=None, num_workers=1))
+        try:
+            for _ in batches:
+                pass
+        finally:            # the error's traceback keeps the loader: its worker stops here, not in a later GC
+            batches._shutdown_workers()
     assert mmi.run_script(main, []) == 2
     err = capsys.readouterr().err
     assert err.endswith(": error: annt.json[3]: field 'image' is missing\n") and err.count("\n") == 1, err
