@@ -7038,7 +7038,7 @@ def test_finetune_resume_gives_the_uninterrupted_losses_exactly(tmp_path, config
     full = run_train(config_file, str(tmp_path / "full"), *args)
     interrupted = tmp_path / "interrupted"
     shutil.copytree(tmp_path / "full" / "ckpt_00000002", interrupted / "ckpt_00000002")
-    resumed = run_train(config_file, str(interrupted), *args, "--resume")
+    resumed = run_train(config_file, str(interrupted), *args, "--resume", "--ckpt_interval=-1")
     assert sorted(resumed["losses"]) == [3, 4]
     assert [resumed["losses"][s] for s in (3, 4)] == [full["losses"][s] for s in (3, 4)]
 
@@ -7101,7 +7101,8 @@ def test_demo_sft_config_fine_tunes_the_demo_model_on_cpu(tmp_path):
     out = str(tmp_path / "sft")
     tc = train.load_config([os.path.join(HERE, "configs", "demo_sft.py"), "--max_steps=2",
                             "--finetune_args={'batch_size': 2}", "--device=cpu", "--dtype=float32",
-                            "--num_workers=0", "--eval_interval=0", "--progress=false", f"--out_dir={out}"])
+                            "--num_workers=0", "--eval_interval=0", "--ckpt_interval=-1", "--progress=false",
+                            f"--out_dir={out}"])
     assert (tc.data, tc.finetune_dataset, train.rows_per_batch(tc)) == ("finetune", "demo_qa", [2])
     result = train.run(tc)
     assert sorted(result["losses"]) == [1, 2] and all(math.isfinite(v) for v in result["losses"].values())
@@ -7226,7 +7227,8 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
     # each rank draws its own diffusion noise, so the comparison is on the text loss (image loss weight 0). Steps 1
     # and 2 are inside the warm-up (2 steps), whose learning rates do not depend on max_steps
     common = ["--device=cpu", "--model.llm.trainable=false", "--model.loss_img_weight=0"]
-    single = run_train(config_file, str(tmp_path / "single"), "--batch_size=2", "--max_steps=2", *common)
+    single = run_train(config_file, str(tmp_path / "single"), "--batch_size=2", "--max_steps=2", "--ckpt_interval=-1",
+                       *common)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
 
     def torchrun(out, *args):
@@ -7295,7 +7297,7 @@ def test_vae_task_exports_a_vae_the_demo_loads_frozen(tmp_path, config_file):
     tc = train.load_config([config_file, f"--vae_from={path}"])
     assert train.model_config(tc).vae.scaling_factor == scale
     model = run_train(config_file, str(tmp_path / "mmi"), f"--vae_from={path}", "--max_steps=1", "--export=true",
-                      *common)["model"]
+                      "--ckpt_interval=-1", *common)["model"]
     # the exported demo model folder is self-contained: sample.py / eval.py find its tokenizer there
     exported = tmp_path / "mmi" / "model"
     assert (exported / "tokenizer.model").read_bytes() == open(data.DEMO_TOKENIZER_PATH, "rb").read()
@@ -7640,7 +7642,7 @@ def test_demo_resume_gives_the_uninterrupted_losses_exactly(tmp_path, config_fil
     full = run_train(config_file, str(tmp_path / "full"), *args)
     interrupted = tmp_path / "interrupted"
     shutil.copytree(tmp_path / "full" / "ckpt_00000002", interrupted / "ckpt_00000002")
-    resumed = run_train(config_file, str(interrupted), *args, "--resume")
+    resumed = run_train(config_file, str(interrupted), *args, "--resume", "--ckpt_interval=-1")
     assert [resumed["losses"][s] for s in (3, 4)] == [full["losses"][s] for s in (3, 4)]
 
 
