@@ -6654,31 +6654,32 @@ def test_a_run_stopped_in_its_first_step_leaves_out_dir_as_it_found_it(tmp_path,
     assert [r["step"] for r in read_metrics(tmp_path / "made_by_the_run")] == [1]
 
 
-def test_resume_of_a_finished_run_says_there_is_no_step_to_run(tiny_run, tmp_path, capsys):
-    out = tmp_path / "run"
-    shutil.copytree(tiny_run / "run", out)
-    run_train(str(tiny_run / "c.py"), str(out), "--max_steps=1", "--resume=true")
-    assert "at step 1; max_steps is 1: no step to run" in capsys.readouterr().out
-
-
 FOUR_STEPS = ["--max_steps=4", "--ckpt_interval=2", "--batch_size=1", "--warmup_steps=1", "--log_interval=1"]
 
 
 @pytest.fixture(scope="module")
-def four_step_run(tmp_path_factory):
+def tiny_run(tmp_path_factory):
     """A finished run of TINY_CONFIG (c.py) with FOUR_STEPS: its out_dir run/ holds ckpt_00000002, ckpt_00000004
     and metrics.jsonl (every step). -> (root, its losses, its final weights); tests copy run/, never change it."""
-    root = tmp_path_factory.mktemp("four_step_run")
+    root = tmp_path_factory.mktemp("tiny_run")
     (root / "c.py").write_text(TINY_CONFIG)
     result = run_train(str(root / "c.py"), str(root / "run"), *FOUR_STEPS)
     return root, result["losses"], {k: p.detach().clone() for k, p in result["model"].named_parameters()}
 
 
-def test_resume_continues_exactly_and_keeps_the_last_checkpoints(four_step_run, tmp_path):
+def test_resume_of_a_finished_run_says_there_is_no_step_to_run(tiny_run, tmp_path, capsys):
+    root, _, _ = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(root / "run", out)
+    run_train(str(root / "c.py"), str(out), *FOUR_STEPS, "--resume=true")
+    assert "at step 4; max_steps is 4: no step to run" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly_and_keeps_the_last_checkpoints(tiny_run, tmp_path):
     """A run interrupted after step 2 and resumed gives bit-identical losses at steps 3 and 4 and the same final
     weights (data position, RNG, optimizer moments and step all restored); only the newest `keep_last` complete
     checkpoints stay."""
-    root, losses, weights = four_step_run
+    root, losses, weights = tiny_run
     assert sorted(os.listdir(root / "run")) == ["ckpt_00000002", "ckpt_00000004", "metrics.jsonl"]
     interrupted = tmp_path / "interrupted"
     os.makedirs(interrupted)
@@ -6700,10 +6701,10 @@ def test_a_checkpoint_with_grad_accum_resumes_after_the_steps_last_micro_batch(t
     assert torch.load(tmp_path / "run" / "ckpt_00000001" / "rank0.pt")["data"] == {"micro_batch": 2}
 
 
-def test_resume_drops_the_metrics_of_the_steps_it_runs_again(four_step_run, tmp_path, capsys):
+def test_resume_drops_the_metrics_of_the_steps_it_runs_again(tiny_run, tmp_path, capsys):
     """A run killed after step 4 (its last checkpoint at step 2, the step-4 save and a metrics line cut short) and
     resumed leaves metrics.jsonl with each step once, steps 3 and 4 from the resumed run, and no unfinished save."""
-    root, _, _ = four_step_run
+    root, _, _ = tiny_run
     out = tmp_path / "run"
     shutil.copytree(root / "run", out)
     os.rename(out / "ckpt_00000004", out / "ckpt_00000004.tmp")   # killed before the step-4 save was complete
@@ -7431,28 +7432,20 @@ def test_train_out_dir_is_writable_and_holds_no_earlier_run_unless_resumed(tiny_
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     out = tmp_path / "run"
-    shutil.copytree(tiny_run / "run", out)                                     # a finished one-step run
-    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2"]) == 2
+    shutil.copytree(tiny_run[0] / "run", out)                                  # a finished run of 4 steps
+    argv = [config_file, f"--out_dir={out}", *FOUR_STEPS, "--max_steps=5"]
+    assert mmi.run_script(train.main, argv) == 2
     err = capsys.readouterr().err
     assert f"out_dir {out} holds an earlier run's checkpoints; pass --resume to continue it" in err
-    assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2", "--resume"]) == 0
-    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
-    shutil.rmtree(out / "ckpt_00000001")
+    assert mmi.run_script(train.main, [*argv, "--ckpt_interval=-1", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
     shutil.rmtree(out / "ckpt_00000002")
+    shutil.rmtree(out / "ckpt_00000004")
     for resume in ([], ["--resume"]):        # metrics and no checkpoint: a resume would start over and append
-        assert mmi.run_script(train.main, [config_file, f"--out_dir={out}", "--max_steps=2", *resume]) == 2
+        assert mmi.run_script(train.main, [*argv, *resume]) == 2
         err = capsys.readouterr().err
         assert f"out_dir {out} holds an earlier run's metrics.jsonl and no checkpoint to resume from" in err
         assert err.count("\n") == 1
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A finished one-step run of TINY_CONFIG (c.py): its out_dir run/ holds ckpt_00000001 and metrics.jsonl."""
-    root = tmp_path_factory.mktemp("tiny_run")
-    (root / "c.py").write_text(TINY_CONFIG)
-    run_train(str(root / "c.py"), str(root / "run"), "--max_steps=1")
-    return root
 
 
 @pytest.mark.parametrize("args, damage, message", [
@@ -7468,18 +7461,19 @@ def tiny_run(tmp_path_factory):
 ], ids=["layers", "shape", "lora", "rank-file-cut", "shard-missing", "shard-cut", "index-missing", "config-cut"])
 def test_resume_from_another_models_or_a_damaged_checkpoint_is_one_line(tiny_run, tmp_path, capsys, args, damage,
                                                                         message):
+    root, _, _ = tiny_run
     out = tmp_path / "run"
-    shutil.copytree(tiny_run / "run", out)
-    if damage:
-        file, size = out / "ckpt_00000001" / damage[0], damage[1]
+    shutil.copytree(root / "run", out)
+    if damage:                                                  # the newest checkpoint, the one a resume reads
+        file, size = out / "ckpt_00000004" / damage[0], damage[1]
         if size is None:
             file.unlink()
         else:
             os.truncate(file, size)
-    argv = [str(tiny_run / "c.py"), f"--out_dir={out}", "--max_steps=2", "--resume", *args]
+    argv = [str(root / "c.py"), f"--out_dir={out}", "--max_steps=5", "--resume", *args]
     assert mmi.run_script(train.main, argv) == 2
     err = capsys.readouterr().err
-    assert f"error: {out / 'ckpt_00000001'}" in err and message in err and err.count("\n") == 1
+    assert f"error: {out / 'ckpt_00000004'}" in err and message in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("workers", [0, 1])
