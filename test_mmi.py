@@ -6474,10 +6474,16 @@ def test_param_groups_and_weight_decay_match_spec_on_meta_13b():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_loop_runs_three_steps_from_a_config_file(tmp_path, config_file, capsys):
+def test_loop_runs_three_steps_from_a_config_file(tmp_path, config_file, monkeypatch, capsys):
+    """3 steps from a config file: the weights that train move, the metrics of every step, the last checkpoint;
+    the progress bar draws its final state once (not again when it closes)."""
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")                               # tqdm draws at every update
+    monkeypatch.setenv("TQDM_MINITERS", "1")
     out = str(tmp_path / "run")
-    result = run_train(config_file, out, "--log_interval=1")
-    assert re.search(r"^steps 1-3 took \d+\.\d min$", capsys.readouterr().out, re.M)
+    result = run_train(config_file, out, "--log_interval=1", "--progress=true")
+    printed = capsys.readouterr()
+    assert re.search(r"^steps 1-3 took \d+\.\d min$", printed.out, re.M)
+    assert len(re.findall(r"\b3/3\b", printed.err)) == 1
     model = result["model"]
     torch.manual_seed(32)                                 # the loop's seed: the same initial weights
     init = mmi.MMInterleaved(train.model_config(result["config"]))
@@ -7510,13 +7516,6 @@ def test_train_prints_where_it_wrote_model_ckpt_and_metrics(tmp_path, config_fil
     assert f"the last checkpoint in {out}/ckpt_00000001" in printed and f"{out}/metrics.jsonl" in printed
     assert os.path.isdir(out / "model") and os.path.isdir(out / "ckpt_00000001")
     assert train.load_config([config_file]).out_dir == "out"                   # under out/ unless told otherwise
-
-
-def test_progress_bar_draws_its_final_state_once(tmp_path, config_file, monkeypatch, capsys):
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")                               # tqdm draws at every update
-    monkeypatch.setenv("TQDM_MINITERS", "1")
-    run_train(config_file, str(tmp_path / "bar"), "--progress=true")
-    assert len(re.findall(r"\b3/3\b", capsys.readouterr().err)) == 1          # not again when the bar closes
 
 
 def test_demo_recipe_on_a_machine_without_cuda_takes_cpu_sizes(monkeypatch):
