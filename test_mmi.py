@@ -6505,6 +6505,19 @@ def test_loop_runs_three_steps_from_a_config_file(tmp_path, config_file, monkeyp
     assert os.listdir(out + "/ckpt_00000003") and not os.path.exists(out + "/ckpt_00000003.tmp")
 
 
+@pytest.mark.parametrize("graphsafe_cacheable", [False, True])
+def test_compiled_checkpointing_replays_rng_in_a_form_inductor_caches(monkeypatch, graphsafe_cacheable):
+    """Where Inductor caches only the plain RNG replay of a checkpoint's recomputation (torch 2.11), compile_blocks
+    takes it, or a warm run would recompile every block with attention; elsewhere the default stays."""
+    from torch._prims import rng_prims
+    monkeypatch.setattr(torch._functorch.config, "graphsafe_rng_functionalization", True)
+    monkeypatch.setattr(rng_prims.graphsafe_run_with_rng_state, "cacheable", lambda: graphsafe_cacheable)
+    train.compile_blocks([torch.nn.Linear(2, 2)], checkpoint=False)
+    assert torch._functorch.config.graphsafe_rng_functionalization
+    train.compile_blocks([torch.nn.Linear(2, 2)], checkpoint=True)
+    assert torch._functorch.config.graphsafe_rng_functionalization == graphsafe_cacheable
+
+
 def _compiled_blocks_match_eager(device, backend):
     """compile_blocks on a tiny model against the model's own checkpointing: the loss and every gradient (to
     float32 re-association; key biases' gradients, 0 in exact arithmetic, are noise), state_dict keys unchanged,

@@ -807,6 +807,11 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
     resnet's channels and resolution as dynamic sizes, which take longer to compile; per structure, only the sizes
     that do vary become dynamic (the number of images, the resolution of a part the UNet runs at two)."""
     body = _checkpointed_block_forward if checkpoint else _block_forward
+    if checkpoint and _only_plain_rng_replay_cacheable():
+        # the recomputation replays the RNG of attention ops (tagged random even without dropout); where Inductor
+        # cannot cache the CUDA-graph-safe form of that replay (torch 2.11), every warm run would recompile those
+        # blocks. A training step is never captured as a CUDA graph, so the plain replay serves, and it caches.
+        torch._functorch.config.graphsafe_rng_functionalization = False
     compiled = {}
     for block in blocks:
         structure = (type(block), tuple((n, p.shape) for n, p in block.named_parameters()))
@@ -815,6 +820,12 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
             code = body.__code__.replace(co_name=f"{body.__name__}_{len(compiled)}")
             compiled[structure] = torch.compile(types.FunctionType(code, body.__globals__), backend=backend)
         block.forward = types.MethodType(functools.partial(_forward_when_training, compiled[structure]), block)
+
+
+def _only_plain_rng_replay_cacheable():
+    from torch._prims import rng_prims
+    cacheable = lambda op: getattr(op, "cacheable", lambda: False)()
+    return cacheable(rng_prims.run_and_save_rng_state) and not cacheable(rng_prims.graphsafe_run_with_rng_state)
 
 
 def _forward_when_training(run, block, *args, **kwargs):
