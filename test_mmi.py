@@ -7253,7 +7253,7 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
 
     def torchrun(out, *args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(HERE, "train.py"), config_file, f"--out_dir={out}", "--batch_size=1", "--max_steps=3",
+               os.path.join(HERE, "train.py"), config_file, f"--out_dir={out}", "--batch_size=1", "--max_steps=4",
                "--ckpt_interval=2", "--activation_checkpointing=true", "--log_interval=1", *common, *args]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -7267,10 +7267,11 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, config_file):
     assert {"rank0.pt", "rank1.pt", ".metadata", "config.json"} <= files
     assert sum(f.endswith(".distcp") for f in files) == 2
     # interrupted after step 2: the sharded trainable weights, AdamW's moments, the frozen weights (whole on each
-    # rank), the data position and both ranks' RNG states come back; step 3 is the uninterrupted run's, bit for bit
+    # rank), the data position and both ranks' RNG states come back; steps 3 and 4 are the uninterrupted run's, bit
+    # for bit (step 4's loss is the first that step 3's update from the restored moments reaches)
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "ckpt_00000002", resumed / "ckpt_00000002")
-    assert torchrun(resumed, "--resume=true") == {3: losses[3]}
+    assert torchrun(resumed, "--resume=true") == {3: losses[3], 4: losses[4]}
 
 
 def test_fsdp_lora_export_equals_the_one_process_export(tmp_path, config_file):
