@@ -824,8 +824,7 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
 
 def _only_plain_rng_replay_cacheable():
     from torch._prims import rng_prims
-    cacheable = lambda op: getattr(op, "cacheable", lambda: False)()
-    return cacheable(rng_prims.run_and_save_rng_state) and not cacheable(rng_prims.graphsafe_run_with_rng_state)
+    return rng_prims.run_and_save_rng_state.cacheable() and not rng_prims.graphsafe_run_with_rng_state.cacheable()
 
 
 def _forward_when_training(run, block, *args, **kwargs):
