@@ -864,6 +864,26 @@ __device__ __forceinline__ void dotq8(const uint4& w, int c, const float (&x)[R]
   }
 }
 
+// Programmatic dependent launch (sm_90 on; launch_pdl below): a gemv may start while the kernel before it in the
+// stream is finishing, and load its first weights then. It reads nothing else (x, the residual: that kernel's
+// outputs) until pdl_wait() returns, which is once that kernel has finished and its writes are visible; it writes
+// nothing before then either. pdl_trigger() lets the kernel after it start the same way.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // Sums each v[i] over the block; every thread gets the totals. red: V * THREADS / 32 floats of shared memory.
 template <int THREADS, int V>
 __device__ __forceinline__ void block_sum(float (&v)[V], float* red) {
@@ -911,6 +931,17 @@ __global__ void __launch_bounds__(gemv_threads<BITS>()) gemv_kernel(GemvArgs<T> 
       w[j][i] = static_cast<const char*>(j == 0 ? first : a.w[1]) + n * a.K * BITS / 8;
       scales[j][i] = (j == 0 ? first_scales : a.scales[1]) + n * groups;
     }
+
+  if constexpr (BITS < 16) {       // quantized weights come as dependent launches (launch_gemv)
+    pdl_trigger();
+    if (threadIdx.x * KI < a.K) {  // the first iteration's weights on their way into L2 before the wait
+#pragma unroll
+      for (int j = 0; j < MATS; ++j)
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) prefetch_l2(w[j][i] + threadIdx.x * KI * BITS / 8);
+    }
+    pdl_wait();
+  }
 
   float acc[OUTS] = {}, ss[R] = {};
   for (int k = threadIdx.x * KI; k < a.K; k += THREADS * KI) {
@@ -1128,8 +1159,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
         sv[j][h] = s[j][h][c * kMmaChunk / a.group_size];
       }
   };
+  pdl_trigger();
   if (warp < chunks) load(warp, next, next_s);
   if (warp + kMmaWarps < chunks) load(warp + kMmaWarps, after, after_s);
+  pdl_wait();
 
   float ss[R] = {};
   stage_x<T, R, NORM>(a, xs, ss);
@@ -1354,7 +1387,6 @@ cudaError_t backward_typed(const MsdaLaunch& in, const void* grad_out, void* gra
 #endif  // MMI_BACKWARD
 
 #if MMI_GEMV
-#if MMI_GEMVQ
 // The current device's compute capability major and the shared memory a block may opt in to.
 struct DeviceLimits { int major = 0, max_shared = 0; };
 DeviceLimits device_limits() {
@@ -1369,6 +1401,25 @@ DeviceLimits device_limits() {
   return d;
 }
 
+// kernel<<<grid, threads, shared, stream>>>(args...), as a programmatic dependent launch where the device has it
+// (sm_90 on): the kernel must call pdl_wait() before it reads what the previous kernel wrote.
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(bool pdl, void (*kernel)(Params...), dim3 grid, int threads, int shared,
+                       cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = pdl && device_limits().major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+#if MMI_GEMVQ
 // int4 in groups of whole chunks on tensor cores, where the device has them and x fits in shared memory; else -1.
 template <typename T, int R, bool GLU, bool NORM>
 int launch_gemv_int4_mma(const GemvArgs<T>& args, cudaStream_t stream) {
@@ -1384,7 +1435,8 @@ int launch_gemv_int4_mma(const GemvArgs<T>& args, cudaStream_t stream) {
   const int bytes = R * args.K * 2 * (NORM ? 2 : 1);  // staged x
   if (args.group_size % kMmaChunk != 0 || d.major < 8 || bytes + fixed > d.max_shared) return -1;
   const dim3 grid((args.N + (GLU ? 15 : 31)) / (GLU ? 16 : 32), GLU ? 1 : args.n_mats);
-  gemv_int4_mma_kernel<T, R, GLU, NORM><<<grid, kMmaWarps * 32, bytes, stream>>>(args);
+  // an error here is read by the caller's cudaGetLastError
+  launch_pdl(true, gemv_int4_mma_kernel<T, R, GLU, NORM>, grid, kMmaWarps * 32, bytes, stream, args);
   return 0;
 }
 #endif
@@ -1400,9 +1452,10 @@ cudaError_t launch_gemv(const GemvArgs<T>& args, cudaStream_t stream) {
 #endif
   const int rows = GLU ? kGemvRows / 2 : kGemvRows;
   const dim3 grid((args.N + rows - 1) / rows, GLU ? 1 : args.n_mats);
-  if (args.norm) gemv_kernel<T, R, GLU, true, BITS><<<grid, gemv_threads<BITS>(), 0, stream>>>(args);
-  else gemv_kernel<T, R, GLU, false, BITS><<<grid, gemv_threads<BITS>(), 0, stream>>>(args);
-  return cudaGetLastError();
+  // bf16 weights already stream at about the copy rate: only the quantized ones gain by starting early
+  constexpr bool pdl = BITS < 16;
+  return args.norm ? launch_pdl(pdl, gemv_kernel<T, R, GLU, true, BITS>, grid, gemv_threads<BITS>(), 0, stream, args)
+                   : launch_pdl(pdl, gemv_kernel<T, R, GLU, false, BITS>, grid, gemv_threads<BITS>(), 0, stream, args);
 }
 
 template <typename T, int BITS>
