@@ -1941,6 +1941,13 @@ def make_story(seed, num_steps=None):
     return story
 
 
+def names_by_colour(story):
+    """Whether an edit of the story names an object whose shape another object of the scene shares, so that only
+    its colour tells which one is meant ("the purple circle disappears" beside a green circle)."""
+    return any(e["kind"] != "appear" and any(o.shape == e["obj"].shape and o != e["obj"] for o in scene)
+               for e, scene in zip(story.edits, story.scenes))
+
+
 @functools.lru_cache(maxsize=None)
 def _cell_bounds(size):
     edges = [round(i * size / 3) for i in range(4)]
@@ -2024,13 +2031,18 @@ class StorySource:
     """Shape stories of one split as a source: story i of the split goes to reader i mod num_readers.
     A pass covers `num_stories` stories (default: the whole split). pairs: each story's opening alone, its
     description then its image: an image-text pair for drawing from text (like the paper's LAION pairs beside
-    MMC4; in a story only an opening told before its image is one)."""
+    MMC4; in a story only an opening told before its image is one). keep_by_shape < 1: of the stories whose edits
+    all name their object by its shape alone (not names_by_colour), only that share is used, the same ones every
+    pass; the others are counted as skipped, reason "story:by_shape_alone"."""
 
     def __init__(self, tokenizer, split="train", num_stories=None, num_img_token=64, transform=None,
-                 image_size=DEMO_IMAGE_SIZE, seed=0, name=None, pairs=False):
+                 image_size=DEMO_IMAGE_SIZE, seed=0, name=None, pairs=False, keep_by_shape=1.0):
         if split not in SPLIT_SEED_BASE:
             raise ValueError(f"split {split!r}, expected one of {list(SPLIT_SEED_BASE)}")
+        if not 0.0 <= keep_by_shape <= 1.0:
+            raise ValueError(f"keep_by_shape={keep_by_shape}: expected a share, 0 <= keep_by_shape <= 1")
         self.tokenizer, self.split, self.seed, self.pairs = tokenizer, split, seed, pairs
+        self.keep_by_shape = keep_by_shape
         self.num_stories = min(num_stories or SPLIT_SIZE[split], SPLIT_SIZE[split])
         self.num_img_token, self.transform, self.image_size = num_img_token, transform, image_size
         self.name = name or f"shape_{'pairs' if pairs else 'stories'}_{split}"
@@ -2045,10 +2057,18 @@ class StorySource:
             key = (epoch, pass_idx, 0, i)
             reader.stats["lines"] += 1
             seed = SPLIT_SEED_BASE[self.split] + index
+            if not self.kept(seed):
+                reader.stats["story:by_shape_alone"] += 1
+                continue
             sample = self.make(seed, sample_rng(self.seed, (epoch, pass_idx, seed)))
             sample.key = key
             reader.stats["docs_used"] += 1
             yield sample
+
+    def kept(self, seed):
+        if self.keep_by_shape == 1.0 or names_by_colour(make_story(seed)):
+            return True
+        return random.Random(f"keep/{seed}").random() < self.keep_by_shape
 
     def make(self, seed, rng):
         """The Sample of the split's item `seed`."""
@@ -2064,15 +2084,15 @@ class StorySource:
 
 def demo_dataset(tokenizer, split="train", num_total_token=512, num_img_token=16, batch_size=8, max_num_images=15,
                  num_stories=None, seed=0, image_size=DEMO_IMAGE_SIZE, transform=None, rank=None, world_size=None,
-                 pairs=0.0):
+                 pairs=0.0, keep_by_shape=1.0):
     """The demo training stream: shape stories packed into rows like MMC4, as a MixedDataset (one epoch = one pass
     over `num_stories`); pairs > 0: that share of the batches are rows of the stories' openings as image-text pairs
-    (StorySource(pairs=True)). Use with DataLoader(batch_size=None, num_workers=...)."""
+    (StorySource(pairs=True)); keep_by_shape: see StorySource. Use with DataLoader(batch_size=None, num_workers=...)."""
     if not 0.0 <= pairs < 1.0:
         raise ValueError(f"pairs={pairs}: expected a share of the batches, 0 <= pairs < 1")
     kinds, probs = ([False, True], [1.0 - pairs, pairs]) if pairs > 0 else ([False], [1.0])
-    sources = [StorySource(tokenizer, split, num_stories, num_img_token, transform, image_size, seed, pairs=p)
-               for p in kinds]
+    sources = [StorySource(tokenizer, split, num_stories, num_img_token, transform, image_size, seed, pairs=p,
+                           keep_by_shape=1.0 if p else keep_by_shape) for p in kinds]
     cfg = PackConfig(num_total_token, num_img_token, max_num_images, "sample", batch_size)
     return MixedDataset(sources, probs, [cfg] * len(sources), tokenizer, seed=seed, rank=rank, world_size=world_size)
 

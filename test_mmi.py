@@ -6116,6 +6116,46 @@ def test_train_demo_pairs_mix_the_training_stream_only():
         train.check_inputs(train.load_config([demo, "--vae_from=", "--demo_pairs=1.0"]))
 
 
+def test_names_by_colour_hand_cases():
+    red_circle, green_circle, green_square = data.Obj(0, 0, "circle", "red"), data.Obj(0, 1, "circle", "green"), \
+        data.Obj(0, 1, "square", "green")
+    story = lambda scene, edit: data.Story(0, [], [scene, data.apply_edit(scene, edit)], [edit])
+    assert data.names_by_colour(story((red_circle, green_circle), {"kind": "disappear", "obj": green_circle}))
+    assert data.names_by_colour(story((red_circle, green_circle), {"kind": "move", "obj": red_circle, "cell": (2, 2)}))
+    assert not data.names_by_colour(story((red_circle, green_square), {"kind": "disappear", "obj": green_square}))
+    blue_circle = data.Obj(2, 2, "circle", "blue")            # an appearing object is named in full, not found
+    assert not data.names_by_colour(story((red_circle,), {"kind": "appear", "obj": blue_circle}))
+
+
+def test_demo_keep_by_shape_thins_only_stories_named_by_shape():
+    """StorySource(keep_by_shape=q) uses every story with an edit that only the colour resolves, and about a share q
+    of the others, the same ones every pass, counting those it skips. The check reads the sentences themselves:
+    "the <colour> <shape> ..." where the scene before holds another <shape>."""
+    def colour_needed(story):
+        return any(text.split()[0] == "the" and sum(o.shape == text.split()[2] for o in scene) > 1
+                   for text, scene in zip(story.texts[1:], story.scenes))
+
+    tok, n = demo_tok(), 200
+    src = data.StorySource(tok, "train", num_stories=n, num_img_token=4, keep_by_shape=0.25)
+    reader = data.Reader()
+    used = [[s.image_info[0]["story"] for s in src.samples(reader, 0, p)] for p in (0, 1)]
+    assert used[0] == used[1]
+    needed = {i for i in range(n) if colour_needed(data.make_story(i))}
+    assert needed <= set(used[0])
+    kept_share = (len(used[0]) - len(needed)) / (n - len(needed))
+    assert 40 <= len(needed) <= 120 and 0.15 <= kept_share <= 0.35, (len(needed), kept_share)
+    assert reader.stats["story:by_shape_alone"] == 2 * (n - len(used[0]))
+    everything = data.StorySource(tok, "train", num_stories=n, num_img_token=4)
+    assert [s.image_info[0]["story"] for s in everything.samples(data.Reader(), 0, 0)] == list(range(n))
+
+    demo = os.path.join(HERE, "configs", "demo.py")
+    tc = train.load_config([demo, "--vae_from=", "--demo_keep_by_shape=0.25"])
+    train_set, val_set = (train.mixed_dataset(train.model_config(tc), tc, split, 0, 1) for split in ("train", "val"))
+    assert [s.keep_by_shape for s in train_set.sources + val_set.sources] == [0.25, 1.0]
+    with pytest.raises(mmi.InputError, match="demo_keep_by_shape 1.5: expected a share"):
+        train.check_inputs(train.load_config([demo, "--vae_from=", "--demo_keep_by_shape=1.5"]))
+
+
 def test_show_cli_writes_sheet_and_text(tmp_path):
     assert data.main(["--demo", "--show", "3", "--out", str(tmp_path)]) == 0
     sheet = Image.open(tmp_path / "demo_sheet.png")

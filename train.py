@@ -83,6 +83,9 @@ class TrainConfig:
     demo_num_stories: int = 0                    # stories per demo epoch; 0 = the whole split
     demo_pairs: float = 0.0                      # share of demo training batches made of the stories' openings as
                                                  # image-text pairs (description, then image), 0 <= share < 1
+    demo_keep_by_shape: float = 1.0              # share of the demo training stories kept whose edits all name their
+                                                 # object by its shape alone; the rest (an edit only the colour
+                                                 # resolves: "the purple circle" beside a green one) are all kept
     tokenizer_path: str = ""                     # demo / pretrain / finetune; "" = the demo tokenizer in assets/
     pretrain_sources: tuple = ()                 # data="pretrain", one tuple per source: (name, "mmc4" | "pair",
                                                  # shard pattern, annt_root, data_root, probability, rows per batch)
@@ -598,7 +601,8 @@ def mixed_dataset(cfg, tc, split, rank, world):
         return data.demo_dataset(tok, split, tc.seq_len, cfg.num_img_token, tc.batch_size,
                                  num_stories=tc.demo_num_stories or None, seed=tc.seed,
                                  image_size=cfg.vision.image_size, rank=rank, world_size=world,
-                                 pairs=tc.demo_pairs if split == "train" else 0.0)
+                                 pairs=tc.demo_pairs if split == "train" else 0.0,
+                                 keep_by_shape=tc.demo_keep_by_shape if split == "train" else 1.0)
     sources, probs, packs = [], [], []
     transform = data.DualTransform(cfg.vision.image_size, cfg.image_decoder.image_size)
     for name, kind, shards, annt_root, data_root, prob, rows in tc.pretrain_sources:
@@ -1281,6 +1285,9 @@ def check_inputs(tc):
         raise mmi.InputError("data='pretrain' needs pretrain_sources (see configs/pretrain_13b.py)")
     if not 0.0 <= tc.demo_pairs < 1.0:
         raise mmi.InputError(f"demo_pairs {tc.demo_pairs}: expected a share of the batches, 0 <= demo_pairs < 1")
+    if not 0.0 <= tc.demo_keep_by_shape <= 1.0:
+        raise mmi.InputError(f"demo_keep_by_shape {tc.demo_keep_by_shape}: expected a share of the stories, "
+                             f"0 <= demo_keep_by_shape <= 1")
     if tc.data == "finetune" and not tc.finetune_dataset:
         raise mmi.InputError("data='finetune' needs finetune_dataset and finetune_args (see configs/sft_vqa_13b.py)")
     for source in tc.pretrain_sources if tc.data == "pretrain" else ():
