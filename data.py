@@ -2066,6 +2066,8 @@ class StorySource:
             yield sample
 
     def kept(self, seed):
+        """Whether story `seed` is used: always where an edit needs the colour, else with probability
+        keep_by_shape, decided by the seed alone."""
         if self.keep_by_shape == 1.0 or names_by_colour(make_story(seed)):
             return True
         return random.Random(f"keep/{seed}").random() < self.keep_by_shape
