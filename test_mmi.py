@@ -7119,6 +7119,20 @@ def test_init_from_takes_the_runs_trainable_flags_and_loss_weights(tmp_path, con
         train.build_mmi(tc, train.model_config(tc), torch.device("cpu"))
 
 
+def test_init_from_a_bf16_save_trains_float32_weights(tmp_path, config_file):
+    """A model saved in bf16 (as the demo's export) trains from float32 weights, as a new one does: AdamW's updates
+    are mostly below bf16's resolution."""
+    torch.manual_seed(0)
+    saved = mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny"))
+    saved.save_pretrained(str(tmp_path / "m"), dtype=torch.bfloat16)
+    tc = train.load_config([config_file, f"--init_from={tmp_path / 'm'}"])
+    model = train.build_mmi(tc, train.model_config(tc), torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    for name, p in saved.named_parameters():     # the save's values: bf16-rounded, but the VAE's, kept in float32
+        kept = p if name.startswith("image_decoder.decoder.vae.") else p.bfloat16().float()
+        assert torch.equal(model.get_parameter(name), kept), name
+
+
 def test_sft_vqa_13b_config_groups_what_it_says_trains():
     """configs/sft_vqa_13b.py on the paper-size model (meta): llava fine-tuning data, the UNet frozen, the MMFS
     layers and the visual tokenizer's trainable parts in the table's rows; with LoRA only the "lora_" row."""
