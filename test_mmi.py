@@ -7121,7 +7121,7 @@ def test_init_from_takes_the_runs_trainable_flags_and_loss_weights(tmp_path, con
 
 def test_init_from_a_bf16_save_trains_float32_weights(tmp_path, config_file):
     """A model saved in bf16 (as the demo's export) trains from float32 weights, as a new one does: AdamW's updates
-    are mostly below bf16's resolution."""
+    are mostly below bf16's resolution. With frozen_dtype bfloat16 the frozen weights stay as saved."""
     torch.manual_seed(0)
     saved = mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny"))
     saved.save_pretrained(str(tmp_path / "m"), dtype=torch.bfloat16)
@@ -7131,6 +7131,13 @@ def test_init_from_a_bf16_save_trains_float32_weights(tmp_path, config_file):
     for name, p in saved.named_parameters():     # the save's values: bf16-rounded, but the VAE's, kept in float32
         kept = p if name.startswith("image_decoder.decoder.vae.") else p.bfloat16().float()
         assert torch.equal(model.get_parameter(name), kept), name
+    tc = train.load_config([config_file, f"--init_from={tmp_path / 'm'}", "--frozen_dtype=bfloat16", "--dtype=bfloat16",
+                            "--model.unet.trainable=false"])
+    model = train.build_mmi(tc, train.model_config(tc), torch.device("cpu"))
+    dtypes = {(p.requires_grad, p.dtype) for n, p in model.named_parameters()
+              if not n.startswith("image_decoder.decoder.vae.")}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    assert model.image_decoder.decoder.unet.conv_in.weight.dtype == torch.bfloat16
 
 
 def test_sft_vqa_13b_config_groups_what_it_says_trains():

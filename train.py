@@ -1190,15 +1190,18 @@ def build_mmi(tc, cfg, init_device):
     run's; what trains is the run's: its trainable flags); then vae_from's VAE; then with lora_rank > 0 LoRA on
     the LLM, all else frozen."""
     if tc.init_from:
-        # float32 as a new model's weights, whatever the save's dtype (the demo's is bf16): AdamW's updates are
-        # mostly below bf16's resolution; build_model casts the frozen ones as frozen_dtype says
-        model = mmi.MMInterleaved.from_pretrained(tc.init_from, dtype=torch.float32)
+        model = mmi.MMInterleaved.from_pretrained(tc.init_from)
         differs = mmi.first_difference(architecture(model.cfg.to_dict()), architecture(cfg.to_dict()))
         if differs:
             raise mmi.InputError(f"init_from {tc.init_from}: saved for another model: {differs[0]} is {differs[1]!r} "
                                  f"there, {differs[2]!r} in this run (preset {tc.preset!r}, model_overrides)")
         model.cfg = cfg
         model.set_trainable()
+        # what trains (all, with frozen_dtype float32) in float32 as a new model, whatever the save's dtype (the
+        # demo's is bf16): AdamW's updates are mostly below bf16's resolution
+        for p in model.parameters():
+            if p.is_floating_point() and (p.requires_grad or tc.frozen_dtype == "float32"):
+                p.data = p.data.float()
     else:
         with init_device:
             model = mmi.MMInterleaved(cfg)
