@@ -10206,6 +10206,24 @@ def test_the_embedded_demo_draws_the_colour_its_sentence_names(demo_model_and_to
         assert set(data.read_scene(img.numpy())) == {dataclasses.replace(circle, colour=colour), triangle}, colour
 
 
+def test_the_embedded_demo_edits_the_circle_its_colour_names(demo_model_and_tokenizer):
+    """Test story 20 opens on three circles (blue, purple, yellow): told that each one in turn disappears or moves
+    to the top left, the shipped model edits that circle and keeps the other two where they were."""
+    model, tokenizer = demo_model_and_tokenizer
+    story = data.demo_stories("test", 21)[20]
+    scene = story.scenes[0]
+    assert sorted(o.colour for o in scene) == ["blue", "purple", "yellow"] and {o.shape for o in scene} == {"circle"}
+    edits = [f"the {o.colour} circle {verb}." for o in scene for verb in ("disappears", "moves to the top left")]
+    image = ev.demo_image(scene, model.cfg.vision.image_size)
+    prompts = [ev.demo_story_prompt([story.texts[0], e], model.cfg.num_img_token, 1) for e in edits]
+    batch = ev.text_batch(prompts, [image, torch.full_like(image, 0.5)] * len(edits), tokenizer, pad_left=False)
+    with torch.no_grad():
+        drawn = model.generate_images(batch, target_image_idxs=[2 * i + 1 for i in range(len(edits))], seed=0,
+                                      progress=False, **ev.DEMO_IMAGES)["image"]
+    for edit, img in zip(edits, drawn):
+        assert data.read_scene(img.numpy()) == data.apply_edit(scene, data.parse_edit(edit, scene)), edit
+
+
 def _demo_story_at_a_time(model, tokenizer, samples, args):
     """eval.predict_demo as it was before batching: one caption call and one image call per story and step.
     -> the outputs and, per story step, its (with, without) MMFS images."""

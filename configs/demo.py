@@ -30,6 +30,10 @@ model_overrides = {
 }
 vae_from = "out/demo_vae/vae.safetensors"                 # written by configs/demo_vae.py (run it first); frozen
 data = "demo"
+# an edit that names the colour because another object shares the shape ("the purple circle disappears" beside a
+# green circle) is a quarter of the natural stories and is what a model drawn from them gets wrong: keep every
+# training story with one and a fifth of the rest (about half the edits seen then need the colour)
+demo_keep_by_shape = 0.2
 seq_len = 512
 batch_size = 32                  # rows of up to 512 tokens: ~5 stories, at most 15 images (the packer's cap)
 num_workers = 6
