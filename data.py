@@ -2066,11 +2066,10 @@ class StorySource:
             yield sample
 
     def kept(self, seed):
-        """Whether story `seed` is used: always where an edit needs the colour, else with probability
-        keep_by_shape, decided by the seed alone."""
-        if self.keep_by_shape == 1.0 or names_by_colour(make_story(seed)):
-            return True
-        return random.Random(f"keep/{seed}").random() < self.keep_by_shape
+        """Whether story `seed` is used: with probability keep_by_shape, decided by the seed alone, and always where
+        an edit needs the colour (the draw comes first: it is cheaper than making the story)."""
+        return (self.keep_by_shape == 1.0 or random.Random(f"keep/{seed}").random() < self.keep_by_shape
+                or names_by_colour(make_story(seed)))
 
     def make(self, seed, rng):
         """The Sample of the split's item `seed`."""
