@@ -1022,9 +1022,10 @@ __global__ void __launch_bounds__(gemv_threads<BITS>()) gemv_kernel(GemvArgs<T> 
 // 0x000F000F puts inputs i and i + 4 in the two 16-bit halves, and OR-ing the exponent bits of 2^7 (bf16) or 2^10
 // (fp16) makes them the numbers 2^7 + q + 8 or 2^10 + q + 8, exact, from which one subtraction gives q. A chunk lies
 // in one scale group, so its sums are scaled once per row, as in the loop above (q * x exact, scaled in float32).
-// A block is kMmaWarps warps over 32 outputs (glu: 16 outputs of gate and of up), warp w taking chunks w, w +
-// kMmaWarps, ... with the next two in flight; x is staged in shared memory first; the warps' sums meet there too.
-constexpr int kMmaWarps = 8;
+// A block is 4 or 8 warps (the launcher's choice) over 32 outputs (glu: 16 outputs of gate and of up), warp w of W
+// taking chunks w, w + W, ... with the next two in flight; x is staged in shared memory first; the warps' sums meet
+// there too.
+constexpr int kMmaWarps = 8;  // at most
 constexpr int kMmaChunk = 128;
 
 template <typename T> struct Nibble;  // the bits that make a 16-bit float of 2^e + n from a nibble n, and 2^e + 8
@@ -1089,7 +1090,7 @@ __device__ __forceinline__ void split_pair(float p0, float p1, uint32_t& hi, uin
 template <typename T, int R, bool NORM>
 __device__ __forceinline__ void stage_x(const GemvArgs<T>& a, uint4* xs, float (&ss)[R]) {
   const int entries = a.K / 8;
-  for (int idx = threadIdx.x; idx < R * entries; idx += kMmaWarps * 32) {
+  for (int idx = threadIdx.x; idx < R * entries; idx += blockDim.x) {
     const int r = idx / entries, j = idx % entries;
     const int chunk = j / 16, lane_t = (j % 16) / 4, m = j % 4;
     const int at = r * entries + chunk * 16 + m * 4 + lane_t;
@@ -1128,7 +1129,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
   extern __shared__ uint4 xs[];        // staged x: R * K / 8 entries (NORM: twice, hi then lo)
   __shared__ float red[kMmaWarps][32][R];
   __shared__ float red_ss[kMmaWarps][R];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warps = blockDim.x / 32;
   const int mat = GLU ? 0 : blockIdx.y;
   const void* first = mat == 0 ? a.w[0] : mat == 1 ? a.w[1] : a.w[2];
   const T* first_scales = mat == 0 ? a.scales[0] : mat == 1 ? a.scales[1] : a.scales[2];
@@ -1161,7 +1162,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
   };
   pdl_trigger();
   if (warp < chunks) load(warp, next, next_s);
-  if (warp + kMmaWarps < chunks) load(warp + kMmaWarps, after, after_s);
+  if (warp + warps < chunks) load(warp + warps, after, after_s);
   pdl_wait();
 
   float ss[R] = {};
@@ -1179,7 +1180,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
   float acc[2][4] = {};
   const uint4* x_hi = xs + g * entries + t;  // this lane's entries: chunk c's word m at c * 16 + 4 * m
   const uint4* x_lo = x_hi + R * entries;
-  for (int c = warp; c < chunks; c += kMmaWarps) {
+  for (int c = warp; c < chunks; c += warps) {
     uint4 wv[2][2];
     T sv[2][2];
 #pragma unroll
@@ -1191,7 +1192,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
         sv[j][h] = next_s[j][h];
         next_s[j][h] = after_s[j][h];
       }
-    if (c + 2 * kMmaWarps < chunks) load(c + 2 * kMmaWarps, after, after_s);
+    if (c + 2 * warps < chunks) load(c + 2 * warps, after, after_s);
     uint4 b[4], bl[4];  // word m's fragments: x, y for its first mma step, z, w for its second
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
@@ -1237,7 +1238,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
   const int i = threadIdx.x / R, r = threadIdx.x % R;  // thread (i, r) writes output n0 + i of x's row r
   if (i >= OUTS || n0 + i >= a.N) return;
   float dot = 0.f, up = 0.f, sq = 0.f;
-  for (int v = 0; v < kMmaWarps; ++v) {
+  for (int v = 0; v < warps; ++v) {
     dot += red[v][i][r];
     if constexpr (GLU) up += red[v][16 + i][r];
     if constexpr (NORM) sq += red_ss[v][r];
@@ -1388,7 +1389,7 @@ cudaError_t backward_typed(const MsdaLaunch& in, const void* grad_out, void* gra
 
 #if MMI_GEMV
 // The current device's compute capability major and the shared memory a block may opt in to.
-struct DeviceLimits { int major = 0, max_shared = 0; };
+struct DeviceLimits { int major = 0, max_shared = 0, sms = 0; };
 DeviceLimits device_limits() {
   static DeviceLimits limits[64];
   int device = 0;
@@ -1397,6 +1398,7 @@ DeviceLimits device_limits() {
   if (d.major == 0) {
     cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
     cudaDeviceGetAttribute(&d.max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
   }
   return d;
 }
@@ -1435,8 +1437,10 @@ int launch_gemv_int4_mma(const GemvArgs<T>& args, cudaStream_t stream) {
   const int bytes = R * args.K * 2 * (NORM ? 2 : 1);  // staged x
   if (args.group_size % kMmaChunk != 0 || d.major < 8 || bytes + fixed > d.max_shared) return -1;
   const dim3 grid((args.N + (GLU ? 15 : 31)) / (GLU ? 16 : 32), GLU ? 1 : args.n_mats);
+  // half the warps (each walking twice the chunks) where there are blocks enough to keep every SM busy
+  const int warps = grid.x * grid.y >= 3 * d.sms ? kMmaWarps / 2 : kMmaWarps;
   // an error here is read by the caller's cudaGetLastError
-  launch_pdl(true, gemv_int4_mma_kernel<T, R, GLU, NORM>, grid, kMmaWarps * 32, bytes, stream, args);
+  launch_pdl(true, gemv_int4_mma_kernel<T, R, GLU, NORM>, grid, warps * 32, bytes, stream, args);
   return 0;
 }
 #endif
