@@ -1388,7 +1388,7 @@ cudaError_t backward_typed(const MsdaLaunch& in, const void* grad_out, void* gra
 #endif  // MMI_BACKWARD
 
 #if MMI_GEMV
-// The current device's compute capability major and the shared memory a block may opt in to.
+// The current device's compute capability major, the shared memory a block may opt in to and its SM count.
 struct DeviceLimits { int major = 0, max_shared = 0, sms = 0; };
 DeviceLimits device_limits() {
   static DeviceLimits limits[64];
