@@ -766,11 +766,14 @@ def repeated_blocks(model):
 
 def compile_units(model):
     """What --compile puts through torch.compile (compile_blocks): the repeated blocks, but each UNet block as its
-    parts (resnets, transformers, down- and upsamplers). Blocks of one structure share a graph; the UNet's blocks
-    all differ, their parts repeat (at 13B: 9 blocks of 9 structures, 44 parts of 20), so the parts compile less."""
+    resnets and transformers. Blocks of one structure share a graph; the UNet's blocks all differ, their parts
+    repeat (at 13B: 9 blocks of 9 structures, 38 parts of 15), so the parts compile less. Down- and upsamplers (a
+    convolution each, 5 structures at 13B) have nothing to fuse: they stay eager, their inputs kept for the backward
+    pass (at 13B the same peak memory)."""
     unet = model.image_decoder.decoder.unet
     split = {id(b) for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks)}
-    parts = lambda block: [m for p in block.children() for m in (p if isinstance(p, torch.nn.ModuleList) else [p])]
+    parts = lambda block: [m for p in block.children() for m in (p if isinstance(p, torch.nn.ModuleList) else [p])
+                           if not isinstance(m, (mmi.Downsample2D, mmi.Upsample2D))]
     return [u for block in repeated_blocks(model) for u in (parts(block) if id(block) in split else [block])]
 
 
@@ -1663,6 +1666,11 @@ def _run(tc, cleanup):
         describe_run(model, optimizer, task, tc, world, device)
     log, late = StepLog(tc, world, rank, device, step, nan_streak, cleanup), LateRead(device)
     cleanup.callback(gc.unfreeze)                # back in the collector's sight: a caller may drop what it froze
+    # no full collection in the first step (with --compile, millions of objects made): each would walk all made so
+    # far, and one comes each time that has grown by a quarter; freeze_long_lived runs one at its end
+    thresholds = gc.get_threshold()
+    cleanup.callback(gc.set_threshold, *thresholds)
+    gc.set_threshold(*thresholds[:2], 2 ** 30)
     first_step, last_ckpt, last_ckpt_path = step, step, None
     started = time.perf_counter()
     while step < tc.max_steps:
@@ -1722,6 +1730,7 @@ def _run(tc, cleanup):
             last_ckpt, last_ckpt_path = step, save_checkpoint(model, optimizer, tc, cfg, step, {
                 "data": data_state, "nan_streak": log.nan_streak}, rank, device)
         if first:
+            gc.set_threshold(*thresholds)
             freeze_long_lived()                  # what exists after the first step lives for the whole run
         if first or evaluate_now or save_now:
             late.restart()                       # step times count training only, not evaluation or saving
