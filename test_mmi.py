@@ -6427,7 +6427,8 @@ def test_train_micro_batch_beyond_the_machines_memory_is_refused_before_it_is_ma
 def test_train_first_step_runs_no_full_garbage_collection(config_file, tmp_path, monkeypatch):
     """The first step (with --compile: millions of Python objects made) runs no full garbage collection, which would
     stop the process to walk them all; here its loss keeps a million lists, which under the default thresholds sets
-    some off. The one full collection after it (freeze_long_lived) runs, and the run leaves the thresholds as they were."""
+    some off. The one full collection after it (freeze_long_lived) runs, and the run leaves the thresholds as they
+    were."""
     phase, seen, kept = ["before"], [], []
     task, freeze = train.TASKS["mmi"], train.freeze_long_lived
 
