@@ -540,7 +540,8 @@ QUANT_LAYER_NAMES = {
     "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
     "attention.output.dense": "o", "crossattention.attention.query": "cross q", "crossattention.attention.key":
     "cross k", "crossattention.attention.value": "cross v", "crossattention.output.dense": "cross o",
-    "intermediate_query.dense": "mlp in", "output_query.dense": "mlp out"}
+    "intermediate_query.dense": "mlp in", "output_query.dense": "mlp out",
+    "llama_cross_attn.attn.dynamic_offset_mask": "MMFS query", "llama_cross_attn.attn.output_proj": "MMFS out"}
 
 
 def quant_shapes(cfg):

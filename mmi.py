@@ -4658,16 +4658,19 @@ class KeyedMMFSNet:
 # |w - q * scale| <= scale / 2 for every weight. qmax = 127 for int8 (one group per row: per output channel), 7 for
 # int4 (the nibble value -8 is never made, so the range is symmetric). A group of zeros has scale 0 and q 0.
 
-QUANTIZED_LAYERS = ("mm_decoder.layers.*.self_attn.*", "mm_decoder.layers.*.mlp.*", "text_decoder.head",
+QUANTIZED_LAYERS = ("mm_decoder.layers.*.self_attn.*", "mm_decoder.layers.*.mlp.*",
+                    "mm_decoder.layers.*.llama_cross_attn.attn.dynamic_offset_mask",
+                    "mm_decoder.layers.*.llama_cross_attn.attn.output_proj", "text_decoder.head",
                     "visual_tokenizer.perceiver_resampler.*", "image_decoder.perceiver_resampler.*")
 
 
 def quantize_targets(model):
     """Names of the nn.Linear layers `quantize` replaces: the LLM's attention (q/k/v/o) and MLP (gate/up/down)
-    matmuls, the text head, and every layer of the two Q-Former resamplers (the visual tokenizer's and the image
-    decoder's). Kept as they are: the LLM's MMFS layers (they predict where each image is sampled, so a rounding
-    error moves the sampling points, and mmfs_fast reads their weights), the text head's small head_new, the
-    embeddings, the vision tower, the UNet and the VAE."""
+    matmuls, the two large matmuls of its MMFS layers (the query's and the output's, 5120 x 5120 and 5120 x 1024 at
+    13B: read at every decoding step), the text head, and every layer of the two Q-Former resamplers (the visual
+    tokenizer's and the image decoder's). Kept as they are: the MMFS layers' small sampling_offsets and
+    attention_weights (mmfs_fast reads their weights) and value_proj (run once per image), the text head's small
+    head_new, the embeddings, the vision tower, the UNet and the VAE."""
     return [n for n, m in model.named_modules()
             if type(m) is nn.Linear and any(fnmatch.fnmatchcase(n, p) for p in QUANTIZED_LAYERS)]
 

@@ -4456,19 +4456,22 @@ def _quantized_names(model):
 
 
 def test_quantize_replaces_exactly_the_listed_layers(tmp_path):
-    """The LLM's q/k/v/o and gate/up/down, the text head and every Linear of the two Q-Formers become
-    QuantizedLinear; every other module keeps its type and every other tensor its value. A quantized model is
-    not saved (from_pretrained could not read it)."""
+    """The LLM's q/k/v/o and gate/up/down, its MMFS layers' query and output matmuls, the text head and every
+    Linear of the two Q-Formers become QuantizedLinear; every other module keeps its type and every other tensor its
+    value. A quantized model is not saved (from_pretrained could not read it)."""
     model = tiny_model()
     plain = copy.deepcopy(model)
     q = mmi.quantize(model, bits=4)
     L = model.cfg.llm.num_hidden_layers
     listed = {f"mm_decoder.layers.{i}.self_attn.{p}_proj" for i in range(L) for p in "qkvo"}
     listed |= {f"mm_decoder.layers.{i}.mlp.{p}_proj" for i in range(L) for p in ("gate", "up", "down")}
+    mmfs = [i for i in range(L) if model.mm_decoder.layers[i].llama_cross_attn is not None]
+    listed |= {f"mm_decoder.layers.{i}.llama_cross_attn.attn.{p}" for i in mmfs
+               for p in ("dynamic_offset_mask", "output_proj")}
     listed |= {"text_decoder.head"} | {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and
                                        n.startswith(("visual_tokenizer.perceiver_resampler.",
                                                      "image_decoder.perceiver_resampler."))}
-    assert q is model and _quantized_names(q) == listed and len(listed) == 7 * L + 1 + 26
+    assert mmfs and q is model and _quantized_names(q) == listed and len(listed) == 7 * L + 2 * len(mmfs) + 1 + 26
     assert [(n, type(m)) for n, m in q.named_modules() if n not in listed] == \
         [(n, type(m)) for n, m in plain.named_modules() if n not in listed]
     kept = q.state_dict()
@@ -4608,7 +4611,9 @@ def test_bench_quant_error_is_zero_on_the_grid_and_int4_worse():
     with torch.device("meta"):
         targets = mmi.quantize_targets(mmi.MMInterleaved(cfg))
     assert sum(r[4] for r in rows) == len(targets) and len({r[:4] for r in rows}) == len(rows)
-    assert ("LLM", "q, k, v, o", 64, 64, 4 * cfg.llm.num_hidden_layers) in [r[:5] for r in rows]
+    mmfs = sum(".llama_cross_attn." in n for n in targets)                    # their query and output: 64 x 64
+    assert mmfs and ("LLM", "q, k, v, o, MMFS query, MMFS out", 64, 64, 4 * cfg.llm.num_hidden_layers + mmfs) in \
+        [r[:5] for r in rows]
     assert all(0 < err8 < err4 < 1 for *_, err8, err4 in rows)
     assert bench.token_agreement([[1, 2, 3], [4, 5], [6]], [[1, 2, 9], [4, 5], [6, 7]]) == (5 / 6, 1 / 3)
 
