@@ -14,12 +14,13 @@
 // coalesced. With fewer groups than the GPU has SMs (decoding: one query), the forward spreads each group's
 // points over a block instead.
 //
-// Also here: gemv, the decoding step's matmuls (a few rows of x times each weight), see "decoding matmuls".
+// Also here: gemv, the decoding step's matmuls (a few rows of x times each weight), see "decoding matmuls", and
+// decode_attention, its attention over the KV cache (see "a decoding step's attention").
 //
 // Compile units: MMI_PART picks one part of the module, so that a build compiles the parts in parallel:
 // 0 the Python bindings (torch's headers, plain C++, no kernel), 1 the forward kernels, 2 3 4 the backward kernels
-// for float32 and float64, float16, bfloat16 inputs, 5 gemv on 16-bit weights, 6 gemv on int8 and int4 weights;
-// the kernel parts include no torch header (parsing those is most of a single unit's compile time).
+// for float32 and float64, float16, bfloat16 inputs, 5 gemv on 16-bit weights and decode_attention, 6 gemv on int8
+// and int4 weights; the kernel parts include no torch header (parsing those is most of a single unit's compile time).
 // Without MMI_PART the file is the whole module in one unit. The parts meet in the plain interface below.
 
 #ifdef MMI_PART
@@ -108,6 +109,19 @@ cudaError_t msda_backward_launch_bfloat16(const MsdaLaunch& in, const void* grad
                                           void* grad_loc, void* grad_attn);
 cudaError_t gemv_launch(const GemvLaunch& in);   // bits 16
 cudaError_t gemvq_launch(const GemvLaunch& in);  // bits 8 or 4
+
+// One decode_attention call (16-bit tensors, pointers as in DecodeAttentionArgs below).
+struct DecodeAttentionLaunch {
+  DType dtype;
+  const void *q, *k, *v, *cos, *sin, *mask;
+  int64_t q_stride, k_stride, v_stride;
+  void* kv;
+  const int64_t* slot;
+  void* out;
+  int B, H, slots, D;  // slots: the cache's length T
+  cudaStream_t stream;
+};
+cudaError_t decode_attention_launch(const DecodeAttentionLaunch& in);
 
 }  // namespace mmi
 
@@ -1258,6 +1272,159 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
 }
 #endif  // MMI_GEMVQ
 
+// ------------------------------------------------------------------------------ a decoding step's attention
+
+#if MMI_GEMV16
+// The attention of one new token per row, with what comes before it folded in: RoPE on the token's query and key,
+// its key and value written into the cache at slot `slot`, then its query over the cache's slots 0..slot (the later
+// slots are empty: never read), an additive mask over the slots added to the scores. out = softmax(q k^T / sqrt(D)
+// + mask) v, per head, in float32, q and the new k rounded to T first (as the cache and the unfused step hold them).
+// One block per (head, row); each warp runs an online softmax over every kDecodeWarps-th run of kDecodeKeys slots,
+// a lane holding D / 32 channels, and the warps' partial sums meet in shared memory.
+constexpr int kDecodeWarps = 16;
+constexpr int kDecodeKeys = 4;
+
+template <typename T>
+struct DecodeAttentionArgs {
+  const T *q, *k, *v;          // [B, H * D] rows, row strides q_stride, k_stride, v_stride (items)
+  int64_t q_stride, k_stride, v_stride;
+  const T *cos, *sin;          // [B, D] rotate-half RoPE tables at the token's position
+  const T* mask;               // [B, T] added to the scores (0 or the dtype's minimum), or null
+  T* kv;                       // [2, B, H, T, D] the cache
+  const int64_t* slot;         // [1] on the device: the slot the token's key and value go to
+  T* out;                      // [B, H * D]
+  int B, H, slots, D;          // slots: the cache's length T
+};
+
+template <typename T, int E>  // E = D / 32 channels a lane: lane l holds channels l * E .. l * E + E - 1
+__device__ __forceinline__ void load_lane_row(const T* row, float (&x)[E]) {
+  const int lane = threadIdx.x % 32;
+  if constexpr (E == 4) {
+    const uint2 w = *reinterpret_cast<const uint2*>(row + lane * 4);
+    const T* h = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[e] = to_acc(h[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = to_acc(row[lane * E + e]);
+  }
+}
+
+// x (B, H, 1, D) rotated: channel c < D/2 pairs with c + D/2, which sits in lane ^ 16; the result rounded to T.
+template <typename T, int E>
+__device__ __forceinline__ void rope_lane(float (&x)[E], const T* cos, const T* sin) {
+  const int lane = threadIdx.x % 32;
+  float c[E], s[E];
+  load_lane_row<T, E>(cos, c);
+  load_lane_row<T, E>(sin, s);
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const float other = __shfl_xor_sync(kFullMask, x[e], 16);
+    x[e] = to_acc(from_acc<T>(x[e] * c[e] + (lane < 16 ? -other : other) * s[e]));
+  }
+}
+
+template <typename T, int E>
+__global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_kernel(DecodeAttentionArgs<T> a) {
+  constexpr int D = 32 * E;
+  const int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  pdl_wait();
+  const int64_t slot = *a.slot;
+  if (slot < 0 || slot >= a.slots) __trap();   // a slot outside the cache: a caller's bug, never a silent write
+  T* keys = a.kv + (static_cast<int64_t>(b) * a.H + h) * a.slots * D;              // kv[0, b, h]
+  T* values = keys + static_cast<int64_t>(a.B) * a.H * a.slots * D;                // kv[1, b, h]
+  float q[E];
+  load_lane_row<T, E>(a.q + b * a.q_stride + h * D, q);
+  rope_lane<T, E>(q, a.cos + b * D, a.sin + b * D);
+  if (warp == 0) {
+    float k[E], v[E];
+    load_lane_row<T, E>(a.k + b * a.k_stride + h * D, k);
+    rope_lane<T, E>(k, a.cos + b * D, a.sin + b * D);
+    load_lane_row<T, E>(a.v + b * a.v_stride + h * D, v);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      keys[slot * D + lane * E + e] = from_acc<T>(k[e]);
+      values[slot * D + lane * E + e] = from_acc<T>(v[e]);
+    }
+  }
+  __syncthreads();  // the new slot is written (a block's global writes are visible to the block after a barrier)
+  pdl_trigger();
+  const float scale = rsqrtf(static_cast<float>(D));
+  const T* mask = a.mask ? a.mask + static_cast<int64_t>(b) * a.slots : nullptr;
+  float m = -INFINITY, l = 0.f, acc[E] = {};
+  for (int64_t t0 = warp * kDecodeKeys; t0 <= slot; t0 += kDecodeWarps * kDecodeKeys) {
+    float s[kDecodeKeys], v[kDecodeKeys][E];
+#pragma unroll
+    for (int u = 0; u < kDecodeKeys; ++u) {
+      const int64_t t = t0 + u <= slot ? t0 + u : slot;   // past the slot: read the slot again, weigh it 0 below
+      float k[E];
+      load_lane_row<T, E>(keys + t * D, k);
+      load_lane_row<T, E>(values + t * D, v[u]);
+      s[u] = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) s[u] += q[e] * k[e];
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int u = 0; u < kDecodeKeys; ++u) s[u] += __shfl_xor_sync(kFullMask, s[u], offset);
+    }
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < kDecodeKeys; ++u) {
+      s[u] = t0 + u <= slot ? s[u] * scale + (mask ? to_acc(mask[t0 + u]) : 0.f) : -INFINITY;
+      m_new = fmaxf(m_new, s[u]);
+    }
+    const float shrink = __expf(m - m_new);   // m_new is finite: slot t0 is in range
+    l *= shrink;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] *= shrink;
+#pragma unroll
+    for (int u = 0; u < kDecodeKeys; ++u) {
+      const float p = __expf(s[u] - m_new);
+      l += p;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] += p * v[u][e];
+    }
+    m = m_new;
+  }
+  __shared__ float part_m[kDecodeWarps], part_l[kDecodeWarps], part_acc[kDecodeWarps][D];
+  if (lane == 0) {
+    part_m[warp] = m;
+    part_l[warp] = l;
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) part_acc[warp][lane * E + e] = acc[e];
+  __syncthreads();
+  if (threadIdx.x < D) {
+    float top = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) top = fmaxf(top, part_m[w]);
+    float sum = 0.f, o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float f = __expf(part_m[w] - top);   // 0 for a warp that had no slot (m = -inf)
+      sum += part_l[w] * f;
+      o += part_acc[w][threadIdx.x] * f;
+    }
+    a.out[static_cast<int64_t>(b) * a.H * D + h * D + threadIdx.x] = from_acc<T>(o / sum);
+  }
+}
+
+template <typename T>
+cudaError_t decode_attention_typed(const DecodeAttentionLaunch& in) {
+  const DecodeAttentionArgs<T> args{static_cast<const T*>(in.q), static_cast<const T*>(in.k),
+                                    static_cast<const T*>(in.v), in.q_stride, in.k_stride, in.v_stride,
+                                    static_cast<const T*>(in.cos), static_cast<const T*>(in.sin),
+                                    static_cast<const T*>(in.mask), static_cast<T*>(in.kv), in.slot,
+                                    static_cast<T*>(in.out), in.B, in.H, in.slots, in.D};
+  const dim3 grid(in.H, in.B);
+  auto kernel = in.D == 128 ? decode_attention_kernel<T, 4> : in.D == 64 ? decode_attention_kernel<T, 2>
+                                                                         : decode_attention_kernel<T, 1>;
+  return launch_pdl(true, kernel, grid, kDecodeWarps * 32, 0, in.stream, args);
+}
+#endif  // MMI_GEMV16
+
 // ----------------------------------------------------------------------------------------------- launchers
 
 // Threads per group for the 16-byte path (D = G * vec, or whole warps of passes), 0 where D does not split so.
@@ -1531,6 +1698,10 @@ cudaError_t msda_backward_launch_bfloat16(const MsdaLaunch& in, const void* grad
 cudaError_t gemv_launch(const GemvLaunch& in) {
   return in.dtype == DType::kHalf ? gemv_typed<__half, 16>(in) : gemv_typed<__nv_bfloat16, 16>(in);
 }
+
+cudaError_t decode_attention_launch(const DecodeAttentionLaunch& in) {
+  return in.dtype == DType::kHalf ? decode_attention_typed<__half>(in) : decode_attention_typed<__nv_bfloat16>(in);
+}
 #endif
 
 #if MMI_GEMVQ
@@ -1766,6 +1937,64 @@ at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
   return y;
 }
 
+// q, k, v [B, H * D] (rows may be strided: views into one [B, 3 * H * D] output), cos/sin [B, D], kv
+// [2, B, H, T, D], slot [1] int64, mask [B, T] or None; all 16-bit of one dtype but slot, on one device.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& kv, const at::Tensor& slot,
+                            const c10::optional<at::Tensor>& mask) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(kv.is_cuda() && kv.dim() == 5 && kv.size(0) == 2 && kv.is_contiguous() && aligned16(kv),
+              "decode_attention: kv must be a contiguous, aligned CUDA [2, B, H, T, D] tensor, got ", kv.sizes());
+  const int64_t B = kv.size(1), H = kv.size(2), T = kv.size(3), D = kv.size(4);
+  TORCH_CHECK(kv.scalar_type() == at::kBFloat16 || kv.scalar_type() == at::kHalf,
+              "decode_attention: bfloat16 or float16 only");
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, "decode_attention: head size 32, 64 or 128, got ", D);
+  TORCH_CHECK(B * H * T * D < std::numeric_limits<int64_t>::max() / 4 && B <= 65535 && T < (int64_t(1) << 31),
+              "decode_attention: sizes out of range");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == H * D && t->stride(1) == 1 &&
+                    t->stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(t->data_ptr()) % 8 == 0 &&
+                    t->scalar_type() == kv.scalar_type() && t->device() == kv.device(),
+                "decode_attention: q, k and v must be [", B, ", ", H * D, "] rows of kv's dtype and device, 8-byte "
+                "aligned with row strides a multiple of 4, got ", t->sizes(), " strides ", t->strides());
+  }
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == D && t->is_contiguous() &&
+                    reinterpret_cast<uintptr_t>(t->data_ptr()) % 8 == 0 && t->scalar_type() == kv.scalar_type() &&
+                    t->device() == kv.device(),
+                "decode_attention: cos and sin must be contiguous [", B, ", ", D, "] of kv's dtype, got ", t->sizes());
+  }
+  TORCH_CHECK(slot.numel() == 1 && slot.scalar_type() == at::kLong && slot.device() == kv.device(),
+              "decode_attention: slot must be one int64 on kv's device");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == T && mask->is_contiguous() &&
+                    mask->scalar_type() == kv.scalar_type() && mask->device() == kv.device(),
+                "decode_attention: mask must be a contiguous [", B, ", ", T, "] of kv's dtype, got ", mask->sizes());
+  }
+  auto out = at::empty({B, H * D}, q.options());
+  DecodeAttentionLaunch launch{};
+  launch.dtype = dtype_of(kv);
+  launch.q = q.data_ptr();
+  launch.k = k.data_ptr();
+  launch.v = v.data_ptr();
+  launch.q_stride = q.stride(0);
+  launch.k_stride = k.stride(0);
+  launch.v_stride = v.stride(0);
+  launch.cos = cos.data_ptr();
+  launch.sin = sin.data_ptr();
+  launch.mask = mask.has_value() ? mask->data_ptr() : nullptr;
+  launch.kv = kv.data_ptr();
+  launch.slot = slot.data_ptr<int64_t>();
+  launch.out = out.data_ptr();
+  launch.B = static_cast<int>(B);
+  launch.H = static_cast<int>(H);
+  launch.slots = static_cast<int>(T);
+  launch.D = static_cast<int>(D);
+  launch.stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(decode_attention_launch(launch));
+  return out;
+}
+
 }  // namespace
 }  // namespace mmi
 
@@ -1783,6 +2012,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("glu") = false, py::arg("norm") = py::none(),
         py::arg("eps") = 1e-6, py::arg("residual") = py::none(), py::arg("scales") = std::vector<at::Tensor>{},
         py::arg("group_size") = 0);
+  m.def("decode_attention", &mmi::decode_attention,
+        "a decoding step's attention: RoPE on q and k, k and v written into kv at slot, q over slots 0..slot -> "
+        "[B, H*D]", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("kv"),
+        py::arg("slot"), py::arg("mask") = py::none());
 }
 
 #endif  // MMI_HOST

@@ -734,7 +734,8 @@ def load_kernels():
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             reason = f"build of {_KERNELS_SOURCE.name} failed ({type(err).__name__}: {first_line})"
     warnings.warn(f"mmi: kernels.cu unavailable, multi-scale deformable attention falls back to the PyTorch "
-                  f"reference (and decoding matmuls to F.linear): {reason}", stacklevel=3)
+                  f"reference (and a decoding step's matmuls and attention to F.linear and SDPA): {reason}",
+                  stacklevel=3)
     return None
 
 
@@ -814,9 +815,9 @@ def _check_msda_inputs(value, spatial_shapes, level_start_index, sampling_locati
 
 
 def kernels_used(device):
-    """Whether kernels.cu runs for tensors on `device` (ms_deform_attn's kernel, linear's GEMV). The deformable
-    attention reference reads the level shapes back to the host (a GPU sync per call), so a CUDA graph can hold MMFS
-    only where the kernel runs. MMI_KERNELS=reference turns both kernels off."""
+    """Whether kernels.cu runs for tensors on `device` (ms_deform_attn's kernel, linear's GEMV, decode_attention).
+    The deformable attention reference reads the level shapes back to the host (a GPU sync per call), so a CUDA graph
+    can hold MMFS only where the kernel runs. MMI_KERNELS=reference turns them all off."""
     return torch.device(device).type == "cuda" and _kernels_on()
 
 
@@ -4459,20 +4460,46 @@ def mmfs_step_inputs(llm, vision_hidden_states, xmask, dtype):
     return made
 
 
+@torch.library.custom_op("mmi::decode_attention", mutates_args=("kv",))
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         kv: torch.Tensor, slot: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return load_kernels().decode_attention(q, k, v, cos, sin, kv, slot, mask)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, cos, sin, kv, slot, mask):
+    return q.new_empty(q.shape[0], kv.shape[2] * kv.shape[4])
+
+
+def decode_attention(q, k, v, cos, sin, kv, slot, attn_mask):
+    """A decoding step's self-attention: RoPE on the new token's q and k (B, 1, d), its k and v written into the
+    cache kv (2, B, heads, max_len, D) at slot `slot` (a device tensor), q over the cache with attn_mask (B, 1, 1,
+    max_len, additive: it hides the empty slots) -> (B, 1, d). On CUDA, kernels.cu does it all in one launch that
+    reads only the slots up to `slot`."""
+    B, L, d = q.shape
+    D = kv.shape[-1]
+    if (L == 1 and kernels_used(q.device) and q.dtype in (torch.bfloat16, torch.float16) and D in (32, 64, 128)
+            and kv.dtype == cos.dtype == q.dtype and (attn_mask is None or attn_mask.dtype == q.dtype)
+            and not torch.is_grad_enabled()):
+        mask = None if attn_mask is None else attn_mask.reshape(B, -1)
+        return _decode_attention_op(q.view(B, d), k.view(B, d), v.view(B, d), cos.reshape(B, D), sin.reshape(B, D),
+                                    kv, slot, mask).view(B, 1, d)
+    q, k, v = (t.view(B, L, kv.shape[2], D).transpose(1, 2) for t in (q, k, v))       # (B, heads, 1, D)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kv.index_copy_(3, slot, torch.stack([k, v]).to(kv.dtype))                     # no cast in index_copy_
+    return attention(q, kv[0], kv[1], attn_mask)
+
+
 def fast_layer_step(layer, h, cos, sin, values, relpos, tables, xmask, attn_mask, kv_cache, slot):
     """LlamaDecoderLayer.forward for a decoding step: its matmuls through linear() with the norms and residuals
-    folded in, the new K/V written into cache slot `slot` (a device tensor) and attention over all max_len slots
-    (attn_mask hides the empty ones), MMFS over values, relpos terms and level tables made once (mmfs_step_inputs).
-    h (B, 1, d) -> (B, 1, d)."""
-    a, B, L = layer.self_attn, h.shape[0], h.shape[1]
-    q, k, v = (t.view(B, L, a.n_heads, -1).transpose(1, 2)
-               for t in linear(h, a.q_proj, a.k_proj, a.v_proj, norm=layer.input_layernorm))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kv_cache.kv.index_copy_(3, slot, torch.stack([k, v]).to(kv_cache.kv.dtype))   # no cast in index_copy_
-    h = linear(attention(q, kv_cache.k, kv_cache.v, attn_mask), a.o_proj, residual=h)
+    folded in, its attention through decode_attention (the new K/V written into cache slot `slot`, a device
+    tensor), MMFS over values, relpos terms and level tables made once (mmfs_step_inputs). h (B, 1, d) -> (B, 1, d)."""
+    a = layer.self_attn
+    q, k, v = linear(h, a.q_proj, a.k_proj, a.v_proj, norm=layer.input_layernorm)   # (B, 1, d) each
+    h = linear(decode_attention(q, k, v, cos, sin, kv_cache.kv, slot, attn_mask), a.o_proj, residual=h)
     x = layer.llama_cross_attn
     if x is not None and values is not None:
-        ref = h.new_full((1, L, 2), 0.5)
+        ref = h.new_full((1, h.shape[1], 2), 0.5)
         h = h + mmfs_fast(x.attn, h, ref, values, xmask, False, True, query_norm=x.norm1, relpos=relpos,
                           tables=tables) * x.gate.tanh()
     m = layer.mlp
@@ -4538,10 +4565,11 @@ MMFS_STEP_BUFFERS = ("mmfs_values", "mmfs_offsets", "mmfs_logits")      # FastDe
 
 class FastDecoder(_Decoder):
     """_Decoder with a cached step of the same shapes every time: the new token's K/V go into cache slot `slot` (a
-    device tensor), attention runs over all max_len slots with a mask that hides the empty ones, every input sits in
-    a buffer rewritten in place, and what each MMFS layer reads of the images is made once at prefill
-    (mmfs_step_inputs). So on CUDA one step is captured into a CUDA graph and replayed per token: one launch
-    instead of hundreds. compile: the step goes through torch.compile (inside the graph, when there is one)."""
+    device tensor), attention is over all max_len slots with a mask that hides the empty ones (decode_attention's kernel
+    reads only the filled ones), every input sits in a buffer rewritten in place, and what each MMFS layer reads of the
+    images is made once at prefill (mmfs_step_inputs). So on CUDA one step is captured into a CUDA graph and replayed
+    per token: one launch instead of hundreds. compile: the step goes through torch.compile (inside the graph, when
+    there is one)."""
 
     def __init__(self, model, embeds, mask, vision, xmask, max_new_tokens, cuda_graph=None, compile=False):
         super().__init__(model, embeds, mask, vision, xmask, max_new_tokens, use_cache=True)

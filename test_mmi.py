@@ -48,10 +48,11 @@ REFERENCE = os.path.join(HERE, "assets", "reference")
 torch.set_num_threads(1)   # the models here are tiny: one thread is fastest, and robust on a shared machine
 
 
-def tiny_model(seed=0, perturb=True):
-    """A tiny model whose zero-initialised branches (MMFS gates, adapter gammas) are set non-zero, so tests see them."""
+def tiny_model(seed=0, perturb=True, **overrides):
+    """A tiny model whose zero-initialised branches (MMFS gates, adapter gammas) are set non-zero, so tests see them.
+    overrides: of the preset's config (MMIConfig.from_preset)."""
     torch.manual_seed(seed)
-    model = mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny"))
+    model = mmi.MMInterleaved(mmi.MMIConfig.from_preset("tiny", **overrides))
     if perturb:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -677,6 +678,50 @@ def test_quantized_gemv_matches_float64(dtype, bits, group_size, R, N, K, n_laye
     unit_roundoff = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     assert got.shape == expected.shape and got.dtype == dtype
     assert rel_err(got, expected) < unit_roundoff
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,D,T,slot", [(1, 40, 128, 300, 217), (3, 4, 64, 70, 69), (2, 2, 32, 9, 0),
+                                          (2, 3, 128, 2100, 1500)])
+def test_decode_attention_matches_float64(dtype, B, H, D, T, slot):
+    """kernels.cu's decode_attention against float64 on the same 16-bit inputs: the new token's k (rotated) and v
+    land in slot `slot` and nothing else in the cache changes; its output is softmax(q k^T / sqrt(D) + mask) v over
+    slots 0..slot with q and k rotated and rounded to the dtype, within the dtype's unit roundoff. q, k, v are
+    views into one [B, 3 H D] output (strided rows, as the fused q/k/v matmul gives them); row 1 is left-padded
+    (its first 3 slots masked); the slots after `slot` hold values that must not be read."""
+    kernel = mmi.load_kernels()
+    assert kernel is not None
+    g = torch.Generator(device="cuda").manual_seed(T + slot)
+    qkv = torch.randn(B, 3 * H * D, device="cuda", generator=g).to(dtype)
+    q, k, v = qkv.chunk(3, dim=-1)                                            # (B, H D) each, row stride 3 H D
+    kv = torch.randn(2, B, H, T, D, device="cuda", generator=g).to(dtype)
+    pos = torch.randint(0, 4000, (B, 1), device="cuda", generator=g)
+    cos, sin = mmi.rope_cos_sin(pos, D, 10000.0, dtype)                       # (B, 1, D)
+    allowed = torch.arange(T, device="cuda").expand(B, T) <= slot
+    if B > 1 and slot > 3:
+        allowed[1, :3] = False
+    mask = mmi.additive_mask(allowed, dtype)                                  # (B, T): 0 or the dtype's minimum
+    got_kv = kv.clone()
+    got = kernel.decode_attention(q, k, v, cos[:, 0], sin[:, 0], got_kv, torch.tensor([slot], device="cuda"), mask)
+
+    def rope(x):                                    # (B, H, D) in float64, rounded to the dtype as the cache holds it
+        x = x.double().view(B, H, D)
+        half = torch.cat([-x[..., D // 2:], x[..., :D // 2]], dim=-1)
+        return (x * cos.double() + half * sin.double()).to(dtype)
+
+    q_rot, k_rot = rope(q), rope(k)
+    want_kv = kv.clone()
+    want_kv[0, :, :, slot], want_kv[1, :, :, slot] = k_rot, v.view(B, H, D)
+    scores = torch.einsum("bhd,bhtd->bht", q_rot.double(), want_kv[0, :, :, :slot + 1].double()) / D ** 0.5
+    scores = scores.masked_fill(~allowed[:, None, :slot + 1], float("-inf"))
+    want = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), want_kv[1, :, :, :slot + 1].double()).reshape(B, H * D)
+    unit_roundoff = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    keep = torch.ones(T, dtype=torch.bool, device="cuda")
+    keep[slot] = False
+    assert torch.equal(got_kv[:, :, :, keep], kv[:, :, :, keep]) and torch.equal(got_kv[1], want_kv[1])
+    assert rel_err(got_kv[0, :, :, slot], want_kv[0, :, :, slot].double()) < unit_roundoff   # rounding ties aside
+    assert got.shape == (B, H * D) and got.dtype == dtype and rel_err(got, want) < unit_roundoff
 
 
 def test_gemv_reads_quantized_layers_whose_groups_fit_its_loads():
@@ -4221,14 +4266,16 @@ def test_compiled_decoding_step_equals_the_eager_step():
 def test_bf16_gemv_decoding_is_as_accurate_as_the_layers(bits, monkeypatch):
     """In bf16 on CUDA a decoding step's matmuls go through kernels.cu's gemv, with the LLaMA blocks' and MMFS's
     RMSNorms and the residual adds folded in, on 16-bit or quantized weights (int4 in groups of 32, the tiny width
-    being 64). Against a float32 recomputation of the whole sequence, its logits are no further off than a bf16
-    recomputation through the layers themselves (many rows: no norm folded into a gemv)."""
+    being 64), and its attention through decode_attention (2 heads of 32). Against a float32 recomputation of the
+    whole sequence, its logits are no further off than a bf16 recomputation through the layers themselves (many
+    rows: no norm folded into a gemv)."""
     if not mmi.kernels_used("cuda"):
         pytest.skip("kernels.cu is not available")
-    normed = []
-    real = mmi.gemv
+    normed, attended = [], []
+    real, real_attention = mmi.gemv, mmi._decode_attention_op
     monkeypatch.setattr(mmi, "gemv", lambda *a: normed.append(a[4] is not None) or real(*a))
-    model = tiny_model(seed=9)
+    monkeypatch.setattr(mmi, "_decode_attention_op", lambda *a: attended.append(1) or real_attention(*a))
+    model = tiny_model(seed=9, **{"llm.num_attention_heads": 2})
     model = (model if bits is None else mmi.quantize(model, bits, group_size=32)).cuda().eval()
     batch = make_batch(model.cfg, DECODE_ROWS, 24, left_pad=True)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -4247,6 +4294,7 @@ def test_bf16_gemv_decoding_is_as_accurate_as_the_layers(bits, monkeypatch):
     assert not any(normed)                                              # the head's gemv at most: no norm folded
     steps = logits(cached=True)
     assert normed.count(True) >= 3 * 2 * model.cfg.llm.num_hidden_layers  # qkv and gate/up of every layer, each step
+    assert len(attended) == 3 * model.cfg.llm.num_hidden_layers
     for got, base, ref in zip(steps, layers, reference):
         assert rel_err(got, ref) <= 1.5 * rel_err(base, ref)
 
