@@ -821,9 +821,17 @@ def kernels_used(device):
     return torch.device(device).type == "cuda" and _kernels_on()
 
 
-@torch.compiler.assume_constant_result   # a constant for torch.compile: tracing load_kernels would break the graph
 def _kernels_on():
     return os.environ.get("MMI_KERNELS", "").lower() != "reference" and load_kernels() is not None
+
+
+def compiled(fn, **kwargs):
+    """torch.compile(fn, **kwargs) for code that asks kernels_used: its answer becomes a constant to the compiler
+    (tracing load_kernels, file work, would split the graph). Marked here rather than where _kernels_on is defined:
+    marking imports torch._dynamo, which takes as long as importing torch, and `--help` or a bad argument should not
+    wait for it."""
+    torch.compiler.assume_constant_result(_kernels_on)
+    return torch.compile(fn, **kwargs)
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -4575,7 +4583,7 @@ class FastDecoder(_Decoder):
         super().__init__(model, embeds, mask, vision, xmask, max_new_tokens, use_cache=True)
         # the class's function, called with self: a bound method kept on self would make the decoder a reference
         # cycle, alive (its caches, its CUDA graph's memory) after generation until the garbage collector runs
-        self.step_fn = torch.compile(FastDecoder._step) if compile else FastDecoder._step
+        self.step_fn = compiled(FastDecoder._step) if compile else FastDecoder._step
         # the graph holds MMFS only where our kernel runs (the reference reads level shapes back to the host)
         can_graph = embeds.is_cuda and (vision is None or kernels_used(embeds.device))
         if cuda_graph and not can_graph:

@@ -920,9 +920,18 @@ def test_dispatch_cpu_uses_reference_without_warning():
 
 def test_kernels_used_traces_as_a_constant_under_torch_compile():
     """Compiled blocks ask kernels_used which MMFS path to take; the answer (which builds or loads kernels.cu, file
-    work dynamo cannot trace) must not break their graph."""
-    f = torch.compile(lambda x: x + mmi.kernels_used("cuda"), backend="eager", fullgraph=True)
+    work dynamo cannot trace) must not break their graph when they are compiled through mmi.compiled."""
+    f = mmi.compiled(lambda x: x + mmi.kernels_used("cuda"), backend="eager", fullgraph=True)
     assert torch.equal(f(torch.zeros(2)), torch.full((2,), float(mmi.kernels_used("cuda"))))
+
+
+def test_importing_the_scripts_does_not_import_the_compiler():
+    """torch._dynamo takes about as long to import as torch: importing mmi and the scripts leaves it out, so that
+    `python sample.py --help` and a bad argument answer without waiting for it (building a model on the meta device
+    imports it, inside torch)."""
+    code = "import sys, mmi, data, sample, train, eval, bench; print('torch._dynamo' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
 
 
 def test_dispatch_rejects_bad_inputs():

@@ -819,14 +819,14 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
         # cannot cache the CUDA-graph-safe form of that replay (torch 2.11), every warm run would recompile those
         # blocks. A training step is never captured as a CUDA graph, so the plain replay serves, and it caches.
         torch._functorch.config.graphsafe_rng_functionalization = False
-    compiled = {}
+    functions = {}
     for block in blocks:
         structure = (type(block), tuple((n, p.shape) for n, p in block.named_parameters()))
-        if structure not in compiled:
+        if structure not in functions:
             # a copy of body under its own name: dynamo keeps compiled code and shape history per code and name
-            code = body.__code__.replace(co_name=f"{body.__name__}_{len(compiled)}")
-            compiled[structure] = torch.compile(types.FunctionType(code, body.__globals__), backend=backend)
-        block.forward = types.MethodType(functools.partial(_forward_when_training, compiled[structure]), block)
+            code = body.__code__.replace(co_name=f"{body.__name__}_{len(functions)}")
+            functions[structure] = mmi.compiled(types.FunctionType(code, body.__globals__), backend=backend)
+        block.forward = types.MethodType(functools.partial(_forward_when_training, functions[structure]), block)
 
 
 def _only_plain_rng_replay_cacheable():
