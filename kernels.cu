@@ -116,9 +116,9 @@ struct DecodeAttentionLaunch {
   const void *q, *k, *v, *cos, *sin, *mask;
   int64_t q_stride, k_stride, v_stride;
   void* kv;
-  const int64_t* slot;
+  const int64_t *slot, *pos;
   void* out;
-  int B, H, slots, D;  // slots: the cache's length T
+  int B, H, slots, D, positions;  // slots: the cache's length T; positions: the RoPE tables' rows
   cudaStream_t stream;
 };
 cudaError_t decode_attention_launch(const DecodeAttentionLaunch& in);
@@ -1275,10 +1275,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
 // ------------------------------------------------------------------------------ a decoding step's attention
 
 #if MMI_GEMV16
-// The attention of one new token per row, with what comes before it folded in: RoPE on the token's query and key,
-// its key and value written into the cache at slot `slot`, then its query over the cache's slots 0..slot (the later
-// slots are empty: never read), an additive mask over the slots added to the scores. out = softmax(q k^T / sqrt(D)
-// + mask) v, per head, in float32, q and the new k rounded to T first (as the cache and the unfused step hold them).
+// The attention of one new token per row, with what comes before it folded in: RoPE on the token's query and key
+// (the tables' rows at the row's position: the tables are made once, not per step or layer), its key and value
+// written into the cache at slot `slot`, then its query over the cache's slots 0..slot (the later slots are empty:
+// never read), an additive mask over the slots added to the scores. out = softmax(q k^T / sqrt(D) + mask) v, per
+// head, in float32, q and the new k rounded to T first (as the cache and the unfused step hold them).
 // One block per (head, row); each warp runs an online softmax over every kDecodeWarps-th run of kDecodeKeys slots,
 // a lane holding D / 32 channels, and the warps' partial sums meet in shared memory.
 constexpr int kDecodeWarps = 16;
@@ -1288,12 +1289,13 @@ template <typename T>
 struct DecodeAttentionArgs {
   const T *q, *k, *v;          // [B, H * D] rows, row strides q_stride, k_stride, v_stride (items)
   int64_t q_stride, k_stride, v_stride;
-  const T *cos, *sin;          // [B, D] rotate-half RoPE tables at the token's position
+  const T *cos, *sin;          // [positions, D] rotate-half RoPE tables, a row per position
+  const int64_t* pos;          // [B] on the device: each row's token position, the tables' row it reads
   const T* mask;               // [B, T] added to the scores (0 or the dtype's minimum), or null
   T* kv;                       // [2, B, H, T, D] the cache
   const int64_t* slot;         // [1] on the device: the slot the token's key and value go to
   T* out;                      // [B, H * D]
-  int B, H, slots, D;          // slots: the cache's length T
+  int B, H, slots, D, positions;  // slots: the cache's length T; positions: the tables' rows
 };
 
 template <typename T, int E>  // E = D / 32 channels a lane: lane l holds channels l * E .. l * E + E - 1
@@ -1329,17 +1331,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_kernel(Dec
   constexpr int D = 32 * E;
   const int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   pdl_wait();
-  const int64_t slot = *a.slot;
-  if (slot < 0 || slot >= a.slots) __trap();   // a slot outside the cache: a caller's bug, never a silent write
+  const int64_t slot = *a.slot, pos = a.pos[b];
+  // a slot outside the cache or a position outside the tables is a caller's bug: never a silent write or read
+  if (slot < 0 || slot >= a.slots || pos < 0 || pos >= a.positions) __trap();
   T* keys = a.kv + (static_cast<int64_t>(b) * a.H + h) * a.slots * D;              // kv[0, b, h]
   T* values = keys + static_cast<int64_t>(a.B) * a.H * a.slots * D;                // kv[1, b, h]
   float q[E];
   load_lane_row<T, E>(a.q + b * a.q_stride + h * D, q);
-  rope_lane<T, E>(q, a.cos + b * D, a.sin + b * D);
+  rope_lane<T, E>(q, a.cos + pos * D, a.sin + pos * D);
   if (warp == 0) {
     float k[E], v[E];
     load_lane_row<T, E>(a.k + b * a.k_stride + h * D, k);
-    rope_lane<T, E>(k, a.cos + b * D, a.sin + b * D);
+    rope_lane<T, E>(k, a.cos + pos * D, a.sin + pos * D);
     load_lane_row<T, E>(a.v + b * a.v_stride + h * D, v);
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -1415,9 +1418,9 @@ template <typename T>
 cudaError_t decode_attention_typed(const DecodeAttentionLaunch& in) {
   const DecodeAttentionArgs<T> args{static_cast<const T*>(in.q), static_cast<const T*>(in.k),
                                     static_cast<const T*>(in.v), in.q_stride, in.k_stride, in.v_stride,
-                                    static_cast<const T*>(in.cos), static_cast<const T*>(in.sin),
+                                    static_cast<const T*>(in.cos), static_cast<const T*>(in.sin), in.pos,
                                     static_cast<const T*>(in.mask), static_cast<T*>(in.kv), in.slot,
-                                    static_cast<T*>(in.out), in.B, in.H, in.slots, in.D};
+                                    static_cast<T*>(in.out), in.B, in.H, in.slots, in.D, in.positions};
   const dim3 grid(in.H, in.B);
   auto kernel = in.D == 128 ? decode_attention_kernel<T, 4> : in.D == 64 ? decode_attention_kernel<T, 2>
                                                                          : decode_attention_kernel<T, 1>;
@@ -1937,10 +1940,11 @@ at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
   return y;
 }
 
-// q, k, v [B, H * D] (rows may be strided: views into one [B, 3 * H * D] output), cos/sin [B, D], kv
-// [2, B, H, T, D], slot [1] int64, mask [B, T] or None; all 16-bit of one dtype but slot, on one device.
+// q, k, v [B, H * D] (rows may be strided: views into one [B, 3 * H * D] output), cos/sin [P, D] (a row per
+// position), pos [B] int64 (each row's position), kv [2, B, H, T, D], slot [1] int64, mask [B, T] or None; all
+// 16-bit of one dtype but pos and slot, on one device.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
-                            const at::Tensor& sin, const at::Tensor& kv, const at::Tensor& slot,
+                            const at::Tensor& sin, const at::Tensor& pos, const at::Tensor& kv, const at::Tensor& slot,
                             const c10::optional<at::Tensor>& mask) {
   const c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(kv.is_cuda() && kv.dim() == 5 && kv.size(0) == 2 && kv.is_contiguous() && aligned16(kv),
@@ -1959,11 +1963,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                 "aligned with row strides a multiple of 4, got ", t->sizes(), " strides ", t->strides());
   }
   for (const at::Tensor* t : {&cos, &sin}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == D && t->is_contiguous() &&
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == cos.size(0) && t->size(1) == D && t->is_contiguous() &&
                     reinterpret_cast<uintptr_t>(t->data_ptr()) % 8 == 0 && t->scalar_type() == kv.scalar_type() &&
-                    t->device() == kv.device(),
-                "decode_attention: cos and sin must be contiguous [", B, ", ", D, "] of kv's dtype, got ", t->sizes());
+                    t->device() == kv.device() && cos.size(0) < (int64_t(1) << 31),
+                "decode_attention: cos and sin must be contiguous [positions, ", D, "] of kv's dtype, got ",
+                t->sizes());
   }
+  TORCH_CHECK(pos.numel() == B && pos.is_contiguous() && pos.scalar_type() == at::kLong && pos.device() == kv.device(),
+              "decode_attention: pos must be ", B, " contiguous int64 on kv's device, got ", pos.sizes());
   TORCH_CHECK(slot.numel() == 1 && slot.scalar_type() == at::kLong && slot.device() == kv.device(),
               "decode_attention: slot must be one int64 on kv's device");
   if (mask.has_value()) {
@@ -1985,6 +1992,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   launch.mask = mask.has_value() ? mask->data_ptr() : nullptr;
   launch.kv = kv.data_ptr();
   launch.slot = slot.data_ptr<int64_t>();
+  launch.pos = pos.data_ptr<int64_t>();
+  launch.positions = static_cast<int>(cos.size(0));
   launch.out = out.data_ptr();
   launch.B = static_cast<int>(B);
   launch.H = static_cast<int>(H);
@@ -2013,9 +2022,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps") = 1e-6, py::arg("residual") = py::none(), py::arg("scales") = std::vector<at::Tensor>{},
         py::arg("group_size") = 0);
   m.def("decode_attention", &mmi::decode_attention,
-        "a decoding step's attention: RoPE on q and k, k and v written into kv at slot, q over slots 0..slot -> "
-        "[B, H*D]", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("kv"),
-        py::arg("slot"), py::arg("mask") = py::none());
+        "a decoding step's attention: RoPE on q and k at pos, k and v written into kv at slot, q over slots "
+        "0..slot -> [B, H*D]", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"),
+        py::arg("pos"), py::arg("kv"), py::arg("slot"), py::arg("mask") = py::none());
 }
 
 #endif  // MMI_HOST

@@ -4470,41 +4470,45 @@ def mmfs_step_inputs(llm, vision_hidden_states, xmask, dtype):
 
 @torch.library.custom_op("mmi::decode_attention", mutates_args=("kv",))
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         kv: torch.Tensor, slot: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return load_kernels().decode_attention(q, k, v, cos, sin, kv, slot, mask)
+                         pos: torch.Tensor, kv: torch.Tensor, slot: torch.Tensor,
+                         mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return load_kernels().decode_attention(q, k, v, cos, sin, pos, kv, slot, mask)
 
 
 @_decode_attention_op.register_fake
-def _(q, k, v, cos, sin, kv, slot, mask):
+def _(q, k, v, cos, sin, pos, kv, slot, mask):
     return q.new_empty(q.shape[0], kv.shape[2] * kv.shape[4])
 
 
-def decode_attention(q, k, v, cos, sin, kv, slot, attn_mask):
-    """A decoding step's self-attention: RoPE on the new token's q and k (B, 1, d), its k and v written into the
-    cache kv (2, B, heads, max_len, D) at slot `slot` (a device tensor), q over the cache with attn_mask (B, 1, 1,
-    max_len, additive: it hides the empty slots) -> (B, 1, d). On CUDA, kernels.cu does it all in one launch that
-    reads only the slots up to `slot`."""
+def decode_attention(q, k, v, cos, sin, pos, kv, slot, attn_mask):
+    """A decoding step's self-attention: RoPE on the new token's q and k (B, 1, d) at positions pos (B, 1), rows of
+    the tables cos, sin (max_len, D) made once; its k and v written into the cache kv (2, B, heads, max_len, D) at
+    slot `slot` (a device tensor), q over the cache with attn_mask (B, 1, 1, max_len, additive: it hides the empty
+    slots) -> (B, 1, d). On CUDA, kernels.cu does it all in one launch that reads only the slots up to `slot`. (Tables
+    made inside a compiled step would be made again before every layer: the compiler recomputes a cheap input of an
+    opaque op at each use.)"""
     B, L, d = q.shape
     D = kv.shape[-1]
     if (L == 1 and kernels_used(q.device) and q.dtype in (torch.bfloat16, torch.float16) and D in (32, 64, 128)
             and kv.dtype == cos.dtype == q.dtype and (attn_mask is None or attn_mask.dtype == q.dtype)
             and not torch.is_grad_enabled()):
         mask = None if attn_mask is None else attn_mask.reshape(B, -1)
-        return _decode_attention_op(q.view(B, d), k.view(B, d), v.view(B, d), cos.reshape(B, D), sin.reshape(B, D),
-                                    kv, slot, mask).view(B, 1, d)
+        return _decode_attention_op(q.view(B, d), k.view(B, d), v.view(B, d), cos, sin, pos.reshape(B), kv, slot,
+                                    mask).view(B, 1, d)
     q, k, v = (t.view(B, L, kv.shape[2], D).transpose(1, 2) for t in (q, k, v))       # (B, heads, 1, D)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos[pos], sin[pos]), apply_rope(k, cos[pos], sin[pos])
     kv.index_copy_(3, slot, torch.stack([k, v]).to(kv.dtype))                     # no cast in index_copy_
     return attention(q, kv[0], kv[1], attn_mask)
 
 
-def fast_layer_step(layer, h, cos, sin, values, relpos, tables, xmask, attn_mask, kv_cache, slot):
+def fast_layer_step(layer, h, rope, values, relpos, tables, xmask, attn_mask, kv_cache, slot):
     """LlamaDecoderLayer.forward for a decoding step: its matmuls through linear() with the norms and residuals
-    folded in, its attention through decode_attention (the new K/V written into cache slot `slot`, a device
-    tensor), MMFS over values, relpos terms and level tables made once (mmfs_step_inputs). h (B, 1, d) -> (B, 1, d)."""
+    folded in, its attention through decode_attention (rope: its cos, sin and pos; the new K/V written into cache
+    slot `slot`, a device tensor), MMFS over values, relpos terms and level tables made once (mmfs_step_inputs).
+    h (B, 1, d) -> (B, 1, d)."""
     a = layer.self_attn
     q, k, v = linear(h, a.q_proj, a.k_proj, a.v_proj, norm=layer.input_layernorm)   # (B, 1, d) each
-    h = linear(decode_attention(q, k, v, cos, sin, kv_cache.kv, slot, attn_mask), a.o_proj, residual=h)
+    h = linear(decode_attention(q, k, v, *rope, kv_cache.kv, slot, attn_mask), a.o_proj, residual=h)
     x = layer.llama_cross_attn
     if x is not None and values is not None:
         ref = h.new_full((1, h.shape[1], 2), 0.5)
@@ -4609,6 +4613,9 @@ class FastDecoder(_Decoder):
             *per_kind, self.mmfs_tables = zip(*made)
             for name, per_layer in zip(MMFS_STEP_BUFFERS, per_kind):
                 self.buffers[name] = torch.stack(per_layer, dim=1)               # (B, MMFS layers, ...)
+        c = self.model.mm_decoder.cfg                 # RoPE's tables (max_len, D): every position a step can have
+        self.rope = rope_cos_sin(torch.arange(self.max_len, device=self.mask.device),
+                                 c.hidden_size // c.num_attention_heads, c.rope_theta, self.embeds.dtype)
         self.length = L                               # slots filled so far (the same in every row: left padding)
         self.slot = self.mask.new_full((1,), L)       # (1,) the slot the next token's K/V go to, on the device
         return logits
@@ -4640,14 +4647,13 @@ class FastDecoder(_Decoder):
     def _step(self):
         """One token per row from the buffers; fixed shapes, no host sync: the body of the CUDA graph."""
         llm, b = self.model.mm_decoder, self.buffers
-        c = llm.cfg
-        cos, sin = rope_cos_sin(b["pos"], c.hidden_size // c.num_attention_heads, c.rope_theta, self.embeds.dtype)
+        rope = (*self.rope, b["pos"])
         mmfs = None if "xmask" not in b else \
             zip(*(b[k].unbind(1) for k in MMFS_STEP_BUFFERS), self.mmfs_tables)     # per MMFS layer
         h = llm.embed_tokens(b["token"])[:, None]                                 # (B, 1, d)
         for layer, cache in zip(llm.layers, self.caches):
             v, *relpos, tables = next(mmfs) if mmfs is not None and layer.llama_cross_attn is not None else [None] * 4
-            h = fast_layer_step(layer, h, cos, sin, v, relpos, tables, b.get("xmask"), b["attn"], cache, self.slot)
+            h = fast_layer_step(layer, h, rope, v, relpos, tables, b.get("xmask"), b["attn"], cache, self.slot)
         h, head = llm.norm(h[:, -1]), self.model.text_decoder                    # (B, d)
         logits = linear(h, head.head)
         return torch.cat([logits[..., :-head.n_new], logits[..., -head.n_new:] + head.head_new(h)], dim=-1).float()

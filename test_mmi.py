@@ -687,23 +687,26 @@ def test_quantized_gemv_matches_float64(dtype, bits, group_size, R, N, K, n_laye
 def test_decode_attention_matches_float64(dtype, B, H, D, T, slot):
     """kernels.cu's decode_attention against float64 on the same 16-bit inputs: the new token's k (rotated) and v
     land in slot `slot` and nothing else in the cache changes; its output is softmax(q k^T / sqrt(D) + mask) v over
-    slots 0..slot with q and k rotated and rounded to the dtype, within the dtype's unit roundoff. q, k, v are
-    views into one [B, 3 H D] output (strided rows, as the fused q/k/v matmul gives them); row 1 is left-padded
-    (its first 3 slots masked); the slots after `slot` hold values that must not be read."""
+    slots 0..slot with q and k rotated (the RoPE tables' rows at each row's own position) and rounded to the dtype,
+    within the dtype's unit roundoff. q, k, v are views into one [B, 3 H D] output (strided rows, as the fused q/k/v
+    matmul gives them); row 1 is left-padded (its first 3 slots masked); the slots after `slot` hold values that
+    must not be read."""
     kernel = mmi.load_kernels()
     assert kernel is not None
     g = torch.Generator(device="cuda").manual_seed(T + slot)
     qkv = torch.randn(B, 3 * H * D, device="cuda", generator=g).to(dtype)
     q, k, v = qkv.chunk(3, dim=-1)                                            # (B, H D) each, row stride 3 H D
     kv = torch.randn(2, B, H, T, D, device="cuda", generator=g).to(dtype)
-    pos = torch.randint(0, 4000, (B, 1), device="cuda", generator=g)
-    cos, sin = mmi.rope_cos_sin(pos, D, 10000.0, dtype)                       # (B, 1, D)
+    pos = torch.randint(0, 4000, (B,), device="cuda", generator=g)            # each row's position
+    cos_table, sin_table = mmi.rope_cos_sin(torch.arange(4000, device="cuda"), D, 10000.0, dtype)   # (4000, D)
+    cos, sin = cos_table[pos][:, None], sin_table[pos][:, None]               # (B, 1, D): the rows it must read
     allowed = torch.arange(T, device="cuda").expand(B, T) <= slot
     if B > 1 and slot > 3:
         allowed[1, :3] = False
     mask = mmi.additive_mask(allowed, dtype)                                  # (B, T): 0 or the dtype's minimum
     got_kv = kv.clone()
-    got = kernel.decode_attention(q, k, v, cos[:, 0], sin[:, 0], got_kv, torch.tensor([slot], device="cuda"), mask)
+    got = kernel.decode_attention(q, k, v, cos_table, sin_table, pos, got_kv, torch.tensor([slot], device="cuda"),
+                                  mask)
 
     def rope(x):                                    # (B, H, D) in float64, rounded to the dtype as the cache holds it
         x = x.double().view(B, H, D)
