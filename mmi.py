@@ -4496,7 +4496,8 @@ def decode_attention(q, k, v, cos, sin, pos, kv, slot, attn_mask):
         return _decode_attention_op(q.view(B, d), k.view(B, d), v.view(B, d), cos, sin, pos.reshape(B), kv, slot,
                                     mask).view(B, 1, d)
     q, k, v = (t.view(B, L, kv.shape[2], D).transpose(1, 2) for t in (q, k, v))       # (B, heads, 1, D)
-    q, k = apply_rope(q, cos[pos], sin[pos]), apply_rope(k, cos[pos], sin[pos])
+    cos, sin = cos[pos], sin[pos]                                                     # (B, 1, D)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv.index_copy_(3, slot, torch.stack([k, v]).to(kv.dtype))                     # no cast in index_copy_
     return attention(q, kv[0], kv[1], attn_mask)
 
