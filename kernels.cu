@@ -807,10 +807,17 @@ constexpr int kGemvThreads = 256;
 template <int BITS> __host__ __device__ constexpr int gemv_threads() { return BITS == 8 ? kGemvThreads / 2 : kGemvThreads; }
 constexpr int kGemvRows = 4;
 
+// Byte offset of row n's 16 bytes of int4 inputs k..k+31 (k a multiple of 32) in a matrix of K inputs a row.
+__host__ __device__ __forceinline__ int64_t int4_piece(int64_t n, int k, int K) {
+  return (n / 16) * 16 * (K / 2) + (k / 32) * 256 + (n % 16) * 16;
+}
+
 template <typename T>
 struct GemvArgs {
-  const void* w[kMaxMats];  // [N, K] of T (BITS 16); int8 [N, K] (BITS 8); [N, K / 2] bytes of two int4 (BITS 4):
-                            // input 2j in byte j's low nibble, 2j + 1 in its high nibble, each stored as q + 8
+  const void* w[kMaxMats];  // [N, K] of T (BITS 16); int8 [N, K] (BITS 8); int4 (BITS 4) as two a byte (input 2j
+                            // in the low nibble, 2j + 1 in the high one, each stored as q + 8) in slabs of 16 rows
+                            // (N rounded up to 16), a slab stored as its 32-input pieces (16 bytes of each of its
+                            // rows) one after another: row n's inputs k..k+31 at int4_piece(n, k, K)
   const T* scales[kMaxMats];  // quantized: [N, K / group_size], weight[n, k] = q[n, k] * scales[n, k / group_size]
   const T* bias[kMaxMats];  // nullptr: none
   const T* x;
@@ -919,6 +926,11 @@ __device__ __forceinline__ void block_sum(float (&v)[V], float* red) {
   }
 }
 
+// Offset from a row's first load of the load at input k: row-major, or for int4 32-input pieces 256 bytes apart.
+template <int BITS> __device__ __forceinline__ int weight_offset(int k) {
+  return BITS == 4 ? k / 32 * 256 : k * BITS / 8;
+}
+
 template <typename T, int R, bool GLU, bool NORM, int BITS>
 __global__ void __launch_bounds__(gemv_threads<BITS>()) gemv_kernel(GemvArgs<T> a) {
   constexpr int THREADS = gemv_threads<BITS>();
@@ -942,7 +954,8 @@ __global__ void __launch_bounds__(gemv_threads<BITS>()) gemv_kernel(GemvArgs<T> 
 #pragma unroll
     for (int i = 0; i < ROWS; ++i) {  // rows past N reread row N-1 and are not written
       const int64_t n = min(n0 + i, a.N - 1);
-      w[j][i] = static_cast<const char*>(j == 0 ? first : a.w[1]) + n * a.K * BITS / 8;
+      w[j][i] = static_cast<const char*>(j == 0 ? first : a.w[1]) + (BITS == 4 ? int4_piece(n, 0, a.K)
+                                                                               : n * a.K * BITS / 8);
       scales[j][i] = (j == 0 ? first_scales : a.scales[1]) + n * groups;
     }
 
@@ -952,7 +965,7 @@ __global__ void __launch_bounds__(gemv_threads<BITS>()) gemv_kernel(GemvArgs<T> 
 #pragma unroll
       for (int j = 0; j < MATS; ++j)
 #pragma unroll
-        for (int i = 0; i < ROWS; ++i) prefetch_l2(w[j][i] + threadIdx.x * KI * BITS / 8);
+        for (int i = 0; i < ROWS; ++i) prefetch_l2(w[j][i] + weight_offset<BITS>(threadIdx.x * KI));
     }
     pdl_wait();
   }
@@ -963,7 +976,8 @@ __global__ void __launch_bounds__(gemv_threads<BITS>()) gemv_kernel(GemvArgs<T> 
 #pragma unroll
     for (int j = 0; j < MATS; ++j)
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i) wv[j][i] = __ldcs(reinterpret_cast<const uint4*>(w[j][i] + k * BITS / 8));
+      for (int i = 0; i < ROWS; ++i)
+        wv[j][i] = __ldcs(reinterpret_cast<const uint4*>(w[j][i] + weight_offset<BITS>(k)));
     if constexpr (BITS == 16) {
       float xf[R][8];
       load_x8<T, R, NORM>(a, k, xf, ss);
@@ -1038,7 +1052,7 @@ __global__ void __launch_bounds__(gemv_threads<BITS>()) gemv_kernel(GemvArgs<T> 
 // in one scale group, so its sums are scaled once per row, as in the loop above (q * x exact, scaled in float32).
 // A block is 4 or 8 warps (the launcher's choice) over 32 outputs (glu: 16 outputs of gate and of up), warp w of W
 // taking chunks w, w + W, ... with the next two in flight; x is staged in shared memory first; the warps' sums meet
-// there too.
+// there too. The weight's slabs put a load instruction's 8 rows in whole 128-byte lines.
 constexpr int kMmaWarps = 8;  // at most
 constexpr int kMmaChunk = 128;
 
@@ -1149,14 +1163,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
   const T* first_scales = mat == 0 ? a.scales[0] : mat == 1 ? a.scales[1] : a.scales[2];
   const T* bias = mat == 0 ? a.bias[0] : mat == 1 ? a.bias[1] : a.bias[2];
   const int n0 = blockIdx.x * OUTS, groups = a.K / a.group_size, entries = a.K / 8;
-  const uint8_t* w[2][2];  // tile j's rows g and g + 8 (rows past N reread row N - 1 and are not written)
+  // tile j's rows g and g + 8: lane t's 16 bytes of chunk c at w[j][h] + 1024 c (a tile past the slabs rereads the
+  // last one; rows past N are q = 0 or reread and are not written), their scales s[j][h] (rows past N: row N - 1)
+  const uint8_t* w[2][2];
   const T* s[2][2];
+  const int slabs = (a.N + 15) / 16;
 #pragma unroll
   for (int j = 0; j < 2; ++j)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      const int slab = min((n0 + (GLU ? 0 : 16 * j)) / 16, slabs - 1);
+      w[j][h] = static_cast<const uint8_t*>(GLU && j == 1 ? a.w[1] : first) +
+                int4_piece(16 * slab + g + 8 * h, 32 * t, a.K);
       const int64_t n = min(n0 + (GLU ? 0 : 16 * j) + g + 8 * h, a.N - 1);
-      w[j][h] = static_cast<const uint8_t*>(GLU && j == 1 ? a.w[1] : first) + n * (a.K / 2);
       s[j][h] = (GLU && j == 1 ? a.scales[1] : first_scales) + n * groups;
     }
 
@@ -1170,7 +1189,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) gemv_int4_mma_kernel(GemvArgs<
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        wv[j][h] = __ldcs(reinterpret_cast<const uint4*>(w[j][h] + (c * kMmaChunk + 32 * t) / 2));
+        wv[j][h] = __ldcs(reinterpret_cast<const uint4*>(w[j][h] + c * (kMmaChunk / 32) * 256));
         sv[j][h] = s[j][h][c * kMmaChunk / a.group_size];
       }
   };
@@ -1858,7 +1877,8 @@ std::vector<at::Tensor> msda_backward(const at::Tensor& value, const at::Tensor&
 // x [R, K] (R <= 4) and matrices [N, K] of one 16-bit dtype -> [R, n_mats * N], or [R, N] with glu (two matrices).
 // norm [K]: x's rows through RMSNorm(weight norm, eps) first; residual [R, N]: added to the one output.
 // Quantized matrices (one scales tensor each, of x's dtype): int8 [N, K] with scales [N, 1] (group_size K), or
-// uint8 [N, K / 2] holding two int4 a byte with scales [N, K / group_size], group_size a multiple of 32.
+// uint8 [N rounded up to 16, K / 2] holding two int4 a byte in slabs (GemvArgs::w) with scales [N, K / group_size],
+// group_size a multiple of 32.
 at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                 const std::vector<c10::optional<at::Tensor>>& biases, bool glu,
                 const c10::optional<at::Tensor>& norm, double eps, const c10::optional<at::Tensor>& residual,
@@ -1873,7 +1893,7 @@ at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "gemv: bfloat16 or float16 only");
   const auto wtype = weights[0].scalar_type();
   const int bits = wtype == at::kChar ? 8 : wtype == at::kByte ? 4 : 16;
-  const int64_t K = x.size(1), N = weights[0].size(0);
+  const int64_t K = x.size(1), N = bits == 4 && !scales.empty() ? scales[0].size(0) : weights[0].size(0);
   TORCH_CHECK(static_cast<int64_t>(scales.size()) == (bits == 16 ? 0 : n_mats),
               "gemv: one scales tensor per quantized matrix, none for ", x.scalar_type(), " ones");
   TORCH_CHECK(K % (128 / bits) == 0, "gemv: K must be a multiple of ", 128 / bits, ", got ", K);
@@ -1882,12 +1902,12 @@ at::Tensor gemv(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                              "gemv: int4 group_size must be a multiple of 32 dividing K = ", K, ", got ", group_size);
   TORCH_CHECK(N >= 1 && N * n_mats < std::numeric_limits<int>::max() && K < std::numeric_limits<int>::max(),
               "gemv: sizes out of range");
-  const int64_t row_items = bits == 4 ? K / 2 : K;
+  const int64_t rows = bits == 4 ? (N + 15) / 16 * 16 : N, row_items = bits == 4 ? K / 2 : K;
   for (int64_t i = 0; i < n_mats; ++i) {
     const auto& w = weights[i];
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == row_items && w.is_contiguous() && aligned16(w) &&
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == row_items && w.is_contiguous() && aligned16(w) &&
                     w.scalar_type() == (bits == 16 ? x.scalar_type() : wtype) && w.device() == x.device(),
-                "gemv: matrix ", i, " must be a contiguous, aligned [", N, ", ", row_items, "] of ",
+                "gemv: matrix ", i, " must be a contiguous, aligned [", rows, ", ", row_items, "] of ",
                 bits == 16 ? x.scalar_type() : wtype, " on x's device, got ", w.sizes(), " ", w.scalar_type());
     if (bits != 16) {
       const auto& sc = scales[i];

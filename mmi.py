@@ -4314,7 +4314,7 @@ def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[tor
 
 @gemv.register_fake
 def _(x, weights, biases, glu, norm, eps, residual, scales, group_size):
-    N = weights[0].shape[0]
+    N = (scales or weights)[0].shape[0]                                       # int4 weights have padding rows
     return x.new_empty(x.shape[0], N if glu else N * len(weights))
 
 
@@ -4751,10 +4751,26 @@ def unpack_int4(packed):
     return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).to(torch.int8) - 8
 
 
+def to_slabs(packed):
+    """pack_int4's (N, K / 2) bytes, K a multiple of 32 -> the order a GEMV reads them in, (N', K / 2) with N' = N
+    rounded up to 16 (the new rows all q = 0): rows in slabs of 16, each slab stored as its 32-input pieces one
+    after another, a piece as its 16 rows' 16 bytes. A warp's 16-byte loads of 8 rows then fill whole 128-byte
+    lines, where row-major rows would give it 8 scattered pieces."""
+    N, B = packed.shape
+    padded = torch.cat([packed, packed.new_full((-N % 16, B), 0x88)])         # (N', B)
+    return padded.view(-1, 16, B // 16, 16).transpose(1, 2).reshape(-1, B)   # (slab, piece, row, 16 bytes)
+
+
+def from_slabs(qweight, n):
+    """to_slabs' inverse: the first n rows."""
+    B = qweight.shape[1]
+    return qweight.view(-1, B // 16, 16, 16).transpose(1, 2).reshape(-1, B)[:n]
+
+
 def dequantize_weight(qweight, scales, group_size):
-    """QuantizedLinear's qweight (int8, or uint8 of packed int4) and scales -> the weight (out, in') in the scales'
-    dtype, each q * scale rounded once."""
-    q = unpack_int4(qweight) if qweight.dtype == torch.uint8 else qweight      # (out, in') int8
+    """QuantizedLinear's qweight (int8, or uint8 of int4 in slabs) and scales -> the weight (out, in') in the
+    scales' dtype, each q * scale rounded once."""
+    q = unpack_int4(from_slabs(qweight, scales.shape[0])) if qweight.dtype == torch.uint8 else qweight   # (out, in')
     w = q.view(q.shape[0], -1, group_size).to(scales.dtype) * scales[..., None]
     return w.view(q.shape[0], -1)
 
@@ -4763,9 +4779,9 @@ class QuantizedLinear(nn.Module):
     """An nn.Linear whose weight is kept quantized and dequantized at each call: F.linear(x, dequantize(), bias),
     the reference a quantized matmul kernel must equal. Buffers (the layout such a kernel reads):
       qweight  bits 8: int8 (out, in), row-major, q in [-127, 127];
-               bits 4: uint8 (out, in' / 2), row-major, two inputs per byte as pack_int4 (input 2j low nibble,
-               2j + 1 high nibble, each q + 8 with q in [-7, 7]); in' = in rounded up to whole groups, the padding
-               inputs' q = 0
+               bits 4: uint8 (out', in' / 2): two inputs per byte as pack_int4 (input 2j low nibble, 2j + 1 high
+               nibble, each q + 8 with q in [-7, 7]), the rows in slabs of 16 as to_slabs orders them; in' = in
+               rounded up to whole groups and whole 32-input pieces, out' = out rounded up to 16, the padding q = 0
       scales   (out, in' / group_size), the dtype of the weight quantized (the model's float dtype; model.to(dtype)
                casts them with the rest): weight[o, i] = q[o, i] * scales[o, i // group_size]
       bias     the Linear's (out,) Parameter, or None
@@ -4788,9 +4804,10 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"quantize: group_size={group_size}, expected a positive even int (two inputs a byte)")
         g = group_size if bits == 4 else linear.in_features
         with torch.no_grad():
-            q, scales = quantize_weight(linear.weight, bits, g)
-        return cls(linear.in_features, linear.out_features, bits, g, pack_int4(q) if bits == 4 else q, scales,
-                   linear.bias)
+            w = linear.weight if bits == 8 else F.pad(linear.weight, (0, -linear.in_features % math.lcm(g, 32)))
+            q, scales = quantize_weight(w, bits, g)
+        return cls(linear.in_features, linear.out_features, bits, g, to_slabs(pack_int4(q)) if bits == 4 else q,
+                   scales, linear.bias)
 
     def dequantize(self):
         """The weight (out, in): each q * scale rounded once to the scales' dtype."""

@@ -4419,17 +4419,21 @@ def test_quantization_int8_and_int4_by_hand():
         q64 = np.round(groups / np.where(s64 > 0, s64, 1)[..., None]).reshape(w64.shape)   # numpy: ties to even
         assert q64.tolist() == q
         layer = mmi.QuantizedLinear.from_linear(_linear_of(w), bits, group_size=g or 128)
-        assert layer.scales.dtype == torch.float32 and layer.scales.tolist() == s
-        unpacked = mmi.unpack_int4(layer.qweight) if bits == 4 else layer.qweight
+        assert layer.scales.dtype == torch.float32 and layer.scales[:, :len(s[0])].tolist() == s
+        assert layer.scales[:, len(s[0]):].eq(0).all()                  # int4: groups of padding only
+        unpacked = mmi.unpack_int4(_int4_rows(layer.qweight, 2))[:, :8] if bits == 4 else layer.qweight
         assert unpacked.tolist() == q
         dq = (q64.reshape(groups.shape) * s64[..., None]).reshape(w64.shape)
         assert torch.equal(layer.dequantize(), torch.from_numpy(dq).float())
         assert (np.abs(w64 - dq) <= np.repeat(s64, groups.shape[-1], axis=1) / 2).all()
-    # int4 bytes: input 2j in the low nibble, 2j + 1 in the high one, each as q + 8
+    # int4 bytes: input 2j in the low nibble, 2j + 1 in the high one, each as q + 8; 8 inputs padded to a 32-input
+    # piece and 2 rows to a slab of 16, all padding q = 0 (byte 0x88)
     packed = mmi.QuantizedLinear.from_linear(_linear_of(w4), 4, group_size=4).qweight
-    assert packed.dtype == torch.uint8
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 16)
     nibbles = [[(7, -4), (2, 0), (7, -3), (2, 0)], [(0, 0), (0, 0), (-7, 6), (6, 1)]]      # q4's pairs
-    assert packed.tolist() == [[(lo + 8) | (hi + 8) << 4 for lo, hi in row] for row in nibbles]
+    rows = _int4_rows(packed, 16)
+    assert rows[:2, :4].tolist() == [[(lo + 8) | (hi + 8) << 4 for lo, hi in row] for row in nibbles]
+    assert rows[:2, 4:].eq(0x88).all() and rows[2:].eq(0x88).all()
 
 
 def test_quantized_values_are_rounded_against_the_stored_scales():
@@ -4451,6 +4455,14 @@ def test_quantized_values_are_rounded_against_the_stored_scales():
         assert s.tolist() == [[u]] and q.tolist() == [q_expected]          # 8u / 7 and 128u / 127 round to u
 
 
+def _int4_rows(qweight, n):
+    """Rows 0..n-1 of int4 bytes, read from the slabs QuantizedLinear documents by index: row r's bytes 16p..16p+15
+    at slab r // 16 (16 rows of all bytes), piece p (16 rows of 16 bytes), row r % 16."""
+    B = qweight.shape[1]
+    r, b = torch.arange(n)[:, None], torch.arange(B)[None, :]
+    return qweight.reshape(-1)[(r // 16) * 16 * B + (b // 16) * 256 + (r % 16) * 16 + b % 16]
+
+
 def test_int4_packing_is_exact_for_every_nibble_and_byte():
     order = torch.randperm(32, generator=torch.Generator().manual_seed(0))
     q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)[:, order]
@@ -4460,17 +4472,23 @@ def test_int4_packing_is_exact_for_every_nibble_and_byte():
     assert torch.equal(mmi.unpack_int4(packed), q)
     every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(2, 128)
     assert torch.equal(mmi.pack_int4(mmi.unpack_int4(every)), every)
+    # slabs: 37 rows of 96 inputs (48 bytes) -> 48 rows (3 slabs), each row where the index says, padding q = 0
+    packed = torch.randint(0, 256, (37, 48), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    slabs = mmi.to_slabs(packed.to(torch.uint8))
+    assert slabs.shape == (48, 48) and torch.equal(_int4_rows(slabs, 37), packed.to(torch.uint8))
+    assert _int4_rows(slabs, 48)[37:].eq(0x88).all() and torch.equal(mmi.from_slabs(slabs, 37), packed.to(torch.uint8))
 
 
 def test_int4_pads_inputs_up_to_whole_groups():
     """in_features not a multiple of group_size: the row is padded with zero weights (q 0, nibble 8) up to whole
-    groups; the last group's scale comes from its real inputs, and dequantize drops the padding. int8 (one group
-    per row) never pads. An odd group_size or other bits are refused."""
+    groups and whole 32-input pieces; the last real group's scale comes from its real inputs, an all-padding group's
+    is 0, and dequantize drops the padding. int8 (one group per row) never pads. An odd group_size or other bits
+    are refused."""
     w = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
     layer = mmi.QuantizedLinear.from_linear(_linear_of(w), 4, group_size=4)
-    assert layer.qweight.shape == (3, 6) and layer.scales.shape == (3, 3)
-    assert (layer.qweight[:, 5] >> 4).tolist() == [8] * 3 and (layer.qweight[:, 5] & 15).tolist() == [8] * 3
-    assert torch.equal(layer.scales[:, 2], w[:, 8:].abs().amax(-1) / 7)
+    assert layer.qweight.shape == (16, 16) and layer.scales.shape == (3, 8)      # 32 inputs: whole 32-input pieces
+    assert _int4_rows(layer.qweight, 3)[:, 5:].eq(0x88).all()                   # inputs 10.. are q 0 (nibble 8)
+    assert torch.equal(layer.scales[:, 2], w[:, 8:].abs().amax(-1) / 7) and layer.scales[:, 3:].eq(0).all()
     assert layer.dequantize().shape == (3, 10)
     assert (layer.dequantize() - w).abs().le(layer.scales.repeat_interleave(4, 1)[:, :10] / 2 + 1e-7).all()
     layer8 = mmi.QuantizedLinear.from_linear(_linear_of(w), 8)
@@ -4483,7 +4501,7 @@ def test_int4_pads_inputs_up_to_whole_groups():
 
 def _dequantize_by_hand(layer):
     """The weight the buffers stand for, read by the layout QuantizedLinear documents, in float64."""
-    b = layer.qweight.to(torch.int64)
+    b = (_int4_rows(layer.qweight, layer.out_features) if layer.bits == 4 else layer.qweight).to(torch.int64)
     q = torch.stack([b & 15, b >> 4], -1).flatten(1) - 8 if layer.bits == 4 else b
     group = torch.arange(q.shape[1]) // layer.group_size
     return (q.double() * layer.scales.double()[:, group])[:, :layer.in_features]
@@ -4498,7 +4516,7 @@ def test_quantized_linear_is_f_linear_of_its_dequantized_weight(bits, dtype):
     linear = _linear_of(torch.randn(20, 300, generator=g).to(dtype), torch.randn(20, generator=g).to(dtype))
     layer = mmi.QuantizedLinear.from_linear(linear, bits)                    # int4: 300 inputs -> 3 groups of 128
     assert layer.scales.dtype == dtype and layer.bias is linear.bias
-    assert layer.qweight.shape == ((20, 300) if bits == 8 else (20, 192))
+    assert layer.qweight.shape == ((20, 300) if bits == 8 else (32, 192))              # int4: 2 slabs of 16 rows
     x = torch.randn(5, 300, generator=g).to(dtype)
     weight = _dequantize_by_hand(layer).to(dtype)                             # q * scale rounded once to dtype
     assert torch.equal(layer.dequantize(), weight)
