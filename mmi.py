@@ -1505,7 +1505,7 @@ class LlamaMMFSAttention(nn.Module):
         # every query uses the single reference point (0.5, 0.5): where to look is all in the offsets
         ref = h.new_full((1, h.shape[1], 2), 0.5)
         out = self.attn(self.norm1(h), ref, self.norm2(vision_hidden_states), cross_attention_mask)
-        return out * self.gate.tanh()
+        return out * self.gate.tanh().to(out.dtype)      # a float32 gate under autocast keeps the stream's dtype
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -4253,7 +4253,7 @@ def merge_lora(model):
 # What the fast forms below were written for: a digest of the plain forms' source. An edited plain form changes
 # it, and then the fast path is not taken (fast=None) or refused (fast=True) until its form is brought in line,
 # checked by the tests, and this digest renewed, so that the fast path never computes something else.
-PLAIN_FORMS_DIGEST = "be9e0bc83dc9da83"
+PLAIN_FORMS_DIGEST = "73212f10896a352e"
 
 
 def _plain_forms_digest():
@@ -4513,8 +4513,8 @@ def fast_layer_step(layer, h, rope, values, relpos, tables, xmask, attn_mask, kv
     x = layer.llama_cross_attn
     if x is not None and values is not None:
         ref = h.new_full((1, h.shape[1], 2), 0.5)
-        h = h + mmfs_fast(x.attn, h, ref, values, xmask, False, True, query_norm=x.norm1, relpos=relpos,
-                          tables=tables) * x.gate.tanh()
+        y = mmfs_fast(x.attn, h, ref, values, xmask, False, True, query_norm=x.norm1, relpos=relpos, tables=tables)
+        h = h + y * x.gate.tanh().to(y.dtype)
     m = layer.mlp
     return linear(linear(h, m.gate_proj, m.up_proj, glu=True, norm=layer.post_attention_layernorm), m.down_proj,
                   residual=h)

@@ -458,6 +458,9 @@ def test_llm_mmfs_branch_is_tanh_gate_times_mmfs_of_the_normed_inputs_at_the_cen
                                                              rms(vision, mod.norm2.weight), mask)
     # RMSNorm takes its variance in float32 whatever the input dtype (as LLaMA does)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    # under autocast the float32 gate scales in the branch's dtype: a bf16 residual stream stays bf16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mod.float()(h.bfloat16(), vision.bfloat16(), mask).dtype == torch.bfloat16
 
 
 def test_mmfs_too_many_images_is_an_error():
