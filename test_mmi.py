@@ -6511,10 +6511,10 @@ def test_train_micro_batch_beyond_the_machines_memory_is_refused_before_it_is_ma
 
 
 def test_train_first_step_runs_no_full_garbage_collection(config_file, tmp_path, monkeypatch):
-    """The first step (with --compile: millions of Python objects made) runs no full garbage collection, which would
-    stop the process to walk them all; here its loss keeps a million lists, which under the default thresholds sets
-    some off. The one full collection after it (freeze_long_lived) runs, and the run leaves the thresholds as they
-    were."""
+    """The first step (with --compile the first two: millions of Python objects made) runs no full garbage
+    collection, which would stop the process to walk them all; here its loss keeps a million lists, which under the
+    default thresholds sets some off. The one full collection after it (freeze_long_lived) runs, and the run leaves
+    the thresholds as they were."""
     phase, seen, kept = ["before"], [], []
     task, freeze = train.TASKS["mmi"], train.freeze_long_lived
 
@@ -6674,9 +6674,10 @@ def test_compiled_checkpointing_replays_rng_in_a_form_inductor_caches(monkeypatc
 
 
 def _compiled_blocks_match_eager(device, backend):
-    """compile_blocks on a tiny model against the model's own checkpointing: the loss and every gradient (to
-    float32 re-association; key biases' gradients, 0 in exact arithmetic, are noise), state_dict keys unchanged,
-    one graph per block structure, shared and with static sizes, nothing compiled without gradients."""
+    """compile_blocks on a tiny model against the model's own checkpointing: the first step (eager) gives the
+    very loss, the second (compiled) the loss and every gradient (to float32 re-association; key biases' gradients,
+    0 in exact arithmetic, are noise); state_dict keys unchanged, one graph per block structure, shared, its sizes
+    symbolic only where its blocks run at several; nothing compiled without gradients."""
     torch._dynamo.reset()
     cfg = dataclasses.replace(mmi.MMIConfig.from_preset("tiny"), gradient_checkpointing=True)
     batch = make_batch(cfg, [[BOS, 20, 21, "img", 22, 23, 24, "img", 25, EOS], [BOS, "img", 26, 27, 28, EOS]], 40)
@@ -6713,6 +6714,7 @@ def _compiled_blocks_match_eager(device, backend):
     assert list(compiled.state_dict()) == keys
     want, want_grads = loss_and_grads(eager)
     assert layouts == {True}
+    assert torch.equal(loss_and_grads(compiled)[0], want) and graphs == []     # the first round runs eager
     got, got_grads = loss_and_grads(compiled)
     # aot_eager runs the very same ops (the loss is exact); Inductor fuses them and sums in another order
     assert (torch.equal(got, want) if backend == "aot_eager" else abs(got - want) <= 1e-6 * abs(want))
@@ -6720,13 +6722,39 @@ def _compiled_blocks_match_eager(device, backend):
     scale = max(g.norm() for g in want_grads.values())
     for name, g in want_grads.items():
         assert (got_grads[name] - g).norm() <= 1e-5 * g.norm() + 1e-7 * scale, name
-    # a static graph per structure (fewer than blocks), and a second one with symbolic sizes for a structure whose
-    # blocks run at several sizes (the UNet's MMFS blocks at each resolution); a UNet block's channels stay static
+    # a graph per structure (fewer than blocks), with symbolic sizes where its blocks run at several (the UNet's
+    # MMFS blocks at each resolution); a UNet block's channels stay static
     several = sum(len(sizes) > 1 for sizes in input_sizes.values())
-    assert graphs.count(False) == len(input_sizes) and graphs.count(True) == several
+    assert len(graphs) == len(input_sizes) and graphs.count(True) == several
     with torch.no_grad():
         compiled.eval()(batch)
-    assert len(graphs) == len(input_sizes) + several                     # nothing compiled without gradients
+    assert len(graphs) == len(input_sizes)                              # nothing compiled without gradients
+
+
+def test_a_structure_at_two_sizes_compiles_once_with_those_sizes_symbolic():
+    """Two blocks of one structure run at two resolutions, a third block at one: the first round runs eager and
+    notes the sizes, the second compiles each structure once, the resolution symbolic where it varied (compiled at
+    its first call, dynamo would compile that structure twice: static, then again symbolic) and static elsewhere;
+    a third resolution compiles nothing. Outputs are the eager ones."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a, b, c = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 3, 1)
+    graphs = []                                        # per graph compiled: whether any of its sizes is symbolic
+
+    def noting_symbolic_sizes(gm, example_inputs):
+        graphs.append(any(isinstance(x, torch.SymInt) for t in example_inputs
+                          for x in (t.shape if torch.is_tensor(t) else [t])))
+        return gm.forward
+
+    x8, x4, x16 = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 16, 16)
+    want = [F.conv2d(x, m.weight, m.bias, padding=m.padding) for m, x in [(a, x8), (b, x4), (c, x8), (a, x16)]]
+    train.compile_blocks([a, b, c], checkpoint=False, backend=noting_symbolic_sizes)
+    first = [a(x8), b(x4), c(x8)]
+    assert graphs == []                                # the first round: eager
+    got = [a(x8), b(x4), c(x8), a(x16)]
+    assert sorted(graphs) == [False, True]             # c static; a and b one graph, its height and width symbolic
+    for g, w in zip(first + got, want[:3] + want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def test_compile_leaves_mmfs_blocks_eager_where_the_kernel_does_not_run(config_file):

@@ -18,7 +18,6 @@ is queued (LateRead), so that the GPU is not left idle between steps.
 import contextlib
 import dataclasses
 import difflib
-import functools
 import gc
 import inspect
 import json
@@ -809,24 +808,23 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
     recomputation is compiled too (checkpoint around a compiled block recompiles or breaks). The forward is
     replaced, not the module: state_dict keys stay, and FSDP's hooks, which run around forward, stay outside.
     The block is an argument of the compiled function, so blocks of one structure (class and weight shapes) share
-    one compiled graph. Each structure gets a function of its own: dynamo remembers the shapes a function has seen
-    and makes every size that changed between calls symbolic, so one function for all would compile a UNet
-    resnet's channels and resolution as dynamic sizes, which take longer to compile; per structure, only the sizes
-    that do vary become dynamic (the number of images, the resolution of a part the UNet runs at two)."""
+    one compiled graph (CompiledStructure). Each structure gets a function of its own: dynamo keeps shapes per
+    function, so one function for all would compile a UNet resnet's channels and resolution as dynamic sizes, which
+    take longer to compile; per structure, only the sizes that do vary become dynamic."""
     body = _checkpointed_block_forward if checkpoint else _block_forward
     if checkpoint and _only_plain_rng_replay_cacheable():
         # the recomputation replays the RNG of attention ops (tagged random even without dropout); where Inductor
         # cannot cache the CUDA-graph-safe form of that replay (torch 2.11), every warm run would recompile those
         # blocks. A training step is never captured as a CUDA graph, so the plain replay serves, and it caches.
         torch._functorch.config.graphsafe_rng_functionalization = False
-    functions = {}
+    structures = {}
     for block in blocks:
         structure = (type(block), tuple((n, p.shape) for n, p in block.named_parameters()))
-        if structure not in functions:
+        if structure not in structures:
             # a copy of body under its own name: dynamo keeps compiled code and shape history per code and name
-            code = body.__code__.replace(co_name=f"{body.__name__}_{len(functions)}")
-            functions[structure] = mmi.compiled(types.FunctionType(code, body.__globals__), backend=backend)
-        block.forward = types.MethodType(functools.partial(_forward_when_training, functions[structure]), block)
+            code = body.__code__.replace(co_name=f"{body.__name__}_{len(structures)}")
+            structures[structure] = CompiledStructure(types.FunctionType(code, body.__globals__), backend)
+        block.forward = types.MethodType(structures[structure], block)
 
 
 def _only_plain_rng_replay_cacheable():
@@ -834,8 +832,36 @@ def _only_plain_rng_replay_cacheable():
     return rng_prims.run_and_save_rng_state.cacheable() and not rng_prims.graphsafe_run_with_rng_state.cacheable()
 
 
-def _forward_when_training(run, block, *args, **kwargs):
-    return (run if torch.is_grad_enabled() else _block_forward)(block, *args, **kwargs)
+class CompiledStructure:
+    """The forward of the blocks of one structure, compiled once. The first round (each block's first call with
+    gradients on) runs eager and notes its tensor arguments' sizes; the rounds after run compiled, with the sizes
+    that differed within the first round dynamic from the start (a UNet part or MMFS block at two resolutions).
+    Compiled from the first call, such a structure would compile twice: static at its first size, then again with
+    that size symbolic once a second one comes. Without gradients (evaluation, sampling) blocks run eager."""
+
+    def __init__(self, body, backend):
+        self.body, self.compiled = body, mmi.compiled(body, backend=backend)
+        self.first_round = {}                    # id(block) -> {argument: size} of its first call
+        self.varying = None                      # then {argument: [dims]} whose size differed between those calls
+
+    def __call__(self, block, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return _block_forward(block, *args, **kwargs)
+        sizes = {k: v.shape for k, v in (*enumerate(args), *kwargs.items()) if torch.is_tensor(v)}
+        if self.varying is None:
+            if id(block) not in self.first_round:
+                self.first_round[id(block)] = sizes
+                return self.body(block, *args, **kwargs)
+            first, *rest = self.first_round.values()
+            self.varying = {k: [d for d in range(len(size)) if any(r[k][d] != size[d] for r in rest)]
+                            for k, size in first.items() if all(len(r.get(k, ())) == len(size) for r in rest)}
+        args, kwargs = list(args), dict(kwargs)
+        for k, dims in self.varying.items():
+            if dims and k in sizes:
+                where = args if isinstance(k, int) else kwargs
+                where[k] = where[k].view_as(where[k])   # marked as an alias: a mark stays with its tensor, which
+                torch._dynamo.maybe_mark_dynamic(where[k], dims)   # blocks of another structure may read too
+        return self.compiled(block, *args, **kwargs)
 
 
 def shard_model(model, units, tc, device):
@@ -1666,12 +1692,13 @@ def _run(tc, cleanup):
         describe_run(model, optimizer, task, tc, world, device)
     log, late = StepLog(tc, world, rank, device, step, nan_streak, cleanup), LateRead(device)
     cleanup.callback(gc.unfreeze)                # back in the collector's sight: a caller may drop what it froze
-    # no full collection in the first step (with --compile, millions of objects made): each would walk all made so
-    # far, and one comes each time that has grown by a quarter; freeze_long_lived runs one at its end
+    # no full collection in the warm-up steps (with --compile, millions of objects made): each would walk all made
+    # so far, and one comes each time that has grown by a quarter; freeze_long_lived runs one at their end
     thresholds = gc.get_threshold()
     cleanup.callback(gc.set_threshold, *thresholds)
     gc.set_threshold(*thresholds[:2], 2 ** 30)
     first_step, last_ckpt, last_ckpt_path = step, step, None
+    warm_up = 2 if tc.compile else 1             # with --compile the first step runs eager, the second compiles
     started = time.perf_counter()
     while step < tc.max_steps:
         lr_mult = lr_multiplier(step, tc.warmup_steps, tc.max_steps)
@@ -1714,8 +1741,8 @@ def _run(tc, cleanup):
         evaluate_now = tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps)
         save_now = tc.ckpt_interval >= 0 and ((tc.ckpt_interval and step % tc.ckpt_interval == 0)
                                               or step == tc.max_steps)
-        first = step == first_step + 1           # (with --compile, the step that compiles)
-        if first or evaluate_now or save_now or step == tc.max_steps:
+        warmed = step == first_step + warm_up    # warm-up ends with this step
+        if warmed or evaluate_now or save_now or step == tc.max_steps:
             log.record(*late.read_now())         # at once: a checkpoint keeps the NaN streak up to its step
         if evaluate_now:
             if rank == 0 and scores_demo(tc):
@@ -1729,10 +1756,10 @@ def _run(tc, cleanup):
         if save_now:
             last_ckpt, last_ckpt_path = step, save_checkpoint(model, optimizer, tc, cfg, step, {
                 "data": data_state, "nan_streak": log.nan_streak}, rank, device)
-        if first:
+        if warmed:
             gc.set_threshold(*thresholds)
-            freeze_long_lived()                  # what exists after the first step lives for the whole run
-        if first or evaluate_now or save_now:
+            freeze_long_lived()                  # what exists after warm-up lives for the whole run
+        if warmed or evaluate_now or save_now:
             late.restart()                       # step times count training only, not evaluation or saving
     log.bar.close()
     if rank == 0 and step > first_step:   # the wall time of this run's steps, with evaluations and checkpoints
