@@ -6706,7 +6706,7 @@ def _compiled_blocks_match_eager(device, backend):
     input_sizes = defaultdict(set)                # block structure -> the input sizes its blocks run at
     layouts = set()                               # whether each block input is contiguous (another layout: a graph)
     for block in train.compile_units(eager):
-        structure = (type(block), tuple(p.shape for p in block.parameters()))
+        structure = train.block_structure(block)
         if not mmi.kernels_used(device) and any(isinstance(m, mmi.MMFS) for m in block.modules()):
             continue   # the reference deformable attention reads the level shapes back: such blocks run uncompiled
         block.register_forward_hook(lambda m, args, out, s=structure: input_sizes[s].add(args[0].shape))
@@ -6722,8 +6722,8 @@ def _compiled_blocks_match_eager(device, backend):
     scale = max(g.norm() for g in want_grads.values())
     for name, g in want_grads.items():
         assert (got_grads[name] - g).norm() <= 1e-5 * g.norm() + 1e-7 * scale, name
-    # a graph per structure (fewer than blocks), with symbolic sizes where its blocks run at several (the UNet's
-    # MMFS blocks at each resolution); a UNet block's channels stay static
+    # a graph per structure (fewer than blocks), with symbolic sizes where its blocks run at several (a UNet part
+    # at two resolutions); a UNet block's channels stay static
     several = sum(len(sizes) > 1 for sizes in input_sizes.values())
     assert len(graphs) == len(input_sizes) and graphs.count(True) == several
     with torch.no_grad():
@@ -6732,13 +6732,15 @@ def _compiled_blocks_match_eager(device, backend):
 
 
 def test_a_structure_at_two_sizes_compiles_once_with_those_sizes_symbolic():
-    """Two blocks of one structure run at two resolutions, a third block at one: the first round runs eager and
+    """Two blocks of one structure run at two resolutions, two more blocks at one: the first round runs eager and
     notes the sizes, the second compiles each structure once, the resolution symbolic where it varied (compiled at
     its first call, dynamo would compile that structure twice: static, then again symbolic) and static elsewhere;
-    a third resolution compiles nothing. Outputs are the eager ones."""
+    a third resolution compiles nothing. A setting the code holds as a constant (a stride) makes a structure of its
+    own even where the weight shapes match. Outputs are the eager ones."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     a, b, c = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 3, 1)
+    d = torch.nn.Conv2d(2, 2, 3, padding=1, stride=2)
     graphs = []                                        # per graph compiled: whether any of its sizes is symbolic
 
     def noting_symbolic_sizes(gm, example_inputs):
@@ -6747,13 +6749,14 @@ def test_a_structure_at_two_sizes_compiles_once_with_those_sizes_symbolic():
         return gm.forward
 
     x8, x4, x16 = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 16, 16)
-    want = [F.conv2d(x, m.weight, m.bias, padding=m.padding) for m, x in [(a, x8), (b, x4), (c, x8), (a, x16)]]
-    train.compile_blocks([a, b, c], checkpoint=False, backend=noting_symbolic_sizes)
-    first = [a(x8), b(x4), c(x8)]
+    want = [F.conv2d(x, m.weight, m.bias, m.stride, m.padding) for m, x in [(a, x8), (b, x4), (c, x8), (d, x8),
+                                                                              (a, x16)]]
+    train.compile_blocks([a, b, c, d], checkpoint=False, backend=noting_symbolic_sizes)
+    first = [a(x8), b(x4), c(x8), d(x8)]
     assert graphs == []                                # the first round: eager
-    got = [a(x8), b(x4), c(x8), a(x16)]
-    assert sorted(graphs) == [False, True]             # c static; a and b one graph, its height and width symbolic
-    for g, w in zip(first + got, want[:3] + want):
+    got = [a(x8), b(x4), c(x8), d(x8), a(x16)]
+    assert sorted(graphs) == [False, False, True]      # c, d static; a and b one graph, its height and width symbolic
+    for g, w in zip(first + got, want[:4] + want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 

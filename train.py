@@ -807,8 +807,8 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
     checkpointing inside the compiled function: compile around checkpoint, so that the backward pass's
     recomputation is compiled too (checkpoint around a compiled block recompiles or breaks). The forward is
     replaced, not the module: state_dict keys stay, and FSDP's hooks, which run around forward, stay outside.
-    The block is an argument of the compiled function, so blocks of one structure (class and weight shapes) share
-    one compiled graph (CompiledStructure). Each structure gets a function of its own: dynamo keeps shapes per
+    The block is an argument of the compiled function, so blocks of one structure (block_structure) share one
+    compiled graph (CompiledStructure). Each structure gets a function of its own: dynamo keeps shapes per
     function, so one function for all would compile a UNet resnet's channels and resolution as dynamic sizes, which
     take longer to compile; per structure, only the sizes that do vary become dynamic."""
     body = _checkpointed_block_forward if checkpoint else _block_forward
@@ -819,12 +819,21 @@ def compile_blocks(blocks, checkpoint, backend="inductor"):
         torch._functorch.config.graphsafe_rng_functionalization = False
     structures = {}
     for block in blocks:
-        structure = (type(block), tuple((n, p.shape) for n, p in block.named_parameters()))
+        structure = block_structure(block)
         if structure not in structures:
             # a copy of body under its own name: dynamo keeps compiled code and shape history per code and name
             code = body.__code__.replace(co_name=f"{body.__name__}_{len(structures)}")
             structures[structure] = CompiledStructure(types.FunctionType(code, body.__globals__), backend)
         block.forward = types.MethodType(structures[structure], block)
+
+
+def block_structure(block):
+    """What one compiled graph can serve: the block's class, its weight shapes and the plain settings (numbers,
+    strings, tuples) of it and its modules, which the compiled code holds as constants (an MMFS block's offset
+    scales, set by the resolution it runs at)."""
+    settings = tuple((name, k, v) for name, m in block.named_modules() for k, v in vars(m).items()
+                     if isinstance(v, (int, float, str, tuple)))
+    return type(block), tuple((n, p.shape) for n, p in block.named_parameters()), settings
 
 
 def _only_plain_rng_replay_cacheable():
@@ -835,7 +844,7 @@ def _only_plain_rng_replay_cacheable():
 class CompiledStructure:
     """The forward of the blocks of one structure, compiled once. The first round (each block's first call with
     gradients on) runs eager and notes its tensor arguments' sizes; the rounds after run compiled, with the sizes
-    that differed within the first round dynamic from the start (a UNet part or MMFS block at two resolutions).
+    that differed within the first round dynamic from the start (a UNet resnet at two resolutions).
     Compiled from the first call, such a structure would compile twice: static at its first size, then again with
     that size symbolic once a second one comes. Without gradients (evaluation, sampling) blocks run eager."""
 
