@@ -867,9 +867,10 @@ class CompiledStructure:
         args, kwargs = list(args), dict(kwargs)
         for k, dims in self.varying.items():
             if dims and k in sizes:
+                # the mark goes on an alias: it stays with its tensor, which blocks of another structure may read
                 where = args if isinstance(k, int) else kwargs
-                where[k] = where[k].view_as(where[k])   # marked as an alias: a mark stays with its tensor, which
-                torch._dynamo.maybe_mark_dynamic(where[k], dims)   # blocks of another structure may read too
+                where[k] = where[k].view_as(where[k])
+                torch._dynamo.maybe_mark_dynamic(where[k], dims)
         return self.compiled(block, *args, **kwargs)
 
 
