@@ -4299,7 +4299,7 @@ def gemv(x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[tor
     16-byte boundary, and weights that do not (views into a larger buffer, as FSDP's gathered weights, may not) go
     through F.linear. Checked here, when the op runs: torch.compile cannot read an intermediate tensor's storage
     offset while it traces (it would split the compiled graph at every linear). With scales (else []), the weights
-    are QuantizedLinear's qweight (int8 or packed int4) and these its scales and group_size."""
+    are QuantizedLinear's qweight (int8, or int4 in slabs) and these its scales and group_size."""
     if all(w.data_ptr() % 16 == 0 for w in (*weights, *([] if norm is None else [norm]))):
         return load_kernels().gemv(x if x.data_ptr() % 16 == 0 else x.clone(), weights, biases, glu, norm, eps,
                                    residual, scales, group_size)

@@ -4476,10 +4476,10 @@ def test_int4_packing_is_exact_for_every_nibble_and_byte():
     every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(2, 128)
     assert torch.equal(mmi.pack_int4(mmi.unpack_int4(every)), every)
     # slabs: 37 rows of 96 inputs (48 bytes) -> 48 rows (3 slabs), each row where the index says, padding q = 0
-    packed = torch.randint(0, 256, (37, 48), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
-    slabs = mmi.to_slabs(packed.to(torch.uint8))
-    assert slabs.shape == (48, 48) and torch.equal(_int4_rows(slabs, 37), packed.to(torch.uint8))
-    assert _int4_rows(slabs, 48)[37:].eq(0x88).all() and torch.equal(mmi.from_slabs(slabs, 37), packed.to(torch.uint8))
+    packed = torch.randint(0, 256, (37, 48), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    slabs = mmi.to_slabs(packed)
+    assert slabs.shape == (48, 48) and torch.equal(_int4_rows(slabs, 37), packed)
+    assert _int4_rows(slabs, 48)[37:].eq(0x88).all() and torch.equal(mmi.from_slabs(slabs, 37), packed)
 
 
 def test_int4_pads_inputs_up_to_whole_groups():
